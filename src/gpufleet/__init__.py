@@ -1,0 +1,9 @@
+"""gpufleet: a self-hosted, event-driven GPU worker fleet.
+
+Importing this package does nothing but define names: no environment reads, no logging setup, no clients.
+"""
+
+from gpufleet.functions import Context, Function, Gpu, function
+
+__all__ = ["Context", "Function", "Gpu", "function"]
+__version__ = "0.1.0"

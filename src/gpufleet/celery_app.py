@@ -1,0 +1,59 @@
+"""The Celery app factory. No ``shared_task``, no default app, nothing at import time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gpufleet.messages import SERIALIZER, TASK_NAME, register_serializer
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from gpufleet.settings import Fleet
+    from gpufleet.worker.runtime import Runtime
+
+
+def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
+    """Build the Celery app for a fleet; with a ``runtime`` (in worker processes) the task body runs there.
+
+    Settings that matter for GPU work:
+    - ``acks_late`` + ``reject_on_worker_lost``: a task whose process dies goes back to the queue.
+    - ``prefetch_multiplier=1`` with concurrency 1: a GPU worker never hoards tasks another GPU could run.
+    - ``visibility_timeout`` longer than the longest task (24 h): Redis would otherwise re-deliver a running task.
+      Lost workers are found by the registry's leases instead, in seconds.
+    """
+    from celery import Celery
+
+    register_serializer()
+    settings = fleet.settings
+    app = Celery("gpufleet", broker=settings.redis.url, set_as_current=False)
+    app.conf.update(
+        task_serializer=SERIALIZER,
+        accept_content=[SERIALIZER, "json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        worker_enable_remote_control=False,
+        task_send_sent_event=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.defaults.visibility_timeout_s,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 30,
+        },
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    def run(self: Any, function: str, event: Any, meta: dict[str, Any]) -> None:
+        if runtime is None:
+            raise RuntimeError("gpufleet tasks run only in gpufleet worker processes")
+        runtime.execute(self.request.id, function, event, meta)
+
+    return app

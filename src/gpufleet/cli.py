@@ -1,0 +1,176 @@
+"""The ``gpufleet`` command line. Signal handlers are installed here, in the entry point, and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gpufleet.errors import GpufleetError
+
+STATE_DIR = Path(".gpufleet")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except GpufleetError as exc:
+        print(f"gpufleet: error: {exc}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpufleet", description="Self-hosted, event-driven GPU worker fleet.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", type=Path, default=None, help="fleet file (default: $GPUFLEET_CONFIG or config/fleet.yaml)")
+        p.set_defaults(func=func)
+        return p
+
+    command("run", _run, "run every role (dispatcher, worker, trigger) on this machine; Ctrl-C stops all")
+    command("worker", _worker, "run one Celery worker process per GPU (or virtual GPU)")
+    p = command("trigger", _trigger, "run the triggers of triggers/*.yaml")
+    p.add_argument("--name", action="append", help="run only this trigger (repeatable)")
+    command("dispatcher", _dispatcher, "deliver callback records to their destinations")
+    command("check", _check, "validate the configuration, functions and triggers, and print a summary")
+    p = command("status", _status, "show a task's state from the registry")
+    p.add_argument("task_id")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p = sub.add_parser("dev", help="start/stop local Redis and Kafka on free loopback ports")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=_dev)
+    p = sub.add_parser("demo", help="run the demo end to end on embedded local services")
+    p.add_argument("--config", type=Path, default=Path("config/fleet.yaml"))
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _fleet(args: argparse.Namespace, role: str) -> Any:
+    from gpufleet.logs import configure_logging
+    from gpufleet.settings import load_fleet
+
+    fleet = load_fleet(args.config)
+    configure_logging(fleet.settings.logging, role=role)
+    return fleet
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gpufleet.roles import ProcessTree, stop_event_on_signals
+
+    fleet = _fleet(args, "run")
+    return ProcessTree(fleet.config_file).run(stop_event_on_signals())
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from gpufleet.roles import stop_event_on_signals
+    from gpufleet.worker.supervisor import Supervisor
+
+    fleet = _fleet(args, "worker")
+    Supervisor(fleet).run(stop_event_on_signals())
+    return 0
+
+
+def _trigger(args: argparse.Namespace) -> int:
+    from gpufleet.roles import stop_event_on_signals
+    from gpufleet.triggers import BACKENDS, parse_source
+    from gpufleet.urls import import_backend
+
+    fleet = _fleet(args, "trigger")
+    names = args.name or [n for n, t in fleet.triggers.items() if t.enabled]
+    unknown = sorted(set(names) - set(fleet.triggers))
+    if unknown:
+        raise GpufleetError(f"unknown trigger(s) {unknown}; configured: {sorted(fleet.triggers)}")
+    stop = stop_event_on_signals()
+    threads = []
+    for name in names:
+        trigger = fleet.triggers[name]
+        cls = import_backend(BACKENDS[parse_source(trigger.source).scheme])
+        instance = cls(fleet, trigger)
+        t = threading.Thread(target=instance.run, args=(stop,), name=f"trigger-{name}")
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    return 0
+
+
+def _dispatcher(args: argparse.Namespace) -> int:
+    from gpufleet.dispatcher import Dispatcher
+    from gpufleet.roles import stop_event_on_signals
+
+    fleet = _fleet(args, "dispatcher")
+    Dispatcher(fleet).run(stop_event_on_signals())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gpufleet.settings import load_fleet
+
+    fleet = load_fleet(args.config)
+    print(f"config: {fleet.config_file}")
+    for fn in fleet.functions.values():
+        print(f"function {fn.name}: gpu={fn.gpu.model} pools={list(fn.gpu.pools)} timeout_s={fn.timeout_s:g} "
+              f"max_attempts={fn.max_attempts} ({fn.source_file})")  # fmt: skip
+    for t in fleet.triggers.values():
+        print(f"trigger {t.name}: {t.source} -> {t.function or '(function named by each message)'}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from gpufleet.registry import Registry
+    from gpufleet.settings import load_fleet
+
+    s = load_fleet(args.config).settings
+    record = Registry.from_url(s.redis.url, s.redis.key_prefix).get(args.task_id)
+    if record is None:
+        print(f"gpufleet: no task {args.task_id!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+        return 0
+    from gpufleet.records import iso
+
+    print(f"task      {record['id']}\nfunction  {record['function']}\nstate     {record['state']}")
+    print(f"attempts  {record.get('attempts', 0)}/{record.get('max_attempts', '?')}")
+    for key in ("created_at", "started_at", "finished_at"):
+        if record.get(key):
+            print(f"{key:<9} {iso(float(record[key]))}")
+    if record.get("worker"):
+        print(f"worker    {record['worker']} ({record.get('gpu')})")
+    if record["state"] == "RUNNING":
+        print(f"progress  {float(record.get('progress', 0)):.0%} {record.get('progress_message', '')}")
+    if record.get("result") is not None:
+        print(f"result    {orjson.dumps(record['result']).decode()[:2000]}")
+    if record.get("error"):
+        print(f"error     {record['error'].get('errorType')}: {record['error'].get('errorMessage')}")
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from gpufleet.dev.services import dev_down, dev_status, dev_up
+
+    if args.action == "up":
+        state = dev_up(STATE_DIR)
+        print(f"redis  {state['redis_url']}\nkafka  {state['kafka_bootstrap']}")
+        print(f"export GPUFLEET_REDIS__URL={state['redis_url']} GPUFLEET_KAFKA__BOOTSTRAP_SERVERS={state['kafka_bootstrap']}")
+    elif args.action == "down":
+        print("stopped" if dev_down(STATE_DIR) else "nothing was running")
+    else:
+        status = dev_status(STATE_DIR)
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() if status else "not running")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gpufleet.demo import run_demo
+
+    return run_demo(args.config)

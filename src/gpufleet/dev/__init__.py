@@ -1,0 +1,1 @@
+"""Local development services (Redis, Kafka) run as child processes."""

@@ -1,0 +1,134 @@
+"""``gpufleet dispatcher``: delivers callback records from the Redis stream to their destinations.
+
+Workers never talk to Kafka: finishing a task appends its record to ``<prefix>:callbacks`` in the same atomic step
+that sets its final state. Here a consumer group reads the stream, delivers each batch with retries and
+exponential backoff, and acknowledges entries only after the destination acknowledged them. A dispatcher that
+dies mid-batch leaves its entries pending; another claims them after ``dispatcher.claim_idle_s``.
+At-least-once: a record may be delivered twice, and carries the task id (the Kafka key) to de-duplicate on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import redis
+import structlog
+
+from gpufleet.destinations import parse_destination
+from gpufleet.destinations.base import Destination, OutRecord
+from gpufleet.destinations.kafka import KafkaDestination, kafka_producer
+from gpufleet.errors import DeliveryError
+from gpufleet.settings import Fleet
+
+log = structlog.get_logger("gpufleet.dispatcher")
+GROUP = "dispatchers"
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class Dispatcher:
+    def __init__(self, fleet: Fleet, name: str | None = None) -> None:
+        self.fleet = fleet
+        s = fleet.settings
+        self.client = redis.Redis.from_url(s.redis.url, socket_timeout=30, socket_connect_timeout=5)
+        self.stream = f"{s.redis.key_prefix}:callbacks"
+        self.name = name or f"{s.worker.hostname}-{os.getpid()}"
+        self._destinations: dict[str, Destination] = {}
+        self._producers: dict[str, Any] = {}
+        self.delivered = 0
+
+    def _destination(self, url: str) -> Destination:
+        dest = self._destinations.get(url)
+        if dest is None:
+            endpoint = parse_destination(url)
+            k = self.fleet.settings.kafka
+            bootstrap = endpoint.hosts or k.bootstrap_servers
+            # One producer per cluster, shared by all its topics.
+            if bootstrap not in self._producers:
+                try:
+                    self._producers[bootstrap] = kafka_producer(bootstrap, k)
+                except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable and friends: Kafka is not up yet
+                    raise DeliveryError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
+            dest = self._destinations[url] = KafkaDestination(endpoint, k, producer=self._producers[bootstrap])
+        return dest
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def run(self, stop: threading.Event) -> None:
+        self._ensure_group()
+        log.info("dispatcher started", stream=self.stream, consumer=self.name)
+        batch_max = self.fleet.settings.dispatcher.batch_max
+        # Entries this consumer read before a restart come first ("0"), then new ones (">").
+        cursor = "0"
+        last_claim = 0.0
+        try:
+            while not stop.is_set():
+                entries = self._read(cursor, batch_max)
+                if cursor == "0" and not entries:
+                    cursor = ">"
+                    continue
+                if time.monotonic() - last_claim > 5:
+                    entries += self._claim_abandoned(batch_max)
+                    last_claim = time.monotonic()
+                if entries and not self._deliver(entries, stop):
+                    break
+        finally:
+            for producer in self._producers.values():
+                producer.close(timeout=5)
+            log.info("dispatcher stopped", delivered=self.delivered)
+
+    def _read(self, cursor: str, count: int) -> list[Entry]:
+        try:
+            reply = self.client.xreadgroup(GROUP, self.name, {self.stream: cursor}, count=count, block=500)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("cannot read the callback stream; retrying", error=str(exc))
+            time.sleep(1)
+            return []
+        return [(eid, fields) for _, items in reply for eid, fields in items if fields]
+
+    def _claim_abandoned(self, count: int) -> list[Entry]:
+        idle_ms = int(self.fleet.settings.dispatcher.claim_idle_s * 1000)
+        try:
+            reply = self.client.xautoclaim(self.stream, GROUP, self.name, idle_ms, "0-0", count=count)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return []
+        claimed = [(eid, fields) for eid, fields in reply[1] if fields]
+        if claimed:
+            log.warning("claimed records abandoned by another dispatcher", count=len(claimed))
+        return claimed
+
+    def _deliver(self, entries: list[Entry], stop: threading.Event) -> bool:
+        """Deliver all entries, retrying with backoff. False if stopped first (entries stay pending)."""
+        by_dest: dict[str, list[tuple[bytes, OutRecord]]] = defaultdict(list)
+        for eid, f in entries:
+            record = OutRecord(key=f[b"key"].decode(), value=f[b"value"],
+                               headers={"condition": f[b"condition"].decode(), "function": f[b"function"].decode()})  # fmt: skip
+            by_dest[f[b"dest"].decode()].append((eid, record))
+        s = self.fleet.settings.dispatcher
+        for url, items in by_dest.items():
+            delay = s.retry_backoff_s
+            while True:
+                try:
+                    self._destination(url).deliver([r for _, r in items])
+                    break
+                except DeliveryError as exc:
+                    log.warning("delivery failed; retrying", destination=url, error=str(exc), retry_in_s=delay)
+                    if stop.wait(delay):
+                        return False
+                    delay = min(s.retry_backoff_max_s, delay * 2)
+            ids = [eid for eid, _ in items]
+            pipe = self.client.pipeline()
+            pipe.xack(self.stream, GROUP, *ids)
+            pipe.xdel(self.stream, *ids)
+            pipe.execute()
+            self.delivered += len(ids)
+        return True

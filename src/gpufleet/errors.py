@@ -1,0 +1,62 @@
+"""The one error tree of gpufleet.
+
+Every exception gpufleet raises derives from :class:`GpufleetError`. A ``retriable`` class attribute tells callers
+whether trying the same operation again may succeed (as aiokafka does), so retry loops need no isinstance ladders.
+"""
+
+from __future__ import annotations
+
+
+class GpufleetError(Exception):
+    """Root of every gpufleet error."""
+
+    retriable: bool = False
+
+
+class ConfigError(GpufleetError):
+    """A configuration file, trigger file, function module or environment variable is invalid.
+
+    The message names the file, the key and the fix.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None, fix: str | None = None):
+        self.file = file
+        self.key = key
+        self.fix = fix
+        parts = [f"{file}: " if file else "", f"{key}: " if key else "", message]
+        if fix:
+            parts.append(f" (fix: {fix})")
+        super().__init__("".join(parts))
+
+
+class ServiceError(GpufleetError):
+    """A local development service (Redis, Kafka) could not be started or stopped."""
+
+
+class BrokerError(GpufleetError):
+    """The task broker or registry could not be reached; the operation may succeed later."""
+
+    retriable = True
+
+
+class DeliveryError(GpufleetError):
+    """A callback or dead-letter record could not be delivered to its destination."""
+
+    retriable = True
+
+
+class EventError(GpufleetError):
+    """An incoming message cannot become a task: it goes to the dead-letter destination with this reason.
+
+    ``reason`` is a stable, machine-readable code (``malformed_json``, ``schema_mismatch``, ``unknown_function``,
+    ``oversize``, ``bad_id``).
+    """
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class TaskError(GpufleetError):
+    """Raised inside a worker when a task cannot proceed (lost lease, cancelled)."""

@@ -1,0 +1,220 @@
+"""Declaring the functions a fleet serves, and loading them from the ``workers/`` folder.
+
+A function is a plain Python callable wrapped by :func:`function`::
+
+    from gpufleet import Context, Gpu, function
+
+    @function(name="embed", gpu=Gpu(model="any"), timeout_s=600, max_attempts=3)
+    def embed(event: dict, ctx: Context) -> dict:
+        model = ctx.state            # what setup() returned, once per worker process
+        ctx.progress(0.5, "half way")
+        return {"norm": 1.0}
+
+    @embed.setup
+    def load_model() -> object:
+        return build_model()         # runs once per GPU worker process, after fork: the model stays warm
+
+The decorator only attaches a spec to the callable. Nothing is registered globally at import or decoration time:
+:func:`load_functions` imports the modules of a folder and collects the :class:`Function` objects it finds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
+
+from gpufleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
+
+
+class Context(Protocol):
+    """What a handler receives besides its event. The worker runtime provides the implementation."""
+
+    task_id: str
+    function: str
+    attempt: int
+    worker: str
+    gpu: str
+    state: Any
+    log: FilteringBoundLogger
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report progress, 0..1 plus a short message; visible in the task's status."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once somebody asked this task to stop; a long handler should check it and return early."""
+
+
+Handler = Callable[[Any, Context], Any]
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """What a function needs from a GPU.
+
+    Args:
+        count: GPUs per task. One worker process owns one GPU, so only 1 is supported today.
+        model: GPU model name (``H100``, ``A100``...) or ``any``.
+        pools: ordered pools (regions) to run in; the first is preferred.
+    """
+
+    count: int = 1
+    model: str = "any"
+    pools: tuple[str, ...] = ("default",)
+
+    def __post_init__(self) -> None:
+        if self.count != 1:
+            raise ConfigError("only one GPU per task is supported", key="gpu.count", fix="set count=1")
+        if not re.match(r"^[A-Za-z0-9_-]{1,32}$", self.model):
+            raise ConfigError(f"bad GPU model {self.model!r}", key="gpu.model", fix="use a name like H100, or 'any'")
+        if not self.pools:
+            raise ConfigError("a function needs at least one pool", key="gpu.pools", fix="e.g. pools=('default',)")
+
+
+@dataclass
+class Function:
+    """A handler plus the policy the fleet applies to it."""
+
+    name: str
+    handler: Handler
+    gpu: Gpu = field(default_factory=Gpu)
+    timeout_s: float = 900.0
+    max_attempts: int = 3
+    backoff_s: float = 1.0
+    backoff_max_s: float = 300.0
+    on_success: str | None = None
+    on_failure: str | None = None
+    payload: type[BaseModel] | None = None
+    setup_fn: Callable[[], Any] | None = None
+    source_file: str = "<unknown>"
+
+    def __post_init__(self) -> None:
+        where = f"function {self.name!r}"
+        if not NAME_RE.match(self.name):
+            raise ConfigError(
+                f"{where}: bad name", key="name", fix="lowercase letters, digits, '-' or '_', starting with a letter"
+            )
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ConfigError(f"{where}: timeout_s={self.timeout_s}", key="timeout_s", fix="use 0 < timeout_s <= 86400")
+        if self.max_attempts < 1:
+            raise ConfigError(f"{where}: max_attempts={self.max_attempts}", key="max_attempts", fix="use 1 or more")
+        if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
+            raise ConfigError(f"{where}: bad backoff", key="backoff_s", fix="use 0 <= backoff_s <= backoff_max_s")
+
+    def setup(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Register the per-process setup hook; its return value becomes ``ctx.state``."""
+        self.setup_fn = fn
+        return fn
+
+    def backoff_for(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1``: exponential, capped (jitter is added by the caller)."""
+        return float(min(self.backoff_max_s, self.backoff_s * (2 ** max(attempt - 1, 0))))
+
+    def __call__(self, event: Any, ctx: Context) -> Any:
+        return self.handler(event, ctx)
+
+
+def function(
+    name: str | None = None,
+    *,
+    gpu: Gpu | None = None,
+    timeout_s: float = 900.0,
+    max_attempts: int = 3,
+    backoff_s: float = 1.0,
+    backoff_max_s: float = 300.0,
+    on_success: str | None = None,
+    on_failure: str | None = None,
+    payload: type[BaseModel] | None = None,
+) -> Callable[[Handler], Function]:
+    """Declare a fleet function. See the module docstring for an example.
+
+    Args:
+        name: the function's name; defaults to the handler's name with ``_`` kept.
+        gpu: the GPU it needs.
+        timeout_s: hard limit for one attempt, up to 86400.
+        max_attempts: attempts before a RetriesExhausted failure record.
+        backoff_s: first retry delay; doubles per attempt up to ``backoff_max_s``.
+        on_success: destination URL for success records (default: the fleet's).
+        on_failure: destination URL for failure records (default: the fleet's).
+        payload: a pydantic model; events that do not validate go to the dead-letter destination.
+    """
+
+    def wrap(handler: Handler) -> Function:
+        return Function(
+            name=name or handler.__name__,
+            handler=handler,
+            gpu=gpu or Gpu(),
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            backoff_s=backoff_s,
+            backoff_max_s=backoff_max_s,
+            on_success=on_success,
+            on_failure=on_failure,
+            payload=payload,
+            source_file=getattr(sys.modules.get(handler.__module__), "__file__", None) or "<unknown>",
+        )
+
+    return wrap
+
+
+def load_functions(paths: Iterable[Path]) -> dict[str, Function]:
+    """Import every ``*.py`` module in the given folders and collect the :class:`Function` objects they define.
+
+    Raises:
+        ConfigError: a module fails to import, or two functions share a name.
+    """
+    found: dict[str, Function] = {}
+    for folder in paths:
+        if not folder.is_dir():
+            raise ConfigError("functions folder does not exist", file=str(folder), fix="create it or fix the path")
+        for path in sorted(folder.glob("*.py")):
+            if path.name.startswith("_"):
+                continue
+            for fn in _functions_in(_import_file(path)):
+                if fn.name in found:
+                    raise ConfigError(
+                        f"function {fn.name!r} is also defined in {found[fn.name].source_file}",
+                        file=str(path),
+                        fix="give each function a unique name",
+                    )
+                fn.source_file = str(path)
+                found[fn.name] = fn
+    return found
+
+
+def _import_file(path: Path) -> object:
+    # A private module namespace, so a user's workers/utils.py never shadows a library module.
+    module_name = f"gpufleet_workers.{path.stem}"
+    if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == str(path):
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError("cannot import this file", file=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(str(exc), file=str(path)) from exc
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(f"importing it failed: {type(exc).__name__}: {exc}", file=str(path)) from exc
+    return module
+
+
+def _functions_in(module: object) -> list[Function]:
+    return [value for value in vars(module).values() if isinstance(value, Function)]

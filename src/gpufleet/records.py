@@ -1,0 +1,70 @@
+"""Callback records, shaped after AWS Lambda destination records so existing consumers understand them."""
+
+from __future__ import annotations
+
+import traceback
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+VERSION = "1.0"
+
+
+class Condition(StrEnum):
+    SUCCESS = "Success"
+    RETRIES_EXHAUSTED = "RetriesExhausted"
+    EVENT_AGE_EXCEEDED = "EventAgeExceeded"
+    TIMED_OUT = "TimedOut"
+    CANCELLED = "Cancelled"
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def error_payload(exc: BaseException, error_type: str | None = None) -> dict[str, Any]:
+    """``errorType``, ``errorMessage`` and ``stackTrace``, as Lambda reports a function error."""
+    return {
+        "errorType": error_type or type(exc).__name__,
+        "errorMessage": str(exc),
+        "stackTrace": traceback.format_exception(exc)[-20:],
+    }
+
+
+def callback_record(
+    *,
+    task_id: str,
+    function: str,
+    condition: Condition,
+    attempts: int,
+    event: Any,
+    worker: str,
+    gpu: str,
+    started_at: float | None,
+    finished_at: float,
+    response: Any,
+) -> dict[str, Any]:
+    """Build the record; ``response`` is the handler's result on success, else an :func:`error_payload`."""
+    success = condition is Condition.SUCCESS
+    return {
+        "version": VERSION,
+        "timestamp": iso(finished_at),
+        "requestContext": {
+            "requestId": task_id,
+            "function": function,
+            "functionVersion": "$LATEST",
+            "condition": condition.value,
+            "approximateInvokeCount": attempts,
+        },
+        "requestPayload": event,
+        "responseContext": {
+            "statusCode": 200 if success else 500,
+            "functionError": None if success else "Unhandled",
+            "worker": worker,
+            "gpu": gpu,
+            "startedAt": iso(started_at) if started_at else None,
+            "finishedAt": iso(finished_at),
+            "durationMs": round((finished_at - started_at) * 1000, 3) if started_at else None,
+        },
+        "responsePayload": response,
+    }

@@ -1,0 +1,281 @@
+"""Fleet settings: ``config/fleet.yaml``, ``triggers/*.yaml`` and environment overrides, validated at load.
+
+This is the only module that reads the environment. Rules:
+
+- Unknown keys are errors, with a "did you mean" hint.
+- Every error names the file, the key and the fix.
+- ``GPUFLEET_<SECTION>__<KEY>=value`` overrides a setting of ``fleet.yaml``. Example:
+  ``GPUFLEET_REDIS__URL=redis://redis:6379/0``. Values are parsed as YAML scalars, so ``3`` is a number.
+- ``GPUFLEET_CONFIG`` names the fleet file when the CLI gets no ``--config``.
+- Relative paths in ``fleet.yaml`` are relative to the folder that holds it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gpufleet.errors import ConfigError
+from gpufleet.functions import Function, load_functions
+
+ENV_PREFIX = "GPUFLEET_"
+RESERVED_ENV = {"GPUFLEET_CONFIG", "GPUFLEET_PARENT_PID"}  # not settings: read by the CLI and the roles
+DEFAULT_CONFIG = Path("config/fleet.yaml")
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(_Model):
+    """Redis is the Celery broker and the task registry."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "gpufleet"
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not re.match(r"^rediss?://", v):
+            raise ValueError(f"{v!r} is not a redis:// or rediss:// URL")
+        return v
+
+
+class KafkaSettings(_Model):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "gpufleet"
+    # tansu and small clusters take ~23 s to form a group with larger values (see DESIGN.md).
+    session_timeout_ms: int = Field(6000, ge=1000, le=300_000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    fetch_max_wait_ms: int = Field(50, ge=0, le=10_000)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+
+
+class WorkerSettings(_Model):
+    # CPU slots that stand in for GPUs on a machine without one, so every path runs on a laptop and in CI.
+    virtual_gpus: int = Field(0, ge=0, le=64)
+    pools: tuple[str, ...] = ("default",)
+    hostname: str = Field(default_factory=socket.gethostname)
+    # A running task holds a lease its worker renews every lease_s / 3; a lease that lapses means its worker died.
+    lease_s: float = Field(30.0, gt=0.5, le=3600)
+    # After a hard timeout, how long the worker waits for the handler before killing its process.
+    kill_grace_s: float = Field(10.0, ge=0)
+    restart_backoff_s: float = Field(1.0, ge=0)
+
+
+class DefaultsSettings(_Model):
+    on_success: str = "kafka:///gpufleet.success"
+    on_failure: str = "kafka:///gpufleet.failure"
+    dead_letter: str = "kafka:///gpufleet.dead-letter"
+    max_payload_bytes: int = Field(1_048_576, ge=1)
+    retention_s: int = Field(7 * 86_400, ge=60)
+    # Redis visibility_timeout must exceed the longest task (24 h) or Redis re-delivers running tasks; lost
+    # workers are found through leases instead, in seconds.
+    visibility_timeout_s: int = Field(90_000, ge=10)
+
+
+class DispatcherSettings(_Model):
+    batch_max: int = Field(200, ge=1, le=10_000)
+    retry_backoff_s: float = Field(0.5, gt=0)
+    retry_backoff_max_s: float = Field(30.0, gt=0)
+    # A record no consumer acknowledged for this long (dispatcher died mid-delivery) is claimed by another.
+    claim_idle_s: float = Field(30.0, gt=0)
+
+
+class LoggingSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class FleetSettings(_Model):
+    redis: RedisSettings = RedisSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    worker: WorkerSettings = WorkerSettings()
+    defaults: DefaultsSettings = DefaultsSettings()
+    dispatcher: DispatcherSettings = DispatcherSettings()
+    logging: LoggingSettings = LoggingSettings()
+    functions: tuple[Path, ...] = (Path("../workers"),)
+    triggers: tuple[Path, ...] = (Path("../triggers"),)
+
+
+class TriggerSettings(_Model):
+    """One ``triggers/*.yaml`` file: a source bound to a function and its destinations."""
+
+    name: str
+    source: str
+    # The function every message goes to; when absent, each message names it: {"function": ..., "payload": ...}.
+    function: str | None = None
+    group: str | None = None
+    id_field: str | None = "id"
+    id_header: str | None = "gpufleet-id"
+    batch_max: int = Field(500, ge=1, le=50_000)
+    max_payload_bytes: int | None = Field(None, ge=1)
+    dead_letter: str | None = None
+    on_success: str | None = None
+    on_failure: str | None = None
+    enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_.-]{1,100}$", v):
+            raise ValueError("use letters, digits, '.', '_' or '-'")
+        return v
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Everything loaded and cross-checked: settings, functions and triggers."""
+
+    settings: FleetSettings
+    functions: dict[str, Function]
+    triggers: dict[str, TriggerSettings]
+    config_file: Path
+
+    def function(self, name: str) -> Function:
+        return self.functions[name]
+
+
+def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = None) -> Fleet:
+    """Load and validate the fleet: settings, environment overrides, functions and triggers.
+
+    Raises:
+        ConfigError: anything invalid, naming the file, the key and the fix.
+    """
+    env = os.environ if env is None else env
+    path = config_file or Path(env.get(f"{ENV_PREFIX}CONFIG", str(DEFAULT_CONFIG)))
+    raw = _read_yaml(path)
+    raw = _apply_env(raw, env)
+    settings = _validate(FleetSettings, raw, str(path))
+    base = path.resolve().parent
+    settings = settings.model_copy(
+        update={
+            "functions": tuple((base / p).resolve() for p in settings.functions),
+            "triggers": tuple((base / p).resolve() for p in settings.triggers),
+        }
+    )
+    functions = load_functions(settings.functions)
+    triggers = load_triggers(settings.triggers, functions)
+    from gpufleet.destinations import parse_destination  # local: destinations import settings types
+
+    for key in ("on_success", "on_failure", "dead_letter"):
+        parse_destination(getattr(settings.defaults, key), where=str(path), key=f"defaults.{key}")
+    for fn in functions.values():
+        for key in ("on_success", "on_failure"):
+            url = getattr(fn, key)
+            if url:
+                parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}")
+    return Fleet(settings=settings, functions=functions, triggers=triggers, config_file=path.resolve())
+
+
+def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function]) -> dict[str, TriggerSettings]:
+    """Load every ``*.yaml`` trigger file in the folders; check sources, functions and destinations."""
+    from gpufleet.destinations import parse_destination
+    from gpufleet.triggers import parse_source
+
+    triggers: dict[str, TriggerSettings] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue  # a fleet that only serves the HTTP API needs no trigger folder
+        for file in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+            raw = _read_yaml(file)
+            raw.setdefault("name", file.stem)
+            trigger = _validate(TriggerSettings, raw, str(file))
+            where = str(file)
+            if trigger.name in triggers:
+                raise ConfigError(f"trigger name {trigger.name!r} is used twice", file=where, key="name")
+            parse_source(trigger.source, where=where, key="source")
+            if trigger.function is not None and trigger.function not in functions:
+                raise ConfigError(
+                    f"unknown function {trigger.function!r}",
+                    file=where,
+                    key="function",
+                    fix=did_you_mean(trigger.function, functions) or f"one of {sorted(functions)}",
+                )
+            for key in ("dead_letter", "on_success", "on_failure"):
+                url = getattr(trigger, key)
+                if url:
+                    parse_destination(url, where=where, key=key)
+            triggers[trigger.name] = trigger
+    return triggers
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path), fix="check the path or set --config") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", file=str(path)) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of keys", file=str(path))
+    return data
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if len(path) not in (1, 2) or path[0] not in FleetSettings.model_fields:
+            raise ConfigError(
+                "unknown setting",
+                file="environment",
+                key=name,
+                fix=f"use {ENV_PREFIX}<SECTION>__<KEY>, SECTION one of {sorted(FleetSettings.model_fields)}",
+            )
+        parsed = yaml.safe_load(value) if value else value
+        if len(path) == 1:
+            merged[path[0]] = parsed
+        else:
+            section = merged.setdefault(path[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError("is not a section", file="environment", key=name)
+            section[path[1]] = parsed
+    return merged
+
+
+def _validate(model: type[M], raw: dict[str, Any], where: str) -> M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, err["loc"][:-1])
+            hint = did_you_mean(str(err["loc"][-1]), owner.model_fields if owner else {})
+            raise ConfigError("unknown key", file=where, key=key, fix=hint or "remove it") from None
+        if err["type"] == "missing":
+            raise ConfigError("is required", file=where, key=key, fix="add it") from None
+        raise ConfigError(err["msg"], file=where, key=key, fix=f"got {err.get('input')!r}") from None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        annotation = info.annotation if info else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str | None:
+    """A "did you mean 'x'?" hint for a misspelt key, scheme or name, or None."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}?" if close else None

@@ -1,0 +1,164 @@
+"""What every trigger shares: parse a source message into a task, publish in batches, dead-letter bad input.
+
+A trigger never runs GPU work. Per batch it:
+1. parses each message into (task id, function, event), or an :class:`EventError` reason;
+2. publishes every task with one atomic Redis call (record + queue push; an id already known is a duplicate);
+3. delivers dead letters (original bytes + reason) and waits for the broker's acknowledgement;
+4. only then lets the source acknowledge (commit offsets, delete messages).
+A failure in 2 or 3 is retried with backoff; the source is never acknowledged for unpublished work.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from pydantic import ValidationError
+
+from gpufleet.celery_app import create_app
+from gpufleet.destinations import parse_destination
+from gpufleet.destinations.base import Destination, OutRecord
+from gpufleet.destinations.kafka import KafkaDestination
+from gpufleet.errors import EventError, GpufleetError
+from gpufleet.messages import MessageFactory
+from gpufleet.registry import NewTask, Registry
+from gpufleet.settings import Fleet, TriggerSettings
+
+log = structlog.get_logger("gpufleet.trigger")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
+
+
+class Trigger(Protocol):
+    """A source of events: runs until ``stop`` is set, acknowledging only what is durably published."""
+
+    name: str
+
+    def run(self, stop: threading.Event) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceMessage:
+    value: bytes
+    source_id: str  # where it came from, e.g. "kafka:topic/partition/offset"
+    default_id: str  # the task id when the producer supplies none
+    headers: dict[str, bytes] = field(default_factory=dict)
+    timestamp: float | None = None
+
+
+@dataclass
+class BatchResult:
+    published: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+
+
+class Ingest:
+    """Parsing, publishing and dead-lettering for one trigger."""
+
+    def __init__(self, fleet: Fleet, trigger: TriggerSettings, registry: Registry | None = None) -> None:
+        self.fleet = fleet
+        self.trigger = trigger
+        s = fleet.settings
+        self.registry = registry or Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+        self.factory = MessageFactory(create_app(fleet), s.redis.key_prefix, s.worker.kill_grace_s)
+        self.max_bytes = trigger.max_payload_bytes or s.defaults.max_payload_bytes
+        self.dead_letter: Destination = KafkaDestination(
+            parse_destination(trigger.dead_letter or s.defaults.dead_letter), s.kafka
+        )
+
+    def parse(self, msg: SourceMessage) -> NewTask:
+        """Turn one message into a task, or raise EventError with the dead-letter reason."""
+        if len(msg.value) > self.max_bytes:
+            raise EventError("oversize", f"{len(msg.value)} bytes > max_payload_bytes {self.max_bytes}")
+        try:
+            body = orjson.loads(msg.value)
+        except orjson.JSONDecodeError as exc:
+            raise EventError("malformed_json", str(exc)) from None
+        function = self.trigger.function
+        if function is None:
+            if not isinstance(body, dict) or not isinstance(body.get("function"), str) or "payload" not in body:
+                raise EventError("schema_mismatch", 'expected {"function": NAME, "payload": ..., "id"?: ID}')
+            function, payload = body["function"], body["payload"]
+        else:
+            payload = body
+        fn = self.fleet.functions.get(function)
+        if fn is None:
+            raise EventError("unknown_function", f"no function {function!r}; served: {sorted(self.fleet.functions)}")
+        if fn.payload is not None:
+            try:
+                fn.payload.model_validate(payload)
+            except ValidationError as exc:
+                raise EventError("schema_mismatch", f"{fn.payload.__name__}: {exc}") from None
+        task_id = self._task_id(msg, body)
+        meta = {"source": msg.source_id, "trigger": self.trigger.name}
+        s = self.fleet.settings
+        return NewTask(
+            message=self.factory.build(task_id, fn, payload, meta),
+            on_success=self.trigger.on_success or fn.on_success or s.defaults.on_success,
+            on_failure=self.trigger.on_failure or fn.on_failure or s.defaults.on_failure,
+            max_attempts=fn.max_attempts,
+            source=msg.source_id,
+            event_ts=msg.timestamp or time.time(),
+        )
+
+    def _task_id(self, msg: SourceMessage, body: Any) -> str:
+        supplied: Any = None
+        if self.trigger.id_header and self.trigger.id_header in msg.headers:
+            supplied = msg.headers[self.trigger.id_header].decode(errors="replace")
+        elif self.trigger.id_field and isinstance(body, dict) and self.trigger.id_field in body:
+            supplied = body[self.trigger.id_field]
+        if supplied is None:
+            return msg.default_id
+        if isinstance(supplied, int) and not isinstance(supplied, bool):
+            supplied = str(supplied)
+        if not isinstance(supplied, str) or not ID_RE.match(supplied):
+            raise EventError("bad_id", f"id {supplied!r} must match {ID_RE.pattern}")
+        return supplied
+
+    def handle(self, messages: list[SourceMessage], stop: threading.Event) -> BatchResult | None:
+        """Publish a batch and dead-letter its bad messages. None if ``stop`` was set before it was all durable."""
+        tasks: list[NewTask] = []
+        dead: list[OutRecord] = []
+        for msg in messages:
+            try:
+                tasks.append(self.parse(msg))
+            except EventError as exc:
+                log.warning("dead-lettered", reason=exc.reason, detail=exc.detail[:300], source=msg.source_id)
+                dead.append(OutRecord(key=msg.source_id, value=msg.value, headers={
+                    "reason": exc.reason, "detail": exc.detail[:2000], "source": msg.source_id,
+                    "trigger": self.trigger.name}))  # fmt: skip
+        # Two copies of one id in a batch: the atomic script keeps the first.
+        flags: list[bool] = []
+        if tasks and not retry_until(lambda: flags.extend(self.registry.enqueue_many(tasks)), stop, "publish"):
+            return None
+        if dead and not retry_until(lambda: self.dead_letter.deliver(dead), stop, "dead-letter"):
+            return None
+        result = BatchResult(published=sum(flags), duplicates=len(flags) - sum(flags), dead_lettered=len(dead))
+        if result.duplicates:
+            log.info("duplicates suppressed", count=result.duplicates)
+        return result
+
+    def close(self) -> None:
+        self.dead_letter.close()
+
+
+def retry_until(op: Callable[[], None], stop: threading.Event, what: str, max_backoff_s: float = 10.0) -> bool:
+    """Run ``op`` until it succeeds, backing off on retriable errors; False if ``stop`` is set first."""
+    delay = 0.1
+    while True:
+        try:
+            op()
+            return True
+        except GpufleetError as exc:
+            if not exc.retriable:
+                raise
+            log.warning(f"{what} failed; retrying", error=str(exc), retry_in_s=delay)
+        if stop.wait(delay):
+            return False
+        delay = min(max_backoff_s, delay * 2)

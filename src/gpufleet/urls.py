@@ -1,0 +1,52 @@
+"""URLs pick backends, as in kombu: the scheme maps to ``module:Class``, imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from gpufleet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A parsed source or destination URL.
+
+    ``kafka:///topic`` means "the fleet's own Kafka" (``kafka.bootstrap_servers``);
+    ``kafka://h1:9092,h2:9092/topic`` names other brokers.
+    """
+
+    url: str
+    scheme: str
+    hosts: str | None
+    path: str
+    options: dict[str, str]
+
+
+def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str | None, what: str) -> Endpoint:
+    from gpufleet.settings import did_you_mean
+
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        hint = did_you_mean(parts.scheme, list(schemes)) if parts.scheme else None
+        raise ConfigError(
+            f"unsupported {what} URL {url!r}",
+            file=where,
+            key=key,
+            fix=hint or f"use one of {', '.join(s + '://' for s in sorted(schemes))}",
+        )
+    path = unquote(parts.path.lstrip("/"))
+    if not path:
+        raise ConfigError(f"{what} URL {url!r} names no topic or queue", file=where, key=key, fix=f"{parts.scheme}:///name")
+    return Endpoint(
+        url=url, scheme=parts.scheme, hosts=parts.netloc or None, path=path, options=dict(parse_qsl(parts.query))
+    )
+
+
+def import_backend(spec: str) -> type:
+    """Import ``"package.module:Class"``."""
+    module, _, name = spec.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert isinstance(cls, type)
+    return cls

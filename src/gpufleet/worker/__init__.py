@@ -1,0 +1,1 @@
+"""GPU discovery, the per-GPU worker processes and the task runtime."""

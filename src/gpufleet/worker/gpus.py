@@ -1,0 +1,83 @@
+"""GPU discovery with NVML (pynvml, from nvidia-ml-py).
+
+NVML is not CUDA: querying it does not create a CUDA context, so the supervisor may call it before it starts the
+per-GPU processes. We still shut NVML down right after, and never import torch here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("gpufleet.gpus")
+
+# Model families, most specific first, so "NVIDIA GH200 480GB" is GH200, not H200.
+FAMILIES = ("GH200", "H200", "H100", "H800", "H20", "B200", "B100", "GB200", "A100", "A800", "A10G", "A10", "A30",
+            "A40", "L40S", "L40", "L4", "T4", "V100", "P100", "RTX")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    model: str
+    uuid: str
+    memory_mb: int
+    virtual: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{'vgpu' if self.virtual else 'gpu'}{self.index}"
+
+
+def model_of(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``; unknown names fall back to a sanitized form."""
+    upper = name.upper()
+    for family in FAMILIES:
+        if re.search(rf"(^|[^A-Z0-9]){family}([^A-Z0-9]|$)", upper):
+            return family
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32] or "unknown"
+
+
+def discover(nvml: Any | None = None) -> list[GpuInfo]:
+    """The GPUs NVML sees, or [] when there is no driver or no device."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return []
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded: no usable GPU here
+        log.info("no NVIDIA driver found", reason=str(exc))
+        return []
+    try:
+        gpus = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            name = _text(nvml.nvmlDeviceGetName(handle))
+            gpus.append(
+                GpuInfo(
+                    index=i,
+                    name=name,
+                    model=model_of(name),
+                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                    memory_mb=int(nvml.nvmlDeviceGetMemoryInfo(handle).total // (1024 * 1024)),
+                )
+            )
+        return gpus
+    finally:
+        nvml.nvmlShutdown()
+
+
+def virtual_gpus(count: int) -> list[GpuInfo]:
+    """CPU slots standing in for GPUs on a machine with none: every code path runs, the handler sees no CUDA."""
+    return [GpuInfo(index=i, name="virtual", model="virtual", uuid=f"virtual-{i}", memory_mb=0, virtual=True)
+            for i in range(count)]  # fmt: skip
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,75 @@
+"""One GPU worker process: a Celery worker, prefork pool of concurrency 1, pinned to one GPU.
+
+The supervisor starts it with ``CUDA_VISIBLE_DEVICES`` already set, as a fresh interpreter (not a fork). This
+process is the pool's parent: it never touches CUDA. The handler, its ``setup()`` and any model live in the pool
+child, created after the fork; if the child dies, Celery starts a new one and the task goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gpufleet.celery_app import create_app
+from gpufleet.logs import configure_logging
+from gpufleet.roles import watch_parent
+from gpufleet.settings import load_fleet
+from gpufleet.worker.runtime import Runtime
+
+log = structlog.get_logger("gpufleet.worker")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gpufleet-gpu-worker")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--name", required=True, help="e.g. gpu0; the Celery node is NAME@HOST")
+    parser.add_argument("--gpu", required=True, help="label recorded with each task, e.g. gpu0:H100")
+    parser.add_argument("--queues", required=True, help="comma-separated queue names")
+    args = parser.parse_args(argv)
+
+    from celery import signals
+    from celery.exceptions import TimeLimitExceeded
+
+    fleet = load_fleet(args.config)
+    configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
+    runtime = Runtime(fleet, worker_name=f"{args.name}@{fleet.settings.worker.hostname}", gpu=args.gpu)
+    app = create_app(fleet, runtime)
+
+    def on_child_init(**_: Any) -> None:
+        configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
+        runtime.boot()
+
+    def on_failure(task_id: str, exception: BaseException, kwargs: dict[str, Any], **_: Any) -> None:
+        # Fired in this (parent) process after a hard time limit killed the child: record the outcome here,
+        # since the child cannot.
+        if isinstance(exception, TimeLimitExceeded):
+            runtime.on_hard_timeout(task_id, kwargs or {})
+
+    signals.worker_process_init.connect(on_child_init, weak=False)
+    signals.task_failure.connect(on_failure, weak=False)
+    # If the supervisor dies, shut down warm instead of running on unsupervised.
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    worker = app.Worker(
+        hostname=f"{args.name}@{fleet.settings.worker.hostname}",
+        queues=args.queues.split(","),
+        concurrency=1,
+        pool="prefork",
+        prefetch_multiplier=1,
+        optimization="fair",
+        without_mingle=True,
+        without_gossip=True,
+        without_heartbeat=True,
+        loglevel=fleet.settings.logging.level.upper(),
+        quiet=True,
+    )
+    worker.start()
+    raise SystemExit(worker.exitcode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""What runs inside a GPU worker's pool process: claim the task, run the handler, record the outcome.
+
+The runtime owns one task at a time (concurrency 1). Per process it keeps:
+- the warm state of each function (``setup()`` runs once, on first use, after fork);
+- a lease keeper thread that renews the running task's lease, so a dead worker is noticed in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+import uuid
+from typing import Any
+
+import orjson
+import psutil
+import structlog
+from pydantic import ValidationError
+
+from gpufleet.errors import TaskError
+from gpufleet.functions import Function
+from gpufleet.records import Condition, callback_record, error_payload
+from gpufleet.registry import TERMINAL, Callback, Registry, State
+from gpufleet.settings import Fleet
+
+log = structlog.get_logger("gpufleet.worker")
+
+
+def owner_token(host: str, pid: int) -> str:
+    """``host/pid/start-time/nonce``: identifies the process that runs a task, robust to pid reuse."""
+    started = int(psutil.Process(pid).create_time() * 1000)
+    return f"{host}/{pid}/{started}/{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(token: str, host: str) -> bool:
+    """True when the owner ran on this host and its process is gone (it was killed mid-task)."""
+    try:
+        owner_host, pid, started, _ = token.split("/")
+    except ValueError:
+        return False
+    if owner_host != host:
+        return False  # another host: only its lease lapsing tells us it died
+    try:
+        return int(psutil.Process(int(pid)).create_time() * 1000) != int(started)
+    except psutil.NoSuchProcess:
+        return True
+
+
+class TaskContext:
+    """The ``ctx`` a handler receives."""
+
+    def __init__(self, runtime: Runtime, task_id: str, function: str, attempt: int, state: Any) -> None:
+        self.task_id = task_id
+        self.function = function
+        self.attempt = attempt
+        self.worker = runtime.worker_name
+        self.gpu = runtime.gpu
+        self.state = state
+        self.log = log.bind(task_id=task_id, function=function, attempt=attempt)
+        self._runtime = runtime
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self._runtime.registry.set_progress(self.task_id, min(max(float(fraction), 0.0), 1.0), message)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._runtime.lease.cancelled
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the lease of the task this process runs, every ``lease_s / 3``."""
+
+    def __init__(self, registry: Registry, lease_s: float) -> None:
+        super().__init__(name="gpufleet-lease", daemon=True)
+        self._registry = registry
+        self._lease_s = lease_s
+        self._lock = threading.Lock()
+        self._held: tuple[str, str] | None = None
+        self._wake = threading.Event()
+        self.cancelled = False
+
+    def hold(self, task_id: str, token: str) -> None:
+        with self._lock:
+            self._held = (task_id, token)
+            self.cancelled = False
+
+    def release(self) -> None:
+        with self._lock:
+            self._held = None
+
+    def run(self) -> None:
+        while True:
+            self._wake.wait(self._lease_s / 3)
+            with self._lock:
+                held = self._held
+            if held is None:
+                continue
+            try:
+                status = self._registry.renew(held[0], held[1], self._lease_s)
+            except Exception:  # noqa: BLE001 - Redis blips must not kill the renewer; the next round retries
+                log.warning("lease renewal failed", task_id=held[0], exc_info=True)
+                continue
+            # Lost (0) or cancel asked (2): the handler sees ctx.cancelled and should return early.
+            self.cancelled = status != 1
+
+
+class Runtime:
+    def __init__(self, fleet: Fleet, worker_name: str, gpu: str) -> None:
+        self.fleet = fleet
+        self.worker_name = worker_name
+        self.gpu = gpu
+        self.host = fleet.settings.worker.hostname
+        self.lease_s = fleet.settings.worker.lease_s
+        self._states: dict[str, Any] = {}
+        self._registry: Registry | None = None
+        self._lease: LeaseKeeper | None = None
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            s = self.fleet.settings
+            self._registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+        return self._registry
+
+    @property
+    def lease(self) -> LeaseKeeper:
+        if self._lease is None:
+            self._lease = LeaseKeeper(self.registry, self.lease_s)
+            self._lease.start()
+        return self._lease
+
+    def boot(self, **_: Any) -> None:
+        """``worker_process_init``: fresh connections after fork; never reuse the parent's sockets."""
+        self._registry = None
+        self._lease = None
+        self._states.clear()
+        _ = self.lease
+
+    def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
+        bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
+        record = self.registry.get(task_id)
+        if record is None:
+            bound.warning("no registry record (expired or never enqueued); dropping the message")
+            return
+        state = State(record["state"])
+        if state in TERMINAL:
+            bound.info("duplicate delivery of a finished task; dropped", state=state.value)
+            return
+        current_token = record.get("token", "")
+        if state is State.RUNNING:
+            lapsed = float(record.get("lease_until", 0)) < time.time()
+            if not (lapsed or owner_is_dead(current_token, self.host)):
+                bound.info("task is running elsewhere; dropping this delivery", owner=current_token)
+                return
+            bound.warning("taking over a task whose worker died", owner=current_token)
+        token = owner_token(self.host, os.getpid())
+        ok, seen = self.registry.claim(task_id, state.value, current_token, token, self.lease_s, self.worker_name,
+                                       self.gpu)  # fmt: skip
+        if not ok:
+            bound.info("another delivery claimed the task first", state=seen)
+            return
+        attempt = int(seen)
+        started_at = time.time()
+        fn = self.fleet.functions.get(function)
+        max_attempts = int(record.get("max_attempts") or (fn.max_attempts if fn else 1))
+        done = _Finisher(self, task_id, function, token, attempt, event, record, started_at)
+        if fn is None:
+            done.fail(TaskError(f"this worker does not serve function {function!r}"), "UnknownFunction")
+            return
+        if attempt > max_attempts:
+            # Each earlier attempt killed its worker (a crash or OOM counts as an attempt, as in Lambda).
+            done.fail(TaskError(f"worker lost {attempt - 1} times"), "WorkerLost")
+            return
+        self.lease.hold(task_id, token)
+        bound = bound.bind(attempt=attempt)
+        bound.info("task started")
+        try:
+            result = self._run_handler(fn, task_id, attempt, event)
+            value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+        except BaseException as exc:
+            from celery.exceptions import SoftTimeLimitExceeded
+
+            if isinstance(exc, SoftTimeLimitExceeded):
+                bound.warning("task timed out", timeout_s=fn.timeout_s)
+                done.finish(State.TIMED_OUT, Condition.TIMED_OUT, error_payload(exc, "TimedOut"))
+            elif not isinstance(exc, Exception):
+                raise  # SystemExit / KeyboardInterrupt: let the worker shut down; the lease recovers the task
+            elif attempt < max_attempts:
+                delay = fn.backoff_for(attempt) * random.uniform(0.8, 1.2)
+                bound.warning("task failed; will retry", error=repr(exc), retry_in_s=round(delay, 3))
+                self.registry.retry_later(task_id, token, delay, error_payload(exc))
+            else:
+                bound.error("task failed; retries exhausted", error=repr(exc))
+                done.fail(exc)
+        else:
+            done.succeed(value)
+            bound.info("task succeeded", duration_ms=round((time.time() - started_at) * 1000, 3))
+        finally:
+            self.lease.release()
+
+    def _run_handler(self, fn: Function, task_id: str, attempt: int, event: Any) -> Any:
+        if fn.name not in self._states:
+            self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
+        payload = event
+        if fn.payload is not None:
+            try:
+                payload = fn.payload.model_validate(event)
+            except ValidationError as exc:
+                raise TaskError(f"event does not match {fn.payload.__name__}: {exc}") from exc
+        ctx = TaskContext(self, task_id, fn.name, attempt, self._states[fn.name])
+        result = fn.handler(payload, ctx)
+        if hasattr(result, "model_dump"):
+            result = result.model_dump(mode="json")
+        return result
+
+    def on_hard_timeout(self, task_id: str, kwargs: dict[str, Any]) -> None:
+        """Called in the worker's parent process after it killed a child that ignored its soft time limit."""
+        record = self.registry.get(task_id) or {}
+        done = _Finisher(self, task_id, kwargs.get("function", "?"), "*", int(record.get("attempts", 1)),
+                         kwargs.get("event"), record, float(record.get("started_at") or time.time()))  # fmt: skip
+        done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
+                    "errorMessage": "the handler ignored its time limit and its process was killed",
+                    "stackTrace": []})  # fmt: skip
+
+
+class _Finisher:
+    """Builds the callback record and performs the final transition for one attempt."""
+
+    def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, attempt: int, event: Any,
+                 record: dict[str, Any], started_at: float) -> None:  # fmt: skip
+        self.rt = runtime
+        self.task_id = task_id
+        self.function = function
+        self.token = token
+        self.attempt = attempt
+        self.event = event
+        self.record = record
+        self.started_at = started_at
+
+    def succeed(self, value: bytes) -> None:
+        self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), {"result": value})
+
+    def fail(self, exc: BaseException, error_type: str | None = None) -> None:
+        self.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error_payload(exc, error_type))
+
+    def finish(self, state: State, condition: Condition, error: dict[str, Any]) -> None:
+        self._write(state, condition, error, {"error": error, "condition": condition.value})
+
+    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any]) -> None:
+        finished = time.time()
+        record = callback_record(
+            task_id=self.task_id,
+            function=self.function,
+            condition=condition,
+            attempts=self.attempt,
+            event=self.event,
+            worker=self.record.get("worker") if self.token == "*" else self.rt.worker_name,
+            gpu=self.record.get("gpu") if self.token == "*" else self.rt.gpu,
+            started_at=self.started_at,
+            finished_at=finished,
+            response=response,
+        )
+        fields = {**fields, "condition": condition.value}
+        dest = self.record.get("on_success") if condition is Condition.SUCCESS else self.record.get("on_failure")
+        callbacks = [Callback(dest=dest, value=orjson.dumps(record), condition=condition.value)] if dest else []
+        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks):
+            log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)

@@ -1,0 +1,127 @@
+"""``gpufleet worker``: one Celery worker process per GPU, plus housekeeping.
+
+- GPUs come from NVML; with none, ``worker.virtual_gpus`` CPU slots stand in.
+- Each slot is a fresh interpreter (``python -m gpufleet.worker.process``), never a fork of this process, with
+  ``CUDA_VISIBLE_DEVICES`` pinned to its GPU. It consumes ``<prefix>.<pool>.<model>`` and ``<prefix>.<pool>.any``.
+- A slot that exits is restarted, with backoff if it keeps failing.
+- Housekeeping (every second): push retries that are due, and re-queue tasks whose lease lapsed because their
+  worker died. Both are atomic scripts, so any number of supervisors may run them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from gpufleet.messages import queue_name
+from gpufleet.registry import Registry
+from gpufleet.roles import PARENT_ENV
+from gpufleet.settings import Fleet
+from gpufleet.worker.gpus import GpuInfo, discover, virtual_gpus
+
+log = structlog.get_logger("gpufleet.supervisor")
+
+
+@dataclass
+class Slot:
+    gpu: GpuInfo
+    queues: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    @property
+    def name(self) -> str:
+        return self.gpu.label
+
+
+def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
+    """One slot per GPU; the virtual ones when NVML found none."""
+    s = fleet.settings
+    if not gpus:
+        gpus = virtual_gpus(s.worker.virtual_gpus)
+    slots = []
+    for gpu in gpus:
+        queues = []
+        for pool in s.worker.pools:
+            queues += [queue_name(s.redis.key_prefix, pool, gpu.model), queue_name(s.redis.key_prefix, pool, "any")]
+        env = {"CUDA_VISIBLE_DEVICES": "" if gpu.virtual else str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        slots.append(Slot(gpu=gpu, queues=list(dict.fromkeys(queues)), env=env))
+    return slots
+
+
+class Supervisor:
+    def __init__(self, fleet: Fleet, gpus: list[GpuInfo] | None = None) -> None:
+        self.fleet = fleet
+        self.slots = plan_slots(fleet, discover() if gpus is None else gpus)
+        s = fleet.settings
+        self.registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+
+    def _spawn(self, slot: Slot) -> None:
+        cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
+               "--name", slot.name, "--gpu", f"{slot.name}:{slot.gpu.model}", "--queues", ",".join(slot.queues)]  # fmt: skip
+        env = {**os.environ, **slot.env, PARENT_ENV: str(os.getpid())}
+        # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the slots in order.
+        slot.proc = subprocess.Popen(cmd, env=env, process_group=0)
+        slot.started_at = time.monotonic()
+        log.info("gpu worker started", slot=slot.name, pid=slot.proc.pid, queues=slot.queues, gpu=slot.gpu.name)
+
+    def run(self, stop: threading.Event) -> None:
+        if not self.slots:
+            log.error("no GPU found and worker.virtual_gpus is 0: nothing to run")
+            return
+        for slot in self.slots:
+            self._spawn(slot)
+        while not stop.wait(1.0):
+            self._restart_exited()
+            try:
+                promoted, reaped = self.registry.housekeep()
+                if promoted or reaped:
+                    log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
+            except Exception:  # noqa: BLE001 - Redis blips: try again on the next tick
+                log.warning("housekeeping failed", exc_info=True)
+        self.stop()
+
+    def _restart_exited(self) -> None:
+        backoff = self.fleet.settings.worker.restart_backoff_s
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.proc is None or slot.proc.poll() is None:
+                if slot.proc is None and now >= slot.next_start:
+                    self._spawn(slot)
+                continue
+            code = slot.proc.returncode
+            # A slot that ran a while before exiting gets a fresh backoff; a crash loop backs off up to a minute.
+            slot.restarts = 0 if now - slot.started_at > 60 else slot.restarts + 1
+            slot.next_start = now + min(60.0, backoff * (2 ** max(slot.restarts - 1, 0))) if slot.restarts else now
+            log.warning("gpu worker exited; restarting", slot=slot.name, exit_code=code, restarts=slot.restarts)
+            slot.proc = None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM: finish the running task), then cold (SIGQUIT), then SIGKILL. By PID only."""
+        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(sig)
+            deadline = time.monotonic() + wait_s
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            procs = [p for p in procs if p.poll() is None]
+            if not procs:
+                break
+        for slot in self.slots:
+            slot.proc = None
+        log.info("gpu workers stopped")
