@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--config", type=Path, default=None, help="fleet file (default: $GPUFLEET_CONFIG or config/fleet.yaml)")
+        p.add_argument(
+            "--config", type=Path, default=None, help="fleet file (default: $GPUFLEET_CONFIG or config/fleet.yaml)"
+        )
         p.set_defaults(func=func)
         return p
 
@@ -161,7 +163,8 @@ def _dev(args: argparse.Namespace) -> int:
     if args.action == "up":
         state = dev_up(STATE_DIR)
         print(f"redis  {state['redis_url']}\nkafka  {state['kafka_bootstrap']}")
-        print(f"export GPUFLEET_REDIS__URL={state['redis_url']} GPUFLEET_KAFKA__BOOTSTRAP_SERVERS={state['kafka_bootstrap']}")
+        redis_url, kafka = state["redis_url"], state["kafka_bootstrap"]
+        print(f"export GPUFLEET_REDIS__URL={redis_url} GPUFLEET_KAFKA__BOOTSTRAP_SERVERS={kafka}")
     elif args.action == "down":
         print("stopped" if dev_down(STATE_DIR) else "nothing was running")
     else:

@@ -51,7 +51,7 @@ class Dispatcher:
             if bootstrap not in self._producers:
                 try:
                     self._producers[bootstrap] = kafka_producer(bootstrap, k)
-                except Exception as exc:  # noqa: BLE001 - NoBrokersAvailable and friends: Kafka is not up yet
+                except Exception as exc:
                     raise DeliveryError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
             dest = self._destinations[url] = KafkaDestination(endpoint, k, producer=self._producers[bootstrap])
         return dest
@@ -93,7 +93,8 @@ class Dispatcher:
             log.warning("cannot read the callback stream; retrying", error=str(exc))
             time.sleep(1)
             return []
-        return [(eid, fields) for _, items in reply for eid, fields in items if fields]
+        streams: list[tuple[bytes, list[Entry]]] = reply  # type: ignore[assignment]
+        return [(eid, fields) for _, items in streams for eid, fields in items if fields]
 
     def _claim_abandoned(self, count: int) -> list[Entry]:
         idle_ms = int(self.fleet.settings.dispatcher.claim_idle_s * 1000)
@@ -101,7 +102,7 @@ class Dispatcher:
             reply = self.client.xautoclaim(self.stream, GROUP, self.name, idle_ms, "0-0", count=count)
         except (redis.ConnectionError, redis.TimeoutError):
             return []
-        claimed = [(eid, fields) for eid, fields in reply[1] if fields]
+        claimed: list[Entry] = [(eid, fields) for eid, fields in reply[1] if fields]
         if claimed:
             log.warning("claimed records abandoned by another dispatcher", count=len(claimed))
         return claimed
@@ -110,8 +111,8 @@ class Dispatcher:
         """Deliver all entries, retrying with backoff. False if stopped first (entries stay pending)."""
         by_dest: dict[str, list[tuple[bytes, OutRecord]]] = defaultdict(list)
         for eid, f in entries:
-            record = OutRecord(key=f[b"key"].decode(), value=f[b"value"],
-                               headers={"condition": f[b"condition"].decode(), "function": f[b"function"].decode()})  # fmt: skip
+            headers = {"condition": f[b"condition"].decode(), "function": f[b"function"].decode()}
+            record = OutRecord(key=f[b"key"].decode(), value=f[b"value"], headers=headers)
             by_dest[f[b"dest"].decode()].append((eid, record))
         s = self.fleet.settings.dispatcher
         for url, items in by_dest.items():

@@ -101,7 +101,7 @@ def register_serializer() -> None:
     """Register the orjson serializer with kombu (idempotent; called by the app factory, never at import)."""
     from kombu.serialization import register
 
-    register(
+    register(  # type: ignore[no-untyped-call]
         SERIALIZER,
         lambda obj: orjson.dumps(obj).decode(),
         orjson.loads,

@@ -95,7 +95,7 @@ class Registry:
         return [bool(x) for x in result]
 
     def get(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.client.hgetall(self.task_key(task_id))
+        raw: dict[bytes, bytes] = self.client.hgetall(self.task_key(task_id))  # type: ignore[assignment]
         if not raw:
             return None
         return decode_record(raw)
@@ -144,7 +144,7 @@ class Registry:
         return int(promoted), int(reaped)
 
     def counts(self, function: str) -> dict[str, int]:
-        raw = self.client.hgetall(f"{self.prefix}:counts:{function}")
+        raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:counts:{function}")  # type: ignore[assignment]
         return {k.decode(): int(v) for k, v in raw.items()}
 
 

@@ -38,7 +38,9 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
         )
     path = unquote(parts.path.lstrip("/"))
     if not path:
-        raise ConfigError(f"{what} URL {url!r} names no topic or queue", file=where, key=key, fix=f"{parts.scheme}:///name")
+        raise ConfigError(
+            f"{what} URL {url!r} names no topic or queue", file=where, key=key, fix=f"{parts.scheme}:///name"
+        )
     return Endpoint(
         url=url, scheme=parts.scheme, hosts=parts.netloc or None, path=path, options=dict(parse_qsl(parts.query))
     )

@@ -47,7 +47,7 @@ class KafkaDestination:
         if self._producer is None:
             try:
                 self._producer = kafka_producer(self._bootstrap, self._settings)
-            except Exception as exc:  # noqa: BLE001 - any client error here means Kafka is not reachable yet
+            except Exception as exc:
                 raise DeliveryError(f"cannot connect to Kafka at {self._bootstrap}: {exc}") from exc
         return self._producer
 
@@ -66,7 +66,7 @@ class KafkaDestination:
             producer.flush(timeout=self._settings.request_timeout_ms / 1000)
             for future in futures:
                 future.get(timeout=0)
-        except Exception as exc:  # noqa: BLE001 - kafka-python raises many types; all mean "not delivered"
+        except Exception as exc:
             raise DeliveryError(f"Kafka topic {self.topic!r}: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:

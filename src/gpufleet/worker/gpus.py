@@ -42,13 +42,14 @@ def model_of(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32] or "unknown"
 
 
-def discover(nvml: Any | None = None) -> list[GpuInfo]:
-    """The GPUs NVML sees, or [] when there is no driver or no device."""
+def discover(nvml: Any = None) -> list[GpuInfo]:
+    """The GPUs NVML sees, or [] when there is no driver or no device. ``nvml`` is for tests: a fake module."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             return []
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded: no usable GPU here

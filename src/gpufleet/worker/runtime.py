@@ -26,6 +26,8 @@ from gpufleet.registry import TERMINAL, Callback, Registry, State
 from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.worker")
+# The finish token that overrides the owner: the worker's parent recording the outcome of a child it killed.
+FORCE = "*"
 
 
 def owner_token(host: str, pid: int) -> str:
@@ -99,7 +101,7 @@ class LeaseKeeper(threading.Thread):
                 continue
             try:
                 status = self._registry.renew(held[0], held[1], self._lease_s)
-            except Exception:  # noqa: BLE001 - Redis blips must not kill the renewer; the next round retries
+            except Exception:
                 log.warning("lease renewal failed", task_id=held[0], exc_info=True)
                 continue
             # Lost (0) or cancel asked (2): the handler sees ctx.cancelled and should return early.
@@ -131,12 +133,20 @@ class Runtime:
             self._lease.start()
         return self._lease
 
-    def boot(self, **_: Any) -> None:
+    def boot(self) -> None:
         """``worker_process_init``: fresh connections after fork; never reuse the parent's sockets."""
         self._registry = None
         self._lease = None
         self._states.clear()
-        _ = self.lease
+        self.lease.name = f"gpufleet-lease-{os.getpid()}"
+        # Warm every function now, so the first task does not pay for loading a model. A setup that fails here
+        # is tried again by the first task, which then fails (and retries) with the real error.
+        for fn in self.fleet.functions.values():
+            if fn.setup_fn is not None:
+                try:
+                    self._states[fn.name] = fn.setup_fn()
+                except Exception:  # noqa: BLE001 - reported, and raised again by the first task that needs it
+                    log.exception("setup failed", function=fn.name)
 
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
         bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
@@ -218,7 +228,7 @@ class Runtime:
     def on_hard_timeout(self, task_id: str, kwargs: dict[str, Any]) -> None:
         """Called in the worker's parent process after it killed a child that ignored its soft time limit."""
         record = self.registry.get(task_id) or {}
-        done = _Finisher(self, task_id, kwargs.get("function", "?"), "*", int(record.get("attempts", 1)),
+        done = _Finisher(self, task_id, kwargs.get("function", "?"), FORCE, int(record.get("attempts", 1)),
                          kwargs.get("event"), record, float(record.get("started_at") or time.time()))  # fmt: skip
         done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
                     "errorMessage": "the handler ignored its time limit and its process was killed",
@@ -256,8 +266,8 @@ class _Finisher:
             condition=condition,
             attempts=self.attempt,
             event=self.event,
-            worker=self.record.get("worker") if self.token == "*" else self.rt.worker_name,
-            gpu=self.record.get("gpu") if self.token == "*" else self.rt.gpu,
+            worker=str(self.record.get("worker", "")) if self.token == FORCE else self.rt.worker_name,
+            gpu=str(self.record.get("gpu", "")) if self.token == FORCE else self.rt.gpu,
             started_at=self.started_at,
             finished_at=finished,
             response=response,

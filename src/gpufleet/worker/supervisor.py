@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,7 +69,8 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
-               "--name", slot.name, "--gpu", f"{slot.name}:{slot.gpu.model}", "--queues", ",".join(slot.queues)]  # fmt: skip
+               "--name", slot.name, "--gpu", f"{slot.name}:{slot.gpu.model}",
+               "--queues", ",".join(slot.queues)]  # fmt: skip
         env = {**os.environ, **slot.env, PARENT_ENV: str(os.getpid())}
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the slots in order.
         slot.proc = subprocess.Popen(cmd, env=env, process_group=0)
@@ -87,7 +89,7 @@ class Supervisor:
                 promoted, reaped = self.registry.housekeep()
                 if promoted or reaped:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
-            except Exception:  # noqa: BLE001 - Redis blips: try again on the next tick
+            except Exception:
                 log.warning("housekeeping failed", exc_info=True)
         self.stop()
 
@@ -115,10 +117,8 @@ class Supervisor:
                     p.send_signal(sig)
             deadline = time.monotonic() + wait_s
             for p in procs:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
             procs = [p for p in procs if p.poll() is None]
             if not procs:
                 break
