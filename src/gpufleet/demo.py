@@ -51,8 +51,8 @@ def run_demo(config: Path) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
     print(f"demo: starting Redis and Kafka (tansu) on loopback; logs in {workdir}")
     with LocalServices(workdir) as services:
-        env = {**os.environ, "GPUFLEET_REDIS__URL": services.redis_url,
-               "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap, "GPUFLEET_CONFIG": str(config)}  # fmt: skip
+        env = {**os.environ, "GPUFLEET_REDIS__URL": services.redis_url, "GPUFLEET_CONFIG": str(config),
+               "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap}  # fmt: skip
         fleet = load_fleet(config, env)
         trigger = next(iter(fleet.triggers.values()))
         topic = trigger.source.split("/")[-1]
@@ -110,11 +110,10 @@ def _drive(fleet: Any, bootstrap: str, topic: str) -> tuple[int, str]:
         body = orjson.loads(r["value"])
         ctx, resp = body["requestContext"], body["responseContext"]
         out = body["responsePayload"]
-        summary = (
-            f"head={out['head'][:3]}" if ctx["condition"] == "Success" else f"{out['errorType']}: {out['errorMessage']}"
-        )
-        print(f"  {ctx['condition']:<16} {ctx['requestId']:<14} {ctx['function']:<6} attempts={ctx['approximateInvokeCount']} "
-              f"{resp['gpu']} {resp['durationMs']:.0f} ms  {summary}")  # fmt: skip
+        ok = ctx["condition"] == "Success"
+        detail = f"head={out['head'][:3]}" if ok else f"{out['errorType']}: {out['errorMessage']}"
+        print(f"  {ctx['condition']:<16} {ctx['requestId']:<14} {ctx['function']:<6} "
+              f"attempts={ctx['approximateInvokeCount']} {resp['gpu']} {resp['durationMs']:.0f} ms  {detail}")  # fmt: skip
     for r in dead:
         print(f"  dead-letter      reason={r['headers'].get('reason')}  original={r['value'][:40]!r}")
     if success:

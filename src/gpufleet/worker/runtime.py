@@ -145,7 +145,7 @@ class Runtime:
             if fn.setup_fn is not None:
                 try:
                     self._states[fn.name] = fn.setup_fn()
-                except Exception:  # noqa: BLE001 - reported, and raised again by the first task that needs it
+                except Exception:
                     log.exception("setup failed", function=fn.name)
 
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
