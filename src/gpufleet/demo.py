@@ -112,8 +112,8 @@ def _drive(fleet: Any, bootstrap: str, topic: str) -> tuple[int, str]:
         out = body["responsePayload"]
         ok = ctx["condition"] == "Success"
         detail = f"head={out['head'][:3]}" if ok else f"{out['errorType']}: {out['errorMessage']}"
-        print(f"  {ctx['condition']:<16} {ctx['requestId']:<14} {ctx['function']:<6} "
-              f"attempts={ctx['approximateInvokeCount']} {resp['gpu']} {resp['durationMs']:.0f} ms  {detail}")  # fmt: skip
+        n, gpu, ms = ctx["approximateInvokeCount"], resp["gpu"], resp["durationMs"]
+        print(f"  {ctx['condition']:<16} {ctx['requestId']:<14} {ctx['function']:<6} n={n} {gpu} {ms:.0f}ms {detail}")
     for r in dead:
         print(f"  dead-letter      reason={r['headers'].get('reason')}  original={r['value'][:40]!r}")
     if success:
