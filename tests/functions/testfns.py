@@ -1,0 +1,49 @@
+"""Functions the test suite serves. They record what happened in Redis (TEST_REDIS_URL) so tests can count runs."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+
+from gpufleet import Context, function
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
+
+
+@function(name="echo", max_attempts=3, backoff_s=0.05)
+def echo(event: Any, ctx: Context) -> dict[str, Any]:
+    _redis().incr(f"runs:{ctx.task_id}")
+    ctx.progress(1.0, "echoed")
+    return {"echo": event, "attempt": ctx.attempt}
+
+
+@function(name="always_fail", max_attempts=3, backoff_s=0.05, backoff_max_s=0.2)
+def always_fail(event: Any, ctx: Context) -> None:
+    _redis().incr(f"runs:{ctx.task_id}")
+    raise ValueError(f"boom on attempt {ctx.attempt}")
+
+
+@function(name="slow", max_attempts=3, backoff_s=0.05)
+def slow(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    r = _redis()
+    r.incr(f"runs:{ctx.task_id}")
+    r.set(f"pid:{ctx.task_id}", os.getpid())
+    end = time.monotonic() + float(event.get("seconds", 3))
+    while time.monotonic() < end:
+        time.sleep(0.05)
+    return {"slept": event.get("seconds", 3), "attempt": ctx.attempt}
+
+
+class Typed(BaseModel):
+    n: int
+
+
+@function(name="typed", payload=Typed)
+def typed(event: Typed, ctx: Context) -> dict[str, int]:
+    return {"square": event.n * event.n}

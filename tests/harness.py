@@ -1,0 +1,163 @@
+"""A fleet under test: its own config (key prefix, topics) on the shared servers, run as ``gpufleet run``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import yaml
+
+from gpufleet.registry import Registry
+from gpufleet.settings import Fleet, load_fleet
+
+FUNCTIONS = Path(__file__).parent / "functions"
+
+
+class FleetHarness:
+    def __init__(self, services: Any, tmp_path: Path) -> None:
+        self.services = services
+        self.dir = tmp_path
+        self.prefix = f"t{uuid.uuid4().hex[:10]}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.redis = redis.Redis.from_url(services.redis_url)
+        self.config = self.write_config()
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def write_config(self, triggers: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Path:
+        (self.dir / "config").mkdir(exist_ok=True)
+        tdir = self.dir / "triggers"
+        tdir.mkdir(exist_ok=True)
+        triggers = triggers or {"requests": {"source": f"kafka:///{self.topic('requests')}"}}
+        for f in tdir.glob("*.yaml"):
+            f.unlink()
+        for name, body in triggers.items():
+            (tdir / f"{name}.yaml").write_text(yaml.safe_dump(body))
+        config: dict[str, Any] = {
+            "redis": {"url": self.services.redis_url, "key_prefix": self.prefix},
+            "kafka": {"bootstrap_servers": self.services.kafka_bootstrap},
+            "worker": {"virtual_gpus": 2, "lease_s": 3, "kill_grace_s": 2},
+            "defaults": {
+                "on_success": f"kafka:///{self.topic('success')}",
+                "on_failure": f"kafka:///{self.topic('failure')}",
+                "dead_letter": f"kafka:///{self.topic('dlq')}",
+                "max_payload_bytes": 4096,
+            },
+            "dispatcher": {"claim_idle_s": 5},
+            "logging": {"level": "info", "format": "json"},
+            "functions": [str(FUNCTIONS)],
+            "triggers": [str(tdir)],
+        }
+        for section, values in overrides.items():
+            config.setdefault(section, {}).update(values)
+        path = self.dir / "config" / "fleet.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.config = path
+        return path
+
+    def fleet(self) -> Fleet:
+        return load_fleet(self.config, env={})
+
+    @property
+    def registry(self) -> Registry:
+        return Registry.from_url(self.services.redis_url, self.prefix)
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
+        return {**env, "TEST_REDIS_URL": self.services.redis_url}
+
+    def start(self, *roles: str) -> None:
+        """``gpufleet run`` (all roles), or just the named role processes."""
+        log = open(self.dir / "fleet.log", "ab")  # noqa: SIM115 - the child writes to it
+        cmd = [sys.executable, "-m", "gpufleet", *(roles or ("run",)), "--config", str(self.config)]
+        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=log, process_group=0)
+        log.close()
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def log_text(self) -> str:
+        path = self.dir / "fleet.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def produce(self, topic: str, values: list[bytes], headers: list[tuple[str, bytes]] | None = None) -> None:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=self.services.kafka_bootstrap, acks="all")
+        try:
+            for value in values:
+                producer.send(self.topic(topic), value, headers=headers or [])
+            producer.flush()
+        finally:
+            producer.close()
+
+    def send(self, function: str, payload: Any, id: str | None = None, topic: str = "requests") -> None:
+        body: dict[str, Any] = {"function": function, "payload": payload}
+        if id:
+            body["id"] = id
+        self.produce(topic, [orjson.dumps(body)])
+
+    def records(self, topic: str, at_least: int, timeout_s: float = 60) -> list[dict[str, Any]]:
+        """All records of a topic, read from the beginning, once it holds ``at_least`` (or the timeout passes)."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(bootstrap_servers=self.services.kafka_bootstrap, enable_auto_commit=False)
+        deadline = time.monotonic() + timeout_s
+        out: list[dict[str, Any]] = []
+        try:
+            while time.monotonic() < deadline:
+                parts = [TopicPartition(self.topic(topic), p)
+                         for p in consumer.partitions_for_topic(self.topic(topic)) or []]  # fmt: skip
+                if parts:
+                    consumer.assign(parts)
+                    consumer.seek_to_beginning(*parts)
+                    out = []
+                    quiet_until = time.monotonic() + 1.0
+                    while time.monotonic() < quiet_until:
+                        for recs in consumer.poll(timeout_ms=100).values():
+                            out += [{"key": r.key.decode() if r.key else None, "raw": r.value,
+                                     "headers": {k: v.decode() for k, v in r.headers}} for r in recs]  # fmt: skip
+                    if len(out) >= at_least:
+                        break
+                time.sleep(0.3)
+        finally:
+            consumer.close()
+        for rec in out:
+            try:
+                rec["value"] = orjson.loads(rec["raw"])
+            except orjson.JSONDecodeError:
+                rec["value"] = None
+        return out
+
+    def wait_for(self, cond: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = cond()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}\n--- fleet log tail ---\n{self.log_text()[-6000:]}")
+
+    def runs(self, task_id: str) -> int:
+        return int(self.redis.get(f"runs:{task_id}") or 0)

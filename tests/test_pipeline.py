@@ -1,0 +1,145 @@
+"""End to end on real servers and worker processes: Kafka message -> GPU task -> Kafka callback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import orjson
+
+from tests.harness import FleetHarness
+
+
+def successes(h: FleetHarness, n: int) -> list[dict]:
+    return [r for r in h.records("success", n) if r["headers"]["condition"] == "Success"]
+
+
+def test_n_messages_give_n_success_callbacks_and_one_record_each(harness: FleetHarness) -> None:
+    harness.start()
+    n = 20
+    harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"i": i}, "id": f"m{i}"})
+                                 for i in range(n)])  # fmt: skip
+    records = successes(harness, n)
+    assert sorted(r["key"] for r in records) == sorted(f"m{i}" for i in range(n))
+    for r in records:
+        body = r["value"]
+        i = int(r["key"][1:])
+        assert r["headers"] == {"condition": "Success", "function": "echo"}
+        assert body["requestContext"]["requestId"] == r["key"]
+        assert body["requestContext"]["condition"] == "Success"
+        assert body["requestContext"]["approximateInvokeCount"] == 1
+        assert body["requestPayload"] == {"i": i}
+        assert body["responsePayload"] == {"echo": {"i": i}, "attempt": 1}
+        assert body["responseContext"]["gpu"].startswith("vgpu")
+        assert body["responseContext"]["durationMs"] >= 0
+    for i in range(n):
+        rec = harness.registry.get(f"m{i}")
+        assert rec is not None and rec["state"] == "SUCCEEDED" and rec["attempts"] == 1
+        assert rec["result"] == {"echo": {"i": i}, "attempt": 1}
+        assert rec["worker"].startswith("vgpu") and rec["started_at"] <= rec["finished_at"]
+        assert harness.runs(f"m{i}") == 1
+    assert harness.registry.counts("echo") == {"QUEUED": 0, "RUNNING": 0, "SUCCEEDED": n}
+
+
+def test_failing_handler_is_retried_then_reports_retries_exhausted(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("always_fail", {"x": 1}, id="bad-1")
+    [record] = harness.records("failure", 1)
+    body = record["value"]
+    assert record["key"] == "bad-1" and record["headers"]["condition"] == "RetriesExhausted"
+    assert body["requestContext"]["condition"] == "RetriesExhausted"
+    assert body["requestContext"]["approximateInvokeCount"] == 3
+    assert body["responseContext"]["functionError"] == "Unhandled"
+    assert body["responsePayload"]["errorType"] == "ValueError"
+    assert body["responsePayload"]["errorMessage"] == "boom on attempt 3"
+    assert any("ValueError" in line for line in body["responsePayload"]["stackTrace"])
+    assert harness.runs("bad-1") == 3
+    rec = harness.registry.get("bad-1")
+    assert rec is not None and rec["state"] == "FAILED" and rec["attempts"] == 3
+    assert rec["error"]["errorType"] == "ValueError"
+
+
+def test_malformed_messages_are_dead_lettered_and_the_trigger_keeps_consuming(harness: FleetHarness) -> None:
+    harness.write_config(triggers={
+        "requests": {"source": f"kafka:///{harness.topic('requests')}"},
+        "typed": {"source": f"kafka:///{harness.topic('typed')}", "function": "typed"},
+    })  # fmt: skip
+    harness.start()
+    bad = {
+        "malformed_json": b'{"function": "echo", "payload": ',
+        "unknown_function": orjson.dumps({"function": "no_such_fn", "payload": {}}),
+        "schema_mismatch": orjson.dumps({"payload": {"no": "function"}}),
+        "oversize": orjson.dumps({"function": "echo", "payload": {"blob": "x" * 5000}}),
+        "bad_id": orjson.dumps({"function": "echo", "payload": {}, "id": "has spaces/and slashes"}),
+    }
+    harness.produce("requests", list(bad.values()))
+    harness.produce("typed", [orjson.dumps({"n": "not a number"})])
+    harness.send("echo", {"after": "bad input"}, id="after-bad")
+    harness.produce("typed", [orjson.dumps({"n": 7, "id": "typed-ok"})])
+
+    dead = harness.records("dlq", len(bad) + 1)
+    by_reason = {r["headers"]["reason"]: r for r in dead}
+    assert set(by_reason) == set(bad)  # schema_mismatch comes twice: envelope and pydantic model
+    for reason, original in bad.items():
+        if reason != "schema_mismatch":
+            assert by_reason[reason]["raw"] == original, reason
+        assert by_reason[reason]["headers"]["detail"]
+        assert by_reason[reason]["headers"]["source"].startswith("kafka:")
+    assert sum(r["headers"]["reason"] == "schema_mismatch" for r in dead) == 2
+    assert any("Typed" in r["headers"]["detail"] for r in dead)
+    ok = {r["key"]: r["value"] for r in harness.records("success", 2)}
+    assert ok["after-bad"]["responsePayload"]["echo"] == {"after": "bad input"}
+    assert ok["typed-ok"]["responsePayload"] == {"square": 49}
+
+
+def test_the_same_message_id_runs_once(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("echo", {"v": 1}, id="dup-1")
+    harness.wait_for(lambda: (harness.registry.get("dup-1") or {}).get("state") == "SUCCEEDED", what="first run")
+    # Redelivered after its success, and twice in one batch: neither runs again.
+    harness.send("echo", {"v": 1}, id="dup-1")
+    harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"v": 2}, "id": "dup-2"})] * 2)
+    harness.send("echo", {"v": 3}, id="marker")  # a later message, so the duplicates were surely consumed
+    harness.records("success", 3)
+    harness.wait_for(lambda: harness.runs("marker") == 1, what="marker")
+    records = harness.records("success", 3)
+    assert sorted(r["key"] for r in records) == ["dup-1", "dup-2", "marker"]
+    assert harness.runs("dup-1") == 1 and harness.runs("dup-2") == 1
+
+
+def test_worker_process_killed_mid_task_runs_again_with_one_success(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("slow", {"seconds": 2}, id="victim")
+    pid = int(harness.wait_for(lambda: harness.redis.get("pid:victim"), what="the task to start"))
+    os.kill(pid, signal.SIGKILL)  # the pool process running the handler, mid-task
+    harness.wait_for(lambda: (harness.registry.get("victim") or {}).get("state") == "SUCCEEDED", what="re-run")
+    records = [r for r in harness.records("success", 1) if r["key"] == "victim"]
+    assert len(records) == 1
+    body = records[0]["value"]
+    assert body["requestContext"]["approximateInvokeCount"] == 2
+    assert body["responsePayload"] == {"slept": 2, "attempt": 2}
+    assert harness.runs("victim") == 2
+    assert int(harness.redis.get("pid:victim") or 0) != pid
+
+
+def test_status_command_reads_the_registry(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("echo", {"hello": "status"}, id="st-1")
+    harness.wait_for(lambda: (harness.registry.get("st-1") or {}).get("state") == "SUCCEEDED", what="success")
+    cmd = [sys.executable, "-m", "gpufleet", "status", "st-1", "--config", str(harness.config)]
+    as_json = subprocess.run([*cmd, "--json"], capture_output=True, env=harness.env(), check=True)
+    record = orjson.loads(as_json.stdout)
+    assert record["state"] == "SUCCEEDED" and record["function"] == "echo" and record["attempts"] == 1
+    text = subprocess.run(cmd, capture_output=True, env=harness.env(), check=True).stdout.decode()
+    assert "SUCCEEDED" in text and "echo" in text
+    missing = subprocess.run([*cmd[:-3], "nope", "--config", str(harness.config)], capture_output=True, env=harness.env())
+    assert missing.returncode == 1 and b"no task" in missing.stderr
+
+
+def test_run_stops_cleanly_on_sigterm(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("echo", {"x": 1}, id="before-stop")
+    harness.wait_for(lambda: harness.runs("before-stop") == 1, what="a task")
+    assert harness.stop() == 0
