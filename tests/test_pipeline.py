@@ -134,7 +134,9 @@ def test_status_command_reads_the_registry(harness: FleetHarness) -> None:
     assert record["state"] == "SUCCEEDED" and record["function"] == "echo" and record["attempts"] == 1
     text = subprocess.run(cmd, capture_output=True, env=harness.env(), check=True).stdout.decode()
     assert "SUCCEEDED" in text and "echo" in text
-    missing = subprocess.run([*cmd[:-3], "nope", "--config", str(harness.config)], capture_output=True, env=harness.env())
+    missing = subprocess.run(
+        [*cmd[:-3], "nope", "--config", str(harness.config)], capture_output=True, env=harness.env()
+    )
     assert missing.returncode == 1 and b"no task" in missing.stderr
 
 

@@ -71,6 +71,9 @@ class WorkerSettings(_Model):
     # After a hard timeout, how long the worker waits for the handler before killing its process.
     kill_grace_s: float = Field(10.0, ge=0)
     restart_backoff_s: float = Field(1.0, ge=0)
+    # On stop, running tasks get this long to finish (warm shutdown) before their processes are killed; a killed
+    # task is re-run elsewhere. Give containers a stop grace period longer than this.
+    shutdown_grace_s: float = Field(30.0, ge=0)
 
 
 class DefaultsSettings(_Model):

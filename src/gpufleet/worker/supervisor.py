@@ -91,7 +91,7 @@ class Supervisor:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
             except Exception:
                 log.warning("housekeeping failed", exc_info=True)
-        self.stop()
+        self.stop(self.fleet.settings.worker.shutdown_grace_s)
 
     def _restart_exited(self) -> None:
         backoff = self.fleet.settings.worker.restart_backoff_s

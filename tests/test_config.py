@@ -1,0 +1,85 @@
+"""Configuration errors name the file, the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpufleet.errors import ConfigError
+from gpufleet.settings import load_fleet
+
+FUNCTIONS = Path(__file__).parent / "functions"
+
+
+def write(tmp_path: Path, fleet: dict, triggers: dict[str, dict] | None = None) -> Path:
+    (tmp_path / "triggers").mkdir(exist_ok=True)
+    for name, body in (triggers or {}).items():
+        (tmp_path / "triggers" / f"{name}.yaml").write_text(yaml.safe_dump(body))
+    fleet = {"functions": [str(FUNCTIONS)], "triggers": ["triggers"], **fleet}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet))
+    return path
+
+
+def test_the_shipped_configuration_loads() -> None:
+    fleet = load_fleet(Path(__file__).parent.parent / "config" / "fleet.yaml", env={})
+    assert {"embed", "sleep", "fail", "gpu_info"} <= set(fleet.functions)
+    assert "requests" in fleet.triggers
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, {"kafka": {"bootstrap_server": "x:9092"}})
+    with pytest.raises(ConfigError) as err:
+        load_fleet(path, env={})
+    message = str(err.value)
+    assert str(path) in message and "kafka.bootstrap_server" in message
+    assert "did you mean 'bootstrap_servers'" in message
+
+
+def test_bad_value_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"fleet.yaml: redis.url: .*not a redis://"):
+        load_fleet(write(tmp_path, {"redis": {"url": "http://localhost"}}), env={})
+    with pytest.raises(ConfigError, match=r"worker.virtual_gpus"):
+        load_fleet(write(tmp_path, {"worker": {"virtual_gpus": -1}}), env={})
+
+
+def test_trigger_with_unknown_function_or_bad_url(tmp_path: Path) -> None:
+    path = write(tmp_path, {}, {"t1": {"source": "kafka:///in", "function": "ecko"}})
+    with pytest.raises(ConfigError) as err:
+        load_fleet(path, env={})
+    assert "t1.yaml" in str(err.value) and "function" in str(err.value) and "did you mean 'echo'" in str(err.value)
+
+    path = write(tmp_path, {}, {"t1": {"source": "kafak:///in", "function": "echo"}})
+    with pytest.raises(ConfigError, match=r"t1.yaml: source: .*did you mean 'kafka'"):
+        load_fleet(path, env={})
+
+    path = write(tmp_path, {}, {"t1": {"source": "kafka:///in", "function": "echo", "on_succes": "kafka:///x"}})
+    with pytest.raises(ConfigError, match=r"t1.yaml: on_succes: unknown key .*did you mean 'on_success'"):
+        load_fleet(path, env={})
+
+
+def test_environment_overrides_and_their_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, {})
+    fleet = load_fleet(path, env={"GPUFLEET_REDIS__URL": "redis://redis:6379/1", "GPUFLEET_WORKER__VIRTUAL_GPUS": "3"})
+    assert fleet.settings.redis.url == "redis://redis:6379/1"
+    assert fleet.settings.worker.virtual_gpus == 3
+    with pytest.raises(ConfigError, match=r"environment: GPUFLEET_REDIS__URLL: unknown key|redis.urll"):
+        load_fleet(path, env={"GPUFLEET_REDIS__URLL": "redis://x"})
+    with pytest.raises(ConfigError, match=r"GPUFLEET_NOPE: unknown setting"):
+        load_fleet(path, env={"GPUFLEET_NOPE": "1"})
+
+
+def test_missing_file_and_broken_function_module(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read"):
+        load_fleet(tmp_path / "nope.yaml", env={})
+    funcs = tmp_path / "funcs"
+    funcs.mkdir()
+    (funcs / "broken.py").write_text("import no_such_module_here\n")
+    path = write(tmp_path, {"functions": [str(funcs)]})
+    with pytest.raises(ConfigError, match=r"broken.py: importing it failed: ModuleNotFoundError"):
+        load_fleet(path, env={})
+    (funcs / "broken.py").write_text("from gpufleet import function\n@function(timeout_s=0)\ndef f(e, c): pass\n")
+    with pytest.raises(ConfigError, match=r"broken.py: .*timeout_s"):
+        load_fleet(path, env={})

@@ -1,0 +1,83 @@
+# ruff: noqa: N802 - FakeNvml mirrors pynvml's camelCase API
+"""GPU discovery against a faked NVML (there is no GPU here), and the per-GPU slot plan built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gpufleet.settings import load_fleet
+from gpufleet.worker.gpus import discover, model_of
+from gpufleet.worker.supervisor import plan_slots
+
+CONFIG = Path(__file__).parent.parent / "config" / "fleet.yaml"
+
+
+class FakeNvml:
+    def __init__(self, names: list[str], fail_init: bool = False) -> None:
+        self.names = names
+        self.fail_init = fail_init
+        self.shutdown_called = False
+
+    def nvmlInit(self) -> None:
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown_called = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.names)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return self.names[h].encode()  # older pynvml returns bytes
+
+    def nvmlDeviceGetUUID(self, h: int) -> str:
+        return f"GPU-{h:04d}"
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        return SimpleNamespace(total=80 * 1024**3)
+
+
+@pytest.mark.parametrize(
+    ("name", "model"),
+    [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA GH200 480GB", "GH200"), ("NVIDIA A100-SXM4-40GB", "A100"),
+     ("Tesla T4", "T4"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"), ("Quadro Mystery 9000", "Quadro-Mystery-9000")],
+)  # fmt: skip
+def test_model_names(name: str, model: str) -> None:
+    assert model_of(name) == model
+
+
+def test_discover_lists_every_gpu_and_shuts_nvml_down() -> None:
+    nvml = FakeNvml(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+    gpus = discover(nvml)
+    assert [(g.index, g.model, g.uuid, g.memory_mb) for g in gpus] == [
+        (0, "H100", "GPU-0000", 81920), (1, "H100", "GPU-0001", 81920), (2, "A100", "GPU-0002", 81920)]  # fmt: skip
+    assert nvml.shutdown_called
+
+
+def test_no_driver_means_no_gpus() -> None:
+    assert discover(FakeNvml([], fail_init=True)) == []
+
+
+def test_one_pinned_slot_per_gpu_consuming_its_model_queues() -> None:
+    fleet = load_fleet(CONFIG, env={})
+    slots = plan_slots(fleet, discover(FakeNvml(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])))
+    assert [s.name for s in slots] == ["gpu0", "gpu1"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
+    assert slots[0].queues == ["gpufleet.default.h100", "gpufleet.default.any"]
+    assert slots[1].queues == ["gpufleet.default.a100", "gpufleet.default.any"]
+
+
+def test_virtual_gpus_when_none_found() -> None:
+    fleet = load_fleet(CONFIG, env={"GPUFLEET_WORKER__VIRTUAL_GPUS": "3", "GPUFLEET_WORKER__POOLS": "[eu, us]"})
+    slots = plan_slots(fleet, [])
+    assert [s.name for s in slots] == ["vgpu0", "vgpu1", "vgpu2"]
+    assert all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in slots)  # the handler sees no CUDA device
+    assert slots[0].queues == ["gpufleet.eu.virtual", "gpufleet.eu.any", "gpufleet.us.virtual", "gpufleet.us.any"]

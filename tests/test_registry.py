@@ -1,0 +1,112 @@
+"""Registry transitions on a real Redis: compare-and-set claims, leases, retries, and the dispatcher's delivery."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+
+from gpufleet.celery_app import create_app
+from gpufleet.dispatcher import Dispatcher
+from gpufleet.messages import MessageFactory
+from gpufleet.registry import Callback, NewTask, State
+from gpufleet.worker.runtime import owner_is_dead, owner_token
+from tests.harness import FleetHarness
+
+
+def enqueue(h: FleetHarness, task_id: str, function: str = "echo") -> None:
+    fleet = h.fleet()
+    factory = MessageFactory(create_app(fleet), h.prefix, 1.0)
+    message = factory.build(task_id, fleet.functions[function], {"k": task_id}, {"source": "test"})
+    assert h.registry.enqueue_many([NewTask(message, "kafka:///s", "kafka:///f", 3, "test", time.time())]) == [True]
+
+
+def test_only_one_delivery_can_claim_a_task(harness: FleetHarness) -> None:
+    enqueue(harness, "c1")
+    reg = harness.registry
+    assert reg.claim("c1", "QUEUED", "", "me/1/1/a", 30, "w", "g") == (True, "1")
+    assert reg.claim("c1", "QUEUED", "", "other/2/2/b", 30, "w", "g") == (False, "RUNNING")
+    assert reg.finish("c1", "other/2/2/b", State.SUCCEEDED, {}, []) is False  # not the owner
+    assert reg.finish("c1", "me/1/1/a", State.SUCCEEDED, {"result": b"1"}, []) is True
+    assert reg.finish("c1", "me/1/1/a", State.FAILED, {}, []) is False  # never finishes twice
+    assert reg.get("c1")["state"] == "SUCCEEDED"
+    assert reg.counts("echo") == {"QUEUED": 0, "RUNNING": 0, "SUCCEEDED": 1}
+
+
+def test_owner_liveness_is_judged_by_pid_and_start_time() -> None:
+    me = owner_token("hostA", os.getpid())
+    assert not owner_is_dead(me, "hostA")
+    assert not owner_is_dead(me, "hostB")  # another host: only the lease can tell
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    token = owner_token("hostA", child.pid) if child.poll() is None else f"hostA/{child.pid}/1/x"
+    child.wait()
+    assert owner_is_dead(token, "hostA")
+    assert owner_is_dead(f"hostA/{os.getpid()}/12345/x", "hostA")  # same pid, other start time: pid reused
+
+
+def test_a_lapsed_lease_is_requeued_by_housekeeping(harness: FleetHarness) -> None:
+    enqueue(harness, "l1")
+    reg = harness.registry
+    queue = f"{harness.prefix}.default.any"
+    harness.redis.delete(queue)  # the worker took the message
+    assert reg.claim("l1", "QUEUED", "", "gone/1/1/a", 0.3, "w", "g")[0]
+    assert reg.housekeep() == (0, 0)  # lease still valid
+    time.sleep(0.5)
+    assert reg.housekeep() == (0, 1)
+    rec = reg.get("l1")
+    assert rec["state"] == "QUEUED" and rec["last_error"]["errorType"] == "WorkerLost"
+    assert harness.redis.llen(queue) == 1
+    assert reg.counts("echo") == {"QUEUED": 1, "RUNNING": 0}
+
+
+def test_retry_waits_for_its_backoff_then_is_pushed_again(harness: FleetHarness) -> None:
+    enqueue(harness, "r1")
+    reg = harness.registry
+    queue = f"{harness.prefix}.default.any"
+    harness.redis.delete(queue)
+    assert reg.claim("r1", "QUEUED", "", "me/1/1/a", 30, "w", "g")[0]
+    assert reg.retry_later("r1", "me/1/1/a", 0.3, {"errorType": "ValueError"})
+    assert reg.housekeep() == (0, 0) and harness.redis.llen(queue) == 0
+    time.sleep(0.4)
+    assert reg.housekeep() == (1, 0) and harness.redis.llen(queue) == 1
+    assert reg.claim("r1", "QUEUED", "", "me/1/1/b", 30, "w", "g") == (True, "2")
+
+
+def test_dispatcher_keeps_records_while_kafka_is_down_and_delivers_later(harness: FleetHarness) -> None:
+    enqueue(harness, "d1")
+    reg = harness.registry
+    assert reg.claim("d1", "QUEUED", "", "me/1/1/a", 30, "w", "g")[0]
+    record = orjson.dumps({"requestContext": {"requestId": "d1"}})
+    dest = f"kafka:///{harness.topic('success')}"
+    assert reg.finish("d1", "me/1/1/a", State.SUCCEEDED, {}, [Callback(dest, record, "Success")])
+    stream = f"{harness.prefix}:callbacks"
+
+    # Kafka unreachable: the record stays in the stream, the task is already SUCCEEDED (no GPU waits for Kafka).
+    harness.write_config(kafka={"bootstrap_servers": "127.0.0.1:1", "request_timeout_ms": 1000},
+                         dispatcher={"retry_backoff_s": 0.1, "retry_backoff_max_s": 0.2})  # fmt: skip
+    down = Dispatcher(harness.fleet(), name="d-down")
+    stop = threading.Event()
+    thread = threading.Thread(target=down.run, args=(stop,))
+    thread.start()
+    time.sleep(2)
+    stop.set()
+    thread.join(timeout=30)
+    assert down.delivered == 0 and harness.redis.xlen(stream) == 1
+
+    # Kafka back: the same consumer name picks up its pending entry first, and delivers it once.
+    harness.write_config()
+    up = Dispatcher(harness.fleet(), name="d-down")
+    stop = threading.Event()
+    thread = threading.Thread(target=up.run, args=(stop,))
+    thread.start()
+    harness.wait_for(lambda: up.delivered == 1, what="delivery")
+    stop.set()
+    thread.join(timeout=30)
+    assert harness.redis.xlen(stream) == 0
+    [out] = harness.records("success", 1)
+    assert out["key"] == "d1" and out["headers"] == {"condition": "Success", "function": "echo"}
+    assert out["raw"] == record

@@ -1,0 +1,85 @@
+"""The trigger dies between publish and commit, or is stopped mid-stream: nothing is lost, nothing runs twice."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import orjson
+import pytest
+
+from gpufleet.registry import Registry
+from gpufleet.triggers.kafka import KafkaTrigger
+from tests.harness import FleetHarness
+
+
+class Killed(BaseException):
+    """Stands in for the process dying: a BaseException, so nothing in the trigger handles it."""
+
+
+def run_trigger(h: FleetHarness, stop: threading.Event) -> tuple[KafkaTrigger, threading.Thread]:
+    fleet = h.fleet()
+    trigger = KafkaTrigger(fleet, fleet.triggers["requests"])
+
+    def target() -> None:
+        # The simulated process death ends the thread; the real process would be gone.
+        with contextlib.suppress(Killed):
+            trigger.run(stop)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return trigger, thread
+
+
+def queue_length(h: FleetHarness) -> int:
+    return int(h.redis.llen(f"{h.prefix}.default.any"))
+
+
+def test_killed_between_publish_and_commit_loses_nothing_and_suppresses_duplicates(
+    harness: FleetHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kafka import KafkaConsumer
+
+    n = 50
+    harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"i": i}}) for i in range(n)])
+    published_before_kill = []
+
+    def die_instead_of_committing(self: Any, *args: Any, **kwargs: Any) -> None:
+        published_before_kill.append(queue_length(harness))
+        raise Killed
+
+    monkeypatch.setattr(KafkaConsumer, "commit", die_instead_of_committing)
+    stop = threading.Event()
+    _first, thread = run_trigger(harness, stop)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and published_before_kill, "the trigger should have died at its first commit"
+    assert published_before_kill[0] > 0  # it did publish before it died, and committed nothing
+
+    monkeypatch.undo()
+    second, thread = run_trigger(harness, stop)
+    harness.wait_for(lambda: second.stats["published"] + second.stats["duplicates"] >= n, what="re-read")
+    stop.set()
+    thread.join(timeout=30)
+    assert queue_length(harness) == n  # every message published exactly once
+    assert second.stats["duplicates"] == published_before_kill[0]
+    assert Registry.from_url(harness.services.redis_url, harness.prefix).counts("echo") == {"QUEUED": n}
+
+
+def test_stopped_mid_stream_and_restarted_publishes_every_message_once(harness: FleetHarness) -> None:
+    harness.write_config(triggers={"requests": {"source": f"kafka:///{harness.topic('requests')}", "batch_max": 20}})
+    n = 300
+    harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"i": i}}) for i in range(n)])
+    stop = threading.Event()
+    first, thread = run_trigger(harness, stop)
+    harness.wait_for(lambda: first.stats["published"] > 0, what="the first batches")
+    stop.set()
+    thread.join(timeout=30)
+    assert first.stats["published"] < n or queue_length(harness) == n
+    stop = threading.Event()
+    second, thread = run_trigger(harness, stop)
+    harness.wait_for(lambda: queue_length(harness) >= n, what="the rest")
+    stop.set()
+    thread.join(timeout=30)
+    assert queue_length(harness) == n
+    assert first.stats["published"] + second.stats["published"] == n
