@@ -28,8 +28,10 @@ def enqueue(h: FleetHarness, task_id: str, function: str = "echo") -> None:
 def test_only_one_delivery_can_claim_a_task(harness: FleetHarness) -> None:
     enqueue(harness, "c1")
     reg = harness.registry
-    assert reg.claim("c1", "QUEUED", "", "me/1/1/a", 30, "w", "g") == (True, "1")
-    assert reg.claim("c1", "QUEUED", "", "other/2/2/b", 30, "w", "g") == (False, "RUNNING")
+    first = reg.claim("c1", "QUEUED", "", "me/1/1/a", 30, "w", "g")
+    assert first.ok and first.attempts == 1 and first.max_attempts == 3 and first.on_success == "kafka:///s"
+    second = reg.claim("c1", "QUEUED", "", "other/2/2/b", 30, "w", "g")
+    assert not second.ok and second.seen_state == "RUNNING"
     assert reg.finish("c1", "other/2/2/b", State.SUCCEEDED, {}, []) is False  # not the owner
     assert reg.finish("c1", "me/1/1/a", State.SUCCEEDED, {"result": b"1"}, []) is True
     assert reg.finish("c1", "me/1/1/a", State.FAILED, {}, []) is False  # never finishes twice
@@ -53,7 +55,7 @@ def test_a_lapsed_lease_is_requeued_by_housekeeping(harness: FleetHarness) -> No
     reg = harness.registry
     queue = f"{harness.prefix}.default.any"
     harness.redis.delete(queue)  # the worker took the message
-    assert reg.claim("l1", "QUEUED", "", "gone/1/1/a", 0.3, "w", "g")[0]
+    assert reg.claim("l1", "QUEUED", "", "gone/1/1/a", 0.3, "w", "g").ok
     assert reg.housekeep() == (0, 0)  # lease still valid
     time.sleep(0.5)
     assert reg.housekeep() == (0, 1)
@@ -68,18 +70,19 @@ def test_retry_waits_for_its_backoff_then_is_pushed_again(harness: FleetHarness)
     reg = harness.registry
     queue = f"{harness.prefix}.default.any"
     harness.redis.delete(queue)
-    assert reg.claim("r1", "QUEUED", "", "me/1/1/a", 30, "w", "g")[0]
+    assert reg.claim("r1", "QUEUED", "", "me/1/1/a", 30, "w", "g").ok
     assert reg.retry_later("r1", "me/1/1/a", 0.3, {"errorType": "ValueError"})
     assert reg.housekeep() == (0, 0) and harness.redis.llen(queue) == 0
     time.sleep(0.4)
     assert reg.housekeep() == (1, 0) and harness.redis.llen(queue) == 1
-    assert reg.claim("r1", "QUEUED", "", "me/1/1/b", 30, "w", "g") == (True, "2")
+    again = reg.claim("r1", "QUEUED", "", "me/1/1/b", 30, "w", "g")
+    assert again.ok and again.attempts == 2
 
 
 def test_dispatcher_keeps_records_while_kafka_is_down_and_delivers_later(harness: FleetHarness) -> None:
     enqueue(harness, "d1")
     reg = harness.registry
-    assert reg.claim("d1", "QUEUED", "", "me/1/1/a", 30, "w", "g")[0]
+    assert reg.claim("d1", "QUEUED", "", "me/1/1/a", 30, "w", "g").ok
     record = orjson.dumps({"requestContext": {"requestId": "d1"}})
     dest = f"kafka:///{harness.topic('success')}"
     assert reg.finish("d1", "me/1/1/a", State.SUCCEEDED, {}, [Callback(dest, record, "Success")])

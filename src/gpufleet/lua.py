@@ -46,7 +46,7 @@ if state ~= 'RUNNING' then
   redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, state, -1)
   redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, 'RUNNING', 1)
 end
-return {'ok', tostring(attempts)}
+return {'ok', tostring(attempts), unpack(redis.call('HMGET', KEYS[1], 'max_attempts', 'on_success', 'on_failure'))}
 """
 
 # KEYS: task, leases.  ARGV: token, lease_until.  Returns 0: lost, 1: renewed, 2: renewed but cancel requested.

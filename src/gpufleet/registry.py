@@ -47,6 +47,19 @@ class NewTask:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """The outcome of a claim: on success, what the worker needs to finish the task without reading it again."""
+
+    ok: bool
+    seen_state: str
+    attempts: int = 0
+    max_attempts: int = 1
+    on_success: str = ""
+    on_failure: str = ""
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class Callback:
     """A record to deliver when a task finishes."""
 
@@ -101,14 +114,17 @@ class Registry:
         return decode_record(raw)
 
     def claim(self, task_id: str, expect_state: str, expect_token: str, token: str, lease_s: float, worker: str,
-              gpu: str) -> tuple[bool, str]:  # fmt: skip
-        """Take the task for this process. Returns (True, attempts) or (False, the state that was seen)."""
+              gpu: str) -> Claim:  # fmt: skip
+        """Take the task for this process, if its state and owner are still what the caller saw."""
         now = time.time()
-        status, value = self._claim(
+        reply = self._claim(
             keys=[self.task_key(task_id), self.leases_key],
             args=[self.prefix, expect_state, expect_token, token, now, now + lease_s, worker, gpu],
         )
-        return status == b"ok", value.decode()
+        if reply[0] != b"ok":
+            return Claim(ok=False, seen_state=reply[1].decode())
+        attempts, max_attempts, on_success, on_failure = (v.decode() if v else "" for v in reply[1:5])
+        return Claim(True, "RUNNING", int(attempts), int(max_attempts or 1), on_success, on_failure, now)
 
     def renew(self, task_id: str, token: str, lease_s: float) -> int:
         """Extend the lease. Returns 0 if this process lost the task, 1 if renewed, 2 if a cancel was asked for."""

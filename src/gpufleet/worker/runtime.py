@@ -7,6 +7,7 @@ The runtime owns one task at a time (concurrency 1). Per process it keeps:
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from gpufleet.errors import TaskError
 from gpufleet.functions import Function
 from gpufleet.records import Condition, callback_record, error_payload
-from gpufleet.registry import TERMINAL, Callback, Registry, State
+from gpufleet.registry import TERMINAL, Callback, Claim, Registry, State
 from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.worker")
@@ -30,10 +31,14 @@ log = structlog.get_logger("gpufleet.worker")
 FORCE = "*"
 
 
+@functools.cache
+def _start_ms(pid: int) -> int:
+    return int(psutil.Process(pid).create_time() * 1000)
+
+
 def owner_token(host: str, pid: int) -> str:
     """``host/pid/start-time/nonce``: identifies the process that runs a task, robust to pid reuse."""
-    started = int(psutil.Process(pid).create_time() * 1000)
-    return f"{host}/{pid}/{started}/{uuid.uuid4().hex[:8]}"
+    return f"{host}/{pid}/{_start_ms(pid)}/{uuid.uuid4().hex[:8]}"
 
 
 def owner_is_dead(token: str, host: str) -> bool:
@@ -150,32 +155,17 @@ class Runtime:
 
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
         bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
-        record = self.registry.get(task_id)
-        if record is None:
-            bound.warning("no registry record (expired or never enqueued); dropping the message")
-            return
-        state = State(record["state"])
-        if state in TERMINAL:
-            bound.info("duplicate delivery of a finished task; dropped", state=state.value)
-            return
-        current_token = record.get("token", "")
-        if state is State.RUNNING:
-            lapsed = float(record.get("lease_until", 0)) < time.time()
-            if not (lapsed or owner_is_dead(current_token, self.host)):
-                bound.info("task is running elsewhere; dropping this delivery", owner=current_token)
-                return
-            bound.warning("taking over a task whose worker died", owner=current_token)
         token = owner_token(self.host, os.getpid())
-        ok, seen = self.registry.claim(task_id, state.value, current_token, token, self.lease_s, self.worker_name,
-                                       self.gpu)  # fmt: skip
-        if not ok:
-            bound.info("another delivery claimed the task first", state=seen)
-            return
-        attempt = int(seen)
-        started_at = time.time()
+        # The common case in one round trip: the task is QUEUED and nobody owns it.
+        claim = self.registry.claim(task_id, State.QUEUED, "", token, self.lease_s, self.worker_name, self.gpu)
+        if not claim.ok:
+            taken = self._take_over(task_id, token, bound)
+            if taken is None:
+                return
+            claim = taken
+        attempt, max_attempts, started_at = claim.attempts, claim.max_attempts, claim.started_at
         fn = self.fleet.functions.get(function)
-        max_attempts = int(record.get("max_attempts") or (fn.max_attempts if fn else 1))
-        done = _Finisher(self, task_id, function, token, attempt, event, record, started_at)
+        done = _Finisher(self, task_id, function, token, attempt, event, claim, started_at)
         if fn is None:
             done.fail(TaskError(f"this worker does not serve function {function!r}"), "UnknownFunction")
             return
@@ -210,6 +200,29 @@ class Runtime:
         finally:
             self.lease.release()
 
+    def _take_over(self, task_id: str, token: str, bound: Any) -> Claim | None:
+        """The task was not QUEUED: drop a duplicate delivery, or take over from an owner that died."""
+        record = self.registry.get(task_id)
+        if record is None:
+            bound.warning("no registry record (expired or never enqueued); dropping the message")
+            return None
+        state = State(record["state"])
+        if state in TERMINAL:
+            bound.info("duplicate delivery of a finished task; dropped", state=state.value)
+            return None
+        owner = record.get("token", "")
+        if state is State.RUNNING:
+            lapsed = float(record.get("lease_until", 0)) < time.time()
+            if not (lapsed or owner_is_dead(owner, self.host)):
+                bound.info("task is running elsewhere; dropping this delivery", owner=owner)
+                return None
+            bound.warning("taking over a task whose worker died", owner=owner)
+        claim = self.registry.claim(task_id, state, owner, token, self.lease_s, self.worker_name, self.gpu)
+        if not claim.ok:
+            bound.info("another delivery claimed the task first", state=claim.seen_state)
+            return None
+        return claim
+
     def _run_handler(self, fn: Function, task_id: str, attempt: int, event: Any) -> Any:
         if fn.name not in self._states:
             self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
@@ -228,8 +241,10 @@ class Runtime:
     def on_hard_timeout(self, task_id: str, kwargs: dict[str, Any]) -> None:
         """Called in the worker's parent process after it killed a child that ignored its soft time limit."""
         record = self.registry.get(task_id) or {}
-        done = _Finisher(self, task_id, kwargs.get("function", "?"), FORCE, int(record.get("attempts", 1)),
-                         kwargs.get("event"), record, float(record.get("started_at") or time.time()))  # fmt: skip
+        claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
+                      record.get("on_success", ""), record.get("on_failure", ""))  # fmt: skip
+        done = _Finisher(self, task_id, kwargs.get("function", "?"), FORCE, claim.attempts, kwargs.get("event"),
+                         claim, float(record.get("started_at") or time.time()), record)  # fmt: skip
         done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
                     "errorMessage": "the handler ignored its time limit and its process was killed",
                     "stackTrace": []})  # fmt: skip
@@ -239,14 +254,15 @@ class _Finisher:
     """Builds the callback record and performs the final transition for one attempt."""
 
     def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, attempt: int, event: Any,
-                 record: dict[str, Any], started_at: float) -> None:  # fmt: skip
+                 claim: Claim, started_at: float, record: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.rt = runtime
         self.task_id = task_id
         self.function = function
         self.token = token
         self.attempt = attempt
         self.event = event
-        self.record = record
+        self.claim = claim
+        self.record = record or {}  # the stored record, read only when finishing for a killed child
         self.started_at = started_at
 
     def succeed(self, value: bytes) -> None:
@@ -273,7 +289,7 @@ class _Finisher:
             response=response,
         )
         fields = {**fields, "condition": condition.value}
-        dest = self.record.get("on_success") if condition is Condition.SUCCESS else self.record.get("on_failure")
+        dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
         callbacks = [Callback(dest=dest, value=orjson.dumps(record), condition=condition.value)] if dest else []
         if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks):
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
