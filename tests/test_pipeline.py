@@ -145,3 +145,18 @@ def test_run_stops_cleanly_on_sigterm(harness: FleetHarness) -> None:
     harness.send("echo", {"x": 1}, id="before-stop")
     harness.wait_for(lambda: harness.runs("before-stop") == 1, what="a task")
     assert harness.stop() == 0
+
+
+def test_time_limit_gives_timed_out_and_the_worker_serves_the_next_task(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("hang", {}, id="to-soft")  # raises out of sleep at the soft limit
+    harness.send("hang", {"stubborn": True}, id="to-hard")  # ignores it: killed kill_grace_s later
+    failures = {r["key"]: r for r in harness.records("failure", 2, timeout_s=90)}
+    assert set(failures) == {"to-soft", "to-hard"}
+    for task_id, record in failures.items():
+        assert record["headers"]["condition"] == "TimedOut"
+        assert record["value"]["responsePayload"]["errorType"] == "TimedOut"
+        rec = harness.registry.get(task_id)
+        assert rec is not None and rec["state"] == "TIMED_OUT" and harness.runs(task_id) == 1
+    harness.send("echo", {"after": "timeouts"}, id="after-timeouts")
+    harness.wait_for(lambda: harness.runs("after-timeouts") == 1, what="the next task")

@@ -47,3 +47,16 @@ class Typed(BaseModel):
 @function(name="typed", payload=Typed)
 def typed(event: Typed, ctx: Context) -> dict[str, int]:
     return {"square": event.n * event.n}
+
+
+@function(name="hang", timeout_s=1, max_attempts=1)
+def hang(event: dict[str, Any], ctx: Context) -> None:
+    """Sleeps past its time limit; with ``stubborn`` it swallows the soft limit, so it must be killed."""
+    _redis().incr(f"runs:{ctx.task_id}")
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            if not event.get("stubborn"):
+                raise

@@ -1,0 +1,36 @@
+"""``make demo`` end to end: it exits 0, its last line is the summary, and it leaves no process behind."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def server_pids() -> set[int]:
+    names = ("redis-server", "tansu", "gpufleet")
+    found = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if any(n in cmdline for n in names):
+            found.add(p.info["pid"])
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_demo_runs_end_to_end_and_cleans_up(services: object) -> None:
+    before = server_pids()
+    result = subprocess.run([sys.executable, "-m", "gpufleet", "demo"], cwd=ROOT, capture_output=True, timeout=280)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out[-4000:] + result.stderr.decode()[-4000:]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"demo: 9 events, 6 Success, 1 RetriesExhausted, 2 dead-lettered", last), last
+    assert '"condition": "Success"' in out and "reason=malformed_json" in out
+    leftover = {pid for pid in server_pids() - before if psutil.pid_exists(pid)}
+    assert not leftover, [psutil.Process(p).cmdline() for p in leftover]
