@@ -9,6 +9,7 @@ import threading
 import time
 
 import orjson
+import pytest
 
 from gpufleet.celery_app import create_app
 from gpufleet.dispatcher import Dispatcher
@@ -113,3 +114,15 @@ def test_dispatcher_keeps_records_while_kafka_is_down_and_delivers_later(harness
     [out] = harness.records("success", 1)
     assert out["key"] == "d1" and out["headers"] == {"condition": "Success", "function": "echo"}
     assert out["raw"] == record
+
+
+def test_unreachable_registry_sends_the_message_back_instead_of_dropping_it(harness: FleetHarness) -> None:
+    from celery.exceptions import Reject
+
+    from gpufleet.worker.runtime import Runtime
+
+    harness.write_config(redis={"url": "redis://127.0.0.1:1/0"})
+    runtime = Runtime(harness.fleet(), worker_name="vgpu0@test", gpu="vgpu0:virtual")
+    with pytest.raises(Reject) as rejected:
+        runtime.execute("lost-1", "echo", {"x": 1}, {"source": "test"})
+    assert rejected.value.requeue

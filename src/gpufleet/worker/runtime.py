@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from gpufleet.errors import TaskError
 from gpufleet.functions import Function
 from gpufleet.records import Condition, callback_record, error_payload
-from gpufleet.registry import TERMINAL, Callback, Claim, Registry, State
+from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State
 from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.worker")
@@ -156,13 +156,21 @@ class Runtime:
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
         bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
         token = owner_token(self.host, os.getpid())
-        # The common case in one round trip: the task is QUEUED and nobody owns it.
-        claim = self.registry.claim(task_id, State.QUEUED, "", token, self.lease_s, self.worker_name, self.gpu)
-        if not claim.ok:
-            taken = self._take_over(task_id, token, bound)
-            if taken is None:
-                return
-            claim = taken
+        try:
+            # The common case in one round trip: the task is QUEUED and nobody owns it.
+            claim = self.registry.claim(task_id, State.QUEUED, "", token, self.lease_s, self.worker_name, self.gpu)
+            if not claim.ok:
+                taken = self._take_over(task_id, token, bound)
+                if taken is None:
+                    return
+                claim = taken
+        except REDIS_ERRORS as exc:
+            # Celery would ack a failed task and the message would be gone: put it back instead, after a pause.
+            from celery.exceptions import Reject
+
+            bound.warning("registry unreachable; the message goes back to the queue", error=str(exc))
+            time.sleep(1)
+            raise Reject(str(exc), requeue=True) from exc
         attempt, max_attempts, started_at = claim.attempts, claim.max_attempts, claim.started_at
         fn = self.fleet.functions.get(function)
         done = _Finisher(self, task_id, function, token, attempt, event, claim, started_at)
