@@ -52,6 +52,14 @@ class SourceMessage:
 
 
 @dataclass
+class Prepared:
+    """A parsed batch: tasks to publish and dead letters to deliver."""
+
+    tasks: list[NewTask]
+    dead: list[OutRecord]
+
+
+@dataclass
 class BatchResult:
     published: int = 0
     duplicates: int = 0
@@ -123,6 +131,10 @@ class Ingest:
 
     def handle(self, messages: list[SourceMessage], stop: threading.Event) -> BatchResult | None:
         """Publish a batch and dead-letter its bad messages. None if ``stop`` was set before it was all durable."""
+        return self.publish(self.prepare(messages), stop)
+
+    def prepare(self, messages: list[SourceMessage]) -> Prepared:
+        """Parse a batch (CPU only): a source can prepare the next batch while the last one is published."""
         tasks: list[NewTask] = []
         dead: list[OutRecord] = []
         for msg in messages:
@@ -133,6 +145,11 @@ class Ingest:
                 dead.append(OutRecord(key=msg.source_id, value=msg.value, headers={
                     "reason": exc.reason, "detail": exc.detail[:2000], "source": msg.source_id,
                     "trigger": self.trigger.name}))  # fmt: skip
+        return Prepared(tasks, dead)
+
+    def publish(self, batch: Prepared, stop: threading.Event) -> BatchResult | None:
+        """Make a prepared batch durable; None if ``stop`` was set first (then nothing may be acknowledged)."""
+        tasks, dead = batch.tasks, batch.dead
         # Two copies of one id in a batch: the atomic script keeps the first.
         flags: list[bool] = []
         if tasks and not retry_until(lambda: flags.extend(self.registry.enqueue_many(tasks)), stop, "publish"):

@@ -14,13 +14,14 @@ Guarantees:
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import structlog
 
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers import parse_source
-from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.base import BatchResult, Ingest, Prepared, SourceMessage
 
 log = structlog.get_logger("gpufleet.trigger.kafka")
 
@@ -56,39 +57,59 @@ class KafkaTrigger:
         )
 
     def run(self, stop: threading.Event) -> None:
-        from kafka.errors import CommitFailedError, KafkaError
-        from kafka.structs import OffsetAndMetadata
-
         consumer = self._consumer()
+        # One batch is published while the next is polled and parsed, so Kafka and Redis round trips overlap.
+        # Offsets are committed in order, each only after its own batch is durable.
+        publisher = ThreadPoolExecutor(1, thread_name_prefix=f"gpufleet-publish-{self.name}")
+        inflight: tuple[Future[BatchResult | None], dict[Any, Any]] | None = None
         log.info("kafka trigger started", trigger=self.name, topic=self.topic, group=self.group)
         try:
             while not stop.is_set():
-                polled = consumer.poll(timeout_ms=200, max_records=self.trigger.batch_max)
-                if not polled:
-                    continue
-                messages = []
-                offsets = {}
-                for tp, records in polled.items():
-                    for r in records:
-                        messages.append(SourceMessage(
-                            value=r.value or b"",
-                            source_id=f"kafka:{r.topic}/{r.partition}/{r.offset}",
-                            default_id=f"kafka-{r.topic}-{r.partition}-{r.offset}",
-                            headers={k: v for k, v in (r.headers or []) if v is not None},
-                            timestamp=r.timestamp / 1000 if r.timestamp and r.timestamp > 0 else None,
-                        ))  # fmt: skip
-                    offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
-                result = self.ingest.handle(messages, stop)
-                if result is None:
-                    break  # stopping with work not durable: leave the offsets uncommitted, it is read again
-                for key in self.stats:
-                    self.stats[key] += getattr(result, key)
-                try:
-                    consumer.commit(offsets)
-                except (CommitFailedError, KafkaError) as exc:
-                    # A rebalance took the partitions: the next owner re-reads and finds duplicates, nothing is lost.
-                    log.warning("offset commit failed; messages will be re-read and de-duplicated", error=str(exc))
+                polled = consumer.poll(timeout_ms=5 if inflight else 200, max_records=self.trigger.batch_max)
+                batch = self._prepare(polled) if polled else None
+                if inflight is not None and (batch is not None or inflight[0].done()):
+                    if not self._settle(consumer, *inflight):
+                        return  # stopping with work not durable: its offsets stay uncommitted, it is read again
+                    inflight = None
+                if batch is not None:
+                    inflight = (publisher.submit(self.ingest.publish, batch[0], stop), batch[1])
+            if inflight is not None:
+                self._settle(consumer, *inflight)  # graceful stop: finish the batch in hand and commit it
         finally:
+            publisher.shutdown(wait=True)
             consumer.close(autocommit=False)
             self.ingest.close()
             log.info("kafka trigger stopped", trigger=self.name, **self.stats)
+
+    def _prepare(self, polled: dict[Any, list[Any]]) -> tuple[Prepared, dict[Any, Any]]:
+        from kafka.structs import OffsetAndMetadata
+
+        messages = []
+        offsets = {}
+        for tp, records in polled.items():
+            for r in records:
+                messages.append(SourceMessage(
+                    value=r.value or b"",
+                    source_id=f"kafka:{r.topic}/{r.partition}/{r.offset}",
+                    default_id=f"kafka-{r.topic}-{r.partition}-{r.offset}",
+                    headers={k: v for k, v in (r.headers or []) if v is not None},
+                    timestamp=r.timestamp / 1000 if r.timestamp and r.timestamp > 0 else None,
+                ))  # fmt: skip
+            offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+        return self.ingest.prepare(messages), offsets
+
+    def _settle(self, consumer: Any, future: Future[BatchResult | None], offsets: dict[Any, Any]) -> bool:
+        """Wait for a batch to be durable, then commit its offsets. False if it was not (stopping)."""
+        from kafka.errors import CommitFailedError, KafkaError
+
+        result = future.result()
+        if result is None:
+            return False
+        for key in self.stats:
+            self.stats[key] += getattr(result, key)
+        try:
+            consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partitions: the next owner re-reads and finds duplicates, nothing is lost.
+            log.warning("offset commit failed; messages will be re-read and de-duplicated", error=str(exc))
+        return True
