@@ -5,26 +5,23 @@ Key layout (prefix ``P``): ``P:task:{id}`` hash, ``P:leases`` and ``P:delayed`` 
 ``P:counts:{function}`` hash of state -> count, ``P:callbacks`` stream of outgoing records.
 """
 
-# KEYS: leases, delayed, callbacks.  ARGV: prefix, now, retention_s, then per task 10 fields:
-#   id, function, queue_key, envelope, on_success, on_failure, max_attempts, source, created_at, event_ts
+# ARGV: prefix, now, batch: a JSON array with one array of strings per task:
+#   [id, function, queue_key, envelope, on_success, on_failure, max_attempts, source, created_at, event_ts]
+# One JSON argument, not ten per task: redis-py packs arguments in Python, which cost more than the script.
 # Returns a list of 1 (enqueued) / 0 (duplicate: a record with that id exists) per task.
 ENQUEUE_MANY = """
 local prefix, now = ARGV[1], ARGV[2]
 local out = {}
-local n = 0
-for i = 4, #ARGV, 10 do
-  local id = ARGV[i]
-  local key = prefix .. ':task:' .. id
-  n = n + 1
+for n, t in ipairs(cjson.decode(ARGV[3])) do
+  local key = prefix .. ':task:' .. t[1]
   if redis.call('EXISTS', key) == 1 then
     out[n] = 0
   else
-    redis.call('HSET', key, 'id', id, 'function', ARGV[i+1], 'state', 'QUEUED', 'attempts', 0,
-      'queue', ARGV[i+2], 'message', ARGV[i+3], 'on_success', ARGV[i+4], 'on_failure', ARGV[i+5],
-      'max_attempts', ARGV[i+6], 'source', ARGV[i+7], 'created_at', ARGV[i+8], 'queued_at', now,
-      'event_ts', ARGV[i+9])
-    redis.call('LPUSH', ARGV[i+2], ARGV[i+3])
-    redis.call('HINCRBY', prefix .. ':counts:' .. ARGV[i+1], 'QUEUED', 1)
+    redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
+      'message', t[4], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
+      'created_at', t[9], 'queued_at', now, 'event_ts', t[10])
+    redis.call('LPUSH', t[3], t[4])
+    redis.call('HINCRBY', prefix .. ':counts:' .. t[2], 'QUEUED', 1)
     out[n] = 1
   end
 end

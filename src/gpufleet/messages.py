@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import itertools
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,9 @@ class MessageFactory:
         self._prefix = prefix
         self._kill_grace_s = kill_grace_s
         self._templates: dict[str, dict[str, Any]] = {}
+        # kombu only needs delivery tags unique among unacked messages; a counter is 10x cheaper than uuid4.
+        self._tags = itertools.count()
+        self._tag_prefix = uuid.uuid4().hex[:12]
 
     def _template(self, fn: Function) -> dict[str, Any]:
         template = self._templates.get(fn.name)
@@ -88,7 +92,7 @@ class MessageFactory:
                 "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": 0,
                 "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": f"{self._tag_prefix}-{next(self._tags)}",
             },
         }
         return TaskMessage(task_id=task_id, function=fn.name, queue=queue, envelope=orjson.dumps(envelope))

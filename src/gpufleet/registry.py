@@ -95,14 +95,12 @@ class Registry:
         """Create the records and push the messages atomically; False for ids that already exist (duplicates)."""
         if not tasks:
             return []
-        now = time.time()
-        args: list[Any] = [self.prefix, now, self.retention_s]
-        for t in tasks:
-            m = t.message
-            args += [m.task_id, m.function, m.queue, m.envelope, t.on_success, t.on_failure, t.max_attempts,
-                     t.source, now, t.event_ts]  # fmt: skip
+        now = repr(time.time())
+        batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
+                               t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts)]
+                              for t in tasks])  # fmt: skip
         try:
-            result = self._enqueue(keys=[self.leases_key, self.delayed_key, self.callbacks_key], args=args)
+            result = self._enqueue(args=[self.prefix, now, batch])
         except REDIS_ERRORS as exc:
             raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
         return [bool(x) for x in result]
