@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import handlers
-
 from gpufleet import Context, function
 
 
@@ -19,9 +18,9 @@ def noop(event: Any, ctx: Context) -> None:
 
 @function(name="stamp", max_attempts=1)
 def stamp(event: dict[str, Any], ctx: Context) -> None:
-    handlers.stamp(float(event["produced_ts"]), bool(event.get("warm", False)))
+    handlers.stamp(float(event["produced_ts"]), bool(event.get("warm", False)), str(event.get("side", "")))
 
 
 @function(name="work", max_attempts=1)
 def work(event: dict[str, Any], ctx: Context) -> None:
-    handlers.work(float(event.get("ms", 20.0)), bool(event.get("warm", False)))
+    handlers.work(float(event.get("ms", 20.0)), bool(event.get("warm", False)), str(event.get("side", "")))

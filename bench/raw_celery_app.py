@@ -12,8 +12,9 @@ import threading
 import time
 from typing import Any
 
-import handlers
 from celery import Celery, signals
+
+import handlers
 
 QUEUE = "bench.raw"
 STAMP_TASK = "bench.stamp"
@@ -42,7 +43,6 @@ def make_app(broker_url: str) -> Celery:
 app = make_app(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
 
 
-@signals.worker_init.connect
 def _watch_parent(**_: Any) -> None:
     """Stop warm if the harness that started us is gone (it stops us by PID; this covers a SIGKILL of it)."""
     parent = os.environ.get("BENCH_PARENT_PID")
@@ -55,3 +55,6 @@ def _watch_parent(**_: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=loop, name="bench-parent-watch", daemon=True).start()
+
+
+signals.worker_init.connect(_watch_parent, weak=False)

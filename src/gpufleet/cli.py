@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from gpufleet.errors import GpufleetError
 
@@ -92,17 +93,25 @@ def _trigger(args: argparse.Namespace) -> int:
     if unknown:
         raise GpufleetError(f"unknown trigger(s) {unknown}; configured: {sorted(fleet.triggers)}")
     stop = stop_event_on_signals()
-    threads = []
-    for name in names:
+    failed: list[str] = []
+
+    def serve(name: str) -> None:
         trigger = fleet.triggers[name]
-        cls = import_backend(BACKENDS[parse_source(trigger.source).scheme])
-        instance = cls(fleet, trigger)
-        t = threading.Thread(target=instance.run, args=(stop,), name=f"trigger-{name}")
+        try:
+            import_backend(BACKENDS[parse_source(trigger.source).scheme])(fleet, trigger).run(stop)
+        except Exception:  # noqa: BLE001 - whatever killed it, the process must not run on without it
+            # One dead trigger stops the process (exit 1) so that `gpufleet run` or the orchestrator restarts it,
+            # instead of running on with a source nobody consumes.
+            structlog.get_logger("gpufleet.trigger").exception("trigger failed", trigger=name)
+            failed.append(name)
+            stop.set()
+
+    threads = [threading.Thread(target=serve, args=(name,), name=f"trigger-{name}") for name in names]
+    for t in threads:
         t.start()
-        threads.append(t)
     for t in threads:
         t.join()
-    return 0
+    return 1 if failed else 0
 
 
 def _dispatcher(args: argparse.Namespace) -> int:

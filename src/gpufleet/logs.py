@@ -6,36 +6,40 @@ import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 
 from gpufleet.settings import LoggingSettings
 
 
 def configure_logging(settings: LoggingSettings, **context: Any) -> None:
-    """Route structlog and stdlib logging (Celery, kafka-python) to one stream on stderr.
+    """gpufleet's own lines go straight from structlog to stderr (the per-task path stays cheap); stdlib
+    logging (Celery, kafka-python) is rendered by the same processors, so every line of a process looks alike.
 
     ``context`` (role, worker, gpu...) is bound to every line of this process.
     """
     level = getattr(logging, settings.level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
     ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if settings.format == "json" else structlog.dev.ConsoleRenderer()
-    )
+    if settings.format == "json":
+        renderer: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+        factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        logger_factory=factory,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=[
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))  # fmt: skip
+    pre_chain = [*shared, structlog.stdlib.add_logger_name]
+    processors = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, _to_text(renderer)]
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(foreign_pre_chain=pre_chain, processors=processors))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -43,3 +47,13 @@ def configure_logging(settings: LoggingSettings, **context: Any) -> None:
     logging.getLogger("kafka").setLevel(max(level, logging.WARNING))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
+
+
+def _to_text(renderer: Any) -> Any:
+    """stdlib handlers write str; the JSON renderer makes bytes."""
+
+    def render(logger: Any, name: str, event: Any) -> str:
+        out = renderer(logger, name, event)
+        return out.decode() if isinstance(out, bytes) else str(out)
+
+    return render

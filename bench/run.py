@@ -1,0 +1,980 @@
+"""gpufleet benchmark: each figure next to a baseline measured in the same run.
+
+    python bench/run.py [--quick]
+
+Starts Redis and Kafka (``LocalServices``) in a temporary folder, writes a temporary fleet there, and measures:
+
+1. trigger ingest rate, against a naive Kafka -> ``send_task`` bridge and against raw kafka-python consumption;
+2. end-to-end latency (produced -> handler started), against the naive bridge plus a raw Celery worker;
+3. worker duty cycle on 20 ms tasks, against a raw Celery worker;
+4. the trigger process's resident memory after ingesting the ingest workload, against the naive bridge's.
+
+Progress goes to stderr; the Markdown table goes to stdout and to ``bench/results/latest.md``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import itertools
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import redis
+import yaml
+
+import handlers
+import naive_bridge
+import raw_celery_app
+from gpufleet.celery_app import create_app
+from gpufleet.dev.services import LocalServices
+from gpufleet.logs import configure_logging
+from gpufleet.messages import MessageFactory, function_queue
+from gpufleet.registry import NewTask, Registry
+from gpufleet.roles import PARENT_ENV
+from gpufleet.settings import Fleet, LoggingSettings, TriggerSettings, load_fleet
+from gpufleet.triggers.kafka import KafkaTrigger
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3.x at import time
+    from kafka import KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results" / "latest.md"
+PREFIX = "gpufleet"
+GPU_QUEUE = f"{PREFIX}.default.any"  # where the noop/stamp/work functions go (Gpu(model="any"), pool default)
+T0 = time.monotonic()
+PHASES = ("ingest", "memory", "latency", "duty")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    ingest: int  # messages per ingest path
+    latency: int  # timed messages per latency side
+    latency_warm: int  # paced messages sent first and not timed
+    latency_rate: float  # messages per second
+    duty: int  # 20 ms tasks per duty-cycle side
+    task_ms: float = 20.0
+
+
+FULL = Sizes(ingest=20_000, latency=300, latency_warm=20, latency_rate=50.0, duty=300)
+QUICK = Sizes(ingest=5_000, latency=150, latency_warm=10, latency_rate=50.0, duty=100)
+
+# Topics: one fresh topic per ingest path; the memory phase reads two of them again with fresh groups.
+TOPICS = {
+    "ingest-raw": "bench.ingest.raw",
+    "ingest-naive": "bench.ingest.naive",
+    "ingest-gpufleet": "bench.ingest.gpufleet",
+    "latency-naive": "bench.latency.naive",
+    "latency-gpufleet": "bench.latency.gpufleet",
+}
+# gpufleet triggers of the temporary fleet: name -> (topic, group).
+TRIGGERS = {
+    "ingest": (TOPICS["ingest-gpufleet"], "bench-ingest-gpufleet"),
+    "memory": (TOPICS["ingest-gpufleet"], "bench-memory-gpufleet"),
+    "latency": (TOPICS["latency-gpufleet"], "bench-latency-gpufleet"),
+}
+
+
+class BenchError(Exception):
+    """A phase could not produce its figure (timeout, a process died, a count did not add up)."""
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Child processes: started in their own session, logged to files, stopped by PID (descendants included).
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+class Children:
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir = log_dir
+        self.env = env
+        self.running: dict[int, Child] = {}
+        self._count = 0
+
+    def start(self, name: str, argv: list[str]) -> Child:
+        self._count += 1
+        log = self.log_dir / f"{self._count:02d}-{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, env=self.env, cwd=self.log_dir, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        child = Child(name, proc, log)
+        self.running[proc.pid] = child
+        say(f"started {name} (pid {proc.pid}, log {log.name})")
+        return child
+
+    def stop(self, child: Child, timeout_s: float = 20.0) -> None:
+        """SIGTERM (a Celery worker shuts down warm), then SIGKILL; then any descendant left over, by PID."""
+        try:
+            descendants = psutil.Process(child.proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                say(f"{child.name} (pid {child.proc.pid}) ignored SIGTERM for {timeout_s:g} s; killing it")
+                child.proc.kill()
+                child.proc.wait(timeout=10)
+        for proc in descendants:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running():  # psutil checks the start time, so a recycled PID is not signalled
+                    proc.kill()
+                    proc.wait(timeout=5)
+        self.running.pop(child.proc.pid, None)
+
+    def stop_all(self) -> None:
+        for child in reversed(list(self.running.values())):
+            self.stop(child)
+
+    @contextlib.contextmanager
+    def session(self, *specs: tuple[str, list[str]]) -> Iterator[list[Child]]:
+        """Start the processes, yield them, and stop them (last first) whatever happens."""
+        started: list[Child] = []
+        try:
+            for name, argv in specs:
+                started.append(self.start(name, argv))
+            yield started
+        finally:
+            for child in reversed(started):
+                self.stop(child)
+
+    def wait_until(self, cond: Callable[[], bool], timeout_s: float, what: str, watch: list[Child] | None = None,
+                   interval_s: float = 0.02) -> float:  # fmt: skip
+        """Poll ``cond`` until true; raise BenchError on timeout or if a watched process exits. Returns the time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if cond():
+                return time.perf_counter()
+            for child in watch or []:
+                if child.proc.poll() is not None:
+                    raise BenchError(f"{what}: {child.name} exited with code {child.proc.returncode}\n"
+                                     f"{tail(child.log)}")  # fmt: skip
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {c.name} ---\n{tail(c.log)}" for c in watch or [])
+                raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}\n{logs}".rstrip())
+            time.sleep(interval_s)
+
+
+def redis_lines(client: redis.Redis, key: str) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in client.lrange(key, 0, -1)]
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The benchmark's world: servers, the temporary fleet, clients.
+
+
+@dataclass
+class World:
+    sizes: Sizes
+    workdir: Path
+    services: LocalServices
+    config: Path
+    fleet: Fleet
+    redis: redis.Redis
+    registry: Registry
+    children: Children
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.services.kafka_bootstrap
+
+    @property
+    def redis_url(self) -> str:
+        return self.services.redis_url
+
+    def flush(self) -> None:
+        self.redis.flushdb()
+
+    def gpu_worker(self, name: str = "vgpu0") -> tuple[str, list[str]]:
+        return f"gpufleet-worker-{name}", [sys.executable, "-m", "gpufleet.worker.process", "--config",
+                                           str(self.config), "--name", name, "--gpu", f"{name}:virtual",
+                                           "--queues", GPU_QUEUE]  # fmt: skip
+
+    def raw_worker(self) -> tuple[str, list[str]]:
+        return "celery-worker", [sys.executable, "-m", "celery", "-A", "raw_celery_app", "worker", "--pool",
+                                 "prefork", "--concurrency", "1", "--prefetch-multiplier", "1", "-Q",
+                                 raw_celery_app.QUEUE, "-O", "fair", "--without-mingle", "--without-gossip",
+                                 "--without-heartbeat", "--loglevel", "INFO", "-n", "raw@%h"]  # fmt: skip
+
+    def trigger_cli(self, name: str) -> tuple[str, list[str]]:
+        return f"gpufleet-trigger-{name}", [sys.executable, "-m", "gpufleet", "trigger", "--config", str(self.config),
+                                            "--name", name]  # fmt: skip
+
+    def naive_cli(self, topic: str, group: str, mode: str) -> tuple[str, list[str]]:
+        return f"naive-bridge-{mode}", [sys.executable, str(BENCH_DIR / "naive_bridge.py"), "--bootstrap",
+                                        self.bootstrap, "--redis", self.redis_url, "--topic", topic, "--group",
+                                        group, "--mode", mode]  # fmt: skip
+
+
+def write_fleet(workdir: Path, redis_url: str, bootstrap: str) -> Path:
+    """A fleet like config/fleet.yaml, on the bench's servers, with its own functions and triggers folders."""
+    functions, triggers, config_dir = workdir / "functions", workdir / "triggers", workdir / "config"
+    for folder in (functions, triggers, config_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BENCH_DIR / "gpufleet_functions.py", functions / "bench_functions.py")
+    for name, (topic, group) in TRIGGERS.items():
+        trigger = {"source": f"kafka:///{topic}", "group": group, "batch_max": 500}
+        (triggers / f"{name}.yaml").write_text(yaml.safe_dump(trigger))
+    config = {
+        "redis": {"url": redis_url, "key_prefix": PREFIX},
+        "kafka": {"bootstrap_servers": bootstrap},
+        "worker": {"virtual_gpus": 1, "pools": ["default"], "lease_s": 30},
+        "defaults": {
+            "on_success": "kafka:///bench.success",
+            "on_failure": "kafka:///bench.failure",
+            "dead_letter": "kafka:///bench.dead-letter",
+        },
+        "logging": {"level": "info", "format": "json"},  # as shipped in config/fleet.yaml
+        "functions": ["../functions"],
+        "triggers": ["../triggers"],
+    }
+    path = config_dir / "fleet.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def child_env(redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
+    python_path = [str(BENCH_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return env | {
+        "PYTHONPATH": os.pathsep.join(python_path),
+        "BENCH_REDIS_URL": redis_url,
+        "BENCH_PARENT_PID": str(os.getpid()),  # the naive bridge and raw worker stop if the harness dies
+        PARENT_ENV: str(os.getpid()),  # gpufleet's roles do the same
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+
+def ingest_value(i: int) -> bytes:
+    """About 200 bytes of JSON naming the ``noop`` function."""
+    body = {"function": "noop", "payload": {"seq": i, "user": f"user-{i % 977:04d}", "ts": time.time(),
+                                            "text": "lorem ipsum dolor sit amet " * 4}}  # fmt: skip
+    return orjson.dumps(body)
+
+
+def create_topics(bootstrap: str) -> None:
+    """Every topic of the run, one partition each (auto-created topics would get the broker's default count)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        admin.create_topics([NewTopic(t, 1, 1) for t in TOPICS.values()], timeout_ms=10_000)
+    finally:
+        admin.close()
+
+
+def produce(bootstrap: str, topics: list[str], n: int) -> bool:
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks=1, enable_idempotence=False, linger_ms=20, batch_size=512 * 1024
+    )
+    try:
+        values = [ingest_value(i) for i in range(n)]
+        for topic in topics:
+            for value in values:
+                producer.send(topic, value)
+        producer.flush(timeout=120)
+    finally:
+        producer.close(timeout=10)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. Ingest rate
+
+
+@dataclass
+class Ingested:
+    rate: float  # messages per second, from the first polled record to the last one handled
+    seconds: float
+
+
+def ingest_raw(w: World, attempt: int) -> Ingested:
+    n = w.sizes.ingest
+    consumer = naive_bridge.bench_consumer(w.bootstrap, TOPICS["ingest-raw"], f"bench-ingest-raw-{attempt}")
+    try:
+        seen, first = 0, None
+        deadline = time.monotonic() + 120
+        while seen < n:
+            if time.monotonic() > deadline:
+                raise BenchError(f"raw consumer read {seen}/{n} messages in 120 s")
+            polled = consumer.poll(timeout_ms=200)
+            if polled and first is None:
+                first = time.perf_counter()
+            seen += sum(len(records) for records in polled.values())
+        last = time.perf_counter()
+    finally:
+        consumer.close(autocommit=False)
+    assert first is not None
+    return Ingested(n / (last - first), last - first)
+
+
+def ingest_naive(w: World) -> Ingested:
+    n = w.sizes.ingest
+    w.flush()
+    app = naive_bridge.plain_celery(w.redis_url)
+    consumer = naive_bridge.bench_consumer(w.bootstrap, TOPICS["ingest-naive"], "bench-ingest-naive")
+    stop = threading.Event()
+    watchdog = threading.Timer(240, stop.set)
+    timing = naive_bridge.BridgeTiming(target=n)
+    watchdog.start()
+    try:
+        naive_bridge.run_bridge(consumer, app, naive_bridge.route_gpufleet, stop, timing)
+    finally:
+        watchdog.cancel()
+        consumer.close(autocommit=False)
+        app.close()
+    if timing.done is None or timing.first is None:
+        raise BenchError(f"naive bridge published {timing.seen}/{n} messages in 240 s")
+    queued = int(w.redis.llen(GPU_QUEUE))
+    if queued != n:
+        raise BenchError(f"naive bridge: {GPU_QUEUE} holds {queued} messages, expected {n}")
+    return Ingested(n / (timing.done - timing.first), timing.done - timing.first)
+
+
+class _TimedConsumer:
+    """Wraps the trigger's KafkaConsumer: when the first record came, and when the commit covering N returned."""
+
+    def __init__(self, inner: Any, target: int, published: Callable[[], int]) -> None:
+        self.inner = inner
+        self.target = target
+        self.published = published  # tasks the trigger published so far (duplicates not counted)
+        self.seen = 0
+        self.first: float | None = None
+        self.done_at: float | None = None
+        self.done = threading.Event()
+        self.poll_s = 0.0
+        self.commit_s = 0.0
+
+    def poll(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        polled = self.inner.poll(*args, **kwargs)
+        if polled:
+            if self.first is None:
+                self.first = time.perf_counter()
+            else:
+                self.poll_s += time.perf_counter() - started
+            self.seen += sum(len(records) for records in polled.values())
+        return polled
+
+    def commit(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        result = self.inner.commit(*args, **kwargs)
+        self.commit_s += time.perf_counter() - started
+        if self.published() >= self.target and self.done_at is None:
+            self.done_at = time.perf_counter()
+            self.done.set()
+        return result
+
+    def close(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.close(*args, **kwargs)
+
+
+class TimedKafkaTrigger(KafkaTrigger):
+    """gpufleet's KafkaTrigger, unchanged, with its consumer, parse and publish calls timed."""
+
+    def __init__(self, fleet: Fleet, trigger: TriggerSettings, target: int) -> None:
+        super().__init__(fleet, trigger)
+        self.target = target
+        self.timed: _TimedConsumer | None = None
+        self.parse_s = 0.0
+        self.publish_s = 0.0
+        self.threads: dict[str, set[int]] = {"parse": set(), "publish": set()}
+        parse, publish = self.ingest.parse, self.ingest.registry.enqueue_many
+
+        def timed_parse(msg: Any) -> NewTask:
+            started = time.perf_counter()
+            try:
+                return parse(msg)
+            finally:
+                self.parse_s += time.perf_counter() - started
+                self.threads["parse"].add(threading.get_ident())
+
+        def timed_publish(tasks: list[NewTask]) -> list[bool]:
+            started = time.perf_counter()
+            try:
+                return publish(tasks)
+            finally:
+                self.publish_s += time.perf_counter() - started
+                self.threads["publish"].add(threading.get_ident())
+
+        self.ingest.parse = timed_parse  # type: ignore[method-assign]
+        self.ingest.registry.enqueue_many = timed_publish  # type: ignore[method-assign]
+
+    def _consumer(self) -> Any:
+        self.timed = _TimedConsumer(super()._consumer(), self.target, lambda: self.stats["published"])
+        return self.timed
+
+
+def ingest_gpufleet(w: World) -> Ingested:
+    n = w.sizes.ingest
+    w.flush()
+    trigger = TimedKafkaTrigger(w.fleet, w.fleet.triggers["ingest"], target=n)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            trigger.run(stop)
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    thread = threading.Thread(target=run, name="bench-trigger", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not (trigger.timed and trigger.timed.done.wait(0.1)):
+            if failure or not thread.is_alive():
+                raise BenchError(f"the trigger thread stopped: {failure[0] if failure else 'no error'}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"trigger published {trigger.stats['published']}/{n} messages in 240 s")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    timed = trigger.timed
+    assert timed is not None
+    assert timed.first is not None
+    assert timed.done_at is not None
+    counted = w.registry.counts("noop").get("QUEUED", 0)
+    queued = int(w.redis.llen(GPU_QUEUE))
+    if counted != n or queued != n:
+        raise BenchError(f"gpufleet: registry counts QUEUED={counted}, {GPU_QUEUE} holds {queued}; expected {n}")
+    seconds = timed.done_at - timed.first
+    overlap = trigger.threads["publish"] != trigger.threads["parse"]
+    w.notes.append(
+        f"Trigger time by step (in-process run, {seconds:.2f} s after the first record"
+        f"{'; publishing runs on its own thread, so it overlaps poll and parse' if overlap else ''}): Kafka poll "
+        f"{timed.poll_s:.2f} s, parse + build {trigger.parse_s:.2f} s ({trigger.parse_s / n * 1e6:.0f} us/msg), "
+        f"Redis publish {trigger.publish_s:.2f} s ({trigger.publish_s / n * 1e6:.0f} us/msg), "
+        f"commit {timed.commit_s:.2f} s; {timed.seen:,} records polled, {trigger.stats['duplicates']} duplicates."
+    )
+    return Ingested(n / seconds, seconds)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. Resident memory of the trigger process after the ingest workload
+
+
+def rss_after_ingest(w: World, spec: tuple[str, list[str]], done: Callable[[], bool]) -> tuple[float, float, float]:
+    """Start the process, wait until ``done``, and return (RSS MB, peak RSS MB, seconds from start to done)."""
+    w.flush()
+    with w.children.session(spec) as (child,):
+        started = time.perf_counter()
+        finished = w.children.wait_until(done, 240, f"{child.name} to ingest {w.sizes.ingest} messages", [child],
+                                         interval_s=0.1)  # fmt: skip
+        time.sleep(1.0)  # let the last commit land and the process settle
+        proc = psutil.Process(child.proc.pid)
+        rss = proc.memory_info().rss / 2**20
+        peak = rss
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) / 1024
+    return rss, peak, finished - started
+
+
+def memory_gpufleet(w: World) -> tuple[float, float, float]:
+    n = w.sizes.ingest
+    return rss_after_ingest(w, w.trigger_cli("memory"), lambda: w.registry.counts("noop").get("QUEUED", 0) >= n)
+
+
+def memory_naive(w: World) -> tuple[float, float, float]:
+    n = w.sizes.ingest
+    spec = w.naive_cli(TOPICS["ingest-naive"], "bench-memory-naive", "gpufleet")
+    return rss_after_ingest(w, spec, lambda: int(w.redis.llen(GPU_QUEUE)) >= n)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. End-to-end latency
+
+
+@dataclass
+class Latency:
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+SIDES = {"gpufleet": TOPICS["latency-gpufleet"], "naive": TOPICS["latency-naive"]}
+LATENCY_BLOCK = 50  # timed messages per block; the two sides take turns, so drift on a noisy machine hits both
+
+
+def stamp_message(side: str, warm: bool) -> bytes:
+    """The same bytes go to both sides: gpufleet's trigger routes by ``function``, the naive bridge sends payload."""
+    return orjson.dumps({"function": "stamp", "payload": {"produced_ts": time.time(), "warm": warm, "side": side}})
+
+
+def send_paced(producer: Any, topic: str, side: str, count: int, rate: float, warm: bool) -> None:
+    start = time.perf_counter()
+    for i in range(count):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        producer.send(topic, stamp_message(side, warm))
+    producer.flush(timeout=30)
+
+
+def latency_both(w: World) -> tuple[Latency, Latency]:
+    """Both pipelines run side by side; paced blocks go to one, then the other, until each has its timed count.
+
+    gpufleet: a ``gpufleet trigger`` process and one GPU worker slot. Naive: the naive bridge process and a raw
+    Celery worker. Each side first gets one message (ready: group joined, worker up) and a paced untimed stream.
+    """
+    s = w.sizes
+    w.flush()
+    specs = [w.gpu_worker(), w.trigger_cli("latency"), w.raw_worker(),
+             w.naive_cli(SIDES["naive"], "bench-latency-naive", "stamp")]  # fmt: skip
+    producer = KafkaProducer(bootstrap_servers=w.bootstrap, acks=1, enable_idempotence=False, linger_ms=0)
+
+    def count(key: str) -> int:
+        return int(w.redis.llen(key))
+
+    def arrived(side: str, n: int) -> Callable[[], bool]:
+        return lambda: count(handlers.starts_key(side)) >= n
+
+    try:
+        with w.children.session(*specs) as children:
+            for side, topic in SIDES.items():
+                producer.send(topic, stamp_message(side, warm=True))
+            producer.flush(timeout=30)
+            w.children.wait_until(lambda: all(count(handlers.warm_key(side)) >= 1 for side in SIDES), 120,
+                                  "one message through each pipeline", children, interval_s=0.05)  # fmt: skip
+            for side, topic in SIDES.items():
+                send_paced(producer, topic, side, s.latency_warm, s.latency_rate, warm=True)
+            w.children.wait_until(lambda: all(count(handlers.warm_key(side)) > s.latency_warm for side in SIDES), 60,
+                                  "the untimed warm-up streams", children, interval_s=0.1)  # fmt: skip
+            say(f"  {s.latency} timed messages per side at {s.latency_rate:g}/s, in alternating blocks of "
+                f"{LATENCY_BLOCK}")  # fmt: skip
+            sent = dict.fromkeys(SIDES, 0)
+            while any(n < s.latency for n in sent.values()):
+                for side, topic in SIDES.items():
+                    block = min(LATENCY_BLOCK, s.latency - sent[side])
+                    if block <= 0:
+                        continue
+                    send_paced(producer, topic, side, block, s.latency_rate, warm=False)
+                    sent[side] += block
+                    # The block is done before the other side's starts, so the two never share the machine.
+                    w.children.wait_until(arrived(side, sent[side]), 60, f"{side}: {sent[side]} handler starts",
+                                          children, interval_s=0.05)  # fmt: skip
+            rows = {side: redis_lines(w.redis, handlers.starts_key(side)) for side in SIDES}
+    finally:
+        producer.close(timeout=10)
+    with contextlib.suppress(Exception):  # a diagnostic note only
+        w.notes.append(latency_split(w, rows["gpufleet"]))
+    result = []
+    for side in SIDES:
+        ms = [(float(started) - float(produced)) * 1000 for produced, started in (r.split(",") for r in rows[side])]
+        result.append(Latency(percentile(ms, 0.5), percentile(ms, 0.99), max(ms)))
+    return result[0], result[1]
+
+
+def latency_split(w: World, rows: list[str]) -> str:
+    """Where gpufleet's latency goes, read back from the registry records of the timed tasks."""
+    starts = {}
+    for row in rows:
+        produced, started = row.split(",")
+        starts[produced] = float(started)
+    stages: dict[str, list[float]] = {"produced -> published": [], "published -> claimed": [],
+                                      "claimed -> handler": []}  # fmt: skip
+    for key in w.redis.scan_iter(f"{PREFIX}:task:*", count=1000):
+        message, queued_at, claimed_at = w.redis.hmget(key, "message", "queued_at", "started_at")
+        if not (message and queued_at and claimed_at):
+            continue
+        event = orjson.loads(base64.b64decode(orjson.loads(message)["body"]))[1]["event"]
+        handler_at = starts.get(repr(float(event["produced_ts"])))
+        if event.get("warm") or handler_at is None:
+            continue
+        marks = [float(event["produced_ts"]), float(queued_at), float(claimed_at), handler_at]
+        for values, a, b in zip(stages.values(), marks, marks[1:], strict=False):
+            values.append((b - a) * 1000)
+    parts = [f"{name} p50 {percentile(v, 0.5):.1f} / p99 {percentile(v, 0.99):.1f} ms"
+             for name, v in stages.items() if v]  # fmt: skip
+    return "gpufleet latency by stage (registry timestamps): " + "; ".join(parts) + "."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. Worker duty cycle
+
+
+DUTY_BLOCK = 50  # tasks per block; the two workers take turns, so drift on a noisy machine hits both
+Span = tuple[float, float]
+
+
+@dataclass
+class Duty:
+    duty: float  # sum of task spans / wall time (per block: first start to last end)
+    gap_ms: float  # median idle time between one task's end and the next one's start, within a block
+    task_ms: float  # mean task span
+    tasks_per_s: float
+
+
+def blocks_of(items: list[Any], sizes: list[int]) -> list[list[Any]]:
+    out, i = [], 0
+    for size in sizes:
+        out.append(items[i : i + size])
+        i += size
+    return out
+
+
+def duty_of(blocks: list[list[Span]]) -> Duty:
+    busy = wall = 0.0
+    gaps: list[float] = []
+    for spans in blocks:
+        busy += sum(end - start for start, end in spans)
+        wall += spans[-1][1] - spans[0][0]
+        gaps += [spans[i + 1][0] - spans[i][1] for i in range(len(spans) - 1)]
+    count = sum(len(spans) for spans in blocks)
+    return Duty(busy / wall, percentile(gaps, 0.5) * 1000, busy / count * 1000, count / wall)
+
+
+def gpufleet_enqueuer(w: World) -> Callable[[int, bool], None]:
+    """Tasks built as ``Ingest.parse`` builds them (minus the parsing), a whole block in one ``enqueue_many``."""
+    s = w.fleet.settings
+    fn = w.fleet.functions["work"]
+    if function_queue(PREFIX, fn) != GPU_QUEUE:
+        raise BenchError(f"function 'work' goes to {function_queue(PREFIX, fn)}, the worker reads {GPU_QUEUE}")
+    factory = MessageFactory(create_app(w.fleet), s.redis.key_prefix, s.worker.kill_grace_s)
+    ids = itertools.count()
+
+    def enqueue(count: int, warm: bool) -> None:
+        tag, now = "warm" if warm else "duty", time.time()
+        event = {"ms": w.sizes.task_ms, "warm": warm, "side": "gpufleet"}
+        tasks = []
+        for i in itertools.islice(ids, count):
+            meta = {"source": f"bench:{tag}/{i}", "trigger": "bench"}
+            tasks.append(NewTask(message=factory.build(f"bench-{tag}-{i:05d}", fn, event, meta),
+                                 on_success=fn.on_success or s.defaults.on_success,
+                                 on_failure=fn.on_failure or s.defaults.on_failure,
+                                 max_attempts=fn.max_attempts, source=meta["source"], event_ts=now))  # fmt: skip
+        if not all(w.registry.enqueue_many(tasks)):
+            raise BenchError("enqueue_many reported duplicates on a flushed Redis")
+
+    return enqueue
+
+
+def raw_enqueuer(w: World, app: Any) -> Callable[[int, bool], None]:
+    """``send_task`` to a queue nobody reads, then the whole block moves to the worker's queue in one transaction.
+
+    So the worker, like gpufleet's, finds its block in the queue at once, and publishing does not overlap the run.
+    """
+    staging = f"{raw_celery_app.QUEUE}.staging"
+
+    def enqueue(count: int, warm: bool) -> None:
+        for _ in range(count):
+            app.send_task(raw_celery_app.WORK_TASK, kwargs={"ms": w.sizes.task_ms, "warm": warm, "side": "raw"},
+                          queue=staging)  # fmt: skip
+        with w.redis.pipeline(transaction=True) as pipe:
+            for _ in range(count):
+                pipe.rpoplpush(staging, raw_celery_app.QUEUE)  # oldest first: the order is kept
+            pipe.execute()
+
+    return enqueue
+
+
+def duty_both(w: World) -> tuple[Duty, Duty]:
+    """One gpufleet worker slot and one raw Celery worker run side by side; blocks of tasks go to one at a time."""
+    n, ms = w.sizes.duty, w.sizes.task_ms
+    w.flush()
+    app = raw_celery_app.make_app(w.redis_url)
+    enqueue = {"gpufleet": gpufleet_enqueuer(w), "raw": raw_enqueuer(w, app)}
+
+    def count(key: str) -> int:
+        return int(w.redis.llen(key))
+
+    def finished(side: str, total: int) -> Callable[[], bool]:
+        return lambda: count(handlers.spans_key(side)) >= total
+
+    try:
+        with w.children.session(w.gpu_worker(), w.raw_worker()) as children:
+            for push in enqueue.values():
+                push(1, True)
+            w.children.wait_until(lambda: all(count(handlers.warm_key(side)) >= 1 for side in enqueue), 120,
+                                  "a warm-up task on each worker", children, interval_s=0.05)  # fmt: skip
+            say(f"  {n} tasks of {ms:g} ms per worker, in alternating blocks of {DUTY_BLOCK}")
+            sizes: dict[str, list[int]] = {side: [] for side in enqueue}
+            while any(sum(done) < n for done in sizes.values()):
+                for side, push in enqueue.items():
+                    block = min(DUTY_BLOCK, n - sum(sizes[side]))
+                    if block <= 0:
+                        continue
+                    push(block, False)
+                    sizes[side].append(block)
+                    w.children.wait_until(finished(side, sum(sizes[side])), 30 + block * ms / 1000 * 10,
+                                          f"{side}: a block of {block} tasks", children, interval_s=0.05)  # fmt: skip
+            spans: dict[str, list[Span]] = {}
+            for side in enqueue:
+                rows = redis_lines(w.redis, handlers.spans_key(side))
+                spans[side] = sorted((float(a), float(b)) for a, b in (row.split(",") for row in rows))
+    finally:
+        app.close()
+    with contextlib.suppress(Exception):  # a diagnostic note only
+        w.notes.append(duty_split(w, spans["gpufleet"], sizes["gpufleet"]))
+    return (duty_of(blocks_of(spans["gpufleet"], sizes["gpufleet"])),
+            duty_of(blocks_of(spans["raw"], sizes["raw"])))  # fmt: skip
+
+
+def duty_split(w: World, spans: list[Span], sizes: list[int]) -> str:
+    """Where a gpufleet worker's time between two handlers goes, from the registry records and the spans."""
+    records = []
+    for key in w.redis.scan_iter(f"{PREFIX}:task:bench-duty-*", count=1000):
+        claimed, finished = w.redis.hmget(key, "started_at", "finished_at")
+        if claimed and finished:
+            records.append((float(claimed), float(finished)))
+    records.sort()
+    if len(records) != len(spans):
+        return f"duty split unavailable: {len(records)} finished records for {len(spans)} spans"
+    before = [(span[0] - rec[0]) * 1000 for span, rec in zip(spans, records, strict=True)]
+    after = [(rec[1] - span[1]) * 1000 for span, rec in zip(spans, records, strict=True)]
+    between = [(block[i + 1][0] - block[i][1]) * 1000 for block in blocks_of(records, sizes)
+               for i in range(len(block) - 1)]  # fmt: skip
+    return (f"gpufleet idle gap by part (medians): claimed -> handler start {percentile(before, 0.5):.2f} ms, "
+            f"handler end -> finished (callback record + FINISH) {percentile(after, 0.5):.2f} ms, finished -> next "
+            f"claimed (Celery ack and next delivery, registry claim) {percentile(between, 0.5):.2f} ms.")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run and its table
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: float | None
+    base: float | None
+    fmt: Callable[[float], str]
+    target: str
+    met: Callable[[float, float], bool] | None = None  # (gpufleet value, ratio) -> target met
+
+    def cells(self) -> list[str]:
+        ours = self.fmt(self.ours) if self.ours is not None else "error"
+        base = self.fmt(self.base) if self.base is not None else "error"
+        ratio = self.ours / self.base if self.ours is not None and self.base else None
+        verdict = ""
+        if self.met is not None and self.ours is not None and ratio is not None:
+            verdict = " (met)" if self.met(self.ours, ratio) else " (missed)"
+        elif self.met is not None:
+            verdict = " (n/a)"
+        return [self.figure, ours, base, f"{ratio:.2f}x" if ratio is not None else "n/a", self.target + verdict]
+
+
+def attempt(label: str, func: Callable[[], Any], errors: list[str]) -> Any:
+    """Run one measurement; a failure is reported and leaves the figure empty, the other phases still run."""
+    say(f"{label} ...")
+    try:
+        result = func()
+    except Exception as exc:  # noqa: BLE001 - one failed phase must not hide the others' figures
+        errors.append(f"{label}: {type(exc).__name__}: {str(exc)[:300]}")
+        say(f"{label} FAILED: {type(exc).__name__}: {exc}")
+        return None
+    say(f"{label}: {result}")
+    return result
+
+
+def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
+    n = w.sizes.ingest
+    requested = set(only)
+
+    def phase(name: str, label: str, func: Callable[[], Any]) -> Any:
+        return attempt(label, func, errors) if name in only else None
+
+    produced_ok = False
+    if only & {"ingest", "memory"}:
+        say(f"producing {n} messages to each of 3 ingest topics")
+        topics = [TOPICS[f"ingest-{path}"] for path in ("raw", "naive", "gpufleet")]
+        produced_ok = attempt("produce", lambda: produce(w.bootstrap, topics, n), errors) is not None
+    if not produced_ok:
+        only = only - {"ingest", "memory"}
+    raw_before = phase("ingest", "ingest: raw kafka-python consume, pass 1", lambda: ingest_raw(w, 1))
+    naive = phase("ingest", "ingest: naive bridge", lambda: ingest_naive(w))
+    ours = phase("ingest", "ingest: gpufleet KafkaTrigger", lambda: ingest_gpufleet(w))
+    raw_after = phase("ingest", "ingest: raw kafka-python consume, pass 2", lambda: ingest_raw(w, 2))
+    raw = raw_before
+    if raw_before and raw_after:  # one pass before the others and one after: the mean evens out some drift
+        raw = Ingested((raw_before.rate + raw_after.rate) / 2, (raw_before.seconds + raw_after.seconds) / 2)
+        w.notes.append(f"Raw consume passes: {raw_before.rate:,.0f} msg/s (first) and {raw_after.rate:,.0f} msg/s "
+                       "(last); the table shows their mean.")  # fmt: skip
+    mem = phase("memory", "memory: gpufleet trigger process", lambda: memory_gpufleet(w))
+    mem_naive = phase("memory", "memory: naive bridge process", lambda: memory_naive(w))
+    none: tuple[None, None] = (None, None)
+    lat, lat_naive = phase("latency", "latency: gpufleet / naive, alternating", lambda: latency_both(w)) or none
+    duty, duty_celery = phase("duty", "duty cycle: gpufleet / raw Celery, alternating", lambda: duty_both(w)) or none
+
+    if mem and mem_naive:
+        w.notes.append(f"Peak RSS (VmHWM): gpufleet trigger {mem[1]:.1f} MB, naive bridge {mem_naive[1]:.1f} MB. "
+                       f"Process start to {n} published: gpufleet {mem[2]:.1f} s, naive {mem_naive[2]:.1f} s "
+                       f"(both include process start and the Kafka group join).")  # fmt: skip
+    if lat and lat_naive:
+        w.notes.append(f"Latency max: gpufleet {lat.max_ms:.1f} ms, naive {lat_naive.max_ms:.1f} ms.")
+    if duty and duty_celery:
+        w.notes.append(f"Mean task span {duty.task_ms:.2f} ms (gpufleet) / {duty_celery.task_ms:.2f} ms (raw); "
+                       f"throughput {duty.tasks_per_s:.1f} / {duty_celery.tasks_per_s:.1f} tasks/s.")  # fmt: skip
+
+    def rate(v: float) -> str:
+        return f"{v:,.0f} msg/s"
+
+    def millis(v: float) -> str:
+        return f"{v:.1f} ms"
+
+    def get(obj: Any, attr: str | int) -> float | None:
+        if obj is None:
+            return None
+        return float(obj[attr] if isinstance(attr, int) else getattr(obj, attr))
+
+    ratio_met = {5.0: lambda _, r: r >= 5.0, 0.7: lambda _, r: r >= 0.7, 1.0: lambda _, r: r >= 1.0}
+    rows = {
+        "ingest": [
+            Row("Trigger ingest rate vs naive bridge", get(ours, "rate"), get(naive, "rate"), rate, ">= 5x naive",
+                ratio_met[5.0]),
+            Row("Trigger ingest rate vs raw kafka-python consume", get(ours, "rate"), get(raw, "rate"), rate,
+                ">= 0.7x raw (aim)", ratio_met[0.7]),
+        ],
+        "latency": [
+            Row("End-to-end latency p50 (produced -> handler start)", get(lat, "p50_ms"), get(lat_naive, "p50_ms"),
+                millis, "lower is better"),
+            Row("End-to-end latency p99", get(lat, "p99_ms"), get(lat_naive, "p99_ms"), millis, "lower is better"),
+        ],
+        "duty": [
+            Row(f"Worker duty cycle, {w.sizes.task_ms:g} ms tasks, 1 worker", get(duty, "duty"),
+                get(duty_celery, "duty"), lambda v: f"{v:.3f}", ">= 1.0x raw Celery", ratio_met[1.0]),
+            Row("Worker duty cycle, absolute", get(duty, "duty"), get(duty_celery, "duty"), lambda v: f"{v:.3f}",
+                ">= 0.98 (aim)", lambda v, _: v >= 0.98),
+            Row("Median idle gap between consecutive tasks", get(duty, "gap_ms"), get(duty_celery, "gap_ms"),
+                lambda v: f"{v:.2f} ms", "lower is better"),
+        ],
+        "memory": [
+            Row(f"Trigger RSS after ingesting {n:,} messages", get(mem, 0), get(mem_naive, 0),
+                lambda v: f"{v:.1f} MB", "< 150 MB", lambda v, _: v < 150),
+        ],
+    }  # fmt: skip
+    return [row for name in ("ingest", "latency", "duty", "memory") if name in requested for row in rows[name]]
+
+
+def render(rows: list[Row], sizes: Sizes, quick: bool, notes: list[str], errors: list[str]) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cpus = os.cpu_count()
+    lines = [
+        f"## gpufleet benchmark ({'quick' if quick else 'full'}), {when}",
+        "",
+        f"Python {platform.python_version()}, {cpus} CPUs, {platform.system()} {platform.release()}. "
+        f"Ingest: {sizes.ingest:,} messages of ~200 B per path. Latency: {sizes.latency} timed messages at "
+        f"{sizes.latency_rate:g}/s, 1 worker. Duty cycle: {sizes.duty} tasks of {sizes.task_ms:g} ms, 1 worker.",
+        "",
+        "| figure | gpufleet | baseline | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    lines += [
+        "",
+        "Baselines: ingest and memory: a naive bridge (kafka-python consumer, Celery `send_task` per message, "
+        "commit per poll) and a bare kafka-python consumer; latency: the naive bridge feeding a raw Celery worker; "
+        "duty cycle: a raw Celery worker (prefork, concurrency 1, acks_late, prefetch 1, JSON). Ratio = "
+        "gpufleet / baseline.",
+    ]
+    if notes:
+        lines += ["", "Notes:", *[f"- {note}" for note in notes]]
+    if errors:
+        lines += ["", "Errors:", *[f"- {e.splitlines()[0]}" for e in errors]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="gpufleet benchmark; see bench/README.md")
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (under about 2 minutes)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (fleet, process logs)")
+    parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    args = parser.parse_args()
+    only = {p.strip() for p in args.only.split(",") if p.strip()}
+    if not only <= set(PHASES):
+        parser.error(f"--only: unknown phase(s) {sorted(only - set(PHASES))}; choose from {', '.join(PHASES)}")
+    sizes = QUICK if args.quick else FULL
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks below stop every process we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    configure_logging(LoggingSettings(level="warning", format="console"))  # in-process gpufleet logs, to stderr
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python 3 warns about every slow loop turn on 2 cores
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpufleet-bench-"))
+    services = LocalServices(workdir / "services")
+    children = Children(workdir / "logs", {})
+    errors: list[str] = []
+    try:
+        services.start()
+        say(f"redis {services.redis_url}, kafka {services.kafka_bootstrap}, workdir {workdir}")
+        create_topics(services.kafka_bootstrap)
+        config = write_fleet(workdir, services.redis_url, services.kafka_bootstrap)
+        fleet = load_fleet(config, env={})
+        client = redis.Redis.from_url(services.redis_url, socket_timeout=30)
+        (workdir / "logs").mkdir()
+        children = Children(workdir / "logs", child_env(services.redis_url))
+        world = World(sizes, workdir, services, config, fleet, client, Registry(client, PREFIX), children)
+        rows = measure(world, errors, only)
+        client.close()
+    except BaseException:
+        say(f"stopped by an error or signal; the temporary folder is kept: {workdir}")
+        raise
+    finally:
+        children.stop_all()
+        services.stop()
+    report = render(rows, sizes, args.quick, world.notes, errors)
+    print(report, end="", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(report)
+    say(f"wrote {RESULTS}")
+    if errors:
+        say(f"{len(errors)} phase(s) failed; process logs kept in {workdir / 'logs'}")
+        for error in errors:
+            print(error, file=sys.stderr)
+        return 1
+    if args.keep:
+        say(f"kept {workdir} (fleet config and process logs)")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

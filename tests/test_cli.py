@@ -1,0 +1,28 @@
+"""CLI behaviour that operators rely on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.harness import FleetHarness
+
+
+def test_a_trigger_that_dies_makes_the_process_exit_non_zero(harness: FleetHarness) -> None:
+    # Kafka unreachable: the trigger cannot start, and the process must say so (exit 1) so it gets restarted.
+    harness.write_config(kafka={"bootstrap_servers": "127.0.0.1:1", "request_timeout_ms": 1000,
+                                "session_timeout_ms": 1000, "heartbeat_interval_ms": 300})  # fmt: skip
+    cmd = [sys.executable, "-m", "gpufleet", "trigger", "--config", str(harness.config)]
+    result = subprocess.run(cmd, capture_output=True, env=harness.env(), timeout=120)
+    assert result.returncode == 1
+    assert b"trigger failed" in result.stderr
+
+
+def test_check_lists_functions_and_triggers_and_rejects_bad_config(harness: FleetHarness) -> None:
+    cmd = [sys.executable, "-m", "gpufleet", "check", "--config", str(harness.config)]
+    out = subprocess.run(cmd, capture_output=True, env=harness.env(), check=True).stdout.decode()
+    assert "function echo:" in out and "trigger requests:" in out
+    harness.write_config(worker={"virtual_gpu": 1})
+    bad = subprocess.run(cmd, capture_output=True, env=harness.env())
+    assert bad.returncode == 2
+    assert b"worker.virtual_gpu: unknown key (fix: did you mean 'virtual_gpus'?)" in bad.stderr
