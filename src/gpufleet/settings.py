@@ -145,9 +145,6 @@ class Fleet:
     triggers: dict[str, TriggerSettings]
     config_file: Path
 
-    def function(self, name: str) -> Function:
-        return self.functions[name]
-
 
 def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = None) -> Fleet:
     """Load and validate the fleet: settings, environment overrides, functions and triggers.

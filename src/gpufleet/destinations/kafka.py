@@ -35,7 +35,6 @@ def kafka_producer(bootstrap: str, settings: KafkaSettings, **overrides: Any) ->
 
 
 class KafkaDestination:
-    # The client library's errors that mean "try again later" (kombu's connection_errors idea).
     def __init__(self, endpoint: Endpoint, settings: KafkaSettings, producer: Any | None = None) -> None:
         self.topic = endpoint.path
         self._bootstrap = endpoint.hosts or settings.bootstrap_servers
