@@ -126,3 +126,17 @@ def test_unreachable_registry_sends_the_message_back_instead_of_dropping_it(harn
     with pytest.raises(Reject) as rejected:
         runtime.execute("lost-1", "echo", {"x": 1}, {"source": "test"})
     assert rejected.value.requeue
+
+
+def test_dispatcher_drains_the_stream_when_stopped_cleanly(harness: FleetHarness) -> None:
+    enqueue(harness, "drain-1")
+    reg = harness.registry
+    assert reg.claim("drain-1", "QUEUED", "", "me/1/1/a", 30, "w", "g").ok
+    dest = f"kafka:///{harness.topic('success')}"
+    assert reg.finish("drain-1", "me/1/1/a", State.SUCCEEDED, {}, [Callback(dest, b"{}", "Success")])
+    stop = threading.Event()
+    stop.set()  # asked to stop before it even started: what is already there still goes out
+    dispatcher = Dispatcher(harness.fleet(), name="drainer")
+    dispatcher.run(stop)
+    assert dispatcher.delivered == 1
+    assert [r["key"] for r in harness.records("success", 1)] == ["drain-1"]

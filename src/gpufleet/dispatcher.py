@@ -81,14 +81,29 @@ class Dispatcher:
                     last_claim = time.monotonic()
                 if entries and not self._deliver(entries, stop):
                     break
+            else:
+                self._drain(batch_max)
         finally:
             for producer in self._producers.values():
                 producer.close(timeout=5)
             log.info("dispatcher stopped", delivered=self.delivered)
 
-    def _read(self, cursor: str, count: int) -> list[Entry]:
+    def _drain(self, count: int, timeout_s: float = 10.0) -> None:
+        """On a clean stop, deliver what is already in the stream (workers stop before us), for a bounded time."""
+        deadline = threading.Event()
+        timer = threading.Timer(timeout_s, deadline.set)
+        timer.start()
         try:
-            reply = self.client.xreadgroup(GROUP, self.name, {self.stream: cursor}, count=count, block=500)
+            while not deadline.is_set():
+                entries = self._read(">", count, block_ms=None)
+                if not entries or not self._deliver(entries, deadline):
+                    break
+        finally:
+            timer.cancel()
+
+    def _read(self, cursor: str, count: int, block_ms: int | None = 500) -> list[Entry]:
+        try:
+            reply = self.client.xreadgroup(GROUP, self.name, {self.stream: cursor}, count=count, block=block_ms)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("cannot read the callback stream; retrying", error=str(exc))
             time.sleep(1)
