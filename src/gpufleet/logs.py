@@ -43,8 +43,10 @@ def configure_logging(settings: LoggingSettings, **context: Any) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # kafka-python is chatty at INFO about every connection and rebalance.
-    logging.getLogger("kafka").setLevel(max(level, logging.WARNING))
+    # kafka-python is chatty at INFO about every connection and rebalance. Celery's per-task "received" and
+    # "succeeded" lines repeat the runtime's own, and the first sits in the worker's dispatch path.
+    for name in ("kafka", "celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
 
