@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+
+import psutil
 
 from tests.harness import FleetHarness
 
@@ -26,3 +30,17 @@ def test_check_lists_functions_and_triggers_and_rejects_bad_config(harness: Flee
     bad = subprocess.run(cmd, capture_output=True, env=harness.env())
     assert bad.returncode == 2
     assert b"worker.virtual_gpu: unknown key (fix: did you mean 'virtual_gpus'?)" in bad.stderr
+
+
+def test_killing_run_with_sigkill_leaves_no_process_behind(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("echo", {"x": 1}, id="before-kill")
+    harness.wait_for(lambda: harness.runs("before-kill") == 1, what="the fleet to run a task")
+    assert harness.proc is not None
+    tree = psutil.Process(harness.proc.pid).children(recursive=True)
+    assert len(tree) >= 5  # dispatcher, trigger, supervisor, and a Celery worker per virtual GPU
+    os.kill(harness.proc.pid, signal.SIGKILL)
+    harness.proc.wait()
+    harness.proc = None
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]

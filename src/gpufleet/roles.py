@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -30,10 +31,10 @@ def stop_event_on_signals() -> threading.Event:
     return stop
 
 
-def watch_parent(on_exit: object) -> None:
+def watch_parent(on_exit: Callable[[], None]) -> None:
     """If ``gpufleet run`` started us and then died (even by SIGKILL), stop instead of running orphaned."""
     parent = os.environ.get(PARENT_ENV)
-    if not parent or not callable(on_exit):
+    if not parent:
         return
 
     def loop() -> None:

@@ -129,10 +129,6 @@ class Ingest:
             raise EventError("bad_id", f"id {supplied!r} must match {ID_RE.pattern}")
         return supplied
 
-    def handle(self, messages: list[SourceMessage], stop: threading.Event) -> BatchResult | None:
-        """Publish a batch and dead-letter its bad messages. None if ``stop`` was set before it was all durable."""
-        return self.publish(self.prepare(messages), stop)
-
     def prepare(self, messages: list[SourceMessage]) -> Prepared:
         """Parse a batch (CPU only): a source can prepare the next batch while the last one is published."""
         tasks: list[NewTask] = []
