@@ -65,8 +65,10 @@ def test_environment_overrides_and_their_errors(tmp_path: Path) -> None:
     fleet = load_fleet(path, env={"GPUFLEET_REDIS__URL": "redis://redis:6379/1", "GPUFLEET_WORKER__VIRTUAL_GPUS": "3"})
     assert fleet.settings.redis.url == "redis://redis:6379/1"
     assert fleet.settings.worker.virtual_gpus == 3
-    with pytest.raises(ConfigError, match=r"environment: GPUFLEET_REDIS__URLL: unknown key|redis.urll"):
+    with pytest.raises(ConfigError, match=r"environment variable GPUFLEET_REDIS__URLL: redis.urll: unknown key"):
         load_fleet(path, env={"GPUFLEET_REDIS__URLL": "redis://x"})
+    with pytest.raises(ConfigError, match=r"environment variable GPUFLEET_WORKER__LEASE_S: worker.lease_s: "):
+        load_fleet(path, env={"GPUFLEET_WORKER__LEASE_S": "soon"})
     with pytest.raises(ConfigError, match=r"GPUFLEET_NOPE: unknown setting"):
         load_fleet(path, env={"GPUFLEET_NOPE": "1"})
 

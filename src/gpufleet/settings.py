@@ -154,9 +154,8 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
     """
     env = os.environ if env is None else env
     path = config_file or Path(env.get(f"{ENV_PREFIX}CONFIG", str(DEFAULT_CONFIG)))
-    raw = _read_yaml(path)
-    raw = _apply_env(raw, env)
-    settings = _validate(FleetSettings, raw, str(path))
+    raw, from_env = _apply_env(_read_yaml(path), env)
+    settings = _validate(FleetSettings, raw, str(path), from_env)
     base = path.resolve().parent
     settings = settings.model_copy(
         update={
@@ -226,8 +225,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Overlay ``GPUFLEET_*`` variables; also return which keys they set ("redis.url" -> variable name)."""
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    sources: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
             continue
@@ -240,6 +241,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
                 fix=f"use {ENV_PREFIX}<SECTION>__<KEY>, SECTION one of {sorted(FleetSettings.model_fields)}",
             )
         parsed = yaml.safe_load(value) if value else value
+        sources[".".join(path)] = name
         if len(path) == 1:
             merged[path[0]] = parsed
         else:
@@ -247,15 +249,17 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             if not isinstance(section, dict):
                 raise ConfigError("is not a section", file="environment", key=name)
             section[path[1]] = parsed
-    return merged
+    return merged, sources
 
 
-def _validate(model: type[M], raw: dict[str, Any], where: str) -> M:
+def _validate(model: type[M], raw: dict[str, Any], where: str, from_env: Mapping[str, str] | None = None) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
+        if from_env and key in from_env:
+            where = f"environment variable {from_env[key]}"
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, err["loc"][:-1])
             hint = did_you_mean(str(err["loc"][-1]), owner.model_fields if owner else {})
