@@ -6,12 +6,15 @@ import argparse
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
 from gpufleet.errors import GpufleetError
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 STATE_DIR = Path(".gpufleet")
 
@@ -57,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fleet(args: argparse.Namespace, role: str) -> Any:
+def _fleet(args: argparse.Namespace, role: str) -> Fleet:
     from gpufleet.logs import configure_logging
     from gpufleet.settings import load_fleet
 
