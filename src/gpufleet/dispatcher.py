@@ -49,10 +49,7 @@ class Dispatcher:
             bootstrap = endpoint.hosts or k.bootstrap_servers
             # One producer per cluster, shared by all its topics.
             if bootstrap not in self._producers:
-                try:
-                    self._producers[bootstrap] = kafka_producer(bootstrap, k)
-                except Exception as exc:
-                    raise DeliveryError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
+                self._producers[bootstrap] = kafka_producer(bootstrap, k)
             dest = self._destinations[url] = KafkaDestination(endpoint, k, producer=self._producers[bootstrap])
         return dest
 

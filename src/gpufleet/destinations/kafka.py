@@ -18,7 +18,11 @@ from gpufleet.urls import Endpoint
 
 
 def kafka_producer(bootstrap: str, settings: KafkaSettings, **overrides: Any) -> Any:
-    """A KafkaProducer tuned for durable, batched delivery."""
+    """A KafkaProducer tuned for durable, batched delivery.
+
+    Raises:
+        DeliveryError: Kafka cannot be reached yet (retriable).
+    """
     from kafka import KafkaProducer
 
     options: dict[str, Any] = {
@@ -31,7 +35,10 @@ def kafka_producer(bootstrap: str, settings: KafkaSettings, **overrides: Any) ->
         "max_block_ms": 10_000,
     }
     options.update(overrides)
-    return KafkaProducer(**options)
+    try:
+        return KafkaProducer(**options)
+    except Exception as exc:  # NoBrokersAvailable and friends all mean "Kafka is not up yet"
+        raise DeliveryError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
 
 
 class KafkaDestination:
@@ -44,10 +51,7 @@ class KafkaDestination:
 
     def _client(self) -> Any:
         if self._producer is None:
-            try:
-                self._producer = kafka_producer(self._bootstrap, self._settings)
-            except Exception as exc:
-                raise DeliveryError(f"cannot connect to Kafka at {self._bootstrap}: {exc}") from exc
+            self._producer = kafka_producer(self._bootstrap, self._settings)
         return self._producer
 
     def deliver(self, records: list[OutRecord]) -> None:
@@ -65,7 +69,7 @@ class KafkaDestination:
             producer.flush(timeout=self._settings.request_timeout_ms / 1000)
             for future in futures:
                 future.get(timeout=0)
-        except Exception as exc:
+        except Exception as exc:  # kafka-python raises many types; all mean "not delivered"
             raise DeliveryError(f"Kafka topic {self.topic!r}: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:

@@ -106,7 +106,7 @@ class LeaseKeeper(threading.Thread):
                 continue
             try:
                 status = self._registry.renew(held[0], held[1], self._lease_s)
-            except Exception:
+            except Exception:  # a Redis blip must not kill the renewer; the next round retries
                 log.warning("lease renewal failed", task_id=held[0], exc_info=True)
                 continue
             # Lost (0) or cancel asked (2): the handler sees ctx.cancelled and should return early.
@@ -150,7 +150,7 @@ class Runtime:
             if fn.setup_fn is not None:
                 try:
                     self._states[fn.name] = fn.setup_fn()
-                except Exception:
+                except Exception:  # reported; the first task that needs it raises it again
                     log.exception("setup failed", function=fn.name)
 
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
@@ -173,7 +173,7 @@ class Runtime:
             raise Reject(str(exc), requeue=True) from exc
         attempt, max_attempts, started_at = claim.attempts, claim.max_attempts, claim.started_at
         fn = self.fleet.functions.get(function)
-        done = _Finisher(self, task_id, function, token, attempt, event, claim, started_at)
+        done = _Finisher(self, task_id, function, token, event, claim)
         if fn is None:
             done.fail(TaskError(f"this worker does not serve function {function!r}"), "UnknownFunction")
             return
@@ -250,9 +250,9 @@ class Runtime:
         """Called in the worker's parent process after it killed a child that ignored its soft time limit."""
         record = self.registry.get(task_id) or {}
         claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
-                      record.get("on_success", ""), record.get("on_failure", ""))  # fmt: skip
-        done = _Finisher(self, task_id, kwargs.get("function", "?"), FORCE, claim.attempts, kwargs.get("event"),
-                         claim, float(record.get("started_at") or time.time()), record)  # fmt: skip
+                      record.get("on_success", ""), record.get("on_failure", ""),
+                      float(record.get("started_at") or time.time()))  # fmt: skip
+        done = _Finisher(self, task_id, kwargs.get("function", "?"), FORCE, kwargs.get("event"), claim, record)
         done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
                     "errorMessage": "the handler ignored its time limit and its process was killed",
                     "stackTrace": []})  # fmt: skip
@@ -261,17 +261,15 @@ class Runtime:
 class _Finisher:
     """Builds the callback record and performs the final transition for one attempt."""
 
-    def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, attempt: int, event: Any,
-                 claim: Claim, started_at: float, record: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, event: Any, claim: Claim,
+                 record: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.rt = runtime
         self.task_id = task_id
         self.function = function
         self.token = token
-        self.attempt = attempt
         self.event = event
         self.claim = claim
         self.record = record or {}  # the stored record, read only when finishing for a killed child
-        self.started_at = started_at
 
     def succeed(self, value: bytes) -> None:
         self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), {"result": value})
@@ -288,11 +286,11 @@ class _Finisher:
             task_id=self.task_id,
             function=self.function,
             condition=condition,
-            attempts=self.attempt,
+            attempts=self.claim.attempts,
             event=self.event,
             worker=str(self.record.get("worker", "")) if self.token == FORCE else self.rt.worker_name,
             gpu=str(self.record.get("gpu", "")) if self.token == FORCE else self.rt.gpu,
-            started_at=self.started_at,
+            started_at=self.claim.started_at,
             finished_at=finished,
             response=response,
         )

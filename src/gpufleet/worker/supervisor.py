@@ -89,7 +89,7 @@ class Supervisor:
                 promoted, reaped = self.registry.housekeep()
                 if promoted or reaped:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
-            except Exception:
+            except Exception:  # Redis blips: try again on the next tick
                 log.warning("housekeeping failed", exc_info=True)
         self.stop(self.fleet.settings.worker.shutdown_grace_s)
 
