@@ -22,6 +22,10 @@ from gpufleet.settings import Fleet, load_fleet
 FUNCTIONS = Path(__file__).parent / "functions"
 
 
+def nonzero(counts: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if v}
+
+
 class FleetHarness:
     def __init__(self, services: Any, tmp_path: Path) -> None:
         self.services = services

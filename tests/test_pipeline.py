@@ -9,7 +9,7 @@ import sys
 
 import orjson
 
-from tests.harness import FleetHarness
+from tests.harness import FleetHarness, nonzero
 
 
 def successes(h: FleetHarness, n: int) -> list[dict]:
@@ -40,7 +40,7 @@ def test_n_messages_give_n_success_callbacks_and_one_record_each(harness: FleetH
         assert rec["result"] == {"echo": {"i": i}, "attempt": 1}
         assert rec["worker"].startswith("vgpu") and rec["started_at"] <= rec["finished_at"]
         assert harness.runs(f"m{i}") == 1
-    assert harness.registry.counts("echo") == {"QUEUED": 0, "RUNNING": 0, "SUCCEEDED": n}
+    assert nonzero(harness.registry.counts("echo")) == {"SUCCEEDED": n}
 
 
 def test_failing_handler_is_retried_then_reports_retries_exhausted(harness: FleetHarness) -> None:

@@ -16,7 +16,7 @@ from gpufleet.dispatcher import Dispatcher
 from gpufleet.messages import MessageFactory
 from gpufleet.registry import Callback, NewTask, State
 from gpufleet.worker.runtime import owner_is_dead, owner_token
-from tests.harness import FleetHarness
+from tests.harness import FleetHarness, nonzero
 
 
 def enqueue(h: FleetHarness, task_id: str, function: str = "echo") -> None:
@@ -37,7 +37,7 @@ def test_only_one_delivery_can_claim_a_task(harness: FleetHarness) -> None:
     assert reg.finish("c1", "me/1/1/a", State.SUCCEEDED, {"result": b"1"}, []) is True
     assert reg.finish("c1", "me/1/1/a", State.FAILED, {}, []) is False  # never finishes twice
     assert reg.get("c1")["state"] == "SUCCEEDED"
-    assert reg.counts("echo") == {"QUEUED": 0, "RUNNING": 0, "SUCCEEDED": 1}
+    assert nonzero(reg.counts("echo")) == {"SUCCEEDED": 1}
 
 
 def test_owner_liveness_is_judged_by_pid_and_start_time() -> None:
@@ -63,7 +63,7 @@ def test_a_lapsed_lease_is_requeued_by_housekeeping(harness: FleetHarness) -> No
     rec = reg.get("l1")
     assert rec["state"] == "QUEUED" and rec["last_error"]["errorType"] == "WorkerLost"
     assert harness.redis.llen(queue) == 1
-    assert reg.counts("echo") == {"QUEUED": 1, "RUNNING": 0}
+    assert nonzero(reg.counts("echo")) == {"QUEUED": 1}
 
 
 def test_retry_waits_for_its_backoff_then_is_pushed_again(harness: FleetHarness) -> None:

@@ -60,3 +60,37 @@ class EventError(GpufleetError):
 
 class TaskError(GpufleetError):
     """Raised inside a worker when a task cannot proceed (lost lease, cancelled)."""
+
+
+class RequestError(GpufleetError):
+    """A control-plane request that cannot be served as asked. ``code`` is stable and machine-readable; the HTTP
+    API answers with ``status``."""
+
+    status = 400
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class NotFoundError(RequestError):
+    """No such task or function."""
+
+    status = 404
+
+
+class ConflictError(RequestError):
+    """The task's state does not allow the operation (e.g. retrying a task that succeeded)."""
+
+    status = 409
+
+
+class InvalidRequestError(RequestError):
+    """The request is malformed: a payload that fails the function's schema, a bad parameter."""
+
+    status = 422
+
+
+class PayloadTooLargeError(RequestError):
+    status = 413

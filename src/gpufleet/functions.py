@@ -95,6 +95,8 @@ class Function:
     max_attempts: int = 3
     backoff_s: float = 1.0
     backoff_max_s: float = 300.0
+    max_event_age_s: float | None = None
+    retention_s: int | None = None
     on_success: str | None = None
     on_failure: str | None = None
     payload: type[BaseModel] | None = None
@@ -113,6 +115,11 @@ class Function:
             raise ConfigError(f"{where}: max_attempts={self.max_attempts}", key="max_attempts", fix="use 1 or more")
         if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
             raise ConfigError(f"{where}: bad backoff", key="backoff_s", fix="use 0 <= backoff_s <= backoff_max_s")
+        if self.max_event_age_s is not None and self.max_event_age_s <= 0:
+            raise ConfigError(f"{where}: max_event_age_s={self.max_event_age_s}", key="max_event_age_s",
+                              fix="use a positive number of seconds, or None for no limit")  # fmt: skip
+        if self.retention_s is not None and self.retention_s < 60:
+            raise ConfigError(f"{where}: retention_s={self.retention_s}", key="retention_s", fix="use 60 or more")
 
     def setup(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register the per-process setup hook; its return value becomes ``ctx.state``."""
@@ -135,6 +142,8 @@ def function(
     max_attempts: int = 3,
     backoff_s: float = 1.0,
     backoff_max_s: float = 300.0,
+    max_event_age_s: float | None = None,
+    retention_s: int | None = None,
     on_success: str | None = None,
     on_failure: str | None = None,
     payload: type[BaseModel] | None = None,
@@ -146,7 +155,10 @@ def function(
         gpu: the GPU it needs.
         timeout_s: hard limit for one attempt, up to 86400.
         max_attempts: attempts before a RetriesExhausted failure record.
-        backoff_s: first retry delay; doubles per attempt up to ``backoff_max_s``.
+        backoff_s: first retry delay; doubles per attempt up to ``backoff_max_s`` (with +-20% jitter).
+        max_event_age_s: a task that waited longer than this since its event is EXPIRED and never starts
+            (a ``EventAgeExceeded`` failure record); None: no limit.
+        retention_s: how long finished task records are kept (default: ``defaults.retention_s``, 7 days).
         on_success: destination URL for success records (default: the fleet's).
         on_failure: destination URL for failure records (default: the fleet's).
         payload: a pydantic model; events that do not validate go to the dead-letter destination.
@@ -161,6 +173,8 @@ def function(
             max_attempts=max_attempts,
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
+            max_event_age_s=max_event_age_s,
+            retention_s=retention_s,
             on_success=on_success,
             on_failure=on_failure,
             payload=payload,

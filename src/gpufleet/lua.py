@@ -1,15 +1,45 @@
 """Lua scripts for the registry. Each runs atomically in Redis, so a transition and its side effects (queue push,
-lease, callback record) happen together or not at all.
+lease, index, callback record) happen together or not at all.
 
-Key layout (prefix ``P``): ``P:task:{id}`` hash, ``P:leases`` and ``P:delayed`` sorted sets of task ids,
-``P:counts:{function}`` hash of state -> count, ``P:callbacks`` stream of outgoing records.
+Key layout (prefix ``P``):
+- ``P:task:{id}`` hash: the task record;
+- ``P:idx:{function}:{state}`` sorted set of task ids by arrival number (``seq``): listing, counts per state;
+- ``P:pending:{queue}`` sorted set of QUEUED task ids by arrival order: queue position is a ZRANK, O(log n);
+- ``P:seq`` arrival counter (a task's ``seq`` field is its first); ``P:functions`` set of function names seen;
+- ``P:leases`` and ``P:delayed`` sorted sets of task ids (lease deadline, retry due time);
+- ``P:busy`` hash worker -> running task id; ``P:callbacks`` stream of outgoing records.
+"""
+
+# Shared by every script that changes a task's state: the per-state index follows the record.
+_MOVE = """
+local function move(prefix, fn, id, from, to, score)
+  if from then redis.call('ZREM', prefix .. ':idx:' .. fn .. ':' .. from, id) end
+  if to then redis.call('ZADD', prefix .. ':idx:' .. fn .. ':' .. to, score, id) end
+end
+local function pend(prefix, key, id)
+  local queue = redis.call('HGET', key, 'queue')
+  local seq = redis.call('INCR', prefix .. ':seq')
+  redis.call('ZADD', prefix .. ':pending:' .. queue, seq, id)
+  return queue, seq
+end
+local function unpend(prefix, key, id)
+  redis.call('ZREM', prefix .. ':pending:' .. redis.call('HGET', key, 'queue'), id)
+end
+local function unbusy(prefix, key, id)
+  local worker = redis.call('HGET', key, 'worker')
+  if worker and redis.call('HGET', prefix .. ':busy', worker) == id then
+    redis.call('HDEL', prefix .. ':busy', worker)
+  end
+end
 """
 
 # ARGV: prefix, now, batch: a JSON array with one array of strings per task:
 #   [id, function, queue_key, envelope, on_success, on_failure, max_attempts, source, created_at, event_ts]
 # One JSON argument, not ten per task: redis-py packs arguments in Python, which cost more than the script.
 # Returns a list of 1 (enqueued) / 0 (duplicate: a record with that id exists) per task.
-ENQUEUE_MANY = """
+ENQUEUE_MANY = (
+    _MOVE
+    + """
 local prefix, now = ARGV[1], ARGV[2]
 local out = {}
 for n, t in ipairs(cjson.decode(ARGV[3])) do
@@ -21,44 +51,58 @@ for n, t in ipairs(cjson.decode(ARGV[3])) do
       'message', t[4], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
       'created_at', t[9], 'queued_at', now, 'event_ts', t[10])
     redis.call('LPUSH', t[3], t[4])
-    redis.call('HINCRBY', prefix .. ':counts:' .. t[2], 'QUEUED', 1)
+    redis.call('SADD', prefix .. ':functions', t[2])
+    local _, seq = pend(prefix, key, t[1])
+    redis.call('HSET', key, 'seq', seq)
+    move(prefix, t[2], t[1], nil, 'QUEUED', seq)
     out[n] = 1
   end
 end
 return out
 """
+)
 
 # KEYS: task, leases.  ARGV: prefix, expect_state, expect_token, token, now, lease_until, worker, gpu
 # Compare-and-set: only the delivery that saw the current state and owner may take the task.
-CLAIM = """
+CLAIM = (
+    _MOVE
+    + """
 local state = redis.call('HGET', KEYS[1], 'state')
 local token = redis.call('HGET', KEYS[1], 'token') or ''
 if state ~= ARGV[2] or token ~= ARGV[3] then return {'conflict', state or ''} end
 local fn = redis.call('HGET', KEYS[1], 'function')
+local id = redis.call('HGET', KEYS[1], 'id')
+if state == 'QUEUED' then
+  unpend(ARGV[1], KEYS[1], id)
+  move(ARGV[1], fn, id, 'QUEUED', 'RUNNING', redis.call('HGET', KEYS[1], 'seq'))
+else
+  unbusy(ARGV[1], KEYS[1], id)
+end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'token', ARGV[4], 'started_at', ARGV[5], 'lease_until', ARGV[6],
   'worker', ARGV[7], 'gpu', ARGV[8], 'progress', 0, 'progress_message', '')
-redis.call('ZADD', KEYS[2], ARGV[6], redis.call('HGET', KEYS[1], 'id'))
-if state ~= 'RUNNING' then
-  redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, state, -1)
-  redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, 'RUNNING', 1)
-end
-return {'ok', tostring(attempts), unpack(redis.call('HMGET', KEYS[1], 'max_attempts', 'on_success', 'on_failure'))}
+redis.call('ZADD', KEYS[2], ARGV[6], id)
+redis.call('HSET', ARGV[1] .. ':busy', ARGV[7], id)
+return {'ok', tostring(attempts),
+  unpack(redis.call('HMGET', KEYS[1], 'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel'))}
 """
+)
 
 # KEYS: task, leases.  ARGV: token, lease_until.  Returns 0: lost, 1: renewed, 2: renewed but cancel requested.
 RENEW = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], redis.call('HGET', KEYS[1], 'id'))
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
 return 1
 """
 
 # KEYS: task, leases, callbacks.  ARGV: prefix, token, state, now, retention_s, n_fields, field/value pairs...,
 #   then callback stream entries as (dest, value, condition) triples.
 # A token of '*' finishes whatever owner holds the task (used by the worker parent after a hard kill).
-FINISH = """
+FINISH = (
+    _MOVE
+    + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if cur ~= 'RUNNING' then return 0 end
 if ARGV[2] ~= '*' and redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
@@ -77,38 +121,46 @@ while i <= #ARGV do
   i = i + 3
 end
 redis.call('ZREM', KEYS[2], id)
-redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, 'RUNNING', -1)
-redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, ARGV[3], 1)
+unbusy(ARGV[1], KEYS[1], id)
+move(ARGV[1], fn, id, 'RUNNING', ARGV[3], redis.call('HGET', KEYS[1], 'seq'))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+)
 
 # KEYS: task, leases, delayed.  ARGV: prefix, token, due, error_json, now
 # Back to QUEUED; the housekeeper pushes the stored message again once ``due`` has passed.
-RETRY_LATER = """
+RETRY_LATER = (
+    _MOVE
+    + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
   return 0
 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
-redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'last_error', ARGV[4], 'queued_at', ARGV[5])
+unbusy(ARGV[1], KEYS[1], id)
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'last_error', ARGV[4], 'queued_at', ARGV[5],
+  'retry_at', ARGV[3])
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZADD', KEYS[3], ARGV[3], id)
-redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, 'RUNNING', -1)
-redis.call('HINCRBY', ARGV[1] .. ':counts:' .. fn, 'QUEUED', 1)
+move(ARGV[1], fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
 return 1
 """
+)
 
 # KEYS: delayed, leases.  ARGV: prefix, now, limit
 # Pushes due retries, and re-queues tasks whose lease lapsed (their worker died with them). Returns counts.
-HOUSEKEEP = """
+HOUSEKEEP = (
+    _MOVE
+    + """
 local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local promoted, reaped = 0, 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do
   redis.call('ZREM', KEYS[1], id)
   local key = prefix .. ':task:' .. id
   if redis.call('HGET', key, 'state') == 'QUEUED' then
-    redis.call('LPUSH', redis.call('HGET', key, 'queue'), redis.call('HGET', key, 'message'))
+    redis.call('HDEL', key, 'retry_at')
+    redis.call('LPUSH', pend(prefix, key, id), redis.call('HGET', key, 'message'))
     promoted = promoted + 1
   end
 end
@@ -118,13 +170,87 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0
   local lease = tonumber(redis.call('HGET', key, 'lease_until') or '0')
   if redis.call('HGET', key, 'state') == 'RUNNING' and lease <= now then
     local fn = redis.call('HGET', key, 'function')
+    unbusy(prefix, key, id)
     redis.call('HSET', key, 'state', 'QUEUED', 'token', '', 'queued_at', ARGV[2],
       'last_error', '{"errorType":"WorkerLost","errorMessage":"lease expired: the worker stopped renewing it"}')
-    redis.call('HINCRBY', prefix .. ':counts:' .. fn, 'RUNNING', -1)
-    redis.call('HINCRBY', prefix .. ':counts:' .. fn, 'QUEUED', 1)
-    redis.call('LPUSH', redis.call('HGET', key, 'queue'), redis.call('HGET', key, 'message'))
+    move(prefix, fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', key, 'seq'))
+    redis.call('LPUSH', pend(prefix, key, id), redis.call('HGET', key, 'message'))
     reaped = reaped + 1
   end
 end
 return {promoted, reaped}
+"""
+)
+
+# KEYS: task, delayed, callbacks.  ARGV: prefix, now, expect_attempts, retention_s, error_json, dest, record
+# QUEUED -> CANCELLED at once (out of the queue, the retry schedule and the position index), with its failure
+# record. RUNNING: sets the cancel flag the worker's lease keeper reads. Returns {outcome, state}.
+CANCEL = (
+    _MOVE
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+if state == 'RUNNING' then
+  if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {'already', state} end
+  redis.call('HSET', KEYS[1], 'cancel', '1', 'cancel_requested_at', ARGV[2])
+  return {'signalled', state}
+end
+if state ~= 'QUEUED' then return {'noop', state} end
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then return {'conflict', state} end
+local fn = redis.call('HGET', KEYS[1], 'function')
+local id = redis.call('HGET', KEYS[1], 'id')
+unpend(ARGV[1], KEYS[1], id)
+redis.call('ZREM', KEYS[2], id)
+redis.call('LREM', redis.call('HGET', KEYS[1], 'queue'), -1, redis.call('HGET', KEYS[1], 'message'))
+redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[2], 'condition', 'Cancelled',
+  'error', ARGV[5], 'cancel', '1', 'cancel_requested_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'retry_at')
+if ARGV[6] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'dest', ARGV[6], 'key', id, 'value', ARGV[7], 'condition', 'Cancelled',
+    'function', fn)
+end
+move(ARGV[1], fn, id, 'QUEUED', 'CANCELLED', redis.call('HGET', KEYS[1], 'seq'))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {'cancelled', 'QUEUED'}
+"""
+)
+
+# KEYS: task.  ARGV: prefix, now.  A finished, unsuccessful task runs again from attempt 1, as a new event.
+RETRY = (
+    _MOVE
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+if state ~= 'FAILED' and state ~= 'TIMED_OUT' and state ~= 'CANCELLED' and state ~= 'EXPIRED' then
+  return {'conflict', state}
+end
+local fn = redis.call('HGET', KEYS[1], 'function')
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('PERSIST', KEYS[1])
+redis.call('HDEL', KEYS[1], 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
+  'started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message')
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', ARGV[2],
+  'event_ts', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'manual_retries', 1)
+move(ARGV[1], fn, id, state, 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
+redis.call('LPUSH', pend(ARGV[1], KEYS[1], id), redis.call('HGET', KEYS[1], 'message'))
+return {'queued', state}
+"""
+)
+
+# ARGV: prefix, limit.  Drops index entries whose record expired (retention passed), oldest first, stopping at
+# the first live one: records expire roughly in creation order, and readers skip any stragglers.
+TRIM_INDEX = """
+local prefix, removed = ARGV[1], 0
+for _, fn in ipairs(redis.call('SMEMBERS', prefix .. ':functions')) do
+  for _, st in ipairs({'SUCCEEDED', 'FAILED', 'CANCELLED', 'TIMED_OUT', 'EXPIRED'}) do
+    local idx = prefix .. ':idx:' .. fn .. ':' .. st
+    for _, id in ipairs(redis.call('ZRANGE', idx, 0, tonumber(ARGV[2]) - 1)) do
+      if redis.call('EXISTS', prefix .. ':task:' .. id) == 1 then break end
+      redis.call('ZREM', idx, id)
+      removed = removed + 1
+    end
+  end
+end
+return removed
 """

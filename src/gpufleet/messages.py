@@ -98,6 +98,13 @@ class MessageFactory:
         return TaskMessage(task_id=task_id, function=fn.name, queue=queue, envelope=orjson.dumps(envelope))
 
 
+def decode_call(envelope: bytes) -> dict[str, Any]:
+    """The task's keyword arguments (function, event, meta) from a stored envelope."""
+    body = base64.b64decode(orjson.loads(envelope)["body"])
+    kwargs: dict[str, Any] = orjson.loads(body)[1]
+    return kwargs
+
+
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 

@@ -57,6 +57,8 @@ class Claim:
     on_success: str = ""
     on_failure: str = ""
     started_at: float = 0.0
+    event_ts: float = 0.0
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class Registry:
         self._finish = client.register_script(lua.FINISH)
         self._retry = client.register_script(lua.RETRY_LATER)
         self._housekeep = client.register_script(lua.HOUSEKEEP)
+        self._cancel = client.register_script(lua.CANCEL)
+        self._retry_now = client.register_script(lua.RETRY)
+        self._trim = client.register_script(lua.TRIM_INDEX)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
@@ -121,17 +126,19 @@ class Registry:
         )
         if reply[0] != b"ok":
             return Claim(ok=False, seen_state=reply[1].decode())
-        attempts, max_attempts, on_success, on_failure = (v.decode() if v else "" for v in reply[1:5])
-        return Claim(True, "RUNNING", int(attempts), int(max_attempts or 1), on_success, on_failure, now)
+        attempts, max_attempts, on_success, on_failure, event_ts, cancel = (v.decode() if v else "" for v in reply[1:7])
+        return Claim(True, "RUNNING", int(attempts), int(max_attempts or 1), on_success, on_failure, now,
+                     float(event_ts or now), cancel == "1")  # fmt: skip
 
     def renew(self, task_id: str, token: str, lease_s: float) -> int:
         """Extend the lease. Returns 0 if this process lost the task, 1 if renewed, 2 if a cancel was asked for."""
         return int(self._renew(keys=[self.task_key(task_id), self.leases_key], args=[token, time.time() + lease_s]))
 
     def finish(self, task_id: str, token: str, state: State, fields: dict[str, Any],
-               callbacks: Iterable[Callback]) -> bool:  # fmt: skip
+               callbacks: Iterable[Callback], retention_s: int | None = None) -> bool:  # fmt: skip
         """RUNNING -> a terminal state, with its callback records. False if this process no longer owns the task."""
-        args: list[Any] = [self.prefix, token, state.value, time.time(), self.retention_s, len(fields)]
+        retention = retention_s or self.retention_s
+        args: list[Any] = [self.prefix, token, state.value, time.time(), retention, len(fields)]
         for k, v in fields.items():
             args += [k, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
         for cb in callbacks:
@@ -158,12 +165,97 @@ class Registry:
         return int(promoted), int(reaped)
 
     def counts(self, function: str) -> dict[str, int]:
-        raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:counts:{function}")  # type: ignore[assignment]
-        return {k.decode(): int(v) for k, v in raw.items()}
+        """Tasks per state (finished ones while their records are retained)."""
+        pipe = self.client.pipeline(transaction=False)
+        for state in State:
+            pipe.zcard(self.index_key(function, state))
+        return {state.value: int(n) for state, n in zip(State, pipe.execute(), strict=True)}
+
+    def index_key(self, function: str, state: State | str) -> str:
+        return f"{self.prefix}:idx:{function}:{State(state).value}"
+
+    def functions_seen(self) -> set[str]:
+        return {m.decode() for m in self.client.smembers(f"{self.prefix}:functions")}  # type: ignore[union-attr]
+
+    def cancel(self, task_id: str, expect_attempts: int, error: dict[str, Any], dest: str, record: bytes,
+               retention_s: int | None = None) -> tuple[str, str]:  # fmt: skip
+        """Cancel: ``('cancelled', 'QUEUED')``, ``('signalled'|'already', 'RUNNING')``, ``('noop', final state)``,
+        ``('missing', '')``, or ``('conflict', state)`` when the record changed since the caller read it."""
+        outcome, state = self._cancel(
+            keys=[self.task_key(task_id), self.delayed_key, self.callbacks_key],
+            args=[self.prefix, time.time(), expect_attempts, retention_s or self.retention_s, orjson.dumps(error),
+                  dest, record],
+        )  # fmt: skip
+        return outcome.decode(), state.decode()
+
+    def retry(self, task_id: str) -> tuple[str, str]:
+        """Re-run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task: ``('queued', old state)``, ``('missing', '')``
+        or ``('conflict', state)``."""
+        outcome, state = self._retry_now(keys=[self.task_key(task_id)], args=[self.prefix, time.time()])
+        return outcome.decode(), state.decode()
+
+    def position(self, task_id: str, queue: str) -> tuple[int, int] | None:
+        """(tasks ahead of this one, queue length) in its queue, or None when it is not waiting there."""
+        key = f"{self.prefix}:pending:{queue}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrank(key, task_id)
+        pipe.zcard(key)
+        rank, length = pipe.execute()
+        return None if rank is None else (int(rank), int(length))
+
+    def list_ids(self, function: str, state: State, before: int | None, limit: int) -> list[tuple[int, str]]:
+        """Newest first: (seq, id) pairs with a seq below the ``before`` cursor."""
+        top = "+inf" if before is None else f"({before}"
+        rows: list[tuple[bytes, float]] = self.client.zrevrangebyscore(  # type: ignore[assignment]
+            self.index_key(function, state), top, "-inf", start=0, num=limit, withscores=True
+        )
+        return [(int(score), member.decode()) for member, score in rows]
+
+    def get_many(self, task_ids: list[str]) -> list[dict[str, Any] | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(self.task_key(task_id))
+        return [decode_record(raw) if raw else None for raw in pipe.execute()]
+
+    def drop_from_index(self, function: str, state: State, task_id: str) -> None:
+        self.client.zrem(self.index_key(function, state), task_id)
+
+    def trim_index(self, limit: int = 200) -> int:
+        return int(self._trim(args=[self.prefix, limit]))
+
+    def busy(self) -> dict[str, str]:
+        """Worker name -> the task it runs."""
+        raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:busy")  # type: ignore[assignment]
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def message(self, task_id: str) -> bytes | None:
+        """The stored task envelope (what a retry re-publishes)."""
+        value = self.client.hget(self.task_key(task_id), "message")
+        return value if isinstance(value, bytes) else None
+
+    def publish_gpus(self, entries: dict[str, dict[str, Any]]) -> None:
+        """The GPU inventory of one host's supervisor, refreshed every few seconds: worker name -> details."""
+        if entries:
+            self.client.hset(f"{self.prefix}:gpus", mapping={k: orjson.dumps(v) for k, v in entries.items()})
+
+    def gpus(self, stale_after_s: float = 30.0, forget_after_s: float = 3600.0) -> list[dict[str, Any]]:
+        """The inventory; entries not refreshed for ``stale_after_s`` are marked stale, and dropped later."""
+        raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:gpus")  # type: ignore[assignment]
+        busy, now, out = self.busy(), time.time(), []
+        for worker, value in sorted(raw.items()):
+            entry = orjson.loads(value)
+            age = now - float(entry.get("seen_at", 0))
+            if age > forget_after_s:
+                self.client.hdel(f"{self.prefix}:gpus", worker)
+                continue
+            entry["stale"] = age > stale_after_s
+            entry["task_id"] = busy.get(worker.decode()) if not entry["stale"] else None
+            out.append(entry)
+        return out
 
 
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
-            "lease_until", "event_ts"}  # fmt: skip
+            "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries"}  # fmt: skip
 _JSON = {"result", "error", "last_error"}
 
 

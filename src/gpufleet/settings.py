@@ -70,6 +70,8 @@ class WorkerSettings(_Model):
     lease_s: float = Field(30.0, gt=0.5, le=3600)
     # After a hard timeout, how long the worker waits for the handler before killing its process.
     kill_grace_s: float = Field(10.0, ge=0)
+    # A running task asked to cancel sees ctx.cancelled; if it has not returned after this, its process is killed.
+    cancel_grace_s: float = Field(10.0, ge=0)
     restart_backoff_s: float = Field(1.0, ge=0)
     # On stop, running tasks get this long to finish (warm shutdown) before their processes are killed; a killed
     # task is re-run elsewhere. Give containers a stop grace period longer than this.
@@ -95,6 +97,15 @@ class DispatcherSettings(_Model):
     claim_idle_s: float = Field(30.0, gt=0)
 
 
+class ApiSettings(_Model):
+    """The HTTP control plane (``gpufleet api``). Every route but ``/healthz`` needs ``Authorization: Bearer``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65_535)
+    token: str | None = Field(None, min_length=16)
+    max_page: int = Field(500, ge=1, le=10_000)
+
+
 class LoggingSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -106,6 +117,7 @@ class FleetSettings(_Model):
     worker: WorkerSettings = WorkerSettings()
     defaults: DefaultsSettings = DefaultsSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
+    api: ApiSettings = ApiSettings()
     logging: LoggingSettings = LoggingSettings()
     functions: tuple[Path, ...] = (Path("../workers"),)
     triggers: tuple[Path, ...] = (Path("../triggers"),)
@@ -266,7 +278,9 @@ def _validate(model: type[M], raw: dict[str, Any], where: str, from_env: Mapping
             raise ConfigError("unknown key", file=where, key=key, fix=hint or "remove it") from None
         if err["type"] == "missing":
             raise ConfigError("is required", file=where, key=key, fix="add it") from None
-        raise ConfigError(err["msg"], file=where, key=key, fix=f"got {err.get('input')!r}") from None
+        got = err.get("input")
+        shown = f"a value of {len(str(got))} characters" if key.endswith("token") else repr(got)  # never echo secrets
+        raise ConfigError(err["msg"], file=where, key=key, fix=f"got {shown}") from None
 
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import os
 import random
+import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -77,29 +79,39 @@ class TaskContext:
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews the lease of the task this process runs, every ``lease_s / 3``."""
+    """Renews the lease of the task this process runs, and watches for a cancel request.
 
-    def __init__(self, registry: Registry, lease_s: float) -> None:
+    It polls every ``min(lease_s / 3, 0.5)`` s: one small script per GPU, and a cancel is seen within half a
+    second. A handler that has not returned ``cancel_grace_s`` after the cancel is handed to ``on_overdue``.
+    """
+
+    def __init__(self, registry: Registry, lease_s: float, cancel_grace_s: float,
+                 on_overdue: Callable[[str, str], None]) -> None:  # fmt: skip
         super().__init__(name="gpufleet-lease", daemon=True)
         self._registry = registry
         self._lease_s = lease_s
+        self._grace_s = cancel_grace_s
+        self._on_overdue = on_overdue
         self._lock = threading.Lock()
         self._held: tuple[str, str] | None = None
-        self._wake = threading.Event()
-        self.cancelled = False
+        self._cancel_seen: float | None = None
+        self.cancelled = False  # what ctx.cancelled reads: cancel requested, or the task was lost
+        self.cancel_requested = False
 
     def hold(self, task_id: str, token: str) -> None:
         with self._lock:
             self._held = (task_id, token)
-            self.cancelled = False
+            self._cancel_seen = None
+            self.cancelled = self.cancel_requested = False
 
     def release(self) -> None:
         with self._lock:
             self._held = None
 
     def run(self) -> None:
+        interval = min(self._lease_s / 3, 0.5)
         while True:
-            self._wake.wait(self._lease_s / 3)
+            time.sleep(interval)
             with self._lock:
                 held = self._held
             if held is None:
@@ -111,6 +123,14 @@ class LeaseKeeper(threading.Thread):
                 continue
             # Lost (0) or cancel asked (2): the handler sees ctx.cancelled and should return early.
             self.cancelled = status != 1
+            if status == 2:
+                self.cancel_requested = True
+                now = time.monotonic()
+                if self._cancel_seen is None:
+                    self._cancel_seen = now
+                    log.info("cancel requested", task_id=held[0], grace_s=self._grace_s)
+                elif now - self._cancel_seen >= self._grace_s:
+                    self._on_overdue(*held)
 
 
 class Runtime:
@@ -123,6 +143,7 @@ class Runtime:
         self._states: dict[str, Any] = {}
         self._registry: Registry | None = None
         self._lease: LeaseKeeper | None = None
+        self._current: _Finisher | None = None  # the task the handler runs now, for the cancel killer
 
     @property
     def registry(self) -> Registry:
@@ -134,7 +155,8 @@ class Runtime:
     @property
     def lease(self) -> LeaseKeeper:
         if self._lease is None:
-            self._lease = LeaseKeeper(self.registry, self.lease_s)
+            grace = self.fleet.settings.worker.cancel_grace_s
+            self._lease = LeaseKeeper(self.registry, self.lease_s, grace, self._cancel_overdue)
             self._lease.start()
         return self._lease
 
@@ -173,14 +195,25 @@ class Runtime:
             raise Reject(str(exc), requeue=True) from exc
         attempt, max_attempts, started_at = claim.attempts, claim.max_attempts, claim.started_at
         fn = self.fleet.functions.get(function)
-        done = _Finisher(self, task_id, function, token, event, claim)
+        done = _Finisher(self, task_id, function, token, event, claim, fn)
         if fn is None:
             done.fail(TaskError(f"this worker does not serve function {function!r}"), "UnknownFunction")
+            return
+        if claim.cancel_requested:  # cancelled while running on a worker that died before it could stop
+            done.cancelled("cancelled before this attempt started")
+            return
+        age = time.time() - claim.event_ts
+        if fn.max_event_age_s is not None and age > fn.max_event_age_s:
+            bound.warning("event too old; expired without running", age_s=round(age, 3))
+            done.finish(State.EXPIRED, Condition.EVENT_AGE_EXCEEDED, {"errorType": "EventAgeExceeded",
+                        "errorMessage": f"event waited {age:.1f} s > max_event_age_s {fn.max_event_age_s:g}",
+                        "stackTrace": []})  # fmt: skip
             return
         if attempt > max_attempts:
             # Each earlier attempt killed its worker (a crash or OOM counts as an attempt, as in Lambda).
             done.fail(TaskError(f"worker lost {attempt - 1} times"), "WorkerLost")
             return
+        self._current = done
         self.lease.hold(task_id, token)
         bound = bound.bind(attempt=attempt)
         bound.info("task started")
@@ -190,7 +223,10 @@ class Runtime:
         except BaseException as exc:
             from celery.exceptions import SoftTimeLimitExceeded
 
-            if isinstance(exc, SoftTimeLimitExceeded):
+            if self.lease.cancel_requested and isinstance(exc, Exception):
+                bound.info("task cancelled; the handler stopped with an error", error=repr(exc))
+                done.cancelled("cancelled while running; the handler stopped")
+            elif isinstance(exc, SoftTimeLimitExceeded):
                 bound.warning("task timed out", timeout_s=fn.timeout_s)
                 done.finish(State.TIMED_OUT, Condition.TIMED_OUT, error_payload(exc, "TimedOut"))
             elif not isinstance(exc, Exception):
@@ -203,10 +239,26 @@ class Runtime:
                 bound.error("task failed; retries exhausted", error=repr(exc))
                 done.fail(exc)
         else:
-            done.succeed(value)
-            bound.info("task succeeded", duration_ms=round((time.time() - started_at) * 1000, 3))
+            if self.lease.cancel_requested:
+                bound.info("task cancelled; the handler returned early")
+                done.cancelled("cancelled while running; the handler returned early")
+            else:
+                done.succeed(value)
+                bound.info("task succeeded", duration_ms=round((time.time() - started_at) * 1000, 3))
         finally:
             self.lease.release()
+            self._current = None
+
+    def _cancel_overdue(self, task_id: str, token: str) -> None:
+        """Lease-keeper thread: the handler ignored a cancel for the grace period. Record CANCELLED, then kill this
+        pool process; Celery starts a fresh one, which warms up (``setup``) before it takes the next task."""
+        done = self._current
+        if done is None or done.task_id != task_id or done.token != token:
+            return
+        grace = self.fleet.settings.worker.cancel_grace_s
+        if done.cancelled(f"the handler ignored the cancel for {grace:g} s; its process was killed"):
+            log.warning("handler ignored cancel; killing its process", task_id=task_id, pid=os.getpid())
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _take_over(self, task_id: str, token: str, bound: Any) -> Claim | None:
         """The task was not QUEUED: drop a duplicate delivery, or take over from an owner that died."""
@@ -252,7 +304,9 @@ class Runtime:
         claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
                       record.get("on_success", ""), record.get("on_failure", ""),
                       float(record.get("started_at") or time.time()))  # fmt: skip
-        done = _Finisher(self, task_id, kwargs.get("function", "?"), FORCE, kwargs.get("event"), claim, record)
+        function = kwargs.get("function", "?")
+        done = _Finisher(self, task_id, function, FORCE, kwargs.get("event"), claim, self.fleet.functions.get(function),
+                         record)  # fmt: skip
         done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
                     "errorMessage": "the handler ignored its time limit and its process was killed",
                     "stackTrace": []})  # fmt: skip
@@ -262,8 +316,9 @@ class _Finisher:
     """Builds the callback record and performs the final transition for one attempt."""
 
     def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, event: Any, claim: Claim,
-                 record: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 fn: Function | None, record: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.rt = runtime
+        self.retention_s = fn.retention_s if fn else None
         self.task_id = task_id
         self.function = function
         self.token = token
@@ -271,16 +326,20 @@ class _Finisher:
         self.claim = claim
         self.record = record or {}  # the stored record, read only when finishing for a killed child
 
-    def succeed(self, value: bytes) -> None:
-        self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), {"result": value})
+    def succeed(self, value: bytes) -> bool:
+        return self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), {"result": value})
 
-    def fail(self, exc: BaseException, error_type: str | None = None) -> None:
-        self.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error_payload(exc, error_type))
+    def fail(self, exc: BaseException, error_type: str | None = None) -> bool:
+        return self.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error_payload(exc, error_type))
 
-    def finish(self, state: State, condition: Condition, error: dict[str, Any]) -> None:
-        self._write(state, condition, error, {"error": error, "condition": condition.value})
+    def finish(self, state: State, condition: Condition, error: dict[str, Any]) -> bool:
+        return self._write(state, condition, error, {"error": error, "condition": condition.value})
 
-    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any]) -> None:
+    def cancelled(self, message: str) -> bool:
+        return self.finish(State.CANCELLED, Condition.CANCELLED,
+                           {"errorType": "Cancelled", "errorMessage": message, "stackTrace": []})  # fmt: skip
+
+    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any]) -> bool:
         finished = time.time()
         record = callback_record(
             task_id=self.task_id,
@@ -297,5 +356,7 @@ class _Finisher:
         fields = {**fields, "condition": condition.value}
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
         callbacks = [Callback(dest=dest, value=orjson.dumps(record), condition=condition.value)] if dest else []
-        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks):
+        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s):
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
+            return False
+        return True

@@ -1,0 +1,294 @@
+"""The control plane: invoke, inspect, cancel and retry tasks; queues, functions and GPUs.
+
+One implementation behind both the HTTP API (:mod:`gpufleet.api`) and the CLI. It talks to the registry in Redis
+directly; every state change is one of the registry's atomic scripts, so the API and the workers never race.
+Errors are :class:`~gpufleet.errors.RequestError` subclasses with a stable ``code``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from gpufleet.functions import Function
+from gpufleet.messages import MessageFactory, decode_call, function_queue
+from gpufleet.records import Condition, callback_record, iso
+from gpufleet.registry import TERMINAL, NewTask, Registry, State
+from gpufleet.settings import Fleet
+
+RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
+_TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
+MAX_IDEMPOTENCY_KEY = 255
+
+
+@dataclass(frozen=True)
+class Invocation:
+    id: str
+    created: bool  # False: the Idempotency-Key was seen before and this is the task it made
+
+
+class ControlPlane:
+    def __init__(self, fleet: Fleet, registry: Registry | None = None) -> None:
+        self.fleet = fleet
+        s = fleet.settings
+        self.registry = registry or Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+        self._factory: MessageFactory | None = None
+
+    @property
+    def factory(self) -> MessageFactory:
+        if self._factory is None:  # building the Celery app costs ~100 ms; only invoke needs it
+            from gpufleet.celery_app import create_app
+
+            s = self.fleet.settings
+            self._factory = MessageFactory(create_app(self.fleet), s.redis.key_prefix, s.worker.kill_grace_s)
+        return self._factory
+
+    # -- functions -------------------------------------------------------------------------------------------
+
+    def function(self, name: str) -> Function:
+        fn = self.fleet.functions.get(name)
+        if fn is None:
+            raise NotFoundError("function_not_found", f"no function {name!r}; served: {sorted(self.fleet.functions)}")
+        return fn
+
+    def functions(self) -> list[dict[str, Any]]:
+        return [self._function_view(fn) for fn in sorted(self.fleet.functions.values(), key=lambda f: f.name)]
+
+    def _function_view(self, fn: Function) -> dict[str, Any]:
+        return {
+            "name": fn.name,
+            "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
+            "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
+            "timeout_s": fn.timeout_s,
+            "max_attempts": fn.max_attempts,
+            "backoff_s": fn.backoff_s,
+            "backoff_max_s": fn.backoff_max_s,
+            "max_event_age_s": fn.max_event_age_s,
+            "retention_s": fn.retention_s or self.fleet.settings.defaults.retention_s,
+            "payload_schema": fn.payload.model_json_schema() if fn.payload else None,
+        }
+
+    # -- invoke ----------------------------------------------------------------------------------------------
+
+    def invoke(self, function: str, event: Any, idempotency_key: str | None = None) -> Invocation:
+        """Queue one task for ``function``. The same ``idempotency_key`` always names the same task."""
+        fn = self.function(function)
+        s = self.fleet.settings
+        size = len(orjson.dumps(event))
+        if size > s.defaults.max_payload_bytes:
+            limit = s.defaults.max_payload_bytes
+            raise PayloadTooLargeError("payload_too_large", f"{size} bytes > max_payload_bytes {limit}")
+        if fn.payload is not None:
+            try:
+                fn.payload.model_validate(event)
+            except ValidationError as exc:
+                raise InvalidRequestError("schema_mismatch", f"{fn.payload.__name__}: {exc}") from None
+        if idempotency_key is not None:
+            if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable():
+                raise InvalidRequestError("bad_idempotency_key", "use 1 to 255 printable characters")
+            digest = hashlib.sha256(f"{fn.name}\0{idempotency_key}".encode()).hexdigest()[:32]
+            task_id = f"api-{digest}"
+        else:
+            task_id = f"api-{uuid.uuid4().hex}"
+        source = "api"
+        task = NewTask(
+            message=self.factory.build(task_id, fn, event, {"source": source, "trigger": "api"}),
+            on_success=fn.on_success or s.defaults.on_success,
+            on_failure=fn.on_failure or s.defaults.on_failure,
+            max_attempts=fn.max_attempts,
+            source=source,
+            event_ts=time.time(),
+        )
+        [created] = self.registry.enqueue_many([task])
+        return Invocation(task_id, created)
+
+    # -- tasks -----------------------------------------------------------------------------------------------
+
+    def record(self, task_id: str) -> dict[str, Any]:
+        record = self.registry.get(task_id)
+        if record is None:
+            raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
+        return record
+
+    def status(self, task_id: str) -> dict[str, Any]:
+        return task_view(self.record(task_id))
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        """Cancel: a QUEUED task at once; a RUNNING one is signalled (then killed after the grace period).
+
+        Returns ``{"id", "outcome", "state"}``; outcome ``cancelled``, ``cancelling`` or ``noop`` (already
+        finished: not an error).
+        """
+        for _ in range(10):  # the record can change between the read and the script; both are cheap
+            record = self.record(task_id)
+            error = {"errorType": "Cancelled", "errorMessage": "cancelled while queued", "stackTrace": []}
+            envelope = self.registry.message(task_id)
+            event = decode_call(envelope).get("event") if envelope else None
+            now = time.time()
+            body = callback_record(
+                task_id=task_id, function=record["function"], condition=Condition.CANCELLED,
+                attempts=int(record.get("attempts", 0)), event=event, worker="", gpu="", started_at=None,
+                finished_at=now, response=error,
+            )  # fmt: skip
+            fn = self.fleet.functions.get(record["function"])
+            outcome, state = self.registry.cancel(
+                task_id, int(record.get("attempts", 0)), error, record.get("on_failure", ""), orjson.dumps(body),
+                fn.retention_s if fn else None,
+            )  # fmt: skip
+            if outcome == "missing":
+                raise NotFoundError("task_not_found", f"no task {task_id!r}")
+            if outcome == "cancelled":
+                return {"id": task_id, "outcome": "cancelled", "state": State.CANCELLED.value}
+            if outcome in ("signalled", "already"):
+                return {"id": task_id, "outcome": "cancelling", "state": State.RUNNING.value}
+            if outcome == "noop":
+                return {"id": task_id, "outcome": "noop", "state": state,
+                        "message": f"task already finished ({state}); nothing to cancel"}  # fmt: skip
+        raise ConflictError("busy", f"task {task_id!r} kept changing state; try again")
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        """Run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task again, from attempt 1, as a new event."""
+        record = self.record(task_id)
+        if record["function"] not in self.fleet.functions:
+            raise ConflictError("function_not_served", f"function {record['function']!r} is no longer served")
+        outcome, state = self.registry.retry(task_id)
+        if outcome == "missing":
+            raise NotFoundError("task_not_found", f"no task {task_id!r}")
+        if outcome == "conflict":
+            allowed = ", ".join(sorted(s.value for s in RETRIABLE))
+            raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
+        return {"id": task_id, "outcome": "queued", "previous_state": state, "state": State.QUEUED.value}
+
+    def position(self, task_id: str) -> dict[str, Any]:
+        """Where a QUEUED task stands: 1 = next to start. ``position`` is null when it is not waiting in a queue
+        (running, finished, or waiting for a retry's backoff)."""
+        record = self.record(task_id)
+        out: dict[str, Any] = {"id": task_id, "state": record["state"], "position": None, "ahead": None,
+                               "queue": record.get("queue"), "queue_length": None}  # fmt: skip
+        if record["state"] == State.QUEUED and record.get("queue"):
+            if record.get("retry_at"):
+                out["retry_at"] = iso(float(record["retry_at"]))
+            pos = self.registry.position(task_id, record["queue"])
+            if pos is not None:
+                out.update(position=pos[0] + 1, ahead=pos[0], queue_length=pos[1])
+        return out
+
+    def tasks(self, function: str | None = None, state: str | None = None, limit: int = 50,
+              cursor: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """A page of tasks, newest first (by arrival). Pass back ``next_cursor`` for the next page."""
+        max_page = self.fleet.settings.api.max_page
+        if not 1 <= limit <= max_page:
+            raise InvalidRequestError("bad_limit", f"limit must be between 1 and {max_page}")
+        states = [_state(state)] if state else list(State)
+        if function is not None:
+            if function not in self.fleet.functions and function not in self.registry.functions_seen():
+                raise NotFoundError("function_not_found", f"no function {function!r}")
+            functions = [function]
+        else:
+            functions = sorted(set(self.fleet.functions) | self.registry.functions_seen())
+        before = _decode_cursor(cursor) if cursor else None
+        rows: list[tuple[int, str, str, State]] = []
+        for fn in functions:
+            for st in states:
+                rows += [(ts, i, fn, st) for ts, i in self.registry.list_ids(fn, st, before, limit + 1)]
+        rows.sort(reverse=True)
+        page, more = rows[:limit], len(rows) > limit
+        items = []
+        for (_, task_id, fn, st), record in zip(page, self.registry.get_many([r[1] for r in page]), strict=True):
+            if record is None:
+                self.registry.drop_from_index(fn, st, task_id)  # its record expired: tidy the index as we go
+            elif state is None or record["state"] == st:
+                items.append(task_view(record))
+        next_cursor = _encode_cursor(page[-1][0]) if more and page else None
+        return {"items": items, "next_cursor": next_cursor}
+
+    def queue(self, function: str) -> dict[str, Any]:
+        """Queue length and counts per state for one function (finished states: records still retained)."""
+        fn = self.function(function)
+        counts = self.registry.counts(fn.name)
+        return {
+            "function": fn.name,
+            "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
+            "length": counts[State.QUEUED],
+            "counts": counts,
+            "summary": {
+                "queued": counts[State.QUEUED],
+                "running": counts[State.RUNNING],
+                "completed": counts[State.SUCCEEDED],
+                "failed": counts[State.FAILED] + counts[State.TIMED_OUT] + counts[State.EXPIRED],
+                "cancelled": counts[State.CANCELLED],
+            },
+        }
+
+    def gpus(self) -> list[dict[str, Any]]:
+        return self.registry.gpus()
+
+    def wait(self, task_id: str, timeout_s: float | None = None, poll_s: float = 0.2,
+             on_update: Any = None) -> dict[str, Any]:  # fmt: skip
+        """Poll until the task finishes; ``on_update(view)`` sees every change. Returns the final view."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last: dict[str, Any] | None = None
+        while True:
+            view = self.status(task_id)
+            if view != last and on_update is not None:
+                on_update(view)
+            last = view
+            if State(view["state"]) in TERMINAL:
+                return view
+            if deadline is not None and time.monotonic() > deadline:
+                return view
+            time.sleep(poll_s)
+
+
+def task_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The public shape of a task record: no owner token, no envelope; times as ISO 8601 strings."""
+    view: dict[str, Any] = {
+        "id": record["id"],
+        "function": record["function"],
+        "state": record["state"],
+        "attempts": int(record.get("attempts", 0)),
+        "max_attempts": int(record.get("max_attempts", 1)),
+        "progress": {"fraction": float(record.get("progress", 0) or 0), "message": record.get("progress_message", "")},
+        "source": record.get("source"),
+        "worker": record.get("worker") or None,
+        "gpu": record.get("gpu") or None,
+        "condition": record.get("condition"),
+        "result": record.get("result"),
+        "error": record.get("error"),
+        "last_error": record.get("last_error"),
+        "cancel_requested": record.get("cancel") == "1",
+    }
+    for key in _TIMES:
+        value = record.get(key)
+        view[key] = iso(float(value)) if value else None
+    return view
+
+
+def _state(value: str) -> State:
+    try:
+        return State(value.upper())
+    except ValueError:
+        choices = [s.value for s in State]
+        raise InvalidRequestError("bad_state", f"unknown state {value!r}; use one of {choices}") from None
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("s"):
+            raise ValueError(raw)
+        return int(raw[1:])
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("bad_cursor", "cursor is not one this API returned") from None
