@@ -50,7 +50,7 @@ class FleetHarness:
         config: dict[str, Any] = {
             "redis": {"url": self.services.redis_url, "key_prefix": self.prefix},
             "kafka": {"bootstrap_servers": self.services.kafka_bootstrap},
-            "worker": {"virtual_gpus": 2, "lease_s": 3, "kill_grace_s": 2},
+            "worker": {"virtual_gpus": 2, "lease_s": 3, "kill_grace_s": 2, "cancel_grace_s": 2},
             "defaults": {
                 "on_success": f"kafka:///{self.topic('success')}",
                 "on_failure": f"kafka:///{self.topic('failure')}",

@@ -85,3 +85,15 @@ def test_missing_file_and_broken_function_module(tmp_path: Path) -> None:
     (funcs / "broken.py").write_text("from gpufleet import function\n@function(timeout_s=0)\ndef f(e, c): pass\n")
     with pytest.raises(ConfigError, match=r"broken.py: .*timeout_s"):
         load_fleet(path, env={})
+
+
+def test_api_needs_a_token_and_never_echoes_it(tmp_path: Path) -> None:
+    path = write(tmp_path, {"api": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"fleet.yaml: api.token is required .* GPUFLEET_API__TOKEN"):
+        load_fleet(path, env={})
+    with pytest.raises(ConfigError) as err:
+        load_fleet(path, env={"GPUFLEET_API__TOKEN": "short-secret"})
+    assert "GPUFLEET_API__TOKEN" in str(err.value) and "12 characters" in str(err.value)
+    assert "short-secret" not in str(err.value)
+    fleet = load_fleet(path, env={"GPUFLEET_API__TOKEN": "a-long-enough-token"})
+    assert fleet.settings.api.token == "a-long-enough-token"

@@ -11,7 +11,8 @@ import pytest
 
 from gpufleet.settings import load_fleet
 from gpufleet.worker.gpus import discover, model_of
-from gpufleet.worker.supervisor import plan_slots
+from gpufleet.worker.supervisor import Supervisor, plan_slots
+from tests.harness import FleetHarness
 
 CONFIG = Path(__file__).parent.parent / "config" / "fleet.yaml"
 
@@ -42,7 +43,12 @@ class FakeNvml:
         return f"GPU-{h:04d}"
 
     def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
-        return SimpleNamespace(total=80 * 1024**3)
+        return SimpleNamespace(total=80 * 1024**3, used=(h + 1) * 1024**3)
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
+        if self.names[h] == "broken":
+            raise RuntimeError("GPU is lost")
+        return SimpleNamespace(gpu=40 + h, memory=10)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +87,20 @@ def test_virtual_gpus_when_none_found() -> None:
     assert [s.name for s in slots] == ["vgpu0", "vgpu1", "vgpu2"]
     assert all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in slots)  # the handler sees no CUDA device
     assert slots[0].queues == ["gpufleet.eu.virtual", "gpufleet.eu.any", "gpufleet.us.virtual", "gpufleet.us.any"]
+
+
+def test_inventory_reports_live_memory_utilisation_and_the_running_task(harness: FleetHarness) -> None:
+    fake = FakeNvml(["NVIDIA H100 80GB HBM3", "broken"])
+    supervisor = Supervisor(harness.fleet(), nvml=fake)
+    host = harness.fleet().settings.worker.hostname
+    harness.redis.hset(f"{harness.prefix}:busy", f"gpu0@{host}", "task-7")  # what a claim writes
+    supervisor.registry.publish_gpus(supervisor.inventory())
+    gpu0, gpu1 = harness.registry.gpus()
+    assert (gpu0["worker"], gpu0["model"], gpu0["memory_total_mb"]) == (f"gpu0@{host}", "H100", 81920)
+    assert (gpu0["memory_used_mb"], gpu0["utilization_pct"], gpu0["task_id"]) == (1024, 40, "task-7")
+    assert gpu0["up"] is False and gpu0["stale"] is False  # no process started in this test
+    assert gpu1["utilization_pct"] is None and gpu1["task_id"] is None  # a failing GPU still shows up
+    harness.redis.hset(f"{harness.prefix}:gpus", "gone@old", b'{"worker": "gone@old", "seen_at": 1}')
+    assert [g["worker"] for g in harness.registry.gpus()] == [f"gpu0@{host}", f"gpu1@{host}"]  # forgotten
+    supervisor.sampler.close()
+    assert fake.shutdown_called

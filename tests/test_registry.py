@@ -140,3 +140,71 @@ def test_dispatcher_drains_the_stream_when_stopped_cleanly(harness: FleetHarness
     dispatcher.run(stop)
     assert dispatcher.delivered == 1
     assert [r["key"] for r in harness.records("success", 1)] == ["drain-1"]
+
+
+def test_cancel_is_atomic_with_claim_and_finish(harness: FleetHarness) -> None:
+    from gpufleet.control import ControlPlane
+
+    cp, reg = ControlPlane(harness.fleet(), harness.registry), harness.registry
+    queue = f"{harness.prefix}.default.any"
+    for task_id in ("q1", "q2", "r1"):
+        enqueue(harness, task_id)
+    # QUEUED: cancelled at once, out of the Redis list and the position index; a worker holding the message
+    # can no longer claim it, so a task is never both CANCELLED and run.
+    assert cp.cancel("q1")["outcome"] == "cancelled"
+    assert harness.redis.llen(queue) == 2 and cp.position("q2")["position"] == 1
+    assert not reg.claim("q1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
+    assert harness.redis.ttl(reg.task_key("q1")) > 0  # retention applies to cancelled records too
+    [entry] = harness.redis.xrange(reg.callbacks_key)
+    assert entry[1][b"condition"] == b"Cancelled" and entry[1][b"dest"] == b"kafka:///f"
+    assert orjson.loads(entry[1][b"value"])["requestPayload"] == {"k": "q1"}
+    # A stale read (the task changed since) is refused by the script rather than applied.
+    assert reg.cancel("q2", 5, {}, "", b"")[0] == "conflict"
+    # RUNNING: the flag is set; the owner's next renewal extends its lease and reports the cancel (2).
+    assert reg.claim("r1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
+    assert cp.cancel("r1") == {"id": "r1", "outcome": "cancelling", "state": "RUNNING"}
+    assert reg.renew("r1", "w/1/1/a", 30) == 2 and reg.get("r1")["state"] == "RUNNING"
+    # The handler won the race and succeeded: the final state is that one, and cancel is now a no-op.
+    assert reg.finish("r1", "w/1/1/a", State.SUCCEEDED, {"result": b"1"}, []) is True
+    assert cp.cancel("r1")["outcome"] == "noop"
+    assert nonzero(reg.counts("echo")) == {"QUEUED": 1, "CANCELLED": 1, "SUCCEEDED": 1}
+
+
+def test_manual_retry_requeues_a_finished_failure_only(harness: FleetHarness) -> None:
+    reg = harness.registry
+    queue = f"{harness.prefix}.default.any"
+    enqueue(harness, "f1")
+    harness.redis.delete(queue)
+    assert reg.retry("f1") == ("conflict", "QUEUED")
+    assert reg.claim("f1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
+    assert reg.finish("f1", "w/1/1/a", State.FAILED, {"error": {"errorType": "X"}}, [])
+    assert reg.retry("f1") == ("queued", "FAILED")
+    rec = reg.get("f1")
+    assert rec["state"] == "QUEUED" and rec["attempts"] == 0 and "error" not in rec and rec["manual_retries"] == 1
+    assert harness.redis.ttl(reg.task_key("f1")) == -1  # no longer expiring while it waits
+    assert harness.redis.llen(queue) == 1 and nonzero(reg.counts("echo")) == {"QUEUED": 1}
+    assert reg.retry("missing") == ("missing", "")
+
+
+def test_listing_pages_newest_first_and_skips_expired_records(harness: FleetHarness) -> None:
+    from gpufleet.control import ControlPlane
+    from gpufleet.errors import InvalidRequestError
+
+    cp = ControlPlane(harness.fleet(), harness.registry)
+    ids = [cp.invoke("echo", {"i": i}).id for i in range(7)]
+    cp.invoke("typed", {"n": 1})
+    pages, cursor = [], None
+    while True:
+        page = cp.tasks(function="echo", state="QUEUED", limit=3, cursor=cursor)
+        pages.append([t["id"] for t in page["items"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == [ids[6:3:-1], ids[3:0:-1], ids[0:1]]
+    assert len(cp.tasks(limit=50)["items"]) == 8  # every function, every state
+    harness.redis.delete(harness.registry.task_key(ids[6]))  # as if its retention had passed
+    assert [t["id"] for t in cp.tasks(function="echo", limit=3)["items"]] == ids[5:3:-1]  # a short page
+    assert harness.redis.zscore(harness.registry.index_key("echo", State.QUEUED), ids[6]) is None  # tidied
+    for bad in ({"state": "DONE"}, {"limit": 0}, {"cursor": "nonsense"}):
+        with pytest.raises(InvalidRequestError):
+            cp.tasks(**bad)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
 
     register_serializer()
     settings = fleet.settings
+    visibility = settings.defaults.visibility_timeout_s
     app = Celery("gpufleet", broker=settings.redis.url, set_as_current=False)
     app.conf.update(
         task_serializer=SERIALIZER,
@@ -43,7 +44,11 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
         task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            "visibility_timeout": settings.defaults.visibility_timeout_s,
+            "visibility_timeout": visibility,
+            # kombu scans for overdue messages every interval x throttle (10 x 10 s by default): scale it down
+            # with a short window, so the window means what it says.
+            "unacked_restore_interval": max(1.0, min(10.0, visibility / 2)),
+            "unacked_restore_throttle": 1 if visibility < 300 else 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 30,
         },

@@ -46,13 +46,14 @@ def sample_messages() -> list[tuple[str, bytes]]:
 
 
 def run_demo(config: Path) -> int:
-    from gpufleet.dev.services import LocalServices
+    from gpufleet.dev.services import LocalServices, free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
     print(f"demo: starting Redis and Kafka (tansu) on loopback; logs in {workdir}")
     with LocalServices(workdir) as services:
         env = {**os.environ, "GPUFLEET_REDIS__URL": services.redis_url, "GPUFLEET_CONFIG": str(config),
-               "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap}  # fmt: skip
+               "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap,
+               "GPUFLEET_API__PORT": str(free_port())}  # fmt: skip
         fleet = load_fleet(config, env)
         trigger = next(iter(fleet.triggers.values()))
         topic = trigger.source.split("/")[-1]

