@@ -104,3 +104,11 @@ def test_inventory_reports_live_memory_utilisation_and_the_running_task(harness:
     assert [g["worker"] for g in harness.registry.gpus()] == [f"gpu0@{host}", f"gpu1@{host}"]  # forgotten
     supervisor.sampler.close()
     assert fake.shutdown_called
+
+
+def test_sampler_without_a_driver_reports_the_static_facts() -> None:
+    from gpufleet.worker.gpus import GpuInfo, Sampler
+
+    gpu = GpuInfo(index=0, name="NVIDIA L4", model="L4", uuid="GPU-1", memory_mb=23034)
+    facts = Sampler([gpu], FakeNvml(["NVIDIA L4"], fail_init=True)).sample(gpu)
+    assert facts["memory_total_mb"] == 23034 and facts["memory_used_mb"] is None and facts["utilization_pct"] is None

@@ -1,9 +1,13 @@
-"""The ``gpufleet`` command line. Signal handlers are installed here, in the entry point, and nowhere else."""
+"""The ``gpufleet`` command line. Signal handlers are installed here, in the entry point, and nowhere else.
+
+This module runs the fleet's roles (``run``, ``worker``, ``trigger``, ``dispatcher``, ``api``) and the local tools
+(``check``, ``dev``, ``demo``); :mod:`gpufleet.cli.tasks` holds the control-plane commands (``invoke``, ``status``,
+``cancel``, ``retry``, ``tasks``, ``queue``, ``functions``, ``gpus``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from gpufleet.cli.output import report_error
+from gpufleet.cli.tasks import add_commands as add_control_commands
 from gpufleet.errors import GpufleetError
 
 if TYPE_CHECKING:
@@ -25,8 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except GpufleetError as exc:
-        print(f"gpufleet: error: {exc}", file=sys.stderr)
-        code = 2
+        code = report_error(exc, as_json=getattr(args, "json", False))
     raise SystemExit(code or 0)
 
 
@@ -42,15 +47,14 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("run", _run, "run every role (dispatcher, worker, trigger) on this machine; Ctrl-C stops all")
+    command("run", _run, "run every role (dispatcher, worker, api, trigger) on this machine; Ctrl-C stops all")
     command("worker", _worker, "run one Celery worker process per GPU (or virtual GPU)")
     p = command("trigger", _trigger, "run the triggers of triggers/*.yaml")
     p.add_argument("--name", action="append", help="run only this trigger (repeatable)")
     command("dispatcher", _dispatcher, "deliver callback records to their destinations")
+    command("api", _api, "serve the HTTP control plane (api.host:api.port)")
     command("check", _check, "validate the configuration, functions and triggers, and print a summary")
-    p = command("status", _status, "show a task's state from the registry")
-    p.add_argument("task_id")
-    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    add_control_commands(command)
     p = sub.add_parser("dev", help="start/stop local Redis and Kafka on free loopback ports")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_dev)
@@ -70,10 +74,11 @@ def _fleet(args: argparse.Namespace, role: str) -> Fleet:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gpufleet.roles import ProcessTree, stop_event_on_signals
+    from gpufleet.roles import ROLE_ORDER, ProcessTree, stop_event_on_signals
 
     fleet = _fleet(args, "run")
-    return ProcessTree(fleet.config_file).run(stop_event_on_signals())
+    roles = tuple(r for r in ROLE_ORDER if r != "api" or fleet.settings.api.enabled)
+    return ProcessTree(fleet.config_file, roles).run(stop_event_on_signals())
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -126,6 +131,15 @@ def _dispatcher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    from gpufleet.api.server import serve
+    from gpufleet.roles import stop_event_on_signals
+
+    fleet = _fleet(args, "api")
+    serve(fleet, stop_event_on_signals())
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from gpufleet.settings import load_fleet
 
@@ -136,36 +150,6 @@ def _check(args: argparse.Namespace) -> int:
               f"max_attempts={fn.max_attempts} ({fn.source_file})")  # fmt: skip
     for t in fleet.triggers.values():
         print(f"trigger {t.name}: {t.source} -> {t.function or '(function named by each message)'}")
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    from gpufleet.registry import Registry
-    from gpufleet.settings import load_fleet
-
-    s = load_fleet(args.config).settings
-    record = Registry.from_url(s.redis.url, s.redis.key_prefix).get(args.task_id)
-    if record is None:
-        print(f"gpufleet: no task {args.task_id!r}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
-        return 0
-    from gpufleet.records import iso
-
-    print(f"task      {record['id']}\nfunction  {record['function']}\nstate     {record['state']}")
-    print(f"attempts  {record.get('attempts', 0)}/{record.get('max_attempts', '?')}")
-    for key in ("created_at", "started_at", "finished_at"):
-        if record.get(key):
-            print(f"{key:<9} {iso(float(record[key]))}")
-    if record.get("worker"):
-        print(f"worker    {record['worker']} ({record.get('gpu')})")
-    if record["state"] == "RUNNING":
-        print(f"progress  {float(record.get('progress', 0)):.0%} {record.get('progress_message', '')}")
-    if record.get("result") is not None:
-        print(f"result    {orjson.dumps(record['result']).decode()[:2000]}")
-    if record.get("error"):
-        print(f"error     {record['error'].get('errorType')}: {record['error'].get('errorMessage')}")
     return 0
 
 

@@ -1,0 +1,384 @@
+"""Control-plane commands: invoke, status, cancel, retry, tasks, queue, functions, gpus.
+
+They talk to Redis through :class:`~gpufleet.control.ControlPlane`, reading the same fleet file as the fleet, so
+they work without the HTTP API running. With ``--json`` each prints exactly one JSON document on stdout (an error
+too, as ``{"error": {"code", "message"}}``). Exit codes: 0 done; 1 not found, conflict, or the task finished
+without succeeding; 2 bad input or configuration; 3 ``--timeout`` passed first; 130 interrupted.
+
+Heavy imports (Redis, Celery, the fleet's functions) happen inside the commands, so ``gpufleet dev`` and
+``--help`` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from gpufleet.cli.output import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    one_line,
+    print_json,
+    seconds,
+    table,
+)
+from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
+from gpufleet.errors import BrokerError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from gpufleet.control import ControlPlane
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class AddCommand(Protocol):
+    def __call__(self, name: str, func: Handler, help: str) -> argparse.ArgumentParser: ...
+
+
+def add_commands(command: AddCommand) -> None:
+    """Register the control-plane commands with the parser's ``command`` helper (which adds ``--config``)."""
+    p = command("invoke", _invoke, "queue a task for FUNCTION and print its id; --wait follows it to the end")
+    p.add_argument("function")
+    p.add_argument("--payload", default="{}", metavar="JSON|@FILE|-",
+                   help="the event: JSON text, @FILE to read a file, - to read stdin (default: {})")  # fmt: skip
+    p.add_argument("--idempotency-key", metavar="KEY",
+                   help="invoking again with the same key gives the same task instead of queueing another")  # fmt: skip
+    _follow_args(p, "--wait", "follow the task until it finishes, then print its status; exit 0 if it succeeded")
+    _json_arg(p, "print {id, created}; with --wait, the final status (plus created)")
+
+    p = command("status", _status, "show a task: state, attempts, times, worker and GPU, progress, result or error")
+    p.add_argument("task_id")
+    _follow_args(p, "--watch", "follow the task live until it finishes; exit 0 if it succeeded")
+    _json_arg(p, "print the task as JSON")
+
+    p = command("cancel", _cancel, "cancel a task: at once if queued; a running one is asked to stop (then killed)")
+    p.add_argument("task_id")
+    _json_arg(p, "print {id, outcome, state}")
+
+    p = command("retry", _retry, "run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task again, from attempt 1")
+    p.add_argument("task_id")
+    _follow_args(p, "--wait", "follow the task until it finishes; exit 0 if it succeeded")
+    _json_arg(p, "print {id, outcome, previous_state, state}; with --wait, the final status")
+
+    p = command("tasks", _tasks, "list tasks, newest first, one page at a time")
+    p.add_argument("--function", help="only this function's tasks")
+    p.add_argument("--state", help="only tasks in this state (QUEUED, RUNNING, SUCCEEDED, FAILED, ...)")
+    p.add_argument("--limit", type=int, default=20, help="tasks per page (default: 20)")
+    p.add_argument("--cursor", help="the next page: the cursor the previous page printed")
+    _json_arg(p, "print {items, next_cursor}")
+
+    p = command("queue", _queue, "queue length and tasks per state, for one function or every served one")
+    p.add_argument("function", nargs="?")
+    _json_arg(p, "print the counts (a list of them without FUNCTION)")
+
+    p = command("functions", _functions, "list the served functions and their policies")
+    _json_arg(p, "print the functions, with their payload schemas")
+
+    p = command("gpus", _gpus, "list the fleet's GPUs: memory, utilisation, the task each runs, stale entries")
+    _json_arg(p, "print the inventory entries")
+
+
+def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"machine-readable output: {what}")
+
+
+def _follow_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    p.add_argument(flag, action="store_true", dest="follow", help=what)
+    p.add_argument("--timeout", type=_positive, metavar="S",
+                   help=f"stop following after S seconds (exit 3 if not finished by then); implies {flag}")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr while following")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _control(func: Handler) -> Handler:
+    """A command that reaches Redis: an unreachable server is a clear one-line error, not a traceback."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        import redis
+
+        try:
+            return func(args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BrokerError(f"cannot reach Redis: {exc}") from exc
+
+    return run
+
+
+def _plane(args: argparse.Namespace) -> ControlPlane:
+    from gpufleet.control import ControlPlane
+    from gpufleet.logs import configure_logging
+    from gpufleet.settings import load_fleet
+
+    fleet = load_fleet(args.config)
+    logging = fleet.settings.logging
+    # Logs go to stderr, never into a --json document; a command line wants warnings, not the fleet's info chatter.
+    quiet = logging.model_copy(update={"level": "error" if logging.level == "error" else "warning"})
+    configure_logging(quiet, role="cli")
+    return ControlPlane(fleet)
+
+
+def read_payload(spec: str, stdin: Any = None) -> Any:
+    """``--payload``: JSON text, ``@FILE``, or ``-`` for stdin.
+
+    Raises:
+        InvalidRequestError: the file cannot be read or the text is not JSON (exit 2).
+    """
+    where = "--payload"
+    if spec == "-":
+        where = "--payload - (stdin)"
+        raw: str | bytes = (stdin or sys.stdin.buffer).read()
+    elif spec.startswith("@"):
+        where = f"--payload file {spec[1:]!r}"
+        try:
+            raw = Path(spec[1:]).read_bytes()
+        except OSError as exc:
+            raise InvalidRequestError("bad_payload", f"cannot read {where}: {exc.strerror or exc}") from None
+    else:
+        raw = spec
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError("bad_payload", f"{where} is not valid JSON: {exc}") from None
+
+
+# -- task commands -----------------------------------------------------------------------------------------------
+
+
+@_control
+def _invoke(args: argparse.Namespace) -> int:
+    event = read_payload(args.payload)  # before loading the fleet: a typo fails fast
+    plane = _plane(args)
+    invocation = plane.invoke(args.function, event, args.idempotency_key)
+    if not invocation.created:
+        print(f"gpufleet: task {invocation.id} already exists for this idempotency key; not queued again",
+              file=sys.stderr)  # fmt: skip
+    if not (args.follow or args.timeout):
+        if args.json:
+            print_json({"id": invocation.id, "created": invocation.created})
+        else:
+            print(invocation.id)
+        return EXIT_OK
+    if not args.quiet:
+        print(f"task {invocation.id}", file=sys.stderr)
+    return _follow(args, plane, invocation.id, {"created": invocation.created})
+
+
+@_control
+def _status(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    if args.follow or args.timeout:
+        return _follow(args, plane, args.task_id)
+    view = plane.status(args.task_id)
+    if args.json:
+        print_json(view)
+    else:
+        print(render_status(view, plane))
+    return EXIT_OK
+
+
+@_control
+def _cancel(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    out = plane.cancel(args.task_id)
+    if args.json:
+        print_json(out)
+    elif out["outcome"] == "cancelled":
+        print(f"cancelled: {out['id']} was queued and will not run")
+    elif out["outcome"] == "cancelling":
+        grace = plane.fleet.settings.worker.cancel_grace_s
+        print(f"cancelling: {out['id']} is running; asked to stop, and killed if still running after {grace:g}s")
+    else:
+        print(f"noop: {out['id']} already finished ({out['state']}); nothing to cancel")
+    return EXIT_OK
+
+
+@_control
+def _retry(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    out = plane.retry(args.task_id)
+    if args.follow or args.timeout:
+        if not args.quiet:
+            print(f"task {out['id']} queued again (was {out['previous_state']})", file=sys.stderr)
+        return _follow(args, plane, out["id"])
+    if args.json:
+        print_json(out)
+    else:
+        print(f"queued: {out['id']} (was {out['previous_state']}) runs again from attempt 1")
+    return EXIT_OK
+
+
+def _follow(args: argparse.Namespace, plane: ControlPlane, task_id: str, extra: dict[str, Any] | None = None) -> int:
+    """Follow the task to its end, then print its status: exit 0 if it succeeded, 1 if not, 3 on --timeout."""
+    from gpufleet.registry import TERMINAL
+
+    display = None if args.quiet else ProgressDisplay(sys.stderr)
+    try:
+        view, timed_out = follow(lambda: plane.status(task_id), TERMINAL, display, args.timeout)
+    except KeyboardInterrupt:
+        print(f"gpufleet: stopped following {task_id}; the task goes on (gpufleet cancel {task_id} stops it)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    if args.json:
+        print_json({**view, **(extra or {})})
+    else:
+        print(render_status(view, plane))
+    if timed_out:
+        print(f"gpufleet: timed out after {args.timeout:g}s; task {task_id} is still {view['state']}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_TIMEOUT
+    return EXIT_OK if view["state"] == "SUCCEEDED" else EXIT_FAILED
+
+
+def render_status(view: dict[str, Any], plane: ControlPlane | None = None) -> str:
+    """The human form of a task view; a QUEUED task also shows its place in the queue (one more read)."""
+    lines: list[tuple[str, object]] = [("task", view["id"]), ("function", view["function"])]
+    state = view["state"]
+    if view.get("condition") and view["condition"] != "Success":
+        state = f"{state} ({view['condition']})"
+    lines += [("state", state), ("attempts", f"{view.get('attempts', 0)}/{view.get('max_attempts', '?')}")]
+    for key in ("created_at", "queued_at", "started_at", "finished_at", "retry_at"):
+        if view.get(key):
+            lines.append((key.removesuffix("_at").replace("_", " "), view[key]))
+    if view.get("cancel_requested"):
+        lines.append(("cancel", f"requested at {view.get('cancel_requested_at') or '?'}"))
+    if view.get("worker"):
+        lines.append(("worker", f"{view['worker']} ({view.get('gpu') or '?'})"))
+    if view["state"] == "QUEUED" and plane is not None:
+        pos = plane.position(view["id"])
+        if pos.get("position"):
+            lines.append(("position", f"{pos['position']} of {pos['queue_length']} in queue {pos['queue']}"))
+        elif pos.get("retry_at"):
+            lines.append(("position", f"waiting to retry at {pos['retry_at']}"))
+    if view["state"] == "RUNNING":
+        lines.append(("progress", bar_line(view)))
+    if view.get("result") is not None:
+        lines.append(("result", orjson.dumps(view["result"]).decode()[:2000]))
+    for key, label in (("error", "error"), ("last_error", "last error")):
+        err = view.get(key)
+        if err and (key == "error" or view["state"] not in ("FAILED", "TIMED_OUT", "CANCELLED", "EXPIRED")):
+            lines.append((label, _error_text(err)))
+    return "\n".join(f"{label:<10} {one_line(value)}" for label, value in lines)
+
+
+def _error_text(err: object) -> str:
+    if isinstance(err, dict):
+        return f"{err.get('errorType', 'Error')}: {err.get('errorMessage', '')}"
+    return str(err)
+
+
+# -- listings ----------------------------------------------------------------------------------------------------
+
+
+@_control
+def _tasks(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    page = plane.tasks(args.function, args.state, args.limit, args.cursor)
+    if args.json:
+        print_json(page)
+        return EXIT_OK
+    rows = [
+        [t["id"], t["function"], t["state"], f"{t['attempts']}/{t['max_attempts']}", _percent(t), t["created_at"],
+         t.get("worker")]
+        for t in page["items"]
+    ]  # fmt: skip
+    print(table(["id", "function", "state", "attempts", "progress", "created", "worker"], rows, "no tasks"))
+    if page["next_cursor"]:
+        again = [f"--{k} {v}" for k, v in (("function", args.function), ("state", args.state)) if v]
+        if args.limit != 20:
+            again.append(f"--limit {args.limit}")
+        print(f"\nmore: gpufleet tasks {' '.join([*again, '--cursor', page['next_cursor']])}")
+    return EXIT_OK
+
+
+def _percent(view: dict[str, Any]) -> str:
+    fraction = float((view.get("progress") or {}).get("fraction") or 0.0)
+    return f"{fraction:.0%}" if fraction or view["state"] == "RUNNING" else "-"
+
+
+@_control
+def _queue(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    names = [args.function] if args.function else [fn["name"] for fn in plane.functions()]
+    queues = [plane.queue(name) for name in names]
+    if args.json:
+        print_json(queues[0] if args.function else queues)
+        return EXIT_OK
+    states = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED", "EXPIRED"]  # length: the QUEUED count
+    rows = [[q["function"], q["queue"], q["length"], *(q["counts"].get(s, 0) for s in states)] for q in queues]
+    print(table(["function", "queue", "length", *(s.lower() for s in states)], rows, "no functions served"))
+    return EXIT_OK
+
+
+@_control
+def _functions(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    functions = plane.functions()
+    if args.json:
+        print_json(functions)
+        return EXIT_OK
+    rows = []
+    for fn in functions:
+        gpu = fn["gpu"]
+        model = f"{gpu['model']} x{gpu['count']}" if gpu.get("count", 1) != 1 else gpu["model"]
+        pools = ",".join(gpu.get("pools") or [])
+        rows.append([fn["name"], f"{model} ({pools})" if pools else model, fn["queue"], seconds(fn["timeout_s"]),
+                     fn["max_attempts"], seconds(fn["max_event_age_s"])])  # fmt: skip
+    print(table(["name", "gpu", "queue", "timeout", "attempts", "max event age"], rows, "no functions served"))
+    return EXIT_OK
+
+
+@_control
+def _gpus(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    entries = plane.gpus()
+    if args.json:
+        print_json(entries)
+        return EXIT_OK
+    rows = [[e.get("worker"), e.get("index"), _gpu_model(e), _memory(e), _utilisation(e), e.get("task_id"),
+             _gpu_state(e)] for e in entries]  # fmt: skip
+    print(table(["worker", "index", "model", "memory", "util", "task", "state"], rows,
+                "no GPUs reported yet (a worker's supervisor publishes its GPUs every few seconds)"))  # fmt: skip
+    return EXIT_OK
+
+
+def _gpu_model(entry: dict[str, Any]) -> str:
+    model = str(entry.get("model") or entry.get("name") or "?")
+    return f"{model} (virtual)" if entry.get("virtual") else model
+
+
+def _memory(entry: dict[str, Any]) -> str:
+    used, total = entry.get("memory_used_mb"), entry.get("memory_total_mb")
+    if used is None and not total:
+        return "-"
+    return f"{'-' if used is None else used}/{total or '?'} MiB"
+
+
+def _utilisation(entry: dict[str, Any]) -> str:
+    util = entry.get("utilization_pct")
+    return "-" if util is None else f"{util}%"
+
+
+def _gpu_state(entry: dict[str, Any]) -> str:
+    if entry.get("stale"):
+        return "stale"
+    if entry.get("up") is False:
+        return "down"
+    return "busy" if entry.get("task_id") else "idle"

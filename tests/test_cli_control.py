@@ -1,0 +1,234 @@
+"""The control-plane CLI (invoke, status, cancel, retry, tasks, queue, functions, gpus), run as a real process
+against real Redis; one test without a fleet running, one with it."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from gpufleet.cli.output import table
+from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
+from gpufleet.cli.tasks import read_payload
+from gpufleet.errors import InvalidRequestError
+from gpufleet.messages import decode_call
+from tests.harness import FleetHarness
+
+TEST_FUNCTIONS = {"echo", "always_fail", "slow", "typed", "hang"}
+
+
+def cli(
+    h: FleetHarness, *args: str, stdin: str | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gpufleet", *args, "--config", str(h.config)]
+    io_args: dict[str, Any] = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run(cmd, capture_output=True, text=True, env=h.env(), timeout=timeout_s, **io_args)
+
+
+def cli_json(h: FleetHarness, *args: str, code: int = 0, stdin: str | None = None) -> Any:
+    result = cli(h, *args, "--json", stdin=stdin)
+    assert result.returncode == code, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def state(h: FleetHarness, task_id: str) -> str | None:
+    record = h.registry.get(task_id)
+    return None if record is None else str(record["state"])
+
+
+def view(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"id": "t1", "function": "f", "state": "RUNNING", "attempts": 1, "max_attempts": 3,
+                            "progress": {"fraction": 0.5, "message": "half way"},
+                            "started_at": "2024-01-01T00:00:00.000Z"}  # fmt: skip
+    return {**base, **fields}
+
+
+T0 = 1704067200.0  # 2024-01-01T00:00:00Z
+
+
+def test_progress_bar_line_and_display() -> None:
+    assert bar_line(view(), now=T0 + 3.2, width=10) == "[#####.....]  50%  half way  (RUNNING 3.2s)"
+    long = view(attempts=2, progress={"fraction": 1, "message": "x" * 300})
+    line = bar_line(long, now=T0 + 1, columns=80)
+    assert len(line) == 79 and line.startswith("[" + "#" * 20 + "] 100%  xxx") and line.count("x") == 20
+    assert line.endswith("x…  (RUNNING 1.0s, attempt 2/3)")
+    assert bar_line(long, now=T0 + 1, columns=60) == "[" + "#" * 20 + "] 100%  (RUNNING 1.0s, attempt 2/3)"
+    assert len(bar_line(long, now=T0 + 1, columns=20)) == 19
+    queued = bar_line(view(state="QUEUED", progress={}, started_at=None, created_at="2024-01-01T00:00:01Z"), T0 + 2)
+    assert queued == "[" + "." * 20 + "]   0%  (QUEUED 1.0s)"
+    assert "\n" not in bar_line(view(progress={"fraction": 0.1, "message": "two\nlines\r"}), T0)
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    views = iter([view(), view(), view(state="SUCCEEDED", finished_at="2024-01-01T00:00:04Z")])
+    final, timed_out = follow(lambda: next(views), {"SUCCEEDED"}, ProgressDisplay(tty, columns=80), poll_s=0)
+    assert final["state"] == "SUCCEEDED" and not timed_out
+    out = tty.getvalue()
+    assert out.count("\r") == 3 and out.endswith("(SUCCEEDED 4.0s)" + " " * 5 + "\n") and "\n" not in out[:-1]
+
+    pipe = io.StringIO()
+    display = ProgressDisplay(pipe)
+    for v in (view(), view(), view(progress={"fraction": 0.75, "message": ""})):
+        display.update(v, now=T0 + 1)
+    display.close()
+    assert pipe.getvalue().splitlines() == ["[##########..........]  50%  half way  (RUNNING 1.0s)",
+                                            "[###############.....]  75%  (RUNNING 1.0s)"]  # fmt: skip
+    still, timed_out = follow(lambda: view(), {"SUCCEEDED"}, None, timeout_s=0.01, poll_s=0.005)
+    assert timed_out and still["state"] == "RUNNING"
+
+
+def test_payload_parsing_and_tables() -> None:
+    assert read_payload('{"a": [1, 2]}') == {"a": [1, 2]}
+    assert read_payload("-", io.BytesIO(b"[1]")) == [1]
+    with pytest.raises(InvalidRequestError, match="not valid JSON") as err:
+        read_payload("{nope")
+    assert err.value.code == "bad_payload"
+    with pytest.raises(InvalidRequestError, match="cannot read --payload file"):
+        read_payload("@/nonexistent/payload.json")
+    assert table(["a", "bee"], [["x", None], ["long\nvalue", 3]]).splitlines() == ["A           BEE", "x           -",
+                                                                                  "long value  3"]  # fmt: skip
+    assert table(["a"], [], "nothing") == "nothing"
+
+
+def test_control_commands_without_a_running_fleet(harness: FleetHarness) -> None:
+    h = harness
+    functions = cli_json(h, "functions")
+    assert {f["name"] for f in functions} >= TEST_FUNCTIONS
+    echo = next(f for f in functions if f["name"] == "echo")
+    assert echo["max_attempts"] == 3 and echo["queue"] and echo["gpu"]["model"]
+    assert next(f for f in functions if f["name"] == "typed")["payload_schema"]["properties"]["n"]["type"] == "integer"
+    out = cli(h, "functions").stdout
+    assert out.splitlines()[0].split()[:4] == ["NAME", "GPU", "QUEUE", "TIMEOUT"] and "always_fail" in out
+
+    # Bad input: a clear one-line error on stderr, the JSON error document on stdout with --json.
+    unknown = cli(h, "invoke", "nope", "--payload", "{}")
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.startswith("gpufleet: error: no function 'nope'")
+    assert cli_json(h, "invoke", "nope", code=1)["error"]["code"] == "function_not_found"
+    bad = cli(h, "invoke", "echo", "--payload", "{not json")
+    assert bad.returncode == 2 and "--payload is not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
+    assert cli_json(h, "invoke", "typed", "--payload", '{"n": "x"}', code=2)["error"]["code"] == "schema_mismatch"
+    assert cli_json(h, "status", "no-such-task", code=1)["error"]["code"] == "task_not_found"
+    assert cli(h, "retry", "no-such-task").returncode == 1
+
+    # --payload @file, --payload - (stdin), and an idempotency key used twice.
+    (h.dir / "payload.json").write_text('{"from": "file"}')
+    from_file = cli(h, "invoke", "echo", "--payload", f"@{h.dir / 'payload.json'}")
+    assert from_file.returncode == 0, from_file.stderr
+    file_id = from_file.stdout.strip()
+    from_stdin = cli_json(h, "invoke", "echo", "--payload", "-", stdin='{"from": "stdin"}')
+    assert from_stdin["created"] is True
+    for task_id, event in ((file_id, {"from": "file"}), (from_stdin["id"], {"from": "stdin"})):
+        envelope = h.registry.message(task_id)
+        assert envelope is not None and decode_call(envelope)["event"] == event
+    first = cli_json(h, "invoke", "echo", "--idempotency-key", "order-42")
+    again = cli(h, "invoke", "echo", "--idempotency-key", "order-42", "--json")
+    assert json.loads(again.stdout) == {"id": first["id"], "created": False} and first["created"] is True
+    assert "already exists" in again.stderr
+    echo_ids = [first["id"], from_stdin["id"], file_id]  # newest first
+
+    status = cli_json(h, "status", file_id)
+    assert status["state"] == "QUEUED" and status["function"] == "echo" and status["created_at"].endswith("Z")
+    assert status["progress"] == {"fraction": 0.0, "message": ""} and "owner" not in status
+    human = cli(h, "status", file_id).stdout
+    assert "state      QUEUED" in human and "position   1 of 3 in queue" in human
+
+    # Listing: pages, cursor, filters.
+    page = cli_json(h, "tasks", "--function", "echo", "--limit", "2")
+    assert [t["id"] for t in page["items"]] == echo_ids[:2] and page["next_cursor"]
+    rest = cli_json(h, "tasks", "--function", "echo", "--limit", "2", "--cursor", page["next_cursor"])
+    assert [t["id"] for t in rest["items"]] == echo_ids[2:] and rest["next_cursor"] is None
+    listing = cli(h, "tasks", "--function", "echo", "--limit", "2").stdout.splitlines()
+    assert listing[0].split() == ["ID", "FUNCTION", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "WORKER"]
+    assert listing[1].split()[:4] == [echo_ids[0], "echo", "QUEUED", "0/3"]
+    assert listing[-1] == f"more: gpufleet tasks --function echo --limit 2 --cursor {page['next_cursor']}"
+    assert cli_json(h, "tasks", "--state", "bogus", code=2)["error"]["code"] == "bad_state"
+
+    # Cancel a queued task; cancelling it again is a no-op, not an error; then retry it.
+    assert cli_json(h, "cancel", file_id) == {"id": file_id, "outcome": "cancelled", "state": "CANCELLED"}
+    assert cli_json(h, "status", file_id)["state"] == "CANCELLED"
+    noop = cli(h, "cancel", file_id)
+    assert noop.returncode == 0 and noop.stdout.startswith(f"noop: {file_id} already finished (CANCELLED)")
+    assert [t["id"] for t in cli_json(h, "tasks", "--state", "cancelled")["items"]] == [file_id]
+    retried = cli_json(h, "retry", file_id)
+    assert retried == {"id": file_id, "outcome": "queued", "previous_state": "CANCELLED", "state": "QUEUED"}
+    conflict = cli(h, "retry", file_id)
+    assert conflict.returncode == 1 and "only CANCELLED, EXPIRED, FAILED, TIMED_OUT tasks" in conflict.stderr
+
+    # No fleet: --wait gives up at --timeout with exit 3, having shown progress lines (stderr is not a TTY).
+    waited = cli(h, "invoke", "echo", "--wait", "--timeout", "1")
+    assert waited.returncode == 3, waited.stderr
+    assert "state      QUEUED" in waited.stdout and "timed out after 1s" in waited.stderr
+    assert "[....................]   0%  (QUEUED " in waited.stderr
+
+    queue = cli_json(h, "queue", "echo")
+    assert queue["function"] == "echo" and queue["length"] == 4
+    assert {k: v for k, v in queue["counts"].items() if v} == {"QUEUED": 4}
+    queues = cli_json(h, "queue")
+    assert {q["function"] for q in queues} >= TEST_FUNCTIONS and queue in queues
+    rows = cli(h, "queue").stdout.splitlines()
+    assert rows[0].split()[:4] == ["FUNCTION", "QUEUE", "LENGTH", "RUNNING"]
+    assert next(r for r in rows if r.startswith("echo ")).split()[2:4] == ["4", "0"]
+
+    assert cli_json(h, "gpus") == []
+    assert "no GPUs reported yet" in cli(h, "gpus").stdout
+
+
+def test_invoke_wait_cancel_retry_and_gpus_on_a_running_fleet(harness: FleetHarness) -> None:
+    h = harness
+    h.write_config(worker={"cancel_grace_s": 1})
+    h.start()
+
+    ok = cli(h, "invoke", "echo", "--payload", '{"a": 1}', "--wait", "--json")
+    assert ok.returncode == 0, f"{ok.stderr}\n{h.log_text()[-4000:]}"
+    done = json.loads(ok.stdout)
+    assert done["state"] == "SUCCEEDED" and done["result"] == {"echo": {"a": 1}, "attempt": 1}
+    assert done["created"] is True and done["finished_at"] and done["worker"]
+    assert "(SUCCEEDED " in ok.stderr.splitlines()[-1]
+    noop = cli_json(h, "cancel", done["id"])
+    assert noop["outcome"] == "noop" and noop["state"] == "SUCCEEDED"
+
+    failed = cli(h, "invoke", "always_fail", "--wait")
+    assert failed.returncode == 1, failed.stderr
+    assert "state      FAILED (RetriesExhausted)" in failed.stdout
+    assert "error      ValueError: boom on attempt 3" in failed.stdout
+    failed_id = failed.stdout.split()[1]
+    again = cli(h, "retry", failed_id, "--wait", "--json", "--quiet")
+    assert again.returncode == 1 and again.stderr == ""
+    assert json.loads(again.stdout)["state"] == "FAILED" and h.runs(failed_id) == 6
+
+    # Both worker slots busy: a new task waits in the queue, and cancelling it there means it never runs.
+    slow = [cli_json(h, "invoke", "slow", "--payload", '{"seconds": 8}')["id"] for _ in range(2)]
+    h.wait_for(lambda: all(state(h, i) == "RUNNING" for i in slow), what="both slots busy")
+    queued = cli_json(h, "invoke", "echo")["id"]
+    assert cli_json(h, "cancel", queued)["outcome"] == "cancelled"
+    running = cli(h, "status", slow[0]).stdout
+    assert "state      RUNNING" in running and "progress   [....................]   0%  (RUNNING " in running
+
+    gpus = h.wait_for(lambda: cli_json(h, "gpus"), timeout_s=15, what="the GPU inventory")
+    assert len(gpus) == 2 and all(g["virtual"] and not g["stale"] and g["worker"] for g in gpus)
+    assert {g["task_id"] for g in gpus} <= {*slow, None}
+    table_rows = cli(h, "gpus").stdout.splitlines()
+    assert table_rows[0].split() == ["WORKER", "INDEX", "MODEL", "MEMORY", "UTIL", "TASK", "STATE"]
+
+    watched = cli(h, "status", slow[1], "--watch")
+    assert watched.returncode == 0 and "state      SUCCEEDED" in watched.stdout
+    assert h.runs(queued) == 0 and cli_json(h, "status", queued)["state"] == "CANCELLED"
+
+    # A running task that ignores the cancel is asked to stop, then killed after cancel_grace_s.
+    stubborn = cli_json(h, "invoke", "slow", "--payload", '{"seconds": 60}')["id"]
+    h.wait_for(lambda: state(h, stubborn) == "RUNNING", what="the slow task to start")
+    cancelling = cli(h, "cancel", stubborn)
+    assert cancelling.returncode == 0 and cancelling.stdout.startswith(f"cancelling: {stubborn} is running")
+    end = cli(h, "status", stubborn, "--watch", "--timeout", "30", "--json")
+    assert end.returncode == 1 and json.loads(end.stdout)["state"] == "CANCELLED"
+
+    summary = cli_json(h, "queue", "slow")
+    assert summary["length"] == 0 and summary["summary"]["completed"] == 2 and summary["summary"]["cancelled"] == 1
