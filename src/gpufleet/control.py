@@ -51,6 +51,10 @@ class ControlPlane:
             self._factory = MessageFactory(create_app(self.fleet), s.redis.key_prefix, s.worker.kill_grace_s)
         return self._factory
 
+    def ping(self) -> None:
+        """Raise ``redis.ConnectionError``/``TimeoutError`` when the registry cannot be reached."""
+        self.registry.client.ping()
+
     # -- functions -------------------------------------------------------------------------------------------
 
     def function(self, name: str) -> Function:

@@ -1,0 +1,228 @@
+"""The HTTP control plane: FastAPI routes over :class:`gpufleet.control.ControlPlane`.
+
+Every route but ``GET /healthz`` needs ``Authorization: Bearer <api.token>``; that includes the OpenAPI spec at
+``/openapi.json``. Errors are JSON, ``{"error": {"code": ..., "message": ...}}`` (codes in
+:mod:`gpufleet.api.errors`). The control plane talks to Redis synchronously, so the routes are plain ``def`` and
+run in the server's threadpool.
+
+Guarantees:
+
+- ``POST /v1/functions/{name}/invocations`` answers 202 once the task is in Redis (record and queue written in one
+  atomic step); the same ``Idempotency-Key`` for the same function always names the same task, which runs once.
+- A body over ``defaults.max_payload_bytes`` is refused (413) before it is read in full.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at runtime, and they name
+# dependencies local to create_app.
+import secrets
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, Security
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gpufleet import __version__
+from gpufleet.api import models
+from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
+from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
+from gpufleet.errors import InvalidRequestError, PayloadTooLargeError
+from gpufleet.registry import State
+
+DEFAULT_PAGE = 50
+# Visible ASCII with inner spaces: what survives an HTTP header unchanged (servers strip surrounding spaces).
+IDEMPOTENCY_KEY_RE = r"^[!-~](?:[ -~]*[!-~])?$"
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": models.ErrorResponse} for status in statuses}
+
+
+TaskId = Annotated[str, Path(description="a task id, as invoke returned it or as its trigger named it")]
+FunctionName = Annotated[str, Path(description="a function name; GET /v1/functions lists them")]
+
+
+def create_app(control: ControlPlane, token: str) -> FastAPI:
+    """Build the app for one control plane. ``token`` is the bearer token every route but /healthz requires."""
+    settings = control.fleet.settings
+    max_body = settings.defaults.max_payload_bytes
+    max_page = settings.api.max_page
+    bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="the fleet's api.token")
+    expected = token.encode()
+
+    async def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
+        if credentials is None:
+            raise UnauthorizedError("unauthorized", "send Authorization: Bearer <api.token>")
+        # Bytes: compare_digest refuses non-ASCII str, and a header may hold any Latin-1 character.
+        if not secrets.compare_digest(credentials.credentials.encode(), expected):
+            raise UnauthorizedError("unauthorized", "wrong bearer token")
+
+    async def read_body(request: Request) -> bytes:
+        """The raw body, refused (413) as soon as it is known to exceed the limit: before parsing, and before
+        reading it all when Content-Length says so."""
+        too_large = PayloadTooLargeError("payload_too_large", f"the body exceeds max_payload_bytes ({max_body})")
+        length = request.headers.get("content-length", "")
+        if length.isascii() and length.isdigit() and int(length) > max_body:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    app = FastAPI(
+        title="gpufleet",
+        version=__version__,
+        summary="Control plane of a gpufleet GPU worker fleet: invoke functions, follow, cancel and retry tasks.",
+        openapi_url=None,  # served below, behind the bearer token
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,  # an API answers 404, not a redirect, for a path it does not serve
+        generate_unique_id_function=_operation_id,
+    )
+    install_error_handlers(app)
+    app.add_middleware(Observe)
+    guards = [Depends(authorize), Depends(_known_query)]
+    v1 = APIRouter(prefix="/v1", dependencies=guards, responses=_errors(401, 422, 503))
+
+    @v1.post(
+        "/functions/{name}/invocations",
+        tags=["functions"],
+        status_code=202,
+        response_model=models.Invocation,
+        responses={
+            202: {"headers": {"Location": {"description": "the task: /v1/tasks/{id}", "schema": {"type": "string"}}}},
+            **_errors(404, 413),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": f"the event, any JSON value (at most {max_body} bytes); it must match the function's "
+                "payload_schema, if it has one",
+                "content": {"application/json": {"schema": {}}},
+            }
+        },
+    )
+    def invoke(
+        name: FunctionName,
+        body: Annotated[bytes, Depends(read_body)],
+        response: Response,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                max_length=MAX_IDEMPOTENCY_KEY,
+                pattern=IDEMPOTENCY_KEY_RE,
+                description="the same key (per function) always names the same task: retrying is safe",
+            ),
+        ] = None,
+    ) -> models.Invocation:
+        """Queue a task: answers 202 and its id at once; follow it at the Location."""
+        control.function(name)  # an unknown function is a 404 whatever the body
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequestError("invalid_json", f"the body is not JSON: {exc}") from None
+        invocation = control.invoke(name, event, idempotency_key)
+        response.headers["Location"] = _task_url(invocation.id)
+        return models.Invocation(id=invocation.id, created=invocation.created)
+
+    @v1.get("/tasks/{task_id}", tags=["tasks"], response_model=models.TaskView, responses=_errors(404))
+    def get_task(task_id: TaskId) -> dict[str, Any]:
+        """A task's state, attempts, progress, timestamps, worker and GPU, and its result or error."""
+        return control.status(task_id)
+
+    @v1.post("/tasks/{task_id}/cancel", tags=["tasks"], response_model=models.CancelOutcome,
+             responses=_errors(404, 409))  # fmt: skip
+    def cancel_task(task_id: TaskId) -> dict[str, Any]:
+        """Cancel: a queued task at once; a running one is signalled, then killed after worker.cancel_grace_s.
+        A task that already finished is left as it is (outcome ``noop``, not an error)."""
+        return control.cancel(task_id)
+
+    @v1.post("/tasks/{task_id}/retry", tags=["tasks"], status_code=202, response_model=models.RetryOutcome,
+             responses=_errors(404, 409))  # fmt: skip
+    def retry_task(task_id: TaskId, response: Response) -> dict[str, Any]:
+        """Run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task again, from attempt 1; 409 for any other state."""
+        outcome = control.retry(task_id)
+        response.headers["Location"] = _task_url(task_id)
+        return outcome
+
+    @v1.get("/tasks/{task_id}/position", tags=["tasks"], response_model=models.Position, responses=_errors(404))
+    def task_position(task_id: TaskId) -> dict[str, Any]:
+        """Where a queued task stands in its queue (1 = next to start)."""
+        return control.position(task_id)
+
+    @v1.get("/tasks", tags=["tasks"], response_model=models.TaskPage, responses=_errors(404))
+    def list_tasks(
+        function: Annotated[str | None, Query(description="only this function's tasks")] = None,
+        state: Annotated[State | None, Query(description="only tasks in this state")] = None,
+        limit: Annotated[int, Query(ge=1, le=max_page, description="page size")] = min(DEFAULT_PAGE, max_page),
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> dict[str, Any]:
+        """Tasks, newest first, a page at a time."""
+        return control.tasks(function, state.value if state else None, limit, cursor)
+
+    @v1.get("/functions", tags=["functions"], response_model=models.FunctionList)
+    def list_functions() -> dict[str, Any]:
+        """The functions this fleet serves, with their GPU needs, limits and payload schemas."""
+        return {"items": control.functions()}
+
+    @v1.get("/functions/{name}/queue", tags=["functions"], response_model=models.QueueInfo, responses=_errors(404))
+    def function_queue(name: FunctionName) -> dict[str, Any]:
+        """Queue length and tasks per state for one function."""
+        return control.queue(name)
+
+    @v1.get("/gpus", tags=["fleet"], response_model=models.GpuList)
+    def list_gpus() -> dict[str, Any]:
+        """Every GPU (or virtual GPU) slot, as the workers' supervisors report them, and the task each runs."""
+        return {"items": control.gpus()}
+
+    app.include_router(v1)
+
+    @app.get("/healthz", tags=["fleet"], response_model=models.Health, responses=_errors(503))
+    def healthz() -> dict[str, str]:
+        """Liveness and readiness: 200 when Redis answers. Needs no token."""
+        control.ping()
+        return {"status": "ok"}
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    return app
+
+
+async def _known_query(request: Request) -> None:
+    """A query parameter the route does not take is an error (422), as an unknown config key is: a typo such as
+    ``?fucntion=echo`` must not silently list every task."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    known = _query_names(route.dependant) if isinstance(route, APIRoute) else frozenset()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise RequestValidationError(
+            [{"loc": ("query", name), "msg": "unknown query parameter", "type": "extra_forbidden"} for name in unknown]
+        )
+
+
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+def _task_url(task_id: str) -> str:
+    return f"/v1/tasks/{quote(task_id, safe='')}"
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name

@@ -1,0 +1,166 @@
+"""The HTTP API's response shapes. They document the OpenAPI spec and check what the control plane returns."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpufleet.registry import State
+
+
+class _Out(BaseModel):
+    """Keys the control plane adds later are dropped, not a 500, until they are documented here."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorDetail(_Out):
+    code: str = Field(description="stable, machine-readable: unauthorized, task_not_found, invalid_request...")
+    message: str = Field(description="for people; may change between releases")
+    details: list[dict[str, Any]] | None = Field(None, description="what failed validation, for invalid_request")
+
+
+class ErrorResponse(_Out):
+    """Every error: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class Invocation(_Out):
+    id: str = Field(description="the task id; poll GET /v1/tasks/{id}")
+    created: bool = Field(description="false: the Idempotency-Key named a task made earlier, and nothing was queued")
+
+
+class Progress(_Out):
+    fraction: float
+    message: str
+
+
+class TaskView(_Out):
+    """A task: state, attempts, progress, timestamps (ISO 8601, UTC), worker and GPU, result or error."""
+
+    id: str
+    function: str
+    state: State
+    attempts: int
+    max_attempts: int
+    progress: Progress
+    source: str | None
+    worker: str | None
+    gpu: str | None
+    condition: str | None = Field(description="set once finished: Success, RetriesExhausted, TimedOut, Cancelled...")
+    result: Any = Field(description="the handler's return value, once SUCCEEDED")
+    error: dict[str, Any] | None = Field(description="errorType, errorMessage, stackTrace, once it failed")
+    last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
+    cancel_requested: bool
+    created_at: str | None
+    queued_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    retry_at: str | None
+    cancel_requested_at: str | None
+    lease_until: str | None
+
+
+class TaskPage(_Out):
+    items: list[TaskView] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class CancelOutcome(_Out):
+    id: str
+    outcome: Literal["cancelled", "cancelling", "noop"] = Field(
+        description="cancelled: it was queued; cancelling: it runs and was signalled; noop: it had finished"
+    )
+    state: State
+    message: str | None = None
+
+
+class RetryOutcome(_Out):
+    id: str
+    outcome: Literal["queued"]
+    previous_state: State
+    state: State
+
+
+class Position(_Out):
+    """Where a QUEUED task stands; ``position`` 1 is next. Null when it is not waiting in a queue."""
+
+    id: str
+    state: State
+    position: int | None
+    ahead: int | None
+    queue: str | None
+    queue_length: int | None
+    retry_at: str | None = Field(None, description="set while a retry waits for its backoff")
+
+
+class GpuRequirement(_Out):
+    model: str
+    count: int
+    pools: list[str]
+
+
+class FunctionInfo(_Out):
+    name: str
+    gpu: GpuRequirement
+    queue: str
+    timeout_s: float
+    max_attempts: int
+    backoff_s: float
+    backoff_max_s: float
+    max_event_age_s: float | None
+    retention_s: int
+    payload_schema: dict[str, Any] | None = Field(description="JSON Schema every event must match, if any")
+
+
+class FunctionList(_Out):
+    items: list[FunctionInfo]
+
+
+class QueueSummary(_Out):
+    queued: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class QueueInfo(_Out):
+    function: str
+    queue: str
+    length: int = Field(description="tasks waiting (QUEUED)")
+    counts: dict[str, int] = Field(description="tasks per state; finished ones while their records are retained")
+    summary: QueueSummary
+
+
+class GpuInfo(BaseModel):
+    """One GPU (or virtual GPU) slot as its host's supervisor last reported it."""
+
+    model_config = ConfigDict(extra="allow")  # supervisors may report more facts than this lists
+
+    worker: str
+    host: str | None = None
+    index: int | None = None
+    name: str | None = None
+    model: str | None = None
+    uuid: str | None = None
+    virtual: bool | None = None
+    memory_total_mb: int | None = None
+    memory_used_mb: int | None = None
+    utilization_pct: int | None = None
+    pid: int | None = None
+    up: bool | None = None
+    restarts: int | None = None
+    seen_at: float | None = None
+    stale: bool = Field(description="not refreshed lately: its host may be gone")
+    task_id: str | None = Field(None, description="the task it runs, if any")
+
+
+class GpuList(_Out):
+    items: list[GpuInfo]

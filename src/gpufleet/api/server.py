@@ -1,0 +1,74 @@
+"""``gpufleet api``: the control plane's HTTP server, uvicorn on ``api.host:api.port``.
+
+Signals belong to the CLI entry point: it sets ``stop`` on SIGINT/SIGTERM, and the server, which installs no
+handlers of its own, stops accepting connections, lets requests in flight finish (up to ``GRACE_S``) and returns.
+uvicorn's own log lines go through the process's logging setup (structlog), warnings and errors only; requests
+are logged at debug by :class:`gpufleet.api.errors.Observe`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Generator
+
+import structlog
+import uvicorn
+
+from gpufleet.api.app import create_app
+from gpufleet.control import ControlPlane
+from gpufleet.errors import ConfigError
+from gpufleet.settings import Fleet
+
+log = structlog.get_logger("gpufleet.api")
+GRACE_S = 10
+
+
+def serve(fleet: Fleet, stop: threading.Event) -> None:
+    """Serve the API until ``stop`` is set, then shut down cleanly.
+
+    Raises:
+        ConfigError: ``api.token`` is not set.
+    """
+    api = fleet.settings.api
+    if api.token is None:
+        raise ConfigError("is required to serve the API", file=str(fleet.config_file), key="api.token",
+                          fix="set api.token or GPUFLEET_API__TOKEN (16+ characters)")  # fmt: skip
+    control = ControlPlane(fleet)
+    _ = control.factory  # build the Celery app now, not in the first request (nor twice in two threads)
+    config = uvicorn.Config(
+        create_app(control, api.token),
+        host=api.host,
+        port=api.port,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=GRACE_S,
+    )
+    _Server(config, stop).run()
+    log.info("api stopped")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, stop: threading.Event) -> None:
+        super().__init__(config)
+        self._stop = stop
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn would install SIGINT/SIGTERM handlers (and re-raise the signal on exit); the CLI owns them.
+        yield
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop.is_set():  # checked every 0.1 s by uvicorn's main loop
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log.info("api listening", url=f"http://{f'[{host}]' if ':' in host else host}:{port}")
