@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gpufleet.functions import Function
@@ -90,11 +89,9 @@ class ControlPlane:
         if size > s.defaults.max_payload_bytes:
             limit = s.defaults.max_payload_bytes
             raise PayloadTooLargeError("payload_too_large", f"{size} bytes > max_payload_bytes {limit}")
-        if fn.payload is not None:
-            try:
-                fn.payload.model_validate(event)
-            except ValidationError as exc:
-                raise InvalidRequestError("schema_mismatch", f"{fn.payload.__name__}: {exc}") from None
+        mismatch = fn.payload_error(event)
+        if mismatch is not None:
+            raise InvalidRequestError("schema_mismatch", mismatch)
         if idempotency_key is not None:
             if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable():
                 raise InvalidRequestError("bad_idempotency_key", "use 1 to 255 printable characters")

@@ -141,14 +141,10 @@ def _api_tour(fleet: Any) -> tuple[int, str]:
 
     def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else orjson.dumps(body)
-        req = urllib.request.Request(
-            base + path,
-            data=data,
-            method=method,  # noqa: S310 - our own loopback URL
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        )
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        req = urllib.request.Request(base + path, data=data, method=method, headers=headers)  # noqa: S310 - loopback
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
                 return resp.status, orjson.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read() or b"null")

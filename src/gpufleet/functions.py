@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from gpufleet.errors import ConfigError
 
@@ -125,6 +125,16 @@ class Function:
         """Register the per-process setup hook; its return value becomes ``ctx.state``."""
         self.setup_fn = fn
         return fn
+
+    def payload_error(self, event: Any) -> str | None:
+        """Why ``event`` does not match the function's payload model, or None when it does (or there is none)."""
+        if self.payload is None:
+            return None
+        try:
+            self.payload.model_validate(event)
+        except ValidationError as exc:
+            return f"{self.payload.__name__}: {exc}"
+        return None
 
     def backoff_for(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1``: exponential, capped (jitter is added by the caller)."""

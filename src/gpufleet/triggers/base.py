@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import orjson
 import structlog
-from pydantic import ValidationError
 
 from gpufleet.celery_app import create_app
 from gpufleet.destinations import parse_destination
@@ -98,11 +97,9 @@ class Ingest:
         fn = self.fleet.functions.get(function)
         if fn is None:
             raise EventError("unknown_function", f"no function {function!r}; served: {sorted(self.fleet.functions)}")
-        if fn.payload is not None:
-            try:
-                fn.payload.model_validate(payload)
-            except ValidationError as exc:
-                raise EventError("schema_mismatch", f"{fn.payload.__name__}: {exc}") from None
+        mismatch = fn.payload_error(payload)
+        if mismatch is not None:
+            raise EventError("schema_mismatch", mismatch)
         task_id = self._task_id(msg, body)
         meta = {"source": msg.source_id, "trigger": self.trigger.name}
         s = self.fleet.settings
