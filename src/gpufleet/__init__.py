@@ -4,6 +4,7 @@ Importing this package does nothing but define names: no environment reads, no l
 """
 
 from gpufleet.functions import Context, Function, Gpu, function
+from gpufleet.objects import ObjectEvent
 
-__all__ = ["Context", "Function", "Gpu", "function"]
+__all__ = ["Context", "Function", "Gpu", "ObjectEvent", "function"]
 __version__ = "0.1.0"

@@ -57,6 +57,17 @@ class Context(Protocol):
     def cancelled(self) -> bool:
         """True once somebody asked this task to stop; a long handler should check it and return early."""
 
+    @property
+    def scratch(self) -> Path:
+        """This attempt's own empty directory, removed when the attempt ends."""
+
+    def download(self, obj: Any = None) -> Path:
+        """Stream an object (this task's object event by default, or an ``s3://`` URI) into ``scratch``."""
+
+    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None) -> str:
+        """Upload an output to the trigger's ``output`` location; returns its ``s3://`` URI, which the success
+        record lists under ``responseContext.outputs``."""
+
 
 Handler = Callable[[Any, Context], Any]
 

@@ -43,10 +43,11 @@ def callback_record(
     started_at: float | None,
     finished_at: float,
     response: Any,
+    outputs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build the record; ``response`` is the handler's result on success, else an :func:`error_payload`."""
     success = condition is Condition.SUCCESS
-    return {
+    record = {
         "version": VERSION,
         "timestamp": iso(finished_at),
         "requestContext": {
@@ -68,3 +69,6 @@ def callback_record(
         },
         "responsePayload": response,
     }
+    if outputs:  # objects the handler uploaded (ctx.upload), as s3:// URIs
+        record["responseContext"]["outputs"] = outputs
+    return record

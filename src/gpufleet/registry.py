@@ -256,7 +256,7 @@ class Registry:
 
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries"}  # fmt: skip
-_JSON = {"result", "error", "last_error"}
+_JSON = {"result", "error", "last_error", "outputs"}
 
 
 def decode_record(raw: dict[bytes, bytes]) -> dict[str, Any]:

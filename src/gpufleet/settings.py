@@ -76,6 +76,23 @@ class WorkerSettings(_Model):
     # On stop, running tasks get this long to finish (warm shutdown) before their processes are killed; a killed
     # task is re-run elsewhere. Give containers a stop grace period longer than this.
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # Each task gets a fresh directory below this one (downloads, outputs); it is removed when the task ends.
+    scratch_dir: Path | None = None  # default: <system temp>/gpufleet-scratch
+
+
+class S3Settings(_Model):
+    """The object store (and SQS) that object triggers and the handlers' download/upload helpers use.
+
+    ``endpoint_url`` null means AWS; set it for MinIO, Ceph RGW or SeaweedFS. Credentials null means boto3's
+    default chain (environment, profile, instance role); use ``GPUFLEET_S3__SECRET_ACCESS_KEY`` for secrets.
+    """
+
+    endpoint_url: str | None = None
+    sqs_endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "path"
 
 
 class DefaultsSettings(_Model):
@@ -116,6 +133,7 @@ class LoggingSettings(_Model):
 class FleetSettings(_Model):
     redis: RedisSettings = RedisSettings()
     kafka: KafkaSettings = KafkaSettings()
+    s3: S3Settings = S3Settings()
     worker: WorkerSettings = WorkerSettings()
     defaults: DefaultsSettings = DefaultsSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
@@ -134,6 +152,9 @@ class FleetSettings(_Model):
         return self
 
 
+SNS_HOSTS = (r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$",)
+
+
 class TriggerSettings(_Model):
     """One ``triggers/*.yaml`` file: a source bound to a function and its destinations."""
 
@@ -141,6 +162,9 @@ class TriggerSettings(_Model):
     source: str
     # The function every message goes to; when absent, each message names it: {"function": ..., "payload": ...}.
     function: str | None = None
+    # What the messages are: "json" (an event, or the routing envelope above) or "s3" (S3 event notifications).
+    # SQS, webhook and s3:// (polling) sources are always "s3".
+    format: Literal["json", "s3"] = "json"
     group: str | None = None
     id_field: str | None = "id"
     id_header: str | None = "gpufleet-id"
@@ -150,6 +174,26 @@ class TriggerSettings(_Model):
     on_success: str | None = None
     on_failure: str | None = None
     enabled: bool = True
+    # Object events ("s3" format and s3:// sources):
+    events: tuple[str, ...] = ("ObjectCreated:*",)  # event types, "s3:" prefix optional, "*" wildcards
+    prefix: str = ""
+    suffix: str = ""
+    key_encoding: Literal["auto", "url", "raw"] = "auto"  # auto: URL-decoded unless the record is from Ceph
+    output: str | None = None  # s3://bucket/prefix where ctx.upload() writes outputs
+    # SQS: long-poll wait, and how long a received message stays hidden (extended while a publish is slow).
+    wait_time_s: int = Field(20, ge=0, le=20)
+    visibility_timeout_s: int = Field(60, ge=5, le=43_200)
+    # Polling (s3://bucket/prefix): list every interval; objects present at the first listing are skipped
+    # (marked seen) when skip_existing is true.
+    poll_interval_s: float = Field(30.0, gt=0)
+    skip_existing: bool = False
+    # Webhook: a bearer token (MinIO's auth_token; HTTP Basic with this as the password, for SNS URLs) and/or
+    # an HMAC-SHA256 secret for the X-Gpufleet-Signature header. *_env names an environment variable to read.
+    token: str | None = Field(None, min_length=16)
+    token_env: str | None = None
+    hmac_secret: str | None = Field(None, min_length=16)
+    hmac_secret_env: str | None = None
+    sns_confirm_hosts: tuple[str, ...] = SNS_HOSTS  # SubscribeURL hosts we may GET to confirm a subscription
 
     @field_validator("name")
     @classmethod
@@ -157,6 +201,25 @@ class TriggerSettings(_Model):
         if not re.match(r"^[A-Za-z0-9_.-]{1,100}$", v):
             raise ValueError("use letters, digits, '.', '_' or '-'")
         return v
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from gpufleet.triggers.s3events import EventFilter  # lazy: settings stays import-light
+
+        EventFilter(v)  # ValueError names the bad pattern
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^s3://[^/]+(/.*)?$", v):
+            raise ValueError("use s3://bucket or s3://bucket/prefix")
+        return v
+
+    @property
+    def object_events(self) -> bool:
+        return self.format == "s3" or self.source.split(":", 1)[0] in ("sqs", "webhook", "s3")
 
 
 @dataclass(frozen=True)
@@ -187,7 +250,7 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
         }
     )
     functions = load_functions(settings.functions)
-    triggers = load_triggers(settings.triggers, functions)
+    triggers = load_triggers(settings.triggers, functions, env)
     from gpufleet.destinations import parse_destination  # local: destinations import settings types
 
     for key in ("on_success", "on_failure", "dead_letter"):
@@ -197,10 +260,15 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
             url = getattr(fn, key)
             if url:
                 parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}")
+    hooks = [t.name for t in triggers.values() if t.enabled and t.source.startswith("webhook:")]
+    if hooks and not settings.api.enabled:
+        raise ConfigError(f"webhook trigger(s) {hooks} are served by the api role, which is off", file=str(path),
+                          key="api.enabled", fix="set api.enabled: true (and api.token)")  # fmt: skip
     return Fleet(settings=settings, functions=functions, triggers=triggers, config_file=path.resolve())
 
 
-def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function]) -> dict[str, TriggerSettings]:
+def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function],
+                  env: Mapping[str, str] | None = None) -> dict[str, TriggerSettings]:  # fmt: skip
     """Load every ``*.yaml`` trigger file in the folders; check sources, functions and destinations."""
     from gpufleet.destinations import parse_destination
     from gpufleet.triggers import parse_source
@@ -228,8 +296,32 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function]) 
                 url = getattr(trigger, key)
                 if url:
                     parse_destination(url, where=where, key=key)
-            triggers[trigger.name] = trigger
+            triggers[trigger.name] = _check_object_trigger(trigger, where, os.environ if env is None else env)
     return triggers
+
+
+def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str, str]) -> TriggerSettings:
+    """Object triggers name their function; webhooks need a secret, read from the environment with ``*_env``."""
+    if trigger.object_events and trigger.function is None:
+        raise ConfigError("an object-event trigger needs a function", file=where, key="function",
+                          fix="name the function that gets each object event")  # fmt: skip
+    secrets: dict[str, Any] = {}
+    for key in ("token", "hmac_secret"):
+        var = getattr(trigger, f"{key}_env")
+        if var is not None:
+            if not env.get(var):
+                raise ConfigError(f"environment variable {var} is not set", file=where, key=f"{key}_env",
+                                  fix=f"export {var}=... (16+ characters)")  # fmt: skip
+            if len(env[var]) < 16:
+                raise ConfigError(f"{var} is too short", file=where, key=f"{key}_env", fix="use 16+ characters")
+            secrets[key] = env[var]
+    if secrets:
+        trigger = trigger.model_copy(update=secrets)
+    if trigger.source.startswith("webhook:") and trigger.token is None and trigger.hmac_secret is None:
+        fix = "set token/token_env (bearer token) or hmac_secret/hmac_secret_env"
+        raise ConfigError("a webhook needs a secret: without one anybody could enqueue GPU work", file=where,
+                          key="token", fix=fix)  # fmt: skip
+    return trigger
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from gpufleet import Context, function
+from gpufleet import Context, ObjectEvent, function
 
 
 def _redis() -> redis.Redis:
@@ -89,3 +91,19 @@ def ignores_cancel(event: dict[str, Any], ctx: Context) -> None:
 @function(name="expiring", max_event_age_s=1.0)
 def expiring(event: Any, ctx: Context) -> None:
     _redis().incr(f"runs:{ctx.task_id}")
+
+
+@function(name="objinfo", max_attempts=2, backoff_s=0.2)
+def objinfo(event: ObjectEvent, ctx: Context) -> dict[str, Any]:
+    """Downloads the object of its event, hashes it and uploads a small report next to the outputs."""
+    r = _redis()
+    r.incr(f"runs:{ctx.task_id}")
+    path = ctx.download()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    report = ctx.scratch / "report.json"
+    report.write_text(json.dumps({"key": event.key, "sha256": digest}))
+    uploaded = ctx.upload(report)
+    r.rpush(f"scratch:{ctx.task_id}", str(ctx.scratch))
+    return {"key": event.key, "size": path.stat().st_size, "sha256": digest, "content_type": event.content_type,
+            "inside_scratch": ctx.scratch.resolve() in path.resolve().parents, "report": uploaded,
+            "event_type": event.event_type}  # fmt: skip

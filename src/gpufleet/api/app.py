@@ -15,6 +15,7 @@ Guarantees:
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime, and they name
 # dependencies local to create_app.
 import secrets
+from collections.abc import Sequence
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -29,6 +30,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gpufleet import __version__
 from gpufleet.api import models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
+from gpufleet.api.webhooks import WebhookTrigger
+from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import InvalidRequestError, PayloadTooLargeError
 from gpufleet.registry import State
@@ -46,8 +49,9 @@ TaskId = Annotated[str, Path(description="a task id, as invoke returned it or as
 FunctionName = Annotated[str, Path(description="a function name; GET /v1/functions lists them")]
 
 
-def create_app(control: ControlPlane, token: str) -> FastAPI:
-    """Build the app for one control plane. ``token`` is the bearer token every route but /healthz requires."""
+def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrigger] = ()) -> FastAPI:
+    """Build the app for one control plane. ``token`` is the bearer token every route but /healthz and the
+    webhooks require (each webhook trigger has its own secret)."""
     settings = control.fleet.settings
     max_body = settings.defaults.max_payload_bytes
     max_page = settings.api.max_page
@@ -185,6 +189,8 @@ def create_app(control: ControlPlane, token: str) -> FastAPI:
         return {"items": control.gpus()}
 
     app.include_router(v1)
+    if webhooks:
+        app.include_router(webhook_router(list(webhooks)))
 
     @app.get("/healthz", tags=["fleet"], response_model=models.Health, responses=_errors(503))
     def healthz() -> dict[str, str]:

@@ -17,9 +17,11 @@ import structlog
 import uvicorn
 
 from gpufleet.api.app import create_app
+from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.control import ControlPlane
 from gpufleet.errors import ConfigError
 from gpufleet.settings import Fleet
+from gpufleet.triggers import parse_source
 
 log = structlog.get_logger("gpufleet.api")
 GRACE_S = 10
@@ -37,8 +39,12 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
                           fix="set api.token or GPUFLEET_API__TOKEN (16+ characters)")  # fmt: skip
     control = ControlPlane(fleet)
     _ = control.factory  # build the Celery app now, not in the first request (nor twice in two threads)
+    webhooks = [WebhookTrigger(fleet, t) for t in fleet.triggers.values()
+                if t.enabled and parse_source(t.source).scheme == "webhook"]  # fmt: skip
+    for hook in webhooks:
+        log.info("webhook trigger served", trigger=hook.name, path=f"/v1/webhooks/{hook.path}")
     config = uvicorn.Config(
-        create_app(control, api.token),
+        create_app(control, api.token, webhooks),
         host=api.host,
         port=api.port,
         log_config=None,
@@ -48,7 +54,11 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
         server_header=False,
         timeout_graceful_shutdown=GRACE_S,
     )
-    _Server(config, stop).run()
+    try:
+        _Server(config, stop).run()
+    finally:
+        for hook in webhooks:
+            hook.ingest.close()
     log.info("api stopped")
 
 

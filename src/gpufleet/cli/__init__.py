@@ -92,21 +92,31 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _trigger(args: argparse.Namespace) -> int:
     from gpufleet.roles import stop_event_on_signals
-    from gpufleet.triggers import BACKENDS, parse_source
+    from gpufleet.triggers import BACKENDS, SERVED_BY_API, parse_source
     from gpufleet.urls import import_backend
 
     fleet = _fleet(args, "trigger")
+
+    def scheme(name: str) -> str:
+        return parse_source(fleet.triggers[name].source).scheme
+
     names = args.name or [n for n, t in fleet.triggers.items() if t.enabled]
     unknown = sorted(set(names) - set(fleet.triggers))
     if unknown:
         raise GpufleetError(f"unknown trigger(s) {unknown}; configured: {sorted(fleet.triggers)}")
+    names = [n for n in names if scheme(n) not in SERVED_BY_API]  # webhooks are served by `gpufleet api`
     stop = stop_event_on_signals()
+    if not names:
+        # Nothing to consume here; stay up (an exit would look like a crash to `gpufleet run`).
+        structlog.get_logger("gpufleet.trigger").info("no triggers to run in this process")
+        stop.wait()
+        return 0
     failed: list[str] = []
 
     def serve(name: str) -> None:
         trigger = fleet.triggers[name]
         try:
-            import_backend(BACKENDS[parse_source(trigger.source).scheme])(fleet, trigger).run(stop)
+            import_backend(BACKENDS[scheme(name)])(fleet, trigger).run(stop)
         except Exception:  # noqa: BLE001 - whatever killed it, the process must not run on without it
             # One dead trigger stops the process (exit 1) so that `gpufleet run` or the orchestrator restarts it,
             # instead of running on with a source nobody consumes.

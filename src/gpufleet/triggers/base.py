@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import structlog
@@ -25,9 +25,14 @@ from gpufleet.destinations import parse_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.destinations.kafka import KafkaDestination
 from gpufleet.errors import EventError, GpufleetError
+from gpufleet.functions import Function
 from gpufleet.messages import MessageFactory
 from gpufleet.registry import NewTask, Registry
 from gpufleet.settings import Fleet, TriggerSettings
+
+if TYPE_CHECKING:
+    from gpufleet.objects import ObjectEvent
+    from gpufleet.triggers.s3events import EventFilter
 
 log = structlog.get_logger("gpufleet.trigger")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
@@ -56,6 +61,7 @@ class Prepared:
 
     tasks: list[NewTask]
     dead: list[OutRecord]
+    ignored: int = 0  # messages that asked for nothing: an s3:TestEvent, or only events the filters drop
 
 
 @dataclass
@@ -63,6 +69,7 @@ class BatchResult:
     published: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    ignored: int = 0
 
 
 class Ingest:
@@ -78,11 +85,19 @@ class Ingest:
         self.dead_letter: Destination = KafkaDestination(
             parse_destination(trigger.dead_letter or s.defaults.dead_letter), s.kafka
         )
+        self.object_filter: EventFilter | None = None
+        if trigger.object_events:
+            from gpufleet.triggers.s3events import EventFilter
 
-    def parse(self, msg: SourceMessage) -> NewTask:
-        """Turn one message into a task, or raise EventError with the dead-letter reason."""
+            self.object_filter = EventFilter(trigger.events, trigger.prefix, trigger.suffix)
+
+    def parse(self, msg: SourceMessage) -> list[NewTask]:
+        """Turn one message into its tasks, or raise EventError with the dead-letter reason. An object
+        notification may hold several records, or none that this trigger wants (a TestEvent, a filtered key)."""
         if len(msg.value) > self.max_bytes:
             raise EventError("oversize", f"{len(msg.value)} bytes > max_payload_bytes {self.max_bytes}")
+        if self.object_filter is not None:
+            return self._parse_objects(msg, self.object_filter)
         try:
             body = orjson.loads(msg.value)
         except orjson.JSONDecodeError as exc:
@@ -100,17 +115,32 @@ class Ingest:
         mismatch = fn.payload_error(payload)
         if mismatch is not None:
             raise EventError("schema_mismatch", mismatch)
-        task_id = self._task_id(msg, body)
-        meta = {"source": msg.source_id, "trigger": self.trigger.name}
+        return [self._task(fn, self._task_id(msg, body), payload, msg, {})]
+
+    def _parse_objects(self, msg: SourceMessage, wanted: EventFilter) -> list[NewTask]:
+        from gpufleet.triggers.s3events import parse_notification
+
+        note = parse_notification(msg.value, self.trigger.key_encoding)
+        return self.object_tasks([event for event in note.events if wanted.matches(event)], msg)
+
+    def object_tasks(self, events: list[ObjectEvent], msg: SourceMessage) -> list[NewTask]:
+        """One task per object event, its id the object's identity; the function gets the event as a dict (or
+        an ObjectEvent, if it declares ``payload=ObjectEvent``) and ``ctx.download()``/``ctx.upload()``."""
+        fn = self.fleet.functions[self.trigger.function or ""]  # object triggers name their function (load checks)
+        meta = {"kind": "object", "output": self.trigger.output}
+        return [self._task(fn, event.task_id(), event.model_dump(mode="json"), msg, meta) for event in events]
+
+    def _task(self, fn: Function, task_id: str, payload: Any, msg: SourceMessage, meta: dict[str, Any]) -> NewTask:
         s = self.fleet.settings
         return NewTask(
-            message=self.factory.build(task_id, fn, payload, meta),
+            message=self.factory.build(task_id, fn, payload, {"source": msg.source_id, "trigger": self.trigger.name,
+                                                              **meta}),
             on_success=self.trigger.on_success or fn.on_success or s.defaults.on_success,
             on_failure=self.trigger.on_failure or fn.on_failure or s.defaults.on_failure,
             max_attempts=fn.max_attempts,
             source=msg.source_id,
             event_ts=msg.timestamp or time.time(),
-        )
+        )  # fmt: skip
 
     def _task_id(self, msg: SourceMessage, body: Any) -> str:
         supplied: Any = None
@@ -130,15 +160,18 @@ class Ingest:
         """Parse a batch (CPU only): a source can prepare the next batch while the last one is published."""
         tasks: list[NewTask] = []
         dead: list[OutRecord] = []
+        ignored = 0
         for msg in messages:
             try:
-                tasks.append(self.parse(msg))
+                parsed = self.parse(msg)
+                tasks += parsed
+                ignored += not parsed
             except EventError as exc:
                 log.warning("dead-lettered", reason=exc.reason, detail=exc.detail[:300], source=msg.source_id)
                 dead.append(OutRecord(key=msg.source_id, value=msg.value, headers={
                     "reason": exc.reason, "detail": exc.detail[:2000], "source": msg.source_id,
                     "trigger": self.trigger.name}))  # fmt: skip
-        return Prepared(tasks, dead)
+        return Prepared(tasks, dead, ignored)
 
     def publish(self, batch: Prepared, stop: threading.Event) -> BatchResult | None:
         """Make a prepared batch durable; None if ``stop`` was set first (then nothing may be acknowledged)."""
@@ -149,7 +182,8 @@ class Ingest:
             return None
         if dead and not retry_until(lambda: self.dead_letter.deliver(dead), stop, "dead-letter"):
             return None
-        result = BatchResult(published=sum(flags), duplicates=len(flags) - sum(flags), dead_lettered=len(dead))
+        result = BatchResult(published=sum(flags), duplicates=len(flags) - sum(flags), dead_lettered=len(dead),
+                             ignored=batch.ignored)  # fmt: skip
         if result.duplicates:
             log.info("duplicates suppressed", count=result.duplicates)
         return result

@@ -11,10 +11,12 @@ import functools
 import os
 import random
 import signal
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,9 +26,11 @@ from pydantic import ValidationError
 
 from gpufleet.errors import TaskError
 from gpufleet.functions import Function
+from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, callback_record, error_payload
 from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State
 from gpufleet.settings import Fleet
+from gpufleet.worker.context import TaskContext, complete_event
 
 log = structlog.get_logger("gpufleet.worker")
 # The finish token that overrides the owner: the worker's parent recording the outcome of a child it killed.
@@ -55,27 +59,6 @@ def owner_is_dead(token: str, host: str) -> bool:
         return int(psutil.Process(int(pid)).create_time() * 1000) != int(started)
     except psutil.NoSuchProcess:
         return True
-
-
-class TaskContext:
-    """The ``ctx`` a handler receives."""
-
-    def __init__(self, runtime: Runtime, task_id: str, function: str, attempt: int, state: Any) -> None:
-        self.task_id = task_id
-        self.function = function
-        self.attempt = attempt
-        self.worker = runtime.worker_name
-        self.gpu = runtime.gpu
-        self.state = state
-        self.log = log.bind(task_id=task_id, function=function, attempt=attempt)
-        self._runtime = runtime
-
-    def progress(self, fraction: float, message: str = "") -> None:
-        self._runtime.registry.set_progress(self.task_id, min(max(float(fraction), 0.0), 1.0), message)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._runtime.lease.cancelled
 
 
 class LeaseKeeper(threading.Thread):
@@ -144,6 +127,9 @@ class Runtime:
         self._registry: Registry | None = None
         self._lease: LeaseKeeper | None = None
         self._current: _Finisher | None = None  # the task the handler runs now, for the cancel killer
+        self._objects: ObjectStore | None = None
+        configured = fleet.settings.worker.scratch_dir
+        self.scratch_root = configured or Path(tempfile.gettempdir()) / "gpufleet-scratch"
 
     @property
     def registry(self) -> Registry:
@@ -151,6 +137,12 @@ class Runtime:
             s = self.fleet.settings
             self._registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
         return self._registry
+
+    @property
+    def objects(self) -> ObjectStore:
+        if self._objects is None:
+            self._objects = ObjectStore(self.fleet.settings.s3)
+        return self._objects
 
     @property
     def lease(self) -> LeaseKeeper:
@@ -164,6 +156,7 @@ class Runtime:
         """``worker_process_init``: fresh connections after fork; never reuse the parent's sockets."""
         self._registry = None
         self._lease = None
+        self._objects = None
         self._states.clear()
         self.lease.name = f"gpufleet-lease-{os.getpid()}"
         # Warm every function now, so the first task does not pay for loading a model. A setup that fails here
@@ -218,7 +211,7 @@ class Runtime:
         bound = bound.bind(attempt=attempt)
         bound.info("task started")
         try:
-            result = self._run_handler(fn, task_id, attempt, event)
+            result, outputs = self._run_handler(fn, task_id, attempt, event, meta)
             value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
         except BaseException as exc:
             from celery.exceptions import SoftTimeLimitExceeded
@@ -243,7 +236,7 @@ class Runtime:
                 bound.info("task cancelled; the handler returned early")
                 done.cancelled("cancelled while running; the handler returned early")
             else:
-                done.succeed(value)
+                done.succeed(value, outputs)
                 bound.info("task succeeded", duration_ms=round((time.time() - started_at) * 1000, 3))
         finally:
             self.lease.release()
@@ -283,20 +276,28 @@ class Runtime:
             return None
         return claim
 
-    def _run_handler(self, fn: Function, task_id: str, attempt: int, event: Any) -> Any:
+    def _run_handler(self, fn: Function, task_id: str, attempt: int, event: Any, meta: dict[str, Any],
+                     ) -> tuple[Any, list[str]]:  # fmt: skip
         if fn.name not in self._states:
             self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
+        obj = None
+        if meta.get("kind") == "object":
+            obj = complete_event(self.objects, ObjectEvent.model_validate(event))
+            event = obj.model_dump(mode="json")
         payload = event
         if fn.payload is not None:
             try:
                 payload = fn.payload.model_validate(event)
             except ValidationError as exc:
                 raise TaskError(f"event does not match {fn.payload.__name__}: {exc}") from exc
-        ctx = TaskContext(self, task_id, fn.name, attempt, self._states[fn.name])
-        result = fn.handler(payload, ctx)
+        ctx = TaskContext(self, task_id, fn.name, attempt, self._states[fn.name], meta, obj)
+        try:
+            result = fn.handler(payload, ctx)
+        finally:
+            ctx.close()
         if hasattr(result, "model_dump"):
             result = result.model_dump(mode="json")
-        return result
+        return result, ctx.outputs
 
     def on_hard_timeout(self, task_id: str, kwargs: dict[str, Any]) -> None:
         """Called in the worker's parent process after it killed a child that ignored its soft time limit."""
@@ -325,9 +326,12 @@ class _Finisher:
         self.event = event
         self.claim = claim
         self.record = record or {}  # the stored record, read only when finishing for a killed child
+        self.outputs: list[str] = []
 
-    def succeed(self, value: bytes) -> bool:
-        return self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), {"result": value})
+    def succeed(self, value: bytes, outputs: list[str] | None = None) -> bool:
+        self.outputs = outputs or []
+        fields: dict[str, Any] = {"result": value, **({"outputs": self.outputs} if self.outputs else {})}
+        return self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), fields)
 
     def fail(self, exc: BaseException, error_type: str | None = None) -> bool:
         return self.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error_payload(exc, error_type))
@@ -352,6 +356,7 @@ class _Finisher:
             started_at=self.claim.started_at,
             finished_at=finished,
             response=response,
+            outputs=self.outputs,
         )
         fields = {**fields, "condition": condition.value}
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure

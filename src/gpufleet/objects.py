@@ -1,0 +1,137 @@
+"""Object-storage events and what a handler does with them: download to a scratch directory, upload outputs.
+
+An :class:`ObjectEvent` is one object that was created (or removed) in a bucket, whatever told us: an S3 event
+record from SQS, Kafka or a webhook, or a listing of the bucket. Its task id comes from the object's identity
+(bucket, key, versionId or eTag), so the two events some servers send for one multipart upload run once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from gpufleet.errors import TaskError
+
+if TYPE_CHECKING:
+    from gpufleet.settings import S3Settings
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ObjectEvent(BaseModel):
+    """One object event, decoded. Declare ``payload=ObjectEvent`` on a function to receive it typed."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    bucket: str
+    key: str  # decoded: "photos/a b+1.jpg", never "photos/a+b%2B1.jpg"
+    event_type: str  # without the "s3:" prefix: ObjectCreated:Put, ObjectRemoved:Delete, ObjectCreated:Listed
+    size: int | None = None
+    etag: str | None = None  # without quotes
+    version_id: str | None = None
+    sequencer: str | None = None
+    event_time: str | None = None
+    content_type: str | None = None
+    source: str = "aws:s3"  # eventSource: aws:s3, minio:s3, ceph:s3; "poll" for a bucket listing
+    region: str | None = None
+
+    @property
+    def family(self) -> str:
+        """``ObjectCreated`` or ``ObjectRemoved``: the part of the event type that says what happened."""
+        return self.event_type.split(":", 1)[0]
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def task_id(self) -> str:
+        """The object's identity, not the message's: Put and CompleteMultipartUpload of one upload share it."""
+        version = self.version_id or self.etag or self.sequencer or self.event_time or ""
+        digest = hashlib.sha256("\0".join((self.family, self.bucket, self.key, version)).encode()).hexdigest()
+        return f"s3-{digest[:40]}"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix")."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"{uri!r} is not an s3://bucket/prefix URL")
+    bucket, _, prefix = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} has no bucket")
+    return bucket, prefix
+
+
+def scratch_path(scratch: Path, key: str) -> Path:
+    """Where object ``key`` goes inside ``scratch``. Whatever the key (``..``, an absolute path, control
+    characters), the result is a file strictly inside ``scratch``."""
+    parts = [p for p in PurePosixPath(_CONTROL.sub("_", key.replace("\\", "/"))).parts if p not in ("/", ".", "..")]
+    if not parts:
+        parts = ["object"]
+    target = scratch.joinpath(*parts).resolve()
+    root = scratch.resolve()
+    if target == root or root not in target.parents:  # a symlink planted in scratch could still point out
+        raise TaskError(f"object key {key!r} does not map to a path inside the scratch directory")
+    return target
+
+
+class ObjectStore:
+    """A boto3 S3 client built from the fleet's ``s3`` settings, created on first use (after fork)."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = make_client("s3", self.settings)
+        return self._client
+
+    def head(self, bucket: str, key: str) -> dict[str, Any]:
+        response: dict[str, Any] = self.client.head_object(Bucket=bucket, Key=key)
+        return response
+
+    def download(self, bucket: str, key: str, dest: Path, version_id: str | None = None) -> dict[str, Any]:
+        """Stream the object to ``dest`` (never whole in memory); returns GetObject's metadata."""
+        extra = {"VersionId": version_id} if version_id else {}
+        response = self.client.get_object(Bucket=bucket, Key=key, **extra)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        body = response.pop("Body")
+        try:
+            with dest.open("wb") as out:
+                shutil.copyfileobj(body, out, length=1024 * 1024)
+        finally:
+            body.close()
+        return dict(response)
+
+    def upload(self, path: Path, bucket: str, key: str, content_type: str | None = None) -> str:
+        extra = {"ContentType": content_type} if content_type else None
+        self.client.upload_file(str(path), bucket, key, ExtraArgs=extra)
+        return f"s3://{bucket}/{key}"
+
+
+def make_client(service: str, settings: S3Settings) -> Any:
+    """A boto3 client for ``s3`` or ``sqs``: the configured endpoint (MinIO, Ceph, SeaweedFS, moto) or AWS."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = settings.endpoint_url if service == "s3" else settings.sqs_endpoint_url
+    config = Config(
+        retries={"max_attempts": 5, "mode": "standard"},
+        s3={"addressing_style": settings.addressing_style},
+        connect_timeout=5,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client(
+        service,
+        endpoint_url=endpoint,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        config=config,
+    )

@@ -1,0 +1,113 @@
+"""The ``ctx`` a handler receives: progress, cancel, and the object helpers (scratch, download, upload)."""
+
+from __future__ import annotations
+
+import mimetypes
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from gpufleet.errors import TaskError
+from gpufleet.objects import ObjectEvent, ObjectStore, parse_s3_uri, scratch_path
+
+if TYPE_CHECKING:
+    from gpufleet.worker.runtime import Runtime
+
+log = structlog.get_logger("gpufleet.worker")
+
+
+class TaskContext:
+    """What a handler gets besides its event. One per attempt; its scratch directory is removed afterwards."""
+
+    def __init__(self, runtime: Runtime, task_id: str, function: str, attempt: int, state: Any,
+                 meta: Mapping[str, Any] | None = None, event: ObjectEvent | None = None) -> None:  # fmt: skip
+        self.task_id = task_id
+        self.function = function
+        self.attempt = attempt
+        self.worker = runtime.worker_name
+        self.gpu = runtime.gpu
+        self.state = state
+        self.log = log.bind(task_id=task_id, function=function, attempt=attempt)
+        self.outputs: list[str] = []  # s3:// URIs written by upload(); they appear in the success record
+        self._runtime = runtime
+        self._meta = meta or {}
+        self._event = event
+        self._scratch: Path | None = None
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self._runtime.registry.set_progress(self.task_id, min(max(float(fraction), 0.0), 1.0), message)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._runtime.lease.cancelled
+
+    @property
+    def scratch(self) -> Path:
+        """This attempt's own empty directory; removed, with everything in it, when the attempt ends."""
+        if self._scratch is None:
+            safe_task = scratch_path(self._runtime.scratch_root, self.task_id).name
+            self._scratch = self._runtime.scratch_root / self.worker / f"{safe_task}-{self.attempt}"
+            shutil.rmtree(self._scratch, ignore_errors=True)  # left over by a killed attempt
+            self._scratch.mkdir(parents=True)
+        return self._scratch
+
+    def download(self, obj: ObjectEvent | str | None = None) -> Path:
+        """Stream an object to the scratch directory and return its path (``scratch/in/<key>``).
+
+        ``obj`` is an object event, an ``s3://bucket/key`` URI, or None for the object this task is about. The
+        key decides the file name, but never the directory: ``..``, absolute paths and control characters cannot
+        leave the scratch directory.
+        """
+        if obj is None:
+            if self._event is None:
+                raise TaskError("this task is not about an object: pass an s3://bucket/key or an ObjectEvent")
+            obj = self._event
+        if isinstance(obj, str):
+            bucket, key = parse_s3_uri(obj)
+            version = None
+        else:
+            bucket, key, version = obj.bucket, obj.key, obj.version_id
+        dest = scratch_path(self.scratch / "in", key)
+        self._runtime.objects.download(bucket, key, dest, version)
+        return dest
+
+    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None) -> str:
+        """Upload a file to the trigger's ``output`` location as ``<prefix>/<task id>/<name>``; returns its URI."""
+        output = self._meta.get("output")
+        if not output:
+            raise TaskError("no output location: set `output: s3://bucket/prefix` in the trigger file")
+        bucket, prefix = parse_s3_uri(output)
+        name = name or Path(path).name
+        key = "/".join(p for p in (prefix.strip("/"), self.task_id, name.lstrip("/")) if p)
+        content_type = content_type or mimetypes.guess_type(name)[0]
+        uri = self._runtime.objects.upload(Path(path), bucket, key, content_type)
+        self.outputs.append(uri)
+        return uri
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+
+def complete_event(store: ObjectStore, event: ObjectEvent) -> ObjectEvent:
+    """Fill in what the record lacked (AWS and moto records carry no content type) with a HEAD, which also
+    checks that the object is there: Ceph announces a multipart upload before it completes."""
+    if event.family != "ObjectCreated" or event.content_type is not None:
+        return event
+    from botocore.exceptions import ClientError
+
+    try:
+        head = store.head(event.bucket, event.key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise TaskError(f"{event.uri} does not exist (deleted, or its upload is not complete yet)") from None
+        raise
+    return event.model_copy(update={
+        "content_type": head.get("ContentType"),
+        "size": event.size if event.size is not None else head.get("ContentLength"),
+        "etag": event.etag or str(head.get("ETag", "")).strip('"') or None,
+    })  # fmt: skip
