@@ -93,7 +93,7 @@ def expiring(event: Any, ctx: Context) -> None:
     _redis().incr(f"runs:{ctx.task_id}")
 
 
-@function(name="objinfo", max_attempts=2, backoff_s=0.2)
+@function(name="objinfo", max_attempts=2, backoff_s=0.2, payload=ObjectEvent)
 def objinfo(event: ObjectEvent, ctx: Context) -> dict[str, Any]:
     """Downloads the object of its event, hashes it and uploads a small report next to the outputs."""
     r = _redis()
