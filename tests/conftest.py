@@ -1,14 +1,19 @@
-"""Fixtures: real Redis and Kafka (tansu) servers, started once per run, and fleets run as real processes."""
+"""Fixtures: real Redis, Kafka (tansu), moto and SeaweedFS servers, started once per run; fleets as real processes."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.harness import FleetHarness
+from tests.s3util import start_or_skip
+
+if TYPE_CHECKING:
+    from gpufleet.dev.services import S3Service
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -38,3 +43,29 @@ def harness(services: object, tmp_path: Path) -> Iterator[FleetHarness]:
         yield h
     finally:
         h.stop()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
+    """moto_server: S3, SQS and SNS in memory on one endpoint (``.url``); any credentials, region us-east-1.
+
+    Shared by the whole run: use unique bucket and queue names. Skips on a laptop without it; fails under CI=true.
+    """
+    from gpufleet.dev.services import start_moto, stop_service
+
+    service, _ = start_or_skip("moto", lambda: start_moto(tmp_path_factory.mktemp("moto")))
+    yield service
+    stop_service(service)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
+    """SeaweedFS S3 (``.url``, ``.access_key``, ``.secret_key``, ``.data_dir``), auth enforced, started once per run.
+
+    Shared by the whole run: use unique bucket names. Skips on a laptop without it; fails under CI=true.
+    """
+    from gpufleet.dev.services import start_seaweedfs, stop_service
+
+    service, _ = start_or_skip("seaweedfs", lambda: start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")))
+    yield service
+    stop_service(service)

@@ -1,4 +1,4 @@
-"""Real-server tests for gpufleet.dev.services: Redis and Tansu Kafka as local child processes."""
+"""Real-server tests for gpufleet.dev.services: Redis, Tansu Kafka, moto and SeaweedFS as local child processes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,28 @@ import sys
 import time
 import uuid
 import warnings
+from contextlib import closing
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_plus
 
 import pytest
 import redis
+from botocore.exceptions import ClientError
 
-from gpufleet.dev.services import LocalServices, ServiceError, dev_down, dev_status, dev_up, start_redis
+from gpufleet.dev import services as dev_services
+from gpufleet.dev.services import (
+    LocalServices,
+    S3Service,
+    ServiceError,
+    dev_down,
+    dev_exports,
+    dev_status,
+    dev_up,
+    start_redis,
+    start_seaweedfs,
+)
+from tests.s3util import s3_client, sqs_client, start_or_skip
 
 with warnings.catch_warnings():
     # kafka-python 3.x uses the deprecated importlib.resources.open_text at import time.
@@ -93,11 +109,18 @@ def test_dev_up_status_down_round_trip(tmp_path: Path) -> None:
         saved = json.loads((tmp_path / "dev.json").read_text())
         assert saved["redis_url"] == state["redis_url"]
         assert saved["kafka_bootstrap"] == state["kafka_bootstrap"]
-        assert set(saved["pids"]) == {"redis", "kafka"}
+        assert saved["moto_url"] == state["moto_url"]
+        assert set(saved["pids"]) == {"redis", "kafka", "moto"}
 
         status = dev_status(tmp_path)
         assert status is not None
-        assert status["alive"] == {"redis": True, "kafka": True}
+        assert status["alive"] == {"redis": True, "kafka": True, "moto": True}
+
+        exports = dev_exports(state)
+        assert exports["GPUFLEET_S3__ENDPOINT_URL"] == exports["GPUFLEET_S3__SQS_ENDPOINT_URL"] == state["moto_url"]
+        assert exports["GPUFLEET_REDIS__URL"] == state["redis_url"]
+        with closing(s3_client(exports["GPUFLEET_S3__ENDPOINT_URL"])) as s3:
+            assert "Buckets" in s3.list_buckets()
 
         # A second `up` reuses the running pair instead of starting new servers.
         assert dev_up(tmp_path)["redis_url"] == state["redis_url"]
@@ -109,6 +132,17 @@ def test_dev_up_status_down_round_trip(tmp_path: Path) -> None:
     assert not any(_pid_alive(pid) for pid in saved["pids"].values())
     assert not _port_open(_redis_hostport(state["redis_url"]))
     assert not _port_open(state["kafka_bootstrap"])
+    assert not _port_open(state["moto_url"].removeprefix("http://"))
+
+
+def test_dev_up_replaces_a_state_file_without_moto(tmp_path: Path) -> None:
+    # dev.json written by an older gpufleet records only redis and kafka: `up` must not reuse it without moto.
+    (tmp_path / "dev.json").write_text(json.dumps({"redis_url": "redis://127.0.0.1:1/0", "pids": {}}))
+    state = dev_up(tmp_path)
+    try:
+        assert state["moto_url"].startswith("http://127.0.0.1:")
+    finally:
+        assert dev_down(tmp_path) is True
 
 
 def test_dev_up_servers_outlive_the_launching_process(tmp_path: Path) -> None:
@@ -121,7 +155,7 @@ def test_dev_up_servers_outlive_the_launching_process(tmp_path: Path) -> None:
     try:
         status = dev_status(tmp_path)
         assert status is not None
-        assert status["alive"] == {"redis": True, "kafka": True}
+        assert status["alive"] == {"redis": True, "kafka": True, "moto": True}
         client = redis.Redis.from_url(str(status["redis_url"]))
         assert client.ping()
         client.close()
@@ -140,3 +174,145 @@ def test_start_redis_on_busy_port_raises_with_log(tmp_path: Path) -> None:
     message = str(info.value)
     assert "redis" in message
     assert "in use" in message.lower() or "bind" in message.lower()
+
+
+def _receive(sqs: Any, queue_url: str, count: int, timeout_s: float = 10) -> list[dict[str, Any]]:
+    bodies: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(bodies) < count and time.monotonic() < deadline:
+        reply = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        for message in reply.get("Messages", []):
+            bodies.append(json.loads(message["Body"]))
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return bodies
+
+
+def test_moto_bucket_notification_sends_s3_event_to_sqs(moto: S3Service) -> None:
+    bucket, queue = f"inbox-{uuid.uuid4().hex[:8]}", f"events-{uuid.uuid4().hex[:8]}"
+    with closing(s3_client(moto.url)) as s3, closing(sqs_client(moto.url)) as sqs:
+        s3.create_bucket(Bucket=bucket)
+        queue_url = sqs.create_queue(QueueName=queue)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        rule = {"Name": "prefix", "Value": "in/"}
+        config = {"Id": "gpufleet", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}
+        config["Filter"] = {"Key": {"FilterRules": [rule]}}
+        s3.put_bucket_notification_configuration(
+            Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [config]}
+        )
+        s3.put_object(Bucket=bucket, Key="other/skipped.txt", Body=b"filtered out by the prefix rule")
+        s3.put_object(Bucket=bucket, Key="in/a b+c.txt", Body=b"hello", ContentType="text/plain")
+
+        bodies = _receive(sqs, queue_url, count=2)
+        assert _receive(sqs, queue_url, count=1, timeout_s=1) == []  # nothing for other/skipped.txt
+
+    # Configuring the notification sends an s3:TestEvent first, as AWS does; it has no Records.
+    tests = [b for b in bodies if "Records" not in b]
+    assert [(b["Event"], b["Bucket"]) for b in tests] == [("s3:TestEvent", bucket)]
+    (event,) = [b for b in bodies if "Records" in b]
+    (record,) = event["Records"]
+    assert record["eventSource"] == "aws:s3"
+    assert record["eventName"] == "ObjectCreated:Put"
+    assert record["s3"]["bucket"]["name"] == bucket
+    assert unquote_plus(record["s3"]["object"]["key"]) == "in/a b+c.txt"
+    assert record["s3"]["object"]["size"] == 5
+
+
+def test_seaweedfs_enforces_auth_and_paginates_listings(seaweedfs: S3Service) -> None:
+    bucket = f"pages-{uuid.uuid4().hex[:8]}"
+    keys = [f"in/{i:03d}.txt" for i in range(7)] + ["in/sub/a b+c.txt"]
+    with (
+        closing(s3_client(seaweedfs.url, seaweedfs.access_key, seaweedfs.secret_key)) as s3,
+        closing(s3_client(seaweedfs.url, seaweedfs.access_key, "not-the-secret")) as intruder,
+    ):
+        with pytest.raises(ClientError) as info:
+            intruder.list_buckets()
+        assert info.value.response["Error"]["Code"] in {"SignatureDoesNotMatch", "AccessDenied"}
+
+        s3.create_bucket(Bucket=bucket)
+        for key in reversed(keys):
+            s3.put_object(Bucket=bucket, Key=key, Body=key.encode(), ContentType="text/plain")
+        s3.put_object(Bucket=bucket, Key="out/ignored.txt", Body=b"")
+
+        pages: list[list[str]] = []
+        kwargs: dict[str, object] = {"Bucket": bucket, "Prefix": "in/", "MaxKeys": 3}
+        while True:
+            page = s3.list_objects_v2(**kwargs)
+            pages.append([item["Key"] for item in page.get("Contents", [])])
+            if not page["IsTruncated"]:
+                break
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        assert pages == [keys[0:3], keys[3:6], keys[6:8]]
+
+        after = s3.list_objects_v2(Bucket=bucket, Prefix="in/", StartAfter="in/005.txt")
+        assert [item["Key"] for item in after["Contents"]] == keys[6:]
+        assert s3.get_object(Bucket=bucket, Key="in/sub/a b+c.txt")["Body"].read() == b"in/sub/a b+c.txt"
+
+
+def test_local_services_object_stores_stop_by_pid_and_seaweedfs_keeps_data_across_restarts(tmp_path: Path) -> None:
+    first = start_or_skip(
+        "moto and seaweedfs", LocalServices(tmp_path, kafka=False, redis=False, moto=True, seaweedfs=True).start
+    )
+    try:
+        assert [s.name for s in first.services] == ["moto", "seaweedfs"]
+        assert first.moto_url.startswith("http://127.0.0.1:")
+        with closing(s3_client(first.moto_url)) as moto_s3:
+            moto_s3.create_bucket(Bucket="in-memory")
+        with closing(s3_client(first.seaweedfs_url, first.seaweedfs_access_key, first.seaweedfs_secret_key)) as s3:
+            s3.create_bucket(Bucket="durable")
+            s3.put_object(Bucket="durable", Key="a.txt", Body=b"one")
+            s3.put_object(Bucket="durable", Key="dir/b.txt", Body=b"two")
+        pids = {s.name: s.pid for s in first.services}
+        addresses = [s.url.removeprefix("http://") for s in first.services]
+        leftovers = [path for s in first.services for path in s.leftovers]
+        assert leftovers and all(path.exists() for path in leftovers)  # weed's unix sockets
+    finally:
+        first.stop()
+    assert first.services == []
+    assert not any(_pid_alive(pid) for pid in pids.values())
+    assert not any(_port_open(address) for address in addresses)
+    assert not any(path.exists() for path in leftovers)
+
+    again = start_or_skip("seaweedfs", LocalServices(tmp_path, kafka=False, redis=False, seaweedfs=True).start)
+    try:
+        assert again.service("seaweedfs").pid != pids["seaweedfs"]
+        with closing(s3_client(again.seaweedfs_url, again.seaweedfs_access_key, again.seaweedfs_secret_key)) as s3:
+            listing = s3.list_objects_v2(Bucket="durable")
+            assert [item["Key"] for item in listing["Contents"]] == ["a.txt", "dir/b.txt"]
+            assert s3.get_object(Bucket="durable", Key="dir/b.txt")["Body"].read() == b"two"
+        with pytest.raises(ServiceError, match="not running"):
+            again.moto_url  # noqa: B018 - the property raises: moto was not asked for
+        with pytest.raises(ServiceError, match="already started"):
+            again.start()
+    finally:
+        again.stop()
+
+
+def test_local_services_stops_earlier_servers_when_a_later_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+    start_moto = dev_services.start_moto
+
+    def recording_start_moto(workdir: Path) -> tuple[S3Service, subprocess.Popen[bytes]]:
+        service, proc = start_or_skip("moto", lambda: start_moto(workdir))
+        started.append(service.pid)
+        return service, proc
+
+    def failing_start_seaweedfs(workdir: Path) -> tuple[S3Service, subprocess.Popen[bytes]]:
+        raise ServiceError("seaweedfs (pid 0) failed to start: on purpose")
+
+    monkeypatch.setattr(dev_services, "start_moto", recording_start_moto)
+    monkeypatch.setattr(dev_services, "start_seaweedfs", failing_start_seaweedfs)
+    services = LocalServices(tmp_path, kafka=False, redis=False, moto=True, seaweedfs=True)
+    with pytest.raises(ServiceError, match="on purpose"):
+        services.start()
+    assert len(started) == 1
+    assert not _pid_alive(started[0])
+    assert services.services == []
+
+
+def test_start_seaweedfs_without_weed_raises_service_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dev_services, "_script", lambda name: None)
+    monkeypatch.setattr(dev_services.shutil, "which", lambda name: None)
+    with pytest.raises(ServiceError, match="gpufleet\\[local\\]"):
+        start_seaweedfs(tmp_path)

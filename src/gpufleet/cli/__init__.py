@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     command("api", _api, "serve the HTTP control plane (api.host:api.port)")
     command("check", _check, "validate the configuration, functions and triggers, and print a summary")
     add_control_commands(command)
-    p = sub.add_parser("dev", help="start/stop local Redis and Kafka on free loopback ports")
+    p = sub.add_parser("dev", help="start/stop local Redis, Kafka and moto (S3/SQS/SNS) on free loopback ports")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_dev)
     p = sub.add_parser("demo", help="run the demo end to end on embedded local services")
@@ -164,13 +164,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from gpufleet.dev.services import dev_down, dev_status, dev_up
+    from gpufleet.dev.services import dev_down, dev_exports, dev_status, dev_up
 
     if args.action == "up":
         state = dev_up(STATE_DIR)
         print(f"redis  {state['redis_url']}\nkafka  {state['kafka_bootstrap']}")
-        redis_url, kafka = state["redis_url"], state["kafka_bootstrap"]
-        print(f"export GPUFLEET_REDIS__URL={redis_url} GPUFLEET_KAFKA__BOOTSTRAP_SERVERS={kafka}")
+        print(f"s3     {state['moto_url']}  (moto: S3, SQS and SNS; any credentials)")
+        print("export " + " ".join(f"{name}={value}" for name, value in dev_exports(state).items()))
     elif args.action == "down":
         print("stopped" if dev_down(STATE_DIR) else "nothing was running")
     else:

