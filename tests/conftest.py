@@ -51,7 +51,8 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
 
     Shared by the whole run: use unique bucket and queue names. Skips on a laptop without it; fails under CI=true.
     """
-    from gpufleet.dev.services import start_moto, stop_service
+    from gpufleet.dev.objectstores import start_moto
+    from gpufleet.dev.services import stop_service
 
     service, _ = start_or_skip("moto", lambda: start_moto(tmp_path_factory.mktemp("moto")))
     yield service
@@ -64,7 +65,8 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
 
     Shared by the whole run: use unique bucket names. Skips on a laptop without it; fails under CI=true.
     """
-    from gpufleet.dev.services import start_seaweedfs, stop_service
+    from gpufleet.dev.objectstores import start_seaweedfs
+    from gpufleet.dev.services import stop_service
 
     service, _ = start_or_skip("seaweedfs", lambda: start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")))
     yield service

@@ -13,7 +13,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def server_pids() -> set[int]:
-    names = ("redis-server", "tansu", "gpufleet")
+    names = ("redis-server", "tansu", "gpufleet", "moto")
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(p.info["cmdline"] or [])
@@ -30,7 +30,8 @@ def test_demo_runs_end_to_end_and_cleans_up(services: object) -> None:
     assert result.returncode == 0, out[-4000:] + result.stderr.decode()[-4000:]
     last = out.strip().splitlines()[-1]
     assert last == (
-        "demo: 9 events, 6 Success, 1 RetriesExhausted, 2 dead-lettered | api: gpu_info SUCCEEDED, sleep CANCELLED"
+        "demo: kafka 9 events: 6 Success, 1 RetriesExhausted, 2 dead-lettered | bucket 4 objects: 4 Success, "
+        "4 thumbnails | api: gpu_info SUCCEEDED, sleep CANCELLED"
     )
     assert '"condition": "Success"' in out and "reason=malformed_json" in out
     leftover = {pid for pid in server_pids() - before if psutil.pid_exists(pid)}

@@ -19,7 +19,8 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 
-from gpufleet.dev import services as dev_services
+from gpufleet.dev import objectstores
+from gpufleet.dev.objectstores import start_seaweedfs
 from gpufleet.dev.services import (
     LocalServices,
     S3Service,
@@ -29,7 +30,6 @@ from gpufleet.dev.services import (
     dev_status,
     dev_up,
     start_redis,
-    start_seaweedfs,
 )
 from tests.s3util import s3_client, sqs_client, start_or_skip
 
@@ -291,7 +291,7 @@ def test_local_services_stops_earlier_servers_when_a_later_one_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started: list[int] = []
-    start_moto = dev_services.start_moto
+    start_moto = objectstores.start_moto
 
     def recording_start_moto(workdir: Path) -> tuple[S3Service, subprocess.Popen[bytes]]:
         service, proc = start_or_skip("moto", lambda: start_moto(workdir))
@@ -301,8 +301,8 @@ def test_local_services_stops_earlier_servers_when_a_later_one_fails(
     def failing_start_seaweedfs(workdir: Path) -> tuple[S3Service, subprocess.Popen[bytes]]:
         raise ServiceError("seaweedfs (pid 0) failed to start: on purpose")
 
-    monkeypatch.setattr(dev_services, "start_moto", recording_start_moto)
-    monkeypatch.setattr(dev_services, "start_seaweedfs", failing_start_seaweedfs)
+    monkeypatch.setattr(objectstores, "start_moto", recording_start_moto)
+    monkeypatch.setattr(objectstores, "start_seaweedfs", failing_start_seaweedfs)
     services = LocalServices(tmp_path, kafka=False, redis=False, moto=True, seaweedfs=True)
     with pytest.raises(ServiceError, match="on purpose"):
         services.start()
@@ -312,7 +312,7 @@ def test_local_services_stops_earlier_servers_when_a_later_one_fails(
 
 
 def test_start_seaweedfs_without_weed_raises_service_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dev_services, "_script", lambda name: None)
-    monkeypatch.setattr(dev_services.shutil, "which", lambda name: None)
+    monkeypatch.setattr(objectstores, "_script", lambda name: None)
+    monkeypatch.setattr(objectstores.shutil, "which", lambda name: None)
     with pytest.raises(ServiceError, match="gpufleet\\[local\\]"):
         start_seaweedfs(tmp_path)

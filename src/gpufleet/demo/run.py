@@ -1,0 +1,207 @@
+"""``gpufleet demo``: the main jobs end to end on embedded local services.
+
+1. Starts Redis, a Kafka-protocol broker (tansu) and moto (S3 + SQS) as local processes on free loopback ports,
+   with a bucket whose new ``images/*.png`` are announced on an SQS queue.
+2. Starts the fleet (``gpufleet run``) with ``config/fleet.yaml`` plus a trigger for that queue.
+3. Publishes sample messages to the Kafka trigger's topic (text to embed with torch, a function that fails,
+   malformed input) and drops generated images into the bucket (``thumbnail``: torch resizes and measures them,
+   and writes thumbnails back to the bucket).
+4. Shows progress, then prints the callback records read back from the result topics.
+5. Uses the HTTP API: invokes ``gpu_info``, starts a long ``sleep``, watches its progress and cancels it.
+6. Stops everything, and prints one summary line: Kafka events, bucket events and API calls, counted apart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from gpufleet.demo import bucket
+from gpufleet.demo.api import api_tour
+from gpufleet.registry import Registry
+from gpufleet.settings import load_fleet
+
+TEXTS = [
+    "GPUs turn events into results",
+    "a file lands in a bucket",
+    "a message lands on a topic",
+    "one task per GPU at a time",
+    "the callback carries the task id",
+    "nothing is lost when a worker dies",
+]
+TIMEOUT_S = 120
+
+
+def sample_messages() -> list[tuple[str, bytes]]:
+    """(kind, bytes) for each message the demo publishes."""
+    msgs = [("embed", orjson.dumps({"function": "embed", "payload": {"text": t}, "id": f"demo-embed-{i}"}))
+            for i, t in enumerate(TEXTS)]  # fmt: skip
+    msgs.append(("fail", orjson.dumps({"function": "fail", "payload": {"message": "bad input"}, "id": "demo-fail-0"})))
+    msgs.append(("dead", b"{this is not json"))
+    msgs.append(("dead", orjson.dumps({"function": "transcode", "payload": {}})))  # no such function
+    return msgs
+
+
+def run_demo(config: Path) -> int:
+    from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, LocalServices, free_port
+
+    workdir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
+    print(f"demo: starting Redis, Kafka (tansu) and S3 + SQS (moto) on loopback; logs in {workdir}")
+    with LocalServices(workdir, moto=True) as services:
+        bucket.setup(services.moto_url)
+        demo_config = _demo_config(config, workdir)
+        env = {**os.environ, "GPUFLEET_REDIS__URL": services.redis_url, "GPUFLEET_CONFIG": str(demo_config),
+               "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap,
+               "GPUFLEET_S3__ENDPOINT_URL": services.moto_url, "GPUFLEET_S3__SQS_ENDPOINT_URL": services.moto_url,
+               "GPUFLEET_S3__ACCESS_KEY_ID": MOTO_ACCESS_KEY, "GPUFLEET_S3__SECRET_ACCESS_KEY": MOTO_SECRET_KEY,
+               "GPUFLEET_API__PORT": str(free_port())}  # fmt: skip
+        fleet = load_fleet(demo_config, env)
+        topic = next(t.source for t in fleet.triggers.values() if t.enabled and t.source.startswith("kafka:"))
+        topic = topic.rsplit("/", 1)[-1]
+        print(f"demo: starting the fleet: {fleet.settings.worker.virtual_gpus} virtual GPU(s) (no NVIDIA GPU needed)")
+        log = open(workdir / "fleet.log", "wb")  # noqa: SIM115 - handed to the child process
+        # Own process group, so the fleet is stopped by us, in order, even on Ctrl-C.
+        fleet_proc = subprocess.Popen([sys.executable, "-m", "gpufleet", "run", "--config", str(demo_config)],
+                                      env=env, stdout=log, stderr=log, process_group=0)  # fmt: skip
+        try:
+            code, summary = _drive(fleet, services.kafka_bootstrap, topic, services.moto_url)
+            if fleet.settings.api.enabled:
+                api_code, api_summary = api_tour(fleet)
+                code, summary = code or api_code, f"{summary} | {api_summary}"
+        finally:
+            print("demo: stopping the fleet and the local services")
+            fleet_proc.send_signal(signal.SIGTERM)
+            try:
+                fleet_proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                fleet_proc.kill()
+                fleet_proc.wait()
+            log.close()
+    print(summary)
+    return code
+
+
+def _demo_config(config: Path, workdir: Path) -> Path:
+    """The user's fleet file, with absolute folders and one more trigger folder: the demo bucket's trigger."""
+    raw = yaml.safe_load(config.read_text()) or {}
+    base = config.resolve().parent
+    raw["functions"] = [str((base / p).resolve()) for p in raw.get("functions", ["../workers"])]
+    raw["triggers"] = [str((base / p).resolve()) for p in raw.get("triggers", ["../triggers"])]
+    raw["triggers"].append(str(workdir / "triggers"))
+    bucket.write_trigger(workdir / "triggers")
+    path = workdir / "fleet.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _drive(fleet: Any, bootstrap: str, topic: str, s3_url: str) -> tuple[int, str]:
+    from kafka import KafkaProducer
+
+    messages = sample_messages()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for _, value in messages:
+        producer.send(topic, value)
+    producer.flush()
+    producer.close()
+    print(f"demo: published {len(messages)} messages to Kafka topic {topic!r}")
+    n_images = bucket.upload_images(s3_url)
+    print(f"demo: uploaded {n_images} PNG images to s3://{bucket.BUCKET}/images/ (notifications go to SQS)")
+
+    s = fleet.settings
+    registry = Registry.from_url(s.redis.url, s.redis.key_prefix)
+    expected = {"embed": sum(k == "embed" for k, _ in messages), "fail": sum(k == "fail" for k, _ in messages),
+                "thumbnail": n_images}  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        line, finished = _progress(registry, expected)
+        print(f"demo: {line}", flush=True)
+        if finished:
+            break
+        time.sleep(1)
+
+    n_dead = sum(k == "dead" for k, _ in messages)
+    topics = {"success": s.defaults.on_success, "failure": s.defaults.on_failure, "dead": s.defaults.dead_letter}
+    topics = {k: v.rsplit("/", 1)[-1] for k, v in topics.items()}
+    want = {
+        topics["success"]: expected["embed"] + n_images,
+        topics["failure"]: expected["fail"],
+        topics["dead"]: n_dead,
+    }
+    records = read_topics(bootstrap, set(topics.values()), want, deadline)
+    bodies = [orjson.loads(r["value"]) for r in records[topics["success"]] + records[topics["failure"]]]
+    kafka_records = [b for b in bodies if b["requestContext"]["function"] != "thumbnail"]
+    thumbs = [b for b in bodies if b["requestContext"]["function"] == "thumbnail"]
+    dead = records[topics["dead"]]
+    print("\nKafka events -> callback records:")
+    for body in kafka_records:
+        ctx, resp, out = body["requestContext"], body["responseContext"], body["responsePayload"]
+        ok = ctx["condition"] == "Success"
+        detail = f"head={out['head'][:3]}" if ok else f"{out['errorType']}: {out['errorMessage']}"
+        n, gpu, ms = ctx["approximateInvokeCount"], resp["gpu"], resp["durationMs"]
+        print(f"  {ctx['condition']:<16} {ctx['requestId']:<14} {ctx['function']:<6} n={n} {gpu} {ms:.0f}ms {detail}")
+    for r in dead:
+        print(f"  dead-letter      reason={r['headers'].get('reason')}  original={r['value'][:40]!r}")
+    n_thumbs = bucket.report(s3_url, [b for b in thumbs if b["requestContext"]["condition"] == "Success"])
+    if thumbs:
+        print("\none bucket-event success record, in full:")
+        print(orjson.dumps(thumbs[0], option=orjson.OPT_INDENT_2).decode())
+
+    def count(group: list[dict[str, Any]], condition: str) -> int:
+        return sum(b["requestContext"]["condition"] == condition for b in group)
+
+    n_ok, n_failed = count(kafka_records, "Success"), count(kafka_records, "RetriesExhausted")
+    n_bucket_ok = count(thumbs, "Success")
+    summary = (f"demo: kafka {len(messages)} events: {n_ok} Success, {n_failed} RetriesExhausted, {len(dead)} "
+               f"dead-lettered | bucket {n_images} objects: {n_bucket_ok} Success, {n_thumbs} thumbnails")  # fmt: skip
+    complete = (n_ok, n_failed, len(dead), n_bucket_ok, n_thumbs) == (expected["embed"], expected["fail"], n_dead,
+                                                                      n_images, n_images)  # fmt: skip
+    return (0 if complete else 1), summary
+
+
+def _progress(registry: Registry, expected: dict[str, int]) -> tuple[str, bool]:
+    parts = []
+    finished = True
+    for fn, total in expected.items():
+        c = registry.counts(fn)
+        done = c.get("SUCCEEDED", 0) + c.get("FAILED", 0)
+        bar = "#" * done + "." * max(total - done, 0)
+        parts.append(f"{fn} [{bar}] {done}/{total} done, {c.get('RUNNING', 0)} running, {c.get('QUEUED', 0)} queued")
+        finished = finished and done >= total
+    return " | ".join(parts), finished
+
+
+def read_topics(
+    bootstrap: str, topics: set[str], want: dict[str, int], deadline: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Read each topic from the beginning until it holds ``want[topic]`` records or the deadline passes."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    out: dict[str, list[dict[str, Any]]] = {t: [] for t in topics}
+    try:
+        while time.monotonic() < deadline:
+            parts = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or [])]
+            if parts:
+                consumer.assign(parts)
+                consumer.seek_to_beginning(*parts)
+                out = {t: [] for t in topics}
+                end = time.monotonic() + 2
+                while time.monotonic() < end:
+                    for tp, recs in consumer.poll(timeout_ms=200).items():
+                        out[tp.topic] += [{"key": r.key, "value": r.value,
+                                           "headers": {k: v.decode() for k, v in r.headers}} for r in recs]  # fmt: skip
+                if all(len(out.get(t, [])) >= n for t, n in want.items()):
+                    break
+            time.sleep(0.5)
+    finally:
+        consumer.close()
+    return out
