@@ -12,6 +12,7 @@ A trigger file with ``source: webhook:///minio`` is served by the api role at ``
   acknowledged: a sender retrying it forever would not make it any better.
 - SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm, only if its host matches
   ``sns_confirm_hosts`` (AWS's SNS hosts by default), so a forged confirmation cannot make us fetch any URL.
+  Redirects are not followed. A fetch that fails (refused, unreachable, not 2xx) is 502 ``sns_confirm_failed``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import re
 import threading
 import urllib.request
 import uuid
-from typing import Any
+from email.message import Message
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -112,14 +114,30 @@ class WebhookTrigger:
             log.warning("SNS confirmation refused: host not allowed", trigger=self.name, host=parts.hostname)
             raise RequestError("sns_host_not_allowed", f"SubscribeURL host {parts.hostname!r} is not in "
                                "sns_confirm_hosts")  # fmt: skip
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - scheme and host checked above
-            resp.read()
+        try:
+            with urllib.request.build_opener(_NoRedirect).open(url, timeout=10) as resp:  # scheme and host checked
+                resp.read()
+        except (OSError, ValueError) as exc:  # URLError, HTTPError (a 3xx too), timeouts; http.client.InvalidURL
+            log.warning("SNS confirmation failed", trigger=self.name, host=parts.hostname, error=str(exc))
+            raise _ConfirmFailedError("sns_confirm_failed", f"GET SubscribeURL failed: {exc}") from None
         log.info("SNS subscription confirmed", trigger=self.name, topic=envelope.get("TopicArn"))
         return {"confirmed": True}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """SNS answers a SubscribeURL itself; following a redirect would fetch a host sns_confirm_hosts never allowed."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: Message, newurl: str) -> None:  # fmt: skip
+        return None  # urllib then raises HTTPError for the 3xx
+
+
 class _UnavailableError(RequestError):
     status = 503
+
+
+class _ConfirmFailedError(RequestError):
+    status = 502
 
 
 def router(webhooks: list[WebhookTrigger]) -> APIRouter:

@@ -9,6 +9,7 @@ de-duplicate, and records of one task keep their order within a partition.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from gpufleet.destinations.base import OutRecord
@@ -48,11 +49,13 @@ class KafkaDestination:
         self._settings = settings
         self._producer = producer
         self._owns_producer = producer is None
+        self._lock = threading.Lock()  # webhook requests deliver from several threads: one producer for all
 
     def _client(self) -> Any:
-        if self._producer is None:
-            self._producer = kafka_producer(self._bootstrap, self._settings)
-        return self._producer
+        with self._lock:
+            if self._producer is None:
+                self._producer = kafka_producer(self._bootstrap, self._settings)
+            return self._producer
 
     def deliver(self, records: list[OutRecord]) -> None:
         producer = self._client()
@@ -73,6 +76,7 @@ class KafkaDestination:
             raise DeliveryError(f"Kafka topic {self.topic!r}: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
-        if self._producer is not None and self._owns_producer:
-            self._producer.close(timeout=5)
-            self._producer = None
+        with self._lock:
+            if self._producer is not None and self._owns_producer:
+                self._producer.close(timeout=5)
+                self._producer = None

@@ -98,14 +98,16 @@ def complete_event(store: ObjectStore, event: ObjectEvent) -> ObjectEvent:
     checks that the object is there: Ceph announces a multipart upload before it completes."""
     if event.family != "ObjectCreated" or event.content_type is not None:
         return event
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         head = store.head(event.bucket, event.key)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             raise TaskError(f"{event.uri} does not exist (deleted, or its upload is not complete yet)") from None
-        raise
+        raise TaskError(f"HEAD {event.uri} (for its content type) failed: {exc}") from exc
+    except BotoCoreError as exc:  # no credentials, endpoint unreachable: say which object and why
+        raise TaskError(f"HEAD {event.uri} (for its content type) failed: {exc}") from exc
     return event.model_copy(update={
         "content_type": head.get("ContentType"),
         "size": event.size if event.size is not None else head.get("ContentLength"),

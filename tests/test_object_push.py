@@ -1,0 +1,654 @@
+"""Pushed object notifications, end to end on real servers: MinIO, Ceph, AWS and SNS bodies posted to the api
+role's webhooks, and MinIO/Ceph records read from Kafka by a ``format: s3`` trigger, each becoming one task of the
+``echo`` function (whose Success record carries the decoded ObjectEvent) or a dead letter.
+
+One ``gpufleet run`` serves every test that needs a fleet: each uses its own bucket, so their tasks never meet.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_plus
+
+import httpx
+import orjson
+import pytest
+import yaml
+
+from gpufleet.dev.services import free_port
+from gpufleet.errors import ConfigError
+from gpufleet.objects import ObjectEvent
+from gpufleet.settings import load_fleet
+from tests.harness import FUNCTIONS, FleetHarness
+
+API_TOKEN = "test-api-token-0123456789"
+HOOK_TOKEN = "minio-webhook-token-0123456789"
+SNS_TOKEN = "sns-webhook-token-0123456789"
+HMAC_SECRET = "hmac-webhook-secret-0123456789"
+SIGNED_MAX_BYTES = 1024  # the signed trigger's own max_payload_bytes; the fleet's default is 4096
+ETAG = "430f89010c77aa34fc8760696da62d08"
+TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:gpufleet-uploads"
+
+
+def counts(published: int = 0, duplicates: int = 0, dead_lettered: int = 0, ignored: int = 0) -> dict[str, int]:
+    return {"published": published, "duplicates": duplicates, "dead_lettered": dead_lettered, "ignored": ignored}
+
+
+def new_bucket() -> str:
+    return f"bkt-{uuid.uuid4().hex[:10]}"
+
+
+# -- bodies as the servers send them (see /tmp/notes/issue3-research.md §3) --------------------------------------
+
+
+def minio_record(bucket: str, key: str, event: str = "s3:ObjectCreated:Put", *, etag: str = ETAG, size: int = 6474,
+                 content_type: str | None = "image/jpeg", **obj: Any) -> dict[str, Any]:  # fmt: skip
+    """A MinIO record: ``key`` as MinIO writes it (Go QueryEscape), ``eventName`` with ``s3:``."""
+    fields: dict[str, Any] = {"key": key, "size": size, "eTag": etag, "sequencer": "15C32494527B46C5", **obj}
+    if content_type is not None:
+        fields |= {"contentType": content_type, "userMetadata": {"content-type": content_type}}
+    return {
+        "eventVersion": "2.0",
+        "eventSource": "minio:s3",
+        "awsRegion": "",
+        "eventTime": "2019-09-10T17:41:54.000Z",
+        "eventName": event,
+        "userIdentity": {"principalId": "AKIAIOSFODNN7EXAMPLE"},
+        "requestParameters": {"accessKey": "AKIAIOSFODNN7EXAMPLE", "region": "", "sourceIPAddress": "192.168.56.192"},
+        "responseElements": {"x-amz-request-id": "15C3249451E12784", "x-minio-origin-endpoint": "http://10.0.0.2:9000"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "Config",
+            "bucket": {
+                "name": bucket,
+                "ownerIdentity": {"principalId": "AKIAIOSFODNN7EXAMPLE"},
+                "arn": f"arn:aws:s3:::{bucket}",
+            },
+            "object": fields,
+        },
+        "source": {"host": "192.168.56.192", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.70"},
+    }
+
+
+def minio_message(*records: dict[str, Any]) -> bytes:
+    """MinIO's event.Log: the redundant top-level EventName and Key (``bucket/decoded key``) around the records."""
+    first = records[0]
+    key = f"{first['s3']['bucket']['name']}/{unquote_plus(first['s3']['object'].get('key', ''))}"
+    return orjson.dumps({"EventName": first["eventName"], "Key": key, "Records": list(records)})
+
+
+def ceph_record(bucket: str, key: str, **obj: Any) -> dict[str, Any]:
+    """A Ceph RGW record: the key RAW, the size a string, ``etag`` lowercase, ``versionId`` "" when unversioned."""
+    fields = {"key": key, "size": "1024", "etag": "37b51d194a7513e45b56f6524f2d51f2", "versionId": "",
+              "sequencer": "F7E6D75DC742D108", "metadata": [], "tags": [], **obj}  # fmt: skip
+    return {
+        "eventVersion": "2.1",
+        "eventSource": "ceph:s3",
+        "awsRegion": "zonegroup1",
+        "eventTime": "2019-11-22T13:47:35.124724Z",
+        "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "tester"},
+        "requestParameters": {"sourceIPAddress": ""},
+        "responseElements": {"x-amz-request-id": "503a4c37-85eb-47cd-8681-2817e80b4281.5330.903595"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "mynotif1",
+            "bucket": {
+                "name": bucket,
+                "ownerIdentity": {"principalId": "tester"},
+                "arn": f"arn:aws:s3:zonegroup1::{bucket}",
+            },
+            "object": fields,
+        },
+        "eventId": "",
+        "opaqueData": "me@example.com",
+    }
+
+
+def aws_record(bucket: str, key: str, content_type: str) -> dict[str, Any]:
+    """An AWS record (``eventName`` without ``s3:``, key URL-encoded with ``+`` for a space). AWS sends no
+    contentType: it is added so that the worker has no object to HEAD (these tests run without S3)."""
+    return {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": "us-east-1",
+        "eventTime": "2026-11-23T00:16:06.935Z",
+        "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "AIDAJDPLRKLG7UEXAMPLE"},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "gpufleet",
+            "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {
+                "key": key,
+                "size": 77,
+                "eTag": "d41d8cd98f00b204e9800998ecf8427e",
+                "sequencer": "0055AED6DCD90281E5",
+                "contentType": content_type,
+            },
+        },
+    }
+
+
+def s3_test_event(bucket: str) -> dict[str, Any]:
+    return {"Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "2026-11-23T00:16:06.749Z", "Bucket": bucket,
+            "RequestId": "5582815E1AEA5ADF", "HostId": "8cLeGAmw098X5cv4Zkwcmo8vvZa3eH3eKxsPzbB9wrR"}  # fmt: skip
+
+
+def sns_envelope(type_: str, **fields: Any) -> bytes:
+    """An SNS HTTP(S) delivery (signature fields present but, as everywhere offline, not checked)."""
+    body = {
+        "Type": type_,
+        "MessageId": str(uuid.uuid4()),
+        "TopicArn": TOPIC_ARN,
+        "Timestamp": "2026-11-23T00:16:07Z",
+        "SignatureVersion": "1",
+        "Signature": "RXhhbXBsZQ==",
+        "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0000.pem",
+        **fields,
+    }
+    return orjson.dumps(body)  # fmt: skip
+
+
+def sns_notification(message: dict[str, Any]) -> bytes:
+    unsubscribe = f"https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe&SubscriptionArn={TOPIC_ARN}:1"
+    return sns_envelope("Notification", Subject="Amazon S3 Notification", Message=orjson.dumps(message).decode(),
+                        UnsubscribeURL=unsubscribe)  # fmt: skip
+
+
+def sns_confirmation(subscribe_url: str, type_: str = "SubscriptionConfirmation") -> bytes:
+    return sns_envelope(type_, Token="2336412f37fb687f5d51e6e2425c464de", SubscribeURL=subscribe_url,
+                        Message=f"You have chosen to subscribe to the topic {TOPIC_ARN}.")  # fmt: skip
+
+
+def signature(body: bytes, secret: str = HMAC_SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+# -- the fleet --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hooks:
+    """A running fleet with four webhook triggers and one Kafka ``format: s3`` trigger."""
+
+    harness: FleetHarness
+    client: httpx.Client
+
+    def post(self, path: str, body: bytes | Any, token: str | None = HOOK_TOKEN, **headers: str) -> httpx.Response:
+        sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {}),
+                **{k.replace("_", "-"): v for k, v in headers.items()}}  # fmt: skip
+        return self.client.post(f"/v1/webhooks/{path}", content=body, headers=sent)
+
+    def accepted(self, path: str, body: bytes, expected: dict[str, int], **kw: Any) -> None:
+        r = self.post(path, body, **kw)
+        assert r.status_code == 200, r.text
+        assert r.json() == expected, r.text
+
+    def total_tasks(self) -> int:
+        return sum(self.harness.registry.counts("echo").values())
+
+    def callbacks(self, topic: str, ids: set[str], timeout_s: float = 60) -> dict[str, list[dict[str, Any]]]:
+        """The records of ``topic`` keyed by one of ``ids``, once each id has one."""
+
+        def found() -> dict[str, list[dict[str, Any]]] | None:
+            by_id: dict[str, list[dict[str, Any]]] = {}
+            for rec in self.harness.records(topic, 0, timeout_s=5):
+                if rec["key"] in ids:
+                    by_id.setdefault(rec["key"], []).append(rec)
+            return by_id if set(by_id) == ids else None
+
+        result: dict[str, list[dict[str, Any]]] = self.harness.wait_for(found, timeout_s, what=f"{ids} on {topic}")
+        return result
+
+    def echoed(self, ids: set[str]) -> dict[str, dict[str, Any]]:
+        """The ObjectEvent each task's single Success record echoes, by task id; each task ran exactly once."""
+        out = {}
+        for task_id, recs in self.callbacks("success", ids).items():
+            assert [r["headers"]["condition"] for r in recs] == ["Success"], recs
+            assert recs[0]["value"]["responsePayload"]["attempt"] == 1
+            assert self.harness.runs(task_id) == 1
+            out[task_id] = recs[0]["value"]["responsePayload"]["echo"]
+        return out
+
+    def dead_letters(self, trigger: str, at_least: int) -> list[dict[str, Any]]:
+        def found() -> list[dict[str, Any]] | None:
+            recs = [r for r in self.harness.records("dlq", 0, timeout_s=5) if r["headers"].get("trigger") == trigger]
+            return recs if len(recs) >= at_least else None
+
+        recs: list[dict[str, Any]] = self.harness.wait_for(found, 60, what=f"{at_least} dead letters of {trigger}")
+        return recs
+
+
+def task_id(bucket: str, key: str, etag: str = ETAG, event_type: str = "ObjectCreated:Put") -> str:
+    return ObjectEvent(bucket=bucket, key=key, event_type=event_type, etag=etag).task_id()
+
+
+@pytest.fixture(scope="module")
+def hooks(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hooks]:
+    harness = FleetHarness(services, tmp_path_factory.mktemp("object-push"))
+    port = free_port()
+    webhook = {"function": "echo"}
+    harness.write_config(
+        triggers={
+            "minio": {**webhook, "source": "webhook:///minio", "token": HOOK_TOKEN},
+            "sns": {
+                **webhook,
+                "source": "webhook:///aws/sns",
+                "token": SNS_TOKEN,
+                "sns_confirm_hosts": [r"^127\.0\.0\.1$"],
+            },
+            "signed": {
+                **webhook,
+                "source": "webhook:///signed",
+                "hmac_secret": HMAC_SECRET,
+                "max_payload_bytes": SIGNED_MAX_BYTES,
+            },
+            "filtered": {
+                **webhook,
+                "source": "webhook:///filtered",
+                "token": HOOK_TOKEN,
+                "events": ["ObjectCreated:*"],
+                "prefix": "in/",
+                "suffix": ".jpg",
+            },
+            "objects": {"source": f"kafka:///{harness.topic('objects')}", "format": "s3", "function": "echo"},
+        },
+        api={"enabled": True, "port": port, "token": API_TOKEN},
+    )
+    harness.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+
+            def listening() -> bool:
+                assert harness.proc is not None
+                if harness.proc.poll() is not None:
+                    raise AssertionError(f"the fleet exited with {harness.proc.returncode}:\n{harness.log_text()}")
+                try:
+                    return client.get("/healthz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            harness.wait_for(listening, what="the API to answer /healthz")
+            yield Hooks(harness, client)
+            assert harness.proc is not None and harness.proc.poll() is None, harness.log_text()[-4000:]
+    finally:
+        harness.stop()
+
+
+# -- webhooks ---------------------------------------------------------------------------------------------------
+
+
+def test_a_minio_put_runs_once_with_its_key_decoded(hooks: Hooks) -> None:
+    bucket = new_bucket()
+    body = minio_message(minio_record(bucket, "photos%2Fa+b%2B1.jpg"))
+    hooks.accepted("minio", body, counts(published=1))
+    # MinIO retries a delivery it saw fail: the same object is not run twice.
+    hooks.accepted("minio", body, counts(duplicates=1))
+    unicode_key = "fotos/été 2024/😀 (1).png"
+    escaped = "fotos%2F%C3%A9t%C3%A9+2024%2F%F0%9F%98%80+%281%29.png"  # Go's url.QueryEscape
+    hooks.accepted("minio", minio_message(minio_record(bucket, escaped, content_type="image/png")), counts(published=1))
+
+    first, second = task_id(bucket, "photos/a b+1.jpg"), task_id(bucket, unicode_key)
+    echoed = hooks.echoed({first, second})
+    assert echoed[first] == {
+        "bucket": bucket, "key": "photos/a b+1.jpg", "event_type": "ObjectCreated:Put", "size": 6474, "etag": ETAG,
+        "version_id": None, "sequencer": "15C32494527B46C5", "event_time": "2019-09-10T17:41:54.000Z",
+        "content_type": "image/jpeg", "source": "minio:s3", "region": None,
+    }  # fmt: skip
+    assert echoed[second]["key"] == unicode_key and echoed[second]["content_type"] == "image/png"
+    record = hooks.harness.registry.get(first)
+    assert record is not None and record["state"] == "SUCCEEDED" and record["attempts"] == 1
+    assert record["source"].startswith("webhook:minio/")
+
+
+def test_one_upload_announced_twice_is_one_task(hooks: Hooks) -> None:
+    """MinIO and moto send Put and CompleteMultipartUpload for one multipart upload: same bucket, key and eTag."""
+    bucket, etag = new_bucket(), "9b2cf535f27731c974343645a3985328-2"
+    put = minio_record(bucket, "video%2Fone.mp4", etag=etag, content_type="video/mp4")
+    complete = minio_record(bucket, "video%2Fone.mp4", "s3:ObjectCreated:CompleteMultipartUpload", etag=etag,
+                            content_type="video/mp4")  # fmt: skip
+    hooks.accepted("minio", minio_message(put, complete), counts(published=1, duplicates=1))
+    put2 = minio_record(bucket, "video%2Ftwo.mp4", etag=etag, content_type="video/mp4")
+    complete2 = minio_record(bucket, "video%2Ftwo.mp4", "s3:ObjectCreated:CompleteMultipartUpload", etag=etag,
+                             content_type="video/mp4")  # fmt: skip
+    hooks.accepted("minio", minio_message(put2), counts(published=1))
+    hooks.accepted("minio", minio_message(complete2), counts(duplicates=1))
+
+    one, two = task_id(bucket, "video/one.mp4", etag), task_id(bucket, "video/two.mp4", etag)
+    echoed = hooks.echoed({one, two})
+    assert echoed[one]["event_type"] == echoed[two]["event_type"] == "ObjectCreated:Put"  # the first one kept
+
+
+def test_concurrent_deliveries_are_each_published_once(hooks: Hooks) -> None:
+    """MinIO delivers from many goroutines at once: requests share the trigger's publisher and dead-letter
+    producer."""
+    bucket = new_bucket()
+    fresh = [minio_message(minio_record(bucket, f"many%2F{i}.jpg")) for i in range(16)]
+    repeated = [minio_message(minio_record(bucket, "many%2Fsame.jpg"))] * 4
+    broken = [b"{" + f"broken {i} {bucket}".encode() for i in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: hooks.post("minio", body), fresh + repeated + broken))
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers if r.status_code != 200]
+    total = {k: sum(r.json()[k] for r in answers) for k in counts()}
+    assert total == counts(published=17, duplicates=3, dead_lettered=4)
+    ids = {task_id(bucket, f"many/{i}.jpg") for i in range(16)} | {task_id(bucket, "many/same.jpg")}
+    assert len(hooks.echoed(ids)) == 17
+    letters = [r for r in hooks.dead_letters("minio", 4) if bucket.encode() in r["raw"]]
+    assert sorted(r["raw"] for r in letters) == sorted(broken)
+
+
+def test_sns_notifications_over_http_basic(hooks: Hooks) -> None:
+    bucket = new_bucket()
+    basic = "Basic " + base64.b64encode(f"gpufleet:{SNS_TOKEN}".encode()).decode()
+    note = sns_notification({"Records": [aws_record(bucket, "reports/q1+2024%2Bfinal.csv", "text/csv")]})
+    r = hooks.post("aws/sns", note, token=None, Authorization=basic, Content_Type="text/plain; charset=UTF-8")
+    assert r.status_code == 200 and r.json() == counts(published=1), r.text
+    # The bearer form works too, and the same notification delivered again is a duplicate.
+    hooks.accepted("aws/sns", note, counts(duplicates=1), token=SNS_TOKEN, Content_Type="text/plain; charset=UTF-8")
+
+    test = sns_notification(s3_test_event(bucket))
+    before = hooks.total_tasks()
+    r = hooks.post("aws/sns", test, token=None, Authorization=basic, Content_Type="text/plain; charset=UTF-8")
+    assert r.status_code == 200 and r.json() == counts(ignored=1), r.text
+    unsubscribed = sns_confirmation("https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription",
+                                    "UnsubscribeConfirmation")  # fmt: skip
+    hooks.accepted("aws/sns", unsubscribed, {"ignored": 1}, token=SNS_TOKEN)
+    assert hooks.total_tasks() == before
+
+    tid = ObjectEvent(bucket=bucket, key="reports/q1 2024+final.csv", event_type="ObjectCreated:Put",
+                      etag="d41d8cd98f00b204e9800998ecf8427e").task_id()  # fmt: skip
+    event = hooks.echoed({tid})[tid]
+    assert event["key"] == "reports/q1 2024+final.csv" and event["source"] == "aws:s3"
+    assert event["region"] == "us-east-1" and event["size"] == 77
+    test_id = orjson.loads(test)["MessageId"]
+    assert not [r for r in hooks.harness.records("dlq", 0, timeout_s=5) if r["key"] == f"webhook:aws/sns/{test_id}"]
+
+
+class _ConfirmEndpoint:
+    """A local stand-in for SNS's SubscribeURL: records every GET."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                paths.append(self.path)
+                body = (
+                    b"<ConfirmSubscriptionResponse><SubscriptionArn>arn</SubscriptionArn></ConfirmSubscriptionResponse>"
+                )
+                if self.path.startswith("/denied"):  # as SNS answers an expired or forged token
+                    self.send_response(403)
+                elif self.path.startswith("/redirect"):  # elsewhere: a host not in sns_confirm_hosts
+                    self.send_response(302)
+                    self.send_header("Location", f"http://localhost:{self.headers['Host'].rpartition(':')[2]}/escaped")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _ConfirmEndpoint:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def test_sns_subscription_is_confirmed_only_on_an_allowed_host(hooks: Hooks) -> None:
+    with _ConfirmEndpoint() as sns:
+        url = f"http://127.0.0.1:{sns.port}/?Action=ConfirmSubscription&TopicArn={TOPIC_ARN}&Token=2336412f"
+        body = sns_confirmation(url)
+        # Without credentials nothing is fetched.
+        r = hooks.post("aws/sns", body, token=None, Content_Type="text/plain; charset=UTF-8")
+        assert r.status_code == 401 and sns.paths == []
+        r = hooks.post("aws/sns", body, token=SNS_TOKEN, Content_Type="text/plain; charset=UTF-8")
+        assert r.status_code == 200 and r.json() == {"confirmed": True}, r.text
+        assert sns.paths == [url.removeprefix(f"http://127.0.0.1:{sns.port}")]
+        # The minio trigger allows only AWS's SNS hosts (the default): the same confirmation is refused.
+        r = hooks.post("minio", body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "sns_host_not_allowed", r.text
+        for refused in (f"http://localhost:{sns.port}/", f"http://127.0.0.1.example.com:{sns.port}/",
+                        f"ftp://127.0.0.1:{sns.port}/", "file:///etc/passwd", "not a url"):  # fmt: skip
+            r = hooks.post("aws/sns", sns_confirmation(refused), token=SNS_TOKEN)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "sns_host_not_allowed", (refused, r.text)
+        assert len(sns.paths) == 1
+
+        # An allowed host that refuses, redirects elsewhere or does not answer: a 502 the sender may retry, not a 500.
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}/?Token=1"
+            for failing in (f"http://127.0.0.1:{sns.port}/denied?Token=1", f"http://127.0.0.1:{sns.port}/redirect",
+                            unreachable):  # fmt: skip
+                r = hooks.post("aws/sns", sns_confirmation(failing), token=SNS_TOKEN)
+                assert r.status_code == 502 and r.json()["error"]["code"] == "sns_confirm_failed", (failing, r.text)
+        assert sns.paths[1:] == ["/denied?Token=1", "/redirect"]  # the redirect was not followed
+
+
+def test_webhooks_refuse_missing_or_wrong_credentials_and_enqueue_nothing(hooks: Hooks) -> None:
+    bucket = new_bucket()
+    body = minio_message(minio_record(bucket, "auth%2Fx.jpg"))
+    tid = task_id(bucket, "auth/x.jpg")
+    before = hooks.total_tasks()
+    wrong_basic = "Basic " + base64.b64encode(f"gpufleet:{HOOK_TOKEN}x".encode()).decode()
+    refused: list[tuple[str, dict[str, str]]] = [
+        ("minio", {}),
+        ("minio", {"Authorization": f"Bearer {HOOK_TOKEN}x"}),
+        ("minio", {"Authorization": f"Bearer {SNS_TOKEN}"}),  # another trigger's token
+        ("minio", {"Authorization": f"Bearer {API_TOKEN}"}),  # the API's token is not a webhook's
+        ("minio", {"Authorization": HOOK_TOKEN}),
+        ("minio", {"Authorization": wrong_basic}),
+        ("minio", {"Authorization": "Basic !!not-base64!!"}),
+        ("minio", {"X-Gpufleet-Signature": signature(body)}),  # the minio trigger has no hmac_secret
+        ("signed", {"Authorization": f"Bearer {HOOK_TOKEN}"}),  # the signed trigger has no token
+        ("signed", {}),
+        ("signed", {"X-Gpufleet-Signature": signature(body, HMAC_SECRET + "x")}),
+        ("signed", {"X-Gpufleet-Signature": signature(body + b" ")}),
+        ("signed", {"X-Gpufleet-Signature": signature(body).removeprefix("sha256=")}),
+        ("signed", {"X-Gpufleet-Signature": signature(body).upper()}),
+    ]
+    for path, headers in refused:
+        r = hooks.client.post(f"/v1/webhooks/{path}", content=body, headers=headers)
+        assert r.status_code == 401, (path, headers, r.text)
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["www-authenticate"] == 'Bearer, Basic realm="gpufleet"'
+    assert hooks.harness.registry.get(tid) is None
+    assert hooks.total_tasks() == before
+    # A path no trigger serves is a 404, whatever the credentials.
+    r = hooks.post("nope", body)
+    assert r.status_code == 404, r.text
+
+    # Nothing was enqueued above: the first accepted delivery is new, not a duplicate.
+    hooks.accepted("signed", body, counts(published=1), token=None, X_Gpufleet_Signature=signature(body))
+    other = minio_message(minio_record(bucket, "auth%2Fy.jpg"))
+    hooks.accepted("minio", other, counts(published=1), token=None,
+                   Authorization="Basic " + base64.b64encode(f"minio:{HOOK_TOKEN}".encode()).decode())  # fmt: skip
+    echoed = hooks.echoed({tid, task_id(bucket, "auth/y.jpg")})
+    assert echoed[tid]["key"] == "auth/x.jpg"
+    assert hooks.harness.registry.get(tid)["source"].startswith("webhook:signed/")  # type: ignore[index]
+
+
+def test_bodies_over_max_payload_bytes_are_413(hooks: Hooks) -> None:
+    bucket = new_bucket()
+    before = hooks.total_tasks()
+    huge = minio_message(minio_record(bucket, "big.jpg", padding="x" * 4096))
+    for path, headers in (("minio", {}), ("signed", {"X_Gpufleet_Signature": signature(huge)})):
+        r = hooks.post(path, huge, token=HOOK_TOKEN if path == "minio" else None, **headers)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    # Chunked: no Content-Length to go by.
+    r = hooks.client.post("/v1/webhooks/minio", content=iter([huge[:3000], huge[3000:]]),
+                          headers={"Authorization": f"Bearer {HOOK_TOKEN}"})  # fmt: skip
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413, r.text
+    # The signed trigger's own max_payload_bytes (1024) is below the fleet's (4096).
+    mid = minio_message(minio_record(bucket, "mid.jpg", padding="x" * 1200))
+    assert SIGNED_MAX_BYTES < len(mid) < 4096
+    r = hooks.post("signed", mid, token=None, X_Gpufleet_Signature=signature(mid))
+    assert r.status_code == 413 and f"{SIGNED_MAX_BYTES} bytes" in r.json()["error"]["message"], r.text
+    assert hooks.total_tasks() == before
+    hooks.accepted("minio", mid, counts(published=1))
+    assert hooks.echoed({task_id(bucket, "mid.jpg")})
+
+
+def test_malformed_bodies_are_dead_lettered_with_their_reason(hooks: Hooks) -> None:
+    bucket = new_bucket()
+    no_key = minio_record(bucket, "x")
+    del no_key["s3"]["object"]["key"]
+    bad = {
+        b'{"EventName": "s3:ObjectCreated:Put", "Records": [' + bucket.encode(): "malformed_json",
+        orjson.dumps({"hello": bucket}): "not_s3_event",
+        minio_message(no_key): "bad_record",
+    }
+    before = hooks.total_tasks()
+    for body in bad:
+        hooks.accepted("minio", body, counts(dead_lettered=1))
+    # One bad record dead-letters the whole message: its good one does not run either.
+    mixed = orjson.dumps({"Records": [minio_record(bucket, "good.jpg"), no_key]})
+    hooks.accepted("minio", mixed, counts(dead_lettered=1))
+    bad[mixed] = "bad_record"
+    assert hooks.total_tasks() == before
+
+    letters = {r["raw"]: r for r in hooks.dead_letters("minio", len(bad)) if bucket.encode() in r["raw"]}
+    assert set(letters) == set(bad)
+    for body, reason in bad.items():
+        headers = letters[body]["headers"]
+        assert headers["reason"] == reason, headers
+        assert headers["source"].startswith("webhook:minio/") and headers["source"] == letters[body]["key"]
+        assert headers["detail"]
+    assert "record 1" in letters[mixed]["headers"]["detail"]
+
+
+def test_filters_ignore_what_the_trigger_does_not_want(hooks: Hooks) -> None:
+    bucket = new_bucket()
+    unwanted = [
+        minio_record(bucket, "in%2Fgone.jpg", "s3:ObjectRemoved:Delete"),
+        minio_record(bucket, "out%2Fphoto.jpg"),  # prefix
+        minio_record(bucket, "in%2Fphoto.png"),  # suffix
+        minio_record(bucket, "in%2Fphoto.jpg", "s3:ObjectCreated:PutTagging"),  # no new content
+        minio_record(bucket, "in%2Fphoto.jpg", "s3:ObjectAccessed:Get"),
+    ]
+    before = hooks.total_tasks()
+    for record in unwanted:
+        hooks.accepted("filtered", minio_message(record), counts(ignored=1))
+    assert hooks.total_tasks() == before
+    # Filters see the decoded key ("in/a photo.jpg"); one wanted record among unwanted ones is published.
+    wanted = minio_record(bucket, "in%2Fa+photo.jpg")
+    hooks.accepted("filtered", minio_message(unwanted[0], wanted, unwanted[1]), counts(published=1))
+    tid = task_id(bucket, "in/a photo.jpg")
+    assert hooks.echoed({tid})[tid]["key"] == "in/a photo.jpg"
+    assert hooks.total_tasks() == before + 1
+
+
+def test_a_record_without_content_type_fails_its_task_cleanly_without_s3(hooks: Hooks) -> None:
+    """The worker HEADs the object for its content type; with no S3 server configured that fails the task after
+    its retries, and the fleet goes on."""
+    bucket = new_bucket()
+    hooks.accepted("minio", minio_message(minio_record(bucket, "no-type.bin", content_type=None)), counts(published=1))
+    tid = task_id(bucket, "no-type.bin")
+    [failure] = hooks.callbacks("failure", {tid}, timeout_s=90)[tid]
+    assert failure["headers"]["condition"] == "RetriesExhausted", failure
+    error = failure["value"]["responsePayload"]
+    assert error["errorType"] == "TaskError" and f"HEAD s3://{bucket}/no-type.bin" in error["errorMessage"], error
+    assert hooks.harness.runs(tid) == 0  # the handler never ran
+    record = hooks.harness.registry.get(tid)
+    assert record is not None and record["state"] == "FAILED" and record["attempts"] == 3
+    # Still serving.
+    hooks.accepted("minio", minio_message(minio_record(bucket, "after.jpg")), counts(published=1))
+    assert hooks.echoed({task_id(bucket, "after.jpg")})
+
+
+# -- kafka, format: s3 ------------------------------------------------------------------------------------------
+
+
+def test_kafka_trigger_reads_minio_and_ceph_notifications(hooks: Hooks) -> None:
+    bucket = new_bucket()
+    two = minio_message(minio_record(bucket, "k%2Fone.txt", content_type="text/plain"),
+                        minio_record(bucket, "k%2Ftwo%2B2.txt", content_type="text/plain"))  # fmt: skip
+    ceph = orjson.dumps({"Records": [ceph_record(bucket, "raw/a+b %41.txt", contentType="text/plain")]})
+    test = orjson.dumps(s3_test_event(bucket))
+    malformed = orjson.dumps({"Records": [{"eventName": "s3:ObjectCreated:Put", "bucket": bucket}]})
+    hooks.harness.produce("objects", [two, ceph, test, malformed])
+
+    ids = {task_id(bucket, "k/one.txt"), task_id(bucket, "k/two+2.txt"),
+           task_id(bucket, "raw/a+b %41.txt", "37b51d194a7513e45b56f6524f2d51f2")}  # fmt: skip
+    echoed = hooks.echoed(ids)
+    assert sorted(e["key"] for e in echoed.values()) == ["k/one.txt", "k/two+2.txt", "raw/a+b %41.txt"]
+    ceph_event = next(e for e in echoed.values() if e["source"] == "ceph:s3")
+    assert ceph_event["size"] == 1024 and ceph_event["version_id"] is None and ceph_event["region"] == "zonegroup1"
+
+    [letter] = hooks.dead_letters("objects", 1)  # the TestEvent is acknowledged, not dead-lettered
+    assert letter["raw"] == malformed and letter["headers"]["reason"] == "bad_record"
+    assert letter["headers"]["source"].startswith(f"kafka:{hooks.harness.topic('objects')}/")
+    for rec in hooks.harness.records("success", 0, timeout_s=5):
+        assert rec["value"]["responsePayload"]["echo"]["bucket"] != bucket or rec["key"] in ids
+
+
+# -- configuration --------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, trigger: dict[str, Any], api_enabled: bool = True) -> Path:
+    (tmp_path / "triggers").mkdir()
+    (tmp_path / "triggers" / "hook.yaml").write_text(yaml.safe_dump(trigger))
+    config = tmp_path / "fleet.yaml"
+    api = {"enabled": True, "token": API_TOKEN} if api_enabled else {"enabled": False}
+    config.write_text(yaml.safe_dump({"api": api, "functions": [str(FUNCTIONS)],
+                                      "triggers": [str(tmp_path / "triggers")]}))  # fmt: skip
+    return config
+
+
+def test_a_webhook_without_a_secret_is_a_config_error(tmp_path: Path) -> None:
+    config = _config(tmp_path, {"source": "webhook:///minio", "function": "echo"})
+    with pytest.raises(ConfigError) as err:
+        load_fleet(config, env={})
+    assert (
+        Path(str(err.value.file)).resolve() == (tmp_path / "triggers" / "hook.yaml").resolve()
+        and err.value.key == "token"
+    )
+    assert "hook.yaml" in str(err.value) and "hmac_secret" in str(err.value)
+
+
+def test_token_env_names_a_variable_that_must_be_set(tmp_path: Path) -> None:
+    config = _config(tmp_path, {"source": "webhook:///minio", "function": "echo", "token_env": "MINIO_HOOK_TOKEN"})
+    with pytest.raises(ConfigError) as err:
+        load_fleet(config, env={})
+    assert (
+        Path(str(err.value.file)).resolve() == (tmp_path / "triggers" / "hook.yaml").resolve()
+        and err.value.key == "token_env"
+    )
+    assert "MINIO_HOOK_TOKEN" in str(err.value)
+    with pytest.raises(ConfigError, match="too short"):
+        load_fleet(config, env={"MINIO_HOOK_TOKEN": "short"})
+    fleet = load_fleet(config, env={"MINIO_HOOK_TOKEN": HOOK_TOKEN})
+    assert fleet.triggers["hook"].token == HOOK_TOKEN
+
+
+def test_a_webhook_needs_the_api_role(tmp_path: Path) -> None:
+    trigger = {"source": "webhook:///minio", "function": "echo", "token": HOOK_TOKEN}
+    config = _config(tmp_path, trigger, api_enabled=False)
+    with pytest.raises(ConfigError) as err:
+        load_fleet(config, env={})
+    assert err.value.file == str(config) and err.value.key == "api.enabled" and "hook" in str(err.value)
+    assert load_fleet(config, env={"GPUFLEET_API__ENABLED": "true", "GPUFLEET_API__TOKEN": API_TOKEN}).triggers
