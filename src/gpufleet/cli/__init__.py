@@ -93,6 +93,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _trigger(args: argparse.Namespace) -> int:
     from gpufleet.roles import stop_event_on_signals
     from gpufleet.triggers import BACKENDS, SERVED_BY_API, parse_source
+    from gpufleet.triggers.base import Trigger
     from gpufleet.urls import import_backend
 
     fleet = _fleet(args, "trigger")
@@ -111,20 +112,22 @@ def _trigger(args: argparse.Namespace) -> int:
         structlog.get_logger("gpufleet.trigger").info("no triggers to run in this process")
         stop.wait()
         return 0
+    # Built here, one after another: construction imports Celery and the backends, and Celery's lazy module is
+    # not safe to import from two threads at once. A trigger that cannot be built fails the process now.
+    triggers = [import_backend(BACKENDS[scheme(name)])(fleet, fleet.triggers[name]) for name in names]
     failed: list[str] = []
 
-    def serve(name: str) -> None:
-        trigger = fleet.triggers[name]
+    def serve(trigger: Trigger) -> None:
         try:
-            import_backend(BACKENDS[scheme(name)])(fleet, trigger).run(stop)
+            trigger.run(stop)
         except Exception:  # noqa: BLE001 - whatever killed it, the process must not run on without it
             # One dead trigger stops the process (exit 1) so that `gpufleet run` or the orchestrator restarts it,
             # instead of running on with a source nobody consumes.
-            structlog.get_logger("gpufleet.trigger").exception("trigger failed", trigger=name)
-            failed.append(name)
+            structlog.get_logger("gpufleet.trigger").exception("trigger failed", trigger=trigger.name)
+            failed.append(trigger.name)
             stop.set()
 
-    threads = [threading.Thread(target=serve, args=(name,), name=f"trigger-{name}") for name in names]
+    threads = [threading.Thread(target=serve, args=(t,), name=f"trigger-{t.name}") for t in triggers]
     for t in threads:
         t.start()
     for t in threads:
