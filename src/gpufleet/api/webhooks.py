@@ -33,7 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gpufleet.api.errors import error_response
-from gpufleet.errors import EventError, RequestError
+from gpufleet.errors import EventError, GpufleetError, RequestError
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers import parse_source
 from gpufleet.triggers.base import Ingest, SourceMessage
@@ -55,7 +55,7 @@ class WebhookTrigger:
         self._confirm_hosts = [re.compile(p) for p in trigger.sns_confirm_hosts]
 
     def run(self, stop: threading.Event) -> None:
-        raise RequestError("served_by_api", "webhook triggers are served by `gpufleet api`")
+        raise GpufleetError(f"trigger {self.name!r} is a webhook: `gpufleet api` serves it, not `gpufleet trigger`")
 
     def authorized(self, headers: Any, body: bytes) -> bool:
         token, secret = self.trigger.token, self.trigger.hmac_secret
