@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_plus
 
 import httpx
 import orjson
@@ -31,13 +30,14 @@ from gpufleet.errors import ConfigError
 from gpufleet.objects import ObjectEvent
 from gpufleet.settings import load_fleet
 from tests.harness import FUNCTIONS, FleetHarness
+from tests.s3samples import MINIO_ETAG, ceph_record, minio_log, minio_record
 
 API_TOKEN = "test-api-token-0123456789"
 HOOK_TOKEN = "minio-webhook-token-0123456789"
 SNS_TOKEN = "sns-webhook-token-0123456789"
 HMAC_SECRET = "hmac-webhook-secret-0123456789"
 SIGNED_MAX_BYTES = 1024  # the signed trigger's own max_payload_bytes; the fleet's default is 4096
-ETAG = "430f89010c77aa34fc8760696da62d08"
+ETAG = MINIO_ETAG  # what minio_record sends by default
 TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:gpufleet-uploads"
 
 
@@ -52,68 +52,9 @@ def new_bucket() -> str:
 # -- bodies as the servers send them (see /tmp/notes/issue3-research.md §3) --------------------------------------
 
 
-def minio_record(bucket: str, key: str, event: str = "s3:ObjectCreated:Put", *, etag: str = ETAG, size: int = 6474,
-                 content_type: str | None = "image/jpeg", **obj: Any) -> dict[str, Any]:  # fmt: skip
-    """A MinIO record: ``key`` as MinIO writes it (Go QueryEscape), ``eventName`` with ``s3:``."""
-    fields: dict[str, Any] = {"key": key, "size": size, "eTag": etag, "sequencer": "15C32494527B46C5", **obj}
-    if content_type is not None:
-        fields |= {"contentType": content_type, "userMetadata": {"content-type": content_type}}
-    return {
-        "eventVersion": "2.0",
-        "eventSource": "minio:s3",
-        "awsRegion": "",
-        "eventTime": "2019-09-10T17:41:54.000Z",
-        "eventName": event,
-        "userIdentity": {"principalId": "AKIAIOSFODNN7EXAMPLE"},
-        "requestParameters": {"accessKey": "AKIAIOSFODNN7EXAMPLE", "region": "", "sourceIPAddress": "192.168.56.192"},
-        "responseElements": {"x-amz-request-id": "15C3249451E12784", "x-minio-origin-endpoint": "http://10.0.0.2:9000"},
-        "s3": {
-            "s3SchemaVersion": "1.0",
-            "configurationId": "Config",
-            "bucket": {
-                "name": bucket,
-                "ownerIdentity": {"principalId": "AKIAIOSFODNN7EXAMPLE"},
-                "arn": f"arn:aws:s3:::{bucket}",
-            },
-            "object": fields,
-        },
-        "source": {"host": "192.168.56.192", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7.0.70"},
-    }
-
-
 def minio_message(*records: dict[str, Any]) -> bytes:
-    """MinIO's event.Log: the redundant top-level EventName and Key (``bucket/decoded key``) around the records."""
-    first = records[0]
-    key = f"{first['s3']['bucket']['name']}/{unquote_plus(first['s3']['object'].get('key', ''))}"
-    return orjson.dumps({"EventName": first["eventName"], "Key": key, "Records": list(records)})
-
-
-def ceph_record(bucket: str, key: str, **obj: Any) -> dict[str, Any]:
-    """A Ceph RGW record: the key RAW, the size a string, ``etag`` lowercase, ``versionId`` "" when unversioned."""
-    fields = {"key": key, "size": "1024", "etag": "37b51d194a7513e45b56f6524f2d51f2", "versionId": "",
-              "sequencer": "F7E6D75DC742D108", "metadata": [], "tags": [], **obj}  # fmt: skip
-    return {
-        "eventVersion": "2.1",
-        "eventSource": "ceph:s3",
-        "awsRegion": "zonegroup1",
-        "eventTime": "2019-11-22T13:47:35.124724Z",
-        "eventName": "ObjectCreated:Put",
-        "userIdentity": {"principalId": "tester"},
-        "requestParameters": {"sourceIPAddress": ""},
-        "responseElements": {"x-amz-request-id": "503a4c37-85eb-47cd-8681-2817e80b4281.5330.903595"},
-        "s3": {
-            "s3SchemaVersion": "1.0",
-            "configurationId": "mynotif1",
-            "bucket": {
-                "name": bucket,
-                "ownerIdentity": {"principalId": "tester"},
-                "arn": f"arn:aws:s3:zonegroup1::{bucket}",
-            },
-            "object": fields,
-        },
-        "eventId": "",
-        "opaqueData": "me@example.com",
-    }
+    """MinIO's event.Log around the records, as the bytes it posts."""
+    return orjson.dumps(minio_log(*records))
 
 
 def aws_record(bucket: str, key: str, content_type: str) -> dict[str, Any]:

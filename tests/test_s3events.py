@@ -11,6 +11,7 @@ import pytest
 from gpufleet.errors import EventError
 from gpufleet.objects import ObjectEvent
 from gpufleet.triggers.s3events import EventFilter, Notification, parse_notification
+from tests.s3samples import CEPH_ETAG, ceph_record, minio_log, minio_record
 
 # AWS documentation sample (notification-content-structure).
 AWS_DOC: dict[str, Any] = {
@@ -66,88 +67,31 @@ AWS_TEST_EVENT = {
     "HostId": "8cLeGAmw098X5cv4Zkwcmo8vvZa3eH3eKxsPzbB9wrR+YstdA6Knx4Ip8EXAMPLE",
 }
 
-# MinIO Kafka/webhook body (docs/bucket/notifications/README.md): the event.Log wrapper around one record.
-MINIO: dict[str, Any] = {
-    "EventName": "s3:ObjectCreated:Put",
-    "Key": "images/myphoto.jpg",
-    "Records": [
-        {
-            "eventVersion": "2.0",
-            "eventSource": "minio:s3",
-            "awsRegion": "",
-            "eventTime": "2019-09-10T17:41:54Z",
-            "eventName": "s3:ObjectCreated:Put",
-            "userIdentity": {"principalId": "AKIAIOSFODNN7EXAMPLE"},
-            "requestParameters": {
-                "accessKey": "AKIAIOSFODNN7EXAMPLE",
-                "region": "",
-                "sourceIPAddress": "192.168.56.192",
-            },
-            "responseElements": {
-                "x-amz-request-id": "15C3249451E12784",
-                "x-minio-deployment-id": "751a8ba6-acb2-42f6-a297-4cdf1cf1fa4f",
-                "x-minio-origin-endpoint": "http://192.168.97.83:9000",
-            },
-            "s3": {
-                "s3SchemaVersion": "1.0",
-                "configurationId": "Config",
-                "bucket": {
-                    "name": "images",
-                    "ownerIdentity": {"principalId": "AKIAIOSFODNN7EXAMPLE"},
-                    "arn": "arn:aws:s3:::images",
-                },
-                "object": {
-                    "key": "myphoto.jpg",
-                    "size": 6474,
-                    "eTag": "430f89010c77aa34fc8760696da62d08-1",
-                    "contentType": "image/jpeg",
-                    "userMetadata": {"content-type": "image/jpeg"},
-                    "versionId": "1",
-                    "sequencer": "15C32494527B46C5",
-                },
-            },
-            "source": {"host": "192.168.56.192", "port": "", "userAgent": "Mozilla/5.0"},
-        }
-    ],
-}
+# MinIO's docs sample (docs/bucket/notifications/README.md): the event.Log wrapper around one record.
+MINIO: dict[str, Any] = minio_log(
+    minio_record(
+        "images",
+        "myphoto.jpg",
+        etag="430f89010c77aa34fc8760696da62d08-1",
+        event_time="2019-09-10T17:41:54Z",
+        endpoint="http://192.168.97.83:9000",
+        deployment_id="751a8ba6-acb2-42f6-a297-4cdf1cf1fa4f",
+        user_agent="Mozilla/5.0",
+        versionId="1",
+    )
+)
 
-# Ceph RGW (doc/radosgw/notifications.rst): raw key, size as a string, versionId "".
+# Ceph RGW's docs sample (doc/radosgw/notifications.rst): raw key, size as a string, versionId "", "eTag" spelled so.
 CEPH: dict[str, Any] = {
     "Records": [
-        {
-            "eventVersion": "2.1",
-            "eventSource": "ceph:s3",
-            "awsRegion": "zonegroup1",
-            "eventTime": "2019-11-22T13:47:35.124724Z",
-            "eventName": "ObjectCreated:Put",
-            "userIdentity": {"principalId": "tester"},
-            "requestParameters": {"sourceIPAddress": ""},
-            "responseElements": {
-                "x-amz-request-id": "503a4c37-85eb-47cd-8681-2817e80b4281.5330.903595",
-                "x-amz-id-2": "14d2-zone1-zonegroup1",
-            },
-            "s3": {
-                "s3SchemaVersion": "1.0",
-                "configurationId": "mynotif1",
-                "bucket": {
-                    "name": "mybucket1",
-                    "ownerIdentity": {"principalId": "tester"},
-                    "arn": "arn:aws:s3:zonegroup1::mybucket1",
-                    "id": "503a4c37-85eb-47cd-8681-2817e80b4281.5332.38",
-                },
-                "object": {
-                    "key": "myimage1.jpg",
-                    "size": "1024",
-                    "eTag": "37b51d194a7513e45b56f6524f2d51f2",
-                    "versionId": "",
-                    "sequencer": "F7E6D75DC742D108",
-                    "metadata": [],
-                    "tags": [],
-                },
-            },
-            "eventId": "",
-            "opaqueData": "me@example.com",
-        }
+        ceph_record(
+            "mybucket1",
+            "myimage1.jpg",
+            request_id2="14d2-zone1-zonegroup1",
+            bucket_id="503a4c37-85eb-47cd-8681-2817e80b4281.5332.38",
+            etag=None,
+            eTag=CEPH_ETAG,
+        )
     ]
 }
 
