@@ -126,7 +126,7 @@ def test_control_commands_without_a_running_fleet(harness: FleetHarness) -> None
     from_stdin = cli_json(h, "invoke", "echo", "--payload", "-", stdin='{"from": "stdin"}')
     assert from_stdin["created"] is True
     for task_id, event in ((file_id, {"from": "file"}), (from_stdin["id"], {"from": "stdin"})):
-        envelope = h.registry.message(task_id)
+        envelope = (h.registry.get(task_id, envelope=True) or {}).get("message")
         assert envelope is not None and decode_call(envelope)["event"] == event
     first = cli_json(h, "invoke", "echo", "--idempotency-key", "order-42")
     again = cli(h, "invoke", "echo", "--idempotency-key", "order-42", "--json")

@@ -20,7 +20,7 @@ from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError, P
 from gpufleet.functions import Function
 from gpufleet.messages import MessageFactory, decode_call, function_queue
 from gpufleet.records import Condition, callback_record, iso
-from gpufleet.registry import TERMINAL, NewTask, Registry, State
+from gpufleet.registry import NewTask, Registry, State
 from gpufleet.settings import Fleet
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
@@ -113,8 +113,8 @@ class ControlPlane:
 
     # -- tasks -----------------------------------------------------------------------------------------------
 
-    def record(self, task_id: str) -> dict[str, Any]:
-        record = self.registry.get(task_id)
+    def record(self, task_id: str, envelope: bool = False) -> dict[str, Any]:
+        record = self.registry.get(task_id, envelope)
         if record is None:
             raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
         return record
@@ -129,10 +129,9 @@ class ControlPlane:
         finished: not an error).
         """
         for _ in range(10):  # the record can change between the read and the script; both are cheap
-            record = self.record(task_id)
+            record = self.record(task_id, envelope=True)
             error = {"errorType": "Cancelled", "errorMessage": "cancelled while queued", "stackTrace": []}
-            envelope = self.registry.message(task_id)
-            event = decode_call(envelope).get("event") if envelope else None
+            event = decode_call(record["message"]).get("event") if record.get("message") else None
             now = time.time()
             body = callback_record(
                 task_id=task_id, function=record["function"], condition=Condition.CANCELLED,
@@ -231,22 +230,6 @@ class ControlPlane:
 
     def gpus(self) -> list[dict[str, Any]]:
         return self.registry.gpus()
-
-    def wait(self, task_id: str, timeout_s: float | None = None, poll_s: float = 0.2,
-             on_update: Any = None) -> dict[str, Any]:  # fmt: skip
-        """Poll until the task finishes; ``on_update(view)`` sees every change. Returns the final view."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last: dict[str, Any] | None = None
-        while True:
-            view = self.status(task_id)
-            if view != last and on_update is not None:
-                on_update(view)
-            last = view
-            if State(view["state"]) in TERMINAL:
-                return view
-            if deadline is not None and time.monotonic() > deadline:
-                return view
-            time.sleep(poll_s)
 
 
 def task_view(record: dict[str, Any]) -> dict[str, Any]:

@@ -110,11 +110,12 @@ class Registry:
             raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
         return [bool(x) for x in result]
 
-    def get(self, task_id: str) -> dict[str, Any] | None:
+    def get(self, task_id: str, envelope: bool = False) -> dict[str, Any] | None:
+        """The task's record; with ``envelope``, also its stored Celery message under ``message`` (bytes)."""
         raw: dict[bytes, bytes] = self.client.hgetall(self.task_key(task_id))  # type: ignore[assignment]
         if not raw:
             return None
-        return decode_record(raw)
+        return decode_record(raw, envelope)
 
     def claim(self, task_id: str, expect_state: str, expect_token: str, token: str, lease_s: float, worker: str,
               gpu: str) -> Claim:  # fmt: skip
@@ -228,11 +229,6 @@ class Registry:
         raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:busy")  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def message(self, task_id: str) -> bytes | None:
-        """The stored task envelope (what a retry re-publishes)."""
-        value = self.client.hget(self.task_key(task_id), "message")
-        return value if isinstance(value, bytes) else None
-
     def publish_gpus(self, entries: dict[str, dict[str, Any]]) -> None:
         """The GPU inventory of one host's supervisor, refreshed every few seconds: worker name -> details."""
         if entries:
@@ -259,12 +255,14 @@ _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "
 _JSON = {"result", "error", "last_error", "outputs"}
 
 
-def decode_record(raw: dict[bytes, bytes]) -> dict[str, Any]:
+def decode_record(raw: dict[bytes, bytes], envelope: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.decode()
         if key == "message":
-            continue  # the envelope is for re-publishing, not for readers
+            if envelope:  # for re-publishing, and for the event a callback record quotes; not for readers
+                out[key] = v
+            continue
         if key in _NUMERIC:
             out[key] = float(v) if b"." in v or b"e" in v else int(v)
         elif key in _JSON:

@@ -218,8 +218,13 @@ class TriggerSettings(_Model):
         return v
 
     @property
+    def scheme(self) -> str:
+        """The source's transport: kafka, sqs, webhook or s3 (checked against the backends at load)."""
+        return self.source.split(":", 1)[0]
+
+    @property
     def object_events(self) -> bool:
-        return self.format == "s3" or self.source.split(":", 1)[0] in ("sqs", "webhook", "s3")
+        return self.format == "s3" or self.scheme in ("sqs", "webhook", "s3")
 
 
 @dataclass(frozen=True)
@@ -260,7 +265,7 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
             url = getattr(fn, key)
             if url:
                 parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}")
-    hooks = [t.name for t in triggers.values() if t.enabled and t.source.startswith("webhook:")]
+    hooks = [t.name for t in triggers.values() if t.enabled and t.scheme == "webhook"]
     if hooks and not settings.api.enabled:
         raise ConfigError(f"webhook trigger(s) {hooks} are served by the api role, which is off", file=str(path),
                           key="api.enabled", fix="set api.enabled: true (and api.token)")  # fmt: skip
@@ -317,7 +322,7 @@ def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str
             secrets[key] = env[var]
     if secrets:
         trigger = trigger.model_copy(update=secrets)
-    if trigger.source.startswith("webhook:") and trigger.token is None and trigger.hmac_secret is None:
+    if trigger.scheme == "webhook" and trigger.token is None and trigger.hmac_secret is None:
         fix = "set token/token_env (bearer token) or hmac_secret/hmac_secret_env"
         raise ConfigError("a webhook needs a secret: without one anybody could enqueue GPU work", file=where,
                           key="token", fix=fix)  # fmt: skip

@@ -21,7 +21,6 @@ from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.control import ControlPlane
 from gpufleet.errors import ConfigError
 from gpufleet.settings import Fleet
-from gpufleet.triggers import parse_source
 
 log = structlog.get_logger("gpufleet.api")
 GRACE_S = 10
@@ -40,7 +39,7 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
     control = ControlPlane(fleet)
     _ = control.factory  # build the Celery app now, not in the first request (nor twice in two threads)
     webhooks = [WebhookTrigger(fleet, t) for t in fleet.triggers.values()
-                if t.enabled and parse_source(t.source).scheme == "webhook"]  # fmt: skip
+                if t.enabled and t.scheme == "webhook"]  # fmt: skip
     for hook in webhooks:
         log.info("webhook trigger served", trigger=hook.name, path=f"/v1/webhooks/{hook.path}")
     config = uvicorn.Config(

@@ -33,10 +33,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gpufleet.api.errors import error_response
-from gpufleet.errors import EventError, GpufleetError, RequestError
+from gpufleet.errors import EventError, RequestError
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers import parse_source
 from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.s3events import parse_notification
 
 log = structlog.get_logger("gpufleet.webhook")
 PUBLISH_TIMEOUT_S = 10.0
@@ -44,7 +45,7 @@ SIGNATURE_HEADER = "X-Gpufleet-Signature"
 
 
 class WebhookTrigger:
-    """One ``webhook:///path`` trigger; :func:`router` serves them all."""
+    """One ``webhook:///path`` trigger; :func:`router` serves them all (in the api role, never `gpufleet trigger`)."""
 
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
         self.name = trigger.name
@@ -53,9 +54,6 @@ class WebhookTrigger:
         self.ingest = ingest or Ingest(fleet, trigger)
         self.max_bytes = self.ingest.max_bytes
         self._confirm_hosts = [re.compile(p) for p in trigger.sns_confirm_hosts]
-
-    def run(self, stop: threading.Event) -> None:
-        raise GpufleetError(f"trigger {self.name!r} is a webhook: `gpufleet api` serves it, not `gpufleet trigger`")
 
     def authorized(self, headers: Any, body: bytes) -> bool:
         token, secret = self.trigger.token, self.trigger.hmac_secret
@@ -81,8 +79,6 @@ class WebhookTrigger:
     def receive(self, body: bytes) -> dict[str, Any]:
         """Publish what a notification asks for; returns the counts. Raises RequestError (503) if Redis or Kafka
         stayed unreachable for PUBLISH_TIMEOUT_S."""
-        from gpufleet.triggers.s3events import parse_notification
-
         try:
             note = parse_notification(body, self.trigger.key_encoding)
         except EventError:

@@ -92,20 +92,16 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _trigger(args: argparse.Namespace) -> int:
     from gpufleet.roles import stop_event_on_signals
-    from gpufleet.triggers import BACKENDS, SERVED_BY_API, parse_source
+    from gpufleet.triggers import BACKENDS, SERVED_BY_API
     from gpufleet.triggers.base import Trigger
     from gpufleet.urls import import_backend
 
     fleet = _fleet(args, "trigger")
-
-    def scheme(name: str) -> str:
-        return parse_source(fleet.triggers[name].source).scheme
-
     names = args.name or [n for n, t in fleet.triggers.items() if t.enabled]
     unknown = sorted(set(names) - set(fleet.triggers))
     if unknown:
         raise GpufleetError(f"unknown trigger(s) {unknown}; configured: {sorted(fleet.triggers)}")
-    names = [n for n in names if scheme(n) not in SERVED_BY_API]  # webhooks are served by `gpufleet api`
+    names = [n for n in names if fleet.triggers[n].scheme not in SERVED_BY_API]  # webhooks: `gpufleet api`
     stop = stop_event_on_signals()
     if not names:
         # Nothing to consume here; stay up (an exit would look like a crash to `gpufleet run`).
@@ -114,7 +110,7 @@ def _trigger(args: argparse.Namespace) -> int:
         return 0
     # Built here, one after another: construction imports Celery and the backends, and Celery's lazy module is
     # not safe to import from two threads at once. A trigger that cannot be built fails the process now.
-    triggers = [import_backend(BACKENDS[scheme(name)])(fleet, fleet.triggers[name]) for name in names]
+    triggers = [import_backend(BACKENDS[fleet.triggers[name].scheme])(fleet, fleet.triggers[name]) for name in names]
     failed: list[str] = []
 
     def serve(trigger: Trigger) -> None:

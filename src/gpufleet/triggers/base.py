@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -27,12 +27,10 @@ from gpufleet.destinations.kafka import KafkaDestination
 from gpufleet.errors import EventError, GpufleetError
 from gpufleet.functions import Function
 from gpufleet.messages import MessageFactory
+from gpufleet.objects import ObjectEvent
 from gpufleet.registry import NewTask, Registry
 from gpufleet.settings import Fleet, TriggerSettings
-
-if TYPE_CHECKING:
-    from gpufleet.objects import ObjectEvent
-    from gpufleet.triggers.s3events import EventFilter
+from gpufleet.triggers.s3events import EventFilter, parse_notification
 
 log = structlog.get_logger("gpufleet.trigger")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
@@ -85,10 +83,10 @@ class Ingest:
         self.dead_letter: Destination = KafkaDestination(
             parse_destination(trigger.dead_letter or s.defaults.dead_letter), s.kafka
         )
+        # What this trigger did so far, for its logs and for tests; updated by publish().
+        self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
         self.object_filter: EventFilter | None = None
         if trigger.object_events:
-            from gpufleet.triggers.s3events import EventFilter
-
             self.object_filter = EventFilter(trigger.events, trigger.prefix, trigger.suffix)
 
     def parse(self, msg: SourceMessage) -> list[NewTask]:
@@ -118,8 +116,6 @@ class Ingest:
         return [self._task(fn, self._task_id(msg, body), payload, msg, {})]
 
     def _parse_objects(self, msg: SourceMessage, wanted: EventFilter) -> list[NewTask]:
-        from gpufleet.triggers.s3events import parse_notification
-
         note = parse_notification(msg.value, self.trigger.key_encoding)
         return self.object_tasks([event for event in note.events if wanted.matches(event)], msg)
 
@@ -186,6 +182,8 @@ class Ingest:
                              ignored=batch.ignored)  # fmt: skip
         if result.duplicates:
             log.info("duplicates suppressed", count=result.duplicates)
+        for key in self.stats:
+            self.stats[key] += getattr(result, key)
         return result
 
     def close(self) -> None:

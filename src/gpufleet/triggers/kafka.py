@@ -36,7 +36,7 @@ class KafkaTrigger:
         self.bootstrap = endpoint.hosts or fleet.settings.kafka.bootstrap_servers
         self.group = trigger.group or f"gpufleet-{trigger.name}"
         self.ingest = ingest or Ingest(fleet, trigger)
-        self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
+        self.stats = self.ingest.stats
 
     def _consumer(self) -> Any:
         from kafka import KafkaConsumer
@@ -105,8 +105,6 @@ class KafkaTrigger:
         result = future.result()
         if result is None:
             return False
-        for key in self.stats:
-            self.stats[key] += getattr(result, key)
         try:
             consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:

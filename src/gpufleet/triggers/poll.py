@@ -42,7 +42,8 @@ class PollTrigger:
         self.redis = self.ingest.registry.client
         self.checkpoint = f"{fleet.settings.redis.key_prefix}:poll:{trigger.name}"
         self.wanted = EventFilter(trigger.events, trigger.prefix, trigger.suffix)
-        self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0, "listings": 0}
+        self.stats = self.ingest.stats
+        self.listings = 0
 
     def run(self, stop: threading.Event) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -61,7 +62,7 @@ class PollTrigger:
                 stop.wait(self.trigger.poll_interval_s)
         finally:
             self.ingest.close()
-            log.info("polling trigger stopped", trigger=self.name, **self.stats)
+            log.info("polling trigger stopped", trigger=self.name, listings=self.listings, **self.stats)
 
     def poll_once(self, s3: Any, stop: threading.Event) -> bool:
         """List the prefix once and publish what is new. False if ``stop`` interrupted a publish."""
@@ -76,22 +77,22 @@ class PollTrigger:
             keys = [o["Key"] for o in objects]
             listed.update(keys)
             known = self.redis.hmget(self.checkpoint, keys)
-            fresh = [(o, _etag(o)) for o, seen in zip(objects, known, strict=True) if seen != _etag(o).encode()]
+            etags = [_etag(o) for o in objects]
+            fresh = [(o, etag) for o, etag, seen in zip(objects, etags, known, strict=True) if seen != etag.encode()]
             if not fresh:
                 continue
             events = [self._event(o, etag) for o, etag in fresh]
-            wanted = [e for e in events if self.wanted.matches(e)]
-            if wanted and not skip:
+            wanted = [] if skip else [e for e in events if self.wanted.matches(e)]
+            if wanted:
                 msg = SourceMessage(value=b"", source_id=f"s3:{self.bucket}/{self.prefix}", default_id="")
-                result = self.ingest.publish(Prepared(self.ingest.object_tasks(wanted, msg), []), stop)
-                if result is None:
+                batch = Prepared(self.ingest.object_tasks(wanted, msg), [], ignored=len(events) - len(wanted))
+                if self.ingest.publish(batch, stop) is None:
                     return False
-                for key in ("published", "duplicates"):
-                    self.stats[key] += getattr(result, key)
-            self.stats["ignored"] += len(events) if skip else len(events) - len(wanted)
+            else:
+                self.stats["ignored"] += len(events)
             self.redis.hset(self.checkpoint, mapping={o["Key"]: etag for o, etag in fresh})
         self._forget_deleted(listed)
-        self.stats["listings"] += 1
+        self.listings += 1
         if skip:
             log.info("first listing: existing objects marked seen, not run", trigger=self.name, count=len(listed))
         return True

@@ -37,7 +37,7 @@ class SqsTrigger:
         self.queue = endpoint.path
         self.account = endpoint.options.get("account")
         self.ingest = ingest or Ingest(fleet, trigger)
-        self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
+        self.stats = self.ingest.stats
 
     def run(self, stop: threading.Event) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -104,8 +104,6 @@ class SqsTrigger:
             result = self.ingest.publish(batch, stop)
         if result is None:
             return False
-        for key in self.stats:
-            self.stats[key] += getattr(result, key)
         self._delete(sqs, queue_url, handles)
         return True
 

@@ -48,8 +48,8 @@ class TaskContext:
     def scratch(self) -> Path:
         """This attempt's own empty directory; removed, with everything in it, when the attempt ends."""
         if self._scratch is None:
-            safe_task = scratch_path(self._runtime.scratch_root, self.task_id).name
-            self._scratch = self._runtime.scratch_root / self.worker / f"{safe_task}-{self.attempt}"
+            # Task ids never hold "/" (trigger ids match ID_RE; the others are generated), so this stays inside.
+            self._scratch = self._runtime.scratch_root / self.worker / f"{self.task_id}-{self.attempt}"
             shutil.rmtree(self._scratch, ignore_errors=True)  # left over by a killed attempt
             self._scratch.mkdir(parents=True)
         return self._scratch
