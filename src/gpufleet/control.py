@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,16 +17,19 @@ from typing import Any
 
 import orjson
 
-from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from gpufleet.events import check_event
 from gpufleet.functions import Function
 from gpufleet.messages import MessageFactory, decode_call, function_queue
-from gpufleet.records import Condition, callback_record, iso
+from gpufleet.parking import Parking
+from gpufleet.records import Condition, callback_record, fit_record, iso
 from gpufleet.registry import NewTask, Registry, State
 from gpufleet.settings import Fleet
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
 MAX_IDEMPOTENCY_KEY = 255
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class ControlPlane:
         """Queue one task for ``function``. The same ``idempotency_key`` always names the same task."""
         fn = self.function(function)
         s = self.fleet.settings
+        try:
+            check_event(event)
+        except EventError as exc:
+            raise InvalidRequestError(exc.reason, exc.detail) from None
         size = len(orjson.dumps(event))
         if size > s.defaults.max_payload_bytes:
             limit = s.defaults.max_payload_bytes
@@ -140,7 +148,8 @@ class ControlPlane:
             )  # fmt: skip
             fn = self.fleet.functions.get(record["function"])
             outcome, state = self.registry.cancel(
-                task_id, int(record.get("attempts", 0)), error, record.get("on_failure", ""), orjson.dumps(body),
+                task_id, int(record.get("attempts", 0)), error, record.get("on_failure", ""),
+                fit_record(body, self.fleet.settings.defaults.max_record_bytes),
                 fn.retention_s if fn else None,
             )  # fmt: skip
             if outcome == "missing":
@@ -230,6 +239,32 @@ class ControlPlane:
 
     def gpus(self) -> list[dict[str, Any]]:
         return self.registry.gpus()
+
+    # -- parked records ----------------------------------------------------------------------------------------
+
+    @property
+    def parking(self) -> Parking:
+        return Parking(self.registry.client, self.fleet.settings.redis.key_prefix)
+
+    def parked(self, limit: int = 50, after: str | None = None) -> dict[str, Any]:
+        """Records a destination refused for good, oldest first."""
+        if after is not None and not _STREAM_ID.fullmatch(after):
+            raise InvalidRequestError("bad_cursor", "after must be a parked record's id, like 1700000000000-0")
+        return {"items": self.parking.entries(limit, after), "total": self.parking.count()}
+
+    def resend_parked(self, ids: list[str] | None) -> int:
+        """Back to delivery: the given parked records, or all with None."""
+        return self.parking.resend(self._stream_ids(ids) if ids is not None else None)
+
+    def drop_parked(self, ids: list[str]) -> int:
+        return self.parking.drop(self._stream_ids(ids))
+
+    @staticmethod
+    def _stream_ids(ids: list[str]) -> list[str]:
+        bad = [i for i in ids if not _STREAM_ID.fullmatch(i)]
+        if bad:
+            raise InvalidRequestError("bad_id", f"not a parked record's id: {bad[0]!r:.100}")
+        return ids
 
 
 def task_view(record: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ that sets its final state. Here a consumer group reads the stream, delivers each
 exponential backoff, and acknowledges entries only after the destination acknowledged them. A dispatcher that
 dies mid-batch leaves its entries pending; another claims them after ``dispatcher.claim_idle_s``.
 At-least-once: a record may be delivered twice, and carries the task id (the Kafka key) to de-duplicate on.
+A record a destination refuses for good is parked (see :mod:`gpufleet.parking`) and delivery goes on.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import orjson
 import redis
 import structlog
 
 from gpufleet.destinations import parse_destination
-from gpufleet.destinations.base import Destination, OutRecord
+from gpufleet.destinations.base import Destination, OutRecord, Refusal
 from gpufleet.destinations.kafka import KafkaDestination, kafka_producer
-from gpufleet.errors import DeliveryError
+from gpufleet.errors import DeliveryError, GpufleetError
+from gpufleet.parking import Parking
 from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.dispatcher")
@@ -39,7 +42,9 @@ class Dispatcher:
         self.name = name or f"{s.worker.hostname}-{os.getpid()}"
         self._destinations: dict[str, Destination] = {}
         self._producers: dict[str, Any] = {}
+        self.parking = Parking(self.client, s.redis.key_prefix)
         self.delivered = 0
+        self.parked = 0
 
     def _destination(self, url: str) -> Destination:
         dest = self._destinations.get(url)
@@ -120,28 +125,46 @@ class Dispatcher:
         return claimed
 
     def _deliver(self, entries: list[Entry], stop: threading.Event) -> bool:
-        """Deliver all entries, retrying with backoff. False if stopped first (entries stay pending)."""
+        """Deliver all entries, retrying with backoff; park what a destination refuses for good. False if stopped
+        first (entries stay pending)."""
         by_dest: dict[str, list[tuple[bytes, OutRecord]]] = defaultdict(list)
         for eid, f in entries:
-            headers = {"condition": f[b"condition"].decode(), "function": f[b"function"].decode()}
-            record = OutRecord(key=f[b"key"].decode(), value=f[b"value"], headers=headers)
-            by_dest[f[b"dest"].decode()].append((eid, record))
+            by_dest[f.get(b"dest", b"").decode(errors="replace")].append((eid, _record(f)))
         s = self.fleet.settings.dispatcher
         for url, items in by_dest.items():
             delay = s.retry_backoff_s
             while True:
                 try:
-                    self._destination(url).deliver([r for _, r in items])
+                    refused = self._destination(url).deliver([r for _, r in items])
                     break
                 except DeliveryError as exc:
                     log.warning("delivery failed; retrying", destination=url, error=str(exc), retry_in_s=delay)
                     if stop.wait(delay):
                         return False
                     delay = min(s.retry_backoff_max_s, delay * 2)
+                except GpufleetError as exc:  # a destination URL that is not valid (any more): nothing to retry
+                    refused = [Refusal(i, f"bad destination: {exc}") for i in range(len(items))]
+                    break
             ids = [eid for eid, _ in items]
-            pipe = self.client.pipeline()
+            pipe = self.client.pipeline(transaction=True)
+            for refusal in refused:
+                _, record = items[refusal.index]
+                log.error("destination refused a record for good; parked", destination=url, key=record.key,
+                          reason=refusal.reason, bytes=len(record.value))  # fmt: skip
+                self.parking.park(pipe, url, record, refusal.reason)
             pipe.xack(self.stream, GROUP, *ids)
             pipe.xdel(self.stream, *ids)
             pipe.execute()
-            self.delivered += len(ids)
+            self.delivered += len(ids) - len(refused)
+            self.parked += len(refused)
         return True
+
+
+def _record(f: dict[bytes, bytes]) -> OutRecord:
+    """A stream entry as a record: written by a worker's finish (condition, function) or re-sent from the parked
+    stream (headers as JSON)."""
+    if b"headers" in f:
+        headers = orjson.loads(f[b"headers"])
+    else:
+        headers = {"condition": f.get(b"condition", b"").decode(), "function": f.get(b"function", b"").decode()}
+    return OutRecord(key=f.get(b"key", b"").decode(errors="replace"), value=f.get(b"value", b""), headers=headers)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import traceback
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 VERSION = "1.0"
+PREVIEW_CHARS = 512
 
 
 class Condition(StrEnum):
@@ -72,3 +76,28 @@ def callback_record(
     if outputs:  # objects the handler uploaded (ctx.upload), as s3:// URIs
         record["responseContext"]["outputs"] = outputs
     return record
+
+
+def fit_record(record: dict[str, Any], limit: int) -> bytes:
+    """Serialise a record, keeping it within ``limit`` bytes so that its destination can always accept it.
+
+    An oversized ``requestPayload`` is replaced first, then an oversized ``responsePayload``, each by a marker that
+    says what was there: ``{"truncated": true, "originalBytes": n, "sha256": ..., "preview": first characters}``.
+    The task's record in the registry keeps the full result; the event is what the producer sent.
+    """
+    value = orjson.dumps(record)
+    for field in ("requestPayload", "responsePayload"):
+        if len(value) <= limit:
+            break
+        original = orjson.dumps(record[field])
+        if len(original) <= 2 * PREVIEW_CHARS:
+            continue
+        record = {**record, field: truncated(original)}
+        value = orjson.dumps(record)
+    return value
+
+
+def truncated(original: bytes) -> dict[str, Any]:
+    """The marker that stands in for a value too large to carry."""
+    return {"truncated": True, "originalBytes": len(original), "sha256": hashlib.sha256(original).hexdigest(),
+            "preview": original[:PREVIEW_CHARS].decode(errors="replace")}  # fmt: skip

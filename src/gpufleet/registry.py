@@ -34,6 +34,8 @@ class State(StrEnum):
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT, State.EXPIRED})
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # transient: the caller may retry
+# Tasks per enqueue script: ~20 us each inside Redis, so one call blocks other clients for about 2 ms at most.
+ENQUEUE_CHUNK = 100
 
 
 @dataclass(frozen=True)
@@ -97,18 +99,25 @@ class Registry:
         return f"{self.prefix}:task:{task_id}"
 
     def enqueue_many(self, tasks: list[NewTask]) -> list[bool]:
-        """Create the records and push the messages atomically; False for ids that already exist (duplicates)."""
+        """Create the records and push the messages; False for ids that already exist (duplicates).
+
+        Each chunk of :data:`ENQUEUE_CHUNK` tasks is one atomic script, so no single call holds Redis for more than
+        a millisecond or two; the chunks travel in one pipeline, one round trip.
+        """
         if not tasks:
             return []
         now = repr(time.time())
-        batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
-                               t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts)]
-                              for t in tasks])  # fmt: skip
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, len(tasks), ENQUEUE_CHUNK):
+            batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
+                                   t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts)]
+                                  for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
+            self._enqueue(args=[self.prefix, now, batch], client=pipe)
         try:
-            result = self._enqueue(args=[self.prefix, now, batch])
+            replies = pipe.execute()
         except REDIS_ERRORS as exc:
             raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
-        return [bool(x) for x in result]
+        return [bool(x) for reply in replies for x in reply]
 
     def get(self, task_id: str, envelope: bool = False) -> dict[str, Any] | None:
         """The task's record; with ``envelope``, also its stored Celery message under ``message`` (bytes)."""

@@ -46,6 +46,7 @@ def watch_parent(on_exit: Callable[[], None]) -> None:
     threading.Thread(target=loop, name="gpufleet-parent-watch", daemon=True).start()
 
 
+MAX_BACKOFF_S = 30.0
 ROLE_ORDER = ("dispatcher", "worker", "api", "trigger")  # started in this order; stopped in reverse: intake first
 
 
@@ -69,28 +70,33 @@ class ProcessTree:
         log.info("role started", role=role, pid=self.procs[role].pid)
 
     def run(self, stop: threading.Event) -> int:
-        """Run until ``stop``; a role that keeps failing at start (bad config) stops the tree with exit code 1."""
-        fast_failures: dict[str, int] = dict.fromkeys(self.roles, 0)
+        """Run until ``stop``. A role that exits is restarted; one that keeps failing is restarted with exponential
+        backoff (up to :data:`MAX_BACKOFF_S`) and reported, while the other roles go on serving."""
+        failures: dict[str, int] = dict.fromkeys(self.roles, 0)
         started: dict[str, float] = {}
+        due: dict[str, float] = {}
         for role in self.roles:
             self._spawn(role)
             started[role] = time.monotonic()
-        code = 0
         while not stop.wait(0.5):
+            now = time.monotonic()
             for role, proc in list(self.procs.items()):
                 if proc.poll() is None:
                     continue
-                fast_failures[role] = fast_failures[role] + 1 if time.monotonic() - started[role] < 10 else 0
-                if fast_failures[role] >= 3:
-                    log.error("role keeps failing at start; stopping", role=role, exit_code=proc.returncode)
-                    stop.set()
-                    code = 1
-                    break
-                log.warning("role exited; restarting", role=role, exit_code=proc.returncode)
-                self._spawn(role)
-                started[role] = time.monotonic()
+                if role not in due:  # it just exited: decide when to start it again
+                    # A role that ran a minute is healthy again; one that keeps dying waits longer each time.
+                    failures[role] = 0 if now - started[role] > 60 else failures[role] + 1
+                    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** failures[role]) if failures[role] else 0.0
+                    report = log.error if failures[role] >= 3 else log.warning
+                    report("role exited; restarting", role=role, exit_code=proc.returncode,
+                           failures_in_a_row=failures[role], restart_in_s=delay)  # fmt: skip
+                    due[role] = now + delay
+                if now >= due[role]:
+                    del due[role]
+                    self._spawn(role)
+                    started[role] = now
         self.stop()
-        return code
+        return 0
 
     def stop(self, timeout_s: float = 60.0) -> None:
         for role in reversed(self.roles):

@@ -59,6 +59,8 @@ class KafkaSettings(_Model):
     heartbeat_interval_ms: int = Field(1000, ge=100)
     fetch_max_wait_ms: int = Field(50, ge=0, le=10_000)
     request_timeout_ms: int = Field(30_000, ge=1000)
+    # The largest request the producer sends; Kafka brokers accept 1 MiB by default (message.max.bytes).
+    max_request_size: int = Field(1_048_576, ge=65_536)
 
 
 class WorkerSettings(_Model):
@@ -99,7 +101,12 @@ class DefaultsSettings(_Model):
     on_success: str = "kafka:///gpufleet.success"
     on_failure: str = "kafka:///gpufleet.failure"
     dead_letter: str = "kafka:///gpufleet.dead-letter"
-    max_payload_bytes: int = Field(1_048_576, ge=1)
+    # The largest event accepted (Lambda's asynchronous limit). A message that is larger is dead-lettered.
+    max_payload_bytes: int = Field(262_144, ge=1)
+    # Callback records and dead letters are kept within this: an oversized requestPayload (then responsePayload)
+    # is replaced by a marker, an oversized dead letter is cut with headers that say so. It must stay below
+    # kafka.max_request_size, so that no accepted event can make a record its destination refuses.
+    max_record_bytes: int = Field(524_288, ge=16_384)
     retention_s: int = Field(7 * 86_400, ge=60)
     # Redis re-delivers a message still unacknowledged after this. A copy of a running task is dropped (the
     # registry says RUNNING, lease alive), so it never runs twice, but keep it above the longest task (24 h) so
@@ -130,6 +137,9 @@ class LoggingSettings(_Model):
     format: Literal["json", "console"] = "json"
 
 
+RECORD_HEADROOM = 16_384  # key, headers and batch framing around a record's value
+
+
 class FleetSettings(_Model):
     redis: RedisSettings = RedisSettings()
     kafka: KafkaSettings = KafkaSettings()
@@ -141,6 +151,21 @@ class FleetSettings(_Model):
     logging: LoggingSettings = LoggingSettings()
     functions: tuple[Path, ...] = (Path("../workers"),)
     triggers: tuple[Path, ...] = (Path("../triggers"),)
+
+    @model_validator(mode="after")
+    def _records_fit(self) -> FleetSettings:
+        d, room = self.defaults, self.kafka.max_request_size - RECORD_HEADROOM
+        if d.max_record_bytes > room:
+            raise ValueError(
+                f"defaults.max_record_bytes ({d.max_record_bytes}) must be at most kafka.max_request_size minus "
+                f"{RECORD_HEADROOM} bytes for keys and headers ({room}): lower it, or raise kafka.max_request_size"
+            )
+        if d.max_payload_bytes > d.max_record_bytes:
+            raise ValueError(
+                f"defaults.max_payload_bytes ({d.max_payload_bytes}) must be at most defaults.max_record_bytes "
+                f"({d.max_record_bytes}), so that an accepted event always fits its dead letter"
+            )
+        return self
 
     @model_validator(mode="after")
     def _api_token_required(self) -> FleetSettings:
@@ -179,6 +204,8 @@ class TriggerSettings(_Model):
     prefix: str = ""
     suffix: str = ""
     key_encoding: Literal["auto", "url", "raw"] = "auto"  # auto: URL-decoded unless the record is from Ceph
+    # A notification with more records is dead-lettered whole (AWS, MinIO and Ceph send one per message).
+    max_records: int = Field(100, ge=1, le=10_000)
     output: str | None = None  # s3://bucket/prefix where ctx.upload() writes outputs
     # SQS: long-poll wait, and how long a received message stays hidden (extended while a publish is slow).
     wait_time_s: int = Field(20, ge=0, le=20)
@@ -255,7 +282,7 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
         }
     )
     functions = load_functions(settings.functions)
-    triggers = load_triggers(settings.triggers, functions, env)
+    triggers = load_triggers(settings.triggers, functions, env, settings.defaults.max_record_bytes)
     from gpufleet.destinations import parse_destination  # local: destinations import settings types
 
     for key in ("on_success", "on_failure", "dead_letter"):
@@ -272,8 +299,8 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
     return Fleet(settings=settings, functions=functions, triggers=triggers, config_file=path.resolve())
 
 
-def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function],
-                  env: Mapping[str, str] | None = None) -> dict[str, TriggerSettings]:  # fmt: skip
+def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], env: Mapping[str, str] | None = None,
+                  max_record_bytes: int | None = None) -> dict[str, TriggerSettings]:  # fmt: skip
     """Load every ``*.yaml`` trigger file in the folders; check sources, functions and destinations."""
     from gpufleet.destinations import parse_destination
     from gpufleet.triggers import parse_source
@@ -290,6 +317,11 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function],
             if trigger.name in triggers:
                 raise ConfigError(f"trigger name {trigger.name!r} is used twice", file=where, key="name")
             parse_source(trigger.source, where=where, key="source")
+            if max_record_bytes and (trigger.max_payload_bytes or 0) > max_record_bytes:
+                raise ConfigError(f"{trigger.max_payload_bytes} is more than defaults.max_record_bytes "
+                                  f"({max_record_bytes}): an accepted message must fit its dead letter",
+                                  file=where, key="max_payload_bytes",
+                                  fix="lower it, or raise defaults.max_record_bytes")  # fmt: skip
             if trigger.function is not None and trigger.function not in functions:
                 raise ConfigError(
                     f"unknown function {trigger.function!r}",

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 from urllib.parse import quote
 
-import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, Security
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +32,8 @@ from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handle
 from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
-from gpufleet.errors import InvalidRequestError, PayloadTooLargeError
+from gpufleet.errors import EventError, InvalidRequestError, PayloadTooLargeError
+from gpufleet.events import decode_event
 from gpufleet.registry import State
 
 DEFAULT_PAGE = 50
@@ -131,9 +131,10 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         """Queue a task: answers 202 and its id at once; follow it at the Location."""
         control.function(name)  # an unknown function is a 404 whatever the body
         try:
-            event = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequestError("invalid_json", f"the body is not JSON: {exc}") from None
+            event = decode_event(body)
+        except EventError as exc:
+            code = "invalid_json" if exc.reason == "malformed_json" else exc.reason
+            raise InvalidRequestError(code, f"the body is not an event gpufleet can carry: {exc.detail}") from None
         invocation = control.invoke(name, event, idempotency_key)
         response.headers["Location"] = _task_url(invocation.id)
         return models.Invocation(id=invocation.id, created=invocation.created)
@@ -187,6 +188,25 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
     def list_gpus() -> dict[str, Any]:
         """Every GPU (or virtual GPU) slot, as the workers' supervisors report them, and the task each runs."""
         return {"items": control.gpus()}
+
+    @v1.get("/parked", tags=["fleet"], response_model=models.ParkedPage)
+    def list_parked(
+        limit: Annotated[int, Query(ge=1, le=max_page, description="page size")] = min(DEFAULT_PAGE, max_page),
+        after: Annotated[str | None, Query(description="the id of the last record of the previous page")] = None,
+    ) -> dict[str, Any]:
+        """Records a destination refused for good (too large, not allowed), oldest first: they wait here, with the
+        reason, instead of holding up the records behind them."""
+        return control.parked(limit, after)
+
+    @v1.post("/parked/resend", tags=["fleet"], response_model=models.ParkedOutcome)
+    def resend_parked(action: models.ParkedAction) -> dict[str, Any]:
+        """Send parked records (``ids``, or ``all``) to their destinations again; refused again, they park again."""
+        return {"count": control.resend_parked(None if action.all else action.ids)}
+
+    @v1.post("/parked/drop", tags=["fleet"], response_model=models.ParkedOutcome)
+    def drop_parked(action: models.ParkedAction) -> dict[str, Any]:
+        """Forget parked records for good."""
+        return {"count": control.drop_parked(action.ids)}
 
     app.include_router(v1)
     if webhooks:

@@ -164,3 +164,31 @@ class GpuInfo(BaseModel):
 
 class GpuList(_Out):
     items: list[GpuInfo]
+
+
+class ParkedRecord(_Out):
+    id: str = Field(description="the parked entry's id; pass it to resend or drop")
+    destination: str
+    key: str = Field(description="the task id (callback records) or the message's source (dead letters)")
+    reason: str = Field(description="why the destination refused it")
+    parked_at: float
+    bytes: int
+    headers: dict[str, Any]
+    value: str = Field(description="the first 1,000 characters of the record")
+
+
+class ParkedPage(_Out):
+    items: list[ParkedRecord]
+    total: int = Field(description="parked records in all")
+
+
+class ParkedAction(BaseModel):
+    """Which parked records to act on: ``ids``, or ``all`` (resend only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] = Field(default_factory=list, max_length=10_000)
+    all: bool = False
+
+
+class ParkedOutcome(_Out):
+    count: int = Field(description="records moved back to delivery (resend) or removed (drop)")

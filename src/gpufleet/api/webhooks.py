@@ -8,8 +8,9 @@ A trigger file with ``source: webhook:///minio`` is served by the api role at ``
   sha256=<hex HMAC-SHA256 of the body>`` with ``hmac_secret``.
 - **Durable before 2xx**: the answer comes after the tasks are in Redis (and dead letters are acknowledged by
   Kafka). If Redis is unreachable for ``PUBLISH_TIMEOUT_S``, it is 503 and the sender retries.
-- Bodies over ``max_payload_bytes`` get 413. A malformed body is dead-lettered (with its reason) and
-  acknowledged: a sender retrying it forever would not make it any better.
+- Bodies over ``max_payload_bytes`` get 413. A body that cannot become tasks (malformed, not S3 events, too many
+  records, anything that fails) is dead-lettered with its reason and answered 422 with that reason: never a 5xx,
+  which would make the sender retry it in a loop.
 - SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm, only if its host matches
   ``sns_confirm_hosts`` (AWS's SNS hosts by default), so a forged confirmation cannot make us fetch any URL.
   Redirects are not followed. A fetch that fails (refused, unreachable, not 2xx) is 502 ``sns_confirm_failed``.
@@ -33,7 +34,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gpufleet.api.errors import error_response
-from gpufleet.errors import EventError, RequestError
+from gpufleet.errors import RequestError
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers import parse_source
 from gpufleet.triggers.base import Ingest, SourceMessage
@@ -76,19 +77,20 @@ class WebhookTrigger:
                 return True
         return False
 
-    def receive(self, body: bytes) -> dict[str, Any]:
-        """Publish what a notification asks for; returns the counts. Raises RequestError (503) if Redis or Kafka
-        stayed unreachable for PUBLISH_TIMEOUT_S."""
+    def receive(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """Publish what a notification asks for; returns the HTTP status and the counts: 200, or 422 when the body
+        was dead-lettered (the sender learns it was refused, and must not send it again). Raises RequestError (503)
+        if Redis or Kafka stayed unreachable for PUBLISH_TIMEOUT_S."""
         try:
-            note = parse_notification(body, self.trigger.key_encoding)
-        except EventError:
-            note = None  # Ingest dead-letters it with the reason
+            note = parse_notification(body, self.trigger.key_encoding, self.trigger.max_records)
+        except Exception:  # noqa: BLE001 - Ingest dead-letters it with the reason
+            note = None
         if note is not None and note.sns_type == "SubscriptionConfirmation":
-            return self._confirm(note.sns or {})
+            return 200, self._confirm(note.sns or {})
         if note is not None and note.sns_type == "UnsubscribeConfirmation":
             log.info("SNS unsubscribed", trigger=self.name, topic=(note.sns or {}).get("TopicArn"))
-            return {"ignored": 1}
-        msg_id = str((note.sns or {}).get("MessageId") or uuid.uuid4()) if note else str(uuid.uuid4())
+            return 200, {"ignored": 1}
+        msg_id = str((note.sns or {}).get("MessageId") or uuid.uuid4())[:128] if note else str(uuid.uuid4())
         batch = self.ingest.prepare([SourceMessage(value=body, source_id=f"webhook:{self.path}/{msg_id}",
                                                    default_id=f"webhook-{msg_id}")])  # fmt: skip
         deadline = threading.Event()
@@ -100,8 +102,13 @@ class WebhookTrigger:
             timer.cancel()
         if result is None:
             raise _UnavailableError("unavailable", "the task queue cannot be reached; try again later")
-        return {"published": result.published, "duplicates": result.duplicates,
-                "dead_lettered": result.dead_lettered, "ignored": result.ignored}  # fmt: skip
+        counts = {"published": result.published, "duplicates": result.duplicates,
+                  "dead_lettered": result.dead_lettered, "ignored": result.ignored}  # fmt: skip
+        if batch.dead:
+            headers = batch.dead[0].headers
+            error = {"code": headers["reason"], "message": f"dead-lettered: {headers['detail'][:500]}"}
+            return 422, {"error": error, **counts}
+        return 200, counts
 
     def _confirm(self, envelope: dict[str, Any]) -> dict[str, Any]:
         url = str(envelope.get("SubscribeURL", ""))
@@ -161,6 +168,7 @@ def _endpoint(hook: WebhookTrigger) -> Any:
                                   headers={"WWW-Authenticate": 'Bearer, Basic realm="gpufleet"'})  # fmt: skip
         from starlette.concurrency import run_in_threadpool
 
-        return JSONResponse(await run_in_threadpool(hook.receive, body))
+        status, answer = await run_in_threadpool(hook.receive, body)
+        return JSONResponse(answer, status_code=status)
 
     return receive

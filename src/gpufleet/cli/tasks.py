@@ -85,6 +85,15 @@ def add_commands(command: AddCommand) -> None:
     p = command("gpus", _gpus, "list the fleet's GPUs: memory, utilisation, the task each runs, stale entries")
     _json_arg(p, "print the inventory entries")
 
+    p = command("parked", _parked, "records a destination refused for good: list, re-send or drop them")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--resend", nargs="+", metavar="ID", help="send these parked records again")
+    act.add_argument("--resend-all", action="store_true", help="send every parked record again")
+    act.add_argument("--drop", nargs="+", metavar="ID", help="forget these parked records")
+    p.add_argument("--limit", type=int, default=20, help="records per page (default: 20)")
+    p.add_argument("--after", metavar="ID", help="the next page: the id of the last record shown")
+    _json_arg(p, "print {items, total}, or {count} for --resend/--drop")
+
 
 def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"machine-readable output: {what}")
@@ -382,3 +391,24 @@ def _gpu_state(entry: dict[str, Any]) -> str:
     if entry.get("up") is False:
         return "down"
     return "busy" if entry.get("task_id") else "idle"
+
+
+@_control
+def _parked(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    if args.resend or args.resend_all or args.drop:
+        if args.drop:
+            count, done = plane.drop_parked(args.drop), "dropped"
+        else:
+            count, done = plane.resend_parked(None if args.resend_all else args.resend), "re-sent"
+        print_json({"count": count}) if args.json else print(f"{done} {count}")
+        return EXIT_OK
+    page = plane.parked(args.limit, args.after)
+    if args.json:
+        print_json(page)
+        return EXIT_OK
+    rows = [[r["id"], r["destination"], r["key"], r["bytes"], r["reason"][:60]] for r in page["items"]]
+    print(table(["id", "destination", "key", "bytes", "reason"], rows, "no parked records"))
+    if len(page["items"]) < page["total"] and page["items"]:
+        print(f"\n{page['total']} in all; more: gpufleet parked --after {page['items'][-1]['id']}")
+    return EXIT_OK

@@ -1,4 +1,4 @@
-"""The destination interface: deliver a batch of records, all or nothing."""
+"""The destination interface: deliver a batch of records; say which ones the destination refuses for good."""
 
 from __future__ import annotations
 
@@ -15,11 +15,21 @@ class OutRecord:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class Destination(Protocol):
-    def deliver(self, records: list[OutRecord]) -> None:
-        """Deliver every record durably, or raise :class:`~gpufleet.errors.DeliveryError`.
+@dataclass(frozen=True)
+class Refusal:
+    """A record the destination will never accept as it is (too large, not allowed): sending it again is futile."""
 
-        At-least-once: after an error the caller sends the whole batch again, so consumers de-duplicate on the key.
+    index: int  # its position in the batch
+    reason: str
+
+
+class Destination(Protocol):
+    def deliver(self, records: list[OutRecord]) -> list[Refusal]:
+        """Deliver every record durably, except those refused for good, which are returned with the reason.
+
+        Raises :class:`~gpufleet.errors.DeliveryError` when the batch may succeed later (destination down, timeout);
+        the caller then sends the whole batch again (at-least-once), so consumers de-duplicate on the key. Refused
+        records are parked by the caller, never retried in a loop, so one bad record cannot hold up the others.
         """
 
     def close(self) -> None: ...

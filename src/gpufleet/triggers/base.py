@@ -10,6 +10,7 @@ A failure in 2 or 3 is retried with backoff; the source is never acknowledged fo
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -17,23 +18,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
 import structlog
 
 from gpufleet.celery_app import create_app
 from gpufleet.destinations import parse_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.destinations.kafka import KafkaDestination
-from gpufleet.errors import EventError, GpufleetError
+from gpufleet.errors import BrokerError, EventError, GpufleetError
+from gpufleet.events import decode_event
 from gpufleet.functions import Function
 from gpufleet.messages import MessageFactory
 from gpufleet.objects import ObjectEvent
-from gpufleet.registry import NewTask, Registry
+from gpufleet.parking import Parking
+from gpufleet.registry import REDIS_ERRORS, NewTask, Registry
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
 
 log = structlog.get_logger("gpufleet.trigger")
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}$")
+MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}")  # always fullmatch: "$" lets a newline in
 
 
 class Trigger(Protocol):
@@ -80,9 +83,10 @@ class Ingest:
         self.registry = registry or Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
         self.factory = MessageFactory(create_app(fleet), s.redis.key_prefix, s.worker.kill_grace_s)
         self.max_bytes = trigger.max_payload_bytes or s.defaults.max_payload_bytes
-        self.dead_letter: Destination = KafkaDestination(
-            parse_destination(trigger.dead_letter or s.defaults.dead_letter), s.kafka
-        )
+        self.max_record_bytes = s.defaults.max_record_bytes
+        self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
+        self.dead_letter: Destination = KafkaDestination(parse_destination(self.dead_letter_url), s.kafka)
+        self.parking = Parking(self.registry.client, s.redis.key_prefix)
         # What this trigger did so far, for its logs and for tests; updated by publish().
         self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
         self.object_filter: EventFilter | None = None
@@ -96,10 +100,7 @@ class Ingest:
             raise EventError("oversize", f"{len(msg.value)} bytes > max_payload_bytes {self.max_bytes}")
         if self.object_filter is not None:
             return self._parse_objects(msg, self.object_filter)
-        try:
-            body = orjson.loads(msg.value)
-        except orjson.JSONDecodeError as exc:
-            raise EventError("malformed_json", str(exc)) from None
+        body = decode_event(msg.value)
         function = self.trigger.function
         if function is None:
             if not isinstance(body, dict) or not isinstance(body.get("function"), str) or "payload" not in body:
@@ -109,14 +110,15 @@ class Ingest:
             payload = body
         fn = self.fleet.functions.get(function)
         if fn is None:
-            raise EventError("unknown_function", f"no function {function!r}; served: {sorted(self.fleet.functions)}")
+            served = sorted(self.fleet.functions)
+            raise EventError("unknown_function", f"no function {function!r:.200}; served: {served}")
         mismatch = fn.payload_error(payload)
         if mismatch is not None:
             raise EventError("schema_mismatch", mismatch)
         return [self._task(fn, self._task_id(msg, body), payload, msg, {})]
 
     def _parse_objects(self, msg: SourceMessage, wanted: EventFilter) -> list[NewTask]:
-        note = parse_notification(msg.value, self.trigger.key_encoding)
+        note = parse_notification(msg.value, self.trigger.key_encoding, self.trigger.max_records)
         return self.object_tasks([event for event in note.events if wanted.matches(event)], msg)
 
     def object_tasks(self, events: list[ObjectEvent], msg: SourceMessage) -> list[NewTask]:
@@ -125,6 +127,21 @@ class Ingest:
         fn = self.fleet.functions[self.trigger.function or ""]  # object triggers name their function (load checks)
         meta = {"kind": "object", "output": self.trigger.output}
         return [self._task(fn, event.task_id(), event.model_dump(mode="json"), msg, meta) for event in events]
+
+    def prepare_objects(self, events: list[ObjectEvent], source_id: str, ignored: int = 0) -> Prepared:
+        """Tasks for object events that came without a message (a bucket listing). An event that cannot become a
+        task is dead-lettered alone, its JSON as the dead letter's bytes, and the others go on."""
+        tasks: list[NewTask] = []
+        dead: list[OutRecord] = []
+        for event in events:
+            msg = SourceMessage(value=b"", source_id=f"{source_id}/{event.key}", default_id="")
+            try:
+                tasks += self.object_tasks([event], msg)
+            except Exception as exc:  # noqa: BLE001 - one object must not stop the listing
+                value = event.model_dump_json().encode()
+                dead.append(self.dead_record(SourceMessage(value, msg.source_id, ""), "intake_error",
+                                             f"{type(exc).__name__}: {exc}"))  # fmt: skip
+        return Prepared(tasks, dead, ignored)
 
     def _task(self, fn: Function, task_id: str, payload: Any, msg: SourceMessage, meta: dict[str, Any]) -> NewTask:
         s = self.fleet.settings
@@ -148,8 +165,8 @@ class Ingest:
             return msg.default_id
         if isinstance(supplied, int) and not isinstance(supplied, bool):
             supplied = str(supplied)
-        if not isinstance(supplied, str) or not ID_RE.match(supplied):
-            raise EventError("bad_id", f"id {supplied!r} must match {ID_RE.pattern}")
+        if not isinstance(supplied, str) or not ID_RE.fullmatch(supplied):
+            raise EventError("bad_id", f"id {supplied!r:.250} must match {ID_RE.pattern}")
         return supplied
 
     def prepare(self, messages: list[SourceMessage]) -> Prepared:
@@ -160,14 +177,29 @@ class Ingest:
         for msg in messages:
             try:
                 parsed = self.parse(msg)
-                tasks += parsed
-                ignored += not parsed
             except EventError as exc:
-                log.warning("dead-lettered", reason=exc.reason, detail=exc.detail[:300], source=msg.source_id)
-                dead.append(OutRecord(key=msg.source_id, value=msg.value, headers={
-                    "reason": exc.reason, "detail": exc.detail[:2000], "source": msg.source_id,
-                    "trigger": self.trigger.name}))  # fmt: skip
+                dead.append(self.dead_record(msg, exc.reason, exc.detail))
+                continue
+            except Exception as exc:  # whatever one message does, intake goes on without it
+                log.exception("unexpected error while turning a message into tasks", source=msg.source_id)
+                dead.append(self.dead_record(msg, "intake_error", f"{type(exc).__name__}: {exc}"))
+                continue
+            tasks += parsed
+            ignored += not parsed
         return Prepared(tasks, dead, ignored)
+
+    def dead_record(self, msg: SourceMessage, reason: str, detail: str) -> OutRecord:
+        """The dead letter for a message: its original bytes, the reason and where it came from. Bytes beyond
+        ``max_record_bytes`` (only an ``oversize`` message has them) are cut, and the headers say so."""
+        log.warning("dead-lettered", reason=reason, detail=detail[:300], source=msg.source_id[:300])
+        source = msg.source_id[:MAX_SOURCE_CHARS]
+        headers = {"reason": reason, "detail": detail[:2000], "source": source, "trigger": self.trigger.name}
+        value = msg.value
+        if len(value) > self.max_record_bytes:
+            headers |= {"truncated": "true", "original_bytes": str(len(value)),
+                        "original_sha256": hashlib.sha256(value).hexdigest()}  # fmt: skip
+            value = value[: self.max_record_bytes]
+        return OutRecord(key=source, value=value, headers=headers)
 
     def publish(self, batch: Prepared, stop: threading.Event) -> BatchResult | None:
         """Make a prepared batch durable; None if ``stop`` was set first (then nothing may be acknowledged)."""
@@ -176,7 +208,7 @@ class Ingest:
         flags: list[bool] = []
         if tasks and not retry_until(lambda: flags.extend(self.registry.enqueue_many(tasks)), stop, "publish"):
             return None
-        if dead and not retry_until(lambda: self.dead_letter.deliver(dead), stop, "dead-letter"):
+        if dead and not retry_until(lambda: self._dead_letter(dead), stop, "dead-letter"):
             return None
         result = BatchResult(published=sum(flags), duplicates=len(flags) - sum(flags), dead_lettered=len(dead),
                              ignored=batch.ignored)  # fmt: skip
@@ -185,6 +217,17 @@ class Ingest:
         for key in self.stats:
             self.stats[key] += getattr(result, key)
         return result
+
+    def _dead_letter(self, dead: list[OutRecord]) -> None:
+        """Deliver dead letters; park those the destination refuses for good, so the source can move on."""
+        refused = self.dead_letter.deliver(dead)
+        if refused:
+            log.error("dead-letter destination refused records for good; parked", count=len(refused),
+                      reason=refused[0].reason)  # fmt: skip
+            try:
+                self.parking.park_now(self.dead_letter_url, [(dead[r.index], r.reason) for r in refused])
+            except REDIS_ERRORS as exc:
+                raise BrokerError(f"cannot park refused dead letters in Redis: {exc}") from exc
 
     def close(self) -> None:
         self.dead_letter.close()

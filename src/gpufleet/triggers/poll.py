@@ -25,7 +25,7 @@ from gpufleet.objects import ObjectEvent, make_client
 from gpufleet.records import iso
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers import parse_source
-from gpufleet.triggers.base import Ingest, Prepared, SourceMessage
+from gpufleet.triggers.base import Ingest
 from gpufleet.triggers.s3events import EventFilter
 
 log = structlog.get_logger("gpufleet.trigger.poll")
@@ -84,8 +84,7 @@ class PollTrigger:
             events = [self._event(o, etag) for o, etag in fresh]
             wanted = [] if skip else [e for e in events if self.wanted.matches(e)]
             if wanted:
-                msg = SourceMessage(value=b"", source_id=f"s3:{self.bucket}/{self.prefix}", default_id="")
-                batch = Prepared(self.ingest.object_tasks(wanted, msg), [], ignored=len(events) - len(wanted))
+                batch = self.ingest.prepare_objects(wanted, f"s3:{self.bucket}", ignored=len(events) - len(wanted))
                 if self.ingest.publish(batch, stop) is None:
                     return False
             else:

@@ -12,8 +12,8 @@ Accepted bodies (bytes, str, or an already decoded mapping):
 
 Keys are decoded per ``key_encoding``: ``auto`` (``unquote_plus`` unless ``eventSource`` is ``ceph:s3``), ``url``
 (always) or ``raw`` (never). A message that cannot be read raises :class:`EventError` with a stable reason:
-``malformed_json``, ``not_s3_event`` or ``bad_record``. One bad record makes the whole message a dead letter, so a
-message is never half processed.
+``malformed_json``, ``not_s3_event``, ``bad_record`` or ``too_many_records``. One bad record makes the whole message
+a dead letter, so a message is never half processed.
 
 :class:`EventFilter` says which decoded events a trigger wants. It is applied by the caller, not here, so a filtered
 message is acknowledged and ignored rather than dead-lettered.
@@ -50,6 +50,9 @@ METADATA_ONLY_EVENTS = frozenset(
 )
 _PATTERN = re.compile(r"(?:s3:)?[A-Za-z0-9*?\[\]!]+:[A-Za-z0-9*?\[\]!]+")
 _GLOB_CHARS = frozenset("*?[")
+MAX_KEY_BYTES = 1024  # S3, MinIO and Ceph refuse longer object keys
+MAX_FIELD_CHARS = 3 * MAX_KEY_BYTES  # a URL-encoded key of that length; every other field is far shorter
+MAX_SIZE = 2**63 - 1
 _KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
 
 
@@ -63,24 +66,29 @@ class Notification:
     sns: dict[str, Any] | None = None  # the whole SNS envelope (TopicArn, MessageId, SubscribeURL, Token, ...)
 
 
-def parse_notification(body: bytes | str | Mapping[str, Any], key_encoding: str = "auto") -> Notification:
+def parse_notification(
+    body: bytes | str | Mapping[str, Any], key_encoding: str = "auto", max_records: int = 100
+) -> Notification:
     """Decode one S3 event message.
 
     Args:
         body: the message as received, or its JSON already decoded.
         key_encoding: ``auto``, ``url`` or ``raw`` (see the module docstring).
+        max_records: more records than this make the whole message a ``too_many_records`` dead letter. AWS, MinIO
+            and Ceph send one record per message; a flood is refused before any record is decoded.
 
     Returns:
         The events of every record, in order; none for a TestEvent or an SNS subscription message.
 
     Raises:
-        EventError: ``malformed_json``, ``not_s3_event`` or ``bad_record``; the detail says what and where.
+        EventError: ``malformed_json``, ``not_s3_event``, ``bad_record`` or ``too_many_records``; the detail says
+            what and where.
         ValueError: ``key_encoding`` is not one of :data:`KEY_ENCODINGS`.
     """
     if key_encoding not in KEY_ENCODINGS:
         raise ValueError(f"key_encoding must be one of {', '.join(KEY_ENCODINGS)}, not {key_encoding!r}")
     doc = body if isinstance(body, Mapping) else _load(body, "the message")
-    return _parse(doc, key_encoding, sns_allowed=True)
+    return _parse(doc, key_encoding, max_records, sns_allowed=True)
 
 
 class EventFilter:
@@ -134,7 +142,7 @@ def _load(body: bytes | str, what: str) -> Any:
         raise EventError("malformed_json", f"{what} is not JSON: {exc}") from None
 
 
-def _parse(doc: Any, key_encoding: str, *, sns_allowed: bool) -> Notification:
+def _parse(doc: Any, key_encoding: str, max_records: int, *, sns_allowed: bool) -> Notification:
     if not isinstance(doc, Mapping):
         raise EventError("not_s3_event", f"expected a JSON object, got {_kind(doc)}")
     records = doc.get("Records")
@@ -143,6 +151,8 @@ def _parse(doc: Any, key_encoding: str, *, sns_allowed: bool) -> Notification:
             raise EventError("not_s3_event", f"Records is {_kind(records)}, not an array")
         if not records:
             raise EventError("not_s3_event", "Records is empty")
+        if len(records) > max_records:
+            raise EventError("too_many_records", f"{len(records)} records > max_records {max_records}")
         return Notification(events=[_record(record, i, key_encoding) for i, record in enumerate(records)])
     if doc.get("Event") == "s3:TestEvent":
         return Notification(events=[], test_event=True)
@@ -159,7 +169,7 @@ def _parse(doc: Any, key_encoding: str, *, sns_allowed: bool) -> Notification:
         else:
             raise EventError("not_s3_event", f"SNS Notification whose Message is {_kind(message)}, not a string")
         try:
-            parsed = _parse(inner, key_encoding, sns_allowed=False)
+            parsed = _parse(inner, key_encoding, max_records, sns_allowed=False)
         except EventError as exc:
             raise EventError(exc.reason, f"SNS Message: {exc.detail}") from None
         return Notification(parsed.events, parsed.test_event, sns_type, envelope)
@@ -211,11 +221,15 @@ def _record(record: Any, index: int, key_encoding: str) -> ObjectEvent:
 
 def _decode_key(raw: str, source: str, key_encoding: str, index: int) -> str:
     if key_encoding == "raw" or (key_encoding == "auto" and source in _RAW_KEY_SOURCES):
-        return raw
-    try:
-        return unquote_plus(raw, errors="strict")
-    except UnicodeDecodeError:
-        _bad(index, f"s3.object.key {raw!r:.200} is not percent-encoded UTF-8 (is the source's key_encoding raw?)")
+        key = raw
+    else:
+        try:
+            key = unquote_plus(raw, errors="strict")
+        except UnicodeDecodeError:
+            _bad(index, f"s3.object.key {raw!r:.200} is not percent-encoded UTF-8 (is the source's key_encoding raw?)")
+    if len(key.encode(errors="surrogatepass")) > MAX_KEY_BYTES:
+        _bad(index, f"s3.object.key is longer than S3's limit of {MAX_KEY_BYTES} bytes")
+    return key
 
 
 def _text(value: Any, field: str, index: int) -> str:
@@ -224,15 +238,18 @@ def _text(value: Any, field: str, index: int) -> str:
         return ""
     if not isinstance(value, str):
         _bad(index, f"{field} is {_kind(value)}, not a string")
+    if len(value) > MAX_FIELD_CHARS:
+        _bad(index, f"{field} has {len(value)} characters, more than any S3 server sends ({MAX_FIELD_CHARS})")
     return value
 
 
 def _size(value: Any, index: int) -> int | None:
     if value is None or value == "":
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE:
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():  # Ceph's documented sample: "1024"
+    # Ceph's documented sample: "1024". Checked before int(), which refuses more than 4,300 digits.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19 and int(value) <= MAX_SIZE:
         return int(value)
     _bad(index, f"s3.object.size {value!r:.50} is not a non-negative integer")
 

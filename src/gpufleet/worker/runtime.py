@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from gpufleet.errors import TaskError
 from gpufleet.functions import Function
 from gpufleet.objects import ObjectEvent, ObjectStore
-from gpufleet.records import Condition, callback_record, error_payload
+from gpufleet.records import Condition, callback_record, error_payload, fit_record
 from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State
 from gpufleet.settings import Fleet
 from gpufleet.worker.context import TaskContext, complete_event
@@ -360,7 +360,8 @@ class _Finisher:
         )
         fields = {**fields, "condition": condition.value}
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
-        callbacks = [Callback(dest=dest, value=orjson.dumps(record), condition=condition.value)] if dest else []
+        limit = self.rt.fleet.settings.defaults.max_record_bytes
+        callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
         if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s):
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
             return False

@@ -1,0 +1,236 @@
+"""Bad input never stops intake: every message becomes tasks, is ignored on purpose, or is a dead letter with a
+reason. Hostile inputs found in review, then 10,000+ generated inputs per trigger kind, through the real intake
+path (parse, validate, build, publish to Redis, dead letters acknowledged by Kafka)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpufleet.api.webhooks import WebhookTrigger
+from gpufleet.errors import EventError
+from gpufleet.events import MAX_DEPTH, check_event, decode_event
+from gpufleet.objects import ObjectEvent
+from gpufleet.triggers.base import Ingest, Prepared, SourceMessage
+from tests.harness import FleetHarness
+from tests.s3samples import ceph_record, minio_log, minio_record
+from tests.strategies import JSON_MESSAGES, dumps, nested, notifications
+
+REASONS = {"oversize", "malformed_json", "schema_mismatch", "unknown_function", "bad_id", "nesting_too_deep",
+           "bad_number", "not_s3_event", "bad_record", "too_many_records"}  # fmt: skip
+TOKEN = "intake-webhook-token-0123456789"
+FUZZ_BATCHES, FUZZ_BATCH = 200, 50  # 10,000 inputs per trigger kind
+
+
+@pytest.fixture
+def ingests(harness: FleetHarness) -> Iterator[dict[str, Ingest]]:
+    """One Ingest per trigger kind, on the fleet's real Redis and Kafka (dead letters)."""
+    objects = {"function": "echo", "max_payload_bytes": 2_000_000}
+    harness.write_config(
+        triggers={
+            "json": {"source": f"kafka:///{harness.topic('requests')}"},
+            "typed": {"source": f"kafka:///{harness.topic('typed')}", "function": "typed"},
+            "kafka-s3": {"source": f"kafka:///{harness.topic('objects')}", "format": "s3", **objects},
+            "sqs": {"source": "sqs:///uploads", **objects},
+            "hook": {"source": "webhook:///hook", "token": TOKEN, **objects},
+        },
+        api={"enabled": True, "token": "api-token-0123456789abcdef"},
+        kafka={"max_request_size": 4_194_304},
+        defaults={"max_record_bytes": 2_100_000},
+    )
+    fleet = harness.fleet()
+    made = {name: Ingest(fleet, trigger) for name, trigger in fleet.triggers.items()}
+    yield made
+    for ingest in made.values():
+        ingest.close()
+
+
+def message(value: bytes, n: int = 0) -> SourceMessage:
+    return SourceMessage(value=value, source_id=f"test:{n}", default_id=f"test-{n}")
+
+
+def outcome(ingest: Ingest, value: bytes, n: int = 0) -> Prepared:
+    """What one message becomes; it must be exactly one of tasks, a dead letter with a known reason, or ignored."""
+    prepared = ingest.prepare([message(value, n)])
+    kinds = [bool(prepared.tasks), bool(prepared.dead), bool(prepared.ignored)]
+    assert sum(kinds) == 1, (value[:200], prepared)
+    for letter in prepared.dead:
+        assert letter.headers["reason"] in REASONS, (value[:200], letter.headers)
+        assert letter.value == value  # the original bytes, to inspect and replay
+    return prepared
+
+
+def reason(ingest: Ingest, value: bytes) -> str:
+    prepared = outcome(ingest, value)
+    assert prepared.dead, f"expected a dead letter for {value[:100]!r}, got {prepared}"
+    return prepared.dead[0].headers["reason"]
+
+
+# -- the poison found in review ---------------------------------------------------------------------------------
+
+
+def test_events_that_cannot_be_stored_or_quoted_back_are_refused_with_a_reason(ingests: dict[str, Ingest]) -> None:
+    routed = ingests["json"]
+
+    def routing(payload: Any, **extra: Any) -> bytes:
+        return dumps({"function": "echo", "payload": payload, **extra})
+
+    assert reason(routed, routing(nested(300))) == "nesting_too_deep"  # orjson reads it, but cannot write it back
+    assert reason(routed, routing(nested(MAX_DEPTH))) == "nesting_too_deep"  # the envelope counts as a level
+    assert outcome(routed, routing(nested(MAX_DEPTH - 2))).tasks
+    assert reason(routed, b"[" * 2000 + b"]" * 2000) == "malformed_json"  # deeper than orjson reads at all
+    assert reason(routed, routing(99999999999999999999)) == "bad_number"  # orjson would make it 1e20
+    assert reason(routed, routing([-(2**63) - 1])) == "bad_number"
+    assert reason(routed, routing({"n": 10**300})) == "bad_number"
+    huge = b'{"function": "echo", "payload": {"n": ' + b"9" * 4000 + b"}}"  # orjson reads it as infinity
+    assert reason(routed, huge) == "malformed_json"
+    assert outcome(routed, routing({"max": 2**64 - 1, "min": -(2**63), "s": "99999999999999999999"})).tasks
+    for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
+        assert reason(routed, b'{"function": "echo", "payload": ' + literal + b"}") == "malformed_json"
+    assert reason(routed, routing({}, id="ok\n")) == "bad_id"  # "$" used to let a trailing newline in
+    assert reason(routed, routing({}, id=2**64)) == "bad_number"
+    assert reason(routed, routing({}, id=1.5)) == "bad_id"
+    assert outcome(routed, routing({}, id="fine-id")).tasks[0].message.task_id == "fine-id"
+
+
+def test_object_records_that_would_break_later_are_refused(ingests: dict[str, Ingest]) -> None:
+    s3 = ingests["kafka-s3"]
+
+    def note(**obj: Any) -> bytes:
+        return dumps(minio_log(minio_record("bkt", "k.jpg", **obj)))
+
+    assert reason(s3, note(size="9" * 5000)) == "bad_record"  # int() refuses more than 4,300 digits
+    assert reason(s3, note(size="99999999999999999999")) == "bad_record"  # beyond 64 bits
+    assert reason(s3, note(size=2**64)) == "bad_record"
+    assert outcome(s3, note(size=str(2**63 - 1))).tasks
+    assert reason(s3, orjson.dumps(minio_log(minio_record("bkt", "k" * 1025)))) == "bad_record"  # S3 caps keys
+    assert outcome(s3, orjson.dumps(minio_log(minio_record("bkt", "k" * 1024)))).tasks
+    ceph = ceph_record("bkt", "é" * 600)  # raw key of 1,200 bytes
+    assert reason(s3, orjson.dumps({"Records": [ceph]})) == "bad_record"
+
+
+def test_a_flood_of_records_is_one_dead_letter_not_thousands_of_tasks(ingests: dict[str, Ingest]) -> None:
+    s3 = ingests["kafka-s3"]
+    # The smallest records a parser accepts: 9,500 of them fit in under 1 MB.
+    records = [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": f"k{i}"}}}
+               for i in range(9500)]  # fmt: skip
+    flood = orjson.dumps({"Records": records})
+    assert len(flood) < 1_000_000
+    assert reason(s3, flood) == "too_many_records"
+    assert len(outcome(s3, orjson.dumps({"Records": records[:100]})).tasks) == 100  # the stated maximum
+
+
+def test_an_unexpected_failure_dead_letters_the_message_and_intake_goes_on(
+    ingests: dict[str, Ingest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever raises while one message becomes tasks (here the envelope builder) costs only that message."""
+    ingest = ingests["json"]
+    real = ingest.factory.build
+
+    def build(task_id: str, fn: Any, event: Any, meta: dict[str, Any]) -> Any:
+        if event == {"poison": True}:
+            raise TypeError("Recursion limit reached")
+        return real(task_id, fn, event, meta)
+
+    monkeypatch.setattr(ingest.factory, "build", build)
+    batch = ingest.prepare([message(dumps({"function": "echo", "payload": {"poison": True}}), 1),
+                            message(dumps({"function": "echo", "payload": {"fine": True}}), 2)])  # fmt: skip
+    assert [t.message.task_id for t in batch.tasks] == ["test-2"]
+    [letter] = batch.dead
+    assert letter.headers["reason"] == "intake_error"
+    assert letter.headers["detail"] == "TypeError: Recursion limit reached"
+    assert ingest.publish(batch, threading.Event()) is not None
+
+
+def test_events_decoded_elsewhere_are_checked_the_same_way() -> None:
+    """The HTTP API decodes JSON with the standard library, which keeps big integers and NaN: same rules."""
+    for bad in (float("nan"), float("inf"), 2**64, [nested(MAX_DEPTH)]):
+        with pytest.raises(EventError):
+            check_event(bad)
+    assert decode_event(b'{"a": [1, 2.5, "99999999999999999999999"]}') == {"a": [1, 2.5, "99999999999999999999999"]}
+    with pytest.raises(EventError, match="bad_number"):
+        decode_event(b'{"a": 123456789012345678901234}')
+
+
+# -- fuzzing, 10,000+ inputs per trigger kind -------------------------------------------------------------------
+
+FUZZ = settings(max_examples=FUZZ_BATCHES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])  # fmt: skip
+
+
+def fuzz(ingest: Ingest, batches: Any) -> int:
+    """Run the generated batches through prepare + publish; returns how many inputs went through."""
+    seen = [0]
+
+    @FUZZ
+    @given(batches)
+    def run(values: list[bytes]) -> None:
+        parts = [outcome(ingest, value, seen[0] + i) for i, value in enumerate(values)]
+        batch = Prepared([t for p in parts for t in p.tasks], [d for p in parts for d in p.dead],
+                         sum(p.ignored for p in parts))  # fmt: skip
+        assert not [d for d in batch.dead if d.headers["reason"] == "intake_error"], "an unexpected failure path"
+        assert ingest.publish(batch, threading.Event()) is not None
+        seen[0] += len(values)
+
+    run()
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind", ["json", "typed"])
+def test_fuzzed_json_messages_become_tasks_or_dead_letters(ingests: dict[str, Ingest], kind: str) -> None:
+    assert fuzz(ingests[kind], st.lists(JSON_MESSAGES, min_size=FUZZ_BATCH, max_size=FUZZ_BATCH)) >= 10_000
+
+
+@pytest.mark.parametrize("kind", ["kafka-s3", "sqs"])
+def test_fuzzed_notifications_become_tasks_or_dead_letters(ingests: dict[str, Ingest], kind: str) -> None:
+    assert fuzz(ingests[kind], st.lists(notifications(), min_size=FUZZ_BATCH, max_size=FUZZ_BATCH)) >= 10_000
+
+
+def test_fuzzed_webhook_bodies_get_an_answer_never_an_error(harness: FleetHarness, ingests: dict[str, Ingest]) -> None:
+    """The webhook's own entry point, as concurrent deliveries: 200 or 422, and never an exception (a 5xx)."""
+    fleet = harness.fleet()
+    hook = WebhookTrigger(fleet, fleet.triggers["hook"], ingests["hook"])
+    seen = [0]
+    pool = ThreadPoolExecutor(8)
+
+    @FUZZ
+    @given(st.lists(notifications(), min_size=FUZZ_BATCH, max_size=FUZZ_BATCH))
+    def run(bodies: list[bytes]) -> None:
+        for body, (status, answer) in zip(bodies, pool.map(hook.receive, bodies), strict=True):
+            assert status in (200, 422), (body[:200], answer)
+            if status == 422:
+                assert answer["dead_lettered"] == 1 and answer["error"]["code"] in REASONS, (body[:200], answer)
+        seen[0] += len(bodies)
+
+    try:
+        run()
+    finally:
+        pool.shutdown()
+    assert seen[0] >= 10_000
+
+
+@given(st.lists(st.builds(ObjectEvent, bucket=st.text(min_size=1, max_size=20), key=st.text(min_size=1, max_size=300),
+                          event_type=st.just("ObjectCreated:Listed"), size=st.integers(0, 2**63 - 1),
+                          etag=st.text(max_size=40)), min_size=FUZZ_BATCH, max_size=FUZZ_BATCH))  # fmt: skip
+@FUZZ
+def test_fuzzed_listings_become_tasks(ingests: dict[str, Ingest], events: list[ObjectEvent]) -> None:
+    """Polling: what a bucket listing yields becomes tasks, one dead letter per object that cannot."""
+    batch = ingests["kafka-s3"].prepare_objects(events, "s3:fuzz")
+    assert len(batch.tasks) + len(batch.dead) == len(events)
+    assert ingests["kafka-s3"].publish(batch, threading.Event()) is not None
+
+
+def test_deep_json_is_refused_before_it_is_walked() -> None:
+    # The standard library would recurse on this; decode_event leaves it to orjson's own limit.
+    with pytest.raises(EventError, match="malformed_json"):
+        decode_event(b"[" * 100_000 + b"]" * 100_000)
+    assert json.loads(dumps(nested(10))) == nested(10)
