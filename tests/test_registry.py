@@ -66,6 +66,25 @@ def test_a_lapsed_lease_is_requeued_by_housekeeping(harness: FleetHarness) -> No
     assert nonzero(reg.counts("echo")) == {"QUEUED": 1}
 
 
+def test_a_task_taken_back_from_a_dead_worker_goes_to_the_head_of_its_queue(harness: FleetHarness) -> None:
+    """It had waited its turn already: it runs next, not behind the backlog that arrived while it ran."""
+    from gpufleet.control import ControlPlane
+
+    enqueue(harness, "first")
+    queue = f"{harness.prefix}.default.any"
+    harness.redis.rpop(queue)  # a worker took it...
+    reg = harness.registry
+    assert reg.claim("first", "QUEUED", "", "gone/1/1/a", 0.2, "w", "g").ok  # ...and died while running it
+    for i in range(5):
+        enqueue(harness, f"later-{i}")
+    time.sleep(0.4)
+    assert reg.housekeep() == (0, 1)
+    head = orjson.loads(harness.redis.lindex(queue, -1))  # Celery's Redis transport pops from the right
+    assert head["headers"]["id"] == "first"
+    cp = ControlPlane(harness.fleet(), reg)
+    assert [cp.position(i)["position"] for i in ["first", *(f"later-{i}" for i in range(5))]] == [1, 2, 3, 4, 5, 6]
+
+
 def test_retry_waits_for_its_backoff_then_is_pushed_again(harness: FleetHarness) -> None:
     enqueue(harness, "r1")
     reg = harness.registry
@@ -149,10 +168,10 @@ def test_cancel_is_atomic_with_claim_and_finish(harness: FleetHarness) -> None:
     queue = f"{harness.prefix}.default.any"
     for task_id in ("q1", "q2", "r1"):
         enqueue(harness, task_id)
-    # QUEUED: cancelled at once, out of the Redis list and the position index; a worker holding the message
-    # can no longer claim it, so a task is never both CANCELLED and run.
+    # QUEUED: cancelled at once, out of the position index. Its message stays in the list (removing it would scan
+    # the list), and the worker it reaches cannot claim it, so a task is never both CANCELLED and run.
     assert cp.cancel("q1")["outcome"] == "cancelled"
-    assert harness.redis.llen(queue) == 2 and cp.position("q2")["position"] == 1
+    assert harness.redis.llen(queue) == 3 and cp.position("q2")["position"] == 1
     assert not reg.claim("q1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
     assert harness.redis.ttl(reg.task_key("q1")) > 0  # retention applies to cancelled records too
     [entry] = harness.redis.xrange(reg.callbacks_key)

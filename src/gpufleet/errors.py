@@ -62,6 +62,15 @@ class TaskError(GpufleetError):
     """Raised inside a worker when a task cannot proceed (lost lease, cancelled)."""
 
 
+class PermanentTaskError(TaskError):
+    """A task that no retry can make succeed (its event fails the payload model, its result is not JSON): it fails
+    at once, without using its other attempts. ``error_type`` goes into the failure record."""
+
+    def __init__(self, error_type: str, message: str):
+        self.error_type = error_type
+        super().__init__(message)
+
+
 class RequestError(GpufleetError):
     """A control-plane request that cannot be served as asked. ``code`` is stable and machine-readable; the HTTP
     API answers with ``status``."""

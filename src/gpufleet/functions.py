@@ -21,6 +21,7 @@ The decorator only attaches a spec to the callable. Nothing is registered global
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -131,9 +132,11 @@ class Function:
                               fix="use a positive number of seconds, or None for no limit")  # fmt: skip
         if self.retention_s is not None and self.retention_s < 60:
             raise ConfigError(f"{where}: retention_s={self.retention_s}", key="retention_s", fix="use 60 or more")
+        _check_signature(where, self.handler, "handler", 2, "def handler(event, ctx)")
 
     def setup(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register the per-process setup hook; its return value becomes ``ctx.state``."""
+        _check_signature(f"function {self.name!r}", fn, "setup", 0, "def setup()")
         self.setup_fn = fn
         return fn
 
@@ -253,3 +256,17 @@ def _import_file(path: Path) -> object:
 
 def _functions_in(module: object) -> list[Function]:
     return [value for value in vars(module).values() if isinstance(value, Function)]
+
+
+def _check_signature(where: str, fn: Callable[..., Any], what: str, arity: int, shape: str) -> None:
+    """A handler that cannot take ``(event, ctx)`` would fail at every run: refuse it at load instead."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable without one: it will tell at run time
+        return
+    try:
+        signature.bind(*[None] * arity)
+    except TypeError:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise ConfigError(f"{where}: {what} {name}{signature} cannot be called as {shape}", key=what,
+                          fix=f"give it the shape {shape}") from None  # fmt: skip

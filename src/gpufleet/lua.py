@@ -22,6 +22,13 @@ local function pend(prefix, key, id)
   redis.call('ZADD', prefix .. ':pending:' .. queue, seq, id)
   return queue, seq
 end
+-- Back at the head of its queue (Redis lists are consumed from the right: RPUSH is "next"). Its position score is
+-- below every other, so position order stays the list's order.
+local function pend_head(prefix, key, id)
+  local queue = redis.call('HGET', key, 'queue')
+  redis.call('ZADD', prefix .. ':pending:' .. queue, -redis.call('INCR', prefix .. ':seq'), id)
+  return queue
+end
 local function unpend(prefix, key, id)
   redis.call('ZREM', prefix .. ':pending:' .. redis.call('HGET', key, 'queue'), id)
 end
@@ -174,7 +181,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0
     redis.call('HSET', key, 'state', 'QUEUED', 'token', '', 'queued_at', ARGV[2],
       'last_error', '{"errorType":"WorkerLost","errorMessage":"lease expired: the worker stopped renewing it"}')
     move(prefix, fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', key, 'seq'))
-    redis.call('LPUSH', pend(prefix, key, id), redis.call('HGET', key, 'message'))
+    -- It had waited its turn already: it goes to the head of its queue, not behind the backlog.
+    redis.call('RPUSH', pend_head(prefix, key, id), redis.call('HGET', key, 'message'))
     reaped = reaped + 1
   end
 end
@@ -183,8 +191,9 @@ return {promoted, reaped}
 )
 
 # KEYS: task, delayed, callbacks.  ARGV: prefix, now, expect_attempts, retention_s, error_json, dest, record
-# QUEUED -> CANCELLED at once (out of the queue, the retry schedule and the position index), with its failure
-# record. RUNNING: sets the cancel flag the worker's lease keeper reads. Returns {outcome, state}.
+# QUEUED -> CANCELLED at once (out of the retry schedule and the position index), with its failure record. Its
+# message stays in the Celery list (removing it would scan the list: O(n) at 10^6 queued), and is dropped by the
+# worker it is delivered to. RUNNING: sets the cancel flag the worker's lease keeper reads. Returns {outcome, state}.
 CANCEL = (
     _MOVE
     + """
@@ -201,7 +210,6 @@ local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
 unpend(ARGV[1], KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
-redis.call('LREM', redis.call('HGET', KEYS[1], 'queue'), -1, redis.call('HGET', KEYS[1], 'message'))
 redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[2], 'condition', 'Cancelled',
   'error', ARGV[5], 'cancel', '1', 'cancel_requested_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'retry_at')

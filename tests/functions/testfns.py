@@ -107,3 +107,10 @@ def objinfo(event: ObjectEvent, ctx: Context) -> dict[str, Any]:
     return {"key": event.key, "size": path.stat().st_size, "sha256": digest, "content_type": event.content_type,
             "inside_scratch": ctx.scratch.resolve() in path.resolve().parents, "report": uploaded,
             "event_type": event.event_type}  # fmt: skip
+
+
+@function(name="unstorable", max_attempts=3, backoff_s=0.05)
+def unstorable(event: Any, ctx: Context) -> Any:
+    """Returns something JSON cannot hold: the same at every attempt, so it must fail at once."""
+    _redis().incr(f"runs:{ctx.task_id}")
+    return {"a set": {1, 2}}

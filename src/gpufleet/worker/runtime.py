@@ -24,7 +24,7 @@ import psutil
 import structlog
 from pydantic import ValidationError
 
-from gpufleet.errors import TaskError
+from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function
 from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, callback_record, error_payload, fit_record
@@ -211,8 +211,7 @@ class Runtime:
         bound = bound.bind(attempt=attempt)
         bound.info("task started")
         try:
-            result, outputs = self._run_handler(fn, task_id, attempt, event, meta)
-            value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+            value, outputs = self._run_handler(fn, task_id, attempt, event, meta)
         except BaseException as exc:
             from celery.exceptions import SoftTimeLimitExceeded
 
@@ -224,6 +223,10 @@ class Runtime:
                 done.finish(State.TIMED_OUT, Condition.TIMED_OUT, error_payload(exc, "TimedOut"))
             elif not isinstance(exc, Exception):
                 raise  # SystemExit / KeyboardInterrupt: let the worker shut down; the lease recovers the task
+            elif isinstance(exc, PermanentTaskError):
+                bound.error("task failed; it cannot succeed, so it is not retried", error=str(exc))
+                done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED,
+                            {"errorType": exc.error_type, "errorMessage": str(exc), "stackTrace": []})  # fmt: skip
             elif attempt < max_attempts:
                 delay = fn.backoff_for(attempt) * random.uniform(0.8, 1.2)
                 bound.warning("task failed; will retry", error=repr(exc), retry_in_s=round(delay, 3))
@@ -277,7 +280,7 @@ class Runtime:
         return claim
 
     def _run_handler(self, fn: Function, task_id: str, attempt: int, event: Any, meta: dict[str, Any],
-                     ) -> tuple[Any, list[str]]:  # fmt: skip
+                     ) -> tuple[bytes, list[str]]:  # fmt: skip
         if fn.name not in self._states:
             self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
         obj = None
@@ -289,7 +292,8 @@ class Runtime:
             try:
                 payload = fn.payload.model_validate(event)
             except ValidationError as exc:
-                raise TaskError(f"event does not match {fn.payload.__name__}: {exc}") from exc
+                raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
+                                         f"{fn.payload.__name__}: {exc}") from None  # fmt: skip
         ctx = TaskContext(self, task_id, fn.name, attempt, self._states[fn.name], meta, obj)
         try:
             result = fn.handler(payload, ctx)
@@ -297,7 +301,12 @@ class Runtime:
             ctx.close()
         if hasattr(result, "model_dump"):
             result = result.model_dump(mode="json")
-        return result, ctx.outputs
+        try:
+            value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError as exc:  # the same result every attempt: retrying cannot help
+            what = f"function {fn.name!r} returned a {type(result).__name__} that cannot be stored as JSON: {exc}"
+            raise PermanentTaskError("ResultNotSerializable", what) from None
+        return value, ctx.outputs
 
     def on_hard_timeout(self, task_id: str, kwargs: dict[str, Any]) -> None:
         """Called in the worker's parent process after it killed a child that ignored its soft time limit."""
