@@ -22,6 +22,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from schemathesis.checks import positive_data_acceptance
 
 from gpufleet.api.app import create_app
 from gpufleet.control import ControlPlane
@@ -287,6 +288,7 @@ def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> N
         ("POST", "/v1/tasks/{task_id}/cancel"), ("POST", "/v1/tasks/{task_id}/retry"),
         ("GET", "/v1/tasks/{task_id}/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
         ("GET", "/v1/functions/{name}/queue"), ("GET", "/v1/gpus"), ("GET", "/healthz"),
+        ("GET", "/v1/parked"), ("POST", "/v1/parked/resend"), ("POST", "/v1/parked/drop"),
     }  # fmt: skip
     for (_, path), op in operations.items():
         assert op.get("security") == (None if path == "/healthz" else [{"bearer": []}]), path
@@ -443,7 +445,10 @@ def _fuzz(op: Any, mode: GenerationMode, path_parameters: dict[str, str]) -> Cou
         # The spec cannot say "a cursor this API issued": any other string is rightly a 422 (bad_cursor).
         if mode is GenerationMode.POSITIVE and case.query and "cursor" in case.query:
             case.query["cursor"] = base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
-        statuses[case.call_and_validate().status_code] += 1
+        # An event is any JSON whose integers fit 64 bits: JSON Schema cannot say so of numbers a parser may read
+        # as floats, so a generated 1e20-as-integer is rightly refused (bad_number) though the spec allows it.
+        excluded = [positive_data_acceptance] if case.operation.label.endswith("/invocations") else []
+        statuses[case.call_and_validate(excluded_checks=excluded).status_code] += 1
 
     check()
     return statuses

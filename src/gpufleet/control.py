@@ -29,7 +29,7 @@ from gpufleet.settings import Fleet
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
 MAX_IDEMPOTENCY_KEY = 255
-_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_STREAM_ID = re.compile(r"\d{1,19}-\d{1,19}")  # two 64-bit numbers: 19 digits always fit
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import EventError, InvalidRequestError, PayloadTooLargeError
-from gpufleet.events import decode_event
+from gpufleet.events import MAX_DEPTH, decode_event
 from gpufleet.registry import State
 
 DEFAULT_PAGE = 50
@@ -108,8 +108,8 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "description": f"the event, any JSON value (at most {max_body} bytes); it must match the function's "
-                "payload_schema, if it has one",
+                "description": f"the event, any JSON value (at most {max_body} bytes, {MAX_DEPTH} levels deep, "
+                "integers within 64 bits); it must match the function's payload_schema, if it has one",
                 "content": {"application/json": {"schema": {}}},
             }
         },
@@ -192,18 +192,20 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
     @v1.get("/parked", tags=["fleet"], response_model=models.ParkedPage)
     def list_parked(
         limit: Annotated[int, Query(ge=1, le=max_page, description="page size")] = min(DEFAULT_PAGE, max_page),
-        after: Annotated[str | None, Query(description="the id of the last record of the previous page")] = None,
+        after: Annotated[
+            str | None, Query(description="the id of the last record of the previous page", pattern=models.PARKED_ID)
+        ] = None,
     ) -> dict[str, Any]:
         """Records a destination refused for good (too large, not allowed), oldest first: they wait here, with the
         reason, instead of holding up the records behind them."""
         return control.parked(limit, after)
 
-    @v1.post("/parked/resend", tags=["fleet"], response_model=models.ParkedOutcome)
+    @v1.post("/parked/resend", tags=["fleet"], response_model=models.ParkedOutcome, responses=_errors(400))
     def resend_parked(action: models.ParkedAction) -> dict[str, Any]:
         """Send parked records (``ids``, or ``all``) to their destinations again; refused again, they park again."""
         return {"count": control.resend_parked(None if action.all else action.ids)}
 
-    @v1.post("/parked/drop", tags=["fleet"], response_model=models.ParkedOutcome)
+    @v1.post("/parked/drop", tags=["fleet"], response_model=models.ParkedOutcome, responses=_errors(400))
     def drop_parked(action: models.ParkedAction) -> dict[str, Any]:
         """Forget parked records for good."""
         return {"count": control.drop_parked(action.ids)}

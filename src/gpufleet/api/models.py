@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -182,11 +182,14 @@ class ParkedPage(_Out):
     total: int = Field(description="parked records in all")
 
 
+PARKED_ID = r"^\d{1,19}-\d{1,19}$"  # two 64-bit numbers: 19 digits always fit
+
+
 class ParkedAction(BaseModel):
     """Which parked records to act on: ``ids``, or ``all`` (resend only)."""
 
     model_config = ConfigDict(extra="forbid")
-    ids: list[str] = Field(default_factory=list, max_length=10_000)
+    ids: list[Annotated[str, Field(pattern=PARKED_ID)]] = Field(default_factory=list, max_length=10_000)
     all: bool = False
 
 
