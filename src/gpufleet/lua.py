@@ -7,7 +7,12 @@ Key layout (prefix ``P``):
 - ``P:pending:{queue}`` sorted set of QUEUED task ids by arrival order: queue position is a ZRANK, O(log n);
 - ``P:seq`` arrival counter (a task's ``seq`` field is its first); ``P:functions`` set of function names seen;
 - ``P:leases`` and ``P:delayed`` sorted sets of task ids (lease deadline, retry due time);
-- ``P:busy`` hash worker -> running task id; ``P:callbacks`` stream of outgoing records.
+- ``P:busy`` hash worker -> running task id; ``P:callbacks`` stream of outgoing records;
+- ``P:queues`` set of the Celery queues tasks were pushed to (for the lost-message scan).
+
+The position score of a pending task is its place in the Celery list: a push to the back (``LPUSH``) scores
+``+seq``, a push to the head (``RPUSH``) scores ``-seq``. So the pending tasks in score order are the list's own
+order, and a pending task ordered before the one at the head of the list has already left the list.
 """
 
 # Shared by every script that changes a task's state: the per-state index follows the record.
@@ -20,6 +25,7 @@ local function pend(prefix, key, id)
   local queue = redis.call('HGET', key, 'queue')
   local seq = redis.call('INCR', prefix .. ':seq')
   redis.call('ZADD', prefix .. ':pending:' .. queue, seq, id)
+  redis.call('SADD', prefix .. ':queues', queue)
   return queue, seq
 end
 -- Back at the head of its queue (Redis lists are consumed from the right: RPUSH is "next"). Its position score is
@@ -27,6 +33,7 @@ end
 local function pend_head(prefix, key, id)
   local queue = redis.call('HGET', key, 'queue')
   redis.call('ZADD', prefix .. ':pending:' .. queue, -redis.call('INCR', prefix .. ':seq'), id)
+  redis.call('SADD', prefix .. ':queues', queue)
   return queue
 end
 local function unpend(prefix, key, id)
@@ -262,3 +269,40 @@ for _, fn in ipairs(redis.call('SMEMBERS', prefix .. ':functions')) do
 end
 return removed
 """
+
+# ARGV: prefix, queue, head_n, limit.  The pending tasks that have left the Celery list without being claimed:
+# those ordered before the first pending task among the ``head_n`` messages at the list's head (the right end, where
+# consumers pop), or every pending task when the list is empty. A message is in flight for milliseconds between a
+# pop and its claim; one that stays out longer was lost with its consumer (killed or frozen between Redis handing
+# it out and kombu recording it as unacked) or sits in a dead consumer's unacked hash. Returns id, score pairs.
+SCAN_LOST = """
+local prefix, queue = ARGV[1], ARGV[2]
+local pending = prefix .. ':pending:' .. queue
+local messages = redis.call('LRANGE', queue, -tonumber(ARGV[3]), -1)
+for i = #messages, 1, -1 do
+  local id = string.match(messages[i], '"id":%s*"([^"]+)"')
+  local score = id and redis.call('ZSCORE', pending, id)
+  if score then
+    return redis.call('ZRANGEBYSCORE', pending, '-inf', '(' .. score, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
+  end
+end
+if redis.call('LLEN', queue) == 0 then
+  return redis.call('ZRANGE', pending, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
+end
+return {}
+"""
+
+# KEYS: task.  ARGV: prefix, score.  Push a lost task's stored message again, at the head of its queue, if it is
+# still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). Returns 1 or 0.
+REQUEUE_LOST = (
+    _MOVE
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'QUEUED' then return 0 end
+local id = redis.call('HGET', KEYS[1], 'id')
+if redis.call('ZSCORE', ARGV[1] .. ':pending:' .. redis.call('HGET', KEYS[1], 'queue'), id) ~= ARGV[2] then
+  return 0
+end
+redis.call('RPUSH', pend_head(ARGV[1], KEYS[1], id), redis.call('HGET', KEYS[1], 'message'))
+return 1
+"""
+)

@@ -80,11 +80,11 @@ class MessageFactory:
         headers["kwargsrepr"] = f"{{'function': {fn.name!r}}}"
         body = orjson.dumps([[], {"function": fn.name, "event": event, "meta": meta}, _EMBED])
         queue: str = template["queue"]
-        envelope = {
+        envelope = {  # headers first: the lost-message scan looks for the id near the start
+            "headers": headers,
             "body": base64.b64encode(body).decode(),
             "content-encoding": "utf-8",
             "content-type": CONTENT_TYPE,
-            "headers": headers,
             "properties": {
                 "correlation_id": task_id,
                 "reply_to": "",

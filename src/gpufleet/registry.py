@@ -89,6 +89,8 @@ class Registry:
         self._cancel = client.register_script(lua.CANCEL)
         self._retry_now = client.register_script(lua.RETRY)
         self._trim = client.register_script(lua.TRIM_INDEX)
+        self._scan_lost = client.register_script(lua.SCAN_LOST)
+        self._requeue_lost = client.register_script(lua.REQUEUE_LOST)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
@@ -173,6 +175,19 @@ class Registry:
             keys=[self.delayed_key, self.leases_key], args=[self.prefix, time.time(), limit]
         )
         return int(promoted), int(reaped)
+
+    def queues(self) -> list[str]:
+        """The Celery queues tasks were pushed to."""
+        return sorted(q.decode() for q in self.client.smembers(f"{self.prefix}:queues"))  # type: ignore[union-attr]
+
+    def scan_lost(self, queue: str, head_n: int = 10, limit: int = 100) -> list[tuple[str, bytes]]:
+        """QUEUED tasks whose message has left ``queue`` without being claimed, as (id, position score)."""
+        reply = self._scan_lost(args=[self.prefix, queue, head_n, limit])
+        return [(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def requeue_lost(self, task_id: str, score: bytes) -> bool:
+        """Push a lost task's message again, at the head of its queue, if it is still as the scan saw it."""
+        return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=[self.prefix, score]))
 
     def counts(self, function: str) -> dict[str, int]:
         """Tasks per state (finished ones while their records are retained)."""

@@ -4,8 +4,9 @@
 - Each slot is a fresh interpreter (``python -m gpufleet.worker.process``), never a fork of this process, with
   ``CUDA_VISIBLE_DEVICES`` pinned to its GPU. It consumes ``<prefix>.<pool>.<model>`` and ``<prefix>.<pool>.any``.
 - A slot that exits is restarted, with backoff if it keeps failing.
-- Housekeeping (every second): push retries that are due, and re-queue tasks whose lease lapsed because their
-  worker died. Both are atomic scripts, so any number of supervisors may run them. Every minute it also drops
+- Housekeeping (every second): push retries that are due, re-queue tasks whose lease lapsed because their worker
+  died, and push again tasks whose message was lost on its way to a worker (:mod:`gpufleet.worker.lost`). All are
+  atomic scripts, so any number of supervisors may run them. Every minute it also drops
   index entries of expired task records.
 - Inventory (every ``INVENTORY_EVERY_S``): each GPU's model, memory, utilisation and process, for ``gpufleet gpus``.
 """
@@ -28,6 +29,7 @@ from gpufleet.registry import Registry
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet
 from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
+from gpufleet.worker.lost import LostMessages
 
 log = structlog.get_logger("gpufleet.supervisor")
 INVENTORY_EVERY_S = 2.0
@@ -71,6 +73,7 @@ class Supervisor:
         s = fleet.settings
         self.registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
         self.sampler = Sampler([slot.gpu for slot in self.slots], nvml)
+        self.lost = LostMessages(self.registry, s.worker.lease_s)
 
     def _spawn(self, slot: Slot) -> None:
         cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
@@ -96,6 +99,7 @@ class Supervisor:
                 promoted, reaped = self.registry.housekeep()
                 if promoted or reaped:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
+                self.lost.tick()
                 if now >= next_inventory:
                     self.registry.publish_gpus(self.inventory())
                     next_inventory = now + INVENTORY_EVERY_S

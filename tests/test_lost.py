@@ -1,0 +1,58 @@
+"""No task is lost when its message is: a consumer killed or frozen between Redis handing out a message and
+kombu recording it takes the message with it. Such a task runs again within worker.lease_s plus a few seconds."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from gpufleet.worker.lost import LostMessages
+from tests.harness import FleetHarness
+from tests.test_registry import enqueue
+
+
+def head_id(h: FleetHarness, queue: str) -> str:
+    return str(orjson.loads(h.redis.lindex(queue, -1))["headers"]["id"])
+
+
+def test_a_task_whose_message_left_the_queue_unclaimed_is_pushed_again_at_the_head(harness: FleetHarness) -> None:
+    reg, queue = harness.registry, f"{harness.prefix}.default.any"
+    for task_id in ("a", "b", "c", "d"):
+        enqueue(harness, task_id)
+    assert reg.scan_lost(queue) == []  # all four are in the list
+    harness.redis.rpop(queue)  # a consumer popped "a" and died before kombu recorded it
+    harness.redis.rpop(queue)  # another popped "b" and claimed it: running, not lost
+    assert reg.claim("b", "QUEUED", "", "w/1/1/x", 30, "w", "g").ok
+    assert [i for i, _ in reg.scan_lost(queue)] == ["a"]
+
+    lost = LostMessages(reg, grace_s=0.3)
+    assert lost.tick() == 0  # out of the queue for a moment: it may be in flight to a live worker
+    time.sleep(0.4)
+    assert lost.tick() == 1
+    assert head_id(harness, queue) == "a" and harness.redis.llen(queue) == 3  # next to run
+    assert reg.scan_lost(queue) == [] and lost.tick() == 0
+    assert reg.get("a")["state"] == "QUEUED" and reg.get("a")["attempts"] == 0
+
+    # Every message gone (an empty list): each pending task has been out of the queue.
+    for _ in range(3):
+        harness.redis.rpop(queue)
+    assert sorted(i for i, _ in reg.scan_lost(queue)) == ["a", "c", "d"]
+    # A copy claimed in the meantime is not pushed again: the push compares the position the scan saw.
+    [(task_id, score)] = [row for row in reg.scan_lost(queue) if row[0] == "c"]
+    assert reg.claim("c", "QUEUED", "", "w/1/1/y", 30, "w", "g").ok
+    assert reg.requeue_lost("c", score) is False
+    assert harness.redis.llen(queue) == 0
+
+
+def test_lost_messages_run_on_a_live_fleet_long_before_kombu_would_restore_them(harness: FleetHarness) -> None:
+    queue = f"{harness.prefix}.default.any"
+    for i in range(6):
+        enqueue(harness, f"m{i}")
+    lost = [orjson.loads(harness.redis.rpop(queue))["headers"]["id"] for _ in range(2)]  # taken, then lost
+    assert lost == ["m0", "m1"]
+    harness.start("worker")  # lease_s 3: the lost ones run a few seconds after the others, not in 25 h
+    harness.wait_for(lambda: all((harness.registry.get(f"m{i}") or {}).get("state") == "SUCCEEDED"
+                                 for i in range(6)), timeout_s=30, what="every task, the lost ones too")  # fmt: skip
+    assert all(harness.runs(f"m{i}") == 1 for i in range(6))
+    assert harness.log_text().count("message was lost on its way to a worker") == 2
