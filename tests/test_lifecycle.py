@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -157,3 +159,29 @@ def test_redelivery_window_shorter_than_the_task_does_not_run_it_twice(harness: 
     done = wait_state(harness, cp, task_id, "SUCCEEDED", timeout_s=60)
     assert done["attempts"] == 1 and harness.runs(task_id) == 1
     assert "task is running elsewhere; dropping this delivery" in harness.log_text()  # the copy did arrive
+
+
+def test_a_queue_no_worker_serves_is_visible_and_its_tasks_expire(harness: FleetHarness) -> None:
+    """needs_h100 asks for a model the (virtual) workers lack: status, position and queue say so, and
+    max_event_age_s expires the task though no worker ever picks it up."""
+    harness.start()
+    cp = control(harness)
+    harness.wait_for(lambda: cp.gpus(), what="the workers' inventory")
+    echo = cp.queue("echo")
+    assert echo["served"] is True and "warning" not in echo
+    task_id = cp.invoke("needs_h100", {"x": 1}).id
+    view = cp.status(task_id)
+    assert view["state"] == "QUEUED" and view["served"] is False
+    assert view["warning"] == f"no live worker consumes {harness.prefix}.default.h100"
+    assert cp.position(task_id)["warning"] == view["warning"] and cp.queue("needs_h100")["served"] is False
+    cli = subprocess.run([sys.executable, "-m", "gpufleet", "status", task_id, "--config", str(harness.config)],
+                         env=harness.env(), capture_output=True, text=True, check=True)  # fmt: skip
+    assert "warning    no live worker consumes" in cli.stdout
+
+    expired = wait_state(harness, cp, task_id, "EXPIRED", timeout_s=30)
+    assert expired["condition"] == "EventAgeExceeded" and "no worker took it" in expired["error"]["errorMessage"]
+    assert harness.runs(task_id) == 0
+    [record] = [r for r in harness.records("failure", 1) if r["key"] == task_id]
+    assert record["value"]["requestContext"]["condition"] == "EventAgeExceeded"
+    assert record["value"]["requestPayload"] == {"x": 1}
+    assert cp.position(task_id)["position"] is None

@@ -115,6 +115,7 @@ class ControlPlane:
             max_attempts=fn.max_attempts,
             source=source,
             event_ts=time.time(),
+            max_age_s=fn.max_event_age_s,
         )
         [created] = self.registry.enqueue_many([task])
         return Invocation(task_id, created)
@@ -128,7 +129,16 @@ class ControlPlane:
         return record
 
     def status(self, task_id: str) -> dict[str, Any]:
-        return task_view(self.record(task_id))
+        view = task_view(self.record(task_id))
+        if view["state"] == State.QUEUED:
+            view.update(self._served(view["queue"]))
+        return view
+
+    def _served(self, queue: str | None) -> dict[str, Any]:
+        """Whether a live worker consumes ``queue``; when none does, a warning that says so (a task there waits
+        until one starts, or until its max_event_age_s)."""
+        served = queue in self.registry.served_queues()
+        return {"served": served} if served else {"served": False, "warning": f"no live worker consumes {queue}"}
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel: a QUEUED task at once; a RUNNING one is signalled (then killed after the grace period).
@@ -136,31 +146,52 @@ class ControlPlane:
         Returns ``{"id", "outcome", "state"}``; outcome ``cancelled``, ``cancelling`` or ``noop`` (already
         finished: not an error).
         """
-        for _ in range(10):  # the record can change between the read and the script; both are cheap
+        outcome, state = self._finish_queued(task_id, "Cancelled", "cancelled while queued")
+        if outcome == "cancelled":
+            return {"id": task_id, "outcome": "cancelled", "state": State.CANCELLED.value}
+        if outcome in ("signalled", "already"):
+            return {"id": task_id, "outcome": "cancelling", "state": State.RUNNING.value}
+        return {"id": task_id, "outcome": "noop", "state": state,
+                "message": f"task already finished ({state}); nothing to cancel"}  # fmt: skip
+
+    def expire_due(self, limit: int = 100) -> int:
+        """Expire the QUEUED tasks whose ``max_event_age_s`` has passed, whether or not any worker serves their
+        queue (one that does would expire them when it picks them up). Returns how many expired."""
+        expired = 0
+        for task_id in self.registry.due_deadlines(limit):
+            try:
+                outcome, _ = self._finish_queued(task_id, "EventAgeExceeded", "", expire=True)
+            except NotFoundError:
+                continue
+            expired += outcome == "expired"
+        return expired
+
+    def _finish_queued(self, task_id: str, error_type: str, message: str, expire: bool = False) -> tuple[str, str]:
+        """QUEUED -> CANCELLED (or EXPIRED) with its failure record; the record can change between the read and the
+        script, which then refuses: read again (both are cheap)."""
+        for _ in range(10):
             record = self.record(task_id, envelope=True)
-            error = {"errorType": "Cancelled", "errorMessage": "cancelled while queued", "stackTrace": []}
-            event = decode_call(record["message"]).get("event") if record.get("message") else None
             now = time.time()
+            if expire:
+                waited = now - float(record.get("event_ts") or now)
+                message = f"event waited {waited:.1f} s > max_event_age_s {record.get('max_age')}; no worker took it"
+            error = {"errorType": error_type, "errorMessage": message, "stackTrace": []}
+            event = decode_call(record["message"]).get("event") if record.get("message") else None
             body = callback_record(
-                task_id=task_id, function=record["function"], condition=Condition.CANCELLED,
+                task_id=task_id, function=record["function"], condition=Condition(error_type),
                 attempts=int(record.get("attempts", 0)), event=event, worker="", gpu="", started_at=None,
                 finished_at=now, response=error,
             )  # fmt: skip
             fn = self.fleet.functions.get(record["function"])
             outcome, state = self.registry.cancel(
                 task_id, int(record.get("attempts", 0)), error, record.get("on_failure", ""),
-                fit_record(body, self.fleet.settings.defaults.max_record_bytes),
-                fn.retention_s if fn else None,
+                fit_record(body, self.fleet.settings.defaults.max_record_bytes), fn.retention_s if fn else None,
+                expire=expire,
             )  # fmt: skip
             if outcome == "missing":
                 raise NotFoundError("task_not_found", f"no task {task_id!r}")
-            if outcome == "cancelled":
-                return {"id": task_id, "outcome": "cancelled", "state": State.CANCELLED.value}
-            if outcome in ("signalled", "already"):
-                return {"id": task_id, "outcome": "cancelling", "state": State.RUNNING.value}
-            if outcome == "noop":
-                return {"id": task_id, "outcome": "noop", "state": state,
-                        "message": f"task already finished ({state}); nothing to cancel"}  # fmt: skip
+            if outcome != "conflict":
+                return outcome, state
         raise ConflictError("busy", f"task {task_id!r} kept changing state; try again")
 
     def retry(self, task_id: str) -> dict[str, Any]:
@@ -188,6 +219,7 @@ class ControlPlane:
             pos = self.registry.position(task_id, record["queue"])
             if pos is not None:
                 out.update(position=pos[0] + 1, ahead=pos[0], queue_length=pos[1])
+            out.update(self._served(record["queue"]))
         return out
 
     def tasks(self, function: str | None = None, state: str | None = None, limit: int = 50,
@@ -223,9 +255,11 @@ class ControlPlane:
         """Queue length and counts per state for one function (finished states: records still retained)."""
         fn = self.function(function)
         counts = self.registry.counts(fn.name)
+        queue = function_queue(self.fleet.settings.redis.key_prefix, fn)
         return {
             "function": fn.name,
-            "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
+            "queue": queue,
+            **self._served(queue),
             "length": counts[State.QUEUED],
             "counts": counts,
             "summary": {
@@ -283,6 +317,7 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "result": record.get("result"),
         "error": record.get("error"),
         "last_error": record.get("last_error"),
+        "queue": record.get("queue"),
         "cancel_requested": record.get("cancel") == "1",
     }
     for key in _TIMES:

@@ -48,7 +48,8 @@ end
 """
 
 # ARGV: prefix, now, batch: a JSON array with one array of strings per task:
-#   [id, function, queue_key, envelope, on_success, on_failure, max_attempts, source, created_at, event_ts]
+#   [id, function, queue_key, envelope, on_success, on_failure, max_attempts, source, created_at, event_ts, max_age]
+# A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
 # One JSON argument, not ten per task: redis-py packs arguments in Python, which cost more than the script.
 # Returns a list of 1 (enqueued) / 0 (duplicate: a record with that id exists) per task.
 ENQUEUE_MANY = (
@@ -69,6 +70,10 @@ for n, t in ipairs(cjson.decode(ARGV[3])) do
     local _, seq = pend(prefix, key, t[1])
     redis.call('HSET', key, 'seq', seq)
     move(prefix, t[2], t[1], nil, 'QUEUED', seq)
+    if t[11] ~= '' then
+      redis.call('HSET', key, 'max_age', t[11])
+      redis.call('ZADD', prefix .. ':deadlines', tonumber(t[10]) + tonumber(t[11]), t[1])
+    end
     out[n] = 1
   end
 end
@@ -197,16 +202,21 @@ return {promoted, reaped}
 """
 )
 
-# KEYS: task, delayed, callbacks.  ARGV: prefix, now, expect_attempts, retention_s, error_json, dest, record
-# QUEUED -> CANCELLED at once (out of the retry schedule and the position index), with its failure record. Its
-# message stays in the Celery list (removing it would scan the list: O(n) at 10^6 queued), and is dropped by the
-# worker it is delivered to. RUNNING: sets the cancel flag the worker's lease keeper reads. Returns {outcome, state}.
-CANCEL = (
+# KEYS: task, delayed, callbacks.
+# ARGV: prefix, now, expect_attempts, retention_s, error_json, dest, record, mode ('cancel' | 'expire')
+# QUEUED -> CANCELLED (or EXPIRED) at once, out of the retry schedule, the position and deadline indexes, with its
+# failure record. Its message stays in the Celery list (removing it would scan the list: O(n) at 10^6 queued), and
+# is dropped by the worker it is delivered to. Cancel of a RUNNING task sets the cancel flag the worker's lease keeper
+# reads; expiry leaves a running task alone. Returns {outcome, state}.
+FINISH_QUEUED = (
     _MOVE
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
-if state == 'RUNNING' then
+local id = redis.call('HGET', KEYS[1], 'id')
+local expire = ARGV[8] == 'expire'
+if state ~= 'QUEUED' then redis.call('ZREM', ARGV[1] .. ':deadlines', id) end
+if state == 'RUNNING' and not expire then
   if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {'already', state} end
   redis.call('HSET', KEYS[1], 'cancel', '1', 'cancel_requested_at', ARGV[2])
   return {'signalled', state}
@@ -214,19 +224,21 @@ end
 if state ~= 'QUEUED' then return {'noop', state} end
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then return {'conflict', state} end
 local fn = redis.call('HGET', KEYS[1], 'function')
-local id = redis.call('HGET', KEYS[1], 'id')
+local final, condition = 'CANCELLED', 'Cancelled'
+if expire then final, condition = 'EXPIRED', 'EventAgeExceeded' end
 unpend(ARGV[1], KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
-redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[2], 'condition', 'Cancelled',
-  'error', ARGV[5], 'cancel', '1', 'cancel_requested_at', ARGV[2])
+redis.call('ZREM', ARGV[1] .. ':deadlines', id)
+redis.call('HSET', KEYS[1], 'state', final, 'finished_at', ARGV[2], 'condition', condition, 'error', ARGV[5])
+if not expire then redis.call('HSET', KEYS[1], 'cancel', '1', 'cancel_requested_at', ARGV[2]) end
 redis.call('HDEL', KEYS[1], 'retry_at')
 if ARGV[6] ~= '' then
-  redis.call('XADD', KEYS[3], '*', 'dest', ARGV[6], 'key', id, 'value', ARGV[7], 'condition', 'Cancelled',
+  redis.call('XADD', KEYS[3], '*', 'dest', ARGV[6], 'key', id, 'value', ARGV[7], 'condition', condition,
     'function', fn)
 end
-move(ARGV[1], fn, id, 'QUEUED', 'CANCELLED', redis.call('HGET', KEYS[1], 'seq'))
+move(ARGV[1], fn, id, 'QUEUED', final, redis.call('HGET', KEYS[1], 'seq'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {'cancelled', 'QUEUED'}
+return {string.lower(final), 'QUEUED'}
 """
 )
 
@@ -247,6 +259,8 @@ redis.call('HDEL', KEYS[1], 'result', 'error', 'condition', 'cancel', 'cancel_re
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', ARGV[2],
   'event_ts', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'manual_retries', 1)
+local max_age = redis.call('HGET', KEYS[1], 'max_age')
+if max_age then redis.call('ZADD', ARGV[1] .. ':deadlines', tonumber(ARGV[2]) + tonumber(max_age), id) end
 move(ARGV[1], fn, id, state, 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
 redis.call('LPUSH', pend(ARGV[1], KEYS[1], id), redis.call('HGET', KEYS[1], 'message'))
 return {'queued', state}

@@ -46,6 +46,7 @@ class NewTask:
     max_attempts: int
     source: str
     event_ts: float
+    max_age_s: float | None = None  # the function's max_event_age_s: it expires even if no worker takes it
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Registry:
         self._finish = client.register_script(lua.FINISH)
         self._retry = client.register_script(lua.RETRY_LATER)
         self._housekeep = client.register_script(lua.HOUSEKEEP)
-        self._cancel = client.register_script(lua.CANCEL)
+        self._finish_queued = client.register_script(lua.FINISH_QUEUED)
         self._retry_now = client.register_script(lua.RETRY)
         self._trim = client.register_script(lua.TRIM_INDEX)
         self._scan_lost = client.register_script(lua.SCAN_LOST)
@@ -112,7 +113,8 @@ class Registry:
         pipe = self.client.pipeline(transaction=False)
         for start in range(0, len(tasks), ENQUEUE_CHUNK):
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
-                                   t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts)]
+                                   t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts),
+                                   "" if t.max_age_s is None else repr(t.max_age_s)]
                                   for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
             self._enqueue(args=[self.prefix, now, batch], client=pipe)
         try:
@@ -203,15 +205,22 @@ class Registry:
         return {m.decode() for m in self.client.smembers(f"{self.prefix}:functions")}  # type: ignore[union-attr]
 
     def cancel(self, task_id: str, expect_attempts: int, error: dict[str, Any], dest: str, record: bytes,
-               retention_s: int | None = None) -> tuple[str, str]:  # fmt: skip
+               retention_s: int | None = None, expire: bool = False) -> tuple[str, str]:  # fmt: skip
         """Cancel: ``('cancelled', 'QUEUED')``, ``('signalled'|'already', 'RUNNING')``, ``('noop', final state)``,
-        ``('missing', '')``, or ``('conflict', state)`` when the record changed since the caller read it."""
-        outcome, state = self._cancel(
+        ``('missing', '')``, or ``('conflict', state)`` when the record changed since the caller read it. With
+        ``expire``, a QUEUED task becomes EXPIRED instead (``('expired', 'QUEUED')``) and a running one is left
+        alone (``noop``)."""
+        outcome, state = self._finish_queued(
             keys=[self.task_key(task_id), self.delayed_key, self.callbacks_key],
             args=[self.prefix, time.time(), expect_attempts, retention_s or self.retention_s, orjson.dumps(error),
-                  dest, record],
+                  dest, record, "expire" if expire else "cancel"],
         )  # fmt: skip
         return outcome.decode(), state.decode()
+
+    def due_deadlines(self, limit: int = 100) -> list[str]:
+        """Tasks whose max event age has passed: QUEUED ones are to expire, whether or not a worker serves them."""
+        ids: list[bytes] = self.client.zrangebyscore(f"{self.prefix}:deadlines", "-inf", time.time(), 0, limit)  # type: ignore[assignment]
+        return [i.decode() for i in ids]
 
     def retry(self, task_id: str) -> tuple[str, str]:
         """Re-run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task: ``('queued', old state)``, ``('missing', '')``
@@ -258,6 +267,10 @@ class Registry:
         if entries:
             self.client.hset(f"{self.prefix}:gpus", mapping={k: orjson.dumps(v) for k, v in entries.items()})
 
+    def served_queues(self) -> set[str]:
+        """The queues some live worker consumes, from the inventory the supervisors publish."""
+        return {q for entry in self.gpus() if entry.get("up") and not entry["stale"] for q in entry.get("queues", [])}
+
     def gpus(self, stale_after_s: float = 30.0, forget_after_s: float = 3600.0) -> list[dict[str, Any]]:
         """The inventory; entries not refreshed for ``stale_after_s`` are marked stale, and dropped later."""
         raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:gpus")  # type: ignore[assignment]
@@ -275,7 +288,8 @@ class Registry:
 
 
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
-            "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries"}  # fmt: skip
+            "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
+            "max_age"}  # fmt: skip
 _JSON = {"result", "error", "last_error", "outputs"}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from gpufleet import Context, ObjectEvent, function
+from gpufleet import Context, Gpu, ObjectEvent, function
 
 
 def _redis() -> redis.Redis:
@@ -114,3 +114,9 @@ def unstorable(event: Any, ctx: Context) -> Any:
     """Returns something JSON cannot hold: the same at every attempt, so it must fail at once."""
     _redis().incr(f"runs:{ctx.task_id}")
     return {"a set": {1, 2}}
+
+
+@function(name="needs_h100", gpu=Gpu(model="H100"), max_event_age_s=2.0)
+def needs_h100(event: Any, ctx: Context) -> None:
+    """Asks for a GPU model the test fleet (virtual GPUs) does not have: no worker consumes its queue."""
+    _redis().incr(f"runs:{ctx.task_id}")

@@ -58,6 +58,9 @@ class TaskView(_Out):
     error: dict[str, Any] | None = Field(description="errorType, errorMessage, stackTrace, once it failed")
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
     cancel_requested: bool
+    queue: str | None = Field(None, description="the Celery queue it waits in or ran from")
+    served: bool | None = Field(None, description="while QUEUED: whether a live worker consumes its queue")
+    warning: str | None = Field(None, description="why it may wait: no live worker consumes its queue")
     created_at: str | None
     queued_at: str | None
     started_at: str | None
@@ -98,6 +101,8 @@ class Position(_Out):
     queue: str | None
     queue_length: int | None
     retry_at: str | None = Field(None, description="set while a retry waits for its backoff")
+    served: bool | None = Field(None, description="while QUEUED: whether a live worker consumes its queue")
+    warning: str | None = Field(None, description="why it may wait: no live worker consumes its queue")
 
 
 class GpuRequirement(_Out):
@@ -135,6 +140,8 @@ class QueueInfo(_Out):
     function: str
     queue: str
     length: int = Field(description="tasks waiting (QUEUED)")
+    served: bool = Field(description="whether a live worker consumes the queue")
+    warning: str | None = Field(None, description="set when no live worker consumes it")
     counts: dict[str, int] = Field(description="tasks per state; finished ones while their records are retained")
     summary: QueueSummary
 

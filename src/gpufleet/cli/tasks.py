@@ -276,6 +276,8 @@ def render_status(view: dict[str, Any], plane: ControlPlane | None = None) -> st
             lines.append(("position", f"{pos['position']} of {pos['queue_length']} in queue {pos['queue']}"))
         elif pos.get("retry_at"):
             lines.append(("position", f"waiting to retry at {pos['retry_at']}"))
+    if view.get("warning"):
+        lines.append(("warning", view["warning"]))
     if view["state"] == "RUNNING":
         lines.append(("progress", bar_line(view)))
     if view.get("result") is not None:
@@ -331,7 +333,8 @@ def _queue(args: argparse.Namespace) -> int:
         print_json(queues[0] if args.function else queues)
         return EXIT_OK
     states = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED", "EXPIRED"]  # length: the QUEUED count
-    rows = [[q["function"], q["queue"], q["length"], *(q["counts"].get(s, 0) for s in states)] for q in queues]
+    rows = [[q["function"], q["queue"] if q["served"] else f"{q['queue']} (no live worker!)", q["length"],
+             *(q["counts"].get(s, 0) for s in states)] for q in queues]  # fmt: skip
     print(table(["function", "queue", "length", *(s.lower() for s in states)], rows, "no functions served"))
     return EXIT_OK
 

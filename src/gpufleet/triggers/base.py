@@ -153,6 +153,7 @@ class Ingest:
             max_attempts=fn.max_attempts,
             source=msg.source_id,
             event_ts=msg.timestamp or time.time(),
+            max_age_s=fn.max_event_age_s,
         )  # fmt: skip
 
     def _task_id(self, msg: SourceMessage, body: Any) -> str:

@@ -6,7 +6,8 @@
 - A slot that exits is restarted, with backoff if it keeps failing.
 - Housekeeping (every second): push retries that are due, re-queue tasks whose lease lapsed because their worker
   died, and push again tasks whose message was lost on its way to a worker (:mod:`gpufleet.worker.lost`). All are
-  atomic scripts, so any number of supervisors may run them. Every minute it also drops
+  atomic scripts, so any number of supervisors may run them. It also expires QUEUED tasks older than their
+  function's ``max_event_age_s``, even those in a queue no worker serves. Every minute it also drops
   index entries of expired task records.
 - Inventory (every ``INVENTORY_EVERY_S``): each GPU's model, memory, utilisation and process, for ``gpufleet gpus``.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from gpufleet.control import ControlPlane
 from gpufleet.messages import queue_name
 from gpufleet.registry import Registry
 from gpufleet.roles import PARENT_ENV
@@ -74,6 +76,7 @@ class Supervisor:
         self.registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
         self.sampler = Sampler([slot.gpu for slot in self.slots], nvml)
         self.lost = LostMessages(self.registry, s.worker.lease_s)
+        self.control = ControlPlane(fleet, self.registry)
 
     def _spawn(self, slot: Slot) -> None:
         cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
@@ -100,6 +103,7 @@ class Supervisor:
                 if promoted or reaped:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
                 self.lost.tick()
+                self.control.expire_due()
                 if now >= next_inventory:
                     self.registry.publish_gpus(self.inventory())
                     next_inventory = now + INVENTORY_EVERY_S
@@ -120,7 +124,7 @@ class Supervisor:
             worker = f"{slot.name}@{host}"
             alive = slot.proc is not None and slot.proc.poll() is None
             out[worker] = {"worker": worker, "host": host, **self.sampler.sample(slot.gpu),
-                           "pid": slot.proc.pid if alive and slot.proc else None, "up": alive,
+                           "pid": slot.proc.pid if alive and slot.proc else None, "up": alive, "queues": slot.queues,
                            "restarts": slot.restarts, "seen_at": now}  # fmt: skip
         return out
 
