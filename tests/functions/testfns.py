@@ -120,3 +120,11 @@ def unstorable(event: Any, ctx: Context) -> Any:
 def needs_h100(event: Any, ctx: Context) -> None:
     """Asks for a GPU model the test fleet (virtual GPUs) does not have: no worker consumes its queue."""
     _redis().incr(f"runs:{ctx.task_id}")
+
+
+@function(name="chaos", max_attempts=10, backoff_s=0.05, backoff_max_s=0.5)
+def chaos(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Records every start (pid and time) so the chaos run can tell a re-run a kill explains from one it does not."""
+    _redis().rpush(f"chaos:runs:{ctx.task_id}", f"{os.getpid()} {time.time()}")
+    time.sleep(float(event.get("seconds", 0.1)))
+    return {"i": event.get("i"), "attempt": ctx.attempt}

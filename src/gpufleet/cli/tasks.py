@@ -333,9 +333,9 @@ def _queue(args: argparse.Namespace) -> int:
         print_json(queues[0] if args.function else queues)
         return EXIT_OK
     states = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED", "EXPIRED"]  # length: the QUEUED count
-    rows = [[q["function"], q["queue"] if q["served"] else f"{q['queue']} (no live worker!)", q["length"],
-             *(q["counts"].get(s, 0) for s in states)] for q in queues]  # fmt: skip
-    print(table(["function", "queue", "length", *(s.lower() for s in states)], rows, "no functions served"))
+    rows = [[q["function"], q["queue"], q["length"], *(q["counts"].get(s, 0) for s in states),
+             "" if q["served"] else "no live worker consumes this queue"] for q in queues]  # fmt: skip
+    print(table(["function", "queue", "length", *(s.lower() for s in states), "note"], rows, "no functions served"))
     return EXIT_OK
 
 

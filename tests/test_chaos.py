@@ -1,0 +1,27 @@
+"""Chaos in the suite: a few hundred events through the roles as separate processes while pool processes are
+SIGKILLed every few seconds, the trigger and the dispatcher are killed and restarted, and the whole worker tree is
+frozen, killed and restarted. Nothing is lost, no task has two Success outcomes, and every task succeeds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.chaos import Chaos, ChaosFleet, Plan
+from tests.harness import FleetHarness
+
+
+def test_nothing_is_lost_and_nothing_succeeds_twice_under_kills_and_freezes(services: Any, harness: FleetHarness,
+                                                                           ) -> None:  # fmt: skip
+    plan = Plan(events=300, produce_s=25, pool_kill_every_s=3, role_kill_every_s=10, freeze_every_s=15, freeze_s=3)
+    fleet = ChaosFleet(harness.dir, services.redis_url, services.kafka_bootstrap, harness.prefix, plan)
+    report = Chaos(fleet).run()
+    print(report.line())
+    tail = fleet.log.read_text(errors="replace")[-4000:] if fleet.log.exists() else ""
+    assert report.sent == 300
+    assert report.lost == [], f"{report.line()}\n{tail}"
+    assert report.duplicate_success == [], report.line()
+    assert report.succeeded == 300
+    assert report.run_twice == report.run_twice_explained, report.line()  # only a kill makes a task run again
+    assert report.kills["pool process"] >= 5 and report.kills["frozen worker tree"] >= 1, report.line()
+    assert report.kills["trigger"] >= 1 and report.kills["dispatcher"] >= 1, report.line()
+    assert report.trigger_exits == 0, report.line()  # the trigger died only when we killed it
