@@ -10,10 +10,12 @@ A record a destination refuses for good is parked (see :mod:`gpufleet.parking`) 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -25,6 +27,7 @@ from gpufleet.destinations.base import Destination, OutRecord, Refusal
 from gpufleet.destinations.kafka import KafkaDestination, kafka_producer
 from gpufleet.errors import DeliveryError, GpufleetError
 from gpufleet.parking import Parking
+from gpufleet.registry import REDIS_ERRORS
 from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.dispatcher")
@@ -65,8 +68,22 @@ class Dispatcher:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def _redis(self, op: Callable[[], Any], stop: threading.Event, what: str) -> bool:
+        """Run ``op`` until Redis answers (it may be restarting); False if ``stop`` is set first."""
+        delay = 0.2
+        while True:
+            try:
+                op()
+                return True
+            except REDIS_ERRORS as exc:
+                log.warning(f"cannot {what}: Redis unreachable; retrying", error=str(exc), retry_in_s=delay)
+            if stop.wait(delay):
+                return False
+            delay = min(5.0, delay * 2)
+
     def run(self, stop: threading.Event) -> None:
-        self._ensure_group()
+        if not self._redis(self._ensure_group, stop, "create the consumer group"):
+            return
         log.info("dispatcher started", stream=self.stream, consumer=self.name)
         batch_max = self.fleet.settings.dispatcher.batch_max
         # Entries this consumer read before a restart come first ("0"), then new ones (">").
@@ -103,12 +120,27 @@ class Dispatcher:
         finally:
             timer.cancel()
 
+    def _settle(self, ids: list[bytes], url: str, parked: list[tuple[OutRecord, str]]) -> None:
+        """Acknowledge delivered entries and park refused ones, in one transaction."""
+        pipe = self.client.pipeline(transaction=True)
+        for record, reason in parked:
+            self.parking.park(pipe, url, record, reason)
+        pipe.xack(self.stream, GROUP, *ids)
+        pipe.xdel(self.stream, *ids)
+        pipe.execute()
+
     def _read(self, cursor: str, count: int, block_ms: int | None = 500) -> list[Entry]:
         try:
             reply = self.client.xreadgroup(GROUP, self.name, {self.stream: cursor}, count=count, block=block_ms)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("cannot read the callback stream; retrying", error=str(exc))
             time.sleep(1)
+            return []
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("the callback stream's consumer group is gone (Redis lost its data?); creating it again")
+            self._ensure_group()
             return []
         streams: list[tuple[bytes, list[Entry]]] = reply  # type: ignore[assignment]
         return [(eid, fields) for _, items in streams for eid, fields in items if fields]
@@ -117,7 +149,7 @@ class Dispatcher:
         idle_ms = int(self.fleet.settings.dispatcher.claim_idle_s * 1000)
         try:
             reply = self.client.xautoclaim(self.stream, GROUP, self.name, idle_ms, "0-0", count=count)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except REDIS_ERRORS:
             return []
         claimed: list[Entry] = [(eid, fields) for eid, fields in reply[1] if fields]
         if claimed:
@@ -146,15 +178,13 @@ class Dispatcher:
                     refused = [Refusal(i, f"bad destination: {exc}") for i in range(len(items))]
                     break
             ids = [eid for eid, _ in items]
-            pipe = self.client.pipeline(transaction=True)
-            for refusal in refused:
-                _, record = items[refusal.index]
+            parked = [(items[r.index][1], r.reason) for r in refused]
+            for record, reason in parked:
                 log.error("destination refused a record for good; parked", destination=url, key=record.key,
-                          reason=refusal.reason, bytes=len(record.value))  # fmt: skip
-                self.parking.park(pipe, url, record, refusal.reason)
-            pipe.xack(self.stream, GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
-            pipe.execute()
+                          reason=reason)  # fmt: skip
+            # Delivered: acknowledge, even if Redis is away for a while (giving up would deliver them again).
+            if not self._redis(functools.partial(self._settle, ids, url, parked), stop, "acknowledge records"):
+                return False
             self.delivered += len(ids) - len(refused)
             self.parked += len(refused)
         return True

