@@ -47,12 +47,13 @@ def test_a_task_whose_message_left_the_queue_unclaimed_is_pushed_again_at_the_he
 
 def test_lost_messages_run_on_a_live_fleet_long_before_kombu_would_restore_them(harness: FleetHarness) -> None:
     queue = f"{harness.prefix}.default.any"
-    for i in range(6):
-        enqueue(harness, f"m{i}")
+    ids = [f"{harness.prefix}-m{i}" for i in range(6)]  # runs are counted per id in the shared Redis
+    for task_id in ids:
+        enqueue(harness, task_id)
     lost = [orjson.loads(harness.redis.rpop(queue))["headers"]["id"] for _ in range(2)]  # taken, then lost
-    assert lost == ["m0", "m1"]
+    assert lost == ids[:2]
     harness.start("worker")  # lease_s 3: the lost ones run a few seconds after the others, not in 25 h
-    harness.wait_for(lambda: all((harness.registry.get(f"m{i}") or {}).get("state") == "SUCCEEDED"
-                                 for i in range(6)), timeout_s=30, what="every task, the lost ones too")  # fmt: skip
-    assert all(harness.runs(f"m{i}") == 1 for i in range(6))
+    harness.wait_for(lambda: all((harness.registry.get(i) or {}).get("state") == "SUCCEEDED" for i in ids),
+                     timeout_s=30, what="every task, the lost ones too")  # fmt: skip
+    assert all(harness.runs(i) == 1 for i in ids)
     assert harness.log_text().count("message was lost on its way to a worker") == 2
