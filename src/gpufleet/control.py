@@ -161,7 +161,8 @@ class ControlPlane:
         for task_id in self.registry.due_deadlines(limit):
             try:
                 outcome, _ = self._finish_queued(task_id, "EventAgeExceeded", "", expire=True)
-            except NotFoundError:
+            except NotFoundError:  # its record expired: only the index entry is left
+                self.registry.client.zrem(self.registry.deadlines_key, task_id)
                 continue
             expired += outcome == "expired"
         return expired

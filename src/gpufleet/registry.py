@@ -81,6 +81,7 @@ class Registry:
         self.leases_key = f"{prefix}:leases"
         self.delayed_key = f"{prefix}:delayed"
         self.callbacks_key = f"{prefix}:callbacks"
+        self.deadlines_key = f"{prefix}:deadlines"
         self._enqueue = client.register_script(lua.ENQUEUE_MANY)
         self._claim = client.register_script(lua.CLAIM)
         self._renew = client.register_script(lua.RENEW)
@@ -219,7 +220,7 @@ class Registry:
 
     def due_deadlines(self, limit: int = 100) -> list[str]:
         """Tasks whose max event age has passed: QUEUED ones are to expire, whether or not a worker serves them."""
-        ids: list[bytes] = self.client.zrangebyscore(f"{self.prefix}:deadlines", "-inf", time.time(), 0, limit)  # type: ignore[assignment]
+        ids: list[bytes] = self.client.zrangebyscore(self.deadlines_key, "-inf", time.time(), 0, limit)  # type: ignore[assignment]
         return [i.decode() for i in ids]
 
     def retry(self, task_id: str) -> tuple[str, str]:
