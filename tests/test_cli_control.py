@@ -15,7 +15,6 @@ from gpufleet.cli.output import table
 from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
 from gpufleet.cli.tasks import read_payload
 from gpufleet.errors import InvalidRequestError
-from gpufleet.messages import decode_call
 from tests.harness import FleetHarness
 
 TEST_FUNCTIONS = {"echo", "always_fail", "slow", "typed", "hang"}
@@ -126,8 +125,7 @@ def test_control_commands_without_a_running_fleet(harness: FleetHarness) -> None
     from_stdin = cli_json(h, "invoke", "echo", "--payload", "-", stdin='{"from": "stdin"}')
     assert from_stdin["created"] is True
     for task_id, event in ((file_id, {"from": "file"}), (from_stdin["id"], {"from": "stdin"})):
-        envelope = (h.registry.get(task_id, envelope=True) or {}).get("message")
-        assert envelope is not None and decode_call(envelope)["event"] == event
+        assert (h.registry.get(task_id, event=True) or {}).get("event") == event
     first = cli_json(h, "invoke", "echo", "--idempotency-key", "order-42")
     again = cli(h, "invoke", "echo", "--idempotency-key", "order-42", "--json")
     assert json.loads(again.stdout) == {"id": first["id"], "created": False} and first["created"] is True

@@ -9,7 +9,7 @@ import orjson
 
 from gpufleet.worker.lost import LostMessages
 from tests.harness import FleetHarness
-from tests.test_registry import enqueue
+from tests.test_registry import enqueue, envelopes
 
 
 def head_id(h: FleetHarness, queue: str) -> str:
@@ -26,7 +26,7 @@ def test_a_task_whose_message_left_the_queue_unclaimed_is_pushed_again_at_the_he
     assert reg.claim("b", "QUEUED", "", "w/1/1/x", 30, "w", "g").ok
     assert [i for i, _ in reg.scan_lost(queue)] == ["a"]
 
-    lost = LostMessages(reg, grace_s=0.3)
+    lost = LostMessages(reg, grace_s=0.3, envelope_for=envelopes(harness))
     assert lost.tick() == 0  # out of the queue for a moment: it may be in flight to a live worker
     time.sleep(0.4)
     assert lost.tick() == 1
@@ -41,7 +41,7 @@ def test_a_task_whose_message_left_the_queue_unclaimed_is_pushed_again_at_the_he
     # A copy claimed in the meantime is not pushed again: the push compares the position the scan saw.
     [(task_id, score)] = [row for row in reg.scan_lost(queue) if row[0] == "c"]
     assert reg.claim("c", "QUEUED", "", "w/1/1/y", 30, "w", "g").ok
-    assert reg.requeue_lost("c", score) is False
+    assert reg.requeue_lost("c", score, envelopes(harness)) is False
     assert harness.redis.llen(queue) == 0
 
 

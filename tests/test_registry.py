@@ -13,10 +13,16 @@ import pytest
 
 from gpufleet.celery_app import create_app
 from gpufleet.dispatcher import Dispatcher
-from gpufleet.messages import MessageFactory
+from gpufleet.messages import Envelopes, MessageFactory
 from gpufleet.registry import Callback, NewTask, State
 from gpufleet.worker.runtime import owner_is_dead, owner_token
 from tests.harness import FleetHarness, nonzero
+
+
+def envelopes(h: FleetHarness) -> Envelopes:
+    """What a supervisor uses to push a stored task again."""
+    fleet = h.fleet()
+    return Envelopes(MessageFactory(create_app(fleet), h.prefix, 1.0), fleet.functions)
 
 
 def enqueue(h: FleetHarness, task_id: str, function: str = "echo") -> None:
@@ -57,9 +63,9 @@ def test_a_lapsed_lease_is_requeued_by_housekeeping(harness: FleetHarness) -> No
     queue = f"{harness.prefix}.default.any"
     harness.redis.delete(queue)  # the worker took the message
     assert reg.claim("l1", "QUEUED", "", "gone/1/1/a", 0.3, "w", "g").ok
-    assert reg.housekeep() == (0, 0)  # lease still valid
+    assert reg.housekeep(envelopes(harness)) == (0, 0)  # lease still valid
     time.sleep(0.5)
-    assert reg.housekeep() == (0, 1)
+    assert reg.housekeep(envelopes(harness)) == (0, 1)
     rec = reg.get("l1")
     assert rec["state"] == "QUEUED" and rec["last_error"]["errorType"] == "WorkerLost"
     assert harness.redis.llen(queue) == 1
@@ -78,7 +84,7 @@ def test_a_task_taken_back_from_a_dead_worker_goes_to_the_head_of_its_queue(harn
     for i in range(5):
         enqueue(harness, f"later-{i}")
     time.sleep(0.4)
-    assert reg.housekeep() == (0, 1)
+    assert reg.housekeep(envelopes(harness)) == (0, 1)
     head = orjson.loads(harness.redis.lindex(queue, -1))  # Celery's Redis transport pops from the right
     assert head["headers"]["id"] == "first"
     cp = ControlPlane(harness.fleet(), reg)
@@ -92,9 +98,9 @@ def test_retry_waits_for_its_backoff_then_is_pushed_again(harness: FleetHarness)
     harness.redis.delete(queue)
     assert reg.claim("r1", "QUEUED", "", "me/1/1/a", 30, "w", "g").ok
     assert reg.retry_later("r1", "me/1/1/a", 0.3, {"errorType": "ValueError"})
-    assert reg.housekeep() == (0, 0) and harness.redis.llen(queue) == 0
+    assert reg.housekeep(envelopes(harness)) == (0, 0) and harness.redis.llen(queue) == 0
     time.sleep(0.4)
-    assert reg.housekeep() == (1, 0) and harness.redis.llen(queue) == 1
+    assert reg.housekeep(envelopes(harness)) == (1, 0) and harness.redis.llen(queue) == 1
     again = reg.claim("r1", "QUEUED", "", "me/1/1/b", 30, "w", "g")
     assert again.ok and again.attempts == 2
 
@@ -194,15 +200,16 @@ def test_manual_retry_requeues_a_finished_failure_only(harness: FleetHarness) ->
     queue = f"{harness.prefix}.default.any"
     enqueue(harness, "f1")
     harness.redis.delete(queue)
-    assert reg.retry("f1") == ("conflict", "QUEUED")
+    envelope = envelopes(harness)("f1", "echo", b'{"k": "f1"}', b"{}") or b""
+    assert reg.retry("f1", envelope) == ("conflict", "QUEUED")
     assert reg.claim("f1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
     assert reg.finish("f1", "w/1/1/a", State.FAILED, {"error": {"errorType": "X"}}, [])
-    assert reg.retry("f1") == ("queued", "FAILED")
+    assert reg.retry("f1", envelope) == ("queued", "FAILED")
     rec = reg.get("f1")
     assert rec["state"] == "QUEUED" and rec["attempts"] == 0 and "error" not in rec and rec["manual_retries"] == 1
     assert harness.redis.ttl(reg.task_key("f1")) == -1  # no longer expiring while it waits
     assert harness.redis.llen(queue) == 1 and nonzero(reg.counts("echo")) == {"QUEUED": 1}
-    assert reg.retry("missing") == ("missing", "")
+    assert reg.retry("missing", envelope) == ("missing", "")
 
 
 def test_listing_pages_newest_first_and_skips_expired_records(harness: FleetHarness) -> None:

@@ -20,7 +20,7 @@ import orjson
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gpufleet.events import check_event
 from gpufleet.functions import Function
-from gpufleet.messages import MessageFactory, decode_call, function_queue
+from gpufleet.messages import Envelopes, MessageFactory, function_queue
 from gpufleet.parking import Parking
 from gpufleet.records import Condition, callback_record, fit_record, iso
 from gpufleet.registry import NewTask, Registry, State
@@ -53,6 +53,11 @@ class ControlPlane:
             s = self.fleet.settings
             self._factory = MessageFactory(create_app(self.fleet), s.redis.key_prefix, s.worker.kill_grace_s)
         return self._factory
+
+    @property
+    def envelopes(self) -> Envelopes:
+        """Builds a stored task's message again: for retries and re-queues."""
+        return Envelopes(self.factory, self.fleet.functions)
 
     def ping(self) -> None:
         """Raise ``redis.ConnectionError``/``TimeoutError`` when the registry cannot be reached."""
@@ -122,8 +127,8 @@ class ControlPlane:
 
     # -- tasks -----------------------------------------------------------------------------------------------
 
-    def record(self, task_id: str, envelope: bool = False) -> dict[str, Any]:
-        record = self.registry.get(task_id, envelope)
+    def record(self, task_id: str, event: bool = False) -> dict[str, Any]:
+        record = self.registry.get(task_id, event)
         if record is None:
             raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
         return record
@@ -171,13 +176,13 @@ class ControlPlane:
         """QUEUED -> CANCELLED (or EXPIRED) with its failure record; the record can change between the read and the
         script, which then refuses: read again (both are cheap)."""
         for _ in range(10):
-            record = self.record(task_id, envelope=True)
+            record = self.record(task_id, event=True)
             now = time.time()
             if expire:
                 waited = now - float(record.get("event_ts") or now)
                 message = f"event waited {waited:.1f} s > max_event_age_s {record.get('max_age')}; no worker took it"
             error = {"errorType": error_type, "errorMessage": message, "stackTrace": []}
-            event = decode_call(record["message"]).get("event") if record.get("message") else None
+            event = record.get("event")
             body = callback_record(
                 task_id=task_id, function=record["function"], condition=Condition(error_type),
                 attempts=int(record.get("attempts", 0)), event=event, worker="", gpu="", started_at=None,
@@ -197,10 +202,13 @@ class ControlPlane:
 
     def retry(self, task_id: str) -> dict[str, Any]:
         """Run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task again, from attempt 1, as a new event."""
-        record = self.record(task_id)
-        if record["function"] not in self.fleet.functions:
-            raise ConflictError("function_not_served", f"function {record['function']!r} is no longer served")
-        outcome, state = self.registry.retry(task_id)
+        [call] = self.registry.stored_calls([task_id])
+        if call is None:
+            raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
+        envelope = self.envelopes(task_id, *call)
+        if envelope is None:
+            raise ConflictError("function_not_served", f"function {call[0]!r} is no longer served")
+        outcome, state = self.registry.retry(task_id, envelope)
         if outcome == "missing":
             raise NotFoundError("task_not_found", f"no task {task_id!r}")
         if outcome == "conflict":

@@ -47,8 +47,10 @@ local function unbusy(prefix, key, id)
 end
 """
 
-# ARGV: prefix, now, batch: a JSON array with one array of strings per task:
-#   [id, function, queue_key, envelope, on_success, on_failure, max_attempts, source, created_at, event_ts, max_age]
+# ARGV: prefix, now, batch: a JSON array with one array of strings per task: [id, function, queue_key, envelope,
+#   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta]
+# The record keeps the event and meta (JSON), not the envelope: a fraction of its size, and with small values Redis
+# keeps the hash compact (listpack). Whoever pushes the task again builds the envelope from them.
 # A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
 # One JSON argument, not ten per task: redis-py packs arguments in Python, which cost more than the script.
 # Returns a list of 1 (enqueued) / 0 (duplicate: a record with that id exists) per task.
@@ -63,7 +65,7 @@ for n, t in ipairs(cjson.decode(ARGV[3])) do
     out[n] = 0
   else
     redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
-      'message', t[4], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
+      'event', t[12], 'meta', t[13], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
       'created_at', t[9], 'queued_at', now, 'event_ts', t[10])
     redis.call('LPUSH', t[3], t[4])
     redis.call('SADD', prefix .. ':functions', t[2])
@@ -148,7 +150,7 @@ return 1
 )
 
 # KEYS: task, leases, delayed.  ARGV: prefix, token, due, error_json, now
-# Back to QUEUED; the housekeeper pushes the stored message again once ``due`` has passed.
+# Back to QUEUED; the housekeeper pushes the message again once ``due`` has passed.
 RETRY_LATER = (
     _MOVE
     + """
@@ -167,35 +169,43 @@ return 1
 """
 )
 
-# KEYS: delayed, leases.  ARGV: prefix, now, limit
-# Pushes due retries, and re-queues tasks whose lease lapsed (their worker died with them). Returns counts.
+# KEYS: delayed, leases.  ARGV: prefix, now, n, then n (id, envelope) pairs of due retries, then (id, envelope)
+# pairs of tasks whose lease lapsed. Pushes the due retries (to the back), and re-queues at the head the tasks whose
+# worker died with them: they had waited their turn already. Each is checked again here (compare-and-set).
+# Returns {promoted, reaped}.
 HOUSEKEEP = (
     _MOVE
     + """
-local prefix, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local prefix, now, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local promoted, reaped = 0, 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do
-  redis.call('ZREM', KEYS[1], id)
-  local key = prefix .. ':task:' .. id
-  if redis.call('HGET', key, 'state') == 'QUEUED' then
-    redis.call('HDEL', key, 'retry_at')
-    redis.call('LPUSH', pend(prefix, key, id), redis.call('HGET', key, 'message'))
-    promoted = promoted + 1
+for i = 4, 3 + 2 * n, 2 do
+  local id = ARGV[i]
+  local due = redis.call('ZSCORE', KEYS[1], id)
+  if due and tonumber(due) <= now then
+    redis.call('ZREM', KEYS[1], id)
+    local key = prefix .. ':task:' .. id
+    if redis.call('HGET', key, 'state') == 'QUEUED' then
+      redis.call('HDEL', key, 'retry_at')
+      redis.call('LPUSH', pend(prefix, key, id), ARGV[i + 1])
+      promoted = promoted + 1
+    end
   end
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)) do
-  redis.call('ZREM', KEYS[2], id)
+for i = 4 + 2 * n, #ARGV, 2 do
+  local id = ARGV[i]
   local key = prefix .. ':task:' .. id
   local lease = tonumber(redis.call('HGET', key, 'lease_until') or '0')
   if redis.call('HGET', key, 'state') == 'RUNNING' and lease <= now then
+    redis.call('ZREM', KEYS[2], id)
     local fn = redis.call('HGET', key, 'function')
     unbusy(prefix, key, id)
     redis.call('HSET', key, 'state', 'QUEUED', 'token', '', 'queued_at', ARGV[2],
       'last_error', '{"errorType":"WorkerLost","errorMessage":"lease expired: the worker stopped renewing it"}')
     move(prefix, fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', key, 'seq'))
-    -- It had waited its turn already: it goes to the head of its queue, not behind the backlog.
-    redis.call('RPUSH', pend_head(prefix, key, id), redis.call('HGET', key, 'message'))
+    redis.call('RPUSH', pend_head(prefix, key, id), ARGV[i + 1])
     reaped = reaped + 1
+  elseif redis.call('HGET', key, 'state') ~= 'RUNNING' then
+    redis.call('ZREM', KEYS[2], id)  -- finished or re-queued meanwhile: nothing to reap
   end
 end
 return {promoted, reaped}
@@ -242,7 +252,7 @@ return {string.lower(final), 'QUEUED'}
 """
 )
 
-# KEYS: task.  ARGV: prefix, now.  A finished, unsuccessful task runs again from attempt 1, as a new event.
+# KEYS: task.  ARGV: prefix, now, envelope.  A finished, unsuccessful task runs again from attempt 1, as a new event.
 RETRY = (
     _MOVE
     + """
@@ -262,7 +272,7 @@ redis.call('HINCRBY', KEYS[1], 'manual_retries', 1)
 local max_age = redis.call('HGET', KEYS[1], 'max_age')
 if max_age then redis.call('ZADD', ARGV[1] .. ':deadlines', tonumber(ARGV[2]) + tonumber(max_age), id) end
 move(ARGV[1], fn, id, state, 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
-redis.call('LPUSH', pend(ARGV[1], KEYS[1], id), redis.call('HGET', KEYS[1], 'message'))
+redis.call('LPUSH', pend(ARGV[1], KEYS[1], id), ARGV[3])
 return {'queued', state}
 """
 )
@@ -306,7 +316,7 @@ end
 return {}
 """
 
-# KEYS: task.  ARGV: prefix, score.  Push a lost task's stored message again, at the head of its queue, if it is
+# KEYS: task.  ARGV: prefix, score, envelope.  Push a lost task's message again, at the head of its queue, if it is
 # still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). Returns 1 or 0.
 REQUEUE_LOST = (
     _MOVE
@@ -316,7 +326,7 @@ local id = redis.call('HGET', KEYS[1], 'id')
 if redis.call('ZSCORE', ARGV[1] .. ':pending:' .. redis.call('HGET', KEYS[1], 'queue'), id) ~= ARGV[2] then
   return 0
 end
-redis.call('RPUSH', pend_head(ARGV[1], KEYS[1], id), redis.call('HGET', KEYS[1], 'message'))
+redis.call('RPUSH', pend_head(ARGV[1], KEYS[1], id), ARGV[3])
 return 1
 """
 )

@@ -7,10 +7,10 @@ writes the registry records. The worker side is stock Celery: it cannot tell the
 
 from __future__ import annotations
 
-import base64
 import copy
 import itertools
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +34,15 @@ def function_queue(prefix: str, fn: Function) -> str:
 
 @dataclass(frozen=True)
 class TaskMessage:
-    """A task ready to publish: its id, the queue and the serialized kombu envelope."""
+    """A task ready to publish: its id, the queue and the serialized kombu envelope, plus the event and meta as JSON
+    (what the registry keeps, a fraction of the envelope, to build the envelope again when the task is re-queued)."""
 
     task_id: str
     function: str
     queue: str
     envelope: bytes
+    event: bytes
+    meta: bytes
 
 
 class MessageFactory:
@@ -73,16 +76,23 @@ class MessageFactory:
         return template
 
     def build(self, task_id: str, fn: Function, event: Any, meta: dict[str, Any]) -> TaskMessage:
+        return self.rebuild(task_id, fn, orjson.dumps(event), orjson.dumps(meta))
+
+    def rebuild(self, task_id: str, fn: Function, event: bytes, meta: bytes) -> TaskMessage:
+        """The task's message from its event and meta as JSON (as the registry stores them)."""
         template = self._template(fn)
         headers = copy.copy(template["headers"])
         headers["id"] = headers["root_id"] = task_id
         headers["argsrepr"] = "()"
         headers["kwargsrepr"] = f"{{'function': {fn.name!r}}}"
-        body = orjson.dumps([[], {"function": fn.name, "event": event, "meta": meta}, _EMBED])
+        call = {"function": fn.name, "event": orjson.Fragment(event), "meta": orjson.Fragment(meta)}
+        body = orjson.dumps([[], call, _EMBED])
         queue: str = template["queue"]
         envelope = {  # headers first: the lost-message scan looks for the id near the start
             "headers": headers,
-            "body": base64.b64encode(body).decode(),
+            # The body as JSON text, not base64 (kombu decodes a body only when body_encoding says so): a third
+            # smaller, in the queue and in every copy of it.
+            "body": body.decode(),
             "content-encoding": "utf-8",
             "content-type": CONTENT_TYPE,
             "properties": {
@@ -91,18 +101,24 @@ class MessageFactory:
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": 0,
-                "body_encoding": "base64",
                 "delivery_tag": f"{self._tag_prefix}-{next(self._tags)}",
             },
         }
-        return TaskMessage(task_id=task_id, function=fn.name, queue=queue, envelope=orjson.dumps(envelope))
+        return TaskMessage(task_id=task_id, function=fn.name, queue=queue, envelope=orjson.dumps(envelope),
+                           event=event, meta=meta)  # fmt: skip
 
 
-def decode_call(envelope: bytes) -> dict[str, Any]:
-    """The task's keyword arguments (function, event, meta) from a stored envelope."""
-    body = base64.b64decode(orjson.loads(envelope)["body"])
-    kwargs: dict[str, Any] = orjson.loads(body)[1]
-    return kwargs
+class Envelopes:
+    """Builds a stored task's message again (a due retry, a task taken back from a dead worker or a lost message, a
+    manual retry) from the registry's function, event and meta. None for a function this fleet does not serve."""
+
+    def __init__(self, factory: MessageFactory, functions: Mapping[str, Function]) -> None:
+        self._factory = factory
+        self._functions = functions
+
+    def __call__(self, task_id: str, function: str, event: bytes, meta: bytes) -> bytes | None:
+        fn = self._functions.get(function)
+        return None if fn is None else self._factory.rebuild(task_id, fn, event, meta).envelope
 
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

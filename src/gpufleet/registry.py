@@ -9,7 +9,7 @@ finished task always has its record, and the dispatcher delivers it later withou
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -36,6 +36,10 @@ TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIME
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # transient: the caller may retry
 # Tasks per enqueue script: ~20 us each inside Redis, so one call blocks other clients for about 2 ms at most.
 ENQUEUE_CHUNK = 100
+
+
+# Builds a stored task's message again: (task id, function, event JSON, meta JSON) -> envelope, or None.
+EnvelopeFor = Callable[[str, str, bytes, bytes], bytes | None]
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ class Registry:
         for start in range(0, len(tasks), ENQUEUE_CHUNK):
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
                                    t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts),
-                                   "" if t.max_age_s is None else repr(t.max_age_s)]
+                                   "" if t.max_age_s is None else repr(t.max_age_s), t.message.event.decode(),
+                                   t.message.meta.decode()]
                                   for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
             self._enqueue(args=[self.prefix, now, batch], client=pipe)
         try:
@@ -124,12 +129,28 @@ class Registry:
             raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
         return [bool(x) for reply in replies for x in reply]
 
-    def get(self, task_id: str, envelope: bool = False) -> dict[str, Any] | None:
-        """The task's record; with ``envelope``, also its stored Celery message under ``message`` (bytes)."""
+    def get(self, task_id: str, event: bool = False) -> dict[str, Any] | None:
+        """The task's record; with ``event``, also its ``event`` and ``meta`` (decoded)."""
         raw: dict[bytes, bytes] = self.client.hgetall(self.task_key(task_id))  # type: ignore[assignment]
         if not raw:
             return None
-        return decode_record(raw, envelope)
+        return decode_record(raw, event)
+
+    def stored_calls(self, task_ids: list[str]) -> list[tuple[str, bytes, bytes] | None]:
+        """(function, event JSON, meta JSON) per task, to build its message again; None for a missing record."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hmget(self.task_key(task_id), "function", "event", "meta")
+        return [(fn.decode(), event, meta) if fn and event is not None and meta is not None else None
+                for fn, event, meta in pipe.execute()]  # fmt: skip
+
+    def _envelopes(self, task_ids: list[str], envelope_for: EnvelopeFor) -> list[tuple[str, bytes]]:
+        pairs = []
+        for task_id, call in zip(task_ids, self.stored_calls(task_ids), strict=True):
+            envelope = envelope_for(task_id, *call) if call is not None else None
+            if envelope is not None:
+                pairs.append((task_id, envelope))
+        return pairs
 
     def claim(self, task_id: str, expect_state: str, expect_token: str, token: str, lease_s: float, worker: str,
               gpu: str) -> Claim:  # fmt: skip
@@ -172,11 +193,23 @@ class Registry:
     def set_progress(self, task_id: str, fraction: float, message: str) -> None:
         self.client.hset(self.task_key(task_id), mapping={"progress": fraction, "progress_message": message[:500]})
 
-    def housekeep(self, limit: int = 500) -> tuple[int, int]:
-        """Push due retries and re-queue tasks whose lease lapsed. Returns (promoted, reaped)."""
-        promoted, reaped = self._housekeep(
-            keys=[self.delayed_key, self.leases_key], args=[self.prefix, time.time(), limit]
-        )
+    def housekeep(self, envelope_for: EnvelopeFor, limit: int = 500) -> tuple[int, int]:
+        """Push due retries and re-queue tasks whose lease lapsed. Returns (promoted, reaped).
+
+        ``envelope_for(task_id, function, event, meta)`` builds each one's message (None: this caller does not
+        serve that function; another supervisor will)."""
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrangebyscore(self.delayed_key, "-inf", now, 0, limit)
+        pipe.zrangebyscore(self.leases_key, "-inf", now, 0, limit)
+        due, lapsed = ([i.decode() for i in ids] for ids in pipe.execute())
+        if not due and not lapsed:
+            return 0, 0
+        promote, reap = self._envelopes(due, envelope_for), self._envelopes(lapsed, envelope_for)
+        args: list[Any] = [self.prefix, now, len(promote)]
+        for task_id, envelope in (*promote, *reap):
+            args += [task_id, envelope]
+        promoted, reaped = self._housekeep(keys=[self.delayed_key, self.leases_key], args=args)
         return int(promoted), int(reaped)
 
     def queues(self) -> list[str]:
@@ -188,9 +221,12 @@ class Registry:
         reply = self._scan_lost(args=[self.prefix, queue, head_n, limit])
         return [(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
 
-    def requeue_lost(self, task_id: str, score: bytes) -> bool:
+    def requeue_lost(self, task_id: str, score: bytes, envelope_for: EnvelopeFor) -> bool:
         """Push a lost task's message again, at the head of its queue, if it is still as the scan saw it."""
-        return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=[self.prefix, score]))
+        pairs = self._envelopes([task_id], envelope_for)
+        if not pairs:
+            return False
+        return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=[self.prefix, score, pairs[0][1]]))
 
     def counts(self, function: str) -> dict[str, int]:
         """Tasks per state (finished ones while their records are retained)."""
@@ -223,10 +259,10 @@ class Registry:
         ids: list[bytes] = self.client.zrangebyscore(self.deadlines_key, "-inf", time.time(), 0, limit)  # type: ignore[assignment]
         return [i.decode() for i in ids]
 
-    def retry(self, task_id: str) -> tuple[str, str]:
+    def retry(self, task_id: str, envelope: bytes) -> tuple[str, str]:
         """Re-run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task: ``('queued', old state)``, ``('missing', '')``
         or ``('conflict', state)``."""
-        outcome, state = self._retry_now(keys=[self.task_key(task_id)], args=[self.prefix, time.time()])
+        outcome, state = self._retry_now(keys=[self.task_key(task_id)], args=[self.prefix, time.time(), envelope])
         return outcome.decode(), state.decode()
 
     def position(self, task_id: str, queue: str) -> tuple[int, int] | None:
@@ -247,10 +283,15 @@ class Registry:
         return [(int(score), member.decode()) for member, score in rows]
 
     def get_many(self, task_ids: list[str]) -> list[dict[str, Any] | None]:
+        """The records a listing shows, reading only the fields it shows (never the event)."""
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
-            pipe.hgetall(self.task_key(task_id))
-        return [decode_record(raw) if raw else None for raw in pipe.execute()]
+            pipe.hmget(self.task_key(task_id), VIEW_FIELDS)
+        out: list[dict[str, Any] | None] = []
+        for values in pipe.execute():
+            raw = {k: v for k, v in zip(_VIEW_KEYS, values, strict=True) if v is not None}
+            out.append(decode_record(raw) if raw else None)
+        return out
 
     def drop_from_index(self, function: str, state: State, task_id: str) -> None:
         self.client.zrem(self.index_key(function, state), task_id)
@@ -288,19 +329,24 @@ class Registry:
         return out
 
 
+# What a task's public view shows (control.task_view): a listing reads these and nothing else.
+VIEW_FIELDS = ("id", "function", "state", "attempts", "max_attempts", "progress", "progress_message", "source",
+               "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
+               "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")  # fmt: skip
+_VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
             "max_age"}  # fmt: skip
 _JSON = {"result", "error", "last_error", "outputs"}
 
 
-def decode_record(raw: dict[bytes, bytes], envelope: bool = False) -> dict[str, Any]:
+def decode_record(raw: dict[bytes, bytes], event: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.decode()
-        if key == "message":
-            if envelope:  # for re-publishing, and for the event a callback record quotes; not for readers
-                out[key] = v
+        if key in ("event", "meta"):
+            if event:  # for the event a callback record quotes; not for readers
+                out[key] = orjson.loads(v)
             continue
         if key in _NUMERIC:
             out[key] = float(v) if b"." in v or b"e" in v else int(v)

@@ -18,14 +18,15 @@ import time
 
 import structlog
 
-from gpufleet.registry import Registry
+from gpufleet.registry import EnvelopeFor, Registry
 
 log = structlog.get_logger("gpufleet.lost")
 
 
 class LostMessages:
-    def __init__(self, registry: Registry, grace_s: float) -> None:
+    def __init__(self, registry: Registry, grace_s: float, envelope_for: EnvelopeFor) -> None:
         self.registry = registry
+        self.envelope_for = envelope_for
         self.grace_s = grace_s
         self._suspects: dict[tuple[str, str], tuple[bytes, float]] = {}  # (queue, id) -> (score, first seen)
         self.requeued = 0
@@ -42,7 +43,7 @@ class LostMessages:
             since = earlier[1] if earlier is not None and earlier[0] == score else now
             if now - since < self.grace_s:
                 suspects[key] = (score, since)
-            elif self.registry.requeue_lost(key[1], score):
+            elif self.registry.requeue_lost(key[1], score, self.envelope_for):
                 log.warning("a task's message was lost on its way to a worker; pushed again", task_id=key[1],
                             queue=key[0], out_of_queue_s=round(now - since, 1))  # fmt: skip
                 requeued += 1

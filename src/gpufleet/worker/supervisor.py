@@ -75,8 +75,9 @@ class Supervisor:
         s = fleet.settings
         self.registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
         self.sampler = Sampler([slot.gpu for slot in self.slots], nvml)
-        self.lost = LostMessages(self.registry, s.worker.lease_s)
         self.control = ControlPlane(fleet, self.registry)
+        self.envelopes = self.control.envelopes
+        self.lost = LostMessages(self.registry, s.worker.lease_s, self.envelopes)
 
     def _spawn(self, slot: Slot) -> None:
         cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
@@ -99,7 +100,7 @@ class Supervisor:
             self._restart_exited()
             now = time.monotonic()
             try:
-                promoted, reaped = self.registry.housekeep()
+                promoted, reaped = self.registry.housekeep(self.envelopes)
                 if promoted or reaped:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
                 self.lost.tick()
