@@ -13,6 +13,7 @@ trigger (``format: s3``). The report goes to stdout and to ``bench/results/chaos
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import threading
@@ -75,6 +76,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--bad", type=int, default=10_000, help="bad inputs, half JSON, half S3 notifications")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below: stop what was started
     plan = Plan(events=args.events, produce_s=max(20.0, args.events / 120), task_s=0.005, pool_kill_every_s=3,
                 role_kill_every_s=10, freeze_every_s=30, freeze_s=3, lease_s=3, settle_timeout_s=1800)  # fmt: skip
     print(f"generating {args.bad} bad inputs...", file=sys.stderr)
