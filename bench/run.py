@@ -15,7 +15,6 @@ Progress goes to stderr; the Markdown table goes to stdout and to ``bench/result
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import itertools
 import logging
@@ -622,10 +621,10 @@ def latency_split(w: World, rows: list[str]) -> str:
     stages: dict[str, list[float]] = {"produced -> published": [], "published -> claimed": [],
                                       "claimed -> handler": []}  # fmt: skip
     for key in w.redis.scan_iter(f"{PREFIX}:task:*", count=1000):
-        message, queued_at, claimed_at = w.redis.hmget(key, "message", "queued_at", "started_at")
-        if not (message and queued_at and claimed_at):
+        stored, queued_at, claimed_at = w.redis.hmget(key, "event", "queued_at", "started_at")
+        if not (stored and queued_at and claimed_at):
             continue
-        event = orjson.loads(base64.b64decode(orjson.loads(message)["body"]))[1]["event"]
+        event = orjson.loads(stored)
         handler_at = starts.get(repr(float(event["produced_ts"])))
         if event.get("warm") or handler_at is None:
             continue
