@@ -70,7 +70,10 @@ def test_an_event_near_the_payload_limit_gives_a_record_within_the_record_limit(
     harness.start()
     blob = "z" * 140_000
     harness.send("echo", {"blob": blob}, id="near-limit")  # echo returns the event: twice the payload in all
-    [record] = harness.records("success", 1)
+    records = [r for r in harness.records("success", 1, timeout_s=120) if r["key"] == "near-limit"]
+    # At-least-once: a slow Kafka ack may deliver the record twice, but it is the same record.
+    assert records and len({r["raw"] for r in records}) == 1, f"{len(records)} records\n{harness.log_text()[-4000:]}"
+    record = records[0]
     body = record["value"]
     assert len(record["raw"]) <= 200_000
     assert body["responsePayload"]["echo"] == {"blob": blob}  # the result, whole

@@ -41,7 +41,7 @@ def test_a_task_whose_message_left_the_queue_unclaimed_is_pushed_again_at_the_he
     # A copy claimed in the meantime is not pushed again: the push compares the position the scan saw.
     [(task_id, score)] = [row for row in reg.scan_lost(queue) if row[0] == "c"]
     assert reg.claim("c", "QUEUED", "", "w/1/1/y", 30, "w", "g").ok
-    assert reg.requeue_lost("c", score, envelopes(harness)) is False
+    assert reg.requeue_lost("c", queue, score, envelopes(harness)) is False
     assert harness.redis.llen(queue) == 0
 
 
@@ -57,3 +57,39 @@ def test_lost_messages_run_on_a_live_fleet_long_before_kombu_would_restore_them(
                      timeout_s=30, what="every task, the lost ones too")  # fmt: skip
     assert all(harness.runs(i) == 1 for i in ids)
     assert harness.log_text().count("message was lost on its way to a worker") == 2
+
+
+def test_a_stale_copy_at_the_head_does_not_make_the_tasks_behind_it_look_lost(harness: FleetHarness) -> None:
+    """A cancelled task's message stays in the list; retried, the task has a new message at the back. The old copy
+    at the head must not mark its place (every task before its new place would look lost)."""
+    from gpufleet.control import ControlPlane
+
+    reg, queue = harness.registry, f"{harness.prefix}.default.any"
+    for task_id in ("s1", "s2", "s3"):
+        enqueue(harness, task_id)
+    cp = ControlPlane(harness.fleet(), reg)
+    assert cp.cancel("s1")["outcome"] == "cancelled"
+    assert cp.retry("s1")["outcome"] == "queued"
+    assert harness.redis.llen(queue) == 4 and head_id(harness, queue) == "s1"  # the stale copy, still at the head
+    assert reg.scan_lost(queue) == []
+
+
+def test_tasks_no_supervisor_here_can_rebuild_never_block_the_others(harness: FleetHarness) -> None:
+    reg, queue = harness.registry, f"{harness.prefix}.default.any"
+    build = envelopes(harness)
+    for task_id in ("other-1", "other-2", "mine"):
+        enqueue(harness, task_id)
+    harness.redis.delete(queue)
+    for task_id in ("other-1", "other-2", "mine"):  # each failed once and waits for its retry
+        assert reg.claim(task_id, "QUEUED", "", f"w/1/1/{task_id}", 30, "w", "g").ok
+        assert reg.retry_later(task_id, f"w/1/1/{task_id}", 0.0, {"errorType": "X"})
+    reg.client.zadd(reg.delayed_key, {"gone": 0})  # a due retry whose record expired
+    time.sleep(0.05)
+
+    def only_mine(task_id: str, function: str, event: bytes, meta: bytes) -> bytes | None:
+        return build(task_id, function, event, meta) if task_id == "mine" else None  # the others: not served here
+
+    assert reg.housekeep(only_mine, limit=1) == (1, 0)  # read past the two it cannot build, one page at a time
+    assert head_id(harness, queue) == "mine"
+    assert reg.client.zscore(reg.delayed_key, "gone") is None  # dropped
+    assert {m.decode() for m in reg.client.zrange(reg.delayed_key, 0, -1)} == {"other-1", "other-2"}  # kept for others

@@ -234,3 +234,15 @@ def test_listing_pages_newest_first_and_skips_expired_records(harness: FleetHarn
     for bad in ({"state": "DONE"}, {"limit": 0}, {"cursor": "nonsense"}):
         with pytest.raises(InvalidRequestError):
             cp.tasks(**bad)  # type: ignore[arg-type]
+
+
+def test_a_claimed_task_leaves_the_deadline_index(harness: FleetHarness) -> None:
+    """Only a waiting task expires unclaimed; once a worker has it, the worker checks its age itself."""
+    fleet = harness.fleet()
+    factory = MessageFactory(create_app(fleet), harness.prefix, 1.0)
+    message = factory.build("dl1", fleet.functions["expiring"], {}, {"source": "test"})
+    reg = harness.registry
+    assert reg.enqueue_many([NewTask(message, "kafka:///s", "kafka:///f", 1, "test", time.time(), 1.0)]) == [True]
+    assert reg.client.zscore(reg.deadlines_key, "dl1") is not None
+    assert reg.claim("dl1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
+    assert reg.client.zscore(reg.deadlines_key, "dl1") is None

@@ -21,20 +21,37 @@ local function move(prefix, fn, id, from, to, score)
   if from then redis.call('ZREM', prefix .. ':idx:' .. fn .. ':' .. from, id) end
   if to then redis.call('ZADD', prefix .. ':idx:' .. fn .. ':' .. to, score, id) end
 end
-local function pend(prefix, key, id)
+local function tag_of(envelope)
+  return string.match(envelope, '"delivery_tag":%s*"([^"]*)"') or ''
+end
+-- Push a task's message to the back of its queue (LPUSH; consumers pop from the right). The position score is the
+-- next arrival number; the record keeps the message's delivery tag, so a stale copy of an older message in the list
+-- is told apart from the current one. Returns the score.
+local function push_back(prefix, key, id, envelope, tag)
   local queue = redis.call('HGET', key, 'queue')
   local seq = redis.call('INCR', prefix .. ':seq')
   redis.call('ZADD', prefix .. ':pending:' .. queue, seq, id)
   redis.call('SADD', prefix .. ':queues', queue)
-  return queue, seq
+  redis.call('HSET', key, 'tag', tag or tag_of(envelope))
+  redis.call('LPUSH', queue, envelope)
+  return seq
 end
--- Back at the head of its queue (Redis lists are consumed from the right: RPUSH is "next"). Its position score is
--- below every other, so position order stays the list's order.
-local function pend_head(prefix, key, id)
+-- Back at the head of its queue (RPUSH is "next"). Its position score is below every other, so position order
+-- stays the list's order.
+local function push_head(prefix, key, id, envelope)
   local queue = redis.call('HGET', key, 'queue')
   redis.call('ZADD', prefix .. ':pending:' .. queue, -redis.call('INCR', prefix .. ':seq'), id)
   redis.call('SADD', prefix .. ':queues', queue)
-  return queue
+  redis.call('HSET', key, 'tag', tag_of(envelope))
+  redis.call('RPUSH', queue, envelope)
+end
+-- A task with a max age is indexed by its deadline while it may wait (QUEUED), so it expires even unclaimed.
+local function deadline(prefix, key, id)
+  local max_age = redis.call('HGET', key, 'max_age')
+  if max_age then
+    local due = tonumber(redis.call('HGET', key, 'event_ts')) + tonumber(max_age)
+    redis.call('ZADD', prefix .. ':deadlines', due, id)
+  end
 end
 local function unpend(prefix, key, id)
   redis.call('ZREM', prefix .. ':pending:' .. redis.call('HGET', key, 'queue'), id)
@@ -48,7 +65,7 @@ end
 """
 
 # ARGV: prefix, now, batch: a JSON array with one array of strings per task: [id, function, queue_key, envelope,
-#   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta]
+#   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta, delivery_tag]
 # The record keeps the event and meta (JSON), not the envelope: a fraction of its size, and with small values Redis
 # keeps the hash compact (listpack). Whoever pushes the task again builds the envelope from them.
 # A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
@@ -67,14 +84,13 @@ for n, t in ipairs(cjson.decode(ARGV[3])) do
     redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
       'event', t[12], 'meta', t[13], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
       'created_at', t[9], 'queued_at', now, 'event_ts', t[10])
-    redis.call('LPUSH', t[3], t[4])
     redis.call('SADD', prefix .. ':functions', t[2])
-    local _, seq = pend(prefix, key, t[1])
+    local seq = push_back(prefix, key, t[1], t[4], t[14])
     redis.call('HSET', key, 'seq', seq)
     move(prefix, t[2], t[1], nil, 'QUEUED', seq)
     if t[11] ~= '' then
       redis.call('HSET', key, 'max_age', t[11])
-      redis.call('ZADD', prefix .. ':deadlines', tonumber(t[10]) + tonumber(t[11]), t[1])
+      deadline(prefix, key, t[1])
     end
     out[n] = 1
   end
@@ -95,6 +111,7 @@ local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
 if state == 'QUEUED' then
   unpend(ARGV[1], KEYS[1], id)
+  redis.call('ZREM', ARGV[1] .. ':deadlines', id)  -- the worker checks the age itself from here on
   move(ARGV[1], fn, id, 'QUEUED', 'RUNNING', redis.call('HGET', KEYS[1], 'seq'))
 else
   unbusy(ARGV[1], KEYS[1], id)
@@ -164,6 +181,7 @@ redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'last_error', ARGV[4
   'retry_at', ARGV[3])
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZADD', KEYS[3], ARGV[3], id)
+deadline(ARGV[1], KEYS[1], id)
 move(ARGV[1], fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
 return 1
 """
@@ -186,7 +204,7 @@ for i = 4, 3 + 2 * n, 2 do
     local key = prefix .. ':task:' .. id
     if redis.call('HGET', key, 'state') == 'QUEUED' then
       redis.call('HDEL', key, 'retry_at')
-      redis.call('LPUSH', pend(prefix, key, id), ARGV[i + 1])
+      push_back(prefix, key, id, ARGV[i + 1])
       promoted = promoted + 1
     end
   end
@@ -202,7 +220,8 @@ for i = 4 + 2 * n, #ARGV, 2 do
     redis.call('HSET', key, 'state', 'QUEUED', 'token', '', 'queued_at', ARGV[2],
       'last_error', '{"errorType":"WorkerLost","errorMessage":"lease expired: the worker stopped renewing it"}')
     move(prefix, fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', key, 'seq'))
-    redis.call('RPUSH', pend_head(prefix, key, id), ARGV[i + 1])
+    push_head(prefix, key, id, ARGV[i + 1])
+    deadline(prefix, key, id)
     reaped = reaped + 1
   elseif redis.call('HGET', key, 'state') ~= 'RUNNING' then
     redis.call('ZREM', KEYS[2], id)  -- finished or re-queued meanwhile: nothing to reap
@@ -269,10 +288,9 @@ redis.call('HDEL', KEYS[1], 'result', 'error', 'condition', 'cancel', 'cancel_re
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', ARGV[2],
   'event_ts', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'manual_retries', 1)
-local max_age = redis.call('HGET', KEYS[1], 'max_age')
-if max_age then redis.call('ZADD', ARGV[1] .. ':deadlines', tonumber(ARGV[2]) + tonumber(max_age), id) end
+deadline(ARGV[1], KEYS[1], id)
 move(ARGV[1], fn, id, state, 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
-redis.call('LPUSH', pend(ARGV[1], KEYS[1], id), ARGV[3])
+push_back(ARGV[1], KEYS[1], id, ARGV[3])
 return {'queued', state}
 """
 )
@@ -299,13 +317,18 @@ return removed
 # consumers pop), or every pending task when the list is empty. A message is in flight for milliseconds between a
 # pop and its claim; one that stays out longer was lost with its consumer (killed or frozen between Redis handing
 # it out and kombu recording it as unacked) or sits in a dead consumer's unacked hash. Returns id, score pairs.
-SCAN_LOST = """
+SCAN_LOST = (
+    _MOVE
+    + """
 local prefix, queue = ARGV[1], ARGV[2]
 local pending = prefix .. ':pending:' .. queue
 local messages = redis.call('LRANGE', queue, -tonumber(ARGV[3]), -1)
 for i = #messages, 1, -1 do
+  -- Only a task's current message marks its place: an older copy left in the list (a cancelled task retried, a
+  -- re-pushed one) carries another delivery tag.
   local id = string.match(messages[i], '"id":%s*"([^"]+)"')
-  local score = id and redis.call('ZSCORE', pending, id)
+  local current = id and redis.call('HGET', prefix .. ':task:' .. id, 'tag') == tag_of(messages[i])
+  local score = current and redis.call('ZSCORE', pending, id)
   if score then
     return redis.call('ZRANGEBYSCORE', pending, '-inf', '(' .. score, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
   end
@@ -315,18 +338,25 @@ if redis.call('LLEN', queue) == 0 then
 end
 return {}
 """
+)
 
-# KEYS: task.  ARGV: prefix, score, envelope.  Push a lost task's message again, at the head of its queue, if it is
-# still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). Returns 1 or 0.
+# KEYS: task.  ARGV: prefix, score, envelope, queue.  Push a lost task's message again, at the head of its queue, if
+# it is still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). A pending
+# entry whose record expired is dropped. Returns 1 (pushed) or 0.
 REQUEUE_LOST = (
     _MOVE
     + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'QUEUED' then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  redis.call('ZREM', ARGV[1] .. ':pending:' .. ARGV[4], string.sub(KEYS[1], #ARGV[1] + 7))
+  return 0
+end
+if state ~= 'QUEUED' then return 0 end
 local id = redis.call('HGET', KEYS[1], 'id')
 if redis.call('ZSCORE', ARGV[1] .. ':pending:' .. redis.call('HGET', KEYS[1], 'queue'), id) ~= ARGV[2] then
   return 0
 end
-redis.call('RPUSH', pend_head(ARGV[1], KEYS[1], id), ARGV[3])
+push_head(ARGV[1], KEYS[1], id, ARGV[3])
 return 1
 """
 )

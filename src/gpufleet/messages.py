@@ -43,6 +43,7 @@ class TaskMessage:
     envelope: bytes
     event: bytes
     meta: bytes
+    tag: str  # the envelope's delivery tag, which the registry keeps to know the current message from stale copies
 
 
 class MessageFactory:
@@ -88,6 +89,7 @@ class MessageFactory:
         call = {"function": fn.name, "event": orjson.Fragment(event), "meta": orjson.Fragment(meta)}
         body = orjson.dumps([[], call, _EMBED])
         queue: str = template["queue"]
+        tag = f"{self._tag_prefix}-{next(self._tags)}"
         envelope = {  # headers first: the lost-message scan looks for the id near the start
             "headers": headers,
             # The body as JSON text, not base64 (kombu decodes a body only when body_encoding says so): a third
@@ -101,11 +103,11 @@ class MessageFactory:
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": 0,
-                "delivery_tag": f"{self._tag_prefix}-{next(self._tags)}",
+                "delivery_tag": tag,
             },
         }
         return TaskMessage(task_id=task_id, function=fn.name, queue=queue, envelope=orjson.dumps(envelope),
-                           event=event, meta=meta)  # fmt: skip
+                           event=event, meta=meta, tag=tag)  # fmt: skip
 
 
 class Envelopes:

@@ -81,9 +81,13 @@ class Parking:
     def _entries(self, ids: list[str] | None) -> Iterable[tuple[bytes, dict[bytes, bytes]]]:
         rows: Any  # redis-py types stream replies loosely: [(id, {field: value})]
         if ids is None:
-            start = "-"
+            # Up to the last one parked now: what is re-sent and refused again parks anew, after it.
+            last: Any = self.client.xrevrange(self.key, "+", "-", count=1)
+            if not last:
+                return
+            start, end = "-", last[0][0].decode()
             while True:
-                rows = self.client.xrange(self.key, start, "+", count=500)
+                rows = self.client.xrange(self.key, start, end, count=500)
                 if not rows:
                     return
                 yield from rows

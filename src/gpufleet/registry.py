@@ -8,6 +8,7 @@ finished task always has its record, and the dispatcher delivers it later withou
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class Registry:
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
                                    t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts),
                                    "" if t.max_age_s is None else repr(t.max_age_s), t.message.event.decode(),
-                                   t.message.meta.decode()]
+                                   t.message.meta.decode(), t.message.tag]
                                   for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
             self._enqueue(args=[self.prefix, now, batch], client=pipe)
         try:
@@ -140,14 +141,24 @@ class Registry:
         """(function, event JSON, meta JSON) per task, to build its message again; None for a missing record."""
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
-            pipe.hmget(self.task_key(task_id), "function", "event", "meta")
-        return [(fn.decode(), event, meta) if fn and event is not None and meta is not None else None
-                for fn, event, meta in pipe.execute()]  # fmt: skip
+            pipe.hmget(self.task_key(task_id), "function", "event", "meta", "message")
+        calls: list[tuple[str, bytes, bytes] | None] = []
+        for fn, event, meta, message in pipe.execute():
+            if fn and event is not None and meta is not None:
+                calls.append((fn.decode(), event, meta))
+            elif fn and message:  # a record written before the registry kept the event: its Celery envelope
+                call = orjson.loads(base64.b64decode(orjson.loads(message)["body"]))[1]
+                calls.append((fn.decode(), orjson.dumps(call["event"]), orjson.dumps(call["meta"])))
+            else:
+                calls.append(None)
+        return calls
 
     def _envelopes(self, task_ids: list[str], envelope_for: EnvelopeFor) -> list[tuple[str, bytes]]:
+        """(id, envelope) for the tasks this caller can build; a missing record gets an empty envelope, which the
+        scripts take as "drop it from the index"."""
         pairs = []
         for task_id, call in zip(task_ids, self.stored_calls(task_ids), strict=True):
-            envelope = envelope_for(task_id, *call) if call is not None else None
+            envelope = b"" if call is None else envelope_for(task_id, *call)
             if envelope is not None:
                 pairs.append((task_id, envelope))
         return pairs
@@ -193,24 +204,34 @@ class Registry:
     def set_progress(self, task_id: str, fraction: float, message: str) -> None:
         self.client.hset(self.task_key(task_id), mapping={"progress": fraction, "progress_message": message[:500]})
 
-    def housekeep(self, envelope_for: EnvelopeFor, limit: int = 500) -> tuple[int, int]:
+    def housekeep(self, envelope_for: EnvelopeFor, limit: int = 500, pages: int = 10) -> tuple[int, int]:
         """Push due retries and re-queue tasks whose lease lapsed. Returns (promoted, reaped).
 
-        ``envelope_for(task_id, function, event, meta)`` builds each one's message (None: this caller does not
-        serve that function; another supervisor will)."""
-        now = time.time()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrangebyscore(self.delayed_key, "-inf", now, 0, limit)
-        pipe.zrangebyscore(self.leases_key, "-inf", now, 0, limit)
-        due, lapsed = ([i.decode() for i in ids] for ids in pipe.execute())
-        if not due and not lapsed:
-            return 0, 0
-        promote, reap = self._envelopes(due, envelope_for), self._envelopes(lapsed, envelope_for)
-        args: list[Any] = [self.prefix, now, len(promote)]
-        for task_id, envelope in (*promote, *reap):
-            args += [task_id, envelope]
-        promoted, reaped = self._housekeep(keys=[self.delayed_key, self.leases_key], args=args)
-        return int(promoted), int(reaped)
+        ``envelope_for(task_id, function, event, meta)`` builds each one's message; None means this caller does not
+        serve that function, and the task is left for a supervisor that does (the next page reads past it, so such
+        tasks never block the others). Entries whose record is gone are dropped.
+        """
+        promoted = reaped = 0
+        skip = {self.delayed_key: 0, self.leases_key: 0}
+        for _ in range(pages):
+            now = time.time()
+            pipe = self.client.pipeline(transaction=False)
+            for key, offset in skip.items():
+                pipe.zrangebyscore(key, "-inf", now, offset, limit)
+            due, lapsed = ([i.decode() for i in ids] for ids in pipe.execute())
+            if not due and not lapsed:
+                break
+            promote, reap = self._envelopes(due, envelope_for), self._envelopes(lapsed, envelope_for)
+            args: list[Any] = [self.prefix, now, len(promote)]
+            for task_id, envelope in (*promote, *reap):
+                args += [task_id, envelope]
+            done = self._housekeep(keys=[self.delayed_key, self.leases_key], args=args)
+            promoted, reaped = promoted + int(done[0]), reaped + int(done[1])
+            skip[self.delayed_key] += len(due) - len(promote)
+            skip[self.leases_key] += len(lapsed) - len(reap)
+            if len(due) < limit and len(lapsed) < limit:
+                break
+        return promoted, reaped
 
     def queues(self) -> list[str]:
         """The Celery queues tasks were pushed to."""
@@ -221,12 +242,13 @@ class Registry:
         reply = self._scan_lost(args=[self.prefix, queue, head_n, limit])
         return [(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
 
-    def requeue_lost(self, task_id: str, score: bytes, envelope_for: EnvelopeFor) -> bool:
+    def requeue_lost(self, task_id: str, queue: str, score: bytes, envelope_for: EnvelopeFor) -> bool:
         """Push a lost task's message again, at the head of its queue, if it is still as the scan saw it."""
         pairs = self._envelopes([task_id], envelope_for)
         if not pairs:
             return False
-        return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=[self.prefix, score, pairs[0][1]]))
+        args: list[Any] = [self.prefix, score, pairs[0][1], queue]
+        return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=args))
 
     def counts(self, function: str) -> dict[str, int]:
         """Tasks per state (finished ones while their records are retained)."""

@@ -86,7 +86,7 @@ class ProcessTree:
                 if role not in due:  # it just exited: decide when to start it again
                     # A role that ran a minute is healthy again; one that keeps dying waits longer each time.
                     failures[role] = 0 if now - started[role] > 60 else failures[role] + 1
-                    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** failures[role]) if failures[role] else 0.0
+                    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** min(failures[role], 8)) if failures[role] else 0.0
                     report = log.error if failures[role] >= 3 else log.warning
                     report("role exited; restarting", role=role, exit_code=proc.returncode,
                            failures_in_a_row=failures[role], restart_in_s=delay)  # fmt: skip

@@ -97,4 +97,4 @@ def _refusals() -> tuple[type[Exception], ...]:
     from kafka import errors
 
     return (errors.MessageSizeTooLargeError, errors.RecordListTooLargeError, errors.InvalidTopicError,
-            errors.TopicAuthorizationFailedError, errors.CorruptRecordError, errors.InvalidRecordError)  # fmt: skip
+            errors.TopicAuthorizationFailedError, errors.InvalidRecordError)  # fmt: skip

@@ -43,7 +43,7 @@ class LostMessages:
             since = earlier[1] if earlier is not None and earlier[0] == score else now
             if now - since < self.grace_s:
                 suspects[key] = (score, since)
-            elif self.registry.requeue_lost(key[1], score, self.envelope_for):
+            elif self.registry.requeue_lost(key[1], key[0], score, self.envelope_for):
                 log.warning("a task's message was lost on its way to a worker; pushed again", task_id=key[1],
                             queue=key[0], out_of_queue_s=round(now - since, 1))  # fmt: skip
                 requeued += 1
