@@ -90,7 +90,8 @@ def main() -> int:
         try:
             fleet = ChaosFleet(Path(tmp), services.redis_url, services.kafka_bootstrap, f"ch{uuid.uuid4().hex[:6]}",
                                plan)  # fmt: skip
-            objects = {"source": f"kafka:///{fleet.topic('objects')}", "format": "s3", "function": "chaos"}
+            objects = {"source": f"kafka:///{fleet.topic('objects')}", "format": "s3", "function": "chaos",
+                       "group": f"{fleet.prefix}-objects"}  # fmt: skip
             (Path(tmp) / "triggers" / "objects.yaml").write_text(yaml.safe_dump(objects))
             chaos = Chaos(fleet)
             sender = threading.Thread(target=send_bad, args=(services.kafka_bootstrap, fleet, bad, plan.produce_s))

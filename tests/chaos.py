@@ -98,7 +98,9 @@ class ChaosFleet:
     def _write_config(self) -> Path:
         triggers = self.workdir / "triggers"
         triggers.mkdir(parents=True, exist_ok=True)
-        (triggers / "requests.yaml").write_text(yaml.safe_dump({"source": f"kafka:///{self.topic('requests')}"}))
+        # Its own consumer group: members killed here must not linger in a group another test joins.
+        trigger = {"source": f"kafka:///{self.topic('requests')}", "group": f"{self.prefix}-requests"}
+        (triggers / "requests.yaml").write_text(yaml.safe_dump(trigger))
         config = {
             "redis": {"url": self.redis_url, "key_prefix": self.prefix},
             "kafka": {"bootstrap_servers": self.bootstrap},

@@ -46,6 +46,9 @@ class FleetHarness:
         for f in tdir.glob("*.yaml"):
             f.unlink()
         for name, body in triggers.items():
+            if str(body.get("source", "")).startswith("kafka:"):
+                # A consumer group of this fleet's own: the shared broker must never mix two tests' members.
+                body = {"group": f"{self.prefix}-{name}", **body}
             (tdir / f"{name}.yaml").write_text(yaml.safe_dump(body))
         config: dict[str, Any] = {
             "redis": {"url": self.services.redis_url, "key_prefix": self.prefix},
