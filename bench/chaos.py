@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402 - after the path is set
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
-from tests.chaos import Chaos, ChaosFleet, Plan  # noqa: E402
+from tests.chaos import Chaos, ChaosFleet, Plan, topic_records  # noqa: E402
 from tests.strategies import JSON_MESSAGES, notifications  # noqa: E402
 
 from gpufleet.dev.services import LocalServices  # noqa: E402
@@ -101,7 +101,9 @@ def main() -> int:
             report = chaos.run()
             sender.join()
             elapsed = time.monotonic() - started
-            letters = dead_letters(services.kafka_bootstrap, fleet.topic("dlq"))
+            # One per source: a restarted trigger may dead-letter a message again.
+            letters = {h.get("source", ""): h.get("reason", "")
+                       for _, _, h in topic_records(services.kafka_bootstrap, fleet.topic("dlq"))}  # fmt: skip
         finally:
             services.stop()
     text = render(plan, report, args.bad, len(letters), Counter(letters.values()), elapsed)
@@ -109,28 +111,6 @@ def main() -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text + "\n")
     return 0 if not report.lost and not report.duplicate_success and not report.trigger_exits else 1
-
-
-def dead_letters(bootstrap: str, topic: str) -> dict[str, str]:
-    """Source -> reason: one per source, since a restarted trigger may dead-letter a message again."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    seen: dict[str, str] = {}
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        quiet_until = time.monotonic() + 2.0
-        while time.monotonic() < quiet_until:
-            for recs in consumer.poll(timeout_ms=200).values():
-                for r in recs:
-                    headers = {k: v.decode() for k, v in r.headers}
-                    seen[headers.get("source", "")] = headers.get("reason", "")
-                    quiet_until = time.monotonic() + 2.0
-    finally:
-        consumer.close()
-    return seen
 
 
 def render(plan: Plan, report: Any, bad: int, dead_sources: int, reasons: Counter[str], elapsed: float) -> str:

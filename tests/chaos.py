@@ -303,9 +303,8 @@ class Chaos:
                 for (pid, _), (_, next_start) in itertools.pairwise(starts):
                     if pid in f.killed:
                         report.detection_s.append(max(0.0, next_start - f.killed[pid]))
-        records = success_records(f.bootstrap, f.topic("success"))
         by_key: dict[str, list[bytes]] = defaultdict(list)
-        for key, value in records:
+        for key, value, _ in topic_records(f.bootstrap, f.topic("success")):
             by_key[key].append(value)
         for key, values in by_key.items():
             outcomes = {orjson.loads(v)["responsePayload"]["attempt"] for v in values}
@@ -314,12 +313,12 @@ class Chaos:
             report.redelivered_copies += len(values) - len(outcomes)
 
 
-def success_records(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
-    """Every record of a topic, from the beginning, once it stops growing."""
+def topic_records(bootstrap: str, topic: str) -> list[tuple[str, bytes, dict[str, str]]]:
+    """Every record of a topic as (key, value, headers), from the beginning, once it stops growing."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    out: list[tuple[str, bytes]] = []
+    out: list[tuple[str, bytes, dict[str, str]]] = []
     try:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
         if not parts:
@@ -330,7 +329,8 @@ def success_records(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
         while time.monotonic() < quiet_until:
             batch: Any = consumer.poll(timeout_ms=200)
             for recs in batch.values():
-                out += [(r.key.decode() if r.key else "", r.value) for r in recs]
+                out += [(r.key.decode() if r.key else "", r.value, {k: v.decode() for k, v in r.headers})
+                        for r in recs]  # fmt: skip
                 quiet_until = time.monotonic() + 2.0
     finally:
         consumer.close()

@@ -21,7 +21,7 @@ from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotF
 from gpufleet.events import check_event
 from gpufleet.functions import Function
 from gpufleet.messages import Envelopes, MessageFactory, function_queue
-from gpufleet.parking import Parking
+from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.records import Condition, callback_record, fit_record, iso
 from gpufleet.registry import NewTask, Registry, State
 from gpufleet.settings import Fleet
@@ -29,7 +29,7 @@ from gpufleet.settings import Fleet
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
 MAX_IDEMPOTENCY_KEY = 255
-_STREAM_ID = re.compile(r"\d{1,19}-\d{1,19}")  # two 64-bit numbers: 19 digits always fit
+_STREAM_ID = re.compile(PARKED_ID)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,6 +27,7 @@ from gpufleet.destinations.kafka import KafkaDestination, kafka_producer
 from gpufleet.errors import DeliveryError, GpufleetError
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS
+from gpufleet.retry import retry_until
 from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.dispatcher")
@@ -68,21 +68,8 @@ class Dispatcher:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def _redis(self, op: Callable[[], Any], stop: threading.Event, what: str) -> bool:
-        """Run ``op`` until Redis answers (it may be restarting); False if ``stop`` is set first."""
-        delay = 0.2
-        while True:
-            try:
-                op()
-                return True
-            except REDIS_ERRORS as exc:
-                log.warning(f"cannot {what}: Redis unreachable; retrying", error=str(exc), retry_in_s=delay)
-            if stop.wait(delay):
-                return False
-            delay = min(5.0, delay * 2)
-
     def run(self, stop: threading.Event) -> None:
-        if not self._redis(self._ensure_group, stop, "create the consumer group"):
+        if not retry_until(self._ensure_group, stop, "create the consumer group", 5.0, REDIS_ERRORS):
             return
         log.info("dispatcher started", stream=self.stream, consumer=self.name)
         batch_max = self.fleet.settings.dispatcher.batch_max
@@ -183,7 +170,8 @@ class Dispatcher:
                 log.error("destination refused a record for good; parked", destination=url, key=record.key,
                           reason=reason)  # fmt: skip
             # Delivered: acknowledge, even if Redis is away for a while (giving up would deliver them again).
-            if not self._redis(functools.partial(self._settle, ids, url, parked), stop, "acknowledge records"):
+            settle = functools.partial(self._settle, ids, url, parked)
+            if not retry_until(settle, stop, "acknowledge delivered records", 5.0, REDIS_ERRORS):
                 return False
             self.delivered += len(ids) - len(refused)
             self.parked += len(refused)

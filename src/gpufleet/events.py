@@ -38,9 +38,7 @@ def decode_event(raw: bytes | str) -> Any:
     data = raw.encode() if isinstance(raw, str) else raw
     if _LONG_DIGITS.search(data):
         try:
-            json.loads(data, parse_int=_exact_int)
-        except EventError:
-            raise
+            json.loads(data, parse_int=_exact_int)  # raises EventError for an integer beyond 64 bits
         except (ValueError, RecursionError) as exc:  # orjson accepted it, so this is only a safety net
             raise EventError("malformed_json", str(exc)) from None
     return value

@@ -21,6 +21,7 @@ import redis
 from gpufleet.destinations.base import OutRecord
 
 PARKED_FIELDS = ("dest", "key", "value", "headers")
+PARKED_ID = r"\d{1,19}-\d{1,19}"  # a stream entry id: two 64-bit numbers, and 19 digits always fit
 
 
 def stream_entry(dest: str, record: OutRecord) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpufleet.parking import PARKED_ID as PARKED_ID_RE
 from gpufleet.registry import State
 
 
@@ -189,7 +190,7 @@ class ParkedPage(_Out):
     total: int = Field(description="parked records in all")
 
 
-PARKED_ID = r"^\d{1,19}-\d{1,19}$"  # two 64-bit numbers: 19 digits always fit
+PARKED_ID = f"^{PARKED_ID_RE}$"
 
 
 class ParkedAction(BaseModel):

@@ -14,7 +14,6 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,13 +23,14 @@ from gpufleet.celery_app import create_app
 from gpufleet.destinations import parse_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.destinations.kafka import KafkaDestination
-from gpufleet.errors import BrokerError, EventError, GpufleetError
+from gpufleet.errors import BrokerError, EventError
 from gpufleet.events import decode_event
 from gpufleet.functions import Function
 from gpufleet.messages import MessageFactory
 from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS, NewTask, Registry
+from gpufleet.retry import retry_until
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
 
@@ -232,19 +232,3 @@ class Ingest:
 
     def close(self) -> None:
         self.dead_letter.close()
-
-
-def retry_until(op: Callable[[], None], stop: threading.Event, what: str, max_backoff_s: float = 10.0) -> bool:
-    """Run ``op`` until it succeeds, backing off on retriable errors; False if ``stop`` is set first."""
-    delay = 0.1
-    while True:
-        try:
-            op()
-            return True
-        except GpufleetError as exc:
-            if not exc.retriable:
-                raise
-            log.warning(f"{what} failed; retrying", error=str(exc), retry_in_s=delay)
-        if stop.wait(delay):
-            return False
-        delay = min(max_backoff_s, delay * 2)
