@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import mimetypes
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gpufleet.errors import TaskError
-from gpufleet.objects import ObjectEvent, ObjectStore, parse_s3_uri, scratch_path
+from gpufleet.errors import PermanentTaskError, TaskError
+from gpufleet.objects import CONTROL_CHARS, ObjectEvent, ObjectStore, key_parts, parse_s3_uri
+from gpufleet.triggers.s3events import MAX_KEY_BYTES
+from gpufleet.worker.scratch import ScratchDir
 
 if TYPE_CHECKING:
     from gpufleet.worker.runtime import Runtime
@@ -35,7 +36,7 @@ class TaskContext:
         self._runtime = runtime
         self._meta = meta or {}
         self._event = event
-        self._scratch: Path | None = None
+        self._scratch: ScratchDir | None = None
 
     def progress(self, fraction: float, message: str = "") -> None:
         self._runtime.registry.set_progress(self.task_id, min(max(float(fraction), 0.0), 1.0), message)
@@ -46,12 +47,12 @@ class TaskContext:
 
     @property
     def scratch(self) -> Path:
-        """This attempt's own empty directory; removed, with everything in it, when the attempt ends."""
+        """This attempt's own empty directory (mode 0700); removed, with everything in it, when the attempt ends."""
+        return self._scratch_dir().path
+
+    def _scratch_dir(self) -> ScratchDir:
         if self._scratch is None:
-            # Task ids never hold "/" (trigger ids match ID_RE; the others are generated), so this stays inside.
-            self._scratch = self._runtime.scratch_root / self.worker / f"{self.task_id}-{self.attempt}"
-            shutil.rmtree(self._scratch, ignore_errors=True)  # left over by a killed attempt
-            self._scratch.mkdir(parents=True)
+            self._scratch = ScratchDir(self._runtime.scratch_root, self.worker, f"{self.task_id}-{self.attempt}")
         return self._scratch
 
     def download(self, obj: ObjectEvent | str | None = None) -> Path:
@@ -59,7 +60,7 @@ class TaskContext:
 
         ``obj`` is an object event, an ``s3://bucket/key`` URI, or None for the object this task is about. The
         key decides the file name, but never the directory: ``..``, absolute paths and control characters cannot
-        leave the scratch directory.
+        leave the scratch directory, and a symlink inside it is never followed. The file is mode 0600.
         """
         if obj is None:
             if self._event is None:
@@ -70,18 +71,24 @@ class TaskContext:
             version = None
         else:
             bucket, key, version = obj.bucket, obj.key, obj.version_id
-        dest = scratch_path(self.scratch / "in", key)
-        self._runtime.objects.download(bucket, key, dest, version)
-        return dest
+        parts = ("in", *key_parts(key))
+        scratch = self._scratch_dir()
+        self._runtime.objects.download(bucket, key, lambda: scratch.create(parts), version)
+        return scratch.path.joinpath(*parts)
 
     def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None) -> str:
-        """Upload a file to the trigger's ``output`` location as ``<prefix>/<task id>/<name>``; returns its URI."""
+        """Upload a file to the trigger's ``output`` location as ``<prefix>/<task id>/<name>``; returns its URI.
+
+        Raises:
+            PermanentTaskError: ``name`` (by default the file's name) is not a relative object key: see
+                :func:`output_key`.
+        """
         output = self._meta.get("output")
         if not output:
             raise TaskError("no output location: set `output: s3://bucket/prefix` in the trigger file")
         bucket, prefix = parse_s3_uri(output)
         name = name or Path(path).name
-        key = "/".join(p for p in (prefix.strip("/"), self.task_id, name.lstrip("/")) if p)
+        key = output_key(prefix, self.task_id, name)
         content_type = content_type or mimetypes.guess_type(name)[0]
         uri = self._runtime.objects.upload(Path(path), bucket, key, content_type)
         self.outputs.append(uri)
@@ -89,8 +96,38 @@ class TaskContext:
 
     def close(self) -> None:
         if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch.remove()
             self._scratch = None
+
+
+def output_key(prefix: str, task_id: str, name: str) -> str:
+    """``<prefix>/<task id>/<name>``, once ``name`` is known to stay below ``<prefix>/<task id>/``.
+
+    ``name`` is a relative key such as ``sub/dir/file.txt``: no control characters (NUL included), no ``.``, ``..``
+    or empty segments (so no leading or doubled ``/``), and the whole key at most S3's 1024 bytes of UTF-8. Some
+    servers resolve ``..`` in keys, and a key with a NUL or over the limit fails only at upload, so they are refused
+    here, the same at every attempt: the task fails at once.
+
+    Raises:
+        PermanentTaskError: ``name`` breaks one of these rules (``errorType`` ``InvalidOutputName``).
+    """
+    problem = None
+    if CONTROL_CHARS.search(name):
+        problem = "it holds a control character"
+    elif any(segment in ("", ".", "..") for segment in name.split("/")):
+        problem = "it has an empty, '.' or '..' segment (or starts or ends with '/')"
+    key = "/".join(p for p in (prefix.strip("/"), task_id, name) if p)
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a file name that is not UTF-8
+        problem = problem or "it is not valid UTF-8"
+    else:
+        if size > MAX_KEY_BYTES and not problem:
+            problem = f"the key {key[:80]!r}... would be {size} bytes, more than S3's limit of {MAX_KEY_BYTES}"
+    if problem:
+        raise PermanentTaskError("InvalidOutputName", f"ctx.upload(name={name!r:.200}): {problem}; an output name is a "
+                                 "relative key such as 'sub/dir/file.txt'")  # fmt: skip
+    return key
 
 
 def complete_event(store: ObjectStore, event: ObjectEvent) -> ObjectEvent:

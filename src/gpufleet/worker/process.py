@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     fleet = load_fleet(args.config)
     configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
     runtime = Runtime(fleet, worker_name=f"{args.name}@{fleet.settings.worker.hostname}", gpu=args.gpu)
+    runtime.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
 
     def on_child_init(**_: Any) -> None:

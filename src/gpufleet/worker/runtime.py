@@ -11,12 +11,10 @@ import functools
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,6 +29,7 @@ from gpufleet.records import Condition, callback_record, error_payload, fit_reco
 from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State
 from gpufleet.settings import Fleet
 from gpufleet.worker.context import TaskContext, complete_event
+from gpufleet.worker.scratch import default_root, open_root
 
 log = structlog.get_logger("gpufleet.worker")
 # The finish token that overrides the owner: the worker's parent recording the outcome of a child it killed.
@@ -128,8 +127,16 @@ class Runtime:
         self._lease: LeaseKeeper | None = None
         self._current: _Finisher | None = None  # the task the handler runs now, for the cancel killer
         self._objects: ObjectStore | None = None
-        configured = fleet.settings.worker.scratch_dir
-        self.scratch_root = configured or Path(tempfile.gettempdir()) / "gpufleet-scratch"
+        self.scratch_root = fleet.settings.worker.scratch_dir or default_root()
+
+    def check_scratch(self) -> None:
+        """Create the scratch root (0700) or check an existing one, so that a root another user owns stops the
+        worker when it starts rather than failing each task.
+
+        Raises:
+            ConfigError: the root is a symlink, not a directory, or another user's.
+        """
+        os.close(open_root(self.scratch_root))
 
     @property
     def registry(self) -> Registry:

@@ -1,0 +1,200 @@
+"""Scratch and uploads through a real TaskContext and Runtime (S3 on moto): a symlink swapped in while a download runs
+is never followed, the scratch tree is private to the worker's user, and upload names stay below the task's prefix."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpufleet.dev.services import S3Service
+from gpufleet.errors import ConfigError, PermanentTaskError, TaskError
+from gpufleet.settings import Fleet, FleetSettings, S3Settings, WorkerSettings
+from gpufleet.worker.context import TaskContext
+from gpufleet.worker.runtime import Runtime
+from tests.s3util import s3_client
+
+WORKER = "vgpu0@test"
+BODY = b"object bytes\n"
+
+
+def make_runtime(tmp_path: Path, root: Path | None, s3: S3Service | None = None) -> Runtime:
+    s3_settings = S3Settings()
+    if s3 is not None:
+        s3_settings = S3Settings(endpoint_url=s3.url, access_key_id=s3.access_key, secret_access_key=s3.secret_key,
+                                 addressing_style="path")  # fmt: skip
+    settings = FleetSettings(s3=s3_settings, worker=WorkerSettings(scratch_dir=root))
+    fleet = Fleet(settings=settings, functions={}, triggers={}, config_file=tmp_path / "gpufleet.yaml")
+    return Runtime(fleet, worker_name=WORKER, gpu="vgpu0:virtual")
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, so that a directory made with the default mode would be 0755 and a file 0644."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def bucket(moto: S3Service) -> str:
+    name = f"scratch-{uuid.uuid4().hex[:12]}"
+    with closing(s3_client(moto.url)) as s3:
+        s3.create_bucket(Bucket=name)
+        for key in ("victim.txt", "sub/victim.txt", "sub/file.bin"):
+            s3.put_object(Bucket=name, Key=key, Body=BODY)
+    return name
+
+
+def context(runtime: Runtime, bucket: str = "b") -> TaskContext:
+    return TaskContext(runtime, "t-1", "fn", 1, None, {"output": f"s3://{bucket}/out"})
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def on_get_object(runtime: Runtime, action: Callable[[], None]) -> None:
+    """Run ``action`` as the GET request is sent: after any check of the path, before the file is opened."""
+    runtime.objects.client.meta.events.register("before-call.s3.GetObject", lambda **_: action())
+
+
+# --- a symlink swapped in while the download runs ---------------------------------------------------------------
+
+
+def test_a_symlink_swapped_in_at_the_file_is_replaced_not_followed(tmp_path: Path, moto: S3Service,
+                                                                   bucket: str) -> None:  # fmt: skip
+    runtime = make_runtime(tmp_path, tmp_path / "root", moto)
+    ctx = context(runtime, bucket)
+    target = tmp_path / "outside.txt"
+    target.write_text("not yours")
+
+    def swap() -> None:
+        (ctx.scratch / "in").mkdir(exist_ok=True)
+        (ctx.scratch / "in" / "victim.txt").symlink_to(target)
+
+    on_get_object(runtime, swap)
+    path = ctx.download(f"s3://{bucket}/victim.txt")
+    assert target.read_text() == "not yours"
+    assert path == ctx.scratch / "in" / "victim.txt"
+    assert not path.is_symlink() and path.read_bytes() == BODY
+    ctx.close()
+
+
+@pytest.mark.parametrize("link", ["in", "in/sub"])
+def test_a_symlinked_directory_swapped_in_is_refused(tmp_path: Path, moto: S3Service, bucket: str, link: str) -> None:
+    runtime = make_runtime(tmp_path, tmp_path / "root", moto)
+    ctx = context(runtime, bucket)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def swap() -> None:
+        planted = ctx.scratch / link
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.symlink_to(outside, target_is_directory=True)
+
+    on_get_object(runtime, swap)
+    with pytest.raises(TaskError, match="never followed"):
+        ctx.download(f"s3://{bucket}/sub/victim.txt")
+    assert list(outside.rglob("*")) == []
+    scratch = ctx.scratch
+    ctx.close()
+    assert not scratch.exists() and outside.is_dir()  # removing the scratch directory removed only the link
+
+
+# --- a private scratch tree ---------------------------------------------------------------------------------------
+
+
+def test_directories_are_0700_and_downloads_0600(tmp_path: Path, moto: S3Service, bucket: str,
+                                                 umask_022: None) -> None:  # fmt: skip
+    root = tmp_path / "missing" / "root"
+    runtime = make_runtime(tmp_path, root, moto)
+    ctx = context(runtime, bucket)
+    path = ctx.download(f"s3://{bucket}/sub/file.bin")
+    assert path.read_bytes() == BODY
+    for directory in (root, root / WORKER, ctx.scratch, ctx.scratch / "in", ctx.scratch / "in" / "sub"):
+        assert mode(directory) == 0o700, directory
+    assert mode(path) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["file.bin"]  # no partial file left beside it
+    scratch = ctx.scratch
+    ctx.close()
+    assert not scratch.exists()
+
+
+def test_the_default_root_is_per_user(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, None)
+    assert runtime.scratch_root == Path(tempfile.gettempdir()) / f"gpufleet-scratch-{os.geteuid()}"
+
+
+def test_a_root_of_ours_with_a_loose_mode_is_tightened(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    root.chmod(0o777)
+    ctx = context(make_runtime(tmp_path, root))
+    assert ctx.scratch.is_dir()
+    assert mode(root) == 0o700
+    ctx.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_root_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    os.chown(root, 12345, 12345)
+    runtime = make_runtime(tmp_path, root)
+    with pytest.raises(ConfigError, match="owned by uid 12345"):
+        context(runtime).scratch  # noqa: B018 - creating the directory is what is refused
+    with pytest.raises(ConfigError, match="owned by uid 12345") as refused:
+        runtime.check_scratch()  # what a worker process runs when it starts
+    message = str(refused.value)
+    assert str(root) in message and "worker.scratch_dir" in message and "fix:" in message
+    assert list(root.iterdir()) == []
+
+
+def test_a_symlinked_root_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    root = tmp_path / "root"
+    root.symlink_to(real, target_is_directory=True)
+    with pytest.raises(ConfigError, match="symlink") as refused:
+        context(make_runtime(tmp_path, root)).scratch  # noqa: B018 - creating the directory is what is refused
+    assert str(root) in str(refused.value) and "fix:" in str(refused.value)
+    assert list(real.iterdir()) == []
+
+
+# --- upload names -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../escape.txt", "a/../b", "/abs", "x\x00y", "a//b", "./x", "dir/", "tab\there", "n" * 1100, "é" * 600],
+)
+def test_an_upload_name_that_is_not_a_relative_key_is_refused(tmp_path: Path, moto: S3Service, bucket: str,
+                                                              name: str) -> None:  # fmt: skip
+    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    (ctx.scratch / "report.json").write_text("{}")
+    with pytest.raises(PermanentTaskError, match="relative key") as refused:
+        ctx.upload(ctx.scratch / "report.json", name=name)
+    assert refused.value.error_type == "InvalidOutputName"
+    assert ctx.outputs == []
+    with closing(s3_client(moto.url)) as s3:
+        assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out/")
+    ctx.close()
+
+
+def test_a_nested_upload_name_works(tmp_path: Path, moto: S3Service, bucket: str) -> None:
+    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    (ctx.scratch / "report.json").write_text('{"ok": true}')
+    uri = ctx.upload(ctx.scratch / "report.json", name="sub/dir/file.txt")
+    assert uri == f"s3://{bucket}/out/t-1/sub/dir/file.txt" and ctx.outputs == [uri]
+    with closing(s3_client(moto.url)) as s3:
+        got: dict[str, Any] = s3.get_object(Bucket=bucket, Key="out/t-1/sub/dir/file.txt")
+        assert got["Body"].read() == b'{"ok": true}'
+    ctx.close()
