@@ -58,7 +58,7 @@ def enqueue(registry: Registry, factory: MessageFactory, fn: object, start: int,
         event = {"seq": i, "user": f"user-{i % 977:04d}"}
         message = factory.build(task_id, fn, event, {"source": f"kafka:requests/0/{i}", "trigger": "requests"})  # type: ignore[arg-type]
         batch.append(NewTask(message, "kafka:///gpufleet.success", "kafka:///gpufleet.failure", 3,
-                             f"kafka:requests/0/{i}", time.time()))  # fmt: skip
+                             f"kafka:requests/0/{i}", time.time(), origin="trigger:requests"))  # fmt: skip
         if len(batch) == 500:
             registry.enqueue_many(batch)
             batch = []

@@ -47,7 +47,7 @@ from gpufleet.celery_app import create_app
 from gpufleet.dev.services import LocalServices
 from gpufleet.logs import configure_logging
 from gpufleet.messages import MessageFactory, function_queue
-from gpufleet.registry import NewTask, Registry
+from gpufleet.registry import Enqueued, NewTask, Registry
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet, LoggingSettings, TriggerSettings, load_fleet
 from gpufleet.triggers.kafka import KafkaTrigger
@@ -689,8 +689,9 @@ def gpufleet_enqueuer(w: World) -> Callable[[int, bool], None]:
             tasks.append(NewTask(message=factory.build(f"bench-{tag}-{i:05d}", fn, event, meta),
                                  on_success=fn.on_success or s.defaults.on_success,
                                  on_failure=fn.on_failure or s.defaults.on_failure,
-                                 max_attempts=fn.max_attempts, source=meta["source"], event_ts=now))  # fmt: skip
-        if not all(w.registry.enqueue_many(tasks)):
+                                 max_attempts=fn.max_attempts, source=meta["source"], event_ts=now,
+                                 origin="trigger:bench"))  # fmt: skip
+        if any(x is not Enqueued.CREATED for x in w.registry.enqueue_many(tasks)):
             raise BenchError("enqueue_many reported duplicates on a flushed Redis")
 
     return enqueue

@@ -188,7 +188,8 @@ class Chaos:
         self._stop = threading.Event()
 
     def ids(self) -> list[str]:
-        return [f"{self.fleet.prefix}-c{i}" for i in range(self.plan.events)]
+        """The task ids: the trigger's name, then the id each event supplies."""
+        return [f"requests:{self.fleet.prefix}-c{i}" for i in range(self.plan.events)]
 
     def run(self) -> Report:
         f = self.fleet
@@ -223,7 +224,8 @@ class Chaos:
             ids = self.ids()
             pause = self.plan.produce_s / max(1, len(ids))
             for i, task_id in enumerate(ids):
-                body = {"function": "chaos", "payload": {"i": i, "seconds": self.plan.task_s}, "id": task_id}
+                supplied = task_id.partition(":")[2]
+                body = {"function": "chaos", "payload": {"i": i, "seconds": self.plan.task_s}, "id": supplied}
                 producer.send(self.fleet.topic("requests"), orjson.dumps(body))
                 if pause >= 0.005 or i % 50 == 0:
                     time.sleep(pause if pause >= 0.005 else pause * 50)

@@ -35,7 +35,7 @@ def test_check_lists_functions_and_triggers_and_rejects_bad_config(harness: Flee
 def test_killing_run_with_sigkill_leaves_no_process_behind(harness: FleetHarness) -> None:
     harness.start()
     harness.send("echo", {"x": 1}, id="before-kill")
-    harness.wait_for(lambda: harness.runs("before-kill") == 1, what="the fleet to run a task")
+    harness.wait_for(lambda: harness.runs("requests:before-kill") == 1, what="the fleet to run a task")
     assert harness.proc is not None
     tree = psutil.Process(harness.proc.pid).children(recursive=True)
     assert len(tree) >= 5  # dispatcher, trigger, supervisor, and a Celery worker per virtual GPU

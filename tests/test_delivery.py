@@ -70,7 +70,7 @@ def test_an_event_near_the_payload_limit_gives_a_record_within_the_record_limit(
     harness.start()
     blob = "z" * 140_000
     harness.send("echo", {"blob": blob}, id="near-limit")  # echo returns the event: twice the payload in all
-    records = [r for r in harness.records("success", 1, timeout_s=120) if r["key"] == "near-limit"]
+    records = [r for r in harness.records("success", 1, timeout_s=120) if r["key"] == "requests:near-limit"]
     # At-least-once: a slow Kafka ack may deliver the record twice, but it is the same record.
     assert records and len({r["raw"] for r in records}) == 1, f"{len(records)} records\n{harness.log_text()[-4000:]}"
     record = records[0]
@@ -80,7 +80,7 @@ def test_an_event_near_the_payload_limit_gives_a_record_within_the_record_limit(
     marker = body["requestPayload"]
     assert marker["truncated"] is True and marker["originalBytes"] > 140_000 and len(marker["sha256"]) == 64
     assert marker["preview"].startswith('{"blob":"zzz')
-    assert harness.registry.get("near-limit")["result"]["echo"] == {"blob": blob}
+    assert harness.registry.get("requests:near-limit")["result"]["echo"] == {"blob": blob}
 
 
 def test_dead_letters_are_cut_to_the_record_limit_or_parked_and_intake_goes_on(harness: FleetHarness) -> None:

@@ -26,10 +26,10 @@ def test_a_result_json_cannot_hold_and_an_event_the_model_refuses_fail_at_once(h
         "typed-bad", fleet.functions["typed"], {"n": "not a number"}, {"source": "test"}
     )
     success, failure = f"kafka:///{harness.topic('success')}", f"kafka:///{harness.topic('failure')}"
-    harness.registry.enqueue_many([NewTask(message, success, failure, 3, "test", time.time())])
+    harness.registry.enqueue_many([NewTask(message, success, failure, 3, "test", time.time(), origin="test")])
     failures = {r["key"]: r["value"] for r in harness.records("failure", 2)}
-    unstorable = failures["unstorable-1"]
-    assert unstorable["requestContext"]["approximateInvokeCount"] == 1 and harness.runs("unstorable-1") == 1
+    unstorable = failures["requests:unstorable-1"]
+    assert unstorable["requestContext"]["approximateInvokeCount"] == 1 and harness.runs("requests:unstorable-1") == 1
     error = unstorable["responsePayload"]
     assert error["errorType"] == "ResultNotSerializable"
     assert "function 'unstorable' returned a dict that cannot be stored as JSON" in error["errorMessage"]

@@ -27,7 +27,7 @@ from tests.strategies import JSON_MESSAGES, dumps, nested, notifications
 
 REASONS = {"oversize", "malformed_json", "schema_mismatch", "unknown_function", "bad_id", "nesting_too_deep",
            "bad_number", "not_s3_event", "bad_record", "too_many_records"}  # fmt: skip
-TOKEN = "intake-webhook-token-0123456789"
+TOKEN = "wY4kZmux8AOPuP-P_JLb8J0cDoaegQzzbtDp6DANkig"
 FUZZ_BATCHES, FUZZ_BATCH = 200, 50  # 10,000 inputs per trigger kind
 
 
@@ -43,7 +43,7 @@ def ingests(harness: FleetHarness) -> Iterator[dict[str, Ingest]]:
             "sqs": {"source": "sqs:///uploads", **objects},
             "hook": {"source": "webhook:///hook", "token": TOKEN, **objects},
         },
-        api={"enabled": True, "token": "api-token-0123456789abcdef"},
+        api={"enabled": True, "token": "Z5JiSDMvqzdouHu8q4SPqltrFOEYiYzSNdeIHFGVoNM"},
         kafka={"max_request_size": 4_194_304},
         defaults={"max_record_bytes": 2_100_000},
     )
@@ -185,7 +185,7 @@ def fuzz(ingest: Ingest, batches: Any) -> int:
     def run(values: list[bytes]) -> None:
         parts = [outcome(ingest, value, seen[0] + i) for i, value in enumerate(values)]
         batch = Prepared([t for p in parts for t in p.tasks], [d for p in parts for d in p.dead],
-                         sum(p.ignored for p in parts))  # fmt: skip
+                         sum(p.ignored for p in parts), [s for p in parts for s in p.sources])  # fmt: skip
         assert not [d for d in batch.dead if d.headers["reason"] == "intake_error"], "an unexpected failure path"
         assert ingest.publish(batch, threading.Event()) is not None
         seen[0] += len(values)

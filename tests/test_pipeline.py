@@ -22,7 +22,7 @@ def test_n_messages_give_n_success_callbacks_and_one_record_each(harness: FleetH
     harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"i": i}, "id": f"m{i}"})
                                  for i in range(n)])  # fmt: skip
     records = successes(harness, n)
-    assert sorted(r["key"] for r in records) == sorted(f"m{i}" for i in range(n))
+    assert sorted(r["key"] for r in records) == sorted(f"requests:m{i}" for i in range(n))
     for r in records:
         body = r["value"]
         i = int(r["key"][1:])
@@ -35,11 +35,11 @@ def test_n_messages_give_n_success_callbacks_and_one_record_each(harness: FleetH
         assert body["responseContext"]["gpu"].startswith("vgpu")
         assert body["responseContext"]["durationMs"] >= 0
     for i in range(n):
-        rec = harness.registry.get(f"m{i}")
+        rec = harness.registry.get(f"requests:m{i}")
         assert rec is not None and rec["state"] == "SUCCEEDED" and rec["attempts"] == 1
         assert rec["result"] == {"echo": {"i": i}, "attempt": 1}
         assert rec["worker"].startswith("vgpu") and rec["started_at"] <= rec["finished_at"]
-        assert harness.runs(f"m{i}") == 1
+        assert harness.runs(f"requests:m{i}") == 1
     assert nonzero(harness.registry.counts("echo")) == {"SUCCEEDED": n}
 
 
@@ -48,15 +48,15 @@ def test_failing_handler_is_retried_then_reports_retries_exhausted(harness: Flee
     harness.send("always_fail", {"x": 1}, id="bad-1")
     [record] = harness.records("failure", 1)
     body = record["value"]
-    assert record["key"] == "bad-1" and record["headers"]["condition"] == "RetriesExhausted"
+    assert record["key"] == "requests:bad-1" and record["headers"]["condition"] == "RetriesExhausted"
     assert body["requestContext"]["condition"] == "RetriesExhausted"
     assert body["requestContext"]["approximateInvokeCount"] == 3
     assert body["responseContext"]["functionError"] == "Unhandled"
     assert body["responsePayload"]["errorType"] == "ValueError"
     assert body["responsePayload"]["errorMessage"] == "boom on attempt 3"
     assert any("ValueError" in line for line in body["responsePayload"]["stackTrace"])
-    assert harness.runs("bad-1") == 3
-    rec = harness.registry.get("bad-1")
+    assert harness.runs("requests:bad-1") == 3
+    rec = harness.registry.get("requests:bad-1")
     assert rec is not None and rec["state"] == "FAILED" and rec["attempts"] == 3
     assert rec["error"]["errorType"] == "ValueError"
 
@@ -90,23 +90,24 @@ def test_malformed_messages_are_dead_lettered_and_the_trigger_keeps_consuming(ha
     assert sum(r["headers"]["reason"] == "schema_mismatch" for r in dead) == 2
     assert any("Typed" in r["headers"]["detail"] for r in dead)
     ok = {r["key"]: r["value"] for r in harness.records("success", 2)}
-    assert ok["after-bad"]["responsePayload"]["echo"] == {"after": "bad input"}
-    assert ok["typed-ok"]["responsePayload"] == {"square": 49}
+    assert ok["requests:after-bad"]["responsePayload"]["echo"] == {"after": "bad input"}
+    assert ok["typed:typed-ok"]["responsePayload"] == {"square": 49}
 
 
 def test_the_same_message_id_runs_once(harness: FleetHarness) -> None:
     harness.start()
     harness.send("echo", {"v": 1}, id="dup-1")
-    harness.wait_for(lambda: (harness.registry.get("dup-1") or {}).get("state") == "SUCCEEDED", what="first run")
+    first_run = lambda: (harness.registry.get("requests:dup-1") or {}).get("state") == "SUCCEEDED"  # noqa: E731
+    harness.wait_for(first_run, what="first run")
     # Redelivered after its success, and twice in one batch: neither runs again.
     harness.send("echo", {"v": 1}, id="dup-1")
     harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"v": 2}, "id": "dup-2"})] * 2)
     harness.send("echo", {"v": 3}, id="marker")  # a later message, so the duplicates were surely consumed
     harness.records("success", 3)
-    harness.wait_for(lambda: harness.runs("marker") == 1, what="marker")
+    harness.wait_for(lambda: harness.runs("requests:marker") == 1, what="marker")
     records = harness.records("success", 3)
-    assert sorted(r["key"] for r in records) == ["dup-1", "dup-2", "marker"]
-    assert harness.runs("dup-1") == 1 and harness.runs("dup-2") == 1
+    assert sorted(r["key"] for r in records) == ["requests:dup-1", "requests:dup-2", "requests:marker"]
+    assert harness.runs("requests:dup-1") == 1 and harness.runs("requests:dup-2") == 1
 
 
 def test_worker_process_killed_mid_task_runs_again_with_one_success(harness: FleetHarness) -> None:
@@ -114,21 +115,21 @@ def test_worker_process_killed_mid_task_runs_again_with_one_success(harness: Fle
     harness.send("slow", {"seconds": 2}, id="victim")
     pid = int(harness.wait_for(lambda: harness.redis.get("pid:victim"), what="the task to start"))
     os.kill(pid, signal.SIGKILL)  # the pool process running the handler, mid-task
-    harness.wait_for(lambda: (harness.registry.get("victim") or {}).get("state") == "SUCCEEDED", what="re-run")
-    records = [r for r in harness.records("success", 1) if r["key"] == "victim"]
+    harness.wait_for(lambda: (harness.registry.get("requests:victim") or {}).get("state") == "SUCCEEDED", what="re-run")
+    records = [r for r in harness.records("success", 1) if r["key"] == "requests:victim"]
     assert len(records) == 1
     body = records[0]["value"]
     assert body["requestContext"]["approximateInvokeCount"] == 2
     assert body["responsePayload"] == {"slept": 2, "attempt": 2}
-    assert harness.runs("victim") == 2
+    assert harness.runs("requests:victim") == 2
     assert int(harness.redis.get("pid:victim") or 0) != pid
 
 
 def test_status_command_reads_the_registry(harness: FleetHarness) -> None:
     harness.start()
     harness.send("echo", {"hello": "status"}, id="st-1")
-    harness.wait_for(lambda: (harness.registry.get("st-1") or {}).get("state") == "SUCCEEDED", what="success")
-    cmd = [sys.executable, "-m", "gpufleet", "status", "st-1", "--config", str(harness.config)]
+    harness.wait_for(lambda: (harness.registry.get("requests:st-1") or {}).get("state") == "SUCCEEDED", what="success")
+    cmd = [sys.executable, "-m", "gpufleet", "status", "requests:st-1", "--config", str(harness.config)]
     as_json = subprocess.run([*cmd, "--json"], capture_output=True, env=harness.env(), check=True)
     record = orjson.loads(as_json.stdout)
     assert record["state"] == "SUCCEEDED" and record["function"] == "echo" and record["attempts"] == 1
@@ -143,7 +144,7 @@ def test_status_command_reads_the_registry(harness: FleetHarness) -> None:
 def test_run_stops_cleanly_on_sigterm(harness: FleetHarness) -> None:
     harness.start()
     harness.send("echo", {"x": 1}, id="before-stop")
-    harness.wait_for(lambda: harness.runs("before-stop") == 1, what="a task")
+    harness.wait_for(lambda: harness.runs("requests:before-stop") == 1, what="a task")
     assert harness.stop() == 0
 
 
@@ -152,11 +153,11 @@ def test_time_limit_gives_timed_out_and_the_worker_serves_the_next_task(harness:
     harness.send("hang", {}, id="to-soft")  # raises out of sleep at the soft limit
     harness.send("hang", {"stubborn": True}, id="to-hard")  # ignores it: killed kill_grace_s later
     failures = {r["key"]: r for r in harness.records("failure", 2, timeout_s=90)}
-    assert set(failures) == {"to-soft", "to-hard"}
+    assert set(failures) == {"requests:to-soft", "requests:to-hard"}
     for task_id, record in failures.items():
         assert record["headers"]["condition"] == "TimedOut"
         assert record["value"]["responsePayload"]["errorType"] == "TimedOut"
         rec = harness.registry.get(task_id)
         assert rec is not None and rec["state"] == "TIMED_OUT" and harness.runs(task_id) == 1
     harness.send("echo", {"after": "timeouts"}, id="after-timeouts")
-    harness.wait_for(lambda: harness.runs("after-timeouts") == 1, what="the next task")
+    harness.wait_for(lambda: harness.runs("requests:after-timeouts") == 1, what="the next task")

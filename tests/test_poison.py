@@ -24,7 +24,8 @@ def test_poison_messages_are_dead_lettered_and_the_partition_goes_on(harness: Fl
     harness.produce("requests", list(poison.values()))
     harness.send("echo", {"behind": "the poison"}, id="behind")
     [ok] = harness.records("success", 1)
-    assert ok["key"] == "behind" and ok["value"]["responsePayload"]["echo"] == {"behind": "the poison"}
+    assert ok["key"] == "requests:behind"
+    assert ok["value"]["responsePayload"]["echo"] == {"behind": "the poison"}
     dead = {r["headers"]["reason"]: r for r in harness.records("dlq", len(poison))}
     assert set(dead) == set(poison)
     for reason, original in poison.items():
@@ -37,13 +38,13 @@ def test_a_role_that_keeps_failing_is_restarted_and_the_others_go_on(harness: Fl
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     port = squatter.getsockname()[1]
-    token = "restart-test-token-0123456789"
+    token = "pX3Ue1N6gM0vq9cR7tYbK2wZs8dHfLa4JiQoEnVyT5u"
     harness.write_config(api={"enabled": True, "port": port, "token": token})
     try:
         harness.start()  # the api role cannot bind its port, and exits at every start
         harness.send("echo", {"while": "api fails"}, id="served")
         [ok] = harness.records("success", 1)
-        assert ok["key"] == "served"
+        assert ok["key"] == "requests:served"
 
         def api_failures() -> list[int]:
             lines = [

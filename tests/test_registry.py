@@ -14,7 +14,7 @@ import pytest
 from gpufleet.celery_app import create_app
 from gpufleet.dispatcher import Dispatcher
 from gpufleet.messages import Envelopes, MessageFactory
-from gpufleet.registry import Callback, NewTask, State
+from gpufleet.registry import Callback, Enqueued, NewTask, State
 from gpufleet.worker.runtime import owner_is_dead, owner_token
 from tests.harness import FleetHarness, nonzero
 
@@ -29,7 +29,8 @@ def enqueue(h: FleetHarness, task_id: str, function: str = "echo") -> None:
     fleet = h.fleet()
     factory = MessageFactory(create_app(fleet), h.prefix, 1.0)
     message = factory.build(task_id, fleet.functions[function], {"k": task_id}, {"source": "test"})
-    assert h.registry.enqueue_many([NewTask(message, "kafka:///s", "kafka:///f", 3, "test", time.time())]) == [True]
+    task = NewTask(message, "kafka:///s", "kafka:///f", 3, "test", time.time(), origin="test")
+    assert h.registry.enqueue_many([task]) == [Enqueued.CREATED]
 
 
 def test_only_one_delivery_can_claim_a_task(harness: FleetHarness) -> None:
@@ -242,7 +243,8 @@ def test_a_claimed_task_leaves_the_deadline_index(harness: FleetHarness) -> None
     factory = MessageFactory(create_app(fleet), harness.prefix, 1.0)
     message = factory.build("dl1", fleet.functions["expiring"], {}, {"source": "test"})
     reg = harness.registry
-    assert reg.enqueue_many([NewTask(message, "kafka:///s", "kafka:///f", 1, "test", time.time(), 1.0)]) == [True]
+    task = NewTask(message, "kafka:///s", "kafka:///f", 1, "test", time.time(), 1.0, origin="test")
+    assert reg.enqueue_many([task]) == [Enqueued.CREATED]
     assert reg.client.zscore(reg.deadlines_key, "dl1") is not None
     assert reg.claim("dl1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
     assert reg.client.zscore(reg.deadlines_key, "dl1") is None

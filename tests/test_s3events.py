@@ -376,7 +376,7 @@ def test_put_and_complete_multipart_upload_of_one_object_share_a_task_id() -> No
         )
     ).events
     assert put.event_type != complete.event_type
-    assert put.task_id() == complete.task_id()
+    assert put.task_id("f") == complete.task_id("f")
 
 
 @pytest.mark.parametrize(
@@ -393,13 +393,13 @@ def test_put_and_complete_multipart_upload_of_one_object_share_a_task_id() -> No
 def test_a_different_object_version_or_a_removal_gets_another_task_id(change: dict[str, str]) -> None:
     base = one(records(record(key="big.bin")))
     other = one(records(record(**{"key": "big.bin", **change})))
-    assert base.task_id() != other.task_id()
+    assert base.task_id("f") != other.task_id("f")
 
 
 def test_a_version_id_is_the_identity_when_there_is_one() -> None:
     first = one(records(record(versionId="v1", eTag="aaaa")))
     again = one(records(record(versionId="v1", eTag="aaaa", name="ObjectCreated:CompleteMultipartUpload")))
-    assert first.task_id() == again.task_id()
+    assert first.task_id("f") == again.task_id("f")
 
 
 # --- filter --------------------------------------------------------------------------------------------------------

@@ -8,10 +8,8 @@ Errors are :class:`~gpufleet.errors.RequestError` subclasses with a stable ``cod
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +18,11 @@ import orjson
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gpufleet.events import check_event
 from gpufleet.functions import Function
+from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.messages import Envelopes, MessageFactory, function_queue
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.records import Condition, callback_record, fit_record, iso
-from gpufleet.registry import NewTask, Registry, State
+from gpufleet.registry import Enqueued, NewTask, Registry, State
 from gpufleet.settings import Fleet
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
@@ -105,13 +104,10 @@ class ControlPlane:
         mismatch = fn.payload_error(event)
         if mismatch is not None:
             raise InvalidRequestError("schema_mismatch", mismatch)
-        if idempotency_key is not None:
-            if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable():
-                raise InvalidRequestError("bad_idempotency_key", "use 1 to 255 printable characters")
-            digest = hashlib.sha256(f"{fn.name}\0{idempotency_key}".encode()).hexdigest()[:32]
-            task_id = f"api-{digest}"
-        else:
-            task_id = f"api-{uuid.uuid4().hex}"
+        if idempotency_key is not None and (not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
+                                            or not idempotency_key.isprintable()):  # fmt: skip
+            raise InvalidRequestError("bad_idempotency_key", "use 1 to 255 printable characters")
+        task_id = api_task_id(fn.name, idempotency_key)
         source = "api"
         task = NewTask(
             message=self.factory.build(task_id, fn, event, {"source": source, "trigger": "api"}),
@@ -121,9 +117,13 @@ class ControlPlane:
             source=source,
             event_ts=time.time(),
             max_age_s=fn.max_event_age_s,
+            origin=API_ORIGIN,
         )
-        [created] = self.registry.enqueue_many([task])
-        return Invocation(task_id, created)
+        [outcome] = self.registry.enqueue_many([task])
+        if outcome is Enqueued.CONFLICT:
+            raise ConflictError("id_conflict", f"task {task_id} exists for another function or source; use another "
+                                "Idempotency-Key")  # fmt: skip
+        return Invocation(task_id, outcome is Enqueued.CREATED)
 
     # -- tasks -----------------------------------------------------------------------------------------------
 

@@ -65,12 +65,14 @@ end
 """
 
 # ARGV: prefix, now, batch: a JSON array with one array of strings per task: [id, function, queue_key, envelope,
-#   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta, delivery_tag]
+#   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta, delivery_tag, origin]
 # The record keeps the event and meta (JSON), not the envelope: a fraction of its size, and with small values Redis
 # keeps the hash compact (listpack). Whoever pushes the task again builds the envelope from them.
 # A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
 # One JSON argument, not ten per task: redis-py packs arguments in Python, which cost more than the script.
-# Returns a list of 1 (enqueued) / 0 (duplicate: a record with that id exists) per task.
+# Returns per task 1 (enqueued), 0 (duplicate: a record with that id exists, for the same function and origin) or
+# -1 (conflict: the id exists for another function or origin; never silently taken as the same task). A record
+# written before origins were kept is compared on its function only.
 ENQUEUE_MANY = (
     _MOVE
     + """
@@ -78,12 +80,13 @@ local prefix, now = ARGV[1], ARGV[2]
 local out = {}
 for n, t in ipairs(cjson.decode(ARGV[3])) do
   local key = prefix .. ':task:' .. t[1]
-  if redis.call('EXISTS', key) == 1 then
-    out[n] = 0
+  local have = redis.call('HMGET', key, 'function', 'origin')
+  if have[1] then
+    if have[1] == t[2] and (not have[2] or have[2] == t[15]) then out[n] = 0 else out[n] = -1 end
   else
     redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
       'event', t[12], 'meta', t[13], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
-      'created_at', t[9], 'queued_at', now, 'event_ts', t[10])
+      'created_at', t[9], 'queued_at', now, 'event_ts', t[10], 'origin', t[15])
     redis.call('SADD', prefix .. ':functions', t[2])
     local seq = push_back(prefix, key, t[1], t[4], t[14])
     redis.call('HSET', key, 'seq', seq)

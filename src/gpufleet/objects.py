@@ -7,20 +7,21 @@ record from SQS, Kafka or a webhook, or a listing of the bucket. Its task id com
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict
 
-from gpufleet.errors import TaskError
+from gpufleet.ids import object_task_id
 
 if TYPE_CHECKING:
     from gpufleet.settings import S3Settings
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ObjectEvent(BaseModel):
@@ -49,11 +50,11 @@ class ObjectEvent(BaseModel):
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
-    def task_id(self) -> str:
-        """The object's identity, not the message's: Put and CompleteMultipartUpload of one upload share it."""
+    def task_id(self, function: str) -> str:
+        """The object's identity, not the message's: Put and CompleteMultipartUpload of one upload share it. Each
+        function that gets the object has a task of its own."""
         version = self.version_id or self.etag or self.sequencer or self.event_time or ""
-        digest = hashlib.sha256("\0".join((self.family, self.bucket, self.key, version)).encode()).hexdigest()
-        return f"s3-{digest[:40]}"
+        return object_task_id(function, self.family, self.bucket, self.key, version)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -66,17 +67,14 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def scratch_path(scratch: Path, key: str) -> Path:
-    """Where object ``key`` goes inside ``scratch``. Whatever the key (``..``, an absolute path, control
-    characters), the result is a file strictly inside ``scratch``."""
-    parts = [p for p in PurePosixPath(_CONTROL.sub("_", key.replace("\\", "/"))).parts if p not in ("/", ".", "..")]
-    if not parts:
-        parts = ["object"]
-    target = scratch.joinpath(*parts).resolve()
-    root = scratch.resolve()
-    if target == root or root not in target.parents:  # a symlink planted in scratch could still point out
-        raise TaskError(f"object key {key!r} does not map to a path inside the scratch directory")
-    return target
+def key_parts(key: str) -> tuple[str, ...]:
+    """The relative path that object ``key`` is stored at below a download directory, as plain names.
+
+    Backslashes count as separators, ``.``, ``..`` and empty segments drop out and control characters become
+    ``_``, so no key names anything outside the directory. Symlinks are the writer's concern (worker/scratch.py).
+    """
+    parts = tuple(p for p in CONTROL_CHARS.sub("_", key.replace("\\", "/")).split("/") if p not in ("", ".", ".."))
+    return parts or ("object",)
 
 
 class ObjectStore:
@@ -96,14 +94,15 @@ class ObjectStore:
         response: dict[str, Any] = self.client.head_object(Bucket=bucket, Key=key)
         return response
 
-    def download(self, bucket: str, key: str, dest: Path, version_id: str | None = None) -> dict[str, Any]:
-        """Stream the object to ``dest`` (never whole in memory); returns GetObject's metadata."""
+    def download(self, bucket: str, key: str, open_dest: Callable[[], AbstractContextManager[BinaryIO]],
+                 version_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Stream the object (never whole in memory) into the file ``open_dest()`` opens, which is called only
+        once the object is found, so a missing object leaves nothing behind. Returns GetObject's metadata."""
         extra = {"VersionId": version_id} if version_id else {}
         response = self.client.get_object(Bucket=bucket, Key=key, **extra)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         body = response.pop("Body")
         try:
-            with dest.open("wb") as out:
+            with open_dest() as out:
                 shutil.copyfileobj(body, out, length=1024 * 1024)
         finally:
             body.close()

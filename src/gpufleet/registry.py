@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import orjson
@@ -43,6 +43,14 @@ ENQUEUE_CHUNK = 100
 EnvelopeFor = Callable[[str, str, bytes, bytes], bytes | None]
 
 
+class Enqueued(IntEnum):
+    """What :meth:`Registry.enqueue_many` did with one task (the values are the script's replies)."""
+
+    CONFLICT = -1  # the id exists for another function or origin: the caller refuses this task
+    DUPLICATE = 0  # the id exists for the same function and origin: the same task, delivered again
+    CREATED = 1
+
+
 @dataclass(frozen=True)
 class NewTask:
     message: TaskMessage
@@ -52,6 +60,9 @@ class NewTask:
     source: str
     event_ts: float
     max_age_s: float | None = None  # the function's max_event_age_s: it expires even if no worker takes it
+    # Who may name this id: "api", "objects" (object events, whatever trigger saw them) or "trigger:<name>".
+    # The same id from another origin is a conflict, never a duplicate.
+    origin: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -107,8 +118,9 @@ class Registry:
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
 
-    def enqueue_many(self, tasks: list[NewTask]) -> list[bool]:
-        """Create the records and push the messages; False for ids that already exist (duplicates).
+    def enqueue_many(self, tasks: list[NewTask]) -> list[Enqueued]:
+        """Create the records and push the messages; per task, whether it was created, a duplicate (the id exists
+        for the same function and origin) or a conflict (it exists for another).
 
         Each chunk of :data:`ENQUEUE_CHUNK` tasks is one atomic script, so no single call holds Redis for more than
         a millisecond or two; the chunks travel in one pipeline, one round trip.
@@ -121,14 +133,14 @@ class Registry:
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
                                    t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts),
                                    "" if t.max_age_s is None else repr(t.max_age_s), t.message.event.decode(),
-                                   t.message.meta.decode(), t.message.tag]
+                                   t.message.meta.decode(), t.message.tag, t.origin]
                                   for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
             self._enqueue(args=[self.prefix, now, batch], client=pipe)
         try:
             replies = pipe.execute()
         except REDIS_ERRORS as exc:
             raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
-        return [bool(x) for reply in replies for x in reply]
+        return [Enqueued(x) for reply in replies for x in reply]
 
     def get(self, task_id: str, event: bool = False) -> dict[str, Any] | None:
         """The task's record; with ``event``, also its ``event`` and ``meta`` (decoded)."""

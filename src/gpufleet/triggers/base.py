@@ -11,7 +11,6 @@ A failure in 2 or 3 is retried with backoff; the source is never acknowledged fo
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,17 +25,17 @@ from gpufleet.destinations.kafka import KafkaDestination
 from gpufleet.errors import BrokerError, EventError
 from gpufleet.events import decode_event
 from gpufleet.functions import Function
+from gpufleet.ids import OBJECT_ORIGIN, SUPPLIED_ID_RE, trigger_origin, trigger_task_id
 from gpufleet.messages import MessageFactory
 from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
-from gpufleet.registry import REDIS_ERRORS, NewTask, Registry
+from gpufleet.registry import REDIS_ERRORS, Enqueued, NewTask, Registry
 from gpufleet.retry import retry_until
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
 
 log = structlog.get_logger("gpufleet.trigger")
 MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}")  # always fullmatch: "$" lets a newline in
 
 
 class Trigger(Protocol):
@@ -63,6 +62,7 @@ class Prepared:
     tasks: list[NewTask]
     dead: list[OutRecord]
     ignored: int = 0  # messages that asked for nothing: an s3:TestEvent, or only events the filters drop
+    sources: list[SourceMessage] = field(default_factory=list)  # the message each task came from
 
 
 @dataclass
@@ -89,6 +89,7 @@ class Ingest:
         self.parking = Parking(self.registry.client, s.redis.key_prefix)
         # What this trigger did so far, for its logs and for tests; updated by publish().
         self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
+        self.origin = trigger_origin(trigger.name)
         self.object_filter: EventFilter | None = None
         if trigger.object_events:
             self.object_filter = EventFilter(trigger.events, trigger.prefix, trigger.suffix)
@@ -115,7 +116,7 @@ class Ingest:
         mismatch = fn.payload_error(payload)
         if mismatch is not None:
             raise EventError("schema_mismatch", mismatch)
-        return [self._task(fn, self._task_id(msg, body), payload, msg, {})]
+        return [self._task(fn, self._task_id(msg, body), payload, msg, {}, self.origin)]
 
     def _parse_objects(self, msg: SourceMessage, wanted: EventFilter) -> list[NewTask]:
         note = parse_notification(msg.value, self.trigger.key_encoding, self.trigger.max_records)
@@ -126,24 +127,26 @@ class Ingest:
         an ObjectEvent, if it declares ``payload=ObjectEvent``) and ``ctx.download()``/``ctx.upload()``."""
         fn = self.fleet.functions[self.trigger.function or ""]  # object triggers name their function (load checks)
         meta = {"kind": "object", "output": self.trigger.output}
-        return [self._task(fn, event.task_id(), event.model_dump(mode="json"), msg, meta) for event in events]
+        return [self._task(fn, event.task_id(fn.name), event.model_dump(mode="json"), msg, meta, OBJECT_ORIGIN)
+                for event in events]  # fmt: skip
 
     def prepare_objects(self, events: list[ObjectEvent], source_id: str, ignored: int = 0) -> Prepared:
         """Tasks for object events that came without a message (a bucket listing). An event that cannot become a
         task is dead-lettered alone, its JSON as the dead letter's bytes, and the others go on."""
-        tasks: list[NewTask] = []
-        dead: list[OutRecord] = []
+        batch = Prepared([], [], ignored)
         for event in events:
-            msg = SourceMessage(value=b"", source_id=f"{source_id}/{event.key}", default_id="")
+            msg = SourceMessage(event.model_dump_json().encode(), f"{source_id}/{event.key}", default_id="")
             try:
-                tasks += self.object_tasks([event], msg)
+                tasks = self.object_tasks([event], msg)
             except Exception as exc:  # noqa: BLE001 - one object must not stop the listing
-                value = event.model_dump_json().encode()
-                dead.append(self.dead_record(SourceMessage(value, msg.source_id, ""), "intake_error",
-                                             f"{type(exc).__name__}: {exc}"))  # fmt: skip
-        return Prepared(tasks, dead, ignored)
+                batch.dead.append(self.dead_record(msg, "intake_error", f"{type(exc).__name__}: {exc}"))
+            else:
+                batch.tasks += tasks
+                batch.sources += [msg] * len(tasks)
+        return batch
 
-    def _task(self, fn: Function, task_id: str, payload: Any, msg: SourceMessage, meta: dict[str, Any]) -> NewTask:
+    def _task(self, fn: Function, task_id: str, payload: Any, msg: SourceMessage, meta: dict[str, Any],
+              origin: str) -> NewTask:  # fmt: skip
         s = self.fleet.settings
         return NewTask(
             message=self.factory.build(task_id, fn, payload, {"source": msg.source_id, "trigger": self.trigger.name,
@@ -154,40 +157,42 @@ class Ingest:
             source=msg.source_id,
             event_ts=msg.timestamp or time.time(),
             max_age_s=fn.max_event_age_s,
+            origin=origin,
         )  # fmt: skip
 
     def _task_id(self, msg: SourceMessage, body: Any) -> str:
+        """``<trigger>:<the producer's id, or the message's default id>``: a producer names ids only in its own
+        trigger's namespace (see :mod:`gpufleet.ids`)."""
         supplied: Any = None
         if self.trigger.id_header and self.trigger.id_header in msg.headers:
             supplied = msg.headers[self.trigger.id_header].decode(errors="replace")
         elif self.trigger.id_field and isinstance(body, dict) and self.trigger.id_field in body:
             supplied = body[self.trigger.id_field]
         if supplied is None:
-            return msg.default_id
+            return trigger_task_id(self.trigger.name, msg.default_id)
         if isinstance(supplied, int) and not isinstance(supplied, bool):
             supplied = str(supplied)
-        if not isinstance(supplied, str) or not ID_RE.fullmatch(supplied):
-            raise EventError("bad_id", f"id {supplied!r:.250} must match {ID_RE.pattern}")
-        return supplied
+        if not isinstance(supplied, str) or not SUPPLIED_ID_RE.fullmatch(supplied):
+            raise EventError("bad_id", f"id {supplied!r:.250} must match {SUPPLIED_ID_RE.pattern}")
+        return trigger_task_id(self.trigger.name, supplied)
 
     def prepare(self, messages: list[SourceMessage]) -> Prepared:
         """Parse a batch (CPU only): a source can prepare the next batch while the last one is published."""
-        tasks: list[NewTask] = []
-        dead: list[OutRecord] = []
-        ignored = 0
+        batch = Prepared([], [])
         for msg in messages:
             try:
                 parsed = self.parse(msg)
             except EventError as exc:
-                dead.append(self.dead_record(msg, exc.reason, exc.detail))
+                batch.dead.append(self.dead_record(msg, exc.reason, exc.detail))
                 continue
             except Exception as exc:  # whatever one message does, intake goes on without it
                 log.exception("unexpected error while turning a message into tasks", source=msg.source_id)
-                dead.append(self.dead_record(msg, "intake_error", f"{type(exc).__name__}: {exc}"))
+                batch.dead.append(self.dead_record(msg, "intake_error", f"{type(exc).__name__}: {exc}"))
                 continue
-            tasks += parsed
-            ignored += not parsed
-        return Prepared(tasks, dead, ignored)
+            batch.tasks += parsed
+            batch.sources += [msg] * len(parsed)
+            batch.ignored += not parsed
+        return batch
 
     def dead_record(self, msg: SourceMessage, reason: str, detail: str) -> OutRecord:
         """The dead letter for a message: its original bytes, the reason and where it came from. Bytes beyond
@@ -203,16 +208,24 @@ class Ingest:
         return OutRecord(key=source, value=value, headers=headers)
 
     def publish(self, batch: Prepared, stop: threading.Event) -> BatchResult | None:
-        """Make a prepared batch durable; None if ``stop`` was set first (then nothing may be acknowledged)."""
-        tasks, dead = batch.tasks, batch.dead
+        """Make a prepared batch durable; None if ``stop`` was set first (then nothing may be acknowledged). A task
+        whose id exists for another function or origin is dead-lettered (``id_conflict``) with its message, and
+        added to ``batch.dead``."""
+        tasks = batch.tasks
         # Two copies of one id in a batch: the atomic script keeps the first.
-        flags: list[bool] = []
-        if tasks and not retry_until(lambda: flags.extend(self.registry.enqueue_many(tasks)), stop, "publish"):
+        outcomes: list[Enqueued] = []
+        if tasks and not retry_until(lambda: outcomes.extend(self.registry.enqueue_many(tasks)), stop, "publish"):
             return None
+        dead = batch.dead
+        for task, source, outcome in zip(tasks, batch.sources, outcomes, strict=True):
+            if outcome is Enqueued.CONFLICT:
+                dead.append(self.dead_record(source, "id_conflict", f"task id {task.message.task_id} exists for "
+                                             "another function or source"))  # fmt: skip
         if dead and not retry_until(lambda: self._dead_letter(dead), stop, "dead-letter"):
             return None
-        result = BatchResult(published=sum(flags), duplicates=len(flags) - sum(flags), dead_lettered=len(dead),
-                             ignored=batch.ignored)  # fmt: skip
+        created = outcomes.count(Enqueued.CREATED)
+        result = BatchResult(published=created, duplicates=outcomes.count(Enqueued.DUPLICATE),
+                             dead_lettered=len(dead), ignored=batch.ignored)  # fmt: skip
         if result.duplicates:
             log.info("duplicates suppressed", count=result.duplicates)
         for key in self.stats:

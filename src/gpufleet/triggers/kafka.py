@@ -7,7 +7,8 @@ Guarantees:
 - Consumer group with manual commit: an offset is committed only after every message before it was published to
   the task queue (or delivered to the dead-letter topic). A crash between publish and commit re-reads messages;
   their task ids already exist, so they are suppressed as duplicates.
-- Task id: the producer's id (header ``gpufleet-id`` or field ``id``) or ``kafka-<topic>-<partition>-<offset>``.
+- Task id: ``<trigger>:<id>``, the id being the producer's (header ``gpufleet-id`` or field ``id``) or
+  ``kafka-<topic>-<partition>-<offset>`` (see :mod:`gpufleet.ids`).
 - Graceful stop: the batch in hand is finished and committed, then the consumer leaves its group.
 """
 
