@@ -24,7 +24,8 @@ def write(tmp_path: Path, fleet: dict, triggers: dict[str, dict] | None = None) 
 
 
 def test_the_shipped_configuration_loads() -> None:
-    fleet = load_fleet(Path(__file__).parent.parent / "config" / "fleet.yaml", env={})
+    env = {"GPUFLEET_API__TOKEN": "Xq7vR2mN9kLp4sT8wZ1bC6dF3gH0jY5u"}  # none is shipped (see test_secrets)
+    fleet = load_fleet(Path(__file__).parent.parent / "config" / "fleet.yaml", env=env)
     assert {"embed", "sleep", "fail", "gpu_info"} <= set(fleet.functions)
     assert "requests" in fleet.triggers
 
@@ -89,11 +90,14 @@ def test_missing_file_and_broken_function_module(tmp_path: Path) -> None:
 
 def test_api_needs_a_token_and_never_echoes_it(tmp_path: Path) -> None:
     path = write(tmp_path, {"api": {"enabled": True}})
-    with pytest.raises(ConfigError, match=r"fleet.yaml: api.token is required .* GPUFLEET_API__TOKEN"):
-        load_fleet(path, env={})
+    # Only the API's process needs it: a GPU host loads the same file without one.
+    api = load_fleet(path, env={}).settings.api
+    with pytest.raises(ConfigError, match=r"fleet.yaml: api.token: is required .* GPUFLEET_API__TOKEN"):
+        api.require_token(str(path))
     with pytest.raises(ConfigError) as err:
         load_fleet(path, env={"GPUFLEET_API__TOKEN": "short-secret"})
     assert "GPUFLEET_API__TOKEN" in str(err.value) and "12 characters" in str(err.value)
     assert "short-secret" not in str(err.value)
-    fleet = load_fleet(path, env={"GPUFLEET_API__TOKEN": "a-long-enough-token"})
-    assert fleet.settings.api.token == "a-long-enough-token"
+    strong = "Xq7vR2mN9kLp4sT8wZ1bC6dF3gH0jY5u"
+    fleet = load_fleet(path, env={"GPUFLEET_API__TOKEN": strong})
+    assert fleet.settings.api.token == strong

@@ -11,6 +11,8 @@ import structlog
 
 from gpufleet.settings import LoggingSettings
 
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpcore", "kafka.conn")
+
 
 def configure_logging(settings: LoggingSettings, **context: Any) -> None:
     """gpufleet's own lines go straight from structlog to stderr (the per-task path stays cheap); stdlib
@@ -46,6 +48,11 @@ def configure_logging(settings: LoggingSettings, **context: Any) -> None:
     # kafka-python is chatty at INFO about every connection and rebalance. Celery's per-task "received" and
     # "succeeded" lines repeat the runtime's own, and the first sits in the worker's dispatch path.
     for name in ("kafka", "celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    # At debug these print credentials: botocore the SigV4 Authorization header (access key id and signature) and
+    # whole requests, urllib3 and httpx URLs with their query strings (presigned URLs, SNS tokens). Pinned, so
+    # that `level: debug` never puts a secret in the logs.
+    for name in CREDENTIAL_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)

@@ -5,7 +5,10 @@ This is the only module that reads the environment. Rules:
 - Unknown keys are errors, with a "did you mean" hint.
 - Every error names the file, the key and the fix.
 - ``GPUFLEET_<SECTION>__<KEY>=value`` overrides a setting of ``fleet.yaml``. Example:
-  ``GPUFLEET_REDIS__URL=redis://redis:6379/0``. Values are parsed as YAML scalars, so ``3`` is a number.
+  ``GPUFLEET_REDIS__URL=redis://redis:6379/0``. Values are taken as they are (a secret full of ``#``, ``:`` or
+  digits stays a string); only list settings (``worker.pools``) are read as YAML: ``[gpu-a, gpu-b]``.
+- No message shows the value of a secret setting (:func:`gpufleet.credentials.is_secret_name`) or a URL's
+  password.
 - ``GPUFLEET_CONFIG`` names the fleet file when the CLI gets no ``--config``.
 - Relative paths in ``fleet.yaml`` are relative to the folder that holds it.
 """
@@ -19,11 +22,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gpufleet.credentials import HOW_TO_GENERATE, hidden, is_loopback, is_secret_name, redact_url, secret_problem
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Function, load_functions
 
@@ -47,7 +51,7 @@ class RedisSettings(_Model):
     @classmethod
     def _redis_url(cls, v: str) -> str:
         if not re.match(r"^rediss?://", v):
-            raise ValueError(f"{v!r} is not a redis:// or rediss:// URL")
+            raise ValueError(f"{redact_url(v)!r} is not a redis:// or rediss:// URL")
         return v
 
 
@@ -79,7 +83,7 @@ class WorkerSettings(_Model):
     # task is re-run elsewhere. Give containers a stop grace period longer than this.
     shutdown_grace_s: float = Field(30.0, ge=0)
     # Each task gets a fresh directory below this one (downloads, outputs); it is removed when the task ends.
-    scratch_dir: Path | None = None  # default: <system temp>/gpufleet-scratch
+    scratch_dir: Path | None = None  # default: <system temp>/gpufleet-scratch-<uid>, created 0700
 
 
 class S3Settings(_Model):
@@ -128,8 +132,30 @@ class ApiSettings(_Model):
     enabled: bool = False  # `gpufleet run` starts the API role
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65_535)
-    token: str | None = Field(None, min_length=16)
+    # Required when enabled, and strong (32+ characters, generated: `gpufleet token`). No default is shipped.
+    token: str | None = None
+    # A laptop: a weak api.token (and webhook secrets) are allowed, but only while host is a loopback address.
+    dev: bool = False
     max_page: int = Field(500, ge=1, le=10_000)
+    # Connections and requests served at once; more are answered 503 at once (uvicorn's limit_concurrency).
+    max_connections: int = Field(200, ge=1, le=100_000)
+    # A request body must arrive within this, or the request is answered 408 and its connection closed.
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+
+    @property
+    def weak_secrets_allowed(self) -> bool:
+        return self.dev and is_loopback(self.host)
+
+    def require_token(self, where: str) -> str:
+        """The token, for a process that serves the API (only that one needs it: a GPU host does not).
+
+        Raises:
+            ConfigError: no token is set.
+        """
+        if self.token is None:
+            fix = "export GPUFLEET_API__TOKEN=$(gpufleet token), or set api.enabled: false"
+            raise ConfigError("is required to serve the API", file=where, key="api.token", fix=fix)
+        return self.token
 
 
 class LoggingSettings(_Model):
@@ -168,16 +194,19 @@ class FleetSettings(_Model):
         return self
 
     @model_validator(mode="after")
-    def _api_token_required(self) -> FleetSettings:
-        if self.api.enabled and self.api.token is None:
-            raise ValueError(
-                "api.token is required while the API is enabled: set api.token or GPUFLEET_API__TOKEN "
-                "(16+ characters, e.g. `openssl rand -hex 24`), or set api.enabled: false"
-            )
+    def _api_token(self) -> FleetSettings:
+        """A token that is set must be strong, wherever it is loaded; only the API's process needs one."""
+        api = self.api
+        if api.dev and not is_loopback(api.host):
+            raise ValueError(f"api.dev is only for a loopback host, and api.host is {api.host!r}: set api.dev: false")
+        problem = None if api.token is None else secret_problem(api.token, weak_allowed=api.weak_secrets_allowed)
+        if problem is not None:
+            raise ValueError(f"api.token cannot be used: {problem}. {HOW_TO_GENERATE.capitalize()}; a weak token is "
+                             "only allowed with api.dev: true on a loopback api.host")  # fmt: skip
         return self
 
 
-SNS_HOSTS = (r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$",)
+SNS_HOSTS = ("sns.*.amazonaws.com", "sns.*.amazonaws.com.cn")  # host patterns: "*" is exactly one DNS label
 
 
 class TriggerSettings(_Model):
@@ -216,17 +245,35 @@ class TriggerSettings(_Model):
     skip_existing: bool = False
     # Webhook: a bearer token (MinIO's auth_token; HTTP Basic with this as the password, for SNS URLs) and/or
     # an HMAC-SHA256 secret for the X-Gpufleet-Signature header. *_env names an environment variable to read.
-    token: str | None = Field(None, min_length=16)
+    token: str | None = None
     token_env: str | None = None
-    hmac_secret: str | None = Field(None, min_length=16)
+    hmac_secret: str | None = None
     hmac_secret_env: str | None = None
-    sns_confirm_hosts: tuple[str, ...] = SNS_HOSTS  # SubscribeURL hosts we may GET to confirm a subscription
+    # A signature may cover a timestamp (X-Gpufleet-Timestamp), accepted within this many seconds of now; required
+    # with hmac_require_timestamp, so a captured request cannot be replayed later.
+    hmac_tolerance_s: int = Field(300, ge=1, le=86_400)
+    hmac_require_timestamp: bool = False
+    # SubscribeURL hosts we may GET (https only) to confirm a subscription: exact host names, or "*" for exactly
+    # one DNS label (see gpufleet.api.sns). sns_confirm_private allows IP literals and private/loopback addresses:
+    # for LocalStack or a test fleet; never on an internet-facing fleet.
+    sns_confirm_hosts: tuple[str, ...] = SNS_HOSTS
+    sns_confirm_private: bool = False
+
+    @field_validator("sns_confirm_hosts")
+    @classmethod
+    def _sns_confirm_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from gpufleet.api.sns import check_host_pattern  # lazy: settings stays import-light
+
+        return tuple(check_host_pattern(p) for p in v)  # ValueError names the entry and how to write it
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9_.-]{1,100}$", v):
-            raise ValueError("use letters, digits, '.', '_' or '-'")
+        from gpufleet.ids import trigger_name_error
+
+        error = trigger_name_error(v)
+        if error is not None:
+            raise ValueError(error)
         return v
 
     @field_validator("events")
@@ -282,7 +329,8 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
         }
     )
     functions = load_functions(settings.functions)
-    triggers = load_triggers(settings.triggers, functions, env, settings.defaults.max_record_bytes)
+    triggers = load_triggers(settings.triggers, functions, env, settings.defaults.max_record_bytes,
+                             settings.api.weak_secrets_allowed)  # fmt: skip
     from gpufleet.destinations import parse_destination  # local: destinations import settings types
 
     for key in ("on_success", "on_failure", "dead_letter"):
@@ -300,7 +348,8 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
 
 
 def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], env: Mapping[str, str] | None = None,
-                  max_record_bytes: int | None = None) -> dict[str, TriggerSettings]:  # fmt: skip
+                  max_record_bytes: int | None = None, weak_secrets_allowed: bool = False,
+                  ) -> dict[str, TriggerSettings]:  # fmt: skip
     """Load every ``*.yaml`` trigger file in the folders; check sources, functions and destinations."""
     from gpufleet.destinations import parse_destination
     from gpufleet.triggers import parse_source
@@ -333,12 +382,15 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
                 url = getattr(trigger, key)
                 if url:
                     parse_destination(url, where=where, key=key)
-            triggers[trigger.name] = _check_object_trigger(trigger, where, os.environ if env is None else env)
+            triggers[trigger.name] = _check_object_trigger(trigger, where, os.environ if env is None else env,
+                                                           weak_secrets_allowed)  # fmt: skip
     return triggers
 
 
-def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str, str]) -> TriggerSettings:
-    """Object triggers name their function; webhooks need a secret, read from the environment with ``*_env``."""
+def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str, str],
+                          weak_secrets_allowed: bool) -> TriggerSettings:  # fmt: skip
+    """Object triggers name their function; webhooks need a strong secret, from the file or from the environment
+    with ``*_env`` (weak ones only in the API's dev mode)."""
     if trigger.object_events and trigger.function is None:
         raise ConfigError("an object-event trigger needs a function", file=where, key="function",
                           fix="name the function that gets each object event")  # fmt: skip
@@ -348,12 +400,18 @@ def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str
         if var is not None:
             if not env.get(var):
                 raise ConfigError(f"environment variable {var} is not set", file=where, key=f"{key}_env",
-                                  fix=f"export {var}=... (16+ characters)")  # fmt: skip
-            if len(env[var]) < 16:
-                raise ConfigError(f"{var} is too short", file=where, key=f"{key}_env", fix="use 16+ characters")
+                                  fix=f"export {var}=... ({HOW_TO_GENERATE})")  # fmt: skip
             secrets[key] = env[var]
     if secrets:
         trigger = trigger.model_copy(update=secrets)
+    for key in ("token", "hmac_secret"):
+        value = getattr(trigger, key)
+        problem = value and secret_problem(value, in_header=key == "token", weak_allowed=weak_secrets_allowed)
+        if problem:
+            named = f"{key}_env ({getattr(trigger, f'{key}_env')})" if key in secrets else key
+            raise ConfigError(f"{named} cannot be used: {problem}", file=where, key=named.split(" ")[0],
+                              fix=f"{HOW_TO_GENERATE}; weak secrets are only allowed with api.dev: true on a "
+                              "loopback api.host")  # fmt: skip
     if trigger.scheme == "webhook" and trigger.token is None and trigger.hmac_secret is None:
         fix = "set token/token_env (bearer token) or hmac_secret/hmac_secret_env"
         raise ConfigError("a webhook needs a secret: without one anybody could enqueue GPU work", file=where,
@@ -369,7 +427,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", file=str(path)) from exc
+        raise ConfigError(f"not valid YAML: {_yaml_problem(exc)}", file=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -392,7 +450,13 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, A
                 key=name,
                 fix=f"use {ENV_PREFIX}<SECTION>__<KEY>, SECTION one of {sorted(FleetSettings.model_fields)}",
             )
-        parsed = yaml.safe_load(value) if value else value
+        parsed: Any = value
+        if value and _structured(FleetSettings, path):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"not valid YAML: {_yaml_problem(exc)}", file="environment", key=name,
+                                  fix="write a list as [a, b]") from None  # fmt: skip
         sources[".".join(path)] = name
         if len(path) == 1:
             merged[path[0]] = parsed
@@ -416,13 +480,49 @@ def _validate(model: type[M], raw: dict[str, Any], where: str, from_env: Mapping
             owner = _model_at(model, err["loc"][:-1])
             hint = did_you_mean(str(err["loc"][-1]), owner.model_fields if owner else {})
             raise ConfigError("unknown key", file=where, key=key, fix=hint or "remove it") from None
-        if not err["loc"]:  # a rule across keys: the message names them and the fix
-            raise ConfigError(err["msg"].removeprefix("Value error, "), file=where) from None
+        if not err["loc"]:  # a rule across keys: the message names them (the first one first) and the fix
+            message = err["msg"].removeprefix("Value error, ")
+            named = message.split(" ", 1)[0]
+            if from_env and named in from_env:
+                where = f"environment variable {from_env[named]}"
+            raise ConfigError(message, file=where) from None
         if err["type"] == "missing":
             raise ConfigError("is required", file=where, key=key, fix="add it") from None
-        got = err.get("input")
-        shown = f"a value of {len(str(got))} characters" if key.endswith("token") else repr(got)  # never echo secrets
+        shown = _shown(model, err["loc"], err.get("input"))
         raise ConfigError(err["msg"], file=where, key=key, fix=f"got {shown}") from None
+
+
+def _shown(model: type[BaseModel], loc: tuple[int | str, ...], value: Any) -> str:
+    """A rejected value as an error message may show it: never a secret, nor a section that may hold one."""
+    path = [str(part) for part in loc]
+    if is_secret_name(path[-1]) or _structured(model, path[:1]):
+        return hidden(value)
+    if isinstance(value, dict | list | tuple):
+        return f"a {type(value).__name__} of {len(value)} items"
+    shown = repr(redact_url(value) if isinstance(value, str) else value)
+    return shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
+
+
+def _structured(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the setting at ``path`` is a section or a list (given in the environment as YAML)."""
+    annotation: Any = model
+    for part in path:
+        is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        info = annotation.model_fields.get(part) if is_model else None
+        if info is None:
+            return False  # an unknown key: validation names it
+        annotation = info.annotation
+    return get_origin(annotation) in (tuple, list, dict) or (
+        isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    )
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, without the text: YAML quotes what it could not read, and that may be a secret."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = re.sub(r"'[^']{2,}'", "'...'", str(getattr(exc, "problem", None) or type(exc).__name__))
+    return where + problem
 
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:

@@ -1,8 +1,8 @@
 """The ``gpufleet`` command line. Signal handlers are installed here, in the entry point, and nowhere else.
 
 This module runs the fleet's roles (``run``, ``worker``, ``trigger``, ``dispatcher``, ``api``) and the local tools
-(``check``, ``dev``, ``demo``); :mod:`gpufleet.cli.tasks` holds the control-plane commands (``invoke``, ``status``,
-``cancel``, ``retry``, ``tasks``, ``queue``, ``functions``, ``gpus``).
+(``check``, ``token``, ``dev``, ``demo``); :mod:`gpufleet.cli.tasks` holds the control-plane commands (``invoke``,
+``status``, ``cancel``, ``retry``, ``tasks``, ``queue``, ``functions``, ``gpus``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="start/stop local Redis, Kafka and moto (S3/SQS/SNS) on free loopback ports")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_dev)
+    p = sub.add_parser("token", help="print a new random secret for api.token, a webhook token or an HMAC secret")
+    p.set_defaults(func=_token)
     p = sub.add_parser("demo", help="run the demo end to end on embedded local services")
     p.add_argument("--config", type=Path, default=Path("config/fleet.yaml"))
     p.set_defaults(func=_demo)
@@ -78,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
 
     fleet = _fleet(args, "run")
     roles = tuple(r for r in ROLE_ORDER if r != "api" or fleet.settings.api.enabled)
+    if "api" in roles:
+        fleet.settings.api.require_token(str(fleet.config_file))  # now, not in a role restarted for ever
     return ProcessTree(fleet.config_file, roles).run(stop_event_on_signals())
 
 
@@ -175,6 +179,13 @@ def _dev(args: argparse.Namespace) -> int:
     else:
         status = dev_status(STATE_DIR)
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() if status else "not running")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    import secrets
+
+    print(secrets.token_urlsafe(32))  # 256 bits, in the characters a Bearer header carries
     return 0
 
 

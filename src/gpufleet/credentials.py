@@ -1,0 +1,99 @@
+"""Secrets in settings: which ones are strong enough, and how a message names one without showing it.
+
+A setting is secret when its name says so (:func:`is_secret_name`): every error message masks its value, and a
+URL's password is masked wherever a URL is shown (:func:`redact_url`). Tokens that guard an HTTP endpoint (the
+API's, a webhook's) and HMAC secrets must be strong (:func:`secret_weakness`), unless the API is in dev mode on a
+loopback address.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import itertools
+import math
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+# RFC 6750's b64token: what a Bearer header can carry unchanged. Anything else could never match.
+TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+MIN_SECRET_CHARS = 32
+MIN_SECRET_BITS = 88
+# Words that mark a placeholder someone forgot to change (a random token of 32+ characters holds none of them but
+# by a chance of about 1 in 10^5).
+PLACEHOLDER_WORDS = ("change", "default", "example", "secret", "token", "password", "passw", "gpufleet", "local",
+                     "admin", "test", "sample", "dummy", "letmein", "qwerty")  # fmt: skip
+SEQUENCE_RUN = 7  # "abcdefg", "1234567", "9876543": typed, not generated
+SECRET_NAME_RE = re.compile(r"token|secret|passw|credential|(^|_)key(_id)?$|auth", re.IGNORECASE)
+HOW_TO_GENERATE = "generate one with `gpufleet token` (or `openssl rand -hex 32`)"
+
+
+def is_secret_name(name: str) -> bool:
+    """True for a setting or variable whose value must never be shown: ``api.token``, ``hmac_secret``,
+    ``s3.secret_access_key``, ``s3.access_key_id``, ``GPUFLEET_API__TOKEN``, ``password``... but not ``token_env``,
+    which names the variable that holds one."""
+    last = name.rsplit(".", 1)[-1].rsplit("__", 1)[-1]
+    return not last.lower().endswith("_env") and bool(SECRET_NAME_RE.search(last))
+
+
+def hidden(value: object) -> str:
+    """How a message shows a secret value: its kind and length, never a character of it."""
+    return f"a hidden {type(value).__name__} of {len(str(value))} characters"
+
+
+def secret_problem(value: str, *, in_header: bool = True, weak_allowed: bool = False) -> str | None:
+    """Why ``value`` cannot guard an endpoint (the answer never quotes it), or None. A token sent in an
+    Authorization header must be one a header can carry, even where a weak one is allowed (dev mode)."""
+    if in_header and not TOKEN_RE.fullmatch(value):
+        return "it holds characters an Authorization header cannot carry (use letters, digits and -._~+/)"
+    if weak_allowed:
+        return None
+    if len(value) < MIN_SECRET_CHARS:
+        return f"it is {len(value)} characters long; use {MIN_SECRET_CHARS} or more"
+    lowered = value.lower()
+    if any(word in lowered for word in PLACEHOLDER_WORDS):
+        return "it looks like a placeholder (it contains a word such as 'change', 'secret' or 'token')"
+    if _has_sequence(value):
+        return f"it contains a run of {SEQUENCE_RUN} consecutive characters such as 'abcdefg' or '1234567'"
+    if _bits(value) < MIN_SECRET_BITS:
+        return f"it repeats too few different characters (under {MIN_SECRET_BITS} bits of entropy)"
+    return None
+
+
+def _bits(value: str) -> float:
+    """Shannon entropy of the characters, times the length: repetition ("aaaa", "abab") scores low."""
+    n = len(value)
+    return -n * sum(c / n * math.log2(c / n) for c in collections.Counter(value).values())
+
+
+def _has_sequence(value: str) -> bool:
+    up = down = 1
+    for a, b in itertools.pairwise(value):
+        up = up + 1 if ord(b) - ord(a) == 1 else 1
+        down = down + 1 if ord(a) - ord(b) == 1 else 1
+        if max(up, down) >= SEQUENCE_RUN:
+            return True
+    return False
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; false for 0.0.0.0 and every other name."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(url: str) -> str:
+    """``redis://:s3cret@host:6379/0`` -> ``redis://:***@host:6379/0``; anything else unchanged."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<a URL that cannot be parsed>"
