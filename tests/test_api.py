@@ -29,7 +29,7 @@ from gpufleet.control import ControlPlane
 from gpufleet.dev.services import free_port
 from tests.harness import FleetHarness
 
-TOKEN = "test-api-token-0123456789"
+TOKEN = "vlm5BGAxmTo_-cSIGqI7RtGJXLejaQpMe9MJT7Y80F4"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_PAYLOAD = 4096  # the harness's defaults.max_payload_bytes
 FUZZ_EXAMPLES = 25  # per operation and generation mode: 31 runs, ~700 requests, ~20 s

@@ -11,12 +11,10 @@ import base64
 import hashlib
 import hmac
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +29,12 @@ from gpufleet.objects import ObjectEvent
 from gpufleet.settings import load_fleet
 from tests.harness import FUNCTIONS, FleetHarness
 from tests.s3samples import MINIO_ETAG, ceph_record, minio_log, minio_record
+from tests.snsutil import ConfirmEndpoint, TestCA, make_ca
 
-API_TOKEN = "test-api-token-0123456789"
-HOOK_TOKEN = "minio-webhook-token-0123456789"
-SNS_TOKEN = "sns-webhook-token-0123456789"
-HMAC_SECRET = "hmac-webhook-secret-0123456789"
+API_TOKEN = "yC2dL925bpehnjly-XLjT0nKFkzLNKuQTOGe1kQV7r8"
+HOOK_TOKEN = "cRD8lA4ZNpKa8DyACLBGuA4f8ptqDtRmsVIMa9MpxKY"
+SNS_TOKEN = "qK-PoI4W9Qqa1bIM4mdcAp2iv9CunUw7oIUo-TtUwbI"
+HMAC_SECRET = "Igc2KhUbGdER_hKF2yvOwJ60Nv1Ek4A99KdWEBx_Onw"
 SIGNED_MAX_BYTES = 1024  # the signed trigger's own max_payload_bytes; the fleet's default is 4096
 ETAG = MINIO_ETAG  # what minio_record sends by default
 TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:gpufleet-uploads"
@@ -122,7 +121,7 @@ def signature(body: bytes, secret: str = HMAC_SECRET) -> str:
 
 @dataclass
 class Hooks:
-    """A running fleet with four webhook triggers and one Kafka ``format: s3`` trigger."""
+    """A running fleet with five webhook triggers and one Kafka ``format: s3`` trigger."""
 
     harness: FleetHarness
     client: httpx.Client
@@ -179,12 +178,28 @@ class Hooks:
 
 
 def task_id(bucket: str, key: str, etag: str = ETAG, event_type: str = "ObjectCreated:Put") -> str:
-    return ObjectEvent(bucket=bucket, key=key, event_type=event_type, etag=etag).task_id()
+    return ObjectEvent(bucket=bucket, key=key, event_type=event_type, etag=etag).task_id("echo")
+
+
+class _TrustingHarness(FleetHarness):
+    """A fleet whose api role trusts the test CA of the SubscribeURL stand-in (OpenSSL reads SSL_CERT_FILE)."""
+
+    def __init__(self, services: Any, tmp_path: Path, ca: TestCA) -> None:
+        self.ca = ca
+        super().__init__(services, tmp_path)
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "SSL_CERT_FILE": str(self.ca.ca_file)}
 
 
 @pytest.fixture(scope="module")
-def hooks(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hooks]:
-    harness = FleetHarness(services, tmp_path_factory.mktemp("object-push"))
+def sns_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return make_ca(tmp_path_factory.mktemp("sns-ca"))
+
+
+@pytest.fixture(scope="module")
+def hooks(services: Any, sns_ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hooks]:
+    harness = _TrustingHarness(services, tmp_path_factory.mktemp("object-push"), sns_ca)
     port = free_port()
     webhook = {"function": "echo"}
     harness.write_config(
@@ -194,7 +209,14 @@ def hooks(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[H
                 **webhook,
                 "source": "webhook:///aws/sns",
                 "token": SNS_TOKEN,
-                "sns_confirm_hosts": [r"^127\.0\.0\.1$"],
+                "sns_confirm_hosts": ["127.0.0.1", "localhost", "*.invalid"],
+                "sns_confirm_private": True,  # the stand-in for SNS is on 127.0.0.1
+            },
+            "sns-strict": {
+                **webhook,
+                "source": "webhook:///aws/sns-strict",
+                "token": SNS_TOKEN,
+                "sns_confirm_hosts": ["127.0.0.1", "localhost"],
             },
             "signed": {
                 **webhook,
@@ -315,7 +337,7 @@ def test_sns_notifications_over_http_basic(hooks: Hooks) -> None:
     assert hooks.total_tasks() == before
 
     tid = ObjectEvent(bucket=bucket, key="reports/q1 2024+final.csv", event_type="ObjectCreated:Put",
-                      etag="d41d8cd98f00b204e9800998ecf8427e").task_id()  # fmt: skip
+                      etag="d41d8cd98f00b204e9800998ecf8427e").task_id("echo")  # fmt: skip
     event = hooks.echoed({tid})[tid]
     assert event["key"] == "reports/q1 2024+final.csv" and event["source"] == "aws:s3"
     assert event["region"] == "us-east-1" and event["size"] == 77
@@ -323,76 +345,66 @@ def test_sns_notifications_over_http_basic(hooks: Hooks) -> None:
     assert not [r for r in hooks.harness.records("dlq", 0, timeout_s=5) if r["key"] == f"webhook:aws/sns/{test_id}"]
 
 
-class _ConfirmEndpoint:
-    """A local stand-in for SNS's SubscribeURL: records every GET."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-        paths = self.paths
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                paths.append(self.path)
-                body = (
-                    b"<ConfirmSubscriptionResponse><SubscriptionArn>arn</SubscriptionArn></ConfirmSubscriptionResponse>"
-                )
-                if self.path.startswith("/denied"):  # as SNS answers an expired or forged token
-                    self.send_response(403)
-                elif self.path.startswith("/redirect"):  # elsewhere: a host not in sns_confirm_hosts
-                    self.send_response(302)
-                    self.send_header("Location", f"http://localhost:{self.headers['Host'].rpartition(':')[2]}/escaped")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Type", "text/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> _ConfirmEndpoint:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
-def test_sns_subscription_is_confirmed_only_on_an_allowed_host(hooks: Hooks) -> None:
-    with _ConfirmEndpoint() as sns:
-        url = f"http://127.0.0.1:{sns.port}/?Action=ConfirmSubscription&TopicArn={TOPIC_ARN}&Token=2336412f"
+def test_sns_subscription_is_confirmed_only_on_an_allowed_host(hooks: Hooks, sns_ca: TestCA) -> None:
+    with ConfirmEndpoint(sns_ca) as sns:
+        url = f"https://127.0.0.1:{sns.port}/?Action=ConfirmSubscription&TopicArn={TOPIC_ARN}&Token=2336412f"
         body = sns_confirmation(url)
         # Without credentials nothing is fetched.
         r = hooks.post("aws/sns", body, token=None, Content_Type="text/plain; charset=UTF-8")
         assert r.status_code == 401 and sns.paths == []
         r = hooks.post("aws/sns", body, token=SNS_TOKEN, Content_Type="text/plain; charset=UTF-8")
         assert r.status_code == 200 and r.json() == {"confirmed": True}, r.text
-        assert sns.paths == [url.removeprefix(f"http://127.0.0.1:{sns.port}")]
-        # The minio trigger allows only AWS's SNS hosts (the default): the same confirmation is refused.
-        r = hooks.post("minio", body)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "sns_host_not_allowed", r.text
-        for refused in (f"http://localhost:{sns.port}/", f"http://127.0.0.1.example.com:{sns.port}/",
-                        f"ftp://127.0.0.1:{sns.port}/", "file:///etc/passwd", "not a url"):  # fmt: skip
-            r = hooks.post("aws/sns", sns_confirmation(refused), token=SNS_TOKEN)
-            assert r.status_code == 400 and r.json()["error"]["code"] == "sns_host_not_allowed", (refused, r.text)
-        assert len(sns.paths) == 1
+        assert sns.paths == [url.removeprefix(f"https://127.0.0.1:{sns.port}")]
+        # By name: the certificate is checked for "localhost" (sent as SNI) at the address the name resolved to.
+        r = hooks.post("aws/sns", sns_confirmation(f"https://LocalHost:{sns.port}/by-name"), token=SNS_TOKEN)
+        assert r.status_code == 200 and r.json() == {"confirmed": True}, r.text
+        assert sns.paths[-1] == "/by-name" and sns.sni[-1] == "localhost"
+        fetched = list(sns.paths)
 
-        # An allowed host that refuses, redirects elsewhere or does not answer: a 502 the sender may retry, not a 500.
+        # The minio trigger allows only AWS's SNS hosts (the default), and sns-strict no IP literal or private
+        # address: the same confirmation is refused, and nothing is fetched.
+        answers = {"minio": hooks.post("minio", body)}
+        for strict in (url, f"https://localhost:{sns.port}/"):
+            answers[f"sns-strict {strict}"] = hooks.post("aws/sns-strict", sns_confirmation(strict), token=SNS_TOKEN)
+        secret = "Token=Zm9yZ2VkLXRva2VuLXZhbHVl"
+        for refused in (f"http://127.0.0.1:{sns.port}/?{secret}", f"https://localhost.evil.invalid:{sns.port}/",
+                        f"https://127.0.0.1.nip.io:{sns.port}/", f"https://localhostXX:{sns.port}/",
+                        f"https://xlocalhost:{sns.port}/", f"ftp://127.0.0.1:{sns.port}/", "file:///etc/passwd",
+                        "not a url", "", "https://[::1", "https://a:b:c/", "https://sns.us-east-1.amazonaws.com:99999/",
+                        f"https://127.0.0.1:{sns.port}/\r\nX-Injected: 1", f"https://127.0.0.1:{sns.port}/\x00?{secret}",
+                        f"https://127.0.0.1:{sns.port}/ok\x7f", f"https://127.0.0.1:{sns.port}/\u00e9",
+                        f"https://user:pw@127.0.0.1:{sns.port}/"):  # fmt: skip
+            answers[refused] = hooks.post("aws/sns", sns_confirmation(refused), token=SNS_TOKEN)
+        assert sns.paths == fetched
+
+        # An allowed host that refuses, redirects elsewhere, answers 403 or has no address.
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))
-            unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}/?Token=1"
-            for failing in (f"http://127.0.0.1:{sns.port}/denied?Token=1", f"http://127.0.0.1:{sns.port}/redirect",
-                            unreachable):  # fmt: skip
-                r = hooks.post("aws/sns", sns_confirmation(failing), token=SNS_TOKEN)
-                assert r.status_code == 502 and r.json()["error"]["code"] == "sns_confirm_failed", (failing, r.text)
-        assert sns.paths[1:] == ["/denied?Token=1", "/redirect"]  # the redirect was not followed
+            for failing in (f"https://127.0.0.1:{sns.port}/denied?{secret}", f"https://127.0.0.1:{sns.port}/redirect",
+                            f"https://127.0.0.1:{closed.getsockname()[1]}/?{secret}",
+                            f"https://nowhere.invalid:{sns.port}/?{secret}"):  # fmt: skip
+                answers[failing] = hooks.post("aws/sns", sns_confirmation(failing), token=SNS_TOKEN)
+        assert sns.paths == [*fetched, f"/denied?{secret}", "/redirect"]  # the redirect was not followed
+
+    # Whatever the cause, the sender gets the same 502 (which it may retry), never a 500: a forged confirmation
+    # cannot tell an open port from a closed one or a missing name. The log says which, without the token.
+    first = answers["minio"]
+    assert first.status_code == 502 and first.json()["error"]["code"] == "sns_confirm_failed", first.text
+    different = {k: (r.status_code, r.text) for k, r in answers.items()
+                 if (r.status_code, r.content) != (502, first.content)}  # fmt: skip
+    assert not different, different
+    log = hooks.harness.log_text()
+    for cause in ("is not allowed by sns_confirm_hosts", "is an IP address", "not a public address", "HTTP 403",
+                  "HTTP 302", "cannot connect", "cannot resolve", "scheme is 'http'"):  # fmt: skip
+        assert cause in log, cause
+    assert "Zm9yZ2VkLXRva2VuLXZhbHVl" not in log
+
+
+def test_an_sns_answer_is_read_up_to_a_cap(hooks: Hooks, sns_ca: TestCA) -> None:
+    with ConfirmEndpoint(sns_ca) as sns:
+        r = hooks.post("aws/sns", sns_confirmation(f"https://localhost:{sns.port}/huge"), token=SNS_TOKEN)
+        assert r.status_code == 200 and r.json() == {"confirmed": True}, r.text
+        assert sns.huge_done.wait(30) and sns.huge_complete is False  # the api hung up long before its end
 
 
 def test_webhooks_refuse_missing_or_wrong_credentials_and_enqueue_nothing(hooks: Hooks) -> None:
@@ -424,9 +436,9 @@ def test_webhooks_refuse_missing_or_wrong_credentials_and_enqueue_nothing(hooks:
         assert r.headers["www-authenticate"] == 'Bearer, Basic realm="gpufleet"'
     assert hooks.harness.registry.get(tid) is None
     assert hooks.total_tasks() == before
-    # A path no trigger serves is a 404, whatever the credentials.
+    # A path no trigger serves answers the same 401, whatever the credentials: names cannot be enumerated.
     r = hooks.post("nope", body)
-    assert r.status_code == 404, r.text
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
 
     # Nothing was enqueued above: the first accepted delivery is new, not a duplicate.
     hooks.accepted("signed", body, counts(published=1), token=None, X_Gpufleet_Signature=signature(body))
@@ -586,8 +598,9 @@ def test_token_env_names_a_variable_that_must_be_set(tmp_path: Path) -> None:
         and err.value.key == "token_env"
     )
     assert "MINIO_HOOK_TOKEN" in str(err.value)
-    with pytest.raises(ConfigError, match="too short"):
+    with pytest.raises(ConfigError, match=r"token_env .* 5 characters long") as err:
         load_fleet(config, env={"MINIO_HOOK_TOKEN": "short"})
+    assert "short" not in str(err.value).replace("5 characters", "")
     fleet = load_fleet(config, env={"MINIO_HOOK_TOKEN": HOOK_TOKEN})
     assert fleet.triggers["hook"].token == HOOK_TOKEN
 
@@ -599,3 +612,17 @@ def test_a_webhook_needs_the_api_role(tmp_path: Path) -> None:
         load_fleet(config, env={})
     assert err.value.file == str(config) and err.value.key == "api.enabled" and "hook" in str(err.value)
     assert load_fleet(config, env={"GPUFLEET_API__ENABLED": "true", "GPUFLEET_API__TOKEN": API_TOKEN}).triggers
+
+
+def test_sns_confirm_hosts_are_host_patterns_not_regexes(tmp_path: Path) -> None:
+    trigger = {"source": "webhook:///aws/sns", "function": "echo", "token": SNS_TOKEN,
+               "sns_confirm_hosts": [r"^sns\.[a-z0-9-]+\.amazonaws\.com$"]}  # fmt: skip
+    config = _config(tmp_path, trigger)
+    with pytest.raises(ConfigError) as err:
+        load_fleet(config, env={})
+    assert err.value.key == "sns_confirm_hosts" and "hook.yaml" in str(err.value)
+    assert "sns.*.amazonaws.com" in str(err.value) and "regular expressions are not accepted" in str(err.value)
+    trigger["sns_confirm_hosts"] = ["SNS.*.amazonaws.com", "localhost"]
+    (tmp_path / "triggers" / "hook.yaml").write_text(yaml.safe_dump(trigger))
+    hook = load_fleet(config, env={}).triggers["hook"]
+    assert hook.sns_confirm_hosts == ("sns.*.amazonaws.com", "localhost") and hook.sns_confirm_private is False

@@ -103,3 +103,9 @@ class InvalidRequestError(RequestError):
 
 class PayloadTooLargeError(RequestError):
     status = 413
+
+
+class BodyTimeoutError(RequestError):
+    """The request body did not arrive within ``api.body_timeout_s``."""
+
+    status = 408

@@ -27,12 +27,12 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gpufleet import __version__
-from gpufleet.api import models
+from gpufleet.api import bodies, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
 from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
-from gpufleet.errors import EventError, InvalidRequestError, PayloadTooLargeError
+from gpufleet.errors import EventError, InvalidRequestError
 from gpufleet.events import MAX_DEPTH, decode_event
 from gpufleet.registry import State
 
@@ -55,6 +55,7 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
     settings = control.fleet.settings
     max_body = settings.defaults.max_payload_bytes
     max_page = settings.api.max_page
+    body_timeout_s = settings.api.body_timeout_s
     bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="the fleet's api.token")
     expected = token.encode()
 
@@ -66,20 +67,9 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
             raise UnauthorizedError("unauthorized", "wrong bearer token")
 
     async def read_body(request: Request) -> bytes:
-        """The raw body, refused (413) as soon as it is known to exceed the limit: before parsing, and before
-        reading it all when Content-Length says so."""
-        too_large = PayloadTooLargeError("payload_too_large", f"the body exceeds max_payload_bytes ({max_body})")
-        length = request.headers.get("content-length", "")
-        if length.isascii() and length.isdigit() and int(length) > max_body:
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        """The raw body, after the token was checked: 413 as soon as it is known to exceed the limit (before
+        reading it all when Content-Length says so), 408 if it does not arrive within api.body_timeout_s."""
+        return await bodies.read_body(request, max_body, body_timeout_s)
 
     app = FastAPI(
         title="gpufleet",
@@ -212,7 +202,7 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
 
     app.include_router(v1)
     if webhooks:
-        app.include_router(webhook_router(list(webhooks)))
+        app.include_router(webhook_router(list(webhooks), body_timeout_s))
 
     @app.get("/healthz", tags=["fleet"], response_model=models.Health, responses=_errors(503))
     def healthz() -> dict[str, str]:

@@ -52,8 +52,14 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, _unavailable)
 
 
+# Answered before the body was read (or all of it): the connection is closed, so the rest is never read either.
+CLOSE = {"Connection": "close"}
+
+
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, UnauthorizedError) else None
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, UnauthorizedError) else {}
+    if exc.status in (401, 408, 413):
+        headers |= CLOSE
     return error_response(exc.status, exc.code, exc.message, headers=headers)
 
 

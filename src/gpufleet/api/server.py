@@ -19,7 +19,6 @@ import uvicorn
 from gpufleet.api.app import create_app
 from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.control import ControlPlane
-from gpufleet.errors import ConfigError
 from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.api")
@@ -33,9 +32,7 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
         ConfigError: ``api.token`` is not set.
     """
     api = fleet.settings.api
-    if api.token is None:
-        raise ConfigError("is required to serve the API", file=str(fleet.config_file), key="api.token",
-                          fix="set api.token or GPUFLEET_API__TOKEN (16+ characters)")  # fmt: skip
+    token = api.require_token(str(fleet.config_file))
     control = ControlPlane(fleet)
     _ = control.factory  # build the Celery app now, not in the first request (nor twice in two threads)
     webhooks = [WebhookTrigger(fleet, t) for t in fleet.triggers.values()
@@ -43,7 +40,7 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
     for hook in webhooks:
         log.info("webhook trigger served", trigger=hook.name, path=f"/v1/webhooks/{hook.path}")
     config = uvicorn.Config(
-        create_app(control, api.token, webhooks),
+        create_app(control, token, webhooks),
         host=api.host,
         port=api.port,
         log_config=None,
@@ -52,6 +49,9 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
         lifespan="off",
         server_header=False,
         timeout_graceful_shutdown=GRACE_S,
+        # Connections and requests at once; beyond it, 503 at once. With api.body_timeout_s this bounds what slow
+        # or stalled clients can hold: max_connections bodies of at most max_payload_bytes, for at most that long.
+        limit_concurrency=api.max_connections,
     )
     try:
         _Server(config, stop).run()

@@ -5,15 +5,23 @@ A trigger file with ``source: webhook:///minio`` is served by the api role at ``
 - **Authentication**, per trigger, checked before anything else (401 and nothing enqueued without it):
   ``Authorization: Bearer <token>`` (MinIO's ``auth_token``), HTTP Basic with the token as the password (for
   SNS: subscribe ``https://gpufleet:<token>@host/v1/webhooks/name``), or ``X-Gpufleet-Signature:
-  sha256=<hex HMAC-SHA256 of the body>`` with ``hmac_secret``.
+  sha256=<hex HMAC-SHA256>`` with ``hmac_secret``, over the body or, with ``X-Gpufleet-Timestamp``, over
+  ``<timestamp>.<body>`` (see :meth:`WebhookTrigger.signature_authorized`). Bearer and Basic are checked before
+  the body is read; an unknown path and a bad credential get the same 401 (see :func:`router`).
+- **Replays.** A sender that cannot sign a timestamp (MinIO, Ceph and SNS send a bearer token or Basic
+  credentials) is protected by the task ids instead: an object event's id is the object's identity, so a replayed
+  notification is a duplicate for as long as the task's record is kept (``retention_s``).
 - **Durable before 2xx**: the answer comes after the tasks are in Redis (and dead letters are acknowledged by
   Kafka). If Redis is unreachable for ``PUBLISH_TIMEOUT_S``, it is 503 and the sender retries.
 - Bodies over ``max_payload_bytes`` get 413. A body that cannot become tasks (malformed, not S3 events, too many
   records, anything that fails) is dead-lettered with its reason and answered 422 with that reason: never a 5xx,
   which would make the sender retry it in a loop.
-- SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm, only if its host matches
-  ``sns_confirm_hosts`` (AWS's SNS hosts by default), so a forged confirmation cannot make us fetch any URL.
-  Redirects are not followed. A fetch that fails (refused, unreachable, not 2xx) is 502 ``sns_confirm_failed``.
+- SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm (:mod:`gpufleet.api.sns`), only
+  over https, only if its whole host matches a pattern of ``sns_confirm_hosts`` (``sns.*.amazonaws.com`` and
+  ``sns.*.amazonaws.com.cn`` by default, ``*`` being one DNS label), and only at a public address (IP literals and
+  private, loopback or link-local addresses are refused unless ``sns_confirm_private``), so a forged confirmation
+  cannot make us fetch any URL. Redirects are not followed and at most 64 KiB of the answer is read. Any failure
+  (refused URL, DNS, connection, TLS, not 2xx) is the same 502 ``sns_confirm_failed``; the log says which.
 """
 
 from __future__ import annotations
@@ -21,19 +29,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import threading
-import urllib.request
+import time
 import uuid
-from email.message import Message
-from typing import IO, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from gpufleet.api.errors import error_response
+from gpufleet.api.bodies import read_body
+from gpufleet.api.errors import CLOSE, error_response
+from gpufleet.api.sns import SnsConfirmError, confirm_subscription, redact
 from gpufleet.errors import RequestError
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers import parse_source
@@ -43,6 +51,7 @@ from gpufleet.triggers.s3events import parse_notification
 log = structlog.get_logger("gpufleet.webhook")
 PUBLISH_TIMEOUT_S = 10.0
 SIGNATURE_HEADER = "X-Gpufleet-Signature"
+TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
 
 
 class WebhookTrigger:
@@ -54,28 +63,42 @@ class WebhookTrigger:
         self.path = parse_source(trigger.source).path.strip("/")
         self.ingest = ingest or Ingest(fleet, trigger)
         self.max_bytes = self.ingest.max_bytes
-        self._confirm_hosts = [re.compile(p) for p in trigger.sns_confirm_hosts]
 
-    def authorized(self, headers: Any, body: bytes) -> bool:
-        token, secret = self.trigger.token, self.trigger.hmac_secret
-        auth = headers.get("authorization", "")
-        scheme, _, credentials = auth.partition(" ")
-        if token is not None:
-            if scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode()):
-                return True
-            if scheme.lower() == "basic":
-                try:
-                    _, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
-                except (ValueError, UnicodeDecodeError):
-                    return False
-                if hmac.compare_digest(password.encode(), token.encode()):
-                    return True
-        if secret is not None:
-            expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-            given = headers.get(SIGNATURE_HEADER.lower(), "")
-            if hmac.compare_digest(given.encode(), expected.encode()):
-                return True
+    def header_authorized(self, headers: Any) -> bool:
+        """``Authorization: Bearer <token>``, or Basic with the token as the password: checked before any of the
+        body is read."""
+        token = self.trigger.token
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        if token is None:
+            return False
+        if scheme.lower() == "bearer":
+            return hmac.compare_digest(credentials.strip().encode(), token.encode())
+        if scheme.lower() == "basic":
+            try:
+                _, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return hmac.compare_digest(password.encode(), token.encode())
         return False
+
+    def signature_authorized(self, headers: Any, body: bytes, now: float) -> bool:
+        """``X-Gpufleet-Signature: sha256=HMAC(secret, body)``, or, with ``X-Gpufleet-Timestamp: <unix seconds>``,
+        ``HMAC(secret, "<timestamp>." + body)`` and a timestamp within ``hmac_tolerance_s`` of now: a captured
+        request cannot be replayed later. ``hmac_require_timestamp`` refuses signatures without one."""
+        secret = self.trigger.hmac_secret
+        if secret is None:
+            return False
+        stamp = headers.get(TIMESTAMP_HEADER.lower())
+        if stamp is None:
+            if self.trigger.hmac_require_timestamp:
+                return False
+            signed = body
+        else:
+            if not (stamp.isascii() and stamp.isdigit() and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s):
+                return False
+            signed = stamp.encode() + b"." + body
+        expected = "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), "").encode(), expected.encode())
 
     def receive(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """Publish what a notification asks for; returns the HTTP status and the counts: 200, or 422 when the body
@@ -112,27 +135,13 @@ class WebhookTrigger:
 
     def _confirm(self, envelope: dict[str, Any]) -> dict[str, Any]:
         url = str(envelope.get("SubscribeURL", ""))
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not any(p.match(parts.hostname or "") for p in self._confirm_hosts):
-            log.warning("SNS confirmation refused: host not allowed", trigger=self.name, host=parts.hostname)
-            raise RequestError("sns_host_not_allowed", f"SubscribeURL host {parts.hostname!r} is not in "
-                               "sns_confirm_hosts")  # fmt: skip
         try:
-            with urllib.request.build_opener(_NoRedirect).open(url, timeout=10) as resp:  # scheme and host checked
-                resp.read()
-        except (OSError, ValueError) as exc:  # URLError, HTTPError (a 3xx too), timeouts; http.client.InvalidURL
-            log.warning("SNS confirmation failed", trigger=self.name, host=parts.hostname, error=str(exc))
-            raise _ConfirmFailedError("sns_confirm_failed", f"GET SubscribeURL failed: {exc}") from None
+            confirm_subscription(url, self.trigger.sns_confirm_hosts, allow_private=self.trigger.sns_confirm_private)
+        except SnsConfirmError as exc:  # the sender learns nothing of why: a probe must not map the network
+            log.warning("SNS confirmation failed", trigger=self.name, url=redact(url), cause=exc.cause)
+            raise _ConfirmFailedError("sns_confirm_failed", "the SubscribeURL could not be confirmed") from None
         log.info("SNS subscription confirmed", trigger=self.name, topic=envelope.get("TopicArn"))
         return {"confirmed": True}
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """SNS answers a SubscribeURL itself; following a redirect would fetch a host sns_confirm_hosts never allowed."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
-                         headers: Message, newurl: str) -> None:  # fmt: skip
-        return None  # urllib then raises HTTPError for the 3xx
 
 
 class _UnavailableError(RequestError):
@@ -140,35 +149,48 @@ class _UnavailableError(RequestError):
 
 
 class _ConfirmFailedError(RequestError):
+    """One answer for every failed confirmation, whatever the cause (which only the log tells)."""
+
     status = 502
 
 
-def router(webhooks: list[WebhookTrigger]) -> APIRouter:
-    """``POST /v1/webhooks/<path>`` for each webhook trigger. Not behind the API token: each has its own."""
+def router(webhooks: list[WebhookTrigger], body_timeout_s: float) -> APIRouter:
+    """``POST /v1/webhooks/<path>``, one route for every webhook trigger. Not behind the API token: each trigger
+    has its own secret.
+
+    Nothing tells a caller without credentials whether a path exists: an unknown path, a missing and a wrong
+    credential get the same 401. The body is only read for a caller whose Bearer or Basic credentials were right,
+    or who sent a signature header (an HMAC needs the body): then at most the largest webhook limit is read,
+    within ``api.body_timeout_s``, whatever the path.
+    """
+    hooks = {hook.path: hook for hook in webhooks}
+    signed_limit = max(hook.max_bytes for hook in webhooks)
     api = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-    for hook in webhooks:
-        api.add_api_route(f"/{hook.path}", _endpoint(hook), methods=["POST"], name=f"webhook_{hook.name}",
-                          summary=f"Object notifications for trigger {hook.name!r}",
-                          response_model=None)  # fmt: skip
-    return api
 
-
-def _endpoint(hook: WebhookTrigger) -> Any:
-    async def receive(request: Request) -> JSONResponse:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > hook.max_bytes:
-                return error_response(413, "payload_too_large", f"the body exceeds {hook.max_bytes} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if not hook.authorized(request.headers, body):
-            log.warning("webhook call refused: bad or missing credentials", trigger=hook.name)
-            return error_response(401, "unauthorized", "send the trigger's bearer token or HMAC signature",
-                                  headers={"WWW-Authenticate": 'Bearer, Basic realm="gpufleet"'})  # fmt: skip
-        from starlette.concurrency import run_in_threadpool
-
+    async def receive(request: Request, path: str) -> JSONResponse:
+        hook = hooks.get(path)
+        if hook is not None and hook.header_authorized(request.headers):
+            body = await read_body(request, hook.max_bytes, body_timeout_s)
+        elif SIGNATURE_HEADER.lower() in request.headers:
+            body = await read_body(request, signed_limit, body_timeout_s)
+            if hook is None or not hook.signature_authorized(request.headers, body, time.time()):
+                return _unauthorized(request, hook)
+            if len(body) > hook.max_bytes:
+                return error_response(413, "payload_too_large", f"the body exceeds {hook.max_bytes} bytes",
+                                      headers=CLOSE)  # fmt: skip
+        else:
+            return _unauthorized(request, hook)
         status, answer = await run_in_threadpool(hook.receive, body)
         return JSONResponse(answer, status_code=status)
 
-    return receive
+    api.add_api_route("/{path:path}", receive, methods=["POST"], name="webhook", response_model=None,
+                      summary="Object notifications for the webhook trigger served at this path")  # fmt: skip
+    return api
+
+
+def _unauthorized(request: Request, hook: WebhookTrigger | None) -> JSONResponse:
+    # The same answer whatever went wrong; only the log tells an unknown path from bad credentials.
+    log.warning("webhook call refused", trigger=hook.name if hook else None, path=request.url.path[:200],
+                reason="bad or missing credentials" if hook else "no webhook at this path")  # fmt: skip
+    return error_response(401, "unauthorized", "send the trigger's bearer token or HMAC signature",
+                          headers={"WWW-Authenticate": 'Bearer, Basic realm="gpufleet"', **CLOSE})  # fmt: skip
