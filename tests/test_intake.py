@@ -103,7 +103,7 @@ def test_events_that_cannot_be_stored_or_quoted_back_are_refused_with_a_reason(i
     assert reason(routed, routing({}, id="ok\n")) == "bad_id"  # "$" used to let a trailing newline in
     assert reason(routed, routing({}, id=2**64)) == "bad_number"
     assert reason(routed, routing({}, id=1.5)) == "bad_id"
-    assert outcome(routed, routing({}, id="fine-id")).tasks[0].message.task_id == "fine-id"
+    assert outcome(routed, routing({}, id="fine-id")).tasks[0].message.task_id == "json:fine-id"
 
 
 def test_object_records_that_would_break_later_are_refused(ingests: dict[str, Ingest]) -> None:
@@ -148,7 +148,7 @@ def test_an_unexpected_failure_dead_letters_the_message_and_intake_goes_on(
     monkeypatch.setattr(ingest.factory, "build", build)
     batch = ingest.prepare([message(dumps({"function": "echo", "payload": {"poison": True}}), 1),
                             message(dumps({"function": "echo", "payload": {"fine": True}}), 2)])  # fmt: skip
-    assert [t.message.task_id for t in batch.tasks] == ["test-2"]
+    assert [t.message.task_id for t in batch.tasks] == ["json:test-2"]
     [letter] = batch.dead
     assert letter.headers["reason"] == "intake_error"
     assert letter.headers["detail"] == "TypeError: Recursion limit reached"

@@ -25,7 +25,7 @@ def test_n_messages_give_n_success_callbacks_and_one_record_each(harness: FleetH
     assert sorted(r["key"] for r in records) == sorted(f"requests:m{i}" for i in range(n))
     for r in records:
         body = r["value"]
-        i = int(r["key"][1:])
+        i = int(r["key"].removeprefix("requests:m"))
         assert r["headers"] == {"condition": "Success", "function": "echo"}
         assert body["requestContext"]["requestId"] == r["key"]
         assert body["requestContext"]["condition"] == "Success"
@@ -113,7 +113,7 @@ def test_the_same_message_id_runs_once(harness: FleetHarness) -> None:
 def test_worker_process_killed_mid_task_runs_again_with_one_success(harness: FleetHarness) -> None:
     harness.start()
     harness.send("slow", {"seconds": 2}, id="victim")
-    pid = int(harness.wait_for(lambda: harness.redis.get("pid:victim"), what="the task to start"))
+    pid = int(harness.wait_for(lambda: harness.redis.get("pid:requests:victim"), what="the task to start"))
     os.kill(pid, signal.SIGKILL)  # the pool process running the handler, mid-task
     harness.wait_for(lambda: (harness.registry.get("requests:victim") or {}).get("state") == "SUCCEEDED", what="re-run")
     records = [r for r in harness.records("success", 1) if r["key"] == "requests:victim"]
@@ -122,7 +122,7 @@ def test_worker_process_killed_mid_task_runs_again_with_one_success(harness: Fle
     assert body["requestContext"]["approximateInvokeCount"] == 2
     assert body["responsePayload"] == {"slept": 2, "attempt": 2}
     assert harness.runs("requests:victim") == 2
-    assert int(harness.redis.get("pid:victim") or 0) != pid
+    assert int(harness.redis.get("pid:requests:victim") or 0) != pid
 
 
 def test_status_command_reads_the_registry(harness: FleetHarness) -> None:

@@ -217,10 +217,13 @@ class Ingest:
         if tasks and not retry_until(lambda: outcomes.extend(self.registry.enqueue_many(tasks)), stop, "publish"):
             return None
         dead = batch.dead
+        conflicts: dict[int, tuple[SourceMessage, list[str]]] = {}  # one dead letter per message, naming its ids
         for task, source, outcome in zip(tasks, batch.sources, outcomes, strict=True):
             if outcome is Enqueued.CONFLICT:
-                dead.append(self.dead_record(source, "id_conflict", f"task id {task.message.task_id} exists for "
-                                             "another function or source"))  # fmt: skip
+                conflicts.setdefault(id(source), (source, []))[1].append(task.message.task_id)
+        for source, ids in conflicts.values():
+            dead.append(self.dead_record(source, "id_conflict", f"task id(s) {', '.join(ids)} exist for another "
+                                         "function or source"))  # fmt: skip
         if dead and not retry_until(lambda: self._dead_letter(dead), stop, "dead-letter"):
             return None
         created = outcomes.count(Enqueued.CREATED)
