@@ -143,6 +143,8 @@ def test_yaml_errors_say_where_but_not_what(tmp_path: Path) -> None:
         ({"s3": "secret_access_key: SECRETvalue"}, None),  # a whole section given as a string
         ({"api": {"enabled": True, "token": 1234567890123456789}}, None),
         ({"redis": {"url": "http://user:SECRETvalue@redis:6379/0"}}, None),
+        ({"defaults": {"on_success": "kafkaa://user:SECRETvalue@broker:9092/done"}}, None),
+        ({"defaults": {"dead_letter": "kafka://user:SECRETvalue@broker:9092/"}}, None),
         ({"api": {"enabled": True, "token": STRONG}}, {"hook": {**HOOK, "hmac_secret": ["SECRETvalue"]}}),
         ({"api": {"enabled": True, "token": STRONG}}, {"hook": {**HOOK, "token": {"SECRETvalue": 1}}}),
     ],

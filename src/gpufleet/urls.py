@@ -6,6 +6,7 @@ import importlib
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError
 
 
@@ -31,7 +32,7 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
     if parts.scheme not in schemes:
         hint = did_you_mean(parts.scheme, list(schemes)) if parts.scheme else None
         raise ConfigError(
-            f"unsupported {what} URL {url!r}",
+            f"unsupported {what} URL {redact_url(url)!r}",
             file=where,
             key=key,
             fix=hint or f"use one of {', '.join(s + '://' for s in sorted(schemes))}",
@@ -39,7 +40,10 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
     path = unquote(parts.path.lstrip("/"))
     if not path:
         raise ConfigError(
-            f"{what} URL {url!r} names no topic or queue", file=where, key=key, fix=f"{parts.scheme}:///name"
+            f"{what} URL {redact_url(url)!r} names no topic or queue",
+            file=where,
+            key=key,
+            fix=f"{parts.scheme}:///name",
         )
     return Endpoint(
         url=url, scheme=parts.scheme, hosts=parts.netloc or None, path=path, options=dict(parse_qsl(parts.query))

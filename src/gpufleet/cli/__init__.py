@@ -154,6 +154,7 @@ def _api(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from gpufleet.credentials import redact_url
     from gpufleet.settings import load_fleet
 
     fleet = load_fleet(args.config)
@@ -162,7 +163,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"function {fn.name}: gpu={fn.gpu.model} pools={list(fn.gpu.pools)} timeout_s={fn.timeout_s:g} "
               f"max_attempts={fn.max_attempts} ({fn.source_file})")  # fmt: skip
     for t in fleet.triggers.values():
-        print(f"trigger {t.name}: {t.source} -> {t.function or '(function named by each message)'}")
+        print(f"trigger {t.name}: {redact_url(t.source)} -> {t.function or '(function named by each message)'}")
     return 0
 
 
