@@ -155,6 +155,13 @@ def test_invalid_secrets_are_masked_in_every_message(tmp_path: Path, fleet: dict
     assert "SECRET" not in message and "1234567890" not in message, message
 
 
+def test_ordinary_values_are_still_shown(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, {"kafka": {"session_timeout_ms": 12}}))
+    assert "kafka.session_timeout_ms" in message and "got 12" in message
+    message = config_error(write(tmp_path, {"worker": {"pools": "eu"}}))
+    assert "worker.pools" in message and "got 'eu'" in message
+
+
 def test_a_url_password_is_masked() -> None:
     assert redact_url("redis://:p%40ss@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redact_url("rediss://user:pw@h/0") == "rediss://user:***@h/0"

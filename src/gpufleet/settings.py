@@ -201,8 +201,8 @@ class FleetSettings(_Model):
             raise ValueError(f"api.dev is only for a loopback host, and api.host is {api.host!r}: set api.dev: false")
         problem = None if api.token is None else secret_problem(api.token, weak_allowed=api.weak_secrets_allowed)
         if problem is not None:
-            raise ValueError(f"api.token cannot be used: {problem}. {HOW_TO_GENERATE.capitalize()}; a weak token is "
-                             "only allowed with api.dev: true on a loopback api.host")  # fmt: skip
+            raise ValueError(f"api.token cannot be used: {problem}. To fix: {HOW_TO_GENERATE}; a weak token is only "
+                             "allowed with api.dev: true on a loopback api.host")  # fmt: skip
         return self
 
 
@@ -495,7 +495,8 @@ def _validate(model: type[M], raw: dict[str, Any], where: str, from_env: Mapping
 def _shown(model: type[BaseModel], loc: tuple[int | str, ...], value: Any) -> str:
     """A rejected value as an error message may show it: never a secret, nor a section that may hold one."""
     path = [str(part) for part in loc]
-    if is_secret_name(path[-1]) or _structured(model, path[:1]):
+    annotation = _annotation_at(model, path)
+    if is_secret_name(path[-1]) or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return hidden(value)
     if isinstance(value, dict | list | tuple):
         return f"a {type(value).__name__} of {len(value)} items"
@@ -503,15 +504,21 @@ def _shown(model: type[BaseModel], loc: tuple[int | str, ...], value: Any) -> st
     return shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
 
 
-def _structured(model: type[BaseModel], path: list[str]) -> bool:
-    """Whether the setting at ``path`` is a section or a list (given in the environment as YAML)."""
+def _annotation_at(model: type[BaseModel], path: list[str]) -> Any:
+    """The type of the setting at ``path``; None for a key the model does not have (validation names it)."""
     annotation: Any = model
     for part in path:
         is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         info = annotation.model_fields.get(part) if is_model else None
         if info is None:
-            return False  # an unknown key: validation names it
+            return None
         annotation = info.annotation
+    return annotation
+
+
+def _structured(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the setting at ``path`` is a section or a list (given in the environment as YAML)."""
+    annotation = _annotation_at(model, path)
     return get_origin(annotation) in (tuple, list, dict) or (
         isinstance(annotation, type) and issubclass(annotation, BaseModel)
     )
