@@ -88,6 +88,12 @@ def test_a_weak_webhook_secret_is_refused_without_being_shown(tmp_path: Path, ke
     assert f"{env_key} (HOOK_SECRET)" in message and "entropy" in message and "aaaa" not in message
 
 
+def test_gpufleet_token_prints_a_fresh_strong_token_every_time() -> None:
+    tokens = [subprocess.run([sys.executable, "-m", "gpufleet", "token"], capture_output=True, text=True, check=True,
+                             timeout=60).stdout.strip() for _ in range(2)]  # fmt: skip
+    assert tokens[0] != tokens[1] and all(secret_problem(t) is None for t in tokens)
+
+
 def test_an_hmac_secret_is_never_sent_in_a_header_so_any_character_is_fine() -> None:
     assert secret_problem("ü-" + STRONG, in_header=False) is None
     assert secret_problem("ü-" + STRONG) is not None
