@@ -1,10 +1,11 @@
 """Every error the HTTP API answers is JSON of one shape: ``{"error": {"code": ..., "message": ...}}``.
 
 Codes: ``unauthorized`` (401), ``not_found`` (404, no such route), ``task_not_found`` and ``function_not_found``
-(404), ``method_not_allowed`` (405), ``not_retriable``, ``function_not_served`` and ``busy`` (409),
-``payload_too_large`` (413), ``invalid_request`` (422, with ``details``: the request failed validation),
-``invalid_json``, ``schema_mismatch``, ``bad_idempotency_key``, ``bad_limit``, ``bad_state`` and ``bad_cursor``
-(422), ``internal`` (500) and ``unavailable`` (503: Redis cannot be reached; try again).
+(404), ``method_not_allowed`` (405), ``body_timeout`` (408), ``not_retriable``, ``function_not_served``, ``busy``
+and ``id_conflict`` (409), ``payload_too_large`` (413), ``invalid_request`` (422, with ``details``: the request
+failed validation), ``invalid_json``, ``schema_mismatch``, ``bad_idempotency_key``, ``bad_limit``, ``bad_state``
+and ``bad_cursor`` (422), ``internal`` (500), ``sns_confirm_failed`` (502) and ``unavailable`` (503: Redis cannot
+be reached; try again).
 """
 
 from __future__ import annotations
