@@ -157,6 +157,22 @@ class FleetHarness:
                 rec["value"] = None
         return out
 
+    def wait_api(self, client: Any, timeout_s: float = 60) -> None:
+        """Until the API answers ``/healthz`` through ``client`` (an httpx.Client); fails at once if the fleet
+        exited."""
+
+        def answers() -> bool:
+            import httpx
+
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"the fleet exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                return bool(client.get("/healthz").status_code == 200)
+            except httpx.TransportError:
+                return False
+
+        self.wait_for(answers, timeout_s, what="the API to answer /healthz")
+
     def wait_for(self, cond: Callable[[], Any], timeout_s: float = 60, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -80,17 +80,10 @@ def fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
     harness.start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            harness.wait_for(lambda: _answers(client), what="the API")
+            harness.wait_api(client)
             yield Fleet(harness, client)
     finally:
         harness.stop()
-
-
-def _answers(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _object(bucket: str, key: str) -> tuple[ObjectEvent, bytes]:

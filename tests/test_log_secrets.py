@@ -69,7 +69,7 @@ def test_debug_logs_carry_no_secret(services: Any, moto: S3Service, locked_redis
     try:
         s3.put_object(Bucket=bucket, Key="in/photo.jpg", Body=b"pixels")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            harness.wait_for(lambda: _answers(client), what="the API")
+            harness.wait_api(client)
             bearer = {"Authorization": f"Bearer {API_TOKEN}"}
             r = client.post("/v1/functions/echo/invocations", json={"x": 1}, headers=bearer)
             assert r.status_code == 202, r.text
@@ -109,13 +109,6 @@ def test_the_loggers_that_print_credentials_stay_at_warning() -> None:
             assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
     finally:
         configure_logging(LoggingSettings())
-
-
-def _answers(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _notification(bucket: str) -> bytes:

@@ -239,17 +239,7 @@ def hooks(services: Any, sns_ca: TestCA, tmp_path_factory: pytest.TempPathFactor
     harness.start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-
-            def listening() -> bool:
-                assert harness.proc is not None
-                if harness.proc.poll() is not None:
-                    raise AssertionError(f"the fleet exited with {harness.proc.returncode}:\n{harness.log_text()}")
-                try:
-                    return client.get("/healthz").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            harness.wait_for(listening, what="the API to answer /healthz")
+            harness.wait_api(client)
             yield Hooks(harness, client)
             assert harness.proc is not None and harness.proc.poll() is None, harness.log_text()[-4000:]
     finally:

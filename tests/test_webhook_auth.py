@@ -87,14 +87,8 @@ def api(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api
     harness.start("api")
     a = Api(harness, port)
 
-    def answers() -> bool:
-        try:
-            return a.client.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        harness.wait_for(answers, what="the API")
+        harness.wait_api(a.client)
         yield a
     finally:
         a.client.close()
