@@ -15,15 +15,13 @@ import os
 import threading
 import time
 from collections import defaultdict
-from typing import Any
 
 import orjson
 import redis
 import structlog
 
-from gpufleet.destinations import parse_destination
+from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord, Refusal
-from gpufleet.destinations.kafka import KafkaDestination, kafka_producer
 from gpufleet.errors import DeliveryError, GpufleetError
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS
@@ -44,7 +42,6 @@ class Dispatcher:
         self.stream = f"{s.redis.key_prefix}:callbacks"
         self.name = name or f"{s.worker.hostname}-{os.getpid()}"
         self._destinations: dict[str, Destination] = {}
-        self._producers: dict[str, Any] = {}
         self.parking = Parking(self.client, s.redis.key_prefix)
         self.delivered = 0
         self.parked = 0
@@ -52,13 +49,7 @@ class Dispatcher:
     def _destination(self, url: str) -> Destination:
         dest = self._destinations.get(url)
         if dest is None:
-            endpoint = parse_destination(url)
-            k = self.fleet.settings.kafka
-            bootstrap = endpoint.hosts or k.bootstrap_servers
-            # One producer per cluster, shared by all its topics.
-            if bootstrap not in self._producers:
-                self._producers[bootstrap] = kafka_producer(bootstrap, k)
-            dest = self._destinations[url] = KafkaDestination(endpoint, k, producer=self._producers[bootstrap])
+            dest = self._destinations[url] = open_destination(url, self.fleet.settings)
         return dest
 
     def _ensure_group(self) -> None:
@@ -90,8 +81,8 @@ class Dispatcher:
             else:
                 self._drain(batch_max)
         finally:
-            for producer in self._producers.values():
-                producer.close(timeout=5)
+            for destination in self._destinations.values():
+                destination.close()
             log.info("dispatcher stopped", delivered=self.delivered)
 
     def _drain(self, count: int, timeout_s: float = 10.0) -> None:

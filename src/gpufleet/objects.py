@@ -114,14 +114,15 @@ class ObjectStore:
         return f"s3://{bucket}/{key}"
 
 
-def make_client(service: str, settings: S3Settings) -> Any:
-    """A boto3 client for ``s3`` or ``sqs``: the configured endpoint (MinIO, Ceph, SeaweedFS, moto) or AWS."""
+def make_client(service: str, settings: S3Settings, max_attempts: int = 5) -> Any:
+    """A boto3 client for ``s3``, ``sqs`` or ``sns``: the configured endpoint (MinIO, Ceph, SeaweedFS, moto) or
+    AWS. SNS uses ``sqs_endpoint_url``, as moto and LocalStack serve both on one endpoint."""
     import boto3
     from botocore.config import Config
 
     endpoint = settings.endpoint_url if service == "s3" else settings.sqs_endpoint_url
     config = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"max_attempts": max_attempts, "mode": "standard"},
         s3={"addressing_style": settings.addressing_style},
         connect_timeout=5,
         read_timeout=60,

@@ -334,12 +334,12 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
     from gpufleet.destinations import parse_destination  # local: destinations import settings types
 
     for key in ("on_success", "on_failure", "dead_letter"):
-        parse_destination(getattr(settings.defaults, key), where=str(path), key=f"defaults.{key}")
+        parse_destination(getattr(settings.defaults, key), where=str(path), key=f"defaults.{key}", env=env)
     for fn in functions.values():
         for key in ("on_success", "on_failure"):
             url = getattr(fn, key)
             if url:
-                parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}")
+                parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}", env=env)
     hooks = [t.name for t in triggers.values() if t.enabled and t.scheme == "webhook"]
     if hooks and not settings.api.enabled:
         raise ConfigError(f"webhook trigger(s) {hooks} are served by the api role, which is off", file=str(path),
@@ -381,7 +381,7 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
             for key in ("dead_letter", "on_success", "on_failure"):
                 url = getattr(trigger, key)
                 if url:
-                    parse_destination(url, where=where, key=key)
+                    parse_destination(url, where=where, key=key, env=os.environ if env is None else env)
             triggers[trigger.name] = _check_object_trigger(trigger, where, os.environ if env is None else env,
                                                            weak_secrets_allowed)  # fmt: skip
     return triggers

@@ -25,7 +25,10 @@ class Endpoint:
     options: dict[str, str]
 
 
-def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str | None, what: str) -> Endpoint:
+def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str | None, what: str,
+              pathless: frozenset[str] = frozenset()) -> Endpoint:  # fmt: skip
+    """Split ``url`` and check its scheme; a scheme in ``pathless`` (a whole-URL endpoint, such as https) may
+    name no path."""
     from gpufleet.settings import did_you_mean
 
     parts = urlsplit(url)
@@ -38,7 +41,7 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
             fix=hint or f"use one of {', '.join(s + '://' for s in sorted(schemes))}",
         )
     path = unquote(parts.path.lstrip("/"))
-    if not path:
+    if not path and parts.scheme not in pathless:
         raise ConfigError(
             f"{what} URL {redact_url(url)!r} names no topic or queue",
             file=where,

@@ -1,14 +1,82 @@
-"""Destinations receive callback and dead-letter records. ``base.py`` has the interface, one module per kind."""
+"""Destinations receive callback and dead-letter records, opened from their URL through the scheme table.
+
+``base.py`` has the interface; one module per kind, each with its URL form and options in its docstring. A URL's
+query (for http and https, whose query is the receiver's, its fragment) holds the options its class declares
+(``OPTIONS``, a pydantic model): an option the scheme does not take is a configuration error that names the file,
+the key and the fix.
+"""
 
 from __future__ import annotations
 
-from gpufleet.urls import Endpoint, parse_url
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlsplit
+
+from pydantic import ValidationError
+
+from gpufleet.errors import ConfigError
+from gpufleet.urls import Endpoint, import_backend, parse_url
+
+if TYPE_CHECKING:
+    from gpufleet.destinations.base import Destination
+    from gpufleet.settings import FleetSettings
 
 BACKENDS = {
     "kafka": "gpufleet.destinations.kafka:KafkaDestination",
+    "http": "gpufleet.destinations.http:HttpDestination",
+    "https": "gpufleet.destinations.http:HttpDestination",
+    "s3": "gpufleet.destinations.s3:S3Destination",
+    "sqs": "gpufleet.destinations.sqs:SqsDestination",
+    "sns": "gpufleet.destinations.sns:SnsDestination",
+    "memory": "gpufleet.destinations.memory:MemoryDestination",
 }
+PATHLESS = frozenset({"http", "https", "s3"})  # a URL that may name no path: https://host, s3://bucket
+FRAGMENT_OPTIONS = frozenset({"http", "https"})  # their query is the receiver's
 
 
-def parse_destination(url: str, *, where: str | None = None, key: str | None = None) -> Endpoint:
-    """Validate a destination URL; raises ConfigError naming ``where`` and ``key``."""
-    return parse_url(url, BACKENDS, where=where, key=key, what="destination")
+def parse_destination(url: str, *, where: str | None = None, key: str | None = None,
+                      env: Mapping[str, str] | None = None) -> Endpoint:  # fmt: skip
+    """Validate a destination URL and its options; with ``env``, also that the variables its ``*_env`` options
+    name are set (and that a secret is strong). Raises ConfigError naming ``where`` and ``key``."""
+    from gpufleet.credentials import secret_problem
+    from gpufleet.settings import did_you_mean
+
+    endpoint = parse_url(url, BACKENDS, where=where, key=key, what="destination", pathless=PATHLESS)
+    if endpoint.scheme in FRAGMENT_OPTIONS:
+        endpoint = dataclasses.replace(endpoint, options=dict(parse_qsl(urlsplit(url).fragment)))
+    options = import_backend(BACKENDS[endpoint.scheme]).OPTIONS  # type: ignore[attr-defined]
+    try:
+        parsed = options.model_validate(endpoint.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"])
+        fields = list(options.model_fields)
+        if err["type"] == "extra_forbidden":
+            fix = did_you_mean(name, fields) or (f"{endpoint.scheme}:// takes {fields}" if fields else "remove it")
+            raise ConfigError(f"{endpoint.scheme}:// destinations take no option {name!r}", file=where, key=key,
+                              fix=fix) from None  # fmt: skip
+        raise ConfigError(f"option {name!r}: {err['msg']}", file=where, key=key) from None
+    for option, var in parsed.model_dump().items():
+        if env is None or not option.endswith("_env"):
+            continue
+        value = env.get(var)
+        weakness = value and secret_problem(value, in_header=False)
+        problem = "is not set" if not value else weakness and f"holds a weak secret: {weakness}"
+        if problem:
+            raise ConfigError(f"{option}: the environment variable {var} {problem}", file=where, key=key,
+                              fix=f"export {var}=$(gpufleet token)")  # fmt: skip
+    return endpoint
+
+
+def open_destination(url: str, settings: FleetSettings) -> Destination:
+    """The destination for ``url``. Opening connects to nothing: the first delivery does, and its failure is
+    retriable like any other.
+
+    Raises:
+        ConfigError: the URL or its options are not valid.
+    """
+    endpoint = parse_destination(url)
+    cls = import_backend(BACKENDS[endpoint.scheme])
+    destination: Destination = cls(endpoint, settings)
+    return destination

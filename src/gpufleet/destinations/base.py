@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pydantic import BaseModel, ConfigDict
+
 
 @dataclass(frozen=True)
 class OutRecord:
@@ -23,7 +25,16 @@ class Refusal:
     reason: str
 
 
+class Options(BaseModel):
+    """A destination's URL options, declared beside its class (``OPTIONS``): unknown ones are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Destination(Protocol):
+    """Opened as ``cls(endpoint, settings)`` (see :func:`gpufleet.destinations.open_destination`); its class has
+    ``OPTIONS``, the model of its URL options."""
+
     def deliver(self, records: list[OutRecord]) -> list[Refusal]:
         """Deliver every record durably, except those refused for good, which are returned with the reason.
 

@@ -1,6 +1,7 @@
 """Kafka destination.
 
-URL: ``kafka:///topic`` (the fleet's Kafka) or ``kafka://host:9092,host2:9092/topic``.
+URL: ``kafka:///topic`` (the fleet's Kafka) or ``kafka://host:9092,host2:9092/topic``. No options. Every
+destination on one cluster shares one producer per process.
 
 Guarantees: a batch is acknowledged by the brokers (``acks=all``) before :meth:`deliver` returns. A record Kafka
 refuses for good (larger than ``max_request_size`` or the broker's ``message.max.bytes``, an invalid topic, a topic
@@ -15,9 +16,11 @@ import functools
 import threading
 from typing import Any
 
-from gpufleet.destinations.base import OutRecord, Refusal
+import structlog
+
+from gpufleet.destinations.base import Options, OutRecord, Refusal
 from gpufleet.errors import DeliveryError
-from gpufleet.settings import KafkaSettings
+from gpufleet.settings import FleetSettings, KafkaSettings
 from gpufleet.urls import Endpoint
 
 
@@ -46,19 +49,52 @@ def kafka_producer(bootstrap: str, settings: KafkaSettings, **overrides: Any) ->
         raise DeliveryError(f"cannot connect to Kafka at {bootstrap}: {exc}") from exc
 
 
+log = structlog.get_logger("gpufleet.destinations.kafka")
+
+
+class _Producers:
+    """One producer per cluster in a process, shared by every destination (topic) on it, closed with the last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[Any, int]] = {}  # bootstrap -> (producer, destinations using it)
+
+    def acquire(self, bootstrap: str, settings: KafkaSettings) -> Any:
+        with self._lock:
+            producer, users = self._held.get(bootstrap) or (kafka_producer(bootstrap, settings), 0)
+            self._held[bootstrap] = (producer, users + 1)
+            return producer
+
+    def release(self, bootstrap: str) -> None:
+        with self._lock:
+            producer, users = self._held[bootstrap]
+            if users > 1:
+                self._held[bootstrap] = (producer, users - 1)
+                return
+            del self._held[bootstrap]
+        try:
+            producer.close(timeout=5)
+        except Exception as exc:  # noqa: BLE001 - records it could not flush were not acknowledged: sent again
+            log.warning("kafka producer closed with records unsent", bootstrap=bootstrap, error=str(exc))
+
+
+_PRODUCERS = _Producers()
+
+
 class KafkaDestination:
-    def __init__(self, endpoint: Endpoint, settings: KafkaSettings, producer: Any | None = None) -> None:
+    OPTIONS = Options
+
+    def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
         self.topic = endpoint.path
-        self._bootstrap = endpoint.hosts or settings.bootstrap_servers
-        self._settings = settings
-        self._producer = producer
-        self._owns_producer = producer is None
-        self._lock = threading.Lock()  # webhook requests deliver from several threads: one producer for all
+        self._bootstrap = endpoint.hosts or settings.kafka.bootstrap_servers
+        self._settings = settings.kafka
+        self._producer: Any = None
+        self._lock = threading.Lock()  # webhook requests deliver from several threads
 
     def _client(self) -> Any:
         with self._lock:
             if self._producer is None:
-                self._producer = kafka_producer(self._bootstrap, self._settings)
+                self._producer = _PRODUCERS.acquire(self._bootstrap, self._settings)
             return self._producer
 
     def deliver(self, records: list[OutRecord]) -> list[Refusal]:
@@ -85,9 +121,9 @@ class KafkaDestination:
 
     def close(self) -> None:
         with self._lock:
-            if self._producer is not None and self._owns_producer:
-                self._producer.close(timeout=5)
+            if self._producer is not None:
                 self._producer = None
+                _PRODUCERS.release(self._bootstrap)
 
 
 @functools.cache

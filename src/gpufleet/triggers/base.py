@@ -19,9 +19,8 @@ from typing import Any, Protocol
 import structlog
 
 from gpufleet.celery_app import create_app
-from gpufleet.destinations import parse_destination
+from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
-from gpufleet.destinations.kafka import KafkaDestination
 from gpufleet.errors import BrokerError, EventError
 from gpufleet.events import decode_event
 from gpufleet.functions import Function
@@ -85,7 +84,7 @@ class Ingest:
         self.max_bytes = trigger.max_payload_bytes or s.defaults.max_payload_bytes
         self.max_record_bytes = s.defaults.max_record_bytes
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
-        self.dead_letter: Destination = KafkaDestination(parse_destination(self.dead_letter_url), s.kafka)
+        self.dead_letter: Destination = open_destination(self.dead_letter_url, s)
         self.parking = Parking(self.registry.client, s.redis.key_prefix)
         # What this trigger did so far, for its logs and for tests; updated by publish().
         self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}

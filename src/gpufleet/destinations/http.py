@@ -1,0 +1,112 @@
+"""HTTP webhook destination: each record is POSTed, signed, to a URL of yours.
+
+URL: ``https://hooks.example.com/gpufleet/done#secret_env=HOOK_SECRET`` (or ``http://``). The query, if any, is
+the receiver's and is sent as it is; gpufleet's options are in the fragment, which is never sent:
+
+- ``secret_env`` (required): the environment variable that holds the HMAC secret (32+ characters, e.g. from
+  ``gpufleet token``);
+- ``timeout_s`` (10): for connecting and for the whole answer.
+
+Each request carries the record as its body (``Content-Type: application/json``) and these headers:
+
+- ``X-Gpufleet-Timestamp``: unix seconds when it was sent;
+- ``X-Gpufleet-Signature``: ``sha256=`` + hex HMAC-SHA256 of ``<timestamp>.<body>`` with the secret. A receiver
+  recomputes it over the raw body, compares in constant time, and refuses a timestamp more than a few minutes
+  old, so a captured request cannot be replayed (the README shows how);
+- ``X-Gpufleet-Task-Id``: the record's key, to de-duplicate on (delivery is at-least-once);
+- ``X-Gpufleet-Condition`` and ``X-Gpufleet-Function``: the record's headers.
+
+Outcomes: a 2xx is delivered. A timeout, a connection error, a 5xx, 408 or 429 may pass: the batch is retried with
+backoff. Any other answer (4xx, or a 3xx: redirects are not followed) is kept with its status and reason (parked,
+see ``gpufleet parked``) and not retried for ever. The records of a batch are sent concurrently, a few at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+
+from gpufleet import __version__
+from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.errors import ConfigError, DeliveryError
+from gpufleet.settings import FleetSettings
+from gpufleet.urls import Endpoint
+
+TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
+SIGNATURE_HEADER = "X-Gpufleet-Signature"
+CONCURRENCY = 8
+TRANSIENT_STATUSES = frozenset({408, 429})
+
+
+class HttpOptions(Options):
+    secret_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_s: float = Field(10.0, gt=0, le=300)
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    """The ``X-Gpufleet-Signature`` value for a body sent at ``timestamp``."""
+    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+class HttpDestination:
+    OPTIONS = HttpOptions
+
+    def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
+        options = HttpOptions.model_validate(endpoint.options)
+        # The environment is read here, not only in settings: the variable is named by a URL, and load_fleet has
+        # checked that it is set.
+        secret = os.environ.get(options.secret_env)
+        if not secret:
+            raise ConfigError(f"environment variable {options.secret_env} is not set", key="secret_env",
+                              fix=f"export {options.secret_env}=$(gpufleet token)")  # fmt: skip
+        self._secret = secret
+        self.url = urlunsplit(urlsplit(endpoint.url)._replace(fragment=""))
+        self._timeout_s = options.timeout_s
+        self._client: Any = None
+
+    def _http(self) -> Any:
+        if self._client is None:
+            import httpx
+
+            limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+            self._client = httpx.Client(timeout=self._timeout_s, limits=limits, follow_redirects=False,
+                                        headers={"User-Agent": f"gpufleet/{__version__}"})  # fmt: skip
+        return self._client
+
+    def deliver(self, records: list[OutRecord]) -> list[Refusal]:
+        with ThreadPoolExecutor(min(CONCURRENCY, len(records) or 1)) as pool:
+            outcomes = list(pool.map(self._post, records))
+        failed = [reason for reason in outcomes if reason is not None and reason.startswith("retry: ")]
+        if failed:  # the whole batch again: receivers de-duplicate on X-Gpufleet-Task-Id
+            raise DeliveryError(f"POST {self.url}: {len(failed)} of {len(records)} failed, e.g. {failed[0][7:]}")
+        return [Refusal(i, reason) for i, reason in enumerate(outcomes) if reason is not None]
+
+    def _post(self, record: OutRecord) -> str | None:
+        """None when delivered; ``"retry: why"`` when it may pass later; otherwise why it never will."""
+        import httpx
+
+        stamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: stamp,
+                   SIGNATURE_HEADER: sign(self._secret, stamp, record.value), "X-Gpufleet-Task-Id": record.key,
+                   **{f"X-Gpufleet-{name.title()}": value for name, value in record.headers.items()}}  # fmt: skip
+        try:
+            response = self._http().post(self.url, content=record.value, headers=headers)
+        except httpx.HTTPError as exc:  # timeouts, refused or reset connections, TLS errors
+            return f"retry: {type(exc).__name__}: {exc}"
+        status = response.status_code
+        if 200 <= status < 300:
+            return None
+        why = f"HTTP {status}: {response.text[:200]}"
+        return f"retry: {why}" if status >= 500 or status in TRANSIENT_STATUSES else why
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

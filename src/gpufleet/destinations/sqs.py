@@ -1,0 +1,126 @@
+"""SQS destination: each record is a message.
+
+URL: ``sqs:///queue-name`` on the fleet's ``s3.sqs_endpoint_url`` (AWS when unset); option ``account`` for a
+queue another account owns: ``sqs:///results?account=123456789012``.
+
+The body is the record; message attributes ``task_id``, ``condition`` and ``function`` carry its key and headers.
+On a FIFO queue (``.fifo``) the group is the task id and the de-duplication id a hash of the record, so a record
+sent twice within SQS's five minutes is kept once. Records go in batches of up to 10 messages and 256 KiB; a
+record larger than SQS's 256 KiB is parked (``max_record_bytes`` is 512 KiB by default: lower it for SQS). An
+entry SQS refuses as the sender's fault is parked with its reason; anything else is retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from gpufleet.destinations.aws import AwsClient, permanent, transient_errors
+from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.errors import DeliveryError
+from gpufleet.settings import FleetSettings
+from gpufleet.urls import Endpoint
+
+MAX_BATCH = 10
+MAX_BYTES = 262_144  # per message and per batch
+
+
+class SqsOptions(Options):
+    account: str | None = None
+
+
+def attributes(record: OutRecord) -> dict[str, Any]:
+    values = {"task_id": record.key, **record.headers}
+    return {k: {"DataType": "String", "StringValue": v} for k, v in values.items() if v}
+
+
+def batches(records: list[OutRecord]) -> tuple[list[list[int]], list[Refusal]]:
+    """Indexes of the records in batches SQS and SNS accept (10 entries, 256 KiB), and the records too large for
+    any batch."""
+    out: list[list[int]] = []
+    too_large: list[Refusal] = []
+    size = 0
+    for i, r in enumerate(records):
+        n = len(r.value) + sum(len(k) + len(v) + 16 for k, v in attributes(r).items())
+        if n > MAX_BYTES:
+            too_large.append(Refusal(i, f"{n} bytes with attributes, more than the 256 KiB a message may hold"))
+            continue
+        if not out or len(out[-1]) == MAX_BATCH or size + n > MAX_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out, too_large
+
+
+class BatchPublisher:
+    """SQS and SNS: records in batches (:func:`batches`), each entry a message with :func:`attributes`; on a FIFO
+    queue or topic the group is the task id and the de-duplication id a hash of the record."""
+
+    service = ""
+    body_field = ""
+    fifo = False
+
+    def __init__(self, settings: FleetSettings) -> None:
+        self._aws = AwsClient(self.service, settings)
+
+    def send(self, client: Any, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def deliver(self, records: list[OutRecord]) -> list[Refusal]:
+        client = self._aws.get()
+        groups, refused = batches(records)
+        try:
+            for group in groups:
+                refused += failed_entries(self.send(client, [self._entry(i, records[i]) for i in group]), self.where())
+        except transient_errors() as exc:
+            if not permanent(exc):
+                raise DeliveryError(f"{self.where()}: {exc}") from exc
+            return [Refusal(i, str(exc)) for i in range(len(records))]  # no such queue or topic, not authorized
+        return refused
+
+    def _entry(self, index: int, record: OutRecord) -> dict[str, Any]:
+        entry = {"Id": str(index), self.body_field: record.value.decode(), "MessageAttributes": attributes(record)}
+        if self.fifo:
+            entry["MessageGroupId"] = record.key
+            entry["MessageDeduplicationId"] = hashlib.sha256(record.value).hexdigest()
+        return entry
+
+    def close(self) -> None:
+        self._aws.close()
+
+
+class SqsDestination(BatchPublisher):
+    OPTIONS = SqsOptions
+    service, body_field = "sqs", "MessageBody"
+
+    def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
+        super().__init__(settings)
+        self.queue = endpoint.path
+        self.account = SqsOptions.model_validate(endpoint.options).account
+        self.fifo = self.queue.endswith(".fifo")
+        self._url: str | None = None
+
+    def where(self) -> str:
+        return f"sqs:///{self.queue}"
+
+    def send(self, client: Any, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        if self._url is None:
+            owner = {"QueueOwnerAWSAccountId": self.account} if self.account else {}
+            self._url = client.get_queue_url(QueueName=self.queue, **owner)["QueueUrl"]
+        reply: dict[str, Any] = client.send_message_batch(QueueUrl=self._url, Entries=entries)
+        return reply
+
+
+def failed_entries(reply: dict[str, Any], where: str) -> list[Refusal]:
+    """The entries of a batch reply refused as the sender's fault; raises DeliveryError if any failed otherwise
+    (the whole batch is sent again)."""
+    refused: list[Refusal] = []
+    for failure in reply.get("Failed", []):
+        if not failure.get("SenderFault"):
+            raise DeliveryError(f"{where}: {failure.get('Code')}: {failure.get('Message')}")
+        refused.append(Refusal(int(failure["Id"]), f"{failure.get('Code')}: {failure.get('Message')}"))
+    return refused
