@@ -24,7 +24,8 @@ from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.destinations.http import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from gpufleet.destinations.memory import MemoryDestination
 from gpufleet.dev.objectstores import start_moto
-from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, free_port, start_kafka
+from gpufleet.dev.rabbitmq import rabbitmq_available, start_rabbitmq
+from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, free_port, start_kafka, stop
 from gpufleet.errors import ConfigError, DeliveryError
 from gpufleet.objects import make_client
 from gpufleet.settings import FleetSettings
@@ -148,17 +149,17 @@ class ServerContract(DestinationContract):
         finally:
             self.down()
 
-    def start(self, workdir: Path) -> Any:
+    def start(self, workdir: Path) -> list[int]:
+        """Start the server on ``self.port``; return the PIDs to stop."""
         raise NotImplementedError
 
     def create(self) -> None:
         pass
 
     def down(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+        for pid in self.proc or []:
+            stop(pid)
+        self.proc = None
 
     def up(self) -> None:
         self.proc = self.start(self.workdir / f"server-{time.monotonic_ns()}")
@@ -170,8 +171,8 @@ class TestKafka(ServerContract):
     def topic(self) -> str:
         return self.name
 
-    def start(self, workdir: Path) -> Any:
-        return start_kafka(workdir, self.port)[1]
+    def start(self, workdir: Path) -> list[int]:
+        return [start_kafka(workdir, self.port)[1].pid]
 
     def open(self) -> Destination:
         settings = FleetSettings.model_validate({"kafka": {"bootstrap_servers": f"127.0.0.1:{self.port}",
@@ -293,8 +294,8 @@ class TestHttp(DestinationContract):
 
 
 class AwsContract(ServerContract):
-    def start(self, workdir: Path) -> Any:
-        return start_moto(workdir, self.port)[1]
+    def start(self, workdir: Path) -> list[int]:
+        return [start_moto(workdir, self.port)[1].pid]
 
     @property
     def endpoint(self) -> str:
@@ -381,6 +382,64 @@ class TestSns(AwsContract):
     received = TestSqs.received
 
 
+# -- amqp: a RabbitMQ of its own (Debian's rabbitmq-server; skipped without it, but not under CI=true) -------------
+
+
+class TestAmqp(ServerContract):
+    @pytest.fixture(autouse=True)
+    def _needs_rabbitmq(self) -> None:
+        if not rabbitmq_available():
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail("rabbitmq-server is not installed (.ci/run installs it: apt-get install rabbitmq-server)")
+            pytest.skip("rabbitmq-server is not installed: apt-get install rabbitmq-server")
+
+    def start(self, workdir: Path) -> list[int]:
+        return start_rabbitmq(workdir, self.port)[1]
+
+    def channel(self) -> Any:
+        import amqp
+
+        conn = amqp.Connection(f"127.0.0.1:{self.port}", userid="guest", password="guest")
+        conn.connect()
+        return conn, conn.channel()
+
+    def create(self) -> None:
+        conn, channel = self.channel()
+        try:
+            channel.exchange_declare(self.name, "direct", durable=True, auto_delete=False)
+            channel.queue_declare(self.name, durable=True, auto_delete=False)
+            channel.queue_bind(self.name, self.name, routing_key="done")
+        finally:
+            conn.close()
+        self.seen: list[Received] = []
+
+    def open(self) -> Destination:
+        url = f"amqp://guest:guest@127.0.0.1:{self.port}/?exchange={self.name}&routing_key=done&timeout_s=3"
+        return open_destination(url, FleetSettings())
+
+    def received(self) -> list[Received]:
+        conn, channel = self.channel()
+        try:
+            while (message := channel.basic_get(self.name, no_ack=True)) is not None:
+                headers = {k: v for k, v in message.properties["application_headers"].items() if k != "task_id"}
+                self.seen.append((message.properties["message_id"], message.body, headers))
+        finally:
+            conn.close()
+        return list(self.seen)
+
+    def test_an_unroutable_record_or_a_missing_exchange_is_parked(self) -> None:
+        base = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        for query, reason in ((f"?exchange={self.name}&routing_key=nobody", "unroutable"),
+                              ("?exchange=no-such-exchange&routing_key=done", "NotFound")):  # fmt: skip
+            dest = open_destination(base + query, FleetSettings())
+            try:
+                refused = dest.deliver(batch(2))
+                assert [r.index for r in refused] == [0, 1] and reason in refused[0].reason, refused
+            finally:
+                dest.close()
+        assert self.keys() == []
+
+
 def test_a_fleet_posts_its_records_to_a_signed_webhook(harness: FleetHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("E2E_HOOK_SECRET", HOOK_SECRET)  # the fleet's processes inherit it
     _Receiver.got, _Receiver.refused, _Receiver.answer = [], [], 200
@@ -416,6 +475,8 @@ def test_a_fleet_posts_its_records_to_a_signed_webhook(harness: FleetHarness, mo
         ("sqs:///results?acount=123456789012", "did you mean 'account'"),
         ("sns:///arn:aws:sns:us-east-1:123456789012:t?raw=1", "take no option 'raw'"),
         ("s3://bucket/prefix?acl=public-read", "take no option 'acl'"),
+        ("amqp://rabbit/", "name an exchange"),
+        ("amqp://rabbit/?exchange=x&routingkey=y", "did you mean 'routing_key'"),
         ("hookz://x/y", "unsupported destination URL"),
     ],
 )

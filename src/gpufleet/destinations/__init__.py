@@ -29,9 +29,11 @@ BACKENDS = {
     "s3": "gpufleet.destinations.s3:S3Destination",
     "sqs": "gpufleet.destinations.sqs:SqsDestination",
     "sns": "gpufleet.destinations.sns:SnsDestination",
+    "amqp": "gpufleet.destinations.amqp:AmqpDestination",
+    "amqps": "gpufleet.destinations.amqp:AmqpDestination",
     "memory": "gpufleet.destinations.memory:MemoryDestination",
 }
-PATHLESS = frozenset({"http", "https", "s3"})  # a URL that may name no path: https://host, s3://bucket
+PATHLESS = frozenset({"http", "https", "s3", "amqp", "amqps"})  # may name no path: https://host, amqp://host
 FRAGMENT_OPTIONS = frozenset({"http", "https"})  # their query is the receiver's
 
 

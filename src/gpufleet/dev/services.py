@@ -130,7 +130,8 @@ def stop_service(service: Service) -> None:
         path.unlink(missing_ok=True)
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def _spawn(name: str, argv: list[str], workdir: Path, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     # The child inherits its own copy of the log fd; we close ours so no pipe or handle ties it to this process.
@@ -141,6 +142,7 @@ def _spawn(name: str, argv: list[str], workdir: Path, cwd: Path | None = None) -
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=cwd or workdir,
+            env=env,
             start_new_session=True,
         )
     _CHILDREN[proc.pid] = proc

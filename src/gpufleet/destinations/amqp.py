@@ -1,0 +1,122 @@
+"""AMQP 0-9-1 destination (RabbitMQ): each record is published to an exchange, with publisher confirms.
+
+URL: ``amqp://user:password@host:5672/vhost?exchange=results&routing_key=done`` (``amqps://`` for TLS; the vhost is
+URL-encoded, ``%2F`` for ``/``, and an empty path is ``/``). Options:
+
+- ``exchange`` (default: the default exchange, where ``routing_key`` is a queue name) and ``routing_key``;
+- ``password_env``: the environment variable that holds the password, instead of writing it in the URL;
+- ``timeout_s`` (10): connecting, and waiting for each confirm.
+
+Each message is persistent (``delivery_mode`` 2), ``application/json``, its ``message_id`` the task id, and its
+headers ``task_id``, ``condition`` and ``function``. It is published ``mandatory``: a record no queue is bound to
+receive comes back and is parked (``NO_ROUTE``), as is every record of a batch when the exchange does not exist or
+the user may not write to it. A lost connection, a timeout or a nack is retried with a new connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, model_validator
+
+from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.errors import ConfigError, DeliveryError
+from gpufleet.settings import FleetSettings
+from gpufleet.urls import Endpoint
+
+PERMANENT_REPLY_CODES = frozenset({403, 404, 406})  # access refused, not found, precondition failed
+
+
+class AmqpOptions(Options):
+    exchange: str = ""
+    routing_key: str = ""
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_s: float = Field(10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _where_to(self) -> AmqpOptions:
+        if not self.exchange and not self.routing_key:
+            raise ValueError("name an exchange, or a routing_key (a queue, on the default exchange)")
+        return self
+
+
+class AmqpDestination:
+    OPTIONS = AmqpOptions
+
+    def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
+        self.options = AmqpOptions.model_validate(endpoint.options)
+        parts = urlsplit(endpoint.url)
+        password = parts.password
+        if self.options.password_env is not None:
+            password = os.environ.get(self.options.password_env)  # load_fleet checked that it is set
+            if not password:
+                var = self.options.password_env
+                raise ConfigError(f"environment variable {var} is not set", key="password_env")
+        tls = parts.scheme == "amqps"
+        vhost = unquote(parts.path[1:]) or "/"
+        self._login = {"host": f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if tls else 5672)}",
+                       "userid": unquote(parts.username or "guest"), "password": unquote(password or "guest"),
+                       "virtual_host": vhost, "ssl": tls}  # fmt: skip
+        self.where = f"{parts.scheme}://{parts.hostname}/{vhost} exchange {self.options.exchange!r}"
+        self._conn: Any = None
+        self._channel: Any = None
+        self._lock = threading.Lock()
+        self._returned: list[tuple[int, str]] = []
+
+    def _open(self) -> Any:
+        import amqp
+
+        if self._channel is None:
+            conn = amqp.Connection(confirm_publish=True, connect_timeout=self.options.timeout_s, **self._login)
+            conn.connect()
+            channel = conn.channel()
+            channel.events["basic_return"].add(self._on_return)
+            self._conn, self._channel = conn, channel
+        return self._channel
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        self._returned.append((int(message.properties.get("correlation_id", -1)), f"unroutable: {exc}"))
+
+    def deliver(self, records: list[OutRecord]) -> list[Refusal]:
+        import amqp
+        from amqp.exceptions import AMQPError, MessageNacked
+
+        with self._lock:
+            self._returned = []
+            try:
+                channel = self._open()
+                for i, r in enumerate(records):
+                    message = amqp.Message(r.value, content_type="application/json", delivery_mode=2,
+                                           message_id=r.key, correlation_id=str(i),
+                                           application_headers={"task_id": r.key, **r.headers})  # fmt: skip
+                    channel.basic_publish(message, exchange=self.options.exchange, mandatory=True,
+                                          routing_key=self.options.routing_key,
+                                          confirm_timeout=self.options.timeout_s)  # fmt: skip
+            except AMQPError as exc:
+                self._reset()
+                if getattr(exc, "reply_code", None) in PERMANENT_REPLY_CODES:  # no such exchange, not allowed
+                    return [Refusal(i, f"{type(exc).__name__}: {exc}") for i in range(len(records))]
+                raise DeliveryError(f"{self.where}: {type(exc).__name__}: {exc}") from exc
+            except (OSError, MessageNacked) as exc:  # connection lost or refused, timeout, nack
+                self._reset()
+                raise DeliveryError(f"{self.where}: {type(exc).__name__}: {exc}") from exc
+            return [Refusal(i, reason) for i, reason in self._returned]
+
+    def _reset(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # drop the socket without a closing handshake: it may be gone
+                conn.collect()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    self._conn.collect()
+                self._conn = self._channel = None
