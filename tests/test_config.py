@@ -101,3 +101,26 @@ def test_api_needs_a_token_and_never_echoes_it(tmp_path: Path) -> None:
     strong = "Xq7vR2mN9kLp4sT8wZ1bC6dF3gH0jY5u"
     fleet = load_fleet(path, env={"GPUFLEET_API__TOKEN": strong})
     assert fleet.settings.api.token == strong
+
+
+@pytest.mark.parametrize(
+    ("trigger", "key", "fix"),
+    [
+        ({"source": "kafka:///t", "poll_interval_s": 5}, "poll_interval_s", "kafka triggers take ['group']"),
+        ({"source": "kafka:///t", "wait_time_s": 5}, "wait_time_s", "kafka triggers take"),
+        ({"source": "kafka:///t", "token": "x"}, "token", "kafka triggers take"),
+        ({"source": "kafka:///t", "prefix": "in/"}, "prefix", "add `format: s3`"),
+        ({"source": "kafka:///t", "grup": "g"}, "grup", "did you mean 'group'"),
+        ({"source": "s3://bucket/in", "function": "echo", "wait_time_s": 5}, "wait_time_s", "poll_interval_s"),
+        ({"source": "sqs:///q", "function": "echo", "skip_existing": True}, "skip_existing", "visibility_timeout_s"),
+        ({"source": "sqs:///q", "function": "echo", "format": "json"}, "format", "always read S3 event"),
+    ],
+)
+def test_a_key_the_triggers_scheme_does_not_take_is_an_error(tmp_path: Path, trigger: dict, key: str,
+                                                              fix: str) -> None:  # fmt: skip
+    path = write(tmp_path, {}, {"t": trigger})
+    with pytest.raises(ConfigError) as err:
+        load_fleet(path, env={})
+    assert err.value.key == key and "t.yaml" in str(err.value) and fix in str(err.value), str(err.value)
+    kafka_objects = {"source": "kafka:///t", "format": "s3", "function": "echo", "prefix": "in/", "group": "g"}
+    assert load_fleet(write(tmp_path, {}, {"t": kafka_objects}), env={}).triggers["t"].prefix == "in/"

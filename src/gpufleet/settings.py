@@ -352,7 +352,7 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
                   ) -> dict[str, TriggerSettings]:  # fmt: skip
     """Load every ``*.yaml`` trigger file in the folders; check sources, functions and destinations."""
     from gpufleet.destinations import parse_destination
-    from gpufleet.triggers import parse_source
+    from gpufleet.triggers import check_keys, parse_source
 
     triggers: dict[str, TriggerSettings] = {}
     for folder in folders:
@@ -366,6 +366,7 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
             if trigger.name in triggers:
                 raise ConfigError(f"trigger name {trigger.name!r} is used twice", file=where, key="name")
             parse_source(trigger.source, where=where, key="source")
+            check_keys(trigger.scheme, raw, raw.get("format"), where=where)
             if max_record_bytes and (trigger.max_payload_bytes or 0) > max_record_bytes:
                 raise ConfigError(f"{trigger.max_payload_bytes} is more than defaults.max_record_bytes "
                                   f"({max_record_bytes}): an accepted message must fit its dead letter",

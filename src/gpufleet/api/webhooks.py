@@ -57,6 +57,9 @@ TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
 class WebhookTrigger:
     """One ``webhook:///path`` trigger; :func:`router` serves them all (in the api role, never `gpufleet trigger`)."""
 
+    KEYS = frozenset({"token", "token_env", "hmac_secret", "hmac_secret_env", "hmac_tolerance_s",
+                      "hmac_require_timestamp", "sns_confirm_hosts", "sns_confirm_private"})  # fmt: skip
+
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
         self.name = trigger.name
         self.trigger = trigger

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from gpufleet.errors import ConfigError
-from gpufleet.urls import Endpoint, parse_url
+from gpufleet.urls import Endpoint, import_backend, parse_url
 
 # The webhook is served by the api role (POST /v1/webhooks/<path>), not by `gpufleet trigger`.
 BACKENDS = {
@@ -13,6 +15,35 @@ BACKENDS = {
     "webhook": "gpufleet.api.webhooks:WebhookTrigger",
 }
 SERVED_BY_API = frozenset({"webhook"})
+# Keys every trigger file may hold; a trigger class adds its own in KEYS, and object-event triggers OBJECT_KEYS.
+COMMON_KEYS = frozenset({"name", "source", "function", "format", "id_field", "id_header", "batch_max",
+                         "max_payload_bytes", "dead_letter", "on_success", "on_failure", "enabled"})  # fmt: skip
+OBJECT_KEYS = frozenset({"events", "prefix", "suffix", "key_encoding", "max_records", "output"})
+ALWAYS_OBJECTS = frozenset({"sqs", "webhook", "s3"})  # schemes whose messages are S3 event notifications
+
+
+def check_keys(scheme: str, keys: Iterable[str], fmt: str | None, *, where: str) -> None:
+    """Refuse a key the trigger's scheme does not take (``poll_interval_s`` on a Kafka trigger), and ``format:
+    json`` where the messages are always S3 events.
+
+    Raises:
+        ConfigError: naming the file, the key and the fix.
+    """
+    from gpufleet.settings import did_you_mean
+
+    own: frozenset[str] = import_backend(BACKENDS[scheme]).KEYS  # type: ignore[attr-defined]
+    objects = scheme in ALWAYS_OBJECTS or fmt == "s3"
+    allowed = COMMON_KEYS | own | (OBJECT_KEYS if objects else frozenset())
+    for key in sorted(set(keys) - allowed):
+        hint = did_you_mean(key, sorted(allowed))
+        takes = sorted(own | (OBJECT_KEYS if objects else frozenset()))
+        fix = hint or f"remove it; besides the common keys, {scheme} triggers take {takes or 'nothing more'}"
+        if key in OBJECT_KEYS and not objects:
+            fix = "it is for S3 event notifications: add `format: s3`, or remove it"
+        raise ConfigError(f"{scheme} triggers take no {key!r}", file=where, key=key, fix=fix)
+    if scheme in ALWAYS_OBJECTS and fmt == "json":
+        raise ConfigError(f"{scheme} triggers always read S3 event notifications", file=where, key="format",
+                          fix="remove `format: json` (or use a kafka or amqp source for JSON events)")  # fmt: skip
 
 
 def parse_source(url: str, *, where: str | None = None, key: str | None = None) -> Endpoint:

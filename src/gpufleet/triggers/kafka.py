@@ -28,6 +28,8 @@ log = structlog.get_logger("gpufleet.trigger.kafka")
 
 
 class KafkaTrigger:
+    KEYS = frozenset({"group"})
+
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
         self.name = trigger.name
         self.fleet = fleet

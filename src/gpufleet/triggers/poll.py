@@ -32,6 +32,8 @@ log = structlog.get_logger("gpufleet.trigger.poll")
 
 
 class PollTrigger:
+    KEYS = frozenset({"poll_interval_s", "skip_existing"})
+
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
         self.name = trigger.name
         self.fleet = fleet

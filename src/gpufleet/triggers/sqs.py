@@ -29,6 +29,8 @@ MAX_BATCH = 10  # SQS returns and deletes at most 10 messages per call
 
 
 class SqsTrigger:
+    KEYS = frozenset({"wait_time_s", "visibility_timeout_s"})
+
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
         self.name = trigger.name
         self.fleet = fleet
