@@ -71,3 +71,26 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Service]:
     service, _ = start_or_skip("seaweedfs", lambda: start_seaweedfs(tmp_path_factory.mktemp("seaweedfs")))
     yield service
     stop_service(service)
+
+
+def require_rabbitmq() -> None:
+    """Skip without Debian's rabbitmq-server; under CI=true, fail (``.ci/run`` installs it)."""
+    from gpufleet.dev.rabbitmq import rabbitmq_available
+
+    if not rabbitmq_available():
+        if IN_CI:
+            pytest.fail("rabbitmq-server is not installed (.ci/run installs it: apt-get install rabbitmq-server)")
+        pytest.skip("rabbitmq-server is not installed: apt-get install rabbitmq-server")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One RabbitMQ for the run; its ``amqp://guest:guest@127.0.0.1:PORT/`` URL. Tests use queues of their own."""
+    from gpufleet.dev.rabbitmq import start_rabbitmq, stop_rabbitmq
+
+    require_rabbitmq()
+    service, pids = start_rabbitmq(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        yield service.url
+    finally:
+        stop_rabbitmq(pids)

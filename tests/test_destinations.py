@@ -24,11 +24,12 @@ from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.destinations.http import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from gpufleet.destinations.memory import MemoryDestination
 from gpufleet.dev.objectstores import start_moto
-from gpufleet.dev.rabbitmq import rabbitmq_available, start_rabbitmq
+from gpufleet.dev.rabbitmq import start_rabbitmq
 from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, free_port, start_kafka, stop
 from gpufleet.errors import ConfigError, DeliveryError
 from gpufleet.objects import make_client
 from gpufleet.settings import FleetSettings
+from tests.conftest import require_rabbitmq
 from tests.harness import FleetHarness
 
 HOOK_SECRET = "Rk3Wq8Zt1Lm6Xv9Pb4Nc7Hd2Jf5Gs0Ya3Ue8Mn"
@@ -386,14 +387,8 @@ class TestSns(AwsContract):
 
 
 class TestAmqp(ServerContract):
-    @pytest.fixture(autouse=True)
-    def _needs_rabbitmq(self) -> None:
-        if not rabbitmq_available():
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail("rabbitmq-server is not installed (.ci/run installs it: apt-get install rabbitmq-server)")
-            pytest.skip("rabbitmq-server is not installed: apt-get install rabbitmq-server")
-
     def start(self, workdir: Path) -> list[int]:
+        require_rabbitmq()
         return start_rabbitmq(workdir, self.port)[1]
 
     def channel(self) -> Any:

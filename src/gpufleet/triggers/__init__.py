@@ -13,8 +13,11 @@ BACKENDS = {
     "sqs": "gpufleet.triggers.sqs:SqsTrigger",
     "s3": "gpufleet.triggers.poll:PollTrigger",
     "webhook": "gpufleet.api.webhooks:WebhookTrigger",
+    "amqp": "gpufleet.triggers.amqp:AmqpTrigger",
+    "amqps": "gpufleet.triggers.amqp:AmqpTrigger",
 }
 SERVED_BY_API = frozenset({"webhook"})
+AMQP = frozenset({"amqp", "amqps"})  # the path is the vhost, and may be empty
 # Keys every trigger file may hold; a trigger class adds its own in KEYS, and object-event triggers OBJECT_KEYS.
 COMMON_KEYS = frozenset({"name", "source", "function", "format", "id_field", "id_header", "batch_max",
                          "max_payload_bytes", "dead_letter", "on_success", "on_failure", "enabled"})  # fmt: skip
@@ -49,8 +52,8 @@ def check_keys(scheme: str, keys: Iterable[str], fmt: str | None, *, where: str)
 def parse_source(url: str, *, where: str | None = None, key: str | None = None) -> Endpoint:
     """Validate a trigger source URL; raises ConfigError naming ``where`` and ``key``.
 
-    ``kafka:///topic``, ``sqs:///queue-name``, ``webhook:///path`` (served at ``/v1/webhooks/path``) and
-    ``s3://bucket/prefix`` (polling; the bucket is the URL's host).
+    ``kafka:///topic``, ``sqs:///queue-name``, ``webhook:///path`` (served at ``/v1/webhooks/path``),
+    ``s3://bucket/prefix`` (polling; the bucket is the URL's host) and ``amqp://host/vhost?queue=NAME``.
     """
     if url.startswith("s3://"):
         from gpufleet.objects import parse_s3_uri
@@ -60,4 +63,12 @@ def parse_source(url: str, *, where: str | None = None, key: str | None = None) 
         except ValueError as exc:
             raise ConfigError(str(exc), file=where, key=key, fix="s3://bucket or s3://bucket/prefix") from None
         return Endpoint(url=url, scheme="s3", hosts=bucket, path=prefix, options={})
-    return parse_url(url, BACKENDS, where=where, key=key, what="trigger source")
+    endpoint = parse_url(url, BACKENDS, where=where, key=key, what="trigger source", pathless=AMQP)
+    if endpoint.scheme in AMQP:
+        unknown = sorted(set(endpoint.options) - {"queue", "password_env"})
+        if not endpoint.options.get("queue") or unknown:
+            fix = "amqp://user@host:5672/vhost?queue=gpufleet.requests"
+            got = f"options {unknown}" if unknown else "no queue"
+            raise ConfigError(f"an amqp source takes ?queue=NAME (and password_env=VAR); got {got}", file=where,
+                              key=key, fix=fix)  # fmt: skip
+    return endpoint

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from gpufleet.celery_app import create_app
+from gpufleet.credentials import redact_url
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.errors import BrokerError, EventError
@@ -43,6 +44,82 @@ class Trigger(Protocol):
     name: str
 
     def run(self, stop: threading.Event) -> None: ...
+
+
+@dataclass
+class Received:
+    """A batch from a source: its messages, and what the source needs to acknowledge them."""
+
+    messages: list[SourceMessage]
+    token: Any = None
+
+
+class BatchTrigger:
+    """The loop every pulling source shares: receive a batch, prepare it, publish it, and only then acknowledge it.
+
+    A subclass says how to :meth:`connect`, :meth:`receive` and :meth:`ack` (and :meth:`disconnect`); a batch whose
+    publish is cut short by ``stop`` is never acknowledged, so the source delivers it again and its tasks are
+    suppressed as duplicates. A transient error of the source (``ConnectionError``/``OSError`` or
+    :attr:`source_errors`) drops the connection and tries again with backoff.
+    """
+
+    KEYS: frozenset[str] = frozenset()
+    source_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
+        from gpufleet.triggers import parse_source
+
+        self.name = trigger.name
+        self.fleet = fleet
+        self.trigger = trigger
+        self.endpoint = parse_source(trigger.source)
+        self.ingest = ingest or Ingest(fleet, trigger)
+        self.stats = self.ingest.stats
+
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def receive(self, stop: threading.Event) -> Received | None:
+        """A batch, or None when nothing came within a short wait."""
+        raise NotImplementedError
+
+    def ack(self, batch: Received) -> None:
+        raise NotImplementedError
+
+    def disconnect(self) -> None:
+        pass
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("trigger started", trigger=self.name, source=redact_url(self.trigger.source))
+        transient: tuple[type[BaseException], ...] = (ConnectionError, OSError, *self.source_errors)
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    self.connect()
+                    while not stop.is_set():
+                        got = self.receive(stop)
+                        if got is None:
+                            continue
+                        if not self._handle(got, stop):
+                            return  # stopping with work not durable: not acknowledged, delivered again
+                        backoff = 0.5
+                except transient as exc:
+                    log.warning("source unavailable; reconnecting", trigger=self.name, error=str(exc),
+                                retry_in_s=backoff)  # fmt: skip
+                    self.disconnect()
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+        finally:
+            self.disconnect()
+            self.ingest.close()
+            log.info("trigger stopped", trigger=self.name, **self.stats)
+
+    def _handle(self, got: Received, stop: threading.Event) -> bool:
+        if self.ingest.publish(self.ingest.prepare(got.messages), stop) is None:
+            return False
+        self.ack(got)
+        return True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""AMQP 0-9-1 trigger (RabbitMQ): messages of a queue become tasks.
+
+URL: ``amqp://user:password@host:5672/vhost?queue=gpufleet.requests`` (``amqps://`` for TLS; the vhost is
+URL-encoded, ``%2F`` for ``/``, and an empty path is ``/``). Options: ``queue`` (required), ``password_env`` (the
+environment variable that holds the password, instead of writing it in the URL). The queue must exist: gpufleet
+consumes it, it does not declare it. Messages are JSON events or routing envelopes, as on Kafka, or S3 event
+notifications with ``format: s3`` (MinIO's AMQP target, Ceph's AMQP push endpoint).
+
+Guarantees:
+- Manual acknowledgement, only after every message of a batch is durably published (or dead-lettered). The
+  prefetch window is ``batch_max`` messages, so the broker never hands one consumer more than one batch.
+- A trigger that dies, or loses its connection, before acknowledging leaves its messages unacknowledged: RabbitMQ
+  delivers them again and their tasks are suppressed as duplicates.
+- Task id: ``<trigger>:<id>``, the id being the producer's (header ``gpufleet-id`` or field ``id``), else
+  ``amqp-`` + a hash of the message's ``message_id`` property, else of its body. Two messages with the same body
+  and no id are therefore one task: give each a ``message_id`` (or an id) if they are meant to run twice.
+- RabbitMQ's ``consumer_timeout`` (30 minutes by default) closes a channel that holds a delivery unacknowledged for
+  too long. It does not bite here: a message is acknowledged once its task is in Redis, within seconds, never
+  after the GPU work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import structlog
+
+from gpufleet.errors import ConfigError
+from gpufleet.settings import Fleet, TriggerSettings
+from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
+
+log = structlog.get_logger("gpufleet.trigger.amqp")
+FIRST_WAIT_S = 1.0  # for the first message of a batch; then messages already on their way are taken
+MAX_PREFETCH = 65_535  # basic.qos prefetch_count is a short
+
+
+class AmqpTrigger(BatchTrigger):
+    KEYS: frozenset[str] = frozenset()
+
+    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
+        super().__init__(fleet, trigger, ingest)
+        from amqp.exceptions import AMQPError
+
+        self.source_errors = (AMQPError,)
+        options = self.endpoint.options
+        self.queue = options.get("queue", "")
+        if not self.queue:
+            raise ConfigError("an amqp source names its queue", key="source", fix="amqp://host/vhost?queue=NAME")
+        parts = urlsplit(trigger.source)
+        password = parts.password
+        if "password_env" in options:
+            password = os.environ.get(options["password_env"])
+            if not password:
+                raise ConfigError(f"environment variable {options['password_env']} is not set", key="source")
+        tls = parts.scheme == "amqps"
+        self._login = {"host": f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if tls else 5672)}",
+                       "userid": unquote(parts.username or "guest"), "password": unquote(password or "guest"),
+                       "virtual_host": unquote(parts.path[1:]) or "/", "ssl": tls}  # fmt: skip
+        self._conn: Any = None
+        self._channel: Any = None
+        self._pending: list[Any] = []
+
+    def connect(self) -> None:
+        import amqp
+
+        conn = amqp.Connection(connect_timeout=10, **self._login)
+        conn.connect()
+        channel = conn.channel()
+        channel.basic_qos(0, min(self.trigger.batch_max, MAX_PREFETCH), False)
+        channel.basic_consume(self.queue, callback=self._on_message, no_ack=False)
+        self._conn, self._channel = conn, channel
+        log.info("amqp trigger consuming", trigger=self.name, queue=self.queue)
+
+    def _on_message(self, message: Any) -> None:
+        self._pending.append(message)
+
+    def receive(self, stop: threading.Event) -> Received | None:
+        wait = FIRST_WAIT_S
+        while len(self._pending) < self.trigger.batch_max and not stop.is_set():
+            try:
+                self._conn.drain_events(timeout=wait)
+            except TimeoutError:
+                break  # nothing more right now
+            wait = 0.01
+        if not self._pending:
+            return None
+        messages, self._pending = self._pending, []
+        return Received([self._source_message(m) for m in messages], token=messages[-1].delivery_tag)
+
+    def _source_message(self, message: Any) -> SourceMessage:
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        props = message.properties
+        identity = props.get("message_id")
+        digest = hashlib.sha256(identity.encode() if isinstance(identity, str) and identity else body).hexdigest()
+        headers = {str(k): v if isinstance(v, bytes) else str(v).encode()
+                   for k, v in (props.get("application_headers") or {}).items()}  # fmt: skip
+        stamp = props.get("timestamp")
+        timestamp = stamp.timestamp() if isinstance(stamp, datetime) else float(stamp) if stamp else None
+        return SourceMessage(value=body, source_id=f"amqp:{self.queue}/{message.delivery_tag}",
+                             default_id=f"amqp-{digest[:32]}", headers=headers, timestamp=timestamp)  # fmt: skip
+
+    def ack(self, batch: Received) -> None:
+        # Every delivery up to the batch's last, at once: the prefetch window never holds another batch's.
+        self._channel.basic_ack(batch.token, multiple=True)
+
+    def disconnect(self) -> None:
+        conn, self._conn, self._channel, self._pending = self._conn, None, None, []
+        if conn is not None:
+            try:
+                conn.close()  # what was not acknowledged goes back to the queue
+            except Exception:  # noqa: BLE001 - a broken connection: drop it
+                conn.collect()
