@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.errors import EventError
 from gpufleet.events import MAX_DEPTH, check_event, decode_event
 from gpufleet.objects import ObjectEvent
 from gpufleet.triggers.base import Ingest, Prepared, SourceMessage
+from gpufleet.triggers.webhook import WebhookTrigger
 from tests.conftest import IN_CI
 from tests.harness import FleetHarness
 from tests.s3samples import ceph_record, minio_log, minio_record

@@ -1,4 +1,4 @@
-"""Confirming SNS subscriptions (gpufleet.api.sns): host patterns, address checks, and the guarded GET against a
+"""Confirming SNS subscriptions (gpufleet.triggers.sns): host patterns, address checks, and the guarded GET against a
 local https stand-in. The same checks through the api role's webhook endpoint are in test_object_push.py."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpufleet.api.sns import (
+from gpufleet.settings import SNS_HOSTS
+from gpufleet.triggers.sns import (
     MAX_BODY_BYTES,
     SnsConfirmError,
     address_allowed,
@@ -22,7 +23,6 @@ from gpufleet.api.sns import (
     host_allowed,
     redact,
 )
-from gpufleet.settings import SNS_HOSTS
 from tests.snsutil import ConfirmEndpoint, TestCA, make_ca
 
 LOOPBACK = ("localhost", "127.0.0.1")

@@ -254,7 +254,7 @@ class TriggerSettings(_Model):
     hmac_tolerance_s: int = Field(300, ge=1, le=86_400)
     hmac_require_timestamp: bool = False
     # SubscribeURL hosts we may GET (https only) to confirm a subscription: exact host names, or "*" for exactly
-    # one DNS label (see gpufleet.api.sns). sns_confirm_private allows IP literals and private/loopback addresses:
+    # one DNS label (see gpufleet.triggers.sns). sns_confirm_private allows IP literals and private/loopback addresses:
     # for LocalStack or a test fleet; never on an internet-facing fleet.
     sns_confirm_hosts: tuple[str, ...] = SNS_HOSTS
     sns_confirm_private: bool = False
@@ -262,7 +262,7 @@ class TriggerSettings(_Model):
     @field_validator("sns_confirm_hosts")
     @classmethod
     def _sns_confirm_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from gpufleet.api.sns import check_host_pattern  # lazy: settings stays import-light
+        from gpufleet.triggers.sns import check_host_pattern  # lazy: settings stays import-light
 
         return tuple(check_host_pattern(p) for p in v)  # ValueError names the entry and how to write it
 
@@ -298,7 +298,9 @@ class TriggerSettings(_Model):
 
     @property
     def object_events(self) -> bool:
-        return self.format == "s3" or self.scheme in ("sqs", "webhook", "s3")
+        from gpufleet.triggers import ALWAYS_OBJECTS
+
+        return self.format == "s3" or self.scheme in ALWAYS_OBJECTS
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,9 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
             url = getattr(fn, key)
             if url:
                 parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}", env=env)
-    hooks = [t.name for t in triggers.values() if t.enabled and t.scheme == "webhook"]
+    from gpufleet.triggers import served_by
+
+    hooks = [t.name for t in triggers.values() if t.enabled and served_by(t.scheme) == "api"]
     if hooks and not settings.api.enabled:
         raise ConfigError(f"webhook trigger(s) {hooks} are served by the api role, which is off", file=str(path),
                           key="api.enabled", fix="set api.enabled: true (and api.token)")  # fmt: skip
@@ -392,6 +396,8 @@ def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str
                           weak_secrets_allowed: bool) -> TriggerSettings:  # fmt: skip
     """Object triggers name their function; webhooks need a strong secret, from the file or from the environment
     with ``*_env`` (weak ones only in the API's dev mode)."""
+    from gpufleet.triggers import served_by
+
     if trigger.object_events and trigger.function is None:
         raise ConfigError("an object-event trigger needs a function", file=where, key="function",
                           fix="name the function that gets each object event")  # fmt: skip
@@ -413,7 +419,7 @@ def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str
             raise ConfigError(f"{named} cannot be used: {problem}", file=where, key=named.split(" ")[0],
                               fix=f"{HOW_TO_GENERATE}; weak secrets are only allowed with api.dev: true on a "
                               "loopback api.host")  # fmt: skip
-    if trigger.scheme == "webhook" and trigger.token is None and trigger.hmac_secret is None:
+    if served_by(trigger.scheme) == "api" and trigger.token is None and trigger.hmac_secret is None:
         fix = "set token/token_env (bearer token) or hmac_secret/hmac_secret_env"
         raise ConfigError("a webhook needs a secret: without one anybody could enqueue GPU work", file=where,
                           key="token", fix=fix)  # fmt: skip

@@ -29,12 +29,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gpufleet import __version__
 from gpufleet.api import bodies, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
-from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import EventError, InvalidRequestError
 from gpufleet.events import MAX_DEPTH, decode_event
 from gpufleet.registry import State
+from gpufleet.triggers.webhook import WebhookTrigger
 
 DEFAULT_PAGE = 50
 # Visible ASCII with inner spaces: what survives an HTTP header unchanged (servers strip surrounding spaces).

@@ -17,9 +17,10 @@ import structlog
 import uvicorn
 
 from gpufleet.api.app import create_app
-from gpufleet.api.webhooks import WebhookTrigger
 from gpufleet.control import ControlPlane
 from gpufleet.settings import Fleet
+from gpufleet.triggers import served_by
+from gpufleet.triggers.webhook import WebhookTrigger
 
 log = structlog.get_logger("gpufleet.api")
 GRACE_S = 10
@@ -36,7 +37,7 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
     control = ControlPlane(fleet)
     _ = control.factory  # build the Celery app now, not in the first request (nor twice in two threads)
     webhooks = [WebhookTrigger(fleet, t) for t in fleet.triggers.values()
-                if t.enabled and t.scheme == "webhook"]  # fmt: skip
+                if t.enabled and served_by(t.scheme) == "api"]  # fmt: skip
     for hook in webhooks:
         log.info("webhook trigger served", trigger=hook.name, path=f"/v1/webhooks/{hook.path}")
     config = uvicorn.Config(

@@ -1,38 +1,12 @@
-"""HTTP webhook triggers: MinIO and Ceph bucket notifications, and SNS HTTP(S) subscriptions.
+"""``POST /v1/webhooks/<path>``: routes each request to its webhook trigger (:mod:`gpufleet.triggers.webhook`).
 
-A trigger file with ``source: webhook:///minio`` is served by the api role at ``POST /v1/webhooks/minio``.
-
-- **Authentication**, per trigger, checked before anything else (401 and nothing enqueued without it):
-  ``Authorization: Bearer <token>`` (MinIO's ``auth_token``), HTTP Basic with the token as the password (for
-  SNS: subscribe ``https://gpufleet:<token>@host/v1/webhooks/name``), or ``X-Gpufleet-Signature:
-  sha256=<hex HMAC-SHA256>`` with ``hmac_secret``, over the body or, with ``X-Gpufleet-Timestamp``, over
-  ``<timestamp>.<body>`` (see :meth:`WebhookTrigger.signature_authorized`). Bearer and Basic are checked before
-  the body is read; an unknown path and a bad credential get the same 401 (see :func:`router`).
-- **Replays.** A sender that cannot sign a timestamp (MinIO, Ceph and SNS send a bearer token or Basic
-  credentials) is protected by the task ids instead: an object event's id is the object's identity, so a replayed
-  notification is a duplicate for as long as the task's record is kept (``retention_s``).
-- **Durable before 2xx**: the answer comes after the tasks are in Redis (and dead letters are acknowledged by
-  Kafka). If Redis is unreachable for ``PUBLISH_TIMEOUT_S``, it is 503 and the sender retries.
-- Bodies over ``max_payload_bytes`` get 413. A body that cannot become tasks (malformed, not S3 events, too many
-  records, anything that fails) is dead-lettered with its reason and answered 422 with that reason: never a 5xx,
-  which would make the sender retry it in a loop.
-- SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm (:mod:`gpufleet.api.sns`), only
-  over https, only if its whole host matches a pattern of ``sns_confirm_hosts`` (``sns.*.amazonaws.com`` and
-  ``sns.*.amazonaws.com.cn`` by default, ``*`` being one DNS label), and only at a public address (IP literals and
-  private, loopback or link-local addresses are refused unless ``sns_confirm_private``), so a forged confirmation
-  cannot make us fetch any URL. Redirects are not followed and at most 64 KiB of the answer is read. Any failure
-  (refused URL, DNS, connection, TLS, not 2xx) is the same 502 ``sns_confirm_failed``; the log says which.
+Credentials are checked before the body is read, and an unknown path answers the same 401 as a bad credential
+(see :func:`router`).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import threading
 import time
-import uuid
-from typing import Any
 
 import structlog
 from fastapi import APIRouter, Request
@@ -41,120 +15,9 @@ from starlette.concurrency import run_in_threadpool
 
 from gpufleet.api.bodies import read_body
 from gpufleet.api.errors import CLOSE, error_response
-from gpufleet.api.sns import SnsConfirmError, confirm_subscription, redact
-from gpufleet.errors import RequestError
-from gpufleet.settings import Fleet, TriggerSettings
-from gpufleet.triggers import parse_source
-from gpufleet.triggers.base import Ingest, SourceMessage
-from gpufleet.triggers.s3events import parse_notification
+from gpufleet.triggers.webhook import SIGNATURE_HEADER, WebhookTrigger
 
 log = structlog.get_logger("gpufleet.webhook")
-PUBLISH_TIMEOUT_S = 10.0
-SIGNATURE_HEADER = "X-Gpufleet-Signature"
-TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
-
-
-class WebhookTrigger:
-    """One ``webhook:///path`` trigger; :func:`router` serves them all (in the api role, never `gpufleet trigger`)."""
-
-    KEYS = frozenset({"token", "token_env", "hmac_secret", "hmac_secret_env", "hmac_tolerance_s",
-                      "hmac_require_timestamp", "sns_confirm_hosts", "sns_confirm_private"})  # fmt: skip
-
-    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
-        self.name = trigger.name
-        self.trigger = trigger
-        self.path = parse_source(trigger.source).path.strip("/")
-        self.ingest = ingest or Ingest(fleet, trigger)
-        self.max_bytes = self.ingest.max_bytes
-
-    def header_authorized(self, headers: Any) -> bool:
-        """``Authorization: Bearer <token>``, or Basic with the token as the password: checked before any of the
-        body is read."""
-        token = self.trigger.token
-        scheme, _, credentials = headers.get("authorization", "").partition(" ")
-        if token is None:
-            return False
-        if scheme.lower() == "bearer":
-            return hmac.compare_digest(credentials.strip().encode(), token.encode())
-        if scheme.lower() == "basic":
-            try:
-                _, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                return False
-            return hmac.compare_digest(password.encode(), token.encode())
-        return False
-
-    def signature_authorized(self, headers: Any, body: bytes, now: float) -> bool:
-        """``X-Gpufleet-Signature: sha256=HMAC(secret, body)``, or, with ``X-Gpufleet-Timestamp: <unix seconds>``,
-        ``HMAC(secret, "<timestamp>." + body)`` and a timestamp within ``hmac_tolerance_s`` of now: a captured
-        request cannot be replayed later. ``hmac_require_timestamp`` refuses signatures without one."""
-        secret = self.trigger.hmac_secret
-        if secret is None:
-            return False
-        stamp = headers.get(TIMESTAMP_HEADER.lower())
-        if stamp is None:
-            if self.trigger.hmac_require_timestamp:
-                return False
-            signed = body
-        else:
-            if not (stamp.isascii() and stamp.isdigit() and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s):
-                return False
-            signed = stamp.encode() + b"." + body
-        expected = "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), "").encode(), expected.encode())
-
-    def receive(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """Publish what a notification asks for; returns the HTTP status and the counts: 200, or 422 when the body
-        was dead-lettered (the sender learns it was refused, and must not send it again). Raises RequestError (503)
-        if Redis or Kafka stayed unreachable for PUBLISH_TIMEOUT_S."""
-        try:
-            note = parse_notification(body, self.trigger.key_encoding, self.trigger.max_records)
-        except Exception:  # noqa: BLE001 - Ingest dead-letters it with the reason
-            note = None
-        if note is not None and note.sns_type == "SubscriptionConfirmation":
-            return 200, self._confirm(note.sns or {})
-        if note is not None and note.sns_type == "UnsubscribeConfirmation":
-            log.info("SNS unsubscribed", trigger=self.name, topic=(note.sns or {}).get("TopicArn"))
-            return 200, {"ignored": 1}
-        msg_id = str((note.sns or {}).get("MessageId") or uuid.uuid4())[:128] if note else str(uuid.uuid4())
-        batch = self.ingest.prepare([SourceMessage(value=body, source_id=f"webhook:{self.path}/{msg_id}",
-                                                   default_id=f"webhook-{msg_id}")])  # fmt: skip
-        deadline = threading.Event()
-        timer = threading.Timer(PUBLISH_TIMEOUT_S, deadline.set)
-        timer.start()
-        try:
-            result = self.ingest.publish(batch, deadline)
-        finally:
-            timer.cancel()
-        if result is None:
-            raise _UnavailableError("unavailable", "the task queue cannot be reached; try again later")
-        counts = {"published": result.published, "duplicates": result.duplicates,
-                  "dead_lettered": result.dead_lettered, "ignored": result.ignored}  # fmt: skip
-        if batch.dead:
-            headers = batch.dead[0].headers
-            error = {"code": headers["reason"], "message": f"dead-lettered: {headers['detail'][:500]}"}
-            return 422, {"error": error, **counts}
-        return 200, counts
-
-    def _confirm(self, envelope: dict[str, Any]) -> dict[str, Any]:
-        url = str(envelope.get("SubscribeURL", ""))
-        try:
-            confirm_subscription(url, self.trigger.sns_confirm_hosts, allow_private=self.trigger.sns_confirm_private)
-        except SnsConfirmError as exc:  # the sender learns nothing of why: a probe must not map the network
-            log.warning("SNS confirmation failed", trigger=self.name, url=redact(url), cause=exc.cause)
-            raise _ConfirmFailedError("sns_confirm_failed", "the SubscribeURL could not be confirmed") from None
-        log.info("SNS subscription confirmed", trigger=self.name, topic=envelope.get("TopicArn"))
-        return {"confirmed": True}
-
-
-class _UnavailableError(RequestError):
-    status = 503
-
-
-class _ConfirmFailedError(RequestError):
-    """One answer for every failed confirmation, whatever the cause (which only the log tells)."""
-
-    status = 502
 
 
 def router(webhooks: list[WebhookTrigger], body_timeout_s: float) -> APIRouter:

@@ -96,7 +96,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _trigger(args: argparse.Namespace) -> int:
     from gpufleet.roles import stop_event_on_signals
-    from gpufleet.triggers import BACKENDS, SERVED_BY_API
+    from gpufleet.triggers import BACKENDS, served_by
     from gpufleet.triggers.base import Trigger
     from gpufleet.urls import import_backend
 
@@ -105,7 +105,7 @@ def _trigger(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(fleet.triggers))
     if unknown:
         raise GpufleetError(f"unknown trigger(s) {unknown}; configured: {sorted(fleet.triggers)}")
-    names = [n for n in names if fleet.triggers[n].scheme not in SERVED_BY_API]  # webhooks: `gpufleet api`
+    names = [n for n in names if served_by(fleet.triggers[n].scheme) == "trigger"]  # webhooks: `gpufleet api`
     stop = stop_event_on_signals()
     if not names:
         # Nothing to consume here; stay up (an exit would look like a crash to `gpufleet run`).

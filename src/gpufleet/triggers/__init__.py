@@ -7,22 +7,26 @@ from collections.abc import Iterable
 from gpufleet.errors import ConfigError
 from gpufleet.urls import Endpoint, import_backend, parse_url
 
-# The webhook is served by the api role (POST /v1/webhooks/<path>), not by `gpufleet trigger`.
 BACKENDS = {
     "kafka": "gpufleet.triggers.kafka:KafkaTrigger",
     "sqs": "gpufleet.triggers.sqs:SqsTrigger",
     "s3": "gpufleet.triggers.poll:PollTrigger",
-    "webhook": "gpufleet.api.webhooks:WebhookTrigger",
+    "webhook": "gpufleet.triggers.webhook:WebhookTrigger",
     "amqp": "gpufleet.triggers.amqp:AmqpTrigger",
     "amqps": "gpufleet.triggers.amqp:AmqpTrigger",
 }
-SERVED_BY_API = frozenset({"webhook"})
 AMQP = frozenset({"amqp", "amqps"})  # the path is the vhost, and may be empty
 # Keys every trigger file may hold; a trigger class adds its own in KEYS, and object-event triggers OBJECT_KEYS.
 COMMON_KEYS = frozenset({"name", "source", "function", "format", "id_field", "id_header", "batch_max",
                          "max_payload_bytes", "dead_letter", "on_success", "on_failure", "enabled"})  # fmt: skip
 OBJECT_KEYS = frozenset({"events", "prefix", "suffix", "key_encoding", "max_records", "output"})
 ALWAYS_OBJECTS = frozenset({"sqs", "webhook", "s3"})  # schemes whose messages are S3 event notifications
+
+
+def served_by(scheme: str) -> str:
+    """The role that serves a trigger of this scheme: ``trigger`` (``gpufleet trigger``), or ``api`` (webhooks,
+    served by ``gpufleet api``). Declared by the trigger class."""
+    return str(getattr(import_backend(BACKENDS[scheme]), "served_by", "trigger"))
 
 
 def check_keys(scheme: str, keys: Iterable[str], fmt: str | None, *, where: str) -> None:

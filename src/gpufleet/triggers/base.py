@@ -10,9 +10,11 @@ A failure in 2 or 3 is retried with backoff; the source is never acknowledged fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -89,6 +91,10 @@ class BatchTrigger:
     def disconnect(self) -> None:
         pass
 
+    def publishing(self, batch: Received) -> AbstractContextManager[object]:
+        """Held while a batch is published (SQS keeps its messages invisible meanwhile)."""
+        return contextlib.nullcontext()
+
     def run(self, stop: threading.Event) -> None:
         log.info("trigger started", trigger=self.name, source=redact_url(self.trigger.source))
         transient: tuple[type[BaseException], ...] = (ConnectionError, OSError, *self.source_errors)
@@ -116,8 +122,10 @@ class BatchTrigger:
             log.info("trigger stopped", trigger=self.name, **self.stats)
 
     def _handle(self, got: Received, stop: threading.Event) -> bool:
-        if self.ingest.publish(self.ingest.prepare(got.messages), stop) is None:
-            return False
+        prepared = self.ingest.prepare(got.messages)
+        with self.publishing(got):
+            if self.ingest.publish(prepared, stop) is None:
+                return False
         self.ack(got)
         return True
 

@@ -10,89 +10,57 @@ Guarantees:
   the task ids are the objects' identities, so the re-delivery is suppressed as a duplicate.
 - While a publish is slow (Redis down, retrying), the batch's visibility timeout is extended, so SQS does not
   hand the same messages to another trigger meanwhile.
+- SQS unreachable, throttling, or a queue that does not exist (yet): logged, and tried again with backoff.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager
 from typing import Any
 
 import structlog
 
 from gpufleet.objects import make_client
 from gpufleet.settings import Fleet, TriggerSettings
-from gpufleet.triggers import parse_source
-from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
 
 log = structlog.get_logger("gpufleet.trigger.sqs")
 MAX_BATCH = 10  # SQS returns and deletes at most 10 messages per call
 
 
-class SqsTrigger:
+class SqsTrigger(BatchTrigger):
     KEYS = frozenset({"wait_time_s", "visibility_timeout_s"})
 
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
-        self.name = trigger.name
-        self.fleet = fleet
-        self.trigger = trigger
-        endpoint = parse_source(trigger.source)
-        self.queue = endpoint.path
-        self.account = endpoint.options.get("account")
-        self.ingest = ingest or Ingest(fleet, trigger)
-        self.stats = self.ingest.stats
-
-    def run(self, stop: threading.Event) -> None:
+        super().__init__(fleet, trigger, ingest)
         from botocore.exceptions import BotoCoreError, ClientError
 
-        sqs = make_client("sqs", self.fleet.settings.s3)
-        queue_url = self._queue_url(sqs, stop)
-        log.info("sqs trigger started", trigger=self.name, queue=queue_url)
-        backoff = 0.5
-        try:
-            while queue_url and not stop.is_set():
-                try:
-                    reply = sqs.receive_message(
-                        QueueUrl=queue_url,
-                        MaxNumberOfMessages=MAX_BATCH,
-                        WaitTimeSeconds=self.trigger.wait_time_s,
-                        VisibilityTimeout=self.trigger.visibility_timeout_s,
-                        MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
-                    )
-                except (BotoCoreError, ClientError) as exc:
-                    log.warning("receive failed; retrying", error=str(exc), retry_in_s=backoff)
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                    continue
-                backoff = 0.5
-                messages = reply.get("Messages", [])
-                if messages and not self._handle(sqs, queue_url, messages, stop):
-                    return  # stopping with work not durable: the messages reappear after their visibility timeout
-        finally:
-            self.ingest.close()
-            log.info("sqs trigger stopped", trigger=self.name, **self.stats)
+        self.source_errors = (BotoCoreError, ClientError)  # unreachable, throttled, no such queue (yet): retried
+        self.queue = self.endpoint.path
+        self.account = self.endpoint.options.get("account")
+        self._sqs: Any = None
+        self._queue_url = ""
 
-    def _queue_url(self, sqs: Any, stop: threading.Event) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    def connect(self) -> None:
+        if self._sqs is None:
+            self._sqs = make_client("sqs", self.fleet.settings.s3)
         args = {"QueueName": self.queue, **({"QueueOwnerAWSAccountId": self.account} if self.account else {})}
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                url: str = sqs.get_queue_url(**args)["QueueUrl"]
-                return url
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("AWS.SimpleQueueService.NonExistentQueue",
-                                                                 "QueueDoesNotExist"):  # fmt: skip
-                    raise  # a configuration error: the process exits and says so
-                log.warning("cannot look up the queue; retrying", queue=self.queue, error=str(exc))
-            except BotoCoreError as exc:
-                log.warning("cannot reach SQS; retrying", queue=self.queue, error=str(exc))
-            stop.wait(delay)
-            delay = min(delay * 2, 30.0)
-        return None
+        self._queue_url = self._sqs.get_queue_url(**args)["QueueUrl"]
+        log.info("sqs trigger receiving", trigger=self.name, queue=self._queue_url)
 
-    def _handle(self, sqs: Any, queue_url: str, messages: list[dict[str, Any]], stop: threading.Event) -> bool:
-        batch = self.ingest.prepare([
+    def receive(self, stop: threading.Event) -> Received | None:
+        reply = self._sqs.receive_message(
+            QueueUrl=self._queue_url,
+            MaxNumberOfMessages=MAX_BATCH,
+            WaitTimeSeconds=self.trigger.wait_time_s,
+            VisibilityTimeout=self.trigger.visibility_timeout_s,
+            MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
+        )
+        messages = reply.get("Messages", [])
+        if not messages:
+            return None
+        return Received([
             SourceMessage(
                 value=m["Body"].encode(),
                 source_id=f"sqs:{self.queue}/{m['MessageId']}",
@@ -100,21 +68,18 @@ class SqsTrigger:
                 timestamp=int(m.get("Attributes", {}).get("SentTimestamp", 0)) / 1000 or None,
             )
             for m in messages
-        ])  # fmt: skip
-        handles = [m["ReceiptHandle"] for m in messages]
-        with _KeepInvisible(sqs, queue_url, handles, self.trigger.visibility_timeout_s):
-            result = self.ingest.publish(batch, stop)
-        if result is None:
-            return False
-        self._delete(sqs, queue_url, handles)
-        return True
+        ], token=[m["ReceiptHandle"] for m in messages])  # fmt: skip
 
-    def _delete(self, sqs: Any, queue_url: str, handles: list[str]) -> None:
+    def publishing(self, batch: Received) -> AbstractContextManager[object]:
+        """While a publish is slow, SQS must not hand the messages to another consumer."""
+        return _KeepInvisible(self._sqs, self._queue_url, batch.token, self.trigger.visibility_timeout_s)
+
+    def ack(self, batch: Received) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(handles)]
+        entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(batch.token)]
         try:
-            failed = sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
+            failed = self._sqs.delete_message_batch(QueueUrl=self._queue_url, Entries=entries).get("Failed", [])
         except (BotoCoreError, ClientError) as exc:
             failed = [{"Id": e["Id"], "Message": str(exc)} for e in entries]
         if failed:
