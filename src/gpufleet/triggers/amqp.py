@@ -48,9 +48,7 @@ class AmqpTrigger(BatchTrigger):
 
         self.source_errors = (AMQPError,)
         options = self.endpoint.options
-        self.queue = options.get("queue", "")
-        if not self.queue:
-            raise ConfigError("an amqp source names its queue", key="source", fix="amqp://host/vhost?queue=NAME")
+        self.queue = options["queue"]  # parse_source made sure there is one
         parts = urlsplit(trigger.source)
         password = parts.password
         if "password_env" in options:
