@@ -58,7 +58,7 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
         _Server(config, stop).run()
     finally:
         for hook in webhooks:
-            hook.ingest.close()
+            hook.close()
     log.info("api stopped")
 
 

@@ -56,17 +56,12 @@ class Received:
     token: Any = None
 
 
-class BatchTrigger:
-    """The loop every pulling source shares: receive a batch, prepare it, publish it, and only then acknowledge it.
-
-    A subclass says how to :meth:`connect`, :meth:`receive` and :meth:`ack` (and :meth:`disconnect`); a batch whose
-    publish is cut short by ``stop`` is never acknowledged, so the source delivers it again and its tasks are
-    suppressed as duplicates. A transient error of the source (``ConnectionError``/``OSError`` or
-    :attr:`source_errors`) drops the connection and tries again with backoff.
-    """
+class SourceTrigger:
+    """What every trigger class shares: built as ``cls(fleet, trigger)``, its source URL parsed, its
+    :class:`Ingest` (parse, publish, dead-letter) and stats, the trigger-file keys it takes (``KEYS``), and
+    :meth:`close`."""
 
     KEYS: frozenset[str] = frozenset()
-    source_errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
         from gpufleet.triggers import parse_source
@@ -77,6 +72,21 @@ class BatchTrigger:
         self.endpoint = parse_source(trigger.source)
         self.ingest = ingest or Ingest(fleet, trigger)
         self.stats = self.ingest.stats
+
+    def close(self) -> None:
+        self.ingest.close()
+
+
+class BatchTrigger(SourceTrigger):
+    """The loop every pulling source shares: receive a batch, prepare it, publish it, and only then acknowledge it.
+
+    A subclass says how to :meth:`connect`, :meth:`receive` and :meth:`ack` (and :meth:`disconnect`); a batch whose
+    publish is cut short by ``stop`` is never acknowledged, so the source delivers it again and its tasks are
+    suppressed as duplicates. A transient error of the source (``ConnectionError``/``OSError`` or
+    :attr:`source_errors`) drops the connection and tries again with backoff.
+    """
+
+    source_errors: tuple[type[Exception], ...] = ()
 
     def connect(self) -> None:
         raise NotImplementedError
@@ -118,7 +128,7 @@ class BatchTrigger:
                     backoff = min(backoff * 2, 30.0)
         finally:
             self.disconnect()
-            self.ingest.close()
+            self.close()
             log.info("trigger stopped", trigger=self.name, **self.stats)
 
     def _handle(self, got: Received, stop: threading.Event) -> bool:

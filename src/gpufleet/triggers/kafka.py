@@ -21,25 +21,21 @@ from typing import Any
 import structlog
 
 from gpufleet.settings import Fleet, TriggerSettings
-from gpufleet.triggers import parse_source
-from gpufleet.triggers.base import BatchResult, Ingest, Prepared, SourceMessage
+from gpufleet.triggers.base import BatchResult, Ingest, Prepared, SourceMessage, SourceTrigger
 
 log = structlog.get_logger("gpufleet.trigger.kafka")
 
 
-class KafkaTrigger:
+class KafkaTrigger(SourceTrigger):
+    """Its own loop, not :class:`BatchTrigger`'s: it publishes one batch while it polls and parses the next."""
+
     KEYS = frozenset({"group"})
 
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
-        self.name = trigger.name
-        self.fleet = fleet
-        self.trigger = trigger
-        endpoint = parse_source(trigger.source)
-        self.topic = endpoint.path
-        self.bootstrap = endpoint.hosts or fleet.settings.kafka.bootstrap_servers
+        super().__init__(fleet, trigger, ingest)
+        self.topic = self.endpoint.path
+        self.bootstrap = self.endpoint.hosts or fleet.settings.kafka.bootstrap_servers
         self.group = trigger.group or f"gpufleet-{trigger.name}"
-        self.ingest = ingest or Ingest(fleet, trigger)
-        self.stats = self.ingest.stats
 
     def _consumer(self) -> Any:
         from kafka import KafkaConsumer
@@ -81,7 +77,7 @@ class KafkaTrigger:
         finally:
             publisher.shutdown(wait=True)
             consumer.close(autocommit=False)
-            self.ingest.close()
+            self.close()
             log.info("kafka trigger stopped", trigger=self.name, **self.stats)
 
     def _prepare(self, polled: dict[Any, list[Any]]) -> tuple[Prepared, dict[Any, Any]]:

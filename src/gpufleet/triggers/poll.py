@@ -24,27 +24,21 @@ import structlog
 from gpufleet.objects import ObjectEvent, make_client
 from gpufleet.records import iso
 from gpufleet.settings import Fleet, TriggerSettings
-from gpufleet.triggers import parse_source
-from gpufleet.triggers.base import Ingest
+from gpufleet.triggers.base import Ingest, SourceTrigger
 from gpufleet.triggers.s3events import EventFilter
 
 log = structlog.get_logger("gpufleet.trigger.poll")
 
 
-class PollTrigger:
+class PollTrigger(SourceTrigger):
     KEYS = frozenset({"poll_interval_s", "skip_existing"})
 
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
-        self.name = trigger.name
-        self.fleet = fleet
-        self.trigger = trigger
-        endpoint = parse_source(trigger.source)
-        self.bucket, self.prefix = endpoint.hosts or "", endpoint.path
-        self.ingest = ingest or Ingest(fleet, trigger)
+        super().__init__(fleet, trigger, ingest)
+        self.bucket, self.prefix = self.endpoint.hosts or "", self.endpoint.path
         self.redis = self.ingest.registry.client
         self.checkpoint = f"{fleet.settings.redis.key_prefix}:poll:{trigger.name}"
         self.wanted = EventFilter(trigger.events, trigger.prefix, trigger.suffix)
-        self.stats = self.ingest.stats
         self.listings = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -63,7 +57,7 @@ class PollTrigger:
                     log.warning("listing failed; trying again at the next interval", error=str(exc))
                 stop.wait(self.trigger.poll_interval_s)
         finally:
-            self.ingest.close()
+            self.close()
             log.info("polling trigger stopped", trigger=self.name, listings=self.listings, **self.stats)
 
     def poll_once(self, s3: Any, stop: threading.Event) -> bool:

@@ -39,8 +39,7 @@ import structlog
 
 from gpufleet.errors import RequestError
 from gpufleet.settings import Fleet, TriggerSettings
-from gpufleet.triggers import parse_source
-from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
 from gpufleet.triggers.s3events import parse_notification
 from gpufleet.triggers.sns import SnsConfirmError, confirm_subscription, redact
 
@@ -50,18 +49,16 @@ SIGNATURE_HEADER = "X-Gpufleet-Signature"
 TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
 
 
-class WebhookTrigger:
-    """One ``webhook:///path`` trigger; :func:`router` serves them all (in the api role, never `gpufleet trigger`)."""
+class WebhookTrigger(SourceTrigger):
+    """One ``webhook:///path`` trigger; :func:`gpufleet.api.webhooks.router` serves them all, in the api role."""
 
     served_by: ClassVar[str] = "api"  # `gpufleet api` serves it, not `gpufleet trigger`
     KEYS = frozenset({"token", "token_env", "hmac_secret", "hmac_secret_env", "hmac_tolerance_s",
                       "hmac_require_timestamp", "sns_confirm_hosts", "sns_confirm_private"})  # fmt: skip
 
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
-        self.name = trigger.name
-        self.trigger = trigger
-        self.path = parse_source(trigger.source).path.strip("/")
-        self.ingest = ingest or Ingest(fleet, trigger)
+        super().__init__(fleet, trigger, ingest)
+        self.path = self.endpoint.path.strip("/")
         self.max_bytes = self.ingest.max_bytes
 
     def header_authorized(self, headers: Any) -> bool:
