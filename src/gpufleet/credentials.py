@@ -9,6 +9,8 @@ loopback address.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import ipaddress
 import itertools
 import math
@@ -74,6 +76,13 @@ def _has_sequence(value: str) -> bool:
         if max(up, down) >= SEQUENCE_RUN:
             return True
     return False
+
+
+def sign(secret: str, body: bytes, timestamp: str | None = None) -> str:
+    """gpufleet's ``X-Gpufleet-Signature``, for webhooks in and out: ``sha256=`` + hex HMAC-SHA256 of the body, or
+    of ``<timestamp>.<body>`` when the request carries ``X-Gpufleet-Timestamp``."""
+    signed = body if timestamp is None else timestamp.encode() + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
 def is_loopback(host: str) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from gpufleet.credentials import redact_url
@@ -51,6 +53,26 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
     return Endpoint(
         url=url, scheme=parts.scheme, hosts=parts.netloc or None, path=path, options=dict(parse_qsl(parts.query))
     )
+
+
+def amqp_login(url: str, password_env: str | None) -> dict[str, Any]:
+    """py-amqp's connection arguments for ``amqp[s]://user:password@host:port/vhost``: the vhost URL-decoded (``/``
+    when the path is empty), the default ports 5672 and 5671, and the password read from the environment variable
+    ``password_env`` when one is named, instead of from the URL.
+
+    Raises:
+        ConfigError: ``password_env`` names a variable that is not set.
+    """
+    parts = urlsplit(url)
+    password = parts.password
+    if password_env is not None:
+        password = os.environ.get(password_env)  # the variable is named by the URL
+        if not password:
+            raise ConfigError(f"environment variable {password_env} is not set", key="password_env")
+    tls = parts.scheme == "amqps"
+    return {"host": f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if tls else 5672)}",
+            "userid": unquote(parts.username or "guest"), "password": unquote(password or "guest"),
+            "virtual_host": unquote(parts.path[1:]) or "/", "ssl": tls}  # fmt: skip
 
 
 def import_backend(spec: str) -> type:

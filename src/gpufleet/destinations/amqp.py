@@ -16,17 +16,16 @@ the user may not write to it. A lost connection, a timeout or a nack is retried 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
 from gpufleet.destinations.base import Options, OutRecord, Refusal
-from gpufleet.errors import ConfigError, DeliveryError
+from gpufleet.errors import DeliveryError
 from gpufleet.settings import FleetSettings
-from gpufleet.urls import Endpoint
+from gpufleet.urls import Endpoint, amqp_login
 
 PERMANENT_REPLY_CODES = frozenset({403, 404, 406})  # access refused, not found, precondition failed
 
@@ -49,19 +48,11 @@ class AmqpDestination:
 
     def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
         self.options = AmqpOptions.model_validate(endpoint.options)
+        self._login = amqp_login(endpoint.url, self.options.password_env)
         parts = urlsplit(endpoint.url)
-        password = parts.password
-        if self.options.password_env is not None:
-            password = os.environ.get(self.options.password_env)  # load_fleet checked that it is set
-            if not password:
-                var = self.options.password_env
-                raise ConfigError(f"environment variable {var} is not set", key="password_env")
-        tls = parts.scheme == "amqps"
-        vhost = unquote(parts.path[1:]) or "/"
-        self._login = {"host": f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if tls else 5672)}",
-                       "userid": unquote(parts.username or "guest"), "password": unquote(password or "guest"),
-                       "virtual_host": vhost, "ssl": tls}  # fmt: skip
-        self.where = f"{parts.scheme}://{parts.hostname}/{vhost} exchange {self.options.exchange!r}"
+        self.where = (
+            f"{parts.scheme}://{parts.hostname}/{self._login['virtual_host']} exchange {self.options.exchange!r}"
+        )
         self._conn: Any = None
         self._channel: Any = None
         self._lock = threading.Lock()

@@ -23,8 +23,6 @@ see ``gpufleet parked``) and not retried for ever. The records of a batch are se
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 
 from gpufleet import __version__
+from gpufleet.credentials import sign
 from gpufleet.destinations.base import Options, OutRecord, Refusal
 from gpufleet.errors import ConfigError, DeliveryError
 from gpufleet.settings import FleetSettings
@@ -48,11 +47,6 @@ TRANSIENT_STATUSES = frozenset({408, 429})
 class HttpOptions(Options):
     secret_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     timeout_s: float = Field(10.0, gt=0, le=300)
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The ``X-Gpufleet-Signature`` value for a body sent at ``timestamp``."""
-    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
 class HttpDestination:
@@ -94,7 +88,7 @@ class HttpDestination:
 
         stamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: stamp,
-                   SIGNATURE_HEADER: sign(self._secret, stamp, record.value), "X-Gpufleet-Task-Id": record.key,
+                   SIGNATURE_HEADER: sign(self._secret, record.value, stamp), "X-Gpufleet-Task-Id": record.key,
                    **{f"X-Gpufleet-{name.title()}": value for name, value in record.headers.items()}}  # fmt: skip
         try:
             response = self._http().post(self.url, content=record.value, headers=headers)

@@ -22,17 +22,15 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from datetime import datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from gpufleet.errors import ConfigError
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
+from gpufleet.urls import amqp_login
 
 log = structlog.get_logger("gpufleet.trigger.amqp")
 FIRST_WAIT_S = 1.0  # for the first message of a batch; then messages already on their way are taken
@@ -49,16 +47,7 @@ class AmqpTrigger(BatchTrigger):
         self.source_errors = (AMQPError,)
         options = self.endpoint.options
         self.queue = options["queue"]  # parse_source made sure there is one
-        parts = urlsplit(trigger.source)
-        password = parts.password
-        if "password_env" in options:
-            password = os.environ.get(options["password_env"])
-            if not password:
-                raise ConfigError(f"environment variable {options['password_env']} is not set", key="source")
-        tls = parts.scheme == "amqps"
-        self._login = {"host": f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if tls else 5672)}",
-                       "userid": unquote(parts.username or "guest"), "password": unquote(password or "guest"),
-                       "virtual_host": unquote(parts.path[1:]) or "/", "ssl": tls}  # fmt: skip
+        self._login = amqp_login(trigger.source, options.get("password_env"))
         self._conn: Any = None
         self._channel: Any = None
         self._pending: list[Any] = []

@@ -29,7 +29,6 @@ A trigger file with ``source: webhook:///minio`` is served by the api role (``se
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import threading
 import uuid
@@ -37,6 +36,7 @@ from typing import Any, ClassVar
 
 import structlog
 
+from gpufleet.credentials import sign
 from gpufleet.errors import RequestError
 from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
@@ -86,15 +86,12 @@ class WebhookTrigger(SourceTrigger):
         if secret is None:
             return False
         stamp = headers.get(TIMESTAMP_HEADER.lower())
-        if stamp is None:
-            if self.trigger.hmac_require_timestamp:
-                return False
-            signed = body
-        else:
-            if not (stamp.isascii() and stamp.isdigit() and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s):
-                return False
-            signed = stamp.encode() + b"." + body
-        expected = "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        if stamp is None and self.trigger.hmac_require_timestamp:
+            return False
+        if stamp is not None and not (stamp.isascii() and stamp.isdigit()
+                                      and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s):  # fmt: skip
+            return False
+        expected = sign(secret, body, stamp)
         return hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), "").encode(), expected.encode())
 
     def receive(self, body: bytes) -> tuple[int, dict[str, Any]]:
