@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402 - after the path is set
 import redis  # noqa: E402
 
-from gpufleet.celery_app import create_app  # noqa: E402
 from gpufleet.control import ControlPlane  # noqa: E402
 from gpufleet.dev.services import start_redis, stop_service  # noqa: E402
 from gpufleet.messages import MessageFactory  # noqa: E402
@@ -79,7 +78,7 @@ def main() -> int:
             r = redis.Redis.from_url(service.url)
             fleet = load_fleet(fleet_config(Path(tmp), service.url), env={})
             registry = Registry(r, "gpufleet")
-            factory = MessageFactory(create_app(fleet), "gpufleet", 10.0)
+            factory = MessageFactory("gpufleet", 10.0)
             fn = fleet.functions["noop"]
             queue = factory.build("x", fn, {}, {}).queue
 

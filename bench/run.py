@@ -43,14 +43,13 @@ import yaml
 import handlers
 import naive_bridge
 import raw_celery_app
-from gpufleet.celery_app import create_app
 from gpufleet.dev.services import LocalServices
 from gpufleet.logs import configure_logging
 from gpufleet.messages import MessageFactory, function_queue
 from gpufleet.registry import Enqueued, NewTask, Registry
 from gpufleet.roles import PARENT_ENV
-from gpufleet.settings import Fleet, LoggingSettings, TriggerSettings, load_fleet
-from gpufleet.triggers.kafka import KafkaTrigger
+from gpufleet.settings import Fleet, LoggingSettings, load_fleet
+from gpufleet.triggers.kafka import KafkaSettings, KafkaTrigger
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3.x at import time
@@ -408,7 +407,7 @@ class _TimedConsumer:
 class TimedKafkaTrigger(KafkaTrigger):
     """gpufleet's KafkaTrigger, unchanged, with its consumer, parse and publish calls timed."""
 
-    def __init__(self, fleet: Fleet, trigger: TriggerSettings, target: int) -> None:
+    def __init__(self, fleet: Fleet, trigger: KafkaSettings, target: int) -> None:
         super().__init__(fleet, trigger)
         self.target = target
         self.timed: _TimedConsumer | None = None
@@ -677,7 +676,7 @@ def gpufleet_enqueuer(w: World) -> Callable[[int, bool], None]:
     fn = w.fleet.functions["work"]
     if function_queue(PREFIX, fn) != GPU_QUEUE:
         raise BenchError(f"function 'work' goes to {function_queue(PREFIX, fn)}, the worker reads {GPU_QUEUE}")
-    factory = MessageFactory(create_app(w.fleet), s.redis.key_prefix, s.worker.kill_grace_s)
+    factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
     ids = itertools.count()
 
     def enqueue(count: int, warm: bool) -> None:

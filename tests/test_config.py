@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,50 @@ def test_a_key_the_triggers_scheme_does_not_take_is_an_error(tmp_path: Path, tri
     assert err.value.key == key and "t.yaml" in str(err.value) and fix in str(err.value), str(err.value)
     kafka_objects = {"source": "kafka:///t", "format": "s3", "function": "echo", "prefix": "in/", "group": "g"}
     assert load_fleet(write(tmp_path, {}, {"t": kafka_objects}), env={}).triggers["t"].prefix == "in/"
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("kafka:///t?group=g", "kafka:// trigger sources take no option 'group'"),
+        ("sqs:///q?acount=123456789012", "did you mean 'account'"),
+        ("sqs:///q?account=12", "option 'account'"),
+        ("amqp://rabbit/", "amqp:// trigger sources need the option 'queue'"),
+        ("amqp://rabbit/?queue=q&password_env=RABBIT_PASSWORD", "RABBIT_PASSWORD is not set"),
+    ],
+)
+def test_a_source_option_the_scheme_does_not_declare_is_an_error(tmp_path: Path, source: str, message: str) -> None:
+    """A URL's options are declared beside the trigger class (OPTIONS), and checked with the environment at load."""
+    function = {} if source.startswith(("kafka", "amqp")) else {"function": "echo"}
+    path = write(tmp_path, {}, {"t": {"source": source, **function}})
+    with pytest.raises(ConfigError) as err:
+        load_fleet(path, env={})
+    assert err.value.key == "source" and "t.yaml" in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_a_source_option_naming_a_set_variable_loads(tmp_path: Path) -> None:
+    path = write(tmp_path, {}, {"t": {"source": "amqp://rabbit/?queue=q&password_env=RABBIT_PASSWORD"}})
+    fleet = load_fleet(path, env={"RABBIT_PASSWORD": "Xq7vR2mN9kLp4sT8wZ1bC6dF3gH0jY5u"})
+    assert fleet.triggers["t"].scheme == "amqp"
+
+
+IMPORTS_ONE_WAY = """
+import importlib, pkgutil, sys
+mods = ["gpufleet.urls", "gpufleet.intake", "gpufleet.messages", "gpufleet.objects", "gpufleet.triggers",
+        "gpufleet.destinations"]
+for package in ("gpufleet.triggers", "gpufleet.destinations"):
+    mods += [f"{package}.{m.name}" for m in pkgutil.iter_modules(importlib.import_module(package).__path__)]
+for mod in mods:
+    for name in [n for n in sys.modules if n.startswith("gpufleet.")]:
+        del sys.modules[name]
+    importlib.import_module(mod)
+    assert "gpufleet.settings" not in sys.modules, f"{mod} imports gpufleet.settings"
+print(len(mods))
+"""
+
+
+def test_settings_import_the_backends_and_never_the_other_way_round() -> None:
+    """settings -> triggers/destinations -> urls, one way: a backend names the settings' types only for mypy."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS_ONE_WAY], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) > 15

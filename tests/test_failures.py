@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.celery_app import create_app
 from gpufleet.errors import ConfigError
 from gpufleet.functions import function
 from gpufleet.messages import MessageFactory
@@ -22,7 +21,7 @@ def test_a_result_json_cannot_hold_and_an_event_the_model_refuses_fail_at_once(h
     harness.send("unstorable", {}, id="unstorable-1")
     # An event that skipped intake's check (queued before the function's payload model changed, say).
     fleet = harness.fleet()
-    message = MessageFactory(create_app(fleet), harness.prefix, 1.0).build(
+    message = MessageFactory(harness.prefix, 1.0).build(
         "typed-bad", fleet.functions["typed"], {"n": "not a number"}, {"source": "test"}
     )
     success, failure = f"kafka:///{harness.topic('success')}", f"kafka:///{harness.topic('failure')}"

@@ -16,7 +16,6 @@ import httpx
 import orjson
 import pytest
 
-from gpufleet.celery_app import create_app
 from gpufleet.errors import ConfigError
 from gpufleet.ids import api_task_id
 from gpufleet.messages import MessageFactory
@@ -55,7 +54,7 @@ class Fleet:
     def squat(self, task_id: str, function: str = "typed") -> None:
         """A record made before ids were namespaced: the id another source computes, for another function."""
         fleet = self.harness.fleet()
-        factory = MessageFactory(create_app(fleet), self.harness.prefix, 1.0)
+        factory = MessageFactory(self.harness.prefix, 1.0)
         message = factory.build(task_id, fleet.functions[function], {"n": 3}, {"source": "legacy"})
         task = NewTask(message, "kafka:///s", "kafka:///f", 1, "legacy", time.time(), origin="trigger:legacy")
         assert self.harness.registry.enqueue_many([task]) == [Enqueued.CREATED]

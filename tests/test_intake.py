@@ -138,14 +138,14 @@ def test_an_unexpected_failure_dead_letters_the_message_and_intake_goes_on(
 ) -> None:
     """Whatever raises while one message becomes tasks (here the envelope builder) costs only that message."""
     ingest = ingests["json"]
-    real = ingest.factory.build
+    real = ingest.intake.factory.build
 
     def build(task_id: str, fn: Any, event: Any, meta: dict[str, Any]) -> Any:
         if event == {"poison": True}:
             raise TypeError("Recursion limit reached")
         return real(task_id, fn, event, meta)
 
-    monkeypatch.setattr(ingest.factory, "build", build)
+    monkeypatch.setattr(ingest.intake.factory, "build", build)
     batch = ingest.prepare([message(dumps({"function": "echo", "payload": {"poison": True}}), 1),
                             message(dumps({"function": "echo", "payload": {"fine": True}}), 2)])  # fmt: skip
     assert [t.message.task_id for t in batch.tasks] == ["json:test-2"]
@@ -233,7 +233,9 @@ def test_fuzzed_webhook_bodies_get_an_answer_never_an_error(harness: FleetHarnes
 @FUZZ
 def test_fuzzed_listings_become_tasks(ingests: dict[str, Ingest], events: list[ObjectEvent]) -> None:
     """Polling: what a bucket listing yields becomes tasks, one dead letter per object that cannot."""
-    batch = ingests["kafka-s3"].prepare_objects(events, "s3:fuzz")
+    messages = [SourceMessage(e.model_dump_json().encode(), f"s3:fuzz/{i}", "", objects=(e,))
+                for i, e in enumerate(events)]  # fmt: skip
+    batch = ingests["kafka-s3"].prepare(messages)
     assert len(batch.tasks) + len(batch.dead) == len(events)
     assert ingests["kafka-s3"].publish(batch, threading.Event()) is not None
 

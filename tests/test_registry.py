@@ -11,7 +11,6 @@ import time
 import orjson
 import pytest
 
-from gpufleet.celery_app import create_app
 from gpufleet.dispatcher import Dispatcher
 from gpufleet.messages import Envelopes, MessageFactory
 from gpufleet.registry import Callback, Enqueued, NewTask, State
@@ -22,12 +21,12 @@ from tests.harness import FleetHarness, nonzero
 def envelopes(h: FleetHarness) -> Envelopes:
     """What a supervisor uses to push a stored task again."""
     fleet = h.fleet()
-    return Envelopes(MessageFactory(create_app(fleet), h.prefix, 1.0), fleet.functions)
+    return Envelopes(MessageFactory(h.prefix, 1.0), fleet.functions)
 
 
 def enqueue(h: FleetHarness, task_id: str, function: str = "echo") -> None:
     fleet = h.fleet()
-    factory = MessageFactory(create_app(fleet), h.prefix, 1.0)
+    factory = MessageFactory(h.prefix, 1.0)
     message = factory.build(task_id, fleet.functions[function], {"k": task_id}, {"source": "test"})
     task = NewTask(message, "kafka:///s", "kafka:///f", 3, "test", time.time(), origin="test")
     assert h.registry.enqueue_many([task]) == [Enqueued.CREATED]
@@ -240,7 +239,7 @@ def test_listing_pages_newest_first_and_skips_expired_records(harness: FleetHarn
 def test_a_claimed_task_leaves_the_deadline_index(harness: FleetHarness) -> None:
     """Only a waiting task expires unclaimed; once a worker has it, the worker checks its age itself."""
     fleet = harness.fleet()
-    factory = MessageFactory(create_app(fleet), harness.prefix, 1.0)
+    factory = MessageFactory(harness.prefix, 1.0)
     message = factory.build("dl1", fleet.functions["expiring"], {}, {"source": "test"})
     reg = harness.registry
     task = NewTask(message, "kafka:///s", "kafka:///f", 1, "test", time.time(), 1.0, origin="test")

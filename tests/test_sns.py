@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpufleet.settings import SNS_HOSTS
 from gpufleet.triggers.sns import (
     MAX_BODY_BYTES,
+    SNS_HOSTS,
     SnsConfirmError,
     address_allowed,
     check_host_pattern,

@@ -13,16 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
-from gpufleet.events import check_event
 from gpufleet.functions import Function
 from gpufleet.ids import API_ORIGIN, api_task_id
-from gpufleet.messages import Envelopes, MessageFactory, function_queue
+from gpufleet.intake import Intake, Producer
+from gpufleet.messages import Envelopes, function_queue
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.records import Condition, callback_record, fit_record, iso
-from gpufleet.registry import Enqueued, NewTask, Registry, State
+from gpufleet.registry import Enqueued, Registry, State
 from gpufleet.settings import Fleet
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
@@ -42,21 +40,9 @@ class ControlPlane:
         self.fleet = fleet
         s = fleet.settings
         self.registry = registry or Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
-        self._factory: MessageFactory | None = None
-
-    @property
-    def factory(self) -> MessageFactory:
-        if self._factory is None:  # building the Celery app costs ~100 ms; only invoke needs it
-            from gpufleet.celery_app import create_app
-
-            s = self.fleet.settings
-            self._factory = MessageFactory(create_app(self.fleet), s.redis.key_prefix, s.worker.kill_grace_s)
-        return self._factory
-
-    @property
-    def envelopes(self) -> Envelopes:
-        """Builds a stored task's message again: for retries and re-queues."""
-        return Envelopes(self.factory, self.fleet.functions)
+        self.intake = Intake(fleet, Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes))
+        # Builds a stored task's message again: for retries and re-queues.
+        self.envelopes = Envelopes(self.intake.factory, fleet.functions)
 
     def ping(self) -> None:
         """Raise ``redis.ConnectionError``/``TimeoutError`` when the registry cannot be reached."""
@@ -90,35 +76,23 @@ class ControlPlane:
     # -- invoke ----------------------------------------------------------------------------------------------
 
     def invoke(self, function: str, event: Any, idempotency_key: str | None = None) -> Invocation:
-        """Queue one task for ``function``. The same ``idempotency_key`` always names the same task."""
+        """Queue one task for ``function``. ``event`` is the event, or its JSON as ``bytes`` (the HTTP body: checked
+        before it is decoded). The same ``idempotency_key`` always names the same task."""
         fn = self.function(function)
-        s = self.fleet.settings
-        try:
-            check_event(event)
-        except EventError as exc:
-            raise InvalidRequestError(exc.reason, exc.detail) from None
-        size = len(orjson.dumps(event))
-        if size > s.defaults.max_payload_bytes:
-            limit = s.defaults.max_payload_bytes
-            raise PayloadTooLargeError("payload_too_large", f"{size} bytes > max_payload_bytes {limit}")
-        mismatch = fn.payload_error(event)
-        if mismatch is not None:
-            raise InvalidRequestError("schema_mismatch", mismatch)
         if idempotency_key is not None and (not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
                                             or not idempotency_key.isprintable()):  # fmt: skip
             raise InvalidRequestError("bad_idempotency_key", "use 1 to 255 printable characters")
         task_id = api_task_id(fn.name, idempotency_key)
-        source = "api"
-        task = NewTask(
-            message=self.factory.build(task_id, fn, event, {"source": source, "trigger": "api"}),
-            on_success=fn.on_success or s.defaults.on_success,
-            on_failure=fn.on_failure or s.defaults.on_failure,
-            max_attempts=fn.max_attempts,
-            source=source,
-            event_ts=time.time(),
-            max_age_s=fn.max_event_age_s,
-            origin=API_ORIGIN,
-        )
+        try:
+            event = self.intake.decode(event) if isinstance(event, bytes) else self.intake.accept(event)
+            task = self.intake.task(fn, event, task_id, API_ORIGIN)
+        except EventError as exc:
+            if exc.reason == "oversize":
+                raise PayloadTooLargeError("payload_too_large", exc.detail) from None
+            if exc.reason == "schema_mismatch":
+                raise InvalidRequestError(exc.reason, exc.detail) from None
+            code = "invalid_json" if exc.reason == "malformed_json" else exc.reason
+            raise InvalidRequestError(code, f"the event is not one gpufleet can carry: {exc.detail}") from None
         [outcome] = self.registry.enqueue_many([task])
         if outcome is Enqueued.CONFLICT:
             raise ConflictError("id_conflict", f"task {task_id} exists for another function or source; use another "

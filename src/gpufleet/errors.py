@@ -6,6 +6,9 @@ whether trying the same operation again may succeed (as aiokafka does), so retry
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class GpufleetError(Exception):
     """Root of every gpufleet error."""
@@ -109,3 +112,9 @@ class BodyTimeoutError(RequestError):
     """The request body did not arrive within ``api.body_timeout_s``."""
 
     status = 408
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A "did you mean 'x'?" hint for a misspelt key, scheme or name, or None."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}?" if close else None

@@ -1,8 +1,10 @@
 """Celery task messages, built directly in kombu's Redis envelope so a trigger can publish a batch in one round trip.
 
-Celery's own ``send_task`` costs one Redis round trip per message. We build the same protocol-2 message (headers
-from ``app.amqp.as_task_v2``, so Celery's format stays Celery's) and push many of them with one Lua call that also
-writes the registry records. The worker side is stock Celery: it cannot tell these from ``send_task`` messages.
+Celery's own ``send_task`` costs one Redis round trip per message. We build the same protocol-2 message and push many
+of them with one Lua call that also writes the registry records. The worker side is stock Celery: it cannot tell these
+from ``send_task`` messages. The headers are written here, not borrowed from a Celery app, so that a trigger or the API
+never builds one (~100 ms, and not thread-safe to import under load); ``tests/test_intake_path.py`` compares them with
+what the installed Celery's ``app.amqp.as_task_v2`` writes, so Celery's format stays Celery's.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ class TaskMessage:
 class MessageFactory:
     """Builds envelopes from a per-function template; only the id and body change per message."""
 
-    def __init__(self, app: Any, prefix: str, kill_grace_s: float) -> None:
-        self._app = app
+    def __init__(self, prefix: str, kill_grace_s: float) -> None:
         self._prefix = prefix
         self._kill_grace_s = kill_grace_s
         self._templates: dict[str, dict[str, Any]] = {}
@@ -61,18 +62,8 @@ class MessageFactory:
     def _template(self, fn: Function) -> dict[str, Any]:
         template = self._templates.get(fn.name)
         if template is None:
-            # Soft limit at timeout_s (the handler sees SoftTimeLimitExceeded), hard kill after the grace period.
-            msg = self._app.amqp.as_task_v2(
-                "0",
-                TASK_NAME,
-                args=(),
-                kwargs={},
-                time_limit=fn.timeout_s + self._kill_grace_s,
-                soft_time_limit=fn.timeout_s,
-                origin="gpufleet",
-                ignore_result=True,
-            )
-            template = {"headers": dict(msg.headers), "queue": function_queue(self._prefix, fn)}
+            headers = task_headers(fn.timeout_s + self._kill_grace_s, fn.timeout_s)
+            template = {"headers": headers, "queue": function_queue(self._prefix, fn)}
             self._templates[fn.name] = template
         return template
 
@@ -108,6 +99,33 @@ class MessageFactory:
         }
         return TaskMessage(task_id=task_id, function=fn.name, queue=queue, envelope=orjson.dumps(envelope),
                            event=event, meta=meta, tag=tag)  # fmt: skip
+
+
+def task_headers(time_limit: float, soft_time_limit: float) -> dict[str, Any]:
+    """Celery's protocol-2 headers for a ``gpufleet.run`` task, as ``app.amqp.as_task_v2`` writes them (Celery 5.3+):
+    no ETA, no expiry, no group or parent; the soft limit at ``timeout_s`` (the handler sees SoftTimeLimitExceeded),
+    the hard kill after the grace period. ``id``, ``root_id`` and the reprs are set per task."""
+    return {
+        "lang": "py",
+        "task": TASK_NAME,
+        "id": "",
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [time_limit, soft_time_limit],
+        "root_id": "",
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": "{}",
+        "origin": "gpufleet",
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
 
 
 class Envelopes:

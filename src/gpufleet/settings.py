@@ -15,7 +15,6 @@ This is the only module that reads the environment. Rules:
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import socket
@@ -28,8 +27,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpufleet.credentials import HOW_TO_GENERATE, hidden, is_loopback, is_secret_name, redact_url, secret_problem
-from gpufleet.errors import ConfigError
+from gpufleet.errors import ConfigError, did_you_mean
 from gpufleet.functions import Function, load_functions
+from gpufleet.triggers.options import TriggerSettings
 
 ENV_PREFIX = "GPUFLEET_"
 RESERVED_ENV = {"GPUFLEET_CONFIG", "GPUFLEET_PARENT_PID"}  # not settings: read by the CLI and the roles
@@ -206,103 +206,6 @@ class FleetSettings(_Model):
         return self
 
 
-SNS_HOSTS = ("sns.*.amazonaws.com", "sns.*.amazonaws.com.cn")  # host patterns: "*" is exactly one DNS label
-
-
-class TriggerSettings(_Model):
-    """One ``triggers/*.yaml`` file: a source bound to a function and its destinations."""
-
-    name: str
-    source: str
-    # The function every message goes to; when absent, each message names it: {"function": ..., "payload": ...}.
-    function: str | None = None
-    # What the messages are: "json" (an event, or the routing envelope above) or "s3" (S3 event notifications).
-    # SQS, webhook and s3:// (polling) sources are always "s3".
-    format: Literal["json", "s3"] = "json"
-    group: str | None = None
-    id_field: str | None = "id"
-    id_header: str | None = "gpufleet-id"
-    batch_max: int = Field(500, ge=1, le=50_000)
-    max_payload_bytes: int | None = Field(None, ge=1)
-    dead_letter: str | None = None
-    on_success: str | None = None
-    on_failure: str | None = None
-    enabled: bool = True
-    # Object events ("s3" format and s3:// sources):
-    events: tuple[str, ...] = ("ObjectCreated:*",)  # event types, "s3:" prefix optional, "*" wildcards
-    prefix: str = ""
-    suffix: str = ""
-    key_encoding: Literal["auto", "url", "raw"] = "auto"  # auto: URL-decoded unless the record is from Ceph
-    # A notification with more records is dead-lettered whole (AWS, MinIO and Ceph send one per message).
-    max_records: int = Field(100, ge=1, le=10_000)
-    output: str | None = None  # s3://bucket/prefix where ctx.upload() writes outputs
-    # SQS: long-poll wait, and how long a received message stays hidden (extended while a publish is slow).
-    wait_time_s: int = Field(20, ge=0, le=20)
-    visibility_timeout_s: int = Field(60, ge=5, le=43_200)
-    # Polling (s3://bucket/prefix): list every interval; objects present at the first listing are skipped
-    # (marked seen) when skip_existing is true.
-    poll_interval_s: float = Field(30.0, gt=0)
-    skip_existing: bool = False
-    # Webhook: a bearer token (MinIO's auth_token; HTTP Basic with this as the password, for SNS URLs) and/or
-    # an HMAC-SHA256 secret for the X-Gpufleet-Signature header. *_env names an environment variable to read.
-    token: str | None = None
-    token_env: str | None = None
-    hmac_secret: str | None = None
-    hmac_secret_env: str | None = None
-    # A signature may cover a timestamp (X-Gpufleet-Timestamp), accepted within this many seconds of now; required
-    # with hmac_require_timestamp, so a captured request cannot be replayed later.
-    hmac_tolerance_s: int = Field(300, ge=1, le=86_400)
-    hmac_require_timestamp: bool = False
-    # SubscribeURL hosts we may GET (https only) to confirm a subscription: exact host names, or "*" for exactly
-    # one DNS label (see gpufleet.triggers.sns). sns_confirm_private allows IP literals and private/loopback addresses:
-    # for LocalStack or a test fleet; never on an internet-facing fleet.
-    sns_confirm_hosts: tuple[str, ...] = SNS_HOSTS
-    sns_confirm_private: bool = False
-
-    @field_validator("sns_confirm_hosts")
-    @classmethod
-    def _sns_confirm_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from gpufleet.triggers.sns import check_host_pattern  # lazy: settings stays import-light
-
-        return tuple(check_host_pattern(p) for p in v)  # ValueError names the entry and how to write it
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        from gpufleet.ids import trigger_name_error
-
-        error = trigger_name_error(v)
-        if error is not None:
-            raise ValueError(error)
-        return v
-
-    @field_validator("events")
-    @classmethod
-    def _events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from gpufleet.triggers.s3events import EventFilter  # lazy: settings stays import-light
-
-        EventFilter(v)  # ValueError names the bad pattern
-        return v
-
-    @field_validator("output")
-    @classmethod
-    def _output(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^s3://[^/]+(/.*)?$", v):
-            raise ValueError("use s3://bucket or s3://bucket/prefix")
-        return v
-
-    @property
-    def scheme(self) -> str:
-        """The source's transport: kafka, sqs, webhook or s3 (checked against the backends at load)."""
-        return self.source.split(":", 1)[0]
-
-    @property
-    def object_events(self) -> bool:
-        from gpufleet.triggers import ALWAYS_OBJECTS
-
-        return self.format == "s3" or self.scheme in ALWAYS_OBJECTS
-
-
 @dataclass(frozen=True)
 class Fleet:
     """Everything loaded and cross-checked: settings, functions and triggers."""
@@ -354,23 +257,31 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
 def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], env: Mapping[str, str] | None = None,
                   max_record_bytes: int | None = None, weak_secrets_allowed: bool = False,
                   ) -> dict[str, TriggerSettings]:  # fmt: skip
-    """Load every ``*.yaml`` trigger file in the folders; check sources, functions and destinations."""
+    """Load every ``*.yaml`` trigger file in the folders: each against its scheme's model (declared by its trigger
+    class), then its source, function and destinations."""
     from gpufleet.destinations import parse_destination
-    from gpufleet.triggers import check_keys, parse_source
+    from gpufleet.triggers import check_keys, parse_source, settings_model
 
+    env = os.environ if env is None else env
     triggers: dict[str, TriggerSettings] = {}
     for folder in folders:
         if not folder.is_dir():
             continue  # a fleet that only serves the HTTP API needs no trigger folder
         for file in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+            where = str(file)
             raw = _read_yaml(file)
             raw.setdefault("name", file.stem)
-            trigger = _validate(TriggerSettings, raw, str(file))
-            where = str(file)
+            source = raw.get("source")
+            if not isinstance(source, str):
+                raise ConfigError("is required: the URL of the trigger's source" if source is None else
+                                  "must be a URL", file=where, key="source", fix="kafka:///topic, sqs:///queue, "
+                                  "webhook:///path, s3://bucket/prefix or amqp://host/vhost?queue=NAME")  # fmt: skip
+            scheme = parse_source(source, where=where, key="source", env=env).scheme
+            check_keys(scheme, raw, raw.get("format"), where=where)
+            trigger = _validate(settings_model(scheme, raw.get("format")), raw, where)
+            trigger = trigger.resolved(env, where=where, weak_secrets_allowed=weak_secrets_allowed)
             if trigger.name in triggers:
                 raise ConfigError(f"trigger name {trigger.name!r} is used twice", file=where, key="name")
-            parse_source(trigger.source, where=where, key="source")
-            check_keys(trigger.scheme, raw, raw.get("format"), where=where)
             if max_record_bytes and (trigger.max_payload_bytes or 0) > max_record_bytes:
                 raise ConfigError(f"{trigger.max_payload_bytes} is more than defaults.max_record_bytes "
                                   f"({max_record_bytes}): an accepted message must fit its dead letter",
@@ -383,47 +294,15 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
                     key="function",
                     fix=did_you_mean(trigger.function, functions) or f"one of {sorted(functions)}",
                 )
+            if trigger.object_events and trigger.function is None:
+                raise ConfigError("an object-event trigger needs a function", file=where, key="function",
+                                  fix="name the function that gets each object event")  # fmt: skip
             for key in ("dead_letter", "on_success", "on_failure"):
                 url = getattr(trigger, key)
                 if url:
-                    parse_destination(url, where=where, key=key, env=os.environ if env is None else env)
-            triggers[trigger.name] = _check_object_trigger(trigger, where, os.environ if env is None else env,
-                                                           weak_secrets_allowed)  # fmt: skip
+                    parse_destination(url, where=where, key=key, env=env)
+            triggers[trigger.name] = trigger
     return triggers
-
-
-def _check_object_trigger(trigger: TriggerSettings, where: str, env: Mapping[str, str],
-                          weak_secrets_allowed: bool) -> TriggerSettings:  # fmt: skip
-    """Object triggers name their function; webhooks need a strong secret, from the file or from the environment
-    with ``*_env`` (weak ones only in the API's dev mode)."""
-    from gpufleet.triggers import served_by
-
-    if trigger.object_events and trigger.function is None:
-        raise ConfigError("an object-event trigger needs a function", file=where, key="function",
-                          fix="name the function that gets each object event")  # fmt: skip
-    secrets: dict[str, Any] = {}
-    for key in ("token", "hmac_secret"):
-        var = getattr(trigger, f"{key}_env")
-        if var is not None:
-            if not env.get(var):
-                raise ConfigError(f"environment variable {var} is not set", file=where, key=f"{key}_env",
-                                  fix=f"export {var}=... ({HOW_TO_GENERATE})")  # fmt: skip
-            secrets[key] = env[var]
-    if secrets:
-        trigger = trigger.model_copy(update=secrets)
-    for key in ("token", "hmac_secret"):
-        value = getattr(trigger, key)
-        problem = value and secret_problem(value, in_header=key == "token", weak_allowed=weak_secrets_allowed)
-        if problem:
-            named = f"{key}_env ({getattr(trigger, f'{key}_env')})" if key in secrets else key
-            raise ConfigError(f"{named} cannot be used: {problem}", file=where, key=named.split(" ")[0],
-                              fix=f"{HOW_TO_GENERATE}; weak secrets are only allowed with api.dev: true on a "
-                              "loopback api.host")  # fmt: skip
-    if served_by(trigger.scheme) == "api" and trigger.token is None and trigger.hmac_secret is None:
-        fix = "set token/token_env (bearer token) or hmac_secret/hmac_secret_env"
-        raise ConfigError("a webhook needs a secret: without one anybody could enqueue GPU work", file=where,
-                          key="token", fix=fix)  # fmt: skip
-    return trigger
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -547,9 +426,3 @@ def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMo
             return None
         model = annotation
     return model
-
-
-def did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str | None:
-    """A "did you mean 'x'?" hint for a misspelt key, scheme or name, or None."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"did you mean {close[0]!r}?" if close else None

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from gpufleet.credentials import redact_url
-from gpufleet.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gpufleet.credentials import redact_url, secret_problem
+from gpufleet.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,6 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
               pathless: frozenset[str] = frozenset()) -> Endpoint:  # fmt: skip
     """Split ``url`` and check its scheme; a scheme in ``pathless`` (a whole-URL endpoint, such as https) may
     name no path."""
-    from gpufleet.settings import did_you_mean
-
     parts = urlsplit(url)
     if parts.scheme not in schemes:
         hint = did_you_mean(parts.scheme, list(schemes)) if parts.scheme else None
@@ -53,6 +54,42 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
     return Endpoint(
         url=url, scheme=parts.scheme, hosts=parts.netloc or None, path=path, options=dict(parse_qsl(parts.query))
     )
+
+
+class Options(BaseModel):
+    """A backend's URL options, declared beside its class (``OPTIONS``): unknown ones are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_options(endpoint: Endpoint, model: type[Options], *, what: str, where: str | None, key: str | None,
+                  env: Mapping[str, str] | None = None) -> Options:  # fmt: skip
+    """Validate ``endpoint.options`` against the backend's model; with ``env``, also that the variables its
+    ``*_env`` options name are set and hold a strong secret. Raises ConfigError naming ``where`` and ``key``."""
+    try:
+        parsed = model.model_validate(endpoint.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"])
+        fields = list(model.model_fields)
+        scheme = endpoint.scheme
+        if err["type"] == "extra_forbidden":
+            fix = did_you_mean(name, fields) or (f"{scheme}:// takes {fields}" if fields else "remove it")
+            raise ConfigError(f"{scheme}:// {what}s take no option {name!r}", file=where, key=key, fix=fix) from None
+        if err["type"] == "missing":
+            raise ConfigError(f"{scheme}:// {what}s need the option {name!r}", file=where, key=key,
+                              fix=f"add ?{name}=... to the URL") from None  # fmt: skip
+        raise ConfigError(f"option {name!r}: {err['msg']}", file=where, key=key) from None
+    for option, var in parsed.model_dump().items():
+        if env is None or not option.endswith("_env") or var is None:
+            continue
+        value = env.get(var)
+        weakness = value and secret_problem(value, in_header=False)
+        problem = "is not set" if not value else weakness and f"holds a weak secret: {weakness}"
+        if problem:
+            raise ConfigError(f"{option}: the environment variable {var} {problem}", file=where, key=key,
+                              fix=f"export {var}=$(gpufleet token)")  # fmt: skip
+    return parsed
 
 
 def amqp_login(url: str, password_env: str | None) -> dict[str, Any]:

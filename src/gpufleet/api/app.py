@@ -31,8 +31,7 @@ from gpufleet.api import bodies, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
-from gpufleet.errors import EventError, InvalidRequestError
-from gpufleet.events import MAX_DEPTH, decode_event
+from gpufleet.events import MAX_DEPTH
 from gpufleet.registry import State
 from gpufleet.triggers.webhook import WebhookTrigger
 
@@ -119,13 +118,7 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         ] = None,
     ) -> models.Invocation:
         """Queue a task: answers 202 and its id at once; follow it at the Location."""
-        control.function(name)  # an unknown function is a 404 whatever the body
-        try:
-            event = decode_event(body)
-        except EventError as exc:
-            code = "invalid_json" if exc.reason == "malformed_json" else exc.reason
-            raise InvalidRequestError(code, f"the body is not an event gpufleet can carry: {exc.detail}") from None
-        invocation = control.invoke(name, event, idempotency_key)
+        invocation = control.invoke(name, body, idempotency_key)  # 404 for an unknown function, whatever the body
         response.headers["Location"] = _task_url(invocation.id)
         return models.Invocation(id=invocation.id, created=invocation.created)
 

@@ -19,7 +19,7 @@ import uvicorn
 from gpufleet.api.app import create_app
 from gpufleet.control import ControlPlane
 from gpufleet.settings import Fleet
-from gpufleet.triggers import served_by
+from gpufleet.triggers import backend, served_by
 from gpufleet.triggers.webhook import WebhookTrigger
 
 log = structlog.get_logger("gpufleet.api")
@@ -35,9 +35,8 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
     api = fleet.settings.api
     token = api.require_token(str(fleet.config_file))
     control = ControlPlane(fleet)
-    _ = control.factory  # build the Celery app now, not in the first request (nor twice in two threads)
-    webhooks = [WebhookTrigger(fleet, t) for t in fleet.triggers.values()
-                if t.enabled and served_by(t.scheme) == "api"]  # fmt: skip
+    webhooks: list[WebhookTrigger] = [backend(t.scheme)(fleet, t) for t in fleet.triggers.values()
+                                      if t.enabled and served_by(t.scheme) == "api"]  # fmt: skip
     for hook in webhooks:
         log.info("webhook trigger served", trigger=hook.name, path=f"/v1/webhooks/{hook.path}")
     config = uvicorn.Config(

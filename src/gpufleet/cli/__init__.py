@@ -96,9 +96,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _trigger(args: argparse.Namespace) -> int:
     from gpufleet.roles import stop_event_on_signals
-    from gpufleet.triggers import BACKENDS, served_by
+    from gpufleet.triggers import backend, served_by
     from gpufleet.triggers.base import Trigger
-    from gpufleet.urls import import_backend
 
     fleet = _fleet(args, "trigger")
     names = args.name or [n for n, t in fleet.triggers.items() if t.enabled]
@@ -112,9 +111,8 @@ def _trigger(args: argparse.Namespace) -> int:
         structlog.get_logger("gpufleet.trigger").info("no triggers to run in this process")
         stop.wait()
         return 0
-    # Built here, one after another: construction imports Celery and the backends, and Celery's lazy module is
-    # not safe to import from two threads at once. A trigger that cannot be built fails the process now.
-    triggers = [import_backend(BACKENDS[fleet.triggers[name].scheme])(fleet, fleet.triggers[name]) for name in names]
+    # Built here, before any thread starts: a trigger that cannot be built fails the process now.
+    triggers = [backend(fleet.triggers[name].scheme)(fleet, fleet.triggers[name]) for name in names]
     failed: list[str] = []
 
     def serve(trigger: Trigger) -> None:

@@ -13,10 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import ValidationError
-
-from gpufleet.errors import ConfigError
-from gpufleet.urls import Endpoint, import_backend, parse_url
+from gpufleet.urls import Endpoint, import_backend, parse_options, parse_url
 
 if TYPE_CHECKING:
     from gpufleet.destinations.base import Destination
@@ -41,33 +38,11 @@ def parse_destination(url: str, *, where: str | None = None, key: str | None = N
                       env: Mapping[str, str] | None = None) -> Endpoint:  # fmt: skip
     """Validate a destination URL and its options; with ``env``, also that the variables its ``*_env`` options
     name are set (and that a secret is strong). Raises ConfigError naming ``where`` and ``key``."""
-    from gpufleet.credentials import secret_problem
-    from gpufleet.settings import did_you_mean
-
     endpoint = parse_url(url, BACKENDS, where=where, key=key, what="destination", pathless=PATHLESS)
     if endpoint.scheme in FRAGMENT_OPTIONS:
         endpoint = dataclasses.replace(endpoint, options=dict(parse_qsl(urlsplit(url).fragment)))
     options = import_backend(BACKENDS[endpoint.scheme]).OPTIONS  # type: ignore[attr-defined]
-    try:
-        parsed = options.model_validate(endpoint.options)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        name = ".".join(str(p) for p in err["loc"])
-        fields = list(options.model_fields)
-        if err["type"] == "extra_forbidden":
-            fix = did_you_mean(name, fields) or (f"{endpoint.scheme}:// takes {fields}" if fields else "remove it")
-            raise ConfigError(f"{endpoint.scheme}:// destinations take no option {name!r}", file=where, key=key,
-                              fix=fix) from None  # fmt: skip
-        raise ConfigError(f"option {name!r}: {err['msg']}", file=where, key=key) from None
-    for option, var in parsed.model_dump().items():
-        if env is None or not option.endswith("_env"):
-            continue
-        value = env.get(var)
-        weakness = value and secret_problem(value, in_header=False)
-        problem = "is not set" if not value else weakness and f"holds a weak secret: {weakness}"
-        if problem:
-            raise ConfigError(f"{option}: the environment variable {var} {problem}", file=where, key=key,
-                              fix=f"export {var}=$(gpufleet token)")  # fmt: skip
+    parse_options(endpoint, options, what="destination", where=where, key=key, env=env)
     return endpoint
 
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
-from gpufleet.settings import FleetSettings
-from gpufleet.urls import Endpoint, amqp_login
+from gpufleet.urls import Endpoint, Options, amqp_login
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 PERMANENT_REPLY_CODES = frozenset({403, 404, 406})  # access refused, not found, precondition failed
 

@@ -8,11 +8,13 @@ botocore retries twice inside a call; past that the dispatcher retries the batch
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpufleet.errors import DeliveryError
 from gpufleet.objects import make_client
-from gpufleet.settings import FleetSettings
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 # Error codes an AWS-compatible service answers with a 4xx that still mean "try again later".
 RETRYABLE_CODES = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "SlowDown", "RequestTimeout",

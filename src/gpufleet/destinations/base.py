@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict
-
 
 @dataclass(frozen=True)
 class OutRecord:
@@ -23,12 +21,6 @@ class Refusal:
 
     index: int  # its position in the batch
     reason: str
-
-
-class Options(BaseModel):
-    """A destination's URL options, declared beside its class (``OPTIONS``): unknown ones are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Destination(Protocol):

@@ -26,17 +26,19 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 
 from gpufleet import __version__
 from gpufleet.credentials import sign
-from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import ConfigError, DeliveryError
-from gpufleet.settings import FleetSettings
-from gpufleet.urls import Endpoint
+from gpufleet.urls import Endpoint, Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
 SIGNATURE_HEADER = "X-Gpufleet-Signature"

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
-from gpufleet.settings import FleetSettings, KafkaSettings
-from gpufleet.urls import Endpoint
+from gpufleet.urls import Endpoint, Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings, KafkaSettings
 
 
 def kafka_producer(bootstrap: str, settings: KafkaSettings, **overrides: Any) -> Any:

@@ -8,12 +8,14 @@ Records stay in this process, in :data:`MemoryDestination.boxes` under the name.
 from __future__ import annotations
 
 import threading
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
-from gpufleet.settings import FleetSettings
-from gpufleet.urls import Endpoint
+from gpufleet.urls import Endpoint, Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 
 class MemoryDestination:

@@ -10,11 +10,15 @@ NoSuchBucket parks the record with the reason; connection errors, timeouts, 5xx 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from gpufleet.destinations.aws import AwsClient, permanent, transient_errors
-from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
-from gpufleet.settings import FleetSettings
-from gpufleet.urls import Endpoint
+from gpufleet.urls import Endpoint, Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 
 class S3Destination:

@@ -11,12 +11,13 @@ is parked, and so is an entry SNS refuses as the sender's fault. Anything else i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gpufleet.destinations.base import Options
 from gpufleet.destinations.sqs import BatchPublisher
-from gpufleet.settings import FleetSettings
-from gpufleet.urls import Endpoint
+from gpufleet.urls import Endpoint, Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 
 class SnsDestination(BatchPublisher):

@@ -13,13 +13,15 @@ entry SQS refuses as the sender's fault is parked with its reason; anything else
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpufleet.destinations.aws import AwsClient, permanent, transient_errors
-from gpufleet.destinations.base import Options, OutRecord, Refusal
+from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
-from gpufleet.settings import FleetSettings
-from gpufleet.urls import Endpoint
+from gpufleet.urls import Endpoint, Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 MAX_BATCH = 10
 MAX_BYTES = 262_144  # per message and per batch

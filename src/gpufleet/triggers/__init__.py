@@ -1,11 +1,21 @@
-"""Triggers turn source messages into published tasks. ``base.py`` has the shared work, one module per source."""
+"""Triggers turn source messages into published tasks. ``base.py`` has the shared work, one module per source.
+
+Each trigger class declares, beside it, the keys of its trigger file (``Settings``, a subclass of
+:class:`~gpufleet.triggers.options.TriggerSettings`), the options of its source URL (``OPTIONS``) and the role
+that serves it (``served_by``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
-from gpufleet.errors import ConfigError
-from gpufleet.urls import Endpoint, import_backend, parse_url
+from pydantic import create_model
+
+from gpufleet.errors import ConfigError, did_you_mean
+from gpufleet.triggers.options import OBJECT_KEYS, ObjectEvents, TriggerSettings
+from gpufleet.urls import Endpoint, import_backend, parse_options, parse_url
 
 BACKENDS = {
     "kafka": "gpufleet.triggers.kafka:KafkaTrigger",
@@ -16,45 +26,64 @@ BACKENDS = {
     "amqps": "gpufleet.triggers.amqp:AmqpTrigger",
 }
 AMQP = frozenset({"amqp", "amqps"})  # the path is the vhost, and may be empty
-# Keys every trigger file may hold; a trigger class adds its own in KEYS, and object-event triggers OBJECT_KEYS.
-COMMON_KEYS = frozenset({"name", "source", "function", "format", "id_field", "id_header", "batch_max",
-                         "max_payload_bytes", "dead_letter", "on_success", "on_failure", "enabled"})  # fmt: skip
-OBJECT_KEYS = frozenset({"events", "prefix", "suffix", "key_encoding", "max_records", "output"})
-ALWAYS_OBJECTS = frozenset({"sqs", "webhook", "s3"})  # schemes whose messages are S3 event notifications
+
+
+def backend(scheme: str) -> Any:
+    """The trigger class for a scheme (checked by :func:`parse_source`)."""
+    return import_backend(BACKENDS[scheme])
 
 
 def served_by(scheme: str) -> str:
     """The role that serves a trigger of this scheme: ``trigger`` (``gpufleet trigger``), or ``api`` (webhooks,
     served by ``gpufleet api``). Declared by the trigger class."""
-    return str(getattr(import_backend(BACKENDS[scheme]), "served_by", "trigger"))
+    return str(getattr(backend(scheme), "served_by", "trigger"))
 
 
-def check_keys(scheme: str, keys: Iterable[str], fmt: str | None, *, where: str) -> None:
+def always_objects(scheme: str) -> bool:
+    """Whether the scheme's messages are always S3 event notifications (SQS, webhooks, polling)."""
+    return issubclass(backend(scheme).Settings, ObjectEvents)
+
+
+def settings_model(scheme: str, fmt: Any) -> type[TriggerSettings]:
+    """The model of a trigger file: its class's ``Settings``, with the object-event keys for ``format: s3``."""
+    model: type[TriggerSettings] = backend(scheme).Settings
+    return _with_objects(model) if fmt == "s3" and not issubclass(model, ObjectEvents) else model
+
+
+@functools.cache
+def _with_objects(model: type[TriggerSettings]) -> type[TriggerSettings]:
+    bases: Any = (ObjectEvents, model)  # pydantic merges the fields of both, in this order
+    return cast(type[TriggerSettings], create_model(f"{model.__name__}WithObjects", __base__=bases))
+
+
+def check_keys(scheme: str, keys: Iterable[str], fmt: Any, *, where: str) -> None:
     """Refuse a key the trigger's scheme does not take (``poll_interval_s`` on a Kafka trigger), and ``format:
-    json`` where the messages are always S3 events.
+    json`` where the messages are always S3 events, before the keys' values are validated.
 
     Raises:
         ConfigError: naming the file, the key and the fix.
     """
-    from gpufleet.settings import did_you_mean
-
-    own: frozenset[str] = import_backend(BACKENDS[scheme]).KEYS  # type: ignore[attr-defined]
-    objects = scheme in ALWAYS_OBJECTS or fmt == "s3"
-    allowed = COMMON_KEYS | own | (OBJECT_KEYS if objects else frozenset())
-    for key in sorted(set(keys) - allowed):
-        hint = did_you_mean(key, sorted(allowed))
-        takes = sorted(own | (OBJECT_KEYS if objects else frozenset()))
-        fix = hint or f"remove it; besides the common keys, {scheme} triggers take {takes or 'nothing more'}"
-        if key in OBJECT_KEYS and not objects:
-            fix = "it is for S3 event notifications: add `format: s3`, or remove it"
-        raise ConfigError(f"{scheme} triggers take no {key!r}", file=where, key=key, fix=fix)
-    if scheme in ALWAYS_OBJECTS and fmt == "json":
+    if always_objects(scheme) and fmt == "json":
         raise ConfigError(f"{scheme} triggers always read S3 event notifications", file=where, key="format",
                           fix="remove `format: json` (or use a kafka or amqp source for JSON events)")  # fmt: skip
+    allowed = set(settings_model(scheme, fmt).model_fields)
+    for key in sorted(set(keys) - allowed):
+        own = sorted(allowed - set(TriggerSettings.model_fields))
+        fix = (
+            did_you_mean(key, allowed)
+            or f"remove it; besides the common keys, {scheme} triggers take {own or 'nothing more'}"
+        )
+        if key in OBJECT_KEYS:
+            fix = "it is for S3 event notifications: add `format: s3`, or remove it"
+        elsewhere = key in OBJECT_KEYS or any(key in backend(s).Settings.model_fields for s in BACKENDS)
+        raise ConfigError(f"{scheme} triggers take no {key!r}" if elsewhere else "unknown key", file=where, key=key,
+                          fix=fix)  # fmt: skip
 
 
-def parse_source(url: str, *, where: str | None = None, key: str | None = None) -> Endpoint:
-    """Validate a trigger source URL; raises ConfigError naming ``where`` and ``key``.
+def parse_source(url: str, *, where: str | None = None, key: str | None = None,
+                 env: Mapping[str, str] | None = None) -> Endpoint:  # fmt: skip
+    """Validate a trigger source URL and its options (declared by the class as ``OPTIONS``); with ``env``, also
+    that the variables its ``*_env`` options name are set. Raises ConfigError naming ``where`` and ``key``.
 
     ``kafka:///topic``, ``sqs:///queue-name``, ``webhook:///path`` (served at ``/v1/webhooks/path``),
     ``s3://bucket/prefix`` (polling; the bucket is the URL's host) and ``amqp://host/vhost?queue=NAME``.
@@ -68,11 +97,5 @@ def parse_source(url: str, *, where: str | None = None, key: str | None = None) 
             raise ConfigError(str(exc), file=where, key=key, fix="s3://bucket or s3://bucket/prefix") from None
         return Endpoint(url=url, scheme="s3", hosts=bucket, path=prefix, options={})
     endpoint = parse_url(url, BACKENDS, where=where, key=key, what="trigger source", pathless=AMQP)
-    if endpoint.scheme in AMQP:
-        unknown = sorted(set(endpoint.options) - {"queue", "password_env"})
-        if not endpoint.options.get("queue") or unknown:
-            fix = "amqp://user@host:5672/vhost?queue=gpufleet.requests"
-            got = f"options {unknown}" if unknown else "no queue"
-            raise ConfigError(f"an amqp source takes ?queue=NAME (and password_env=VAR); got {got}", file=where,
-                              key=key, fix=fix)  # fmt: skip
+    parse_options(endpoint, backend(endpoint.scheme).OPTIONS, what="trigger source", where=where, key=key, env=env)
     return endpoint

@@ -24,30 +24,39 @@ from __future__ import annotations
 import hashlib
 import threading
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import Field
 
-from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
-from gpufleet.urls import amqp_login
+from gpufleet.triggers.options import TriggerSettings
+from gpufleet.urls import Options, amqp_login
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.amqp")
 FIRST_WAIT_S = 1.0  # for the first message of a batch; then messages already on their way are taken
 MAX_PREFETCH = 65_535  # basic.qos prefetch_count is a short
 
 
-class AmqpTrigger(BatchTrigger):
-    KEYS: frozenset[str] = frozenset()
+class AmqpOptions(Options):
+    queue: str = Field(min_length=1, max_length=255)  # AMQP's shortstr
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class AmqpTrigger(BatchTrigger[TriggerSettings]):
+    OPTIONS = AmqpOptions
 
     def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
         super().__init__(fleet, trigger, ingest)
         from amqp.exceptions import AMQPError
 
         self.source_errors = (AMQPError,)
-        options = self.endpoint.options
-        self.queue = options["queue"]  # parse_source made sure there is one
-        self._login = amqp_login(trigger.source, options.get("password_env"))
+        options = AmqpOptions.model_validate(self.endpoint.options)  # parse_source checked them
+        self.queue = options.queue
+        self._login = amqp_login(trigger.source, options.password_env)
         self._conn: Any = None
         self._channel: Any = None
         self._pending: list[Any] = []

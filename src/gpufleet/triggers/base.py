@@ -1,7 +1,8 @@
 """What every trigger shares: parse a source message into a task, publish in batches, dead-letter bad input.
 
 A trigger never runs GPU work. Per batch it:
-1. parses each message into (task id, function, event), or an :class:`EventError` reason;
+1. parses each message into tasks through :class:`~gpufleet.intake.Intake` (the path invoke takes too), or an
+   :class:`EventError` reason;
 2. publishes every task with one atomic Redis call (record + queue push; an id already known is a duplicate);
 3. delivers dead letters (original bytes + reason) and waits for the broker's acknowledgement;
 4. only then lets the source acknowledge (commit offsets, delete messages).
@@ -13,30 +14,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import structlog
 
-from gpufleet.celery_app import create_app
 from gpufleet.credentials import redact_url
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.errors import BrokerError, EventError
-from gpufleet.events import decode_event
-from gpufleet.functions import Function
 from gpufleet.ids import OBJECT_ORIGIN, SUPPLIED_ID_RE, trigger_origin, trigger_task_id
-from gpufleet.messages import MessageFactory
+from gpufleet.intake import Intake, Producer
 from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS, Enqueued, NewTask, Registry
 from gpufleet.retry import retry_until
-from gpufleet.settings import Fleet, TriggerSettings
+from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
+from gpufleet.urls import Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.trigger")
+S = TypeVar("S", bound=TriggerSettings)
 MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
 
 
@@ -56,14 +58,15 @@ class Received:
     token: Any = None
 
 
-class SourceTrigger:
+class SourceTrigger(Generic[S]):
     """What every trigger class shares: built as ``cls(fleet, trigger)``, its source URL parsed, its
-    :class:`Ingest` (parse, publish, dead-letter) and stats, the trigger-file keys it takes (``KEYS``), and
-    :meth:`close`."""
+    :class:`Ingest` (parse, publish, dead-letter) and stats, and :meth:`close`. A class declares the model of its
+    trigger file (``Settings``) and of its URL's options (``OPTIONS``)."""
 
-    KEYS: frozenset[str] = frozenset()
+    Settings: ClassVar[type[TriggerSettings]] = TriggerSettings
+    OPTIONS: ClassVar[type[Options]] = Options
 
-    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
+    def __init__(self, fleet: Fleet, trigger: S, ingest: Ingest | None = None) -> None:
         from gpufleet.triggers import parse_source
 
         self.name = trigger.name
@@ -77,7 +80,7 @@ class SourceTrigger:
         self.ingest.close()
 
 
-class BatchTrigger(SourceTrigger):
+class BatchTrigger(SourceTrigger[S]):
     """The loop every pulling source shares: receive a batch, prepare it, publish it, and only then acknowledge it.
 
     A subclass says how to :meth:`connect`, :meth:`receive` and :meth:`ack` (and :meth:`disconnect`); a batch whose
@@ -147,6 +150,9 @@ class SourceMessage:
     default_id: str  # the task id when the producer supplies none
     headers: dict[str, bytes] = field(default_factory=dict)
     timestamp: float | None = None
+    # Object events that came without a notification (a bucket listing); ``value`` is then their JSON, which a dead
+    # letter quotes.
+    objects: tuple[ObjectEvent, ...] | None = None
 
 
 @dataclass
@@ -175,27 +181,34 @@ class Ingest:
         self.trigger = trigger
         s = fleet.settings
         self.registry = registry or Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
-        self.factory = MessageFactory(create_app(fleet), s.redis.key_prefix, s.worker.kill_grace_s)
-        self.max_bytes = trigger.max_payload_bytes or s.defaults.max_payload_bytes
+        self.origin = trigger_origin(trigger.name)
+        self.intake = Intake(fleet, Producer(trigger.name, self.origin,
+                                             trigger.max_payload_bytes or s.defaults.max_payload_bytes,
+                                             trigger.on_success, trigger.on_failure))  # fmt: skip
         self.max_record_bytes = s.defaults.max_record_bytes
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
         self.dead_letter: Destination = open_destination(self.dead_letter_url, s)
         self.parking = Parking(self.registry.client, s.redis.key_prefix)
         # What this trigger did so far, for its logs and for tests; updated by publish().
         self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
-        self.origin = trigger_origin(trigger.name)
+        self.objects: ObjectEvents | None = None  # the trigger's object-event keys, when it reads object events
         self.object_filter: EventFilter | None = None
-        if trigger.object_events:
+        if isinstance(trigger, ObjectEvents):
+            self.objects = trigger
             self.object_filter = EventFilter(trigger.events, trigger.prefix, trigger.suffix)
 
     def parse(self, msg: SourceMessage) -> list[NewTask]:
         """Turn one message into its tasks, or raise EventError with the dead-letter reason. An object
         notification may hold several records, or none that this trigger wants (a TestEvent, a filtered key)."""
-        if len(msg.value) > self.max_bytes:
-            raise EventError("oversize", f"{len(msg.value)} bytes > max_payload_bytes {self.max_bytes}")
-        if self.object_filter is not None:
-            return self._parse_objects(msg, self.object_filter)
-        body = decode_event(msg.value)
+        intake = self.intake
+        objects, wanted = self.objects, self.object_filter
+        if objects is not None and wanted is not None:
+            intake.check_size(len(msg.value))
+            events = msg.objects
+            if events is None:
+                events = tuple(parse_notification(msg.value, objects.key_encoding, objects.max_records).events)
+            return self.object_tasks([event for event in events if wanted.matches(event)], msg)
+        body = intake.decode(msg.value)
         function = self.trigger.function
         if function is None:
             if not isinstance(body, dict) or not isinstance(body.get("function"), str) or "payload" not in body:
@@ -203,56 +216,17 @@ class Ingest:
             function, payload = body["function"], body["payload"]
         else:
             payload = body
-        fn = self.fleet.functions.get(function)
-        if fn is None:
-            served = sorted(self.fleet.functions)
-            raise EventError("unknown_function", f"no function {function!r:.200}; served: {served}")
-        mismatch = fn.payload_error(payload)
-        if mismatch is not None:
-            raise EventError("schema_mismatch", mismatch)
-        return [self._task(fn, self._task_id(msg, body), payload, msg, {}, self.origin)]
-
-    def _parse_objects(self, msg: SourceMessage, wanted: EventFilter) -> list[NewTask]:
-        note = parse_notification(msg.value, self.trigger.key_encoding, self.trigger.max_records)
-        return self.object_tasks([event for event in note.events if wanted.matches(event)], msg)
+        fn = intake.function(function)
+        return [intake.task(fn, payload, self._task_id(msg, body), msg.source_id, event_ts=msg.timestamp)]
 
     def object_tasks(self, events: list[ObjectEvent], msg: SourceMessage) -> list[NewTask]:
         """One task per object event, its id the object's identity; the function gets the event as a dict (or
         an ObjectEvent, if it declares ``payload=ObjectEvent``) and ``ctx.download()``/``ctx.upload()``."""
         fn = self.fleet.functions[self.trigger.function or ""]  # object triggers name their function (load checks)
-        meta = {"kind": "object", "output": self.trigger.output}
-        return [self._task(fn, event.task_id(fn.name), event.model_dump(mode="json"), msg, meta, OBJECT_ORIGIN)
+        meta = {"kind": "object", "output": self.objects.output if self.objects else None}
+        return [self.intake.task(fn, event.model_dump(mode="json"), event.task_id(fn.name), msg.source_id,
+                                 event_ts=msg.timestamp, meta=meta, origin=OBJECT_ORIGIN)
                 for event in events]  # fmt: skip
-
-    def prepare_objects(self, events: list[ObjectEvent], source_id: str, ignored: int = 0) -> Prepared:
-        """Tasks for object events that came without a message (a bucket listing). An event that cannot become a
-        task is dead-lettered alone, its JSON as the dead letter's bytes, and the others go on."""
-        batch = Prepared([], [], ignored)
-        for event in events:
-            msg = SourceMessage(event.model_dump_json().encode(), f"{source_id}/{event.key}", default_id="")
-            try:
-                tasks = self.object_tasks([event], msg)
-            except Exception as exc:  # noqa: BLE001 - one object must not stop the listing
-                batch.dead.append(self.dead_record(msg, "intake_error", f"{type(exc).__name__}: {exc}"))
-            else:
-                batch.tasks += tasks
-                batch.sources += [msg] * len(tasks)
-        return batch
-
-    def _task(self, fn: Function, task_id: str, payload: Any, msg: SourceMessage, meta: dict[str, Any],
-              origin: str) -> NewTask:  # fmt: skip
-        s = self.fleet.settings
-        return NewTask(
-            message=self.factory.build(task_id, fn, payload, {"source": msg.source_id, "trigger": self.trigger.name,
-                                                              **meta}),
-            on_success=self.trigger.on_success or fn.on_success or s.defaults.on_success,
-            on_failure=self.trigger.on_failure or fn.on_failure or s.defaults.on_failure,
-            max_attempts=fn.max_attempts,
-            source=msg.source_id,
-            event_ts=msg.timestamp or time.time(),
-            max_age_s=fn.max_event_age_s,
-            origin=origin,
-        )  # fmt: skip
 
     def _task_id(self, msg: SourceMessage, body: Any) -> str:
         """``<trigger>:<the producer's id, or the message's default id>``: a producer names ids only in its own

@@ -16,22 +16,29 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.base import BatchResult, Ingest, Prepared, SourceMessage, SourceTrigger
+from gpufleet.triggers.options import TriggerSettings
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.kafka")
 
 
-class KafkaTrigger(SourceTrigger):
+class KafkaSettings(TriggerSettings):
+    group: str | None = None  # the consumer group; default gpufleet-<trigger name>
+
+
+class KafkaTrigger(SourceTrigger[KafkaSettings]):
     """Its own loop, not :class:`BatchTrigger`'s: it publishes one batch while it polls and parses the next."""
 
-    KEYS = frozenset({"group"})
+    Settings = KafkaSettings
 
-    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
+    def __init__(self, fleet: Fleet, trigger: KafkaSettings, ingest: Ingest | None = None) -> None:
         super().__init__(fleet, trigger, ingest)
         self.topic = self.endpoint.path
         self.bootstrap = self.endpoint.hosts or fleet.settings.kafka.bootstrap_servers

@@ -17,28 +17,35 @@ The checkpoint costs ~100 bytes of Redis per object; each listing costs one LIST
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import Field
 
 from gpufleet.objects import ObjectEvent, make_client
 from gpufleet.records import iso
-from gpufleet.settings import Fleet, TriggerSettings
-from gpufleet.triggers.base import Ingest, SourceTrigger
-from gpufleet.triggers.s3events import EventFilter
+from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
+from gpufleet.triggers.options import ObjectEvents, TriggerSettings
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.poll")
 
 
-class PollTrigger(SourceTrigger):
-    KEYS = frozenset({"poll_interval_s", "skip_existing"})
+class PollSettings(ObjectEvents, TriggerSettings):
+    poll_interval_s: float = Field(30.0, gt=0)
+    skip_existing: bool = False  # objects present at the first listing are marked seen, not run
 
-    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
+
+class PollTrigger(SourceTrigger[PollSettings]):
+    Settings = PollSettings
+
+    def __init__(self, fleet: Fleet, trigger: PollSettings, ingest: Ingest | None = None) -> None:
         super().__init__(fleet, trigger, ingest)
         self.bucket, self.prefix = self.endpoint.hosts or "", self.endpoint.path
         self.redis = self.ingest.registry.client
         self.checkpoint = f"{fleet.settings.redis.key_prefix}:poll:{trigger.name}"
-        self.wanted = EventFilter(trigger.events, trigger.prefix, trigger.suffix)
         self.listings = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -77,20 +84,21 @@ class PollTrigger(SourceTrigger):
             fresh = [(o, etag) for o, etag, seen in zip(objects, etags, known, strict=True) if seen != etag.encode()]
             if not fresh:
                 continue
-            events = [self._event(o, etag) for o, etag in fresh]
-            wanted = [] if skip else [e for e in events if self.wanted.matches(e)]
-            if wanted:
-                batch = self.ingest.prepare_objects(wanted, f"s3:{self.bucket}", ignored=len(events) - len(wanted))
-                if self.ingest.publish(batch, stop) is None:
-                    return False
-            else:
-                self.stats["ignored"] += len(events)
+            if not skip and not self._publish([self._event(o, etag) for o, etag in fresh], stop):
+                return False
             self.redis.hset(self.checkpoint, mapping={o["Key"]: etag for o, etag in fresh})
         self._forget_deleted(listed)
         self.listings += 1
         if skip:
             log.info("first listing: existing objects marked seen, not run", trigger=self.name, count=len(listed))
         return True
+
+    def _publish(self, events: list[ObjectEvent], stop: threading.Event) -> bool:
+        """New objects go through the intake path every trigger takes: one message per object, its event's JSON the
+        bytes a dead letter quotes; the trigger's filters drop (and count as ignored) what it does not want."""
+        messages = [SourceMessage(e.model_dump_json().encode(), f"s3:{self.bucket}/{e.key}", default_id="",
+                                  objects=(e,)) for e in events]  # fmt: skip
+        return self.ingest.publish(self.ingest.prepare(messages), stop) is not None
 
     def _event(self, obj: dict[str, Any], etag: str) -> ObjectEvent:
         modified = obj.get("LastModified")

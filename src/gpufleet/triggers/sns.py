@@ -59,6 +59,9 @@ def redact(text: str) -> str:
     return _TOKEN.sub(r"\1<redacted>", text)[:500]
 
 
+SNS_HOSTS = ("sns.*.amazonaws.com", "sns.*.amazonaws.com.cn")  # the default patterns: "*" is exactly one DNS label
+
+
 def check_host_pattern(entry: str) -> str:
     """The entry of ``sns_confirm_hosts``, lower-cased, or ValueError saying how to write it."""
     pattern = entry.strip().lower()

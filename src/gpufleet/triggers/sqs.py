@@ -17,22 +17,38 @@ from __future__ import annotations
 
 import threading
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import Field
 
 from gpufleet.objects import make_client
-from gpufleet.settings import Fleet, TriggerSettings
 from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
+from gpufleet.triggers.options import ObjectEvents, TriggerSettings
+from gpufleet.urls import Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.sqs")
 MAX_BATCH = 10  # SQS returns and deletes at most 10 messages per call
 
 
-class SqsTrigger(BatchTrigger):
-    KEYS = frozenset({"wait_time_s", "visibility_timeout_s"})
+class SqsSettings(ObjectEvents, TriggerSettings):
+    wait_time_s: int = Field(20, ge=0, le=20)  # long poll
+    # How long a received message stays hidden (extended while a publish is slow).
+    visibility_timeout_s: int = Field(60, ge=5, le=43_200)
 
-    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
+
+class SqsOptions(Options):
+    account: str | None = Field(None, pattern=r"^[0-9]{12}$")  # the account that owns the queue, if not ours
+
+
+class SqsTrigger(BatchTrigger[SqsSettings]):
+    Settings = SqsSettings
+    OPTIONS = SqsOptions
+
+    def __init__(self, fleet: Fleet, trigger: SqsSettings, ingest: Ingest | None = None) -> None:
         super().__init__(fleet, trigger, ingest)
         from botocore.exceptions import BotoCoreError, ClientError
 

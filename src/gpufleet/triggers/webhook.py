@@ -32,16 +32,22 @@ import base64
 import hmac
 import threading
 import uuid
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import structlog
+from pydantic import Field, field_validator
 
-from gpufleet.credentials import sign
-from gpufleet.errors import RequestError
-from gpufleet.settings import Fleet, TriggerSettings
+from gpufleet.credentials import HOW_TO_GENERATE, secret_problem, sign
+from gpufleet.errors import ConfigError, RequestError
 from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
+from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import parse_notification
-from gpufleet.triggers.sns import SnsConfirmError, confirm_subscription, redact
+from gpufleet.triggers.sns import SNS_HOSTS, SnsConfirmError, check_host_pattern, confirm_subscription, redact
+from gpufleet.urls import Options
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.webhook")
 PUBLISH_TIMEOUT_S = 10.0
@@ -49,17 +55,69 @@ SIGNATURE_HEADER = "X-Gpufleet-Signature"
 TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
 
 
-class WebhookTrigger(SourceTrigger):
+class WebhookSettings(ObjectEvents, TriggerSettings):
+    """A webhook's keys: a bearer token (MinIO's auth_token; HTTP Basic with this as the password, for SNS URLs)
+    and/or an HMAC-SHA256 secret for the X-Gpufleet-Signature header. ``*_env`` names an environment variable to
+    read instead. At least one is required, and it must be strong (weak ones only in the API's dev mode)."""
+
+    token: str | None = None
+    token_env: str | None = None
+    hmac_secret: str | None = None
+    hmac_secret_env: str | None = None
+    # A signature may cover a timestamp (X-Gpufleet-Timestamp), accepted within this many seconds of now; required
+    # with hmac_require_timestamp, so a captured request cannot be replayed later.
+    hmac_tolerance_s: int = Field(300, ge=1, le=86_400)
+    hmac_require_timestamp: bool = False
+    # SubscribeURL hosts we may GET (https only) to confirm a subscription: exact host names, or "*" for exactly
+    # one DNS label (see gpufleet.triggers.sns). sns_confirm_private allows IP literals and private/loopback
+    # addresses: for LocalStack or a test fleet; never on an internet-facing fleet.
+    sns_confirm_hosts: tuple[str, ...] = SNS_HOSTS
+    sns_confirm_private: bool = False
+
+    @field_validator("sns_confirm_hosts")
+    @classmethod
+    def _sns_confirm_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_host_pattern(p) for p in v)  # ValueError names the entry and how to write it
+
+    def resolved(self, env: Mapping[str, str], *, where: str, weak_secrets_allowed: bool) -> Self:
+        secrets: dict[str, Any] = {}
+        for key in ("token", "hmac_secret"):
+            var = getattr(self, f"{key}_env")
+            if var is not None:
+                if not env.get(var):
+                    raise ConfigError(f"environment variable {var} is not set", file=where, key=f"{key}_env",
+                                      fix=f"export {var}=... ({HOW_TO_GENERATE})")  # fmt: skip
+                secrets[key] = env[var]
+        hook = self.model_copy(update=secrets) if secrets else self
+        for key in ("token", "hmac_secret"):
+            value = getattr(hook, key)
+            problem = value and secret_problem(value, in_header=key == "token", weak_allowed=weak_secrets_allowed)
+            if problem:
+                named = f"{key}_env ({getattr(hook, f'{key}_env')})" if key in secrets else key
+                raise ConfigError(f"{named} cannot be used: {problem}", file=where, key=named.split(" ")[0],
+                                  fix=f"{HOW_TO_GENERATE}; weak secrets are only allowed with api.dev: true on a "
+                                  "loopback api.host")  # fmt: skip
+        if hook.token is None and hook.hmac_secret is None:
+            raise ConfigError(
+                "a webhook needs a secret: without one anybody could enqueue GPU work",
+                file=where,
+                key="token",
+                fix="set token/token_env (bearer token) or hmac_secret/hmac_secret_env",
+            )
+        return hook
+
+
+class WebhookTrigger(SourceTrigger[WebhookSettings]):
     """One ``webhook:///path`` trigger; :func:`gpufleet.api.webhooks.router` serves them all, in the api role."""
 
     served_by: ClassVar[str] = "api"  # `gpufleet api` serves it, not `gpufleet trigger`
-    KEYS = frozenset({"token", "token_env", "hmac_secret", "hmac_secret_env", "hmac_tolerance_s",
-                      "hmac_require_timestamp", "sns_confirm_hosts", "sns_confirm_private"})  # fmt: skip
+    Settings = WebhookSettings
+    OPTIONS = Options
 
-    def __init__(self, fleet: Fleet, trigger: TriggerSettings, ingest: Ingest | None = None) -> None:
+    def __init__(self, fleet: Fleet, trigger: WebhookSettings, ingest: Ingest | None = None) -> None:
         super().__init__(fleet, trigger, ingest)
         self.path = self.endpoint.path.strip("/")
-        self.max_bytes = self.ingest.max_bytes
+        self.max_bytes = self.ingest.intake.producer.max_payload_bytes
 
     def header_authorized(self, headers: Any) -> bool:
         """``Authorization: Bearer <token>``, or Basic with the token as the password: checked before any of the

@@ -1,0 +1,93 @@
+"""The one path from an event to a task, for every producer: each trigger, and invoke (HTTP API and CLI).
+
+:class:`Intake` decides what becomes a task, in this order, and nothing else does:
+
+1. the size: the raw event against the producer's ``max_payload_bytes`` (``oversize``), before it is decoded;
+2. the event: JSON gpufleet can carry (:mod:`gpufleet.events`), checked once, here;
+3. the function: one this fleet serves (``unknown_function``), and its payload model (``schema_mismatch``);
+4. the id: the producer derives it with :mod:`gpufleet.ids` (its namespace), and intake records its ``origin``;
+5. the destinations: the producer's (a trigger's ``on_success``/``on_failure``), then the function's, then the
+   fleet's defaults;
+6. the envelope: a Celery message built from a template (:class:`~gpufleet.messages.MessageFactory`), no Celery app.
+
+A refusal is an :class:`~gpufleet.errors.EventError` with a stable reason: a trigger dead-letters the message with
+it, the API answers 4xx with it as the code. Publishing is the producer's (one atomic registry call per batch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gpufleet.errors import EventError
+from gpufleet.events import check_event, decode_event
+from gpufleet.functions import Function
+from gpufleet.messages import MessageFactory
+from gpufleet.registry import NewTask
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Who submits: the API or one trigger. Its destinations, when set, win over the function's."""
+
+    name: str  # "api", or the trigger's name: the task's meta says which
+    origin: str  # who may name its ids (see gpufleet.ids)
+    max_payload_bytes: int
+    on_success: str | None = None
+    on_failure: str | None = None
+
+
+class Intake:
+    def __init__(self, fleet: Fleet, producer: Producer) -> None:
+        self.fleet = fleet
+        self.producer = producer
+        s = fleet.settings
+        self.factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
+
+    def decode(self, raw: bytes) -> Any:
+        """The event in ``raw`` JSON bytes: the size first (nothing oversize is decoded), then the JSON."""
+        self.check_size(len(raw))
+        return decode_event(raw)
+
+    def accept(self, event: Any) -> Any:
+        """An event that arrived decoded (a Python caller of invoke): the same checks as :meth:`decode`."""
+        check_event(event)  # before dumps: orjson refuses what nests too deep, with a less useful message
+        self.check_size(len(orjson.dumps(event)))
+        return event
+
+    def check_size(self, size: int) -> None:
+        limit = self.producer.max_payload_bytes
+        if size > limit:
+            raise EventError("oversize", f"{size} bytes > max_payload_bytes {limit}")
+
+    def function(self, name: str) -> Function:
+        fn = self.fleet.functions.get(name)
+        if fn is None:
+            raise EventError("unknown_function", f"no function {name!r:.200}; served: {sorted(self.fleet.functions)}")
+        return fn
+
+    def task(self, fn: Function, payload: Any, task_id: str, source: str, *, event_ts: float | None = None,
+             meta: dict[str, Any] | None = None, origin: str | None = None) -> NewTask:  # fmt: skip
+        """The task for a checked event: its payload matched against the function's model, its destinations and
+        envelope. ``origin`` overrides the producer's (object events share one namespace, whoever saw them)."""
+        mismatch = fn.payload_error(payload)
+        if mismatch is not None:
+            raise EventError("schema_mismatch", mismatch)
+        p, defaults = self.producer, self.fleet.settings.defaults
+        meta = {"source": source, "trigger": p.name, **(meta or {})}
+        return NewTask(
+            message=self.factory.build(task_id, fn, payload, meta),
+            on_success=p.on_success or fn.on_success or defaults.on_success,
+            on_failure=p.on_failure or fn.on_failure or defaults.on_failure,
+            max_attempts=fn.max_attempts,
+            source=source,
+            event_ts=event_ts or time.time(),
+            max_age_s=fn.max_event_age_s,
+            origin=origin or p.origin,
+        )
