@@ -1,5 +1,5 @@
-"""The AMQP trigger against a real RabbitMQ, Redis and Kafka: what every trigger promises (the TriggerContract the
-other sources will share), plus S3 notifications from a queue.
+"""The AMQP trigger against a real RabbitMQ, Redis and Kafka, beyond what every trigger promises (that is
+``tests/test_trigger_contract.py``): the default id of a message without one is stable across redeliveries.
 
 Each test runs the trigger in a thread of its own and looks at the queue with a second connection: ``ready`` is
 what waits in the queue, ``unacked`` what a consumer holds.
@@ -8,7 +8,6 @@ what waits in the queue, ``unacked`` what a consumer holds.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,6 @@ import pytest
 
 from gpufleet.triggers.amqp import AmqpTrigger
 from tests.harness import FleetHarness
-from tests.test_object_push import aws_record, s3_test_event
 
 
 class Broker:
@@ -79,40 +77,8 @@ def amqp_trigger(harness: FleetHarness, broker: Broker, queue: str, **settings: 
     return AmqpTrigger(fleet, fleet.triggers["rabbit"])
 
 
-def tasks(harness: FleetHarness, *ids: str) -> list[dict[str, Any] | None]:
-    return [harness.registry.get(f"rabbit:{i}") for i in ids]
-
-
 def routed(i: int, id_: str | None = None) -> bytes:
     return orjson.dumps({"function": "echo", "payload": {"i": i}, **({"id": id_} if id_ else {})})
-
-
-def test_each_message_is_published_once_then_acknowledged(harness: FleetHarness, broker: Broker) -> None:
-    queue = broker.queue()
-    broker.send(queue, *(routed(i, f"m{i}") for i in range(120)))
-    running = Running(amqp_trigger(harness, broker, queue))
-    try:
-        harness.wait_for(lambda: all(tasks(harness, *(f"m{i}" for i in range(120)))), what="120 tasks")
-        harness.wait_for(lambda: broker.ready(queue) == 0, what="an empty queue")
-    finally:
-        running.stop()
-    assert broker.ready(queue) == 0  # acknowledged: nothing came back when the trigger let go
-    assert running.trigger.stats["published"] == 120 and running.trigger.stats["duplicates"] == 0
-
-
-def test_malformed_input_is_dead_lettered_and_intake_goes_on(harness: FleetHarness, broker: Broker) -> None:
-    queue = broker.queue()
-    broker.send(queue, b"{not json", routed(1, "after-bad"), orjson.dumps({"function": "nope", "payload": {}}))
-    running = Running(amqp_trigger(harness, broker, queue))
-    try:
-        harness.wait_for(lambda: tasks(harness, "after-bad")[0], what="the good message's task")
-        letters = harness.wait_for(lambda: len(recs := harness.records("dlq", 2, timeout_s=5)) >= 2 and recs,
-                                   what="two dead letters")  # fmt: skip
-        assert {r["headers"]["reason"] for r in letters} == {"malformed_json", "unknown_function"}
-        assert b"{not json" in [r["raw"] for r in letters]
-        harness.wait_for(lambda: broker.ready(queue) == 0, what="an empty queue")
-    finally:
-        running.stop()
 
 
 def test_a_trigger_that_dies_before_acknowledging_loses_nothing(harness: FleetHarness, broker: Broker) -> None:
@@ -142,36 +108,3 @@ def test_a_trigger_that_dies_before_acknowledging_loses_nothing(harness: FleetHa
         second.stop()
     assert second.trigger.stats["published"] == 0
     assert sum(harness.registry.counts("echo").values()) == 30
-
-
-def test_a_stop_while_publishing_acknowledges_nothing(harness: FleetHarness, broker: Broker) -> None:
-    """Redis cannot be reached: the publish retries until stop, and the batch goes back to the queue."""
-    queue = broker.queue()
-    broker.send(queue, *(routed(i) for i in range(5)))
-    harness.write_config(triggers={"rabbit": {"source": f"{broker.url}?queue={queue}"}},
-                         redis={"url": "redis://127.0.0.1:1/0"})  # fmt: skip
-    fleet = harness.fleet()
-    trigger = AmqpTrigger(fleet, fleet.triggers["rabbit"])
-    running = Running(trigger)
-    time.sleep(3)  # received and retrying the publish
-    running.stop()
-    assert trigger.stats["published"] == 0
-    harness.wait_for(lambda: broker.ready(queue) == 5, what="all five back in the queue")
-
-
-def test_s3_notifications_from_a_queue_run_and_test_events_are_acknowledged(harness: FleetHarness,
-                                                                            broker: Broker) -> None:  # fmt: skip
-    """MinIO's AMQP target and Ceph's AMQP push endpoint send S3 records; filtered ones and TestEvents are
-    acknowledged without a dead letter."""
-    queue = broker.queue()
-    bucket = f"b-{harness.prefix.lower()}"
-    wanted, filtered = aws_record(bucket, "in/cat.jpg", "image/jpeg"), aws_record(bucket, "in/notes.txt", "text/plain")
-    broker.send(queue, orjson.dumps(s3_test_event(bucket)), orjson.dumps({"Records": [wanted]}),
-                orjson.dumps({"Records": [filtered]}))  # fmt: skip
-    running = Running(amqp_trigger(harness, broker, queue, format="s3", function="echo", suffix=".jpg"))
-    try:
-        harness.wait_for(lambda: running.trigger.stats["published"] == 1, what="the .jpg task")
-        harness.wait_for(lambda: broker.ready(queue) == 0, what="an empty queue")
-    finally:
-        running.stop()
-    assert running.trigger.stats["ignored"] == 2 and running.trigger.stats["dead_lettered"] == 0
