@@ -9,11 +9,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gpufleet.dev.rabbitmq import rabbitmq_available
+
 ROOT = Path(__file__).parent.parent
 
 
 def server_pids() -> set[int]:
-    names = ("redis-server", "tansu", "gpufleet", "moto")
+    names = ("redis-server", "tansu", "gpufleet", "moto", "rabbit")
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(p.info["cmdline"] or [])
@@ -29,9 +31,11 @@ def test_demo_runs_end_to_end_and_cleans_up(services: object) -> None:
     out = result.stdout.decode()
     assert result.returncode == 0, out[-4000:] + result.stderr.decode()[-4000:]
     last = out.strip().splitlines()[-1]
+    amqp = "amqp 2 messages" if rabbitmq_available() else "amqp skipped"
     assert last == (
         "demo: kafka 9 events: 6 Success, 1 RetriesExhausted, 2 dead-lettered | bucket 4 objects: 4 Success, "
-        "4 thumbnails | api: gpu_info SUCCEEDED, sleep CANCELLED"
+        "4 thumbnails | api: gpu_info SUCCEEDED, sleep CANCELLED | "
+        f"destinations: webhook 2 signed, s3 2 objects, {amqp}"
     )
     assert '"condition": "Success"' in out and "reason=malformed_json" in out
     leftover = {pid for pid in server_pids() - before if psutil.pid_exists(pid)}

@@ -8,11 +8,14 @@
    and writes thumbnails back to the bucket).
 4. Shows progress, then prints the callback records read back from the result topics.
 5. Uses the HTTP API: invokes ``gpu_info``, starts a long ``sleep``, watches its progress and cancels it.
-6. Stops everything, and prints one summary line: Kafka events, bucket events and API calls, counted apart.
+6. Routes ``embed``'s success records to a signed webhook receiver, an S3 bucket and, when RabbitMQ is installed,
+   a RabbitMQ queue (fed by an AMQP trigger): see :mod:`gpufleet.demo.routes`.
+7. Stops everything, and prints one summary line: Kafka events, bucket events, API calls and destinations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -20,13 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
 
-from gpufleet.demo import bucket
+from gpufleet.demo import bucket, routes
 from gpufleet.demo.api import api_tour
 from gpufleet.registry import Registry
 from gpufleet.settings import load_fleet
@@ -57,14 +61,18 @@ def run_demo(config: Path) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
     print(f"demo: starting Redis, Kafka (tansu) and S3 + SQS (moto) on loopback; logs in {workdir}")
-    with LocalServices(workdir, moto=True) as services:
+    with LocalServices(workdir, moto=True) as services, _rabbitmq(workdir) as rabbit_url:
         bucket.setup(services.moto_url)
+        bucket.clients(services.moto_url)[0].create_bucket(Bucket=routes.RECORDS_BUCKET)
+        hook_secret = secrets.token_urlsafe(32)
+        receiver = routes.Receiver(hook_secret)
+        routes.write_triggers(workdir / "triggers", receiver, rabbit_url)
         demo_config = _demo_config(config, workdir)
         env = {**os.environ, "GPUFLEET_REDIS__URL": services.redis_url, "GPUFLEET_CONFIG": str(demo_config),
                "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap,
                "GPUFLEET_S3__ENDPOINT_URL": services.moto_url, "GPUFLEET_S3__SQS_ENDPOINT_URL": services.moto_url,
                "GPUFLEET_S3__ACCESS_KEY_ID": MOTO_ACCESS_KEY, "GPUFLEET_S3__SECRET_ACCESS_KEY": MOTO_SECRET_KEY,
-               "GPUFLEET_API__PORT": str(free_port()),
+               "GPUFLEET_API__PORT": str(free_port()), routes.SECRET_ENV: hook_secret,
                # No token is shipped: the demo makes one for its own run.
                "GPUFLEET_API__TOKEN": os.environ.get("GPUFLEET_API__TOKEN") or secrets.token_urlsafe(32)}  # fmt: skip
         fleet = load_fleet(demo_config, env)
@@ -80,7 +88,12 @@ def run_demo(config: Path) -> int:
             if fleet.settings.api.enabled:
                 api_code, api_summary = api_tour(fleet)
                 code, summary = code or api_code, f"{summary} | {api_summary}"
+            routes.send(services.kafka_bootstrap, rabbit_url)
+            routed, routes_summary = routes.report(receiver, services.moto_url, rabbit_url,
+                                                   time.monotonic() + TIMEOUT_S)  # fmt: skip
+            code, summary = code or (0 if routed else 1), f"{summary} | {routes_summary}"
         finally:
+            receiver.close()
             print("demo: stopping the fleet and the local services")
             fleet_proc.send_signal(signal.SIGTERM)
             try:
@@ -91,6 +104,24 @@ def run_demo(config: Path) -> int:
             log.close()
     print(summary)
     return code
+
+
+@contextlib.contextmanager
+def _rabbitmq(workdir: Path) -> Iterator[str | None]:
+    """RabbitMQ for the demo's AMQP route, when Debian's rabbitmq-server is installed; None (and one line) if not."""
+    from gpufleet.dev.rabbitmq import rabbitmq_available, start_rabbitmq, stop_rabbitmq
+
+    if not rabbitmq_available():
+        print("demo: RabbitMQ is not installed, so the AMQP part is skipped (apt-get install rabbitmq-server)")
+        yield None
+        return
+    print("demo: starting RabbitMQ for the AMQP part")
+    service, pids = start_rabbitmq(workdir / "rabbitmq")
+    try:
+        routes.declare_queues(service.url)
+        yield service.url
+    finally:
+        stop_rabbitmq(pids)
 
 
 def _demo_config(config: Path, workdir: Path) -> Path:
