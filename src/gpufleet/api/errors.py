@@ -14,7 +14,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,10 +23,11 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet.errors import BrokerError, RequestError
+from gpufleet.registry import REDIS_ERRORS
 
 log = structlog.get_logger("gpufleet.api")
 
-UNAVAILABLE = (BrokerError, redis.ConnectionError, redis.TimeoutError)
+UNAVAILABLE = (BrokerError, *REDIS_ERRORS)
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 

@@ -121,11 +121,11 @@ def _control(func: Handler) -> Handler:
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
-        import redis
+        from gpufleet.registry import REDIS_ERRORS
 
         try:
             return func(args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             raise BrokerError(f"cannot reach Redis: {exc}") from exc
 
     return run

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import Field
 
+from gpufleet.destinations.aws import transient_errors
 from gpufleet.objects import ObjectEvent, make_client
 from gpufleet.records import iso
 from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
@@ -49,8 +50,9 @@ class PollTrigger(SourceTrigger[PollSettings]):
         self.listings = 0
 
     def run(self, stop: threading.Event) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
         from redis import RedisError
+
+        retried: tuple[type[Exception], ...] = (*transient_errors(), RedisError)
 
         s3 = make_client("s3", self.fleet.settings.s3)
         log.info("polling trigger started", trigger=self.name, bucket=self.bucket, prefix=self.prefix,
@@ -60,7 +62,7 @@ class PollTrigger(SourceTrigger[PollSettings]):
                 try:
                     if not self.poll_once(s3, stop):
                         return  # stopping mid-listing: the checkpoint holds what was published
-                except (BotoCoreError, ClientError, RedisError) as exc:
+                except retried as exc:
                     log.warning("listing failed; trying again at the next interval", error=str(exc))
                 stop.wait(self.trigger.poll_interval_s)
         finally:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import Field
 
+from gpufleet.destinations.aws import transient_errors
 from gpufleet.objects import make_client
 from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
@@ -50,9 +51,7 @@ class SqsTrigger(BatchTrigger[SqsSettings]):
 
     def __init__(self, fleet: Fleet, trigger: SqsSettings, ingest: Ingest | None = None) -> None:
         super().__init__(fleet, trigger, ingest)
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        self.source_errors = (BotoCoreError, ClientError)  # unreachable, throttled, no such queue (yet): retried
+        self.source_errors = transient_errors()  # unreachable, throttled, no such queue (yet): retried
         self.queue = self.endpoint.path
         self.account = self.endpoint.options.get("account")
         self._sqs: Any = None
@@ -91,12 +90,10 @@ class SqsTrigger(BatchTrigger[SqsSettings]):
         return _KeepInvisible(self._sqs, self._queue_url, batch.token, self.trigger.visibility_timeout_s)
 
     def ack(self, batch: Received) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(batch.token)]
         try:
             failed = self._sqs.delete_message_batch(QueueUrl=self._queue_url, Entries=entries).get("Failed", [])
-        except (BotoCoreError, ClientError) as exc:
+        except transient_errors() as exc:
             failed = [{"Id": e["Id"], "Message": str(exc)} for e in entries]
         if failed:
             # Harmless: SQS delivers them again and their tasks are suppressed as duplicates.
