@@ -6,10 +6,10 @@ import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpufleet.credentials import redact_url, secret_problem
 from gpufleet.errors import ConfigError, did_you_mean
@@ -54,6 +54,10 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
     return Endpoint(
         url=url, scheme=parts.scheme, hosts=parts.netloc or None, path=path, options=dict(parse_qsl(parts.query))
     )
+
+
+# An option that names an environment variable (``secret_env``, ``password_env``): a variable's name, nothing more.
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class Options(BaseModel):

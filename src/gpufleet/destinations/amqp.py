@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
-from gpufleet.urls import Endpoint, Options, amqp_login
+from gpufleet.urls import Endpoint, EnvName, Options, amqp_login
 
 if TYPE_CHECKING:
     from gpufleet.settings import FleetSettings
@@ -35,7 +35,7 @@ PERMANENT_REPLY_CODES = frozenset({403, 404, 406})  # access refused, not found,
 class AmqpOptions(Options):
     exchange: str = ""
     routing_key: str = ""
-    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    password_env: EnvName | None = None
     timeout_s: float = Field(10.0, gt=0, le=300)
 
     @model_validator(mode="after")

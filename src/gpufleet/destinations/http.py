@@ -35,7 +35,7 @@ from gpufleet import __version__
 from gpufleet.credentials import sign
 from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import ConfigError, DeliveryError
-from gpufleet.urls import Endpoint, Options
+from gpufleet.urls import Endpoint, EnvName, Options
 
 if TYPE_CHECKING:
     from gpufleet.settings import FleetSettings
@@ -47,7 +47,7 @@ TRANSIENT_STATUSES = frozenset({408, 429})
 
 
 class HttpOptions(Options):
-    secret_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    secret_env: EnvName
     timeout_s: float = Field(10.0, gt=0, le=300)
 
 

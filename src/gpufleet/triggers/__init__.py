@@ -68,14 +68,12 @@ def check_keys(scheme: str, keys: Iterable[str], fmt: Any, *, where: str) -> Non
                           fix="remove `format: json` (or use a kafka or amqp source for JSON events)")  # fmt: skip
     allowed = set(settings_model(scheme, fmt).model_fields)
     for key in sorted(set(keys) - allowed):
-        own = sorted(allowed - set(TriggerSettings.model_fields))
-        fix = (
-            did_you_mean(key, allowed)
-            or f"remove it; besides the common keys, {scheme} triggers take {own or 'nothing more'}"
-        )
         if key in OBJECT_KEYS:
-            fix = "it is for S3 event notifications: add `format: s3`, or remove it"
-        elsewhere = key in OBJECT_KEYS or any(key in backend(s).Settings.model_fields for s in BACKENDS)
+            raise ConfigError(f"{scheme} triggers take no {key!r}", file=where, key=key,
+                              fix="it is for S3 event notifications: add `format: s3`, or remove it")  # fmt: skip
+        own = sorted(allowed - set(TriggerSettings.model_fields)) or "nothing more"
+        fix = did_you_mean(key, allowed) or f"remove it; besides the common keys, {scheme} triggers take {own}"
+        elsewhere = any(key in backend(other).Settings.model_fields for other in BACKENDS)
         raise ConfigError(f"{scheme} triggers take no {key!r}" if elsewhere else "unknown key", file=where, key=key,
                           fix=fix)  # fmt: skip
 

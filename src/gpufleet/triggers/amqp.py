@@ -31,7 +31,7 @@ from pydantic import Field
 
 from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
 from gpufleet.triggers.options import TriggerSettings
-from gpufleet.urls import Options, amqp_login
+from gpufleet.urls import EnvName, Options, amqp_login
 
 if TYPE_CHECKING:
     from gpufleet.settings import Fleet
@@ -43,7 +43,7 @@ MAX_PREFETCH = 65_535  # basic.qos prefetch_count is a short
 
 class AmqpOptions(Options):
     queue: str = Field(min_length=1, max_length=255)  # AMQP's shortstr
-    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    password_env: EnvName | None = None
 
 
 class AmqpTrigger(BatchTrigger[TriggerSettings]):
