@@ -34,10 +34,11 @@ PER_ROUTE = 2
 
 
 class Receiver:
-    """A webhook receiver on loopback that keeps each record whose signature is right, and counts the others."""
+    """A webhook receiver on loopback that keeps each record whose signature is right, by task id (delivery is at
+    least once, so a record may come twice), and counts the others."""
 
     def __init__(self, secret: str) -> None:
-        self.records: list[dict[str, Any]] = []
+        self.records: dict[str, dict[str, Any]] = {}
         self.refused = 0
         receiver = self
 
@@ -48,7 +49,7 @@ class Receiver:
                 ok = stamp.isdigit() and abs(time.time() - int(stamp)) < 300 and hmac.compare_digest(
                     self.headers.get("X-Gpufleet-Signature", ""), sign(secret, body, stamp))  # fmt: skip
                 if ok:
-                    receiver.records.append(orjson.loads(body))
+                    receiver.records[self.headers.get("X-Gpufleet-Task-Id", "")] = orjson.loads(body)
                 else:
                     receiver.refused += 1
                 self.send_response(204 if ok else 401)
@@ -110,11 +111,11 @@ def report(receiver: Receiver, s3_url: str, rabbit_url: str | None, deadline: fl
 
     s3, _ = clients(s3_url)
     objects: list[str] = []
-    results: list[bytes] = []
+    results: dict[str, dict[str, Any]] = {}  # by task id, as the webhook's
     while time.monotonic() < deadline:
         objects = [o["Key"] for o in s3.list_objects_v2(Bucket=RECORDS_BUCKET).get("Contents", [])]
         if rabbit_url:
-            results += _drain(rabbit_url)
+            results |= _drain(rabbit_url)
         if (
             len(receiver.records) >= PER_ROUTE
             and len(objects) >= PER_ROUTE
@@ -123,13 +124,13 @@ def report(receiver: Receiver, s3_url: str, rabbit_url: str | None, deadline: fl
             break
         time.sleep(0.5)
     print("\nembed's success records, routed by their trigger:")
-    for record in receiver.records:
+    for record in receiver.records.values():
         ctx = record["requestContext"]
         print(f"  webhook, signature checked  {ctx['requestId']}  {ctx['condition']}")
     for key in objects:
         print(f"  s3://{RECORDS_BUCKET}/{key}")
-    for body in results:
-        ctx = orjson.loads(body)["requestContext"]
+    for record in results.values():
+        ctx = record["requestContext"]
         print(f"  amqp queue {AMQP_OUT}  {ctx['requestId']}  {ctx['condition']}")
     if not rabbit_url:
         print("  amqp: skipped, RabbitMQ is not installed (apt-get install rabbitmq-server)")
@@ -140,11 +141,12 @@ def report(receiver: Receiver, s3_url: str, rabbit_url: str | None, deadline: fl
     return complete, "destinations: " + ", ".join(parts)
 
 
-def _drain(rabbit_url: str) -> list[bytes]:
-    out = []
+def _drain(rabbit_url: str) -> dict[str, dict[str, Any]]:
+    """The records waiting in the results queue, by task id (the message id the destination sets)."""
+    out = {}
     with _channel(rabbit_url) as channel:
         while (msg := channel.basic_get(AMQP_OUT, no_ack=True)) is not None:
-            out.append(bytes(msg.body))
+            out[str(msg.properties.get("message_id", ""))] = orjson.loads(bytes(msg.body))
     return out
 
 
