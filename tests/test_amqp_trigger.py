@@ -1,5 +1,6 @@
 """The AMQP trigger against a real RabbitMQ, Redis and Kafka, beyond what every trigger promises (that is
-``tests/test_trigger_contract.py``): the default id of a message without one is stable across redeliveries.
+``tests/test_trigger_contract.py``): the default id of a message without one is stable across redeliveries, a
+broker that vanishes without closing the connection is found by heartbeats, and a restarted broker loses nothing.
 
 Each test runs the trigger in a thread of its own and looks at the queue with a second connection: ``ready`` is
 what waits in the queue, ``unacked`` what a consumer holds.
@@ -7,14 +8,18 @@ what waits in the queue, ``unacked`` what a consumer holds.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from gpufleet.dev.services import free_port
 from gpufleet.triggers.amqp import AmqpTrigger
 from tests.harness import FleetHarness
 
@@ -108,3 +113,104 @@ def test_a_trigger_that_dies_before_acknowledging_loses_nothing(harness: FleetHa
         second.stop()
     assert second.trigger.stats["published"] == 0
     assert sum(harness.registry.counts("echo").values()) == 30
+
+
+class Partition:
+    """A TCP proxy to RabbitMQ whose open connections can be cut silently (:meth:`cut`): from then on no byte passes
+    either way, and neither side hears a close, as when a host goes down or the network splits. New connections
+    pass as before."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_ids: set[int] = set()
+        self.open_ids: set[int] = set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        n = 0
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            n += 1
+            self.open_ids.add(n)
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(n, src, dst), daemon=True).start()
+
+    def _pump(self, n: int, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if n not in self.cut_ids:
+                    dst.sendall(data)
+            if n not in self.cut_ids:
+                dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self.cut_ids |= self.open_ids
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+def test_a_broker_that_vanishes_without_a_word_is_noticed_by_heartbeats(harness: FleetHarness,
+                                                                         broker: Broker) -> None:  # fmt: skip
+    """The connection is cut silently: without heartbeats the trigger would wait on it for ever. With them, both
+    sides give it up within two intervals, RabbitMQ puts back what it had sent into the void, and the trigger's
+    new connection takes it."""
+    queue = broker.queue()
+    port = int(broker.url.rsplit(":", 1)[1].strip("/"))
+    partition = Partition(("127.0.0.1", port))
+    harness.write_config(triggers={"rabbit": {
+        "source": f"amqp://guest:guest@127.0.0.1:{partition.port}/?queue={queue}&heartbeat_s=1"}})  # fmt: skip
+    fleet = harness.fleet()
+    running = Running(AmqpTrigger(fleet, fleet.triggers["rabbit"]))
+    try:
+        broker.send(queue, *(routed(i, f"before-{i}") for i in range(3)))
+        harness.wait_for(lambda: running.trigger.stats["published"] == 3, what="3 tasks")
+        partition.cut()
+        broker.send(queue, *(routed(i, f"after-{i}") for i in range(3)))
+        harness.wait_for(lambda: running.trigger.stats["published"] == 6, timeout_s=30,
+                         what="the 3 sent after the cut, through a new connection")  # fmt: skip
+    finally:
+        running.stop()
+        partition.close()
+    assert running.trigger.stats["duplicates"] == 0 and broker.ready(queue) == 0
+
+
+def test_a_restarted_broker_is_reconnected_and_nothing_is_lost(harness: FleetHarness, tmp_path: Path) -> None:
+    """RabbitMQ stops under a running trigger and comes back (same port and data): the trigger reconnects with
+    backoff, and what was sent before and after the restart all becomes tasks, once."""
+    from gpufleet.dev.rabbitmq import start_rabbitmq, stop_rabbitmq
+
+    port = free_port()
+    service, pids = start_rabbitmq(tmp_path / "rabbit", port)
+    queue = None
+    running = None
+    try:
+        own = Broker(service.url)
+        queue = own.queue()
+        own.send(queue, *(routed(i, f"before-{i}") for i in range(3)))
+        own.close()
+        running = Running(amqp_trigger(harness, own, queue))
+        harness.wait_for(lambda: running.trigger.stats["published"] == 3, what="3 tasks")
+        stop_rabbitmq(pids)
+        service, pids = start_rabbitmq(tmp_path / "rabbit", port)
+        own = Broker(service.url)
+        own.send(queue, *(routed(i, f"after-{i}") for i in range(3)))
+        harness.wait_for(lambda: running.trigger.stats["published"] == 6, timeout_s=60,
+                         what="the 3 sent after the restart")  # fmt: skip
+        harness.wait_for(lambda: own.ready(queue) == 0, what="an empty queue")
+        own.close()
+    finally:
+        if running is not None:
+            running.stop()
+        stop_rabbitmq(pids)
+    assert sum(harness.registry.counts("echo").values()) == 6

@@ -64,7 +64,9 @@ class AmqpDestination:
         import amqp
 
         if self._channel is None:
-            conn = amqp.Connection(confirm_publish=True, connect_timeout=self.options.timeout_s, **self._login)
+            timeout = self.options.timeout_s  # for every read and write too: closing a dead link must not hang
+            conn = amqp.Connection(confirm_publish=True, connect_timeout=timeout, read_timeout=timeout,
+                                   write_timeout=timeout, **self._login)  # fmt: skip
             conn.connect()
             channel = conn.channel()
             channel.events["basic_return"].add(self._on_return)

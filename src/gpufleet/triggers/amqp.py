@@ -2,7 +2,8 @@
 
 URL: ``amqp://user:password@host:5672/vhost?queue=gpufleet.requests`` (``amqps://`` for TLS; the vhost is
 URL-encoded, ``%2F`` for ``/``, and an empty path is ``/``). Options: ``queue`` (required), ``password_env`` (the
-environment variable that holds the password, instead of writing it in the URL). The queue must exist: gpufleet
+environment variable that holds the password, instead of writing it in the URL), ``heartbeat_s`` (30; 0 for none).
+The queue must exist: gpufleet
 consumes it, it does not declare it. Messages are JSON events or routing envelopes, as on Kafka, or S3 event
 notifications with ``format: s3`` (MinIO's AMQP target, Ceph's AMQP push endpoint).
 
@@ -14,6 +15,10 @@ Guarantees:
 - Task id: ``<trigger>:<id>``, the id being the producer's (header ``gpufleet-id`` or field ``id``), else
   ``amqp-`` + a hash of the message's ``message_id`` property, else of its body. Two messages with the same body
   and no id are therefore one task: give each a ``message_id`` (or an id) if they are meant to run twice.
+- A broker that goes away without closing the connection (its host down, a network partition) is noticed by the
+  AMQP heartbeat within ``2 x heartbeat_s``, and the trigger reconnects with backoff; a broker restart closes the
+  connection, and the same happens at once. While a publish waits for Redis no heartbeat is sent, so after two
+  intervals RabbitMQ drops the connection and delivers the batch again: duplicates, suppressed, never a loss.
 - RabbitMQ's ``consumer_timeout`` (30 minutes by default) closes a channel that holds a delivery unacknowledged for
   too long. It does not bite here: a message is acknowledged once its task is in Redis, within seconds, never
   after the GPU work.
@@ -39,11 +44,17 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gpufleet.trigger.amqp")
 FIRST_WAIT_S = 1.0  # for the first message of a batch; then messages already on their way are taken
 MAX_PREFETCH = 65_535  # basic.qos prefetch_count is a short
+# A read or write stalled this long means the link is gone: without it, closing a connection that heartbeats found
+# dead would wait for the broker's close-ok for ever.
+IO_TIMEOUT_S = 10.0
 
 
 class AmqpOptions(Options):
     queue: str = Field(min_length=1, max_length=255)  # AMQP's shortstr
     password_env: EnvName | None = None
+    # AMQP heartbeats, both ways: a broker that vanished without closing the connection (a host down, a partition)
+    # is noticed within two intervals, and the trigger reconnects. 0 turns them off.
+    heartbeat_s: int = Field(30, ge=0, le=3600)
 
 
 class AmqpTrigger(BatchTrigger[TriggerSettings]):
@@ -57,6 +68,7 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
         options = AmqpOptions.model_validate(self.endpoint.options)  # parse_source checked them
         self.queue = options.queue
         self._login = amqp_login(trigger.source, options.password_env)
+        self._heartbeat_s = options.heartbeat_s
         self._conn: Any = None
         self._channel: Any = None
         self._pending: list[Any] = []
@@ -64,7 +76,8 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
     def connect(self) -> None:
         import amqp
 
-        conn = amqp.Connection(connect_timeout=10, **self._login)
+        conn = amqp.Connection(connect_timeout=IO_TIMEOUT_S, read_timeout=IO_TIMEOUT_S, write_timeout=IO_TIMEOUT_S,
+                               heartbeat=self._heartbeat_s, **self._login)  # fmt: skip
         conn.connect()
         channel = conn.channel()
         channel.basic_qos(0, min(self.trigger.batch_max, MAX_PREFETCH), False)
@@ -78,6 +91,7 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
     def receive(self, stop: threading.Event) -> Received | None:
         wait = FIRST_WAIT_S
         while len(self._pending) < self.trigger.batch_max and not stop.is_set():
+            self._conn.heartbeat_tick()  # sends ours when due; ConnectionForced when the broker's stopped coming
             try:
                 self._conn.drain_events(timeout=wait)
             except TimeoutError:
