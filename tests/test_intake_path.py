@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gpufleet.celery_app import create_app
 from gpufleet.control import ControlPlane
@@ -14,7 +16,9 @@ from gpufleet.errors import RequestError
 from gpufleet.intake import Intake, Producer
 from gpufleet.messages import TASK_NAME, MessageFactory, task_headers
 from gpufleet.triggers.base import Ingest, SourceMessage
+from tests.conftest import IN_CI
 from tests.harness import FleetHarness
+from tests.strategies import JSON_MESSAGES, dumps
 
 
 def test_headers_are_what_celery_itself_writes(harness: FleetHarness) -> None:
@@ -85,3 +89,31 @@ def test_a_trigger_and_invoke_refuse_the_same_events_for_the_same_reasons(harnes
         assert plane.invoke("typed", b'{"n": 1}').created
     finally:
         ingest.close()
+
+
+TYPED_BODIES = st.one_of(JSON_MESSAGES, st.integers().map(lambda n: dumps({"n": n})),
+                         st.text(max_size=20).map(lambda t: dumps({"n": t})))  # fmt: skip
+FROM_API = {"payload_too_large": "oversize", "invalid_json": "malformed_json"}
+
+
+@settings(max_examples=400, deadline=None, derandomize=IN_CI, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(body=TYPED_BODIES)
+def test_whatever_the_bytes_a_trigger_and_invoke_decide_alike(harness: FleetHarness, body: bytes) -> None:
+    """Generated bodies, hostile ones included: a task from one is a task from the other, and a refusal has the
+    same reason. Only ``bad_id`` is the trigger's alone (invoke takes no id from the body)."""
+    harness.write_config(triggers={"typed": {"source": f"kafka:///{harness.topic('typed')}", "function": "typed"}})
+    fleet = harness.fleet()
+    ingest, plane = Ingest(fleet, fleet.triggers["typed"]), ControlPlane(fleet)
+    try:
+        prepared = ingest.prepare([SourceMessage(body, "test:1", "1")])
+        by_trigger = prepared.dead[0].headers["reason"] if prepared.dead else "task"
+        try:
+            plane.invoke("typed", body)
+            by_api = "task"
+        except RequestError as exc:
+            by_api = FROM_API.get(exc.code, exc.code)
+    finally:
+        ingest.close()
+    if by_trigger != "bad_id":
+        assert by_trigger == by_api, body[:200]
