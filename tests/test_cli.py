@@ -22,6 +22,13 @@ def test_a_trigger_that_dies_makes_the_process_exit_non_zero(harness: FleetHarne
     assert b"trigger failed" in result.stderr
 
 
+def test_version() -> None:
+    from gpufleet import __version__
+
+    out = subprocess.run([sys.executable, "-m", "gpufleet", "--version"], capture_output=True, check=True).stdout
+    assert out.decode().strip() == f"gpufleet {__version__}"
+
+
 def test_check_lists_functions_and_triggers_and_rejects_bad_config(harness: FleetHarness) -> None:
     cmd = [sys.executable, "-m", "gpufleet", "check", "--config", str(harness.config)]
     out = subprocess.run(cmd, capture_output=True, env=harness.env(), check=True).stdout.decode()

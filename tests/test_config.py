@@ -54,6 +54,10 @@ def test_trigger_with_unknown_function_or_bad_url(tmp_path: Path) -> None:
         load_fleet(path, env={})
     assert "t1.yaml" in str(err.value) and "function" in str(err.value) and "did you mean 'echo'" in str(err.value)
 
+    path = write(tmp_path, {}, {"t1": {"source": "kafka:/in", "function": "echo"}})
+    with pytest.raises(ConfigError, match=r"t1.yaml: source: .*lacks the '//'.*kafka:///name"):
+        load_fleet(path, env={})
+
     path = write(tmp_path, {}, {"t1": {"source": "kafak:///in", "function": "echo"}})
     with pytest.raises(ConfigError, match=r"t1.yaml: source: .*did you mean 'kafka'"):
         load_fleet(path, env={})

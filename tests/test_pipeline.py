@@ -157,6 +157,7 @@ def test_time_limit_gives_timed_out_and_the_worker_serves_the_next_task(harness:
     for task_id, record in failures.items():
         assert record["headers"]["condition"] == "TimedOut"
         assert record["value"]["responsePayload"]["errorType"] == "TimedOut"
+        assert "ran past timeout_s (1 s)" in record["value"]["responsePayload"]["errorMessage"]
         rec = harness.registry.get(task_id)
         assert rec is not None and rec["state"] == "TIMED_OUT" and harness.runs(task_id) == 1
     harness.send("echo", {"after": "timeouts"}, id="after-timeouts")

@@ -46,6 +46,16 @@ def test_only_one_delivery_can_claim_a_task(harness: FleetHarness) -> None:
     assert nonzero(reg.counts("echo")) == {"SUCCEEDED": 1}
 
 
+def test_a_task_that_succeeds_reads_100_percent_whatever_it_reported_last(harness: FleetHarness) -> None:
+    enqueue(harness, "p1")
+    reg = harness.registry
+    assert reg.claim("p1", "QUEUED", "", "me/1/1/a", 30, "w", "g").ok
+    reg.set_progress("p1", 0.9, "almost")
+    assert reg.finish("p1", "me/1/1/a", State.SUCCEEDED, {"result": b"1"}, [])
+    record = reg.get("p1")
+    assert record["progress"] == 1 and record["progress_message"] == "almost"
+
+
 def test_owner_liveness_is_judged_by_pid_and_start_time() -> None:
     me = owner_token("hostA", os.getpid())
     assert not owner_is_dead(me, "hostA")

@@ -147,7 +147,7 @@ class Function:
         try:
             self.payload.model_validate(event)
         except ValidationError as exc:
-            return f"{self.payload.__name__}: {exc}"
+            return validation_problem(exc)
         return None
 
     def backoff_for(self, attempt: int) -> float:
@@ -156,6 +156,15 @@ class Function:
 
     def __call__(self, event: Any, ctx: Context) -> Any:
         return self.handler(event, ctx)
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """A pydantic error as one line a user reads: where and what, without pydantic's "further information" URL nor
+    the rejected value (it may be large, or secret)."""
+    problems = [f"{'.'.join(str(p) for p in e['loc']) or 'the event'}: {e['msg']}"
+                for e in exc.errors(include_url=False, include_input=False)[:5]]  # fmt: skip
+    more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return f"{exc.title}: {'; '.join(problems)}{more}"
 
 
 def function(

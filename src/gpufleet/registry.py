@@ -197,6 +197,8 @@ class Registry:
                callbacks: Iterable[Callback], retention_s: int | None = None) -> bool:  # fmt: skip
         """RUNNING -> a terminal state, with its callback records. False if this process no longer owns the task."""
         retention = retention_s or self.retention_s
+        if state is State.SUCCEEDED:
+            fields = {**fields, "progress": 1}  # whatever the handler last reported: it is done
         args: list[Any] = [self.prefix, token, state.value, time.time(), retention, len(fields)]
         for k, v in fields.items():
             args += [k, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]

@@ -43,6 +43,9 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
             key=key,
             fix=hint or f"use one of {', '.join(s + '://' for s in sorted(schemes))}",
         )
+    if not url.startswith(f"{parts.scheme}://"):  # kafka:/topic would read as a path, and no broker
+        raise ConfigError(f"{what} URL {redact_url(url)!r} lacks the '//' after '{parts.scheme}:'", file=where,
+                          key=key, fix=f"{parts.scheme}:///name, or {parts.scheme}://host:port/name")  # fmt: skip
     path = unquote(parts.path.lstrip("/"))
     if not path and parts.scheme not in pathless:
         raise ConfigError(

@@ -31,6 +31,7 @@ from gpufleet.api import bodies, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
+from gpufleet.errors import InvalidRequestError
 from gpufleet.events import MAX_DEPTH
 from gpufleet.registry import State
 from gpufleet.triggers.webhook import WebhookTrigger
@@ -44,6 +45,9 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": models.ErrorResponse} for status in statuses}
 
 
+STATE_NAMES = [s.value for s in State] + [s.value.lower() for s in State]  # the CLI takes any case
+StateName = Annotated[str | None, Query(description="only tasks in this state, in upper or lower case",
+                                        json_schema_extra={"enum": STATE_NAMES})]  # fmt: skip
 TaskId = Annotated[str, Path(description="a task id, as invoke returned it or as its trigger named it")]
 FunctionName = Annotated[str, Path(description="a function name; GET /v1/functions lists them")]
 
@@ -150,12 +154,14 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
     @v1.get("/tasks", tags=["tasks"], response_model=models.TaskPage, responses=_errors(404))
     def list_tasks(
         function: Annotated[str | None, Query(description="only this function's tasks")] = None,
-        state: Annotated[State | None, Query(description="only tasks in this state")] = None,
+        state: StateName = None,
         limit: Annotated[int, Query(ge=1, le=max_page, description="page size")] = min(DEFAULT_PAGE, max_page),
         cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
     ) -> dict[str, Any]:
         """Tasks, newest first, a page at a time."""
-        return control.tasks(function, state.value if state else None, limit, cursor)
+        if state is not None and state not in STATE_NAMES:
+            raise InvalidRequestError("bad_state", f"unknown state {state!r:.50}; use one of {STATE_NAMES}")
+        return control.tasks(function, state, limit, cursor)
 
     @v1.get("/functions", tags=["functions"], response_model=models.FunctionList)
     def list_functions() -> dict[str, Any]:

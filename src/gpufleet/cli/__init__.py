@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from gpufleet import __version__
 from gpufleet.cli.output import report_error
 from gpufleet.cli.tasks import add_commands as add_control_commands
 from gpufleet.errors import GpufleetError
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Self-hosted, event-driven GPU worker fleet.")
+    parser.add_argument("--version", action="version", version=f"gpufleet {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:

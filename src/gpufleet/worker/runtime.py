@@ -23,7 +23,7 @@ import structlog
 from pydantic import ValidationError
 
 from gpufleet.errors import PermanentTaskError, TaskError
-from gpufleet.functions import Function
+from gpufleet.functions import Function, validation_problem
 from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, callback_record, error_payload, fit_record
 from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State
@@ -227,7 +227,9 @@ class Runtime:
                 done.cancelled("cancelled while running; the handler stopped")
             elif isinstance(exc, SoftTimeLimitExceeded):
                 bound.warning("task timed out", timeout_s=fn.timeout_s)
-                done.finish(State.TIMED_OUT, Condition.TIMED_OUT, error_payload(exc, "TimedOut"))
+                timed_out = error_payload(exc, "TimedOut")
+                timed_out["errorMessage"] = f"the handler ran past timeout_s ({fn.timeout_s:g} s)"
+                done.finish(State.TIMED_OUT, Condition.TIMED_OUT, timed_out)
             elif not isinstance(exc, Exception):
                 raise  # SystemExit / KeyboardInterrupt: let the worker shut down; the lease recovers the task
             elif isinstance(exc, PermanentTaskError):
@@ -300,7 +302,7 @@ class Runtime:
                 payload = fn.payload.model_validate(event)
             except ValidationError as exc:
                 raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
-                                         f"{fn.payload.__name__}: {exc}") from None  # fmt: skip
+                                         f"{validation_problem(exc)}") from None  # fmt: skip
         ctx = TaskContext(self, task_id, fn.name, attempt, self._states[fn.name], meta, obj)
         try:
             result = fn.handler(payload, ctx)
@@ -322,11 +324,12 @@ class Runtime:
                       record.get("on_success", ""), record.get("on_failure", ""),
                       float(record.get("started_at") or time.time()))  # fmt: skip
         function = kwargs.get("function", "?")
-        done = _Finisher(self, task_id, function, FORCE, kwargs.get("event"), claim, self.fleet.functions.get(function),
-                         record)  # fmt: skip
+        fn = self.fleet.functions.get(function)
+        done = _Finisher(self, task_id, function, FORCE, kwargs.get("event"), claim, fn, record)
+        limit = f" ({fn.timeout_s:g} s)" if fn is not None else ""
         done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
-                    "errorMessage": "the handler ignored its time limit and its process was killed",
-                    "stackTrace": []})  # fmt: skip
+                    "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its "
+                                    "process was killed", "stackTrace": []})  # fmt: skip
 
 
 class _Finisher:
