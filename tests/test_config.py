@@ -87,7 +87,17 @@ def test_missing_file_and_broken_function_module(tmp_path: Path) -> None:
     funcs.mkdir()
     (funcs / "broken.py").write_text("import no_such_module_here\n")
     path = write(tmp_path, {"functions": [str(funcs)]})
-    with pytest.raises(ConfigError, match=r"broken.py: importing it failed: ModuleNotFoundError"):
+    with pytest.raises(
+        ConfigError,
+        match=r"broken.py: importing it failed \(line 1\): ModuleNotFoundError.*"
+        r"fix: install the package that provides 'no_such_module_here'",
+    ):
+        load_fleet(path, env={})
+    (funcs / "broken.py").write_text("x = 1\nraise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match=r"importing it failed \(line 2\): RuntimeError: boom .*fix: run `python "):
+        load_fleet(path, env={})
+    (funcs / "broken.py").write_text("x = 1\n\ny = = 2\n")
+    with pytest.raises(ConfigError, match=r"importing it failed \(line 3\): SyntaxError"):
         load_fleet(path, env={})
     (funcs / "broken.py").write_text("from gpufleet import function\n@function(timeout_s=0)\ndef f(e, c): pass\n")
     with pytest.raises(ConfigError, match=r"broken.py: .*timeout_s"):

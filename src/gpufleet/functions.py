@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,8 +260,20 @@ def _import_file(path: Path) -> object:
         raise ConfigError(str(exc), file=str(path)) from exc
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        raise ConfigError(f"importing it failed: {type(exc).__name__}: {exc}", file=str(path)) from exc
+        raise _import_error(path, exc) from exc
     return module
+
+
+def _import_error(path: Path, exc: Exception) -> ConfigError:
+    """Which line of the user's module failed, and what to do about it."""
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+    line = exc.lineno if isinstance(exc, SyntaxError) else lines[-1] if lines else None
+    at = f" (line {line})" if line else ""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        fix = f"install the package that provides {exc.name!r} where gpufleet runs, or remove the import"
+    else:
+        fix = f"run `python {path}` to see the whole traceback"
+    return ConfigError(f"importing it failed{at}: {type(exc).__name__}: {exc}", file=str(path), fix=fix)
 
 
 def _functions_in(module: object) -> list[Function]:
