@@ -341,14 +341,18 @@ def test_invoke_runs_the_function_and_the_task_shows_its_result(fleet: Api) -> N
 
 def test_the_same_idempotency_key_names_the_same_task_which_runs_once(fleet: Api) -> None:
     key = "order-42/resize"
-    responses = [fleet.client.post("/v1/functions/echo/invocations", json={"n": i}, headers={"Idempotency-Key": key})
-                 for i in range(2)]  # fmt: skip
+    bodies = [b'{"n": 0, "size": [1, 2]}', b'{"size":[1,2],"n":0}']  # one event, written two ways
+    responses = [fleet.client.post("/v1/functions/echo/invocations", content=body,
+                                   headers={"Idempotency-Key": key, "content-type": "application/json"})
+                 for body in bodies]  # fmt: skip
     assert [r.status_code for r in responses] == [202, 202]
     assert [r.json()["created"] for r in responses] == [True, False]
     task_id = responses[0].json()["id"]
     assert responses[1].json()["id"] == task_id and responses[1].headers["location"] == f"/v1/tasks/{task_id}"
-    assert fleet.wait_state(task_id, "SUCCEEDED")["result"]["echo"] == {"n": 0}  # the first event is the one
-    assert fleet.invoke("echo", {"n": 2}, key=key) == task_id
+    assert fleet.wait_state(task_id, "SUCCEEDED")["result"]["echo"] == {"n": 0, "size": [1, 2]}
+    # The key again with another event: a mistake, said so, not the old task passed off as this one's.
+    reused = fleet.client.post("/v1/functions/echo/invocations", json={"n": 2}, headers={"Idempotency-Key": key})
+    assert error_code(reused, 409) == "idempotency_key_reused"
     assert fleet.harness.runs(task_id) == 1
     # Keys are per function.
     assert fleet.invoke("typed", {"n": 2}, key=key) != task_id

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gpufleet.functions import Function
 from gpufleet.ids import API_ORIGIN, api_task_id
@@ -97,6 +99,11 @@ class ControlPlane:
         if outcome is Enqueued.CONFLICT:
             raise ConflictError("id_conflict", f"task {task_id} exists for another function or source; use another "
                                 "Idempotency-Key")  # fmt: skip
+        if outcome is Enqueued.DUPLICATE and idempotency_key is not None:
+            [stored] = self.registry.stored_calls([task_id])
+            if stored is not None and orjson.loads(stored[1]) != event:  # compared as values: key order is free
+                raise ConflictError("idempotency_key_reused", f"task {task_id} was made for another event with this "
+                                    "Idempotency-Key; use a new key for a new event")  # fmt: skip
         return Invocation(task_id, outcome is Enqueued.CREATED)
 
     # -- tasks -----------------------------------------------------------------------------------------------

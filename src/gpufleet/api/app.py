@@ -96,7 +96,7 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         response_model=models.Invocation,
         responses={
             202: {"headers": {"Location": {"description": "the task: /v1/tasks/{id}", "schema": {"type": "string"}}}},
-            **_errors(404, 413),
+            **_errors(404, 409, 413),
         },
         openapi_extra={
             "requestBody": {
