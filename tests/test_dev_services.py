@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -316,3 +317,25 @@ def test_start_seaweedfs_without_weed_raises_service_error(tmp_path: Path, monke
     monkeypatch.setattr(objectstores.shutil, "which", lambda name: None)
     with pytest.raises(ServiceError, match="gpufleet\\[local\\]"):
         start_seaweedfs(tmp_path)
+
+
+def test_eval_of_dev_up_exports_the_fleets_environment_from_any_folder(tmp_path: Path) -> None:
+    """`eval "$(gpufleet dev up)"` sets the variables (only the exports are on stdout), and the state lives in one
+    place, not in the folder you stand in: `dev down` from another folder stops the same servers."""
+    env = os.environ | {"GPUFLEET_DEV_DIR": str(tmp_path / "state"),
+                        "PYTHONPATH": str(Path("src").resolve())}  # fmt: skip
+    gpufleet = f"{shlex.quote(sys.executable)} -m gpufleet"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    up = subprocess.run(["bash", "-c", f'eval "$({gpufleet} dev up)" && echo "$GPUFLEET_REDIS__URL"'],
+                        cwd=tmp_path / "a", env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr
+        redis_url = up.stdout.strip()
+        assert redis_url.startswith("redis://127.0.0.1:") and "redis  " in up.stderr
+        assert redis.Redis.from_url(redis_url).ping()
+        assert not (tmp_path / "a" / ".gpufleet").exists() and (tmp_path / "state" / "dev.json").exists()
+    finally:
+        down = subprocess.run([*shlex.split(gpufleet), "dev", "down"], cwd=tmp_path / "b", env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert down.stderr.strip() == "stopped", down.stderr

