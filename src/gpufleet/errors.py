@@ -114,6 +114,14 @@ class BodyTimeoutError(RequestError):
     status = 408
 
 
+def unreachable_hint(server: str, setting: str, where: str | None = None) -> str:
+    """What to check when ``server`` cannot be reached: usually it is not running, or the fleet points elsewhere
+    (the variables ``gpufleet dev up`` prints were not exported)."""
+    at = f" at {where}" if where else ""
+    env = "GPUFLEET_" + setting.upper().replace(".", "__")
+    return f'is {server} running{at}? Set {setting} (or {env}); for local servers: eval "$(gpufleet dev up)"'
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A "did you mean 'x'?" hint for a misspelt key, scheme or name, or None."""
     close = difflib.get_close_matches(word, list(choices), n=1)

@@ -120,10 +120,15 @@ def _trigger(args: argparse.Namespace) -> int:
     def serve(trigger: Trigger) -> None:
         try:
             trigger.run(stop)
-        except Exception:  # noqa: BLE001 - whatever killed it, the process must not run on without it
+        except Exception as exc:  # whatever killed it, the process must not run on without it
             # One dead trigger stops the process (exit 1) so that `gpufleet run` or the orchestrator restarts it,
-            # instead of running on with a source nobody consumes.
-            structlog.get_logger("gpufleet.trigger").exception("trigger failed", trigger=trigger.name)
+            # instead of running on with a source nobody consumes. A known cause (a server out of reach) is one
+            # line that says what to check; anything else comes with its traceback.
+            log = structlog.get_logger("gpufleet.trigger")
+            if isinstance(exc, GpufleetError):
+                log.error("trigger failed", trigger=trigger.name, error=str(exc))
+            else:
+                log.exception("trigger failed", trigger=trigger.name)
             failed.append(trigger.name)
             stop.set()
 

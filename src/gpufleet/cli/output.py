@@ -12,12 +12,13 @@ from typing import Any
 
 import orjson
 
-from gpufleet.errors import ConflictError, GpufleetError, NotFoundError, RequestError
+from gpufleet.errors import BrokerError, ConflictError, GpufleetError, NotFoundError, RequestError
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # not found, conflict, or the task finished without succeeding
 EXIT_USAGE = 2  # bad input or configuration (argparse uses 2 as well)
 EXIT_TIMEOUT = 3  # --timeout passed before the task finished
+EXIT_UNREACHABLE = 4  # Redis or Kafka cannot be reached
 EXIT_INTERRUPTED = 130  # Ctrl-C while following a task
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
@@ -44,7 +45,10 @@ def error_code(exc: GpufleetError) -> str:
 
 
 def exit_code(exc: GpufleetError) -> int:
-    """1 when the thing asked about is missing or in the wrong state; 2 when the input or configuration is bad."""
+    """1 when the thing asked about is missing or in the wrong state; 2 when the input or configuration is bad; 4
+    when Redis or Kafka cannot be reached."""
+    if isinstance(exc, BrokerError):
+        return EXIT_UNREACHABLE
     return EXIT_FAILED if isinstance(exc, NotFoundError | ConflictError) else EXIT_USAGE
 
 

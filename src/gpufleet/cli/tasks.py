@@ -31,7 +31,7 @@ from gpufleet.cli.output import (
     table,
 )
 from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
-from gpufleet.errors import BrokerError, InvalidRequestError
+from gpufleet.errors import BrokerError, InvalidRequestError, unreachable_hint
 
 if TYPE_CHECKING:
     from gpufleet.control import ControlPlane
@@ -126,7 +126,7 @@ def _control(func: Handler) -> Handler:
         try:
             return func(args)
         except REDIS_ERRORS as exc:
-            raise BrokerError(f"cannot reach Redis: {exc}") from exc
+            raise BrokerError(f"cannot reach Redis: {exc} ({unreachable_hint('Redis', 'redis.url')})") from exc
 
     return run
 

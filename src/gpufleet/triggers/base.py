@@ -23,7 +23,7 @@ import structlog
 from gpufleet.credentials import redact_url
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
-from gpufleet.errors import BrokerError, EventError
+from gpufleet.errors import BrokerError, EventError, unreachable_hint
 from gpufleet.ids import OBJECT_ORIGIN, SUPPLIED_ID_RE, trigger_origin, trigger_task_id
 from gpufleet.intake import Intake, Producer
 from gpufleet.objects import ObjectEvent
@@ -189,6 +189,7 @@ class Ingest:
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
         self.dead_letter: Destination = open_destination(self.dead_letter_url, s)
         self.parking = Parking(self.registry.client, s.redis.key_prefix)
+        self.redis_hint = unreachable_hint("Redis", "redis.url", redact_url(s.redis.url))
         # What this trigger did so far, for its logs and for tests; updated by publish().
         self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
         self.objects: ObjectEvents | None = None  # the trigger's object-event keys, when it reads object events
@@ -282,7 +283,8 @@ class Ingest:
         tasks = batch.tasks
         # Two copies of one id in a batch: the atomic script keeps the first.
         outcomes: list[Enqueued] = []
-        if tasks and not retry_until(lambda: outcomes.extend(self.registry.enqueue_many(tasks)), stop, "publish"):
+        enqueue = lambda: outcomes.extend(self.registry.enqueue_many(tasks))  # noqa: E731 - one line, retried whole
+        if tasks and not retry_until(enqueue, stop, "publish", hint=self.redis_hint):
             return None
         dead = batch.dead
         conflicts: dict[int, tuple[SourceMessage, list[str]]] = {}  # one dead letter per message, naming its ids

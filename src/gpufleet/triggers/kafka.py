@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gpufleet.errors import BrokerError, unreachable_hint
 from gpufleet.triggers.base import BatchResult, Ingest, Prepared, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import TriggerSettings
 
@@ -46,24 +47,33 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
 
     def _consumer(self) -> Any:
         from kafka import KafkaConsumer
+        from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
         k = self.fleet.settings.kafka
-        return KafkaConsumer(
-            self.topic,
-            bootstrap_servers=self.bootstrap.split(","),
-            client_id=f"{k.client_id}-trigger-{self.name}",
-            group_id=self.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.trigger.batch_max,
-            session_timeout_ms=k.session_timeout_ms,
-            heartbeat_interval_ms=k.heartbeat_interval_ms,
-            fetch_max_wait_ms=k.fetch_max_wait_ms,
-            request_timeout_ms=max(k.request_timeout_ms, k.session_timeout_ms + 5000),
-        )
+        try:
+            return KafkaConsumer(
+                self.topic,
+                bootstrap_servers=self.bootstrap.split(","),
+                client_id=f"{k.client_id}-trigger-{self.name}",
+                group_id=self.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=self.trigger.batch_max,
+                session_timeout_ms=k.session_timeout_ms,
+                heartbeat_interval_ms=k.heartbeat_interval_ms,
+                fetch_max_wait_ms=k.fetch_max_wait_ms,
+                request_timeout_ms=max(k.request_timeout_ms, k.session_timeout_ms + 5000),
+            )
+        except (KafkaTimeoutError, KafkaConnectionError) as exc:  # no broker answered: one line that says what to check
+            hint = unreachable_hint("Kafka", "kafka.bootstrap_servers")
+            raise BrokerError(f"cannot reach Kafka at {self.bootstrap}: {exc} ({hint})") from None
 
     def run(self, stop: threading.Event) -> None:
-        consumer = self._consumer()
+        try:
+            consumer = self._consumer()
+        except BaseException:
+            self.close()
+            raise
         # One batch is published while the next is polled and parsed, so Kafka and Redis round trips overlap.
         # Offsets are committed in order, each only after its own batch is durable.
         publisher = ThreadPoolExecutor(1, thread_name_prefix=f"gpufleet-publish-{self.name}")
