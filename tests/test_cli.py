@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,20 @@ def test_a_dispatcher_without_redis_says_what_to_check_and_keeps_trying(harness:
     assert b"Traceback" not in err
     waits = [line for line in err.decode().splitlines() if "failed; retrying" in line]
     assert waits and all("is Redis running at redis://127.0.0.1:1/0?" in line for line in waits), err[-2000:]
+
+
+@pytest.mark.parametrize("command", ["api", "run"])
+def test_a_taken_api_port_fails_before_anything_starts_with_exit_5(harness: FleetHarness, command: str) -> None:
+    """A second `gpufleet run` (or `api`) on this machine: one line naming the port and the fix, exit 5, and no
+    role joins the fleet meanwhile."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        harness.write_config(api={"enabled": True, "host": "127.0.0.1", "port": port,
+                                  "token": "Z5JiSDMvqzdouHu8q4SPqltrFOEYiYzSNdeIHFGVoNM"})  # fmt: skip
+        cmd = [sys.executable, "-m", "gpufleet", command, "--config", str(harness.config)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=harness.env(), timeout=60)
+    assert result.returncode == 5, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line == (f"gpufleet: error: api.port {port} on 127.0.0.1 is in use (is gpufleet already running here?); "
+                    "stop what holds it, or set api.port (GPUFLEET_API__PORT)")  # fmt: skip
+    assert harness.registry.gpus() == []  # no worker registered

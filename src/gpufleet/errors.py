@@ -42,6 +42,10 @@ class BrokerError(GpufleetError):
     retriable = True
 
 
+class PortInUseError(GpufleetError):
+    """A port this process must listen on is taken (often: the fleet is already running on this machine)."""
+
+
 class DeliveryError(GpufleetError):
     """A callback or dead-letter record could not be delivered to its destination."""
 

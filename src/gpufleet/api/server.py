@@ -16,6 +16,7 @@ from collections.abc import Generator
 import structlog
 import uvicorn
 
+from gpufleet.api import check_port_free
 from gpufleet.api.app import create_app
 from gpufleet.control import ControlPlane
 from gpufleet.settings import Fleet
@@ -34,6 +35,7 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
     """
     api = fleet.settings.api
     token = api.require_token(str(fleet.config_file))
+    check_port_free(fleet)
     control = ControlPlane(fleet)
     webhooks: list[WebhookTrigger] = [backend(t.scheme)(fleet, t) for t in fleet.triggers.values()
                                       if t.enabled and served_by(t.scheme) == "api"]  # fmt: skip

@@ -83,7 +83,10 @@ def _run(args: argparse.Namespace) -> int:
     fleet = _fleet(args, "run")
     roles = tuple(r for r in ROLE_ORDER if r != "api" or fleet.settings.api.enabled)
     if "api" in roles:
+        from gpufleet.api import check_port_free
+
         fleet.settings.api.require_token(str(fleet.config_file))  # now, not in a role restarted for ever
+        check_port_free(fleet)
     return ProcessTree(fleet.config_file, roles).run(stop_event_on_signals())
 
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import orjson
 
-from gpufleet.errors import BrokerError, ConflictError, GpufleetError, NotFoundError, RequestError
+from gpufleet.errors import BrokerError, ConflictError, GpufleetError, NotFoundError, PortInUseError, RequestError
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # not found, conflict, or the task finished without succeeding
 EXIT_USAGE = 2  # bad input or configuration (argparse uses 2 as well)
 EXIT_TIMEOUT = 3  # --timeout passed before the task finished
 EXIT_UNREACHABLE = 4  # Redis or Kafka cannot be reached
+EXIT_PORT_IN_USE = 5  # a port this process must listen on is taken
 EXIT_INTERRUPTED = 130  # Ctrl-C while following a task
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
@@ -49,6 +50,8 @@ def exit_code(exc: GpufleetError) -> int:
     when Redis or Kafka cannot be reached."""
     if isinstance(exc, BrokerError):
         return EXIT_UNREACHABLE
+    if isinstance(exc, PortInUseError):
+        return EXIT_PORT_IN_USE
     return EXIT_FAILED if isinstance(exc, NotFoundError | ConflictError) else EXIT_USAGE
 
 
