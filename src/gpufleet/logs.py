@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from typing import Any
@@ -29,8 +30,8 @@ def configure_logging(settings: LoggingSettings, **context: Any) -> None:
     if settings.format == "json":
         renderer: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
-    else:
-        renderer = structlog.dev.ConsoleRenderer()
+    else:  # colours only for a terminal: in a file or a pipe they are noise
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
@@ -45,6 +46,8 @@ def configure_logging(settings: LoggingSettings, **context: Any) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python warnings (a library's multi-line notice) become one log line each, rendered like every other.
+    logging.captureWarnings(True)
     # kafka-python is chatty at INFO about every connection and rebalance. Celery's per-task "received" and
     # "succeeded" lines repeat the runtime's own, and the first sits in the worker's dispatch path.
     for name in ("kafka", "celery.worker.strategy", "celery.app.trace"):
@@ -56,6 +59,30 @@ def configure_logging(settings: LoggingSettings, **context: Any) -> None:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(**context)
+
+
+class PrintsToLog(io.TextIOBase):
+    """Stands in for ``sys.stdout`` in a worker's pool process: each line a handler prints becomes a log line
+    (``printed``), so the process's output stays one stream of structured lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._log = structlog.get_logger("gpufleet.handler")
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._log.info("printed", text=line[:4000])
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._log.info("printed", text=self._pending[:4000])
+            self._pending = ""
 
 
 def _to_text(renderer: Any) -> Any:

@@ -22,6 +22,8 @@ def _redis() -> redis.Redis:
 def echo(event: Any, ctx: Context) -> dict[str, Any]:
     _redis().incr(f"runs:{ctx.task_id}")
     ctx.progress(1.0, "echoed")
+    if isinstance(event, dict) and "print" in event:
+        print(event["print"])  # as a handler may: it must become a log line, not loose text on stdout
     return {"echo": event, "attempt": ctx.attempt}
 
 

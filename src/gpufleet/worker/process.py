@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 
 from gpufleet.celery_app import create_app
-from gpufleet.logs import configure_logging
+from gpufleet.logs import PrintsToLog, configure_logging
 from gpufleet.roles import watch_parent
 from gpufleet.settings import load_fleet
 from gpufleet.worker.runtime import Runtime
@@ -37,12 +40,14 @@ def main(argv: list[str] | None = None) -> None:
 
     fleet = load_fleet(args.config)
     configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
+    _quiet_celery(fleet.settings.logging.format == "json")
     runtime = Runtime(fleet, worker_name=f"{args.name}@{fleet.settings.worker.hostname}", gpu=args.gpu)
     runtime.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
 
     def on_child_init(**_: Any) -> None:
         configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
+        sys.stdout = PrintsToLog()  # a handler's print() is a log line too
         runtime.boot()
 
     def on_failure(task_id: str, exception: BaseException, kwargs: dict[str, Any], **_: Any) -> None:
@@ -70,6 +75,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     worker.start()
     raise SystemExit(worker.exitcode)
+
+
+def _quiet_celery(json_lines: bool) -> None:
+    """Celery's own notices, as log lines: its root warning (many lines) becomes one of ours, and its shutdown
+    notices ("worker: Warm shutdown"), which it writes as plain text, become JSON lines like the rest."""
+    import celery.apps.worker
+    from celery.exceptions import SecurityWarning
+
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if os.geteuid() == 0:
+        structlog.get_logger("gpufleet.worker").warning("running as root: prefer an unprivileged user (the gpufleet "
+                                                         "image runs as one)")  # fmt: skip
+
+    def say(message: str, file: Any = None) -> None:
+        # Called from a signal handler: os.write, as Celery's own safe_say, never a buffered (re-entrant) write.
+        text = message.strip()
+        line = (
+            orjson.dumps({"event": text, "level": "info", "logger": "celery.worker"}) if json_lines else text.encode()
+        )
+        os.write(2, line + b"\n")
+
+    celery.apps.worker.safe_say = say
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Every line a gpufleet process writes is a log line: no colours in a file, warnings and a handler's print() as
+structured lines, not loose text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.harness import FleetHarness
+
+CONFIGURE = "from gpufleet.logs import configure_logging; from gpufleet.settings import LoggingSettings; "
+
+
+def test_the_console_format_has_no_colours_when_stderr_is_not_a_terminal() -> None:
+    code = CONFIGURE + ("configure_logging(LoggingSettings(format='console')); import structlog; "
+                        "structlog.get_logger('t').warning('plain', n=1)")  # fmt: skip
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    assert "plain" in err and "\x1b[" not in err
+
+
+def test_a_python_warning_is_one_json_line() -> None:
+    code = CONFIGURE + ("configure_logging(LoggingSettings()); import warnings; "
+                        "warnings.warn('first line\\nsecond line', RuntimeWarning)")  # fmt: skip
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+    [line] = err.strip().splitlines()
+    record = json.loads(line)
+    assert record["logger"] == "py.warnings" and "first line\nsecond line" in record["event"]
+
+
+def test_what_a_handler_prints_becomes_a_log_line(harness: FleetHarness) -> None:
+    harness.start()
+    harness.send("echo", {"print": "hello from a handler"}, id="printer")
+    harness.wait_for(lambda: (harness.registry.get("requests:printer") or {}).get("state") == "SUCCEEDED",
+                     what="the task")  # fmt: skip
+    harness.stop()
+    lines = harness.log_text().splitlines()
+    assert "hello from a handler" not in lines  # not loose on stdout
+    printed = [json.loads(line) for line in lines if '"printed"' in line]
+    assert [p["text"] for p in printed] == ["hello from a handler"] and printed[0]["worker"]
+    # Celery's notices too: no multi-line root warning, no plain "Warm shutdown" line.
+    loose = [line for line in lines if line and not line.startswith("{")]
+    assert not loose, loose[:5]
+    assert "SecurityWarning" not in harness.log_text()
