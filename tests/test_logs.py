@@ -28,11 +28,14 @@ def test_a_python_warning_is_one_json_line() -> None:
     assert record["logger"] == "py.warnings" and "first line\nsecond line" in record["event"]
 
 
-def test_what_a_handler_prints_becomes_a_log_line(harness: FleetHarness) -> None:
+def test_run_says_ready_once_and_what_a_handler_prints_becomes_a_log_line(harness: FleetHarness) -> None:
     harness.start()
     harness.send("echo", {"print": "hello from a handler"}, id="printer")
     harness.wait_for(lambda: (harness.registry.get("requests:printer") or {}).get("state") == "SUCCEEDED",
                      what="the task")  # fmt: skip
+    [ready] = harness.wait_for(lambda: [json.loads(line) for line in harness.log_text().splitlines()
+                                        if '"event":"ready"' in line], what="the ready line")  # fmt: skip
+    assert len(ready["gpus"]) == 2 and ready["triggers"] == ["requests"] and ready["api"] is None
     harness.stop()
     lines = harness.log_text().splitlines()
     assert "hello from a handler" not in lines  # not loose on stdout

@@ -10,8 +10,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.run")
 PARENT_ENV = "GPUFLEET_PARENT_PID"
@@ -48,6 +52,32 @@ def watch_parent(on_exit: Callable[[], None]) -> None:
 
 MAX_BACKOFF_S = 30.0
 ROLE_ORDER = ("dispatcher", "worker", "api", "trigger")  # started in this order; stopped in reverse: intake first
+
+
+def announce_when_ready(fleet: Fleet, roles: tuple[str, ...], stop: threading.Event, timeout_s: float = 120) -> None:
+    """One ``ready`` line once this machine's GPU workers are registered and the API answers: the API's URL, the
+    GPUs and the triggers. Nothing when the fleet does not get there within ``timeout_s`` (the roles say why)."""
+    import httpx
+
+    from gpufleet.registry import REDIS_ERRORS, Registry
+
+    s = fleet.settings
+    registry = Registry.from_url(s.redis.url, s.redis.key_prefix)
+    host = "[::1]" if s.api.host == "::1" else s.api.host
+    api = f"http://{host}:{s.api.port}" if "api" in roles else None
+    deadline = time.monotonic() + timeout_s
+    while not stop.wait(0.5) and time.monotonic() < deadline:
+        try:
+            gpus = [g for g in registry.gpus() if g.get("host") == s.worker.hostname and g.get("up") and not g["stale"]]
+            if "worker" in roles and not gpus:
+                continue
+            if api is not None and httpx.get(f"{api}/healthz", timeout=2).status_code != 200:
+                continue
+        except (*REDIS_ERRORS, httpx.HTTPError):
+            continue
+        log.info("ready", api=api, gpus=[f"{g['worker']} ({g.get('name')})" for g in gpus],
+                 triggers=sorted(t.name for t in fleet.triggers.values() if t.enabled))  # fmt: skip
+        return
 
 
 class ProcessTree:

@@ -78,7 +78,7 @@ def _fleet(args: argparse.Namespace, role: str) -> Fleet:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gpufleet.roles import ROLE_ORDER, ProcessTree, stop_event_on_signals
+    from gpufleet.roles import ROLE_ORDER, ProcessTree, announce_when_ready, stop_event_on_signals
 
     fleet = _fleet(args, "run")
     roles = tuple(r for r in ROLE_ORDER if r != "api" or fleet.settings.api.enabled)
@@ -87,7 +87,9 @@ def _run(args: argparse.Namespace) -> int:
 
         fleet.settings.api.require_token(str(fleet.config_file))  # now, not in a role restarted for ever
         check_port_free(fleet)
-    return ProcessTree(fleet.config_file, roles).run(stop_event_on_signals())
+    stop = stop_event_on_signals()
+    threading.Thread(target=announce_when_ready, args=(fleet, roles, stop), daemon=True).start()
+    return ProcessTree(fleet.config_file, roles).run(stop)
 
 
 def _worker(args: argparse.Namespace) -> int:
