@@ -63,7 +63,7 @@ def announce_when_ready(fleet: Fleet, roles: tuple[str, ...], stop: threading.Ev
 
     s = fleet.settings
     registry = Registry.from_url(s.redis.url, s.redis.key_prefix)
-    host = "[::1]" if s.api.host == "::1" else s.api.host
+    host = f"[{s.api.host}]" if ":" in s.api.host else s.api.host  # an IPv6 address, bracketed in a URL
     api = f"http://{host}:{s.api.port}" if "api" in roles else None
     deadline = time.monotonic() + timeout_s
     while not stop.wait(0.5) and time.monotonic() < deadline:
