@@ -4,11 +4,14 @@ failing is restarted with backoff while the others go on serving."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
 import httpx
 import orjson
 
+from gpufleet.dev.services import free_port
 from tests.harness import FleetHarness
 from tests.strategies import dumps, nested
 
@@ -34,14 +37,20 @@ def test_poison_messages_are_dead_lettered_and_the_partition_goes_on(harness: Fl
 
 
 def test_a_role_that_keeps_failing_is_restarted_and_the_others_go_on(harness: FleetHarness) -> None:
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen()
-    port = squatter.getsockname()[1]
+    """The api role dies, and its port is taken before it comes back (`gpufleet run` refuses a taken port only when
+    it starts): it fails at every restart, with growing backoff, and the other roles go on serving."""
+    port = free_port()
     token = "pX3Ue1N6gM0vq9cR7tYbK2wZs8dHfLa4JiQoEnVyT5u"
     harness.write_config(api={"enabled": True, "port": port, "token": token})
+    harness.start()
+    harness.wait_for(lambda: '"event":"ready"' in harness.log_text(), what="the fleet ready")
+    [api_pid] = [orjson.loads(line)["pid"] for line in harness.log_text().splitlines()
+                 if '"role started"' in line and '"role":"api"' in line]  # fmt: skip
+    os.kill(api_pid, signal.SIGKILL)
+    squatter = socket.socket()
     try:
-        harness.start()  # the api role cannot bind its port, and exits at every start
+        harness.wait_for(lambda: _bound(squatter, port), timeout_s=10, what="the port, before the api role's restart")
+        squatter.listen()
         harness.send("echo", {"while": "api fails"}, id="served")
         [ok] = harness.records("success", 1)
         assert ok["key"] == "requests:served"
@@ -67,3 +76,11 @@ def test_a_role_that_keeps_failing_is_restarted_and_the_others_go_on(harness: Fl
             return False
 
     harness.wait_for(api_up, timeout_s=90, what="the api to come back")
+
+
+def _bound(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True

@@ -27,6 +27,6 @@ def check_port_free(fleet: Fleet) -> None:
             probe.bind((api.host, api.port))
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                raise
+                return  # another cause (an address not on this machine): the api role reports it when it binds
             raise PortInUseError(f"api.port {api.port} on {api.host} is in use (is gpufleet already running here?); "
                                  "stop what holds it, or set api.port (GPUFLEET_API__PORT)") from None  # fmt: skip
