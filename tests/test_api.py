@@ -124,7 +124,8 @@ def test_every_route_but_healthz_needs_the_bearer_token(api: Api) -> None:
         routes = [("GET", "/v1/tasks/x"), ("POST", "/v1/tasks/x/cancel"), ("POST", "/v1/tasks/x/retry"),
                   ("GET", "/v1/tasks/x/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
                   ("GET", "/v1/functions/echo/queue"), ("GET", "/v1/gpus"), ("POST", "/v1/functions/echo/invocations"),
-                  ("GET", "/openapi.json")]  # fmt: skip
+                  ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/v1/scaling"),
+                  ("GET", "/v1/scaling/default/any")]  # fmt: skip
         for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"):
             headers = {"Authorization": auth} if auth else {}
             for method, path in routes:
@@ -294,6 +295,7 @@ def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> N
         ("GET", "/v1/tasks/{task_id}/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
         ("GET", "/v1/functions/{name}/queue"), ("GET", "/v1/gpus"), ("GET", "/healthz"),
         ("GET", "/v1/parked"), ("POST", "/v1/parked/resend"), ("POST", "/v1/parked/drop"),
+        ("GET", "/v1/scaling"), ("GET", "/v1/scaling/{pool}/{model}"), ("GET", "/metrics"),
     }  # fmt: skip
     for (_, path), op in operations.items():
         assert op.get("security") == (None if path == "/healthz" else [{"bearer": []}]), path
@@ -423,7 +425,7 @@ def test_fuzzing_every_operation_finds_no_server_error(api: Api, subtests: pytes
     config = schemathesis.Config.from_dict({"auth": {"openapi": {"bearer": {"bearer": TOKEN}}}})
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json", config=config, headers=AUTH)
     # Random names and ids are all 404s: also aim at a function and a task that exist.
-    existing = {"name": "echo", "task_id": api.invoke("echo", {"fuzz": True})}
+    existing = {"name": "echo", "task_id": api.invoke("echo", {"fuzz": True}), "pool": "default", "model": "any"}
     runs: list[tuple[Any, GenerationMode, dict[str, str]]] = []
     for result in schema.get_all_operations():
         op = result.ok()

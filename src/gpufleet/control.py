@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from gpufleet import snapshot
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gpufleet.functions import Function
 from gpufleet.ids import API_ORIGIN, api_task_id
@@ -23,7 +24,9 @@ from gpufleet.messages import Envelopes, function_queue
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.records import Condition, callback_record, fit_record, iso
 from gpufleet.registry import Enqueued, Registry, State
+from gpufleet.scaling import Need, needs
 from gpufleet.settings import Fleet
+from gpufleet.snapshot import Snapshot
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
@@ -263,6 +266,20 @@ class ControlPlane:
 
     def gpus(self) -> list[dict[str, Any]]:
         return self.registry.gpus()
+
+    def snapshot(self, minutes: int = 0) -> Snapshot:
+        return snapshot.read(self.registry, list(self.fleet.functions), minutes)
+
+    def scaling(self, pool: str | None = None, model: str | None = None) -> list[Need]:
+        """The scaling figure (see :mod:`gpufleet.scaling`), for every pool and model or one of them. One with no
+        queue and no host is all zeros: an autoscaler's query never fails for a pool that is idle."""
+        s = self.fleet.settings
+        found = needs(self.snapshot(), s.redis.key_prefix, s.worker.slots_per_worker)
+        if pool is None:
+            return found
+        model = (model or "any").lower()
+        match = [n for n in found if n.pool == pool and n.model == model]
+        return match or [Need(pool, model, 0, 0, s.worker.slots_per_worker, 0, 0, 0, 0)]
 
     # -- parked records ----------------------------------------------------------------------------------------
 

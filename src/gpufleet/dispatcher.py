@@ -107,6 +107,7 @@ class Dispatcher:
             self.parking.park(pipe, url, record, reason)
         pipe.xack(self.stream, GROUP, *ids)
         pipe.xdel(self.stream, *ids)
+        pipe.hincrby(f"{self.fleet.settings.redis.key_prefix}:m:delivered", "records", len(ids) - len(parked))
         pipe.execute()
 
     def _read(self, cursor: str, count: int, block_ms: int | None = 500) -> list[Entry]:

@@ -8,15 +8,45 @@ Key layout (prefix ``P``):
 - ``P:seq`` arrival counter (a task's ``seq`` field is its first); ``P:functions`` set of function names seen;
 - ``P:leases`` and ``P:delayed`` sorted sets of task ids (lease deadline, retry due time);
 - ``P:busy`` hash worker -> running task id; ``P:callbacks`` stream of outgoing records;
-- ``P:queues`` set of the Celery queues tasks were pushed to (for the lost-message scan).
+- ``P:queues`` set of the Celery queues tasks were pushed to (for the lost-message scan);
+- ``P:m:*``: what :mod:`gpufleet.metrics` reads. ``P:m:created`` (function -> tasks created) and ``P:m:finished``
+  (function US state -> tasks finished) are counters; ``P:m:wait`` and ``P:m:duration`` are histograms (function
+  US bucket number, or function US ``sum``); ``P:m:min:{minute}`` counts ``ok``/``failed`` per minute for the
+  dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain.
 
 The position score of a pending task is its place in the Celery list: a push to the back (``LPUSH``) scores
 ``+seq``, a push to the head (``RPUSH``) scores ``-seq``. So the pending tasks in score order are the list's own
 order, and a pending task ordered before the one at the head of the list has already left the list.
 """
 
-# Shared by every script that changes a task's state: the per-state index follows the record.
-_MOVE = """
+# Upper bounds, in seconds, of the queue-wait and duration histograms' buckets (then +Inf): from a 10 ms task to a
+# 24 h one. Fixed, so every script and every reader agree on them.
+HISTOGRAM_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600,
+                    86400)  # fmt: skip
+US = "\x1f"
+
+# Shared by every script that changes a task's state: the per-state index follows the record, and the metrics count
+# the change in the same atomic step.
+_MOVE = (
+    "local BOUNDS = {"
+    + ", ".join(map(str, HISTOGRAM_BOUNDS))
+    + "}"
+    + """
+local function observe(prefix, name, fn, value)
+  if value < 0 then value = 0 end
+  local key, i = prefix .. ':m:' .. name, #BOUNDS + 1
+  for b = 1, #BOUNDS do
+    if value <= BOUNDS[b] then i = b break end
+  end
+  redis.call('HINCRBY', key, fn .. '\\31' .. i, 1)
+  redis.call('HINCRBYFLOAT', key, fn .. '\\31sum', value)
+end
+local function finished(prefix, fn, state, now)
+  redis.call('HINCRBY', prefix .. ':m:finished', fn .. '\\31' .. state, 1)
+  local minute = prefix .. ':m:min:' .. math.floor(tonumber(now) / 60)
+  redis.call('HINCRBY', minute, state == 'SUCCEEDED' and 'ok' or 'failed', 1)
+  redis.call('EXPIRE', minute, 7200)
+end
 local function move(prefix, fn, id, from, to, score)
   if from then redis.call('ZREM', prefix .. ':idx:' .. fn .. ':' .. from, id) end
   if to then redis.call('ZADD', prefix .. ':idx:' .. fn .. ':' .. to, score, id) end
@@ -63,6 +93,7 @@ local function unbusy(prefix, key, id)
   end
 end
 """
+)
 
 # ARGV: prefix, now, batch: a JSON array with one array of strings per task: [id, function, queue_key, envelope,
 #   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta, delivery_tag, origin]
@@ -88,6 +119,7 @@ for n, t in ipairs(cjson.decode(ARGV[3])) do
       'event', t[12], 'meta', t[13], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
       'created_at', t[9], 'queued_at', now, 'event_ts', t[10], 'origin', t[15])
     redis.call('SADD', prefix .. ':functions', t[2])
+    redis.call('HINCRBY', prefix .. ':m:created', t[2], 1)
     local seq = push_back(prefix, key, t[1], t[4], t[14])
     redis.call('HSET', key, 'seq', seq)
     move(prefix, t[2], t[1], nil, 'QUEUED', seq)
@@ -115,6 +147,7 @@ local id = redis.call('HGET', KEYS[1], 'id')
 if state == 'QUEUED' then
   unpend(ARGV[1], KEYS[1], id)
   redis.call('ZREM', ARGV[1] .. ':deadlines', id)  -- the worker checks the age itself from here on
+  observe(ARGV[1], 'wait', fn, tonumber(ARGV[5]) - tonumber(redis.call('HGET', KEYS[1], 'queued_at') or ARGV[5]))
   move(ARGV[1], fn, id, 'QUEUED', 'RUNNING', redis.call('HGET', KEYS[1], 'seq'))
 else
   unbusy(ARGV[1], KEYS[1], id)
@@ -149,6 +182,8 @@ if cur ~= 'RUNNING' then return 0 end
 if ARGV[2] ~= '*' and redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
+observe(ARGV[1], 'duration', fn, tonumber(ARGV[4]) - tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[4]))
+finished(ARGV[1], fn, ARGV[3], ARGV[4])
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[4], 'token', '')
 local nf = tonumber(ARGV[6])
 local i = 7
@@ -180,6 +215,7 @@ end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
 unbusy(ARGV[1], KEYS[1], id)
+observe(ARGV[1], 'duration', fn, tonumber(ARGV[5]) - tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[5]))
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'last_error', ARGV[4], 'queued_at', ARGV[5],
   'retry_at', ARGV[3])
 redis.call('ZREM', KEYS[2], id)
@@ -207,6 +243,7 @@ for i = 4, 3 + 2 * n, 2 do
     local key = prefix .. ':task:' .. id
     if redis.call('HGET', key, 'state') == 'QUEUED' then
       redis.call('HDEL', key, 'retry_at')
+      redis.call('HSET', key, 'queued_at', ARGV[2])  -- its queue wait starts now, not when its attempt failed
       push_back(prefix, key, id, ARGV[i + 1])
       promoted = promoted + 1
     end
@@ -261,6 +298,7 @@ if expire then final, condition = 'EXPIRED', 'EventAgeExceeded' end
 unpend(ARGV[1], KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', ARGV[1] .. ':deadlines', id)
+finished(ARGV[1], fn, final, ARGV[2])
 redis.call('HSET', KEYS[1], 'state', final, 'finished_at', ARGV[2], 'condition', condition, 'error', ARGV[5])
 if not expire then redis.call('HSET', KEYS[1], 'cancel', '1', 'cancel_requested_at', ARGV[2]) end
 redis.call('HDEL', KEYS[1], 'retry_at')

@@ -85,6 +85,9 @@ class WorkerSettings(_Model):
     shutdown_grace_s: float = Field(30.0, ge=0)
     # Each task gets a fresh directory below this one (downloads, outputs); it is removed when the task ends.
     scratch_dir: Path | None = None  # default: <system temp>/gpufleet-scratch-<uid>, created 0700
+    # GPUs per worker host, for the scaling figure (see gpufleet.scaling) of a pool and model that no live host
+    # reports yet: scaling from zero. Live hosts report their own.
+    slots_per_worker: int = Field(1, ge=1, le=64)
 
 
 class S3Settings(_Model):

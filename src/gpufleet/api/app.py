@@ -33,6 +33,7 @@ from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import InvalidRequestError
 from gpufleet.events import MAX_DEPTH
+from gpufleet.metrics import CONTENT_TYPE, exposition
 from gpufleet.registry import State
 from gpufleet.triggers.webhook import WebhookTrigger
 
@@ -199,7 +200,28 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         """Forget parked records for good."""
         return {"count": control.drop_parked(action.ids)}
 
+    @v1.get("/scaling", tags=["fleet"], response_model=models.ScalingList)
+    def scaling() -> dict[str, Any]:
+        """How many GPU worker hosts each pool and GPU model needs now (the figure an autoscaler reads)."""
+        return {"items": [need.view() for need in control.scaling()]}
+
+    @v1.get("/scaling/{pool}/{model}", tags=["fleet"], response_model=models.ScalingNeed)
+    def scaling_one(pool: str, model: str) -> dict[str, Any]:
+        """The scaling figure of one pool and GPU model (``any`` for functions that take any GPU). For KEDA's
+        metrics-api scaler: ``valueLocation: desired``."""
+        return control.scaling(pool, model)[0].view()
+
     app.include_router(v1)
+
+    text = {"description": "the Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+    @app.get("/metrics", tags=["fleet"], dependencies=[Depends(authorize)], response_class=Response,
+             responses={200: text, **_errors(401, 503)})  # fmt: skip
+    def metrics() -> Response:
+        """Prometheus metrics of the whole fleet, read from Redis at each scrape (any api replica answers the
+        same). Needs the token: ``authorization: {credentials_file: ...}`` in the scrape config."""
+        return Response(exposition(control.fleet, control.registry), media_type=CONTENT_TYPE)
+
     if webhooks:
         app.include_router(webhook_router(list(webhooks), body_timeout_s))
 

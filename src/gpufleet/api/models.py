@@ -174,6 +174,22 @@ class GpuList(_Out):
     items: list[GpuInfo]
 
 
+class ScalingNeed(_Out):
+    pool: str
+    model: str = Field(description="the GPU model, lower case, or any")
+    queued: int
+    running: int
+    slots_per_worker: int = Field(description="GPU slots per worker host")
+    ready: int = Field(description="worker hosts that take tasks")
+    starting: int = Field(description="worker hosts up whose GPU workers are not ready yet")
+    desired: int = Field(description="worker hosts needed now: ceil((queued + running) / slots_per_worker)")
+    additional: int = Field(description="desired less the ready and starting hosts, at least 0")
+
+
+class ScalingList(_Out):
+    items: list[ScalingNeed]
+
+
 class ParkedRecord(_Out):
     id: str = Field(description="the parked entry's id; pass it to resend or drop")
     destination: str

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -30,6 +31,7 @@ from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS, Enqueued, NewTask, Registry
 from gpufleet.retry import retry_until
+from gpufleet.snapshot import count_dead_letters, report_lag
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
 from gpufleet.urls import Options
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gpufleet.trigger")
 S = TypeVar("S", bound=TriggerSettings)
+LAG_EVERY_S = 10.0  # how often a trigger reports its source's backlog
 MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
 
 
@@ -104,6 +107,10 @@ class BatchTrigger(SourceTrigger[S]):
     def disconnect(self) -> None:
         pass
 
+    def lag(self) -> tuple[str, dict[str, int]] | None:
+        """The source's backlog, when it can tell: see :meth:`Ingest.report_lag`."""
+        return None
+
     def publishing(self, batch: Received) -> AbstractContextManager[object]:
         """Held while a batch is published (SQS keeps its messages invisible meanwhile)."""
         return contextlib.nullcontext()
@@ -116,7 +123,11 @@ class BatchTrigger(SourceTrigger[S]):
             while not stop.is_set():
                 try:
                     self.connect()
+                    next_lag = 0.0
                     while not stop.is_set():
+                        if time.monotonic() >= next_lag:
+                            next_lag = time.monotonic() + LAG_EVERY_S
+                            self._report_lag()
                         got = self.receive(stop)
                         if got is None:
                             continue
@@ -133,6 +144,15 @@ class BatchTrigger(SourceTrigger[S]):
             self.disconnect()
             self.close()
             log.info("trigger stopped", trigger=self.name, **self.stats)
+
+    def _report_lag(self) -> None:
+        try:
+            lag = self.lag()
+        except Exception as exc:  # noqa: BLE001 - a figure for metrics must never stop the trigger
+            log.debug("cannot read the source's backlog", trigger=self.name, error=str(exc))
+            return
+        if lag is not None:
+            self.ingest.report_lag(*lag)
 
     def _handle(self, got: Received, stop: threading.Event) -> bool:
         prepared = self.ingest.prepare(got.messages)
@@ -296,6 +316,8 @@ class Ingest:
                                          "function or source"))  # fmt: skip
         if dead and not retry_until(lambda: self._dead_letter(dead), stop, "dead-letter"):
             return None
+        if dead:
+            self._count_dead(dead)
         created = outcomes.count(Enqueued.CREATED)
         result = BatchResult(published=created, duplicates=outcomes.count(Enqueued.DUPLICATE),
                              dead_lettered=len(dead), ignored=batch.ignored)  # fmt: skip
@@ -304,6 +326,19 @@ class Ingest:
         for key in self.stats:
             self.stats[key] += getattr(result, key)
         return result
+
+    def _count_dead(self, dead: list[OutRecord]) -> None:
+        try:
+            count_dead_letters(self.registry, self.trigger.name, [d.headers.get("reason", "") for d in dead])
+        except REDIS_ERRORS as exc:  # delivered already: a missed count must not deliver them again
+            log.warning("cannot count dead letters in Redis", error=str(exc))
+
+    def report_lag(self, kind: str, values: dict[str, int]) -> None:
+        """The source's backlog, for ``gpufleet_trigger_lag_messages`` (see :func:`gpufleet.snapshot.report_lag`)."""
+        try:
+            report_lag(self.registry, self.trigger.name, kind, values)
+        except REDIS_ERRORS as exc:
+            log.warning("cannot report trigger lag to Redis", error=str(exc))
 
     def _dead_letter(self, dead: list[OutRecord]) -> None:
         """Deliver dead letters; park those the destination refuses for good, so the source can move on."""

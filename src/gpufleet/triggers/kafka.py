@@ -15,13 +15,14 @@ Guarantees:
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gpufleet.errors import BrokerError, unreachable_hint
-from gpufleet.triggers.base import BatchResult, Ingest, Prepared, SourceMessage, SourceTrigger
+from gpufleet.triggers.base import LAG_EVERY_S, BatchResult, Ingest, Prepared, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import TriggerSettings
 
 if TYPE_CHECKING:
@@ -79,8 +80,11 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
         publisher = ThreadPoolExecutor(1, thread_name_prefix=f"gpufleet-publish-{self.name}")
         inflight: tuple[Future[BatchResult | None], dict[Any, Any]] | None = None
         log.info("kafka trigger started", trigger=self.name, topic=self.topic, group=self.group)
+        next_lag = 0.0
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_lag:  # every LAG_EVERY_S; each second until a fetch has told us
+                    next_lag = time.monotonic() + (LAG_EVERY_S if self._report_lag(consumer) else 1.0)
                 polled = consumer.poll(timeout_ms=5 if inflight else 200, max_records=self.trigger.batch_max)
                 batch = self._prepare(polled) if polled else None
                 if inflight is not None and (batch is not None or inflight[0].done()):
@@ -96,6 +100,18 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
             consumer.close(autocommit=False)
             self.close()
             log.info("kafka trigger stopped", trigger=self.name, **self.stats)
+
+    def _report_lag(self, consumer: Any) -> bool:
+        """Consumer lag per assigned partition: the high watermark the last fetch saw, less the next offset to read.
+        Both are known here once a fetch returned: no request to the broker (timeout 0)."""
+        lag = {}
+        for tp in consumer.assignment():
+            high, position = consumer.highwater(tp), consumer.position(tp, timeout_ms=0)
+            if high is not None and position is not None:
+                lag[str(tp.partition)] = max(0, high - position)
+        if lag:
+            self.ingest.report_lag("partition", lag)
+        return bool(lag)
 
     def _prepare(self, polled: dict[Any, list[Any]]) -> tuple[Prepared, dict[Any, Any]]:
         from kafka.structs import OffsetAndMetadata

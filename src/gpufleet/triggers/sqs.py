@@ -85,6 +85,11 @@ class SqsTrigger(BatchTrigger[SqsSettings]):
             for m in messages
         ], token=[m["ReceiptHandle"] for m in messages])  # fmt: skip
 
+    def lag(self) -> tuple[str, dict[str, int]] | None:
+        names = ["ApproximateNumberOfMessages"]
+        attrs = self._sqs.get_queue_attributes(QueueUrl=self._queue_url, AttributeNames=names)["Attributes"]
+        return "depth", {"messages": int(attrs["ApproximateNumberOfMessages"])}
+
     def publishing(self, batch: Received) -> AbstractContextManager[object]:
         """While a publish is slow, SQS must not hand the messages to another consumer."""
         return _KeepInvisible(self._sqs, self._queue_url, batch.token, self.trigger.visibility_timeout_s)

@@ -174,6 +174,10 @@ class Runtime:
                     self._states[fn.name] = fn.setup_fn()
                 except Exception:  # reported; the first task that needs it raises it again
                     log.exception("setup failed", function=fn.name)
+        try:  # ready: the supervisor's inventory shows it, and the scaling figure stops counting it as starting
+            self.registry.client.hset(f"{self.registry.prefix}:ready", self.worker_name, os.getppid())
+        except REDIS_ERRORS:
+            log.warning("cannot mark this worker ready in Redis; it takes tasks anyway", exc_info=True)
 
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
         bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))

@@ -44,7 +44,8 @@ class Slot:
     queues: list[str]
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
+    restarts: int = 0  # in a row, for the backoff
+    restarts_total: int = 0  # since this supervisor started, for gpufleet_worker_restarts_total
     next_start: float = 0.0
     started_at: float = field(default=0.0)
 
@@ -126,7 +127,8 @@ class Supervisor:
             alive = slot.proc is not None and slot.proc.poll() is None
             out[worker] = {"worker": worker, "host": host, **self.sampler.sample(slot.gpu),
                            "pid": slot.proc.pid if alive and slot.proc else None, "up": alive, "queues": slot.queues,
-                           "restarts": slot.restarts, "seen_at": now}  # fmt: skip
+                           "restarts": slot.restarts, "restarts_total": slot.restarts_total,
+                           "pools": list(self.fleet.settings.worker.pools), "seen_at": now}  # fmt: skip
         return out
 
     def _restart_exited(self) -> None:
@@ -140,6 +142,7 @@ class Supervisor:
             code = slot.proc.returncode
             # A slot that ran a while before exiting gets a fresh backoff; a crash loop backs off up to a minute.
             slot.restarts = 0 if now - slot.started_at > 60 else slot.restarts + 1
+            slot.restarts_total += 1
             slot.next_start = now + min(60.0, backoff * (2 ** max(slot.restarts - 1, 0))) if slot.restarts else now
             log.warning("gpu worker exited; restarting", slot=slot.name, exit_code=code, restarts=slot.restarts)
             slot.proc = None

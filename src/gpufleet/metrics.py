@@ -1,0 +1,162 @@
+"""The Prometheus endpoint (``GET /metrics`` on the api role).
+
+Why read the registry at scrape time, rather than prometheus-client's multiprocess mode: the roles are separate
+processes, often on separate hosts (GPU workers here, triggers and the API there). Multiprocess mode merges the
+files of processes on one host, sharing one directory; it cannot see a worker on another machine, and loses a
+counter when its host is replaced. Every figure gpufleet has is in Redis already, or is put there by the role that
+knows it (:mod:`gpufleet.snapshot`), so every api replica serves the same, whole-fleet answer, and a scrape costs
+two pipelined round trips to Redis, whatever the number of hosts.
+
+Counters (``_total``) and histograms live in Redis too, so they survive any process restart; they reset only with
+Redis itself, which Prometheus's ``rate()`` handles as any counter reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from gpufleet.lua import HISTOGRAM_BOUNDS
+from gpufleet.registry import Registry
+from gpufleet.scaling import needs
+from gpufleet.settings import Fleet
+from gpufleet.snapshot import Histogram, Snapshot, read
+
+# The text format every Prometheus (2.x and 3.x) reads; every name here is a classic one, so 1.0.0 would add nothing.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class FleetCollector(Collector):
+    def __init__(self, fleet: Fleet, registry: Registry) -> None:
+        self.fleet = fleet
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        snap = read(self.registry, list(self.fleet.functions))
+        yield from _tasks(snap)
+        yield from _queues(snap)
+        yield from _gpus(snap)
+        yield from _delivery(snap)
+        s = self.fleet.settings
+        doc = "GPU worker hosts needed now, per pool and GPU model: ceil((queued + running) / slots per worker)"
+        desired = GaugeMetricFamily("gpufleet_desired_workers", doc, labels=["pool", "model"])
+        hosts = GaugeMetricFamily("gpufleet_workers", "Worker hosts per pool and GPU model, ready or still "
+                                  "starting", labels=["pool", "model", "state"])  # fmt: skip
+        for need in needs(snap, s.redis.key_prefix, s.worker.slots_per_worker):
+            desired.add_metric([need.pool, need.model], need.desired)
+            hosts.add_metric([need.pool, need.model, "ready"], need.ready)
+            hosts.add_metric([need.pool, need.model, "starting"], need.starting)
+        yield desired
+        yield hosts
+
+
+def _tasks(snap: Snapshot) -> Iterable[Metric]:
+    tasks = GaugeMetricFamily("gpufleet_tasks", "Tasks per state (finished ones while their records are retained)",
+                              labels=["function", "state"])  # fmt: skip
+    for (fn, state), n in sorted(snap.counts.items()):
+        tasks.add_metric([fn, state], n)
+    created = CounterMetricFamily("gpufleet_tasks_created", "Tasks created (duplicates not counted)",
+                                  labels=["function"])  # fmt: skip
+    for fn, n in sorted(snap.created.items()):
+        created.add_metric([fn], n)
+    finished = CounterMetricFamily("gpufleet_tasks_finished", "Tasks that reached a final state",
+                                   labels=["function", "state"])  # fmt: skip
+    for (fn, state), n in sorted(snap.finished.items()):
+        finished.add_metric([fn, state], n)
+    return [tasks, created, finished,
+            _histogram("gpufleet_task_queue_wait_seconds", "Time from entering its queue to a worker taking it",
+                       snap.wait),
+            _histogram("gpufleet_task_duration_seconds", "Time from a worker taking the task to its attempt ending "
+                       "(retried attempts included)", snap.duration)]  # fmt: skip
+
+
+def _histogram(name: str, doc: str, per_function: dict[str, Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=["function"])
+    bounds = [*(floatToGoString(b) for b in HISTOGRAM_BOUNDS), "+Inf"]  # type: ignore[no-untyped-call]
+    for fn, hist in sorted(per_function.items()):
+        cumulative, total = [], 0
+        for bound, n in zip(bounds, hist.buckets, strict=True):
+            total += n
+            cumulative.append((bound, total))
+        family.add_metric([fn], cumulative, hist.sum)
+    return family
+
+
+def _queues(snap: Snapshot) -> Iterable[Metric]:
+    depth = GaugeMetricFamily("gpufleet_queue_depth", "Tasks waiting in the queue", labels=["queue"])
+    oldest = GaugeMetricFamily("gpufleet_queue_oldest_age_seconds", "How long the oldest waiting task has waited",
+                               labels=["queue"])  # fmt: skip
+    running = GaugeMetricFamily("gpufleet_queue_running_tasks", "Tasks of the queue running now", labels=["queue"])
+    for q in sorted(snap.queues.values(), key=lambda q: q.name):
+        depth.add_metric([q.name], q.depth)
+        oldest.add_metric([q.name], q.oldest_age_s)
+        running.add_metric([q.name], q.running)
+    lag = GaugeMetricFamily("gpufleet_trigger_lag_messages", "Messages a Kafka trigger has not read yet, per "
+                            "partition (consumer lag)", labels=["trigger", "partition"])  # fmt: skip
+    source = GaugeMetricFamily("gpufleet_trigger_source_depth_messages", "Messages waiting at a queue trigger's "
+                               "source (SQS: approximate)", labels=["trigger"])  # fmt: skip
+    for trigger, report in sorted(snap.trigger_lag.items()):
+        for label, n in sorted(report.get("values", {}).items()):
+            if report.get("kind") == "partition":
+                lag.add_metric([trigger, label], n)
+            else:
+                source.add_metric([trigger], n)
+    return [depth, oldest, running, lag, source]
+
+
+def _gpus(snap: Snapshot) -> Iterable[Metric]:
+    labels = ["worker", "host", "model"]
+    up = GaugeMetricFamily("gpufleet_worker_up", "1 while the GPU worker process runs and its host reports",
+                           labels=labels)  # fmt: skip
+    ready = GaugeMetricFamily("gpufleet_worker_ready", "1 once the worker has run setup() and takes tasks",
+                              labels=labels)  # fmt: skip
+    restarts = CounterMetricFamily("gpufleet_worker_restarts", "Times the supervisor restarted the GPU worker "
+                                   "process (since the supervisor started)", labels=labels)  # fmt: skip
+    running = GaugeMetricFamily("gpufleet_gpu_running_tasks", "Tasks running on the GPU (0 or 1)", labels=labels)
+    util = GaugeMetricFamily("gpufleet_gpu_utilization_ratio", "GPU utilisation from NVML, 0 to 1", labels=labels)
+    used = GaugeMetricFamily("gpufleet_gpu_memory_used_bytes", "GPU memory in use, from NVML", labels=labels)
+    total = GaugeMetricFamily("gpufleet_gpu_memory_total_bytes", "GPU memory, from NVML", labels=labels)
+    for e in snap.gpus:
+        key = [e["worker"], e.get("host", ""), e.get("model", "")]
+        live = bool(e.get("up")) and not e["stale"]
+        up.add_metric(key, int(live))
+        ready.add_metric(key, int(e["ready"]))
+        restarts.add_metric(key, int(e.get("restarts_total", 0)))
+        running.add_metric(key, int(live and e.get("task_id") is not None))
+        if e.get("utilization_pct") is not None:
+            util.add_metric(key, e["utilization_pct"] / 100)
+        if e.get("memory_used_mb") is not None:
+            used.add_metric(key, e["memory_used_mb"] * 2**20)
+        if e.get("memory_total_mb"):
+            total.add_metric(key, e["memory_total_mb"] * 2**20)
+    return [up, ready, restarts, running, util, used, total]
+
+
+def _delivery(snap: Snapshot) -> Iterable[Metric]:
+    dead = CounterMetricFamily("gpufleet_dead_letters", "Messages a trigger could not turn into tasks, sent to its "
+                               "dead-letter destination", labels=["trigger", "reason"])  # fmt: skip
+    for (trigger, reason), n in sorted(snap.dead_letters.items()):
+        dead.add_metric([trigger, reason], n)
+    return [
+        dead,
+        GaugeMetricFamily("gpufleet_callback_backlog_records", "Callback records waiting for delivery",
+                          value=snap.callback_backlog),
+        GaugeMetricFamily("gpufleet_callback_lag_seconds", "Age of the oldest callback record not yet delivered",
+                          value=snap.callback_oldest_age_s),
+        CounterMetricFamily("gpufleet_callbacks_delivered", "Callback records their destination acknowledged",
+                            value=snap.callbacks_delivered),
+        GaugeMetricFamily("gpufleet_parked_records", "Records a destination refused for good, waiting in parking",
+                          value=snap.parked),
+    ]  # fmt: skip
+
+
+def exposition(fleet: Fleet, registry: Registry) -> bytes:
+    """The text exposition format of the whole fleet, read now."""
+    from prometheus_client import generate_latest
+
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(FleetCollector(fleet, registry))
+    return generate_latest(collectors)

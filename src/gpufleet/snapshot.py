@@ -1,0 +1,175 @@
+"""What the fleet looks like now, read from the registry in one round trip: for metrics, scaling and the dashboard.
+
+Every figure lives in Redis, written by the role that knows it (the registry's scripts count tasks, waits and
+durations in the same atomic step as each transition; supervisors publish their GPUs; triggers their lag;
+dispatchers what they delivered). So any api process on any host reads the same, whole fleet: nothing is kept in
+the memory of the process that serves it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gpufleet.lua import US
+from gpufleet.registry import Registry, State
+
+LAG_STALE_S = 120.0  # a trigger that stopped reporting its lag: its figures are dropped, not kept frozen
+QUEUE_HEAD = 10  # the first tasks of a queue whose age is read: the oldest is among them
+
+
+@dataclass
+class Histogram:
+    buckets: list[int]  # per bucket (lua.HISTOGRAM_BOUNDS, then +Inf), not cumulative
+    sum: float = 0.0
+
+
+@dataclass
+class QueueState:
+    name: str
+    depth: int = 0  # QUEUED tasks waiting in it
+    oldest_age_s: float = 0.0
+    running: int = 0
+
+
+@dataclass
+class Snapshot:
+    at: float
+    functions: list[str]
+    counts: dict[tuple[str, str], int]  # (function, state) -> tasks in that state, while retained
+    created: dict[str, int]
+    finished: dict[tuple[str, str], int]  # (function, final state) -> counter
+    wait: dict[str, Histogram]
+    duration: dict[str, Histogram]
+    queues: dict[str, QueueState]
+    gpus: list[dict[str, Any]]  # the inventory (Registry.gpus), with "ready"
+    dead_letters: dict[tuple[str, str], int]  # (trigger, reason) -> counter
+    callback_backlog: int
+    callback_oldest_age_s: float
+    callbacks_delivered: int
+    parked: int
+    trigger_lag: dict[str, dict[str, Any]]  # trigger -> {"kind", "values": {label: n}, "at"}
+    per_minute: list[tuple[int, int, int]] = field(default_factory=list)  # (minute start, ok, failed), last hour
+
+
+def _split(raw: dict[bytes, bytes], parts: int = 2) -> dict[tuple[str, ...], bytes]:
+    return {tuple(k.decode().split(US, parts - 1)): v for k, v in raw.items()}
+
+
+def _histograms(raw: dict[bytes, bytes], n_buckets: int) -> dict[str, Histogram]:
+    out: dict[str, Histogram] = defaultdict(lambda: Histogram([0] * n_buckets))
+    for key, value in _split(raw).items():
+        if len(key) != 2:
+            continue
+        fn, part = key
+        if part == "sum":
+            out[fn].sum = float(value)
+        elif part.isdigit() and 1 <= int(part) <= n_buckets:
+            out[fn].buckets[int(part) - 1] = int(value)
+    return dict(out)
+
+
+def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot:
+    """The fleet now; with ``minutes``, also finished tasks per minute over that many minutes (the chart)."""
+    from gpufleet.lua import HISTOGRAM_BOUNDS
+
+    p, client = registry.prefix, registry.client
+    now = time.time()
+    names = sorted(set(functions) | registry.functions_seen())
+    queues = registry.queues()
+    gpus = registry.gpus()
+    busy = registry.busy()
+    pipe = client.pipeline(transaction=False)
+    for fn in names:
+        for state in State:
+            pipe.zcard(registry.index_key(fn, state))
+    for q in queues:
+        pipe.zcard(f"{p}:pending:{q}")
+        pipe.zrange(f"{p}:pending:{q}", 0, QUEUE_HEAD - 1)
+    for name in ("created", "finished", "wait", "duration", "dead", "trigger_lag", "delivered"):
+        pipe.hgetall(f"{p}:m:{name}")
+    pipe.hgetall(f"{p}:ready")
+    pipe.xlen(registry.callbacks_key)
+    pipe.xrange(registry.callbacks_key, "-", "+", count=1)
+    pipe.xlen(f"{p}:parked")
+    for task_id in busy.values():
+        pipe.hget(registry.task_key(task_id), "queue")
+    first_minute = int(now // 60) - minutes + 1
+    for minute in range(first_minute, first_minute + minutes):
+        pipe.hmget(f"{p}:m:min:{minute}", "ok", "failed")
+    replies = iter(pipe.execute())
+
+    counts = {(fn, st.value): int(next(replies)) for fn in names for st in State}
+    heads: dict[str, list[bytes]] = {}
+    states: dict[str, QueueState] = {}
+    for q in queues:
+        states[q] = QueueState(q, depth=int(next(replies)))
+        heads[q] = next(replies)
+    created_raw, finished_raw, wait_raw, duration_raw, dead_raw, lag_raw, delivered_raw, ready_raw = (
+        next(replies) for _ in range(8)
+    )
+    backlog, oldest, parked = int(next(replies)), next(replies), int(next(replies))
+    for queue in (next(replies) for _ in busy):
+        if queue is not None:
+            states.setdefault(queue.decode(), QueueState(queue.decode())).running += 1
+    per_minute = [(60 * (first_minute + i), int(ok or 0), int(failed or 0))
+                  for i, (ok, failed) in enumerate(next(replies) for _ in range(minutes))]  # fmt: skip
+
+    # The oldest waiting task's age: its queued_at, among the first few (the head is usually the oldest).
+    pipe = client.pipeline(transaction=False)
+    for ids in heads.values():
+        for raw_id in ids:
+            pipe.hget(registry.task_key(raw_id.decode()), "queued_at")
+    stamps = iter(pipe.execute())
+    for q, ids in heads.items():
+        queued = [float(t) for t in (next(stamps) for _ in ids) if t is not None]
+        states[q].oldest_age_s = max(0.0, now - min(queued)) if queued else 0.0
+
+    ready = {k.decode(): v.decode() for k, v in ready_raw.items()}
+    for entry in gpus:
+        # Ready: the pool process of the worker's current process has booted (setup() done) and takes tasks.
+        live = entry.get("up") and not entry["stale"]
+        entry["ready"] = bool(live and ready.get(entry["worker"]) == str(entry["pid"]))
+    lag = {}
+    for trigger, value in lag_raw.items():
+        report = orjson.loads(value)
+        if now - float(report.get("at", 0)) <= LAG_STALE_S:
+            lag[trigger.decode()] = report
+    n_buckets = len(HISTOGRAM_BOUNDS) + 1
+    return Snapshot(
+        at=now,
+        functions=names,
+        counts=counts,
+        created={k.decode(): int(v) for k, v in created_raw.items()},
+        finished={(k[0], k[1]): int(v) for k, v in _split(finished_raw).items() if len(k) == 2},
+        wait=_histograms(wait_raw, n_buckets),
+        duration=_histograms(duration_raw, n_buckets),
+        queues=states,
+        gpus=gpus,
+        dead_letters={(k[0], k[1]): int(v) for k, v in _split(dead_raw).items() if len(k) == 2},
+        callback_backlog=backlog,
+        callback_oldest_age_s=max(0.0, now - int(oldest[0][0].split(b"-")[0]) / 1000) if oldest else 0.0,
+        callbacks_delivered=int(delivered_raw.get(b"records", 0)),
+        parked=parked,
+        trigger_lag=lag,
+        per_minute=per_minute,
+    )
+
+
+def count_dead_letters(registry: Registry, trigger: str, reasons: list[str]) -> None:
+    """Count dead letters (after they were delivered): ``gpufleet_dead_letters_total``."""
+    pipe = registry.client.pipeline(transaction=False)
+    for reason in reasons:
+        pipe.hincrby(f"{registry.prefix}:m:dead", f"{trigger}{US}{reason}", 1)
+    pipe.execute()
+
+
+def report_lag(registry: Registry, trigger: str, kind: str, values: dict[str, int]) -> None:
+    """A trigger's backlog at its source: ``kind`` ``partition`` (Kafka consumer lag per partition) or ``depth``
+    (the queue's approximate number of messages, SQS)."""
+    report = {"kind": kind, "values": values, "at": time.time()}
+    registry.client.hset(f"{registry.prefix}:m:trigger_lag", trigger, orjson.dumps(report))

@@ -1,0 +1,125 @@
+"""``/metrics`` and the scaling figure, scraped from a running fleet (``gpufleet run``: API, trigger, dispatcher,
+two worker slots) and parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from gpufleet.lua import HISTOGRAM_BOUNDS
+from tests.test_api import AUTH, Api, _serve
+
+Samples = dict[str, list[Sample]]
+
+
+@pytest.fixture(scope="module")
+def fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with _serve(services, tmp_path_factory.mktemp("metrics")) as fleet:
+        yield fleet
+
+
+def scrape(api: Api) -> Samples:
+    r = api.client.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    out: Samples = {}
+    for family in text_string_to_metric_families(r.text):
+        assert family.name.startswith("gpufleet_"), family.name
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    found = [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, samples.get(name))
+    return found[0]
+
+
+def test_metrics_need_the_token(fleet: Api) -> None:
+    with httpx.Client(base_url=fleet.url, timeout=30) as anonymous:
+        assert anonymous.get("/metrics").status_code == 401
+        assert anonymous.get("/v1/scaling").status_code == 401
+
+
+def test_a_running_fleet_reports_tasks_queues_gpus_and_delivery(fleet: Api) -> None:
+    h = fleet.harness
+    h.wait_for(
+        lambda: sum(s.value for s in scrape(fleet).get("gpufleet_worker_ready", [])) == 2, what="both workers ready"
+    )
+    echoes = [fleet.invoke("echo", {"n": i}) for i in range(3)]
+    failing = fleet.invoke("always_fail", {})
+    h.produce("requests", [b"{not json"])  # a dead letter
+    for task_id in [*echoes, failing]:
+        fleet.wait_state(task_id, "SUCCEEDED", "FAILED")
+    # Both GPUs busy and one more waiting: running per GPU, queue depth, its age, and the scaling figure.
+    long = [fleet.invoke("coop", {"seconds": 60}, key=f"long-{i}") for i in range(3)]
+    h.wait_for(lambda: sum(fleet.task(t)["state"] == "RUNNING" for t in long) == 2, what="two long tasks running")
+
+    def settled() -> Samples | None:
+        m = scrape(fleet)
+        delivered = m.get("gpufleet_callbacks_delivered_total", [])
+        lag = m.get("gpufleet_trigger_lag_messages", [])
+        return m if delivered and delivered[0].value >= 4 and lag else None
+
+    m = h.wait_for(settled, what="the records delivered and the trigger's lag reported")
+    assert value(m, "gpufleet_tasks_finished_total", function="echo", state="SUCCEEDED") == 3
+    assert value(m, "gpufleet_tasks_finished_total", function="always_fail", state="FAILED") == 1
+    assert value(m, "gpufleet_tasks_created_total", function="echo") == 3
+    assert value(m, "gpufleet_tasks", function="echo", state="SUCCEEDED") == 3
+    assert value(m, "gpufleet_tasks", function="coop", state="RUNNING") == 2
+    assert value(m, "gpufleet_tasks", function="coop", state="QUEUED") == 1
+    # Histograms: one wait per attempt that started, one duration per attempt (always_fail ran 3).
+    for name, fn, n in (("gpufleet_task_duration_seconds", "echo", 3), ("gpufleet_task_duration_seconds",
+                        "always_fail", 3), ("gpufleet_task_queue_wait_seconds", "echo", 3)):  # fmt: skip
+        buckets = [s for s in m[f"{name}_bucket"] if s.labels["function"] == fn]
+        assert [float(s.labels["le"]) for s in buckets] == [*HISTOGRAM_BOUNDS, math.inf]
+        counts = [s.value for s in buckets]
+        assert counts == sorted(counts) and counts[-1] == n == value(m, f"{name}_count", function=fn)
+        assert 0 <= value(m, f"{name}_sum", function=fn) < 60
+    queue = f"{h.prefix}.default.any"
+    assert value(m, "gpufleet_queue_depth", queue=queue) == 1
+    assert value(m, "gpufleet_queue_running_tasks", queue=queue) == 2
+    assert 0 < value(m, "gpufleet_queue_oldest_age_seconds", queue=queue) < 120
+    assert sum(s.value for s in m["gpufleet_gpu_running_tasks"]) == 2
+    assert [s.value for s in m["gpufleet_worker_up"]] == [1, 1]
+    assert all(s.value == 0 for s in m["gpufleet_worker_restarts_total"])
+    assert value(m, "gpufleet_dead_letters_total", trigger="requests", reason="malformed_json") == 1
+    assert {s.labels["trigger"] for s in m["gpufleet_trigger_lag_messages"]} == {"requests"}
+    assert sum(s.value for s in m["gpufleet_trigger_lag_messages"]) == 0
+    assert value(m, "gpufleet_callback_backlog_records") == 0
+    assert value(m, "gpufleet_parked_records") == 0
+    # Virtual GPUs have no NVML: no utilisation or memory samples rather than made-up zeros.
+    assert not m.get("gpufleet_gpu_utilization_ratio")
+    # 2 running + 1 queued on hosts of 2 slots: 2 hosts (this one is ready, nothing starting).
+    assert value(m, "gpufleet_desired_workers", pool="default", model="any") == 2
+    assert value(m, "gpufleet_workers", pool="default", model="any", state="ready") == 1
+    need = fleet.client.get("/v1/scaling/default/any").json()
+    assert need == {"pool": "default", "model": "any", "queued": 1, "running": 2, "slots_per_worker": 2,
+                    "ready": 1, "starting": 0, "desired": 2, "additional": 1}  # fmt: skip
+    # A pool nobody serves yet reads as zeros (KEDA's query must not fail), scaled from zero with the default.
+    idle = fleet.client.get("/v1/scaling/eu/h100").json()
+    assert idle["desired"] == 0 and idle["slots_per_worker"] == 1
+    for task_id in long:
+        fleet.client.post(f"/v1/tasks/{task_id}/cancel")
+    for task_id in long:
+        fleet.wait_state(task_id, "CANCELLED")
+    m = scrape(fleet)
+    assert value(m, "gpufleet_tasks_finished_total", function="coop", state="CANCELLED") == 3
+    assert value(m, "gpufleet_desired_workers", pool="default", model="any") == 0
+    assert math.isclose(value(m, "gpufleet_queue_depth", queue=queue), 0)
+
+
+def test_every_name_follows_prometheus_conventions(fleet: Api) -> None:
+    r = fleet.client.get("/metrics", headers=AUTH)
+    for family in text_string_to_metric_families(r.text):
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
+        assert not any(unit in family.name for unit in ("_ms", "_milliseconds", "_mb", "_percent")), family.name
+        assert family.documentation, family.name
