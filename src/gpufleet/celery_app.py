@@ -19,6 +19,7 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
     Settings that matter for GPU work:
     - ``acks_late`` + ``reject_on_worker_lost``: a task whose process dies goes back to the queue.
     - ``prefetch_multiplier=1`` with concurrency 1: a GPU worker never hoards tasks another GPU could run.
+    - ``worker_send_task_events`` (``worker.task_events``): Flower and ``celery events`` see tasks and workers.
     - ``visibility_timeout`` longer than the longest task (24 h): Redis would otherwise re-deliver a running task.
       Lost workers are found by the registry's leases instead, in seconds.
     """
@@ -39,8 +40,8 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        worker_send_task_events=False,
-        worker_enable_remote_control=False,
+        worker_send_task_events=settings.worker.task_events,
+        worker_enable_remote_control=settings.worker.task_events,  # `celery inspect`, and Flower's worker pages
         task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={

@@ -226,6 +226,31 @@ return 1
 """
 )
 
+# KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json
+# A worker stopped past its shutdown grace: the supervisor killed it, and hands its task back. The attempt does not
+# count (the task did nothing wrong), and it goes to the head of its queue, where another worker takes it at once.
+# Only the owner the caller saw (and checked dead) is replaced. Returns 1, or 0 if the task finished or moved on.
+HAND_BACK = (
+    _MOVE
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
+  return 0
+end
+local fn = redis.call('HGET', KEYS[1], 'function')
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('ZREM', KEYS[2], id)
+unbusy(ARGV[1], KEYS[1], id)
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'queued_at', ARGV[3], 'last_error', ARGV[5],
+  'progress', 0, 'progress_message', '')
+redis.call('HDEL', KEYS[1], 'lease_until')
+move(ARGV[1], fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
+push_head(ARGV[1], KEYS[1], id, ARGV[4])
+deadline(ARGV[1], KEYS[1], id)
+return 1
+"""
+)
+
 # KEYS: delayed, leases.  ARGV: prefix, now, n, then n (id, envelope) pairs of due retries, then (id, envelope)
 # pairs of tasks whose lease lapsed. Pushes the due retries (to the back), and re-queues at the head the tasks whose
 # worker died with them: they had waited their turn already. Each is checked again here (compare-and-set).

@@ -109,6 +109,7 @@ class Registry:
         self._trim = client.register_script(lua.TRIM_INDEX)
         self._scan_lost = client.register_script(lua.SCAN_LOST)
         self._requeue_lost = client.register_script(lua.REQUEUE_LOST)
+        self._hand_back = client.register_script(lua.HAND_BACK)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
@@ -246,6 +247,16 @@ class Registry:
             if len(due) < limit and len(lapsed) < limit:
                 break
         return promoted, reaped
+
+    def hand_back(self, task_id: str, token: str, envelope_for: EnvelopeFor, message: str) -> bool:
+        """A RUNNING task whose owner (``token``) was stopped on purpose goes back to the head of its queue, its
+        attempt not counted. False if it finished or changed owner meanwhile, or this caller cannot build it."""
+        pairs = self._envelopes([task_id], envelope_for)
+        if not pairs or not pairs[0][1]:
+            return False
+        error = orjson.dumps({"errorType": "WorkerStopped", "errorMessage": message})
+        args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], error]
+        return bool(self._hand_back(keys=[self.task_key(task_id), self.leases_key], args=args))
 
     def queues(self) -> list[str]:
         """The Celery queues tasks were pushed to."""

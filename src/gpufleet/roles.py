@@ -83,10 +83,13 @@ def announce_when_ready(fleet: Fleet, roles: tuple[str, ...], stop: threading.Ev
 class ProcessTree:
     """All roles for one machine, each its own process, restarted if it exits."""
 
-    def __init__(self, config: Path, roles: tuple[str, ...] = ROLE_ORDER, log_dir: Path | None = None) -> None:
+    def __init__(self, config: Path, roles: tuple[str, ...] = ROLE_ORDER, log_dir: Path | None = None,
+                 shutdown_grace_s: float = 30.0) -> None:  # fmt: skip
         self.config = config
         self.roles = roles
         self.log_dir = log_dir
+        # A role gets this long to stop: the worker's grace for running tasks, and time to hand back the rest.
+        self.stop_timeout_s = max(60.0, shutdown_grace_s + 30.0)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def _spawn(self, role: str) -> None:
@@ -125,7 +128,7 @@ class ProcessTree:
                     del due[role]
                     self._spawn(role)
                     started[role] = now
-        self.stop()
+        self.stop(self.stop_timeout_s)
         return 0
 
     def stop(self, timeout_s: float = 60.0) -> None:

@@ -83,6 +83,9 @@ class WorkerSettings(_Model):
     # On stop, running tasks get this long to finish (warm shutdown) before their processes are killed; a killed
     # task is re-run elsewhere. Give containers a stop grace period longer than this.
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # Celery task events, worker heartbeats and remote control: Flower, `celery events` and `celery inspect` see the
+    # workers and their tasks.
+    task_events: bool = True
     # Each task gets a fresh directory below this one (downloads, outputs); it is removed when the task ends.
     scratch_dir: Path | None = None  # default: <system temp>/gpufleet-scratch-<uid>, created 0700
     # GPUs per worker host, for the scaling figure (see gpufleet.scaling) of a pool and model that no live host

@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         check_port_free(fleet)
     stop = stop_event_on_signals()
     threading.Thread(target=announce_when_ready, args=(fleet, roles, stop), daemon=True).start()
-    return ProcessTree(fleet.config_file, roles).run(stop)
+    return ProcessTree(fleet.config_file, roles, shutdown_grace_s=fleet.settings.worker.shutdown_grace_s).run(stop)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         prefetch_multiplier=1,
         optimization="fair",
         without_mingle=True,
-        without_gossip=True,
-        without_heartbeat=True,
+        without_gossip=True,  # gossip consumes every other worker's events: no use to a GPU worker
+        without_heartbeat=not fleet.settings.worker.task_events,  # heartbeats are how Flower sees a worker online
         loglevel=fleet.settings.logging.level.upper(),
         quiet=True,
     )

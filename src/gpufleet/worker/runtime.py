@@ -55,7 +55,9 @@ def owner_is_dead(token: str, host: str) -> bool:
     if owner_host != host:
         return False  # another host: only its lease lapsing tells us it died
     try:
-        return int(psutil.Process(int(pid)).create_time() * 1000) != int(started)
+        proc = psutil.Process(int(pid))
+        # A zombie is dead too: killed, and not yet reaped by its (possibly also killed) parent.
+        return int(proc.create_time() * 1000) != int(started) or proc.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
 

@@ -27,11 +27,12 @@ import structlog
 
 from gpufleet.control import ControlPlane
 from gpufleet.messages import queue_name
-from gpufleet.registry import Registry
+from gpufleet.registry import REDIS_ERRORS, Registry
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet
 from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
 from gpufleet.worker.lost import LostMessages
+from gpufleet.worker.runtime import owner_is_dead
 
 log = structlog.get_logger("gpufleet.supervisor")
 INVENTORY_EVERY_S = 2.0
@@ -147,20 +148,54 @@ class Supervisor:
             log.warning("gpu worker exited; restarting", slot=slot.name, exit_code=code, restarts=slot.restarts)
             slot.proc = None
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Warm shutdown (SIGTERM: finish the running task), then cold (SIGQUIT), then SIGKILL. By PID only."""
-        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
-        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(sig)
-            deadline = time.monotonic() + wait_s
-            for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            procs = [p for p in procs if p.poll() is None]
-            if not procs:
-                break
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Drain: SIGTERM makes each GPU worker stop taking tasks at once (Celery's warm shutdown) and finish the
+        one it runs. A worker still running after ``grace_s`` is killed with its pool process (its process group),
+        and its task handed back to the head of its queue, the attempt not counted: another worker takes it."""
+        slots = [s for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for slot in slots:
+            assert slot.proc is not None
+            slot.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for slot in slots:
+            assert slot.proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                slot.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        overdue = [s for s in slots if s.proc is not None and s.proc.poll() is None]
+        for slot in overdue:
+            assert slot.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(slot.proc.pid, signal.SIGKILL)  # its own group: the Celery worker and its pool process
+            slot.proc.wait()
+        if overdue:
+            self._hand_back([f"{s.name}@{self.fleet.settings.worker.hostname}" for s in overdue], grace_s)
         for slot in self.slots:
             slot.proc = None
-        log.info("gpu workers stopped")
+        log.info("gpu workers stopped", handed_back_from=len(overdue))
+
+    def _hand_back(self, workers: list[str], grace_s: float) -> None:
+        host = self.fleet.settings.worker.hostname
+        message = f"the worker stopped; the task ran past worker.shutdown_grace_s ({grace_s:g} s) and was handed back"
+        try:
+            busy = self.registry.busy()
+            for worker in workers:
+                task_id = busy.get(worker)
+                record = self.registry.get(task_id) if task_id else None
+                if record is None or record.get("state") != "RUNNING":
+                    continue
+                token = str(record.get("token", ""))
+                if _dies(token, host) and self.registry.hand_back(task_id or "", token, self.envelopes,
+                                                                          message):  # fmt: skip
+                    log.warning("task handed back; its attempt does not count", task_id=task_id, worker=worker)
+        except REDIS_ERRORS as exc:  # its lease lapses instead, and another supervisor re-queues it
+            log.error("cannot hand tasks back; their leases will lapse and they will run again", error=str(exc))
+
+
+def _dies(token: str, host: str, within_s: float = 5.0) -> bool:
+    """Whether the process that owns a task is gone within ``within_s``: a killed process takes a moment to go."""
+    deadline = time.monotonic() + within_s
+    while not owner_is_dead(token, host):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
