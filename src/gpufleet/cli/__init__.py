@@ -19,6 +19,7 @@ import structlog
 
 from gpufleet import __version__
 from gpufleet.cli.output import report_error
+from gpufleet.cli.records import add_commands as add_record_commands
 from gpufleet.cli.tasks import add_commands as add_control_commands
 from gpufleet.errors import GpufleetError
 
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     command("api", _api, "serve the HTTP control plane (api.host:api.port)")
     command("check", _check, "validate the configuration, functions and triggers, and print a summary")
     add_control_commands(command)
+    add_record_commands(command)
     p = sub.add_parser("dev", help="start/stop local Redis, Kafka and moto (S3/SQS/SNS) on free loopback ports")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_dev)

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gpufleet.trigger")
 S = TypeVar("S", bound=TriggerSettings)
 LAG_EVERY_S = 10.0  # how often a trigger reports its source's backlog
+# Headers a dead letter carries so that `gpufleet redrive` rebuilds the message as the trigger first saw it, with the
+# same identity (see gpufleet.readback).
+DEFAULT_ID_HEADER = "default_id"
+SUPPLIED_ID_HEADER = "supplied_id"
+OBJECT_HEADER = "object_event"  # the value is one ObjectEvent's JSON (a bucket listing), not a notification
 MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
 
 
@@ -288,7 +293,13 @@ class Ingest:
         ``max_record_bytes`` (only an ``oversize`` message has them) are cut, and the headers say so."""
         log.warning("dead-lettered", reason=reason, detail=detail[:300], source=msg.source_id[:300])
         source = msg.source_id[:MAX_SOURCE_CHARS]
-        headers = {"reason": reason, "detail": detail[:2000], "source": source, "trigger": self.trigger.name}
+        headers = {"reason": reason, "detail": detail[:2000], "source": source, "trigger": self.trigger.name,
+                   DEFAULT_ID_HEADER: msg.default_id[:MAX_SOURCE_CHARS]}  # fmt: skip
+        supplied = msg.headers.get(self.trigger.id_header or "")
+        if supplied is not None:
+            headers[SUPPLIED_ID_HEADER] = supplied[:MAX_SOURCE_CHARS].decode(errors="replace")
+        if msg.objects is not None:
+            headers[OBJECT_HEADER] = "true"
         value = msg.value
         if len(value) > self.max_record_bytes:
             headers |= {"truncated": "true", "original_bytes": str(len(value)),

@@ -1,0 +1,119 @@
+"""Commands that read records back from the destinations: ``tail`` (follow them live) and ``redrive`` (re-send a
+trigger's dead letters through intake). See :mod:`gpufleet.readback`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gpufleet.cli.output import EXIT_FAILED, EXIT_OK, one_line, print_json
+
+if TYPE_CHECKING:
+    from gpufleet.cli.tasks import AddCommand
+    from gpufleet.readback import Record
+    from gpufleet.settings import Fleet
+
+
+def add_commands(command: AddCommand) -> None:
+    p = command("tail", _tail, "follow callback records and dead letters as they arrive (Kafka destinations)")
+    p.add_argument("--success", action="store_true", help="success records")
+    p.add_argument("--failure", action="store_true", help="failure records")
+    p.add_argument("--dead-letters", action="store_true", help="dead letters (default: all three kinds)")
+    p.add_argument("--function", metavar="F", help="only records of this function (dead letters: of its triggers)")
+    p.add_argument("--from-beginning", action="store_true", help="the records kept so far first, then new ones")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N records")
+    p.add_argument("--json", action="store_true", help="one JSON document per line (JSON Lines)")
+    p = command("redrive", _redrive, "send a trigger's dead letters through intake again, once the cause is fixed; "
+                "each keeps its identity, so a repeated redrive runs nothing twice")  # fmt: skip
+    p.add_argument("trigger")
+    p.add_argument("--reason", help="only dead letters refused for this reason (e.g. unknown_function)")
+    p.add_argument("--dry-run", action="store_true", help="count them, send nothing")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+
+
+def _load(args: argparse.Namespace) -> Fleet:
+    from gpufleet.logs import configure_logging
+    from gpufleet.settings import load_fleet
+
+    fleet = load_fleet(args.config)
+    configure_logging(fleet.settings.logging.model_copy(update={"level": "warning"}), role="cli")
+    return fleet
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from gpufleet.readback import read, streams
+
+    fleet = _load(args)
+    asked = {"success": args.success, "failure": args.failure, "dead_letter": args.dead_letters}
+    kinds = tuple(k for k, on in asked.items() if on) or tuple(asked)
+    found, other = streams(fleet, kinds)
+    for url in other:
+        print(f"gpufleet: not followed (only Kafka destinations can be read back): {url}", file=sys.stderr)
+    triggers_of = {name for name, t in fleet.triggers.items() if t.function == args.function}
+    topics = ", ".join(sorted({s.topic for s in found}))
+
+    def ready() -> None:
+        print(f"gpufleet: following {topics}{' from the beginning' if args.from_beginning else ''}",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    shown = 0
+    try:
+        for record in read(fleet, found, threading.Event(), from_beginning=args.from_beginning, on_ready=ready):
+            if args.function is not None and not (
+                record.headers.get("function") == args.function or record.headers.get("trigger") in triggers_of
+            ):
+                continue
+            print(_json_line(record) if args.json else _line(record), flush=True)
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass  # how one stops following
+    return EXIT_OK
+
+
+def _json_line(record: Record) -> str:
+    try:
+        value = orjson.loads(record.value)
+    except orjson.JSONDecodeError:
+        value = record.value.decode(errors="replace")
+    return orjson.dumps({"kind": record.kind, "topic": record.topic, "partition": record.partition,
+                         "offset": record.offset, "timestamp": record.timestamp, "key": record.key,
+                         "headers": record.headers, "value": value}).decode()  # fmt: skip
+
+
+def _line(record: Record) -> str:
+    at = time.strftime("%H:%M:%S", time.localtime(record.timestamp))
+    h = record.headers
+    if record.kind == "dead_letter":
+        what = f"trigger={h.get('trigger', '?')} reason={h.get('reason', '?')} source={h.get('source', '?')}"
+        detail = h.get("detail", "")
+    else:
+        what = f"{record.key} function={h.get('function', '?')} condition={h.get('condition', '?')}"
+        detail = record.value.decode(errors="replace")
+    return one_line(f"{at}  {record.kind:<11}  {what}  {detail[:200]}")
+
+
+def _redrive(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from gpufleet.readback import redrive
+
+    report = redrive(_load(args), args.trigger, args.reason, args.dry_run)
+    if args.json:
+        print_json(asdict(report))
+    else:
+        which = f" ({args.reason})" if args.reason else ""
+        print(f"{report.read} dead letters of trigger {report.trigger}{which}")
+        if args.dry_run:
+            print("dry run: nothing sent")
+        else:
+            print(f"queued {report.queued}, already there {report.duplicates}, refused again {report.dead_lettered}"
+                  + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(report.reasons.items()))})" if report.reasons
+                     else ""))  # fmt: skip
+    return EXIT_FAILED if report.dead_lettered else EXIT_OK
