@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
+from gpufleet import trace
 from gpufleet.api.app import create_app
 from gpufleet.control import ControlPlane
 from gpufleet.dev.services import free_port
@@ -412,6 +413,21 @@ def test_sigterm_stops_the_api_cleanly(harness: FleetHarness) -> None:
     lines = [orjson.loads(line) for line in harness.log_text().splitlines()]
     assert [line["url"] for line in lines if line["event"] == "api listening"] == [f"http://127.0.0.1:{port}"]
     assert not [line for line in lines if line["level"] in ("warning", "error")]
+
+
+def test_an_invocation_joins_the_callers_trace(api: Api) -> None:
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    parents = {}
+    invalid = "00-" + "0" * 32 + "-00f067aa0ba902b7-01"  # an all-zero trace id: the spec says to ignore it
+    for name, header in (("traced", caller), ("untraced", None), ("invalid", invalid)):
+        r = api.client.post("/v1/functions/echo/invocations", json={"n": name},
+                            headers={"traceparent": header} if header else {})  # fmt: skip
+        assert r.status_code == 202, r.text
+        parents[name] = trace.parse((api.harness.registry.get(r.json()["id"], event=True) or {})["meta"]["traceparent"])
+    assert parents["traced"] is not None and parents["traced"][0] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert parents["traced"][1] != "00f067aa0ba902b7"
+    for fresh in (parents["untraced"], parents["invalid"]):  # none, or one the spec says to ignore: a new trace
+        assert fresh is not None and fresh[0] not in ("4bf92f3577b34da6a3ce929d0e0e4736", "0" * 32)
 
 
 # -- fuzzing ----------------------------------------------------------------------------------------------------

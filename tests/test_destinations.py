@@ -38,8 +38,8 @@ Received = tuple[str, bytes, dict[str, str]]  # key, value, headers
 
 def batch(n: int, tag: str = "") -> list[OutRecord]:
     tag = tag or uuid.uuid4().hex[:8]
-    return [OutRecord(key=f"t-{tag}-{i}", value=b'{"i": %d}' % i, headers={"condition": "Success", "function": "f"})
-            for i in range(n)]  # fmt: skip
+    headers = {"condition": "Success", "function": "f", "traceparent": f"00-{uuid.uuid4().hex}-b7ad6b7169203331-01"}
+    return [OutRecord(key=f"t-{tag}-{i}", value=b'{"i": %d}' % i, headers=headers) for i in range(n)]
 
 
 def deliver_until_done(dest: Destination, records: list[OutRecord], timeout_s: float = 60) -> None:
@@ -222,6 +222,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
             headers = {
                 "condition": self.headers["X-Gpufleet-Condition"],
                 "function": self.headers["X-Gpufleet-Function"],
+                "traceparent": self.headers["traceparent"],  # the standard header, as it is
             }
             self.got.append((self.headers["X-Gpufleet-Task-Id"], body, headers))
             self.send_response(204)
@@ -444,10 +445,17 @@ def test_a_fleet_posts_its_records_to_a_signed_webhook(harness: FleetHarness, mo
     try:
         harness.write_config(defaults={"on_success": f"http://127.0.0.1:{port}/done#secret_env=E2E_HOOK_SECRET"})
         harness.start()
-        harness.send("echo", {"x": 1}, id="hooked")
+        caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"x": 1}, "id": "hooked"})],
+                        headers=[("traceparent", caller.encode())])  # fmt: skip
         [(key, body, headers)] = harness.wait_for(lambda: list(_Receiver.got), what="the record at the webhook")
         record = orjson.loads(body)
+        # The record continues the message's trace: its trace id, the task's own span.
+        task_span = headers.pop("traceparent")
+        assert task_span.startswith("00-0af7651916cd43dd8448eb211c80319c-") and "b7ad6b7169203331" not in task_span
         assert key == "requests:hooked" and headers == {"condition": "Success", "function": "echo"}
+        started = next(orjson.loads(line) for line in harness.log_text().splitlines() if '"task started"' in line)
+        assert started["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and started["span_id"] in task_span
         assert record["requestContext"]["requestId"] == key and record["responsePayload"]["echo"] == {"x": 1}
         assert not _Receiver.refused
     finally:

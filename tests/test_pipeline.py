@@ -9,6 +9,7 @@ import sys
 
 import orjson
 
+from gpufleet import trace
 from tests.harness import FleetHarness, nonzero
 
 
@@ -26,6 +27,7 @@ def test_n_messages_give_n_success_callbacks_and_one_record_each(harness: FleetH
     for r in records:
         body = r["value"]
         i = int(r["key"].removeprefix("requests:m"))
+        assert trace.parse(r["headers"].pop("traceparent")) is not None  # a new trace: the message had none
         assert r["headers"] == {"condition": "Success", "function": "echo"}
         assert body["requestContext"]["requestId"] == r["key"]
         assert body["requestContext"]["condition"] == "Success"

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 
+from gpufleet import trace
 from gpufleet.dev.objectstores import S3Service
 from gpufleet.errors import RequestError
 from gpufleet.triggers import backend
@@ -98,6 +99,11 @@ class Source:
     def put_malformed(self) -> None:
         self.notify(b"{not json")
 
+    def notify_traced(self, body: bytes, traceparent: str) -> bool:
+        """Deliver a message with a W3C ``traceparent`` header; False for a source whose messages have no headers
+        (SQS notifications, bucket listings)."""
+        return False
+
     def put_test_event(self) -> None:
         self.notify(orjson.dumps(s3_test_event(self.bucket)))
 
@@ -127,6 +133,10 @@ class KafkaSource(Source):
 
     def notify(self, *bodies: bytes) -> None:
         self.harness.produce("contract", list(bodies))
+
+    def notify_traced(self, body: bytes, traceparent: str) -> bool:
+        self.harness.produce("contract", [body], headers=[("traceparent", traceparent.encode())])
+        return True
 
     def crash_between_publish_and_ack(self, running: Running) -> threading.Event:
         crashed = threading.Event()
@@ -160,6 +170,13 @@ class AmqpSource(Source):
 
         for body in bodies:
             self.channel.basic_publish(amqp.Message(body, delivery_mode=2), routing_key=self.queue)
+
+    def notify_traced(self, body: bytes, traceparent: str) -> bool:
+        import amqp
+
+        message = amqp.Message(body, delivery_mode=2, application_headers={"traceparent": traceparent})
+        self.channel.basic_publish(message, routing_key=self.queue)
+        return True
 
     def lose_connection(self, trigger: Any) -> None:
         trigger._conn.collect()  # the socket goes without a word, as when the process is killed
@@ -249,6 +266,11 @@ class WebhookSource(Source):
             with contextlib.suppress(RequestError, ConnectionError):
                 self.running.trigger.receive(body)  # type: ignore[attr-defined]
 
+    def notify_traced(self, body: bytes, traceparent: str) -> bool:
+        assert self.running is not None
+        self.running.trigger.receive(body, traceparent)  # type: ignore[attr-defined]
+        return True
+
     def crash_between_publish_and_ack(self, running: Running) -> threading.Event:
         """The 200 is lost on its way back: the sender sends the same bodies again."""
         crashed = threading.Event()
@@ -320,6 +342,28 @@ class TriggerContract:
         finally:
             again.stop()
         assert again.stats["published"] == 8 - before
+
+    def test_a_task_joins_the_trace_its_message_names_or_starts_one(self, source: Source) -> None:
+        caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        running = source.start()
+        try:
+            source.put(["in/untraced.jpg"])
+            traced = source.notify_traced(orjson.dumps({"Records": [aws_record(source.bucket, "in/traced.jpg",
+                                                                               "image/jpeg")]}), caller)  # fmt: skip
+            source.harness.wait_for(lambda: running.stats["published"] == 1 + traced, what="the tasks")
+        finally:
+            running.stop()
+        registry = source.harness.registry
+        parents = {}
+        for _, task_id in registry.list_ids("echo", "QUEUED", None, 10):
+            record = registry.get(task_id, event=True) or {}
+            parents[record["event"]["key"]] = trace.parse(record["meta"]["traceparent"])
+        fresh = parents["in/untraced.jpg"]
+        assert fresh is not None and fresh[0] != caller.split("-")[1] and fresh[2] == "01"
+        if traced:  # the caller's trace, a span of the task's own, the caller's flags
+            assert parents["in/traced.jpg"] is not None
+            trace_id, span_id, flags = parents["in/traced.jpg"]
+            assert (trace_id, flags) == ("4bf92f3577b34da6a3ce929d0e0e4736", "01") and span_id != "00f067aa0ba902b7"
 
     def test_a_stop_while_publishing_acknowledges_nothing(self, source: Source) -> None:
         keys = [f"in/k{i}.jpg" for i in range(5)]

@@ -80,9 +80,11 @@ class ControlPlane:
 
     # -- invoke ----------------------------------------------------------------------------------------------
 
-    def invoke(self, function: str, event: Any, idempotency_key: str | None = None) -> Invocation:
+    def invoke(self, function: str, event: Any, idempotency_key: str | None = None,
+               traceparent: str | None = None) -> Invocation:  # fmt: skip
         """Queue one task for ``function``. ``event`` is the event, or its JSON as ``bytes`` (the HTTP body: checked
-        before it is decoded). The same ``idempotency_key`` always names the same task."""
+        before it is decoded). The same ``idempotency_key`` always names the same task. The task joins the
+        caller's W3C ``traceparent`` trace, or starts one."""
         fn = self.function(function)
         if idempotency_key is not None and (not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
                                             or not idempotency_key.isprintable()):  # fmt: skip
@@ -90,7 +92,7 @@ class ControlPlane:
         task_id = api_task_id(fn.name, idempotency_key)
         try:
             event = self.intake.decode(event) if isinstance(event, bytes) else self.intake.accept(event)
-            task = self.intake.task(fn, event, task_id, API_ORIGIN)
+            task = self.intake.task(fn, event, task_id, API_ORIGIN, traceparent=traceparent)
         except EventError as exc:
             if exc.reason == "oversize":
                 raise PayloadTooLargeError("payload_too_large", exc.detail) from None

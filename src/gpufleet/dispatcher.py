@@ -28,6 +28,7 @@ from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS
 from gpufleet.retry import retry_until
 from gpufleet.settings import Fleet
+from gpufleet.trace import HEADER
 
 log = structlog.get_logger("gpufleet.dispatcher")
 GROUP = "dispatchers"
@@ -179,4 +180,6 @@ def _record(f: dict[bytes, bytes]) -> OutRecord:
         headers = orjson.loads(f[b"headers"])
     else:
         headers = {"condition": f.get(b"condition", b"").decode(), "function": f.get(b"function", b"").decode()}
+        if f.get(b"traceparent"):
+            headers[HEADER] = f[b"traceparent"].decode()
     return OutRecord(key=f.get(b"key", b"").decode(errors="replace"), value=f.get(b"value", b""), headers=headers)

@@ -60,6 +60,10 @@ class Context(Protocol):
         """True once somebody asked this task to stop; a long handler should check it and return early."""
 
     @property
+    def traceparent(self) -> str | None:
+        """The task's W3C trace context: send it as the ``traceparent`` header of calls the handler makes."""
+
+    @property
     def scratch(self) -> Path:
         """This attempt's own empty directory, removed when the attempt ends."""
 

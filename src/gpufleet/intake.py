@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gpufleet import trace
 from gpufleet.errors import EventError
 from gpufleet.events import check_event, decode_event
 from gpufleet.functions import Function
@@ -73,14 +74,16 @@ class Intake:
         return fn
 
     def task(self, fn: Function, payload: Any, task_id: str, source: str, *, event_ts: float | None = None,
-             meta: dict[str, Any] | None = None, origin: str | None = None) -> NewTask:  # fmt: skip
+             meta: dict[str, Any] | None = None, origin: str | None = None,
+             traceparent: str | bytes | None = None) -> NewTask:  # fmt: skip
         """The task for a checked event: its payload matched against the function's model, its destinations and
-        envelope. ``origin`` overrides the producer's (object events share one namespace, whoever saw them)."""
+        envelope. ``origin`` overrides the producer's (object events share one namespace, whoever saw them). The
+        task is a span of the event's ``traceparent`` trace (see :mod:`gpufleet.trace`)."""
         mismatch = fn.payload_error(payload)
         if mismatch is not None:
             raise EventError("schema_mismatch", mismatch)
         p, defaults = self.producer, self.fleet.settings.defaults
-        meta = {"source": source, "trigger": p.name, **(meta or {})}
+        meta = {"source": source, "trigger": p.name, **(meta or {}), trace.HEADER: trace.child(traceparent)}
         return NewTask(
             message=self.factory.build(task_id, fn, payload, meta),
             on_success=p.on_success or fn.on_success or defaults.on_success,

@@ -86,6 +86,10 @@ end
 local function unpend(prefix, key, id)
   redis.call('ZREM', prefix .. ':pending:' .. redis.call('HGET', key, 'queue'), id)
 end
+-- The task's W3C traceparent (in its meta), for the headers of its callback records; '' for none.
+local function traceparent(key)
+  return string.match(redis.call('HGET', key, 'meta') or '', '"traceparent":"([0-9a-f%-]+)"') or ''
+end
 local function unbusy(prefix, key, id)
   local worker = redis.call('HGET', key, 'worker')
   if worker and redis.call('HGET', prefix .. ':busy', worker) == id then
@@ -191,9 +195,10 @@ for _ = 1, nf do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1])
   i = i + 2
 end
+local tp = traceparent(KEYS[1])
 while i <= #ARGV do
   redis.call('XADD', KEYS[3], '*', 'dest', ARGV[i], 'key', id, 'value', ARGV[i+1], 'condition', ARGV[i+2],
-    'function', fn)
+    'function', fn, 'traceparent', tp)
   i = i + 3
 end
 redis.call('ZREM', KEYS[2], id)
@@ -329,7 +334,7 @@ if not expire then redis.call('HSET', KEYS[1], 'cancel', '1', 'cancel_requested_
 redis.call('HDEL', KEYS[1], 'retry_at')
 if ARGV[6] ~= '' then
   redis.call('XADD', KEYS[3], '*', 'dest', ARGV[6], 'key', id, 'value', ARGV[7], 'condition', condition,
-    'function', fn)
+    'function', fn, 'traceparent', traceparent(KEYS[1]))
 end
 move(ARGV[1], fn, id, 'QUEUED', final, redis.call('HGET', KEYS[1], 'seq'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])

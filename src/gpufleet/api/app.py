@@ -121,9 +121,18 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
                 description="the same key (per function) always names the same task: retrying is safe",
             ),
         ] = None,
+        traceparent: Annotated[
+            str | None,
+            Header(
+                max_length=512,
+                description="W3C trace context: the task is a span of this trace (a new trace "
+                "without one); its callback records carry the task's traceparent",
+            ),
+        ] = None,
     ) -> models.Invocation:
         """Queue a task: answers 202 and its id at once; follow it at the Location."""
-        invocation = control.invoke(name, body, idempotency_key)  # 404 for an unknown function, whatever the body
+        # 404 for an unknown function, whatever the body
+        invocation = control.invoke(name, body, idempotency_key, traceparent)
         response.headers["Location"] = _task_url(invocation.id)
         return models.Invocation(id=invocation.id, created=invocation.created)
 

@@ -46,7 +46,7 @@ def router(webhooks: list[WebhookTrigger], body_timeout_s: float) -> APIRouter:
                                       headers=CLOSE)  # fmt: skip
         else:
             return _unauthorized(request, hook)
-        status, answer = await run_in_threadpool(hook.receive, body)
+        status, answer = await run_in_threadpool(hook.receive, body, request.headers.get("traceparent"))
         return JSONResponse(answer, status_code=status)
 
     api.add_api_route("/{path:path}", receive, methods=["POST"], name="webhook", response_model=None,

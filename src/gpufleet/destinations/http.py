@@ -14,7 +14,8 @@ Each request carries the record as its body (``Content-Type: application/json``)
   recomputes it over the raw body, compares in constant time, and refuses a timestamp more than a few minutes
   old, so a captured request cannot be replayed (the README shows how);
 - ``X-Gpufleet-Task-Id``: the record's key, to de-duplicate on (delivery is at-least-once);
-- ``X-Gpufleet-Condition`` and ``X-Gpufleet-Function``: the record's headers.
+- ``X-Gpufleet-Condition`` and ``X-Gpufleet-Function``: the record's headers; ``traceparent`` (W3C trace context)
+  as it is.
 
 Outcomes: a 2xx is delivered. A timeout, a connection error, a 5xx, 408 or 429 may pass: the batch is retried with
 backoff. Any other answer (4xx, or a 3xx: redirects are not followed) is kept with its status and reason (parked,
@@ -91,7 +92,8 @@ class HttpDestination:
         stamp = str(int(time.time()))
         headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: stamp,
                    SIGNATURE_HEADER: sign(self._secret, record.value, stamp), "X-Gpufleet-Task-Id": record.key,
-                   **{f"X-Gpufleet-{name.title()}": value for name, value in record.headers.items()}}  # fmt: skip
+                   **{name if name == "traceparent" else f"X-Gpufleet-{name.title()}": value
+                      for name, value in record.headers.items()}}  # fmt: skip
         try:
             response = self._http().post(self.url, content=record.value, headers=headers)
         except httpx.HTTPError as exc:  # timeouts, refused or reset connections, TLS errors

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import structlog
 
+from gpufleet import trace
 from gpufleet.credentials import redact_url
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
@@ -243,7 +244,8 @@ class Ingest:
         else:
             payload = body
         fn = intake.function(function)
-        return [intake.task(fn, payload, self._task_id(msg, body), msg.source_id, event_ts=msg.timestamp)]
+        return [intake.task(fn, payload, self._task_id(msg, body), msg.source_id, event_ts=msg.timestamp,
+                            traceparent=msg.headers.get(trace.HEADER))]  # fmt: skip
 
     def object_tasks(self, events: list[ObjectEvent], msg: SourceMessage) -> list[NewTask]:
         """One task per object event, its id the object's identity; the function gets the event as a dict (or
@@ -251,7 +253,8 @@ class Ingest:
         fn = self.fleet.functions[self.trigger.function or ""]  # object triggers name their function (load checks)
         meta = {"kind": "object", "output": self.objects.output if self.objects else None}
         return [self.intake.task(fn, event.model_dump(mode="json"), event.task_id(fn.name), msg.source_id,
-                                 event_ts=msg.timestamp, meta=meta, origin=OBJECT_ORIGIN)
+                                 event_ts=msg.timestamp, meta=meta, origin=OBJECT_ORIGIN,
+                                 traceparent=msg.headers.get(trace.HEADER))
                 for event in events]  # fmt: skip
 
     def _task_id(self, msg: SourceMessage, body: Any) -> str:

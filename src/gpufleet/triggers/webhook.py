@@ -152,7 +152,7 @@ class WebhookTrigger(SourceTrigger[WebhookSettings]):
         expected = sign(secret, body, stamp)
         return hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), "").encode(), expected.encode())
 
-    def receive(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def receive(self, body: bytes, traceparent: str | None = None) -> tuple[int, dict[str, Any]]:
         """Publish what a notification asks for; returns the HTTP status and the counts: 200, or 422 when the body
         was dead-lettered (the sender learns it was refused, and must not send it again). Raises RequestError (503)
         if Redis or Kafka stayed unreachable for PUBLISH_TIMEOUT_S."""
@@ -166,8 +166,9 @@ class WebhookTrigger(SourceTrigger[WebhookSettings]):
             log.info("SNS unsubscribed", trigger=self.name, topic=(note.sns or {}).get("TopicArn"))
             return 200, {"ignored": 1}
         msg_id = str((note.sns or {}).get("MessageId") or uuid.uuid4())[:128] if note else str(uuid.uuid4())
+        trace_header = {"traceparent": traceparent.encode(errors="replace")} if traceparent else {}
         batch = self.ingest.prepare([SourceMessage(value=body, source_id=f"webhook:{self.path}/{msg_id}",
-                                                   default_id=f"webhook-{msg_id}")])  # fmt: skip
+                                                   default_id=f"webhook-{msg_id}", headers=trace_header)])  # fmt: skip
         deadline = threading.Event()
         timer = threading.Timer(PUBLISH_TIMEOUT_S, deadline.set)
         timer.start()

@@ -38,6 +38,12 @@ class TaskContext:
         self._event = event
         self._scratch: ScratchDir | None = None
 
+    @property
+    def traceparent(self) -> str | None:
+        """The task's W3C ``traceparent``: send it with any call the handler makes, to keep one trace."""
+        value = self._meta.get("traceparent")
+        return value if isinstance(value, str) else None
+
     def progress(self, fraction: float, message: str = "") -> None:
         self._runtime.registry.set_progress(self.task_id, min(max(float(fraction), 0.0), 1.0), message)
 

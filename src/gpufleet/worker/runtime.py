@@ -22,6 +22,7 @@ import psutil
 import structlog
 from pydantic import ValidationError
 
+from gpufleet import trace
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function, validation_problem
 from gpufleet.objects import ObjectEvent, ObjectStore
@@ -182,6 +183,14 @@ class Runtime:
             log.warning("cannot mark this worker ready in Redis; it takes tasks anyway", exc_info=True)
 
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
+        # Every line logged while the task runs (ours, the handler's, its print()s) carries its trace.
+        structlog.contextvars.bind_contextvars(**trace.ids(meta.get(trace.HEADER)))
+        try:
+            self._execute(task_id, function, event, meta)
+        finally:
+            structlog.contextvars.unbind_contextvars("trace_id", "span_id")
+
+    def _execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
         bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
         token = owner_token(self.host, os.getpid())
         try:
