@@ -25,9 +25,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # torch gets its own layer, before the source is copied: it is by far the largest download, and this way editing
 # gpufleet's code does not download it again. Keep TORCH_SPEC in step with the `torch` extra in pyproject.toml.
+# TORCH_INDEX_URL (compose's CPU overlay sets PyTorch's CPU index, so no CUDA wheels come down): torch comes from
+# there when it answers, else from the default index. Progress bars stay on: this download is large.
 ARG TORCH_SPEC="torch>=2.2"
+ARG TORCH_INDEX_URL=""
 ARG PIP_EXTRA_ARGS=""
-RUN pip install ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
+RUN if [ -n "$TORCH_INDEX_URL" ] && python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)' "$TORCH_INDEX_URL" 2>/dev/null; then \
+      pip install --progress-bar on ${PIP_EXTRA_ARGS} --index-url "$TORCH_INDEX_URL" \
+        --extra-index-url https://pypi.org/simple "${TORCH_SPEC}"; \
+    else \
+      if [ -n "$TORCH_INDEX_URL" ]; then echo "$TORCH_INDEX_URL does not answer: torch from the default index"; fi; \
+      pip install --progress-bar on ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"; \
+    fi
 
 # The package itself, with the torch extra (already satisfied above). A regular, non-editable install into
 # site-packages, so the build folder can go. README.md* matches nothing when there is no README yet.

@@ -260,3 +260,19 @@ def test_docker_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> 
     env["GPUFLEET_S3_ACCESS_KEY"] = "gpufleet"
     complete = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert complete.returncode == 0, complete.stderr
+
+
+def test_the_cpu_overlay_builds_every_role_with_the_pinned_cpu_torch() -> None:
+    """One image for every role: each service that builds it gets the same arguments, the Makefile's pin, and
+    PyTorch's CPU index (the Dockerfile falls back to the default index when it does not answer)."""
+    makefile = (COMPOSE.parent / "Makefile").read_text()
+    pin = re.search(r"^TORCH\s*:=\s*(\S+)", makefile, re.M)
+    index = re.search(r"^TORCH_CPU_INDEX\s*:=\s*(\S+)", makefile, re.M)
+    assert pin and index
+    builders = {name for name, s in _services(MAIN).items() if "build" in s}
+    assert builders == ROLES
+    overlay = _services(COMPOSE / "docker-compose.cpu.yml")
+    for role in ROLES:
+        assert overlay[role]["build"]["args"] == {"TORCH_SPEC": pin[1], "TORCH_INDEX_URL": index[1]}, role
+    dockerfile = (COMPOSE.parent / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX_URL" in dockerfile and "--progress-bar on" in dockerfile
