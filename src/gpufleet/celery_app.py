@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.messages import SERIALIZER, TASK_NAME, register_serializer
+from gpufleet.redisconn import celery_broker
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -28,7 +29,8 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
     register_serializer()
     settings = fleet.settings
     visibility = settings.defaults.visibility_timeout_s
-    app = Celery("gpufleet", broker=settings.redis.url, set_as_current=False)
+    broker, sentinel_options = celery_broker(settings.redis.url)
+    app = Celery("gpufleet", broker=broker, set_as_current=False)
     app.conf.update(
         task_serializer=SERIALIZER,
         accept_content=[SERIALIZER, "json"],
@@ -52,6 +54,7 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
             "unacked_restore_throttle": 1 if visibility < 300 else 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 30,
+            **sentinel_options,
         },
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )

@@ -44,7 +44,7 @@ class ControlPlane:
     def __init__(self, fleet: Fleet, registry: Registry | None = None) -> None:
         self.fleet = fleet
         s = fleet.settings
-        self.registry = registry or Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+        self.registry = registry or Registry.for_fleet(s)
         self.intake = Intake(fleet, Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes))
         # Builds a stored task's message again: for retries and re-queues.
         self.envelopes = Envelopes(self.intake.factory, fleet.functions)
@@ -271,6 +271,9 @@ class ControlPlane:
 
     def snapshot(self, minutes: int = 0) -> Snapshot:
         return snapshot.read(self.registry, list(self.fleet.functions), minutes)
+
+    def recent_dead_letters(self, limit: int = 20) -> list[dict[str, Any]]:
+        return snapshot.recent_dead_letters(self.registry, limit)
 
     def scaling(self, pool: str | None = None, model: str | None = None) -> list[Need]:
         """The scaling figure (see :mod:`gpufleet.scaling`), for every pool and model or one of them. One with no

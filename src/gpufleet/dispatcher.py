@@ -20,6 +20,7 @@ import orjson
 import redis
 import structlog
 
+from gpufleet import redisconn
 from gpufleet.credentials import redact_url
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord, Refusal
@@ -40,7 +41,7 @@ class Dispatcher:
     def __init__(self, fleet: Fleet, name: str | None = None) -> None:
         self.fleet = fleet
         s = fleet.settings
-        self.client = redis.Redis.from_url(s.redis.url, socket_timeout=30, socket_connect_timeout=5)
+        self.client = redisconn.client(s.redis.url, socket_timeout=30, socket_connect_timeout=5)
         self.stream = f"{s.redis.key_prefix}:callbacks"
         self.name = name or f"{s.worker.hostname}-{os.getpid()}"
         self._destinations: dict[str, Destination] = {}

@@ -13,14 +13,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
 
-from gpufleet import lua
+from gpufleet import lua, redisconn
 from gpufleet.errors import BrokerError
 from gpufleet.messages import TaskMessage
+
+if TYPE_CHECKING:
+    from gpufleet.settings import FleetSettings
 
 
 class State(StrEnum):
@@ -90,10 +93,13 @@ class Callback:
 
 
 class Registry:
-    def __init__(self, client: redis.Redis, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "gpufleet", retention_s: int = 7 * 86_400,
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:  # fmt: skip
         self.client = client
         self.prefix = prefix
         self.retention_s = retention_s
+        self.wait_replicas = wait_replicas  # enqueue_many returns once this many replicas have the tasks
+        self.wait_timeout_ms = wait_timeout_ms
         self.leases_key = f"{prefix}:leases"
         self.delayed_key = f"{prefix}:delayed"
         self.callbacks_key = f"{prefix}:callbacks"
@@ -113,8 +119,15 @@ class Registry:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
-        client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
-        return cls(client, prefix, retention_s)
+        return cls(redisconn.client(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30),
+                   prefix, retention_s)  # fmt: skip
+
+    @classmethod
+    def for_fleet(cls, settings: FleetSettings) -> Registry:
+        r = settings.redis
+        registry = cls.from_url(r.url, r.key_prefix, settings.defaults.retention_s)
+        registry.wait_replicas, registry.wait_timeout_ms = r.wait_replicas, r.wait_timeout_ms
+        return registry
 
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
@@ -137,10 +150,17 @@ class Registry:
                                    t.message.meta.decode(), t.message.tag, t.origin]
                                   for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
             self._enqueue(args=[self.prefix, now, batch], client=pipe)
+        if self.wait_replicas:
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)  # type: ignore[no-untyped-call]
         try:
             replies = pipe.execute()
         except REDIS_ERRORS as exc:
             raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
+        if self.wait_replicas:
+            acked = replies.pop()
+            if acked < self.wait_replicas:  # written to the master only: a failover now could lose them
+                raise BrokerError(f"tasks reached {acked} of redis.wait_replicas={self.wait_replicas} replicas "
+                                  f"within {self.wait_timeout_ms} ms; not acknowledged, retried")  # fmt: skip
         return [Enqueued(x) for reply in replies for x in reply]
 
     def get(self, task_id: str, event: bool = False) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gpufleet.credentials import HOW_TO_GENERATE, hidden, is_loopback, is_secret_name, redact_url, secret_problem
 from gpufleet.errors import ConfigError, did_you_mean
 from gpufleet.functions import Function, load_functions
+from gpufleet.redisconn import is_sentinel, parse_sentinel
 from gpufleet.triggers.options import TriggerSettings
 
 ENV_PREFIX = "GPUFLEET_"
@@ -43,16 +44,24 @@ class _Model(BaseModel):
 
 
 class RedisSettings(_Model):
-    """Redis is the Celery broker and the task registry."""
+    """Redis is the Celery broker and the task registry: one server (``redis://``, ``rediss://``) or a Sentinel-
+    managed master (``sentinel://h1:26379,h2:26379,h3:26379/0?master=mymaster``, see gpufleet.redisconn)."""
 
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "gpufleet"
+    # Redis replicates asynchronously: a failover may lose the last writes of the old master. With wait_replicas N,
+    # a source is acknowledged (a Kafka offset committed, a 202 answered) only once its tasks reached N replicas
+    # (WAIT, at most wait_timeout_ms; fewer is a retriable error). 0: acknowledged once the master has them.
+    wait_replicas: int = Field(0, ge=0, le=16)
+    wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
 
     @field_validator("url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        if not re.match(r"^rediss?://", v):
-            raise ValueError(f"{redact_url(v)!r} is not a redis:// or rediss:// URL")
+        if is_sentinel(v):
+            parse_sentinel(v)  # ValueError says what is wrong
+        elif not re.match(r"^rediss?://", v):
+            raise ValueError(f"{redact_url(v)!r} is not a redis://, rediss:// or sentinel:// URL")
         return v
 
 

@@ -160,12 +160,28 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     )
 
 
-def count_dead_letters(registry: Registry, trigger: str, reasons: list[str]) -> None:
-    """Count dead letters (after they were delivered): ``gpufleet_dead_letters_total``."""
+RECENT_DEAD = 200  # dead letters the dashboard can list (their reasons and sources, not their bytes)
+
+
+def record_dead_letters(registry: Registry, trigger: str, letters: list[dict[str, str]]) -> None:
+    """Count dead letters once delivered (``gpufleet_dead_letters_total``), and keep the latest few's headers."""
     pipe = registry.client.pipeline(transaction=False)
-    for reason in reasons:
-        pipe.hincrby(f"{registry.prefix}:m:dead", f"{trigger}{US}{reason}", 1)
+    now = repr(time.time())
+    for headers in letters:
+        pipe.hincrby(f"{registry.prefix}:m:dead", f"{trigger}{US}{headers.get('reason', '')}", 1)
+        entry: dict[Any, Any] = {k: headers.get(k, "")[:500] for k in ("reason", "detail", "source")}
+        pipe.xadd(f"{registry.prefix}:m:dead_recent", {**entry, "trigger": trigger, "at": now},
+                  maxlen=RECENT_DEAD, approximate=True)  # fmt: skip
     pipe.execute()
+
+
+def recent_dead_letters(registry: Registry, limit: int) -> list[dict[str, Any]]:
+    """The latest dead letters, newest first: trigger, reason, detail, source and when."""
+    rows: list[tuple[bytes, dict[bytes, bytes]]] = registry.client.xrevrange(  # type: ignore[assignment]
+        f"{registry.prefix}:m:dead_recent", count=limit
+    )
+    return [{**{k.decode(): v.decode(errors="replace") for k, v in f.items()}, "at": float(f.get(b"at", b"0"))}
+            for _, f in rows]  # fmt: skip
 
 
 def report_lag(registry: Registry, trigger: str, kind: str, values: dict[str, int]) -> None:

@@ -32,7 +32,7 @@ from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS, Enqueued, NewTask, Registry
 from gpufleet.retry import retry_until
-from gpufleet.snapshot import count_dead_letters, report_lag
+from gpufleet.snapshot import record_dead_letters, report_lag
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
 from gpufleet.urls import Options
@@ -206,7 +206,7 @@ class Ingest:
         self.fleet = fleet
         self.trigger = trigger
         s = fleet.settings
-        self.registry = registry or Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+        self.registry = registry or Registry.for_fleet(s)
         self.origin = trigger_origin(trigger.name)
         self.intake = Intake(fleet, Producer(trigger.name, self.origin,
                                              trigger.max_payload_bytes or s.defaults.max_payload_bytes,
@@ -343,7 +343,7 @@ class Ingest:
 
     def _count_dead(self, dead: list[OutRecord]) -> None:
         try:
-            count_dead_letters(self.registry, self.trigger.name, [d.headers.get("reason", "") for d in dead])
+            record_dead_letters(self.registry, self.trigger.name, [d.headers for d in dead])
         except REDIS_ERRORS as exc:  # delivered already: a missed count must not deliver them again
             log.warning("cannot count dead letters in Redis", error=str(exc))
 

@@ -145,7 +145,7 @@ class Runtime:
     def registry(self) -> Registry:
         if self._registry is None:
             s = self.fleet.settings
-            self._registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+            self._registry = Registry.for_fleet(s)
         return self._registry
 
     @property

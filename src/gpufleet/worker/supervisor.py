@@ -75,7 +75,7 @@ class Supervisor:
         self.fleet = fleet
         self.slots = plan_slots(fleet, discover(nvml) if gpus is None else gpus)
         s = fleet.settings
-        self.registry = Registry.from_url(s.redis.url, s.redis.key_prefix, s.defaults.retention_s)
+        self.registry = Registry.for_fleet(s)
         self.sampler = Sampler([slot.gpu for slot in self.slots], nvml)
         self.control = ControlPlane(fleet, self.registry)
         self.envelopes = self.control.envelopes

@@ -1,0 +1,80 @@
+"""Connecting to Redis, standalone or under Sentinel, for the registry (redis-py) and the broker (Celery/kombu).
+
+``redis.url`` is ``redis://`` / ``rediss://`` (one server, or a managed replicated service behind one address), or
+``sentinel://[:password@]host1:26379,host2:26379,host3:26379/<db>?master=<name>`` for Redis Sentinel: the
+sentinels are asked where the master is, and asked again after a failover. The password is the master's (and its
+replicas'); the sentinels themselves take none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import redis
+
+SENTINEL_SCHEME = "sentinel"
+SENTINEL_TIMEOUT_S = 2.0  # one sentinel that does not answer must not hold a reconnect for long
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    hosts: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_sentinel(url: str) -> SentinelUrl:
+    """Raises ValueError (with what to write instead) for a sentinel URL that is not valid."""
+    parts = urlsplit(url)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    hosts = []
+    for item in hostlist.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"sentinel address {item!r} must be host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    masters = parse_qs(parts.query).get("master", [])
+    if len(masters) != 1 or not masters[0]:
+        raise ValueError("a sentinel URL names its master: sentinel://host1:26379,host2:26379/0?master=mymaster")
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ValueError(f"the database must be a number, not {db!r}")
+    return SentinelUrl(tuple(hosts), masters[0], int(db), unquote(username) or None, unquote(password) or None)
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith(f"{SENTINEL_SCHEME}://")
+
+
+def client(url: str, **options: Any) -> redis.Redis:
+    """A client for ``url``; under Sentinel, one whose connections find the current master (again after a
+    failover). ``options`` are redis-py's connection options (timeouts, health checks)."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    from redis.sentinel import Sentinel
+
+    s = parse_sentinel(url)
+    timeouts = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+    sentinel = Sentinel(list(s.hosts), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        s.master, db=s.db, username=s.username, password=s.password, **options
+    )
+    return master
+
+
+def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """Celery's broker URL and extra transport options for ``url``: kombu's own sentinel form
+    (``sentinel://...;sentinel://...`` with ``master_name``)."""
+    if not is_sentinel(url):
+        return url, {}
+    s = parse_sentinel(url)
+    auth = ""
+    if s.password is not None:
+        auth = f"{quote(s.username or '', safe='')}:{quote(s.password, safe='')}@"
+    broker = ";".join(f"sentinel://{auth}{host}:{port}/{s.db}" for host, port in s.hosts)
+    return broker, {"master_name": s.master, "sentinel_kwargs": {"socket_timeout": SENTINEL_TIMEOUT_S}}
