@@ -19,4 +19,8 @@ def test_the_wheel_builds_cleanly_with_an_spdx_license(tmp_path: Path) -> None:
     [wheel] = tmp_path.glob("gpufleet-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        names = set(zf.namelist())
     assert "License-Expression: Apache-2.0" in metadata
+    # The dashboard is served from the package: an installed fleet has its page, script and styles.
+    assert {f"gpufleet/api/static/dashboard.{ext}" for ext in ("html", "js", "css")} <= names
+    assert "gpufleet/py.typed" in names

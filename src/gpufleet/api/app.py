@@ -27,7 +27,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gpufleet import __version__
-from gpufleet.api import bodies, models
+from gpufleet.api import bodies, dashboard, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
@@ -63,8 +63,14 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
     bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="the fleet's api.token")
     expected = token.encode()
 
-    async def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
+    sessions = dashboard.Sessions(token)
+
+    Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]  # noqa: N806 - a type
+
+    async def authorize(request: Request, credentials: Credentials) -> None:
         if credentials is None:
+            if sessions.authorize(request):  # the dashboard's session cookie
+                return
             raise UnauthorizedError("unauthorized", "send Authorization: Bearer <api.token>")
         # Bytes: compare_digest refuses non-ASCII str, and a header may hold any Latin-1 character.
         if not secrets.compare_digest(credentials.credentials.encode(), expected):
@@ -220,7 +226,14 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         metrics-api scaler: ``valueLocation: desired``."""
         return control.scaling(pool, model)[0].view()
 
+    @v1.get("/overview", tags=["fleet"], response_model=models.Overview)
+    def fleet_overview() -> dict[str, Any]:
+        """What the dashboard shows: GPUs with their task's progress, queues, tasks finished per minute over the
+        last hour, and the latest dead letters."""
+        return dashboard.overview(control)
+
     app.include_router(v1)
+    app.include_router(dashboard.router(sessions))
 
     text = {"description": "the Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
 

@@ -190,6 +190,38 @@ class ScalingList(_Out):
     items: list[ScalingNeed]
 
 
+class QueueView(_Out):
+    name: str
+    depth: int
+    oldest_age_s: float
+    running: int
+
+
+class MinuteCounts(_Out):
+    minute: int = Field(description="the minute's start, Unix seconds")
+    succeeded: int
+    failed: int = Field(description="finished in any other state")
+
+
+class DeadLetterView(_Out):
+    trigger: str
+    reason: str
+    detail: str
+    source: str
+    at: float
+
+
+class Overview(_Out):
+    at: float
+    gpus: list[dict[str, Any]] = Field(description="GET /v1/gpus, each with its running task's progress (task)")
+    queues: list[QueueView]
+    per_minute: list[MinuteCounts] = Field(description="the last 60 minutes, oldest first")
+    dead_letters: list[DeadLetterView] = Field(description="the latest, newest first")
+    dead_letters_total: int
+    callback_backlog: int
+    parked: int
+
+
 class ParkedRecord(_Out):
     id: str = Field(description="the parked entry's id; pass it to resend or drop")
     destination: str

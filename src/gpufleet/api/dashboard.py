@@ -1,0 +1,126 @@
+"""The live dashboard: one page served by the api role, its assets from the package (no CDN, works offline).
+
+Logging in: the page posts the API token once, in a JSON body (never in a URL), and gets a session cookie back:
+``HttpOnly``, ``SameSite=Strict``, ``Secure`` over HTTPS, valid for :data:`SESSION_S`. The cookie holds an expiry
+and an HMAC of it under a key derived from the token, not the token itself. So every api replica accepts it, and
+rotating the token ends every session.
+
+With that cookie, the page calls the same ``/v1`` routes a script calls with the bearer token. A request that changes
+something must also carry the :data:`CSRF_HEADER` header: another site cannot send one without a CORS preflight,
+which this API never answers. The page polls ``GET /v1/overview`` every two seconds.
+"""
+
+import hashlib
+import hmac
+import secrets
+import time
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request, Response
+from fastapi.responses import RedirectResponse
+
+from gpufleet.api.errors import UnauthorizedError
+
+COOKIE = "gpufleet_session"
+CSRF_HEADER = "x-gpufleet-csrf"
+SESSION_S = 12 * 3600
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+# Only this origin's own scripts, styles and calls; the page cannot be framed (clickjacking).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+class Sessions:
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+        self._key = hashlib.sha256(b"gpufleet-dashboard-session\x00" + self._token).digest()
+
+    def token_matches(self, candidate: str) -> bool:
+        return secrets.compare_digest(candidate.encode(), self._token)
+
+    def new(self, now: float | None = None) -> str:
+        expires = str(int((now or time.time()) + SESSION_S))
+        return f"{expires}.{self._sign(expires)}"
+
+    def valid(self, cookie: str, now: float | None = None) -> bool:
+        expires, _, signature = cookie.partition(".")
+        if not expires.isdigit() or not hmac.compare_digest(signature.encode(), self._sign(expires).encode()):
+            return False
+        return int(expires) > (now or time.time())
+
+    def _sign(self, expires: str) -> str:
+        return hmac.new(self._key, expires.encode(), hashlib.sha256).hexdigest()
+
+    def authorize(self, request: Request) -> bool:
+        """A request without a bearer token: its session cookie, and for a change the CSRF header too."""
+        cookie = request.cookies.get(COOKIE)
+        if not cookie or not self.valid(cookie):
+            return False
+        return request.method in SAFE_METHODS or request.headers.get(CSRF_HEADER) == "1"
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("gpufleet.api").joinpath("static", name).read_bytes()
+
+
+def router(sessions: Sessions) -> APIRouter:
+    pages = APIRouter(include_in_schema=False)
+
+    @pages.get("/dashboard")
+    def page() -> Response:
+        return Response(_asset("dashboard.html"), media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+
+    @pages.get("/dashboard/static/{name}")
+    def asset(name: str) -> Response:
+        if name not in ASSETS:
+            return Response(status_code=404, headers=SECURITY_HEADERS)
+        return Response(_asset(name), media_type=ASSETS[name], headers=SECURITY_HEADERS)
+
+    @pages.post("/dashboard/login")
+    def login(request: Request, token: Annotated[str, Body(embed=True, max_length=4096)]) -> Response:
+        if not sessions.token_matches(token):
+            raise UnauthorizedError("unauthorized", "wrong token")
+        response = Response(status_code=204, headers=SECURITY_HEADERS)
+        response.set_cookie(COOKIE, sessions.new(), max_age=SESSION_S, path="/", httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")  # fmt: skip
+        return response
+
+    @pages.post("/dashboard/logout")
+    def logout() -> Response:
+        response = RedirectResponse("/dashboard", status_code=303, headers=SECURITY_HEADERS)
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    return pages
+
+
+def overview(control: Any, recent_dead: int = 20) -> dict[str, Any]:
+    """What the page shows besides the task list: GPUs with their task's progress, queues, the last hour per
+    minute, and the latest dead letters."""
+    snap = control.snapshot(minutes=60)
+    running = [g["task_id"] for g in snap.gpus if g.get("task_id")]
+    tasks = {t["id"]: t for t in control.registry.get_many(running) if t}
+    gpus = []
+    for g in snap.gpus:
+        task = tasks.get(g.get("task_id") or "")
+        gpus.append({**g, "task": None if task is None else {k: task.get(k) for k in (
+            "id", "function", "progress", "progress_message", "started_at", "attempts")}})  # fmt: skip
+    queues = [{"name": q.name, "depth": q.depth, "oldest_age_s": round(q.oldest_age_s, 3), "running": q.running}
+              for q in sorted(snap.queues.values(), key=lambda q: q.name)]  # fmt: skip
+    return {
+        "at": snap.at,
+        "gpus": gpus,
+        "queues": queues,
+        "per_minute": [{"minute": m, "succeeded": ok, "failed": failed} for m, ok, failed in snap.per_minute],
+        "dead_letters": control.recent_dead_letters(recent_dead),
+        "dead_letters_total": sum(snap.dead_letters.values()),
+        "callback_backlog": snap.callback_backlog,
+        "parked": snap.parked,
+    }
