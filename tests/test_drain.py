@@ -73,6 +73,26 @@ def test_sigterm_drains_a_host_and_hands_back_what_runs_past_the_grace(services:
     assert control.queue("slow")["counts"]["SUCCEEDED"] == 2
 
 
+def test_two_hosts_cannot_share_a_worker_hostname(services: Any, tmp_path: Path, hosts: list[FleetHarness]) -> None:
+    """Leases and takeovers key on worker.hostname: a second live host under the same name is refused."""
+    a = host(services, tmp_path / "a", "twin", virtual_gpus=1)
+    hosts.append(a)
+    a.start("worker")
+    control = ControlPlane(a.fleet())
+    a.wait_for(lambda: any(g["up"] for g in control.gpus()), what="the first host")
+    b = host(services, tmp_path / "b", "twin", prefix=a.prefix, virtual_gpus=1)
+    hosts.append(b)
+    b.start("worker")
+    assert b.proc is not None and b.proc.wait(timeout=60) == 2
+    assert "another worker host is running as worker.hostname='twin'" in b.log_text()
+    assert a.proc is not None and a.proc.poll() is None  # the first one goes on
+    b.proc = None
+    assert a.stop() == 0  # a clean stop gives the name up at once
+    b.start("worker")
+    b.wait_for(lambda: b.log_text().count('"gpu worker started"') == 1, what="the second host, now alone")
+    assert b.proc is not None and b.proc.poll() is None
+
+
 def test_celery_event_receiver_sees_workers_and_tasks(services: Any, tmp_path: Path,
                                                      hosts: list[FleetHarness]) -> None:  # fmt: skip
     h = host(services, tmp_path, "host-e", virtual_gpus=1)

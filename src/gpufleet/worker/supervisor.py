@@ -21,13 +21,17 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import structlog
 
 from gpufleet.control import ControlPlane
+from gpufleet.credentials import redact_url
+from gpufleet.errors import ConfigError, unreachable_hint
 from gpufleet.messages import queue_name
 from gpufleet.registry import REDIS_ERRORS, Registry
+from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet
 from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
@@ -36,6 +40,7 @@ from gpufleet.worker.runtime import owner_is_dead
 
 log = structlog.get_logger("gpufleet.supervisor")
 INVENTORY_EVERY_S = 2.0
+HOST_CLAIM_S = 10.0  # a host's claim on its worker.hostname lapses this long after its supervisor stops refreshing
 TRIM_EVERY_S = 60.0
 
 
@@ -80,6 +85,8 @@ class Supervisor:
         self.control = ControlPlane(fleet, self.registry)
         self.envelopes = self.control.envelopes
         self.lost = LostMessages(self.registry, s.worker.lease_s, self.envelopes)
+        self.host_key = f"{s.redis.key_prefix}:host:{s.worker.hostname}"
+        self.instance = uuid.uuid4().hex
 
     def _spawn(self, slot: Slot) -> None:
         cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
@@ -92,8 +99,17 @@ class Supervisor:
         log.info("gpu worker started", slot=slot.name, pid=slot.proc.pid, queues=slot.queues, gpu=slot.gpu.name)
 
     def run(self, stop: threading.Event) -> None:
+        """
+        Raises:
+            ConfigError: another live host runs under this ``worker.hostname``.
+        """
         if not self.slots:
             log.error("no GPU found and worker.virtual_gpus is 0: nothing to run")
+            return
+        hint = unreachable_hint("Redis", "redis.url", redact_url(self.fleet.settings.redis.url))
+        if not retry_until(lambda: self._claim_host(stop), stop, "claim worker.hostname", 5.0, REDIS_ERRORS, hint):
+            return
+        if stop.is_set():
             return
         for slot in self.slots:
             self._spawn(slot)
@@ -102,6 +118,11 @@ class Supervisor:
             self._restart_exited()
             now = time.monotonic()
             try:
+                if not self._hold_host():
+                    log.error("another host took worker.hostname while this one was away (frozen?); stopping",
+                              hostname=self.fleet.settings.worker.hostname)  # fmt: skip
+                    stop.set()
+                    break
                 promoted, reaped = self.registry.housekeep(self.envelopes)
                 if promoted or reaped:
                     log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
@@ -117,6 +138,32 @@ class Supervisor:
                 log.warning("housekeeping failed", exc_info=True)
         self.stop(self.fleet.settings.worker.shutdown_grace_s)
         self.sampler.close()
+        with contextlib.suppress(*REDIS_ERRORS):
+            if self.registry.client.get(self.host_key) == self.instance.encode():
+                self.registry.client.delete(self.host_key)
+
+    def _claim_host(self, stop: threading.Event) -> None:
+        """``worker.hostname`` names one live host: leases, takeovers ("its owner on this host is dead") and the
+        inventory key on it, so two hosts under one name would take each other's running tasks. A name held by
+        another instance is waited for (a host that just restarted: its old claim lapses within HOST_CLAIM_S),
+        then refused."""
+        deadline = time.monotonic() + HOST_CLAIM_S + 2
+        while not self.registry.client.set(self.host_key, self.instance, nx=True, ex=int(HOST_CLAIM_S)):
+            if time.monotonic() > deadline:
+                name = self.fleet.settings.worker.hostname
+                raise ConfigError(f"another worker host is running as worker.hostname={name!r}",
+                                  file=str(self.fleet.config_file), key="worker.hostname",
+                                  fix="give each host its own name: GPUFLEET_WORKER__HOSTNAME")  # fmt: skip
+            if stop.wait(1.0):
+                return
+
+    def _hold_host(self) -> bool:
+        """Refresh the claim; False if another instance holds the name now."""
+        held = self.registry.client.get(self.host_key)
+        if held is not None and held != self.instance.encode():
+            return False
+        self.registry.client.set(self.host_key, self.instance, ex=int(HOST_CLAIM_S))
+        return True
 
     def inventory(self) -> dict[str, dict[str, object]]:
         """Worker name -> the GPU it owns (live memory and utilisation from NVML) and its process."""
