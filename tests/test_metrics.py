@@ -4,6 +4,7 @@ two worker slots) and parsed with prometheus-client's own parser."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gpufleet import snapshot
 from gpufleet.lua import HISTOGRAM_BOUNDS
+from gpufleet.metrics import exposition
+from gpufleet.scaling import needs
 from tests.test_api import AUTH, Api, _serve
 
 Samples = dict[str, list[Sample]]
@@ -123,3 +127,54 @@ def test_every_name_follows_prometheus_conventions(fleet: Api) -> None:
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
         assert not any(unit in family.name for unit in ("_ms", "_milliseconds", "_mb", "_percent")), family.name
         assert family.documentation, family.name
+
+
+def test_an_sqs_trigger_reports_its_queue_depth(harness: Any, moto: Any) -> None:
+    from tests.test_trigger_contract import SqsSource
+
+    source = SqsSource(harness, moto)
+    source.notify(b"one", b"two", b"three")  # waiting before the trigger starts
+    running = source.start()
+    try:
+        report = harness.wait_for(lambda: snapshot.read(harness.registry, []).trigger_lag.get("src"),
+                                  what="the trigger's first report")  # fmt: skip
+    finally:
+        running.stop()
+    assert report["kind"] == "depth" and report["values"] == {"messages": 3}
+
+
+def test_nvml_figures_and_starting_hosts_reach_the_metrics(harness: Any) -> None:
+    """No GPU here: an inventory as a supervisor with NVML publishes it, read back by the real collector."""
+    fleet = harness.fleet()
+    registry = harness.registry
+    now = time.time()
+    common = {"model": "H100", "virtual": False, "up": True, "seen_at": now, "restarts_total": 2,
+              "queues": [f"{harness.prefix}.eu.h100", f"{harness.prefix}.eu.any"]}  # fmt: skip
+    registry.publish_gpus({
+        f"gpu{i}@{host}": {**common, "worker": f"gpu{i}@{host}", "host": host, "index": i, "pid": 1000 + i,
+                           "memory_total_mb": 81559, "memory_used_mb": 20480, "utilization_pct": 87}
+        for host in ("ready-host", "starting-host") for i in range(2)
+    })  # fmt: skip
+    registry.client.hset(f"{harness.prefix}:ready", mapping={"gpu0@ready-host": 1000, "gpu1@ready-host": 1001})
+    m: Samples = {}
+    for family in text_string_to_metric_families(exposition(fleet, registry).decode()):
+        for sample in family.samples:
+            m.setdefault(sample.name, []).append(sample)
+    assert value(m, "gpufleet_gpu_utilization_ratio", worker="gpu0@ready-host") == 0.87
+    assert value(m, "gpufleet_gpu_memory_used_bytes", worker="gpu1@starting-host") == 20480 * 2**20
+    assert value(m, "gpufleet_gpu_memory_total_bytes", worker="gpu1@starting-host") == 81559 * 2**20
+    assert value(m, "gpufleet_worker_restarts_total", worker="gpu0@ready-host") == 2
+    assert value(m, "gpufleet_worker_ready", worker="gpu0@starting-host") == 0
+    assert value(m, "gpufleet_workers", pool="eu", model="h100", state="ready") == 1
+    assert value(m, "gpufleet_workers", pool="eu", model="h100", state="starting") == 1
+    # Nothing queued: nobody needed, and the starting host counts as one already there.
+    assert value(m, "gpufleet_desired_workers", pool="eu", model="h100") == 0
+    s = fleet.settings
+    [need] = [n for n in needs(snapshot.read(registry, []), s.redis.key_prefix, 1) if n.model == "h100"]
+    assert (need.slots_per_worker, need.ready, need.starting) == (2, 1, 1)
+    # Five queued on hosts of two GPUs: three hosts; two exist (one still starting), so one more, not three.
+    queue = f"{harness.prefix}.eu.h100"
+    registry.client.sadd(f"{harness.prefix}:queues", queue)  # as the enqueue script does
+    registry.client.zadd(f"{harness.prefix}:pending:{queue}", {f"t{i}": i for i in range(5)})
+    [need] = [n for n in needs(snapshot.read(registry, []), s.redis.key_prefix, 1) if n.model == "h100"]
+    assert (need.queued, need.desired, need.additional) == (5, 3, 1)
