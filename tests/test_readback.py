@@ -89,3 +89,13 @@ def test_tail_follows_records_live_and_filters_them(fleet: FleetHarness) -> None
     # From the beginning, one function's records only, in the human form.
     only = cli(h, "tail", "--from-beginning", "--function", "always_fail", "--count", "1")
     assert only.returncode == 0 and "requests:t-2 function=always_fail condition=RetriesExhausted" in only.stdout
+
+
+def test_an_unreachable_kafka_is_one_line_and_exit_4(harness: FleetHarness) -> None:
+    from gpufleet.dev.services import free_port
+
+    harness.write_config(kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    out = cli(harness, "tail", timeout=60)
+    assert out.returncode == 4, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach Kafka at 127.0.0.1:" in lines[0] and "kafka.bootstrap_servers" in lines[0]

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gpufleet.readback")
 KINDS = ("success", "failure", "dead_letter")
-TOPIC_LOOK_S = 2.0  # how often a live reader looks for topics that did not exist yet
+TOPIC_LOOK_S = 2.0
+BOOTSTRAP_TIMEOUT_MS = 5000  # how often a live reader looks for topics that did not exist yet
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,15 @@ def _consumer(fleet: Fleet, bootstrap: str) -> Any:
 
     k = fleet.settings.kafka
     try:
+        # A person waits at the other end: an unreachable Kafka is said within BOOTSTRAP_TIMEOUT_MS, not 30 s
+        # (kafka-python 3 has the setting; 2.x bootstraps within request_timeout_ms).
+        quick = (
+            {"bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS}
+            if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG
+            else {}
+        )
         return KafkaConsumer(bootstrap_servers=bootstrap.split(","), client_id=f"{k.client_id}-readback",
-                             enable_auto_commit=False, request_timeout_ms=k.request_timeout_ms)  # fmt: skip
+                             enable_auto_commit=False, request_timeout_ms=k.request_timeout_ms, **quick)  # fmt: skip
     except (KafkaTimeoutError, KafkaConnectionError) as exc:  # no broker answered
         hint = unreachable_hint("Kafka", "kafka.bootstrap_servers")
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc} ({hint})") from None

@@ -4,6 +4,7 @@ trigger's dead letters through intake). See :mod:`gpufleet.readback`."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import threading
 import time
@@ -42,6 +43,8 @@ def _load(args: argparse.Namespace) -> Fleet:
 
     fleet = load_fleet(args.config)
     configure_logging(fleet.settings.logging.model_copy(update={"level": "warning"}), role="cli")
+    # kafka-python logs each failed connection attempt; the command says it once, with the fix, and exits 4.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     return fleet
 
 
