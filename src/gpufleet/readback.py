@@ -106,13 +106,20 @@ def read(fleet: Fleet, wanted: list[Stream], stop: threading.Event, *, from_begi
     consumer = _consumer(fleet, bootstrap)
     try:
         parts = _assign(consumer, kind_of, [], from_beginning)
-        ends: dict[Any, int] = consumer.end_offsets(parts) if parts else {}
+        # The end of each partition when reading began: the high watermark of its first fetch (ListOffsets is not
+        # used: some Kafka-compatible brokers, tansu among them, answer it with the last offset, not the end).
+        ends: dict[Any, int] = {}
         if on_ready is not None:
             on_ready()
         next_look = time.monotonic() + TOPIC_LOOK_S
         while not stop.is_set():
-            if until_end and all(consumer.position(tp) >= ends[tp] for tp in parts):
-                return
+            if until_end:
+                for tp in parts:
+                    high = consumer.highwater(tp)
+                    if tp not in ends and high is not None:
+                        ends[tp] = high
+                if len(ends) == len(parts) and all(consumer.position(tp) >= ends[tp] for tp in parts):
+                    return
             if not until_end and time.monotonic() >= next_look:  # a topic (or partition) made since: all of it
                 parts, next_look = _assign(consumer, kind_of, parts, True), time.monotonic() + TOPIC_LOOK_S
             if not parts:
@@ -120,7 +127,7 @@ def read(fleet: Fleet, wanted: list[Stream], stop: threading.Event, *, from_begi
                 continue
             for tp, batch in consumer.poll(timeout_ms=poll_ms).items():
                 for r in batch:
-                    if until_end and r.offset >= ends[tp]:
+                    if until_end and r.offset >= ends.setdefault(tp, consumer.highwater(tp) or r.offset + 1):
                         continue
                     yield Record(kind_of[r.topic], r.topic, r.partition, r.offset, r.timestamp / 1000,
                                  r.key.decode(errors="replace") if r.key else "",
