@@ -126,7 +126,7 @@ def test_every_route_but_healthz_needs_the_bearer_token(api: Api) -> None:
                   ("GET", "/v1/tasks/x/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
                   ("GET", "/v1/functions/echo/queue"), ("GET", "/v1/gpus"), ("POST", "/v1/functions/echo/invocations"),
                   ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/v1/scaling"),
-                  ("GET", "/v1/scaling/default/any")]  # fmt: skip
+                  ("GET", "/v1/scaling/default/any"), ("GET", "/v1/overview")]  # fmt: skip
         for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"):
             headers = {"Authorization": auth} if auth else {}
             for method, path in routes:
@@ -296,7 +296,7 @@ def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> N
         ("GET", "/v1/tasks/{task_id}/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
         ("GET", "/v1/functions/{name}/queue"), ("GET", "/v1/gpus"), ("GET", "/healthz"),
         ("GET", "/v1/parked"), ("POST", "/v1/parked/resend"), ("POST", "/v1/parked/drop"),
-        ("GET", "/v1/scaling"), ("GET", "/v1/scaling/{pool}/{model}"), ("GET", "/metrics"),
+        ("GET", "/v1/scaling"), ("GET", "/v1/scaling/{pool}/{model}"), ("GET", "/metrics"), ("GET", "/v1/overview"),
     }  # fmt: skip
     for (_, path), op in operations.items():
         assert op.get("security") == (None if path == "/healthz" else [{"bearer": []}]), path
