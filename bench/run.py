@@ -380,6 +380,9 @@ class _TimedConsumer:
         self.poll_s = 0.0
         self.commit_s = 0.0
 
+    def __getattr__(self, name: str) -> Any:  # what the trigger uses besides poll and commit (its lag report)
+        return getattr(self.inner, name)
+
     def poll(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         polled = self.inner.poll(*args, **kwargs)
