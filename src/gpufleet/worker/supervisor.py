@@ -40,7 +40,9 @@ from gpufleet.worker.runtime import owner_is_dead
 
 log = structlog.get_logger("gpufleet.supervisor")
 INVENTORY_EVERY_S = 2.0
-HOST_CLAIM_S = 10.0  # a host's claim on its worker.hostname lapses this long after its supervisor stops refreshing
+# A host's claim on its worker.hostname, refreshed each second, lapses this long after its supervisor stops: a host
+# restarted after a crash waits at most this long for its own old claim.
+HOST_CLAIM_S = 5.0
 TRIM_EVERY_S = 60.0
 
 
