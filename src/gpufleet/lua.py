@@ -90,6 +90,10 @@ end
 local function traceparent(key)
   return string.match(redis.call('HGET', key, 'meta') or '', '"traceparent":"([0-9a-f%-]+)"') or ''
 end
+-- Whether the task runs under this owner: only its owner may finish it or give it back.
+local function owned(key, token)
+  return redis.call('HGET', key, 'state') == 'RUNNING' and redis.call('HGET', key, 'token') == token
+end
 local function unbusy(prefix, key, id)
   local worker = redis.call('HGET', key, 'worker')
   if worker and redis.call('HGET', prefix .. ':busy', worker) == id then
@@ -214,9 +218,7 @@ return 1
 RETRY_LATER = (
     _MOVE
     + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
-  return 0
-end
+if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
 unbusy(ARGV[1], KEYS[1], id)
@@ -238,9 +240,7 @@ return 1
 HAND_BACK = (
     _MOVE
     + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then
-  return 0
-end
+if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
 redis.call('ZREM', KEYS[2], id)

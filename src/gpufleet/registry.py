@@ -40,6 +40,7 @@ TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIME
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # transient: the caller may retry
 # Tasks per enqueue script: ~20 us each inside Redis, so one call blocks other clients for about 2 ms at most.
 ENQUEUE_CHUNK = 100
+CLIENT_OPTIONS: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 30}
 
 
 # Builds a stored task's message again: (task id, function, event JSON, meta JSON) -> envelope, or None.
@@ -119,15 +120,13 @@ class Registry:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
-        return cls(redisconn.client(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30),
-                   prefix, retention_s)  # fmt: skip
+        return cls(redisconn.client(url, **CLIENT_OPTIONS), prefix, retention_s)
 
     @classmethod
     def for_fleet(cls, settings: FleetSettings) -> Registry:
         r = settings.redis
-        registry = cls.from_url(r.url, r.key_prefix, settings.defaults.retention_s)
-        registry.wait_replicas, registry.wait_timeout_ms = r.wait_replicas, r.wait_timeout_ms
-        return registry
+        client = redisconn.client(r.url, **CLIENT_OPTIONS)
+        return cls(client, r.key_prefix, settings.defaults.retention_s, r.wait_replicas, r.wait_timeout_ms)
 
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
@@ -380,10 +379,12 @@ class Registry:
         """The queues some live worker consumes, from the inventory the supervisors publish."""
         return {q for entry in self.gpus() if entry.get("up") and not entry["stale"] for q in entry.get("queues", [])}
 
-    def gpus(self, stale_after_s: float = 30.0, forget_after_s: float = 3600.0) -> list[dict[str, Any]]:
-        """The inventory; entries not refreshed for ``stale_after_s`` are marked stale, and dropped later."""
+    def gpus(self, stale_after_s: float = 30.0, forget_after_s: float = 3600.0,
+             busy: dict[str, str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """The inventory; entries not refreshed for ``stale_after_s`` are marked stale, and dropped later. ``busy``:
+        :meth:`busy`, when the caller has read it already."""
         raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:gpus")  # type: ignore[assignment]
-        busy, now, out = self.busy(), time.time(), []
+        busy, now, out = self.busy() if busy is None else busy, time.time(), []
         for worker, value in sorted(raw.items()):
             entry = orjson.loads(value)
             age = now - float(entry.get("seen_at", 0))

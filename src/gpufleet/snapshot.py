@@ -81,8 +81,8 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     now = time.time()
     names = sorted(set(functions) | registry.functions_seen())
     queues = registry.queues()
-    gpus = registry.gpus()
     busy = registry.busy()
+    gpus = registry.gpus(busy=busy)
     pipe = client.pipeline(transaction=False)
     for fn in names:
         for state in State:
