@@ -4,7 +4,7 @@ Used in-process by ``bench/run.py`` (ingest rate) and as a process (latency, res
 
     python bench/naive_bridge.py --bootstrap HOST:PORT --redis URL --topic T --group G --mode gpufleet|stamp
 
-``--mode gpufleet`` sends ``gpufleet.run`` with the kwargs a gpufleet worker takes to ``gpufleet.default.any``;
+``--mode gpufleet`` sends ``gpufleet.run`` with the kwargs a gpufleet worker takes to the function's queue;
 ``--mode stamp`` sends the raw Celery app's ``bench.stamp`` task to its ``bench.raw`` queue. Runs until SIGTERM.
 """
 
@@ -63,7 +63,7 @@ def plain_celery(redis_url: str) -> Celery:
 def route_gpufleet(body: Any, record: Any) -> Route:
     meta = {"source": f"kafka:{record.topic}/{record.partition}/{record.offset}", "trigger": "naive"}
     kwargs = {"function": body["function"], "event": body["payload"], "meta": meta}
-    return "gpufleet.run", kwargs, "gpufleet.default.any"
+    return "gpufleet.run", kwargs, f"gpufleet.default.any.{body['function']}"
 
 
 def route_stamp(body: Any, record: Any) -> Route:

@@ -45,7 +45,7 @@ import naive_bridge
 import raw_celery_app
 from gpufleet.dev.services import LocalServices
 from gpufleet.logs import configure_logging
-from gpufleet.messages import MessageFactory, function_queue
+from gpufleet.messages import PRIORITY_STEPS, MessageFactory, function_queue, priority_list, queue_name
 from gpufleet.registry import Enqueued, NewTask, Registry
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet, LoggingSettings, load_fleet
@@ -59,7 +59,8 @@ with warnings.catch_warnings():
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "latest.md"
 PREFIX = "gpufleet"
-GPU_QUEUE = f"{PREFIX}.default.any"  # where the noop/stamp/work functions go (Gpu(model="any"), pool default)
+# The queues of the noop/stamp/work functions (Gpu(model="any"), pool default), which the bench's GPU worker reads.
+GPU_QUEUES = [queue_name(PREFIX, "default", "any", name) for name in ("noop", "stamp", "work")]
 T0 = time.monotonic()
 PHASES = ("ingest", "memory", "latency", "duty")
 
@@ -184,6 +185,12 @@ class Children:
             time.sleep(interval_s)
 
 
+def queued_messages(w: World, function: str) -> int:
+    """Messages in a bench function's queue, at every priority level."""
+    queue = queue_name(PREFIX, "default", "any", function)
+    return sum(int(w.redis.llen(priority_list(queue, p))) for p in PRIORITY_STEPS)
+
+
 def redis_lines(client: redis.Redis, key: str) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in client.lrange(key, 0, -1)]
 
@@ -225,7 +232,7 @@ class World:
     def gpu_worker(self, name: str = "vgpu0") -> tuple[str, list[str]]:
         return f"gpufleet-worker-{name}", [sys.executable, "-m", "gpufleet.worker.process", "--config",
                                            str(self.config), "--name", name, "--gpu", f"{name}:virtual",
-                                           "--queues", GPU_QUEUE]  # fmt: skip
+                                           "--queues", ",".join(GPU_QUEUES)]  # fmt: skip
 
     def raw_worker(self) -> tuple[str, list[str]]:
         return "celery-worker", [sys.executable, "-m", "celery", "-A", "raw_celery_app", "worker", "--pool",
@@ -360,9 +367,9 @@ def ingest_naive(w: World) -> Ingested:
         app.close()
     if timing.done is None or timing.first is None:
         raise BenchError(f"naive bridge published {timing.seen}/{n} messages in 240 s")
-    queued = int(w.redis.llen(GPU_QUEUE))
+    queued = queued_messages(w, "noop")
     if queued != n:
-        raise BenchError(f"naive bridge: {GPU_QUEUE} holds {queued} messages, expected {n}")
+        raise BenchError(f"naive bridge: the noop queue holds {queued} messages, expected {n}")
     return Ingested(n / (timing.done - timing.first), timing.done - timing.first)
 
 
@@ -474,9 +481,9 @@ def ingest_gpufleet(w: World) -> Ingested:
     assert timed.first is not None
     assert timed.done_at is not None
     counted = w.registry.counts("noop").get("QUEUED", 0)
-    queued = int(w.redis.llen(GPU_QUEUE))
+    queued = queued_messages(w, "noop")
     if counted != n or queued != n:
-        raise BenchError(f"gpufleet: registry counts QUEUED={counted}, {GPU_QUEUE} holds {queued}; expected {n}")
+        raise BenchError(f"gpufleet: registry counts QUEUED={counted}, the noop queue holds {queued}; expected {n}")
     seconds = timed.done_at - timed.first
     overlap = trigger.threads["publish"] != trigger.threads["parse"]
     w.notes.append(
@@ -519,7 +526,7 @@ def memory_gpufleet(w: World) -> tuple[float, float, float]:
 def memory_naive(w: World) -> tuple[float, float, float]:
     n = w.sizes.ingest
     spec = w.naive_cli(TOPICS["ingest-naive"], "bench-memory-naive", "gpufleet")
-    return rss_after_ingest(w, spec, lambda: int(w.redis.llen(GPU_QUEUE)) >= n)
+    return rss_after_ingest(w, spec, lambda: queued_messages(w, "noop") >= n)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -677,8 +684,8 @@ def gpufleet_enqueuer(w: World) -> Callable[[int, bool], None]:
     """Tasks built as ``Ingest.parse`` builds them (minus the parsing), a whole block in one ``enqueue_many``."""
     s = w.fleet.settings
     fn = w.fleet.functions["work"]
-    if function_queue(PREFIX, fn) != GPU_QUEUE:
-        raise BenchError(f"function 'work' goes to {function_queue(PREFIX, fn)}, the worker reads {GPU_QUEUE}")
+    if function_queue(PREFIX, fn) not in GPU_QUEUES:
+        raise BenchError(f"function 'work' goes to {function_queue(PREFIX, fn)}, the worker reads {GPU_QUEUES}")
     factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
     ids = itertools.count()
 

@@ -16,6 +16,7 @@ import orjson
 import redis
 import yaml
 
+from gpufleet.messages import DEFAULT_PRIORITY, priority_list, queue_name
 from gpufleet.registry import Registry
 from gpufleet.settings import Fleet, load_fleet
 
@@ -37,6 +38,14 @@ class FleetHarness:
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"
+
+    def queue(self, function: str, model: str = "any") -> str:
+        """The Celery queue of one of the test functions (pool ``default``)."""
+        return queue_name(self.prefix, "default", model, function)
+
+    def queue_list(self, function: str, priority: int = DEFAULT_PRIORITY) -> str:
+        """The Redis list that holds a test function's messages of one priority."""
+        return priority_list(self.queue(function), priority)
 
     def write_config(self, triggers: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Path:
         (self.dir / "config").mkdir(exist_ok=True)

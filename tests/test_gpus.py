@@ -77,8 +77,10 @@ def test_one_pinned_slot_per_gpu_consuming_its_model_queues() -> None:
     slots = plan_slots(fleet, discover(FakeNvml(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])))
     assert [s.name for s in slots] == ["gpu0", "gpu1"]
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
-    assert slots[0].queues == ["gpufleet.default.h100", "gpufleet.default.any"]
-    assert slots[1].queues == ["gpufleet.default.a100", "gpufleet.default.any"]
+    # Each function's queue (all of them take any GPU), then the pool and model queues of earlier releases.
+    functions = [f"gpufleet.default.any.{name}" for name in fleet.functions]
+    assert slots[0].queues == [*functions, "gpufleet.default.h100", "gpufleet.default.any"]
+    assert slots[1].queues == [*functions, "gpufleet.default.a100", "gpufleet.default.any"]
 
 
 def test_virtual_gpus_when_none_found() -> None:

@@ -172,7 +172,7 @@ def test_a_queue_no_worker_serves_is_visible_and_its_tasks_expire(harness: Fleet
     task_id = cp.invoke("needs_h100", {"x": 1}).id
     view = cp.status(task_id)
     assert view["state"] == "QUEUED" and view["served"] is False
-    assert view["warning"] == f"no live worker consumes {harness.prefix}.default.h100"
+    assert view["warning"] == f"no live worker consumes {harness.queue('needs_h100', 'h100')}"
     assert cp.position(task_id)["warning"] == view["warning"] and cp.queue("needs_h100")["served"] is False
     cli = subprocess.run([sys.executable, "-m", "gpufleet", "status", task_id, "--config", str(harness.config)],
                          env=harness.env(), capture_output=True, text=True, check=True)  # fmt: skip

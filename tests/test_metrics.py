@@ -87,7 +87,7 @@ def test_a_running_fleet_reports_tasks_queues_gpus_and_delivery(fleet: Api) -> N
         counts = [s.value for s in buckets]
         assert counts == sorted(counts) and counts[-1] == n == value(m, f"{name}_count", function=fn)
         assert 0 <= value(m, f"{name}_sum", function=fn) < 60
-    queue = f"{h.prefix}.default.any"
+    queue = h.queue("coop")
     assert value(m, "gpufleet_queue_depth", queue=queue) == 1
     assert value(m, "gpufleet_queue_running_tasks", queue=queue) == 2
     assert 0 < value(m, "gpufleet_queue_oldest_age_seconds", queue=queue) < 120

@@ -70,7 +70,7 @@ def test_owner_liveness_is_judged_by_pid_and_start_time() -> None:
 def test_a_lapsed_lease_is_requeued_by_housekeeping(harness: FleetHarness) -> None:
     enqueue(harness, "l1")
     reg = harness.registry
-    queue = f"{harness.prefix}.default.any"
+    queue = harness.queue_list("echo")
     harness.redis.delete(queue)  # the worker took the message
     assert reg.claim("l1", "QUEUED", "", "gone/1/1/a", 0.3, "w", "g").ok
     assert reg.housekeep(envelopes(harness)) == (0, 0)  # lease still valid
@@ -87,7 +87,7 @@ def test_a_task_taken_back_from_a_dead_worker_goes_to_the_head_of_its_queue(harn
     from gpufleet.control import ControlPlane
 
     enqueue(harness, "first")
-    queue = f"{harness.prefix}.default.any"
+    queue = harness.queue_list("echo")
     harness.redis.rpop(queue)  # a worker took it...
     reg = harness.registry
     assert reg.claim("first", "QUEUED", "", "gone/1/1/a", 0.2, "w", "g").ok  # ...and died while running it
@@ -104,7 +104,7 @@ def test_a_task_taken_back_from_a_dead_worker_goes_to_the_head_of_its_queue(harn
 def test_retry_waits_for_its_backoff_then_is_pushed_again(harness: FleetHarness) -> None:
     enqueue(harness, "r1")
     reg = harness.registry
-    queue = f"{harness.prefix}.default.any"
+    queue = harness.queue_list("echo")
     harness.redis.delete(queue)
     assert reg.claim("r1", "QUEUED", "", "me/1/1/a", 30, "w", "g").ok
     assert reg.retry_later("r1", "me/1/1/a", 0.3, {"errorType": "ValueError"})
@@ -181,7 +181,7 @@ def test_cancel_is_atomic_with_claim_and_finish(harness: FleetHarness) -> None:
     from gpufleet.control import ControlPlane
 
     cp, reg = ControlPlane(harness.fleet(), harness.registry), harness.registry
-    queue = f"{harness.prefix}.default.any"
+    queue = harness.queue_list("echo")
     for task_id in ("q1", "q2", "r1"):
         enqueue(harness, task_id)
     # QUEUED: cancelled at once, out of the position index. Its message stays in the list (removing it would scan
@@ -207,7 +207,7 @@ def test_cancel_is_atomic_with_claim_and_finish(harness: FleetHarness) -> None:
 
 def test_manual_retry_requeues_a_finished_failure_only(harness: FleetHarness) -> None:
     reg = harness.registry
-    queue = f"{harness.prefix}.default.any"
+    queue = harness.queue_list("echo")
     enqueue(harness, "f1")
     harness.redis.delete(queue)
     envelope = envelopes(harness)("f1", "echo", b'{"k": "f1"}', b"{}") or b""

@@ -33,7 +33,7 @@ def run_trigger(h: FleetHarness, stop: threading.Event) -> tuple[KafkaTrigger, t
 
 
 def queue_length(h: FleetHarness) -> int:
-    return int(h.redis.llen(f"{h.prefix}.default.any"))
+    return int(h.redis.llen(h.queue_list("echo")))
 
 
 def test_killed_between_publish_and_commit_loses_nothing_and_suppresses_duplicates(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.messages import SERIALIZER, TASK_NAME, register_serializer
+from gpufleet.messages import PRIORITY_STEPS, SERIALIZER, TASK_NAME, register_serializer
 from gpufleet.redisconn import celery_broker
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
             "unacked_restore_interval": max(1.0, min(10.0, visibility / 2)),
             "unacked_restore_throttle": 1 if visibility < 300 else 10,
             "socket_connect_timeout": 5,
+            # One list per priority level, read highest first; within a level kombu rotates the worker's queues
+            # (round robin), so functions that share a GPU take turns.
+            "priority_steps": PRIORITY_STEPS,
             "health_check_interval": 30,
             **sentinel_options,
         },

@@ -19,8 +19,8 @@ from gpufleet import snapshot
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gpufleet.functions import Function
 from gpufleet.ids import API_ORIGIN, api_task_id
-from gpufleet.intake import Intake, Producer
-from gpufleet.messages import Envelopes, function_queue
+from gpufleet.intake import Intake, Producer, check_priority
+from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.records import Condition, callback_record, fit_record, iso
 from gpufleet.registry import Enqueued, Registry, State
@@ -81,7 +81,7 @@ class ControlPlane:
     # -- invoke ----------------------------------------------------------------------------------------------
 
     def invoke(self, function: str, event: Any, idempotency_key: str | None = None,
-               traceparent: str | None = None) -> Invocation:  # fmt: skip
+               traceparent: str | None = None, priority: int = DEFAULT_PRIORITY) -> Invocation:  # fmt: skip
         """Queue one task for ``function``. ``event`` is the event, or its JSON as ``bytes`` (the HTTP body: checked
         before it is decoded). The same ``idempotency_key`` always names the same task. The task joins the
         caller's W3C ``traceparent`` trace, or starts one."""
@@ -92,11 +92,13 @@ class ControlPlane:
         task_id = api_task_id(fn.name, idempotency_key)
         try:
             event = self.intake.decode(event) if isinstance(event, bytes) else self.intake.accept(event)
-            task = self.intake.task(fn, event, task_id, API_ORIGIN, traceparent=traceparent)
+            task = self.intake.task(
+                fn, event, task_id, API_ORIGIN, traceparent=traceparent, priority=check_priority(priority)
+            )
         except EventError as exc:
             if exc.reason == "oversize":
                 raise PayloadTooLargeError("payload_too_large", exc.detail) from None
-            if exc.reason == "schema_mismatch":
+            if exc.reason in ("schema_mismatch", "bad_priority"):
                 raise InvalidRequestError(exc.reason, exc.detail) from None
             code = "invalid_json" if exc.reason == "malformed_json" else exc.reason
             raise InvalidRequestError(code, f"the event is not one gpufleet can carry: {exc.detail}") from None
@@ -321,6 +323,7 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "state": record["state"],
         "attempts": int(record.get("attempts", 0)),
         "max_attempts": int(record.get("max_attempts", 1)),
+        "priority": int(record.get("priority", DEFAULT_PRIORITY)),
         "progress": {"fraction": float(record.get("progress", 0) or 0), "message": record.get("progress_message", "")},
         "source": record.get("source"),
         "worker": record.get("worker") or None,

@@ -26,7 +26,7 @@ from gpufleet import trace
 from gpufleet.errors import EventError
 from gpufleet.events import check_event, decode_event
 from gpufleet.functions import Function
-from gpufleet.messages import MessageFactory
+from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, MessageFactory
 from gpufleet.registry import NewTask
 
 if TYPE_CHECKING:
@@ -75,17 +75,18 @@ class Intake:
 
     def task(self, fn: Function, payload: Any, task_id: str, source: str, *, event_ts: float | None = None,
              meta: dict[str, Any] | None = None, origin: str | None = None,
-             traceparent: str | bytes | None = None) -> NewTask:  # fmt: skip
+             traceparent: str | bytes | None = None, priority: int = DEFAULT_PRIORITY) -> NewTask:  # fmt: skip
         """The task for a checked event: its payload matched against the function's model, its destinations and
         envelope. ``origin`` overrides the producer's (object events share one namespace, whoever saw them). The
-        task is a span of the event's ``traceparent`` trace (see :mod:`gpufleet.trace`)."""
+        task is a span of the event's ``traceparent`` trace (see :mod:`gpufleet.trace`). ``priority``: see
+        :func:`check_priority`."""
         mismatch = fn.payload_error(payload)
         if mismatch is not None:
             raise EventError("schema_mismatch", mismatch)
         p, defaults = self.producer, self.fleet.settings.defaults
         meta = {"source": source, "trigger": p.name, **(meta or {}), trace.HEADER: trace.child(traceparent)}
         return NewTask(
-            message=self.factory.build(task_id, fn, payload, meta),
+            message=self.factory.build(task_id, fn, payload, meta, priority),
             on_success=p.on_success or fn.on_success or defaults.on_success,
             on_failure=p.on_failure or fn.on_failure or defaults.on_failure,
             max_attempts=fn.max_attempts,
@@ -94,3 +95,19 @@ class Intake:
             max_age_s=fn.max_event_age_s,
             origin=origin or p.origin,
         )
+
+
+def check_priority(value: object) -> int:
+    """A task's priority, from a header, a field or a request: an integer from 0 (lowest) to 9 (highest), given as a
+    number or as its digits.
+
+    Raises:
+        EventError: ``bad_priority``, anything else.
+    """
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) == 1:
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and MIN_PRIORITY <= value <= MAX_PRIORITY:
+        return value
+    raise EventError("bad_priority", f"priority {value!r:.50} must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}")

@@ -54,26 +54,44 @@ end
 local function tag_of(envelope)
   return string.match(envelope, '"delivery_tag":%s*"([^"]*)"') or ''
 end
--- Push a task's message to the back of its queue (LPUSH; consumers pop from the right). The position score is the
--- next arrival number; the record keeps the message's delivery tag, so a stale copy of an older message in the list
--- is told apart from the current one. Returns the score.
+-- Priorities: kombu keeps one list per level, and reads level 0 first (our priority 9; see messages.PRIORITY_STEPS).
+-- A record's 'priority' is what was asked for; 'prio' is its level now, which aging raises while it waits.
+-- Its position score is (9 - prio) * LEVEL + seq, or - seq at the head: in score order, the pending tasks are in the
+-- order the worker takes them, across every level (seq stays below 2^48, and every score is an exact double).
+local LEVEL = 562949953421312
+local function qkey(queue, prio)
+  if prio >= 9 then return queue end
+  return queue .. '\\6\\22' .. (9 - prio)
+end
+local function with_priority(envelope, prio)
+  return (string.gsub(envelope, '"priority":%s*%d+', '"priority":' .. (9 - prio), 1))
+end
+-- Push a task's message to the back of its queue (LPUSH; consumers pop from the right), at the priority it asked
+-- for (a re-queued task starts again from there). The position score takes the next arrival number; the record keeps
+-- the message's delivery tag, so a stale copy of an older message in the list is told apart from the current one. A
+-- ``tag`` comes with a message intake just built (its priority is right); any other is set to the record's. Returns
+-- the arrival number.
 local function push_back(prefix, key, id, envelope, tag)
   local queue = redis.call('HGET', key, 'queue')
+  local prio = tonumber(redis.call('HGET', key, 'priority') or '4')
   local seq = redis.call('INCR', prefix .. ':seq')
-  redis.call('ZADD', prefix .. ':pending:' .. queue, seq, id)
+  if not tag then envelope = with_priority(envelope, prio) end
+  redis.call('ZADD', prefix .. ':pending:' .. queue, (9 - prio) * LEVEL + seq, id)
   redis.call('SADD', prefix .. ':queues', queue)
-  redis.call('HSET', key, 'tag', tag or tag_of(envelope))
-  redis.call('LPUSH', queue, envelope)
+  redis.call('HSET', key, 'tag', tag or tag_of(envelope), 'prio', prio)
+  redis.call('LPUSH', qkey(queue, prio), envelope)
   return seq
 end
--- Back at the head of its queue (RPUSH is "next"). Its position score is below every other, so position order
--- stays the list's order.
+-- Back at the head of its queue, at the level it had reached (RPUSH is "next"). Its position score is below every
+-- other of that level, so position order stays the lists' order.
 local function push_head(prefix, key, id, envelope)
   local queue = redis.call('HGET', key, 'queue')
-  redis.call('ZADD', prefix .. ':pending:' .. queue, -redis.call('INCR', prefix .. ':seq'), id)
+  local prio = tonumber(redis.call('HGET', key, 'prio') or redis.call('HGET', key, 'priority') or '4')
+  envelope = with_priority(envelope, prio)
+  redis.call('ZADD', prefix .. ':pending:' .. queue, (9 - prio) * LEVEL - redis.call('INCR', prefix .. ':seq'), id)
   redis.call('SADD', prefix .. ':queues', queue)
   redis.call('HSET', key, 'tag', tag_of(envelope))
-  redis.call('RPUSH', queue, envelope)
+  redis.call('RPUSH', qkey(queue, prio), envelope)
 end
 -- A task with a max age is indexed by its deadline while it may wait (QUEUED), so it expires even unclaimed.
 local function deadline(prefix, key, id)
@@ -100,11 +118,33 @@ local function unbusy(prefix, key, id)
     redis.call('HDEL', prefix .. ':busy', worker)
   end
 end
+-- The task (QUEUED, or RUNNING under an owner that died) runs under ``token`` now, with a lease to ``lease_until``.
+-- Returns what the worker needs to finish it without reading it again.
+local function claim(prefix, key, state, token, now, lease_until, worker, gpu)
+  local fn = redis.call('HGET', key, 'function')
+  local id = redis.call('HGET', key, 'id')
+  if state == 'QUEUED' then
+    unpend(prefix, key, id)
+    redis.call('ZREM', prefix .. ':deadlines', id)  -- the worker checks the age itself from here on
+    observe(prefix, 'wait', fn, tonumber(now) - tonumber(redis.call('HGET', key, 'queued_at') or now))
+    move(prefix, fn, id, 'QUEUED', 'RUNNING', redis.call('HGET', key, 'seq'))
+  else
+    unbusy(prefix, key, id)
+  end
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSET', key, 'state', 'RUNNING', 'token', token, 'started_at', now, 'lease_until', lease_until,
+    'worker', worker, 'gpu', gpu, 'progress', 0, 'progress_message', '')
+  redis.call('ZADD', prefix .. ':leases', lease_until, id)
+  redis.call('HSET', prefix .. ':busy', worker, id)
+  return {'ok', tostring(attempts),
+    unpack(redis.call('HMGET', key, 'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel'))}
+end
 """
 )
 
 # ARGV: prefix, now, batch: a JSON array with one array of strings per task: [id, function, queue_key, envelope,
-#   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta, delivery_tag, origin]
+#   on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta, delivery_tag, origin,
+#   priority]
 # The record keeps the event and meta (JSON), not the envelope: a fraction of its size, and with small values Redis
 # keeps the hash compact (listpack). Whoever pushes the task again builds the envelope from them.
 # A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
@@ -125,7 +165,7 @@ for n, t in ipairs(cjson.decode(ARGV[3])) do
   else
     redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
       'event', t[12], 'meta', t[13], 'on_success', t[5], 'on_failure', t[6], 'max_attempts', t[7], 'source', t[8],
-      'created_at', t[9], 'queued_at', now, 'event_ts', t[10], 'origin', t[15])
+      'created_at', t[9], 'queued_at', now, 'event_ts', t[10], 'origin', t[15], 'priority', t[16])
     redis.call('SADD', prefix .. ':functions', t[2])
     redis.call('HINCRBY', prefix .. ':m:created', t[2], 1)
     local seq = push_back(prefix, key, t[1], t[4], t[14])
@@ -150,25 +190,54 @@ CLAIM = (
 local state = redis.call('HGET', KEYS[1], 'state')
 local token = redis.call('HGET', KEYS[1], 'token') or ''
 if state ~= ARGV[2] or token ~= ARGV[3] then return {'conflict', state or ''} end
-local fn = redis.call('HGET', KEYS[1], 'function')
-local id = redis.call('HGET', KEYS[1], 'id')
-if state == 'QUEUED' then
-  unpend(ARGV[1], KEYS[1], id)
-  redis.call('ZREM', ARGV[1] .. ':deadlines', id)  -- the worker checks the age itself from here on
-  observe(ARGV[1], 'wait', fn, tonumber(ARGV[5]) - tonumber(redis.call('HGET', KEYS[1], 'queued_at') or ARGV[5]))
-  move(ARGV[1], fn, id, 'QUEUED', 'RUNNING', redis.call('HGET', KEYS[1], 'seq'))
-else
-  unbusy(ARGV[1], KEYS[1], id)
-end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'token', ARGV[4], 'started_at', ARGV[5], 'lease_until', ARGV[6],
-  'worker', ARGV[7], 'gpu', ARGV[8], 'progress', 0, 'progress_message', '')
-redis.call('ZADD', KEYS[2], ARGV[6], id)
-redis.call('HSET', ARGV[1] .. ':busy', ARGV[7], id)
-return {'ok', tostring(attempts),
-  unpack(redis.call('HMGET', KEYS[1], 'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel'))}
+return claim(ARGV[1], KEYS[1], state, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
 )
+
+# ARGV: prefix, token, now, lease_until, worker, gpu, then the worker's queues in the order to read them.
+# A worker that has just finished a task takes the next one here, without going back to Celery: the first message of
+# the highest priority level across its queues (as Celery's own consumer would pop it), claimed in the same step, so
+# a message is never out of the lists unclaimed. Messages no worker should run are dropped on the way: a finished or
+# expired task's, a stale copy (the record names another message). Returns {} when every queue is empty;
+# {'ok', attempts, max_attempts, on_success, on_failure, event_ts, cancel, id, function, event, meta} for a claim; or
+# {'other', id} for a task that is not waiting (another copy of a running one): the caller decides as for any
+# delivery (see Runtime._take_over).
+POP_CLAIM = (
+    _MOVE
+    + """
+local prefix = ARGV[1]
+for prio = 9, 0, -1 do
+  for q = 7, #ARGV do
+    local list = qkey(ARGV[q], prio)
+    while true do
+      local message = redis.call('RPOP', list)
+      if not message then break end
+      local id = string.match(message, '"id":%s*"([^"]+)"') or ''
+      local key = prefix .. ':task:' .. id
+      local state, tag = unpack(redis.call('HMGET', key, 'state', 'tag'))
+      if state == 'QUEUED' and (not tag or tag == tag_of(message)) then
+        local out = claim(prefix, key, state, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+        for _, v in ipairs(redis.call('HMGET', key, 'id', 'function', 'event', 'meta')) do out[#out + 1] = v end
+        return out
+      elseif state == 'RUNNING' then
+        return {'other', id}
+      end
+    end
+  end
+end
+return {}
+"""
+)
+
+# KEYS: task, leases.  ARGV: token.  The owner is known dead: its lease ends now (see Registry.lapse).
+LAPSE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' or redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease_until', 0)
+redis.call('ZADD', KEYS[2], 0, redis.call('HGET', KEYS[1], 'id'))
+return 1
+"""
 
 # KEYS: task, leases.  ARGV: token, lease_until.  Returns 0: lost, 1: renewed, 2: renewed but cancel requested.
 RENEW = """
@@ -383,31 +452,32 @@ end
 return removed
 """
 
-# ARGV: prefix, queue, head_n, limit.  The pending tasks that have left the Celery list without being claimed:
-# those ordered before the first pending task among the ``head_n`` messages at the list's head (the right end, where
-# consumers pop), or every pending task when the list is empty. A message is in flight for milliseconds between a
-# pop and its claim; one that stays out longer was lost with its consumer (killed or frozen between Redis handing
-# it out and kombu recording it as unacked) or sits in a dead consumer's unacked hash. Returns id, score pairs.
+# ARGV: prefix, queue, head_n, limit.  The pending tasks that have left the Celery lists without being claimed:
+# those ordered before the first pending task among the ``head_n`` messages at the head (the right end, where
+# consumers pop) of the first level that has messages, or every pending task when every level is empty. A message is
+# in flight for milliseconds between a pop and its claim; one that stays out longer was lost with its consumer (killed
+# or frozen between Redis handing it out and kombu recording it as unacked) or sits in a dead consumer's unacked hash.
+# Returns id, score pairs.
 SCAN_LOST = (
     _MOVE
     + """
 local prefix, queue = ARGV[1], ARGV[2]
 local pending = prefix .. ':pending:' .. queue
-local messages = redis.call('LRANGE', queue, -tonumber(ARGV[3]), -1)
-for i = #messages, 1, -1 do
-  -- Only a task's current message marks its place: an older copy left in the list (a cancelled task retried, a
-  -- re-pushed one) carries another delivery tag.
-  local id = string.match(messages[i], '"id":%s*"([^"]+)"')
-  local current = id and redis.call('HGET', prefix .. ':task:' .. id, 'tag') == tag_of(messages[i])
-  local score = current and redis.call('ZSCORE', pending, id)
-  if score then
-    return redis.call('ZRANGEBYSCORE', pending, '-inf', '(' .. score, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
+for prio = 9, 0, -1 do  -- the levels in the order they are read: the first message in sight marks the place
+  local messages = redis.call('LRANGE', qkey(queue, prio), -tonumber(ARGV[3]), -1)
+  for i = #messages, 1, -1 do
+    -- Only a task's current message marks its place: an older copy left in the list (a cancelled task retried, a
+    -- re-pushed one) carries another delivery tag.
+    local id = string.match(messages[i], '"id":%s*"([^"]+)"')
+    local current = id and redis.call('HGET', prefix .. ':task:' .. id, 'tag') == tag_of(messages[i])
+    local score = current and redis.call('ZSCORE', pending, id)
+    if score then
+      return redis.call('ZRANGEBYSCORE', pending, '-inf', '(' .. score, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
+    end
   end
+  if #messages > 0 then return {} end  -- only stale copies in sight: no verdict this time
 end
-if redis.call('LLEN', queue) == 0 then
-  return redis.call('ZRANGE', pending, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
-end
-return {}
+return redis.call('ZRANGE', pending, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 """
 )
 
@@ -429,5 +499,48 @@ if redis.call('ZSCORE', ARGV[1] .. ':pending:' .. redis.call('HGET', KEYS[1], 'q
 end
 push_head(ARGV[1], KEYS[1], id, ARGV[3])
 return 1
+"""
+)
+
+# ARGV: prefix, now, aging_s, limit.  Aging, so that no priority starves: the message at the head of a level (its
+# oldest) that has waited ``aging_s`` there moves to the back of the next level up, its position score with it. A
+# task of priority p is therefore at the top level after (9 - p) * aging_s, behind only what was there before it.
+# Stale copies at a head (their task finished, or re-pushed since) are dropped: a worker would drop them anyway.
+# Returns how many moved.
+AGE = (
+    _MOVE
+    + """
+local prefix, now, aging, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local moved = 0
+for _, queue in ipairs(redis.call('SMEMBERS', prefix .. ':queues')) do
+  local pending = prefix .. ':pending:' .. queue
+  for prio = 8, 0, -1 do
+    local list = qkey(queue, prio)
+    while moved < limit do
+      local head = redis.call('LINDEX', list, -1)
+      if not head then break end
+      local id = string.match(head, '"id":%s*"([^"]+)"') or ''
+      local key = prefix .. ':task:' .. id
+      local state, tag = unpack(redis.call('HMGET', key, 'state', 'tag'))
+      local finished = not state or (state ~= 'QUEUED' and state ~= 'RUNNING')
+      if finished or (state == 'QUEUED' and tag and tag ~= tag_of(head)) then
+        redis.call('RPOP', list)
+      elseif state == 'RUNNING' then
+        break  -- another copy of a running task: its worker decides; it blocks aging of this level meanwhile
+      else
+        local since = math.max(tonumber(redis.call('HGET', key, 'queued_at') or '0'),
+                               tonumber(redis.call('HGET', key, 'level_at') or '0'))
+        if now - since < aging then break end
+        redis.call('RPOP', list)
+        local up = prio + 1
+        redis.call('HSET', key, 'prio', up, 'level_at', ARGV[2])
+        redis.call('ZADD', pending, (9 - up) * LEVEL + redis.call('INCR', prefix .. ':seq'), id)
+        redis.call('LPUSH', qkey(queue, up), with_priority(head, up))
+        moved = moved + 1
+      end
+    end
+  end
+end
+return moved
 """
 )

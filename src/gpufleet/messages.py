@@ -25,13 +25,41 @@ CONTENT_TYPE = "application/x-gpufleet-orjson"
 SERIALIZER = "gpufleet-orjson"
 
 
-def queue_name(prefix: str, pool: str, model: str) -> str:
-    """Queues are named per pool and GPU model: ``gpufleet.default.h100``, ``gpufleet.default.any``."""
-    return f"{prefix}.{pool}.{model.lower()}"
+# A task's priority: 0 (lowest) to 9 (highest); higher runs first within a queue. Celery's Redis transport keeps one
+# list per level (``priority_steps`` 0..9) and reads them in its own order, where 0 comes first: it gets 9 - ours.
+MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 9, 4
+PRIORITY_STEPS = list(range(MAX_PRIORITY + 1))
+PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue's name and its level
+
+
+def queue_name(prefix: str, pool: str, model: str, function: str | None = None) -> str:
+    """One queue per function, pool and GPU model: ``gpufleet.default.h100.embed``, ``gpufleet.eu.any.ocr``. So a
+    function's queue length and a task's position in it are exact, and a batch forms from one function's tasks.
+    Without ``function``: the queue of a pool and model that releases before per-function queues used
+    (``gpufleet.default.h100``); workers still read it, so nothing queued before an upgrade is left behind."""
+    base = f"{prefix}.{pool}.{model.lower()}"
+    return base if function is None else f"{base}.{function}"
+
+
+def parse_queue(prefix: str, queue: str) -> tuple[str, str, str | None] | None:
+    """``gpufleet.eu.h100.embed`` -> ``("eu", "h100", "embed")``; a pool and model queue gives no function; None
+    for a name that is not a GPU queue of this fleet."""
+    if not queue.startswith(prefix + "."):
+        return None
+    parts = queue[len(prefix) + 1 :].split(".")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return (parts[0], parts[1], None) if len(parts) == 2 else None
 
 
 def function_queue(prefix: str, fn: Function) -> str:
-    return queue_name(prefix, fn.gpu.pools[0], fn.gpu.model)
+    return queue_name(prefix, fn.gpu.pools[0], fn.gpu.model, fn.name)
+
+
+def priority_list(queue: str, priority: int) -> str:
+    """The Redis list that holds a queue's messages of one priority, named as kombu names it."""
+    level = MAX_PRIORITY - priority
+    return queue if level == 0 else f"{queue}{PRIORITY_SEP}{level}"
 
 
 @dataclass(frozen=True)
@@ -46,6 +74,7 @@ class TaskMessage:
     event: bytes
     meta: bytes
     tag: str  # the envelope's delivery tag, which the registry keeps to know the current message from stale copies
+    priority: int = DEFAULT_PRIORITY
 
 
 class MessageFactory:
@@ -67,11 +96,14 @@ class MessageFactory:
             self._templates[fn.name] = template
         return template
 
-    def build(self, task_id: str, fn: Function, event: Any, meta: dict[str, Any]) -> TaskMessage:
-        return self.rebuild(task_id, fn, orjson.dumps(event), orjson.dumps(meta))
+    def build(self, task_id: str, fn: Function, event: Any, meta: dict[str, Any],
+              priority: int = DEFAULT_PRIORITY) -> TaskMessage:  # fmt: skip
+        return self.rebuild(task_id, fn, orjson.dumps(event), orjson.dumps(meta), priority)
 
-    def rebuild(self, task_id: str, fn: Function, event: bytes, meta: bytes) -> TaskMessage:
-        """The task's message from its event and meta as JSON (as the registry stores them)."""
+    def rebuild(self, task_id: str, fn: Function, event: bytes, meta: bytes,
+                priority: int = DEFAULT_PRIORITY) -> TaskMessage:  # fmt: skip
+        """The task's message from its event and meta as JSON (as the registry stores them). A message pushed again
+        by a registry script gets the priority its record holds then (it may have aged), whatever is passed here."""
         template = self._template(fn)
         headers = copy.copy(template["headers"])
         headers["id"] = headers["root_id"] = task_id
@@ -93,12 +125,12 @@ class MessageFactory:
                 "reply_to": "",
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
+                "priority": MAX_PRIORITY - priority,  # kombu's scale: see PRIORITY_STEPS
                 "delivery_tag": tag,
             },
         }
         return TaskMessage(task_id=task_id, function=fn.name, queue=queue, envelope=orjson.dumps(envelope),
-                           event=event, meta=meta, tag=tag)  # fmt: skip
+                           event=event, meta=meta, tag=tag, priority=priority)  # fmt: skip
 
 
 def task_headers(time_limit: float, soft_time_limit: float) -> dict[str, Any]:

@@ -85,6 +85,23 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Taken:
+    """A task a worker took straight from its queue (:meth:`Registry.pop_claim`): its claim and its call."""
+
+    claim: Claim
+    task_id: str
+    function: str
+    event: Any
+    meta: dict[str, Any]
+
+
+def _claimed(reply: list[Any], now: float) -> Claim:
+    attempts, max_attempts, on_success, on_failure, event_ts, cancel = (v.decode() if v else "" for v in reply[1:7])
+    return Claim(True, "RUNNING", int(attempts), int(max_attempts or 1), on_success, on_failure, now,
+                 float(event_ts or now), cancel == "1")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Callback:
     """A record to deliver when a task finishes."""
 
@@ -107,6 +124,7 @@ class Registry:
         self.deadlines_key = f"{prefix}:deadlines"
         self._enqueue = client.register_script(lua.ENQUEUE_MANY)
         self._claim = client.register_script(lua.CLAIM)
+        self._pop_claim = client.register_script(lua.POP_CLAIM)
         self._renew = client.register_script(lua.RENEW)
         self._finish = client.register_script(lua.FINISH)
         self._retry = client.register_script(lua.RETRY_LATER)
@@ -117,6 +135,8 @@ class Registry:
         self._scan_lost = client.register_script(lua.SCAN_LOST)
         self._requeue_lost = client.register_script(lua.REQUEUE_LOST)
         self._hand_back = client.register_script(lua.HAND_BACK)
+        self._age = client.register_script(lua.AGE)
+        self._lapse = client.register_script(lua.LAPSE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
@@ -146,7 +166,7 @@ class Registry:
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
                                    t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts),
                                    "" if t.max_age_s is None else repr(t.max_age_s), t.message.event.decode(),
-                                   t.message.meta.decode(), t.message.tag, t.origin]
+                                   t.message.meta.decode(), t.message.tag, t.origin, str(t.message.priority)]
                                   for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
             self._enqueue(args=[self.prefix, now, batch], client=pipe)
         if self.wait_replicas:
@@ -205,17 +225,34 @@ class Registry:
         )
         if reply[0] != b"ok":
             return Claim(ok=False, seen_state=reply[1].decode())
-        attempts, max_attempts, on_success, on_failure, event_ts, cancel = (v.decode() if v else "" for v in reply[1:7])
-        return Claim(True, "RUNNING", int(attempts), int(max_attempts or 1), on_success, on_failure, now,
-                     float(event_ts or now), cancel == "1")  # fmt: skip
+        return _claimed(reply, now)
+
+    def pop_claim(self, queues: list[str], token: str, lease_s: float, worker: str, gpu: str,
+                  pipe: Any = None) -> tuple[list[Any], Taken | str | None]:  # fmt: skip
+        """Take and claim the next task from ``queues`` (see :data:`lua.POP_CLAIM`): a :class:`Taken`; the id of a
+        task that is not waiting, for the caller to judge as any delivery; or None when every queue is empty.
+        Commands already in ``pipe`` (the last task's outcome) go first, in the same round trip; their answers come
+        first."""
+        now = time.time()
+        pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
+        self._pop_claim(args=[self.prefix, token, now, now + lease_s, worker, gpu, *queues], client=pipe)
+        *earlier, reply = pipe.execute()
+        if not reply:
+            return earlier, None
+        if reply[0] == b"other":
+            return earlier, str(reply[1].decode())
+        task_id, function, event, meta = reply[7:11]
+        claim = _claimed(reply, now)
+        return earlier, Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta))
 
     def renew(self, task_id: str, token: str, lease_s: float) -> int:
         """Extend the lease. Returns 0 if this process lost the task, 1 if renewed, 2 if a cancel was asked for."""
         return int(self._renew(keys=[self.task_key(task_id), self.leases_key], args=[token, time.time() + lease_s]))
 
-    def finish(self, task_id: str, token: str, state: State, fields: dict[str, Any],
-               callbacks: Iterable[Callback], retention_s: int | None = None) -> bool:  # fmt: skip
-        """RUNNING -> a terminal state, with its callback records. False if this process no longer owns the task."""
+    def finish(self, task_id: str, token: str, state: State, fields: dict[str, Any], callbacks: Iterable[Callback],
+               retention_s: int | None = None, pipe: Any = None) -> bool:  # fmt: skip
+        """RUNNING -> a terminal state, with its callback records. False if this process no longer owns the task.
+        With a ``pipe``, the script is added to that pipeline and its answer comes with the pipeline's."""
         retention = retention_s or self.retention_s
         if state is State.SUCCEEDED:
             fields = {**fields, "progress": 1}  # whatever the handler last reported: it is done
@@ -224,16 +261,20 @@ class Registry:
             args += [k, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
         for cb in callbacks:
             args += [cb.dest, cb.value, cb.condition]
-        return bool(self._finish(keys=[self.task_key(task_id), self.leases_key, self.callbacks_key], args=args))
+        done = self._finish(keys=[self.task_key(task_id), self.leases_key, self.callbacks_key], args=args, client=pipe)
+        return pipe is not None or bool(done)
 
-    def retry_later(self, task_id: str, token: str, delay_s: float, error: dict[str, Any]) -> bool:
+    def retry_later(self, task_id: str, token: str, delay_s: float, error: dict[str, Any], pipe: Any = None) -> bool:
+        """RUNNING -> QUEUED, pushed again once ``delay_s`` has passed. ``pipe``: as for :meth:`finish`."""
         now = time.time()
-        return bool(
-            self._retry(
-                keys=[self.task_key(task_id), self.leases_key, self.delayed_key],
-                args=[self.prefix, token, now + delay_s, orjson.dumps(error), now],
-            )
-        )
+        done = self._retry(keys=[self.task_key(task_id), self.leases_key, self.delayed_key],
+                           args=[self.prefix, token, now + delay_s, orjson.dumps(error), now], client=pipe)  # fmt: skip
+        return pipe is not None or bool(done)
+
+    def lapse(self, task_id: str, token: str) -> None:
+        """End the lease of a task whose owner (``token``) is known dead, so that the next housekeeping round (any
+        supervisor's, within a second) re-queues it, rather than after ``lease_s``."""
+        self._lapse(keys=[self.task_key(task_id), self.leases_key], args=[token])
 
     def set_progress(self, task_id: str, fraction: float, message: str) -> None:
         self.client.hset(self.task_key(task_id), mapping={"progress": fraction, "progress_message": message[:500]})
@@ -276,6 +317,11 @@ class Registry:
         error = orjson.dumps({"errorType": "WorkerStopped", "errorMessage": message})
         args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], error]
         return bool(self._hand_back(keys=[self.task_key(task_id), self.leases_key], args=args))
+
+    def age(self, aging_s: float, limit: int = 1000) -> int:
+        """Move each level's tasks that have waited ``aging_s`` there one level up (see :data:`lua.AGE`). Returns
+        how many moved."""
+        return int(self._age(args=[self.prefix, time.time(), aging_s, limit]))
 
     def queues(self) -> list[str]:
         """The Celery queues tasks were pushed to."""
@@ -398,13 +444,13 @@ class Registry:
 
 
 # What a task's public view shows (control.task_view): a listing reads these and nothing else.
-VIEW_FIELDS = ("id", "function", "state", "attempts", "max_attempts", "progress", "progress_message", "source",
-               "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
+VIEW_FIELDS = ("id", "function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
+               "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
                "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")  # fmt: skip
 _VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
-            "max_age"}  # fmt: skip
+            "max_age", "priority", "prio"}  # fmt: skip
 _JSON = {"result", "error", "last_error", "outputs"}
 
 

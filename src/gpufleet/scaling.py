@@ -2,7 +2,8 @@
 
     desired = ceil((queued + running) / slots per worker)
 
-per queue ``<prefix>.<pool>.<model>`` (a function that takes ``any`` GPU has its own, model ``any``). ``slots per
+per pool and model, over the queues ``<prefix>.<pool>.<model>.<function>`` (a function that takes ``any`` GPU has
+its own, model ``any``). ``slots per
 worker`` is the most GPU slots a live host of that pool and model reports, or ``worker.slots_per_worker`` while none
 does (scaling from zero).
 
@@ -20,6 +21,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gpufleet.messages import parse_queue
 from gpufleet.snapshot import Snapshot
 
 
@@ -40,11 +42,9 @@ class Need:
 
 
 def pool_model(prefix: str, queue: str) -> tuple[str, str] | None:
-    """``gpufleet.eu.h100`` -> ``("eu", "h100")``; None for a queue that is not a GPU queue of this fleet."""
-    if not queue.startswith(prefix + "."):
-        return None
-    pool, _, model = queue[len(prefix) + 1 :].rpartition(".")
-    return (pool, model) if pool and model else None
+    """``gpufleet.eu.h100.embed`` -> ``("eu", "h100")``; None for a queue that is not a GPU queue of this fleet."""
+    parsed = parse_queue(prefix, queue)
+    return None if parsed is None else parsed[:2]
 
 
 def needs(snapshot: Snapshot, prefix: str, default_slots: int) -> list[Need]:
@@ -62,10 +62,8 @@ def needs(snapshot: Snapshot, prefix: str, default_slots: int) -> list[Need]:
     for entry in snapshot.gpus:
         if not entry.get("up") or entry["stale"]:
             continue
-        for q in entry.get("queues", []):
-            key = pool_model(prefix, q)
-            if key is None:
-                continue
+        # One slot per pool and model, however many of its function queues it reads.
+        for key in {k for k in (pool_model(prefix, q) for q in entry.get("queues", [])) if k is not None}:
             slots[key][entry["host"]] += 1
             if entry["ready"]:
                 ready_hosts[key].add(entry["host"])

@@ -132,6 +132,9 @@ class DefaultsSettings(_Model):
     # registry says RUNNING, lease alive), so it never runs twice, but keep it above the longest task (24 h) so
     # workers do not waste time on such copies. Lost workers are found through leases instead, in seconds.
     visibility_timeout_s: float = Field(90_000, gt=0)
+    # Aging: a waiting task moves up one priority level each time it has waited this long at its level, so a task of
+    # priority p runs within (9 - p) x priority_aging_s plus the wait of the priority-9 tasks queued before it.
+    priority_aging_s: float = Field(60.0, gt=0)
 
 
 class DispatcherSettings(_Model):

@@ -33,6 +33,7 @@ from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import InvalidRequestError
 from gpufleet.events import MAX_DEPTH
+from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from gpufleet.metrics import CONTENT_TYPE, exposition
 from gpufleet.registry import State
 from gpufleet.triggers.webhook import WebhookTrigger
@@ -135,10 +136,19 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
                 "without one); its callback records carry the task's traceparent",
             ),
         ] = None,
+        priority: Annotated[
+            int,
+            Query(
+                ge=MIN_PRIORITY,
+                le=MAX_PRIORITY,
+                description="0 (lowest) to 9 (highest): higher runs first in the function's queue; a waiting task "
+                "moves up one level each defaults.priority_aging_s, so none waits for ever",
+            ),
+        ] = DEFAULT_PRIORITY,
     ) -> models.Invocation:
         """Queue a task: answers 202 and its id at once; follow it at the Location."""
         # 404 for an unknown function, whatever the body
-        invocation = control.invoke(name, body, idempotency_key, traceparent)
+        invocation = control.invoke(name, body, idempotency_key, traceparent, priority)
         response.headers["Location"] = _task_url(invocation.id)
         return models.Invocation(id=invocation.id, created=invocation.created)
 

@@ -50,6 +50,7 @@ class TaskView(_Out):
     state: State
     attempts: int
     max_attempts: int
+    priority: int = Field(description="0 (lowest) to 9 (highest), as asked for; it waits at a higher level as it ages")
     progress: Progress
     source: str | None
     worker: str | None

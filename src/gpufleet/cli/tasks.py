@@ -32,6 +32,7 @@ from gpufleet.cli.output import (
 )
 from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
 from gpufleet.errors import BrokerError, InvalidRequestError, unreachable_hint
+from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 
 if TYPE_CHECKING:
     from gpufleet.control import ControlPlane
@@ -51,6 +52,14 @@ def add_commands(command: AddCommand) -> None:
                    help="the event: JSON text, @FILE to read a file, - to read stdin (default: {})")  # fmt: skip
     p.add_argument("--idempotency-key", metavar="KEY",
                    help="invoking again with the same key gives the same task instead of queueing another")  # fmt: skip
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=DEFAULT_PRIORITY,
+        choices=range(MIN_PRIORITY, MAX_PRIORITY + 1),
+        metavar="0-9",
+        help=f"higher runs first in the function's queue (default {DEFAULT_PRIORITY})",
+    )
     _follow_args(p, "--wait", "follow the task until it finishes, then print its status; exit 0 if it succeeded")
     _json_arg(p, "print {id, created}; with --wait, the final status (plus created)")
 
@@ -175,7 +184,7 @@ def read_payload(spec: str, stdin: Any = None) -> Any:
 def _invoke(args: argparse.Namespace) -> int:
     event = read_payload(args.payload)  # before loading the fleet: a typo fails fast
     plane = _plane(args)
-    invocation = plane.invoke(args.function, event, args.idempotency_key)
+    invocation = plane.invoke(args.function, event, args.idempotency_key, priority=args.priority)
     if not invocation.created:
         print(f"gpufleet: task {invocation.id} already exists for this idempotency key; not queued again",
               file=sys.stderr)  # fmt: skip

@@ -111,8 +111,10 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
                    for k, v in (props.get("application_headers") or {}).items()}  # fmt: skip
         stamp = props.get("timestamp")
         timestamp = stamp.timestamp() if isinstance(stamp, datetime) else float(stamp) if stamp else None
+        priority = props.get("priority")
         return SourceMessage(value=body, source_id=f"amqp:{self.queue}/{message.delivery_tag}",
-                             default_id=f"amqp-{digest[:32]}", headers=headers, timestamp=timestamp)  # fmt: skip
+                             default_id=f"amqp-{digest[:32]}", headers=headers, timestamp=timestamp,
+                             priority=priority if isinstance(priority, int) else None)  # fmt: skip
 
     def ack(self, batch: Received) -> None:
         # Every delivery up to the batch's last, at once: the prefetch window never holds another batch's.

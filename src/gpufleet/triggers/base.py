@@ -27,7 +27,8 @@ from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.errors import BrokerError, EventError, unreachable_hint
 from gpufleet.ids import OBJECT_ORIGIN, SUPPLIED_ID_RE, trigger_origin, trigger_task_id
-from gpufleet.intake import Intake, Producer
+from gpufleet.intake import Intake, Producer, check_priority
+from gpufleet.messages import MAX_PRIORITY
 from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
 from gpufleet.registry import REDIS_ERRORS, Enqueued, NewTask, Registry
@@ -179,6 +180,7 @@ class SourceMessage:
     # Object events that came without a notification (a bucket listing); ``value`` is then their JSON, which a dead
     # letter quotes.
     objects: tuple[ObjectEvent, ...] | None = None
+    priority: int | None = None  # the transport's own priority (AMQP), when the message has one
 
 
 @dataclass
@@ -236,26 +238,39 @@ class Ingest:
                 events = tuple(parse_notification(msg.value, objects.key_encoding, objects.max_records).events)
             return self.object_tasks([event for event in events if wanted.matches(event)], msg)
         body = intake.decode(msg.value)
-        function = self.trigger.function
+        function, priority_field = self.trigger.function, self.trigger.priority_field
         if function is None:
             if not isinstance(body, dict) or not isinstance(body.get("function"), str) or "payload" not in body:
-                raise EventError("schema_mismatch", 'expected {"function": NAME, "payload": ..., "id"?: ID}')
-            function, payload = body["function"], body["payload"]
+                expected = '{"function": NAME, "payload": ..., "id"?: ID, "priority"?: 0-9}'
+                raise EventError("schema_mismatch", f"expected {expected}")
+            function, payload, priority_field = body["function"], body["payload"], "priority"
         else:
             payload = body
         fn = intake.function(function)
+        field = body.get(priority_field) if priority_field and isinstance(body, dict) else None
+        priority = self._priority(msg, field)
         return [intake.task(fn, payload, self._task_id(msg, body), msg.source_id, event_ts=msg.timestamp,
-                            traceparent=msg.headers.get(trace.HEADER))]  # fmt: skip
+                            traceparent=msg.headers.get(trace.HEADER), priority=priority)]  # fmt: skip
 
     def object_tasks(self, events: list[ObjectEvent], msg: SourceMessage) -> list[NewTask]:
         """One task per object event, its id the object's identity; the function gets the event as a dict (or
         an ObjectEvent, if it declares ``payload=ObjectEvent``) and ``ctx.download()``/``ctx.upload()``."""
         fn = self.fleet.functions[self.trigger.function or ""]  # object triggers name their function (load checks)
         meta = {"kind": "object", "output": self.objects.output if self.objects else None}
+        priority = self._priority(msg, None)
         return [self.intake.task(fn, event.model_dump(mode="json"), event.task_id(fn.name), msg.source_id,
                                  event_ts=msg.timestamp, meta=meta, origin=OBJECT_ORIGIN,
-                                 traceparent=msg.headers.get(trace.HEADER))
+                                 traceparent=msg.headers.get(trace.HEADER), priority=priority)
                 for event in events]  # fmt: skip
+
+    def _priority(self, msg: SourceMessage, field: object) -> int:
+        """The header, the field, the transport's own, then the trigger's. Raises EventError (``bad_priority``)."""
+        header = self.trigger.priority_header
+        if header and header in msg.headers:
+            return check_priority(msg.headers[header])
+        if field is not None:
+            return check_priority(field)
+        return self.trigger.priority if msg.priority is None else min(msg.priority, MAX_PRIORITY)
 
     def _task_id(self, msg: SourceMessage, body: Any) -> str:
         """``<trigger>:<the producer's id, or the message's default id>``: a producer names ids only in its own

@@ -17,6 +17,8 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
+
 
 class TriggerSettings(BaseModel):
     """The keys of every ``triggers/*.yaml`` file: a source bound to a function and its destinations."""
@@ -31,6 +33,11 @@ class TriggerSettings(BaseModel):
     format: Literal["json", "s3"] = "json"
     id_field: str | None = "id"
     id_header: str | None = "gpufleet-id"
+    # A task's priority, 0 (lowest) to 9 (highest): the message's priority_header, else its priority_field (the
+    # routing envelope's "priority" is always read), else an AMQP message's own priority, else this.
+    priority: int = Field(DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    priority_header: str | None = "gpufleet-priority"
+    priority_field: str | None = None
     batch_max: int = Field(500, ge=1, le=50_000)
     max_payload_bytes: int | None = Field(None, ge=1)
     dead_letter: str | None = None

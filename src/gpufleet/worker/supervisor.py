@@ -2,13 +2,16 @@
 
 - GPUs come from NVML; with none, ``worker.virtual_gpus`` CPU slots stand in.
 - Each slot is a fresh interpreter (``python -m gpufleet.worker.process``), never a fork of this process, with
-  ``CUDA_VISIBLE_DEVICES`` pinned to its GPU. It consumes ``<prefix>.<pool>.<model>`` and ``<prefix>.<pool>.any``.
+  ``CUDA_VISIBLE_DEVICES`` pinned to its GPU. It consumes the queue of each function it serves in each of its pools
+  whose model is its GPU's or ``any`` (``<prefix>.<pool>.<model>.<function>``), and the pool and model queues that
+  releases before per-function queues used.
 - A slot that exits is restarted, with backoff if it keeps failing.
-- Housekeeping (every second): push retries that are due, re-queue tasks whose lease lapsed because their worker
-  died, and push again tasks whose message was lost on its way to a worker (:mod:`gpufleet.worker.lost`). All are
-  atomic scripts, so any number of supervisors may run them. It also expires QUEUED tasks older than their
-  function's ``max_event_age_s``, even those in a queue no worker serves. Every minute it also drops
-  index entries of expired task records.
+- Housekeeping (every second): push retries that are due, age waiting tasks up a priority level (see
+  ``defaults.priority_aging_s``), re-queue tasks whose lease lapsed because their worker died, and push again
+  tasks whose message was lost on its way to a worker (:mod:`gpufleet.worker.lost`). All are atomic scripts, so
+  any number of supervisors may run them. It also expires QUEUED tasks older than their function's
+  ``max_event_age_s``, even those in a queue no worker serves. Every minute it also drops index entries of expired
+  task records.
 - Inventory (every ``INVENTORY_EVERY_S``): each GPU's model, memory, utilisation and process, for ``gpufleet gpus``.
 """
 
@@ -68,10 +71,13 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
     if not gpus:
         gpus = virtual_gpus(s.worker.virtual_gpus)
     slots = []
+    prefix = s.redis.key_prefix
     for gpu in gpus:
         queues = []
         for pool in s.worker.pools:
-            queues += [queue_name(s.redis.key_prefix, pool, gpu.model), queue_name(s.redis.key_prefix, pool, "any")]
+            queues += [queue_name(prefix, pool, fn.gpu.model, fn.name) for fn in fleet.functions.values()
+                       if pool in fn.gpu.pools and fn.gpu.model.lower() in ("any", gpu.model.lower())]  # fmt: skip
+            queues += [queue_name(prefix, pool, gpu.model), queue_name(prefix, pool, "any")]
         env = {"CUDA_VISIBLE_DEVICES": "" if gpu.virtual else str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         slots.append(Slot(gpu=gpu, queues=list(dict.fromkeys(queues)), env=env))
     return slots
@@ -126,8 +132,9 @@ class Supervisor:
                     stop.set()
                     break
                 promoted, reaped = self.registry.housekeep(self.envelopes)
-                if promoted or reaped:
-                    log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped)
+                aged = self.registry.age(self.fleet.settings.defaults.priority_aging_s)
+                if promoted or reaped or aged:
+                    log.info("housekeeping", retries_pushed=promoted, lost_tasks_requeued=reaped, aged=aged)
                 self.lost.tick()
                 self.control.expire_due()
                 if now >= next_inventory:

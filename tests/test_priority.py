@@ -1,0 +1,142 @@
+"""Priorities: higher runs first within a queue, positions say so, aging starves nobody, and every source can set one.
+
+Against real Redis, real worker processes and the real trigger code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from gpufleet.control import ControlPlane
+from gpufleet.errors import InvalidRequestError
+from gpufleet.registry import Registry
+from tests.harness import FleetHarness
+from tests.test_registry import envelopes
+
+
+def invoke(cp: ControlPlane, priority: int, key: str) -> str:
+    return cp.invoke("echo", {"key": key}, idempotency_key=key, priority=priority).id
+
+
+def head_level(h: FleetHarness, task_id: str) -> int | None:
+    """The priority list that holds the task's message now."""
+    for priority in range(10):
+        for raw in h.redis.lrange(h.queue_list("echo", priority), 0, -1):
+            if orjson.loads(raw)["headers"]["id"] == task_id:
+                return priority
+    return None
+
+
+def test_higher_priority_runs_first_and_positions_say_so(harness: FleetHarness) -> None:
+    harness.write_config(worker={"virtual_gpus": 1})
+    harness.start("worker")
+    cp = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: cp.gpus(), what="the worker's inventory")
+    blocker = cp.invoke("slow", {"seconds": 3}).id
+    harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    order = [("p2", 2), ("p7a", 7), ("p4", 4), ("p7b", 7), ("p9", 9), ("p0", 0)]
+    ids = {key: invoke(cp, priority, key) for key, priority in order}
+    expected = ["p9", "p7a", "p7b", "p4", "p2", "p0"]
+    assert [cp.position(ids[k])["position"] for k in expected] == [1, 2, 3, 4, 5, 6]
+    assert cp.status(ids["p9"])["priority"] == 9
+    assert cp.queue("echo")["length"] == 6
+    # The message sits in the list of its level: kombu's name, read by stock Celery.
+    assert head_level(harness, ids["p7a"]) == 7 and head_level(harness, ids["p0"]) == 0
+    harness.wait_for(lambda: all(cp.status(i)["state"] == "SUCCEEDED" for i in ids.values()), what="all done")
+    started = sorted(ids, key=lambda k: cp.status(ids[k])["started_at"])
+    assert started == expected
+
+
+def test_aging_moves_a_waiting_task_up_one_level_at_a_time_until_it_runs(harness: FleetHarness) -> None:
+    """The rule: after each ``priority_aging_s`` at its level, a task moves to the back of the next level. With a
+    steady flood of priority-9 tasks, a priority-0 one still reaches the top, and from there its turn comes."""
+    harness.write_config(defaults={"priority_aging_s": 0.2})
+    reg, cp = harness.registry, ControlPlane(harness.fleet())
+    low = invoke(cp, 0, "low")
+    levels = [head_level(harness, low)]
+    for i in range(12):
+        invoke(cp, 9, f"flood-{i}")  # arrives after the low one, and still outranks it while it is low
+        time.sleep(0.21)
+        reg.age(0.2)
+        levels.append(head_level(harness, low))
+    assert levels[0] == 0 and levels[-1] == 9
+    assert levels == sorted(levels) and all(b - a <= 1 for a, b in itertools.pairwise(levels))
+    # At the top it queues behind the priority-9 tasks that were there before it, and ahead of the later ones.
+    top = levels.index(9)  # floods 0 .. top-1 came before it reached the top
+    assert cp.position(low)["position"] == top + 1
+    later = invoke(cp, 9, "later")
+    assert cp.position(later)["position"] == 14
+    record = reg.get(low)
+    assert record["priority"] == 0 and record["prio"] == 9  # asked for 0; aged to 9
+    # The message moved with it: its envelope says the level of the list it is in (kombu restores by it).
+    [raw] = [m for m in harness.redis.lrange(harness.queue_list("echo", 9), 0, -1)
+             if orjson.loads(m)["headers"]["id"] == low]  # fmt: skip
+    assert orjson.loads(raw)["properties"]["priority"] == 0  # kombu's scale: 0 is the top
+
+
+def test_a_retry_starts_again_from_the_priority_it_asked_for(harness: FleetHarness) -> None:
+    reg = harness.registry
+    cp = ControlPlane(harness.fleet(), reg)
+    task_id = invoke(cp, 1, "r")
+    harness.redis.delete(harness.queue_list("echo", 1))  # a worker took it...
+    reg.client.hset(reg.task_key(task_id), "prio", 6)  # ...after it had aged to 6
+    assert reg.claim(task_id, "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
+    assert reg.retry_later(task_id, "w/1/1/a", 0.0, {"errorType": "X"})
+    assert reg.housekeep(envelopes(harness)) == (1, 0)
+    assert head_level(harness, task_id) == 1 and reg.get(task_id)["prio"] == 1
+
+
+def test_a_lost_message_of_a_lower_level_is_found(harness: FleetHarness) -> None:
+    reg: Registry = harness.registry
+    cp = ControlPlane(harness.fleet(), reg)
+    high, low = invoke(cp, 8, "high"), invoke(cp, 3, "low")
+    queue = harness.queue("echo")
+    assert reg.scan_lost(queue) == []
+    harness.redis.rpop(harness.queue_list("echo", 3))  # popped by a consumer that died at once
+    assert [i for i, _ in reg.scan_lost(queue)] == []  # the high one is in sight and ahead: no verdict on the low
+    harness.redis.rpop(harness.queue_list("echo", 8))
+    assert sorted(i for i, _ in reg.scan_lost(queue)) == sorted([high, low])
+
+
+def test_invoke_refuses_a_priority_out_of_range(harness: FleetHarness) -> None:
+    cp = ControlPlane(harness.fleet())
+    with pytest.raises(InvalidRequestError) as err:
+        cp.invoke("echo", {}, priority=10)
+    assert err.value.code == "bad_priority"
+
+
+@pytest.mark.parametrize(
+    ("trigger", "headers", "body", "expected"),
+    [
+        ({}, [], {"function": "echo", "payload": {}}, 4),
+        ({"priority": 2}, [], {"function": "echo", "payload": {}}, 2),
+        ({"priority": 2}, [("gpufleet-priority", b"8")], {"function": "echo", "payload": {}}, 8),
+        ({}, [], {"function": "echo", "payload": {}, "priority": 6}, 6),
+        ({"function": "echo", "priority_field": "urgency"}, [], {"urgency": 9, "x": 1}, 9),
+        ({}, [("gpufleet-priority", b"12")], {"function": "echo", "payload": {}}, "bad_priority"),
+        ({}, [], {"function": "echo", "payload": {}, "priority": "high"}, "bad_priority"),
+    ],
+)
+def test_a_trigger_takes_the_priority_from_header_field_or_its_file(
+    harness: FleetHarness, trigger: dict[str, Any], headers: list[tuple[str, bytes]], body: Any, expected: Any
+) -> None:
+    from gpufleet.triggers.base import Ingest, SourceMessage
+    from gpufleet.triggers.kafka import KafkaSettings
+
+    harness.write_config()
+    settings = KafkaSettings(name="requests", source="kafka:///requests", **trigger)
+    ingest = Ingest(harness.fleet(), settings, harness.registry)
+    msg = SourceMessage(orjson.dumps(body), "kafka:requests/0/1", "d1", headers=dict(headers))
+    batch = ingest.prepare([msg])
+    if isinstance(expected, str):
+        [dead] = batch.dead
+        assert dead.headers["reason"] == expected and "0 to 9" in dead.headers["detail"]
+    else:
+        [task] = batch.tasks
+        assert task.message.priority == expected
+        assert orjson.loads(task.message.envelope)["properties"]["priority"] == 9 - expected
