@@ -1,6 +1,9 @@
 """The work both sides of the benchmark run: identical bodies for gpufleet functions and raw Celery tasks.
 
-Each handler writes one line to a Redis list, after its measured span, so the write is not part of what it times:
+Each handler writes one line to a Redis list, after its measured span, so the write is not part of what it times.
+The duty-cycle spans are buffered in the process and written once per block (``flush``): a Redis round trip after each
+20 ms task would cost both sides a cold round trip between two tasks (about 0.4 ms on a small VM), which caps any
+system's measured duty near 0.98. The lists:
 
 - ``bench:starts:<side>``: ``produced_ts,start_ts`` (end-to-end latency: produced to handler start);
 - ``bench:spans:<side>``: ``start_ts,end_ts`` (worker duty cycle);
@@ -49,11 +52,21 @@ def stamp(produced_ts: float, warm: bool = False, side: str = "") -> None:
     client().rpush(starts_key(side), f"{produced_ts!r},{started!r}")
 
 
-def work(ms: float = 20.0, warm: bool = False, side: str = "") -> None:
-    """A fixed-length task: ``ms`` of wall time (a sleep, as a handler waiting on its GPU would), then its span."""
+_spans: list[str] = []
+
+
+def work(ms: float = 20.0, warm: bool = False, side: str = "", flush: int = 1) -> None:
+    """A fixed-length task: ``ms`` of wall time (a sleep, as a handler waiting on its GPU would), then its span,
+    written with the others once ``flush`` spans are buffered (the size of the block this task belongs to)."""
     start = time.time()
     deadline = time.perf_counter() + ms / 1000
     while (left := deadline - time.perf_counter()) > 0:
         time.sleep(left)
     end = time.time()
-    client().rpush(warm_key(side) if warm else spans_key(side), f"{start!r},{end!r}")
+    if warm:
+        client().rpush(warm_key(side), f"{start!r},{end!r}")
+        return
+    _spans.append(f"{start!r},{end!r}")
+    if len(_spans) >= flush:
+        client().rpush(spans_key(side), *_spans)
+        _spans.clear()

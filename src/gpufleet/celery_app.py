@@ -62,7 +62,23 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    from celery.worker.request import Request
+
+    class PerTaskLimits(Request):  # type: ignore[misc]
+        """No Celery time limit: a delivery may run several gpufleet tasks, each under its own (see
+        :mod:`gpufleet.worker.watchdog`). Messages queued by earlier releases carry limits; they are ignored."""
+
+        @property
+        def time_limits(self) -> tuple[None, None]:
+            return None, None
+
+        @time_limits.setter
+        def time_limits(self, value: Any) -> None:
+            pass
+
+    @app.task(
+        name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, Request=PerTaskLimits
+    )  # type: ignore[untyped-decorator]
     def run(self: Any, function: str, event: Any, meta: dict[str, Any]) -> None:
         if runtime is None:
             raise RuntimeError("gpufleet tasks run only in gpufleet worker processes")

@@ -22,7 +22,8 @@ from gpufleet.celery_app import create_app
 from gpufleet.logs import PrintsToLog, configure_logging
 from gpufleet.roles import watch_parent
 from gpufleet.settings import load_fleet
-from gpufleet.worker.runtime import Runtime
+from gpufleet.worker.runtime import Runtime, owner_is_dead
+from gpufleet.worker.watchdog import SharedSlot, Watchdog
 
 log = structlog.get_logger("gpufleet.worker")
 
@@ -36,12 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from celery import signals
-    from celery.exceptions import TimeLimitExceeded
 
     fleet = load_fleet(args.config)
     configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
     _quiet_celery(fleet.settings.logging.format == "json")
-    runtime = Runtime(fleet, worker_name=f"{args.name}@{fleet.settings.worker.hostname}", gpu=args.gpu)
+    queues = args.queues.split(",")
+    slot = SharedSlot()  # before the pool forks: the pool process inherits it
+    runtime = Runtime(fleet, f"{args.name}@{fleet.settings.worker.hostname}", args.gpu, queues, slot)
     runtime.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
 
@@ -50,19 +52,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout = PrintsToLog()  # a handler's print() is a log line too
         runtime.boot()
 
-    def on_failure(task_id: str, exception: BaseException, kwargs: dict[str, Any], **_: Any) -> None:
-        # Fired in this (parent) process after a hard time limit killed the child: record the outcome here,
-        # since the child cannot.
-        if isinstance(exception, TimeLimitExceeded):
-            runtime.on_hard_timeout(task_id, kwargs or {})
-
     signals.worker_process_init.connect(on_child_init, weak=False)
-    signals.task_failure.connect(on_failure, weak=False)
+    # A warm shutdown: the pool process finishes its task and takes no other from the queues.
+    signals.worker_shutting_down.connect(lambda **_: slot.stop(), weak=False)
+    host = fleet.settings.worker.hostname
+    Watchdog(slot, lambda token: owner_is_dead(token, host), runtime.on_hard_timeout,
+             lambda task_id, token: runtime.registry.lapse(task_id, token)).start()  # fmt: skip
     # If the supervisor dies, shut down warm instead of running on unsupervised.
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     worker = app.Worker(
         hostname=f"{args.name}@{fleet.settings.worker.hostname}",
-        queues=args.queues.split(","),
+        queues=queues,
         concurrency=1,
         pool="prefork",
         prefetch_multiplier=1,

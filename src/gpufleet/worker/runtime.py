@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psutil
@@ -27,14 +27,15 @@ from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function, validation_problem
 from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, callback_record, error_payload, fit_record
-from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State
+from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State, Taken
 from gpufleet.settings import Fleet
 from gpufleet.worker.context import TaskContext, complete_event
 from gpufleet.worker.scratch import default_root, open_root
+from gpufleet.worker.watchdog import SharedSlot
 
 log = structlog.get_logger("gpufleet.worker")
-# The finish token that overrides the owner: the worker's parent recording the outcome of a child it killed.
-FORCE = "*"
+# How long a pool process keeps taking tasks straight from its queues before it returns to Celery (see execute).
+DRAIN_S = 1.0
 
 
 @functools.cache
@@ -119,10 +120,15 @@ class LeaseKeeper(threading.Thread):
 
 
 class Runtime:
-    def __init__(self, fleet: Fleet, worker_name: str, gpu: str) -> None:
+    def __init__(self, fleet: Fleet, worker_name: str, gpu: str, queues: list[str] | None = None,
+                 slot: SharedSlot | None = None) -> None:  # fmt: skip
         self.fleet = fleet
         self.worker_name = worker_name
         self.gpu = gpu
+        self.queues = queues or []  # the Celery queues this worker reads, in its order
+        self._queues_turn = 0
+        self.slot = slot or SharedSlot()  # shared with the parent process, which watches it (see watchdog)
+        self._in_handler = False
         self.host = fleet.settings.worker.hostname
         self.lease_s = fleet.settings.worker.lease_s
         self._states: dict[str, Any] = {}
@@ -169,6 +175,7 @@ class Runtime:
         self._objects = None
         self._states.clear()
         self.lease.name = f"gpufleet-lease-{os.getpid()}"
+        signal.signal(signal.SIGALRM, self._soft_limit)
         # Warm every function now, so the first task does not pay for loading a model. A setup that fails here
         # is tried again by the first task, which then fails (and retries) with the real error.
         for fn in self.fleet.functions.values():
@@ -183,37 +190,87 @@ class Runtime:
             log.warning("cannot mark this worker ready in Redis; it takes tasks anyway", exc_info=True)
 
     def execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
-        # Every line logged while the task runs (ours, the handler's, its print()s) carries its trace.
-        structlog.contextvars.bind_contextvars(**trace.ids(meta.get(trace.HEADER)))
-        try:
-            self._execute(task_id, function, event, meta)
-        finally:
-            structlog.contextvars.unbind_contextvars("trace_id", "span_id")
+        """The Celery task's body: run the delivered task, then the next ones straight from this worker's queues.
 
-    def _execute(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> None:
-        bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
+        Going back to Celery between two tasks costs its ack, its next fetch and the dispatch to this process: a few
+        ms, which on short tasks is GPU time lost. So each outcome is written in the same round trip that takes and
+        claims the next task (:meth:`Registry.pop_claim`), which is the same next message Celery's consumer would
+        pop. After ``DRAIN_S``, on an empty queue, or once a warm shutdown began, the task returns to Celery, which
+        acknowledges its message. Time limits, cancel and leases are per task (see :mod:`gpufleet.worker.watchdog`).
+        """
+        item = self._take_delivery(task_id, function, event, meta)
+        until = time.monotonic() + DRAIN_S
+        while item is not None:
+            pipe = self.registry.client.pipeline(transaction=False)
+            self._run_traced(item, pipe)
+            if self.slot.stopping or time.monotonic() > until or not self.queues:
+                self._commit(pipe.execute())
+                item = None
+            else:
+                item = self._next(pipe)
+        self.slot.disarm()
+
+    def _commit(self, answers: list[Any]) -> None:
+        if not all(answers):
+            log.warning("a task was taken over or finished elsewhere; its outcome here was not recorded")
+
+    def _next(self, pipe: Any) -> _Item | None:
+        """Write the last outcome (in ``pipe``) and take the next task, in one round trip."""
+        self._queues_turn = (self._queues_turn + 1) % len(self.queues)  # the queues take turns being read first
+        queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
+        while True:
+            token = owner_token(self.host, os.getpid())
+            earlier, taken = self.registry.pop_claim(queues, token, self.lease_s, self.worker_name, self.gpu, pipe)
+            self._commit(earlier)
+            if taken is None:
+                return None
+            if isinstance(taken, Taken):
+                return _Item(taken.task_id, taken.function, taken.event, taken.meta, taken.claim, token)
+            # Another copy of a task that is not waiting: judged as any delivery (dropped, or taken over).
+            claim = self._take_over(taken, token, log.bind(task_id=taken))
+            record = self.registry.get(taken, event=True) if claim is not None else None
+            if claim is not None and record is not None:
+                return _Item(taken, record["function"], record.get("event"), record.get("meta") or {}, claim, token)
+            pipe = self.registry.client.pipeline(transaction=False)
+
+    def _take_delivery(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> _Item | None:
+        """Claim the task Celery delivered: QUEUED and nobody's (one round trip), or taken over from a dead owner."""
         token = owner_token(self.host, os.getpid())
         try:
-            # The common case in one round trip: the task is QUEUED and nobody owns it.
             claim = self.registry.claim(task_id, State.QUEUED, "", token, self.lease_s, self.worker_name, self.gpu)
             if not claim.ok:
-                taken = self._take_over(task_id, token, bound)
+                taken = self._take_over(task_id, token, log.bind(task_id=task_id, function=function))
                 if taken is None:
-                    return
+                    return None
                 claim = taken
         except REDIS_ERRORS as exc:
             # Celery would ack a failed task and the message would be gone: put it back instead, after a pause.
             from celery.exceptions import Reject
 
-            bound.warning("registry unreachable; the message goes back to the queue", error=str(exc))
+            log.warning("registry unreachable; the message goes back to the queue", task_id=task_id, error=str(exc))
             time.sleep(1)
             raise Reject(str(exc), requeue=True) from exc
+        return _Item(task_id, function, event, meta, claim, token)
+
+    def _run_traced(self, item: _Item, pipe: Any) -> None:
+        # Every line logged while the task runs (ours, the handler's, its print()s) carries its trace.
+        structlog.contextvars.bind_contextvars(**trace.ids(item.meta.get(trace.HEADER)))
+        try:
+            self._run(item, pipe)
+        finally:
+            structlog.contextvars.unbind_contextvars("trace_id", "span_id")
+
+    def _run(self, item: _Item, pipe: Any) -> None:
+        """Run one claimed task; its outcome goes into ``pipe``."""
+        task_id, function, event, meta, claim, token = item
+        bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
         attempt, max_attempts, started_at = claim.attempts, claim.max_attempts, claim.started_at
         fn = self.fleet.functions.get(function)
-        done = _Finisher(self, task_id, function, token, event, claim, fn)
+        done = _Finisher(self, task_id, function, token, event, claim, fn, pipe=pipe)
         if fn is None:
             done.fail(TaskError(f"this worker does not serve function {function!r}"), "UnknownFunction")
             return
+        self.slot.arm([(task_id, token)], started_at + fn.timeout_s + self.fleet.settings.worker.kill_grace_s)
         if claim.cancel_requested:  # cancelled while running on a worker that died before it could stop
             done.cancelled("cancelled before this attempt started")
             return
@@ -254,7 +311,7 @@ class Runtime:
             elif attempt < max_attempts:
                 delay = fn.backoff_for(attempt) * random.uniform(0.8, 1.2)
                 bound.warning("task failed; will retry", error=repr(exc), retry_in_s=round(delay, 3))
-                self.registry.retry_later(task_id, token, delay, error_payload(exc))
+                self.registry.retry_later(task_id, token, delay, error_payload(exc), pipe)
             else:
                 bound.error("task failed; retries exhausted", error=repr(exc))
                 done.fail(exc)
@@ -269,6 +326,13 @@ class Runtime:
             self.lease.release()
             self._current = None
 
+    def _soft_limit(self, signum: int, frame: Any) -> None:
+        """SIGALRM at ``timeout_s``: raised in the handler, as Celery's soft time limit is; ignored outside it."""
+        if self._in_handler:
+            from celery.exceptions import SoftTimeLimitExceeded
+
+            raise SoftTimeLimitExceeded(f"timeout_s passed ({signum})")
+
     def _cancel_overdue(self, task_id: str, token: str) -> None:
         """Lease-keeper thread: the handler ignored a cancel for the grace period. Record CANCELLED, then kill this
         pool process; Celery starts a fresh one, which warms up (``setup``) before it takes the next task."""
@@ -276,6 +340,7 @@ class Runtime:
         if done is None or done.task_id != task_id or done.token != token:
             return
         grace = self.fleet.settings.worker.cancel_grace_s
+        done.pipe = None  # written now: this process is about to die
         if done.cancelled(f"the handler ignored the cancel for {grace:g} s; its process was killed"):
             log.warning("handler ignored cancel; killing its process", task_id=task_id, pid=os.getpid())
             os.kill(os.getpid(), signal.SIGKILL)
@@ -305,6 +370,17 @@ class Runtime:
 
     def _run_handler(self, fn: Function, task_id: str, attempt: int, event: Any, meta: dict[str, Any],
                      ) -> tuple[bytes, list[str]]:  # fmt: skip
+        """The handler (and a ``setup()`` not yet run), under the soft time limit."""
+        signal.setitimer(signal.ITIMER_REAL, fn.timeout_s)
+        self._in_handler = True
+        try:
+            return self._call_handler(fn, task_id, attempt, event, meta)
+        finally:
+            self._in_handler = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _call_handler(self, fn: Function, task_id: str, attempt: int, event: Any, meta: dict[str, Any],
+                      ) -> tuple[bytes, list[str]]:  # fmt: skip
         if fn.name not in self._states:
             self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
         obj = None
@@ -332,34 +408,46 @@ class Runtime:
             raise PermanentTaskError("ResultNotSerializable", what) from None
         return value, ctx.outputs
 
-    def on_hard_timeout(self, task_id: str, kwargs: dict[str, Any]) -> None:
-        """Called in the worker's parent process after it killed a child that ignored its soft time limit."""
-        record = self.registry.get(task_id) or {}
+    def on_hard_timeout(self, task_id: str, token: str) -> None:
+        """Called in the worker's parent process once its watchdog killed a pool process past the hard limit."""
+        record = self.registry.get(task_id, event=True) or {}
         claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
                       record.get("on_success", ""), record.get("on_failure", ""),
                       float(record.get("started_at") or time.time()))  # fmt: skip
-        function = kwargs.get("function", "?")
+        function = str(record.get("function", "?"))
         fn = self.fleet.functions.get(function)
-        done = _Finisher(self, task_id, function, FORCE, kwargs.get("event"), claim, fn, record)
+        done = _Finisher(self, task_id, function, token, record.get("event"), claim, fn, record)
         limit = f" ({fn.timeout_s:g} s)" if fn is not None else ""
         done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
                     "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its "
                                     "process was killed", "stackTrace": []})  # fmt: skip
 
 
+class _Item(NamedTuple):
+    """A task this pool process has claimed: its call, its claim, and the owner token it runs under."""
+
+    task_id: str
+    function: str
+    event: Any
+    meta: dict[str, Any]
+    claim: Claim
+    token: str
+
+
 class _Finisher:
     """Builds the callback record and performs the final transition for one attempt."""
 
     def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, event: Any, claim: Claim,
-                 fn: Function | None, record: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 fn: Function | None, record: dict[str, Any] | None = None, pipe: Any = None) -> None:  # fmt: skip
         self.rt = runtime
+        self.pipe = pipe  # the outcome goes into this pipeline, with the next claim; None: written at once
         self.retention_s = fn.retention_s if fn else None
         self.task_id = task_id
         self.function = function
         self.token = token
         self.event = event
         self.claim = claim
-        self.record = record or {}  # the stored record, read only when finishing for a killed child
+        self.record = record  # the stored record, read only when finishing for a killed pool process
         self.outputs: list[str] = []
 
     def succeed(self, value: bytes, outputs: list[str] | None = None) -> bool:
@@ -385,8 +473,8 @@ class _Finisher:
             condition=condition,
             attempts=self.claim.attempts,
             event=self.event,
-            worker=str(self.record.get("worker", "")) if self.token == FORCE else self.rt.worker_name,
-            gpu=str(self.record.get("gpu", "")) if self.token == FORCE else self.rt.gpu,
+            worker=self.rt.worker_name if self.record is None else str(self.record.get("worker", "")),
+            gpu=self.rt.gpu if self.record is None else str(self.record.get("gpu", "")),
             started_at=self.claim.started_at,
             finished_at=finished,
             response=response,
@@ -396,7 +484,7 @@ class _Finisher:
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
         limit = self.rt.fleet.settings.defaults.max_record_bytes
         callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
-        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s):
+        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe):
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
             return False
         return True

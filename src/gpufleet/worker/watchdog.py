@@ -1,0 +1,136 @@
+"""Per-task time limits, and the task of a pool process that died, watched from the GPU worker's parent process.
+
+The pool process runs one task after another without going back to Celery in between (see
+:meth:`Runtime.execute <gpufleet.worker.runtime.Runtime.execute>`), so Celery's time limits, which count per Celery
+message, do not apply. Instead:
+
+- soft: at ``timeout_s`` a ``SIGALRM`` in the pool process raises ``SoftTimeLimitExceeded`` in the handler, as
+  Celery's soft limit does;
+- hard: the pool process writes its task's hard deadline (``timeout_s + kill_grace_s``) into a page it shares with
+  this parent process. A thread here SIGKILLs it past the deadline, whatever the handler does (stuck in C code with
+  the GIL held included), and records the task TIMED_OUT;
+- the same thread sees a pool process that died mid-task (out of memory, a crash, a cancel that had to kill it) and
+  ends the task's lease, so housekeeping re-queues it within a second rather than after ``lease_s``;
+- when Celery starts a warm shutdown this process raises a flag on the page, and the pool process takes no further
+  task from its queues.
+
+The page is a seqlock: the pool process bumps ``seq`` to odd, writes, bumps it to even; a reader keeps only a
+consistent read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+import structlog
+
+log = structlog.get_logger("gpufleet.worker")
+
+# Byte 0 is the stop flag, which only the parent writes; the pool process writes the rest: a header, then the tasks
+# it runs as JSON ([[id, token], ...]: a batch has several).
+_HEAD = struct.Struct("<QBxxxxxxxdiI")  # seq, armed, deadline, pid, length of the JSON
+_AT = 8
+_SIZE = 1 << 18  # room for the largest batch's ids and tokens
+CHECK_EVERY_S = 0.2
+
+
+@dataclass(frozen=True)
+class Running:
+    """What the pool process said it runs."""
+
+    tasks: tuple[tuple[str, str], ...]  # (task id, owner token) each
+    pid: int
+    deadline: float  # wall clock: past this, the process is killed
+
+
+class SharedSlot:
+    """The page one pool process shares with its parent. Create it in the parent before the pool forks."""
+
+    def __init__(self) -> None:
+        self._page = mmap.mmap(-1, _SIZE)  # anonymous and shared: a forked child writes what the parent reads
+
+    def arm(self, tasks: list[tuple[str, str]], deadline: float) -> None:
+        """Pool process: it runs these (task id, token) now, to be killed past ``deadline``."""
+        self._write(1, deadline, orjson.dumps(tasks))
+
+    def disarm(self) -> None:
+        self._write(0, 0.0, b"[]")
+
+    def _write(self, armed: int, deadline: float, blob: bytes) -> None:
+        blob = blob if _AT + _HEAD.size + len(blob) <= _SIZE else b"[]"  # too many to watch: leases still cover them
+        seq = _HEAD.unpack_from(self._page, _AT)[0]
+        _HEAD.pack_into(self._page, _AT, seq + 1, armed, deadline, os.getpid(), len(blob))
+        start = _AT + _HEAD.size
+        self._page[start : start + len(blob)] = blob
+        _HEAD.pack_into(self._page, _AT, seq + 2, armed, deadline, os.getpid(), len(blob))
+
+    def read(self) -> Running | None:
+        """Parent: the tasks the pool process runs, or None (none, or it is writing: ask again)."""
+        seq, armed, deadline, pid, size = _HEAD.unpack_from(self._page, _AT)
+        start = _AT + _HEAD.size
+        blob = self._page[start : start + size]
+        if seq % 2 or _HEAD.unpack_from(self._page, _AT)[0] != seq or not armed:
+            return None
+        return Running(tuple((str(i), str(t)) for i, t in orjson.loads(blob)), pid, deadline)
+
+    def stop(self) -> None:
+        """Parent: a warm shutdown began; the pool process finishes its task and takes no other."""
+        self._page[0] = 1
+
+    @property
+    def stopping(self) -> bool:
+        return self._page[0] == 1
+
+
+class Watchdog(threading.Thread):
+    """Parent process: kills a pool process past its task's hard deadline, and ends the lease of the task of one that
+    died. ``timed_out(task_id, token)`` records the outcome of a killed task; ``died(task_id, token)`` hands one back.
+    """
+
+    def __init__(self, slot: SharedSlot, is_dead: Callable[[str], bool], timed_out: Callable[[str, str], None],
+                 died: Callable[[str, str], None]) -> None:  # fmt: skip
+        super().__init__(name="gpufleet-watchdog", daemon=True)
+        self._slot = slot
+        self._is_dead = is_dead
+        self._timed_out = timed_out
+        self._died = died
+        self._handled: Running | None = None
+
+    def run(self) -> None:
+        while True:
+            time.sleep(CHECK_EVERY_S)
+            try:
+                self.check()
+            except Exception:  # a Redis blip: the next round tries again; the lease is the backstop
+                log.warning("watchdog check failed", exc_info=True)
+
+    def check(self) -> None:
+        running = self._slot.read()
+        if running is None or not running.tasks or running == self._handled:
+            return
+        if self._is_dead(running.tasks[0][1]):
+            log.warning("pool process died while running; its tasks go back to their queue",
+                        task_ids=[t for t, _ in running.tasks])  # fmt: skip
+            for task_id, token in running.tasks:
+                self._died(task_id, token)
+        elif time.time() > running.deadline:
+            if self._slot.read() != running:  # it finished (or moved on) meanwhile
+                return
+            log.warning("handler ran past its hard time limit; killing its process", pid=running.pid,
+                        task_ids=[t for t, _ in running.tasks])  # fmt: skip
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(running.pid, signal.SIGKILL)
+            for task_id, token in running.tasks:
+                self._timed_out(task_id, token)
+        else:
+            return
+        self._handled = running
