@@ -14,7 +14,7 @@ import pytest
 from gpufleet.dispatcher import Dispatcher
 from gpufleet.messages import Envelopes, MessageFactory
 from gpufleet.registry import Callback, Enqueued, NewTask, State
-from gpufleet.worker.runtime import owner_is_dead, owner_token
+from gpufleet.worker.lease import owner_is_dead, owner_token
 from tests.harness import FleetHarness, nonzero
 
 

@@ -75,7 +75,48 @@ class Context(Protocol):
         record lists under ``responseContext.outputs``."""
 
 
-Handler = Callable[[Any, Context], Any]
+class BatchContext(Protocol):
+    """What a batch handler receives besides its list of events: one :class:`Context` per event, in order."""
+
+    items: list[Context]
+    function: str
+    worker: str
+    gpu: str
+    state: Any
+    log: FilteringBoundLogger
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """The same progress for every event of the batch (``items[i].progress`` reports one)."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once every event of the batch was asked to stop (``items[i].cancelled`` tells one)."""
+
+
+# (event, ctx) -> result; a batch function's is (list of events, BatchContext) -> list of results, in order.
+Handler = Callable[[Any, Any], Any]
+MAX_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Dynamic batching: the handler takes a list of events, formed from the tasks queued for the function.
+
+    Args:
+        max_size: the most events per call.
+        max_wait_ms: how long a batch that is not full may wait for more tasks while they keep arriving. A lone task
+            (nothing else queued) runs at once, alone.
+    """
+
+    max_size: int = 32
+    max_wait_ms: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_size <= MAX_BATCH:
+            raise ConfigError(f"batch max_size={self.max_size}", key="batch.max_size", fix=f"use 1 to {MAX_BATCH}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"batch max_wait_ms={self.max_wait_ms}", key="batch.max_wait_ms",
+                              fix="use 0 to 10000")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -118,6 +159,7 @@ class Function:
     on_failure: str | None = None
     payload: type[BaseModel] | None = None
     setup_fn: Callable[[], Any] | None = None
+    batch: Batch | None = None
     source_file: str = "<unknown>"
 
     def __post_init__(self) -> None:
@@ -185,6 +227,7 @@ def function(
     on_success: str | None = None,
     on_failure: str | None = None,
     payload: type[BaseModel] | None = None,
+    batch: Batch | None = None,
 ) -> Callable[[Handler], Function]:
     """Declare a fleet function. See the module docstring for an example.
 
@@ -200,6 +243,11 @@ def function(
         on_success: destination URL for success records (default: the fleet's).
         on_failure: destination URL for failure records (default: the fleet's).
         payload: a pydantic model; events that do not validate go to the dead-letter destination.
+        batch: :class:`Batch` to take a list of events per call (``def handler(events, ctx)``, ``ctx`` a
+            :class:`BatchContext`) and return a list of results in the same order. Each event keeps its own task:
+            id, state, attempts, progress and record. An exception object in place of a result fails that event
+            alone; a call that raises is split in halves, down to single events, so one bad event cannot fail its
+            neighbours.
     """
 
     def wrap(handler: Handler) -> Function:
@@ -216,6 +264,7 @@ def function(
             on_success=on_success,
             on_failure=on_failure,
             payload=payload,
+            batch=batch,
             source_file=getattr(sys.modules.get(handler.__module__), "__file__", None) or "<unknown>",
         )
 

@@ -227,27 +227,37 @@ class Registry:
             return Claim(ok=False, seen_state=reply[1].decode())
         return _claimed(reply, now)
 
-    def pop_claim(self, queues: list[str], token: str, lease_s: float, worker: str, gpu: str,
-                  pipe: Any = None) -> tuple[list[Any], Taken | str | None]:  # fmt: skip
-        """Take and claim the next task from ``queues`` (see :data:`lua.POP_CLAIM`): a :class:`Taken`; the id of a
-        task that is not waiting, for the caller to judge as any delivery; or None when every queue is empty.
-        Commands already in ``pipe`` (the last task's outcome) go first, in the same round trip; their answers come
-        first."""
+    def pop_claim(self, queues: list[str], token: str, lease_s: float, worker: str, gpu: str, pipe: Any = None,
+                  n: int = 1) -> tuple[list[Any], list[Taken | str]]:  # fmt: skip
+        """Take and claim the next ``n`` tasks from ``queues`` (see :data:`lua.POP_CLAIM`): a :class:`Taken` each, or
+        last, the id of a task that is not waiting, for the caller to judge as any delivery; none when every queue
+        is empty. Commands already in ``pipe`` (the last task's outcome) go first, in the same round trip; their
+        answers come first."""
         now = time.time()
         pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
-        self._pop_claim(args=[self.prefix, token, now, now + lease_s, worker, gpu, *queues], client=pipe)
-        *earlier, reply = pipe.execute()
-        if not reply:
-            return earlier, None
-        if reply[0] == b"other":
-            return earlier, str(reply[1].decode())
-        task_id, function, event, meta = reply[7:11]
-        claim = _claimed(reply, now)
-        return earlier, Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta))
+        self._pop_claim(args=[self.prefix, token, now, now + lease_s, worker, gpu, n, *queues], client=pipe)
+        *earlier, replies = pipe.execute()
+        taken: list[Taken | str] = []
+        for reply in replies:
+            if reply[0] == b"other":
+                taken.append(reply[1].decode())
+                continue
+            task_id, function, event, meta = reply[7:11]
+            taken.append(Taken(_claimed(reply, now), task_id.decode(), function.decode(), orjson.loads(event),
+                               orjson.loads(meta)))  # fmt: skip
+        return earlier, taken
 
     def renew(self, task_id: str, token: str, lease_s: float) -> int:
         """Extend the lease. Returns 0 if this process lost the task, 1 if renewed, 2 if a cancel was asked for."""
-        return int(self._renew(keys=[self.task_key(task_id), self.leases_key], args=[token, time.time() + lease_s]))
+        return self.renew_many([(task_id, token)], lease_s)[0]
+
+    def renew_many(self, tasks: list[tuple[str, str]], lease_s: float) -> list[int]:
+        """:meth:`renew` for several (task id, token) at once, in one round trip."""
+        until = time.time() + lease_s
+        pipe = self.client.pipeline(transaction=False)
+        for task_id, token in tasks:
+            self._renew(keys=[self.task_key(task_id), self.leases_key], args=[token, until], client=pipe)
+        return [int(status) for status in pipe.execute()]
 
     def finish(self, task_id: str, token: str, state: State, fields: dict[str, Any], callbacks: Iterable[Callback],
                retention_s: int | None = None, pipe: Any = None) -> bool:  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from gpufleet import Context, Gpu, ObjectEvent, function
+from gpufleet import Batch, BatchContext, Context, Gpu, ObjectEvent, function
 
 
 def _redis() -> redis.Redis:
@@ -130,3 +130,22 @@ def chaos(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     _redis().rpush(f"chaos:runs:{ctx.task_id}", f"{os.getpid()} {time.time()}")
     time.sleep(float(event.get("seconds", 0.1)))
     return {"i": event.get("i"), "attempt": ctx.attempt}
+
+
+@function(name="batched", max_attempts=2, backoff_s=0.05, max_event_age_s=30, batch=Batch(max_size=8, max_wait_ms=50))
+def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
+    """One call per batch, recorded as the list of its events' ``n`` under ``batch:<tag>``. Per event ``mode``:
+    ``fail`` returns an exception in its place, ``poison`` makes the whole call raise, ``sleep`` sleeps that long
+    (the longest of the batch) first, ``pid`` records the pool process."""
+    r = _redis()
+    r.rpush(f"batch:{events[0].get('tag')}", json.dumps([e.get("n") for e in events]))
+    for item in ctx.items:
+        r.incr(f"runs:{item.task_id}")
+        r.set(f"pid:{item.task_id}", os.getpid())
+    time.sleep(max(float(e.get("sleep", 0)) for e in events))
+    if any(e.get("mode") == "poison" for e in events):
+        raise RuntimeError("a poison event sank the whole call")
+    ctx.items[0].progress(0.5, "first one half way")
+    return [ValueError(f"event {e.get('n')} fails alone") if e.get("mode") == "fail"
+            else {"n": e.get("n"), "attempt": item.attempt, "size": len(events)}
+            for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip

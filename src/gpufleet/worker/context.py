@@ -49,7 +49,7 @@ class TaskContext:
 
     @property
     def cancelled(self) -> bool:
-        return self._runtime.lease.cancelled
+        return self._runtime.lease.cancelled(self.task_id)
 
     @property
     def scratch(self) -> Path:

@@ -22,7 +22,8 @@ from gpufleet.celery_app import create_app
 from gpufleet.logs import PrintsToLog, configure_logging
 from gpufleet.roles import watch_parent
 from gpufleet.settings import load_fleet
-from gpufleet.worker.runtime import Runtime, owner_is_dead
+from gpufleet.worker.lease import owner_is_dead
+from gpufleet.worker.runtime import Runtime
 from gpufleet.worker.watchdog import SharedSlot, Watchdog
 
 log = structlog.get_logger("gpufleet.worker")

@@ -7,116 +7,34 @@ The runtime owns one task at a time (concurrency 1). Per process it keeps:
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import signal
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import orjson
-import psutil
 import structlog
 from pydantic import ValidationError
 
 from gpufleet import trace
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function, validation_problem
+from gpufleet.messages import parse_queue
 from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, callback_record, error_payload, fit_record
 from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State, Taken
 from gpufleet.settings import Fleet
+from gpufleet.worker import batch
 from gpufleet.worker.context import TaskContext, complete_event
+from gpufleet.worker.lease import LeaseKeeper, owner_is_dead, owner_token
 from gpufleet.worker.scratch import default_root, open_root
 from gpufleet.worker.watchdog import SharedSlot
 
 log = structlog.get_logger("gpufleet.worker")
 # How long a pool process keeps taking tasks straight from its queues before it returns to Celery (see execute).
 DRAIN_S = 1.0
-
-
-@functools.cache
-def _start_ms(pid: int) -> int:
-    return int(psutil.Process(pid).create_time() * 1000)
-
-
-def owner_token(host: str, pid: int) -> str:
-    """``host/pid/start-time/nonce``: identifies the process that runs a task, robust to pid reuse."""
-    return f"{host}/{pid}/{_start_ms(pid)}/{uuid.uuid4().hex[:8]}"
-
-
-def owner_is_dead(token: str, host: str) -> bool:
-    """True when the owner ran on this host and its process is gone (it was killed mid-task)."""
-    try:
-        owner_host, pid, started, _ = token.split("/")
-    except ValueError:
-        return False
-    if owner_host != host:
-        return False  # another host: only its lease lapsing tells us it died
-    try:
-        proc = psutil.Process(int(pid))
-        # A zombie is dead too: killed, and not yet reaped by its (possibly also killed) parent.
-        return int(proc.create_time() * 1000) != int(started) or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-class LeaseKeeper(threading.Thread):
-    """Renews the lease of the task this process runs, and watches for a cancel request.
-
-    It polls every ``min(lease_s / 3, 0.5)`` s: one small script per GPU, and a cancel is seen within half a
-    second. A handler that has not returned ``cancel_grace_s`` after the cancel is handed to ``on_overdue``.
-    """
-
-    def __init__(self, registry: Registry, lease_s: float, cancel_grace_s: float,
-                 on_overdue: Callable[[str, str], None]) -> None:  # fmt: skip
-        super().__init__(name="gpufleet-lease", daemon=True)
-        self._registry = registry
-        self._lease_s = lease_s
-        self._grace_s = cancel_grace_s
-        self._on_overdue = on_overdue
-        self._lock = threading.Lock()
-        self._held: tuple[str, str] | None = None
-        self._cancel_seen: float | None = None
-        self.cancelled = False  # what ctx.cancelled reads: cancel requested, or the task was lost
-        self.cancel_requested = False
-
-    def hold(self, task_id: str, token: str) -> None:
-        with self._lock:
-            self._held = (task_id, token)
-            self._cancel_seen = None
-            self.cancelled = self.cancel_requested = False
-
-    def release(self) -> None:
-        with self._lock:
-            self._held = None
-
-    def run(self) -> None:
-        interval = min(self._lease_s / 3, 0.5)
-        while True:
-            time.sleep(interval)
-            with self._lock:
-                held = self._held
-            if held is None:
-                continue
-            try:
-                status = self._registry.renew(held[0], held[1], self._lease_s)
-            except Exception:  # a Redis blip must not kill the renewer; the next round retries
-                log.warning("lease renewal failed", task_id=held[0], exc_info=True)
-                continue
-            # Lost (0) or cancel asked (2): the handler sees ctx.cancelled and should return early.
-            self.cancelled = status != 1
-            if status == 2:
-                self.cancel_requested = True
-                now = time.monotonic()
-                if self._cancel_seen is None:
-                    self._cancel_seen = now
-                    log.info("cancel requested", task_id=held[0], grace_s=self._grace_s)
-                elif now - self._cancel_seen >= self._grace_s:
-                    self._on_overdue(*held)
 
 
 class Runtime:
@@ -129,12 +47,13 @@ class Runtime:
         self._queues_turn = 0
         self.slot = slot or SharedSlot()  # shared with the parent process, which watches it (see watchdog)
         self._in_handler = False
+        self.kill_grace_s = fleet.settings.worker.kill_grace_s
         self.host = fleet.settings.worker.hostname
         self.lease_s = fleet.settings.worker.lease_s
         self._states: dict[str, Any] = {}
         self._registry: Registry | None = None
         self._lease: LeaseKeeper | None = None
-        self._current: _Finisher | None = None  # the task the handler runs now, for the cancel killer
+        self._current: dict[str, _Finisher] = {}  # the tasks the handler runs now, for the cancel killer
         self._objects: ObjectStore | None = None
         self.scratch_root = fleet.settings.worker.scratch_dir or default_root()
 
@@ -176,6 +95,15 @@ class Runtime:
         self._states.clear()
         self.lease.name = f"gpufleet-lease-{os.getpid()}"
         signal.signal(signal.SIGALRM, self._soft_limit)
+        # The process this one replaces may have died mid-task: its tasks go back now. The parent's watchdog does the
+        # same, but this process could otherwise take a task (Celery redelivers at once) and overwrite the page first.
+        running = self.slot.read()
+        if running is not None and running.tasks and owner_is_dead(running.tasks[0][1], self.host):
+            try:
+                for task_id, token in running.tasks:
+                    self.registry.lapse(task_id, token)
+            except REDIS_ERRORS:  # their leases lapse anyway, later
+                log.warning("cannot hand back the tasks of the process this one replaces", exc_info=True)
         # Warm every function now, so the first task does not pay for loading a model. A setup that fails here
         # is tried again by the first task, which then fails (and retries) with the real error.
         for fn in self.fleet.functions.values():
@@ -222,16 +150,27 @@ class Runtime:
             token = owner_token(self.host, os.getpid())
             earlier, taken = self.registry.pop_claim(queues, token, self.lease_s, self.worker_name, self.gpu, pipe)
             self._commit(earlier)
-            if taken is None:
+            if not taken:
                 return None
-            if isinstance(taken, Taken):
-                return _Item(taken.task_id, taken.function, taken.event, taken.meta, taken.claim, token)
-            # Another copy of a task that is not waiting: judged as any delivery (dropped, or taken over).
-            claim = self._take_over(taken, token, log.bind(task_id=taken))
-            record = self.registry.get(taken, event=True) if claim is not None else None
-            if claim is not None and record is not None:
-                return _Item(taken, record["function"], record.get("event"), record.get("meta") or {}, claim, token)
+            items = self._items(taken, token)
+            if items:
+                return items[0]
             pipe = self.registry.client.pipeline(transaction=False)
+
+    def _items(self, taken: list[Taken | str], token: str) -> list[_Item]:
+        """The tasks :meth:`Registry.pop_claim` claimed. Another copy of a task that is not waiting is judged as any
+        delivery: dropped, or taken over from an owner that died."""
+        items = []
+        for got in taken:
+            if isinstance(got, Taken):
+                items.append(_Item(got.task_id, got.function, got.event, got.meta, got.claim, token))
+                continue
+            claim = self._take_over(got, token, log.bind(task_id=got))
+            record = self.registry.get(got, event=True) if claim is not None else None
+            if claim is not None and record is not None:
+                items.append(_Item(got, record["function"], record.get("event"), record.get("meta") or {}, claim,
+                                   token))  # fmt: skip
+        return items
 
     def _take_delivery(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> _Item | None:
         """Claim the task Celery delivered: QUEUED and nobody's (one round trip), or taken over from a dead owner."""
@@ -261,70 +200,112 @@ class Runtime:
             structlog.contextvars.unbind_contextvars("trace_id", "span_id")
 
     def _run(self, item: _Item, pipe: Any) -> None:
-        """Run one claimed task; its outcome goes into ``pipe``."""
-        task_id, function, event, meta, claim, token = item
-        bound = log.bind(task_id=task_id, function=function, event_id=meta.get("source"))
-        attempt, max_attempts, started_at = claim.attempts, claim.max_attempts, claim.started_at
-        fn = self.fleet.functions.get(function)
-        done = _Finisher(self, task_id, function, token, event, claim, fn, pipe=pipe)
+        """Run one claimed task (or the batch it starts); outcomes go into ``pipe``."""
+        fn = self.fleet.functions.get(item.function)
+        done = _Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
         if fn is None:
-            done.fail(TaskError(f"this worker does not serve function {function!r}"), "UnknownFunction")
+            done.fail(TaskError(f"this worker does not serve function {item.function!r}"), "UnknownFunction")
             return
-        self.slot.arm([(task_id, token)], started_at + fn.timeout_s + self.fleet.settings.worker.kill_grace_s)
+        if fn.batch is not None:
+            self._run_batch(batch.gather(self, item, fn), fn, pipe)
+            return
+        self.slot.arm([(item.task_id, item.token)], time.time() + fn.timeout_s + self.kill_grace_s)
+        bound = self._bound(item)
+        if not self._may_start(item, done, fn, bound):
+            return
+        self._current = {item.task_id: done}
+        self.lease.hold([(item.task_id, item.token)])
+        bound.info("task started")
+        try:
+            payload, obj = self._payload(fn, item.event, item.meta)
+            result = self.guarded(fn, lambda: self._call(fn, item, payload, obj, done))
+            value = batch.to_json(fn, result)
+        except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes on up
+            self._failed(done, exc, fn, bound)
+        else:
+            if self.lease.cancel_requested(item.task_id):
+                bound.info("task cancelled; the handler returned early")
+                done.cancelled("cancelled while running; the handler returned early")
+            else:
+                done.succeed(value, done.outputs)
+                bound.info("task succeeded", duration_ms=round((time.time() - item.claim.started_at) * 1000, 3))
+        finally:
+            self.lease.release()
+            self._current = {}
+
+    def _run_batch(self, items: list[_Item], fn: Function, pipe: Any) -> None:
+        """Each task's own checks, then one call for those that may run (see :mod:`gpufleet.worker.batch`)."""
+        members: list[batch.Member] = []
+        for item in items:
+            done = _Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
+            if not self._may_start(item, done, fn, self._bound(item)):
+                continue
+            try:
+                payload, obj = self._payload(fn, item.event, item.meta)
+            except Exception as exc:  # noqa: BLE001 - one event's payload: that event fails alone
+                self._failed(done, exc, fn, self._bound(item))
+                continue
+            members.append(batch.Member(item, done, payload, obj))
+        if not members:
+            return
+        self._current = {m.item.task_id: m.done for m in members}
+        self.lease.hold([(m.item.task_id, m.item.token) for m in members])
+        log.info("batch started", function=fn.name, size=len(members), task_ids=[m.item.task_id for m in members])
+        try:
+            batch.settle(self, fn, members, lambda m, exc: self._failed(m.done, exc, fn, self._bound(m.item)))
+        finally:
+            self.lease.release()
+            self._current = {}
+
+    def _bound(self, item: _Item) -> Any:
+        return log.bind(task_id=item.task_id, function=item.function, event_id=item.meta.get("source"),
+                        attempt=item.claim.attempts)  # fmt: skip
+
+    def _may_start(self, item: _Item, done: _Finisher, fn: Function, bound: Any) -> bool:
+        """False, with its outcome recorded, for a task that must not run: cancelled, too old, or out of attempts."""
+        claim = item.claim
         if claim.cancel_requested:  # cancelled while running on a worker that died before it could stop
             done.cancelled("cancelled before this attempt started")
-            return
+            return False
         age = time.time() - claim.event_ts
         if fn.max_event_age_s is not None and age > fn.max_event_age_s:
             bound.warning("event too old; expired without running", age_s=round(age, 3))
             done.finish(State.EXPIRED, Condition.EVENT_AGE_EXCEEDED, {"errorType": "EventAgeExceeded",
                         "errorMessage": f"event waited {age:.1f} s > max_event_age_s {fn.max_event_age_s:g}",
                         "stackTrace": []})  # fmt: skip
-            return
-        if attempt > max_attempts:
+            return False
+        if claim.attempts > claim.max_attempts:
             # Each earlier attempt killed its worker (a crash or OOM counts as an attempt, as in Lambda).
-            done.fail(TaskError(f"worker lost {attempt - 1} times"), "WorkerLost")
-            return
-        self._current = done
-        self.lease.hold(task_id, token)
-        bound = bound.bind(attempt=attempt)
-        bound.info("task started")
-        try:
-            value, outputs = self._run_handler(fn, task_id, attempt, event, meta)
-        except BaseException as exc:
-            from celery.exceptions import SoftTimeLimitExceeded
+            done.fail(TaskError(f"worker lost {claim.attempts - 1} times"), "WorkerLost")
+            return False
+        return True
 
-            if self.lease.cancel_requested and isinstance(exc, Exception):
-                bound.info("task cancelled; the handler stopped with an error", error=repr(exc))
-                done.cancelled("cancelled while running; the handler stopped")
-            elif isinstance(exc, SoftTimeLimitExceeded):
-                bound.warning("task timed out", timeout_s=fn.timeout_s)
-                timed_out = error_payload(exc, "TimedOut")
-                timed_out["errorMessage"] = f"the handler ran past timeout_s ({fn.timeout_s:g} s)"
-                done.finish(State.TIMED_OUT, Condition.TIMED_OUT, timed_out)
-            elif not isinstance(exc, Exception):
-                raise  # SystemExit / KeyboardInterrupt: let the worker shut down; the lease recovers the task
-            elif isinstance(exc, PermanentTaskError):
-                bound.error("task failed; it cannot succeed, so it is not retried", error=str(exc))
-                done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED,
-                            {"errorType": exc.error_type, "errorMessage": str(exc), "stackTrace": []})  # fmt: skip
-            elif attempt < max_attempts:
-                delay = fn.backoff_for(attempt) * random.uniform(0.8, 1.2)
-                bound.warning("task failed; will retry", error=repr(exc), retry_in_s=round(delay, 3))
-                self.registry.retry_later(task_id, token, delay, error_payload(exc), pipe)
-            else:
-                bound.error("task failed; retries exhausted", error=repr(exc))
-                done.fail(exc)
+    def _failed(self, done: _Finisher, exc: BaseException, fn: Function, bound: Any) -> None:
+        """The outcome of an attempt that raised (or, in a batch, of an event whose result is an exception)."""
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        attempt, max_attempts = done.claim.attempts, done.claim.max_attempts
+        if self.lease.cancel_requested(done.task_id) and isinstance(exc, Exception):
+            bound.info("task cancelled; the handler stopped with an error", error=repr(exc))
+            done.cancelled("cancelled while running; the handler stopped")
+        elif isinstance(exc, SoftTimeLimitExceeded):
+            bound.warning("task timed out", timeout_s=fn.timeout_s)
+            timed_out = error_payload(exc, "TimedOut")
+            timed_out["errorMessage"] = f"the handler ran past timeout_s ({fn.timeout_s:g} s)"
+            done.finish(State.TIMED_OUT, Condition.TIMED_OUT, timed_out)
+        elif not isinstance(exc, Exception):
+            raise exc  # SystemExit / KeyboardInterrupt: let the worker shut down; the lease recovers the task
+        elif isinstance(exc, PermanentTaskError):
+            bound.error("task failed; it cannot succeed, so it is not retried", error=str(exc))
+            done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED,
+                        {"errorType": exc.error_type, "errorMessage": str(exc), "stackTrace": []})  # fmt: skip
+        elif attempt < max_attempts:
+            delay = fn.backoff_for(attempt) * random.uniform(0.8, 1.2)
+            bound.warning("task failed; will retry", error=repr(exc), retry_in_s=round(delay, 3))
+            self.registry.retry_later(done.task_id, done.token, delay, error_payload(exc), done.pipe)
         else:
-            if self.lease.cancel_requested:
-                bound.info("task cancelled; the handler returned early")
-                done.cancelled("cancelled while running; the handler returned early")
-            else:
-                done.succeed(value, outputs)
-                bound.info("task succeeded", duration_ms=round((time.time() - started_at) * 1000, 3))
-        finally:
-            self.lease.release()
-            self._current = None
+            bound.error("task failed; retries exhausted", error=repr(exc))
+            done.fail(exc)
 
     def _soft_limit(self, signum: int, frame: Any) -> None:
         """SIGALRM at ``timeout_s``: raised in the handler, as Celery's soft time limit is; ignored outside it."""
@@ -334,14 +315,17 @@ class Runtime:
             raise SoftTimeLimitExceeded(f"timeout_s passed ({signum})")
 
     def _cancel_overdue(self, task_id: str, token: str) -> None:
-        """Lease-keeper thread: the handler ignored a cancel for the grace period. Record CANCELLED, then kill this
-        pool process; Celery starts a fresh one, which warms up (``setup``) before it takes the next task."""
-        done = self._current
-        if done is None or done.task_id != task_id or done.token != token:
+        """Lease-keeper thread: a handler ignored a cancel for the grace period. Record CANCELLED; then, unless the
+        task shares its call with others (a batch, which runs on), kill this pool process: Celery starts a fresh
+        one, which warms up (``setup``) before it takes the next task."""
+        done = self._current.get(task_id)
+        if done is None or done.token != token:
             return
         grace = self.fleet.settings.worker.cancel_grace_s
-        done.pipe = None  # written now: this process is about to die
-        if done.cancelled(f"the handler ignored the cancel for {grace:g} s; its process was killed"):
+        alone = len(self._current) == 1
+        done.pipe = None  # written now: this process may be about to die
+        how = "its process was killed" if alone else "the rest of its batch runs on"
+        if done.cancelled(f"the handler ignored the cancel for {grace:g} s; {how}") and alone:
             log.warning("handler ignored cancel; killing its process", task_id=task_id, pid=os.getpid())
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -368,45 +352,53 @@ class Runtime:
             return None
         return claim
 
-    def _run_handler(self, fn: Function, task_id: str, attempt: int, event: Any, meta: dict[str, Any],
-                     ) -> tuple[bytes, list[str]]:  # fmt: skip
-        """The handler (and a ``setup()`` not yet run), under the soft time limit."""
+    def guarded(self, fn: Function, call: Callable[[], Any]) -> Any:
+        """``call()`` (the handler) under the function's soft time limit."""
         signal.setitimer(signal.ITIMER_REAL, fn.timeout_s)
         self._in_handler = True
         try:
-            return self._call_handler(fn, task_id, attempt, event, meta)
+            return call()
         finally:
             self._in_handler = False
             signal.setitimer(signal.ITIMER_REAL, 0)
 
-    def _call_handler(self, fn: Function, task_id: str, attempt: int, event: Any, meta: dict[str, Any],
-                      ) -> tuple[bytes, list[str]]:  # fmt: skip
+    def state_of(self, fn: Function) -> Any:
+        """What the function's ``setup()`` returned in this process (run now, if it has not run yet)."""
         if fn.name not in self._states:
             self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
+        return self._states[fn.name]
+
+    def _payload(self, fn: Function, event: Any, meta: dict[str, Any]) -> tuple[Any, ObjectEvent | None]:
+        """What the handler gets: the event, completed (an object event) and validated (a payload model)."""
         obj = None
         if meta.get("kind") == "object":
             obj = complete_event(self.objects, ObjectEvent.model_validate(event))
             event = obj.model_dump(mode="json")
-        payload = event
-        if fn.payload is not None:
-            try:
-                payload = fn.payload.model_validate(event)
-            except ValidationError as exc:
-                raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
-                                         f"{validation_problem(exc)}") from None  # fmt: skip
-        ctx = TaskContext(self, task_id, fn.name, attempt, self._states[fn.name], meta, obj)
+        if fn.payload is None:
+            return event, obj
         try:
-            result = fn.handler(payload, ctx)
+            return fn.payload.model_validate(event), obj
+        except ValidationError as exc:
+            raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
+                                     f"{validation_problem(exc)}") from None  # fmt: skip
+
+    def _call(self, fn: Function, item: _Item, payload: Any, obj: ObjectEvent | None, done: _Finisher) -> Any:
+        ctx = TaskContext(self, item.task_id, fn.name, item.claim.attempts, self.state_of(fn), item.meta, obj)
+        try:
+            return fn.handler(payload, ctx)
         finally:
+            done.outputs = ctx.outputs
             ctx.close()
-        if hasattr(result, "model_dump"):
-            result = result.model_dump(mode="json")
-        try:
-            value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
-        except TypeError as exc:  # the same result every attempt: retrying cannot help
-            what = f"function {fn.name!r} returned a {type(result).__name__} that cannot be stored as JSON: {exc}"
-            raise PermanentTaskError("ResultNotSerializable", what) from None
-        return value, ctx.outputs
+
+    def function_queues(self, name: str) -> list[str]:
+        """This worker's queues of one function (a batch forms from them)."""
+        prefix = self.fleet.settings.redis.key_prefix
+        return [q for q in self.queues if (parsed := parse_queue(prefix, q)) is not None and parsed[2] == name]
+
+    def take(self, queues: list[str], n: int, token: str) -> list[_Item]:
+        """Up to ``n`` more tasks from ``queues``, claimed under ``token``."""
+        _, taken = self.registry.pop_claim(queues, token, self.lease_s, self.worker_name, self.gpu, n=n)
+        return self._items(taken, token)
 
     def on_hard_timeout(self, task_id: str, token: str) -> None:
         """Called in the worker's parent process once its watchdog killed a pool process past the hard limit."""

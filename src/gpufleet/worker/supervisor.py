@@ -38,8 +38,8 @@ from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet
 from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
+from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.lost import LostMessages
-from gpufleet.worker.runtime import owner_is_dead
 
 log = structlog.get_logger("gpufleet.supervisor")
 INVENTORY_EVERY_S = 2.0

@@ -1,0 +1,108 @@
+"""Who owns a running task, and the thread that keeps its lease alive and watches for a cancel."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import psutil
+import structlog
+
+from gpufleet.registry import Registry
+
+log = structlog.get_logger("gpufleet.worker")
+
+
+@functools.cache
+def _start_ms(pid: int) -> int:
+    return int(psutil.Process(pid).create_time() * 1000)
+
+
+def owner_token(host: str, pid: int) -> str:
+    """``host/pid/start-time/nonce``: identifies the process that runs a task, robust to pid reuse."""
+    return f"{host}/{pid}/{_start_ms(pid)}/{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(token: str, host: str) -> bool:
+    """True when the owner ran on this host and its process is gone (it was killed mid-task)."""
+    try:
+        owner_host, pid, started, _ = token.split("/")
+    except ValueError:
+        return False
+    if owner_host != host:
+        return False  # another host: only its lease lapsing tells us it died
+    try:
+        proc = psutil.Process(int(pid))
+        # A zombie is dead too: killed, and not yet reaped by its (possibly also killed) parent.
+        return int(proc.create_time() * 1000) != int(started) or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the leases of the tasks this process runs (one, or a batch), and watches for cancel requests.
+
+    It polls every ``min(lease_s / 3, 0.5)`` s: one pipeline per GPU, and a cancel is seen within half a second. A
+    task whose handler has not returned ``cancel_grace_s`` after its cancel is handed to ``on_overdue``.
+    """
+
+    def __init__(self, registry: Registry, lease_s: float, cancel_grace_s: float,
+                 on_overdue: Callable[[str, str], None]) -> None:  # fmt: skip
+        super().__init__(name="gpufleet-lease", daemon=True)
+        self._registry = registry
+        self._lease_s = lease_s
+        self._grace_s = cancel_grace_s
+        self._on_overdue = on_overdue
+        self._lock = threading.Lock()
+        self._held: list[tuple[str, str]] = []
+        self._cancel_seen: dict[str, float] = {}
+        self._lost: set[str] = set()  # lost (0) or cancel asked (2): what ctx.cancelled reads
+        self._requested: set[str] = set()
+
+    def hold(self, tasks: list[tuple[str, str]]) -> None:
+        """Keep these (task id, token) alive until :meth:`release`."""
+        with self._lock:
+            self._held = list(tasks)
+            self._cancel_seen.clear()
+            self._lost.clear()
+            self._requested.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._held = []
+
+    def cancelled(self, task_id: str) -> bool:
+        """Asked to stop, or no longer this process's: its handler should return early."""
+        return task_id in self._lost
+
+    def cancel_requested(self, task_id: str) -> bool:
+        return task_id in self._requested
+
+    def run(self) -> None:
+        interval = min(self._lease_s / 3, 0.5)
+        while True:
+            time.sleep(interval)
+            with self._lock:
+                held = list(self._held)
+            if not held:
+                continue
+            try:
+                statuses = self._registry.renew_many(held, self._lease_s)
+            except Exception:  # a Redis blip must not kill the renewer; the next round retries
+                log.warning("lease renewal failed", task_ids=[t for t, _ in held], exc_info=True)
+                continue
+            now = time.monotonic()
+            for (task_id, token), status in zip(held, statuses, strict=True):
+                if status != 1:
+                    self._lost.add(task_id)
+                if status != 2:
+                    continue
+                self._requested.add(task_id)
+                seen = self._cancel_seen.setdefault(task_id, now)
+                if seen == now:
+                    log.info("cancel requested", task_id=task_id, grace_s=self._grace_s)
+                elif now - seen >= self._grace_s:
+                    self._on_overdue(task_id, token)

@@ -1,0 +1,132 @@
+"""Dynamic batching with one outcome per event: real Redis, real worker processes, the ``batched`` test function
+(max_size 8, max_wait_ms 50, max_attempts 2, max_event_age_s 30)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from gpufleet.control import ControlPlane
+from gpufleet.errors import ConfigError
+from gpufleet.functions import Batch
+from gpufleet.messages import MessageFactory
+from gpufleet.registry import Enqueued, NewTask
+from tests.harness import FleetHarness
+from tests.test_engine import finished, one_worker, stamp
+
+
+def calls(h: FleetHarness, tag: str) -> list[list[int]]:
+    return [orjson.loads(c) for c in h.redis.lrange(f"batch:{tag}", 0, -1)]
+
+
+def invoke(cp: ControlPlane, tag: str, n: int, **event: Any) -> str:
+    return cp.invoke("batched", {"tag": tag, "n": n, **event}).id
+
+
+def test_a_batch_forms_from_what_is_queued_and_each_event_keeps_its_own_task(harness: FleetHarness) -> None:
+    cp = one_worker(harness)
+    tag = uuid.uuid4().hex
+    blocker = cp.invoke("slow", {"seconds": 1.5}).id  # the events queue up meanwhile
+    harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    ids = [invoke(cp, tag, n) for n in range(20)]
+    views = finished(harness, cp, ids)
+    sizes = [len(c) for c in calls(harness, tag)]
+    assert sorted(n for c in calls(harness, tag) for n in c) == list(range(20))  # each event in exactly one call
+    assert max(sizes) == 8 and sizes.count(8) >= 2, sizes
+    for n, view in enumerate(views):
+        assert view["state"] == "SUCCEEDED" and view["attempts"] == 1 and harness.runs(view["id"]) == 1
+        assert view["result"]["n"] == n and view["result"]["size"] in sizes
+    # Each its own callback record, written with its outcome (the dispatcher, not started here, delivers them).
+    records = [orjson.loads(f[b"value"]) for _, f in harness.redis.xrange(harness.registry.callbacks_key)]
+    mine = [r for r in records if r["requestPayload"].get("tag") == tag]
+    assert sorted(r["requestPayload"]["n"] for r in mine) == list(range(20))
+    assert {r["requestContext"]["requestId"] for r in mine} == set(ids)
+
+
+def test_a_lone_task_runs_at_once_alone(harness: FleetHarness) -> None:
+    cp = one_worker(harness)
+    tag = uuid.uuid4().hex
+    for n in range(3):
+        [view] = finished(harness, cp, [invoke(cp, tag, n)])
+        assert view["result"]["size"] == 1
+        assert stamp(view["started_at"]) - stamp(view["queued_at"]) < 0.5
+    assert calls(harness, tag) == [[0], [1], [2]]
+
+
+def test_one_bad_event_fails_alone_and_a_poison_one_cannot_sink_its_neighbours(harness: FleetHarness) -> None:
+    cp = one_worker(harness)
+    tag = uuid.uuid4().hex
+    blocker = cp.invoke("slow", {"seconds": 1.5}).id
+    harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    modes = ["ok", "ok", "poison", "ok", "ok", "fail", "ok", "ok"]
+    ids = [invoke(cp, tag, n, mode=mode) for n, mode in enumerate(modes)]
+    views = finished(harness, cp, ids)
+    for view, mode in zip(views, modes, strict=True):
+        if mode == "ok":
+            assert view["state"] == "SUCCEEDED" and view["attempts"] == 1, view
+        else:
+            assert view["state"] == "FAILED" and view["attempts"] == 2, view  # retried alone, then given up
+    assert views[2]["error"]["errorType"] == "RuntimeError" and "poison" in views[2]["error"]["errorMessage"]
+    assert views[5]["error"]["errorType"] == "ValueError" and "event 5 fails alone" in views[5]["error"]["errorMessage"]
+    first = calls(harness, tag)[0]
+    assert first == list(range(8))  # one batch first; then its halves, down to the poison one alone
+    assert [2] in calls(harness, tag)
+
+
+def test_cancel_one_event_of_a_running_batch(harness: FleetHarness) -> None:
+    """It ignores the cancel (batch handlers rarely check): recorded CANCELLED after cancel_grace_s (2 s), while the
+    batch runs on; its neighbours succeed, each run once."""
+    cp = one_worker(harness)
+    tag = uuid.uuid4().hex
+    blocker = cp.invoke("slow", {"seconds": 1}).id
+    harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    ids = [invoke(cp, tag, n, sleep=5) for n in range(4)]
+    harness.wait_for(lambda: all(cp.status(i)["state"] == "RUNNING" for i in ids), what="the batch running")
+    assert cp.cancel(ids[1])["outcome"] == "cancelling"
+    harness.wait_for(lambda: cp.status(ids[1])["state"] == "CANCELLED", 4, "the cancelled one recorded")
+    assert all(cp.status(i)["state"] == "RUNNING" for i in (ids[0], ids[2], ids[3]))
+    views = finished(harness, cp, ids)
+    assert [v["state"] for v in views] == ["SUCCEEDED", "CANCELLED", "SUCCEEDED", "SUCCEEDED"]
+    assert [harness.runs(i) for i in ids] == [1, 1, 1, 1]
+
+
+def test_a_worker_killed_mid_batch_runs_each_event_again(harness: FleetHarness) -> None:
+    cp = one_worker(harness, lease_s=60)
+    tag = uuid.uuid4().hex
+    blocker = cp.invoke("slow", {"seconds": 1}).id
+    harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    ids = [invoke(cp, tag, n, sleep=3) for n in range(5)]
+    harness.wait_for(lambda: all(cp.status(i)["state"] == "RUNNING" for i in ids), what="the batch running")
+    os.kill(int(harness.redis.get(f"pid:{ids[0]}") or 0), signal.SIGKILL)
+    killed_at = time.time()
+    views = finished(harness, cp, ids, 60)
+    for view in views:
+        assert view["state"] == "SUCCEEDED" and view["attempts"] == 2 and harness.runs(view["id"]) == 2
+        assert stamp(view["started_at"]) - killed_at < 10  # re-queued by the watchdog, not after the 60 s lease
+
+
+def test_max_event_age_holds_per_event(harness: FleetHarness) -> None:
+    cp = one_worker(harness)
+    tag = uuid.uuid4().hex
+    blocker = cp.invoke("slow", {"seconds": 1}).id
+    harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    fn = harness.fleet().functions["batched"]
+    message = MessageFactory(harness.prefix, 1.0).build("old-one", fn, {"tag": tag, "n": 0}, {"source": "test"})
+    aged = NewTask(message, "", "", 2, "test", time.time() - 60, max_age_s=fn.max_event_age_s, origin="test")
+    assert harness.registry.enqueue_many([aged]) == [Enqueued.CREATED]  # its event is a minute old: past 30 s
+    old, fresh = "old-one", invoke(cp, tag, 1)
+    views = finished(harness, cp, [old, fresh])
+    assert [v["state"] for v in views] == ["EXPIRED", "SUCCEEDED"]
+    assert harness.runs(old) == 0
+
+
+@pytest.mark.parametrize(("size", "wait"), [(0, 10), (257, 10), (8, -1), (8, 10_001)])
+def test_a_batch_policy_out_of_range_is_refused(size: int, wait: float) -> None:
+    with pytest.raises(ConfigError):
+        Batch(max_size=size, max_wait_ms=wait)
