@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import handlers
-from gpufleet import Context, function
+from gpufleet import Batch, BatchContext, Context, function
 
 
 @function(name="noop", max_attempts=1)
@@ -23,4 +24,16 @@ def stamp(event: dict[str, Any], ctx: Context) -> None:
 
 @function(name="work", max_attempts=1)
 def work(event: dict[str, Any], ctx: Context) -> None:
-    handlers.work(float(event.get("ms", 20.0)), bool(event.get("warm", False)), str(event.get("side", "")))
+    handlers.work(
+        float(event.get("ms", 20.0)),
+        bool(event.get("warm", False)),
+        str(event.get("side", "")),
+        int(event.get("flush", 1)),
+    )
+
+
+@function(name="batchwork", max_attempts=1, batch=Batch(max_size=8, max_wait_ms=20))
+def batchwork(events: list[dict[str, Any]], ctx: BatchContext) -> list[None]:
+    """``work``, batched: 20 ms plus 5/7 ms per event after the first, so a batch of 8 takes 25 ms."""
+    time.sleep((20.0 + (len(events) - 1) * 5 / 7) / 1000)
+    return [None] * len(events)

@@ -1,0 +1,89 @@
+"""The batching figures: one function, batched and not, on the same gpufleet worker in the same run.
+
+``batchwork`` (``Batch(max_size=8, max_wait_ms=20)``) sleeps 20 ms plus 5/7 ms per event after the first: a batch
+of 8 takes 25 ms, as a GPU forward pass of 8 small items might. ``work`` is the same function unbatched: 20 ms per
+event. Both read their figures from the registry's records (created, started, finished), so nothing is added to the
+handlers:
+
+- throughput: ``n`` tasks queued at once (one ``enqueue_many``), from the first start to the last finish;
+- latency at low load: tasks queued one at a time, 10 per second (a fifth of the unbatched function's capacity), from
+  queued to finished; the two functions alternate in blocks of 10, so drift on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gpufleet.messages import MessageFactory
+from gpufleet.registry import Enqueued, NewTask, Registry
+
+BATCHED, SINGLE = "batchwork", "work"
+PACE_S = 0.1
+
+
+@dataclass(frozen=True)
+class Figures:
+    throughput: float  # tasks per second
+    p50_ms: float  # queued -> finished at low load
+    p99_ms: float
+
+
+def run_both(registry: Registry, fleet: Any, n: int, paced: int, wait: Callable[[Callable[[], bool], float, str],
+             None]) -> tuple[Figures, Figures]:  # fmt: skip
+    """(batched, unbatched). ``wait(cond, timeout_s, what)`` waits for a condition while watching the worker."""
+    factory = MessageFactory(fleet.settings.redis.key_prefix, fleet.settings.worker.kill_grace_s)
+    ids = itertools.count()
+
+    def enqueue(function: str, count: int) -> list[str]:
+        fn, s = fleet.functions[function], fleet.settings
+        tasks, now = [], time.time()
+        for i in itertools.islice(ids, count):
+            task_id = f"bench-batch-{function}-{i:06d}"
+            event = {"ms": 20.0, "warm": True, "side": "batch"}  # warm: work() then writes no duty span
+            message = factory.build(task_id, fn, event, {"source": f"bench:{i}"})
+            tasks.append(NewTask(message, s.defaults.on_success, s.defaults.on_failure, 1, f"bench:{i}", now,
+                                 origin="trigger:bench"))  # fmt: skip
+        if any(x is not Enqueued.CREATED for x in registry.enqueue_many(tasks)):
+            raise RuntimeError("enqueue_many reported duplicates")
+        return [t.message.task_id for t in tasks]
+
+    def done(task_ids: list[str]) -> Callable[[], bool]:
+        return lambda: all(r is not None and r["state"] == "SUCCEEDED" for r in registry.get_many(task_ids))
+
+    def times(task_ids: list[str]) -> list[tuple[float, float, float]]:
+        pipe = registry.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hmget(registry.task_key(task_id), "created_at", "started_at", "finished_at")
+        return [(float(a), float(b), float(c)) for a, b, c in pipe.execute()]
+
+    def throughput(function: str) -> float:
+        task_ids = enqueue(function, n)
+        wait(done(task_ids), 60 + n * 0.05, f"{n} {function} tasks")
+        rows = times(task_ids)
+        return n / (max(r[2] for r in rows) - min(r[1] for r in rows))
+
+    def paced_block(function: str, count: int) -> list[str]:
+        out = []
+        for _ in range(count):
+            out += enqueue(function, 1)
+            time.sleep(PACE_S)
+        return out
+
+    warm = enqueue(BATCHED, 1) + enqueue(SINGLE, 1)
+    wait(done(warm), 60, "a warm-up task of each")
+    rates = {f: throughput(f) for f in (BATCHED, SINGLE)}
+    latency: dict[str, list[float]] = {BATCHED: [], SINGLE: []}
+    for block in range(0, paced, 10):
+        for function in (BATCHED, SINGLE):
+            task_ids = paced_block(function, min(10, paced - block))
+            wait(done(task_ids), 60, f"paced {function} tasks")
+            latency[function] += [(finished - created) * 1000 for created, _, finished in times(task_ids)]
+    return tuple(  # type: ignore[return-value]
+        Figures(rates[f], statistics.median(latency[f]), sorted(latency[f])[int(0.99 * (len(latency[f]) - 1))])
+        for f in (BATCHED, SINGLE)
+    )
