@@ -203,6 +203,16 @@ def test_bodies_over_max_payload_bytes_are_413(api: Api) -> None:
     assert api.client.post("/v1/functions/echo/invocations", content=fits).status_code == 202
 
 
+def test_invoke_takes_a_priority_and_refuses_one_out_of_range(api: Api) -> None:
+    low = api.client.post("/v1/functions/echo/invocations?priority=1", json={"p": 1}).json()["id"]
+    high = api.client.post("/v1/functions/echo/invocations?priority=8", json={"p": 8}).json()["id"]
+    assert api.client.get(f"/v1/tasks/{high}").json()["priority"] == 8
+    assert api.client.get(f"/v1/tasks/{high}/position").json()["position"] < \
+        api.client.get(f"/v1/tasks/{low}/position").json()["position"]  # fmt: skip
+    r = api.client.post("/v1/functions/echo/invocations?priority=12", json={})
+    assert error_code(r, 422) == "invalid_request" and "priority" in r.json()["error"]["message"]
+
+
 # -- tasks without workers --------------------------------------------------------------------------------------
 
 
