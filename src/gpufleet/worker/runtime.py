@@ -128,15 +128,19 @@ class Runtime:
         """
         item = self._take_delivery(task_id, function, event, meta)
         until = time.monotonic() + DRAIN_S
-        while item is not None:
-            pipe = self.registry.client.pipeline(transaction=False)
-            self._run_traced(item, pipe)
-            if self.slot.stopping or time.monotonic() > until or not self.queues:
-                self._commit(pipe.execute())
-                item = None
-            else:
-                item = self._next(pipe)
-        self.slot.disarm()
+        try:
+            while item is not None:
+                pipe = self.registry.client.pipeline(transaction=False)
+                self._run_traced(item, pipe)
+                if self.slot.stopping or time.monotonic() > until or not self.queues:
+                    self._commit(pipe.execute())
+                    item = None
+                else:
+                    item = self._next(pipe)
+        finally:
+            # Idle now (or on the way out with an error): nothing for the watchdog to time. A task whose outcome did
+            # not reach Redis keeps its lease, which lapses: it runs again.
+            self.slot.disarm()
 
     def _commit(self, answers: list[Any]) -> None:
         if not all(answers):
