@@ -75,7 +75,7 @@ def gather(rt: Runtime, first: _Item, fn: Function) -> list[_Item]:
     items = [first]
     queues = rt.function_queues(fn.name)
     formed = time.monotonic()
-    while queues and len(items) < fn.batch.max_size:
+    while queues and len(items) < fn.batch.max_size and not rt.slot.stopping:  # stopping: take nothing more
         got = rt.take(queues, fn.batch.max_size - len(items), first.token)
         items += got
         left = fn.batch.max_wait_ms / 1000 - (time.monotonic() - formed)
