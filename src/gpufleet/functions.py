@@ -41,16 +41,21 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
 
 
-class Context(Protocol):
+class _Where(Protocol):
+    """What a handler's ``ctx`` says about where it runs, for one task or a batch."""
+
+    function: str
+    worker: str
+    gpu: str
+    state: Any  # what setup() returned in this process
+    log: FilteringBoundLogger
+
+
+class Context(_Where, Protocol):
     """What a handler receives besides its event. The worker runtime provides the implementation."""
 
     task_id: str
-    function: str
     attempt: int
-    worker: str
-    gpu: str
-    state: Any
-    log: FilteringBoundLogger
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress, 0..1 plus a short message; visible in the task's status."""
@@ -75,15 +80,10 @@ class Context(Protocol):
         record lists under ``responseContext.outputs``."""
 
 
-class BatchContext(Protocol):
+class BatchContext(_Where, Protocol):
     """What a batch handler receives besides its list of events: one :class:`Context` per event, in order."""
 
     items: list[Context]
-    function: str
-    worker: str
-    gpu: str
-    state: Any
-    log: FilteringBoundLogger
 
     def progress(self, fraction: float, message: str = "") -> None:
         """The same progress for every event of the batch (``items[i].progress`` reports one)."""

@@ -262,13 +262,11 @@ return 1
 
 # KEYS: task, leases, callbacks.  ARGV: prefix, token, state, now, retention_s, n_fields, field/value pairs...,
 #   then callback stream entries as (dest, value, condition) triples.
-# A token of '*' finishes whatever owner holds the task (used by the worker parent after a hard kill).
+# Only the owner finishes: the worker's parent, after its watchdog killed a pool process, uses that process's token.
 FINISH = (
     _MOVE
     + """
-local cur = redis.call('HGET', KEYS[1], 'state')
-if cur ~= 'RUNNING' then return 0 end
-if ARGV[2] ~= '*' and redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
+if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = redis.call('HGET', KEYS[1], 'id')
 observe(ARGV[1], 'duration', fn, tonumber(ARGV[4]) - tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[4]))
