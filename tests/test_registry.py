@@ -10,6 +10,7 @@ import time
 
 import orjson
 import pytest
+import redis
 
 from gpufleet.dispatcher import Dispatcher
 from gpufleet.messages import Envelopes, MessageFactory
@@ -30,6 +31,40 @@ def enqueue(h: FleetHarness, task_id: str, function: str = "echo") -> None:
     message = factory.build(task_id, fleet.functions[function], {"k": task_id}, {"source": "test"})
     task = NewTask(message, "kafka:///s", "kafka:///f", 3, "test", time.time(), origin="test")
     assert h.registry.enqueue_many([task]) == [Enqueued.CREATED]
+
+
+def script_calls(h: FleetHarness) -> dict[str, int]:
+    stats = h.registry.client.info("commandstats")
+    return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("script|exists", "evalsha")}
+
+
+def test_a_pipeline_of_scripts_is_one_round_trip_and_survives_a_lost_script_cache(harness: FleetHarness) -> None:
+    """redis-py asks SCRIPT EXISTS before each pipeline that holds a script (a round trip more, between two tasks of a
+    worker); the registry's pipelines do not, and a Redis that lost its scripts (restarted) gets them again, each
+    command running once."""
+    reg = harness.registry
+    enqueue(harness, "warm")  # the scripts are loaded
+    before = script_calls(harness)
+    for n in range(5):
+        enqueue(harness, f"p{n}")
+    after = script_calls(harness)
+    assert after["script|exists"] == before["script|exists"] and after["evalsha"] == before["evalsha"] + 5
+    for task_id in ("p0", "p1"):
+        assert reg.claim(task_id, "QUEUED", "", "me/1/1/a", 30, "w", "g").ok
+    reg.client.script_flush()
+    pipe = reg.pipeline()
+    pipe.set(f"{harness.prefix}:probe", "1")
+    reg.finish("p0", "me/1/1/a", State.SUCCEEDED, {"result": b"1"}, [], pipe=pipe)
+    pipe.incr(f"{harness.prefix}:probe")
+    reg.finish("p1", "me/1/1/a", State.SUCCEEDED, {"result": b"2"}, [], pipe=pipe)
+    probe, first, count, second = pipe.execute()
+    assert (probe, count) == (True, 2)  # not run twice
+    assert first and second
+    assert reg.get("p0")["state"] == reg.get("p1")["state"] == "SUCCEEDED"
+    bad = reg.pipeline()
+    bad.lpush(f"{harness.prefix}:probe", "x")  # a string key: WRONGTYPE
+    with pytest.raises(redis.ResponseError, match="Command # 1"):  # an error still raises, as redis-py's does
+        bad.execute()
 
 
 def test_only_one_delivery_can_claim_a_task(harness: FleetHarness) -> None:

@@ -151,6 +151,10 @@ class Registry:
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
 
+    def pipeline(self) -> redisconn.ScriptPipeline:
+        """A pipeline for the registry's scripts: one round trip per execute (see ScriptPipeline)."""
+        return redisconn.ScriptPipeline(self.client)
+
     def enqueue_many(self, tasks: list[NewTask]) -> list[Enqueued]:
         """Create the records and push the messages; per task, whether it was created, a duplicate (the id exists
         for the same function and origin) or a conflict (it exists for another).
@@ -161,7 +165,7 @@ class Registry:
         if not tasks:
             return []
         now = repr(time.time())
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.pipeline()
         for start in range(0, len(tasks), ENQUEUE_CHUNK):
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
                                    t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts),
@@ -191,7 +195,7 @@ class Registry:
 
     def stored_calls(self, task_ids: list[str]) -> list[tuple[str, bytes, bytes] | None]:
         """(function, event JSON, meta JSON) per task, to build its message again; None for a missing record."""
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.pipeline()
         for task_id in task_ids:
             pipe.hmget(self.task_key(task_id), "function", "event", "meta", "message")
         calls: list[tuple[str, bytes, bytes] | None] = []
@@ -234,7 +238,7 @@ class Registry:
         is empty. Commands already in ``pipe`` (the last task's outcome) go first, in the same round trip; their
         answers come first."""
         now = time.time()
-        pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
+        pipe = pipe if pipe is not None else self.pipeline()
         self._pop_claim(args=[self.prefix, token, now, now + lease_s, worker, gpu, n, *queues], client=pipe)
         *earlier, replies = pipe.execute()
         taken: list[Taken | str] = []
@@ -254,7 +258,7 @@ class Registry:
     def renew_many(self, tasks: list[tuple[str, str]], lease_s: float) -> list[int]:
         """:meth:`renew` for several (task id, token) at once, in one round trip."""
         until = time.time() + lease_s
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.pipeline()
         for task_id, token in tasks:
             self._renew(keys=[self.task_key(task_id), self.leases_key], args=[token, until], client=pipe)
         return [int(status) for status in pipe.execute()]
@@ -300,7 +304,7 @@ class Registry:
         skip = {self.delayed_key: 0, self.leases_key: 0}
         for _ in range(pages):
             now = time.time()
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.pipeline()
             for key, offset in skip.items():
                 pipe.zrangebyscore(key, "-inf", now, offset, limit)
             due, lapsed = ([i.decode() for i in ids] for ids in pipe.execute())
@@ -352,7 +356,7 @@ class Registry:
 
     def counts(self, function: str) -> dict[str, int]:
         """Tasks per state (finished ones while their records are retained)."""
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.pipeline()
         for state in State:
             pipe.zcard(self.index_key(function, state))
         return {state.value: int(n) for state, n in zip(State, pipe.execute(), strict=True)}
@@ -390,7 +394,7 @@ class Registry:
     def position(self, task_id: str, queue: str) -> tuple[int, int] | None:
         """(tasks ahead of this one, queue length) in its queue, or None when it is not waiting there."""
         key = f"{self.prefix}:pending:{queue}"
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.pipeline()
         pipe.zrank(key, task_id)
         pipe.zcard(key)
         rank, length = pipe.execute()
@@ -406,7 +410,7 @@ class Registry:
 
     def get_many(self, task_ids: list[str]) -> list[dict[str, Any] | None]:
         """The records a listing shows, reading only the fields it shows (never the event)."""
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.pipeline()
         for task_id in task_ids:
             pipe.hmget(self.task_key(task_id), VIEW_FIELDS)
         out: list[dict[str, Any] | None] = []

@@ -130,7 +130,7 @@ class Runtime:
         until = time.monotonic() + DRAIN_S
         try:
             while item is not None:
-                pipe = self.registry.client.pipeline(transaction=False)
+                pipe = self.registry.pipeline()
                 self._run_traced(item, pipe)
                 if self.slot.stopping or time.monotonic() > until or not self.queues:
                     self._commit(pipe.execute())
@@ -159,7 +159,7 @@ class Runtime:
             items = self._items(taken, token)
             if items:
                 return items[0]
-            pipe = self.registry.client.pipeline(transaction=False)
+            pipe = self.registry.pipeline()
 
     def _items(self, taken: list[Taken | str], token: str) -> list[_Item]:
         """The tasks :meth:`Registry.pop_claim` claimed. Another copy of a task that is not waiting is judged as any
