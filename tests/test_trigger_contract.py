@@ -142,12 +142,11 @@ class KafkaSource(Source):
         crashed = threading.Event()
         trigger: Any = running.trigger
 
-        def settle(consumer: Any, future: Any, offsets: Any) -> bool:
-            future.result()  # durable in Redis...
+        def commit(consumer: Any, offsets: Any) -> None:  # the batch is durable in Redis...
             crashed.set()
             raise RuntimeError("killed before the offsets were committed")  # ...and the process dies
 
-        trigger._settle = settle
+        trigger._commit = commit
         return crashed
 
 

@@ -81,7 +81,8 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
 
 
 class ScriptPipeline(redis.client.Pipeline):
-    """A non-transactional pipeline that sends its scripts' EVALSHA without asking first whether Redis has them.
+    """A non-transactional pipeline that sends its scripts' EVALSHA without asking first whether Redis has them, and
+    that can be sent now and answered later (:meth:`send`, :meth:`receive`).
 
     redis-py's pipeline sends SCRIPT EXISTS before every execute that holds a script: one more round trip, which a
     worker paid between two tasks and a trigger per batch. Redis keeps a loaded script until it restarts or fails over,
@@ -97,7 +98,39 @@ class ScriptPipeline(redis.client.Pipeline):
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         stack, scripts = list(self.command_stack), list(self.scripts)
-        replies: list[Any] = super().execute(raise_on_error=False)
+        return self._settle(stack, scripts, super().execute(raise_on_error=False), raise_on_error)
+
+    def send(self) -> None:
+        """Write the commands to Redis now; :meth:`receive` reads the replies. In between, the caller may do other
+        work while Redis runs them. No retry: an error is the caller's to handle (the pipeline is then empty)."""
+        self.connection = conn = self.connection or self.connection_pool.get_connection()
+        try:
+            packed = conn.pack_commands([args for args, _ in self.command_stack])  # type: ignore[no-untyped-call]
+            conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            self.reset()
+            raise
+
+    def receive(self, raise_on_error: bool = True) -> list[Any]:
+        """The replies to what :meth:`send` wrote, as :meth:`execute` returns them."""
+        conn, stack, scripts = self.connection, list(self.command_stack), list(self.scripts)
+        assert conn is not None, "receive() without send()"
+        replies: list[Any] = []
+        try:
+            for args, options in stack:
+                try:
+                    replies.append(self.parse_response(conn, args[0], **options))  # type: ignore[no-untyped-call]
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be left unread on it
+            raise
+        finally:
+            self.reset()
+        return self._settle(stack, scripts, replies, raise_on_error)
+
+    def _settle(self, stack: list[Any], scripts: list[Any], replies: list[Any], raise_on_error: bool) -> list[Any]:
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
         if missing:
             again = [i for i, (args, _) in enumerate(stack) if i in missing or (i > missing[0] and args[0] == "WAIT")]

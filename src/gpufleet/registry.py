@@ -161,9 +161,17 @@ class Registry:
 
         Each chunk of :data:`ENQUEUE_CHUNK` tasks is one atomic script, so no single call holds Redis for more than
         a millisecond or two; the chunks travel in one pipeline, one round trip.
+
+        Raises:
+            BrokerError: Redis could not be reached, or too few replicas acknowledged (``redis.wait_replicas``).
         """
+        return self.send_enqueue(tasks)()
+
+    def send_enqueue(self, tasks: list[NewTask]) -> Callable[[], list[Enqueued]]:
+        """:meth:`enqueue_many` in two halves: the scripts go to Redis now, and the call returned reads their answers
+        (and raises as enqueue_many does). A trigger parses its next batch while Redis runs them."""
         if not tasks:
-            return []
+            return list
         now = repr(time.time())
         pipe = self.pipeline()
         for start in range(0, len(tasks), ENQUEUE_CHUNK):
@@ -176,15 +184,23 @@ class Registry:
         if self.wait_replicas:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)  # type: ignore[no-untyped-call]
         try:
-            replies = pipe.execute()
+            pipe.send()
         except REDIS_ERRORS as exc:
             raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
-        if self.wait_replicas:
-            acked = replies.pop()
-            if acked < self.wait_replicas:  # written to the master only: a failover now could lose them
-                raise BrokerError(f"tasks reached {acked} of redis.wait_replicas={self.wait_replicas} replicas "
-                                  f"within {self.wait_timeout_ms} ms; not acknowledged, retried")  # fmt: skip
-        return [Enqueued(x) for reply in replies for x in reply]
+
+        def answers() -> list[Enqueued]:
+            try:
+                replies = pipe.receive()
+            except REDIS_ERRORS as exc:
+                raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
+            if self.wait_replicas:
+                acked = replies.pop()
+                if acked < self.wait_replicas:  # written to the master only: a failover now could lose them
+                    raise BrokerError(f"tasks reached {acked} of redis.wait_replicas={self.wait_replicas} replicas "
+                                      f"within {self.wait_timeout_ms} ms; not acknowledged, retried")  # fmt: skip
+            return [Enqueued(x) for reply in replies for x in reply]
+
+        return answers
 
     def get(self, task_id: str, event: bool = False) -> dict[str, Any] | None:
         """The task's record; with ``event``, also its ``event`` and ``meta`` (decoded)."""

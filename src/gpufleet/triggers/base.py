@@ -17,6 +17,7 @@ import hashlib
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -219,6 +220,9 @@ class Prepared:
     sources: list[SourceMessage] = field(default_factory=list)  # the message each task came from
 
 
+Sent = Callable[[], list[Enqueued]]  # a batch on its way to Redis: the call reads the answers (see Ingest.send)
+
+
 @dataclass
 class BatchResult:
     published: int = 0
@@ -355,12 +359,31 @@ class Ingest:
         """Make a prepared batch durable; None if ``stop`` was set first (then nothing may be acknowledged). A task
         whose id exists for another function or origin is dead-lettered (``id_conflict``) with its message, and
         added to ``batch.dead``."""
-        tasks = batch.tasks
-        # Two copies of one id in a batch: the atomic script keeps the first.
-        outcomes: list[Enqueued] = []
-        enqueue = lambda: outcomes.extend(self.registry.enqueue_many(tasks))  # noqa: E731 - one line, retried whole
-        if tasks and not retry_until(enqueue, stop, "publish", hint=self.redis_hint):
+        return self.complete(batch, self.send(batch), stop)
+
+    def send(self, batch: Prepared) -> Sent | None:
+        """The first half of :meth:`publish`: the batch's tasks go to Redis now (None if they could not), and
+        :meth:`complete` reads the answers. A source parses its next batch in between, while Redis works."""
+        try:
+            return self.registry.send_enqueue(batch.tasks)
+        except BrokerError as exc:
+            log.warning("publish failed; retrying", error=str(exc), hint=self.redis_hint)
             return None
+
+    def complete(self, batch: Prepared, sent: Sent | None, stop: threading.Event) -> BatchResult | None:
+        """The second half of :meth:`publish`: the answers to :meth:`send`, or the whole batch again until Redis takes
+        it (a task that got in before an error counts as a duplicate then)."""
+        tasks = batch.tasks
+        outcomes: list[Enqueued] = []
+        if sent is not None:
+            try:
+                outcomes = sent()
+            except BrokerError as exc:
+                log.warning("publish failed; retrying", error=str(exc), hint=self.redis_hint)
+        if tasks and not outcomes:
+            enqueue = lambda: outcomes.extend(self.registry.enqueue_many(tasks))  # noqa: E731 - one line, retried
+            if not retry_until(enqueue, stop, "publish", hint=self.redis_hint):
+                return None
         dead = batch.dead
         conflicts: dict[int, tuple[SourceMessage, list[str]]] = {}  # one dead letter per message, naming its ids
         for task, source, outcome in zip(tasks, batch.sources, outcomes, strict=True):

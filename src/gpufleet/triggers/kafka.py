@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gpufleet.errors import BrokerError, unreachable_hint
-from gpufleet.triggers.base import LAG_EVERY_S, BatchResult, Ingest, Prepared, SourceMessage, SourceTrigger
+from gpufleet.triggers.base import LAG_EVERY_S, Ingest, Prepared, Sent, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import TriggerSettings
 
 if TYPE_CHECKING:
@@ -75,28 +74,25 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
         except BaseException:
             self.close()
             raise
-        # One batch is published while the next is polled and parsed, so Kafka and Redis round trips overlap.
-        # Offsets are committed in order, each only after its own batch is durable.
-        publisher = ThreadPoolExecutor(1, thread_name_prefix=f"gpufleet-publish-{self.name}")
-        inflight: tuple[Future[BatchResult | None], dict[Any, Any]] | None = None
+        # One batch is in Redis's hands while the next is polled and parsed, all on this thread: Redis runs the
+        # scripts while Python parses, and no second thread waits for the GIL (a publish thread measured slower than
+        # none). Offsets are committed in order, each only after its own batch is durable.
+        inflight: tuple[Prepared, Sent | None, dict[Any, Any]] | None = None
         log.info("kafka trigger started", trigger=self.name, topic=self.topic, group=self.group)
         next_lag = 0.0
         try:
             while not stop.is_set():
                 if time.monotonic() >= next_lag:  # every LAG_EVERY_S; each second until a fetch has told us
                     next_lag = time.monotonic() + (LAG_EVERY_S if self._report_lag(consumer) else 1.0)
-                polled = consumer.poll(timeout_ms=5 if inflight else 200, max_records=self.trigger.batch_max)
+                polled = consumer.poll(timeout_ms=0 if inflight else 200, max_records=self.trigger.batch_max)
                 batch = self._prepare(polled) if polled else None
-                if inflight is not None and (batch is not None or inflight[0].done()):
-                    if not self._settle(consumer, *inflight):
-                        return  # stopping with work not durable: its offsets stay uncommitted, it is read again
-                    inflight = None
-                if batch is not None:
-                    inflight = (publisher.submit(self.ingest.publish, batch[0], stop), batch[1])
-            if inflight is not None:
-                self._settle(consumer, *inflight)  # graceful stop: finish the batch in hand and commit it
+                settled = inflight
+                if settled is not None and self.ingest.complete(settled[0], settled[1], stop) is None:
+                    return  # stopping with work not durable: its offsets stay uncommitted, it is read again
+                inflight = None if batch is None else (batch[0], self.ingest.send(batch[0]), batch[1])
+                if settled is not None:
+                    self._commit(consumer, settled[2])  # while Redis takes the next batch
         finally:
-            publisher.shutdown(wait=True)
             consumer.close(autocommit=False)
             self.close()
             log.info("kafka trigger stopped", trigger=self.name, **self.stats)
@@ -134,16 +130,11 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
             offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
         return self.ingest.prepare(messages), offsets
 
-    def _settle(self, consumer: Any, future: Future[BatchResult | None], offsets: dict[Any, Any]) -> bool:
-        """Wait for a batch to be durable, then commit its offsets. False if it was not (stopping)."""
+    def _commit(self, consumer: Any, offsets: dict[Any, Any]) -> None:
         from kafka.errors import CommitFailedError, KafkaError
 
-        result = future.result()
-        if result is None:
-            return False
         try:
             consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
             # A rebalance took the partitions: the next owner re-reads and finds duplicates, nothing is lost.
             log.warning("offset commit failed; messages will be re-read and de-duplicated", error=str(exc))
-        return True
