@@ -287,7 +287,7 @@ def test_a_claimed_task_leaves_the_deadline_index(harness: FleetHarness) -> None
     factory = MessageFactory(harness.prefix, 1.0)
     message = factory.build("dl1", fleet.functions["expiring"], {}, {"source": "test"})
     reg = harness.registry
-    task = NewTask(message, "kafka:///s", "kafka:///f", 1, "test", time.time(), 1.0, origin="test")
+    task = NewTask(message, "kafka:///s", "kafka:///f", 1, "test", time.time(), max_age_s=1.0, origin="test")
     assert reg.enqueue_many([task]) == [Enqueued.CREATED]
     assert reg.client.zscore(reg.deadlines_key, "dl1") is not None
     assert reg.claim("dl1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok

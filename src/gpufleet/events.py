@@ -34,8 +34,11 @@ def decode_event(raw: bytes | str) -> Any:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:  # also invalid UTF-8, NaN, Infinity and 1e400
         raise EventError("malformed_json", str(exc)) from None
-    check_event(value)
     data = raw.encode() if isinstance(raw, str) else raw
+    # orjson reads no NaN or infinity, and reads a too-long integer as a float (see _LONG_DIGITS), so only the depth
+    # is left to check: fewer brackets than MAX_DEPTH (those in strings count too) cannot nest deeper.
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH:
+        check_event(value)
     if _LONG_DIGITS.search(data):
         try:
             json.loads(data, parse_int=_exact_int)  # raises EventError for an integer beyond 64 bits

@@ -13,8 +13,7 @@ import copy
 import itertools
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -62,8 +61,7 @@ def priority_list(queue: str, priority: int) -> str:
     return queue if level == 0 else f"{queue}{PRIORITY_SEP}{level}"
 
 
-@dataclass(frozen=True)
-class TaskMessage:
+class TaskMessage(NamedTuple):
     """A task ready to publish: its id, the queue and the serialized kombu envelope, plus the event and meta as JSON
     (what the registry keeps, a fraction of the envelope, to build the envelope again when the task is re-queued)."""
 
