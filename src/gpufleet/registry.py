@@ -174,12 +174,13 @@ class Registry:
         now = repr(time.time())
         pipe = self.pipeline()
         for start in range(0, len(tasks), ENQUEUE_CHUNK):
-            batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.message.envelope.decode(),
-                                   t.on_success, t.on_failure, str(t.max_attempts), t.source, now, repr(t.event_ts),
+            chunk = tasks[start : start + ENQUEUE_CHUNK]
+            batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure,
+                                   str(t.max_attempts), t.source, now, repr(t.event_ts),
                                    "" if t.max_age_s is None else repr(t.max_age_s), t.message.event.decode(),
                                    t.message.meta.decode(), t.message.tag, t.origin, str(t.message.priority)]
-                                  for t in tasks[start : start + ENQUEUE_CHUNK]])  # fmt: skip
-            self._enqueue(args=[self.prefix, now, batch], client=pipe)
+                                  for t in chunk])  # fmt: skip
+            self._enqueue(args=[self.prefix, now, batch, *(t.message.envelope for t in chunk)], client=pipe)
         if self.wait_replicas:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)  # type: ignore[no-untyped-call]
         try:

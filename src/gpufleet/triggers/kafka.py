@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -74,10 +75,10 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
         except BaseException:
             self.close()
             raise
-        # One batch is in Redis's hands while the next is polled and parsed, all on this thread: Redis runs the
-        # scripts while Python parses, and no second thread waits for the GIL (a publish thread measured slower than
-        # none). Offsets are committed in order, each only after its own batch is durable.
-        inflight: tuple[Prepared, Sent | None, dict[Any, Any]] | None = None
+        # All on this thread: a batch is sent to Redis as soon as it is parsed, and the one before it is then read
+        # back and committed, so Redis runs scripts while Python polls and parses (a separate publish thread measured
+        # slower than none: the GIL). Offsets are committed in order, each only after its own batch is durable.
+        inflight: deque[tuple[Prepared, Sent | None, dict[Any, Any]]] = deque()
         log.info("kafka trigger started", trigger=self.name, topic=self.topic, group=self.group)
         next_lag = 0.0
         try:
@@ -85,16 +86,15 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
                 if time.monotonic() >= next_lag:  # every LAG_EVERY_S; each second until a fetch has told us
                     next_lag = time.monotonic() + (LAG_EVERY_S if self._report_lag(consumer) else 1.0)
                 polled = consumer.poll(timeout_ms=0 if inflight else 200, max_records=self.trigger.batch_max)
-                batch = self._prepare(polled) if polled else None
-                settled = inflight
-                if settled is not None and self.ingest.complete(settled[0], settled[1], stop) is None:
-                    return  # stopping with work not durable: its offsets stay uncommitted, it is read again
-                inflight = None if batch is None else (batch[0], self.ingest.send(batch[0]), batch[1])
-                if settled is not None:
-                    # While Redis takes the next batch. Synchronous: kafka-python's commit_async measured slower.
-                    self._commit(consumer, settled[2])
-            if inflight is not None and self.ingest.complete(inflight[0], inflight[1], stop) is not None:
-                self._commit(consumer, inflight[2])  # graceful stop: the batch in hand, committed
+                if polled:
+                    prepared, offsets = self._prepare(polled)
+                    inflight.append((prepared, self.ingest.send(prepared), offsets))
+                while len(inflight) > (1 if polled else 0):  # keep the newest in Redis's hands while polling on
+                    if not self._settle(consumer, *inflight.popleft(), stop):
+                        return  # stopping with work not durable: its offsets stay uncommitted, it is read again
+            while inflight:  # graceful stop: the batches in hand, committed
+                if not self._settle(consumer, *inflight.popleft(), stop):
+                    return
         finally:
             consumer.close(autocommit=False)
             self.close()
@@ -132,6 +132,15 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
                 ))  # fmt: skip
             offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
         return self.ingest.prepare(messages), offsets
+
+    def _settle(self, consumer: Any, batch: Prepared, sent: Sent | None, offsets: dict[Any, Any],
+                stop: threading.Event) -> bool:  # fmt: skip
+        """Wait for a batch to be durable, then commit its offsets (synchronously: kafka-python's commit_async
+        measured slower). False if it was not durable (stopping)."""
+        if self.ingest.complete(batch, sent, stop) is None:
+            return False
+        self._commit(consumer, offsets)
+        return True
 
     def _commit(self, consumer: Any, offsets: dict[Any, Any]) -> None:
         from kafka.errors import CommitFailedError, KafkaError
