@@ -848,19 +848,21 @@ def duty_split(w: World, spans: list[Span], sizes: list[int]) -> str:
     """Where a gpufleet worker's time between two handlers goes, from the registry records and the spans."""
     records = []
     for key in w.redis.scan_iter(f"{PREFIX}:task:bench-duty-*", count=1000):
-        claimed, finished = w.redis.hmget(key, "started_at", "finished_at")
+        claimed, finished = w.redis.hmget(key, "started_at", "finished_at")  # started_at: when it was claimed
         if claimed and finished:
             records.append((float(claimed), float(finished)))
     records.sort()
     if len(records) != len(spans):
         return f"duty split unavailable: {len(records)} finished records for {len(spans)} spans"
-    before = [(span[0] - rec[0]) * 1000 for span, rec in zip(spans, records, strict=True)]
     after = [(rec[1] - span[1]) * 1000 for span, rec in zip(spans, records, strict=True)]
-    between = [(block[i + 1][0] - block[i][1]) * 1000 for block in blocks_of(records, sizes)
-               for i in range(len(block) - 1)]  # fmt: skip
-    return (f"gpufleet idle gap by part (medians): claimed -> handler start {percentile(before, 0.5):.2f} ms, "
-            f"handler end -> finished (callback record + FINISH) {percentile(after, 0.5):.2f} ms, finished -> next "
-            f"claimed (Celery ack and next delivery, registry claim) {percentile(between, 0.5):.2f} ms.")  # fmt: skip
+    pairs = [(prev, nxt) for block in blocks_of(list(zip(spans, records, strict=True)), sizes)
+             for prev, nxt in itertools.pairwise(block)]  # fmt: skip
+    ahead = sum(1 for (span, _), (_, rec) in pairs if rec[0] < span[1])  # claimed before the one before it ended
+    return (
+        f"gpufleet between two handlers: {ahead} of {len(pairs)} tasks were claimed while the one before them "
+        f"ran; an outcome was recorded {percentile(after, 0.5):.2f} ms (median) after its handler ended, written "
+        "while the next task ran."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

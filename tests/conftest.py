@@ -39,6 +39,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 def harness(services: object, tmp_path: Path) -> Iterator[FleetHarness]:
     """A fleet config isolated by key prefix and topic names; start it with ``harness.start()``."""
     h = FleetHarness(services, tmp_path)
+    h.clear_runs()
     try:
         yield h
     finally:

@@ -34,11 +34,13 @@ class FleetHarness:
         self.prefix = f"t{uuid.uuid4().hex[:10]}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.redis = redis.Redis.from_url(services.redis_url)
-        # The test functions count runs per task id, not per fleet: ids that an earlier test used (requests:m0) start
-        # again from zero.
+        self.config = self.write_config()
+
+    def clear_runs(self) -> None:
+        """The test functions count runs per task id, not per fleet: a test starts them from zero, so ids that an
+        earlier test used too (``requests:m0``) are not counted twice."""
         for key in self.redis.scan_iter("runs:*", count=1000):
             self.redis.delete(key)
-        self.config = self.write_config()
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"

@@ -4,6 +4,7 @@ own tools still see the workers. Real Redis, real worker processes."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -13,6 +14,9 @@ import pytest
 
 from gpufleet.celery_app import create_app
 from gpufleet.control import ControlPlane
+from gpufleet.messages import MessageFactory
+from gpufleet.registry import Enqueued, NewTask
+from gpufleet.worker.watchdog import Running, SharedSlot, Watchdog
 from tests.harness import FleetHarness
 
 
@@ -108,6 +112,61 @@ def test_no_task_waits_behind_a_long_one_while_the_other_gpu_is_idle(harness: Fl
             for worker, spans in busy.items():
                 idle = idle_during(waited, spans)
                 assert idle < 0.5, f"{v['id']} waited {waited[1] - waited[0]:.2f} s while {worker} idled {idle:.2f} s"
+
+
+def test_a_task_claimed_ahead_behind_a_long_one_goes_back_unstarted(harness: FleetHarness) -> None:
+    """The next task is claimed while the current one runs; behind a long one it goes back to the head of its queue
+    within HOLD_S, its attempt not counted, and runs once later."""
+    cp = one_worker(harness)
+    finished(harness, cp, [cp.invoke("slow", {"seconds": 0}).id])  # slow is now known as short: claimed ahead of
+    fleet, factory = harness.fleet(), MessageFactory(harness.prefix, 1.0)
+    tasks = [NewTask(factory.build(task_id, fleet.functions[fn], event, {"source": "test"}), "", "", 3, "test",
+                     time.time(), origin="test")
+             for task_id, fn, event in (("long", "slow", {"seconds": 3}), ("next", "echo", {"i": 1}))]  # fmt: skip
+    assert harness.registry.enqueue_many(tasks) == [Enqueued.CREATED] * 2  # both queued before the worker takes one
+    harness.wait_for(lambda: "task claimed ahead given back" in harness.log_text(), 10, "the give-back")
+    waiting = cp.status("next")
+    assert cp.status("long")["state"] == "RUNNING"
+    assert waiting["state"] == "QUEUED" and waiting["attempts"] == 0 and waiting.get("last_error") is None
+    assert cp.position("next")["position"] == 1  # at the head of its queue again
+    done = finished(harness, cp, ["long", "next"])
+    assert [v["state"] for v in done] == ["SUCCEEDED", "SUCCEEDED"] and done[1]["attempts"] == 1
+    assert harness.runs("next") == 1
+
+
+def _pool_process(slot: SharedSlot, deadline: float, then_exit: bool) -> None:
+    slot.arm([("running", "token-r")], deadline)
+    slot.hold([("ahead", "token-a")])
+    if not then_exit:
+        time.sleep(60)
+
+
+@pytest.mark.parametrize("how", ["past its hard limit", "dead"])
+def test_the_watchdog_hands_back_what_a_pool_process_held_and_times_out_only_what_it_ran(how: str) -> None:
+    slot = SharedSlot()
+    deadline = time.time() + (-1 if how == "past its hard limit" else 3600)
+    child = multiprocessing.get_context("fork").Process(target=_pool_process, args=(slot, deadline, how == "dead"))
+    child.start()
+    try:
+        timed_out: list[str] = []
+        died: list[str] = []
+        dog = Watchdog(slot, lambda token: not child.is_alive(), lambda t, _: timed_out.append(t),
+                       lambda t, _: died.append(t))  # fmt: skip
+        end = time.monotonic() + 10
+        while time.monotonic() < end and ((slot.read() or Running((), 0, 0)).held == () or
+                                          (how == "dead" and child.is_alive())):  # fmt: skip
+            time.sleep(0.02)
+        dog.check()
+        if how == "dead":
+            assert (timed_out, died) == ([], ["running", "ahead"])
+        else:
+            assert (timed_out, died) == (["running"], ["ahead"])  # the task claimed ahead never ran: it goes back
+            child.join(10)
+            assert child.exitcode == -signal.SIGKILL
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(10)
 
 
 def stamp(iso: str) -> float:

@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from gpufleet import trace
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function, validation_problem
-from gpufleet.messages import parse_queue
+from gpufleet.messages import Envelopes, MessageFactory, parse_queue
 from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, callback_record, error_payload, fit_record
 from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State, Taken
 from gpufleet.settings import Fleet
 from gpufleet.worker import batch
+from gpufleet.worker.ahead import HOLD_S, Ahead
 from gpufleet.worker.context import TaskContext, complete_event
 from gpufleet.worker.lease import LeaseKeeper, owner_is_dead, owner_token
 from gpufleet.worker.scratch import default_root, open_root
@@ -53,6 +54,10 @@ class Runtime:
         self._states: dict[str, Any] = {}
         self._registry: Registry | None = None
         self._lease: LeaseKeeper | None = None
+        self._ahead: Ahead | None = None
+        self._envelopes: Envelopes | None = None
+        self._ran: list[tuple[str, str]] = []  # the tasks of the last run, whose outcomes may be on their way
+        self._recent: dict[str, float] = {}  # seconds each function's last run here took (see execute)
         self._current: dict[str, _Finisher] = {}  # the tasks the handler runs now, for the cancel killer
         self._objects: ObjectStore | None = None
         self.scratch_root = fleet.settings.worker.scratch_dir or default_root()
@@ -80,6 +85,20 @@ class Runtime:
         return self._objects
 
     @property
+    def ahead(self) -> Ahead:
+        if self._ahead is None:
+            self._ahead = Ahead(self._round_trip, self._give_back, self.slot.hold)
+        return self._ahead
+
+    @property
+    def envelopes(self) -> Envelopes:
+        """Builds a task's message again, to give back a task claimed ahead."""
+        if self._envelopes is None:
+            factory = MessageFactory(self.fleet.settings.redis.key_prefix, self.kill_grace_s)
+            self._envelopes = Envelopes(factory, self.fleet.functions)
+        return self._envelopes
+
+    @property
     def lease(self) -> LeaseKeeper:
         if self._lease is None:
             grace = self.fleet.settings.worker.cancel_grace_s
@@ -91,6 +110,7 @@ class Runtime:
         """``worker_process_init``: fresh connections after fork; never reuse the parent's sockets."""
         self._registry = None
         self._lease = None
+        self._ahead = None
         self._objects = None
         self._states.clear()
         self.lease.name = f"gpufleet-lease-{os.getpid()}"
@@ -98,9 +118,9 @@ class Runtime:
         # The process this one replaces may have died mid-task: its tasks go back now. The parent's watchdog does the
         # same, but this process could otherwise take a task (Celery redelivers at once) and overwrite the page first.
         running = self.slot.read()
-        if running is not None and running.tasks and owner_is_dead(running.tasks[0][1], self.host):
+        if running is not None and running.all and owner_is_dead(running.all[0][1], self.host):
             try:
-                for task_id, token in running.tasks:
+                for task_id, token in running.all:
                     self.registry.lapse(task_id, token)
             except REDIS_ERRORS:  # their leases lapse anyway, later
                 log.warning("cannot hand back the tasks of the process this one replaces", exc_info=True)
@@ -121,33 +141,61 @@ class Runtime:
         """The Celery task's body: run the delivered task, then the next ones straight from this worker's queues.
 
         Going back to Celery between two tasks costs its ack, its next fetch and the dispatch to this process: a few
-        ms, which on short tasks is GPU time lost. So each outcome is written in the same round trip that takes and
-        claims the next task (:meth:`Registry.pop_claim`), which is the same next message Celery's consumer would
-        pop. After ``DRAIN_S``, on an empty queue, or once a warm shutdown began, the task returns to Celery, which
-        acknowledges its message. Time limits, cancel and leases are per task (see :mod:`gpufleet.worker.watchdog`).
+        ms, which on short tasks is GPU time lost. So the next task is claimed while the current one runs, and the
+        outcome is written on the way (:mod:`gpufleet.worker.ahead`), the same next message Celery's consumer would
+        pop (:meth:`Registry.pop_claim`). When nothing was claimed ahead, the outcome is written in the round trip
+        that claims the next. After ``DRAIN_S``, on an empty queue, or once a warm shutdown began, the task returns
+        to Celery, which acknowledges its message. Time limits, cancel and leases are per task (see
+        :mod:`gpufleet.worker.watchdog`).
         """
         item = self._take_delivery(task_id, function, event, meta)
         until = time.monotonic() + DRAIN_S
+        written: Any = None  # the last task's outcomes, for the helper to write
         try:
             while item is not None:
+                more = bool(self.queues) and not self.slot.stopping and time.monotonic() < until
+                # Claim ahead only behind a function whose last run here was short; one never run here counts as long.
+                claim = more and self._recent.get(item.function, HOLD_S) < HOLD_S
+                if written is not None or claim:
+                    self.ahead.send(written, claim, self._ran)
                 pipe = self.registry.pipeline()
                 self._run_traced(item, pipe)
-                if self.slot.stopping or time.monotonic() > until or not self.queues:
-                    self._commit(pipe.execute())
-                    item = None
-                else:
-                    item = self._next(pipe)
+                item, written = self.ahead.take(), pipe
+                if item is None:
+                    written = None
+                    if self.slot.stopping or time.monotonic() > until or not self.queues:
+                        self._commit(pipe.execute())
+                    else:
+                        item = self._next(pipe)
         finally:
             # Idle now (or on the way out with an error): nothing for the watchdog to time. A task whose outcome did
             # not reach Redis keeps its lease, which lapses: it runs again.
+            left = self.ahead.take()
+            if left is not None:
+                self._give_back(left)
             self.slot.disarm()
 
     def _commit(self, answers: list[Any]) -> None:
         if not all(answers):
             log.warning("a task was taken over or finished elsewhere; its outcome here was not recorded")
 
+    def _round_trip(self, pipe: Any, claim: bool) -> _Item | None:
+        """The helper thread's (see :mod:`gpufleet.worker.ahead`): write ``pipe``, and with ``claim`` claim the next
+        task in the same round trip."""
+        if not claim:
+            if pipe is not None:
+                self._commit(pipe.execute())
+            return None
+        return self._next(pipe)
+
+    def _give_back(self, item: _Item) -> None:
+        if self.registry.hand_back(item.task_id, item.token, self.envelopes, None):
+            log.info("task claimed ahead given back to the head of its queue", task_id=item.task_id)
+        else:
+            log.info("a task claimed ahead was taken over or cancelled before it was given back", task_id=item.task_id)
+
     def _next(self, pipe: Any) -> _Item | None:
-        """Write the last outcome (in ``pipe``) and take the next task, in one round trip."""
+        """Write the last outcome (in ``pipe``, if any) and take the next task, in one round trip."""
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)  # the queues take turns being read first
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
         while True:
@@ -159,7 +207,7 @@ class Runtime:
             items = self._items(taken, token)
             if items:
                 return items[0]
-            pipe = self.registry.pipeline()
+            pipe = None
 
     def _items(self, taken: list[Taken | str], token: str) -> list[_Item]:
         """The tasks :meth:`Registry.pop_claim` claimed. Another copy of a task that is not waiting is judged as any
@@ -207,6 +255,7 @@ class Runtime:
         """Run one claimed task (or the batch it starts); outcomes go into ``pipe``."""
         fn = self.fleet.functions.get(item.function)
         done = _Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
+        self._ran = [(item.task_id, item.token)]
         if fn is None:
             done.fail(TaskError(f"this worker does not serve function {item.function!r}"), "UnknownFunction")
             return
@@ -220,6 +269,7 @@ class Runtime:
         self._current = {item.task_id: done}
         self.lease.hold([(item.task_id, item.token)])
         bound.info("task started")
+        began = time.monotonic()
         try:
             payload, obj = self._payload(fn, item.event, item.meta)
             result = self.guarded(fn, lambda: self._call(fn, item, payload, obj, done))
@@ -234,12 +284,14 @@ class Runtime:
                 done.succeed(value, done.outputs)
                 bound.info("task succeeded", duration_ms=round((time.time() - item.claim.started_at) * 1000, 3))
         finally:
+            self._recent[fn.name] = time.monotonic() - began
             self.lease.release()
             self._current = {}
 
     def _run_batch(self, items: list[_Item], fn: Function, pipe: Any) -> None:
         """Each task's own checks, then one call for those that may run (see :mod:`gpufleet.worker.batch`)."""
         members: list[batch.Member] = []
+        self._ran = [(item.task_id, item.token) for item in items]
         for item in items:
             done = _Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
             if not self._may_start(item, done, fn, self._bound(item)):
@@ -255,9 +307,11 @@ class Runtime:
         self._current = {m.item.task_id: m.done for m in members}
         self.lease.hold([(m.item.task_id, m.item.token) for m in members])
         log.info("batch started", function=fn.name, size=len(members), task_ids=[m.item.task_id for m in members])
+        began = time.monotonic()
         try:
             batch.settle(self, fn, members, lambda m, exc: self._failed(m.done, exc, fn, self._bound(m.item)))
         finally:
+            self._recent[fn.name] = time.monotonic() - began
             self.lease.release()
             self._current = {}
 

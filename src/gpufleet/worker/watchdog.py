@@ -11,6 +11,9 @@ message, do not apply. Instead:
   the GIL held included), and records the task TIMED_OUT;
 - the same thread sees a pool process that died mid-task (out of memory, a crash, a cancel that had to kill it) and
   ends the task's lease, so housekeeping re-queues it within a second rather than after ``lease_s``;
+- the page also lists the tasks the process holds without running them: the next task, claimed while the current one
+  runs, and a finished one whose outcome is still on its way to Redis. A kill or a death hands those back (their
+  leases end), whatever happens to the running one;
 - when Celery starts a warm shutdown this process raises a flag on the page, and the pool process takes no further
   task from its queues.
 
@@ -35,8 +38,8 @@ import structlog
 
 log = structlog.get_logger("gpufleet.worker")
 
-# Byte 0 is the stop flag, which only the parent writes; the pool process writes the rest: a header, then the tasks
-# it runs as JSON ([[id, token], ...]: a batch has several).
+# Byte 0 is the stop flag, which only the parent writes; the pool process writes the rest: a header, then as JSON the
+# tasks it runs ([[id, token], ...]: a batch has several) and those it holds ([[id, token], ...]).
 _HEAD = struct.Struct("<QBxxxxxxxdiI")  # seq, armed, deadline, pid, length of the JSON
 _AT = 8
 _SIZE = 1 << 18  # room for the largest batch's ids and tokens
@@ -50,6 +53,11 @@ class Running:
     tasks: tuple[tuple[str, str], ...]  # (task id, owner token) each
     pid: int
     deadline: float  # wall clock: past this, the process is killed
+    held: tuple[tuple[str, str], ...] = ()  # claimed but not running: the next task, or one whose outcome is on its way
+
+    @property
+    def all(self) -> tuple[tuple[str, str], ...]:
+        return self.tasks + self.held
 
 
 class SharedSlot:
@@ -57,30 +65,50 @@ class SharedSlot:
 
     def __init__(self) -> None:
         self._page = mmap.mmap(-1, _SIZE)  # anonymous and shared: a forked child writes what the parent reads
+        # Pool process: what the page says, and a lock, as two threads write it (the runtime and the one that claims
+        # the next task ahead).
+        self._lock = threading.Lock()
+        self._running: list[tuple[str, str]] = []
+        self._deadline = 0.0
+        self._held: list[tuple[str, str]] = []
 
     def arm(self, tasks: list[tuple[str, str]], deadline: float) -> None:
         """Pool process: it runs these (task id, token) now, to be killed past ``deadline``."""
-        self._write(1, deadline, orjson.dumps(tasks))
+        with self._lock:
+            self._running, self._deadline = list(tasks), deadline
+            self._write()
+
+    def hold(self, tasks: list[tuple[str, str]]) -> None:
+        """Pool process: it holds these without running them (handed back if it dies or is killed)."""
+        with self._lock:
+            self._held = list(tasks)
+            self._write()
 
     def disarm(self) -> None:
-        self._write(0, 0.0, b"[]")
+        with self._lock:
+            self._running, self._deadline, self._held = [], 0.0, []
+            self._write()
 
-    def _write(self, armed: int, deadline: float, blob: bytes) -> None:
-        blob = blob if _AT + _HEAD.size + len(blob) <= _SIZE else b"[]"  # too many to watch: leases still cover them
+    def _write(self) -> None:
+        armed = 1 if self._running or self._held else 0
+        blob = orjson.dumps([self._running, self._held])
+        blob = blob if _AT + _HEAD.size + len(blob) <= _SIZE else b"[[],[]]"  # too many to watch: leases cover them
         seq = _HEAD.unpack_from(self._page, _AT)[0]
-        _HEAD.pack_into(self._page, _AT, seq + 1, armed, deadline, os.getpid(), len(blob))
+        _HEAD.pack_into(self._page, _AT, seq + 1, armed, self._deadline, os.getpid(), len(blob))
         start = _AT + _HEAD.size
         self._page[start : start + len(blob)] = blob
-        _HEAD.pack_into(self._page, _AT, seq + 2, armed, deadline, os.getpid(), len(blob))
+        _HEAD.pack_into(self._page, _AT, seq + 2, armed, self._deadline, os.getpid(), len(blob))
 
     def read(self) -> Running | None:
-        """Parent: the tasks the pool process runs, or None (none, or it is writing: ask again)."""
+        """Parent: the tasks the pool process runs and holds, or None (none, or it is writing: ask again)."""
         seq, armed, deadline, pid, size = _HEAD.unpack_from(self._page, _AT)
         start = _AT + _HEAD.size
         blob = self._page[start : start + size]
         if seq % 2 or _HEAD.unpack_from(self._page, _AT)[0] != seq or not armed:
             return None
-        return Running(tuple((str(i), str(t)) for i, t in orjson.loads(blob)), pid, deadline)
+        running, held = orjson.loads(blob)
+        return Running(tuple((str(i), str(t)) for i, t in running), pid, deadline,
+                       tuple((str(i), str(t)) for i, t in held))  # fmt: skip
 
     def stop(self) -> None:
         """Parent: a warm shutdown began; the pool process finishes its task and takes no other."""
@@ -115,14 +143,14 @@ class Watchdog(threading.Thread):
 
     def check(self) -> None:
         running = self._slot.read()
-        if running is None or not running.tasks or running == self._handled:
+        if running is None or not running.all or running == self._handled:
             return
-        if self._is_dead(running.tasks[0][1]):
+        if self._is_dead(running.all[0][1]):
             log.warning("pool process died while running; its tasks go back to their queue",
-                        task_ids=[t for t, _ in running.tasks])  # fmt: skip
-            for task_id, token in running.tasks:
+                        task_ids=[t for t, _ in running.all])  # fmt: skip
+            for task_id, token in running.all:
                 self._died(task_id, token)
-        elif time.time() > running.deadline:
+        elif running.tasks and time.time() > running.deadline:
             if self._slot.read() != running:  # it finished (or moved on) meanwhile
                 return
             log.warning("handler ran past its hard time limit; killing its process", pid=running.pid,
@@ -131,6 +159,8 @@ class Watchdog(threading.Thread):
                 os.kill(running.pid, signal.SIGKILL)
             for task_id, token in running.tasks:
                 self._timed_out(task_id, token)
+            for task_id, token in running.held:
+                self._died(task_id, token)
         else:
             return
         self._handled = running
