@@ -827,8 +827,10 @@ def duty_both(w: World) -> tuple[Duty, Duty]:
                 spans[side] = sorted((float(a), float(b)) for a, b in (row.split(",") for row in rows))
     finally:
         app.close()
-    with contextlib.suppress(Exception):  # a diagnostic note only
-        w.notes.append(duty_split(w, spans["gpufleet"], sizes["gpufleet"]))
+    w.notes.append(
+        "gpufleet's idle gap is the pool process's own Python between two handlers: a helper thread claims "
+        "the next task, and builds and writes the last outcome, while a handler runs (worker/ahead.py)."
+    )
     return (duty_of(blocks_of(spans["gpufleet"], sizes["gpufleet"])),
             duty_of(blocks_of(spans["raw"], sizes["raw"])))  # fmt: skip
 
@@ -842,27 +844,6 @@ def batch_both(w: World) -> tuple[batching.Figures, batching.Figures]:
             w.children.wait_until(cond, timeout_s, what, children, interval_s=0.05)
 
         return batching.run_both(w.registry, w.fleet, w.sizes.batch, w.sizes.batch_paced, wait)
-
-
-def duty_split(w: World, spans: list[Span], sizes: list[int]) -> str:
-    """Where a gpufleet worker's time between two handlers goes, from the registry records and the spans."""
-    records = []
-    for key in w.redis.scan_iter(f"{PREFIX}:task:bench-duty-*", count=1000):
-        claimed, finished = w.redis.hmget(key, "started_at", "finished_at")  # started_at: when it was claimed
-        if claimed and finished:
-            records.append((float(claimed), float(finished)))
-    records.sort()
-    if len(records) != len(spans):
-        return f"duty split unavailable: {len(records)} finished records for {len(spans)} spans"
-    after = [(rec[1] - span[1]) * 1000 for span, rec in zip(spans, records, strict=True)]
-    pairs = [(prev, nxt) for block in blocks_of(list(zip(spans, records, strict=True)), sizes)
-             for prev, nxt in itertools.pairwise(block)]  # fmt: skip
-    ahead = sum(1 for (span, _), (_, rec) in pairs if rec[0] < span[1])  # claimed before the one before it ended
-    return (
-        f"gpufleet between two handlers: {ahead} of {len(pairs)} tasks were claimed while the one before them "
-        f"ran; an outcome was recorded {percentile(after, 0.5):.2f} ms (median) after its handler ended, written "
-        "while the next task ran."
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

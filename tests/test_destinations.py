@@ -454,8 +454,8 @@ def test_a_fleet_posts_its_records_to_a_signed_webhook(harness: FleetHarness, mo
         task_span = headers.pop("traceparent")
         assert task_span.startswith("00-0af7651916cd43dd8448eb211c80319c-") and "b7ad6b7169203331" not in task_span
         assert key == "requests:hooked" and headers == {"condition": "Success", "function": "echo"}
-        started = next(orjson.loads(line) for line in harness.log_text().splitlines() if '"task started"' in line)
-        assert started["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and started["span_id"] in task_span
+        done = next(orjson.loads(line) for line in harness.log_text().splitlines() if '"task succeeded"' in line)
+        assert done["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and done["span_id"] in task_span
         assert record["requestContext"]["requestId"] == key and record["responsePayload"]["echo"] == {"x": 1}
         assert not _Receiver.refused
     finally:

@@ -280,13 +280,13 @@ class Registry:
         return [int(status) for status in pipe.execute()]
 
     def finish(self, task_id: str, token: str, state: State, fields: dict[str, Any], callbacks: Iterable[Callback],
-               retention_s: int | None = None, pipe: Any = None) -> bool:  # fmt: skip
+               retention_s: int | None = None, pipe: Any = None, finished_at: float | None = None) -> bool:  # fmt: skip
         """RUNNING -> a terminal state, with its callback records. False if this process no longer owns the task.
         With a ``pipe``, the script is added to that pipeline and its answer comes with the pipeline's."""
         retention = retention_s or self.retention_s
         if state is State.SUCCEEDED:
             fields = {**fields, "progress": 1}  # whatever the handler last reported: it is done
-        args: list[Any] = [self.prefix, token, state.value, time.time(), retention, len(fields)]
+        args: list[Any] = [self.prefix, token, state.value, finished_at or time.time(), retention, len(fields)]
         for k, v in fields.items():
             args += [k, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
         for cb in callbacks:

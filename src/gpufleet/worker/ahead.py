@@ -64,9 +64,7 @@ class Ahead:
                 self._cond.wait()
             item, self._item = self._item, None
             self._cond.notify_all()  # the helper stops holding it
-        if item is not None:
-            self._hold([])
-        return item
+        return item  # still listed as held until the next send(): a death meanwhile hands it back, as it should
 
     def _serve(self) -> None:
         while True:

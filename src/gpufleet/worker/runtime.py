@@ -7,6 +7,7 @@ The runtime owns one task at a time (concurrency 1). Per process it keeps:
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -57,6 +58,8 @@ class Runtime:
         self._ahead: Ahead | None = None
         self._envelopes: Envelopes | None = None
         self._ran: list[tuple[str, str]] = []  # the tasks of the last run, whose outcomes may be on their way
+        self._built: list[Callable[[], Any]] = []  # the last run's outcomes, to build into its pipeline
+        self._said: list[Callable[[], None]] = []  # the last run's log lines, said once its outcomes are written
         self._recent: dict[str, float] = {}  # seconds each function's last run here took (see execute)
         self._current: dict[str, _Finisher] = {}  # the tasks the handler runs now, for the cancel killer
         self._objects: ObjectStore | None = None
@@ -150,7 +153,7 @@ class Runtime:
         """
         item = self._take_delivery(task_id, function, event, meta)
         until = time.monotonic() + DRAIN_S
-        written: Any = None  # the last task's outcomes, for the helper to write
+        written: _Outcomes | None = None  # the last run's outcomes, for the helper to write
         try:
             while item is not None:
                 more = bool(self.queues) and not self.slot.stopping and time.monotonic() < until
@@ -160,13 +163,16 @@ class Runtime:
                     self.ahead.send(written, claim, self._ran)
                 pipe = self.registry.pipeline()
                 self._run_traced(item, pipe)
-                item, written = self.ahead.take(), pipe
+                outcomes, self._built, self._said = _Outcomes(pipe, self._built, self._said), [], []
+                item, written = self.ahead.take(), outcomes
                 if item is None:
                     written = None
+                    outcomes.build()
                     if self.slot.stopping or time.monotonic() > until or not self.queues:
                         self._commit(pipe.execute())
                     else:
                         item = self._next(pipe)
+                    outcomes.say()
         finally:
             # Idle now (or on the way out with an error): nothing for the watchdog to time. A task whose outcome did
             # not reach Redis keeps its lease, which lapses: it runs again.
@@ -179,14 +185,20 @@ class Runtime:
         if not all(answers):
             log.warning("a task was taken over or finished elsewhere; its outcome here was not recorded")
 
-    def _round_trip(self, pipe: Any, claim: bool) -> _Item | None:
-        """The helper thread's (see :mod:`gpufleet.worker.ahead`): write ``pipe``, and with ``claim`` claim the next
-        task in the same round trip."""
-        if not claim:
-            if pipe is not None:
-                self._commit(pipe.execute())
-            return None
-        return self._next(pipe)
+    def _round_trip(self, outcomes: _Outcomes | None, claim: bool) -> _Item | None:
+        """The helper thread's (see :mod:`gpufleet.worker.ahead`): write the outcomes, and with ``claim`` claim the
+        next task in the same round trip."""
+        pipe = outcomes.pipe if outcomes is not None else None
+        if outcomes is not None:
+            outcomes.build()
+        item = None
+        if claim:
+            item = self._next(pipe)
+        elif pipe is not None:
+            self._commit(pipe.execute())
+        if outcomes is not None:
+            outcomes.say()
+        return item
 
     def _give_back(self, item: _Item) -> None:
         if self.registry.hand_back(item.task_id, item.token, self.envelopes, None):
@@ -268,8 +280,8 @@ class Runtime:
             return
         self._current = {item.task_id: done}
         self.lease.hold([(item.task_id, item.token)])
-        bound.info("task started")
-        began = time.monotonic()
+        bound.debug("task started")  # at info, one line per task is enough: a log line costs ~0.15 ms between tasks
+        began, done.started_at = time.monotonic(), time.time()
         try:
             payload, obj = self._payload(fn, item.event, item.meta)
             result = self.guarded(fn, lambda: self._call(fn, item, payload, obj, done))
@@ -281,8 +293,11 @@ class Runtime:
                 bound.info("task cancelled; the handler returned early")
                 done.cancelled("cancelled while running; the handler returned early")
             else:
-                done.succeed(value, done.outputs)
-                bound.info("task succeeded", duration_ms=round((time.time() - item.claim.started_at) * 1000, 3))
+                # The record is built and the outcome written by whoever writes the pipeline, and the line said after:
+                # off the GPU's path when the helper thread does (see execute).
+                self._built.append(functools.partial(done.succeed, value, done.outputs, time.time()))
+                took, ids = round((time.monotonic() - began) * 1000, 3), structlog.contextvars.get_contextvars()
+                self._said.append(functools.partial(bound.info, "task succeeded", duration_ms=took, **ids))
         finally:
             self._recent[fn.name] = time.monotonic() - began
             self.lease.release()
@@ -473,6 +488,23 @@ class Runtime:
                                     "process was killed", "stackTrace": []})  # fmt: skip
 
 
+class _Outcomes(NamedTuple):
+    """What a run leaves to write: its pipeline, the outcomes to build into it, and the log lines to say once they
+    are written."""
+
+    pipe: Any
+    outcomes: list[Callable[[], Any]]
+    lines: list[Callable[[], None]]
+
+    def build(self) -> None:
+        for outcome in self.outcomes:
+            outcome()
+
+    def say(self) -> None:
+        for line in self.lines:
+            line()
+
+
 class _Item(NamedTuple):
     """A task this pool process has claimed: its call, its claim, and the owner token it runs under."""
 
@@ -499,11 +531,12 @@ class _Finisher:
         self.claim = claim
         self.record = record  # the stored record, read only when finishing for a killed pool process
         self.outputs: list[str] = []
+        self.started_at: float | None = None  # when the handler started: after the claim, for a task claimed ahead
 
-    def succeed(self, value: bytes, outputs: list[str] | None = None) -> bool:
+    def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
         self.outputs = outputs or []
         fields: dict[str, Any] = {"result": value, **({"outputs": self.outputs} if self.outputs else {})}
-        return self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), fields)
+        return self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), fields, finished_at)
 
     def fail(self, exc: BaseException, error_type: str | None = None) -> bool:
         return self.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error_payload(exc, error_type))
@@ -515,8 +548,10 @@ class _Finisher:
         return self.finish(State.CANCELLED, Condition.CANCELLED,
                            {"errorType": "Cancelled", "errorMessage": message, "stackTrace": []})  # fmt: skip
 
-    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any]) -> bool:
-        finished = time.time()
+    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any],
+               finished_at: float | None = None) -> bool:  # fmt: skip
+        finished = finished_at or time.time()
+        started = self.started_at or self.claim.started_at
         record = callback_record(
             task_id=self.task_id,
             function=self.function,
@@ -525,16 +560,19 @@ class _Finisher:
             event=self.event,
             worker=self.rt.worker_name if self.record is None else str(self.record.get("worker", "")),
             gpu=self.rt.gpu if self.record is None else str(self.record.get("gpu", "")),
-            started_at=self.claim.started_at,
+            started_at=started,
             finished_at=finished,
             response=response,
             outputs=self.outputs,
         )
         fields = {**fields, "condition": condition.value}
+        if self.started_at is not None:
+            fields["started_at"] = self.started_at
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
         limit = self.rt.fleet.settings.defaults.max_record_bytes
         callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
-        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe):
+        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe,
+                                       finished):  # fmt: skip
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
             return False
         return True
