@@ -51,7 +51,7 @@ from gpufleet.messages import PRIORITY_STEPS, MessageFactory, function_queue, pr
 from gpufleet.registry import Enqueued, NewTask, Registry
 from gpufleet.roles import PARENT_ENV
 from gpufleet.settings import Fleet, LoggingSettings, load_fleet
-from gpufleet.triggers.base import SWITCH_INTERVAL_S, Prepared, keep_freed_memory
+from gpufleet.triggers.base import Prepared, keep_freed_memory
 from gpufleet.triggers.kafka import KafkaSettings, KafkaTrigger
 
 with warnings.catch_warnings():
@@ -529,8 +529,6 @@ def ingest_gpufleet(w: World, attempt: int) -> Ingested:
             raise
 
     thread = threading.Thread(target=run, name="bench-trigger", daemon=True)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `gpufleet trigger` sets it for its process
     thread.start()
     try:
         deadline = time.monotonic() + 240
@@ -542,7 +540,6 @@ def ingest_gpufleet(w: World, attempt: int) -> Ingested:
     finally:
         stop.set()
         thread.join(timeout=30)
-        sys.setswitchinterval(switch)
     timed = trigger.timed
     assert timed is not None
     assert timed.first is not None

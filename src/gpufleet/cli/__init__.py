@@ -106,7 +106,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _trigger(args: argparse.Namespace) -> int:
     from gpufleet.roles import stop_event_on_signals
     from gpufleet.triggers import backend, served_by
-    from gpufleet.triggers.base import Trigger, tune_process
+    from gpufleet.triggers.base import Trigger, keep_freed_memory
 
     fleet = _fleet(args, "trigger")
     names = args.name or [n for n, t in fleet.triggers.items() if t.enabled]
@@ -120,7 +120,7 @@ def _trigger(args: argparse.Namespace) -> int:
         structlog.get_logger("gpufleet.trigger").info("no triggers to run in this process")
         stop.wait()
         return 0
-    tune_process()  # the GIL switch interval and malloc's thresholds (see there)
+    keep_freed_memory()
     # Built here, before any thread starts: a trigger that cannot be built fails the process now.
     triggers = [backend(fleet.triggers[name].scheme)(fleet, fleet.triggers[name]) for name in names]
     failed: list[str] = []

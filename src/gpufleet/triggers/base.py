@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,9 +46,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gpufleet.trigger")
 S = TypeVar("S", bound=TriggerSettings)
 LAG_EVERY_S = 10.0  # how often a trigger reports its source's backlog
-# The GIL switch interval of a trigger process (Python's default is 5 ms). The trigger's publish thread is its
-# critical path; with the poll thread holding the GIL for up to 5 ms at a time it waited ~11 us per message for it.
-SWITCH_INTERVAL_S = 0.0005
 # glibc's malloc gives the top of its heap back to the OS once 128 KiB are free there, and serves blocks over 128 KiB
 # with mmap. A trigger frees each batch (a few MiB) before the next is built, so every batch paid its page faults
 # again: on this VM, parse and build took 25 us per message instead of 15. Freed memory up to these sizes is kept.
@@ -63,14 +59,9 @@ OBJECT_HEADER = "object_event"  # the value is one ObjectEvent's JSON (a bucket 
 MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
 
 
-def tune_process() -> None:
-    """What a process that runs triggers sets for itself: the GIL switch interval and the allocator's thresholds."""
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    keep_freed_memory()
-
-
 def keep_freed_memory() -> None:
-    """Raise glibc malloc's trim and mmap thresholds (see MALLOC_TRIM_THRESHOLD)."""
+    """What a process that runs triggers sets for itself: glibc malloc's trim and mmap thresholds (see
+    MALLOC_TRIM_THRESHOLD)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # glibc; elsewhere the defaults stay
     except (AttributeError, OSError):
