@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from gpufleet.functions import Function
-    from gpufleet.worker.runtime import Runtime, _Finisher, _Item
+    from gpufleet.worker.outcome import Finisher
+    from gpufleet.worker.runtime import Runtime, _Item
 
 log = structlog.get_logger("gpufleet.worker")
 POLL_S = 0.002
@@ -64,7 +65,7 @@ class Member:
     """One event of a batch, ready to run: its claim and finisher, and the payload the handler gets."""
 
     item: _Item
-    done: _Finisher
+    done: Finisher
     payload: Any
     obj: Any  # the object event, completed, for an object task
 

@@ -2,7 +2,8 @@
 
 The runtime owns one task at a time (concurrency 1). Per process it keeps:
 - the warm state of each function (``setup()`` runs once, on first use, after fork);
-- a lease keeper thread that renews the running task's lease, so a dead worker is noticed in seconds.
+- a lease keeper thread that renews the running task's lease, so a dead worker is noticed in seconds;
+- a helper thread that claims the next task and writes the last outcome while a handler runs (see ahead).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import orjson
 import structlog
 from pydantic import ValidationError
 
@@ -24,13 +24,14 @@ from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function, validation_problem
 from gpufleet.messages import Envelopes, MessageFactory, parse_queue
 from gpufleet.objects import ObjectEvent, ObjectStore
-from gpufleet.records import Condition, callback_record, error_payload, fit_record
-from gpufleet.registry import REDIS_ERRORS, TERMINAL, Callback, Claim, Registry, State, Taken
+from gpufleet.records import Condition, error_payload
+from gpufleet.registry import REDIS_ERRORS, TERMINAL, Claim, Registry, State, Taken
 from gpufleet.settings import Fleet
 from gpufleet.worker import batch
 from gpufleet.worker.ahead import HOLD_S, Ahead
 from gpufleet.worker.context import TaskContext, complete_event
 from gpufleet.worker.lease import LeaseKeeper, owner_is_dead, owner_token
+from gpufleet.worker.outcome import Finisher, Outcomes
 from gpufleet.worker.scratch import default_root, open_root
 from gpufleet.worker.watchdog import SharedSlot
 
@@ -61,7 +62,7 @@ class Runtime:
         self._built: list[Callable[[], Any]] = []  # the last run's outcomes, to build into its pipeline
         self._said: list[Callable[[], None]] = []  # the last run's log lines, said once its outcomes are written
         self._recent: dict[str, float] = {}  # seconds each function's last run here took (see execute)
-        self._current: dict[str, _Finisher] = {}  # the tasks the handler runs now, for the cancel killer
+        self._current: dict[str, Finisher] = {}  # the tasks the handler runs now, for the cancel killer
         self._objects: ObjectStore | None = None
         self.scratch_root = fleet.settings.worker.scratch_dir or default_root()
 
@@ -153,7 +154,7 @@ class Runtime:
         """
         item = self._take_delivery(task_id, function, event, meta)
         until = time.monotonic() + DRAIN_S
-        written: _Outcomes | None = None  # the last run's outcomes, for the helper to write
+        written: Outcomes | None = None  # the last run's outcomes, for the helper to write
         try:
             while item is not None:
                 more = bool(self.queues) and not self.slot.stopping and time.monotonic() < until
@@ -163,7 +164,7 @@ class Runtime:
                     self.ahead.send(written, claim, self._ran)
                 pipe = self.registry.pipeline()
                 self._run_traced(item, pipe)
-                outcomes, self._built, self._said = _Outcomes(pipe, self._built, self._said), [], []
+                outcomes, self._built, self._said = Outcomes(pipe, self._built, self._said), [], []
                 item, written = self.ahead.take(), outcomes
                 if item is None:
                     written = None
@@ -185,7 +186,7 @@ class Runtime:
         if not all(answers):
             log.warning("a task was taken over or finished elsewhere; its outcome here was not recorded")
 
-    def _round_trip(self, outcomes: _Outcomes | None, claim: bool) -> _Item | None:
+    def _round_trip(self, outcomes: Outcomes | None, claim: bool) -> _Item | None:
         """The helper thread's (see :mod:`gpufleet.worker.ahead`): write the outcomes, and with ``claim`` claim the
         next task in the same round trip."""
         pipe = outcomes.pipe if outcomes is not None else None
@@ -266,7 +267,7 @@ class Runtime:
     def _run(self, item: _Item, pipe: Any) -> None:
         """Run one claimed task (or the batch it starts); outcomes go into ``pipe``."""
         fn = self.fleet.functions.get(item.function)
-        done = _Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
+        done = Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
         self._ran = [(item.task_id, item.token)]
         if fn is None:
             done.fail(TaskError(f"this worker does not serve function {item.function!r}"), "UnknownFunction")
@@ -308,7 +309,7 @@ class Runtime:
         members: list[batch.Member] = []
         self._ran = [(item.task_id, item.token) for item in items]
         for item in items:
-            done = _Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
+            done = Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
             if not self._may_start(item, done, fn, self._bound(item)):
                 continue
             try:
@@ -334,7 +335,7 @@ class Runtime:
         return log.bind(task_id=item.task_id, function=item.function, event_id=item.meta.get("source"),
                         attempt=item.claim.attempts)  # fmt: skip
 
-    def _may_start(self, item: _Item, done: _Finisher, fn: Function, bound: Any) -> bool:
+    def _may_start(self, item: _Item, done: Finisher, fn: Function, bound: Any) -> bool:
         """False, with its outcome recorded, for a task that must not run: cancelled, too old, or out of attempts."""
         claim = item.claim
         if claim.cancel_requested:  # cancelled while running on a worker that died before it could stop
@@ -353,7 +354,7 @@ class Runtime:
             return False
         return True
 
-    def _failed(self, done: _Finisher, exc: BaseException, fn: Function, bound: Any) -> None:
+    def _failed(self, done: Finisher, exc: BaseException, fn: Function, bound: Any) -> None:
         """The outcome of an attempt that raised (or, in a batch, of an event whose result is an exception)."""
         from celery.exceptions import SoftTimeLimitExceeded
 
@@ -455,7 +456,7 @@ class Runtime:
             raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
                                      f"{validation_problem(exc)}") from None  # fmt: skip
 
-    def _call(self, fn: Function, item: _Item, payload: Any, obj: ObjectEvent | None, done: _Finisher) -> Any:
+    def _call(self, fn: Function, item: _Item, payload: Any, obj: ObjectEvent | None, done: Finisher) -> Any:
         ctx = TaskContext(self, item.task_id, fn.name, item.claim.attempts, self.state_of(fn), item.meta, obj)
         try:
             return fn.handler(payload, ctx)
@@ -481,28 +482,11 @@ class Runtime:
                       float(record.get("started_at") or time.time()))  # fmt: skip
         function = str(record.get("function", "?"))
         fn = self.fleet.functions.get(function)
-        done = _Finisher(self, task_id, function, token, record.get("event"), claim, fn, record)
+        done = Finisher(self, task_id, function, token, record.get("event"), claim, fn, record)
         limit = f" ({fn.timeout_s:g} s)" if fn is not None else ""
         done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
                     "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its "
                                     "process was killed", "stackTrace": []})  # fmt: skip
-
-
-class _Outcomes(NamedTuple):
-    """What a run leaves to write: its pipeline, the outcomes to build into it, and the log lines to say once they
-    are written."""
-
-    pipe: Any
-    outcomes: list[Callable[[], Any]]
-    lines: list[Callable[[], None]]
-
-    def build(self) -> None:
-        for outcome in self.outcomes:
-            outcome()
-
-    def say(self) -> None:
-        for line in self.lines:
-            line()
 
 
 class _Item(NamedTuple):
@@ -514,65 +498,3 @@ class _Item(NamedTuple):
     meta: dict[str, Any]
     claim: Claim
     token: str
-
-
-class _Finisher:
-    """Builds the callback record and performs the final transition for one attempt."""
-
-    def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, event: Any, claim: Claim,
-                 fn: Function | None, record: dict[str, Any] | None = None, pipe: Any = None) -> None:  # fmt: skip
-        self.rt = runtime
-        self.pipe = pipe  # the outcome goes into this pipeline, with the next claim; None: written at once
-        self.retention_s = fn.retention_s if fn else None
-        self.task_id = task_id
-        self.function = function
-        self.token = token
-        self.event = event
-        self.claim = claim
-        self.record = record  # the stored record, read only when finishing for a killed pool process
-        self.outputs: list[str] = []
-        self.started_at: float | None = None  # when the handler started: after the claim, for a task claimed ahead
-
-    def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
-        self.outputs = outputs or []
-        fields: dict[str, Any] = {"result": value, **({"outputs": self.outputs} if self.outputs else {})}
-        return self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), fields, finished_at)
-
-    def fail(self, exc: BaseException, error_type: str | None = None) -> bool:
-        return self.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error_payload(exc, error_type))
-
-    def finish(self, state: State, condition: Condition, error: dict[str, Any]) -> bool:
-        return self._write(state, condition, error, {"error": error, "condition": condition.value})
-
-    def cancelled(self, message: str) -> bool:
-        return self.finish(State.CANCELLED, Condition.CANCELLED,
-                           {"errorType": "Cancelled", "errorMessage": message, "stackTrace": []})  # fmt: skip
-
-    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any],
-               finished_at: float | None = None) -> bool:  # fmt: skip
-        finished = finished_at or time.time()
-        started = self.started_at or self.claim.started_at
-        record = callback_record(
-            task_id=self.task_id,
-            function=self.function,
-            condition=condition,
-            attempts=self.claim.attempts,
-            event=self.event,
-            worker=self.rt.worker_name if self.record is None else str(self.record.get("worker", "")),
-            gpu=self.rt.gpu if self.record is None else str(self.record.get("gpu", "")),
-            started_at=started,
-            finished_at=finished,
-            response=response,
-            outputs=self.outputs,
-        )
-        fields = {**fields, "condition": condition.value}
-        if self.started_at is not None:
-            fields["started_at"] = self.started_at
-        dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
-        limit = self.rt.fleet.settings.defaults.max_record_bytes
-        callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
-        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe,
-                                       finished):  # fmt: skip
-            log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
-            return False
-        return True

@@ -1,0 +1,99 @@
+"""What one attempt leaves behind: its callback record and final transition (:class:`Finisher`), and what a run
+leaves for whoever writes its pipeline (:class:`Outcomes`, see :mod:`gpufleet.worker.ahead`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import orjson
+import structlog
+
+from gpufleet.functions import Function
+from gpufleet.records import Condition, callback_record, error_payload, fit_record
+from gpufleet.registry import Callback, Claim, State
+
+if TYPE_CHECKING:
+    from gpufleet.worker.runtime import Runtime
+
+log = structlog.get_logger("gpufleet.worker")
+
+
+class Outcomes(NamedTuple):
+    """What a run leaves to write: its pipeline, the outcomes to build into it, and the log lines to say once they
+    are written."""
+
+    pipe: Any
+    outcomes: list[Callable[[], Any]]
+    lines: list[Callable[[], None]]
+
+    def build(self) -> None:
+        for outcome in self.outcomes:
+            outcome()
+
+    def say(self) -> None:
+        for line in self.lines:
+            line()
+
+
+class Finisher:
+    """Builds the callback record and performs the final transition for one attempt."""
+
+    def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, event: Any, claim: Claim,
+                 fn: Function | None, record: dict[str, Any] | None = None, pipe: Any = None) -> None:  # fmt: skip
+        self.rt = runtime
+        self.pipe = pipe  # the outcome goes into this pipeline, with the next claim; None: written at once
+        self.retention_s = fn.retention_s if fn else None
+        self.task_id = task_id
+        self.function = function
+        self.token = token
+        self.event = event
+        self.claim = claim
+        self.record = record  # the stored record, read only when finishing for a killed pool process
+        self.outputs: list[str] = []
+        self.started_at: float | None = None  # when the handler started: after the claim, for a task claimed ahead
+
+    def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
+        self.outputs = outputs or []
+        fields: dict[str, Any] = {"result": value, **({"outputs": self.outputs} if self.outputs else {})}
+        return self._write(State.SUCCEEDED, Condition.SUCCESS, orjson.Fragment(value), fields, finished_at)
+
+    def fail(self, exc: BaseException, error_type: str | None = None) -> bool:
+        return self.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error_payload(exc, error_type))
+
+    def finish(self, state: State, condition: Condition, error: dict[str, Any]) -> bool:
+        return self._write(state, condition, error, {"error": error, "condition": condition.value})
+
+    def cancelled(self, message: str) -> bool:
+        return self.finish(State.CANCELLED, Condition.CANCELLED,
+                           {"errorType": "Cancelled", "errorMessage": message, "stackTrace": []})  # fmt: skip
+
+    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any],
+               finished_at: float | None = None) -> bool:  # fmt: skip
+        finished = finished_at or time.time()
+        started = self.started_at or self.claim.started_at
+        record = callback_record(
+            task_id=self.task_id,
+            function=self.function,
+            condition=condition,
+            attempts=self.claim.attempts,
+            event=self.event,
+            worker=self.rt.worker_name if self.record is None else str(self.record.get("worker", "")),
+            gpu=self.rt.gpu if self.record is None else str(self.record.get("gpu", "")),
+            started_at=started,
+            finished_at=finished,
+            response=response,
+            outputs=self.outputs,
+        )
+        fields = {**fields, "condition": condition.value}
+        if self.started_at is not None:
+            fields["started_at"] = self.started_at
+        dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
+        limit = self.rt.fleet.settings.defaults.max_record_bytes
+        callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
+        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe,
+                                       finished):  # fmt: skip
+            log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
+            return False
+        return True
