@@ -25,12 +25,12 @@ class Outcomes(NamedTuple):
     are written."""
 
     pipe: Any
-    outcomes: list[Callable[[], Any]]
+    builds: list[Callable[[], Any]]
     lines: list[Callable[[], None]]
 
     def build(self) -> None:
-        for outcome in self.outcomes:
-            outcome()
+        for build in self.builds:
+            build()
 
     def say(self) -> None:
         for line in self.lines:

@@ -157,7 +157,7 @@ class Runtime:
         written: Outcomes | None = None  # the last run's outcomes, for the helper to write
         try:
             while item is not None:
-                more = bool(self.queues) and not self.slot.stopping and time.monotonic() < until
+                more = self._more(until)
                 # Claim ahead only behind a function whose last run here was short; one never run here counts as long.
                 claim = more and self._recent.get(item.function, HOLD_S) < HOLD_S
                 if written is not None or claim:
@@ -169,7 +169,7 @@ class Runtime:
                 if item is None:
                     written = None
                     outcomes.build()
-                    if self.slot.stopping or time.monotonic() > until or not self.queues:
+                    if not self._more(until):
                         self._commit(pipe.execute())
                     else:
                         item = self._next(pipe)
@@ -181,6 +181,10 @@ class Runtime:
             if left is not None:
                 self._give_back(left)
             self.slot.disarm()
+
+    def _more(self, until: float) -> bool:
+        """Whether this run takes another task from the queues: it has queues, within DRAIN_S, no shutdown begun."""
+        return bool(self.queues) and not self.slot.stopping and time.monotonic() < until
 
     def _commit(self, answers: list[Any]) -> None:
         if not all(answers):
