@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,9 +19,12 @@ class Killed(BaseException):
     """Stands in for the process dying: a BaseException, so nothing in the trigger handles it."""
 
 
-def run_trigger(h: FleetHarness, stop: threading.Event) -> tuple[KafkaTrigger, threading.Thread]:
+def run_trigger(
+    h: FleetHarness, stop: threading.Event, before: Callable[[KafkaTrigger], None] = lambda _: None
+) -> tuple[KafkaTrigger, threading.Thread]:
     fleet = h.fleet()
     trigger = KafkaTrigger(fleet, fleet.triggers["requests"])
+    before(trigger)
 
     def target() -> None:
         # The simulated process death ends the thread; the real process would be gone.
@@ -83,3 +87,42 @@ def test_stopped_mid_stream_and_restarted_publishes_every_message_once(harness: 
     thread.join(timeout=30)
     assert queue_length(harness) == n
     assert first.stats["published"] + second.stats["published"] == n
+
+
+def test_offsets_are_committed_in_intervals_while_messages_come_and_at_once_when_they_stop(
+    harness: FleetHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kafka import KafkaConsumer
+
+    topic = harness.topic("requests")
+    harness.write_config(triggers={"requests": {"source": f"kafka:///{topic}", "batch_max": 10,
+                                                "commit_interval_ms": 60_000}})  # fmt: skip
+    n = 100
+    harness.produce("requests", [orjson.dumps({"function": "echo", "payload": {"i": i}}) for i in range(n)])
+    commits: list[dict[int, int]] = []  # per commit: partition -> the offset committed
+    real_commit = KafkaConsumer.commit
+
+    def counted(self: Any, offsets: Any = None, **kwargs: Any) -> None:
+        real_commit(self, offsets, **kwargs)
+        commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+    def committed() -> int:  # messages covered, over the topic's partitions
+        return sum({p: o for c in commits for p, o in c.items()}.values())
+
+    monkeypatch.setattr(KafkaConsumer, "commit", counted)
+    batches: list[int] = []
+
+    def count_batches(trigger: KafkaTrigger) -> None:
+        sent = trigger.ingest.send
+        trigger.ingest.send = lambda batch: batches.append(len(batch.tasks)) or sent(batch)  # type: ignore[method-assign]
+
+    stop = threading.Event()
+    trigger, thread = run_trigger(harness, stop, count_batches)
+    try:
+        # Well within the 60 s interval: the last offsets are committed as soon as no message is left.
+        harness.wait_for(lambda: committed() == n, timeout_s=20, what="the offsets of every message")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert trigger.stats["published"] == n
+    assert 1 <= len(commits) < len(batches), f"{len(commits)} commits for {len(batches)} batches: {commits}"

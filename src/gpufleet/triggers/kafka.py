@@ -20,6 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import Field
 
 from gpufleet.errors import BrokerError, unreachable_hint
 from gpufleet.triggers.base import LAG_EVERY_S, Ingest, Prepared, Sent, SourceMessage, SourceTrigger
@@ -33,6 +34,9 @@ log = structlog.get_logger("gpufleet.trigger.kafka")
 
 class KafkaSettings(TriggerSettings):
     group: str | None = None  # the consumer group; default gpufleet-<trigger name>
+    # Offsets of durable batches are committed at most this often while messages keep coming, and at once when the
+    # partition runs dry. A crash re-reads what was not committed yet; intake de-duplicates it by task id.
+    commit_interval_ms: int = Field(250, ge=0, le=60_000)
 
 
 class KafkaTrigger(SourceTrigger[KafkaSettings]):
@@ -76,25 +80,32 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
             self.close()
             raise
         # All on this thread: a batch is sent to Redis as soon as it is parsed, and the one before it is then read
-        # back and committed, so Redis runs scripts while Python polls and parses (a separate publish thread measured
-        # slower than none: the GIL). Offsets are committed in order, each only after its own batch is durable.
+        # back, so Redis runs scripts while Python polls and parses (a separate publish thread measured slower than
+        # none: the GIL). An offset is committed only once its batch and every batch before it are durable: every
+        # commit_interval_ms while messages keep coming (each commit is a round trip to the broker that stops this
+        # thread), and as soon as a poll finds nothing new.
         inflight: deque[tuple[Prepared, Sent | None, dict[Any, Any]]] = deque()
+        due: dict[Any, Any] = {}  # the offsets of durable batches, not committed yet
         log.info("kafka trigger started", trigger=self.name, topic=self.topic, group=self.group)
-        next_lag = 0.0
+        next_lag = next_commit = 0.0
+        interval = self.trigger.commit_interval_ms / 1000
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_lag:  # every LAG_EVERY_S; each second until a fetch has told us
-                    next_lag = time.monotonic() + (LAG_EVERY_S if self._report_lag(consumer) else 1.0)
+                now = time.monotonic()
+                if now >= next_lag:  # every LAG_EVERY_S; each second until a fetch has told us
+                    next_lag = now + (LAG_EVERY_S if self._report_lag(consumer) else 1.0)
                 polled = consumer.poll(timeout_ms=0 if inflight else 200, max_records=self.trigger.batch_max)
                 if polled:
                     prepared, offsets = self._prepare(polled)
                     inflight.append((prepared, self.ingest.send(prepared), offsets))
-                while len(inflight) > (1 if polled else 0):  # keep the newest in Redis's hands while polling on
-                    if not self._settle(consumer, *inflight.popleft(), stop):
-                        return  # stopping with work not durable: its offsets stay uncommitted, it is read again
-            while inflight:  # graceful stop: the batches in hand, committed
-                if not self._settle(consumer, *inflight.popleft(), stop):
-                    return
+                if not self._settle(inflight, due, 1 if polled else 0, stop):
+                    break  # stopping with a batch not durable: its offsets stay uncommitted, it is read again
+                if due and (not inflight or time.monotonic() >= next_commit):
+                    self._commit(consumer, due)
+                    due, next_commit = {}, time.monotonic() + interval
+            self._settle(inflight, due, 0, stop)  # graceful stop: the batches in hand
+            if due:
+                self._commit(consumer, due)
         finally:
             consumer.close(autocommit=False)
             self.close()
@@ -133,13 +144,16 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
             offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
         return self.ingest.prepare(messages), offsets
 
-    def _settle(self, consumer: Any, batch: Prepared, sent: Sent | None, offsets: dict[Any, Any],
+    def _settle(self, inflight: deque[tuple[Prepared, Sent | None, dict[Any, Any]]], due: dict[Any, Any], keep: int,
                 stop: threading.Event) -> bool:  # fmt: skip
-        """Wait for a batch to be durable, then commit its offsets (synchronously: kafka-python's commit_async
-        measured slower). False if it was not durable (stopping)."""
-        if self.ingest.complete(batch, sent, stop) is None:
-            return False
-        self._commit(consumer, offsets)
+        """Wait until all but the newest ``keep`` batches are durable, and add their offsets to ``due``. False if one
+        was not (stopping): the batches after it are dropped, so no offset past it is ever committed."""
+        while len(inflight) > keep:
+            batch, sent, offsets = inflight.popleft()
+            if self.ingest.complete(batch, sent, stop) is None:
+                inflight.clear()
+                return False
+            due.update(offsets)
         return True
 
     def _commit(self, consumer: Any, offsets: dict[Any, Any]) -> None:
