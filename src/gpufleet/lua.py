@@ -142,15 +142,15 @@ end
 """
 )
 
-# ARGV: prefix, now, batch, then each task's envelope. batch: a JSON array with one array of strings per task: [id,
-#   function, queue_key, on_success, on_failure, max_attempts, source, created_at, event_ts, max_age, event, meta,
+# ARGV: prefix, now, batch, then each task's envelope, event and meta. batch: a JSON array with one array of strings
+#   per task: [id, function, queue_key, on_success, on_failure, max_attempts, source, created_at, event_ts, max_age,
 #   delivery_tag, origin, priority]
 # The record keeps the event and meta (JSON), not the envelope: a fraction of its size. Whoever pushes the task again
 # builds the envelope from them.
 # A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
-# One JSON argument for the small fields, not ten per task: redis-py packs arguments in Python, which cost more than
-# the script. The envelopes come as arguments of their own: inside the JSON they were escaped, then unescaped here
-# again (a fifth of the script's time).
+# One JSON argument for the small fields, not ten per task: each argument costs the caller's Python more than the
+# script's Lua. The envelope, event and meta come as arguments of their own: inside the JSON they were escaped, then
+# unescaped here again.
 # Returns per task 1 (enqueued), 0 (duplicate: a record with that id exists, for the same function and origin) or
 # -1 (conflict: the id exists for another function or origin; never silently taken as the same task). A record
 # written before origins were kept is compared on its function only.
@@ -165,16 +165,16 @@ for n, t in ipairs(tasks) do
   local key = prefix .. ':task:' .. t[1]
   local have = redis.call('HMGET', key, 'function', 'origin')
   if have[1] then
-    if have[1] == t[2] and (not have[2] or have[2] == t[14]) then out[n] = 0 else out[n] = -1 end
+    if have[1] == t[2] and (not have[2] or have[2] == t[12]) then out[n] = 0 else out[n] = -1 end
   else
     -- push_back, unrolled: the fields it would read are at hand, and the record is written in one HSET.
-    local prio, seq = tonumber(t[15]), first + n
+    local prio, seq, a = tonumber(t[13]), first + n, 3 * n
     redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
-      'event', t[11], 'meta', t[12], 'on_success', t[4], 'on_failure', t[5], 'max_attempts', t[6], 'source', t[7],
-      'created_at', t[8], 'queued_at', now, 'event_ts', t[9], 'origin', t[14], 'priority', prio, 'prio', prio,
-      'seq', seq, 'tag', t[13])
+      'event', ARGV[a + 2], 'meta', ARGV[a + 3], 'on_success', t[4], 'on_failure', t[5], 'max_attempts', t[6],
+      'source', t[7], 'created_at', t[8], 'queued_at', now, 'event_ts', t[9], 'origin', t[12], 'priority', prio,
+      'prio', prio, 'seq', seq, 'tag', t[11])
     redis.call('ZADD', prefix .. ':pending:' .. t[3], (9 - prio) * LEVEL + seq, t[1])
-    redis.call('LPUSH', qkey(t[3], prio), ARGV[3 + n])
+    redis.call('LPUSH', qkey(t[3], prio), ARGV[a + 1])
     redis.call('ZADD', prefix .. ':idx:' .. t[2] .. ':QUEUED', seq, t[1])
     if t[10] ~= '' then
       redis.call('HSET', key, 'max_age', t[10])

@@ -55,6 +55,9 @@ class Enqueued(IntEnum):
     CREATED = 1
 
 
+_ENQUEUED = {e.value: e for e in Enqueued}
+
+
 class NewTask(NamedTuple):  # a tuple: built per message on a trigger's hot path, at half a frozen dataclass's cost
     message: TaskMessage
     on_success: str
@@ -177,10 +180,13 @@ class Registry:
             chunk = tasks[start : start + ENQUEUE_CHUNK]
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure,
                                    str(t.max_attempts), t.source, now, repr(t.event_ts),
-                                   "" if t.max_age_s is None else repr(t.max_age_s), t.message.event.decode(),
-                                   t.message.meta.decode(), t.message.tag, t.origin, str(t.message.priority)]
+                                   "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag, t.origin,
+                                   str(t.message.priority)]
                                   for t in chunk])  # fmt: skip
-            self._enqueue(args=[self.prefix, now, batch, *(t.message.envelope for t in chunk)], client=pipe)
+            args: list[str | bytes] = [self.prefix, now, batch]
+            for t in chunk:  # as they are: the JSON text goes into the record unescaped, and Lua does not decode it
+                args += (t.message.envelope, t.message.event, t.message.meta)
+            self._enqueue(args=args, client=pipe)
         if self.wait_replicas:
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)  # type: ignore[no-untyped-call]
         try:
@@ -198,7 +204,7 @@ class Registry:
                 if acked < self.wait_replicas:  # written to the master only: a failover now could lose them
                     raise BrokerError(f"tasks reached {acked} of redis.wait_replicas={self.wait_replicas} replicas "
                                       f"within {self.wait_timeout_ms} ms; not acknowledged, retried")  # fmt: skip
-            return [Enqueued(x) for reply in replies for x in reply]
+            return [_ENQUEUED[x] for reply in replies for x in reply]
 
         return answers
 
