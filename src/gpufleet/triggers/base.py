@@ -16,10 +16,11 @@ import ctypes
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 import structlog
 
@@ -188,12 +189,16 @@ class BatchTrigger(SourceTrigger[S]):
         return True
 
 
-@dataclass(frozen=True)
-class SourceMessage:
+_NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
+
+
+class SourceMessage(
+    NamedTuple
+):  # a tuple: made per message on a trigger's hot path, 4x cheaper than a frozen dataclass
     value: bytes
     source_id: str  # where it came from, e.g. "kafka:topic/partition/offset"
     default_id: str  # the task id when the producer supplies none
-    headers: dict[str, bytes] = field(default_factory=dict)
+    headers: Mapping[str, bytes] = _NO_HEADERS
     timestamp: float | None = None
     # Object events that came without a notification (a bucket listing); ``value`` is then their JSON, which a dead
     # letter quotes.
