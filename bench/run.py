@@ -70,7 +70,8 @@ PHASES = ("ingest", "memory", "latency", "duty", "batch")
 
 @dataclass(frozen=True)
 class Sizes:
-    ingest: int  # messages per ingest path
+    ingest: int  # messages per pass of the raw, minimal bridge and gpufleet ingest paths
+    small_ingest: int  # messages for the naive bridge (at ~2k msg/s) and for the memory phase's two processes
     latency: int  # timed messages per latency side
     latency_warm: int  # paced messages sent first and not timed
     latency_rate: float  # messages per second
@@ -80,8 +81,10 @@ class Sizes:
     task_ms: float = 20.0
 
 
-FULL = Sizes(ingest=20_000, latency=300, latency_warm=20, latency_rate=50.0, duty=300, batch=400, batch_paced=60)
-QUICK = Sizes(ingest=5_000, latency=150, latency_warm=10, latency_rate=50.0, duty=100, batch=160, batch_paced=30)
+FULL = Sizes(ingest=60_000, small_ingest=20_000, latency=300, latency_warm=20, latency_rate=50.0, duty=300, batch=400,
+             batch_paced=60)  # fmt: skip
+QUICK = Sizes(ingest=15_000, small_ingest=5_000, latency=150, latency_warm=10, latency_rate=50.0, duty=100, batch=160,
+              batch_paced=30)  # fmt: skip
 
 # Topics: one fresh topic per ingest path; the memory phase reads two of them again with fresh groups.
 TOPICS = {
@@ -89,13 +92,14 @@ TOPICS = {
     "ingest-bridge": "bench.ingest.bridge",
     "ingest-naive": "bench.ingest.naive",
     "ingest-gpufleet": "bench.ingest.gpufleet",
+    "memory-gpufleet": "bench.memory.gpufleet",
     "latency-naive": "bench.latency.naive",
     "latency-gpufleet": "bench.latency.gpufleet",
 }
 # gpufleet triggers of the temporary fleet: name -> (topic, group).
 TRIGGERS = {
     "ingest": (TOPICS["ingest-gpufleet"], "bench-ingest-gpufleet"),
-    "memory": (TOPICS["ingest-gpufleet"], "bench-memory-gpufleet"),
+    "memory": (TOPICS["memory-gpufleet"], "bench-memory-gpufleet"),
     "latency": (TOPICS["latency-gpufleet"], "bench-latency-gpufleet"),
 }
 
@@ -311,14 +315,15 @@ def create_topics(bootstrap: str) -> None:
         admin.close()
 
 
-def produce(bootstrap: str, topics: list[str], n: int) -> bool:
+def produce(bootstrap: str, topics: dict[str, int]) -> bool:
+    """``n`` ingest messages to each topic (topic -> n)."""
     producer = KafkaProducer(
         bootstrap_servers=bootstrap, acks=1, enable_idempotence=False, linger_ms=20, batch_size=512 * 1024
     )
     try:
-        values = [ingest_value(i) for i in range(n)]
-        for topic in topics:
-            for value in values:
+        values = [ingest_value(i) for i in range(max(topics.values()))]
+        for topic, n in topics.items():
+            for value in values[:n]:
                 producer.send(topic, value)
         producer.flush(timeout=120)
     finally:
@@ -406,7 +411,7 @@ def ingest_bridge(w: World, attempt: int) -> Ingested:
 
 
 def ingest_naive(w: World) -> Ingested:
-    n = w.sizes.ingest
+    n = w.sizes.small_ingest
     w.flush()
     app = naive_bridge.plain_celery(w.redis_url)
     consumer = naive_bridge.bench_consumer(w.bootstrap, TOPICS["ingest-naive"], "bench-ingest-naive")
@@ -568,7 +573,7 @@ def rss_after_ingest(w: World, spec: tuple[str, list[str]], done: Callable[[], b
     w.flush()
     with w.children.session(spec) as (child,):
         started = time.perf_counter()
-        finished = w.children.wait_until(done, 240, f"{child.name} to ingest {w.sizes.ingest} messages", [child],
+        finished = w.children.wait_until(done, 240, f"{child.name} to ingest {w.sizes.small_ingest} messages", [child],
                                          interval_s=0.1)  # fmt: skip
         time.sleep(1.0)  # let the last commit land and the process settle
         proc = psutil.Process(child.proc.pid)
@@ -582,12 +587,12 @@ def rss_after_ingest(w: World, spec: tuple[str, list[str]], done: Callable[[], b
 
 
 def memory_gpufleet(w: World) -> tuple[float, float, float]:
-    n = w.sizes.ingest
+    n = w.sizes.small_ingest
     return rss_after_ingest(w, w.trigger_cli("memory"), lambda: w.registry.counts("noop").get("QUEUED", 0) >= n)
 
 
 def memory_naive(w: World) -> tuple[float, float, float]:
-    n = w.sizes.ingest
+    n = w.sizes.small_ingest
     spec = w.naive_cli(TOPICS["ingest-naive"], "bench-memory-naive", "gpufleet")
     return rss_after_ingest(w, spec, lambda: queued_messages(w, "noop") >= n)
 
@@ -891,16 +896,18 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
     produced_ok = False
     keep_freed_memory()  # as a trigger process does; this process runs every in-process path (ingest), alike
     if only & {"ingest", "memory"}:
-        say(f"producing {n} messages to each of 3 ingest topics")
-        topics = [TOPICS[f"ingest-{path}"] for path in ("raw", "bridge", "naive", "gpufleet")]
-        produced_ok = attempt("produce", lambda: produce(w.bootstrap, topics, n), errors) is not None
+        small = w.sizes.small_ingest
+        say(f"producing {n:,} messages to each of 3 ingest topics, {small:,} to the naive and memory topics")
+        topics = {TOPICS[f"ingest-{path}"]: n for path in ("raw", "bridge", "gpufleet")}
+        topics |= {TOPICS["ingest-naive"]: small, TOPICS["memory-gpufleet"]: small}
+        produced_ok = attempt("produce", lambda: produce(w.bootstrap, topics), errors) is not None
     if not produced_ok:
         only = only - {"ingest", "memory"}
     raw_before = phase("ingest", "ingest: raw kafka-python consume, pass 1", lambda: ingest_raw(w, 1))
-    # The bridge and gpufleet take turns, twice each, on fresh consumer groups: on a noisy VM one pass of either
-    # has been seen anywhere from 0.7x to 1.3x of its mean.
+    # The bridge and gpufleet take turns, three times each, on fresh consumer groups: on a noisy VM one pass of
+    # either has been seen anywhere from 0.7x to 1.3x of its mean.
     passes: dict[str, list[Ingested]] = {"bridge": [], "gpufleet": []}
-    for turn in (1, 2):
+    for turn in (1, 2, 3):
         for side, run_side in (("bridge", ingest_bridge), ("gpufleet", ingest_gpufleet)):
             label = f"ingest: {'minimal durable bridge' if side == 'bridge' else 'gpufleet KafkaTrigger'}, pass {turn}"
             got = phase("ingest", label, lambda run_side=run_side, turn=turn: run_side(w, turn))  # type: ignore[misc]
@@ -908,9 +915,11 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
                 passes[side].append(got)
     bridge, ours = (mean_rate(passes[side]) for side in ("bridge", "gpufleet"))
     if bridge and ours:
+        pairs = list(zip(passes["bridge"], passes["gpufleet"], strict=False))
+        ratios = [g.rate / b.rate for b, g in pairs]
         w.notes.append("Ingest passes (bridge / gpufleet, msg/s): " + ", ".join(
-            f"{b.rate:,.0f} / {g.rate:,.0f}" for b, g in zip(passes["bridge"], passes["gpufleet"], strict=False)) +
-            "; the table shows the means.")  # fmt: skip
+            f"{b.rate:,.0f} / {g.rate:,.0f}" for b, g in pairs) + f"; the table shows the means. Ratio per turn "
+            f"{min(ratios):.2f}x-{max(ratios):.2f}x.")  # fmt: skip
     naive = phase("ingest", "ingest: naive bridge", lambda: ingest_naive(w))
     raw_after = phase("ingest", "ingest: raw kafka-python consume, pass 2", lambda: ingest_raw(w, 2))
     raw = raw_before
@@ -927,8 +936,8 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
 
     if mem and mem_naive:
         w.notes.append(f"Peak RSS (VmHWM): gpufleet trigger {mem[1]:.1f} MB, naive bridge {mem_naive[1]:.1f} MB. "
-                       f"Process start to {n} published: gpufleet {mem[2]:.1f} s, naive {mem_naive[2]:.1f} s "
-                       f"(both include process start and the Kafka group join).")  # fmt: skip
+                       f"Process start to {w.sizes.small_ingest:,} published: gpufleet {mem[2]:.1f} s, naive "
+                       f"{mem_naive[2]:.1f} s (both include process start and the Kafka group join).")  # fmt: skip
     if lat and lat_naive:
         w.notes.append(f"Latency max: gpufleet {lat.max_ms:.1f} ms, naive {lat_naive.max_ms:.1f} ms.")
     if duty and duty_celery:
@@ -978,7 +987,7 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
                 "lower is better"),
         ],
         "memory": [
-            Row(f"Trigger RSS after ingesting {n:,} messages", get(mem, 0), get(mem_naive, 0),
+            Row(f"Trigger RSS after ingesting {w.sizes.small_ingest:,} messages", get(mem, 0), get(mem_naive, 0),
                 lambda v: f"{v:.1f} MB", "< 150 MB", lambda v, _: v < 150),
         ],
     }  # fmt: skip
@@ -993,7 +1002,8 @@ def render(rows: list[Row], sizes: Sizes, quick: bool, notes: list[str], errors:
         f"## gpufleet benchmark ({'quick' if quick else 'full'}), {when}",
         "",
         f"Python {platform.python_version()}, {cpus} CPUs, {platform.system()} {platform.release()}. "
-        f"Ingest: {sizes.ingest:,} messages of ~200 B per path. Latency: {sizes.latency} timed messages at "
+        f"Ingest: {sizes.ingest:,} messages of ~200 B per pass ({sizes.small_ingest:,} for the naive bridge and the "
+        f"memory phase). Latency: {sizes.latency} timed messages at "
         f"{sizes.latency_rate:g}/s, 1 worker. Duty cycle: {sizes.duty} tasks of {sizes.task_ms:g} ms, 1 worker.",
         "",
         "| figure | gpufleet | baseline | ratio | target |",
