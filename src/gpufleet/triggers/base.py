@@ -189,7 +189,7 @@ class BatchTrigger(SourceTrigger[S]):
         return True
 
 
-_NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
+NO_HEADERS: Mapping[str, bytes] = MappingProxyType({})
 
 
 class SourceMessage(
@@ -198,7 +198,7 @@ class SourceMessage(
     value: bytes
     source_id: str  # where it came from, e.g. "kafka:topic/partition/offset"
     default_id: str  # the task id when the producer supplies none
-    headers: Mapping[str, bytes] = _NO_HEADERS
+    headers: Mapping[str, bytes] = NO_HEADERS
     timestamp: float | None = None
     # Object events that came without a notification (a bucket listing); ``value`` is then their JSON, which a dead
     # letter quotes.
@@ -317,6 +317,7 @@ class Ingest:
     def prepare(self, messages: list[SourceMessage]) -> Prepared:
         """Parse a batch (CPU only): a source can prepare the next batch while the last one is published."""
         batch = Prepared([], [])
+        tasks, sources = batch.tasks, batch.sources
         for msg in messages:
             try:
                 parsed = self.parse(msg)
@@ -327,9 +328,13 @@ class Ingest:
                 log.exception("unexpected error while turning a message into tasks", source=msg.source_id)
                 batch.dead.append(self.dead_record(msg, "intake_error", f"{type(exc).__name__}: {exc}"))
                 continue
-            batch.tasks += parsed
-            batch.sources += [msg] * len(parsed)
-            batch.ignored += not parsed
+            if len(parsed) == 1:  # most messages
+                tasks.append(parsed[0])
+                sources.append(msg)
+            else:
+                tasks += parsed
+                sources += [msg] * len(parsed)
+                batch.ignored += not parsed
         return batch
 
     def dead_record(self, msg: SourceMessage, reason: str, detail: str) -> OutRecord:

@@ -23,13 +23,14 @@ import structlog
 from pydantic import Field
 
 from gpufleet.errors import BrokerError, unreachable_hint
-from gpufleet.triggers.base import LAG_EVERY_S, Ingest, Prepared, Sent, SourceMessage, SourceTrigger
+from gpufleet.triggers.base import LAG_EVERY_S, NO_HEADERS, Ingest, Prepared, Sent, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import TriggerSettings
 
 if TYPE_CHECKING:
     from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.kafka")
+AHEAD = 2  # batches left in Redis's hands while the next is polled and parsed
 
 
 class KafkaSettings(TriggerSettings):
@@ -98,7 +99,7 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
                 if polled:
                     prepared, offsets = self._prepare(polled)
                     inflight.append((prepared, self.ingest.send(prepared), offsets))
-                if not self._settle(inflight, due, 1 if polled else 0, stop):
+                if not self._settle(inflight, due, AHEAD if polled else 0, stop):
                     break  # stopping with a batch not durable: its offsets stay uncommitted, it is read again
                 if due and (not inflight or time.monotonic() >= next_commit):
                     self._commit(consumer, due)
@@ -133,13 +134,15 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
         messages = []
         offsets = {}
         for tp, records in polled.items():
+            source, default = f"kafka:{tp.topic}/{tp.partition}/", f"kafka-{tp.topic}-{tp.partition}-"
             for r in records:
-                messages.append(SourceMessage(
-                    value=r.value or b"",
-                    source_id=f"kafka:{r.topic}/{r.partition}/{r.offset}",
-                    default_id=f"kafka-{r.topic}-{r.partition}-{r.offset}",
-                    headers={k: v for k, v in (r.headers or []) if v is not None},
-                    timestamp=r.timestamp / 1000 if r.timestamp and r.timestamp > 0 else None,
+                ts = r.timestamp
+                messages.append(SourceMessage(  # positional: once per message (value, source_id, default_id, ...)
+                    r.value or b"",
+                    f"{source}{r.offset}",
+                    f"{default}{r.offset}",
+                    {k: v for k, v in r.headers if v is not None} if r.headers else NO_HEADERS,
+                    ts / 1000 if ts and ts > 0 else None,
                 ))  # fmt: skip
             offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
         return self.ingest.prepare(messages), offsets
