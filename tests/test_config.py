@@ -122,7 +122,12 @@ def test_api_needs_a_token_and_never_echoes_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("trigger", "key", "fix"),
     [
-        ({"source": "kafka:///t", "poll_interval_s": 5}, "poll_interval_s", "kafka triggers take ['group']"),
+        (
+            {"source": "kafka:///t", "skip_existing": True},
+            "skip_existing",
+            "kafka triggers take ['commit_interval_ms', 'group']",
+        ),
+        ({"source": "kafka:///t", "poll_interval_s": 5}, "poll_interval_s", "did you mean 'commit_interval_ms'"),
         ({"source": "kafka:///t", "wait_time_s": 5}, "wait_time_s", "kafka triggers take"),
         ({"source": "kafka:///t", "token": "x"}, "token", "kafka triggers take"),
         ({"source": "kafka:///t", "prefix": "in/"}, "prefix", "add `format: s3`"),

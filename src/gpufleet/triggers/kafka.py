@@ -1,12 +1,14 @@
 """Kafka trigger.
 
 URL: ``kafka:///topic`` (the fleet's Kafka) or ``kafka://host:9092/topic``. Options in the trigger file:
-``group`` (default ``gpufleet-<trigger name>``), ``batch_max``, ``id_header`` / ``id_field``.
+``group`` (default ``gpufleet-<trigger name>``), ``batch_max``, ``commit_interval_ms``, ``id_header`` /
+``id_field``.
 
 Guarantees:
 - Consumer group with manual commit: an offset is committed only after every message before it was published to
   the task queue (or delivered to the dead-letter topic). A crash between publish and commit re-reads messages;
-  their task ids already exist, so they are suppressed as duplicates.
+  their task ids already exist, so they are suppressed as duplicates. Commits come every ``commit_interval_ms``
+  while messages keep coming, and at once when a poll finds none: a crash re-reads at most that much.
 - Task id: ``<trigger>:<id>``, the id being the producer's (header ``gpufleet-id`` or field ``id``) or
   ``kafka-<topic>-<partition>-<offset>`` (see :mod:`gpufleet.ids`).
 - Graceful stop: the batch in hand is finished and committed, then the consumer leaves its group.
