@@ -9,12 +9,16 @@ from typing import Any
 
 import pytest
 
+from gpufleet.errors import ConfigError
+from gpufleet.functions import Gpu
+from gpufleet.gpumodels import model_of
 from gpufleet.settings import load_fleet
-from gpufleet.worker.gpus import discover, model_of
+from gpufleet.worker.gpus import discover
 from gpufleet.worker.supervisor import Supervisor, plan_slots
 from tests.harness import FleetHarness
 
 CONFIG = Path(__file__).parent.parent / "config" / "fleet.yaml"
+FUNCTIONS = Path(__file__).parent / "functions"
 
 
 class FakeNvml:
@@ -89,6 +93,38 @@ def test_virtual_gpus_when_none_found() -> None:
     assert [s.name for s in slots] == ["vgpu0", "vgpu1", "vgpu2"]
     assert all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in slots)  # the handler sees no CUDA device
     assert slots[0].queues == ["gpufleet.eu.virtual", "gpufleet.eu.any", "gpufleet.us.virtual", "gpufleet.us.any"]
+
+
+@pytest.mark.parametrize(
+    ("asked", "series"),
+    [("H100", "H100"), ("h100", "H100"), ("NVIDIA H100 80GB HBM3", "H100"), ("A100-SXM4-40GB", "A100"),
+     ("a10g", "A10G"), ("GB200", "GB200"), ("ANY", "any")],
+)  # fmt: skip
+def test_a_function_asks_for_a_series_named_as_nvml_names_it_or_short(asked: str, series: str) -> None:
+    assert Gpu(model=asked).model == series
+
+
+@pytest.mark.parametrize(("asked", "hint"), [("H101", "did you mean 'H100'?"), ("Quadro Mystery 9000", "use 'any'")])
+def test_a_model_of_no_known_series_fails_at_load(asked: str, hint: str) -> None:
+    with pytest.raises(ConfigError, match=r"gpu\.model") as err:
+        Gpu(model=asked)
+    assert hint in str(err.value)
+
+
+def test_virtual_gpus_stand_for_the_configured_series_and_serve_its_functions(tmp_path: Path) -> None:
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"functions: [{FUNCTIONS}]\ntriggers: []\n")
+    env = {"GPUFLEET_WORKER__VIRTUAL_GPUS": "2"}
+    fleet = load_fleet(config, env={**env, "GPUFLEET_WORKER__GPU_MODEL": "nvidia h100 pcie"})
+    slots = plan_slots(fleet, [])
+    assert [s.gpu.model for s in slots] == ["H100", "H100"] and all(s.gpu.virtual for s in slots)
+    assert "gpufleet.default.h100.needs_h100" in slots[0].queues and "gpufleet.default.any.echo" in slots[0].queues
+    a10 = plan_slots(load_fleet(config, env={**env, "GPUFLEET_WORKER__GPU_MODEL": "A10G"}), [])
+    assert "gpufleet.default.h100.needs_h100" not in a10[0].queues and "gpufleet.default.any.echo" in a10[0].queues
+    for bad, why in (("H101", "did you mean 'H100'?"), ("any", "a GPU is of one series")):
+        with pytest.raises(ConfigError, match="gpu_model") as err:
+            load_fleet(config, env={**env, "GPUFLEET_WORKER__GPU_MODEL": bad})
+        assert why in str(err.value)
 
 
 def test_inventory_reports_live_memory_utilisation_and_the_running_task(harness: FleetHarness) -> None:

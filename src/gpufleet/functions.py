@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from gpufleet.errors import ConfigError
+from gpufleet.gpumodels import check_model
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -125,7 +126,8 @@ class Gpu:
 
     Args:
         count: GPUs per task. One worker process owns one GPU, so only 1 is supported today.
-        model: GPU model name (``H100``, ``A100``...) or ``any``.
+        model: a GPU series (``H100``, ``A100``...; a full name such as ``NVIDIA H100 80GB HBM3`` says the same), or
+            ``any``. It matches a worker's GPU by series: see :mod:`gpufleet.gpumodels`.
         pools: ordered pools (regions) to run in; the first is preferred.
     """
 
@@ -136,8 +138,7 @@ class Gpu:
     def __post_init__(self) -> None:
         if self.count != 1:
             raise ConfigError("only one GPU per task is supported", key="gpu.count", fix="set count=1")
-        if not re.match(r"^[A-Za-z0-9_-]{1,32}$", self.model):
-            raise ConfigError(f"bad GPU model {self.model!r}", key="gpu.model", fix="use a name like H100, or 'any'")
+        object.__setattr__(self, "model", check_model(self.model, "gpu.model"))  # frozen: normalised once, here
         if not self.pools:
             raise ConfigError("a function needs at least one pool", key="gpu.pools", fix="e.g. pools=('default',)")
 

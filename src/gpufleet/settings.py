@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gpufleet.credentials import HOW_TO_GENERATE, hidden, is_loopback, is_secret_name, redact_url, secret_problem
 from gpufleet.errors import ConfigError, did_you_mean
 from gpufleet.functions import Function, load_functions
+from gpufleet.gpumodels import ANY, check_model
 from gpufleet.redisconn import is_sentinel, parse_sentinel
 from gpufleet.triggers.options import TriggerSettings
 
@@ -80,6 +81,9 @@ class KafkaSettings(_Model):
 class WorkerSettings(_Model):
     # CPU slots that stand in for GPUs on a machine without one, so every path runs on a laptop and in CI.
     virtual_gpus: int = Field(0, ge=0, le=64)
+    # The GPU series the virtual GPUs stand for (H100, A10G...), so that they serve the functions that ask for it: a
+    # host of a test fleet can play an H100 host. Real GPUs report their own, from NVML.
+    gpu_model: str | None = None
     pools: tuple[str, ...] = ("default",)
     hostname: str = Field(default_factory=socket.gethostname)
     # A running task holds a lease its worker renews every lease_s / 3; a lease that lapses means its worker died.
@@ -100,6 +104,19 @@ class WorkerSettings(_Model):
     # GPUs per worker host, for the scaling figure (see gpufleet.scaling) of a pool and model that no live host
     # reports yet: scaling from zero. Live hosts report their own.
     slots_per_worker: int = Field(1, ge=1, le=64)
+
+    @field_validator("gpu_model")
+    @classmethod
+    def _gpu_model(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            series = check_model(v, "worker.gpu_model")
+        except ConfigError as exc:
+            raise ValueError(f"no GPU series in {v!r} ({exc.fix})") from None
+        if series == ANY:
+            raise ValueError("a GPU is of one series: name it (H100, A10G...), or leave gpu_model out")
+        return series
 
 
 class S3Settings(_Model):

@@ -6,17 +6,14 @@ per-GPU processes. We still shut NVML down right after, and never import torch h
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-log = structlog.get_logger("gpufleet.gpus")
+from gpufleet.gpumodels import model_of
 
-# Model families, most specific first, so "NVIDIA GH200 480GB" is GH200, not H200.
-FAMILIES = ("GH200", "H200", "H100", "H800", "H20", "B200", "B100", "GB200", "A100", "A800", "A10G", "A10", "A30",
-            "A40", "L40S", "L40", "L4", "T4", "V100", "P100", "RTX")  # fmt: skip
+log = structlog.get_logger("gpufleet.gpus")
 
 
 @dataclass(frozen=True)
@@ -31,15 +28,6 @@ class GpuInfo:
     @property
     def label(self) -> str:
         return f"{'vgpu' if self.virtual else 'gpu'}{self.index}"
-
-
-def model_of(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``; unknown names fall back to a sanitized form."""
-    upper = name.upper()
-    for family in FAMILIES:
-        if re.search(rf"(^|[^A-Z0-9]){family}([^A-Z0-9]|$)", upper):
-            return family
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32] or "unknown"
 
 
 def discover(nvml: Any = None) -> list[GpuInfo]:
@@ -74,9 +62,11 @@ def discover(nvml: Any = None) -> list[GpuInfo]:
         nvml.nvmlShutdown()
 
 
-def virtual_gpus(count: int) -> list[GpuInfo]:
-    """CPU slots standing in for GPUs on a machine with none: every code path runs, the handler sees no CUDA."""
-    return [GpuInfo(index=i, name="virtual", model="virtual", uuid=f"virtual-{i}", memory_mb=0, virtual=True)
+def virtual_gpus(count: int, model: str | None = None) -> list[GpuInfo]:
+    """CPU slots standing in for GPUs on a machine with none: every code path runs, the handler sees no CUDA. With
+    ``model`` (``worker.gpu_model``), they stand for GPUs of that series, and serve the functions that ask for it."""
+    return [GpuInfo(index=i, name=f"virtual {model}" if model else "virtual", model=model or "virtual",
+                    uuid=f"virtual-{i}", memory_mb=0, virtual=True)
             for i in range(count)]  # fmt: skip
 
 

@@ -69,7 +69,7 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
     """One slot per GPU; the virtual ones when NVML found none."""
     s = fleet.settings
     if not gpus:
-        gpus = virtual_gpus(s.worker.virtual_gpus)
+        gpus = virtual_gpus(s.worker.virtual_gpus, s.worker.gpu_model)
     slots = []
     prefix = s.redis.key_prefix
     for gpu in gpus:
