@@ -392,6 +392,17 @@ def test_gpus_lists_the_worker_slots(fleet: Api) -> None:
     gpus = fleet.harness.wait_for(slots, what="the supervisor to publish its GPU inventory")
     assert all(g["virtual"] and g["up"] and not g["stale"] for g in gpus)
     assert sorted(g["worker"].split("@")[0] for g in gpus) == ["vgpu0", "vgpu1"]
+    (group,) = fleet.client.get("/v1/gpus").json()["pools"]
+    host = gpus[0]["host"]
+    assert group == {
+        "pool": "default",
+        "model": "virtual",
+        "gpus": 2,
+        "busy": 0,
+        "idle": 2,
+        "stale": 0,
+        "hosts": [host],
+    }
 
 
 # -- the server -------------------------------------------------------------------------------------------------

@@ -213,8 +213,10 @@ def test_invoke_wait_cancel_retry_and_gpus_on_a_running_fleet(harness: FleetHarn
     gpus = h.wait_for(lambda: cli_json(h, "gpus"), timeout_s=15, what="the GPU inventory")
     assert len(gpus) == 2 and all(g["virtual"] and not g["stale"] and g["worker"] for g in gpus)
     assert {g["task_id"] for g in gpus} <= {*slow, None}
-    table_rows = cli(h, "gpus").stdout.splitlines()
-    assert table_rows[0].split() == ["WORKER", "INDEX", "MODEL", "MEMORY", "UTIL", "TASK", "STATE"]
+    table_rows = cli(h, "gpus").stdout.splitlines()  # by pool and model, then each GPU
+    assert table_rows[0].split() == ["POOL", "MODEL", "GPUS", "BUSY", "IDLE", "STALE", "HOSTS"]
+    assert table_rows[1].split()[:3] == ["default", "virtual", "2"]
+    assert table_rows[3].split() == ["WORKER", "INDEX", "MODEL", "POOLS", "MEMORY", "UTIL", "TASK", "STATE"]
 
     watched = cli(h, "status", slow[1], "--watch")
     assert watched.returncode == 0 and "state      SUCCEEDED" in watched.stdout

@@ -127,6 +127,22 @@ def test_virtual_gpus_stand_for_the_configured_series_and_serve_its_functions(tm
         assert why in str(err.value)
 
 
+def test_the_inventory_groups_by_pool_and_model_and_a_host_in_two_pools_counts_in_each() -> None:
+    from gpufleet.control import group_gpus
+
+    def gpu(worker: str, model: str, pools: list[str], task: str | None = None, stale: bool = False) -> dict[str, Any]:
+        return {"worker": worker, "host": worker.split("@")[1], "model": model, "pools": pools, "task_id": task,
+                "stale": stale}  # fmt: skip
+
+    entries = [gpu("gpu0@a", "H100", ["eu"], task="t1"), gpu("gpu1@a", "H100", ["eu"]),
+               gpu("gpu0@b", "H100", ["eu", "us"]), gpu("gpu0@c", "A10G", ["us"], stale=True)]  # fmt: skip
+    assert group_gpus(entries) == [
+        {"pool": "eu", "model": "H100", "gpus": 3, "busy": 1, "idle": 2, "stale": 0, "hosts": ["a", "b"]},
+        {"pool": "us", "model": "A10G", "gpus": 1, "busy": 0, "idle": 0, "stale": 1, "hosts": []},
+        {"pool": "us", "model": "H100", "gpus": 1, "busy": 0, "idle": 1, "stale": 0, "hosts": ["b"]},
+    ]
+
+
 def test_inventory_reports_live_memory_utilisation_and_the_running_task(harness: FleetHarness) -> None:
     fake = FakeNvml(["NVIDIA H100 80GB HBM3", "broken"])
     supervisor = Supervisor(harness.fleet(), nvml=fake)

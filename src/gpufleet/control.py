@@ -271,6 +271,11 @@ class ControlPlane:
     def gpus(self) -> list[dict[str, Any]]:
         return self.registry.gpus()
 
+    def gpu_inventory(self) -> dict[str, Any]:
+        """``{"items": every GPU slot, "pools": the same grouped by pool and model}`` (see :func:`group_gpus`)."""
+        items = self.gpus()
+        return {"items": items, "pools": group_gpus(items)}
+
     def snapshot(self, minutes: int = 0) -> Snapshot:
         return snapshot.read(self.registry, list(self.fleet.functions), minutes)
 
@@ -361,3 +366,21 @@ def _decode_cursor(cursor: str) -> int:
         return int(raw[1:])
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequestError("bad_cursor", "cursor is not one this API returned") from None
+
+
+def group_gpus(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The inventory by pool and GPU model: per pair, the GPUs, how many run a task and how many are free, the stale
+    ones (not refreshed lately: their host may be gone) and the hosts. A host in several pools counts in each."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in entries:
+        for pool in e.get("pools") or ["default"]:
+            model = str(e.get("model") or "unknown")
+            g = groups.setdefault((pool, model), {"pool": pool, "model": model, "gpus": 0, "busy": 0, "idle": 0,
+                                                  "stale": 0, "hosts": set()})  # fmt: skip
+            g["gpus"] += 1
+            if e.get("stale"):
+                g["stale"] += 1
+                continue
+            g["hosts"].add(e.get("host") or str(e.get("worker", "")).partition("@")[2])
+            g["busy" if e.get("task_id") else "idle"] += 1
+    return [{**g, "hosts": sorted(g["hosts"])} for _, g in sorted(groups.items())]

@@ -201,8 +201,9 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
 
     @v1.get("/gpus", tags=["fleet"], response_model=models.GpuList)
     def list_gpus() -> dict[str, Any]:
-        """Every GPU (or virtual GPU) slot, as the workers' supervisors report them, and the task each runs."""
-        return {"items": control.gpus()}
+        """Every GPU (or virtual GPU) slot, as the workers' supervisors report them, and the task each runs; and the
+        same by pool and model."""
+        return control.gpu_inventory()
 
     @v1.get("/parked", tags=["fleet"], response_model=models.ParkedPage)
     def list_parked(

@@ -171,8 +171,21 @@ class GpuInfo(BaseModel):
     task_id: str | None = Field(None, description="the task it runs, if any")
 
 
+class GpuGroup(_Out):
+    """The GPUs of one pool and model."""
+
+    pool: str
+    model: str
+    gpus: int
+    busy: int = Field(description="running a task")
+    idle: int = Field(description="up, and running no task")
+    stale: int = Field(description="not refreshed lately: their host may be gone")
+    hosts: list[str]
+
+
 class GpuList(_Out):
     items: list[GpuInfo]
+    pools: list[GpuGroup] = Field(description="the same GPUs by pool and model; a host in several pools counts in each")
 
 
 class ScalingNeed(_Out):

@@ -368,15 +368,23 @@ def _functions(args: argparse.Namespace) -> int:
 
 @_control
 def _gpus(args: argparse.Namespace) -> int:
+    from gpufleet.control import group_gpus
+
     plane = _plane(args)
     entries = plane.gpus()
     if args.json:
         print_json(entries)
         return EXIT_OK
-    rows = [[e.get("worker"), e.get("index"), _gpu_model(e), _memory(e), _utilisation(e), e.get("task_id"),
-             _gpu_state(e)] for e in entries]  # fmt: skip
-    print(table(["worker", "index", "model", "memory", "util", "task", "state"], rows,
-                "no GPUs reported yet (a worker's supervisor publishes its GPUs every few seconds)"))  # fmt: skip
+    if not entries:
+        print("no GPUs reported yet (a worker's supervisor publishes its GPUs every few seconds)")
+        return EXIT_OK
+    groups = [[g["pool"], g["model"], g["gpus"], g["busy"], g["idle"], g["stale"], ", ".join(g["hosts"])]
+              for g in group_gpus(entries)]  # fmt: skip
+    print(table(["pool", "model", "gpus", "busy", "idle", "stale", "hosts"], groups))
+    print()
+    rows = [[e.get("worker"), e.get("index"), _gpu_model(e), ",".join(e.get("pools") or []), _memory(e),
+             _utilisation(e), e.get("task_id"), _gpu_state(e)] for e in entries]  # fmt: skip
+    print(table(["worker", "index", "model", "pools", "memory", "util", "task", "state"], rows))
     return EXIT_OK
 
 
