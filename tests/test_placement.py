@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 from hypothesis import given
@@ -74,3 +75,25 @@ def test_the_rule_holds_for_any_pools(states: dict[str, PoolState], limit: float
         assert waits[i] == min(waits) and i == waits.index(min(waits))  # the shortest wait, the earlier on a tie
     else:
         assert i == 0  # no live worker anywhere: the preferred pool's queue keeps it
+
+
+def test_the_simulator_runs_the_policy_and_overflow_shortens_the_waits_of_a_burst_and_an_outage() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "bench" / "simulate.py"
+    spec = importlib.util.spec_from_file_location("bench_simulate", path)
+    assert spec is not None and spec.loader is not None
+    simulate = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = simulate  # dataclasses look their module up there
+    spec.loader.exec_module(simulate)
+    plain = simulate.Sim(overflow=False, seed=3, minutes=2).run()
+    policy = simulate.Sim(overflow=True, seed=3, minutes=2).run()
+
+    def waits(sim: object) -> list[float]:
+        return [w for pool in sim.pools.values() for w in pool.waits]  # type: ignore[attr-defined]
+
+    assert len(waits(plain)) == len(waits(policy)) > 50_000  # the same arrivals, every one run once
+    assert simulate.percentile(waits(policy), 0.99) < simulate.percentile(waits(plain), 0.99) / 2
+    assert plain.overflowed == 0 < policy.overflowed
+    assert "| all | 1200 |" in simulate.report(plain, policy)
