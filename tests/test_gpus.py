@@ -111,6 +111,17 @@ def test_a_model_of_no_known_series_fails_at_load(asked: str, hint: str) -> None
     assert hint in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("gpu", "key"),
+    [({"pools": ("eu", "eu")}, "gpu.pools"), ({"pools": ("eu.west",)}, "gpu.pools"), ({"pools": ()}, "gpu.pools"),
+     ({"max_queue_wait_s": 0}, "gpu.max_queue_wait_s")],
+)  # fmt: skip
+def test_pools_are_distinct_names_without_dots_and_the_wait_limit_positive(gpu: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Gpu(**gpu)
+    assert Gpu(pools=("eu-west", "us_east"), max_queue_wait_s=30).max_queue_wait_s == 30
+
+
 def test_virtual_gpus_stand_for_the_configured_series_and_serve_its_functions(tmp_path: Path) -> None:
     config = tmp_path / "fleet.yaml"
     config.write_text(f"functions: [{FUNCTIONS}]\ntriggers: []\n")
@@ -125,6 +136,8 @@ def test_virtual_gpus_stand_for_the_configured_series_and_serve_its_functions(tm
         with pytest.raises(ConfigError, match="gpu_model") as err:
             load_fleet(config, env={**env, "GPUFLEET_WORKER__GPU_MODEL": bad})
         assert why in str(err.value)
+    with pytest.raises(ConfigError, match="pools"):  # a pool's name is part of its queues' names
+        load_fleet(config, env={**env, "GPUFLEET_WORKER__POOLS": "[eu.west]"})
 
 
 def test_the_inventory_groups_by_pool_and_model_and_a_host_in_two_pools_counts_in_each() -> None:

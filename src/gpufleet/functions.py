@@ -34,6 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpufleet.errors import ConfigError
 from gpufleet.gpumodels import check_model
+from gpufleet.placement import POOL_RE
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -129,11 +130,14 @@ class Gpu:
         model: a GPU series (``H100``, ``A100``...; a full name such as ``NVIDIA H100 80GB HBM3`` says the same), or
             ``any``. It matches a worker's GPU by series: see :mod:`gpufleet.gpumodels`.
         pools: ordered pools (regions) to run in; the first is preferred.
+        max_queue_wait_s: a task goes to a later pool when the earlier ones' estimated queue wait is longer than this
+            (see :mod:`gpufleet.placement`); None: only a pool with no live worker for the function is passed over.
     """
 
     count: int = 1
     model: str = "any"
     pools: tuple[str, ...] = ("default",)
+    max_queue_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.count != 1:
@@ -141,6 +145,12 @@ class Gpu:
         object.__setattr__(self, "model", check_model(self.model, "gpu.model"))  # frozen: normalised once, here
         if not self.pools:
             raise ConfigError("a function needs at least one pool", key="gpu.pools", fix="e.g. pools=('default',)")
+        if len(set(self.pools)) != len(self.pools) or not all(POOL_RE.fullmatch(p) for p in self.pools):
+            raise ConfigError(f"bad pools {self.pools!r}", key="gpu.pools",
+                              fix="distinct names of lowercase letters, digits, '-' or '_'")  # fmt: skip
+        if self.max_queue_wait_s is not None and not self.max_queue_wait_s > 0:
+            raise ConfigError(f"max_queue_wait_s={self.max_queue_wait_s}", key="gpu.max_queue_wait_s",
+                              fix="use a positive number of seconds, or None")  # fmt: skip
 
 
 @dataclass

@@ -20,8 +20,12 @@ estimate, for choosing a pool, not a promise.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+# A pool's name is one part of its queues' names (``gpufleet.<pool>.<model>.<function>``): no dots.
+POOL_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from gpufleet.credentials import HOW_TO_GENERATE, hidden, is_loopback, is_secret
 from gpufleet.errors import ConfigError, did_you_mean
 from gpufleet.functions import Function, load_functions
 from gpufleet.gpumodels import ANY, check_model
+from gpufleet.placement import POOL_RE
 from gpufleet.redisconn import is_sentinel, parse_sentinel
 from gpufleet.triggers.options import TriggerSettings
 
@@ -104,6 +105,13 @@ class WorkerSettings(_Model):
     # GPUs per worker host, for the scaling figure (see gpufleet.scaling) of a pool and model that no live host
     # reports yet: scaling from zero. Live hosts report their own.
     slots_per_worker: int = Field(1, ge=1, le=64)
+
+    @field_validator("pools")
+    @classmethod
+    def _pools(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v) or not all(POOL_RE.fullmatch(p) for p in v):
+            raise ValueError(f"{list(v)}: use one or more distinct names of lowercase letters, digits, '-' or '_'")
+        return v
 
     @field_validator("gpu_model")
     @classmethod
