@@ -33,6 +33,7 @@ class FleetHarness:
         self.dir = tmp_path
         self.prefix = f"t{uuid.uuid4().hex[:10]}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.hosts: dict[str, subprocess.Popen[bytes]] = {}  # start_host: more worker processes, one per host
         self.redis = redis.Redis.from_url(services.redis_url)
         self.config = self.write_config()
 
@@ -105,7 +106,31 @@ class FleetHarness:
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=log, process_group=0)
         log.close()
 
+    def start_host(self, hostname: str, pools: list[str], virtual_gpus: int = 1, gpu_model: str | None = None) -> None:
+        """One more ``gpufleet worker`` process, standing for a host of its own: its name, pools and (virtual) GPUs.
+        Stopped with the harness."""
+        env = {**self.env(), "GPUFLEET_WORKER__HOSTNAME": hostname, "GPUFLEET_WORKER__POOLS": f"[{', '.join(pools)}]",
+               "GPUFLEET_WORKER__VIRTUAL_GPUS": str(virtual_gpus)}  # fmt: skip
+        if gpu_model:
+            env["GPUFLEET_WORKER__GPU_MODEL"] = gpu_model
+        log = open(self.dir / f"host-{hostname}.log", "ab")  # noqa: SIM115 - the child writes to it
+        cmd = [sys.executable, "-m", "gpufleet", "worker", "--config", str(self.config)]
+        self.hosts[hostname] = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, process_group=0)
+        log.close()
+
+    def stop_host(self, hostname: str, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
+        proc = self.hosts.pop(hostname)
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
     def stop(self, timeout_s: float = 60) -> int | None:
+        for hostname in list(self.hosts):
+            self.stop_host(hostname, timeout_s=timeout_s)
         if self.proc is None:
             return None
         if self.proc.poll() is None:

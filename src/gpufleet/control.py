@@ -20,8 +20,9 @@ from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotF
 from gpufleet.functions import Function
 from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.intake import Intake, Producer, check_priority
-from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue
+from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue
 from gpufleet.parking import PARKED_ID, Parking
+from gpufleet.placer import Placer
 from gpufleet.records import Condition, callback_record, fit_record, iso
 from gpufleet.registry import Enqueued, Registry, State
 from gpufleet.scaling import Need, needs
@@ -45,7 +46,11 @@ class ControlPlane:
         self.fleet = fleet
         s = fleet.settings
         self.registry = registry or Registry.for_fleet(s)
-        self.intake = Intake(fleet, Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes))
+        self.intake = Intake(
+            fleet,
+            Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes),
+            Placer(self.registry, fleet.functions.values()),
+        )
         # Builds a stored task's message again: for retries and re-queues.
         self.envelopes = Envelopes(self.intake.factory, fleet.functions)
 
@@ -121,8 +126,18 @@ class ControlPlane:
             raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
         return record
 
+    def view(self, record: dict[str, Any]) -> dict[str, Any]:
+        """:func:`task_view`, plus the pool the task is queued or runs in, and whether that is not its function's
+        first (it overflowed, see :mod:`gpufleet.placement`)."""
+        view = task_view(record)
+        parsed = parse_queue(self.fleet.settings.redis.key_prefix, view["queue"] or "")
+        fn = self.fleet.functions.get(view["function"])
+        view["pool"] = parsed[0] if parsed else None
+        view["overflowed"] = bool(parsed and fn and parsed[0] != fn.gpu.pools[0])
+        return view
+
     def status(self, task_id: str) -> dict[str, Any]:
-        view = task_view(self.record(task_id))
+        view = self.view(self.record(task_id))
         if view["state"] == State.QUEUED:
             view.update(self._served(view["queue"]))
         return view
@@ -244,7 +259,7 @@ class ControlPlane:
             if record is None:
                 self.registry.drop_from_index(fn, st, task_id)  # its record expired: tidy the index as we go
             elif state is None or record["state"] == st:
-                items.append(task_view(record))
+                items.append(self.view(record))
         next_cursor = _encode_cursor(page[-1][0]) if more and page else None
         return {"items": items, "next_cursor": next_cursor}
 

@@ -26,10 +26,12 @@ from gpufleet import trace
 from gpufleet.errors import EventError
 from gpufleet.events import check_event, decode_event
 from gpufleet.functions import Function
+from gpufleet.lua import US
 from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, MessageFactory
 from gpufleet.registry import NewTask
 
 if TYPE_CHECKING:
+    from gpufleet.placer import Placer
     from gpufleet.settings import Fleet
 
 
@@ -45,11 +47,13 @@ class Producer:
 
 
 class Intake:
-    def __init__(self, fleet: Fleet, producer: Producer) -> None:
+    def __init__(self, fleet: Fleet, producer: Producer, placer: Placer | None = None) -> None:
         self.fleet = fleet
         self.producer = producer
         s = fleet.settings
         self.factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
+        # The pool of each task of a function with several (overflow); without one, every task in its first pool.
+        self.placer = placer
 
     def decode(self, raw: bytes) -> Any:
         """The event in ``raw`` JSON bytes: the size first (nothing oversize is decoded), then the JSON."""
@@ -85,8 +89,13 @@ class Intake:
             raise EventError("schema_mismatch", mismatch)
         p, defaults = self.producer, self.fleet.settings.defaults
         meta = {"source": source, "trigger": p.name, **(meta or {}), trace.HEADER: trace.child(traceparent)}
+        queue, overflow = None, ""
+        if self.placer is not None and len(fn.gpu.pools) > 1:
+            queue, placed = self.placer.queue_for(fn)
+            if placed is not None and placed.overflowed:
+                overflow = f"{fn.gpu.pools[0]}{US}{placed.pool}"
         return NewTask(  # positional: keywords cost twice as much, once per message a trigger takes in
-            self.factory.build(task_id, fn, payload, meta, priority),  # message
+            self.factory.build(task_id, fn, payload, meta, priority, queue),  # message
             p.on_success or fn.on_success or defaults.on_success,  # on_success
             p.on_failure or fn.on_failure or defaults.on_failure,  # on_failure
             fn.max_attempts,  # max_attempts
@@ -94,6 +103,7 @@ class Intake:
             event_ts or time.time(),  # event_ts
             origin or p.origin,  # origin
             fn.max_event_age_s,  # max_age_s
+            overflow,  # overflow
         )
 
 

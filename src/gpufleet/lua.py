@@ -144,7 +144,7 @@ end
 
 # ARGV: prefix, now, batch, then each task's envelope, event and meta. batch: a JSON array with one array of strings
 #   per task: [id, function, queue_key, on_success, on_failure, max_attempts, source, created_at, event_ts, max_age,
-#   delivery_tag, origin, priority]
+#   delivery_tag, origin, priority, overflow ('' or first pool US pool: counted in P:m:overflow once created)]
 # The record keeps the event and meta (JSON), not the envelope: a fraction of its size. Whoever pushes the task again
 # builds the envelope from them.
 # A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
@@ -158,7 +158,7 @@ ENQUEUE_MANY = (
     _MOVE
     + """
 local prefix, now = ARGV[1], ARGV[2]
-local out, created, queues = {}, {}, {}
+local out, created, queues, overflows = {}, {}, {}, {}
 local tasks = cjson.decode(ARGV[3])
 local first = redis.call('INCRBY', prefix .. ':seq', #tasks) - #tasks  -- one call for the chunk's sequence numbers
 for n, t in ipairs(tasks) do
@@ -182,6 +182,10 @@ for n, t in ipairs(tasks) do
     end
     created[t[2]] = (created[t[2]] or 0) + 1
     queues[t[3]] = true
+    if t[14] ~= '' then
+      local pair = t[2] .. '\\31' .. t[14]
+      overflows[pair] = (overflows[pair] or 0) + 1
+    end
     out[n] = 1
   end
 end
@@ -191,6 +195,7 @@ for fn, count in pairs(created) do
   redis.call('HINCRBY', prefix .. ':m:created', fn, count)
 end
 for queue in pairs(queues) do redis.call('SADD', prefix .. ':queues', queue) end
+for key, count in pairs(overflows) do redis.call('HINCRBY', prefix .. ':m:overflow', key, count) end
 return out
 """
 )

@@ -83,15 +83,16 @@ class MessageFactory:
     def __init__(self, prefix: str, kill_grace_s: float) -> None:
         self._prefix = prefix
         self._kill_grace_s = kill_grace_s
-        self._templates: dict[str, _Template] = {}
+        self._templates: dict[tuple[str, str | None], _Template] = {}
         # kombu only needs delivery tags unique among unacked messages; a counter is 10x cheaper than uuid4.
         self._tags = itertools.count()
         self._tag_prefix = uuid.uuid4().hex[:12]
 
-    def _template(self, fn: Function) -> _Template:
-        template = self._templates.get(fn.name)
+    def _template(self, fn: Function, queue: str | None) -> _Template:
+        key = (fn.name, queue)
+        template = self._templates.get(key)
         if template is None:
-            queue = function_queue(self._prefix, fn)
+            queue = queue or function_queue(self._prefix, fn)
             headers = task_headers(fn.timeout_s + self._kill_grace_s, fn.timeout_s)
             rendered = orjson.dumps(envelope_layout(headers, fn.name, _MARK_ID, _MARK_BODY, queue, _MARK_LEVEL,
                                                     _MARK_TAG))  # fmt: skip
@@ -100,18 +101,19 @@ class MessageFactory:
                 raise AssertionError(f"envelope template marks {marks}, expected {_MARK_ORDER}")
             call_head = b'[[],{"function":' + orjson.dumps(fn.name) + b',"event":'
             template = _Template(queue, tuple(_MARKS.split(rendered)), call_head)
-            self._templates[fn.name] = template
+            self._templates[key] = template
         return template
 
-    def build(self, task_id: str, fn: Function, event: Any, meta: dict[str, Any],
-              priority: int = DEFAULT_PRIORITY) -> TaskMessage:  # fmt: skip
-        return self.rebuild(task_id, fn, orjson.dumps(event), orjson.dumps(meta), priority)
+    def build(self, task_id: str, fn: Function, event: Any, meta: dict[str, Any], priority: int = DEFAULT_PRIORITY,
+              queue: str | None = None) -> TaskMessage:  # fmt: skip
+        return self.rebuild(task_id, fn, orjson.dumps(event), orjson.dumps(meta), priority, queue)
 
-    def rebuild(self, task_id: str, fn: Function, event: bytes, meta: bytes,
-                priority: int = DEFAULT_PRIORITY) -> TaskMessage:  # fmt: skip
-        """The task's message from its event and meta as JSON (as the registry stores them). A message pushed again
-        by a registry script gets the priority its record holds then (it may have aged), whatever is passed here."""
-        t = self._template(fn)
+    def rebuild(self, task_id: str, fn: Function, event: bytes, meta: bytes, priority: int = DEFAULT_PRIORITY,
+                queue: str | None = None) -> TaskMessage:  # fmt: skip
+        """The task's message from its event and meta as JSON (as the registry stores them), for ``queue`` (default:
+        the function's first pool's). A message pushed again by a registry script gets the priority its record holds
+        then (it may have aged), whatever is passed here."""
+        t = self._template(fn, queue)
         tag = f"{self._tag_prefix}-{next(self._tags)}"
         i = orjson.dumps(task_id)
         # The body as JSON text, not base64 (kombu decodes a body only when body_encoding says so): a third smaller,
@@ -194,9 +196,9 @@ class Envelopes:
         self._factory = factory
         self._functions = functions
 
-    def __call__(self, task_id: str, function: str, event: bytes, meta: bytes) -> bytes | None:
+    def __call__(self, task_id: str, function: str, event: bytes, meta: bytes, queue: str = "") -> bytes | None:
         fn = self._functions.get(function)
-        return None if fn is None else self._factory.rebuild(task_id, fn, event, meta).envelope
+        return None if fn is None else self._factory.rebuild(task_id, fn, event, meta, queue=queue or None).envelope
 
 
 def register_serializer() -> None:

@@ -66,7 +66,11 @@ def _tasks(snap: Snapshot) -> Iterable[Metric]:
                                    labels=["function", "state"])  # fmt: skip
     for (fn, state), n in sorted(snap.finished.items()):
         finished.add_metric([fn, state], n)
-    return [tasks, created, finished,
+    doc = "Tasks placed in a pool other than their function's first (see gpufleet.placement)"
+    overflows = CounterMetricFamily("gpufleet_overflows", doc, labels=["function", "from_pool", "to_pool"])
+    for (fn, first, pool), n in sorted(snap.overflows.items()):
+        overflows.add_metric([fn, first, pool], n)
+    return [tasks, created, finished, overflows,
             _histogram("gpufleet_task_queue_wait_seconds", "Time from entering its queue to a worker taking it",
                        snap.wait),
             _histogram("gpufleet_task_duration_seconds", "Time from a worker taking the task to its attempt ending "

@@ -44,7 +44,7 @@ CLIENT_OPTIONS: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout"
 
 
 # Builds a stored task's message again: (task id, function, event JSON, meta JSON) -> envelope, or None.
-EnvelopeFor = Callable[[str, str, bytes, bytes], bytes | None]
+EnvelopeFor = Callable[[str, str, bytes, bytes, str], bytes | None]  # (id, function, event, meta, queue)
 
 
 class Enqueued(IntEnum):
@@ -69,6 +69,7 @@ class NewTask(NamedTuple):  # a tuple: built per message on a trigger's hot path
     # The same id from another origin is a conflict, never a duplicate.
     origin: str
     max_age_s: float | None = None  # the function's max_event_age_s: it expires even if no worker takes it
+    overflow: str = ""  # placed outside the function's first pool: "<first pool>US<pool>" (counted once created)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class Registry:
             batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure,
                                    str(t.max_attempts), t.source, now, repr(t.event_ts),
                                    "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag, t.origin,
-                                   str(t.message.priority)]
+                                   str(t.message.priority), t.overflow]
                                   for t in chunk])  # fmt: skip
             args: list[str | bytes] = [self.prefix, now, batch]
             for t in chunk:  # as they are: the JSON text goes into the record unescaped, and Lua does not decode it
@@ -215,18 +216,20 @@ class Registry:
             return None
         return decode_record(raw, event)
 
-    def stored_calls(self, task_ids: list[str]) -> list[tuple[str, bytes, bytes] | None]:
-        """(function, event JSON, meta JSON) per task, to build its message again; None for a missing record."""
+    def stored_calls(self, task_ids: list[str]) -> list[tuple[str, bytes, bytes, str] | None]:
+        """(function, event JSON, meta JSON, queue) per task, to build its message again (for the queue its record
+        names: the pool intake placed it in); None for a missing record."""
         pipe = self.pipeline()
         for task_id in task_ids:
-            pipe.hmget(self.task_key(task_id), "function", "event", "meta", "message")
-        calls: list[tuple[str, bytes, bytes] | None] = []
-        for fn, event, meta, message in pipe.execute():
+            pipe.hmget(self.task_key(task_id), "function", "event", "meta", "queue", "message")
+        calls: list[tuple[str, bytes, bytes, str] | None] = []
+        for fn, event, meta, queue, message in pipe.execute():
+            where = queue.decode() if queue else ""
             if fn and event is not None and meta is not None:
-                calls.append((fn.decode(), event, meta))
+                calls.append((fn.decode(), event, meta, where))
             elif fn and message:  # a record written before the registry kept the event: its Celery envelope
                 call = orjson.loads(base64.b64decode(orjson.loads(message)["body"]))[1]
-                calls.append((fn.decode(), orjson.dumps(call["event"]), orjson.dumps(call["meta"])))
+                calls.append((fn.decode(), orjson.dumps(call["event"]), orjson.dumps(call["meta"]), where))
             else:
                 calls.append(None)
         return calls
@@ -318,9 +321,9 @@ class Registry:
     def housekeep(self, envelope_for: EnvelopeFor, limit: int = 500, pages: int = 10) -> tuple[int, int]:
         """Push due retries and re-queue tasks whose lease lapsed. Returns (promoted, reaped).
 
-        ``envelope_for(task_id, function, event, meta)`` builds each one's message; None means this caller does not
-        serve that function, and the task is left for a supervisor that does (the next page reads past it, so such
-        tasks never block the others). Entries whose record is gone are dropped.
+        ``envelope_for(task_id, function, event, meta, queue)`` builds each one's message; None means this caller does
+        not serve that function, and the task is left for a supervisor that does (the next page reads past it, so
+        such tasks never block the others). Entries whose record is gone are dropped.
         """
         promoted = reaped = 0
         skip = {self.delayed_key: 0, self.leases_key: 0}

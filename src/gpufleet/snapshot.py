@@ -48,6 +48,7 @@ class Snapshot:
     queues: dict[str, QueueState]
     gpus: list[dict[str, Any]]  # the inventory (Registry.gpus), with "ready"
     dead_letters: dict[tuple[str, str], int]  # (trigger, reason) -> counter
+    overflows: dict[tuple[str, str, str], int]  # (function, first pool, pool placed in) -> counter
     callback_backlog: int
     callback_oldest_age_s: float
     callbacks_delivered: int
@@ -90,7 +91,7 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     for q in queues:
         pipe.zcard(f"{p}:pending:{q}")
         pipe.zrange(f"{p}:pending:{q}", 0, QUEUE_HEAD - 1)
-    for name in ("created", "finished", "wait", "duration", "dead", "trigger_lag", "delivered"):
+    for name in ("created", "finished", "wait", "duration", "dead", "trigger_lag", "delivered", "overflow"):
         pipe.hgetall(f"{p}:m:{name}")
     pipe.hgetall(f"{p}:ready")
     pipe.xlen(registry.callbacks_key)
@@ -109,8 +110,8 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     for q in queues:
         states[q] = QueueState(q, depth=int(next(replies)))
         heads[q] = next(replies)
-    created_raw, finished_raw, wait_raw, duration_raw, dead_raw, lag_raw, delivered_raw, ready_raw = (
-        next(replies) for _ in range(8)
+    created_raw, finished_raw, wait_raw, duration_raw, dead_raw, lag_raw, delivered_raw, overflow_raw, ready_raw = (
+        next(replies) for _ in range(9)
     )
     backlog, oldest, parked = int(next(replies)), next(replies), int(next(replies))
     for queue in (next(replies) for _ in busy):
@@ -151,6 +152,7 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         queues=states,
         gpus=gpus,
         dead_letters={(k[0], k[1]): int(v) for k, v in _split(dead_raw).items() if len(k) == 2},
+        overflows={(k[0], k[1], k[2]): int(v) for k, v in _split(overflow_raw, 3).items() if len(k) == 3},
         callback_backlog=backlog,
         callback_oldest_age_s=max(0.0, now - int(oldest[0][0].split(b"-")[0]) / 1000) if oldest else 0.0,
         callbacks_delivered=int(delivered_raw.get(b"records", 0)),

@@ -149,3 +149,11 @@ def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
     return [ValueError(f"event {e.get('n')} fails alone") if e.get("mode") == "fail"
             else {"n": e.get("n"), "attempt": item.attempt, "size": len(events)}
             for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip
+
+
+@function(name="spill", gpu=Gpu(pools=("eu", "us"), max_queue_wait_s=1.5), max_attempts=1)
+def spill(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Prefers pool eu and overflows to us once eu's estimated wait passes 1.5 s (tests/test_overflow.py)."""
+    _redis().incr(f"runs:{ctx.task_id}")
+    time.sleep(float(event.get("seconds", 0.3)))
+    return {"worker": ctx.worker}

@@ -61,6 +61,8 @@ class TaskView(_Out):
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
     cancel_requested: bool
     queue: str | None = Field(None, description="the Celery queue it waits in or ran from")
+    pool: str | None = Field(None, description="the pool of that queue")
+    overflowed: bool = Field(False, description="placed in a pool other than its function's first")
     served: bool | None = Field(None, description="while QUEUED: whether a live worker consumes its queue")
     warning: str | None = Field(None, description="why it may wait: no live worker consumes its queue")
     created_at: str | None

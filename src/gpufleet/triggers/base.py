@@ -34,6 +34,7 @@ from gpufleet.intake import Intake, Producer, check_priority
 from gpufleet.messages import MAX_PRIORITY
 from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
+from gpufleet.placer import Placer
 from gpufleet.registry import REDIS_ERRORS, Enqueued, NewTask, Registry
 from gpufleet.retry import retry_until
 from gpufleet.snapshot import record_dead_letters, report_lag
@@ -238,7 +239,8 @@ class Ingest:
         self.origin = trigger_origin(trigger.name)
         self.intake = Intake(fleet, Producer(trigger.name, self.origin,
                                              trigger.max_payload_bytes or s.defaults.max_payload_bytes,
-                                             trigger.on_success, trigger.on_failure))  # fmt: skip
+                                             trigger.on_success, trigger.on_failure),
+                             Placer(self.registry, fleet.functions.values()))  # fmt: skip
         self.max_record_bytes = s.defaults.max_record_bytes
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
         self.dead_letter: Destination = open_destination(self.dead_letter_url, s)

@@ -1,0 +1,112 @@
+"""Intake's side of overflow: the pools as the fleet reports them, read at most once a second, and the queue each task
+of a function with several pools goes to (the policy itself is :mod:`gpufleet.placement`).
+
+What is read, per refresh (one pipeline): the GPU inventory (which live slot reads which queue, and which runs a
+task), each pool's queued tasks (``ZCARD`` of the queues those slots read) and the functions' durations (the
+duration histogram's sum and count; the mean over the last refreshes that saw at least ``MIN_RECENT`` tasks finish,
+else over all time, else ``DEFAULT_DURATION_S``). Between refreshes the placer counts its own placements
+(:meth:`PoolState.plus`), so a burst that arrives within one second does not all go to the pool that was idle.
+A function with one pool never reads anything: its queue is fixed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from gpufleet.lua import US
+from gpufleet.messages import function_queue, parse_queue, queue_name
+from gpufleet.placement import Placement, PoolState, place
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from gpufleet.functions import Function
+    from gpufleet.registry import Registry
+
+log = structlog.get_logger("gpufleet.placer")
+
+REFRESH_S = 1.0
+MIN_RECENT = 5  # finished tasks that make a recent mean duration
+DEFAULT_DURATION_S = 1.0  # a function that never finished a task here
+
+
+class Placer:
+    def __init__(self, registry: Registry, functions: Iterable[Function], refresh_s: float = REFRESH_S) -> None:
+        self.registry = registry
+        self.functions = [fn for fn in functions if len(fn.gpu.pools) > 1]
+        self.prefix = registry.prefix
+        self.refresh_s = refresh_s
+        self._lock = threading.Lock()  # the API places from several threads
+        self._read_at = -refresh_s
+        self._states: dict[tuple[str, str], PoolState] = {}  # (function, pool) -> state
+        self._means: dict[str, float] = {}
+        self._seen: dict[str, tuple[float, int]] = {}  # function -> (duration sum, count) at the last refresh
+
+    def queue_for(self, fn: Function) -> tuple[str, Placement | None]:
+        """The queue for one new task of ``fn``, and the placement it came from (None: one pool, nothing to choose)."""
+        if len(fn.gpu.pools) == 1:
+            return function_queue(self.prefix, fn), None
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.refresh_s:
+                self._refresh()
+            states = {pool: self._states.get((fn.name, pool), PoolState()) for pool in fn.gpu.pools}
+            chosen = place(fn.gpu.pools, states, fn.gpu.max_queue_wait_s)
+            key = (fn.name, chosen.pool)
+            self._states[key] = states[chosen.pool].plus(self._means.get(fn.name, DEFAULT_DURATION_S))
+        return queue_name(self.prefix, chosen.pool, fn.gpu.model, fn.name), chosen
+
+    def _refresh(self) -> None:
+        try:
+            entries = self.registry.gpus()
+            queues = sorted({q for e in entries if e.get("up") and not e["stale"] for q in e.get("queues", [])})
+            pipe = self.registry.pipeline()
+            for queue in queues:
+                pipe.zcard(f"{self.prefix}:pending:{queue}")
+            pipe.hgetall(f"{self.prefix}:m:duration")
+            *depths, durations = pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - no view of the pools: keep the last one, and say so
+            log.warning("cannot read the pools for placement; using the last view", error=str(exc))
+            self._read_at = time.monotonic()
+            return
+        self._read_at = time.monotonic()
+        self._means = self._recent_means(durations)
+        queued = dict(zip(queues, depths, strict=True))
+        self._states = {}
+        for fn in self.functions:
+            for pool in fn.gpu.pools:
+                self._states[(fn.name, pool)] = self._state(fn, pool, entries, queued)
+
+    def _state(self, fn: Function, pool: str, entries: list[dict[str, Any]], queued: dict[str, int]) -> PoolState:
+        mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name)
+        serving = [e for e in entries if e.get("up") and not e["stale"] and mine in e.get("queues", [])]
+        ahead = {q for e in serving for q in e.get("queues", []) if (parse_queue(self.prefix, q) or ("",))[0] == pool}
+        work = 0.0
+        for q in ahead:
+            parsed = parse_queue(self.prefix, q)
+            function = parsed[2] if parsed else None
+            work += queued.get(q, 0) * self._means.get(function or "", DEFAULT_DURATION_S)
+        idle = sum(1 for e in serving if not e.get("task_id"))
+        return PoolState(len(serving), idle, sum(queued.get(q, 0) for q in ahead), work)
+
+    def _recent_means(self, raw: dict[bytes, bytes]) -> dict[str, float]:
+        totals: dict[str, list[float]] = {}
+        for field, value in raw.items():
+            fn, _, part = field.decode().partition(US)
+            sums = totals.setdefault(fn, [0.0, 0.0])
+            if part == "sum":
+                sums[0] = float(value)
+            else:
+                sums[1] += int(value)
+        means = {}
+        for fn, (total, count) in totals.items():
+            before_total, before_count = self._seen.get(fn, (0.0, 0))
+            if count - before_count >= MIN_RECENT:
+                means[fn] = (total - before_total) / (count - before_count)
+                self._seen[fn] = (total, int(count))
+            elif count:
+                means[fn] = self._means.get(fn, total / count)
+        return means

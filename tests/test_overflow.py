@@ -1,0 +1,43 @@
+"""Pools with overflow, against real worker processes standing for hosts of two pools (issue 13).
+
+``spill`` prefers pool eu and allows 1.5 s of estimated queue wait there (tests/functions/testfns.py); one host
+serves eu and one serves us, one virtual GPU each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpufleet.control import ControlPlane
+from gpufleet.snapshot import read
+from tests.harness import FleetHarness
+
+
+def live_hosts(plane: ControlPlane) -> set[str]:
+    return {g["host"] for g in plane.gpus() if g.get("up") and not g["stale"]}
+
+
+def test_a_burst_fills_the_first_pool_up_to_its_wait_limit_then_overflows_and_each_task_runs_once(
+    harness: FleetHarness,
+) -> None:
+    harness.start_host("eu-host", ["eu"])
+    harness.start_host("us-host", ["us"])
+    plane = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: live_hosts(plane) == {"eu-host", "us-host"}, what="a host in each pool")
+
+    # A function that never ran here counts 1 s per task: eu takes two (0 s, then 1 s of estimated wait), us two,
+    # then the shorter estimate wins, the earlier pool on a tie.
+    ids = [plane.invoke("spill", {"i": i, "seconds": 0.3}).id for i in range(8)]
+    views: list[dict[str, Any]] = [plane.status(task_id) for task_id in ids]
+    assert [v["pool"] for v in views] == ["eu", "eu", "us", "us", "eu", "us", "eu", "us"]
+    assert [v["overflowed"] for v in views] == [v["pool"] == "us" for v in views]
+    assert all(v["queue"] == f"{harness.prefix}.{v['pool']}.any.spill" for v in views)
+
+    done = harness.wait_for(lambda: all(plane.status(i)["state"] == "SUCCEEDED" for i in ids), what="the burst")
+    assert done
+    for task_id, view in zip(ids, views, strict=True):
+        record = plane.status(task_id)
+        assert record["worker"].endswith(f"@{view['pool']}-host"), record  # it ran in the pool it was placed in
+        assert harness.runs(task_id) == 1
+    snap = read(plane.registry, list(plane.fleet.functions))
+    assert snap.overflows == {("spill", "eu", "us"): 4}
