@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import redis
 import yaml
 
@@ -119,9 +121,18 @@ class FleetHarness:
         log.close()
 
     def stop_host(self, hostname: str, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
+        """SIGTERM: the host stops as it would (its running tasks get their grace). SIGKILL: the host is gone at once,
+        its GPU worker processes (process groups of their own) with it."""
         proc = self.hosts.pop(hostname)
         if proc.poll() is None:
-            os.killpg(proc.pid, sig)
+            children: list[psutil.Process] = []
+            if sig == signal.SIGKILL:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    children = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, sig)  # first, so it cannot start them again
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:

@@ -6,6 +6,8 @@ serves eu and one serves us, one virtual GPU each.
 
 from __future__ import annotations
 
+import signal
+import time
 from typing import Any
 
 from gpufleet.control import ControlPlane
@@ -41,3 +43,29 @@ def test_a_burst_fills_the_first_pool_up_to_its_wait_limit_then_overflows_and_ea
         assert harness.runs(task_id) == 1
     snap = read(plane.registry, list(plane.fleet.functions))
     assert snap.overflows == {("spill", "eu", "us"): 4}
+
+
+def test_a_pool_that_loses_its_workers_hands_its_waiting_tasks_to_the_next_and_each_runs_once_more_at_most(
+    harness: FleetHarness,
+) -> None:
+    harness.start_host("eu-host", ["eu"])
+    harness.start_host("us-host", ["us"])
+    plane = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: live_hosts(plane) == {"eu-host", "us-host"}, what="a host in each pool")
+    # One runs on eu, one waits there (its estimate, 1 s, is within 1.5 s).
+    running, waiting = (plane.invoke("spill", {"seconds": 4}).id for _ in range(2))
+    assert plane.status(waiting)["pool"] == plane.status(running)["pool"] == "eu"
+    harness.wait_for(lambda: plane.status(running)["state"] == "RUNNING", what="the first to start on eu")
+
+    harness.stop_host("eu-host", signal.SIGKILL)  # the host and its GPU worker, at once
+    lost_at = time.monotonic()
+    harness.wait_for(lambda: plane.status(waiting)["pool"] == "us", timeout_s=30, what="the hand-over")
+    handed_over_s = time.monotonic() - lost_at
+    for task_id in (running, waiting):
+        harness.wait_for(lambda t=task_id: plane.status(t)["state"] == "SUCCEEDED", timeout_s=60,
+                         what=f"us to run it: {plane.status(task_id)}")
+        view = plane.status(task_id)
+        assert view["worker"].endswith("@us-host") and view["overflowed"], view
+    assert harness.runs(waiting) == 1  # it never started on eu
+    assert harness.runs(running) == 2  # killed with its host, then once on us
+    assert handed_over_s < 15, f"handed over after {handed_over_s:.1f} s"

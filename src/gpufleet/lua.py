@@ -504,6 +504,26 @@ return redis.call('ZRANGE', pending, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 # KEYS: task.  ARGV: prefix, score, envelope, queue.  Push a lost task's message again, at the head of its queue, if
 # it is still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). A pending
 # entry whose record expired is dropped. Returns 1 (pushed) or 0.
+# KEYS: task.  ARGV: prefix, from_queue, to_queue, envelope (built for to_queue), from_pool, to_pool.
+# A pool with no live worker hands a QUEUED task over to another pool's queue: its record names the new queue and the
+# new message, so the old message, still in the old list, is a stale copy that POP_CLAIM drops; and a worker that
+# took the old one anyway can only claim the task once (CLAIM compares the state), so it never runs twice. At the head
+# of the new queue: it waited its turn already. Returns 1 if it moved, 0 if it was no longer QUEUED there.
+MOVE_QUEUED = (
+    _MOVE
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'QUEUED' or redis.call('HGET', KEYS[1], 'queue') ~= ARGV[2] then
+  return 0
+end
+local id, fn = redis.call('HGET', KEYS[1], 'id'), redis.call('HGET', KEYS[1], 'function')
+redis.call('ZREM', ARGV[1] .. ':pending:' .. ARGV[2], id)
+redis.call('HSET', KEYS[1], 'queue', ARGV[3])
+push_head(ARGV[1], KEYS[1], id, ARGV[4])
+redis.call('HINCRBY', ARGV[1] .. ':m:overflow', fn .. '\\31' .. ARGV[5] .. '\\31' .. ARGV[6], 1)
+return 1
+"""
+)
+
 REQUEUE_LOST = (
     _MOVE
     + """

@@ -25,11 +25,15 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from gpufleet.functions import Function
-    from gpufleet.registry import Registry
+    from gpufleet.registry import EnvelopeFor, Registry
 
 log = structlog.get_logger("gpufleet.placer")
 
 REFRESH_S = 1.0
+# A GPU whose host has not refreshed the inventory for this long (three of its 2 s refreshes) counts as gone: no task
+# is placed there, and what waits there is handed over (the inventory itself marks it stale only after 30 s).
+LIVE_S = 6.0
+HAND_OVER_MAX = 200  # tasks moved per pool and function per round
 MIN_RECENT = 5  # finished tasks that make a recent mean duration
 DEFAULT_DURATION_S = 1.0  # a function that never finished a task here
 
@@ -61,7 +65,7 @@ class Placer:
 
     def _refresh(self) -> None:
         try:
-            entries = self.registry.gpus()
+            entries = self.registry.gpus(stale_after_s=LIVE_S)
             queues = sorted({q for e in entries if e.get("up") and not e["stale"] for q in e.get("queues", [])})
             pipe = self.registry.pipeline()
             for queue in queues:
@@ -79,6 +83,44 @@ class Placer:
         for fn in self.functions:
             for pool in fn.gpu.pools:
                 self._states[(fn.name, pool)] = self._state(fn, pool, entries, queued)
+
+    def hand_over(self, envelope_for: EnvelopeFor) -> int:
+        """Move what waits in a pool that has no live worker for its function to the pool the policy picks now (a
+        live one, or none: then it stays). Any number of processes may run it at once: each move is checked in
+        Redis (``MOVE_QUEUED``). Returns how many tasks moved."""
+        moved = 0
+        with self._lock:
+            self._refresh()
+            for fn in self.functions:
+                for pool in fn.gpu.pools:
+                    if self._states.get((fn.name, pool), PoolState()).slots:
+                        continue
+                    queue = queue_name(self.prefix, pool, fn.gpu.model, fn.name)
+                    waiting = [i.decode() for i in self.registry.client.zrange(  # type: ignore[union-attr]
+                        f"{self.prefix}:pending:{queue}", 0, HAND_OVER_MAX - 1)]  # fmt: skip
+                    if waiting:
+                        moved += self._move(fn, pool, queue, waiting, envelope_for)
+        return moved
+
+    def _move(self, fn: Function, pool: str, queue: str, waiting: list[str], envelope_for: EnvelopeFor) -> int:
+        targets: dict[str, list[str]] = {}
+        for task_id in waiting:
+            states = {p: self._states.get((fn.name, p), PoolState()) for p in fn.gpu.pools}
+            chosen = place(fn.gpu.pools, states, fn.gpu.max_queue_wait_s)
+            if chosen.pool == pool:  # no live pool anywhere: it waits where it is
+                return 0
+            self._states[(fn.name, chosen.pool)] = states[chosen.pool].plus(
+                self._means.get(fn.name, DEFAULT_DURATION_S)
+            )
+            targets.setdefault(chosen.pool, []).append(task_id)
+        moved = 0
+        for to, ids in targets.items():
+            n = self.registry.move_queued(ids, queue, queue_name(self.prefix, to, fn.gpu.model, fn.name), envelope_for,
+                                          (pool, to))  # fmt: skip
+            log.info("tasks handed over: no live worker in their pool", function=fn.name, from_pool=pool, to_pool=to,
+                     count=n)  # fmt: skip
+            moved += n
+        return moved
 
     def _state(self, fn: Function, pool: str, entries: list[dict[str, Any]], queued: dict[str, int]) -> PoolState:
         mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name)

@@ -137,6 +137,7 @@ class Registry:
         self._trim = client.register_script(lua.TRIM_INDEX)
         self._scan_lost = client.register_script(lua.SCAN_LOST)
         self._requeue_lost = client.register_script(lua.REQUEUE_LOST)
+        self._move_queued = client.register_script(lua.MOVE_QUEUED)
         self._hand_back = client.register_script(lua.HAND_BACK)
         self._age = client.register_script(lua.AGE)
         self._lapse = client.register_script(lua.LAPSE)
@@ -379,6 +380,19 @@ class Registry:
             return False
         args: list[Any] = [self.prefix, score, pairs[0][1], queue]
         return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=args))
+
+    def move_queued(self, task_ids: list[str], from_queue: str, to_queue: str, envelope_for: EnvelopeFor,
+                    pools: tuple[str, str]) -> int:  # fmt: skip
+        """Hand QUEUED tasks of ``from_queue`` over to ``to_queue`` (``pools``: from and to, for the overflow
+        count), each if it is still waiting there; returns how many moved."""
+        calls = self.stored_calls(task_ids)
+        pipe = self.pipeline()
+        for task_id, call in zip(task_ids, calls, strict=True):
+            envelope = None if call is None else envelope_for(task_id, call[0], call[1], call[2], to_queue)
+            if envelope is not None:
+                self._move_queued(keys=[self.task_key(task_id)], client=pipe,
+                                  args=[self.prefix, from_queue, to_queue, envelope, *pools])  # fmt: skip
+        return sum(pipe.execute())
 
     def counts(self, function: str) -> dict[str, int]:
         """Tasks per state (finished ones while their records are retained)."""

@@ -151,7 +151,7 @@ def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
             for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip
 
 
-@function(name="spill", gpu=Gpu(pools=("eu", "us"), max_queue_wait_s=1.5), max_attempts=1)
+@function(name="spill", gpu=Gpu(pools=("eu", "us"), max_queue_wait_s=1.5), max_attempts=2)
 def spill(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Prefers pool eu and overflows to us once eu's estimated wait passes 1.5 s (tests/test_overflow.py)."""
     _redis().incr(f"runs:{ctx.task_id}")

@@ -13,6 +13,8 @@
   ``max_event_age_s``, even those in a queue no worker serves. Every minute it also drops index entries of expired
   task records.
 - Inventory (every ``INVENTORY_EVERY_S``): each GPU's model, memory, utilisation and process, for ``gpufleet gpus``.
+  Then the hand-over: what waits in a pool that has no live worker for its function (one with several pools) moves
+  to the pool the overflow policy picks (:meth:`gpufleet.placer.Placer.hand_over`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from gpufleet.control import ControlPlane
 from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError, unreachable_hint
 from gpufleet.messages import queue_name
+from gpufleet.placer import Placer
 from gpufleet.registry import REDIS_ERRORS, Registry
 from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
@@ -93,6 +96,8 @@ class Supervisor:
         self.control = ControlPlane(fleet, self.registry)
         self.envelopes = self.control.envelopes
         self.lost = LostMessages(self.registry, s.worker.lease_s, self.envelopes)
+        # A pool whose workers are all gone hands its waiting tasks to the next (functions with several pools).
+        self.placer = Placer(self.registry, fleet.functions.values())
         self.host_key = f"{s.redis.key_prefix}:host:{s.worker.hostname}"
         self.instance = uuid.uuid4().hex
 
@@ -140,6 +145,8 @@ class Supervisor:
                 if now >= next_inventory:
                     self.registry.publish_gpus(self.inventory())
                     next_inventory = now + INVENTORY_EVERY_S
+                    if self.placer.functions:
+                        self.placer.hand_over(self.envelopes)
                 if now >= next_trim:
                     self.registry.trim_index()
                     next_trim = now + TRIM_EVERY_S
