@@ -62,8 +62,11 @@ def test_a_pool_that_loses_its_workers_hands_its_waiting_tasks_to_the_next_and_e
     harness.wait_for(lambda: plane.status(waiting)["pool"] == "us", timeout_s=30, what="the hand-over")
     handed_over_s = time.monotonic() - lost_at
     for task_id in (running, waiting):
-        harness.wait_for(lambda t=task_id: plane.status(t)["state"] == "SUCCEEDED", timeout_s=60,
-                         what=f"us to run it: {plane.status(task_id)}")
+        harness.wait_for(
+            lambda t=task_id: plane.status(t)["state"] == "SUCCEEDED",
+            timeout_s=60,
+            what=f"us to run it: {plane.status(task_id)}",
+        )
         view = plane.status(task_id)
         assert view["worker"].endswith("@us-host") and view["overflowed"], view
     assert harness.runs(waiting) == 1  # it never started on eu
