@@ -10,6 +10,7 @@ import signal
 import time
 from typing import Any
 
+from gpufleet.cli.tasks import render_status
 from gpufleet.control import ControlPlane
 from gpufleet.snapshot import read
 from tests.harness import FleetHarness
@@ -34,6 +35,8 @@ def test_a_burst_fills_the_first_pool_up_to_its_wait_limit_then_overflows_and_ea
     assert [v["pool"] for v in views] == ["eu", "eu", "us", "us", "eu", "us", "eu", "us"]
     assert [v["overflowed"] for v in views] == [v["pool"] == "us" for v in views]
     assert all(v["queue"] == f"{harness.prefix}.{v['pool']}.any.spill" for v in views)
+    assert "pool       us (overflowed: not its first pool)" in render_status(views[2])  # gpufleet status
+    assert "pool       eu\n" in render_status(views[0]) + "\n"
 
     done = harness.wait_for(lambda: all(plane.status(i)["state"] == "SUCCEEDED" for i in ids), what="the burst")
     assert done

@@ -279,6 +279,8 @@ def render_status(view: dict[str, Any], plane: ControlPlane | None = None) -> st
         lines.append(("cancel", f"requested at {view.get('cancel_requested_at') or '?'}"))
     if view.get("worker"):
         lines.append(("worker", f"{view['worker']} ({view.get('gpu') or '?'})"))
+    if view.get("pool"):
+        lines.append(("pool", f"{view['pool']}{' (overflowed: not its first pool)' if view.get('overflowed') else ''}"))
     if view["state"] == "QUEUED" and plane is not None:
         pos = plane.position(view["id"])
         if pos.get("position"):
