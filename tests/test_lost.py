@@ -86,8 +86,8 @@ def test_tasks_no_supervisor_here_can_rebuild_never_block_the_others(harness: Fl
     reg.client.zadd(reg.delayed_key, {"gone": 0})  # a due retry whose record expired
     time.sleep(0.05)
 
-    def only_mine(task_id: str, function: str, event: bytes, meta: bytes) -> bytes | None:
-        return build(task_id, function, event, meta) if task_id == "mine" else None  # the others: not served here
+    def only_mine(task_id: str, function: str, event: bytes, meta: bytes, queue: str) -> bytes | None:
+        return build(task_id, function, event, meta, queue) if task_id == "mine" else None  # the others: not served
 
     assert reg.housekeep(only_mine, limit=1) == (1, 0)  # read past the two it cannot build, one page at a time
     assert head_id(harness, lst) == "mine"
