@@ -77,6 +77,13 @@ def test_one_bad_event_fails_alone_and_a_poison_one_cannot_sink_its_neighbours(h
     first = calls(harness, tag)[0]
     assert first == list(range(8))  # one batch first; then its halves, down to the poison one alone
     assert [2] in calls(harness, tag)
+    # Their callback records say it as Lambda's would: the event whose exception was returned failed "Handled", the
+    # one whose call raised "Unhandled"; the invoke happened for each (200), and a success has no functionError.
+    stream = harness.redis.xrange(f"{harness.prefix}:callbacks")
+    records = {r["requestContext"]["requestId"]: r["responseContext"] for r in
+               (orjson.loads(fields[b"value"]) for _, fields in stream)}  # fmt: skip
+    assert records[ids[5]]["functionError"] == "Handled" and records[ids[2]]["functionError"] == "Unhandled"
+    assert all(records[i]["statusCode"] == 200 for i in ids) and "functionError" not in records[ids[0]]
 
 
 def test_cancel_one_event_of_a_running_batch(harness: FleetHarness) -> None:

@@ -53,7 +53,12 @@ def test_failing_handler_is_retried_then_reports_retries_exhausted(harness: Flee
     assert record["key"] == "requests:bad-1" and record["headers"]["condition"] == "RetriesExhausted"
     assert body["requestContext"]["condition"] == "RetriesExhausted"
     assert body["requestContext"]["approximateInvokeCount"] == 3
-    assert body["responseContext"]["functionError"] == "Unhandled"
+    # As Lambda's: the invoke happened (200), the function raised (Unhandled); which function and version ran.
+    assert body["responseContext"]["statusCode"] == 200 and body["responseContext"]["functionError"] == "Unhandled"
+    assert body["responseContext"]["executedVersion"] == "$LATEST"
+    assert (
+        body["requestContext"]["functionArn"] == f"arn:gpufleet:gpufleet::{harness.prefix}:function:always_fail:$LATEST"
+    )
     assert body["responsePayload"]["errorType"] == "ValueError"
     assert body["responsePayload"]["errorMessage"] == "boom on attempt 3"
     assert any("ValueError" in line for line in body["responsePayload"]["stackTrace"])

@@ -189,7 +189,7 @@ class ControlPlane:
             body = callback_record(
                 task_id=task_id, function=record["function"], condition=Condition(error_type),
                 attempts=int(record.get("attempts", 0)), event=event, worker="", gpu="", started_at=None,
-                finished_at=now, response=error,
+                finished_at=now, response=error, fleet=self.fleet.settings.redis.key_prefix,
             )  # fmt: skip
             fn = self.fleet.functions.get(record["function"])
             outcome, state = self.registry.cancel(

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 VERSION = "1.0"
+LATEST = "$LATEST"  # the version of a function that declares none
 PREVIEW_CHARS = 512
 
 
@@ -20,6 +21,12 @@ class Condition(StrEnum):
     EVENT_AGE_EXCEEDED = "EventAgeExceeded"
     TIMED_OUT = "TimedOut"
     CANCELLED = "Cancelled"
+
+
+def function_arn(fleet: str, function: str, version: str = LATEST) -> str:
+    """A function's stable resource name, shaped as Lambda's so that its parts split the same way:
+    ``arn:gpufleet:gpufleet::<fleet>:function:<name>:<version>`` (no region: a function spans the fleet's pools)."""
+    return f"arn:gpufleet:gpufleet::{fleet}:function:{function}:{version}"
 
 
 def iso(ts: float) -> str:
@@ -47,24 +54,37 @@ def callback_record(
     started_at: float | None,
     finished_at: float,
     response: Any,
+    fleet: str,
+    version: str = LATEST,
     outputs: list[str] | None = None,
+    handled: bool = False,
 ) -> dict[str, Any]:
-    """Build the record; ``response`` is the handler's result on success, else an :func:`error_payload`."""
-    success = condition is Condition.SUCCESS
+    """Build the record; ``response`` is the handler's result on success, else an :func:`error_payload`.
+
+    As Lambda's: ``statusCode`` 200 when a handler ran (``started_at``), whatever it did, and ``functionError``
+    ``Unhandled`` when it raised (or timed out, or its worker died), ``Handled`` when it returned an exception for
+    the event (a batch function's way to fail one event), absent on success. A record of an event no handler ran
+    (it expired or was cancelled while it waited) has neither, nor ``executedVersion``. ``fleet`` (the key prefix)
+    and ``version`` name the function in ``functionArn``.
+    """
+    invoked = started_at is not None
+    response_context: dict[str, Any] = {"statusCode": 200, "executedVersion": version} if invoked else {}
+    if invoked and condition is not Condition.SUCCESS:
+        response_context["functionError"] = "Handled" if handled else "Unhandled"
     record = {
         "version": VERSION,
         "timestamp": iso(finished_at),
         "requestContext": {
             "requestId": task_id,
-            "function": function,
-            "functionVersion": "$LATEST",
+            "functionArn": function_arn(fleet, function, version),
             "condition": condition.value,
             "approximateInvokeCount": attempts,
+            "function": function,
+            "functionVersion": version,
         },
         "requestPayload": event,
         "responseContext": {
-            "statusCode": 200 if success else 500,
-            "functionError": None if success else "Unhandled",
+            **response_context,
             "worker": worker,
             "gpu": gpu,
             "startedAt": iso(started_at) if started_at else None,

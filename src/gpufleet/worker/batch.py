@@ -113,6 +113,7 @@ def settle(rt: Runtime, fn: Function, members: list[Member], failed: Callable[[M
         if rt.lease.cancel_requested(m.item.task_id):
             m.done.cancelled("cancelled while running; the batch ran on")
         elif isinstance(result, BaseException):
+            m.done.handled = True  # returned, not raised: Lambda's "Handled" function error
             failed(m, result)
         else:
             try:

@@ -53,6 +53,7 @@ class Finisher:
         self.record = record  # the stored record, read only when finishing for a killed pool process
         self.outputs: list[str] = []
         self.started_at: float | None = None  # when the handler started: after the claim, for a task claimed ahead
+        self.handled = False  # the handler returned an exception for this event (a batch's): "Handled", not raised
 
     def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
         self.outputs = outputs or []
@@ -84,7 +85,9 @@ class Finisher:
             started_at=started,
             finished_at=finished,
             response=response,
+            fleet=self.rt.fleet.settings.redis.key_prefix,
             outputs=self.outputs,
+            handled=self.handled,
         )
         fields = {**fields, "condition": condition.value}
         if self.started_at is not None:
