@@ -145,7 +145,12 @@ class Supervisor:
                 if now >= next_inventory:
                     self.registry.publish_gpus(self.inventory())
                     next_inventory = now + INVENTORY_EVERY_S
-                    if self.placer.functions:
+                    # One supervisor per round does it (the first to take the round's lock): each reads the whole
+                    # inventory, and a fleet of many hosts need not read it many times over.
+                    lock = f"{self.registry.prefix}:hand-over"
+                    if self.placer.functions and self.registry.client.set(
+                        lock, self.instance, nx=True, px=int(INVENTORY_EVERY_S * 1000)
+                    ):
                         self.placer.hand_over(self.envelopes)
                 if now >= next_trim:
                     self.registry.trim_index()
