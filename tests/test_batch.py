@@ -84,6 +84,7 @@ def test_one_bad_event_fails_alone_and_a_poison_one_cannot_sink_its_neighbours(h
                (orjson.loads(fields[b"value"]) for _, fields in stream)}  # fmt: skip
     assert records[ids[5]]["functionError"] == "Handled" and records[ids[2]]["functionError"] == "Unhandled"
     assert all(records[i]["statusCode"] == 200 for i in ids) and "functionError" not in records[ids[0]]
+    assert all(records[i]["executedVersion"] == "7" for i in ids)  # the version the code declares
 
 
 def test_cancel_one_event_of_a_running_batch(harness: FleetHarness) -> None:

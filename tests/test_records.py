@@ -86,3 +86,22 @@ def test_gpufleet_s_own_fields_stay_where_lambda_consumers_ignore_them() -> None
     assert {"worker", "gpu", "startedAt", "finishedAt", "durationMs"} <= set(record["responseContext"])
     assert record["requestContext"]["function"] == "event-destinations"
     assert record["requestContext"]["functionVersion"] == "$LATEST"
+
+
+def test_a_function_declares_its_version_and_records_name_it() -> None:
+    from gpufleet.errors import ConfigError
+    from gpufleet.functions import Function
+
+    def handler(event: Any, ctx: Any) -> None:
+        return None
+
+    assert Function("embed", handler).version == "$LATEST"
+    assert Function("embed", handler, version="4.1-rc").version == "4.1-rc"
+    for bad in ("4:1", "", "-4", "x" * 33):
+        with pytest.raises(ConfigError, match="version"):
+            Function("embed", handler, version=bad)
+    record = callback_record(task_id="t", function="embed", condition=Condition.SUCCESS, attempts=1, event={},
+                             worker="w", gpu="g", started_at=1.0, finished_at=2.0, response=None, fleet="prod",
+                             version="4")  # fmt: skip
+    assert record["requestContext"]["functionArn"] == "arn:gpufleet:gpufleet::prod:function:embed:4"
+    assert record["requestContext"]["functionVersion"] == record["responseContext"]["executedVersion"] == "4"

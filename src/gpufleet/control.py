@@ -17,7 +17,7 @@ import orjson
 
 from gpufleet import snapshot
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
-from gpufleet.functions import Function
+from gpufleet.functions import LATEST, Function
 from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.intake import Intake, Producer, check_priority
 from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue
@@ -72,6 +72,7 @@ class ControlPlane:
     def _function_view(self, fn: Function) -> dict[str, Any]:
         return {
             "name": fn.name,
+            "version": fn.version,
             "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
             "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
             "timeout_s": fn.timeout_s,
@@ -186,12 +187,13 @@ class ControlPlane:
                 message = f"event waited {waited:.1f} s > max_event_age_s {record.get('max_age')}; no worker took it"
             error = {"errorType": error_type, "errorMessage": message, "stackTrace": []}
             event = record.get("event")
+            fn = self.fleet.functions.get(record["function"])
             body = callback_record(
                 task_id=task_id, function=record["function"], condition=Condition(error_type),
                 attempts=int(record.get("attempts", 0)), event=event, worker="", gpu="", started_at=None,
                 finished_at=now, response=error, fleet=self.fleet.settings.redis.key_prefix,
+                version=fn.version if fn else LATEST,
             )  # fmt: skip
-            fn = self.fleet.functions.get(record["function"])
             outcome, state = self.registry.cancel(
                 task_id, int(record.get("attempts", 0)), error, record.get("on_failure", ""),
                 fit_record(body, self.fleet.settings.defaults.max_record_bytes), fn.retention_s if fn else None,

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # no ':': "embed:4" names a version of embed
+LATEST = "$LATEST"  # the version of a function that declares none, as Lambda names it
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
 
 
@@ -159,6 +161,7 @@ class Function:
 
     name: str
     handler: Handler
+    version: str = LATEST
     gpu: Gpu = field(default_factory=Gpu)
     timeout_s: float = 900.0
     max_attempts: int = 3
@@ -179,6 +182,9 @@ class Function:
             raise ConfigError(
                 f"{where}: bad name", key="name", fix="lowercase letters, digits, '-' or '_', starting with a letter"
             )
+        if self.version != LATEST and not VERSION_RE.fullmatch(self.version):
+            raise ConfigError(f"{where}: version={self.version!r}", key="version",
+                              fix="1 to 32 letters, digits, '.', '_' or '-', from a letter or digit")  # fmt: skip
         if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
             raise ConfigError(f"{where}: timeout_s={self.timeout_s}", key="timeout_s", fix="use 0 < timeout_s <= 86400")
         if self.max_attempts < 1:
@@ -228,6 +234,7 @@ def validation_problem(exc: ValidationError) -> str:
 def function(
     name: str | None = None,
     *,
+    version: str = LATEST,
     gpu: Gpu | None = None,
     timeout_s: float = 900.0,
     max_attempts: int = 3,
@@ -244,6 +251,8 @@ def function(
 
     Args:
         name: the function's name; defaults to the handler's name with ``_`` kept.
+        version: the version this code is, e.g. ``"4"``: callback records name it (``functionVersion``,
+            ``executedVersion``, ``functionArn``). Default ``$LATEST``.
         gpu: the GPU it needs.
         timeout_s: hard limit for one attempt, up to 86400.
         max_attempts: attempts before a RetriesExhausted failure record.
@@ -265,6 +274,7 @@ def function(
         return Function(
             name=name or handler.__name__,
             handler=handler,
+            version=version,
             gpu=gpu or Gpu(),
             timeout_s=timeout_s,
             max_attempts=max_attempts,

@@ -10,8 +10,9 @@ from typing import Any
 
 import orjson
 
+from gpufleet.functions import LATEST
+
 VERSION = "1.0"
-LATEST = "$LATEST"  # the version of a function that declares none
 PREVIEW_CHARS = 512
 
 

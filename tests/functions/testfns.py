@@ -132,7 +132,14 @@ def chaos(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return {"i": event.get("i"), "attempt": ctx.attempt}
 
 
-@function(name="batched", max_attempts=2, backoff_s=0.05, max_event_age_s=30, batch=Batch(max_size=8, max_wait_ms=50))
+@function(
+    name="batched",
+    version="7",
+    max_attempts=2,
+    backoff_s=0.05,
+    max_event_age_s=30,
+    batch=Batch(max_size=8, max_wait_ms=50),
+)
 def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
     """One call per batch, recorded as the list of its events' ``n`` under ``batch:<tag>``. Per event ``mode``:
     ``fail`` returns an exception in its place, ``poison`` makes the whole call raise, ``sleep`` sleeps that long

@@ -117,6 +117,7 @@ class GpuRequirement(_Out):
 
 class FunctionInfo(_Out):
     name: str
+    version: str = Field(description="the version the serving code declares; $LATEST when it declares none")
     gpu: GpuRequirement
     queue: str
     timeout_s: float

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import structlog
 
-from gpufleet.functions import Function
+from gpufleet.functions import LATEST, Function
 from gpufleet.records import Condition, callback_record, error_payload, fit_record
 from gpufleet.registry import Callback, Claim, State
 
@@ -45,6 +45,7 @@ class Finisher:
         self.rt = runtime
         self.pipe = pipe  # the outcome goes into this pipeline, with the next claim; None: written at once
         self.retention_s = fn.retention_s if fn else None
+        self.version = fn.version if fn else LATEST  # the code that ran: executedVersion
         self.task_id = task_id
         self.function = function
         self.token = token
@@ -86,6 +87,7 @@ class Finisher:
             finished_at=finished,
             response=response,
             fleet=self.rt.fleet.settings.redis.key_prefix,
+            version=self.version,
             outputs=self.outputs,
             handled=self.handled,
         )
