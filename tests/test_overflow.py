@@ -16,17 +16,20 @@ from gpufleet.snapshot import read
 from tests.harness import FleetHarness
 
 
-def live_hosts(plane: ControlPlane) -> set[str]:
-    return {g["host"] for g in plane.gpus() if g.get("up") and not g["stale"]}
+def two_pools(harness: FleetHarness) -> ControlPlane:
+    """A host in eu and a host in us, one virtual GPU each, both reporting."""
+    harness.start_host("eu-host", ["eu"])
+    harness.start_host("us-host", ["us"])
+    plane = ControlPlane(harness.fleet())
+    live = lambda: {g["host"] for g in plane.gpus() if g.get("up") and not g["stale"]}  # noqa: E731
+    harness.wait_for(lambda: live() == {"eu-host", "us-host"}, what="a host in each pool")
+    return plane
 
 
 def test_a_burst_fills_the_first_pool_up_to_its_wait_limit_then_overflows_and_each_task_runs_once(
     harness: FleetHarness,
 ) -> None:
-    harness.start_host("eu-host", ["eu"])
-    harness.start_host("us-host", ["us"])
-    plane = ControlPlane(harness.fleet())
-    harness.wait_for(lambda: live_hosts(plane) == {"eu-host", "us-host"}, what="a host in each pool")
+    plane = two_pools(harness)
 
     # A function that never ran here counts 1 s per task: eu takes two (0 s, then 1 s of estimated wait), us two,
     # then the shorter estimate wins, the earlier pool on a tie.
@@ -51,10 +54,7 @@ def test_a_burst_fills_the_first_pool_up_to_its_wait_limit_then_overflows_and_ea
 def test_a_pool_that_loses_its_workers_hands_its_waiting_tasks_to_the_next_and_each_runs_once_more_at_most(
     harness: FleetHarness,
 ) -> None:
-    harness.start_host("eu-host", ["eu"])
-    harness.start_host("us-host", ["us"])
-    plane = ControlPlane(harness.fleet())
-    harness.wait_for(lambda: live_hosts(plane) == {"eu-host", "us-host"}, what="a host in each pool")
+    plane = two_pools(harness)
     # One runs on eu, one waits there (its estimate, 1 s, is within 1.5 s).
     running, waiting = (plane.invoke("spill", {"seconds": 4}).id for _ in range(2))
     assert plane.status(waiting)["pool"] == plane.status(running)["pool"] == "eu"
@@ -75,3 +75,4 @@ def test_a_pool_that_loses_its_workers_hands_its_waiting_tasks_to_the_next_and_e
     assert harness.runs(waiting) == 1  # it never started on eu
     assert harness.runs(running) == 2  # killed with its host, then once on us
     assert handed_over_s < 15, f"handed over after {handed_over_s:.1f} s"
+    assert read(plane.registry, list(plane.fleet.functions)).overflows == {("spill", "eu", "us"): 2}
