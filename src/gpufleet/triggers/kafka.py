@@ -82,9 +82,9 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
         except BaseException:
             self.close()
             raise
-        # All on this thread: a batch is sent to Redis as soon as it is parsed, and the one before it is then read
-        # back, so Redis runs scripts while Python polls and parses (a separate publish thread measured slower than
-        # none: the GIL). An offset is committed only once its batch and every batch before it are durable: every
+        # All on this thread: a batch is sent to Redis as soon as it is parsed, and read back AHEAD batches later, so
+        # Redis runs scripts while Python polls and parses (a separate publish thread measured slower than none: the
+        # GIL). An offset is committed only once its batch and every batch before it are durable: every
         # commit_interval_ms while messages keep coming (each commit is a round trip to the broker that stops this
         # thread), and as soon as a poll finds nothing new.
         inflight: deque[tuple[Prepared, Sent | None, dict[Any, Any]]] = deque()
