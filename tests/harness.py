@@ -108,11 +108,13 @@ class FleetHarness:
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=log, process_group=0)
         log.close()
 
-    def start_host(self, hostname: str, pools: list[str], virtual_gpus: int = 1, gpu_model: str | None = None) -> None:
-        """One more ``gpufleet worker`` process, standing for a host of its own: its name, pools and (virtual) GPUs.
-        Stopped with the harness."""
+    def start_host(self, hostname: str, pools: list[str], virtual_gpus: int = 1, gpu_model: str | None = None,
+                   **worker: Any) -> None:  # fmt: skip
+        """One more ``gpufleet worker`` process, standing for a host of its own: its name, pools and (virtual) GPUs,
+        and any other ``worker`` setting. Stopped with the harness."""
         env = {**self.env(), "GPUFLEET_WORKER__HOSTNAME": hostname, "GPUFLEET_WORKER__POOLS": f"[{', '.join(pools)}]",
-               "GPUFLEET_WORKER__VIRTUAL_GPUS": str(virtual_gpus)}  # fmt: skip
+               "GPUFLEET_WORKER__VIRTUAL_GPUS": str(virtual_gpus),
+               **{f"GPUFLEET_WORKER__{k.upper()}": str(v) for k, v in worker.items()}}  # fmt: skip
         if gpu_model:
             env["GPUFLEET_WORKER__GPU_MODEL"] = gpu_model
         log = open(self.dir / f"host-{hostname}.log", "ab")  # noqa: SIM115 - the child writes to it

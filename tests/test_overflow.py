@@ -6,6 +6,7 @@ serves eu and one serves us, one virtual GPU each.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any
@@ -16,9 +17,9 @@ from gpufleet.snapshot import read
 from tests.harness import FleetHarness
 
 
-def two_pools(harness: FleetHarness) -> ControlPlane:
-    """A host in eu and a host in us, one virtual GPU each, both reporting."""
-    harness.start_host("eu-host", ["eu"])
+def two_pools(harness: FleetHarness, **eu: Any) -> ControlPlane:
+    """A host in eu and a host in us, one virtual GPU each, both reporting; ``eu``: worker settings of eu's."""
+    harness.start_host("eu-host", ["eu"], **eu)
     harness.start_host("us-host", ["us"])
     plane = ControlPlane(harness.fleet())
     live = lambda: {g["host"] for g in plane.gpus() if g.get("up") and not g["stale"]}  # noqa: E731
@@ -76,3 +77,16 @@ def test_a_pool_that_loses_its_workers_hands_its_waiting_tasks_to_the_next_and_e
     assert harness.runs(running) == 2  # killed with its host, then once on us
     assert handed_over_s < 15, f"handed over after {handed_over_s:.1f} s"
     assert read(plane.registry, list(plane.fleet.functions)).overflows == {("spill", "eu", "us"): 2}
+
+
+def test_a_host_whose_gpu_worker_restarts_keeps_its_waiting_tasks(harness: FleetHarness) -> None:
+    plane = two_pools(harness, restart_backoff_s=5)  # its GPU worker stays down for 5 s: the host is still there
+    running, waiting = (plane.invoke("spill", {"seconds": 3}).id for _ in range(2))
+    harness.wait_for(lambda: plane.status(running)["state"] == "RUNNING", what="the first to start on eu")
+    [slot] = [g for g in plane.gpus() if g["host"] == "eu-host"]
+    os.kill(slot["pid"], signal.SIGKILL)  # the GPU worker, not its host: the supervisor starts a new one
+    for task_id in (running, waiting):
+        harness.wait_for(lambda t=task_id: plane.status(t)["state"] == "SUCCEEDED", timeout_s=60, what="eu to run it")
+        assert plane.status(task_id)["worker"].endswith("@eu-host")
+    assert harness.runs(waiting) == 1
+    assert read(plane.registry, list(plane.fleet.functions)).overflows == {}  # nothing moved, nothing overflowed

@@ -47,6 +47,7 @@ class Placer:
         self._lock = threading.Lock()  # the API places from several threads
         self._read_at = -refresh_s
         self._states: dict[tuple[str, str], PoolState] = {}  # (function, pool) -> state
+        self._hosted: set[tuple[str, str]] = set()  # (function, pool) with a host that reads its queue, up or not
         self._means: dict[str, float] = {}
         self._seen: dict[str, tuple[float, int]] = {}  # function -> (duration sum, count) at the last refresh
 
@@ -80,20 +81,25 @@ class Placer:
         self._means = self._recent_means(durations)
         queued = dict(zip(queues, depths, strict=True))
         self._states = {}
+        self._hosted = set()
         for fn in self.functions:
             for pool in fn.gpu.pools:
                 self._states[(fn.name, pool)] = self._state(fn, pool, entries, queued)
+                mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name)
+                if any(not e["stale"] and mine in e.get("queues", []) for e in entries):
+                    self._hosted.add((fn.name, pool))
 
     def hand_over(self, envelope_for: EnvelopeFor) -> int:
-        """Move what waits in a pool that has no live worker for its function to the pool the policy picks now (a
-        live one, or none: then it stays). Any number of processes may run it at once: each move is checked in
-        Redis (``MOVE_QUEUED``). Returns how many tasks moved."""
+        """Move what waits in a pool where no host serves its function any more (none has refreshed the inventory
+        for ``LIVE_S``) to the pool the policy picks now (a live one, or none: then it stays). A host whose GPU
+        worker is restarting still serves: its tasks wait for it. Any number of processes may run this at once:
+        each move is checked in Redis (``MOVE_QUEUED``). Returns how many tasks moved."""
         moved = 0
         with self._lock:
             self._refresh()
             for fn in self.functions:
                 for pool in fn.gpu.pools:
-                    if self._states.get((fn.name, pool), PoolState()).slots:
+                    if (fn.name, pool) in self._hosted:
                         continue
                     queue = queue_name(self.prefix, pool, fn.gpu.model, fn.name)
                     waiting = [i.decode() for i in self.registry.client.zrange(  # type: ignore[union-attr]
