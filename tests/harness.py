@@ -109,10 +109,11 @@ class FleetHarness:
         log.close()
 
     def start_host(self, hostname: str, pools: list[str], virtual_gpus: int = 1, gpu_model: str | None = None,
-                   **worker: Any) -> None:  # fmt: skip
+                   env: dict[str, str] | None = None, **worker: Any) -> None:  # fmt: skip
         """One more ``gpufleet worker`` process, standing for a host of its own: its name, pools and (virtual) GPUs,
-        and any other ``worker`` setting. Stopped with the harness."""
-        env = {**self.env(), "GPUFLEET_WORKER__HOSTNAME": hostname, "GPUFLEET_WORKER__POOLS": f"[{', '.join(pools)}]",
+        any other ``worker`` setting, and ``env`` for its functions. Stopped with the harness."""
+        env = {**self.env(), **(env or {}), "GPUFLEET_WORKER__HOSTNAME": hostname,
+               "GPUFLEET_WORKER__POOLS": f"[{', '.join(pools)}]",
                "GPUFLEET_WORKER__VIRTUAL_GPUS": str(virtual_gpus),
                **{f"GPUFLEET_WORKER__{k.upper()}": str(v) for k, v in worker.items()}}  # fmt: skip
         if gpu_model:

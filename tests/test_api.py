@@ -126,7 +126,8 @@ def test_every_route_but_healthz_needs_the_bearer_token(api: Api) -> None:
                   ("GET", "/v1/tasks/x/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
                   ("GET", "/v1/functions/echo/queue"), ("GET", "/v1/gpus"), ("POST", "/v1/functions/echo/invocations"),
                   ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/v1/scaling"),
-                  ("GET", "/v1/scaling/default/any"), ("GET", "/v1/overview")]  # fmt: skip
+                  ("GET", "/v1/scaling/default/any"), ("GET", "/v1/overview"),
+                  ("GET", "/v1/functions/echo/versions")]  # fmt: skip
         for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"):
             headers = {"Authorization": auth} if auth else {}
             for method, path in routes:
@@ -289,6 +290,11 @@ def test_functions_lists_the_served_functions(api: Api) -> None:
     assert functions["echo"]["payload_schema"] is None
     assert functions["echo"]["max_attempts"] == 3 and functions["hang"]["timeout_s"] == 1
     assert functions["echo"]["gpu"] == {"model": "any", "count": 1, "pools": ["default"]}
+    assert functions["batched"]["version"] == "7" and functions["echo"]["version"] == "$LATEST"
+    r = api.client.get("/v1/functions/batched/versions")
+    assert r.status_code == 200 and [v["version"] for v in r.json()["items"]] == ["7"]
+    assert r.json()["items"][0]["state"] in ("INACTIVE", "DEPLOYING", "ACTIVE")
+    assert error_code(api.client.get("/v1/functions/nope/versions"), 404) == "function_not_found"
 
 
 def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> None:
@@ -304,7 +310,8 @@ def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> N
         ("POST", "/v1/functions/{name}/invocations"), ("GET", "/v1/tasks/{task_id}"),
         ("POST", "/v1/tasks/{task_id}/cancel"), ("POST", "/v1/tasks/{task_id}/retry"),
         ("GET", "/v1/tasks/{task_id}/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
-        ("GET", "/v1/functions/{name}/queue"), ("GET", "/v1/gpus"), ("GET", "/healthz"),
+        ("GET", "/v1/functions/{name}/queue"), ("GET", "/v1/functions/{name}/versions"), ("GET", "/v1/gpus"),
+        ("GET", "/healthz"),
         ("GET", "/v1/parked"), ("POST", "/v1/parked/resend"), ("POST", "/v1/parked/drop"),
         ("GET", "/v1/scaling"), ("GET", "/v1/scaling/{pool}/{model}"), ("GET", "/metrics"), ("GET", "/v1/overview"),
     }  # fmt: skip
@@ -420,6 +427,7 @@ def test_redis_unreachable_is_503(services: Any, tmp_path: Path) -> None:
             # Answered without Redis: the route's own checks come first.
             assert error_code(api.client.get("/v1/functions/nope/queue"), 404) == "function_not_found"
             assert api.client.get("/v1/functions").status_code == 200
+            assert {f["state"] for f in api.client.get("/v1/functions").json()["items"]} == {None}  # not known now
 
 
 def test_sigterm_stops_the_api_cleanly(harness: FleetHarness) -> None:

@@ -104,8 +104,10 @@ def test_control_commands_without_a_running_fleet(harness: FleetHarness) -> None
     assert echo["max_attempts"] == 3 and echo["queue"] and echo["gpu"]["model"]
     assert next(f for f in functions if f["name"] == "typed")["payload_schema"]["properties"]["n"]["type"] == "integer"
     assert echo["version"] == "$LATEST" and next(f for f in functions if f["name"] == "batched")["version"] == "7"
+    assert echo["state"] == "INACTIVE"  # declared, and no worker serves it: none runs here
     out = cli(h, "functions").stdout
-    assert out.splitlines()[0].split()[:5] == ["NAME", "VERSION", "GPU", "QUEUE", "TIMEOUT"] and "always_fail" in out
+    assert out.splitlines()[0].split()[:6] == ["NAME", "VERSION", "STATE", "GPU", "QUEUE", "TIMEOUT"]
+    assert "always_fail" in out
 
     # Bad input: a clear one-line error on stderr, the JSON error document on stdout with --json.
     unknown = cli(h, "invoke", "nope", "--payload", "{}")

@@ -24,10 +24,11 @@ from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.placer import Placer
 from gpufleet.records import Condition, callback_record, fit_record, iso
-from gpufleet.registry import Enqueued, Registry, State
+from gpufleet.registry import REDIS_ERRORS, Enqueued, Registry, State
 from gpufleet.scaling import Need, needs
 from gpufleet.settings import Fleet
 from gpufleet.snapshot import Snapshot
+from gpufleet.versions import versions
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
@@ -66,13 +67,23 @@ class ControlPlane:
             raise NotFoundError("function_not_found", f"no function {name!r}; served: {sorted(self.fleet.functions)}")
         return fn
 
-    def functions(self) -> list[dict[str, Any]]:
-        return [self._function_view(fn) for fn in sorted(self.fleet.functions.values(), key=lambda f: f.name)]
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """The function's versions and their states (see :mod:`gpufleet.versions`)."""
+        return versions(self.registry, self.function(name))
 
-    def _function_view(self, fn: Function) -> dict[str, Any]:
+    def functions(self) -> list[dict[str, Any]]:
+        served = sorted(self.fleet.functions.values(), key=lambda f: f.name)
+        try:  # the state of each declared version, from the live workers
+            states = {fn.name: versions(self.registry, fn)[0]["state"] for fn in served}
+        except REDIS_ERRORS:  # the rest is this process's own configuration: still worth listing
+            states = {}
+        return [self._function_view(fn, states.get(fn.name)) for fn in served]
+
+    def _function_view(self, fn: Function, state: str | None) -> dict[str, Any]:
         return {
             "name": fn.name,
             "version": fn.version,
+            "state": state,
             "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
             "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
             "timeout_s": fn.timeout_s,

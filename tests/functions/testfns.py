@@ -164,3 +164,17 @@ def spill(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     _redis().incr(f"runs:{ctx.task_id}")
     time.sleep(float(event.get("seconds", 0.3)))
     return {"worker": ctx.worker}
+
+
+@function(name="warmup", version="3")
+def warmup(event: Any, ctx: Context) -> dict[str, Any]:
+    """Its setup() fails where the worker has WARMUP_FAIL set, and takes WARMUP_S seconds (tests/test_versions.py)."""
+    return {"state": ctx.state}
+
+
+@warmup.setup
+def load_warmup_model() -> str:
+    if os.environ.get("WARMUP_FAIL"):
+        raise RuntimeError("no model file at /models/warmup.bin")
+    time.sleep(float(os.environ.get("WARMUP_S", "0")))
+    return "warm"

@@ -199,6 +199,13 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         """Queue length and tasks per state for one function."""
         return control.queue(name)
 
+    @v1.get("/functions/{name}/versions", tags=["functions"], response_model=models.VersionList,
+            responses=_errors(404))  # fmt: skip
+    def function_versions(name: FunctionName) -> dict[str, Any]:
+        """Each version of the function declared here or served by a live worker, and its state: ACTIVE, DEPLOYING,
+        ERROR (with the setup error) or INACTIVE."""
+        return {"items": control.versions(name)}
+
     @v1.get("/gpus", tags=["fleet"], response_model=models.GpuList)
     def list_gpus() -> dict[str, Any]:
         """Every GPU (or virtual GPU) slot, as the workers' supervisors report them, and the task each runs; and the

@@ -118,6 +118,9 @@ class GpuRequirement(_Out):
 class FunctionInfo(_Out):
     name: str
     version: str = Field(description="the version the serving code declares; $LATEST when it declares none")
+    state: str | None = Field(
+        description="that version's state: ACTIVE, DEPLOYING, ERROR or INACTIVE; null when Redis cannot be reached"
+    )
     gpu: GpuRequirement
     queue: str
     timeout_s: float
@@ -131,6 +134,18 @@ class FunctionInfo(_Out):
 
 class FunctionList(_Out):
     items: list[FunctionInfo]
+
+
+class VersionInfo(_Out):
+    version: str
+    state: str = Field(description="ACTIVE, DEPLOYING, ERROR or INACTIVE, from the live workers")
+    workers: int = Field(description="live workers that run this version and reported their setup()")
+    declared: bool = Field(description="the version the code loaded here declares")
+    error: str | None = Field(None, description="for ERROR: what setup() raised")
+
+
+class VersionList(_Out):
+    items: list[VersionInfo]
 
 
 class QueueSummary(_Out):

@@ -362,9 +362,10 @@ def _functions(args: argparse.Namespace) -> int:
         gpu = fn["gpu"]
         model = f"{gpu['model']} x{gpu['count']}" if gpu.get("count", 1) != 1 else gpu["model"]
         pools = ",".join(gpu.get("pools") or [])
-        rows.append([fn["name"], fn.get("version"), f"{model} ({pools})" if pools else model, fn["queue"],
-                     seconds(fn["timeout_s"]), fn["max_attempts"], seconds(fn["max_event_age_s"])])  # fmt: skip
-    print(table(["name", "version", "gpu", "queue", "timeout", "attempts", "max event age"], rows,
+        gpu_text = f"{model} ({pools})" if pools else model
+        rows.append([fn["name"], fn.get("version"), fn.get("state"), gpu_text, fn["queue"], seconds(fn["timeout_s"]),
+                     fn["max_attempts"], seconds(fn["max_event_age_s"])])  # fmt: skip
+    print(table(["name", "version", "state", "gpu", "queue", "timeout", "attempts", "max event age"], rows,
                 "no functions served"))  # fmt: skip
     return EXIT_OK
 

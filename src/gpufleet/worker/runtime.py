@@ -33,6 +33,7 @@ from gpufleet.worker.context import TaskContext, complete_event
 from gpufleet.worker.lease import LeaseKeeper, owner_is_dead, owner_token
 from gpufleet.worker.outcome import Finisher, Outcomes
 from gpufleet.worker.scratch import default_root, open_root
+from gpufleet.worker.warmup import warm_up
 from gpufleet.worker.watchdog import SharedSlot
 
 log = structlog.get_logger("gpufleet.worker")
@@ -128,14 +129,8 @@ class Runtime:
                     self.registry.lapse(task_id, token)
             except REDIS_ERRORS:  # their leases lapse anyway, later
                 log.warning("cannot hand back the tasks of the process this one replaces", exc_info=True)
-        # Warm every function now, so the first task does not pay for loading a model. A setup that fails here
-        # is tried again by the first task, which then fails (and retries) with the real error.
-        for fn in self.fleet.functions.values():
-            if fn.setup_fn is not None:
-                try:
-                    self._states[fn.name] = fn.setup_fn()
-                except Exception:  # reported; the first task that needs it raises it again
-                    log.exception("setup failed", function=fn.name)
+        # Warm every function now, so the first task does not pay for loading a model; the fleet sees how it went.
+        warm_up(list(self.fleet.functions.values()), self.registry, self.worker_name, self._states)
         try:  # ready: the supervisor's inventory shows it, and the scaling figure stops counting it as starting
             self.registry.client.hset(f"{self.registry.prefix}:ready", self.worker_name, os.getppid())
         except REDIS_ERRORS:
