@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from gpufleet.control import ControlPlane
+from gpufleet.errors import InvalidRequestError
 from tests.harness import FleetHarness
 
 
@@ -39,3 +42,26 @@ def test_a_setup_that_fails_on_every_worker_is_error_with_its_error_and_one_that
     harness.start_host("good", ["default"])
     harness.wait_for(lambda: state(plane)["state"] == "ACTIVE", what="ACTIVE: setup() works on one")
     assert state(plane)["workers"] == 2 and "error" not in state(plane)
+
+
+def test_a_version_asked_for_runs_only_where_that_version_runs_and_the_function_anywhere(
+    harness: FleetHarness,
+) -> None:
+    # A rolling update half done: one host runs version 3 of "versioned", the other version 4.
+    harness.start_host("h3", ["default"], env={"VERSIONED_AS": "3"})
+    harness.start_host("h4", ["default"], env={"VERSIONED_AS": "4"})
+    plane = ControlPlane(harness.fleet())  # this process loads version 1: declared here, served nowhere
+    harness.wait_for(lambda: {v["version"]: v["state"] for v in plane.versions("versioned")}
+                     == {"1": "INACTIVE", "3": "ACTIVE", "4": "ACTIVE"}, what="both versions ACTIVE")  # fmt: skip
+    fours = [plane.invoke("versioned:4", {"i": i}).id for i in range(6)]
+    threes = [plane.invoke("versioned:3", {"i": i}).id for i in range(6)]
+    either = [plane.invoke("versioned", {"i": i}).id for i in range(6)]
+    assert plane.status(fours[0])["queue"] == f"{harness.prefix}.default.any.versioned:4"
+    every = fours + threes + either
+    harness.wait_for(lambda: all(plane.status(i)["state"] == "SUCCEEDED" for i in every), what="all of them")
+    assert {plane.status(i)["worker"].split("@")[1] for i in fours} == {"h4"}
+    assert {plane.status(i)["worker"].split("@")[1] for i in threes} == {"h3"}
+    assert {plane.status(i)["result"]["ran"] for i in either} <= {"3", "4"}  # the function's queue: any version
+    assert all(harness.runs(i) == 1 for i in every)
+    with pytest.raises(InvalidRequestError, match=r"version '4:x' of 'versioned'"):
+        plane.invoke("versioned:4:x", {})

@@ -99,23 +99,23 @@ class ControlPlane:
 
     def invoke(self, function: str, event: Any, idempotency_key: str | None = None,
                traceparent: str | None = None, priority: int = DEFAULT_PRIORITY) -> Invocation:  # fmt: skip
-        """Queue one task for ``function``. ``event`` is the event, or its JSON as ``bytes`` (the HTTP body: checked
-        before it is decoded). The same ``idempotency_key`` always names the same task. The task joins the
-        caller's W3C ``traceparent`` trace, or starts one."""
-        fn = self.function(function)
+        """Queue one task for ``function`` (``embed``, or ``embed:4`` for version 4 alone). ``event`` is the event,
+        or its JSON as ``bytes`` (the HTTP body: checked before it is decoded). The same ``idempotency_key`` always
+        names the same task. The task joins the caller's W3C ``traceparent`` trace, or starts one."""
+        fn = self.function(function.partition(":")[0])
         if idempotency_key is not None and (not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
                                             or not idempotency_key.isprintable()):  # fmt: skip
             raise InvalidRequestError("bad_idempotency_key", "use 1 to 255 printable characters")
         task_id = api_task_id(fn.name, idempotency_key)
         try:
+            _, version = self.intake.target(function)
             event = self.intake.decode(event) if isinstance(event, bytes) else self.intake.accept(event)
-            task = self.intake.task(
-                fn, event, task_id, API_ORIGIN, traceparent=traceparent, priority=check_priority(priority)
-            )
+            task = self.intake.task(fn, event, task_id, API_ORIGIN, traceparent=traceparent,
+                                    priority=check_priority(priority), version=version)  # fmt: skip
         except EventError as exc:
             if exc.reason == "oversize":
                 raise PayloadTooLargeError("payload_too_large", exc.detail) from None
-            if exc.reason in ("schema_mismatch", "bad_priority"):
+            if exc.reason in ("schema_mismatch", "bad_priority", "bad_version"):
                 raise InvalidRequestError(exc.reason, exc.detail) from None
             code = "invalid_json" if exc.reason == "malformed_json" else exc.reason
             raise InvalidRequestError(code, f"the event is not one gpufleet can carry: {exc.detail}") from None

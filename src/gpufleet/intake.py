@@ -25,9 +25,9 @@ import orjson
 from gpufleet import trace
 from gpufleet.errors import EventError
 from gpufleet.events import check_event, decode_event
-from gpufleet.functions import Function
+from gpufleet.functions import VERSION_RE, Function
 from gpufleet.lua import US
-from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, MessageFactory
+from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, MessageFactory, queue_name
 from gpufleet.registry import NewTask
 
 if TYPE_CHECKING:
@@ -77,9 +77,24 @@ class Intake:
             raise EventError("unknown_function", f"no function {name!r:.200}; served: {sorted(self.fleet.functions)}")
         return fn
 
+    def target(self, name: str) -> tuple[Function, str | None]:
+        """``embed`` (any version serves it) or ``embed:4`` (only workers whose code is version 4): the function and
+        the version asked for.
+
+        Raises:
+            EventError: ``unknown_function``, or ``bad_version`` for a version no function could declare.
+        """
+        name, qualified, version = name.partition(":")
+        fn = self.function(name)
+        if not qualified:
+            return fn, None
+        if not VERSION_RE.fullmatch(version):
+            raise EventError("bad_version", f"version {version!r:.50} of {name!r}: use letters, digits, '.', '_', '-'")
+        return fn, version
+
     def task(self, fn: Function, payload: Any, task_id: str, source: str, *, event_ts: float | None = None,
-             meta: dict[str, Any] | None = None, origin: str | None = None,
-             traceparent: str | bytes | None = None, priority: int = DEFAULT_PRIORITY) -> NewTask:  # fmt: skip
+             meta: dict[str, Any] | None = None, origin: str | None = None, traceparent: str | bytes | None = None,
+             priority: int = DEFAULT_PRIORITY, version: str | None = None) -> NewTask:  # fmt: skip
         """The task for a checked event: its payload matched against the function's model, its destinations and
         envelope. ``origin`` overrides the producer's (object events share one namespace, whoever saw them). The
         task is a span of the event's ``traceparent`` trace (see :mod:`gpufleet.trace`). ``priority``: see
@@ -91,9 +106,11 @@ class Intake:
         meta = {"source": source, "trigger": p.name, **(meta or {}), trace.HEADER: trace.child(traceparent)}
         queue, overflow = None, ""
         if self.placer is not None and len(fn.gpu.pools) > 1:
-            queue, placed = self.placer.queue_for(fn)
+            queue, placed = self.placer.queue_for(fn, version)
             if placed is not None and placed.overflowed:
                 overflow = f"{fn.gpu.pools[0]}{US}{placed.pool}"
+        elif version is not None:  # that version's own queue, in the function's pool
+            queue = queue_name(self.fleet.settings.redis.key_prefix, fn.gpu.pools[0], fn.gpu.model, fn.name, version)
         return NewTask(  # positional: keywords cost twice as much, once per message a trigger takes in
             self.factory.build(task_id, fn, payload, meta, priority, queue),  # message
             p.on_success or fn.on_success or defaults.on_success,  # on_success

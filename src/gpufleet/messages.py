@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from gpufleet.functions import Function
+from gpufleet.functions import LATEST, Function
 
 TASK_NAME = "gpufleet.run"
 CONTENT_TYPE = "application/x-gpufleet-orjson"
@@ -31,24 +31,34 @@ PRIORITY_STEPS = list(range(MAX_PRIORITY + 1))
 PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue's name and its level
 
 
-def queue_name(prefix: str, pool: str, model: str, function: str | None = None) -> str:
+def queue_name(prefix: str, pool: str, model: str, function: str | None = None, version: str | None = None) -> str:
     """One queue per function, pool and GPU model: ``gpufleet.default.h100.embed``, ``gpufleet.eu.any.ocr``. So a
     function's queue length and a task's position in it are exact, and a batch forms from one function's tasks.
+    With ``version``, the queue of that version alone (``gpufleet.eu.h100.embed:4``): only workers whose code declares
+    it read it, where every version's workers read the function's own queue.
     Without ``function``: the queue of a pool and model that releases before per-function queues used
     (``gpufleet.default.h100``); workers still read it, so nothing queued before an upgrade is left behind."""
     base = f"{prefix}.{pool}.{model.lower()}"
-    return base if function is None else f"{base}.{function}"
+    if function is None:
+        return base
+    return f"{base}.{function}" if version is None or version == LATEST else f"{base}.{function}:{version}"
 
 
 def parse_queue(prefix: str, queue: str) -> tuple[str, str, str | None] | None:
-    """``gpufleet.eu.h100.embed`` -> ``("eu", "h100", "embed")``; a pool and model queue gives no function; None
-    for a name that is not a GPU queue of this fleet."""
+    """``gpufleet.eu.h100.embed`` (or ``...embed:4``, a version's) -> ``("eu", "h100", "embed")``; a pool and model
+    queue gives no function; None for a name that is not a GPU queue of this fleet."""
     if not queue.startswith(prefix + "."):
         return None
-    parts = queue[len(prefix) + 1 :].split(".")
+    parts = queue[len(prefix) + 1 :].split(".", 2)  # a version may hold dots
     if len(parts) == 3:
-        return parts[0], parts[1], parts[2]
+        return parts[0], parts[1], parts[2].partition(":")[0]
     return (parts[0], parts[1], None) if len(parts) == 2 else None
+
+
+def queue_version(queue: str) -> str | None:
+    """The version a queue is for (``gpufleet.eu.h100.embed:4`` -> ``"4"``), or None for a function's own."""
+    _, versioned, version = queue.partition(":")  # no ':' in a prefix, pool, model or function name
+    return version if versioned else None
 
 
 def function_queue(prefix: str, fn: Function) -> str:

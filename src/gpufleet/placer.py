@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gpufleet.lua import US
-from gpufleet.messages import function_queue, parse_queue, queue_name
+from gpufleet.messages import parse_queue, queue_name
 from gpufleet.placement import Placement, PoolState, place
 
 if TYPE_CHECKING:
@@ -51,10 +51,11 @@ class Placer:
         self._means: dict[str, float] = {}
         self._seen: dict[str, tuple[float, int]] = {}  # function -> (duration sum, count) at the last refresh
 
-    def queue_for(self, fn: Function) -> tuple[str, Placement | None]:
-        """The queue for one new task of ``fn``, and the placement it came from (None: one pool, nothing to choose)."""
+    def queue_for(self, fn: Function, version: str | None = None) -> tuple[str, Placement | None]:
+        """The queue for one new task of ``fn`` (of ``version``, if one was asked for), and the placement it came
+        from (None: one pool, nothing to choose). A version's task is placed from its function's view of the pools."""
         if len(fn.gpu.pools) == 1:
-            return function_queue(self.prefix, fn), None
+            return queue_name(self.prefix, fn.gpu.pools[0], fn.gpu.model, fn.name, version), None
         with self._lock:
             if time.monotonic() - self._read_at >= self.refresh_s:
                 self._refresh()
@@ -62,7 +63,7 @@ class Placer:
             chosen = place(fn.gpu.pools, states, fn.gpu.max_queue_wait_s)
             key = (fn.name, chosen.pool)
             self._states[key] = states[chosen.pool].plus(self._means.get(fn.name, DEFAULT_DURATION_S))
-        return queue_name(self.prefix, chosen.pool, fn.gpu.model, fn.name), chosen
+        return queue_name(self.prefix, chosen.pool, fn.gpu.model, fn.name, version), chosen
 
     def _refresh(self) -> None:
         try:

@@ -178,3 +178,10 @@ def load_warmup_model() -> str:
         raise RuntimeError("no model file at /models/warmup.bin")
     time.sleep(float(os.environ.get("WARMUP_S", "0")))
     return "warm"
+
+
+@function(name="versioned", version=os.environ.get("VERSIONED_AS", "1"))
+def versioned(event: Any, ctx: Context) -> dict[str, Any]:
+    """The version is the host's VERSIONED_AS: hosts of a test fleet can run two versions (tests/test_versions.py)."""
+    _redis().incr(f"runs:{ctx.task_id}")
+    return {"ran": os.environ.get("VERSIONED_AS", "1")}

@@ -51,7 +51,9 @@ STATE_NAMES = [s.value for s in State] + [s.value.lower() for s in State]  # the
 StateName = Annotated[str | None, Query(description="only tasks in this state, in upper or lower case",
                                         json_schema_extra={"enum": STATE_NAMES})]  # fmt: skip
 TaskId = Annotated[str, Path(description="a task id, as invoke returned it or as its trigger named it")]
-FunctionName = Annotated[str, Path(description="a function name; GET /v1/functions lists them")]
+FunctionName = Annotated[
+    str, Path(description="a function name (GET /v1/functions lists them); to invoke one version alone, name:version")
+]
 
 
 def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrigger] = ()) -> FastAPI:

@@ -274,11 +274,11 @@ class Ingest:
             function, payload, priority_field = body["function"], body["payload"], "priority"
         else:
             payload = body
-        fn = intake.function(function)
+        fn, version = intake.target(function)
         field = body.get(priority_field) if priority_field and isinstance(body, dict) else None
         priority = self._priority(msg, field)
         return [intake.task(fn, payload, self._task_id(msg, body), msg.source_id, event_ts=msg.timestamp,
-                            traceparent=msg.headers.get(trace.HEADER), priority=priority)]  # fmt: skip
+                            traceparent=msg.headers.get(trace.HEADER), priority=priority, version=version)]  # fmt: skip
 
     def object_tasks(self, events: list[ObjectEvent], msg: SourceMessage) -> list[NewTask]:
         """One task per object event, its id the object's identity; the function gets the event as a dict (or

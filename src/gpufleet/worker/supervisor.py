@@ -78,8 +78,11 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
     for gpu in gpus:
         queues = []
         for pool in s.worker.pools:
-            queues += [queue_name(prefix, pool, fn.gpu.model, fn.name) for fn in fleet.functions.values()
-                       if pool in fn.gpu.pools and fn.gpu.model.lower() in ("any", gpu.model.lower())]  # fmt: skip
+            for fn in fleet.functions.values():
+                if pool in fn.gpu.pools and fn.gpu.model.lower() in ("any", gpu.model.lower()):
+                    # The function's queue, which any version serves, and its own version's (no-op for $LATEST).
+                    queues += [queue_name(prefix, pool, fn.gpu.model, fn.name),
+                               queue_name(prefix, pool, fn.gpu.model, fn.name, fn.version)]  # fmt: skip
             queues += [queue_name(prefix, pool, gpu.model), queue_name(prefix, pool, "any")]
         env = {"CUDA_VISIBLE_DEVICES": "" if gpu.virtual else str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         slots.append(Slot(gpu=gpu, queues=list(dict.fromkeys(queues)), env=env))
