@@ -127,7 +127,8 @@ def test_every_route_but_healthz_needs_the_bearer_token(api: Api) -> None:
                   ("GET", "/v1/functions/echo/queue"), ("GET", "/v1/gpus"), ("POST", "/v1/functions/echo/invocations"),
                   ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/v1/scaling"),
                   ("GET", "/v1/scaling/default/any"), ("GET", "/v1/overview"),
-                  ("GET", "/v1/functions/echo/versions")]  # fmt: skip
+                  ("GET", "/v1/functions/echo/versions"), ("GET", "/v1/functions/echo/aliases"),
+                  ("PUT", "/v1/functions/echo/aliases/prod")]  # fmt: skip
         for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"):
             headers = {"Authorization": auth} if auth else {}
             for method, path in routes:
@@ -295,6 +296,11 @@ def test_functions_lists_the_served_functions(api: Api) -> None:
     assert r.status_code == 200 and [v["version"] for v in r.json()["items"]] == ["7"]
     assert r.json()["items"][0]["state"] in ("INACTIVE", "DEPLOYING", "ACTIVE")
     assert error_code(api.client.get("/v1/functions/nope/versions"), 404) == "function_not_found"
+    r = api.client.put("/v1/functions/batched/aliases/canary", json={"weights": {"7": 0.8, "8": 0.2}})
+    assert r.status_code == 200 and r.json() == {"aliases": {"canary": {"7": 0.8, "8": 0.2}}}
+    assert api.client.get("/v1/functions/batched/aliases").json() == {"aliases": {"canary": {"7": 0.8, "8": 0.2}}}
+    bad = api.client.put("/v1/functions/batched/aliases/canary", json={"weights": {}})
+    assert error_code(bad, 422) == "invalid_request"  # the body's schema says it: at least one version
 
 
 def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> None:
@@ -311,6 +317,7 @@ def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> N
         ("POST", "/v1/tasks/{task_id}/cancel"), ("POST", "/v1/tasks/{task_id}/retry"),
         ("GET", "/v1/tasks/{task_id}/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
         ("GET", "/v1/functions/{name}/queue"), ("GET", "/v1/functions/{name}/versions"), ("GET", "/v1/gpus"),
+        ("GET", "/v1/functions/{name}/aliases"), ("PUT", "/v1/functions/{name}/aliases/{alias}"),
         ("GET", "/healthz"),
         ("GET", "/v1/parked"), ("POST", "/v1/parked/resend"), ("POST", "/v1/parked/drop"),
         ("GET", "/v1/scaling"), ("GET", "/v1/scaling/{pool}/{model}"), ("GET", "/metrics"), ("GET", "/v1/overview"),
@@ -470,7 +477,13 @@ def test_fuzzing_every_operation_finds_no_server_error(api: Api, subtests: pytes
     config = schemathesis.Config.from_dict({"auth": {"openapi": {"bearer": {"bearer": TOKEN}}}})
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json", config=config, headers=AUTH)
     # Random names and ids are all 404s: also aim at a function and a task that exist.
-    existing = {"name": "echo", "task_id": api.invoke("echo", {"fuzz": True}), "pool": "default", "model": "any"}
+    existing = {
+        "name": "echo",
+        "task_id": api.invoke("echo", {"fuzz": True}),
+        "pool": "default",
+        "model": "any",
+        "alias": "fuzz",
+    }
     runs: list[tuple[Any, GenerationMode, dict[str, str]]] = []
     for result in schema.get_all_operations():
         op = result.ok()

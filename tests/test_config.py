@@ -192,3 +192,15 @@ def test_settings_import_the_backends_and_never_the_other_way_round() -> None:
     done = subprocess.run([sys.executable, "-c", IMPORTS_ONE_WAY], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) > 15
+
+
+@pytest.mark.parametrize(("aliases", "why"), [
+    ({"nope": {"prod": {"1": 1}}}, "aliases for functions this fleet does not serve: ['nope']"),
+    ({"echo": {"Prod": {"1": 1}}}, "alias 'Prod'"),
+    ({"echo": {"prod": {}}}, "name at least one version"),
+    ({"echo": {"prod": {"1": 0}}}, "weights are numbers > 0"),
+])  # fmt: skip
+def test_aliases_are_checked_at_load(tmp_path: Path, aliases: dict, why: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_fleet(write(tmp_path, {"aliases": aliases}), env={})
+    assert why in str(err.value) and "aliases" in str(err.value)

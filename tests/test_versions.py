@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from gpufleet.control import ControlPlane
@@ -65,3 +66,33 @@ def test_a_version_asked_for_runs_only_where_that_version_runs_and_the_function_
     assert all(harness.runs(i) == 1 for i in every)
     with pytest.raises(InvalidRequestError, match=r"version '4:x' of 'versioned'"):
         plane.invoke("versioned:4:x", {})
+
+
+def test_a_canary_alias_splits_invocations_by_its_weights_and_a_change_at_run_time_is_logged(
+    harness: FleetHarness,
+) -> None:
+    harness.write_config(aliases={"versioned": {"prod": {"3": 0.9, "4": 0.1}}})
+    plane = ControlPlane(harness.fleet())
+    assert plane.aliases("versioned") == {"prod": {"3": 0.9, "4": 0.1}}
+    n = 1000
+    views = [plane.status(plane.invoke("versioned:prod", {"i": i}).id) for i in range(n)]
+    fours = sum(v["version"] == "4" for v in views)
+    assert {v["version"] for v in views} == {"3", "4"}
+    # Binomial(1000, 0.1): mean 100, standard deviation 9.5; 60-140 is more than 4 of them either side.
+    assert 60 <= fours <= 140, fours
+    assert all(v["queue"] == f"{harness.prefix}.default.any.versioned:{v['version']}" for v in views)
+
+    # Moved at run time, over the config: every intake (here a second control plane) follows within a second.
+    assert plane.set_alias("versioned", "prod", {"4": 1}, by="test") == {"prod": {"4": 1}}
+    other = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: other.aliases("versioned") == {"prod": {"4": 1}}, timeout_s=5, what="the change")
+    assert {other.status(other.invoke("versioned:prod", {}).id)["version"] for _ in range(20)} == {"4"}
+    [(_, change)] = harness.redis.xrange(f"{harness.prefix}:alias-log")
+    assert orjson.loads(change[b"change"])["weights"] == {"4": 1} and orjson.loads(change[b"change"])["by"] == "test"
+
+    # A "default" alias is what the plain name means; bad aliases and weights are refused.
+    plane.set_alias("versioned", "default", {"3": 1}, by="test")
+    assert plane.status(plane.invoke("versioned", {}).id)["version"] == "3"
+    for alias, weights in (("Prod", {"3": 1}), ("prod", {}), ("prod", {"3": 0}), ("prod", {"3:x": 1})):
+        with pytest.raises(InvalidRequestError):
+            plane.set_alias("versioned", alias, weights, by="test")

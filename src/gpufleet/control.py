@@ -16,11 +16,12 @@ from typing import Any
 import orjson
 
 from gpufleet import snapshot
+from gpufleet.aliases import Aliases
 from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from gpufleet.functions import LATEST, Function
 from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.intake import Intake, Producer, check_priority
-from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue
+from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue, queue_version
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.placer import Placer
 from gpufleet.records import Condition, callback_record, fit_record, iso
@@ -51,6 +52,7 @@ class ControlPlane:
             fleet,
             Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes),
             Placer(self.registry, fleet.functions.values()),
+            Aliases(self.registry, s.aliases),
         )
         # Builds a stored task's message again: for retries and re-queues.
         self.envelopes = Envelopes(self.intake.factory, fleet.functions)
@@ -66,6 +68,18 @@ class ControlPlane:
         if fn is None:
             raise NotFoundError("function_not_found", f"no function {name!r}; served: {sorted(self.fleet.functions)}")
         return fn
+
+    def aliases(self, name: str) -> dict[str, dict[str, float]]:
+        """The function's aliases: alias -> {version: weight} (see :mod:`gpufleet.aliases`)."""
+        assert self.intake.aliases is not None
+        return self.intake.aliases.of(self.function(name).name)
+
+    def set_alias(self, name: str, alias: str, weights: dict[str, float], by: str) -> dict[str, dict[str, float]]:
+        """Point an alias of the function at these versions, for every intake from now on (logged)."""
+        fn = self.function(name)
+        assert self.intake.aliases is not None
+        self.intake.aliases.set(fn.name, alias, weights, by)
+        return self.intake.aliases.of(fn.name)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """The function's versions and their states (see :mod:`gpufleet.versions`)."""
@@ -145,6 +159,7 @@ class ControlPlane:
         parsed = parse_queue(self.fleet.settings.redis.key_prefix, view["queue"] or "")
         fn = self.fleet.functions.get(view["function"])
         view["pool"] = parsed[0] if parsed else None
+        view["version"] = queue_version(view["queue"] or "")  # the version asked for; None: any
         view["overflowed"] = bool(parsed and fn and parsed[0] != fn.gpu.pools[0])
         return view
 

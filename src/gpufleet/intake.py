@@ -31,6 +31,7 @@ from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, Mess
 from gpufleet.registry import NewTask
 
 if TYPE_CHECKING:
+    from gpufleet.aliases import Aliases
     from gpufleet.placer import Placer
     from gpufleet.settings import Fleet
 
@@ -47,13 +48,16 @@ class Producer:
 
 
 class Intake:
-    def __init__(self, fleet: Fleet, producer: Producer, placer: Placer | None = None) -> None:
+    def __init__(self, fleet: Fleet, producer: Producer, placer: Placer | None = None,
+                 aliases: Aliases | None = None) -> None:  # fmt: skip
         self.fleet = fleet
         self.producer = producer
         s = fleet.settings
         self.factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
         # The pool of each task of a function with several (overflow); without one, every task in its first pool.
         self.placer = placer
+        # Which version an alias (or a plain name, with a "default" alias) stands for; without them, none.
+        self.aliases = aliases
 
     def decode(self, raw: bytes) -> Any:
         """The event in ``raw`` JSON bytes: the size first (nothing oversize is decoded), then the JSON."""
@@ -78,15 +82,16 @@ class Intake:
         return fn
 
     def target(self, name: str) -> tuple[Function, str | None]:
-        """``embed`` (any version serves it) or ``embed:4`` (only workers whose code is version 4): the function and
-        the version asked for.
+        """``embed`` (any version serves it, unless it has a ``default`` alias), ``embed:4`` (only workers whose code
+        is version 4) or ``embed:prod`` (an alias: a version picked by its weights): the function and the version.
 
         Raises:
             EventError: ``unknown_function``, or ``bad_version`` for a version no function could declare.
         """
-        name, qualified, version = name.partition(":")
+        name, _, qualifier = name.partition(":")
         fn = self.function(name)
-        if not qualified:
+        version = self.aliases.resolve(fn.name, qualifier or None) if self.aliases else (qualifier or None)
+        if version is None:
             return fn, None
         if not VERSION_RE.fullmatch(version):
             raise EventError("bad_version", f"version {version!r:.50} of {name!r}: use letters, digits, '.', '_', '-'")

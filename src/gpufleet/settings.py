@@ -221,6 +221,22 @@ class FleetSettings(_Model):
     logging: LoggingSettings = LoggingSettings()
     functions: tuple[Path, ...] = (Path("../workers"),)
     triggers: tuple[Path, ...] = (Path("../triggers"),)
+    # Function -> alias -> {version: weight}, e.g. {embed: {prod: {"3": 0.9, "4": 0.1}}} (see gpufleet.aliases).
+    aliases: dict[str, dict[str, dict[str, float]]] = {}
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+        from gpufleet.aliases import ALIAS_RE, weights_problem
+
+        for fn, aliases in v.items():
+            for alias, weights in aliases.items():
+                if not ALIAS_RE.fullmatch(alias):
+                    raise ValueError(f"{fn}: alias {alias!r}: a lowercase letter, then letters, digits, '_' or '-'")
+                problem = weights_problem(weights)
+                if problem:
+                    raise ValueError(f"{fn}: alias {alias!r}: {problem}")
+        return v
 
     @model_validator(mode="after")
     def _records_fit(self) -> FleetSettings:
@@ -278,6 +294,10 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
         }
     )
     functions = load_functions(settings.functions)
+    unknown = sorted(set(settings.aliases) - set(functions))
+    if unknown:
+        raise ConfigError(f"aliases for functions this fleet does not serve: {unknown}", file=str(path), key="aliases",
+                          fix=f"use one of {sorted(functions)}")  # fmt: skip
     triggers = load_triggers(settings.triggers, functions, env, settings.defaults.max_record_bytes,
                              settings.api.weak_secrets_allowed)  # fmt: skip
     from gpufleet.destinations import parse_destination  # local: destinations import settings types

@@ -27,6 +27,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gpufleet import __version__
+from gpufleet.aliases import ALIAS_RE
 from gpufleet.api import bodies, dashboard, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
 from gpufleet.api.webhooks import router as webhook_router
@@ -51,6 +52,8 @@ STATE_NAMES = [s.value for s in State] + [s.value.lower() for s in State]  # the
 StateName = Annotated[str | None, Query(description="only tasks in this state, in upper or lower case",
                                         json_schema_extra={"enum": STATE_NAMES})]  # fmt: skip
 TaskId = Annotated[str, Path(description="a task id, as invoke returned it or as its trigger named it")]
+AliasName = Annotated[str, Path(description="an alias: a lowercase letter, then letters, digits, '_' or '-'",
+                                pattern=f"^{ALIAS_RE.pattern}$")]  # fmt: skip
 FunctionName = Annotated[
     str, Path(description="a function name (GET /v1/functions lists them); to invoke one version alone, name:version")
 ]
@@ -207,6 +210,17 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         """Each version of the function declared here or served by a live worker, and its state: ACTIVE, DEPLOYING,
         ERROR (with the setup error) or INACTIVE."""
         return {"items": control.versions(name)}
+
+    @v1.get("/functions/{name}/aliases", tags=["functions"], response_model=models.AliasList, responses=_errors(404))
+    def function_aliases(name: FunctionName) -> dict[str, Any]:
+        """The function's aliases: the fleet's config, with those changed at run time over them."""
+        return {"aliases": control.aliases(name)}
+
+    @v1.put("/functions/{name}/aliases/{alias}", tags=["functions"], response_model=models.AliasList,
+            responses=_errors(400, 404, 422))  # fmt: skip
+    def set_function_alias(name: FunctionName, alias: AliasName, change: models.AliasChange) -> dict[str, Any]:
+        """Point an alias at these versions, with these weights, for every intake from now on (logged)."""
+        return {"aliases": control.set_alias(name, alias, change.weights, by="api")}
 
     @v1.get("/gpus", tags=["fleet"], response_model=models.GpuList)
     def list_gpus() -> dict[str, Any]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from gpufleet.functions import VERSION_RE
 from gpufleet.parking import PARKED_ID as PARKED_ID_RE
 from gpufleet.registry import State
 
@@ -61,6 +62,7 @@ class TaskView(_Out):
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
     cancel_requested: bool
     queue: str | None = Field(None, description="the Celery queue it waits in or ran from")
+    version: str | None = Field(None, description="the version asked for (embed:4, or an alias's pick); null: any")
     pool: str | None = Field(None, description="the pool of that queue")
     overflowed: bool = Field(False, description="placed in a pool other than its function's first")
     served: bool | None = Field(None, description="while QUEUED: whether a live worker consumes its queue")
@@ -146,6 +148,22 @@ class VersionInfo(_Out):
 
 class VersionList(_Out):
     items: list[VersionInfo]
+
+
+class AliasList(_Out):
+    aliases: dict[str, dict[str, float]] = Field(description="alias -> {version: weight}")
+
+
+VersionKey = Annotated[str, StringConstraints(pattern=f"^{VERSION_RE.pattern}$")]
+
+
+class AliasChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[VersionKey, Annotated[float, Field(gt=0)]] = Field(
+        min_length=1, description='version -> weight (> 0), e.g. {"3": 0.9, "4": 0.1}',
+        json_schema_extra={"additionalProperties": False},
+    )  # fmt: skip
 
 
 class QueueSummary(_Out):

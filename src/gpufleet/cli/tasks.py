@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import getpass
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +92,13 @@ def add_commands(command: AddCommand) -> None:
 
     p = command("functions", _functions, "list the served functions and their policies")
     _json_arg(p, "print the functions, with their payload schemas")
+
+    p = command("alias", _alias, "show a function's aliases, or point one at versions (e.g. alias embed prod 3=0.9 "
+                "4=0.1); every change is logged")  # fmt: skip
+    p.add_argument("function")
+    p.add_argument("alias", nargs="?", help="the alias to set (omit it to list them)")
+    p.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT", help="the versions it stands for, with weights")
+    _json_arg(p, "print {alias: {version: weight}}")
 
     p = command("gpus", _gpus, "list the fleet's GPUs: memory, utilisation, the task each runs, stale entries")
     _json_arg(p, "print the inventory entries")
@@ -336,6 +345,29 @@ def _percent(view: dict[str, Any]) -> str:
 
 
 @_control
+def _alias(args: argparse.Namespace) -> int:
+    plane = _plane(args)
+    if args.alias is None:
+        aliases = plane.aliases(args.function)
+    else:
+        weights: dict[str, float] = {}
+        for item in args.weights:
+            version, _, weight = item.partition("=")
+            try:
+                weights[version] = float(weight)
+            except ValueError:
+                raise InvalidRequestError("bad_weights", f"{item!r}: use VERSION=WEIGHT, e.g. 4=0.1") from None
+        who = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+        aliases = plane.set_alias(args.function, args.alias, weights, by=who)
+    if args.json:
+        print_json(aliases)
+        return EXIT_OK
+    rows = [[alias, ", ".join(f"{v}: {w / sum(ws.values()):.0%}" for v, w in ws.items())] for alias, ws in
+            sorted(aliases.items())]  # fmt: skip
+    print(table(["alias", "versions"], rows, f"no aliases: {args.function} goes to any version it runs as"))
+    return EXIT_OK
+
+
 def _queue(args: argparse.Namespace) -> int:
     plane = _plane(args)
     names = [args.function] if args.function else [fn["name"] for fn in plane.functions()]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, Protocol, 
 import structlog
 
 from gpufleet import trace
+from gpufleet.aliases import Aliases
 from gpufleet.credentials import redact_url
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
@@ -240,7 +241,8 @@ class Ingest:
         self.intake = Intake(fleet, Producer(trigger.name, self.origin,
                                              trigger.max_payload_bytes or s.defaults.max_payload_bytes,
                                              trigger.on_success, trigger.on_failure),
-                             Placer(self.registry, fleet.functions.values()))  # fmt: skip
+                             Placer(self.registry, fleet.functions.values()),
+                             Aliases(self.registry, s.aliases))  # fmt: skip
         self.max_record_bytes = s.defaults.max_record_bytes
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
         self.dead_letter: Destination = open_destination(self.dead_letter_url, s)

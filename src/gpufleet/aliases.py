@@ -1,0 +1,124 @@
+"""Aliases: a name for one or more versions of a function, with weights, as Lambda's weighted aliases (a canary).
+
+``embed:prod`` picks a version at intake, each with its alias's weight (``prod: {"3": 0.9, "4": 0.1}``), and the task
+is queued for that version alone; a retry keeps it (its queue says it). The alias ``default``, when a function has
+one, is what a plain ``embed`` means; without one, ``embed`` goes to the function's queue, which every version's
+workers read. A qualifier that names no alias is a version (``embed:4``).
+
+Aliases come from the fleet's config (``aliases: {embed: {prod: {"3": 0.9, "4": 0.1}}}``) and can be changed at run
+time (:meth:`Aliases.set`, ``gpufleet alias``, ``PUT /v1/functions/{name}/aliases/{alias}``): the change is kept in
+Redis (``<prefix>:aliases``), where it wins over the config, logged, and appended to ``<prefix>:alias-log``. Intake
+reads them at most once a second.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import orjson
+import structlog
+
+from gpufleet.errors import InvalidRequestError
+from gpufleet.functions import VERSION_RE
+from gpufleet.registry import REDIS_ERRORS
+
+if TYPE_CHECKING:
+    from gpufleet.registry import Registry
+
+log = structlog.get_logger("gpufleet.aliases")
+
+ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+DEFAULT = "default"
+REFRESH_S = 1.0
+LOG_MAX = 10_000  # changes kept in the alias log
+
+Weights = dict[str, float]  # version -> weight
+
+
+def weights_problem(weights: Mapping[str, float]) -> str | None:
+    """Why ``weights`` cannot be an alias's, or None."""
+    if not weights:
+        return "name at least one version"
+    bad = [v for v in weights if not VERSION_RE.fullmatch(v)]
+    if bad:
+        return f"not versions: {bad}"
+    if any(not isinstance(w, int | float) or isinstance(w, bool) or not w > 0 for w in weights.values()):
+        return "weights are numbers > 0"
+    return None
+
+
+class Aliases:
+    def __init__(self, registry: Registry, configured: Mapping[str, Mapping[str, Weights]],
+                 choose: Callable[[], float] = random.random) -> None:  # fmt: skip
+        self.registry = registry
+        self.key = f"{registry.prefix}:aliases"
+        self.configured = {fn: dict(aliases) for fn, aliases in configured.items()}
+        self._choose = choose
+        self._lock = threading.Lock()
+        self._set: dict[str, dict[str, Weights]] = {}  # set at run time: function -> alias -> weights
+        self._read_at = -REFRESH_S
+
+    def of(self, function: str) -> dict[str, Weights]:
+        """The function's aliases now: the config's, with those set at run time over them."""
+        with self._lock:
+            self._refresh()
+            return {**self.configured.get(function, {}), **self._set.get(function, {})}
+
+    def resolve(self, function: str, qualifier: str | None) -> str | None:
+        """The version a task of ``function[:qualifier]`` is for: an alias's pick, the qualifier itself when it names
+        no alias, or None (no qualifier and no ``default`` alias: any version)."""
+        with self._lock:  # once per message a trigger takes in: no merged copy, and nothing at all without aliases
+            self._refresh()
+            set_now = self._set.get(function)
+            configured = self.configured.get(function)
+        name = qualifier or DEFAULT
+        weights = (set_now or {}).get(name) or (configured or {}).get(name)
+        if weights is None:
+            return qualifier
+        point, total = self._choose() * sum(weights.values()), 0.0
+        for version, weight in weights.items():
+            total += weight
+            if point < total:
+                return version
+        return next(reversed(weights))  # point == total: rounding
+
+    def set(self, function: str, alias: str, weights: Weights, by: str) -> None:
+        """Point ``alias`` at these versions from now on, for every intake; logged, with who asked (``by``).
+
+        Raises:
+            InvalidRequestError: a bad alias name or weights.
+        """
+        if not ALIAS_RE.fullmatch(alias):
+            raise InvalidRequestError("bad_alias", f"alias {alias!r:.50}: use a lowercase letter, then letters, "
+                                      "digits, '_' or '-' (32 at most)")  # fmt: skip
+        problem = weights_problem(weights)
+        if problem is not None:
+            raise InvalidRequestError("bad_weights", f"alias {alias!r}: {problem}")
+        entry = {"function": function, "alias": alias, "weights": weights, "by": by, "at": time.time()}
+        pipe = self.registry.pipeline()
+        pipe.hset(self.key, f"{function}:{alias}", orjson.dumps(weights))
+        pipe.xadd(f"{self.key.removesuffix('aliases')}alias-log", {"change": orjson.dumps(entry)}, maxlen=LOG_MAX)
+        pipe.execute()
+        log.info("alias changed", function=function, alias=alias, weights=weights, by=by)
+        with self._lock:
+            self._read_at = -REFRESH_S  # this process sees it at once
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._read_at < REFRESH_S:
+            return
+        try:
+            raw: dict[bytes, bytes] = self.registry.client.hgetall(self.key)  # type: ignore[assignment]
+        except REDIS_ERRORS as exc:  # intake goes on with what it knew: an alias is never a reason to refuse
+            log.warning("cannot read the aliases set at run time; using the last ones read", error=str(exc))
+            self._read_at = time.monotonic()
+            return
+        found: dict[str, dict[str, Weights]] = {}
+        for field, value in raw.items():
+            function, _, alias = field.decode().partition(":")
+            found.setdefault(function, {})[alias] = orjson.loads(value)
+        self._set, self._read_at = found, time.monotonic()
