@@ -140,10 +140,10 @@ def test_an_unexpected_failure_dead_letters_the_message_and_intake_goes_on(
     ingest = ingests["json"]
     real = ingest.intake.factory.build
 
-    def build(task_id: str, fn: Any, event: Any, meta: dict[str, Any], priority: int) -> Any:
+    def build(task_id: str, fn: Any, event: Any, meta: dict[str, Any], priority: int, queue: str | None) -> Any:
         if event == {"poison": True}:
             raise TypeError("Recursion limit reached")
-        return real(task_id, fn, event, meta, priority)
+        return real(task_id, fn, event, meta, priority, queue)
 
     monkeypatch.setattr(ingest.intake.factory, "build", build)
     batch = ingest.prepare([message(dumps({"function": "echo", "payload": {"poison": True}}), 1),
