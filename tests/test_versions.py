@@ -23,7 +23,7 @@ def state(plane: ControlPlane) -> dict[str, Any]:
 
 def test_a_worker_that_starts_turns_inactive_into_deploying_then_active(harness: FleetHarness) -> None:
     plane = ControlPlane(harness.fleet())
-    assert state(plane) == {"version": "3", "state": "INACTIVE", "workers": 0, "declared": True}
+    assert state(plane) == {"version": "3", "state": "INACTIVE", "workers": 0, "declared": True, "queued": 0}
     harness.start_host("h1", ["default"], env={"WARMUP_S": "4"})
     seen = [harness.wait_for(lambda: state(plane)["state"] == "DEPLOYING" and state(plane), what="DEPLOYING")]
     harness.wait_for(lambda: state(plane)["state"] == "ACTIVE", what="ACTIVE once setup() is done")
@@ -81,6 +81,8 @@ def test_a_canary_alias_splits_invocations_by_its_weights_and_a_change_at_run_ti
     # Binomial(1000, 0.1): mean 100, standard deviation 9.5; 60-140 is more than 4 of them either side.
     assert 60 <= fours <= 140, fours
     assert all(v["queue"] == f"{harness.prefix}.default.any.versioned:{v['version']}" for v in views)
+    queued = {v["version"]: (v["state"], v["queued"]) for v in plane.versions("versioned")}
+    assert queued == {"1": ("INACTIVE", 0), "3": ("INACTIVE", n - fours), "4": ("INACTIVE", fours)}  # no worker here
 
     # Moved at run time, over the config: every intake (here a second control plane) follows within a second.
     assert plane.set_alias("versioned", "prod", {"4": 1}, by="test") == {"prod": {"4": 1}}
@@ -96,3 +98,29 @@ def test_a_canary_alias_splits_invocations_by_its_weights_and_a_change_at_run_ti
     for alias, weights in (("Prod", {"3": 1}), ("prod", {}), ("prod", {"3": 0}), ("prod", {"3:x": 1})):
         with pytest.raises(InvalidRequestError):
             plane.set_alias("versioned", alias, weights, by="test")
+
+
+def test_a_rolling_update_from_3_to_4_loses_no_task(harness: FleetHarness) -> None:
+    plane = ControlPlane(harness.fleet())
+
+    def states() -> dict[str, str]:
+        return {v["version"]: v["state"] for v in plane.versions("versioned")}
+
+    def send(n: int) -> list[str]:
+        return [plane.invoke("versioned", {"i": i}).id for i in range(n)]
+
+    harness.start_host("h3", ["default"], env={"VERSIONED_AS": "3"})
+    harness.wait_for(lambda: states().get("3") == "ACTIVE", what="version 3 up")
+    before = send(30)
+    harness.start_host("h4", ["default"], env={"VERSIONED_AS": "4"})
+    during = send(30)
+    harness.wait_for(lambda: states().get("4") == "ACTIVE", what="version 4 up")
+    harness.stop_host("h3")  # as a rolling update does: stop the old host once the new one is up
+    after = send(30)
+    every = before + during + after
+    harness.wait_for(lambda: all(plane.status(i)["state"] == "SUCCEEDED" for i in every), what="every task")
+    assert all(harness.runs(i) == 1 for i in every)
+    assert {plane.status(i)["result"]["ran"] for i in after} == {"4"}
+    # Version 3 had no task of its own: once its host is gone, it is not listed (or listed INACTIVE) any more.
+    harness.wait_for(lambda: states().get("3", "INACTIVE") == "INACTIVE" and states()["4"] == "ACTIVE",
+                     what="3 gone, 4 up")

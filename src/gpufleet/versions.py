@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gpufleet.lua import US
-from gpufleet.messages import queue_name
+from gpufleet.messages import parse_queue, queue_name, queue_version
 from gpufleet.placer import LIVE_S
 
 if TYPE_CHECKING:
@@ -43,8 +43,9 @@ def report_setup(registry: Registry, worker: str, report: dict[str, dict[str, An
 
 
 def versions(registry: Registry, fn: Function) -> list[dict[str, Any]]:
-    """Each version of ``fn`` that is declared here or served by a live worker: its state, its live workers, and
-    the setup error for ``ERROR``. The declared one first, then the others by name."""
+    """Each version of ``fn`` that is declared here, served by a live worker or asked for: its state, its live
+    workers, the tasks queued for it alone (``embed:4``, or an alias's pick; for ``$LATEST``, the function's own
+    queue), and the setup error for ``ERROR``. The declared one first, then the others by name."""
     entries = registry.gpus(stale_after_s=LIVE_S)
     raw: dict[bytes, bytes] = registry.client.hgetall(f"{registry.prefix}:setup")  # type: ignore[assignment]
     reports = {}
@@ -66,8 +67,20 @@ def versions(registry: Registry, fn: Function) -> list[dict[str, Any]]:
         found.setdefault(report["version"], []).append(report["state"])
         if report["state"] == ERROR:
             errors.setdefault(report["version"], report.get("error") or "setup() failed")
+    queued_for: set[str] = set()  # versions tasks were queued for, served or not
+    for queue in registry.queues():
+        parsed, version = parse_queue(registry.prefix, queue), queue_version(queue)
+        if parsed is not None and parsed[2] == fn.name and version is not None:
+            queued_for.add(version)
+    order = [fn.version, *sorted((set(found) | queued_for) - {fn.version})]
+    pipe = registry.pipeline()  # each version's own queues: what waits for that version alone
+    for version in order:
+        for pool in fn.gpu.pools:
+            pipe.zcard(f"{registry.prefix}:pending:{queue_name(registry.prefix, pool, fn.gpu.model, fn.name, version)}")
+    depths = iter(pipe.execute())
+    queued = {version: sum(next(depths) for _ in fn.gpu.pools) for version in order}
     out = []
-    for version in [fn.version, *sorted(set(found) - {fn.version})]:
+    for version in order:
         states = found.get(version, [])
         if READY in states:
             state = VersionState.ACTIVE
@@ -78,7 +91,7 @@ def versions(registry: Registry, fn: Function) -> list[dict[str, Any]]:
         else:
             state = VersionState.INACTIVE
         view: dict[str, Any] = {"version": version, "state": state.value, "workers": len(states),
-                                "declared": version == fn.version}  # fmt: skip
+                                "declared": version == fn.version, "queued": queued[version]}  # fmt: skip
         if state is VersionState.ERROR:
             view["error"] = errors.get(version)
         out.append(view)

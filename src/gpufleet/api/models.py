@@ -143,6 +143,7 @@ class VersionInfo(_Out):
     state: str = Field(description="ACTIVE, DEPLOYING, ERROR or INACTIVE, from the live workers")
     workers: int = Field(description="live workers that run this version and reported their setup()")
     declared: bool = Field(description="the version the code loaded here declares")
+    queued: int = Field(description="tasks queued for this version alone (name:version, or an alias's pick)")
     error: str | None = Field(None, description="for ERROR: what setup() raised")
 
 
