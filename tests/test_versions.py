@@ -122,5 +122,6 @@ def test_a_rolling_update_from_3_to_4_loses_no_task(harness: FleetHarness) -> No
     assert all(harness.runs(i) == 1 for i in every)
     assert {plane.status(i)["result"]["ran"] for i in after} == {"4"}
     # Version 3 had no task of its own: once its host is gone, it is not listed (or listed INACTIVE) any more.
-    harness.wait_for(lambda: states().get("3", "INACTIVE") == "INACTIVE" and states()["4"] == "ACTIVE",
-                     what="3 gone, 4 up")
+    harness.wait_for(
+        lambda: states().get("3", "INACTIVE") == "INACTIVE" and states()["4"] == "ACTIVE", what="3 gone, 4 up"
+    )
