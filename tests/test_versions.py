@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from gpufleet.control import ControlPlane
-from gpufleet.errors import InvalidRequestError
+from gpufleet.errors import ConflictError, InvalidRequestError, NotReadyError
 from tests.harness import FleetHarness
 
 
@@ -125,3 +125,20 @@ def test_a_rolling_update_from_3_to_4_loses_no_task(harness: FleetHarness) -> No
     harness.wait_for(
         lambda: states().get("3", "INACTIVE") == "INACTIVE" and states()["4"] == "ACTIVE", what="3 gone, 4 up"
     )
+
+
+def test_a_function_that_refuses_when_inactive_says_why_and_takes_the_task_once_active(harness: FleetHarness) -> None:
+    plane = ControlPlane(harness.fleet())  # warmup: when_inactive="refuse"
+    with pytest.raises(NotReadyError, match="warmup version 3 is INACTIVE") as err:
+        plane.invoke("warmup:3", {})
+    assert err.value.code == "version_not_active" and err.value.status == 503
+    harness.start_host("broken", ["default"], env={"WARMUP_FAIL": "1"})
+    harness.wait_for(lambda: state(plane)["state"] == "ERROR", what="ERROR")
+    with pytest.raises(ConflictError, match="no model file") as failed:
+        plane.invoke("warmup", {})
+    assert failed.value.code == "version_error" and failed.value.status == 409
+    harness.start_host("good", ["default"])
+    harness.wait_for(lambda: state(plane)["state"] == "ACTIVE", what="ACTIVE")
+    task = plane.invoke("warmup:3", {}).id
+    harness.wait_for(lambda: plane.status(task)["state"] == "SUCCEEDED", what="the task, on the good host")
+    assert plane.status(task)["worker"].endswith("@good")

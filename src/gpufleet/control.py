@@ -17,7 +17,14 @@ import orjson
 
 from gpufleet import snapshot
 from gpufleet.aliases import Aliases
-from gpufleet.errors import ConflictError, EventError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from gpufleet.errors import (
+    ConflictError,
+    EventError,
+    InvalidRequestError,
+    NotFoundError,
+    NotReadyError,
+    PayloadTooLargeError,
+)
 from gpufleet.functions import LATEST, Function
 from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.intake import Intake, Producer, check_priority
@@ -68,6 +75,20 @@ class ControlPlane:
         if fn is None:
             raise NotFoundError("function_not_found", f"no function {name!r}; served: {sorted(self.fleet.functions)}")
         return fn
+
+    def _check_active(self, fn: Function, version: str | None) -> None:
+        """For a function that refuses rather than queues: the version asked for (any, for None) must be ACTIVE."""
+        wanted = [v for v in versions(self.registry, fn) if version is None or v["version"] == version]
+        if any(v["state"] == "ACTIVE" for v in wanted):
+            return
+        what = f"{fn.name}" + (f" version {version}" if version else "")
+        errors = [v for v in wanted if v["state"] == "ERROR"]
+        if errors and len(errors) == len([v for v in wanted if v["state"] != "INACTIVE"]):
+            raise ConflictError("version_error", f"{what}: setup() failed on every worker that tried: "
+                                f"{errors[0].get('error')}")  # fmt: skip
+        states = sorted({v["state"] for v in wanted}) or ["INACTIVE"]
+        raise NotReadyError("version_not_active", f"{what} is {'/'.join(states)}: no live worker runs it yet; try "
+                            "again later")  # fmt: skip
 
     def aliases(self, name: str) -> dict[str, dict[str, float]]:
         """The function's aliases: alias -> {version: weight} (see :mod:`gpufleet.aliases`)."""
@@ -123,6 +144,8 @@ class ControlPlane:
         task_id = api_task_id(fn.name, idempotency_key)
         try:
             _, version = self.intake.target(function)
+            if fn.when_inactive == "refuse":
+                self._check_active(fn, version)
             event = self.intake.decode(event) if isinstance(event, bytes) else self.intake.accept(event)
             task = self.intake.task(fn, event, task_id, API_ORIGIN, traceparent=traceparent,
                                     priority=check_priority(priority), version=version)  # fmt: skip

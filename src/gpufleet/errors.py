@@ -112,6 +112,12 @@ class PayloadTooLargeError(RequestError):
     status = 413
 
 
+class NotReadyError(RequestError):
+    """What the request needs is not there yet, e.g. no live worker runs the version asked for: try again later."""
+
+    status = 503
+
+
 class BodyTimeoutError(RequestError):
     """The request body did not arrive within ``api.body_timeout_s``."""
 

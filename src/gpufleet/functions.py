@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
@@ -174,6 +174,7 @@ class Function:
     payload: type[BaseModel] | None = None
     setup_fn: Callable[[], Any] | None = None
     batch: Batch | None = None
+    when_inactive: Literal["queue", "refuse"] = "queue"
     source_file: str = "<unknown>"
 
     def __post_init__(self) -> None:
@@ -246,6 +247,7 @@ def function(
     on_failure: str | None = None,
     payload: type[BaseModel] | None = None,
     batch: Batch | None = None,
+    when_inactive: Literal["queue", "refuse"] = "queue",
 ) -> Callable[[Handler], Function]:
     """Declare a fleet function. See the module docstring for an example.
 
@@ -268,6 +270,9 @@ def function(
             id, state, attempts, progress and record. An exception object in place of a result fails that event
             alone; a call that raises is split in halves, down to single events, so one bad event cannot fail its
             neighbours.
+        when_inactive: what an invocation (API, CLI) does when no live worker has the version asked for ACTIVE:
+            ``"queue"`` it all the same (it waits for one), or ``"refuse"`` it: 503 ``version_not_active`` (none
+            is up yet), or 409 ``version_error`` (setup() failed on every worker that tried). Triggers always queue.
     """
 
     def wrap(handler: Handler) -> Function:
@@ -286,6 +291,7 @@ def function(
             on_failure=on_failure,
             payload=payload,
             batch=batch,
+            when_inactive=when_inactive,
             source_file=getattr(sys.modules.get(handler.__module__), "__file__", None) or "<unknown>",
         )
 

@@ -166,7 +166,7 @@ def spill(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return {"worker": ctx.worker}
 
 
-@function(name="warmup", version="3")
+@function(name="warmup", version="3", when_inactive="refuse")
 def warmup(event: Any, ctx: Context) -> dict[str, Any]:
     """Its setup() fails where the worker has WARMUP_FAIL set, and takes WARMUP_S seconds (tests/test_versions.py)."""
     return {"state": ctx.state}
