@@ -370,7 +370,7 @@ def _alias(args: argparse.Namespace) -> int:
 
 def _queue(args: argparse.Namespace) -> int:
     plane = _plane(args)
-    names = [args.function] if args.function else [fn["name"] for fn in plane.functions()]
+    names = [args.function] if args.function else sorted(plane.fleet.functions)  # names only: no state to read
     queues = [plane.queue(name) for name in names]
     if args.json:
         print_json(queues[0] if args.function else queues)
