@@ -137,6 +137,9 @@ def test_a_function_that_refuses_when_inactive_says_why_and_takes_the_task_once_
     with pytest.raises(ConflictError, match="no model file") as failed:
         plane.invoke("warmup", {})
     assert failed.value.code == "version_error" and failed.value.status == 409
+    # The broken host goes first: a worker whose setup() failed still takes the function's tasks (it tries setup()
+    # again, and the task fails with its error), so with it up, the task could spend its attempts there.
+    harness.stop_host("broken")
     harness.start_host("good", ["default"])
     harness.wait_for(lambda: state(plane)["state"] == "ACTIVE", what="ACTIVE")
     task = plane.invoke("warmup:3", {}).id
