@@ -106,7 +106,8 @@ def test_control_commands_without_a_running_fleet(harness: FleetHarness) -> None
     assert echo["version"] == "$LATEST" and next(f for f in functions if f["name"] == "batched")["version"] == "7"
     assert echo["state"] == "INACTIVE"  # declared, and no worker serves it: none runs here
     out = cli(h, "functions").stdout
-    assert out.splitlines()[0].split()[:6] == ["NAME", "VERSION", "STATE", "GPU", "QUEUE", "TIMEOUT"]
+    assert out.splitlines()[0].split()[:6] == ["NAME", "VERSIONS", "ALIASES", "GPU", "QUEUE", "TIMEOUT"]
+    assert any(line.split()[:3] == ["batched", "7*", "INACTIVE"] for line in out.splitlines()), out
     assert "always_fail" in out
 
     # Bad input: a clear one-line error on stderr, the JSON error document on stdout with --json.
@@ -175,8 +176,8 @@ def test_control_commands_without_a_running_fleet(harness: FleetHarness) -> None
     queues = cli_json(h, "queue")
     assert {q["function"] for q in queues} >= TEST_FUNCTIONS and queue in queues
     rows = cli(h, "queue").stdout.splitlines()
-    assert rows[0].split()[:4] == ["FUNCTION", "QUEUE", "LENGTH", "RUNNING"]
-    assert next(r for r in rows if r.startswith("echo ")).split()[2:4] == ["4", "0"]
+    assert rows[0].split()[:5] == ["FUNCTION", "QUEUE", "LENGTH", "VERSIONS", "RUNNING"]
+    assert next(r for r in rows if r.startswith("echo ")).split()[2:6] == ["4", "$LATEST:", "4", "0"]
 
     assert cli_json(h, "gpus") == []
     assert "no GPUs reported yet" in cli(h, "gpus").stdout

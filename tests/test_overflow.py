@@ -90,3 +90,34 @@ def test_a_host_whose_gpu_worker_restarts_keeps_its_waiting_tasks(harness: Fleet
         assert plane.status(task_id)["worker"].endswith("@eu-host")
     assert harness.runs(waiting) == 1
     assert read(plane.registry, list(plane.fleet.functions)).overflows == {}  # nothing moved, nothing overflowed
+
+
+def test_a_version_is_placed_where_that_version_runs_and_handed_over_to_where_it_comes_up(
+    harness: FleetHarness,
+) -> None:
+    # A rolling update half done across pools: eu runs version 1 of spill, us runs version 2.
+    harness.start_host("eu-host", ["eu"], env={"SPILL_AS": "1"})
+    harness.start_host("us-host", ["us"], env={"SPILL_AS": "2"})
+    plane = ControlPlane(harness.fleet())
+    states = lambda: {v["version"]: v["state"] for v in plane.versions("spill")}  # noqa: E731
+    harness.wait_for(lambda: states().get("1") == states().get("2") == "ACTIVE", what="both versions up")
+
+    # eu has no worker of version 2: its tasks go to us at once, wait or no wait; version 1's stay in eu.
+    twos = [plane.invoke("spill:2", {"seconds": 0.1}).id for _ in range(3)]
+    ones = [plane.invoke("spill:1", {"seconds": 0.1}).id for _ in range(3)]
+    assert {plane.status(i)["pool"] for i in twos} == {"us"} and {plane.status(i)["pool"] for i in ones} == {"eu"}
+    harness.wait_for(lambda: all(plane.status(i)["state"] == "SUCCEEDED" for i in twos + ones), what="all six")
+    assert {plane.status(i)["worker"].split("@")[1] for i in twos} == {"us-host"}
+
+    # Version 2's only host goes: a task for it waits in us (no pool runs it), then moves to eu once a host of
+    # version 2 comes up there, and runs once.
+    harness.stop_host("us-host", signal.SIGKILL)
+    time.sleep(6.5)  # LIVE_S after its last report: the placer no longer counts us-host
+    stranded = plane.invoke("spill:2", {"seconds": 0.1}).id
+    time.sleep(3)  # two hand-over rounds with nowhere to go: it stays
+    assert plane.status(stranded)["state"] == "QUEUED"
+    harness.start_host("eu-host2", ["eu"], env={"SPILL_AS": "2"})
+    harness.wait_for(lambda: plane.status(stranded)["state"] == "SUCCEEDED", timeout_s=60, what="the hand-over")
+    view = plane.status(stranded)
+    assert view["worker"].endswith("@eu-host2") and view["pool"] == "eu" and view["version"] == "2", view
+    assert harness.runs(stranded) == 1

@@ -10,10 +10,13 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.control import ControlPlane
 from gpufleet.errors import ConflictError, InvalidRequestError, NotReadyError
+from gpufleet.metrics import exposition
 from tests.harness import FleetHarness
+from tests.test_cli_control import cli, cli_json
 
 
 def state(plane: ControlPlane) -> dict[str, Any]:
@@ -83,6 +86,24 @@ def test_a_canary_alias_splits_invocations_by_its_weights_and_a_change_at_run_ti
     assert all(v["queue"] == f"{harness.prefix}.default.any.versioned:{v['version']}" for v in views)
     queued = {v["version"]: (v["state"], v["queued"]) for v in plane.versions("versioned")}
     assert queued == {"1": ("INACTIVE", 0), "3": ("INACTIVE", n - fours), "4": ("INACTIVE", fours)}  # no worker here
+    # The same per version in `gpufleet queue`, `gpufleet functions` (with the alias) and the metrics.
+    assert plane.queue("versioned")["versions"] == {"1": 0, "3": n - fours, "4": fours}
+    assert plane.queue("versioned")["length"] == n
+    shown = cli(harness, "queue", "versioned")
+    assert shown.returncode == 0, shown.stderr
+    queue_line = shown.stdout.splitlines()[1]
+    assert f"1: 0, 3: {n - fours}, 4: {fours}" in queue_line, queue_line
+    [listed] = [f for f in cli_json(harness, "functions") if f["name"] == "versioned"]
+    assert listed["aliases"] == {"prod": {"3": 0.9, "4": 0.1}}
+    assert [(v["version"], v["state"], v["queued"]) for v in listed["versions"]] == [
+        ("1", "INACTIVE", 0), ("3", "INACTIVE", n - fours), ("4", "INACTIVE", fours)]  # fmt: skip
+    [function_line] = [line for line in cli(harness, "functions").stdout.splitlines() if line.startswith("versioned")]
+    assert "1* INACTIVE, 3 INACTIVE, 4 INACTIVE" in function_line and "prod (3: 90%, 4: 10%)" in function_line
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in
+               text_string_to_metric_families(exposition(harness.fleet(), harness.registry).decode())
+               for s in family.samples}  # fmt: skip
+    assert metrics[("gpufleet_version_queued_tasks", (("function", "versioned"), ("version", "4")))] == fours
+    assert metrics[("gpufleet_version_state", (("function", "versioned"), ("state", "INACTIVE"), ("version", "3")))]
 
     # Moved at run time, over the config: every intake (here a second control plane) follows within a second.
     assert plane.set_alias("versioned", "prod", {"4": 1}, by="test") == {"prod": {"4": 1}}

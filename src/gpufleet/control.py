@@ -36,7 +36,7 @@ from gpufleet.registry import REDIS_ERRORS, Enqueued, Registry, State
 from gpufleet.scaling import Need, needs
 from gpufleet.settings import Fleet
 from gpufleet.snapshot import Snapshot
-from gpufleet.versions import versions
+from gpufleet.versions import all_versions, versions
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
@@ -107,18 +107,23 @@ class ControlPlane:
         return versions(self.registry, self.function(name))
 
     def functions(self) -> list[dict[str, Any]]:
+        """Every served function: its configuration, its versions with their states and queued tasks (None while
+        Redis cannot be read: the rest is this process's own configuration, still worth listing), and its aliases."""
         served = sorted(self.fleet.functions.values(), key=lambda f: f.name)
-        try:  # the state of each declared version, from the live workers
-            states = {fn.name: versions(self.registry, fn)[0]["state"] for fn in served}
-        except REDIS_ERRORS:  # the rest is this process's own configuration: still worth listing
-            states = {}
-        return [self._function_view(fn, states.get(fn.name)) for fn in served]
+        try:
+            found: dict[str, list[dict[str, Any]]] | None = all_versions(self.registry, served)
+        except REDIS_ERRORS:
+            found = None
+        return [self._function_view(fn, None if found is None else found[fn.name]) for fn in served]
 
-    def _function_view(self, fn: Function, state: str | None) -> dict[str, Any]:
+    def _function_view(self, fn: Function, versions: list[dict[str, Any]] | None) -> dict[str, Any]:
+        assert self.intake.aliases is not None
         return {
             "name": fn.name,
             "version": fn.version,
-            "state": state,
+            "state": versions[0]["state"] if versions else None,  # the declared version's
+            "versions": versions,
+            "aliases": self.intake.aliases.of(fn.name),
             "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
             "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
             "timeout_s": fn.timeout_s,
@@ -324,6 +329,7 @@ class ControlPlane:
             "queue": queue,
             **self._served(queue),
             "length": counts[State.QUEUED],
+            "versions": {v["version"]: v["queued"] for v in versions(self.registry, fn)},
             "counts": counts,
             "summary": {
                 "queued": counts[State.QUEUED],

@@ -5,7 +5,7 @@ processes, often on separate hosts (GPU workers here, triggers and the API there
 files of processes on one host, sharing one directory; it cannot see a worker on another machine, and loses a
 counter when its host is replaced. Every figure gpufleet has is in Redis already, or is put there by the role that
 knows it (:mod:`gpufleet.snapshot`), so every api replica serves the same, whole-fleet answer, and a scrape costs
-two pipelined round trips to Redis, whatever the number of hosts.
+a few pipelined round trips to Redis, whatever the number of hosts and functions.
 
 Counters (``_total``) and histograms live in Redis too, so they survive any process restart; they reset only with
 Redis itself, which Prometheus's ``rate()`` handles as any counter reset.
@@ -14,6 +14,7 @@ Redis itself, which Prometheus's ``rate()`` handles as any counter reset.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -24,6 +25,7 @@ from gpufleet.registry import Registry
 from gpufleet.scaling import needs
 from gpufleet.settings import Fleet
 from gpufleet.snapshot import Histogram, Snapshot, read
+from gpufleet.versions import all_versions
 
 # The text format every Prometheus (2.x and 3.x) reads; every name here is a classic one, so 1.0.0 would add nothing.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -51,6 +53,7 @@ class FleetCollector(Collector):
             hosts.add_metric([need.pool, need.model, "starting"], need.starting)
         yield desired
         yield hosts
+        yield from _versions(all_versions(self.registry, self.fleet.functions.values()))
 
 
 def _tasks(snap: Snapshot) -> Iterable[Metric]:
@@ -109,6 +112,22 @@ def _queues(snap: Snapshot) -> Iterable[Metric]:
             else:
                 source.add_metric([trigger], n)
     return [depth, oldest, running, lag, source]
+
+
+def _versions(found: dict[str, list[dict[str, Any]]]) -> Iterable[Metric]:
+    labels = ["function", "version"]
+    queued = GaugeMetricFamily("gpufleet_version_queued_tasks", "Tasks queued for one version alone (name:version, "
+                               "or an alias's pick); gpufleet_queue_depth counts them too", labels=labels)  # fmt: skip
+    state = GaugeMetricFamily("gpufleet_version_state", "1 for the version's state (ACTIVE, DEPLOYING, ERROR or "
+                              "INACTIVE), from the live workers", labels=[*labels, "state"])  # fmt: skip
+    workers = GaugeMetricFamily("gpufleet_version_workers", "Live workers that run the version and reported its "
+                                "setup()", labels=labels)  # fmt: skip
+    for fn, views in sorted(found.items()):
+        for view in views:
+            queued.add_metric([fn, view["version"]], view["queued"])
+            state.add_metric([fn, view["version"], view["state"]], 1)
+            workers.add_metric([fn, view["version"]], view["workers"])
+    return [queued, state, workers]
 
 
 def _gpus(snap: Snapshot) -> Iterable[Metric]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gpufleet.lua import US
-from gpufleet.messages import parse_queue, queue_name
+from gpufleet.messages import parse_queue, queue_name, queue_version
 from gpufleet.placement import Placement, PoolState, place
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ MIN_RECENT = 5  # finished tasks that make a recent mean duration
 DEFAULT_DURATION_S = 1.0  # a function that never finished a task here
 
 
+Key = tuple[str, str, str | None]  # (function, pool, version or None: the function's own queue)
+
+
 class Placer:
     def __init__(self, registry: Registry, functions: Iterable[Function], refresh_s: float = REFRESH_S) -> None:
         self.registry = registry
@@ -46,24 +49,32 @@ class Placer:
         self.refresh_s = refresh_s
         self._lock = threading.Lock()  # the API places from several threads
         self._read_at = -refresh_s
-        self._states: dict[tuple[str, str], PoolState] = {}  # (function, pool) -> state
-        self._hosted: set[tuple[str, str]] = set()  # (function, pool) with a host that reads its queue, up or not
+        self._entries: list[dict[str, Any]] = []  # the live GPU slots, as last read
+        self._queued: dict[str, int] = {}  # queue -> tasks waiting, for the queues live slots read
+        self._states: dict[Key, PoolState] = {}  # worked out on first use after each refresh, then counted up
         self._means: dict[str, float] = {}
         self._seen: dict[str, tuple[float, int]] = {}  # function -> (duration sum, count) at the last refresh
 
     def queue_for(self, fn: Function, version: str | None = None) -> tuple[str, Placement | None]:
         """The queue for one new task of ``fn`` (of ``version``, if one was asked for), and the placement it came
-        from (None: one pool, nothing to choose). A version's task is placed from its function's view of the pools."""
+        from (None: one pool, nothing to choose). A version's task is placed from the pools' slots that serve that
+        version: a pool where only other versions run has no live worker for it."""
         if len(fn.gpu.pools) == 1:
             return queue_name(self.prefix, fn.gpu.pools[0], fn.gpu.model, fn.name, version), None
         with self._lock:
             if time.monotonic() - self._read_at >= self.refresh_s:
                 self._refresh()
-            states = {pool: self._states.get((fn.name, pool), PoolState()) for pool in fn.gpu.pools}
-            chosen = place(fn.gpu.pools, states, fn.gpu.max_queue_wait_s)
-            key = (fn.name, chosen.pool)
-            self._states[key] = states[chosen.pool].plus(self._means.get(fn.name, DEFAULT_DURATION_S))
+            chosen = self._place(fn, version)
         return queue_name(self.prefix, chosen.pool, fn.gpu.model, fn.name, version), chosen
+
+    def _place(self, fn: Function, version: str | None) -> Placement:
+        """Place one task (under the lock), and count it in the chosen pool until the next refresh."""
+        states = {pool: self._state(fn, pool, version) for pool in fn.gpu.pools}
+        chosen = place(fn.gpu.pools, states, fn.gpu.max_queue_wait_s)
+        self._states[(fn.name, chosen.pool, version)] = states[chosen.pool].plus(
+            self._means.get(fn.name, DEFAULT_DURATION_S)
+        )
+        return chosen
 
     def _refresh(self) -> None:
         try:
@@ -80,66 +91,70 @@ class Placer:
             return
         self._read_at = time.monotonic()
         self._means = self._recent_means(durations)
-        queued = dict(zip(queues, depths, strict=True))
+        self._entries = entries
+        self._queued = dict(zip(queues, depths, strict=True))
         self._states = {}
-        self._hosted = set()
-        for fn in self.functions:
-            for pool in fn.gpu.pools:
-                self._states[(fn.name, pool)] = self._state(fn, pool, entries, queued)
-                mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name)
-                if any(not e["stale"] and mine in e.get("queues", []) for e in entries):
-                    self._hosted.add((fn.name, pool))
 
     def hand_over(self, envelope_for: EnvelopeFor) -> int:
-        """Move what waits in a pool where no host serves its function any more (none has refreshed the inventory
-        for ``LIVE_S``) to the pool the policy picks now (a live one, or none: then it stays). A host whose GPU
-        worker is restarting still serves: its tasks wait for it. Any number of processes may run this at once:
-        each move is checked in Redis (``MOVE_QUEUED``). Returns how many tasks moved."""
+        """Move what waits in a pool where no host serves its function (or its version) any more (none has refreshed
+        the inventory for ``LIVE_S``) to the pool the policy picks now (a live one, or none: then it stays). A host
+        whose GPU worker is restarting still serves: its tasks wait for it. Any number of processes may run this at
+        once: each move is checked in Redis (``MOVE_QUEUED``). Returns how many tasks moved."""
         moved = 0
         with self._lock:
             self._refresh()
+            versions: dict[str, set[str]] = {}  # function -> the versions tasks were queued for
+            for queue in self.registry.queues():
+                parsed, version = parse_queue(self.prefix, queue), queue_version(queue)
+                if parsed is not None and parsed[2] is not None and version is not None:
+                    versions.setdefault(parsed[2], set()).add(version)
             for fn in self.functions:
-                for pool in fn.gpu.pools:
-                    if (fn.name, pool) in self._hosted:
-                        continue
-                    queue = queue_name(self.prefix, pool, fn.gpu.model, fn.name)
-                    waiting = [i.decode() for i in self.registry.client.zrange(  # type: ignore[union-attr]
-                        f"{self.prefix}:pending:{queue}", 0, HAND_OVER_MAX - 1)]  # fmt: skip
-                    if waiting:
-                        moved += self._move(fn, pool, queue, waiting, envelope_for)
+                for version in [None, *sorted(versions.get(fn.name, ()))]:
+                    for pool in fn.gpu.pools:
+                        queue = queue_name(self.prefix, pool, fn.gpu.model, fn.name, version)
+                        if any(not e["stale"] and queue in e.get("queues", []) for e in self._entries):
+                            continue  # hosted, up or restarting
+                        waiting = [i.decode() for i in self.registry.client.zrange(  # type: ignore[union-attr]
+                            f"{self.prefix}:pending:{queue}", 0, HAND_OVER_MAX - 1)]  # fmt: skip
+                        if waiting:
+                            moved += self._move(fn, version, pool, waiting, envelope_for)
         return moved
 
-    def _move(self, fn: Function, pool: str, queue: str, waiting: list[str], envelope_for: EnvelopeFor) -> int:
+    def _move(self, fn: Function, version: str | None, pool: str, waiting: list[str], envelope_for: EnvelopeFor,
+              ) -> int:  # fmt: skip
         targets: dict[str, list[str]] = {}
         for task_id in waiting:
-            states = {p: self._states.get((fn.name, p), PoolState()) for p in fn.gpu.pools}
-            chosen = place(fn.gpu.pools, states, fn.gpu.max_queue_wait_s)
+            chosen = self._place(fn, version)
             if chosen.pool == pool:  # no live pool anywhere: it waits where it is
                 return 0
-            self._states[(fn.name, chosen.pool)] = states[chosen.pool].plus(
-                self._means.get(fn.name, DEFAULT_DURATION_S)
-            )
             targets.setdefault(chosen.pool, []).append(task_id)
         moved = 0
         for to, ids in targets.items():
-            n = self.registry.move_queued(ids, queue, queue_name(self.prefix, to, fn.gpu.model, fn.name), envelope_for,
+            n = self.registry.move_queued(ids, queue_name(self.prefix, pool, fn.gpu.model, fn.name, version),
+                                          queue_name(self.prefix, to, fn.gpu.model, fn.name, version), envelope_for,
                                           (pool, to))  # fmt: skip
-            log.info("tasks handed over: no live worker in their pool", function=fn.name, from_pool=pool, to_pool=to,
-                     count=n)  # fmt: skip
+            log.info("tasks handed over: no live worker in their pool", function=fn.name, version=version,
+                     from_pool=pool, to_pool=to, count=n)  # fmt: skip
             moved += n
         return moved
 
-    def _state(self, fn: Function, pool: str, entries: list[dict[str, Any]], queued: dict[str, int]) -> PoolState:
-        mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name)
-        serving = [e for e in entries if e.get("up") and not e["stale"] and mine in e.get("queues", [])]
+    def _state(self, fn: Function, pool: str, version: str | None) -> PoolState:
+        """The pool as seen by a task of ``fn`` (of ``version``): the live slots that read its queue, the tasks
+        queued ahead on those slots' queues in that pool, and their estimated work."""
+        key = (fn.name, pool, version)
+        if key in self._states:
+            return self._states[key]
+        mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name, version)
+        serving = [e for e in self._entries if e.get("up") and not e["stale"] and mine in e.get("queues", [])]
         ahead = {q for e in serving for q in e.get("queues", []) if (parse_queue(self.prefix, q) or ("",))[0] == pool}
         work = 0.0
         for q in ahead:
             parsed = parse_queue(self.prefix, q)
             function = parsed[2] if parsed else None
-            work += queued.get(q, 0) * self._means.get(function or "", DEFAULT_DURATION_S)
+            work += self._queued.get(q, 0) * self._means.get(function or "", DEFAULT_DURATION_S)
         idle = sum(1 for e in serving if not e.get("task_id"))
-        return PoolState(len(serving), idle, sum(queued.get(q, 0) for q in ahead), work)
+        state = self._states[key] = PoolState(len(serving), idle, sum(self._queued.get(q, 0) for q in ahead), work)
+        return state
 
     def _recent_means(self, raw: dict[bytes, bytes]) -> dict[str, float]:
         totals: dict[str, list[float]] = {}

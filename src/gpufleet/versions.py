@@ -12,6 +12,7 @@ while the worker that wrote it is live and runs the same process (the inventory'
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -46,17 +47,65 @@ def versions(registry: Registry, fn: Function) -> list[dict[str, Any]]:
     """Each version of ``fn`` that is declared here, served by a live worker or asked for: its state, its live
     workers, the tasks queued for it alone (``embed:4``, or an alias's pick; for ``$LATEST``, the function's own
     queue), and the setup error for ``ERROR``. The declared one first, then the others by name."""
+    return all_versions(registry, [fn])[fn.name]
+
+
+def all_versions(registry: Registry, fns: Iterable[Function]) -> dict[str, list[dict[str, Any]]]:
+    """:func:`versions` of each function, by name: three round trips to Redis whatever the number of functions."""
+    fns = list(fns)
     entries = registry.gpus(stale_after_s=LIVE_S)
     raw: dict[bytes, bytes] = registry.client.hgetall(f"{registry.prefix}:setup")  # type: ignore[assignment]
-    reports = {}
+    reports: dict[str, dict[str, Any]] = {}  # function -> worker -> its report
     for key, value in raw.items():
         worker, _, name = key.decode().partition(US)
-        if name == fn.name:
-            reports[worker] = orjson.loads(value)
-    queues = {queue_name(registry.prefix, pool, fn.gpu.model, fn.name) for pool in fn.gpu.pools}
-    found: dict[str, list[str]] = {}  # version -> the states its live workers report
+        reports.setdefault(name, {})[worker] = orjson.loads(value)
+    queued_for: dict[str, set[str]] = {}  # function -> versions tasks were queued for, served or not
+    for queue in registry.queues():
+        parsed, version = parse_queue(registry.prefix, queue), queue_version(queue)
+        if parsed is not None and parsed[2] is not None and version is not None:
+            queued_for.setdefault(parsed[2], set()).add(version)
+    found = {fn.name: _found(registry.prefix, fn, entries, reports.get(fn.name, {})) for fn in fns}
+    orders = {fn.name: [fn.version, *sorted((set(found[fn.name][0]) | queued_for.get(fn.name, set())) - {fn.version})]
+              for fn in fns}  # fmt: skip
+    pipe = registry.pipeline()  # each version's own queues: what waits for that version alone
+    for fn in fns:
+        for version in orders[fn.name]:
+            for pool in fn.gpu.pools:
+                queue = queue_name(registry.prefix, pool, fn.gpu.model, fn.name, version)
+                pipe.zcard(f"{registry.prefix}:pending:{queue}")
+    depths = iter(pipe.execute())
+    out = {}
+    for fn in fns:
+        states_of, errors, starting = found[fn.name]
+        views = []
+        for version in orders[fn.name]:
+            states = states_of.get(version, [])
+            if READY in states:
+                state = VersionState.ACTIVE
+            elif SETUP in states or (version == fn.version and starting):
+                state = VersionState.DEPLOYING
+            elif states:
+                state = VersionState.ERROR
+            else:
+                state = VersionState.INACTIVE
+            queued = sum(next(depths) for _ in fn.gpu.pools)
+            view: dict[str, Any] = {"version": version, "state": state.value, "workers": len(states),
+                                    "declared": version == fn.version, "queued": queued}  # fmt: skip
+            if state is VersionState.ERROR:
+                view["error"] = errors.get(version)
+            views.append(view)
+        out[fn.name] = views
+    return out
+
+
+def _found(prefix: str, fn: Function, entries: list[dict[str, Any]], reports: dict[str, Any],
+           ) -> tuple[dict[str, list[str]], dict[str, str], int]:  # fmt: skip
+    """From the live workers that serve ``fn``: version -> the setup states they report, version -> the first
+    setup error, and how many have not reported yet (their process is booting)."""
+    queues = {queue_name(prefix, pool, fn.gpu.model, fn.name) for pool in fn.gpu.pools}
+    found: dict[str, list[str]] = {}
     errors: dict[str, str] = {}
-    starting = 0  # live workers that serve the function and have not reported yet (their process is booting)
+    starting = 0
     for entry in entries:
         if entry["stale"] or not queues & set(entry.get("queues", [])):
             continue
@@ -67,32 +116,4 @@ def versions(registry: Registry, fn: Function) -> list[dict[str, Any]]:
         found.setdefault(report["version"], []).append(report["state"])
         if report["state"] == ERROR:
             errors.setdefault(report["version"], report.get("error") or "setup() failed")
-    queued_for: set[str] = set()  # versions tasks were queued for, served or not
-    for queue in registry.queues():
-        parsed, version = parse_queue(registry.prefix, queue), queue_version(queue)
-        if parsed is not None and parsed[2] == fn.name and version is not None:
-            queued_for.add(version)
-    order = [fn.version, *sorted((set(found) | queued_for) - {fn.version})]
-    pipe = registry.pipeline()  # each version's own queues: what waits for that version alone
-    for version in order:
-        for pool in fn.gpu.pools:
-            pipe.zcard(f"{registry.prefix}:pending:{queue_name(registry.prefix, pool, fn.gpu.model, fn.name, version)}")
-    depths = iter(pipe.execute())
-    queued = {version: sum(next(depths) for _ in fn.gpu.pools) for version in order}
-    out = []
-    for version in order:
-        states = found.get(version, [])
-        if READY in states:
-            state = VersionState.ACTIVE
-        elif SETUP in states or (version == fn.version and starting):
-            state = VersionState.DEPLOYING
-        elif states:
-            state = VersionState.ERROR
-        else:
-            state = VersionState.INACTIVE
-        view: dict[str, Any] = {"version": version, "state": state.value, "workers": len(states),
-                                "declared": version == fn.version, "queued": queued[version]}  # fmt: skip
-        if state is VersionState.ERROR:
-            view["error"] = errors.get(version)
-        out.append(view)
-    return out
+    return found, errors, starting

@@ -12,6 +12,7 @@ import redis
 from pydantic import BaseModel
 
 from gpufleet import Batch, BatchContext, Context, Gpu, ObjectEvent, function
+from gpufleet.functions import LATEST
 
 
 def _redis() -> redis.Redis:
@@ -158,9 +159,11 @@ def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
             for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip
 
 
-@function(name="spill", gpu=Gpu(pools=("eu", "us"), max_queue_wait_s=1.5), max_attempts=2)
+@function(name="spill", gpu=Gpu(pools=("eu", "us"), max_queue_wait_s=1.5), max_attempts=2,
+          version=os.environ.get("SPILL_AS", LATEST))  # fmt: skip
 def spill(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """Prefers pool eu and overflows to us once eu's estimated wait passes 1.5 s (tests/test_overflow.py)."""
+    """Prefers pool eu and overflows to us once eu's estimated wait passes 1.5 s; the version is the host's SPILL_AS
+    (tests/test_overflow.py)."""
     _redis().incr(f"runs:{ctx.task_id}")
     time.sleep(float(event.get("seconds", 0.3)))
     return {"worker": ctx.worker}

@@ -117,12 +117,26 @@ class GpuRequirement(_Out):
     pools: list[str]
 
 
+class VersionInfo(_Out):
+    version: str
+    state: str = Field(description="ACTIVE, DEPLOYING, ERROR or INACTIVE, from the live workers")
+    workers: int = Field(description="live workers that run this version and reported their setup()")
+    declared: bool = Field(description="the version the code loaded here declares")
+    queued: int = Field(description="tasks queued for this version alone (name:version, or an alias's pick)")
+    error: str | None = Field(None, description="for ERROR: what setup() raised")
+
+
 class FunctionInfo(_Out):
     name: str
     version: str = Field(description="the version the serving code declares; $LATEST when it declares none")
     state: str | None = Field(
         description="that version's state: ACTIVE, DEPLOYING, ERROR or INACTIVE; null when Redis cannot be reached"
     )
+    versions: list[VersionInfo] | None = Field(
+        description="each version (declared, served or asked for) with its state and queued tasks; null when Redis "
+        "cannot be reached"
+    )
+    aliases: dict[str, dict[str, float]] = Field(description="alias -> {version: weight}")
     gpu: GpuRequirement
     queue: str
     timeout_s: float
@@ -136,15 +150,6 @@ class FunctionInfo(_Out):
 
 class FunctionList(_Out):
     items: list[FunctionInfo]
-
-
-class VersionInfo(_Out):
-    version: str
-    state: str = Field(description="ACTIVE, DEPLOYING, ERROR or INACTIVE, from the live workers")
-    workers: int = Field(description="live workers that run this version and reported their setup()")
-    declared: bool = Field(description="the version the code loaded here declares")
-    queued: int = Field(description="tasks queued for this version alone (name:version, or an alias's pick)")
-    error: str | None = Field(None, description="for ERROR: what setup() raised")
 
 
 class VersionList(_Out):
@@ -183,6 +188,10 @@ class QueueInfo(_Out):
     warning: str | None = Field(None, description="set when no live worker consumes it")
     counts: dict[str, int] = Field(description="tasks per state; finished ones while their records are retained")
     summary: QueueSummary
+    versions: dict[str, int] = Field(
+        description="version -> tasks queued for that version alone (name:version, or an alias's pick); the length "
+        "counts them too"
+    )
 
 
 class GpuInfo(BaseModel):

@@ -362,8 +362,7 @@ def _alias(args: argparse.Namespace) -> int:
     if args.json:
         print_json(aliases)
         return EXIT_OK
-    rows = [[alias, ", ".join(f"{v}: {w / sum(ws.values()):.0%}" for v, w in ws.items())] for alias, ws in
-            sorted(aliases.items())]  # fmt: skip
+    rows = [[alias, _weights_text(ws)] for alias, ws in sorted(aliases.items())]
     print(table(["alias", "versions"], rows, f"no aliases: {args.function} goes to any version it runs as"))
     return EXIT_OK
 
@@ -376,9 +375,11 @@ def _queue(args: argparse.Namespace) -> int:
         print_json(queues[0] if args.function else queues)
         return EXIT_OK
     states = ["RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED", "EXPIRED"]  # length: the QUEUED count
-    rows = [[q["function"], q["queue"], q["length"], *(q["counts"].get(s, 0) for s in states),
-             "" if q["served"] else "no live worker consumes this queue"] for q in queues]  # fmt: skip
-    print(table(["function", "queue", "length", *(s.lower() for s in states), "note"], rows, "no functions served"))
+    rows = [[q["function"], q["queue"], q["length"], ", ".join(f"{v}: {n}" for v, n in q["versions"].items()),
+             *(q["counts"].get(s, 0) for s in states), "" if q["served"] else "no live worker consumes this queue"]
+            for q in queues]  # fmt: skip
+    headers = ["function", "queue", "length", "versions", *(s.lower() for s in states), "note"]
+    print(table(headers, rows, "no functions served"))
     return EXIT_OK
 
 
@@ -395,11 +396,28 @@ def _functions(args: argparse.Namespace) -> int:
         model = f"{gpu['model']} x{gpu['count']}" if gpu.get("count", 1) != 1 else gpu["model"]
         pools = ",".join(gpu.get("pools") or [])
         gpu_text = f"{model} ({pools})" if pools else model
-        rows.append([fn["name"], fn.get("version"), fn.get("state"), gpu_text, fn["queue"], seconds(fn["timeout_s"]),
-                     fn["max_attempts"], seconds(fn["max_event_age_s"])])  # fmt: skip
-    print(table(["name", "version", "state", "gpu", "queue", "timeout", "attempts", "max event age"], rows,
+        rows.append([fn["name"], _versions_text(fn), _aliases_text(fn["aliases"]), gpu_text, fn["queue"],
+                     seconds(fn["timeout_s"]), fn["max_attempts"], seconds(fn["max_event_age_s"])])  # fmt: skip
+    print(table(["name", "versions", "aliases", "gpu", "queue", "timeout", "attempts", "max event age"], rows,
                 "no functions served"))  # fmt: skip
     return EXIT_OK
+
+
+def _versions_text(fn: dict[str, Any]) -> str:
+    """``3* ACTIVE, 4 DEPLOYING`` (* the version declared here), or the declared one alone when Redis is down."""
+    if fn["versions"] is None:
+        return f"{fn['version']}* ?"
+    return ", ".join(f"{v['version']}{'*' if v['declared'] else ''} {v['state']}" for v in fn["versions"])
+
+
+def _weights_text(weights: dict[str, float]) -> str:
+    """``3: 90%, 4: 10%``."""
+    return ", ".join(f"{v}: {w / sum(weights.values()):.0%}" for v, w in weights.items())
+
+
+def _aliases_text(aliases: dict[str, dict[str, float]]) -> str:
+    """``prod (3: 90%, 4: 10%); beta (4: 100%)``."""
+    return "; ".join(f"{alias} ({_weights_text(ws)})" for alias, ws in sorted(aliases.items()))
 
 
 @_control
