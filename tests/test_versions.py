@@ -166,3 +166,15 @@ def test_a_function_that_refuses_when_inactive_says_why_and_takes_the_task_once_
     task = plane.invoke("warmup:3", {}).id
     harness.wait_for(lambda: plane.status(task)["state"] == "SUCCEEDED", what="the task, on the good host")
     assert plane.status(task)["worker"].endswith("@good")
+
+
+def test_the_version_asked_for_stays_with_the_task_through_cancel_and_retry(harness: FleetHarness) -> None:
+    plane = ControlPlane(harness.fleet())  # no worker: the task waits in version 4's queue
+    task = plane.invoke("versioned:4", {"n": 1}).id
+    assert plane.cancel(task)["outcome"] == "cancelled"
+    [(_, entry)] = harness.redis.xrange(harness.registry.callbacks_key)
+    record = orjson.loads(entry[b"value"])["requestContext"]
+    assert record["functionVersion"] == "4" and record["functionArn"].endswith(":function:versioned:4"), record
+    assert plane.retry(task)["state"] == "QUEUED"
+    view = plane.status(task)
+    assert view["version"] == "4" and view["queue"] == f"{harness.prefix}.default.any.versioned:4", view

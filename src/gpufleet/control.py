@@ -246,7 +246,7 @@ class ControlPlane:
                 task_id=task_id, function=record["function"], condition=Condition(error_type),
                 attempts=int(record.get("attempts", 0)), event=event, worker="", gpu="", started_at=None,
                 finished_at=now, response=error, fleet=self.fleet.settings.redis.key_prefix,
-                version=fn.version if fn else LATEST,
+                version=queue_version(record.get("queue") or "") or (fn.version if fn else LATEST),
             )  # fmt: skip
             outcome, state = self.registry.cancel(
                 task_id, int(record.get("attempts", 0)), error, record.get("on_failure", ""),
