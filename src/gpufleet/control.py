@@ -8,6 +8,7 @@ Errors are :class:`~gpufleet.errors.RequestError` subclasses with a stable ``cod
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from gpufleet.errors import (
 from gpufleet.functions import LATEST, Function
 from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.intake import Intake, Producer, check_priority
+from gpufleet.jobs import JobStore, summary
 from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue, queue_version
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.placer import Placer
@@ -63,6 +65,7 @@ class ControlPlane:
         )
         # Builds a stored task's message again: for retries and re-queues.
         self.envelopes = Envelopes(self.intake.factory, fleet.functions)
+        self.jobs = JobStore(self.registry)
 
     def ping(self) -> None:
         """Raise ``redis.ConnectionError``/``TimeoutError`` when the registry cannot be reached."""
@@ -189,6 +192,12 @@ class ControlPlane:
         view["pool"] = parsed[0] if parsed else None
         view["version"] = queue_version(view["queue"] or "")  # the version asked for; None: any
         view["overflowed"] = bool(parsed and fn and parsed[0] != fn.gpu.pools[0])
+        if fn is not None and fn.shards is not None:  # a job: split, then shards (listed), then merge
+            view["phase"] = record.get("phase") or "split"
+            if record.get("shards"):
+                view["shards"] = summary(self.jobs.shards(record["id"], int(record["shards"])))
+        if record.get("parent"):
+            view["job"] = {"id": record["parent"], "index": int(record["index"])}
         return view
 
     def status(self, task_id: str) -> dict[str, Any]:
@@ -213,9 +222,21 @@ class ControlPlane:
         if outcome == "cancelled":
             return {"id": task_id, "outcome": "cancelled", "state": State.CANCELLED.value}
         if outcome in ("signalled", "already"):
+            self._cancel_shards(task_id)
             return {"id": task_id, "outcome": "cancelling", "state": State.RUNNING.value}
         return {"id": task_id, "outcome": "noop", "state": state,
                 "message": f"task already finished ({state}); nothing to cancel"}  # fmt: skip
+
+    def _cancel_shards(self, task_id: str) -> None:
+        """A job waiting for its shards (its cancel flag is set): cancel each shard not finished, queued ones at once,
+        running ones as any running task. The job ends CANCELLED once they all have (see gpufleet.jobs)."""
+        record = self.registry.get(task_id) or {}
+        if record.get("phase") != "shards":
+            return  # not a job, or its split has not created them yet: SPLIT sees the flag
+        for shard in self.jobs.shards(task_id, int(record["shards"])):
+            if shard.state in (State.QUEUED, State.RUNNING):
+                with contextlib.suppress(NotFoundError):
+                    self._finish_queued(shard.id, "Cancelled", f"its job {task_id} was cancelled")
 
     def expire_due(self, limit: int = 100) -> int:
         """Expire the QUEUED tasks whose ``max_event_age_s`` has passed, whether or not any worker serves their
@@ -260,7 +281,15 @@ class ControlPlane:
         raise ConflictError("busy", f"task {task_id!r} kept changing state; try again")
 
     def retry(self, task_id: str) -> dict[str, Any]:
-        """Run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task again, from attempt 1, as a new event."""
+        """Run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task again, from attempt 1, as a new event. A job that had
+        split runs again only its shards that did not succeed, then merges."""
+        record = self.registry.get(task_id) or {}
+        if record.get("parent"):
+            raise ConflictError("retry_the_job", f"task {task_id!r} is shard {record.get('index')} of job "
+                                f"{record['parent']!r}: retry the job, which runs again only its shards that did not "
+                                "succeed, then merges")  # fmt: skip
+        if record.get("shards"):
+            return self._retry_job(task_id, int(record["shards"]))
         [call] = self.registry.stored_calls([task_id])
         if call is None:
             raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
@@ -274,6 +303,25 @@ class ControlPlane:
             allowed = ", ".join(sorted(s.value for s in RETRIABLE))
             raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
         return {"id": task_id, "outcome": "queued", "previous_state": state, "state": State.QUEUED.value}
+
+    def _retry_job(self, task_id: str, n: int) -> dict[str, Any]:
+        again = [s.id for s in self.jobs.shards(task_id, n) if s.state is not None and s.state != State.SUCCEEDED]
+        envelopes = {}
+        for sid, call in zip(again, self.registry.stored_calls(again), strict=True):
+            envelope = self.envelopes(sid, *call) if call is not None else None
+            if envelope is not None:
+                envelopes[sid] = envelope
+        outcome, state = self.jobs.retry(task_id, envelopes)
+        if outcome == "missing":
+            raise NotFoundError("task_not_found", f"no task {task_id!r}")
+        if outcome == "conflict":
+            allowed = ", ".join(sorted(s.value for s in RETRIABLE))
+            raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
+        if outcome == "expired":
+            raise ConflictError("shards_expired", f"shard {state!r} of job {task_id!r} is gone (its retention passed, "
+                                "or its function is no longer served): the job cannot run it again alone")  # fmt: skip
+        now = State.RUNNING if again else State.QUEUED  # shards to run, or straight to its merge
+        return {"id": task_id, "outcome": "queued", "previous_state": state, "state": now.value}
 
     def position(self, task_id: str) -> dict[str, Any]:
         """Where a QUEUED task stands: 1 = next to start. ``position`` is null when it is not waiting in a queue

@@ -155,6 +155,21 @@ class Gpu:
                               fix="use a positive number of seconds, or None")  # fmt: skip
 
 
+MAX_SHARDS = 10_000  # the most shards any job may split into (a job's own max_shards is at most this)
+Merge = Callable[[Any, list[Any], Any], Any]  # (event, shard results in order, ctx) -> the job's result
+
+
+@dataclass
+class Shards:
+    """What makes a function a sharded job (see :func:`job`): the function each shard runs, the merge step, and the
+    limits."""
+
+    function: str
+    max_shards: int = 1000
+    records: bool = False  # shards send their own records too, to the job's destinations
+    merge_fn: Merge | None = None
+
+
 @dataclass
 class Function:
     """A handler plus the policy the fleet applies to it."""
@@ -175,6 +190,7 @@ class Function:
     setup_fn: Callable[[], Any] | None = None
     batch: Batch | None = None
     when_inactive: Literal["queue", "refuse"] = "queue"
+    shards: Shards | None = None  # a sharded job: the handler splits, shards run on GPUs, merge combines
     source_file: str = "<unknown>"
 
     def __post_init__(self) -> None:
@@ -198,11 +214,26 @@ class Function:
         if self.retention_s is not None and self.retention_s < 60:
             raise ConfigError(f"{where}: retention_s={self.retention_s}", key="retention_s", fix="use 60 or more")
         _check_signature(where, self.handler, "handler", 2, "def handler(event, ctx)")
+        if self.shards is not None and not 1 <= self.shards.max_shards <= MAX_SHARDS:
+            raise ConfigError(f"{where}: max_shards={self.shards.max_shards}", key="max_shards",
+                              fix=f"use 1 to {MAX_SHARDS}")  # fmt: skip
+        if self.shards is not None and self.batch is not None:
+            raise ConfigError(f"{where}: a job cannot batch", key="batch", fix="batch its shard function instead")
 
     def setup(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register the per-process setup hook; its return value becomes ``ctx.state``."""
         _check_signature(f"function {self.name!r}", fn, "setup", 0, "def setup()")
         self.setup_fn = fn
+        return fn
+
+    def merge(self, fn: Merge) -> Merge:
+        """Register a job's merge step: ``merge(event, results, ctx)``, with the shards' results in their order; what
+        it returns is the job's result."""
+        if self.shards is None:
+            raise ConfigError(f"function {self.name!r}: only a job merges", key="merge",
+                              fix="declare it with @job(shard=...)")  # fmt: skip
+        _check_signature(f"job {self.name!r}", fn, "merge", 3, "def merge(event, results, ctx)")
+        self.shards.merge_fn = fn
         return fn
 
     def payload_error(self, event: Any) -> str | None:
@@ -298,6 +329,66 @@ def function(
     return wrap
 
 
+def job(
+    name: str | None = None,
+    *,
+    shard: Function | str,
+    max_shards: int = 1000,
+    shard_records: bool = False,
+    **policy: Any,
+) -> Callable[[Handler], Function]:
+    """Declare a sharded job: the decorated handler splits the event into shard events, ``shard`` runs once per shard
+    on the GPUs that serve it (in parallel, each under the shard function's own policy), and the step registered with
+    ``@<job>.merge`` combines their results::
+
+        @job(name="upscale", shard=upscale_tile, max_shards=256)
+        def split(event: dict, ctx: Context) -> list[dict]:
+            return [{"uri": event["uri"], "tile": t} for t in tiles(event)]   # references, not the data
+
+        @split.merge
+        def stitch(event: dict, results: list[dict], ctx: Context) -> dict:
+            return {"uri": ctx.upload(join(results))}
+
+    Split and merge run on a worker of the job's own pool (``gpu=``: put them on CPU-only hosts if GPUs are
+    scarce), and only while they run: the job holds no worker while its shards do. A shard event is JSON of at most
+    :data:`~gpufleet.jobs.MAX_SHARD_EVENT_BYTES`: pass S3 URIs and ranges. See :mod:`gpufleet.jobs`.
+
+    Args:
+        shard: the function each shard runs (or its name); it must be served by the same fleet.
+        max_shards: the most shards one job may split into (at most :data:`MAX_SHARDS`); a split that returns more,
+            or none, fails the job.
+        shard_records: send each shard's record to the job's destinations too (default: only the job's).
+        policy: as :func:`function` (``timeout_s`` and ``max_attempts`` apply to the split, and again to the merge).
+    """
+
+    def wrap(split: Handler) -> Function:
+        fn = function(name, **policy)(split)
+        fn.shards = Shards(shard if isinstance(shard, str) else shard.name, max_shards, shard_records)
+        fn.__post_init__()  # the job's own checks
+        return fn
+
+    return wrap
+
+
+def check_jobs(functions: dict[str, Function]) -> None:
+    """Each job's shard function is served by this fleet and is no job itself, and each job merges.
+
+    Raises:
+        ConfigError: naming the job and the fix.
+    """
+    for fn in functions.values():
+        if fn.shards is None:
+            continue
+        shard = functions.get(fn.shards.function)
+        if shard is None or shard.shards is not None:
+            why = "is not served by this fleet" if shard is None else "is a job itself (jobs do not nest)"
+            raise ConfigError(f"job {fn.name!r}: its shard function {fn.shards.function!r} {why}",
+                              file=fn.source_file, key="shard", fix="name a @function of the same fleet")  # fmt: skip
+        if fn.shards.merge_fn is None:
+            raise ConfigError(f"job {fn.name!r} has no merge step", file=fn.source_file, key="merge",
+                              fix="decorate a def merge(event, results, ctx) with @<the split>.merge")  # fmt: skip
+
+
 def load_functions(paths: Iterable[Path]) -> dict[str, Function]:
     """Import every ``*.py`` module in the given folders and collect the :class:`Function` objects they define.
 
@@ -320,6 +411,7 @@ def load_functions(paths: Iterable[Path]) -> dict[str, Function]:
                     )
                 fn.source_file = str(path)
                 found[fn.name] = fn
+    check_jobs(found)
     return found
 
 

@@ -27,7 +27,7 @@ US = "\x1f"
 
 # Shared by every script that changes a task's state: the per-state index follows the record, and the metrics count
 # the change in the same atomic step.
-_MOVE = (
+HELPERS = (
     "local BOUNDS = {"
     + ", ".join(map(str, HISTOGRAM_BOUNDS))
     + "}"
@@ -139,8 +139,90 @@ local function claim(prefix, key, state, token, now, lease_until, worker, gpu)
   return {'ok', tostring(attempts),
     unpack(redis.call('HMGET', key, 'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel'))}
 end
+-- Sharded jobs (gpufleet.jobs). A job whose shards are all final has one step left, on a worker of its own queue:
+-- merge, or the failure that names its shards. It is queued with the message stored when it split, from attempt 0.
+local function job_step(prefix, job, now)
+  local id, fn, from = unpack(redis.call('HMGET', job, 'id', 'function', 'state'))
+  redis.call('HSET', job, 'phase', 'merge', 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now)
+  move(prefix, fn, id, from, 'QUEUED', redis.call('HGET', job, 'seq'))
+  push_back(prefix, job, id, redis.call('HGET', job, 'merge_envelope'))
+end
+-- A shard reached a final state: its job counts it, and the last one queues the job's step.
+local function shard_done(prefix, key, state, now)
+  local parent = redis.call('HGET', key, 'parent')
+  if not parent then return end
+  local job = prefix .. ':task:' .. parent
+  if redis.call('HGET', job, 'phase') ~= 'shards' then return end
+  redis.call('HINCRBY', job, state == 'SUCCEEDED' and 'shards_ok' or 'shards_bad', 1)
+  local ok, bad, n = unpack(redis.call('HMGET', job, 'shards_ok', 'shards_bad', 'shards'))
+  local done = tonumber(ok) + tonumber(bad)
+  redis.call('HSET', job, 'progress', done / tonumber(n))
+  if done >= tonumber(n) then job_step(prefix, job, now) end
+end
+-- A finished, unsuccessful task runs again from attempt 1, as a new event (RETRY, and a job's shards).
+local function rerun(prefix, key, id, state, envelope, now)
+  local fn = redis.call('HGET', key, 'function')
+  redis.call('PERSIST', key)
+  redis.call('HDEL', key, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
+    'started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message')
+  redis.call('HSET', key, 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now, 'event_ts', now)
+  redis.call('HINCRBY', key, 'manual_retries', 1)
+  deadline(prefix, key, id)
+  move(prefix, fn, id, state, 'QUEUED', redis.call('HGET', key, 'seq'))
+  push_back(prefix, key, id, envelope)
+end
+local function retriable(state)
+  return state == 'FAILED' or state == 'TIMED_OUT' or state == 'CANCELLED' or state == 'EXPIRED'
+end
 """
 )
+
+# The body of ENQUEUE_MANY, shared with a job's split (gpufleet.jobs): the batch's tasks, whose envelope, event and
+# meta are ARGV[base + 1..3] for the first, then the next three for the next. A shard's entry adds its job's id and its
+# index (15th and 16th). Returns per task 1, 0 or -1, as ENQUEUE_MANY.
+CREATE = """
+local function create_tasks(prefix, now, tasks, base)
+  local out, created, queues, overflows = {}, {}, {}, {}
+  local first = redis.call('INCRBY', prefix .. ':seq', #tasks) - #tasks  -- one call for the chunk's sequence numbers
+  for n, t in ipairs(tasks) do
+    local key = prefix .. ':task:' .. t[1]
+    local have = redis.call('HMGET', key, 'function', 'origin')
+    if have[1] then
+      if have[1] == t[2] and (not have[2] or have[2] == t[12]) then out[n] = 0 else out[n] = -1 end
+    else
+      -- push_back, unrolled: the fields it would read are at hand, and the record is written in one HSET.
+      local prio, seq, a = tonumber(t[13]), first + n, base + 3 * (n - 1)
+      redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
+        'event', ARGV[a + 2], 'meta', ARGV[a + 3], 'on_success', t[4], 'on_failure', t[5], 'max_attempts', t[6],
+        'source', t[7], 'created_at', t[8], 'queued_at', now, 'event_ts', t[9], 'origin', t[12], 'priority', prio,
+        'prio', prio, 'seq', seq, 'tag', t[11])
+      redis.call('ZADD', prefix .. ':pending:' .. t[3], (9 - prio) * LEVEL + seq, t[1])
+      redis.call('LPUSH', qkey(t[3], prio), ARGV[a + 1])
+      redis.call('ZADD', prefix .. ':idx:' .. t[2] .. ':QUEUED', seq, t[1])
+      if t[10] ~= '' then
+        redis.call('HSET', key, 'max_age', t[10])
+        redis.call('ZADD', prefix .. ':deadlines', tonumber(t[9]) + tonumber(t[10]), t[1])
+      end
+      if t[15] then redis.call('HSET', key, 'parent', t[15], 'index', t[16]) end
+      created[t[2]] = (created[t[2]] or 0) + 1
+      queues[t[3]] = true
+      if t[14] ~= '' then
+        local pair = t[2] .. '\\31' .. t[14]
+        overflows[pair] = (overflows[pair] or 0) + 1
+      end
+      out[n] = 1
+    end
+  end
+  -- Once per chunk, not per task: the sets and counters every task of a function or queue shares.
+  for fn, count in pairs(created) do
+    redis.call('SADD', prefix .. ':functions', fn)
+    redis.call('HINCRBY', prefix .. ':m:created', fn, count)
+  end
+  for queue in pairs(queues) do redis.call('SADD', prefix .. ':queues', queue) end
+  for key, count in pairs(overflows) do redis.call('HINCRBY', prefix .. ':m:overflow', key, count) end
+  return out
+end
+"""
 
 # ARGV: prefix, now, batch, then each task's envelope, event and meta. batch: a JSON array with one array of strings
 #   per task: [id, function, queue_key, on_success, on_failure, max_attempts, source, created_at, event_ts, max_age,
@@ -154,56 +236,12 @@ end
 # Returns per task 1 (enqueued), 0 (duplicate: a record with that id exists, for the same function and origin) or
 # -1 (conflict: the id exists for another function or origin; never silently taken as the same task). A record
 # written before origins were kept is compared on its function only.
-ENQUEUE_MANY = (
-    _MOVE
-    + """
-local prefix, now = ARGV[1], ARGV[2]
-local out, created, queues, overflows = {}, {}, {}, {}
-local tasks = cjson.decode(ARGV[3])
-local first = redis.call('INCRBY', prefix .. ':seq', #tasks) - #tasks  -- one call for the chunk's sequence numbers
-for n, t in ipairs(tasks) do
-  local key = prefix .. ':task:' .. t[1]
-  local have = redis.call('HMGET', key, 'function', 'origin')
-  if have[1] then
-    if have[1] == t[2] and (not have[2] or have[2] == t[12]) then out[n] = 0 else out[n] = -1 end
-  else
-    -- push_back, unrolled: the fields it would read are at hand, and the record is written in one HSET.
-    local prio, seq, a = tonumber(t[13]), first + n, 3 * n
-    redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
-      'event', ARGV[a + 2], 'meta', ARGV[a + 3], 'on_success', t[4], 'on_failure', t[5], 'max_attempts', t[6],
-      'source', t[7], 'created_at', t[8], 'queued_at', now, 'event_ts', t[9], 'origin', t[12], 'priority', prio,
-      'prio', prio, 'seq', seq, 'tag', t[11])
-    redis.call('ZADD', prefix .. ':pending:' .. t[3], (9 - prio) * LEVEL + seq, t[1])
-    redis.call('LPUSH', qkey(t[3], prio), ARGV[a + 1])
-    redis.call('ZADD', prefix .. ':idx:' .. t[2] .. ':QUEUED', seq, t[1])
-    if t[10] ~= '' then
-      redis.call('HSET', key, 'max_age', t[10])
-      redis.call('ZADD', prefix .. ':deadlines', tonumber(t[9]) + tonumber(t[10]), t[1])
-    end
-    created[t[2]] = (created[t[2]] or 0) + 1
-    queues[t[3]] = true
-    if t[14] ~= '' then
-      local pair = t[2] .. '\\31' .. t[14]
-      overflows[pair] = (overflows[pair] or 0) + 1
-    end
-    out[n] = 1
-  end
-end
--- Once per chunk, not per task: the sets and counters every task of a function or queue shares.
-for fn, count in pairs(created) do
-  redis.call('SADD', prefix .. ':functions', fn)
-  redis.call('HINCRBY', prefix .. ':m:created', fn, count)
-end
-for queue in pairs(queues) do redis.call('SADD', prefix .. ':queues', queue) end
-for key, count in pairs(overflows) do redis.call('HINCRBY', prefix .. ':m:overflow', key, count) end
-return out
-"""
-)
+ENQUEUE_MANY = HELPERS + CREATE + "return create_tasks(ARGV[1], ARGV[2], cjson.decode(ARGV[3]), 3)"
 
 # KEYS: task, leases.  ARGV: prefix, expect_state, expect_token, token, now, lease_until, worker, gpu
 # Compare-and-set: only the delivery that saw the current state and owner may take the task.
 CLAIM = (
-    _MOVE
+    HELPERS
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 local token = redis.call('HGET', KEYS[1], 'token') or ''
@@ -221,7 +259,7 @@ return claim(ARGV[1], KEYS[1], state, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8
 # cancel, id, function, event, meta} for a claim, or {'other', id} for a task that is not waiting (another copy of a
 # running one), after which it stops: the caller decides as for any delivery (see Runtime._take_over).
 POP_CLAIM = (
-    _MOVE
+    HELPERS
     + """
 local prefix, n, taken = ARGV[1], tonumber(ARGV[7]), {}
 for prio = 9, 0, -1 do
@@ -272,7 +310,7 @@ return 1
 #   then callback stream entries as (dest, value, condition) triples.
 # Only the owner finishes: the worker's parent, after its watchdog killed a pool process, uses that process's token.
 FINISH = (
-    _MOVE
+    HELPERS
     + """
 if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
@@ -296,6 +334,7 @@ redis.call('ZREM', KEYS[2], id)
 unbusy(ARGV[1], KEYS[1], id)
 move(ARGV[1], fn, id, 'RUNNING', ARGV[3], redis.call('HGET', KEYS[1], 'seq'))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+shard_done(ARGV[1], KEYS[1], ARGV[3], ARGV[4])
 return 1
 """
 )
@@ -303,7 +342,7 @@ return 1
 # KEYS: task, leases, delayed.  ARGV: prefix, token, due, error_json, now
 # Back to QUEUED; the housekeeper pushes the message again once ``due`` has passed.
 RETRY_LATER = (
-    _MOVE
+    HELPERS
     + """
 if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
@@ -327,7 +366,7 @@ return 1
 # With no error_json it is a task a worker claimed ahead and gives back unstarted: its record keeps its last error and
 # when it was queued.
 HAND_BACK = (
-    _MOVE
+    HELPERS
     + """
 if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
@@ -350,7 +389,7 @@ return 1
 # worker died with them: they had waited their turn already. Each is checked again here (compare-and-set).
 # Returns {promoted, reaped}.
 HOUSEKEEP = (
-    _MOVE
+    HELPERS
     + """
 local prefix, now, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local promoted, reaped = 0, 0
@@ -397,7 +436,7 @@ return {promoted, reaped}
 # is dropped by the worker it is delivered to. Cancel of a RUNNING task sets the cancel flag the worker's lease keeper
 # reads; expiry leaves a running task alone. Returns {outcome, state}.
 FINISH_QUEUED = (
-    _MOVE
+    HELPERS
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
@@ -427,30 +466,19 @@ if ARGV[6] ~= '' then
 end
 move(ARGV[1], fn, id, 'QUEUED', final, redis.call('HGET', KEYS[1], 'seq'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+shard_done(ARGV[1], KEYS[1], final, ARGV[2])
 return {string.lower(final), 'QUEUED'}
 """
 )
 
 # KEYS: task.  ARGV: prefix, now, envelope.  A finished, unsuccessful task runs again from attempt 1, as a new event.
 RETRY = (
-    _MOVE
+    HELPERS
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
-if state ~= 'FAILED' and state ~= 'TIMED_OUT' and state ~= 'CANCELLED' and state ~= 'EXPIRED' then
-  return {'conflict', state}
-end
-local fn = redis.call('HGET', KEYS[1], 'function')
-local id = redis.call('HGET', KEYS[1], 'id')
-redis.call('PERSIST', KEYS[1])
-redis.call('HDEL', KEYS[1], 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
-  'started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message')
-redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', ARGV[2],
-  'event_ts', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'manual_retries', 1)
-deadline(ARGV[1], KEYS[1], id)
-move(ARGV[1], fn, id, state, 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
-push_back(ARGV[1], KEYS[1], id, ARGV[3])
+if not retriable(state) then return {'conflict', state} end
+rerun(ARGV[1], KEYS[1], redis.call('HGET', KEYS[1], 'id'), state, ARGV[3], ARGV[2])
 return {'queued', state}
 """
 )
@@ -479,7 +507,7 @@ return removed
 # or frozen between Redis handing it out and kombu recording it as unacked) or sits in a dead consumer's unacked hash.
 # Returns id, score pairs.
 SCAN_LOST = (
-    _MOVE
+    HELPERS
     + """
 local prefix, queue = ARGV[1], ARGV[2]
 local pending = prefix .. ':pending:' .. queue
@@ -510,7 +538,7 @@ return redis.call('ZRANGE', pending, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 # took the old one anyway can only claim the task once (CLAIM compares the state), so it never runs twice. At the head
 # of the new queue: it waited its turn already. Returns 1 if it moved, 0 if it was no longer QUEUED there.
 MOVE_QUEUED = (
-    _MOVE
+    HELPERS
     + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'QUEUED' or redis.call('HGET', KEYS[1], 'queue') ~= ARGV[2] then
   return 0
@@ -525,7 +553,7 @@ return 1
 )
 
 REQUEUE_LOST = (
-    _MOVE
+    HELPERS
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
@@ -548,7 +576,7 @@ return 1
 # Stale copies at a head (their task finished, or re-pushed since) are dropped: a worker would drop them anyway.
 # Returns how many moved.
 AGE = (
-    _MOVE
+    HELPERS
     + """
 local prefix, now, aging, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local moved = 0

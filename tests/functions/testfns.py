@@ -11,7 +11,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from gpufleet import Batch, BatchContext, Context, Gpu, ObjectEvent, function
+from gpufleet import Batch, BatchContext, Context, Gpu, ObjectEvent, function, job
 from gpufleet.functions import LATEST
 
 
@@ -188,3 +188,34 @@ def versioned(event: Any, ctx: Context) -> dict[str, Any]:
     """The version is the host's VERSIONED_AS: hosts of a test fleet can run two versions (tests/test_versions.py)."""
     _redis().incr(f"runs:{ctx.task_id}")
     return {"ran": os.environ.get("VERSIONED_AS", "1")}
+
+
+@function(name="tile", max_attempts=3, backoff_s=0.2, timeout_s=60)
+def tile(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """A shard of ``tiles`` (tests/test_jobs.py): fails its first ``fail`` attempts, or every attempt while its
+    ``broken`` flag is not fixed in Redis; sleeps ``seconds`` (checking cancel), then returns its value."""
+    r = _redis()
+    r.incr(f"runs:{ctx.task_id}")
+    if ctx.attempt <= event.get("fail", 0):
+        raise RuntimeError(f"tile {event['i']} failed on attempt {ctx.attempt}")
+    if event.get("broken") and not r.get(f"fixed:{event['broken']}"):
+        raise ValueError(f"tile {event['i']} cannot be processed")
+    until = time.monotonic() + event.get("seconds", 0.1)
+    while time.monotonic() < until and not ctx.cancelled:
+        time.sleep(0.05)
+    return {"i": event["i"], "value": event["i"] * 10}
+
+
+@job(name="tiles", shard=tile, max_shards=40, max_attempts=2, backoff_s=0.2)
+def tiles(event: dict[str, Any], ctx: Context) -> Any:
+    """Splits into ``n`` shards (``shard`` settings per index: fail, broken, seconds); ``split`` overrides what it
+    returns (a bad split)."""
+    if "split" in event:
+        return event["split"]
+    per = event.get("shard", {})
+    return [{"i": i, "seconds": event.get("seconds", 0.1), **per.get(str(i), {})} for i in range(event["n"])]
+
+
+@tiles.merge
+def merge_tiles(event: dict[str, Any], results: list[dict[str, Any]], ctx: Context) -> dict[str, Any]:
+    return {"n": len(results), "values": [r["value"] for r in results]}

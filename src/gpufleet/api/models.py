@@ -43,6 +43,31 @@ class Progress(_Out):
     message: str
 
 
+class ShardView(_Out):
+    index: int
+    id: str
+    state: State | None = Field(description="null once its record is gone (retention passed)")
+    attempts: int
+    worker: str | None
+    started_at: float | None = Field(description="Unix time its latest attempt started")
+    finished_at: float | None = Field(description="Unix time it finished")
+    outputs: list[str] = Field([], description="the s3:// URIs it uploaded")
+    error: dict[str, Any] | None = Field(None, description="once it failed (or its latest failed attempt's)")
+
+
+class ShardSummary(_Out):
+    total: int
+    done: int = Field(description="shards in a final state")
+    progress: float = Field(description="done / total")
+    counts: dict[str, int] = Field(description="shards per state")
+    items: list[ShardView] = Field(description="each shard, in index order")
+
+
+class JobOf(_Out):
+    id: str = Field(description="the job this shard belongs to")
+    index: int
+
+
 class TaskView(_Out):
     """A task: state, attempts, progress, timestamps (ISO 8601, UTC), worker and GPU, result or error."""
 
@@ -67,6 +92,9 @@ class TaskView(_Out):
     overflowed: bool = Field(False, description="placed in a pool other than its function's first")
     served: bool | None = Field(None, description="while QUEUED: whether a live worker consumes its queue")
     warning: str | None = Field(None, description="why it may wait: no live worker consumes its queue")
+    phase: str | None = Field(None, description="a job's step: split, shards (they run; it holds no worker) or merge")
+    shards: ShardSummary | None = Field(None, description="a job's shards, once it has split")
+    job: JobOf | None = Field(None, description="a shard's job")
     created_at: str | None
     queued_at: str | None
     started_at: str | None

@@ -55,6 +55,7 @@ class Finisher:
         self.outputs: list[str] = []
         self.started_at: float | None = None  # when the handler started: after the claim, for a task claimed ahead
         self.handled = False  # the handler returned an exception for this event (a batch's): "Handled", not raised
+        self.shards: list[dict[str, Any]] | None = None  # a job's: its shards, listed in its record
 
     def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
         self.outputs = outputs or []
@@ -91,6 +92,8 @@ class Finisher:
             outputs=self.outputs,
             handled=self.handled,
         )
+        if self.shards is not None:  # gpufleet's own, where a Lambda consumer ignores it
+            record["responseContext"]["shards"] = self.shards
         fields = {**fields, "condition": condition.value}
         if self.started_at is not None:
             fields["started_at"] = self.started_at

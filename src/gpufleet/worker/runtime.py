@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from gpufleet import trace
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function, validation_problem
+from gpufleet.jobs import WAITING
 from gpufleet.messages import Envelopes, MessageFactory, parse_queue
 from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, error_payload
@@ -30,6 +31,7 @@ from gpufleet.settings import Fleet
 from gpufleet.worker import batch
 from gpufleet.worker.ahead import HOLD_S, Ahead
 from gpufleet.worker.context import TaskContext, complete_event
+from gpufleet.worker.jobs import JobSteps
 from gpufleet.worker.lease import LeaseKeeper, owner_is_dead, owner_token
 from gpufleet.worker.outcome import Finisher, Outcomes
 from gpufleet.worker.scratch import default_root, open_root
@@ -59,6 +61,7 @@ class Runtime:
         self._lease: LeaseKeeper | None = None
         self._ahead: Ahead | None = None
         self._envelopes: Envelopes | None = None
+        self._jobs: JobSteps | None = None
         self._ran: list[tuple[str, str]] = []  # the tasks of the last run, whose outcomes may be on their way
         self._built: list[Callable[[], Any]] = []  # the last run's outcomes, to build into its pipeline
         self._said: list[Callable[[], None]] = []  # the last run's log lines, said once its outcomes are written
@@ -104,6 +107,12 @@ class Runtime:
         return self._envelopes
 
     @property
+    def jobs(self) -> JobSteps:
+        if self._jobs is None:
+            self._jobs = JobSteps(self)
+        return self._jobs
+
+    @property
     def lease(self) -> LeaseKeeper:
         if self._lease is None:
             grace = self.fleet.settings.worker.cancel_grace_s
@@ -117,6 +126,7 @@ class Runtime:
         self._lease = None
         self._ahead = None
         self._objects = None
+        self._jobs = None
         self._states.clear()
         self.lease.name = f"gpufleet-lease-{os.getpid()}"
         signal.signal(signal.SIGALRM, self._soft_limit)
@@ -276,18 +286,20 @@ class Runtime:
             return
         self.slot.arm([(item.task_id, item.token)], time.time() + fn.timeout_s + self.kill_grace_s)
         bound = self._bound(item)
-        if not self._may_start(item, done, fn, bound):
+        if fn.shards is not None:
+            self.jobs.run(item, fn, done, bound)
             return
-        self._current = {item.task_id: done}
-        self.lease.hold([(item.task_id, item.token)])
+        if not self.may_start(item, done, fn, bound):
+            return
+        self.begin(item, done)
         bound.debug("task started")  # at info, one line per task is enough: a log line costs ~0.15 ms between tasks
-        began, done.started_at = time.monotonic(), time.time()
+        began = time.monotonic()
         try:
-            payload, obj = self._payload(fn, item.event, item.meta)
+            payload, obj = self.payload(fn, item.event, item.meta)
             result = self.guarded(fn, lambda: self._call(fn, item, payload, obj, done))
             value = batch.to_json(fn, result)
         except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes on up
-            self._failed(done, exc, fn, bound)
+            self.failed(done, exc, fn, bound)
         else:
             if self.lease.cancel_requested(item.task_id):
                 bound.info("task cancelled; the handler returned early")
@@ -300,8 +312,17 @@ class Runtime:
                 self._said.append(functools.partial(bound.info, "task succeeded", duration_ms=took, **ids))
         finally:
             self._recent[fn.name] = time.monotonic() - began
-            self.lease.release()
-            self._current = {}
+            self.end()
+
+    def begin(self, item: _Item, done: Finisher) -> None:
+        """The task's handler starts now: the cancel killer and the lease keeper know it."""
+        self._current = {item.task_id: done}
+        self.lease.hold([(item.task_id, item.token)])
+        done.started_at = time.time()
+
+    def end(self) -> None:
+        self.lease.release()
+        self._current = {}
 
     def _run_batch(self, items: list[_Item], fn: Function, pipe: Any) -> None:
         """Each task's own checks, then one call for those that may run (see :mod:`gpufleet.worker.batch`)."""
@@ -309,12 +330,12 @@ class Runtime:
         self._ran = [(item.task_id, item.token) for item in items]
         for item in items:
             done = Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
-            if not self._may_start(item, done, fn, self._bound(item)):
+            if not self.may_start(item, done, fn, self._bound(item)):
                 continue
             try:
-                payload, obj = self._payload(fn, item.event, item.meta)
+                payload, obj = self.payload(fn, item.event, item.meta)
             except Exception as exc:  # noqa: BLE001 - one event's payload: that event fails alone
-                self._failed(done, exc, fn, self._bound(item))
+                self.failed(done, exc, fn, self._bound(item))
                 continue
             members.append(batch.Member(item, done, payload, obj))
         if not members:
@@ -324,7 +345,7 @@ class Runtime:
         log.info("batch started", function=fn.name, size=len(members), task_ids=[m.item.task_id for m in members])
         began = time.monotonic()
         try:
-            batch.settle(self, fn, members, lambda m, exc: self._failed(m.done, exc, fn, self._bound(m.item)))
+            batch.settle(self, fn, members, lambda m, exc: self.failed(m.done, exc, fn, self._bound(m.item)))
         finally:
             self._recent[fn.name] = time.monotonic() - began
             self.lease.release()
@@ -334,14 +355,14 @@ class Runtime:
         return log.bind(task_id=item.task_id, function=item.function, event_id=item.meta.get("source"),
                         attempt=item.claim.attempts)  # fmt: skip
 
-    def _may_start(self, item: _Item, done: Finisher, fn: Function, bound: Any) -> bool:
+    def may_start(self, item: _Item, done: Finisher, fn: Function, bound: Any, check_age: bool = True) -> bool:
         """False, with its outcome recorded, for a task that must not run: cancelled, too old, or out of attempts."""
         claim = item.claim
         if claim.cancel_requested:  # cancelled while running on a worker that died before it could stop
             done.cancelled("cancelled before this attempt started")
             return False
         age = time.time() - claim.event_ts
-        if fn.max_event_age_s is not None and age > fn.max_event_age_s:
+        if check_age and fn.max_event_age_s is not None and age > fn.max_event_age_s:
             bound.warning("event too old; expired without running", age_s=round(age, 3))
             done.finish(State.EXPIRED, Condition.EVENT_AGE_EXCEEDED, {"errorType": "EventAgeExceeded",
                         "errorMessage": f"event waited {age:.1f} s > max_event_age_s {fn.max_event_age_s:g}",
@@ -353,7 +374,7 @@ class Runtime:
             return False
         return True
 
-    def _failed(self, done: Finisher, exc: BaseException, fn: Function, bound: Any) -> None:
+    def failed(self, done: Finisher, exc: BaseException, fn: Function, bound: Any) -> None:
         """The outcome of an attempt that raised (or, in a batch, of an event whose result is an exception)."""
         from celery.exceptions import SoftTimeLimitExceeded
 
@@ -413,6 +434,9 @@ class Runtime:
             bound.info("duplicate delivery of a finished task; dropped", state=state.value)
             return None
         owner = record.get("token", "")
+        if owner == WAITING:
+            bound.info("job waits for its shards; dropping this delivery")
+            return None
         if state is State.RUNNING:
             lapsed = float(record.get("lease_until", 0)) < time.time()
             if not (lapsed or owner_is_dead(owner, self.host)):
@@ -441,7 +465,7 @@ class Runtime:
             self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
         return self._states[fn.name]
 
-    def _payload(self, fn: Function, event: Any, meta: dict[str, Any]) -> tuple[Any, ObjectEvent | None]:
+    def payload(self, fn: Function, event: Any, meta: dict[str, Any]) -> tuple[Any, ObjectEvent | None]:
         """What the handler gets: the event, completed (an object event) and validated (a payload model)."""
         obj = None
         if meta.get("kind") == "object":

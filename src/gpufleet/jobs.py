@@ -1,0 +1,218 @@
+"""Sharded jobs: a job splits its event into shards, the shards run as tasks of their own, and a merge step combines
+their results (declared with :func:`gpufleet.functions.job`).
+
+How a job moves, all in the registry:
+
+1. **Split.** The job is a task like any other (its id derives from its event), queued on its own function's
+   queue. A worker claims it and runs the split. ``SPLIT`` then creates the shards and parks the job in one atomic
+   step: a redelivered event finds the job already there, and a split that ran twice (its worker died before
+   ``SPLIT``) creates the same shards once, since shard ids derive from the job id and the index (``<job>~<i>``).
+2. **Shards.** Each shard is a task of the shard function, with its own attempts, backoff, timeout, pool, lease and
+   priority (the job's). The job is RUNNING meanwhile but held by no worker: its owner is :data:`WAITING`, which no
+   process holds, so no delivery takes it over, and it has no lease to lapse. Each shard that ends counts in the job
+   (``FINISH`` and ``FINISH_QUEUED`` call ``shard_done``), and the last one queues the job's final step.
+3. **Merge.** A worker of the job's queue claims it again: with every shard SUCCEEDED it runs merge over their
+   results (in index order); otherwise the job FAILS and its error names the shards that did not succeed. One
+   record for the job goes to its destinations, listing its shards.
+
+Retrying a FAILED job (``RETRY_JOB``) runs again only the shards that did not succeed, then merges; a job whose
+split never finished runs again from its split. Cancelling a job cancels its shards (queued ones at once, running
+ones cooperatively, then killed), and the job ends CANCELLED once they have.
+
+Shards of two jobs interleave by priority, then arrival: each shard is queued with its job's priority when the job
+splits, so a job's shards queue behind whatever was queued before them at that level, a later job's at the same
+priority behind them, and a job of higher priority goes first. Aging (``queues.aging_s``) lifts whatever waits,
+shards included, so nothing starves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gpufleet import lua
+from gpufleet.registry import State
+
+if TYPE_CHECKING:
+    from gpufleet.registry import NewTask, Registry
+
+# A shard event is JSON of at most this: a reference (an s3:// URI, a byte range, a tile), not the data itself.
+MAX_SHARD_EVENT_BYTES = 64 * 1024
+WAITING = "job:waiting-for-shards"  # a parked job's owner token: no process has it (tokens are host/pid/start/nonce)
+SHARD_FIELDS = ("state", "attempts", "worker", "started_at", "finished_at", "error", "outputs", "last_error")
+
+
+def shard_id(job_id: str, index: int) -> str:
+    """``<job>~<index>``: ``~`` is in no id a producer may supply, nor in the API's and object events', so a shard id
+    never meets another task's."""
+    return f"{job_id}~{index}"
+
+
+# KEYS: job, leases.  ARGV: prefix, now, batch (as ENQUEUE_MANY's, each entry with the job id and shard index),
+#   owner token, the job's message for its merge step, then each shard's envelope, event and meta.
+# The split is done: the shards become tasks and the job waits for them, on no worker. Only the owner that ran the
+# split may do this, and not once the job was cancelled. Shards that already exist (from an earlier life of the job)
+# count as they stand: a finished one is not run again. Returns 'ok', 'cancelled' or 'lost'.
+SPLIT = (
+    lua.HELPERS
+    + lua.CREATE
+    + """
+local job, prefix, now = KEYS[1], ARGV[1], ARGV[2]
+if not owned(job, ARGV[4]) then return 'lost' end
+if redis.call('HGET', job, 'cancel') == '1' then return 'cancelled' end
+local tasks = cjson.decode(ARGV[3])
+create_tasks(prefix, now, tasks, 5)
+local id = redis.call('HGET', job, 'id')
+local ok, bad = 0, 0
+for _, t in ipairs(tasks) do
+  local state = redis.call('HGET', prefix .. ':task:' .. t[1], 'state')
+  if state == 'SUCCEEDED' then ok = ok + 1 elseif retriable(state) then bad = bad + 1 end
+end
+redis.call('ZREM', KEYS[2], id)
+unbusy(prefix, job, id)
+redis.call('HDEL', job, 'lease_until')
+redis.call('HSET', job, 'phase', 'shards', 'shards', #tasks, 'shards_ok', ok, 'shards_bad', bad, 'token', '"""
+    + WAITING
+    + """', 'merge_envelope', ARGV[5], 'progress', (ok + bad) / #tasks, 'progress_message', '')
+if ok + bad >= #tasks then job_step(prefix, job, now) end
+return 'ok'
+"""
+)
+
+# KEYS: job.  ARGV: prefix, now, then (shard id, envelope) pairs: the message of each shard that may run again.
+# A FAILED, TIMED_OUT, CANCELLED or EXPIRED job that had split runs again from where it stopped: its shards that did
+# not succeed run again from attempt 1 (their results, and those of the others, are kept), and it merges once they are
+# done; with every shard SUCCEEDED, it merges at once. Returns {outcome, state}: 'queued' (state: the job's before),
+# 'missing', 'conflict' (the job is not retriable: its state), or 'expired' (a shard's record is gone: its id).
+RETRY_JOB = (
+    lua.HELPERS
+    + """
+local job, prefix, now = KEYS[1], ARGV[1], ARGV[2]
+local state, id, n = unpack(redis.call('HMGET', job, 'state', 'id', 'shards'))
+if not state then return {'missing', ''} end
+if not retriable(state) then return {'conflict', state} end
+local envelopes = {}
+for i = 3, #ARGV, 2 do envelopes[ARGV[i]] = ARGV[i + 1] end
+local ok, again = 0, {}
+for i = 0, tonumber(n) - 1 do
+  local sid = id .. '~' .. i
+  local s = redis.call('HGET', prefix .. ':task:' .. sid, 'state')
+  if s == 'SUCCEEDED' then
+    ok = ok + 1
+  elseif not s or not envelopes[sid] then
+    return {'expired', sid}
+  else
+    again[#again + 1] = {sid, s}
+  end
+end
+redis.call('PERSIST', job)
+redis.call('HDEL', job, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at', 'worker',
+  'gpu')
+redis.call('HINCRBY', job, 'manual_retries', 1)
+redis.call('HSET', job, 'state', 'RUNNING', 'phase', 'shards', 'shards_ok', ok, 'shards_bad', 0, 'attempts', 0,
+  'token', '"""
+    + WAITING
+    + """', 'progress', ok / tonumber(n))
+move(prefix, redis.call('HGET', job, 'function'), id, state, 'RUNNING', redis.call('HGET', job, 'seq'))
+for _, sid in ipairs(again) do
+  rerun(prefix, prefix .. ':task:' .. sid[1], sid[1], sid[2], envelopes[sid[1]], now)
+end
+if #again == 0 then job_step(prefix, job, now) end
+return {'queued', state}
+"""
+)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard as its record stands."""
+
+    index: int
+    id: str
+    state: str | None  # None: its record is gone (retention passed)
+    attempts: int
+    worker: str | None
+    started_at: float | None
+    finished_at: float | None
+    error: Any
+    outputs: list[str]
+
+    def view(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "id": self.id, "state": self.state, "attempts": self.attempts,
+                               "worker": self.worker, "started_at": self.started_at,
+                               "finished_at": self.finished_at}  # fmt: skip
+        if self.outputs:
+            out["outputs"] = self.outputs
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+class JobStore:
+    """A job's registry operations (the scripts above), and its shards as they stand."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._split = registry.client.register_script(SPLIT)
+        self._retry = registry.client.register_script(RETRY_JOB)
+
+    def split(self, job_id: str, token: str, shards: list[NewTask], merge_envelope: bytes) -> str:
+        """Create the shards and park the job (see :data:`SPLIT`): ``'ok'``, ``'cancelled'`` or ``'lost'``."""
+        reg, now = self.registry, repr(time.time())
+        batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure,
+                               str(t.max_attempts), t.source, now, repr(t.event_ts),
+                               "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag, t.origin,
+                               str(t.message.priority), t.overflow, job_id, str(i)]
+                              for i, t in enumerate(shards)])  # fmt: skip
+        args: list[str | bytes] = [reg.prefix, now, batch, token, merge_envelope]
+        for t in shards:
+            args += (t.message.envelope, t.message.event, t.message.meta)
+        return str(self._split(keys=[reg.task_key(job_id), reg.leases_key], args=args).decode())
+
+    def retry(self, job_id: str, envelopes: dict[str, bytes]) -> tuple[str, str]:
+        """Run a finished job's unsuccessful shards again, then merge (see :data:`RETRY_JOB`)."""
+        args: list[str | bytes] = [self.registry.prefix, repr(time.time())]
+        for sid, envelope in envelopes.items():
+            args += (sid, envelope)
+        outcome, state = self._retry(keys=[self.registry.task_key(job_id)], args=args)
+        return outcome.decode(), state.decode()
+
+    def shards(self, job_id: str, n: int) -> list[Shard]:
+        """Each shard of the job, in index order (one round trip)."""
+        pipe = self.registry.pipeline()
+        for i in range(n):
+            pipe.hmget(self.registry.task_key(shard_id(job_id, i)), SHARD_FIELDS)
+        out = []
+        for i, row in enumerate(pipe.execute()):
+            state, attempts, worker, started, finished, error, outputs, last_error = (
+                v.decode() if v is not None else None for v in row
+            )
+            problem = (error or last_error) if state is not None and state != State.SUCCEEDED.value else None
+            out.append(Shard(i, shard_id(job_id, i), state, int(attempts or 0), worker or None,
+                             float(started) if started else None, float(finished) if finished else None,
+                             orjson.loads(problem) if problem else None,
+                             orjson.loads(outputs) if outputs else []))  # fmt: skip
+        return out
+
+    def results(self, job_id: str, n: int) -> list[Any]:
+        """The shards' results, in index order (one round trip)."""
+        pipe = self.registry.pipeline()
+        for i in range(n):
+            pipe.hget(self.registry.task_key(shard_id(job_id, i)), "result")
+        return [orjson.loads(r) if r is not None else None for r in pipe.execute()]
+
+
+def summary(shards: list[Shard]) -> dict[str, Any]:
+    """``{"total", "done", "progress", "counts": {state: n}, "items": [each shard]}``: a job's ``shards`` in its
+    status view."""
+    counts: dict[str, int] = {}
+    for shard in shards:
+        key = shard.state or "GONE"
+        counts[key] = counts.get(key, 0) + 1
+    done = sum(n for state, n in counts.items() if state not in (State.QUEUED.value, State.RUNNING.value))
+    total = len(shards)
+    return {"total": total, "done": done, "progress": done / total if total else 0.0, "counts": counts,
+            "items": [s.view() for s in shards]}  # fmt: skip

@@ -1,0 +1,138 @@
+"""A sharded job's two steps on a worker (see :mod:`gpufleet.jobs`): the split, which creates the shards and parks
+the job, and the last step, which merges the shards' results, or fails the job naming the shards that did not
+succeed. Each step is one attempt of the job's task, under the job's own timeout, attempts and cancel."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from gpufleet import trace
+from gpufleet.errors import EventError, PermanentTaskError
+from gpufleet.intake import Intake, Producer
+from gpufleet.jobs import MAX_SHARD_EVENT_BYTES, JobStore, Shard, shard_id
+from gpufleet.records import Condition
+from gpufleet.registry import State
+from gpufleet.worker.batch import to_json
+from gpufleet.worker.context import TaskContext
+
+if TYPE_CHECKING:
+    from gpufleet.functions import Function
+    from gpufleet.registry import NewTask
+    from gpufleet.worker.outcome import Finisher
+    from gpufleet.worker.runtime import Runtime, _Item
+
+log = structlog.get_logger("gpufleet.worker")
+JOB_ORIGIN = "job"  # who names shard ids: only a job's split (see gpufleet.ids)
+RECORD_FIELDS = ("phase", "shards", "priority", "event", "meta", "queue")
+
+
+class JobSteps:
+    """One per pool process: what it needs to split (an intake for the shards) and to merge."""
+
+    def __init__(self, rt: Runtime) -> None:
+        from gpufleet.placer import Placer
+
+        self.rt = rt
+        self.store = JobStore(rt.registry)
+        placer = Placer(rt.registry, rt.fleet.functions.values())
+        self.intake = Intake(rt.fleet, Producer("job", JOB_ORIGIN, MAX_SHARD_EVENT_BYTES), placer)
+
+    def run(self, item: _Item, fn: Function, done: Finisher, bound: Any) -> None:
+        """The job's step now: its split, or (its shards all done) its merge."""
+        raw = self.rt.registry.client.hmget(self.rt.registry.task_key(item.task_id), RECORD_FIELDS)
+        phase, shards, priority, event, meta, queue = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
+        merging = phase == "merge"
+        if not self.rt.may_start(item, done, fn, bound, check_age=not merging):  # the age is the split's to check
+            return
+        self.rt.begin(item, done)
+        try:
+            payload, obj = self.rt.payload(fn, item.event, item.meta)
+            ctx = TaskContext(self.rt, item.task_id, fn.name, item.claim.attempts, self.rt.state_of(fn), item.meta,
+                              obj)  # fmt: skip
+            try:
+                if merging:
+                    self._merge(item, fn, done, ctx, payload, int(shards), bound)
+                else:
+                    merge_envelope = self.rt.envelopes(item.task_id, fn.name, event.encode(), meta.encode(), queue)
+                    assert merge_envelope is not None  # fn is served here
+                    self._split(item, fn, done, ctx, payload, int(priority or 4), merge_envelope, bound)
+            finally:
+                done.outputs = ctx.outputs
+                ctx.close()
+        except Exception as exc:  # noqa: BLE001 - what split or merge raised is the step's outcome
+            self.rt.failed(done, exc, fn, bound)
+        finally:
+            self.rt.end()
+
+    def _split(self, item: _Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, priority: int,
+               merge_envelope: bytes, bound: Any) -> None:  # fmt: skip
+        events = self.rt.guarded(fn, lambda: fn.handler(payload, ctx))
+        tasks = self._shards(item, fn, events, priority)
+        outcome = self.store.split(item.task_id, item.token, tasks, merge_envelope)
+        if outcome == "cancelled":
+            done.cancelled("cancelled before its shards were created")
+        elif outcome == "lost":
+            bound.warning("job was taken over or finished elsewhere; its shards were not created")
+        else:
+            bound.info("job split", shards=len(tasks), shard_function=tasks[0].message.function)
+
+    def _shards(self, item: _Item, fn: Function, events: Any, priority: int) -> list[NewTask]:
+        """The shard tasks of what split returned; a split that cannot be run as shards fails the job for good."""
+        assert fn.shards is not None
+        limit = fn.shards.max_shards
+        if not isinstance(events, list | tuple):
+            raise PermanentTaskError("BadSplit", f"job {fn.name!r}: split returned a {type(events).__name__}, not a "
+                                     "list of shard events")  # fmt: skip
+        if not events:
+            raise PermanentTaskError("BadSplit", f"job {fn.name!r}: split returned no shards")
+        if len(events) > limit:
+            raise PermanentTaskError("TooManyShards", f"job {fn.name!r}: split returned {len(events)} shards, more "
+                                     f"than max_shards={limit}")  # fmt: skip
+        shard_fn = self.rt.fleet.functions[fn.shards.function]
+        meta = {k: v for k, v in item.meta.items() if k not in ("source", "trigger", trace.HEADER)}
+        tasks = []
+        for i, event in enumerate(events):
+            try:
+                self.intake.accept(event)
+                task = self.intake.task(shard_fn, event, shard_id(item.task_id, i), f"{item.task_id} shard {i}",
+                                        meta={**meta, "job": item.task_id}, traceparent=item.meta.get(trace.HEADER),
+                                        priority=priority)  # fmt: skip
+            except EventError as exc:
+                raise PermanentTaskError("BadShard", f"job {fn.name!r}: shard {i}: {exc}") from None
+            keep = fn.shards.records
+            tasks.append(task._replace(on_success=item.claim.on_success if keep else "",
+                                       on_failure=item.claim.on_failure if keep else ""))  # fmt: skip
+        return tasks
+
+    def _merge(self, item: _Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, n: int,
+               bound: Any) -> None:  # fmt: skip
+        assert fn.shards is not None
+        assert fn.shards.merge_fn is not None  # checked at load
+        shards = self.store.shards(item.task_id, n)
+        done.shards = [s.view() for s in shards]
+        bad = [s for s in shards if s.state != State.SUCCEEDED.value]
+        if bad:
+            message = f"{len(bad)} of {n} shards did not succeed: " + "; ".join(_why(s) for s in bad[:5])
+            bound.error("job failed: shards did not succeed", shards=[s.index for s in bad])
+            done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, {"errorType": "ShardsFailed",
+                        "errorMessage": message, "stackTrace": [], "shards": [s.index for s in bad]})  # fmt: skip
+            return
+        merge, results = fn.shards.merge_fn, self.store.results(item.task_id, n)
+        began = time.monotonic()
+        value = to_json(fn, self.rt.guarded(fn, lambda: merge(payload, results, ctx)))
+        if self.rt.lease.cancel_requested(item.task_id):
+            done.cancelled("cancelled while merging; the merge returned early")
+            return
+        done.succeed(value, ctx.outputs)
+        bound.info("job succeeded", shards=n, merge_ms=round((time.monotonic() - began) * 1000, 3))
+
+
+def _why(shard: Shard) -> str:
+    if shard.state is None:
+        return f"shard {shard.index} ({shard.id}): its record is gone (retention passed)"
+    error = shard.error or {}
+    what = f"{error.get('errorType', '')}: {error.get('errorMessage', '')}" if error else "no error recorded"
+    return f"shard {shard.index} ({shard.id}) {shard.state} after {shard.attempts} attempt(s): {what}"
