@@ -209,9 +209,11 @@ def tile(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
 @job(name="tiles", shard=tile, max_shards=40, max_attempts=2, backoff_s=0.2)
 def tiles(event: dict[str, Any], ctx: Context) -> Any:
     """Splits into ``n`` shards (``shard`` settings per index: fail, broken, seconds); ``split`` overrides what it
-    returns (a bad split)."""
+    returns (a bad split), and ``blob`` makes one shard event of that many bytes."""
     if "split" in event:
         return event["split"]
+    if "blob" in event:  # a shard event too big to pass inline
+        return [{"i": 0, "blob": "x" * event["blob"]}]
     per = event.get("shard", {})
     return [{"i": i, "seconds": event.get("seconds", 0.1), **per.get(str(i), {})} for i in range(event["n"])]
 

@@ -101,7 +101,11 @@ class JobSteps:
                                         meta={**meta, "job": item.task_id}, traceparent=item.meta.get(trace.HEADER),
                                         priority=priority)  # fmt: skip
             except EventError as exc:
-                raise PermanentTaskError("BadShard", f"job {fn.name!r}: shard {i}: {exc}") from None
+                why = str(exc)
+                if exc.reason == "oversize":
+                    why = (f"its event is {exc.detail.split()[0]} bytes, more than the {MAX_SHARD_EVENT_BYTES} a "
+                           "shard event may hold: pass a reference (an s3:// URI and a range)")  # fmt: skip
+                raise PermanentTaskError("BadShard", f"job {fn.name!r}: shard {i}: {why}") from None
             keep = fn.shards.records
             tasks.append(task._replace(on_success=item.claim.on_success if keep else "",
                                        on_failure=item.claim.on_failure if keep else ""))  # fmt: skip
