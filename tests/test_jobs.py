@@ -8,6 +8,7 @@ import signal
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from gpufleet.control import ControlPlane
@@ -136,3 +137,56 @@ def test_a_split_that_cannot_run_as_shards_fails_the_job_at_once_with_why(
     assert view["state"] == "FAILED" and view["attempts"] == 1, view  # not retried: every attempt would split so
     assert view["error"]["errorType"] == error_type and message in view["error"]["errorMessage"], view["error"]
     assert harness.redis.exists(harness.registry.task_key(shard_id(job, 0))) == 0  # no shard was created
+
+
+def records(harness: FleetHarness) -> list[tuple[str, dict[str, Any]]]:
+    """The callback records written so far (no dispatcher runs here: they wait in the stream), as (key, record)."""
+    return [(f[b"key"].decode(), orjson.loads(f[b"value"]))
+            for _, f in harness.redis.xrange(harness.registry.callbacks_key)]  # fmt: skip
+
+
+def test_one_record_for_the_job_lists_its_shards_and_shard_records_are_optional(harness: FleetHarness) -> None:
+    plane = up(harness)
+    job = plane.invoke("tiles", {"n": 3}).id
+    assert finished(plane, job)["state"] == "SUCCEEDED"
+    [(key, record)] = records(harness)  # the shards send none
+    assert key == job and record["requestContext"]["condition"] == "Success"
+    assert record["responsePayload"] == {"n": 3, "values": [0, 10, 20]}
+    listed = record["responseContext"]["shards"]
+    assert [(s["index"], s["id"], s["state"], s["attempts"]) for s in listed] == [
+        (i, shard_id(job, i), "SUCCEEDED", 1) for i in range(3)]  # fmt: skip
+
+    logged = plane.invoke("tiles_logged", {"n": 2}).id  # shard_records=True: each shard's record too
+    assert finished(plane, logged)["result"] == 10
+    keys = [key for key, _ in records(harness)[1:]]
+    assert sorted(keys) == sorted([shard_id(logged, 0), shard_id(logged, 1), logged]) and keys[-1] == logged
+
+
+@pytest.mark.parametrize("step", ["split", "merge"])
+def test_a_worker_killed_mid_split_or_mid_merge_runs_that_step_again_and_no_shard_twice(
+    harness: FleetHarness, step: str
+) -> None:
+    plane = up(harness)
+    job = plane.invoke("tiles", {"n": 3, f"{step}_s": 4}).id
+    harness.wait_for(lambda: harness.redis.get(f"{step}s:{job}"), what=f"the {step} to start")
+    harness.wait_for(lambda: any(g.get("task_id") == job for g in plane.gpus()), what=f"the {step} on a GPU")
+    [gpu] = [g for g in plane.gpus() if g.get("task_id") == job]
+    os.kill(gpu["pid"], signal.SIGKILL)
+    view = finished(plane, job, timeout_s=90)
+    assert view["state"] == "SUCCEEDED" and view["result"]["values"] == [0, 10, 20], view
+    assert int(harness.redis.get(f"{step}s:{job}") or 0) == 2
+    assert [harness.runs(shard_id(job, i)) for i in range(3)] == [1, 1, 1]
+
+
+def test_shards_inherit_their_job_s_priority_so_a_small_urgent_job_passes_a_big_one(harness: FleetHarness) -> None:
+    plane = up(harness, gpus=1)
+    big = plane.invoke("tiles", {"n": 8, "seconds": 0.4}, priority=2).id
+    harness.wait_for(lambda: plane.status(big).get("phase") == "shards", what="the big job split")
+    small = plane.invoke("tiles", {"n": 2, "seconds": 0.1}, priority=8).id
+    small_view, big_view = finished(plane, small), finished(plane, big)
+    assert small_view["state"] == big_view["state"] == "SUCCEEDED"
+    assert plane.status(shard_id(small, 0))["priority"] == 8 and plane.status(shard_id(big, 0))["priority"] == 2
+    # The small job's shards ran before most of the big job's: the big one had queued all eight before it came.
+    small_done = max(s["finished_at"] for s in small_view["shards"]["items"])
+    after = [s for s in big_view["shards"]["items"] if s["started_at"] > small_done]
+    assert len(after) >= 5, big_view["shards"]["items"]

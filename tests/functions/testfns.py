@@ -209,7 +209,10 @@ def tile(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
 @job(name="tiles", shard=tile, max_shards=40, max_attempts=2, backoff_s=0.2)
 def tiles(event: dict[str, Any], ctx: Context) -> Any:
     """Splits into ``n`` shards (``shard`` settings per index: fail, broken, seconds); ``split`` overrides what it
-    returns (a bad split), and ``blob`` makes one shard event of that many bytes."""
+    returns (a bad split), and ``blob`` makes one shard event of that many bytes. Split and merge count their runs
+    and sleep ``split_s`` and ``merge_s``."""
+    _redis().incr(f"splits:{ctx.task_id}")
+    time.sleep(event.get("split_s", 0))
     if "split" in event:
         return event["split"]
     if "blob" in event:  # a shard event too big to pass inline
@@ -220,4 +223,17 @@ def tiles(event: dict[str, Any], ctx: Context) -> Any:
 
 @tiles.merge
 def merge_tiles(event: dict[str, Any], results: list[dict[str, Any]], ctx: Context) -> dict[str, Any]:
+    _redis().incr(f"merges:{ctx.task_id}")
+    time.sleep(event.get("merge_s", 0))
     return {"n": len(results), "values": [r["value"] for r in results]}
+
+
+@job(name="tiles_logged", shard=tile, shard_records=True)
+def tiles_logged(event: dict[str, Any], ctx: Context) -> list[dict[str, Any]]:
+    """As ``tiles``, and each shard sends its own record too."""
+    return [{"i": i} for i in range(event["n"])]
+
+
+@tiles_logged.merge
+def merge_logged(event: dict[str, Any], results: list[dict[str, Any]], ctx: Context) -> int:
+    return sum(r["value"] for r in results)
