@@ -15,6 +15,7 @@ from gpufleet.control import ControlPlane
 from gpufleet.errors import ConflictError
 from gpufleet.jobs import shard_id
 from tests.harness import FleetHarness
+from tests.test_cli_control import cli
 
 
 def up(harness: FleetHarness, gpus: int = 2) -> ControlPlane:
@@ -71,6 +72,10 @@ def test_a_shard_that_always_fails_fails_the_job_and_a_retry_runs_only_that_shar
     assert f"shard 3 ({shard_id(job, 3)}) FAILED after 3 attempt(s): ValueError: tile 3 cannot be processed" in (
         view["error"]["errorMessage"])  # fmt: skip
     assert view["shards"]["counts"] == {"SUCCEEDED": 4, "FAILED": 1}
+    shown = cli(harness, "status", job).stdout  # gpufleet status: the progress, then a line per shard
+    assert "shards     5/5 done: 1 FAILED, 4 SUCCEEDED" in shown, shown
+    [row] = [line for line in shown.splitlines() if line.startswith("3 ")]
+    assert row.split()[:3] == ["3", "FAILED", "3"] and "ValueError: tile 3 cannot be processed" in row, row
     with pytest.raises(ConflictError, match="retry the job") as refused:  # a shard alone: its job would not know
         plane.retry(shard_id(job, 3))
     assert refused.value.code == "retry_the_job"

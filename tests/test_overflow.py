@@ -11,7 +11,7 @@ import signal
 import time
 from typing import Any
 
-from gpufleet.cli.tasks import render_status
+from gpufleet.cli.views import render_status
 from gpufleet.control import ControlPlane
 from gpufleet.snapshot import read
 from tests.harness import FleetHarness

@@ -27,12 +27,12 @@ from gpufleet.cli.output import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TIMEOUT,
-    one_line,
     print_json,
     seconds,
     table,
 )
-from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
+from gpufleet.cli.progress import ProgressDisplay, follow
+from gpufleet.cli.views import render_status
 from gpufleet.errors import BrokerError, InvalidRequestError, unreachable_hint
 from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 
@@ -272,47 +272,6 @@ def _follow(args: argparse.Namespace, plane: ControlPlane, task_id: str, extra: 
               file=sys.stderr)  # fmt: skip
         return EXIT_TIMEOUT
     return EXIT_OK if view["state"] == "SUCCEEDED" else EXIT_FAILED
-
-
-def render_status(view: dict[str, Any], plane: ControlPlane | None = None) -> str:
-    """The human form of a task view; a QUEUED task also shows its place in the queue (one more read)."""
-    lines: list[tuple[str, object]] = [("task", view["id"]), ("function", view["function"])]
-    state = view["state"]
-    if view.get("condition") and view["condition"] != "Success":
-        state = f"{state} ({view['condition']})"
-    lines += [("state", state), ("attempts", f"{view.get('attempts', 0)}/{view.get('max_attempts', '?')}")]
-    for key in ("created_at", "queued_at", "started_at", "finished_at", "retry_at"):
-        if view.get(key):
-            lines.append((key.removesuffix("_at").replace("_", " "), view[key]))
-    if view.get("cancel_requested"):
-        lines.append(("cancel", f"requested at {view.get('cancel_requested_at') or '?'}"))
-    if view.get("worker"):
-        lines.append(("worker", f"{view['worker']} ({view.get('gpu') or '?'})"))
-    if view.get("pool"):
-        lines.append(("pool", f"{view['pool']}{' (overflowed: not its first pool)' if view.get('overflowed') else ''}"))
-    if view["state"] == "QUEUED" and plane is not None:
-        pos = plane.position(view["id"])
-        if pos.get("position"):
-            lines.append(("position", f"{pos['position']} of {pos['queue_length']} in queue {pos['queue']}"))
-        elif pos.get("retry_at"):
-            lines.append(("position", f"waiting to retry at {pos['retry_at']}"))
-    if view.get("warning"):
-        lines.append(("warning", view["warning"]))
-    if view["state"] == "RUNNING":
-        lines.append(("progress", bar_line(view)))
-    if view.get("result") is not None:
-        lines.append(("result", orjson.dumps(view["result"]).decode()[:2000]))
-    for key, label in (("error", "error"), ("last_error", "last error")):
-        err = view.get(key)
-        if err and (key == "error" or view["state"] not in ("FAILED", "TIMED_OUT", "CANCELLED", "EXPIRED")):
-            lines.append((label, _error_text(err)))
-    return "\n".join(f"{label:<10} {one_line(value)}" for label, value in lines)
-
-
-def _error_text(err: object) -> str:
-    if isinstance(err, dict):
-        return f"{err.get('errorType', 'Error')}: {err.get('errorMessage', '')}"
-    return str(err)
 
 
 # -- listings ----------------------------------------------------------------------------------------------------
