@@ -91,6 +91,25 @@ def test_log_in_see_a_task_run_and_cancel_one(browser: Any, fleet: Api, tmp_path
     context.close()
 
 
+def test_a_job_shows_its_shards_progress_and_the_one_that_failed(browser: Any, fleet: Api) -> None:
+    job = fleet.invoke("tiles", {"n": 4, "shard": {"2": {"broken": "dashboard"}}})
+    fleet.harness.wait_for(lambda: fleet.task(job)["state"] == "FAILED", what="the job to fail")
+    view = fleet.task(job)  # the API's view, through its response model
+    assert view["phase"] == "merge" and view["shards"]["counts"] == {"SUCCEEDED": 3, "FAILED": 1}
+    assert view["shards"]["items"][2]["error"]["errorType"] == "ValueError"
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{fleet.url}/dashboard")
+    page.fill("#token", TOKEN)
+    page.click("#login-form button[type=submit]")
+    page.click(f"#tasks button[data-task='{job}']", timeout=60_000)
+    page.wait_for_selector("#shards-summary:has-text('4/4 shards done: 3 SUCCEEDED, 1 FAILED')")
+    row = page.locator("#shards tbody tr").nth(2)
+    assert row.locator(".state-FAILED").inner_text() == "FAILED"
+    assert "ValueError: tile 2 cannot be processed" in row.inner_text()
+    context.close()
+
+
 def test_the_session_cookie_is_not_enough_to_change_anything_without_the_csrf_header(fleet: Api) -> None:
     with httpx.Client(base_url=fleet.url, timeout=30) as anonymous:
         assert anonymous.get("/v1/overview").status_code == 401

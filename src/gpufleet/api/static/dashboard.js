@@ -105,6 +105,19 @@ function renderChart(minutes) {
   $("totals").textContent = `${ok} succeeded, ${bad} failed`;
 }
 
+// A job's shards: how many are done, and one row per shard.
+function renderShards(shards) {
+  $("task-shards").hidden = !shards;
+  if (!shards) return;
+  const counts = Object.entries(shards.counts).map(([state, n]) => `${n} ${state}`).join(", ");
+  $("shards-summary").textContent = `${shards.done}/${shards.total} shards done: ${counts}`;
+  $("shards-bar").style.width = `${Math.round(shards.progress * 100)}%`;
+  rows($("shards").tBodies[0], shards.items, (s) => [
+    s.index, el("td", s.state || "GONE", `state-${s.state}`), s.attempts, s.worker || "",
+    td(el("span", s.error ? `${s.error.errorType}: ${s.error.errorMessage}` : (s.outputs || []).join(", ")), "wrap"),
+  ]);
+}
+
 async function refreshTask() {
   if (!selected) { $("task").hidden = true; return; }
   const view = await call("GET", `/v1/tasks/${encodeURIComponent(selected)}`);
@@ -112,6 +125,7 @@ async function refreshTask() {
   $("task-id").textContent = view.id;
   $("task-view").textContent = JSON.stringify(view, null, 2);
   $("task").dataset.state = view.state;
+  renderShards(view.shards);
   $("cancel").disabled = !["QUEUED", "RUNNING"].includes(view.state);
   $("retry").disabled = !["FAILED", "TIMED_OUT", "CANCELLED", "EXPIRED"].includes(view.state);
 }
