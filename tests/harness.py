@@ -84,7 +84,10 @@ class FleetHarness:
             "triggers": [str(tdir)],
         }
         for section, values in overrides.items():
-            config.setdefault(section, {}).update(values)
+            if isinstance(values, list):  # functions, triggers: the folders themselves
+                config[section] = values
+            else:
+                config.setdefault(section, {}).update(values)
         path = self.dir / "config" / "fleet.yaml"
         path.write_text(yaml.safe_dump(config))
         self.config = path

@@ -79,9 +79,13 @@ class Context(_Where, Protocol):
     def download(self, obj: Any = None) -> Path:
         """Stream an object (this task's object event by default, or an ``s3://`` URI) into ``scratch``."""
 
-    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None) -> str:
-        """Upload an output to the trigger's ``output`` location; returns its ``s3://`` URI, which the success
-        record lists under ``responseContext.outputs``."""
+    def read(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The bytes of an ``s3://`` object, or of its byte range ``[start, end)``, in memory."""
+
+    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None,
+               to: str | None = None) -> str:  # fmt: skip
+        """Upload an output to the trigger's ``output`` location (or ``to``, an ``s3://bucket/prefix``); returns its
+        ``s3://`` URI, which the success record lists under ``responseContext.outputs``."""
 
 
 class BatchContext(_Where, Protocol):

@@ -108,6 +108,17 @@ class ObjectStore:
             body.close()
         return dict(response)
 
+    def read(self, bucket: str, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The object's bytes, or those of ``[start, end)`` (an HTTP range request), in memory."""
+        extra = {}
+        if start is not None or end is not None:
+            extra["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
+        body = self.client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
+
     def upload(self, path: Path, bucket: str, key: str, content_type: str | None = None) -> str:
         extra = {"ContentType": content_type} if content_type else None
         self.client.upload_file(str(path), bucket, key, ExtraArgs=extra)

@@ -82,16 +82,26 @@ class TaskContext:
         self._runtime.objects.download(bucket, key, lambda: scratch.create(parts), version)
         return scratch.path.joinpath(*parts)
 
-    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None) -> str:
-        """Upload a file to the trigger's ``output`` location as ``<prefix>/<task id>/<name>``; returns its URI.
+    def read(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The bytes of the object at ``s3://bucket/key``, or of its byte range ``[start, end)``, in memory: a
+        shard's part of a large object, or a header. For a whole large object, :meth:`download` it instead."""
+        bucket, key = parse_s3_uri(uri)
+        if start is not None and end is not None and not 0 <= start < end:
+            raise PermanentTaskError("InvalidRange", f"ctx.read({uri!r}, {start}, {end}): use 0 <= start < end")
+        return self._runtime.objects.read(bucket, key, start, end)
+
+    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None,
+               to: str | None = None) -> str:  # fmt: skip
+        """Upload a file as ``<prefix>/<task id>/<name>`` under the trigger's ``output`` location, or under ``to``
+        (``s3://bucket/prefix``: an invocation names its own); returns its URI.
 
         Raises:
             PermanentTaskError: ``name`` (by default the file's name) is not a relative object key: see
                 :func:`output_key`.
         """
-        output = self._meta.get("output")
+        output = to or self._meta.get("output")
         if not output:
-            raise TaskError("no output location: set `output: s3://bucket/prefix` in the trigger file")
+            raise TaskError("no output location: set `output: s3://bucket/prefix` in the trigger file, or pass to=")
         bucket, prefix = parse_s3_uri(output)
         name = name or Path(path).name
         key = output_key(prefix, self.task_id, name)
