@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end_and_cleans_up(services: object) -> None:
     amqp = "amqp 2 messages" if rabbitmq_available() else "amqp skipped"
     assert last == (
         "demo: kafka 9 events: 6 Success, 1 RetriesExhausted, 2 dead-lettered | bucket 4 objects: 4 Success, "
-        "4 thumbnails | api: gpu_info SUCCEEDED, sleep CANCELLED | "
+        "4 thumbnails | api: gpu_info SUCCEEDED, sleep CANCELLED | job: enhance 8 bands, 1 retried, SUCCEEDED | "
         f"destinations: webhook 2 signed, s3 2 objects, {amqp}"
     )
     assert '"condition": "Success"' in out and "reason=malformed_json" in out

@@ -137,7 +137,8 @@ class Shard:
     worker: str | None
     started_at: float | None
     finished_at: float | None
-    error: Any
+    error: Any  # a shard that did not succeed: its error (or its latest failed attempt's)
+    last_error: Any  # a shard that succeeded after failed attempts: the latest of their errors
     outputs: list[str]
 
     def view(self) -> dict[str, Any]:
@@ -148,6 +149,8 @@ class Shard:
             out["outputs"] = self.outputs
         if self.error is not None:
             out["error"] = self.error
+        if self.last_error is not None:
+            out["last_error"] = self.last_error
         return out
 
 
@@ -190,10 +193,12 @@ class JobStore:
             state, attempts, worker, started, finished, error, outputs, last_error = (
                 v.decode() if v is not None else None for v in row
             )
-            problem = (error or last_error) if state is not None and state != State.SUCCEEDED.value else None
+            ok = state == State.SUCCEEDED.value
+            problem = None if ok or state is None else (error or last_error)
+            retried = last_error if ok and int(attempts or 0) > 1 else None
             out.append(Shard(i, shard_id(job_id, i), state, int(attempts or 0), worker or None,
                              float(started) if started else None, float(finished) if finished else None,
-                             orjson.loads(problem) if problem else None,
+                             orjson.loads(problem) if problem else None, orjson.loads(retried) if retried else None,
                              orjson.loads(outputs) if outputs else []))  # fmt: skip
         return out
 

@@ -53,6 +53,7 @@ class ShardView(_Out):
     finished_at: float | None = Field(description="Unix time it finished")
     outputs: list[str] = Field([], description="the s3:// URIs it uploaded")
     error: dict[str, Any] | None = Field(None, description="once it failed (or its latest failed attempt's)")
+    last_error: dict[str, Any] | None = Field(None, description="succeeded after failed attempts: the latest error")
 
 
 class ShardSummary(_Out):

@@ -63,6 +63,8 @@ def shard_table(items: list[dict[str, Any]], limit: int = 100) -> str:
     rows = []
     for s in sorted(first, key=lambda s: s["index"]):
         detail = _error_text(s["error"]) if s.get("error") else ", ".join(s.get("outputs") or [])
+        if s.get("last_error"):
+            detail = f"retried after {_error_text(s['last_error'])}; {detail}"
         rows.append([s["index"], s["state"] or "GONE", s["attempts"], s.get("worker"), detail])
     more = f"\n({len(items) - limit} more shards: gpufleet status --json)" if len(items) > limit else ""
     return table(["shard", "state", "attempts", "worker", "error or outputs"], rows) + more

@@ -5,13 +5,16 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+Call = Callable[..., tuple[int, Any]]  # (method, path, body=None) -> (status, decoded JSON)
 
-def api_tour(fleet: Any) -> tuple[int, str]:
-    """The control plane over HTTP: invoke, follow progress, cancel."""
+
+def client(fleet: Any) -> tuple[str, Call]:
+    """The API's base URL, and a call to it with the fleet's token."""
     api = fleet.settings.api
     base, token = f"http://{api.host}:{api.port}", api.token
 
@@ -25,6 +28,12 @@ def api_tour(fleet: Any) -> tuple[int, str]:
         except urllib.error.HTTPError as exc:
             return exc.code, orjson.loads(exc.read() or b"null")
 
+    return base, call
+
+
+def api_tour(fleet: Any) -> tuple[int, str]:
+    """The control plane over HTTP: invoke, follow progress, cancel."""
+    base, call = client(fleet)
     deadline = time.monotonic() + 30
     while True:
         try:

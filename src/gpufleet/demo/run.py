@@ -7,10 +7,11 @@
    malformed input) and drops generated images into the bucket (``thumbnail``: torch resizes and measures them,
    and writes thumbnails back to the bucket).
 4. Shows progress, then prints the callback records read back from the result topics.
-5. Uses the HTTP API: invokes ``gpu_info``, starts a long ``sleep``, watches its progress and cancels it.
+5. Uses the HTTP API: invokes ``gpu_info``, starts a long ``sleep``, watches its progress and cancels it; then runs
+   a sharded job (``enhance``: a 4096x4096 image in 8 bands, one failing once) and shows its bands' states.
 6. Routes ``embed``'s success records to a signed webhook receiver, an S3 bucket and, when RabbitMQ is installed,
    a RabbitMQ queue (fed by an AMQP trigger): see :mod:`gpufleet.demo.routes`.
-7. Stops everything, and prints one summary line: Kafka events, bucket events, API calls and destinations.
+7. Stops everything, and prints one summary line: Kafka events, bucket events, API calls, the job and destinations.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import yaml
 
 from gpufleet.demo import bucket, routes
 from gpufleet.demo.api import api_tour
+from gpufleet.demo.job import job_tour
 from gpufleet.registry import Registry
 from gpufleet.settings import load_fleet
 
@@ -87,7 +89,8 @@ def run_demo(config: Path) -> int:
             code, summary = _drive(fleet, services.kafka_bootstrap, topic, services.moto_url)
             if fleet.settings.api.enabled:
                 api_code, api_summary = api_tour(fleet)
-                code, summary = code or api_code, f"{summary} | {api_summary}"
+                job_code, job_summary = job_tour(fleet, services.moto_url)
+                code, summary = code or api_code or job_code, f"{summary} | {api_summary} | {job_summary}"
             routes.send(services.kafka_bootstrap, rabbit_url)
             routed, routes_summary = routes.report(receiver, services.moto_url, rabbit_url,
                                                    time.monotonic() + TIMEOUT_S)  # fmt: skip
