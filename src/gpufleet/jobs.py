@@ -21,8 +21,8 @@ ones cooperatively, then killed), and the job ends CANCELLED once they have.
 
 Shards of two jobs interleave by priority, then arrival: each shard is queued with its job's priority when the job
 splits, so a job's shards queue behind whatever was queued before them at that level, a later job's at the same
-priority behind them, and a job of higher priority goes first. Aging (``queues.aging_s``) lifts whatever waits,
-shards included, so nothing starves.
+priority behind them, and a job of higher priority goes first. Aging (``defaults.priority_aging_s``) lifts whatever
+waits, shards included, so nothing starves.
 """
 
 from __future__ import annotations
