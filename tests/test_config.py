@@ -204,3 +204,24 @@ def test_aliases_are_checked_at_load(tmp_path: Path, aliases: dict, why: str) ->
     with pytest.raises(ConfigError) as err:
         load_fleet(write(tmp_path, {"aliases": aliases}), env={})
     assert why in str(err.value) and "aliases" in str(err.value)
+
+
+def test_a_job_must_name_a_served_shard_function_and_merge(tmp_path: Path) -> None:
+    from gpufleet.functions import load_functions
+
+    part = "@function(name='part')\ndef part(e, ctx): pass\n"
+
+    def load(body: str) -> None:
+        folder = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "jobs.py").write_text("from gpufleet import function, job\n" + body)
+        load_functions([folder])
+
+    with pytest.raises(ConfigError, match="job 'big': its shard function 'nowhere' is not served by this fleet"):
+        load("@job(name='big', shard='nowhere')\ndef big(e, ctx): return []\n@big.merge\ndef m(e, r, ctx): pass\n")
+    with pytest.raises(ConfigError, match="job 'big' has no merge step"):
+        load(part + "@job(name='big', shard=part)\ndef big(e, ctx): return []\n")
+    with pytest.raises(ConfigError, match="max_shards=0"):
+        load(part + "@job(name='big', shard=part, max_shards=0)\ndef big(e, c): ...")
+    with pytest.raises(ConfigError, match="def merge\\(event, results, ctx\\)"):
+        load(part + "@job(name='big', shard=part)\ndef big(e, c): ...\n@big.merge\ndef m(e): ...")

@@ -52,6 +52,8 @@ def test_shards_run_in_parallel_on_both_gpus_and_merge_in_order(harness: FleetHa
     assert len({s["worker"] for s in shards["items"]}) == 2
     assert all(harness.runs(shard_id(job, i)) == 1 for i in range(6))
     assert view["phase"] == "merge" and plane.status(shard_id(job, 3))["job"] == {"id": job, "index": 3}
+    [listed] = [f for f in plane.functions() if f["name"] == "tiles"]
+    assert listed["job"] == {"shard": "tile", "max_shards": 40, "shard_records": False}
 
 
 def test_a_shard_that_fails_twice_is_retried_alone_and_the_job_succeeds(harness: FleetHarness) -> None:
@@ -101,13 +103,15 @@ def test_a_worker_killed_mid_shard_runs_that_shard_again_and_no_other(harness: F
 
 def test_cancelling_a_job_leaves_no_shard_running_or_queued(harness: FleetHarness) -> None:
     plane = up(harness)
-    job = plane.invoke("tiles", {"n": 8, "seconds": 30}).id
+    # Shard 0 ignores cancel: it is killed after cancel_grace_s (2 s here); shard 1 stops when asked.
+    job = plane.invoke("tiles", {"n": 8, "seconds": 30, "shard": {"0": {"deaf": True}}}).id
     running = lambda: plane.status(job).get("shards", {}).get("counts", {}).get("RUNNING")  # noqa: E731
     harness.wait_for(lambda: running() == 2, what="two shards running")
     assert plane.cancel(job)["outcome"] == "cancelling"
     view = finished(plane, job, timeout_s=30)
     assert view["state"] == "CANCELLED", view
     assert view["shards"]["counts"] == {"CANCELLED": 8}
+    assert "the handler ignored the cancel" in view["shards"]["items"][0]["error"]["errorMessage"]
     time.sleep(1)
     assert all(g.get("task_id") is None for g in plane.gpus()), plane.gpus()
     assert sum(harness.runs(shard_id(job, i)) for i in range(8)) == 2  # the two that had started, stopped

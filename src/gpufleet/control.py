@@ -29,7 +29,7 @@ from gpufleet.errors import (
 from gpufleet.functions import LATEST, Function
 from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.intake import Intake, Producer, check_priority
-from gpufleet.jobs import JobStore, summary
+from gpufleet.jobs import JobStore, job_info, summary
 from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue, queue_version
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.placer import Placer
@@ -136,6 +136,7 @@ class ControlPlane:
             "max_event_age_s": fn.max_event_age_s,
             "retention_s": fn.retention_s or self.fleet.settings.defaults.retention_s,
             "payload_schema": fn.payload.model_json_schema() if fn.payload else None,
+            "job": None if fn.shards is None else job_info(fn.shards),
         }
 
     # -- invoke ----------------------------------------------------------------------------------------------

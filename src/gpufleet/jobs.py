@@ -37,6 +37,7 @@ from gpufleet import lua
 from gpufleet.registry import State
 
 if TYPE_CHECKING:
+    from gpufleet.functions import Shards
     from gpufleet.registry import NewTask, Registry
 
 # A shard event is JSON of at most this: a reference (an s3:// URI, a byte range, a tile), not the data itself.
@@ -208,6 +209,11 @@ class JobStore:
         for i in range(n):
             pipe.hget(self.registry.task_key(shard_id(job_id, i)), "result")
         return [orjson.loads(r) if r is not None else None for r in pipe.execute()]
+
+
+def job_info(shards: Shards) -> dict[str, Any]:
+    """What ``/v1/functions`` says of a job."""
+    return {"shard": shards.function, "max_shards": shards.max_shards, "shard_records": shards.records}
 
 
 def summary(shards: list[Shard]) -> dict[str, Any]:

@@ -193,13 +193,16 @@ def versioned(event: Any, ctx: Context) -> dict[str, Any]:
 @function(name="tile", max_attempts=3, backoff_s=0.2, timeout_s=60)
 def tile(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """A shard of ``tiles`` (tests/test_jobs.py): fails its first ``fail`` attempts, or every attempt while its
-    ``broken`` flag is not fixed in Redis; sleeps ``seconds`` (checking cancel), then returns its value."""
+    ``broken`` flag is not fixed in Redis; sleeps ``seconds`` (checking cancel, unless ``deaf``), then returns its
+    value."""
     r = _redis()
     r.incr(f"runs:{ctx.task_id}")
     if ctx.attempt <= event.get("fail", 0):
         raise RuntimeError(f"tile {event['i']} failed on attempt {ctx.attempt}")
     if event.get("broken") and not r.get(f"fixed:{event['broken']}"):
         raise ValueError(f"tile {event['i']} cannot be processed")
+    if event.get("deaf"):  # never looks at ctx.cancelled: only killing its process stops it
+        time.sleep(event.get("seconds", 0.1))
     until = time.monotonic() + event.get("seconds", 0.1)
     while time.monotonic() < until and not ctx.cancelled:
         time.sleep(0.05)

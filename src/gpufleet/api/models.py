@@ -155,6 +155,12 @@ class VersionInfo(_Out):
     error: str | None = Field(None, description="for ERROR: what setup() raised")
 
 
+class JobInfo(_Out):
+    shard: str = Field(description="the function each shard runs")
+    max_shards: int
+    shard_records: bool = Field(description="whether each shard sends its own record too")
+
+
 class FunctionInfo(_Out):
     name: str
     version: str = Field(description="the version the serving code declares; $LATEST when it declares none")
@@ -175,6 +181,7 @@ class FunctionInfo(_Out):
     max_event_age_s: float | None
     retention_s: int
     payload_schema: dict[str, Any] | None = Field(description="JSON Schema every event must match, if any")
+    job: JobInfo | None = Field(None, description="a sharded job: the function its shards run, and its limit")
 
 
 class FunctionList(_Out):

@@ -355,6 +355,8 @@ def _functions(args: argparse.Namespace) -> int:
         model = f"{gpu['model']} x{gpu['count']}" if gpu.get("count", 1) != 1 else gpu["model"]
         pools = ",".join(gpu.get("pools") or [])
         gpu_text = f"{model} ({pools})" if pools else model
+        if fn.get("job"):  # split and merge run there; the shards where their function says
+            gpu_text += f"; job of {fn['job']['shard']}"
         rows.append([fn["name"], _versions_text(fn), _aliases_text(fn["aliases"]), gpu_text, fn["queue"],
                      seconds(fn["timeout_s"]), fn["max_attempts"], seconds(fn["max_event_age_s"])])  # fmt: skip
     print(table(["name", "versions", "aliases", "gpu", "queue", "timeout", "attempts", "max event age"], rows,
