@@ -12,10 +12,13 @@ import orjson
 import pytest
 
 from gpufleet.control import ControlPlane
+from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConflictError
 from gpufleet.jobs import shard_id
 from tests.harness import FleetHarness
+from tests.s3util import s3_client
 from tests.test_cli_control import cli
+from tests.test_object_pull import make_bucket, s3_settings
 
 
 def up(harness: FleetHarness, gpus: int = 2) -> ControlPlane:
@@ -199,3 +202,22 @@ def test_shards_inherit_their_job_s_priority_so_a_small_urgent_job_passes_a_big_
     small_done = max(s["finished_at"] for s in small_view["shards"]["items"])
     after = [s for s in big_view["shards"]["items"] if s["started_at"] > small_done]
     assert len(after) >= 5, big_view["shards"]["items"]
+
+
+def test_a_job_from_a_bucket_event_splits_the_object_and_its_shards_are_plain_tasks(
+    harness: FleetHarness, seaweedfs: S3Service
+) -> None:
+    s3 = s3_client(seaweedfs.url, seaweedfs.access_key, seaweedfs.secret_key)
+    bucket = make_bucket(s3, harness)
+    s3.put_object(Bucket=bucket, Key="in/lines.txt", Body=b"one\ntwo\nthree\n")
+    harness.write_config(triggers={"poll": {"source": f"s3://{bucket}/in/", "function": "objtiles",
+                                            "output": f"s3://{bucket}/out", "poll_interval_s": 1}},
+                         s3=s3_settings(seaweedfs))  # fmt: skip
+    harness.start()
+    [record] = harness.records("success", 1)  # the job's only: its shards send none
+    job = record["value"]["requestContext"]["requestId"]
+    payload = record["value"]["responsePayload"]
+    assert payload["key"] == "in/lines.txt" and payload["values"] == [0, 10, 20]
+    assert payload["summary"] == f"s3://{bucket}/out/{job}/summary.txt"  # the trigger's output, for the merge too
+    assert s3.get_object(Bucket=bucket, Key=f"out/{job}/summary.txt")["Body"].read() == b"0 10 20"
+    assert [harness.runs(shard_id(job, i)) for i in range(3)] == [1, 1, 1]

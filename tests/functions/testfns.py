@@ -240,3 +240,16 @@ def tiles_logged(event: dict[str, Any], ctx: Context) -> list[dict[str, Any]]:
 @tiles_logged.merge
 def merge_logged(event: dict[str, Any], results: list[dict[str, Any]], ctx: Context) -> int:
     return sum(r["value"] for r in results)
+
+
+@job(name="objtiles", shard=tile, payload=ObjectEvent)
+def objtiles(event: ObjectEvent, ctx: Context) -> list[dict[str, Any]]:
+    """A job from a bucket event: one shard per line of the object (tests/test_jobs.py)."""
+    return [{"i": i} for i, _ in enumerate(ctx.read(event.uri).decode().splitlines())]
+
+
+@objtiles.merge
+def merge_objtiles(event: ObjectEvent, results: list[dict[str, Any]], ctx: Context) -> dict[str, Any]:
+    summary = ctx.scratch / "summary.txt"
+    summary.write_text(" ".join(str(r["value"]) for r in results))
+    return {"key": event.key, "values": [r["value"] for r in results], "summary": ctx.upload(summary)}

@@ -13,6 +13,7 @@ from gpufleet import trace
 from gpufleet.errors import EventError, PermanentTaskError
 from gpufleet.intake import Intake, Producer
 from gpufleet.jobs import MAX_SHARD_EVENT_BYTES, JobStore, Shard, shard_id
+from gpufleet.messages import DEFAULT_PRIORITY
 from gpufleet.records import Condition
 from gpufleet.registry import State
 from gpufleet.worker.batch import to_json
@@ -58,7 +59,7 @@ class JobSteps:
                 else:
                     merge_envelope = self.rt.envelopes(item.task_id, fn.name, event.encode(), meta.encode(), queue)
                     assert merge_envelope is not None  # fn is served here
-                    self._split(item, fn, done, ctx, payload, int(priority or 4), merge_envelope, bound)
+                    self._split(item, fn, done, ctx, payload, int(priority or DEFAULT_PRIORITY), merge_envelope, bound)
             finally:
                 done.outputs = ctx.outputs
                 ctx.close()
@@ -92,13 +93,15 @@ class JobSteps:
             raise PermanentTaskError("TooManyShards", f"job {fn.name!r}: split returned {len(events)} shards, more "
                                      f"than max_shards={limit}")  # fmt: skip
         shard_fn = self.rt.fleet.functions[fn.shards.function]
-        meta = {k: v for k, v in item.meta.items() if k not in ("source", "trigger", trace.HEADER)}
+        # What the shards inherit: the trigger's output location (ctx.upload), and their job; not the job's kind of
+        # event (an object event's shards are not object events).
+        meta = {"job": item.task_id, **({"output": item.meta["output"]} if item.meta.get("output") else {})}
         tasks = []
         for i, event in enumerate(events):
             try:
                 self.intake.accept(event)
                 task = self.intake.task(shard_fn, event, shard_id(item.task_id, i), f"{item.task_id} shard {i}",
-                                        meta={**meta, "job": item.task_id}, traceparent=item.meta.get(trace.HEADER),
+                                        meta=meta, traceparent=item.meta.get(trace.HEADER),
                                         priority=priority)  # fmt: skip
             except EventError as exc:
                 why = str(exc)
