@@ -3,12 +3,14 @@ values (tests/functions/testfns.py); one host with two virtual GPUs runs them.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 
 from gpufleet.control import ControlPlane
@@ -221,3 +223,47 @@ def test_a_job_from_a_bucket_event_splits_the_object_and_its_shards_are_plain_ta
     assert payload["summary"] == f"s3://{bucket}/out/{job}/summary.txt"  # the trigger's output, for the merge too
     assert s3.get_object(Bucket=bucket, Key=f"out/{job}/summary.txt")["Body"].read() == b"0 10 20"
     assert [harness.runs(shard_id(job, i)) for i in range(3)] == [1, 1, 1]
+
+
+def thaw(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # killed while frozen (its host replaced it)
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_job_survives_its_workers_being_killed_and_frozen_at_every_step(harness: FleetHarness) -> None:
+    """GPU worker processes killed (SIGKILL) or frozen (SIGSTOP, then thawed after their lease lapsed) whatever they
+    run: split, shards or merge. The job still succeeds with every shard's result, each shard's success is recorded
+    once, and every run beyond the first is explained by a kill or a freeze."""
+    plane = up(harness)
+    job = plane.invoke("tiles", {"n": 16, "seconds": 0.6, "split_s": 0.5, "merge_s": 0.5}).id
+    faults, frozen = 0, []
+    deadline = time.monotonic() + 120
+    while plane.status(job)["state"] not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline:
+        time.sleep(1.2)
+        busy = [g for g in plane.gpus() if g.get("task_id") and g.get("pid") and not g["stale"]]
+        if not busy or faults >= 8:
+            continue
+        victim = busy[faults % len(busy)]
+        try:  # the inventory is up to 2 s old: its process may be gone already
+            if faults % 3 == 2:  # frozen, with its pool process: the lease lapses (3 s here), it runs elsewhere
+                tree = [victim["pid"], *(c.pid for c in psutil.Process(victim["pid"]).children(recursive=True))]
+                for pid in tree:
+                    os.kill(pid, signal.SIGSTOP)
+                frozen += [(pid, time.monotonic() + 5) for pid in tree]
+            else:
+                os.kill(victim["pid"], signal.SIGKILL)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+        faults += 1
+        for pid, until in [f for f in frozen if f[1] < time.monotonic()]:
+            thaw(pid)
+            frozen.remove((pid, until))
+    for pid, _ in frozen:
+        thaw(pid)
+    view = finished(plane, job, timeout_s=90)
+    assert view["state"] == "SUCCEEDED", view
+    assert view["result"] == {"n": 16, "values": [i * 10 for i in range(16)]}
+    runs = sum(harness.runs(shard_id(job, i)) for i in range(16))
+    steps = int(harness.redis.get(f"splits:{job}") or 0) + int(harness.redis.get(f"merges:{job}") or 0)
+    assert faults >= 4 and 16 + 2 <= runs + steps <= 16 + 2 + faults, (faults, runs, steps)
+    assert [key for key, _ in records(harness)] == [job]  # one record: the job's, once
