@@ -153,6 +153,18 @@ def test_a_split_that_cannot_run_as_shards_fails_the_job_at_once_with_why(
     assert harness.redis.exists(harness.registry.task_key(shard_id(job, 0))) == 0  # no shard was created
 
 
+def test_a_shard_that_returns_its_data_inline_fails_at_once_and_says_to_upload_it(harness: FleetHarness) -> None:
+    plane = up(harness, gpus=1)
+    job = plane.invoke("tiles", {"n": 2, "shard": {"1": {"huge": True}}}).id
+    view = finished(plane, job)
+    assert view["state"] == "FAILED" and view["error"]["shards"] == [1], view
+    shard = view["shards"]["items"][1]
+    assert shard["attempts"] == 1 and shard["error"]["errorType"] == "ShardResultTooLarge", shard
+    assert "more than 65536: upload it (ctx.upload) and return its URI" in shard["error"]["errorMessage"]
+    plain = plane.invoke("tile", {"i": 0, "huge": True}).id  # the same function outside a job: no such limit
+    assert finished(plane, plain)["state"] == "SUCCEEDED"
+
+
 def records(harness: FleetHarness) -> list[tuple[str, dict[str, Any]]]:
     """The callback records written so far (no dispatcher runs here: they wait in the stream), as (key, record)."""
     return [(f[b"key"].decode(), orjson.loads(f[b"value"]))

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from gpufleet.functions import Shards
     from gpufleet.registry import NewTask, Registry
 
-# A shard event is JSON of at most this: a reference (an s3:// URI, a byte range, a tile), not the data itself.
-MAX_SHARD_EVENT_BYTES = 64 * 1024
+# A shard event is JSON of at most this: a reference (an s3:// URI, a byte range, a tile), not the data itself. A
+# shard's result too: the merge reads every one of them.
+MAX_SHARD_EVENT_BYTES = MAX_SHARD_RESULT_BYTES = 64 * 1024
 WAITING = "job:waiting-for-shards"  # a parked job's owner token: no process has it (tokens are host/pid/start/nonce)
 SHARD_FIELDS = ("state", "attempts", "worker", "started_at", "finished_at", "error", "outputs", "last_error")
 

@@ -27,6 +27,7 @@ import orjson
 import structlog
 
 from gpufleet.errors import PermanentTaskError
+from gpufleet.jobs import MAX_SHARD_RESULT_BYTES
 from gpufleet.worker.context import TaskContext
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def settle(rt: Runtime, fn: Function, members: list[Member], failed: Callable[[M
             failed(m, result)
         else:
             try:
-                m.done.succeed(to_json(fn, result), m.done.outputs)
+                m.done.succeed(to_json(fn, result, "job" in m.item.meta), m.done.outputs)
             except PermanentTaskError as exc:
                 failed(m, exc)
 
@@ -139,12 +140,18 @@ def _call(rt: Runtime, fn: Function, members: list[Member]) -> list[Any]:
     return list(results)
 
 
-def to_json(fn: Function, result: Any) -> bytes:
-    """A result as stored JSON; one that cannot be is a PermanentTaskError (every attempt would give it)."""
+def to_json(fn: Function, result: Any, shard: bool = False) -> bytes:
+    """A result as stored JSON; one that cannot be (or a shard's over :data:`MAX_SHARD_RESULT_BYTES`: its job's merge
+    reads them all) is a PermanentTaskError (every attempt would give it)."""
     if hasattr(result, "model_dump"):
         result = result.model_dump(mode="json")
     try:
-        return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+        value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as exc:
         what = f"function {fn.name!r} returned a {type(result).__name__} that cannot be stored as JSON: {exc}"
         raise PermanentTaskError("ResultNotSerializable", what) from None
+    if shard and len(value) > MAX_SHARD_RESULT_BYTES:
+        raise PermanentTaskError("ShardResultTooLarge", f"function {fn.name!r} returned {len(value)} bytes for a "
+                                 f"shard, more than {MAX_SHARD_RESULT_BYTES}: upload it (ctx.upload) and return its "
+                                 "URI")  # fmt: skip
+    return value

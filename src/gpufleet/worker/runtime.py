@@ -297,7 +297,7 @@ class Runtime:
         try:
             payload, obj = self.payload(fn, item.event, item.meta)
             result = self.guarded(fn, lambda: self._call(fn, item, payload, obj, done))
-            value = batch.to_json(fn, result)
+            value = batch.to_json(fn, result, "job" in item.meta)
         except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes on up
             self.failed(done, exc, fn, bound)
         else:
