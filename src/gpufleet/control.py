@@ -297,13 +297,7 @@ class ControlPlane:
         envelope = self.envelopes(task_id, *call)
         if envelope is None:
             raise ConflictError("function_not_served", f"function {call[0]!r} is no longer served")
-        outcome, state = self.registry.retry(task_id, envelope)
-        if outcome == "missing":
-            raise NotFoundError("task_not_found", f"no task {task_id!r}")
-        if outcome == "conflict":
-            allowed = ", ".join(sorted(s.value for s in RETRIABLE))
-            raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
-        return {"id": task_id, "outcome": "queued", "previous_state": state, "state": State.QUEUED.value}
+        return _retried(task_id, *self.registry.retry(task_id, envelope), State.QUEUED)
 
     def _retry_job(self, task_id: str, n: int) -> dict[str, Any]:
         again = [s.id for s in self.jobs.shards(task_id, n) if s.state is not None and s.state != State.SUCCEEDED]
@@ -313,16 +307,10 @@ class ControlPlane:
             if envelope is not None:
                 envelopes[sid] = envelope
         outcome, state = self.jobs.retry(task_id, envelopes)
-        if outcome == "missing":
-            raise NotFoundError("task_not_found", f"no task {task_id!r}")
-        if outcome == "conflict":
-            allowed = ", ".join(sorted(s.value for s in RETRIABLE))
-            raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
         if outcome == "expired":
             raise ConflictError("shards_expired", f"shard {state!r} of job {task_id!r} is gone (its retention passed, "
                                 "or its function is no longer served): the job cannot run it again alone")  # fmt: skip
-        now = State.RUNNING if again else State.QUEUED  # shards to run, or straight to its merge
-        return {"id": task_id, "outcome": "queued", "previous_state": state, "state": now.value}
+        return _retried(task_id, outcome, state, State.RUNNING if again else State.QUEUED)  # shards, or its merge
 
     def position(self, task_id: str) -> dict[str, Any]:
         """Where a QUEUED task stands: 1 = next to start. ``position`` is null when it is not waiting in a queue
@@ -465,6 +453,16 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         value = record.get(key)
         view[key] = iso(float(value)) if value else None
     return view
+
+
+def _retried(task_id: str, outcome: str, state: str, now: State) -> dict[str, Any]:
+    """What a retry answers, from the registry's outcome: queued (now in state ``now``), or why not."""
+    if outcome == "missing":
+        raise NotFoundError("task_not_found", f"no task {task_id!r}")
+    if outcome == "conflict":
+        allowed = ", ".join(sorted(s.value for s in RETRIABLE))
+        raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
+    return {"id": task_id, "outcome": "queued", "previous_state": state, "state": now.value}
 
 
 def _state(value: str) -> State:

@@ -348,8 +348,7 @@ class Runtime:
             batch.settle(self, fn, members, lambda m, exc: self.failed(m.done, exc, fn, self._bound(m.item)))
         finally:
             self._recent[fn.name] = time.monotonic() - began
-            self.lease.release()
-            self._current = {}
+            self.end()
 
     def _bound(self, item: _Item) -> Any:
         return log.bind(task_id=item.task_id, function=item.function, event_id=item.meta.get("source"),
