@@ -6,6 +6,7 @@ once setup() succeeded on one, ERROR (with the error) when it failed on every on
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -14,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.control import ControlPlane
 from gpufleet.errors import ConflictError, InvalidRequestError, NotReadyError
+from gpufleet.intake import Intake, Producer
 from gpufleet.metrics import exposition
+from gpufleet.registry import Enqueued
 from tests.harness import FleetHarness
 from tests.test_cli_control import cli, cli_json
 
@@ -121,6 +124,29 @@ def test_a_canary_alias_splits_invocations_by_its_weights_and_a_change_at_run_ti
             plane.set_alias("versioned", alias, weights, by="test")
 
 
+def test_a_worker_whose_setup_failed_hands_its_tasks_back_and_serves_them_once_setup_works(
+    harness: FleetHarness,
+) -> None:
+    flag = f"{harness.prefix}-model"
+    harness.start_host("h1", ["default"], env={"WARMUP_FAIL": flag}, setup_retry_s=2)
+    plane = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: state(plane)["state"] == "ERROR", what="ERROR")
+    # Queued as a trigger would (triggers queue whatever the state; an invocation of warmup would be refused).
+    intake = Intake(harness.fleet(), Producer("test", "test", 4096))
+    [created] = harness.registry.enqueue_many([intake.task(intake.function("warmup"), {}, "t-1", "test")])
+    assert created is Enqueued.CREATED
+    waited = harness.wait_for(lambda: (v := plane.status("t-1"))["last_error"] and v, what="the task handed back")
+    assert waited["state"] == "QUEUED" and waited["attempts"] == 0, waited  # no attempt spent on a broken worker
+    assert waited["last_error"]["errorType"] == "SetupFailed"
+    assert "no model file at /models/warmup.bin" in waited["last_error"]["errorMessage"]
+    time.sleep(3)
+    assert plane.status("t-1")["state"] == "QUEUED" and harness.runs("t-1") == 0  # it waits, as for an INACTIVE one
+
+    harness.redis.set(f"fixed:{flag}", 1)  # the model file is there now: the next try of setup() works
+    harness.wait_for(lambda: plane.status("t-1")["state"] == "SUCCEEDED", what="the task, once setup() works")
+    assert plane.status("t-1")["attempts"] == 1 and state(plane)["state"] == "ACTIVE"
+
+
 def test_a_rolling_update_from_3_to_4_loses_no_task(harness: FleetHarness) -> None:
     plane = ControlPlane(harness.fleet())
 
@@ -158,10 +184,7 @@ def test_a_function_that_refuses_when_inactive_says_why_and_takes_the_task_once_
     with pytest.raises(ConflictError, match="no model file") as failed:
         plane.invoke("warmup", {})
     assert failed.value.code == "version_error" and failed.value.status == 409
-    # The broken host goes first: a worker whose setup() failed still takes the function's tasks (it tries setup()
-    # again, and the task fails with its error), so with it up, the task could spend its attempts there.
-    harness.stop_host("broken")
-    harness.start_host("good", ["default"])
+    harness.start_host("good", ["default"])  # the broken host stays up: it hands the function's tasks back
     harness.wait_for(lambda: state(plane)["state"] == "ACTIVE", what="ACTIVE")
     task = plane.invoke("warmup:3", {}).id
     harness.wait_for(lambda: plane.status(task)["state"] == "SUCCEEDED", what="the task, on the good host")

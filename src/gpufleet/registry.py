@@ -348,14 +348,15 @@ class Registry:
                 break
         return promoted, reaped
 
-    def hand_back(self, task_id: str, token: str, envelope_for: EnvelopeFor, message: str | None) -> bool:
-        """A RUNNING task whose owner (``token``) was stopped on purpose goes back to the head of its queue, its
-        attempt not counted; ``message`` None: one claimed ahead and given back unstarted (no error recorded). False
-        if it finished or changed owner meanwhile, or this caller cannot build it."""
+    def hand_back(self, task_id: str, token: str, envelope_for: EnvelopeFor, message: str | None,
+                  error_type: str = "WorkerStopped") -> bool:  # fmt: skip
+        """A RUNNING task whose owner (``token``) was stopped on purpose, or cannot run it, goes back to the head of
+        its queue, its attempt not counted; ``message`` None: one claimed ahead and given back unstarted (no error
+        recorded). False if it finished or changed owner meanwhile, or this caller cannot build it."""
         pairs = self._envelopes([task_id], envelope_for)
         if not pairs or not pairs[0][1]:
             return False
-        error = b"" if message is None else orjson.dumps({"errorType": "WorkerStopped", "errorMessage": message})
+        error = b"" if message is None else orjson.dumps({"errorType": error_type, "errorMessage": message})
         args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], error]
         return bool(self._hand_back(keys=[self.task_key(task_id), self.leases_key], args=args))
 

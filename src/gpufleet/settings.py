@@ -94,6 +94,9 @@ class WorkerSettings(_Model):
     # A running task asked to cancel sees ctx.cancelled; if it has not returned after this, its process is killed.
     cancel_grace_s: float = Field(10.0, ge=0)
     restart_backoff_s: float = Field(1.0, ge=0)
+    # A function whose setup() failed in a worker is not served there (its tasks go back to their queue); a task that
+    # arrives this long after the last try runs setup() again first.
+    setup_retry_s: float = Field(30.0, gt=0)
     # On stop, running tasks get this long to finish (warm shutdown) before their processes are killed; a killed
     # task is re-run elsewhere. Give containers a stop grace period longer than this.
     shutdown_grace_s: float = Field(30.0, ge=0)

@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import ValidationError
 
 from gpufleet.errors import PermanentTaskError, TaskError
+from gpufleet.functions import validation_problem
 from gpufleet.objects import CONTROL_CHARS, ObjectEvent, ObjectStore, key_parts, parse_s3_uri
 from gpufleet.triggers.s3events import MAX_KEY_BYTES
 from gpufleet.worker.scratch import ScratchDir
 
 if TYPE_CHECKING:
+    from gpufleet.functions import Function
     from gpufleet.worker.runtime import Runtime
 
 log = structlog.get_logger("gpufleet.worker")
@@ -144,6 +147,23 @@ def output_key(prefix: str, task_id: str, name: str) -> str:
         raise PermanentTaskError("InvalidOutputName", f"ctx.upload(name={name!r:.200}): {problem}; an output name is a "
                                  "relative key such as 'sub/dir/file.txt'")  # fmt: skip
     return key
+
+
+def handler_payload(
+    store: ObjectStore, fn: Function, event: Any, meta: Mapping[str, Any]
+) -> tuple[Any, ObjectEvent | None]:
+    """What the handler gets: the event, completed (an object event) and validated (a payload model)."""
+    obj = None
+    if meta.get("kind") == "object":
+        obj = complete_event(store, ObjectEvent.model_validate(event))
+        event = obj.model_dump(mode="json")
+    if fn.payload is None:
+        return event, obj
+    try:
+        return fn.payload.model_validate(event), obj
+    except ValidationError as exc:
+        raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
+                                 f"{validation_problem(exc)}") from None  # fmt: skip
 
 
 def complete_event(store: ObjectStore, event: ObjectEvent) -> ObjectEvent:

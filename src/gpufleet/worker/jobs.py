@@ -17,7 +17,7 @@ from gpufleet.messages import DEFAULT_PRIORITY
 from gpufleet.records import Condition
 from gpufleet.registry import State
 from gpufleet.worker.batch import to_json
-from gpufleet.worker.context import TaskContext
+from gpufleet.worker.context import TaskContext, handler_payload
 
 if TYPE_CHECKING:
     from gpufleet.functions import Function
@@ -50,7 +50,7 @@ class JobSteps:
             return
         self.rt.begin(item, done)
         try:
-            payload, obj = self.rt.payload(fn, item.event, item.meta)
+            payload, obj = handler_payload(self.rt.objects, fn, item.event, item.meta)
             ctx = TaskContext(self.rt, item.task_id, fn.name, item.claim.attempts, self.rt.state_of(fn), item.meta,
                               obj)  # fmt: skip
             try:

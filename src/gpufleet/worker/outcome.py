@@ -105,3 +105,18 @@ class Finisher:
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
             return False
         return True
+
+
+def timed_out_by_watchdog(rt: Runtime, task_id: str, token: str) -> None:
+    """Called in the worker's parent process once its watchdog killed a pool process past the hard limit."""
+    record = rt.registry.get(task_id, event=True) or {}
+    claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
+                  record.get("on_success", ""), record.get("on_failure", ""),
+                  float(record.get("started_at") or time.time()))  # fmt: skip
+    function = str(record.get("function", "?"))
+    fn = rt.fleet.functions.get(function)
+    done = Finisher(rt, task_id, function, token, record.get("event"), claim, fn, record)
+    limit = f" ({fn.timeout_s:g} s)" if fn is not None else ""
+    done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
+                "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its process "
+                                "was killed", "stackTrace": []})  # fmt: skip

@@ -8,6 +8,7 @@ child, created after the fork; if the child dies, Celery starts a new one and th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from gpufleet.logs import PrintsToLog, configure_logging
 from gpufleet.roles import watch_parent
 from gpufleet.settings import load_fleet
 from gpufleet.worker.lease import owner_is_dead
+from gpufleet.worker.outcome import timed_out_by_watchdog
 from gpufleet.worker.runtime import Runtime
 from gpufleet.worker.watchdog import SharedSlot, Watchdog
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     # A warm shutdown: the pool process finishes its task and takes no other from the queues.
     signals.worker_shutting_down.connect(lambda **_: slot.stop(), weak=False)
     host = fleet.settings.worker.hostname
-    Watchdog(slot, lambda token: owner_is_dead(token, host), runtime.on_hard_timeout,
+    Watchdog(slot, lambda token: owner_is_dead(token, host), functools.partial(timed_out_by_watchdog, runtime),
              lambda task_id, token: runtime.registry.lapse(task_id, token)).start()  # fmt: skip
     # If the supervisor dies, shut down warm instead of running on unsupervised.
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))

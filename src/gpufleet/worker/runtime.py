@@ -17,11 +17,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import structlog
-from pydantic import ValidationError
 
 from gpufleet import trace
 from gpufleet.errors import PermanentTaskError, TaskError
-from gpufleet.functions import Function, validation_problem
+from gpufleet.functions import Function
 from gpufleet.jobs import WAITING
 from gpufleet.messages import Envelopes, MessageFactory, parse_queue
 from gpufleet.objects import ObjectEvent, ObjectStore
@@ -30,17 +29,20 @@ from gpufleet.registry import REDIS_ERRORS, TERMINAL, Claim, Registry, State, Ta
 from gpufleet.settings import Fleet
 from gpufleet.worker import batch
 from gpufleet.worker.ahead import HOLD_S, Ahead
-from gpufleet.worker.context import TaskContext, complete_event
+from gpufleet.worker.context import TaskContext, handler_payload
 from gpufleet.worker.jobs import JobSteps
 from gpufleet.worker.lease import LeaseKeeper, owner_is_dead, owner_token
 from gpufleet.worker.outcome import Finisher, Outcomes
 from gpufleet.worker.scratch import default_root, open_root
-from gpufleet.worker.warmup import warm_up
+from gpufleet.worker.warmup import Setups
 from gpufleet.worker.watchdog import SharedSlot
 
 log = structlog.get_logger("gpufleet.worker")
 # How long a pool process keeps taking tasks straight from its queues before it returns to Celery (see execute).
 DRAIN_S = 1.0
+# How long a pool process pauses after handing back a task of a function whose setup() failed in it: another worker
+# (blocked on the queue longer) takes it, rather than this one again.
+NOT_READY_PAUSE_S = 1.0
 
 
 class Runtime:
@@ -56,7 +58,7 @@ class Runtime:
         self.kill_grace_s = fleet.settings.worker.kill_grace_s
         self.host = fleet.settings.worker.hostname
         self.lease_s = fleet.settings.worker.lease_s
-        self._states: dict[str, Any] = {}
+        self._setups: Setups | None = None
         self._registry: Registry | None = None
         self._lease: LeaseKeeper | None = None
         self._ahead: Ahead | None = None
@@ -107,6 +109,12 @@ class Runtime:
         return self._envelopes
 
     @property
+    def setups(self) -> Setups:
+        if self._setups is None:
+            self._setups = Setups(self.registry, self.worker_name, self.fleet.settings.worker.setup_retry_s)
+        return self._setups
+
+    @property
     def jobs(self) -> JobSteps:
         if self._jobs is None:
             self._jobs = JobSteps(self)
@@ -127,7 +135,7 @@ class Runtime:
         self._ahead = None
         self._objects = None
         self._jobs = None
-        self._states.clear()
+        self._setups = None
         self.lease.name = f"gpufleet-lease-{os.getpid()}"
         signal.signal(signal.SIGALRM, self._soft_limit)
         # The process this one replaces may have died mid-task: its tasks go back now. The parent's watchdog does the
@@ -140,7 +148,7 @@ class Runtime:
             except REDIS_ERRORS:  # their leases lapse anyway, later
                 log.warning("cannot hand back the tasks of the process this one replaces", exc_info=True)
         # Warm every function now, so the first task does not pay for loading a model; the fleet sees how it went.
-        warm_up(list(self.fleet.functions.values()), self.registry, self.worker_name, self._states)
+        self.setups.warm_up(self.fleet.functions.values())
         try:  # ready: the supervisor's inventory shows it, and the scaling figure stops counting it as starting
             self.registry.client.hset(f"{self.registry.prefix}:ready", self.worker_name, os.getppid())
         except REDIS_ERRORS:
@@ -220,6 +228,11 @@ class Runtime:
         """Write the last outcome (in ``pipe``, if any) and take the next task, in one round trip."""
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)  # the queues take turns being read first
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
+        if self.setups.failed:  # not the queues of a function whose setup() failed here
+            prefix = self.fleet.settings.redis.key_prefix
+            queues = [q for q in queues if (parse_queue(prefix, q) or (None,) * 3)[2] not in self.setups.failed]
+            if not queues:
+                return None
         while True:
             token = owner_token(self.host, os.getpid())
             earlier, taken = self.registry.pop_claim(queues, token, self.lease_s, self.worker_name, self.gpu, pipe)
@@ -281,6 +294,9 @@ class Runtime:
         if fn is None:
             done.fail(TaskError(f"this worker does not serve function {item.function!r}"), "UnknownFunction")
             return
+        if not self.setups.ready(fn):
+            self._not_ready(item, fn)
+            return
         if fn.batch is not None:
             self._run_batch(batch.gather(self, item, fn), fn, pipe)
             return
@@ -295,7 +311,7 @@ class Runtime:
         bound.debug("task started")  # at info, one line per task is enough: a log line costs ~0.15 ms between tasks
         began = time.monotonic()
         try:
-            payload, obj = self.payload(fn, item.event, item.meta)
+            payload, obj = handler_payload(self.objects, fn, item.event, item.meta)
             result = self.guarded(fn, lambda: self._call(fn, item, payload, obj, done))
             value = batch.to_json(fn, result, "job" in item.meta)
         except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes on up
@@ -313,6 +329,14 @@ class Runtime:
         finally:
             self._recent[fn.name] = time.monotonic() - began
             self.end()
+
+    def _not_ready(self, item: _Item, fn: Function) -> None:
+        """``fn``'s setup() failed in this process: the task goes back to the head of its queue unstarted (its attempt
+        not counted) for a worker where it works, and this one pauses, so as not to take it straight back."""
+        why = f"setup() of {fn.name} failed on {self.worker_name}: {self.setups.why(fn)}"
+        if self.registry.hand_back(item.task_id, item.token, self.envelopes, why, "SetupFailed"):
+            log.warning("setup() failed here; task handed back", task_id=item.task_id, function=fn.name)
+        time.sleep(NOT_READY_PAUSE_S)
 
     def begin(self, item: _Item, done: Finisher) -> None:
         """The task's handler starts now: the cancel killer and the lease keeper know it."""
@@ -333,7 +357,7 @@ class Runtime:
             if not self.may_start(item, done, fn, self._bound(item)):
                 continue
             try:
-                payload, obj = self.payload(fn, item.event, item.meta)
+                payload, obj = handler_payload(self.objects, fn, item.event, item.meta)
             except Exception as exc:  # noqa: BLE001 - one event's payload: that event fails alone
                 self.failed(done, exc, fn, self._bound(item))
                 continue
@@ -460,23 +484,7 @@ class Runtime:
 
     def state_of(self, fn: Function) -> Any:
         """What the function's ``setup()`` returned in this process (run now, if it has not run yet)."""
-        if fn.name not in self._states:
-            self._states[fn.name] = fn.setup_fn() if fn.setup_fn else None
-        return self._states[fn.name]
-
-    def payload(self, fn: Function, event: Any, meta: dict[str, Any]) -> tuple[Any, ObjectEvent | None]:
-        """What the handler gets: the event, completed (an object event) and validated (a payload model)."""
-        obj = None
-        if meta.get("kind") == "object":
-            obj = complete_event(self.objects, ObjectEvent.model_validate(event))
-            event = obj.model_dump(mode="json")
-        if fn.payload is None:
-            return event, obj
-        try:
-            return fn.payload.model_validate(event), obj
-        except ValidationError as exc:
-            raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
-                                     f"{validation_problem(exc)}") from None  # fmt: skip
+        return self.setups.state_of(fn)
 
     def _call(self, fn: Function, item: _Item, payload: Any, obj: ObjectEvent | None, done: Finisher) -> Any:
         ctx = TaskContext(self, item.task_id, fn.name, item.claim.attempts, self.state_of(fn), item.meta, obj)
@@ -495,20 +503,6 @@ class Runtime:
         """Up to ``n`` more tasks from ``queues``, claimed under ``token``."""
         _, taken = self.registry.pop_claim(queues, token, self.lease_s, self.worker_name, self.gpu, n=n)
         return self._items(taken, token)
-
-    def on_hard_timeout(self, task_id: str, token: str) -> None:
-        """Called in the worker's parent process once its watchdog killed a pool process past the hard limit."""
-        record = self.registry.get(task_id, event=True) or {}
-        claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
-                      record.get("on_success", ""), record.get("on_failure", ""),
-                      float(record.get("started_at") or time.time()))  # fmt: skip
-        function = str(record.get("function", "?"))
-        fn = self.fleet.functions.get(function)
-        done = Finisher(self, task_id, function, token, record.get("event"), claim, fn, record)
-        limit = f" ({fn.timeout_s:g} s)" if fn is not None else ""
-        done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
-                    "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its "
-                                    "process was killed", "stackTrace": []})  # fmt: skip
 
 
 class _Item(NamedTuple):

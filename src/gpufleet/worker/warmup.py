@@ -3,12 +3,18 @@ and the process says how each went, so that the fleet can tell a version's state
 
 Reported per worker and function, in ``<prefix>:setup``: the version the code declares, ``setup`` while it runs,
 then ``ready`` or ``error`` (with the error), and the worker process's pid (an entry of a process that is gone no
-longer counts). A setup that fails is tried again by the first task that needs it, which then fails with the error.
+longer counts).
+
+A function whose setup() failed here is not ready here: its tasks go back to their queue unstarted, their attempt
+not counted, for a worker where it works (or they wait, as for a version no live worker runs: its state is ERROR).
+A task that arrives at least ``worker.setup_retry_s`` after the last try runs setup() again first: a model file that
+appears, a device that frees up, and the worker serves the function again.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,26 +27,62 @@ from gpufleet.versions import ERROR, READY, SETUP, report_setup
 log = structlog.get_logger("gpufleet.worker")
 
 
-def warm_up(functions: Iterable[Function], registry: Registry, worker: str, states: dict[str, Any]) -> None:
-    """Run each function's ``setup()`` into ``states`` (function name -> what it returned), reporting as it goes."""
-    pid = os.getppid()  # the worker process the supervisor started, whose pid the inventory shows
-    report = {fn.name: {"version": fn.version, "state": SETUP if fn.setup_fn else READY, "pid": pid}
-              for fn in functions}  # fmt: skip
-    _say(registry, worker, report)
-    for fn in functions:
-        if fn.setup_fn is None:
-            continue
+class Setups:
+    """Each function's setup() in one pool process: what it returned, or when it last failed."""
+
+    def __init__(self, registry: Registry, worker: str, retry_s: float) -> None:
+        self.registry = registry
+        self.worker = worker
+        self.retry_s = retry_s
+        self.states: dict[str, Any] = {}  # function name -> what its setup() returned
+        self.failed: dict[str, tuple[float, str]] = {}  # function name -> (when it last failed, monotonic; why)
+
+    def warm_up(self, functions: Iterable[Function]) -> None:
+        """Run each function's ``setup()``, reporting as it goes."""
+        functions = list(functions)
+        self._say({fn.name: self._entry(fn, SETUP if fn.setup_fn else READY) for fn in functions})
+        for fn in functions:
+            if fn.setup_fn is not None:
+                self._run(fn)
+
+    def ready(self, fn: Function) -> bool:
+        """Whether ``fn`` may run here: its setup() succeeded, or (``retry_s`` after it last failed) succeeds now."""
+        if fn.name not in self.failed:
+            return True
+        if time.monotonic() - self.failed[fn.name][0] < self.retry_s:
+            return False
+        return self._run(fn)
+
+    def state_of(self, fn: Function) -> Any:
+        """What ``fn``'s setup() returned in this process (run now, if it has not run yet)."""
+        if fn.name not in self.states:
+            self.states[fn.name] = fn.setup_fn() if fn.setup_fn else None
+        return self.states[fn.name]
+
+    def why(self, fn: Function) -> str:
+        return self.failed.get(fn.name, (0.0, ""))[1]
+
+    def _run(self, fn: Function) -> bool:
+        assert fn.setup_fn is not None
         try:
-            states[fn.name] = fn.setup_fn()
-            report[fn.name]["state"] = READY
-        except Exception as exc:  # reported; the first task that needs it raises it again
+            self.states[fn.name] = fn.setup_fn()
+        except Exception as exc:  # reported, and the function's tasks go where it works
             log.exception("setup failed", function=fn.name, version=fn.version)
-            report[fn.name] |= {"state": ERROR, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-        _say(registry, worker, {fn.name: report[fn.name]})
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            self.failed[fn.name] = (time.monotonic(), error)
+            self._say({fn.name: {**self._entry(fn, ERROR), "error": error}})
+            return False
+        if self.failed.pop(fn.name, None) is not None:
+            log.info("setup succeeded on a later try", function=fn.name, version=fn.version)
+        self._say({fn.name: self._entry(fn, READY)})
+        return True
 
+    def _entry(self, fn: Function, state: str) -> dict[str, Any]:
+        # The worker process the supervisor started, whose pid the inventory shows.
+        return {"version": fn.version, "state": state, "pid": os.getppid()}
 
-def _say(registry: Registry, worker: str, report: dict[str, dict[str, Any]]) -> None:
-    try:
-        report_setup(registry, worker, report)
-    except REDIS_ERRORS:  # a state nobody sees is only a state nobody sees: the worker runs on
-        log.warning("cannot report setup() to Redis", exc_info=True)
+    def _say(self, report: dict[str, dict[str, Any]]) -> None:
+        try:
+            report_setup(self.registry, self.worker, report)
+        except REDIS_ERRORS:  # a state nobody sees is only a state nobody sees: the worker runs on
+            log.warning("cannot report setup() to Redis", exc_info=True)
