@@ -117,6 +117,8 @@ def test_cancelling_a_job_leaves_no_shard_running_or_queued(harness: FleetHarnes
     assert view["state"] == "CANCELLED", view
     assert view["shards"]["counts"] == {"CANCELLED": 8}
     assert "the handler ignored the cancel" in view["shards"]["items"][0]["error"]["errorMessage"]
+    [(key, record)] = records(harness)  # the job's, listing its shards however it ended
+    assert key == job and [s["state"] for s in record["responseContext"]["shards"]] == ["CANCELLED"] * 8
     time.sleep(1)
     assert all(g.get("task_id") is None for g in plane.gpus()), plane.gpus()
     assert sum(harness.runs(shard_id(job, i)) for i in range(8)) == 2  # the two that had started, stopped

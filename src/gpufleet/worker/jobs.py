@@ -46,6 +46,8 @@ class JobSteps:
         raw = self.rt.registry.client.hmget(self.rt.registry.task_key(item.task_id), RECORD_FIELDS)
         phase, shards, priority, event, meta, queue = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
         merging = phase == "merge"
+        listed = self.store.shards(item.task_id, int(shards)) if merging else []
+        done.shards = [s.view() for s in listed] if merging else None  # in its record, however it ends
         if not self.rt.may_start(item, done, fn, bound, check_age=not merging):  # the age is the split's to check
             return
         self.rt.begin(item, done)
@@ -55,7 +57,7 @@ class JobSteps:
                               obj)  # fmt: skip
             try:
                 if merging:
-                    self._merge(item, fn, done, ctx, payload, int(shards), bound)
+                    self._merge(item, fn, done, ctx, payload, listed, bound)
                 else:
                     merge_envelope = self.rt.envelopes(item.task_id, fn.name, event.encode(), meta.encode(), queue)
                     assert merge_envelope is not None  # fn is served here
@@ -114,12 +116,11 @@ class JobSteps:
                                        on_failure=item.claim.on_failure if keep else ""))  # fmt: skip
         return tasks
 
-    def _merge(self, item: _Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, n: int,
+    def _merge(self, item: _Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, shards: list[Shard],
                bound: Any) -> None:  # fmt: skip
         assert fn.shards is not None
         assert fn.shards.merge_fn is not None  # checked at load
-        shards = self.store.shards(item.task_id, n)
-        done.shards = [s.view() for s in shards]
+        n = len(shards)
         bad = [s for s in shards if s.state != State.SUCCEEDED.value]
         if bad:
             message = f"{len(bad)} of {n} shards did not succeed: " + "; ".join(_why(s) for s in bad[:5])
