@@ -1,8 +1,9 @@
 """Dynamic batching with one outcome per event: real Redis, real worker processes, the ``batched`` test function
-(max_size 8, max_wait_ms 50, max_attempts 2, max_event_age_s 30)."""
+(max_size 8, max_wait_ms 50, max_attempts 2, max_event_age_s 30) and ``crowd`` (timeout_s 1.5, max_attempts 3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -15,8 +16,10 @@ import pytest
 from gpufleet.control import ControlPlane
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Batch
-from gpufleet.messages import MessageFactory
+from gpufleet.messages import MessageFactory, function_queue
 from gpufleet.registry import Enqueued, NewTask
+from gpufleet.worker import batch
+from gpufleet.worker.runtime import Runtime
 from tests.harness import FleetHarness
 from tests.test_engine import finished, one_worker, stamp
 
@@ -25,8 +28,16 @@ def calls(h: FleetHarness, tag: str) -> list[list[int]]:
     return [orjson.loads(c) for c in h.redis.lrange(f"batch:{tag}", 0, -1)]
 
 
-def invoke(cp: ControlPlane, tag: str, n: int, **event: Any) -> str:
-    return cp.invoke("batched", {"tag": tag, "n": n, **event}).id
+def invoke(cp: ControlPlane, tag: str, n: int, function: str = "batched", **event: Any) -> str:
+    return cp.invoke(function, {"tag": tag, "n": n, **event}).id
+
+
+def queued_together(h: FleetHarness, cp: ControlPlane, function: str, modes: list[str]) -> tuple[str, list[str]]:
+    """One event per mode, queued behind a running task, so that they form one batch."""
+    tag = uuid.uuid4().hex
+    blocker = cp.invoke("slow", {"seconds": 1}).id
+    h.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    return tag, [invoke(cp, tag, n, function, mode=mode) for n, mode in enumerate(modes)]
 
 
 def test_a_batch_forms_from_what_is_queued_and_each_event_keeps_its_own_task(harness: FleetHarness) -> None:
@@ -109,14 +120,87 @@ def test_a_worker_killed_mid_batch_runs_each_event_again(harness: FleetHarness) 
     tag = uuid.uuid4().hex
     blocker = cp.invoke("slow", {"seconds": 1}).id
     harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
-    ids = [invoke(cp, tag, n, sleep=3) for n in range(5)]
+    ids = [invoke(cp, tag, n, sleep=2) for n in range(5)]
     harness.wait_for(lambda: all(cp.status(i)["state"] == "RUNNING" for i in ids), what="the batch running")
     os.kill(int(harness.redis.get(f"pid:{ids[0]}") or 0), signal.SIGKILL)
     killed_at = time.time()
     views = finished(harness, cp, ids, 60)
     for view in views:
         assert view["state"] == "SUCCEEDED" and view["attempts"] == 2 and harness.runs(view["id"]) == 2
-        assert stamp(view["started_at"]) - killed_at < 10  # re-queued by the watchdog, not after the 60 s lease
+    # Re-queued by the watchdog, not after the 60 s lease; and on their second attempt each runs alone (one of them
+    # may have killed the process).
+    assert min(stamp(view["started_at"]) for view in views) - killed_at < 10
+    assert sorted(calls(harness, tag)[1:]) == [[n] for n in range(5)]
+
+
+def test_a_hanging_event_times_out_alone_and_its_neighbours_succeed(harness: FleetHarness) -> None:
+    """The soft time limit stops a call as an exception does: halves, down to the hanging event alone, in the same
+    attempt. Each event's progress is its own."""
+    cp = one_worker(harness)
+    tag, ids = queued_together(harness, cp, "crowd", ["ok", "hang", "ok", "ok"])
+    views = finished(harness, cp, ids)
+    assert [v["state"] for v in views] == ["SUCCEEDED", "TIMED_OUT", "SUCCEEDED", "SUCCEEDED"]
+    assert [v["attempts"] for v in views] == [1, 1, 1, 1]
+    assert calls(harness, tag) == [[0, 1, 2, 3], [0, 1], [0], [1], [2, 3]]
+    assert views[1]["error"]["errorType"] == "TimedOut"
+    progress = [views[i]["progress"] for i in (0, 2, 3)]
+    assert [p["message"] for p in progress] == ["event 1 of 1", "event 1 of 2", "event 2 of 2"]
+
+
+@pytest.mark.parametrize("mode", ["crash", "stuck"])
+def test_an_event_that_kills_its_process_fails_alone_and_its_neighbours_succeed(harness: FleetHarness,
+                                                                                 mode: str) -> None:  # fmt: skip
+    """``crash``: the event kills its process (out of memory, a CUDA crash). ``stuck``: it ignores the soft limit,
+    and the watchdog kills the process past the hard one. Either way the call's events come back and run alone on
+    their next attempt: the bad one does it again alone, its neighbours succeed."""
+    cp = one_worker(harness, lease_s=60)
+    tag, ids = queued_together(harness, cp, "crowd", ["ok", mode, "ok", "ok"])
+    views = finished(harness, cp, ids, 90)
+    assert calls(harness, tag)[0] == [0, 1, 2, 3]
+    assert all(len(call) == 1 for call in calls(harness, tag)[1:])  # alone from the second attempt on
+    for i in (0, 2, 3):
+        assert views[i]["state"] == "SUCCEEDED" and views[i]["attempts"] == 2 and harness.runs(ids[i]) == 2
+    if mode == "crash":  # each attempt killed its process; the fourth claim gives up
+        assert views[1]["state"] == "FAILED" and views[1]["error"]["errorType"] == "WorkerLost"
+        assert harness.runs(ids[1]) == 3
+    else:  # alone, past the hard limit: timed out
+        assert views[1]["state"] == "TIMED_OUT" and harness.runs(ids[1]) == 2
+
+
+def test_a_batch_waits_no_longer_than_max_wait_ms_for_more_and_a_lone_task_not_at_all(harness: FleetHarness) -> None:
+    """gather() on real Redis and real claims. Each take() brings one more event, as a steady trickle would: a batch
+    of 256 would take half a second to fill, and stops at max_wait_ms instead. A lone event (nothing more queued)
+    starts at once, even with a max_wait_ms of 2 s."""
+    fleet = harness.fleet()
+    factory = MessageFactory(harness.prefix, 1.0)
+
+    def policy(name: str, max_wait_ms: float, queued: int) -> tuple[Any, str]:
+        """A batch function of its own queue, with ``queued`` events in it."""
+        fn = dataclasses.replace(fleet.functions["crowd"], name=name, batch=Batch(256, max_wait_ms))
+        tasks = [NewTask(factory.build(f"{name}-{uuid.uuid4().hex}", fn, {"n": i}, {"source": "test"}), "", "", 3,
+                         "test", time.time(), "test") for i in range(queued)]  # fmt: skip
+        assert harness.registry.enqueue_many(tasks) == [Enqueued.CREATED] * queued
+        return fn, function_queue(harness.prefix, fn)
+
+    class OneAtATime(Runtime):
+        def take(self, queues: list[str], n: int, token: str) -> list[Any]:
+            return super().take(queues, 1, token)
+
+    trickle, queue = policy("trickle", 50, 300)
+    rt = OneAtATime(fleet, "trickle-worker", "gpu0", [queue])
+    [first] = rt.take([queue], 1, "test-owner")
+    started = time.monotonic()
+    items = batch.gather(rt, first, trickle)
+    took = time.monotonic() - started
+    assert 2 < len(items) < 256 and took < 0.25, (len(items), took)
+    assert len({item.task_id for item in items}) == len(items)
+
+    lone, queue = policy("lone", 2000, 1)
+    rt = OneAtATime(fleet, "lone-worker", "gpu0", [queue])
+    [first] = rt.take([queue], 1, "test-owner")
+    started = time.monotonic()
+    assert batch.gather(rt, first, lone) == [first]
+    assert time.monotonic() - started < 1
 
 
 def test_max_event_age_holds_per_event(harness: FleetHarness) -> None:

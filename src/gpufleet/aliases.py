@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -59,23 +58,22 @@ class Aliases:
         self.key = f"{registry.prefix}:aliases"
         self.configured = {fn: dict(aliases) for fn, aliases in configured.items()}
         self._choose = choose
-        self._lock = threading.Lock()
         self._set: dict[str, dict[str, Weights]] = {}  # set at run time: function -> alias -> weights
         self._read_at = -REFRESH_S
 
     def of(self, function: str) -> dict[str, Weights]:
         """The function's aliases now: the config's, with those set at run time over them."""
-        with self._lock:
-            self._refresh()
-            return {**self.configured.get(function, {}), **self._set.get(function, {})}
+        self._refresh()
+        return {**self.configured.get(function, {}), **self._set.get(function, {})}
 
     def resolve(self, function: str, qualifier: str | None) -> str | None:
         """The version a task of ``function[:qualifier]`` is for: an alias's pick, the qualifier itself when it names
         no alias, or None (no qualifier and no ``default`` alias: any version)."""
-        with self._lock:  # once per message a trigger takes in: no merged copy, and nothing at all without aliases
-            self._refresh()
-            set_now = self._set.get(function)
-            configured = self.configured.get(function)
+        # Once per message a trigger takes in: no lock (the refresh swaps whole dicts, and two refreshes at once do
+        # no harm), no merged copy, and nothing at all without aliases.
+        self._refresh()
+        set_now = self._set.get(function)
+        configured = self.configured.get(function)
         name = qualifier or DEFAULT
         weights = (set_now or {}).get(name) or (configured or {}).get(name)
         if weights is None:
@@ -105,8 +103,7 @@ class Aliases:
         pipe.xadd(f"{self.key.removesuffix('aliases')}alias-log", {"change": orjson.dumps(entry)}, maxlen=LOG_MAX)
         pipe.execute()
         log.info("alias changed", function=function, alias=alias, weights=weights, by=by)
-        with self._lock:
-            self._read_at = -REFRESH_S  # this process sees it at once
+        self._read_at = -REFRESH_S  # this process sees it at once
 
     def _refresh(self) -> None:
         if time.monotonic() - self._read_at < REFRESH_S:

@@ -10,7 +10,7 @@ them continues the same trace.
 
 from __future__ import annotations
 
-import os
+import random
 import re
 
 HEADER = "traceparent"
@@ -37,8 +37,11 @@ def parse(value: str | bytes | None) -> tuple[str, str, str] | None:
 def child(parent: str | bytes | None) -> str:
     """The task's own ``traceparent``: a new span in the caller's trace, or in a new trace (sampled) if the
     caller sent none that is valid."""
-    found = parse(parent)
-    fresh = os.urandom(24).hex()  # both ids from one read: this runs for every message a trigger takes in
+    # Ids need to be unique, not secret: Python's generator, as OpenTelemetry's SDK uses (cheaper than os.urandom,
+    # once per message a trigger takes in; the random module reseeds itself in a forked child). Both ids from one
+    # call; an all-zero id (invalid) has odds of 2^-64.
+    fresh = random.randbytes(24).hex()
+    found = parse(parent) if parent is not None else None
     trace_id, flags = (found[0], found[2]) if found else (fresh[:32], "01")
     return f"00-{trace_id}-{fresh[32:]}-{flags}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -156,6 +157,29 @@ def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
     ctx.items[0].progress(0.5, "first one half way")
     return [ValueError(f"event {e.get('n')} fails alone") if e.get("mode") == "fail"
             else {"n": e.get("n"), "attempt": item.attempt, "size": len(events)}
+            for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip
+
+
+@function(name="crowd", timeout_s=1.5, max_attempts=3, backoff_s=0.05, batch=Batch(max_size=8, max_wait_ms=50))
+def crowd(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
+    """A batch function with a short time limit (1.5 s), recorded as ``batched`` is. Per event ``mode``: ``hang``
+    sleeps past it (the soft limit stops the call), ``stuck`` sleeps with SIGALRM blocked (only the hard limit stops
+    it: the process is killed), ``crash`` kills its own process (as an out-of-memory kill or a CUDA crash would)."""
+    r = _redis()
+    r.rpush(f"batch:{events[0].get('tag')}", json.dumps([e.get("n") for e in events]))
+    for item in ctx.items:
+        r.incr(f"runs:{item.task_id}")
+    modes = {e.get("mode") for e in events}
+    if "crash" in modes:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "stuck" in modes:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(30)
+    if "hang" in modes:
+        time.sleep(30)
+    for n, item in enumerate(ctx.items):
+        item.progress((n + 1) / len(events), f"event {n + 1} of {len(events)}")
+    return [{"n": e.get("n"), "attempt": item.attempt, "size": len(events)}
             for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip
 
 

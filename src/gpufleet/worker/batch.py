@@ -9,9 +9,13 @@ Each event keeps its own task (:func:`settle`):
 
 - the handler returns one result per event, in order; an exception object in place of a result fails that event alone
   (retried under the function's policy, like any failed task);
-- a call that raises is split in two halves, each called again, down to single events: one bad event fails alone and
-  its neighbours succeed, in the same attempt (at most ``2n - 1`` calls for ``n`` events);
-- the soft time limit (``timeout_s``) applies to each call; a call past it times out every event in it;
+- a call that raises, or runs past the soft time limit (``timeout_s``, which applies to each call), is split in two
+  halves, each called again, down to single events: one bad or hanging event fails (or times out) alone and its
+  neighbours succeed, in the same attempt (at most ``2n - 1`` calls for ``n`` events);
+- a call whose process dies (out of memory, a crash) or is killed past the hard time limit gives its events back, and
+  an event on a later attempt always runs alone: the one that killed the process does it again alone, and its
+  neighbours succeed. Each death counts as an attempt for every event of the call, as for any task (Lambda counts a
+  crash too), so with ``max_attempts=1`` it fails them all (``WorkerLost``);
 - an event cancelled while the batch runs ends CANCELLED whatever the handler returned for it. One that ignores the
   cancel for ``cancel_grace_s`` is recorded CANCELLED then, and its neighbours run on (the process is not killed).
 """
@@ -75,6 +79,8 @@ def gather(rt: Runtime, first: _Item, fn: Function) -> list[_Item]:
     """The first task, then more of ``fn``'s queued tasks, as described in the module docstring."""
     assert fn.batch is not None
     items = [first]
+    if first.claim.attempts > 1:  # its last call may have died with its process: alone (module docstring)
+        return items
     queues = rt.function_queues(fn.name)
     formed = time.monotonic()
     while queues and len(items) < fn.batch.max_size and not rt.slot.stopping:  # stopping: take nothing more
@@ -87,28 +93,31 @@ def gather(rt: Runtime, first: _Item, fn: Function) -> list[_Item]:
     return items
 
 
-def settle(rt: Runtime, fn: Function, members: list[Member], failed: Callable[[Member, BaseException], None]) -> None:
-    """Call the handler for ``members`` and record each one's outcome; split and call again when the call raises."""
-    from celery.exceptions import SoftTimeLimitExceeded
+def calls(members: list[Member]) -> list[list[Member]]:
+    """The calls a batch makes: the events on their first attempt together, then each one on a later attempt alone."""
+    first = [m for m in members if m.item.claim.attempts == 1]
+    return ([first] if first else []) + [[m] for m in members if m.item.claim.attempts > 1]
 
+
+def settle(rt: Runtime, fn: Function, members: list[Member], failed: Callable[[Member, BaseException], None],
+           waiting: list[Member]) -> None:  # fmt: skip
+    """Call the handler for ``members`` and record each one's outcome; split and call again when the call raises or
+    times out. ``waiting``: the batch's events that wait for a later call (on the watchdog's page meanwhile)."""
     if not members:
         return
     kill_grace = rt.fleet.settings.worker.kill_grace_s
-    rt.slot.arm([(m.item.task_id, m.item.token) for m in members], time.time() + fn.timeout_s + kill_grace)
+    rt.slot.arm([(m.item.task_id, m.item.token) for m in members], time.time() + fn.timeout_s + kill_grace,
+                [(m.item.task_id, m.item.token) for m in waiting])  # fmt: skip
     try:
         results = rt.guarded(fn, lambda: _call(rt, fn, members))
-    except SoftTimeLimitExceeded as exc:
-        for m in members:
-            failed(m, exc)
-        return
-    except Exception as exc:  # noqa: BLE001 - whatever the handler raised; SystemExit goes on up
+    except Exception as exc:  # noqa: BLE001 - whatever the handler raised, or its time limit; SystemExit goes on up
         if len(members) == 1:
             failed(members[0], exc)
             return
         half = len(members) // 2
         log.warning("batch call failed; trying its halves", function=fn.name, size=len(members), error=repr(exc))
-        settle(rt, fn, members[:half], failed)
-        settle(rt, fn, members[half:], failed)
+        settle(rt, fn, members[:half], failed, members[half:] + waiting)
+        settle(rt, fn, members[half:], failed, waiting)
         return
     for m, result in zip(members, results, strict=True):
         if rt.lease.cancel_requested(m.item.task_id):

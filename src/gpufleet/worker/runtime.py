@@ -369,7 +369,10 @@ class Runtime:
         log.info("batch started", function=fn.name, size=len(members), task_ids=[m.item.task_id for m in members])
         began = time.monotonic()
         try:
-            batch.settle(self, fn, members, lambda m, exc: self.failed(m.done, exc, fn, self._bound(m.item)))
+            calls = batch.calls(members)
+            for n, call in enumerate(calls):
+                batch.settle(self, fn, call, lambda m, exc: self.failed(m.done, exc, fn, self._bound(m.item)),
+                             [m for later in calls[n + 1 :] for m in later])  # fmt: skip
         finally:
             self._recent[fn.name] = time.monotonic() - began
             self.end()

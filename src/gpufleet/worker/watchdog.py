@@ -8,7 +8,7 @@ message, do not apply. Instead:
   Celery's soft limit does;
 - hard: the pool process writes its task's hard deadline (``timeout_s + kill_grace_s``) into a page it shares with
   this parent process. A thread here SIGKILLs it past the deadline, whatever the handler does (stuck in C code with
-  the GIL held included), and records the task TIMED_OUT;
+  the GIL held included), and records the task TIMED_OUT (the events of a batch call go back to run alone);
 - the same thread sees a pool process that died mid-task (out of memory, a crash, a cancel that had to kill it) and
   ends the task's lease, so housekeeping re-queues it within a second rather than after ``lease_s``;
 - the page also lists the tasks the process holds without running them: the next task, claimed while the current one
@@ -71,11 +71,13 @@ class SharedSlot:
         self._running: list[tuple[str, str]] = []
         self._deadline = 0.0
         self._held: list[tuple[str, str]] = []
+        self._waiting: list[tuple[str, str]] = []
 
-    def arm(self, tasks: list[tuple[str, str]], deadline: float) -> None:
-        """Pool process: it runs these (task id, token) now, to be killed past ``deadline``."""
+    def arm(self, tasks: list[tuple[str, str]], deadline: float, waiting: list[tuple[str, str]] | None = None) -> None:
+        """Pool process: it runs these (task id, token) now, to be killed past ``deadline``; ``waiting``: events of
+        the same batch it holds for a later call (handed back, as held tasks are, if it dies or is killed)."""
         with self._lock:
-            self._running, self._deadline = list(tasks), deadline
+            self._running, self._deadline, self._waiting = list(tasks), deadline, list(waiting or ())
             self._write()
 
     def hold(self, tasks: list[tuple[str, str]]) -> None:
@@ -86,12 +88,13 @@ class SharedSlot:
 
     def disarm(self) -> None:
         with self._lock:
-            self._running, self._deadline, self._held = [], 0.0, []
+            self._running, self._deadline, self._held, self._waiting = [], 0.0, [], []
             self._write()
 
     def _write(self) -> None:
-        armed = 1 if self._running or self._held else 0
-        blob = orjson.dumps([self._running, self._held])
+        held = self._held + self._waiting
+        armed = 1 if self._running or held else 0
+        blob = orjson.dumps([self._running, held])
         blob = blob if _AT + _HEAD.size + len(blob) <= _SIZE else b"[[],[]]"  # too many to watch: leases cover them
         seq = _HEAD.unpack_from(self._page, _AT)[0]
         _HEAD.pack_into(self._page, _AT, seq + 1, armed, self._deadline, os.getpid(), len(blob))
@@ -157,8 +160,11 @@ class Watchdog(threading.Thread):
                         task_ids=[t for t, _ in running.tasks])  # fmt: skip
             with contextlib.suppress(ProcessLookupError):
                 os.kill(running.pid, signal.SIGKILL)
+            # One task timed out. A batch call's events go back instead, to run alone on their next attempt: the
+            # one that hangs times out then, and its neighbours succeed (see gpufleet.worker.batch).
+            alone = len(running.tasks) == 1
             for task_id, token in running.tasks:
-                self._timed_out(task_id, token)
+                (self._timed_out if alone else self._died)(task_id, token)
             for task_id, token in running.held:
                 self._died(task_id, token)
         else:
