@@ -29,6 +29,7 @@ def work(event: dict[str, Any], ctx: Context) -> None:
         bool(event.get("warm", False)),
         str(event.get("side", "")),
         int(event.get("flush", 1)),
+        bool(event.get("span", True)),
     )
 
 

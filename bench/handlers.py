@@ -55,14 +55,17 @@ def stamp(produced_ts: float, warm: bool = False, side: str = "") -> None:
 _spans: list[str] = []
 
 
-def work(ms: float = 20.0, warm: bool = False, side: str = "", flush: int = 1) -> None:
+def work(ms: float = 20.0, warm: bool = False, side: str = "", flush: int = 1, span: bool = True) -> None:
     """A fixed-length task: ``ms`` of wall time (a sleep, as a handler waiting on its GPU would), then its span,
-    written with the others once ``flush`` spans are buffered (the size of the block this task belongs to)."""
+    written with the others once ``flush`` spans are buffered (the size of the block this task belongs to). Without
+    ``span``, nothing more: the batching figures come from the registry's records, and ``batchwork`` writes none."""
     start = time.time()
     deadline = time.perf_counter() + ms / 1000
     while (left := deadline - time.perf_counter()) > 0:
         time.sleep(left)
     end = time.time()
+    if not span:
+        return
     if warm:
         client().rpush(warm_key(side), f"{start!r},{end!r}")
         return
