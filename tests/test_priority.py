@@ -79,6 +79,28 @@ def test_aging_moves_a_waiting_task_up_one_level_at_a_time_until_it_runs(harness
     assert orjson.loads(raw)["properties"]["priority"] == 0  # kombu's scale: 0 is the top
 
 
+def test_a_low_priority_task_runs_under_a_flood_of_high_ones_that_never_lets_up(harness: FleetHarness) -> None:
+    """End to end: a worker and its supervisor, which ages the queues every second (priority_aging_s 0.3), and
+    priority-9 tasks of the same function kept queued until the priority-0 one has run. It runs while some of them
+    still wait: it was not left for when the flood ends."""
+    harness.write_config(defaults={"priority_aging_s": 0.3}, worker={"virtual_gpus": 1})
+    harness.start("worker")
+    cp = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: [g for g in cp.gpus() if g["up"]], what="the worker ready")
+    flood = [cp.invoke("slow", {"seconds": 0.2}, priority=9).id for _ in range(5)]
+    low = cp.invoke("slow", {"seconds": 0.2}, priority=0).id
+    deadline = time.monotonic() + 40
+    while cp.status(low)["state"] != "SUCCEEDED":
+        assert time.monotonic() < deadline, f"the priority-0 task starved: {cp.status(low)}"
+        if harness.registry.counts("slow").get("QUEUED", 0) < 6:  # always more priority-9 work than the GPU does
+            flood.append(cp.invoke("slow", {"seconds": 0.2}, priority=9).id)
+        time.sleep(0.05)
+    ran_at = cp.status(low)["started_at"]
+    overtaken = [i for i in flood if (v := cp.status(i))["queued_at"] < ran_at < (v["started_at"] or "~")]
+    assert overtaken, "no priority-9 task was still waiting when the priority-0 one ran"
+    assert cp.status(low)["priority"] == 0  # its record keeps what it asked for
+
+
 def test_a_retry_starts_again_from_the_priority_it_asked_for(harness: FleetHarness) -> None:
     reg = harness.registry
     cp = ControlPlane(harness.fleet(), reg)
