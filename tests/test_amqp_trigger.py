@@ -115,6 +115,22 @@ def test_a_trigger_that_dies_before_acknowledging_loses_nothing(harness: FleetHa
     assert sum(harness.registry.counts("echo").values()) == 30
 
 
+def test_a_message_priority_is_the_task_priority(harness: FleetHarness, broker: Broker) -> None:
+    """AMQP's own priority property (0-255) becomes the task's (0-9: higher is capped at 9); without one, the
+    trigger's."""
+    queue = broker.queue()
+    broker.send(queue, routed(0, "none"))
+    broker.send(queue, routed(1, "seven"), priority=7)
+    broker.send(queue, routed(2, "high"), priority=200)
+    running = Running(amqp_trigger(harness, broker, queue, priority=2))
+    try:
+        harness.wait_for(lambda: running.trigger.stats["published"] == 3, what="3 tasks published")
+    finally:
+        running.stop()
+    priorities = {i: harness.registry.get(f"rabbit:{i}")["priority"] for i in ("none", "seven", "high")}
+    assert priorities == {"none": 2, "seven": 7, "high": 9}
+
+
 class Partition:
     """A TCP proxy to RabbitMQ whose open connections can be cut silently (:meth:`cut`): from then on no byte passes
     either way, and neither side hears a close, as when a host goes down or the network splits. New connections

@@ -14,6 +14,7 @@ import pytest
 from gpufleet.cli.output import table
 from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
 from gpufleet.cli.tasks import read_payload
+from gpufleet.control import ControlPlane
 from gpufleet.errors import InvalidRequestError
 from tests.harness import FleetHarness
 
@@ -245,3 +246,13 @@ def test_an_unreachable_redis_is_one_line_with_what_to_check_and_exit_4(harness:
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("gpufleet: error: cannot reach Redis") and "GPUFLEET_REDIS__URL" in line
     assert cli_json(harness, "status", "x", code=4)["error"]["code"] == "broker_error"
+
+
+def test_invoke_takes_a_priority_and_refuses_one_out_of_range(harness: FleetHarness) -> None:
+    """No worker runs: the task waits, with the priority it was given, ahead of an earlier one of a lower one."""
+    low = cli_json(harness, "invoke", "echo", "--payload", '{"n": 1}')
+    high = cli_json(harness, "invoke", "echo", "--payload", '{"n": 2}', "--priority", "8")
+    assert harness.registry.get(high["id"])["priority"] == 8 and harness.registry.get(low["id"])["priority"] == 4
+    assert ControlPlane(harness.fleet()).position(high["id"])["position"] == 1
+    bad = cli(harness, "invoke", "echo", "--payload", "{}", "--priority", "10")
+    assert bad.returncode == 2 and "--priority: invalid choice: 10" in bad.stderr, bad.stderr

@@ -10,6 +10,7 @@ import signal
 import time
 from typing import Any
 
+import psutil
 import pytest
 
 from gpufleet.celery_app import create_app
@@ -89,6 +90,26 @@ def test_a_killed_pool_process_gives_its_task_back_long_before_its_lease_lapses(
     assert stamp(cp.status(victim)["started_at"]) - killed_at < 10
     [view] = finished(harness, cp, [victim])
     assert view["state"] == "SUCCEEDED" and harness.runs(victim) == 2 and cp.status(first)["state"] == "SUCCEEDED"
+
+
+def test_cancel_then_kill_holds_for_a_task_taken_inside_a_run(harness: FleetHarness) -> None:
+    """The stubborn task is taken straight from the queue, within DRAIN_S of the delivery that started the run: it
+    ignores the cancel, is recorded CANCELLED and its process killed after cancel_grace_s (2 s), and runs once. The
+    task queued behind it runs on the fresh process, and the delivery that started the run is not run again."""
+    cp = one_worker(harness)
+    first = cp.invoke("slow", {"seconds": 0.3}).id  # shorter than DRAIN_S: the run goes on to the next task
+    stubborn = cp.invoke("ignores_cancel", {"seconds": 60}).id
+    after = cp.invoke("echo", {"i": 0}).id
+    harness.wait_for(lambda: cp.status(stubborn)["state"] == "RUNNING", what="the stubborn task running")
+    pid = int(harness.wait_for(lambda: harness.redis.get(f"pid:{stubborn}"), 10, "its pid"))
+    assert int(harness.redis.get(f"pid:{first}") or 0) == pid  # the same pool process, one run
+    assert cp.cancel(stubborn)["outcome"] == "cancelling"
+    views = finished(harness, cp, [first, stubborn, after], 30)
+    assert [v["state"] for v in views] == ["SUCCEEDED", "CANCELLED", "SUCCEEDED"]
+    assert "process was killed" in views[1]["error"]["errorMessage"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    time.sleep(1)  # the killed run's delivery is handed to the next process: dropped, its task finished
+    assert [harness.runs(i) for i in (first, stubborn, after)] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("long_first", [True, False])

@@ -101,6 +101,22 @@ def test_a_low_priority_task_runs_under_a_flood_of_high_ones_that_never_lets_up(
     assert cp.status(low)["priority"] == 0  # its record keeps what it asked for
 
 
+def test_two_functions_of_one_pool_and_model_have_exact_positions_and_lengths_of_their_own(
+    harness: FleetHarness,
+) -> None:
+    """echo and slow share the pool and the GPU model: each has its own queue, and a task's position and its queue's
+    length count only its own function's tasks, priorities included."""
+    cp = ControlPlane(harness.fleet())
+    echo = [cp.invoke("echo", {"n": n}, priority=p).id for n, p in enumerate([4, 9, 4])]
+    slow = [cp.invoke("slow", {"n": n}).id for n in range(5)]
+    assert [cp.position(i)["position"] for i in echo] == [2, 1, 3]
+    assert [cp.position(i)["position"] for i in slow] == [1, 2, 3, 4, 5]
+    assert {cp.position(i)["queue_length"] for i in echo} == {3}
+    assert {cp.position(i)["queue_length"] for i in slow} == {5}
+    assert cp.queue("echo")["length"] == 3 and cp.queue("slow")["length"] == 5
+    assert cp.queue("echo")["queue"] != cp.queue("slow")["queue"]
+
+
 def test_a_retry_starts_again_from_the_priority_it_asked_for(harness: FleetHarness) -> None:
     reg = harness.registry
     cp = ControlPlane(harness.fleet(), reg)
