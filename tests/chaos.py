@@ -7,8 +7,10 @@ are ``gpufleet worker``, ``gpufleet trigger`` and ``gpufleet dispatcher``, each 
 - the trigger and the dispatcher are SIGKILLed and restarted every ``role_kill_every_s``;
 - every ``freeze_every_s`` the whole worker tree is frozen (SIGSTOP), killed while frozen, and started again.
 
-Every event is ``{"function": "chaos", "payload": {"i": n}, "id": ...}``; the ``chaos`` function records each start
-(pid, time) in Redis. At the end the report counts what was lost, what ran twice and whether a kill explains it.
+Every event is ``{"function": ..., "payload": {"i": n}, "id": ..., "priority": 0-9}``: one in three goes to
+``chaos-batch`` (dynamic batching, up to 8 events a call), the others to ``chaos``, at priorities spread over 0-9.
+Both functions record each event's start (pid, time) in Redis. At the end the report counts what was lost, what ran
+twice and whether a kill explains it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Report:
     redelivered_copies: int = 0  # the same Success record delivered again (at-least-once; consumers de-duplicate)
     run_twice: int = 0
     run_twice_explained: int = 0  # an earlier run's process was killed or frozen
+    batched: int = 0  # events that ran in a batch call with others at least once
     detection_s: list[float] = field(default_factory=list)  # a kill -> the interrupted task's next start
     kills: Counter[str] = field(default_factory=Counter)
     exits: Counter[str] = field(default_factory=Counter)  # roles that exited without being killed
@@ -73,8 +76,8 @@ class Report:
         return (f"sent {self.sent}, succeeded {self.succeeded}, lost {len(self.lost)}, duplicate Success "
                 f"{len(self.duplicate_success)}, redelivered copies {self.redelivered_copies}, run twice "
                 f"{self.run_twice} ({self.run_twice_explained} explained by a kill), detection median "
-                f"{median:.2f} s max {max(det, default=0.0):.2f} s, kills {dict(self.kills)}, "
-                f"exits {dict(self.exits)}")  # fmt: skip
+                f"{median:.2f} s max {max(det, default=0.0):.2f} s, {self.batched} ran in a batch with others, kills "
+                f"{dict(self.kills)}, exits {dict(self.exits)}")  # fmt: skip
 
 
 class ChaosFleet:
@@ -225,7 +228,8 @@ class Chaos:
             pause = self.plan.produce_s / max(1, len(ids))
             for i, task_id in enumerate(ids):
                 supplied = task_id.partition(":")[2]
-                body = {"function": "chaos", "payload": {"i": i, "seconds": self.plan.task_s}, "id": supplied}
+                body = {"function": "chaos-batch" if i % 3 == 2 else "chaos", "id": supplied, "priority": i * 7 % 10,
+                        "payload": {"i": i, "seconds": self.plan.task_s}}  # fmt: skip
                 producer.send(self.fleet.topic("requests"), orjson.dumps(body))
                 if pause >= 0.005 or i % 50 == 0:
                     time.sleep(pause if pause >= 0.005 else pause * 50)
@@ -297,7 +301,9 @@ class Chaos:
                 report.succeeded += 1
             else:
                 report.lost.append(task_id)
-            starts = [(int(pid), float(ts)) for pid, ts in (run.decode().split() for run in runs)]
+            fields = [run.decode().split() for run in runs]  # pid, time, and for a batch call its size
+            starts = [(int(pid), float(ts)) for pid, ts, *_ in fields]
+            report.batched += any(int(rest[0]) > 1 for _, _, *rest in fields if rest)
             if len(starts) > 1:
                 report.run_twice += 1
                 if all(pid in f.killed for pid, _ in starts[:-1]):

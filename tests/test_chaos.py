@@ -1,6 +1,7 @@
 """Chaos in the suite: a few hundred events through the roles as separate processes while pool processes are
 SIGKILLed every few seconds, the trigger and the dispatcher are killed and restarted, and the whole worker tree is
-frozen, killed and restarted. Nothing is lost, no task has two Success outcomes, and every task succeeds."""
+frozen, killed and restarted. A third of the events go to a batch function, and priorities are mixed. Nothing is
+lost, no task has two Success outcomes, and every task succeeds."""
 
 from __future__ import annotations
 
@@ -25,3 +26,4 @@ def test_nothing_is_lost_and_nothing_succeeds_twice_under_kills_and_freezes(serv
     assert report.kills["pool process"] >= 5 and report.kills["frozen worker tree"] >= 1, report.line()
     assert report.kills["trigger"] >= 1 and report.kills["dispatcher"] >= 1, report.line()
     assert report.trigger_exits == 0, report.line()  # the trigger died only when we killed it
+    assert report.batched > 0, report.line()  # batch calls were among the runs the kills hit

@@ -134,6 +134,18 @@ def chaos(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return {"i": event.get("i"), "attempt": ctx.attempt}
 
 
+@function(name="chaos-batch", max_attempts=10, backoff_s=0.05, backoff_max_s=0.5,
+          batch=Batch(max_size=8, max_wait_ms=20))  # fmt: skip
+def chaos_batch(events: list[dict[str, Any]], ctx: BatchContext) -> list[dict[str, Any]]:
+    """``chaos``, batched: every event's start is recorded as ``chaos`` records it, and each gets its own result."""
+    pipe, now = _redis().pipeline(transaction=False), time.time()
+    for item in ctx.items:
+        pipe.rpush(f"chaos:runs:{item.task_id}", f"{os.getpid()} {now} {len(events)}")
+    pipe.execute()
+    time.sleep(max(float(e.get("seconds", 0.1)) for e in events))
+    return [{"i": e.get("i"), "attempt": item.attempt} for e, item in zip(events, ctx.items, strict=True)]
+
+
 @function(
     name="batched",
     version="7",
