@@ -147,6 +147,17 @@ def test_a_hanging_event_times_out_alone_and_its_neighbours_succeed(harness: Fle
     assert [p["message"] for p in progress] == ["event 1 of 1", "event 1 of 2", "event 2 of 2"]
 
 
+def test_a_batch_handler_that_returns_the_wrong_number_of_results_fails_its_events_with_why(
+    harness: FleetHarness,
+) -> None:
+    cp = one_worker(harness)
+    _, ids = queued_together(harness, cp, "crowd", ["short", "short"])
+    for view in finished(harness, cp, ids):
+        assert view["state"] == "FAILED" and view["attempts"] == 1, view  # a bug in the handler: not retried
+        assert view["error"]["errorType"] == "BadBatchResult"
+        assert "return a list with one result per event" in view["error"]["errorMessage"]
+
+
 @pytest.mark.parametrize("mode", ["crash", "stuck"])
 def test_an_event_that_kills_its_process_fails_alone_and_its_neighbours_succeed(harness: FleetHarness,
                                                                                  mode: str) -> None:  # fmt: skip

@@ -176,7 +176,8 @@ def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
 def crowd(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
     """A batch function with a short time limit (1.5 s), recorded as ``batched`` is. Per event ``mode``: ``hang``
     sleeps past it (the soft limit stops the call), ``stuck`` sleeps with SIGALRM blocked (only the hard limit stops
-    it: the process is killed), ``crash`` kills its own process (as an out-of-memory kill or a CUDA crash would)."""
+    it: the process is killed), ``crash`` kills its own process (as an out-of-memory kill or a CUDA crash would),
+    ``short`` returns one result too few."""
     r = _redis()
     r.rpush(f"batch:{events[0].get('tag')}", json.dumps([e.get("n") for e in events]))
     for item in ctx.items:
@@ -191,8 +192,9 @@ def crowd(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
         time.sleep(30)
     for n, item in enumerate(ctx.items):
         item.progress((n + 1) / len(events), f"event {n + 1} of {len(events)}")
-    return [{"n": e.get("n"), "attempt": item.attempt, "size": len(events)}
-            for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip
+    results = [{"n": e.get("n"), "attempt": item.attempt, "size": len(events)}
+               for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip
+    return results[1:] if "short" in modes else results  # short: one result too few, a bug in the handler
 
 
 @function(name="spill", gpu=Gpu(pools=("eu", "us"), max_queue_wait_s=1.5), max_attempts=2,
