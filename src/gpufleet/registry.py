@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import redis
 
-from gpufleet import lua, redisconn
+from gpufleet import lua, lua_upkeep, redisconn
 from gpufleet.errors import BrokerError
 from gpufleet.messages import TaskMessage
 
@@ -131,15 +131,15 @@ class Registry:
         self._renew = client.register_script(lua.RENEW)
         self._finish = client.register_script(lua.FINISH)
         self._retry = client.register_script(lua.RETRY_LATER)
-        self._housekeep = client.register_script(lua.HOUSEKEEP)
-        self._finish_queued = client.register_script(lua.FINISH_QUEUED)
-        self._retry_now = client.register_script(lua.RETRY)
-        self._trim = client.register_script(lua.TRIM_INDEX)
-        self._scan_lost = client.register_script(lua.SCAN_LOST)
-        self._requeue_lost = client.register_script(lua.REQUEUE_LOST)
-        self._move_queued = client.register_script(lua.MOVE_QUEUED)
+        self._housekeep = client.register_script(lua_upkeep.HOUSEKEEP)
+        self._finish_queued = client.register_script(lua_upkeep.FINISH_QUEUED)
+        self._retry_now = client.register_script(lua_upkeep.RETRY)
+        self._trim = client.register_script(lua_upkeep.TRIM_INDEX)
+        self._scan_lost = client.register_script(lua_upkeep.SCAN_LOST)
+        self._requeue_lost = client.register_script(lua_upkeep.REQUEUE_LOST)
+        self._move_queued = client.register_script(lua_upkeep.MOVE_QUEUED)
         self._hand_back = client.register_script(lua.HAND_BACK)
-        self._age = client.register_script(lua.AGE)
+        self._age = client.register_script(lua_upkeep.AGE)
         self._lapse = client.register_script(lua.LAPSE)
 
     @classmethod
@@ -361,7 +361,7 @@ class Registry:
         return bool(self._hand_back(keys=[self.task_key(task_id), self.leases_key], args=args))
 
     def age(self, aging_s: float, limit: int = 1000) -> int:
-        """Move each level's tasks that have waited ``aging_s`` there one level up (see :data:`lua.AGE`). Returns
+        """Move each level's tasks that have waited ``aging_s`` there one level up (see :data:`lua_upkeep.AGE`). Returns
         how many moved."""
         return int(self._age(args=[self.prefix, time.time(), aging_s, limit]))
 
