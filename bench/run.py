@@ -15,7 +15,6 @@ Progress goes to stderr; the Markdown table goes to stdout and to ``bench/result
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import itertools
 import logging
@@ -24,583 +23,64 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil
 import redis
-import yaml
 
 import batching
 import handlers
-import naive_bridge
 import raw_celery_app
 from gpufleet.dev.services import LocalServices
 from gpufleet.logs import configure_logging
-from gpufleet.messages import PRIORITY_STEPS, MessageFactory, function_queue, priority_list, queue_name
+from gpufleet.messages import MessageFactory, function_queue
 from gpufleet.registry import Enqueued, NewTask, Registry
-from gpufleet.roles import PARENT_ENV
-from gpufleet.settings import Fleet, LoggingSettings, load_fleet
-from gpufleet.triggers.base import Prepared, keep_freed_memory
-from gpufleet.triggers.kafka import KafkaSettings, KafkaTrigger
+from gpufleet.settings import LoggingSettings, load_fleet
+from gpufleet.triggers.base import keep_freed_memory
+from ingest import (
+    Ingested,
+    ingest_bridge,
+    ingest_gpufleet,
+    ingest_naive,
+    ingest_raw,
+    mean_rate,
+    memory_gpufleet,
+    memory_naive,
+)
+from world import (
+    BENCH_DIR,
+    FULL,
+    GPU_QUEUES,
+    PREFIX,
+    QUICK,
+    TOPICS,
+    BenchError,
+    Children,
+    Sizes,
+    World,
+    child_env,
+    create_topics,
+    produce,
+    redis_lines,
+    say,
+    write_fleet,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3.x at import time
     from kafka import KafkaProducer
-    from kafka.admin import KafkaAdminClient, NewTopic
 
-BENCH_DIR = Path(__file__).resolve().parent
+
 RESULTS = BENCH_DIR / "results" / "latest.md"
-PREFIX = "gpufleet"
-# The queues of the noop/stamp/work functions (Gpu(model="any"), pool default), which the bench's GPU worker reads.
-GPU_QUEUES = [queue_name(PREFIX, "default", "any", name) for name in ("noop", "stamp", "work", "batchwork")]
-T0 = time.monotonic()
 PHASES = ("ingest", "memory", "latency", "duty", "batch")
-
-
-@dataclass(frozen=True)
-class Sizes:
-    ingest: int  # messages per pass of the raw, minimal bridge and gpufleet ingest paths
-    small_ingest: int  # messages for the naive bridge (at ~2k msg/s) and for the memory phase's two processes
-    latency: int  # timed messages per latency side
-    latency_warm: int  # paced messages sent first and not timed
-    latency_rate: float  # messages per second
-    duty: int  # 20 ms tasks per duty-cycle side
-    batch: int  # tasks queued at once per side of the batching throughput figure
-    batch_paced: int  # tasks sent one at a time per side of its latency figure
-    task_ms: float = 20.0
-
-
-FULL = Sizes(ingest=60_000, small_ingest=20_000, latency=300, latency_warm=20, latency_rate=50.0, duty=300, batch=400,
-             batch_paced=60)  # fmt: skip
-QUICK = Sizes(ingest=15_000, small_ingest=5_000, latency=150, latency_warm=10, latency_rate=50.0, duty=100, batch=160,
-              batch_paced=30)  # fmt: skip
-
-# Topics: one fresh topic per ingest path; the memory phase reads two of them again with fresh groups.
-TOPICS = {
-    "ingest-raw": "bench.ingest.raw",
-    "ingest-bridge": "bench.ingest.bridge",
-    "ingest-naive": "bench.ingest.naive",
-    "ingest-gpufleet": "bench.ingest.gpufleet",
-    "memory-gpufleet": "bench.memory.gpufleet",
-    "latency-naive": "bench.latency.naive",
-    "latency-gpufleet": "bench.latency.gpufleet",
-}
-# gpufleet triggers of the temporary fleet: name -> (topic, group).
-TRIGGERS = {
-    "ingest": (TOPICS["ingest-gpufleet"], "bench-ingest-gpufleet"),
-    "memory": (TOPICS["memory-gpufleet"], "bench-memory-gpufleet"),
-    "latency": (TOPICS["latency-gpufleet"], "bench-latency-gpufleet"),
-}
-
-
-class BenchError(Exception):
-    """A phase could not produce its figure (timeout, a process died, a count did not add up)."""
-
-
-def say(message: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Child processes: started in their own session, logged to files, stopped by PID (descendants included).
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-class Children:
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.env = env
-        self.running: dict[int, Child] = {}
-        self._count = 0
-
-    def start(self, name: str, argv: list[str]) -> Child:
-        self._count += 1
-        log = self.log_dir / f"{self._count:02d}-{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, env=self.env, cwd=self.log_dir, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        child = Child(name, proc, log)
-        self.running[proc.pid] = child
-        say(f"started {name} (pid {proc.pid}, log {log.name})")
-        return child
-
-    def stop(self, child: Child, timeout_s: float = 20.0) -> None:
-        """SIGTERM (a Celery worker shuts down warm), then SIGKILL; then any descendant left over, by PID."""
-        try:
-            descendants = psutil.Process(child.proc.pid).children(recursive=True)
-        except psutil.Error:
-            descendants = []
-        if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                say(f"{child.name} (pid {child.proc.pid}) ignored SIGTERM for {timeout_s:g} s; killing it")
-                child.proc.kill()
-                child.proc.wait(timeout=10)
-        for proc in descendants:
-            with contextlib.suppress(psutil.Error):
-                if proc.is_running():  # psutil checks the start time, so a recycled PID is not signalled
-                    proc.kill()
-                    proc.wait(timeout=5)
-        self.running.pop(child.proc.pid, None)
-
-    def stop_all(self) -> None:
-        for child in reversed(list(self.running.values())):
-            self.stop(child)
-
-    @contextlib.contextmanager
-    def session(self, *specs: tuple[str, list[str]]) -> Iterator[list[Child]]:
-        """Start the processes, yield them, and stop them (last first) whatever happens."""
-        started: list[Child] = []
-        try:
-            for name, argv in specs:
-                started.append(self.start(name, argv))
-            yield started
-        finally:
-            for child in reversed(started):
-                self.stop(child)
-
-    def wait_until(self, cond: Callable[[], bool], timeout_s: float, what: str, watch: list[Child] | None = None,
-                   interval_s: float = 0.02) -> float:  # fmt: skip
-        """Poll ``cond`` until true; raise BenchError on timeout or if a watched process exits. Returns the time."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if cond():
-                return time.perf_counter()
-            for child in watch or []:
-                if child.proc.poll() is not None:
-                    raise BenchError(f"{what}: {child.name} exited with code {child.proc.returncode}\n"
-                                     f"{tail(child.log)}")  # fmt: skip
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {c.name} ---\n{tail(c.log)}" for c in watch or [])
-                raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}\n{logs}".rstrip())
-            time.sleep(interval_s)
-
-
-def queued_messages(w: World, function: str) -> int:
-    """Messages in a bench function's queue, at every priority level."""
-    queue = queue_name(PREFIX, "default", "any", function)
-    return sum(int(w.redis.llen(priority_list(queue, p))) for p in PRIORITY_STEPS)
-
-
-def redis_lines(client: redis.Redis, key: str) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in client.lrange(key, 0, -1)]
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The benchmark's world: servers, the temporary fleet, clients.
-
-
-@dataclass
-class World:
-    sizes: Sizes
-    workdir: Path
-    services: LocalServices
-    config: Path
-    fleet: Fleet
-    redis: redis.Redis
-    registry: Registry
-    children: Children
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def bootstrap(self) -> str:
-        return self.services.kafka_bootstrap
-
-    @property
-    def redis_url(self) -> str:
-        return self.services.redis_url
-
-    def flush(self) -> None:
-        self.redis.flushdb()
-
-    def gpu_worker(self, name: str = "vgpu0") -> tuple[str, list[str]]:
-        return f"gpufleet-worker-{name}", [sys.executable, "-m", "gpufleet.worker.process", "--config",
-                                           str(self.config), "--name", name, "--gpu", f"{name}:virtual",
-                                           "--queues", ",".join(GPU_QUEUES)]  # fmt: skip
-
-    def raw_worker(self) -> tuple[str, list[str]]:
-        return "celery-worker", [sys.executable, "-m", "celery", "-A", "raw_celery_app", "worker", "--pool",
-                                 "prefork", "--concurrency", "1", "--prefetch-multiplier", "1", "-Q",
-                                 raw_celery_app.QUEUE, "-O", "fair", "--without-mingle", "--without-gossip",
-                                 "--without-heartbeat", "--loglevel", "INFO", "-n", "raw@%h"]  # fmt: skip
-
-    def trigger_cli(self, name: str) -> tuple[str, list[str]]:
-        return f"gpufleet-trigger-{name}", [sys.executable, "-m", "gpufleet", "trigger", "--config", str(self.config),
-                                            "--name", name]  # fmt: skip
-
-    def naive_cli(self, topic: str, group: str, mode: str) -> tuple[str, list[str]]:
-        return f"naive-bridge-{mode}", [sys.executable, str(BENCH_DIR / "naive_bridge.py"), "--bootstrap",
-                                        self.bootstrap, "--redis", self.redis_url, "--topic", topic, "--group",
-                                        group, "--mode", mode]  # fmt: skip
-
-
-def write_fleet(workdir: Path, redis_url: str, bootstrap: str) -> Path:
-    """A fleet like config/fleet.yaml, on the bench's servers, with its own functions and triggers folders."""
-    functions, triggers, config_dir = workdir / "functions", workdir / "triggers", workdir / "config"
-    for folder in (functions, triggers, config_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(BENCH_DIR / "gpufleet_functions.py", functions / "bench_functions.py")
-    for name, (topic, group) in TRIGGERS.items():
-        trigger = {"source": f"kafka:///{topic}", "group": group, "batch_max": 500}
-        (triggers / f"{name}.yaml").write_text(yaml.safe_dump(trigger))
-    config = {
-        "redis": {"url": redis_url, "key_prefix": PREFIX},
-        "kafka": {"bootstrap_servers": bootstrap},
-        "worker": {"virtual_gpus": 1, "pools": ["default"], "lease_s": 30},
-        "defaults": {
-            "on_success": "kafka:///bench.success",
-            "on_failure": "kafka:///bench.failure",
-            "dead_letter": "kafka:///bench.dead-letter",
-        },
-        "logging": {"level": "info", "format": "json"},  # as shipped in config/fleet.yaml
-        "functions": ["../functions"],
-        "triggers": ["../triggers"],
-    }
-    path = config_dir / "fleet.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def child_env(redis_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
-    python_path = [str(BENCH_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    return env | {
-        "PYTHONPATH": os.pathsep.join(python_path),
-        "BENCH_REDIS_URL": redis_url,
-        "BENCH_PARENT_PID": str(os.getpid()),  # the naive bridge and raw worker stop if the harness dies
-        PARENT_ENV: str(os.getpid()),  # gpufleet's roles do the same
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-
-
-def ingest_value(i: int) -> bytes:
-    """About 200 bytes of JSON naming the ``noop`` function."""
-    body = {"function": "noop", "payload": {"seq": i, "user": f"user-{i % 977:04d}", "ts": time.time(),
-                                            "text": "lorem ipsum dolor sit amet " * 4}}  # fmt: skip
-    return orjson.dumps(body)
-
-
-def create_topics(bootstrap: str) -> None:
-    """Every topic of the run, one partition each (auto-created topics would get the broker's default count)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    try:
-        admin.create_topics([NewTopic(t, 1, 1) for t in TOPICS.values()], timeout_ms=10_000)
-    finally:
-        admin.close()
-
-
-def produce(bootstrap: str, topics: dict[str, int]) -> bool:
-    """``n`` ingest messages to each topic (topic -> n)."""
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap, acks=1, enable_idempotence=False, linger_ms=20, batch_size=512 * 1024
-    )
-    try:
-        values = [ingest_value(i) for i in range(max(topics.values()))]
-        for topic, n in topics.items():
-            for value in values[:n]:
-                producer.send(topic, value)
-        producer.flush(timeout=120)
-    finally:
-        producer.close(timeout=10)
-    return True
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# 1. Ingest rate
-
-
-@dataclass
-class Ingested:
-    rate: float  # messages per second, from the first polled record to the last one handled
-    seconds: float
-
-
-def mean_rate(passes: list[Ingested]) -> Ingested | None:
-    if not passes:
-        return None
-    seconds = sum(p.seconds for p in passes) / len(passes)
-    return Ingested(sum(p.rate for p in passes) / len(passes), seconds)
-
-
-def ingest_raw(w: World, attempt: int) -> Ingested:
-    n = w.sizes.ingest
-    consumer = naive_bridge.bench_consumer(w.bootstrap, TOPICS["ingest-raw"], f"bench-ingest-raw-{attempt}")
-    try:
-        seen, first = 0, None
-        deadline = time.monotonic() + 120
-        while seen < n:
-            if time.monotonic() > deadline:
-                raise BenchError(f"raw consumer read {seen}/{n} messages in 120 s")
-            polled = consumer.poll(timeout_ms=200)
-            if polled and first is None:
-                first = time.perf_counter()
-            seen += sum(len(records) for records in polled.values())
-        last = time.perf_counter()
-    finally:
-        consumer.close(autocommit=False)
-    assert first is not None
-    return Ingested(n / (last - first), last - first)
-
-
-def ingest_bridge(w: World, attempt: int) -> Ingested:
-    """The least a durable Kafka -> Celery bridge can do: per poll, one pipelined LPUSH of envelopes built by string
-    formatting from one prebuilt template (no parsing, no checks, no registry), then a synchronous commit. Nothing
-    is lost (the commit follows the push), but nothing is de-duplicated, validated or tracked either."""
-    n = w.sizes.ingest
-    w.flush()
-    factory = MessageFactory(PREFIX, w.fleet.settings.worker.kill_grace_s)
-    envelope = orjson.loads(factory.build("@ID@", w.fleet.functions["noop"], {}, {}).envelope)
-    envelope["body"], envelope["properties"]["body_encoding"] = "@BODY@", "base64"  # Celery's own body format
-    template = orjson.dumps(envelope).decode()
-    queue = priority_list(queue_name(PREFIX, "default", "any", "bridge"), 4)
-    consumer = naive_bridge.bench_consumer(w.bootstrap, TOPICS["ingest-bridge"], f"bench-ingest-bridge-{attempt}")
-    try:
-        seen, first = 0, None
-        deadline = time.monotonic() + 120
-        while seen < n:
-            if time.monotonic() > deadline:
-                raise BenchError(f"minimal bridge pushed {seen}/{n} messages in 120 s")
-            polled = consumer.poll(timeout_ms=200)
-            if not polled:
-                continue
-            if first is None:
-                first = time.perf_counter()
-            pipe = w.redis.pipeline(transaction=False)
-            for records in polled.values():
-                envelopes = [template.replace("@ID@", f"bridge-{r.partition}-{r.offset}").replace("@BODY@",
-                             base64.b64encode(b'[[],{"function":"noop","event":' + r.value + b',"meta":{}},'
-                                              b'{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]').decode())
-                             for r in records]  # fmt: skip
-                pipe.lpush(queue, *envelopes)
-                seen += len(records)
-            pipe.execute()
-            consumer.commit()
-        last = time.perf_counter()
-    finally:
-        consumer.close(autocommit=False)
-    if int(w.redis.llen(queue)) != n:
-        raise BenchError(f"minimal bridge: {w.redis.llen(queue)} messages in its queue, expected {n}")
-    assert first is not None
-    return Ingested(n / (last - first), last - first)
-
-
-def ingest_naive(w: World) -> Ingested:
-    n = w.sizes.small_ingest
-    w.flush()
-    app = naive_bridge.plain_celery(w.redis_url)
-    consumer = naive_bridge.bench_consumer(w.bootstrap, TOPICS["ingest-naive"], "bench-ingest-naive")
-    stop = threading.Event()
-    watchdog = threading.Timer(240, stop.set)
-    timing = naive_bridge.BridgeTiming(target=n)
-    watchdog.start()
-    try:
-        naive_bridge.run_bridge(consumer, app, naive_bridge.route_gpufleet, stop, timing)
-    finally:
-        watchdog.cancel()
-        consumer.close(autocommit=False)
-        app.close()
-    if timing.done is None or timing.first is None:
-        raise BenchError(f"naive bridge published {timing.seen}/{n} messages in 240 s")
-    queued = queued_messages(w, "noop")
-    if queued != n:
-        raise BenchError(f"naive bridge: the noop queue holds {queued} messages, expected {n}")
-    return Ingested(n / (timing.done - timing.first), timing.done - timing.first)
-
-
-class _TimedConsumer:
-    """Wraps the trigger's KafkaConsumer: when the first record came, and when the commit covering N returned."""
-
-    def __init__(self, inner: Any, target: int, published: Callable[[], int]) -> None:
-        self.inner = inner
-        self.target = target
-        self.published = published  # tasks the trigger published so far (duplicates not counted)
-        self.seen = 0
-        self.first: float | None = None
-        self.done_at: float | None = None
-        self.done = threading.Event()
-        self.poll_s = 0.0
-        self.commit_s = 0.0
-
-    def __getattr__(self, name: str) -> Any:  # what the trigger uses besides poll and commit (its lag report)
-        return getattr(self.inner, name)
-
-    def poll(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        polled = self.inner.poll(*args, **kwargs)
-        if polled:
-            if self.first is None:
-                self.first = time.perf_counter()
-            else:
-                self.poll_s += time.perf_counter() - started
-            self.seen += sum(len(records) for records in polled.values())
-        return polled
-
-    def commit(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        result = self.inner.commit(*args, **kwargs)
-        self.commit_s += time.perf_counter() - started
-        if self.published() >= self.target and self.done_at is None:
-            self.done_at = time.perf_counter()
-            self.done.set()
-        return result
-
-    def close(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.close(*args, **kwargs)
-
-
-class TimedKafkaTrigger(KafkaTrigger):
-    """gpufleet's KafkaTrigger, unchanged, with its consumer, parse and publish calls timed."""
-
-    def __init__(self, fleet: Fleet, trigger: KafkaSettings, target: int) -> None:
-        super().__init__(fleet, trigger)
-        self.target = target
-        self.timed: _TimedConsumer | None = None
-        self.parse_s = 0.0
-        self.send_s = 0.0  # on the trigger's thread: packing and sending a batch's scripts
-        self.wait_s = 0.0  # reading Redis's answers (waiting for them, if Redis is not done yet), and settling
-        # Timed per batch, not per message: a timer around each message's parse would cost the trigger ~2 %.
-        prepare, send, complete = self.ingest.prepare, self.ingest.send, self.ingest.complete
-
-        def timed_prepare(messages: list[Any]) -> Prepared:
-            started = time.perf_counter()
-            try:
-                return prepare(messages)
-            finally:
-                self.parse_s += time.perf_counter() - started
-
-        def timed_send(batch: Prepared) -> Any:
-            started = time.perf_counter()
-            try:
-                return send(batch)
-            finally:
-                self.send_s += time.perf_counter() - started
-
-        def timed_complete(batch: Prepared, sent: Any, stop: threading.Event) -> Any:
-            started = time.perf_counter()
-            try:
-                return complete(batch, sent, stop)
-            finally:
-                self.wait_s += time.perf_counter() - started
-
-        self.ingest.prepare = timed_prepare  # type: ignore[method-assign]
-        self.ingest.send = timed_send  # type: ignore[method-assign]
-        self.ingest.complete = timed_complete  # type: ignore[method-assign]
-
-    def _consumer(self) -> Any:
-        self.timed = _TimedConsumer(super()._consumer(), self.target, lambda: self.stats["published"])
-        return self.timed
-
-
-def ingest_gpufleet(w: World, attempt: int) -> Ingested:
-    n = w.sizes.ingest
-    w.flush()
-    configured = w.fleet.triggers["ingest"].model_dump()
-    settings = KafkaSettings.model_validate(
-        {**configured, "group": f"{configured['group']}-{attempt}"}
-    )  # from the start
-    trigger = TimedKafkaTrigger(w.fleet, settings, target=n)
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            trigger.run(stop)
-        except BaseException as exc:
-            failure.append(exc)
-            raise
-
-    thread = threading.Thread(target=run, name="bench-trigger", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 240
-        while not (trigger.timed and trigger.timed.done.wait(0.1)):
-            if failure or not thread.is_alive():
-                raise BenchError(f"the trigger thread stopped: {failure[0] if failure else 'no error'}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"trigger published {trigger.stats['published']}/{n} messages in 240 s")
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    timed = trigger.timed
-    assert timed is not None
-    assert timed.first is not None
-    assert timed.done_at is not None
-    counted = w.registry.counts("noop").get("QUEUED", 0)
-    queued = queued_messages(w, "noop")
-    if counted != n or queued != n:
-        raise BenchError(f"gpufleet: registry counts QUEUED={counted}, the noop queue holds {queued}; expected {n}")
-    seconds = timed.done_at - timed.first
-
-    def per_msg(s: float) -> str:
-        return f"{s / n * 1e6:.0f} us/msg"
-
-    w.notes.append(
-        f"Trigger time by step (pass {attempt}, in-process, {seconds:.2f} s after the first record; one thread, and "
-        f"Redis runs a batch's scripts while the next is polled and parsed): Kafka poll {timed.poll_s:.2f} s, parse + "
-        f"build {trigger.parse_s:.2f} s ({per_msg(trigger.parse_s)}), sending to Redis {trigger.send_s:.2f} s "
-        f"({per_msg(trigger.send_s)}), Redis's answers {trigger.wait_s:.2f} s ({per_msg(trigger.wait_s)}), commit "
-        f"{timed.commit_s:.2f} s; {timed.seen:,} records polled, {trigger.stats['duplicates']} duplicates."
-    )
-    return Ingested(n / seconds, seconds)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# 4. Resident memory of the trigger process after the ingest workload
-
-
-def rss_after_ingest(w: World, spec: tuple[str, list[str]], done: Callable[[], bool]) -> tuple[float, float, float]:
-    """Start the process, wait until ``done``, and return (RSS MB, peak RSS MB, seconds from start to done)."""
-    w.flush()
-    with w.children.session(spec) as (child,):
-        started = time.perf_counter()
-        finished = w.children.wait_until(done, 240, f"{child.name} to ingest {w.sizes.small_ingest} messages", [child],
-                                         interval_s=0.1)  # fmt: skip
-        time.sleep(1.0)  # let the last commit land and the process settle
-        proc = psutil.Process(child.proc.pid)
-        rss = proc.memory_info().rss / 2**20
-        peak = rss
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) / 1024
-    return rss, peak, finished - started
-
-
-def memory_gpufleet(w: World) -> tuple[float, float, float]:
-    n = w.sizes.small_ingest
-    return rss_after_ingest(w, w.trigger_cli("memory"), lambda: w.registry.counts("noop").get("QUEUED", 0) >= n)
-
-
-def memory_naive(w: World) -> tuple[float, float, float]:
-    n = w.sizes.small_ingest
-    spec = w.naive_cli(TOPICS["ingest-naive"], "bench-memory-naive", "gpufleet")
-    return rss_after_ingest(w, spec, lambda: queued_messages(w, "noop") >= n)
 
 
 # --------------------------------------------------------------------------------------------------------------------
