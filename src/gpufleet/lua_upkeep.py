@@ -149,9 +149,6 @@ return redis.call('ZRANGE', pending, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 """
 )
 
-# KEYS: task.  ARGV: prefix, score, envelope, queue.  Push a lost task's message again, at the head of its queue, if
-# it is still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). A pending
-# entry whose record expired is dropped. Returns 1 (pushed) or 0.
 # KEYS: task.  ARGV: prefix, from_queue, to_queue, envelope (built for to_queue), from_pool, to_pool.
 # A pool with no live worker hands a QUEUED task over to another pool's queue: its record names the new queue and the
 # new message, so the old message, still in the old list, is a stale copy that POP_CLAIM drops; and a worker that
@@ -172,6 +169,9 @@ return 1
 """
 )
 
+# KEYS: task.  ARGV: prefix, score, envelope, queue.  Push a lost task's message again, at the head of its queue, if
+# it is still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). A pending
+# entry whose record expired is dropped. Returns 1 (pushed) or 0.
 REQUEUE_LOST = (
     HELPERS
     + """
