@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gpufleet import lua
-from gpufleet.registry import State
+from gpufleet.registry import State, task_row
 
 if TYPE_CHECKING:
     from gpufleet.functions import Shards
@@ -167,11 +167,7 @@ class JobStore:
     def split(self, job_id: str, token: str, shards: list[NewTask], merge_envelope: bytes) -> str:
         """Create the shards and park the job (see :data:`SPLIT`): ``'ok'``, ``'cancelled'`` or ``'lost'``."""
         reg, now = self.registry, repr(time.time())
-        batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure,
-                               str(t.max_attempts), t.source, now, repr(t.event_ts),
-                               "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag, t.origin,
-                               str(t.message.priority), t.overflow, job_id, str(i)]
-                              for i, t in enumerate(shards)])  # fmt: skip
+        batch = orjson.dumps([[*task_row(t, now), job_id, str(i)] for i, t in enumerate(shards)])
         args: list[str | bytes] = [reg.prefix, now, batch, token, merge_envelope]
         for t in shards:
             args += (t.message.envelope, t.message.event, t.message.meta)

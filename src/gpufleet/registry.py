@@ -72,6 +72,13 @@ class NewTask(NamedTuple):  # a tuple: built per message on a trigger's hot path
     overflow: str = ""  # placed outside the function's first pool: "<first pool>US<pool>" (counted once created)
 
 
+def task_row(t: NewTask, now: str) -> list[str]:
+    """A new task's small fields, as ``lua.CREATE`` takes them (the envelope, event and meta travel apart)."""
+    return [t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure, str(t.max_attempts),
+            t.source, now, repr(t.event_ts), "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag,
+            t.origin, str(t.message.priority), t.overflow]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Claim:
     """The outcome of a claim: on success, what the worker needs to finish the task without reading it again."""
@@ -180,11 +187,7 @@ class Registry:
         pipe = self.pipeline()
         for start in range(0, len(tasks), ENQUEUE_CHUNK):
             chunk = tasks[start : start + ENQUEUE_CHUNK]
-            batch = orjson.dumps([[t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure,
-                                   str(t.max_attempts), t.source, now, repr(t.event_ts),
-                                   "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag, t.origin,
-                                   str(t.message.priority), t.overflow]
-                                  for t in chunk])  # fmt: skip
+            batch = orjson.dumps([task_row(t, now) for t in chunk])
             args: list[str | bytes] = [self.prefix, now, batch]
             for t in chunk:  # as they are: the JSON text goes into the record unescaped, and Lua does not decode it
                 args += (t.message.envelope, t.message.event, t.message.meta)

@@ -45,8 +45,7 @@ def render_status(view: dict[str, Any], plane: ControlPlane | None = None) -> st
         lines.append(("progress", bar_line(view)))
     shards = view.get("shards")
     if shards:
-        counts = ", ".join(f"{n} {state}" for state, n in sorted(shards["counts"].items()))
-        lines.append(("shards", f"{shards['done']}/{shards['total']} done: {counts}"))
+        lines.append(("shards", f"{shards['done']}/{shards['total']} done: {shard_counts(shards)}"))
     if view.get("result") is not None:
         lines.append(("result", orjson.dumps(view["result"]).decode()[:2000]))
     for key, label in (("error", "error"), ("last_error", "last error")):
@@ -55,6 +54,11 @@ def render_status(view: dict[str, Any], plane: ControlPlane | None = None) -> st
             lines.append((label, _error_text(err)))
     text = "\n".join(f"{label:<10} {one_line(value)}" for label, value in lines)
     return text + ("\n\n" + shard_table(shards["items"]) if shards else "")
+
+
+def shard_counts(shards: dict[str, Any] | None) -> str:
+    """A job's shards per state, from its view's ``shards``: ``"5 QUEUED, 2 RUNNING, 1 SUCCEEDED"``."""
+    return ", ".join(f"{n} {state}" for state, n in sorted((shards or {}).get("counts", {}).items()))
 
 
 def shard_table(items: list[dict[str, Any]], limit: int = 100) -> str:

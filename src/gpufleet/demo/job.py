@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from gpufleet.cli.progress import bar_line
-from gpufleet.cli.views import shard_table
+from gpufleet.cli.views import shard_counts, shard_table
 from gpufleet.demo.api import client
 from gpufleet.demo.bucket import BUCKET, clients
 
@@ -34,7 +34,7 @@ def job_tour(fleet: Any, moto_url: str, timeout_s: float = 180) -> tuple[int, st
     while time.monotonic() < deadline:
         _, view = call("GET", f"/v1/tasks/{job}")
         shards = view.get("shards")
-        counts = ", ".join(f"{n} {state}" for state, n in sorted((shards or {}).get("counts", {}).items()))
+        counts = shard_counts(shards)
         now = f"{view['state']} {view.get('phase')} {counts}"
         if now != shown:  # a line each time a band changes state
             fraction = shards["progress"] if shards else 0.0
