@@ -180,8 +180,8 @@ def test_an_event_that_kills_its_process_fails_alone_and_its_neighbours_succeed(
 
 def test_a_batch_waits_no_longer_than_max_wait_ms_for_more_and_a_lone_task_not_at_all(harness: FleetHarness) -> None:
     """gather() on real Redis and real claims. Each take() brings one more event, as a steady trickle would: a batch
-    of 256 would take half a second to fill, and stops at max_wait_ms instead. A lone event (nothing more queued)
-    starts at once, even with a max_wait_ms of 2 s."""
+    of 256 would take over half a second to fill, and stops at max_wait_ms (50) instead. A lone event (nothing more
+    queued) starts at once, even with a max_wait_ms of 2 s."""
     fleet = harness.fleet()
     factory = MessageFactory(harness.prefix, 1.0)
 
@@ -203,7 +203,7 @@ def test_a_batch_waits_no_longer_than_max_wait_ms_for_more_and_a_lone_task_not_a
     started = time.monotonic()
     items = batch.gather(rt, first, trickle)
     took = time.monotonic() - started
-    assert 2 < len(items) < 256 and took < 0.25, (len(items), took)
+    assert 2 < len(items) < 256 and took < 0.4, (len(items), took)  # unbounded: all 256, in ~0.6 s
     assert len({item.task_id for item in items}) == len(items)
 
     lone, queue = policy("lone", 2000, 1)
