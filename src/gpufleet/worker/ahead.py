@@ -39,10 +39,10 @@ class Ahead:
     """One per pool process, made after fork. Only the runtime's thread calls :meth:`send` and :meth:`take`."""
 
     def __init__(self, round_trip: RoundTrip, give_back: Callable[[_Item], None],
-                 hold: Callable[[Tasks], None]) -> None:  # fmt: skip
+                 hold: Callable[[Tasks, Tasks], None]) -> None:  # fmt: skip
         self._round_trip = round_trip  # what the helper thread does: write the outcomes, claim the next
         self._give_back = give_back  # a task claimed ahead, unstarted, back to the head of its queue
-        self._hold = hold  # tell the watchdog page which tasks are held
+        self._hold = hold  # tell the watchdog page which tasks are held: (finished, unstarted)
         self._cond = threading.Condition()
         self._job: tuple[Any, bool] | None = None
         self._busy = False  # a round trip or a give-back is under way: take() waits for it
@@ -52,7 +52,7 @@ class Ahead:
     def send(self, outcomes: Any, claim: bool, finished: Tasks) -> None:
         """Write the ``outcomes`` pipeline (those of ``finished``) and, with ``claim``, claim the next task: one round
         trip, on the helper thread. Call :meth:`take` before sending again."""
-        self._hold(finished)
+        self._hold(finished, [])
         with self._cond:
             self._job, self._busy = (outcomes, claim), True
             self._cond.notify_all()
@@ -64,7 +64,9 @@ class Ahead:
                 self._cond.wait()
             item, self._item = self._item, None
             self._cond.notify_all()  # the helper stops holding it
-        return item  # still listed as held until the next send(): a death meanwhile hands it back, as it should
+        # Still listed as unstarted until the next send(): a death before it starts gives it back uncounted; once it
+        # runs, the page lists it as running too, and that wins.
+        return item
 
     def _serve(self) -> None:
         while True:
@@ -78,7 +80,7 @@ class Ahead:
             except Exception:  # the outcomes' leases end and those tasks run again; the loop goes on
                 log.warning("cannot write outcomes or claim the next task; their leases will lapse", exc_info=True)
             finally:
-                self._hold([] if item is None else [(item.task_id, item.token)])
+                self._hold([], [] if item is None else [(item.task_id, item.token)])
                 with self._cond:
                     self._item, self._busy = item, False
                     self._cond.notify_all()
@@ -99,7 +101,7 @@ class Ahead:
             log.warning("cannot give back a task claimed ahead; its lease will lapse", task_id=item.task_id,
                         exc_info=True)  # fmt: skip
         finally:
-            self._hold([])
+            self._hold([], [])
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()

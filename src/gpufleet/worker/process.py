@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     signals.worker_shutting_down.connect(lambda **_: slot.stop(), weak=False)
     host = fleet.settings.worker.hostname
     Watchdog(slot, lambda token: owner_is_dead(token, host), functools.partial(timed_out_by_watchdog, runtime),
-             lambda task_id, token: runtime.registry.lapse(task_id, token)).start()  # fmt: skip
+             lambda task_id, token: runtime.registry.lapse(task_id, token),
+             lambda task_id, token: runtime.give_back(task_id, token)).start()  # fmt: skip
     # If the supervisor dies, shut down warm instead of running on unsupervised.
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     worker = app.Worker(

@@ -143,8 +143,10 @@ class Runtime:
         running = self.slot.read()
         if running is not None and running.all and owner_is_dead(running.all[0][1], self.host):
             try:
-                for task_id, token in running.all:
+                for task_id, token in running.tasks + running.held:
                     self.registry.lapse(task_id, token)
+                for task_id, token in running.not_started:  # another task's death is not theirs: not counted
+                    self.give_back(task_id, token)
             except REDIS_ERRORS:  # their leases lapse anyway, later
                 log.warning("cannot hand back the tasks of the process this one replaces", exc_info=True)
         # Warm every function now, so the first task does not pay for loading a model; the fleet sees how it went.
@@ -218,8 +220,13 @@ class Runtime:
             outcomes.say()
         return item
 
+    def give_back(self, task_id: str, token: str) -> bool:
+        """A task this process (or the dead one ``token`` names) claimed but never started: back to the head of its
+        queue, its attempt not counted. False if it finished or changed owner meanwhile."""
+        return self.registry.hand_back(task_id, token, self.envelopes, None)
+
     def _give_back(self, item: _Item) -> None:
-        if self.registry.hand_back(item.task_id, item.token, self.envelopes, None):
+        if self.give_back(item.task_id, item.token):
             log.info("task claimed ahead given back to the head of its queue", task_id=item.task_id)
         else:
             log.info("a task claimed ahead was taken over or cancelled before it was given back", task_id=item.task_id)

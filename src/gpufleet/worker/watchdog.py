@@ -11,9 +11,10 @@ message, do not apply. Instead:
   the GIL held included), and records the task TIMED_OUT (the events of a batch call go back to run alone);
 - the same thread sees a pool process that died mid-task (out of memory, a crash, a cancel that had to kill it) and
   ends the task's lease, so housekeeping re-queues it within a second rather than after ``lease_s``;
-- the page also lists the tasks the process holds without running them: the next task, claimed while the current one
-  runs, and a finished one whose outcome is still on its way to Redis. A kill or a death hands those back (their
-  leases end), whatever happens to the running one;
+- the page also lists the tasks the process holds without running them: a finished one whose outcome is still on
+  its way to Redis (a kill or a death ends its lease: it runs again, as the running one does), and those it has not
+  started: the next task, claimed while the current one runs, and the events of a batch waiting for a later call.
+  Those go back to the head of their queue with their attempt not counted: another task's crash is not theirs;
 - when Celery starts a warm shutdown this process raises a flag on the page, and the pool process takes no further
   task from its queues.
 
@@ -39,7 +40,7 @@ import structlog
 log = structlog.get_logger("gpufleet.worker")
 
 # Byte 0 is the stop flag, which only the parent writes; the pool process writes the rest: a header, then as JSON the
-# tasks it runs ([[id, token], ...]: a batch has several) and those it holds ([[id, token], ...]).
+# tasks it runs ([[id, token], ...]: a batch has several), those it holds once run, and those it has not started.
 _HEAD = struct.Struct("<QBxxxxxxxdiI")  # seq, armed, deadline, pid, length of the JSON
 _AT = 8
 _SIZE = 1 << 18  # room for the largest batch's ids and tokens
@@ -53,11 +54,17 @@ class Running:
     tasks: tuple[tuple[str, str], ...]  # (task id, owner token) each
     pid: int
     deadline: float  # wall clock: past this, the process is killed
-    held: tuple[tuple[str, str], ...] = ()  # claimed but not running: the next task, or one whose outcome is on its way
+    held: tuple[tuple[str, str], ...] = ()  # run, its outcome on its way to Redis
+    unstarted: tuple[tuple[str, str], ...] = ()  # claimed, never started: the next task, a batch's later events
 
     @property
     def all(self) -> tuple[tuple[str, str], ...]:
-        return self.tasks + self.held
+        return self.tasks + self.held + self.unstarted
+
+    @property
+    def not_started(self) -> tuple[tuple[str, str], ...]:
+        """The unstarted tasks, less any the process has started since it listed them."""
+        return tuple(t for t in self.unstarted if t not in self.tasks)
 
 
 class SharedSlot:
@@ -71,6 +78,7 @@ class SharedSlot:
         self._running: list[tuple[str, str]] = []
         self._deadline = 0.0
         self._held: list[tuple[str, str]] = []
+        self._unstarted: list[tuple[str, str]] = []
         self._waiting: list[tuple[str, str]] = []
 
     def arm(self, tasks: list[tuple[str, str]], deadline: float, waiting: list[tuple[str, str]] | None = None) -> None:
@@ -80,22 +88,23 @@ class SharedSlot:
             self._running, self._deadline, self._waiting = list(tasks), deadline, list(waiting or ())
             self._write()
 
-    def hold(self, tasks: list[tuple[str, str]]) -> None:
-        """Pool process: it holds these without running them (handed back if it dies or is killed)."""
+    def hold(self, run: list[tuple[str, str]], unstarted: list[tuple[str, str]]) -> None:
+        """Pool process: it holds these without running them: ``run``, finished with their outcome on its way (they
+        run again if it dies), and ``unstarted``, claimed ahead (they go back with their attempt not counted)."""
         with self._lock:
-            self._held = list(tasks)
+            self._held, self._unstarted = list(run), list(unstarted)
             self._write()
 
     def disarm(self) -> None:
         with self._lock:
-            self._running, self._deadline, self._held, self._waiting = [], 0.0, [], []
+            self._running, self._deadline, self._held, self._unstarted, self._waiting = [], 0.0, [], [], []
             self._write()
 
     def _write(self) -> None:
-        held = self._held + self._waiting
-        armed = 1 if self._running or held else 0
-        blob = orjson.dumps([self._running, held])
-        blob = blob if _AT + _HEAD.size + len(blob) <= _SIZE else b"[[],[]]"  # too many to watch: leases cover them
+        unstarted = self._unstarted + self._waiting
+        armed = 1 if self._running or self._held or unstarted else 0
+        blob = orjson.dumps([self._running, self._held, unstarted])
+        blob = blob if _AT + _HEAD.size + len(blob) <= _SIZE else b"[[],[],[]]"  # too many to watch: leases cover them
         seq = _HEAD.unpack_from(self._page, _AT)[0]
         _HEAD.pack_into(self._page, _AT, seq + 1, armed, self._deadline, os.getpid(), len(blob))
         start = _AT + _HEAD.size
@@ -109,9 +118,8 @@ class SharedSlot:
         blob = self._page[start : start + size]
         if seq % 2 or _HEAD.unpack_from(self._page, _AT)[0] != seq or not armed:
             return None
-        running, held = orjson.loads(blob)
-        return Running(tuple((str(i), str(t)) for i, t in running), pid, deadline,
-                       tuple((str(i), str(t)) for i, t in held))  # fmt: skip
+        running, held, unstarted = (tuple((str(i), str(t)) for i, t in part) for part in orjson.loads(blob))
+        return Running(running, pid, deadline, held, unstarted)
 
     def stop(self) -> None:
         """Parent: a warm shutdown began; the pool process finishes its task and takes no other."""
@@ -124,16 +132,18 @@ class SharedSlot:
 
 class Watchdog(threading.Thread):
     """Parent process: kills a pool process past its task's hard deadline, and ends the lease of the task of one that
-    died. ``timed_out(task_id, token)`` records the outcome of a killed task; ``died(task_id, token)`` hands one back.
-    """
+    died. ``timed_out(task_id, token)`` records the outcome of a killed task; ``died(task_id, token)`` ends the lease
+    of one that ran (it runs again, its attempt counted); ``give_back(task_id, token)`` puts one it never started back
+    at the head of its queue, its attempt not counted."""
 
     def __init__(self, slot: SharedSlot, is_dead: Callable[[str], bool], timed_out: Callable[[str, str], None],
-                 died: Callable[[str, str], None]) -> None:  # fmt: skip
+                 died: Callable[[str, str], object], give_back: Callable[[str, str], object]) -> None:  # fmt: skip
         super().__init__(name="gpufleet-watchdog", daemon=True)
         self._slot = slot
         self._is_dead = is_dead
         self._timed_out = timed_out
         self._died = died
+        self._give_back = give_back
         self._handled: Running | None = None
 
     def run(self) -> None:
@@ -151,7 +161,7 @@ class Watchdog(threading.Thread):
         if self._is_dead(running.all[0][1]):
             log.warning("pool process died while running; its tasks go back to their queue",
                         task_ids=[t for t, _ in running.all])  # fmt: skip
-            for task_id, token in running.all:
+            for task_id, token in running.tasks + running.held:
                 self._died(task_id, token)
         elif running.tasks and time.time() > running.deadline:
             if self._slot.read() != running:  # it finished (or moved on) meanwhile
@@ -169,4 +179,6 @@ class Watchdog(threading.Thread):
                 self._died(task_id, token)
         else:
             return
+        for task_id, token in running.not_started:
+            self._give_back(task_id, token)
         self._handled = running
