@@ -1,47 +1,94 @@
 # Two commands on a fresh machine (Python >= 3.11 and pip, no root):  make demo  /  make test
+# Both install the locked versions of requirements/ (hashes checked), never whatever is newest on the day.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
-TORCH  := torch==2.13.0
+PIP    := $(BIN)/python -m pip --disable-pip-version-check
+# pip itself is pinned: the lock is read by it, and a new pip must not change what a fresh clone gets.
+PIP_VERSION := 26.3
+PIP_TOOLS   := pip-tools==7.7.0
+TORCH  := $(shell cat requirements/torch.txt)
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# One -n per xdist worker: the suite mostly waits on servers and processes, so more workers than cores pay off.
+TEST_WORKERS ?= 6
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test check lint format bench lock clean
 
-$(STAMP): pyproject.toml
+# The virtualenv, its pinned pip, and the CPU build of torch (pinned in requirements/torch.txt). On Linux x86_64,
+# PyPI's torch is the CUDA build and brings gigabytes of nvidia-* wheels: take torch from PyTorch's CPU index when
+# it answers (its +cpu build wins over PyPI's), else the pinned version from the default index. Its dependencies are
+# in the lock; torch itself is not, as its CPU build comes from another index than the rest.
+$(VENV)/.torch: requirements/torch.txt
 	$(PYTHON) -c 'import sys; sys.exit("gpufleet needs Python >= 3.11") if sys.version_info < (3, 11) else None'
+	@echo "== virtualenv $(VENV), pip $(PIP_VERSION)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU build of torch, pinned. On Linux x86_64, PyPI's torch is the CUDA build and brings gigabytes of
-	# nvidia-* wheels: take torch from PyTorch's CPU index when it answers (its +cpu build wins over PyPI's), else
-	# the pinned version from the default index. Not quiet: the download is large, and its progress shows.
+	$(PIP) install --progress-bar on pip==$(PIP_VERSION)
+	@echo "== $(TORCH), CPU build (the largest download)"
 	if $(BIN)/python -c 'import urllib.request; urllib.request.urlopen("$(TORCH_CPU_INDEX)/torch/", timeout=10)' \
 	     2>/dev/null; then \
-	  $(BIN)/python -m pip install --extra-index-url $(TORCH_CPU_INDEX) $(TORCH); \
+	  $(PIP) install --no-deps --extra-index-url $(TORCH_CPU_INDEX) $(TORCH); \
 	else \
 	  echo "PyTorch's CPU index is out of reach: $(TORCH) from the default index"; \
-	  $(BIN)/python -m pip install $(TORCH); \
+	  $(PIP) install --no-deps $(TORCH); \
 	fi
-	$(BIN)/python -m pip install -q -e '.[dev,torch]'
-	touch $(STAMP)
+	touch $@
 
-demo: $(STAMP)
+# What the demo needs, and nothing to test with. The project last, with no dependencies of its own to resolve and its
+# build backend (setuptools) from the lock: nothing is left to pick a version on the day.
+$(VENV)/.demo: $(VENV)/.torch requirements/demo.txt pyproject.toml
+	@echo "== the locked packages of the demo (requirements/demo.txt)"
+	$(PIP) install --require-hashes -r requirements/demo.txt
+	@echo "== gpufleet, editable"
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PIP) check
+	touch $@
+
+# The demo's set plus the test tools: requirements/dev.txt holds all of it.
+$(VENV)/.dev: $(VENV)/.torch requirements/dev.txt pyproject.toml
+	@echo "== the locked packages of the suite (requirements/dev.txt)"
+	$(PIP) install --require-hashes -r requirements/dev.txt
+	@echo "== gpufleet, editable"
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PIP) check
+	touch $@ $(VENV)/.demo
+
+demo: $(VENV)/.demo
 	$(BIN)/gpufleet demo
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest
+# Two runs: every test but those that assert a bound in time, on xdist workers (each with servers of its own), then
+# those alone, on a machine nobody else loads.
+test: $(VENV)/.dev lint
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
-lint: $(STAMP)
+# The inner loop: the tests that start no server (no Redis, Kafka, S3, RabbitMQ or fleet), in well under a minute.
+check: $(VENV)/.dev
+	$(BIN)/python -m pytest -n 2 -m "not server" -q
+
+lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench workers
 	$(BIN)/ruff format --check src tests bench workers
 	$(BIN)/mypy
 
-format: $(STAMP)
+format: $(VENV)/.dev
 	$(BIN)/ruff format src tests bench workers
 	$(BIN)/ruff check --fix src tests bench workers
 
-bench: $(STAMP)
+bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py
 
+# Re-resolve requirements/ from pyproject.toml's ranges, keeping today's pins where they still fit; UPGRADE=1 takes
+# the newest that fit. demo.txt is constrained by dev.txt, so both hold the same versions.
+LOCK_FLAGS := --generate-hashes --strip-extras --all-build-deps --no-emit-index-url --no-emit-find-links \
+	--no-emit-trusted-host --unsafe-package torch --unsafe-package gpufleet -c requirements/torch.txt \
+	$(if $(UPGRADE),--upgrade)
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q pip==$(PIP_VERSION) $(PIP_TOOLS)
+	.venv-lock/bin/pip-compile $(LOCK_FLAGS) --extra local --extra torch --extra dev -o requirements/dev.txt \
+		pyproject.toml
+	.venv-lock/bin/pip-compile $(LOCK_FLAGS) --extra local --extra torch -c requirements/dev.txt \
+		-o requirements/demo.txt pyproject.toml
+
 clean:
-	rm -rf $(VENV) .gpufleet .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) .venv-lock .gpufleet .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

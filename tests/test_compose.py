@@ -263,10 +263,11 @@ def test_docker_compose_refuses_to_start_without_the_secrets(tmp_path: Path) -> 
 
 
 def test_the_cpu_overlay_builds_every_role_with_the_pinned_cpu_torch() -> None:
-    """One image for every role: each service that builds it gets the same arguments, the Makefile's pin, and
-    PyTorch's CPU index (the Dockerfile falls back to the default index when it does not answer)."""
+    """One image for every role: each service that builds it gets the same arguments, the torch pin of the
+    development lock (requirements/torch.txt), and PyTorch's CPU index (the Dockerfile falls back to the default
+    index when it does not answer)."""
     makefile = (COMPOSE.parent / "Makefile").read_text()
-    pin = re.search(r"^TORCH\s*:=\s*(\S+)", makefile, re.M)
+    pin = re.fullmatch(r"(torch==\S+)\n", (COMPOSE.parent / "requirements" / "torch.txt").read_text())
     index = re.search(r"^TORCH_CPU_INDEX\s*:=\s*(\S+)", makefile, re.M)
     assert pin and index
     builders = {name for name, s in _services(MAIN).items() if "build" in s}

@@ -61,10 +61,8 @@ def client(url: str, **options: Any) -> redis.Redis:
 
     s = parse_sentinel(url)
     timeouts = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
-    sentinel = Sentinel(list(s.hosts), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        s.master, db=s.db, username=s.username, password=s.password, **options
-    )
+    sentinel = Sentinel(list(s.hosts), sentinel_kwargs=timeouts)
+    master: redis.Redis = sentinel.master_for(s.master, db=s.db, username=s.username, password=s.password, **options)
     return master
 
 
