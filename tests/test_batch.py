@@ -60,6 +60,7 @@ def test_a_batch_forms_from_what_is_queued_and_each_event_keeps_its_own_task(har
     assert {r["requestContext"]["requestId"] for r in mine} == set(ids)
 
 
+@pytest.mark.serial
 def test_a_lone_task_runs_at_once_alone(harness: FleetHarness) -> None:
     cp = one_worker(harness)
     tag = uuid.uuid4().hex
@@ -178,6 +179,7 @@ def test_an_event_that_kills_its_process_fails_alone_and_its_neighbours_succeed(
         assert views[1]["state"] == "TIMED_OUT" and harness.runs(ids[1]) == 2
 
 
+@pytest.mark.serial
 def test_a_batch_waits_no_longer_than_max_wait_ms_for_more_and_a_lone_task_not_at_all(harness: FleetHarness) -> None:
     """gather() on real Redis and real claims. Each take() brings one more event, as a steady trickle would: a batch
     of 256 would take over half a second to fill, and stops at max_wait_ms (50) instead. A lone event (nothing more

@@ -32,6 +32,8 @@ from gpufleet.settings import FleetSettings
 from tests.conftest import require_rabbitmq
 from tests.harness import FleetHarness
 
+pytestmark = pytest.mark.server  # every backend's own server, started here
+
 HOOK_SECRET = "Rk3Wq8Zt1Lm6Xv9Pb4Nc7Hd2Jf5Gs0Ya3Ue8Mn"
 Received = tuple[str, bytes, dict[str, str]]  # key, value, headers
 
