@@ -39,7 +39,13 @@ def test_version() -> None:
 def test_check_lists_functions_and_triggers_and_rejects_bad_config(harness: FleetHarness) -> None:
     cmd = [sys.executable, "-m", "gpufleet", "check", "--config", str(harness.config)]
     out = subprocess.run(cmd, capture_output=True, env=harness.env(), check=True).stdout.decode()
-    assert "function echo:" in out and "trigger requests:" in out
+    assert "function echo:" in out and "trigger requests:" in out and "disabled" not in out
+    off = {"source": f"kafka:///{harness.topic('off')}", "enabled": False}
+    harness.write_config(triggers={"requests": {"source": f"kafka:///{harness.topic('requests')}"}, "off": off})
+    lines = subprocess.run(cmd, capture_output=True, env=harness.env(), check=True).stdout.decode().splitlines()
+    [on_line] = [line for line in lines if line.startswith("trigger requests:")]
+    [off_line] = [line for line in lines if line.startswith("trigger off:")]
+    assert "disabled" not in on_line and off_line.endswith("[disabled: enabled: false, not run]")
     harness.write_config(worker={"virtual_gpu": 1})
     bad = subprocess.run(cmd, capture_output=True, env=harness.env())
     assert bad.returncode == 2
@@ -101,3 +107,36 @@ def test_a_taken_api_port_fails_before_anything_starts_with_exit_5(harness: Flee
     assert line == (f"gpufleet: error: api.port {port} on 127.0.0.1 is in use (is gpufleet already running here?); "
                     "stop what holds it, or set api.port (GPUFLEET_API__PORT)")  # fmt: skip
     assert harness.registry.gpus() == []  # no worker registered
+
+
+def test_init_writes_a_project_that_runs_from_its_folder_to_a_first_record(harness: FleetHarness) -> None:
+    """`gpufleet init DIR`, then `gpufleet run` in DIR with no --config (only the servers' addresses from the
+    environment, as `gpufleet dev up` exports them): a message on the starter trigger's topic gets its record."""
+    h = harness
+    project = h.dir / "myfleet"
+    done = subprocess.run([sys.executable, "-m", "gpufleet", "init", str(project)], capture_output=True, text=True,
+                          env=h.env(), timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "gpufleet run" in done.stdout, done.stderr
+    again = subprocess.run([sys.executable, "-m", "gpufleet", "init", str(project)], capture_output=True, text=True,
+                           env=h.env(), timeout=60)  # fmt: skip
+    assert again.returncode == 2 and "already there" in again.stderr and "nothing was written" in again.stderr
+    trigger = project / "triggers" / "requests.yaml"
+    assert "source: kafka:///requests" in trigger.read_text()
+    trigger.write_text(trigger.read_text().replace("kafka:///requests", f"kafka:///{h.topic('requests')}"))
+
+    (h.dir / "elsewhere").mkdir()
+    outside = subprocess.run([sys.executable, "-m", "gpufleet", "run"], capture_output=True, text=True,
+                             env=h.env(), cwd=h.dir / "elsewhere", timeout=60)  # fmt: skip
+    assert outside.returncode == 2 and "no fleet here" in outside.stderr and "`gpufleet init`" in outside.stderr
+
+    env = {**h.env(), "GPUFLEET_REDIS__URL": h.services.redis_url, "GPUFLEET_REDIS__KEY_PREFIX": h.prefix,
+           "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": h.services.kafka_bootstrap,
+           "GPUFLEET_DEFAULTS__ON_SUCCESS": f"kafka:///{h.topic('success')}"}  # fmt: skip
+    log = open(h.dir / "fleet.log", "ab")  # noqa: SIM115 - the child writes to it
+    h.proc = subprocess.Popen([sys.executable, "-m", "gpufleet", "run"], cwd=project, env=env, stdout=log,
+                              stderr=log, process_group=0)  # fmt: skip
+    log.close()
+    h.produce("requests", [b'{"name": "Ada"}'])
+    [record] = h.records("success", at_least=1, timeout_s=120)
+    assert record["value"]["responsePayload"]["greeting"] == "hello, Ada", h.log_text()[-3000:]
+    assert record["value"]["responsePayload"]["prefix"] == "warm"

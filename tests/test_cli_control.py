@@ -209,7 +209,8 @@ def test_invoke_wait_cancel_retry_and_gpus_on_a_running_fleet(harness: FleetHarn
 
     # Both worker slots busy: a new task waits in the queue, and cancelling it there means it never runs.
     slow = [cli_json(h, "invoke", "slow", "--payload", '{"seconds": 8}')["id"] for _ in range(2)]
-    h.wait_for(lambda: all(state(h, i) == "RUNNING" for i in slow), what="both slots busy")
+    # Both handlers started: RUNNING alone may be a task claimed ahead, waiting behind the other on one slot.
+    h.wait_for(lambda: all(h.runs(i) == 1 for i in slow), what="both slots busy")
     queued = cli_json(h, "invoke", "echo")["id"]
     assert cli_json(h, "cancel", queued)["outcome"] == "cancelled"
     running = cli(h, "status", slow[0]).stdout
@@ -239,13 +240,50 @@ def test_invoke_wait_cancel_retry_and_gpus_on_a_running_fleet(harness: FleetHarn
     assert summary["length"] == 0 and summary["summary"]["completed"] == 2 and summary["summary"]["cancelled"] == 1
 
 
-def test_an_unreachable_redis_is_one_line_with_what_to_check_and_exit_4(harness: FleetHarness) -> None:
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["tasks"],
+        ["status", "x"],
+        ["queue"],
+        ["queue", "echo"],
+        ["alias", "echo"],
+        ["alias", "echo", "prod", "1=1"],
+        ["cancel", "x"],
+        ["retry", "x"],
+        ["invoke", "echo"],
+        ["gpus"],
+        ["parked"],
+    ],
+    ids=" ".join,
+)
+def test_an_unreachable_redis_is_one_line_with_what_to_check_and_exit_4(harness: FleetHarness, verb: list[str]) -> None:
+    """Every verb that reads Redis (``queue`` printed a traceback and exited 1; ``alias`` said "no aliases")."""
     harness.write_config(redis={"url": "redis://127.0.0.1:1/0"})
-    result = cli(harness, "tasks")
+    result = cli(harness, *verb)
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("gpufleet: error: cannot reach Redis") and "GPUFLEET_REDIS__URL" in line
-    assert cli_json(harness, "status", "x", code=4)["error"]["code"] == "broker_error"
+    assert result.stdout == ""
+    assert cli_json(harness, *verb, code=4)["error"]["code"] == "broker_error"
+
+
+def test_control_commands_need_no_delivery_secret(harness: FleetHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signed webhook destination's secret is the dispatcher's: status, invoke, queue... work without it, while
+    ``check`` (what a role loads) still says it is missing, with a fix that never mints a secret for one side only."""
+    monkeypatch.delenv("GPUFLEET_TEST_HOOK_SECRET", raising=False)
+    h = harness
+    hook = "https://hooks.example.com/done#secret_env=GPUFLEET_TEST_HOOK_SECRET"
+    h.write_config(triggers={"requests": {"source": f"kafka:///{h.topic('requests')}", "on_success": hook}},
+                   defaults={"on_failure": hook})  # fmt: skip
+    created = cli_json(h, "invoke", "echo", "--payload", '{"n": 1}')
+    assert cli_json(h, "status", created["id"])["state"] == "QUEUED"
+    for verb in (["queue"], ["tasks"], ["functions"], ["alias", "echo"], ["cancel", created["id"]]):
+        done = cli(h, *verb)
+        assert done.returncode == 0 and "GPUFLEET_TEST_HOOK_SECRET" not in done.stderr, (verb, done.stderr)
+    check = cli(h, "check")
+    assert check.returncode == 2 and "GPUFLEET_TEST_HOOK_SECRET is not set" in check.stderr, check.stderr
+    assert "$(gpufleet token)" not in check.stderr and "the same value to both sides" in check.stderr
 
 
 def test_invoke_takes_a_priority_and_refuses_one_out_of_range(harness: FleetHarness) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -22,17 +23,12 @@ from botocore.exceptions import ClientError
 
 from gpufleet.dev import objectstores
 from gpufleet.dev.objectstores import start_seaweedfs
-from gpufleet.dev.services import (
-    LocalServices,
-    S3Service,
-    ServiceError,
-    dev_down,
-    dev_exports,
-    dev_status,
-    dev_up,
-    start_redis,
-)
+from gpufleet.dev.services import LocalServices, S3Service, ServiceError, free_port, start_redis
+from gpufleet.dev.stack import dev_down, dev_exports, dev_status
+from gpufleet.dev.stack import dev_up as dev_up_with
 from tests.s3util import s3_client, sqs_client, start_or_skip
+
+pytestmark = pytest.mark.server  # every backend's own server, started here
 
 with warnings.catch_warnings():
     # kafka-python 3.x uses the deprecated importlib.resources.open_text at import time.
@@ -102,6 +98,10 @@ def test_local_services_redis_and_kafka_round_trip(tmp_path: Path) -> None:
     assert not _port_open(kafka_addr)
 
 
+def dev_up(state_dir: Path) -> dict[str, Any]:
+    return dev_up_with(state_dir, rabbitmq=False)  # RabbitMQ's own test starts it; the others need not wait 7 s
+
+
 def test_dev_up_status_down_round_trip(tmp_path: Path) -> None:
     assert dev_status(tmp_path) is None
     assert dev_down(tmp_path) is False
@@ -130,25 +130,93 @@ def test_dev_up_status_down_round_trip(tmp_path: Path) -> None:
         assert dev_down(tmp_path) is True
     assert not (tmp_path / "dev.json").exists()
     assert dev_status(tmp_path) is None
-    assert not any(_pid_alive(pid) for pid in saved["pids"].values())
+    assert not any(_pid_alive(pid) for pids in saved["pids"].values() for pid in pids)
     assert not _port_open(_redis_hostport(state["redis_url"]))
     assert not _port_open(state["kafka_bootstrap"])
     assert not _port_open(state["moto_url"].removeprefix("http://"))
 
 
-def test_dev_up_replaces_a_state_file_without_moto(tmp_path: Path) -> None:
-    # dev.json written by an older gpufleet records only redis and kafka: `up` must not reuse it without moto.
-    (tmp_path / "dev.json").write_text(json.dumps({"redis_url": "redis://127.0.0.1:1/0", "pids": {}}))
+def test_dev_up_starts_what_an_older_state_file_lacks_and_what_died_on_its_old_port(tmp_path: Path) -> None:
+    # dev.json written by an older gpufleet records only redis and kafka, both dead by now.
+    port = free_port()
+    (tmp_path / "dev.json").write_text(json.dumps({"redis_url": f"redis://127.0.0.1:{port}/0", "pids": {}}))
     state = dev_up(tmp_path)
     try:
-        assert state["moto_url"].startswith("http://127.0.0.1:")
+        assert state["moto_url"].startswith("http://127.0.0.1:") and state["redis_url"].endswith(f":{port}/0")
+        assert state["started"] == ["redis", "kafka", "moto"]
+    finally:
+        assert dev_down(tmp_path) is True
+
+
+def kill(pid: int) -> None:
+    """SIGKILL, then until it is gone: what a crash leaves."""
+    from gpufleet.dev.services import _alive  # reaps our own dead children, as dev up does
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_dev_up_restarts_only_what_is_down_on_its_old_port_with_its_data_and_the_same_token(tmp_path: Path) -> None:
+    """Redis killed: `dev up` starts Redis again on its port, with its data, and leaves Kafka and moto running with
+    theirs (before, it replaced the whole set: new ports, a new token, lost topics, bucket and queue)."""
+    first = dev_up(tmp_path)
+    try:
+        pids = json.loads((tmp_path / "dev.json").read_text())["pids"]
+        client = redis.Redis.from_url(first["redis_url"])
+        client.set("kept", "yes")
+        time.sleep(1.2)  # Redis writes its append-only file each second
+        with closing(s3_client(first["moto_url"])) as s3:
+            s3.create_bucket(Bucket="still-there")
+        kill(pids["redis"][0])
+        again = dev_up(tmp_path)
+        assert again["started"] == ["redis"] and again["lost"] == []
+        assert {k: again[k] for k in ("redis_url", "kafka_bootstrap", "moto_url", "api_token")} == {
+            k: first[k] for k in ("redis_url", "kafka_bootstrap", "moto_url", "api_token")}  # fmt: skip
+        now = json.loads((tmp_path / "dev.json").read_text())["pids"]
+        assert now["kafka"] == pids["kafka"] and now["moto"] == pids["moto"] and now["redis"] != pids["redis"]
+        assert redis.Redis.from_url(again["redis_url"]).get("kept") == b"yes"
+        with closing(s3_client(again["moto_url"])) as s3:
+            assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["still-there"]
+
+        # moto killed: back on its port, empty, and said so; its old port held by someone else: an error, no change.
+        kill(now["moto"][0])
+        assert dev_up(tmp_path)["lost"] == ["moto"]
+        kill(json.loads((tmp_path / "dev.json").read_text())["pids"]["kafka"][0])
+        host, port = first["kafka_bootstrap"].split(":")
+        with socket.socket() as squatter:
+            squatter.bind((host, int(port)))
+            squatter.listen()
+            with pytest.raises(ServiceError, match=f"kafka is down and its port {port} is held by another process"):
+                dev_up(tmp_path)
+        assert json.loads((tmp_path / "dev.json").read_text())["api_token"] == first["api_token"]
+    finally:
+        assert dev_down(tmp_path) is True
+
+
+def test_dev_up_adds_rabbitmq_where_it_is_installed(tmp_path: Path) -> None:
+    import amqp
+
+    from tests.conftest import require_rabbitmq
+
+    require_rabbitmq()
+    state = dev_up_with(tmp_path)  # rabbitmq=None: because it is installed
+    try:
+        assert "rabbitmq" in state["started"] and state["amqp_url"].startswith("amqp://guest:guest@127.0.0.1:")
+        conn = amqp.Connection(state["amqp_url"].split("@")[1].rstrip("/"), userid="guest", password="guest")
+        conn.connect()
+        conn.collect()
+        assert dev_status(tmp_path)["alive"]["rabbitmq"] is True  # type: ignore[index]
+        assert dev_up_with(tmp_path)["started"] == []
     finally:
         assert dev_down(tmp_path) is True
 
 
 def test_dev_up_servers_outlive_the_launching_process(tmp_path: Path) -> None:
     # `gpufleet dev up` returns while the servers keep running; `dev down` later runs in another process.
-    code = "import sys, pathlib; from gpufleet.dev.services import dev_up; dev_up(pathlib.Path(sys.argv[1]))"
+    code = ("import sys, pathlib; from gpufleet.dev.stack import dev_up; "
+            "dev_up(pathlib.Path(sys.argv[1]), rabbitmq=False)")  # fmt: skip
     env = os.environ | {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path("src").resolve()), os.environ.get("PYTHONPATH")]))
     }

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import time
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -28,6 +29,10 @@ def up(harness: FleetHarness, gpus: int = 2) -> ControlPlane:
     plane = ControlPlane(harness.fleet())
     harness.wait_for(lambda: sum(1 for g in plane.gpus() if g.get("up") and not g["stale"]) == gpus, what="the GPUs")
     return plane
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def finished(plane: ControlPlane, job: str, timeout_s: float = 60) -> dict[str, Any]:
@@ -57,6 +62,8 @@ def test_shards_run_in_parallel_on_both_gpus_and_merge_in_order(harness: FleetHa
     assert len({s["worker"] for s in shards["items"]}) == 2
     assert all(harness.runs(shard_id(job, i)) == 1 for i in range(6))
     assert view["phase"] == "merge" and plane.status(shard_id(job, 3))["job"] == {"id": job, "index": 3}
+    # The job's own times: from its split, before every shard, to its merge, after every one (not the merge step's).
+    assert view["started_at"] <= min(a for a, _ in spans) and view["finished_at"] >= max(b for _, b in spans)
     [listed] = [f for f in plane.functions() if f["name"] == "tiles"]
     assert listed["job"] == {"shard": "tile", "max_shards": 40, "shard_records": False}
 
@@ -180,6 +187,11 @@ def test_one_record_for_the_job_lists_its_shards_and_shard_records_are_optional(
     [(key, record)] = records(harness)  # the shards send none
     assert key == job and record["requestContext"]["condition"] == "Success"
     assert record["responsePayload"] == {"n": 3, "values": [0, 10, 20]}
+    views = [plane.status(shard_id(job, i)) for i in range(3)]
+    started = epoch(record["responseContext"]["startedAt"])
+    assert started <= min(epoch(v["started_at"]) for v in views)  # the job's start, not its merge's
+    last = max(epoch(v["finished_at"]) for v in views)
+    assert record["responseContext"]["durationMs"] >= (last - started) * 1000 - 1  # iso: milliseconds
     listed = record["responseContext"]["shards"]
     assert [(s["index"], s["id"], s["state"], s["attempts"]) for s in listed] == [
         (i, shard_id(job, i), "SUCCEEDED", 1) for i in range(3)]  # fmt: skip

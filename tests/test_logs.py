@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from gpufleet.settings import LoggingSettings
 from tests.harness import FleetHarness
 
 CONFIGURE = "from gpufleet.logs import configure_logging; from gpufleet.settings import LoggingSettings; "
@@ -17,6 +18,31 @@ def test_the_console_format_has_no_colours_when_stderr_is_not_a_terminal() -> No
                         "structlog.get_logger('t').warning('plain', n=1)")  # fmt: skip
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
     assert "plain" in err and "\x1b[" not in err
+
+
+def test_auto_format_is_readable_on_a_terminal_and_json_in_a_pipe() -> None:
+    """The default: a person at a terminal reads lines, a log shipper gets JSON; ``json`` forces JSON anywhere."""
+    import os
+    import pty
+
+    def emit(fmt: str, on_tty: bool) -> str:
+        code = CONFIGURE + (f"configure_logging(LoggingSettings(format={fmt!r})); import structlog; "
+                            "structlog.get_logger('t').warning('ready', api='http://x')")  # fmt: skip
+        if not on_tty:
+            return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
+        main, side = pty.openpty()
+        try:
+            subprocess.run([sys.executable, "-c", code], stderr=side, stdout=subprocess.DEVNULL, timeout=60)
+            return os.read(main, 65536).decode()
+        finally:
+            os.close(main)
+            os.close(side)
+
+    assert LoggingSettings().format == "auto"
+    on_tty = emit("auto", on_tty=True)
+    assert "ready" in on_tty and "api" in on_tty and not on_tty.lstrip().startswith("{"), on_tty
+    assert json.loads(emit("auto", on_tty=False))["event"] == "ready"
+    assert json.loads(emit("json", on_tty=True).strip())["event"] == "ready"
 
 
 def test_a_python_warning_is_one_json_line() -> None:

@@ -178,3 +178,25 @@ def test_nvml_figures_and_starting_hosts_reach_the_metrics(harness: Any) -> None
     registry.client.zadd(f"{harness.prefix}:pending:{queue}", {f"t{i}": i for i in range(5)})
     [need] = [n for n in needs(snapshot.read(registry, []), s.redis.key_prefix, 1) if n.model == "h100"]
     assert (need.queued, need.desired, need.additional) == (5, 3, 1)
+
+
+def test_the_readme_keda_example_scales_the_readme_function_from_zero(harness: Any) -> None:
+    """Copy the README's ScaledObject and its `embed` example: the URL the ScaledObject reads is the figure that
+    function's backlog counts in (before, the example read h100 while `embed` queued under `any`: never scaled)."""
+    import re
+    from pathlib import Path
+
+    from gpufleet.control import ControlPlane
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    declared = re.search(r'@function\(name="embed", gpu=Gpu\(model="([^"]+)"\)', readme)
+    url = re.search(r'url: "http://gpufleet-api:8080/v1/scaling/([^/"]+)/([^/"]+)"', readme)
+    assert declared and url
+    assert url[2] == declared[1].lower()
+    plane = ControlPlane(harness.fleet())
+    zero = plane.scaling(url[1], url[2])[0]
+    assert (zero.desired, zero.ready) == (0, 0)
+    echo = harness.fleet().functions["echo"]  # declared like embed: Gpu(model="any"), pool default
+    assert (echo.gpu.model, echo.gpu.pools[0]) == (declared[1], url[1])
+    plane.invoke("echo", {"n": 1})
+    assert plane.scaling(url[1], url[2])[0].desired == 1  # from zero: one host

@@ -45,26 +45,51 @@ def test_redrive_resends_dead_letters_with_their_identity_once_the_cause_is_fixe
     out = cli(h, "redrive", "requests", "--json")
     assert out.returncode == 1 and out.stdout, out.stderr
     assert orjson.loads(out.stdout) | {"reasons": None} == {"trigger": "requests", "read": 2, "queued": 0,
-        "duplicates": 0, "dead_lettered": 2, "ignored": 0, "reasons": None}  # fmt: skip
+        "duplicates": 0, "dead_lettered": 2, "ignored": 0, "reasons": None, "letters": []}  # fmt: skip
     assert orjson.loads(out.stdout)["reasons"] == {"oversize": 2}
 
     h.write_config(triggers={"requests": {**tight["requests"], "max_payload_bytes": 4096}})  # the fix
-    dry = cli(h, "redrive", "requests", "--reason", "oversize", "--dry-run")
-    assert dry.returncode == 0 and "4 dead letters of trigger requests (oversize)" in dry.stdout, dry.stdout
+    # A dry run lists each letter it would send, with its reason and detail, and commits nothing: twice the same.
+    for _ in range(2):
+        dry = cli(h, "redrive", "requests", "--reason", "oversize", "--dry-run")
+        assert dry.returncode == 0 and "2 dead letters of trigger requests (oversize)" in dry.stdout, dry.stdout
+        rows = [line for line in dry.stdout.splitlines() if f"{h.topic('dlq')}/" in line]
+        assert len(rows) == 2 and all(" oversize " in r and "kafka:" in r and "bytes" in r for r in rows), dry.stdout
     out = cli(h, "redrive", "requests", "--json")
     assert out.returncode == 0, out.stderr
     report = orjson.loads(out.stdout)
-    # Four dead letters (two, refused twice), two events: the second copy of each is the same task.
-    assert (report["read"], report["queued"], report["duplicates"], report["dead_lettered"]) == (4, 2, 2, 0)
+    # The two new letters of the redrive before, not the two first ones it had handled already.
+    assert (report["read"], report["queued"], report["duplicates"], report["dead_lettered"]) == (2, 2, 0, 0)
     ids = ["requests:order-1", f"requests:{no_id['headers']['default_id']}"]
     registry = h.registry
     h.wait_for(lambda: all((registry.get(i) or {}).get("state") == "SUCCEEDED" for i in ids), what="redriven tasks")
-    # Redriven again: nothing new runs.
+    # Redriven again: nothing is read again, nothing new runs.
     again = orjson.loads(cli(h, "redrive", "requests", "--json").stdout)
-    assert (again["queued"], again["duplicates"]) == (0, 4)
+    assert (again["read"], again["queued"], again["dead_lettered"]) == (0, 0, 0)
     assert [h.runs(i) for i in ids] == [1, 1]
     unknown = cli(h, "redrive", "nope")
     assert unknown.returncode == 1 and "no trigger 'nope'" in unknown.stderr
+
+
+def test_a_message_that_stays_bad_is_dead_lettered_once_per_redrive_never_doubled(fleet: FleetHarness) -> None:
+    """Five redrives of two still-oversize messages: two new letters each time (before: 2, 4, 8, 16, 32). A letter
+    of another reason, left out by --reason, is still there for a later redrive."""
+    h = fleet
+    h.write_config(triggers={"requests": {"source": f"kafka:///{h.topic('requests')}", "max_payload_bytes": 80}})
+    h.stop()
+    h.start()
+    big = orjson.dumps({"function": "echo", "payload": {"blob": "x" * 100}})
+    h.produce("requests", [big, big.replace(b"}}", b', "more": 1}}')])
+    assert len(h.records("dlq", 2)) == 2
+    h.produce("requests", [b"{oops"])
+    assert len(h.records("dlq", 3)) == 3
+    for k in range(1, 6):
+        report = orjson.loads(cli(h, "redrive", "requests", "--reason", "oversize", "--json").stdout)
+        assert (report["read"], report["dead_lettered"]) == (2, 2), (k, report)
+        letters = h.records("dlq", 3 + 2 * k)
+        assert len(letters) == 3 + 2 * k, (k, len(letters))
+    rest = orjson.loads(cli(h, "redrive", "requests", "--json").stdout)
+    assert rest["read"] == 3 and rest["reasons"] == {"oversize": 2, "malformed_json": 1}, rest
 
 
 def test_tail_follows_records_live_and_filters_them(fleet: FleetHarness) -> None:
@@ -89,6 +114,12 @@ def test_tail_follows_records_live_and_filters_them(fleet: FleetHarness) -> None
     # From the beginning, one function's records only, in the human form.
     only = cli(h, "tail", "--from-beginning", "--function", "always_fail", "--count", "1")
     assert only.returncode == 0 and "requests:t-2 function=always_fail condition=RetriesExhausted" in only.stdout
+    # The line ends with the error, not the record's boilerplate; a success's with its result.
+    assert "attempts=3  ValueError: boom on attempt 3" in only.stdout and "requestContext" not in only.stdout
+    ok = cli(h, "tail", "--from-beginning", "--function", "echo", "--count", "1")
+    assert (
+        ok.returncode == 0 and '-> {"echo":{"n":1},"attempt":1}' in ok.stdout and "requestContext" not in ok.stdout
+    ), ok.stdout
 
 
 def test_an_unreachable_kafka_is_one_line_and_exit_4(harness: FleetHarness) -> None:
@@ -99,3 +130,42 @@ def test_an_unreachable_kafka_is_one_line_and_exit_4(harness: FleetHarness) -> N
     assert out.returncode == 4, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach Kafka at 127.0.0.1:" in lines[0] and "kafka.bootstrap_servers" in lines[0]
+
+
+def test_tail_says_once_that_kafka_went_away_and_follows_again_when_it_is_back(harness: FleetHarness) -> None:
+    """A Kafka of its own, stopped and started again on its port while tail follows: one line when it goes, one
+    when it is back, no traceback, and the record written after the restart is shown."""
+    from kafka import KafkaProducer
+
+    from gpufleet.dev.services import free_port, start_kafka, stop
+
+    port = free_port()
+    _, kafka = start_kafka(harness.dir / "kafka", port)
+    harness.write_config(kafka={"bootstrap_servers": f"127.0.0.1:{port}"})
+    topic = harness.topic("success")
+
+    def produce(value: bytes) -> None:
+        producer = KafkaProducer(bootstrap_servers=f"127.0.0.1:{port}", acks="all")
+        producer.send(topic, value, key=b"requests:k", headers=[("function", b"echo"), ("condition", b"Success")])
+        producer.flush()
+        producer.close()
+
+    cmd = [sys.executable, "-m", "gpufleet", "tail", "--success", "--json", "--count", "2", "--config",
+           str(harness.config)]  # fmt: skip
+    tail = subprocess.Popen(cmd, env=harness.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert tail.stderr is not None and tail.stdout is not None
+        assert "gpufleet: following" in tail.stderr.readline()
+        produce(b'{"n": 1}')
+        assert orjson.loads(tail.stdout.readline())["value"] == {"n": 1}
+        stop(kafka)
+        assert "gpufleet: lost Kafka" in tail.stderr.readline()
+        _, kafka = start_kafka(harness.dir / "kafka", port)  # in memory: the topic is gone, then made again
+        assert "Kafka is back" in tail.stderr.readline()
+        produce(b'{"n": 2}')
+        out, err = tail.communicate(timeout=60)
+    finally:
+        tail.kill()
+        stop(kafka)
+    assert tail.returncode == 0 and orjson.loads(out)["value"] == {"n": 2}
+    assert "Traceback" not in err and "lost Kafka" not in err, err

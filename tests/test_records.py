@@ -105,3 +105,15 @@ def test_a_function_declares_its_version_and_records_name_it() -> None:
                              version="4")  # fmt: skip
     assert record["requestContext"]["functionArn"] == "arn:gpufleet:gpufleet::prod:function:embed:4"
     assert record["requestContext"]["functionVersion"] == record["responseContext"]["executedVersion"] == "4"
+
+
+def test_tails_line_shows_the_result_or_the_error_not_the_boilerplate() -> None:
+    from gpufleet.cli.records import outcome_text
+
+    ok = orjson.dumps(ours(Condition.SUCCESS))
+    assert outcome_text(ok) == '2.50s  attempts=3  -> "done"'
+    failed = orjson.dumps(ours(Condition.RETRIES_EXHAUSTED))
+    assert outcome_text(failed) == "2.50s  attempts=3  Error: no"
+    never_ran = orjson.dumps(ours(Condition.EVENT_AGE_EXCEEDED, started_at=None))
+    assert "requestContext" not in outcome_text(never_ran)
+    assert outcome_text(b"not json") == "not json" and outcome_text(b"[1]") == "[1]"

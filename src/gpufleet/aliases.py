@@ -53,8 +53,11 @@ def weights_problem(weights: Mapping[str, float]) -> str | None:
 
 class Aliases:
     def __init__(self, registry: Registry, configured: Mapping[str, Mapping[str, Weights]],
-                 choose: Callable[[], float] = random.random) -> None:  # fmt: skip
+                 choose: Callable[[], float] = random.random, *, strict: bool = False) -> None:  # fmt: skip
+        """``strict``: a read of Redis that fails raises (what a person asks through the API or the CLI must not be
+        answered from stale or missing aliases); otherwise intake goes on with the last ones read (a trigger)."""
         self.registry = registry
+        self.strict = strict
         self.key = f"{registry.prefix}:aliases"
         self.configured = {fn: dict(aliases) for fn, aliases in configured.items()}
         self._choose = choose
@@ -108,12 +111,17 @@ class Aliases:
     def _refresh(self) -> None:
         if time.monotonic() - self._read_at < REFRESH_S:
             return
+        if self.strict:
+            self._read()
+            return
         try:
-            raw: dict[bytes, bytes] = self.registry.client.hgetall(self.key)  # type: ignore[assignment]
+            self._read()
         except REDIS_ERRORS as exc:  # intake goes on with what it knew: an alias is never a reason to refuse
             log.warning("cannot read the aliases set at run time; using the last ones read", error=str(exc))
             self._read_at = time.monotonic()
-            return
+
+    def _read(self) -> None:
+        raw: dict[bytes, bytes] = self.registry.client.hgetall(self.key)  # type: ignore[assignment]
         found: dict[str, dict[str, Weights]] = {}
         for field, value in raw.items():
             function, _, alias = field.decode().partition(":")

@@ -62,6 +62,10 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
 
+    # Remote control (`celery inspect`, Flower) replies in plain JSON. Celery's mailbox takes the task serializer,
+    # gpufleet's own, which any client but gpufleet refuses ("Refusing to deserialize untrusted content").
+    app.control.mailbox.serializer = "json"
+
     from celery.worker.request import Request
 
     class PerTaskLimits(Request):  # type: ignore[misc]

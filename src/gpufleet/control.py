@@ -61,7 +61,7 @@ class ControlPlane:
             fleet,
             Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes),
             Placer(self.registry, fleet.functions.values()),
-            Aliases(self.registry, s.aliases),
+            Aliases(self.registry, s.aliases, strict=True),
         )
         # Builds a stored task's message again: for retries and re-queues.
         self.envelopes = Envelopes(self.intake.factory, fleet.functions)

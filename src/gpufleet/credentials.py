@@ -30,6 +30,13 @@ SECRET_NAME_RE = re.compile(r"token|secret|passw|credential|(^|_)key(_id)?$|auth
 HOW_TO_GENERATE = "generate one with `gpufleet token` (or `openssl rand -hex 32`)"
 
 
+def shared_secret_fix(var: str) -> str:
+    """The fix for a missing or weak secret that another party holds too (a webhook's HMAC secret, a sender's token,
+    a broker's password): a freshly made one would not match theirs, so the fix never proposes one alone."""
+    return (f"export {var}=<the secret the other side holds>; for a new one, make it with `gpufleet token` "
+            "and give the same value to both sides")  # fmt: skip
+
+
 def is_secret_name(name: str) -> bool:
     """True for a setting or variable whose value must never be shown: ``api.token``, ``hmac_secret``,
     ``s3.secret_access_key``, ``s3.access_key_id``, ``GPUFLEET_API__TOKEN``, ``password``... but not ``token_env``,

@@ -117,7 +117,7 @@ redis.call('HINCRBY', job, 'manual_retries', 1)
 redis.call('HSET', job, 'state', 'RUNNING', 'phase', 'shards', 'shards_ok', ok, 'shards_bad', 0, 'attempts', 0,
   'token', '"""
     + WAITING
-    + """', 'progress', ok / tonumber(n))
+    + """', 'progress', ok / tonumber(n), 'started_at', now, 'job_started_at', now)
 move(prefix, redis.call('HGET', job, 'function'), id, state, 'RUNNING', redis.call('HGET', job, 'seq'))
 for _, sid in ipairs(again) do
   rerun(prefix, prefix .. ':task:' .. sid[1], sid[1], sid[2], envelopes[sid[1]], now)

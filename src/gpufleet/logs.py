@@ -1,4 +1,5 @@
-"""Structured JSON logs with structlog. Called by entry points only; importing gpufleet configures nothing."""
+"""Structured logs with structlog: JSON, or readable lines on a terminal. Called by entry points only; importing
+gpufleet configures nothing."""
 
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ def configure_logging(settings: LoggingSettings, **context: Any) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if settings.format == "json":
+    tty = sys.stderr.isatty()
+    if settings.format == "json" or (settings.format == "auto" and not tty):
         renderer: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:  # colours only for a terminal: in a file or a pipe they are noise
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=tty)
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],

@@ -144,7 +144,9 @@ end
 -- Sharded jobs (gpufleet.jobs). A job whose shards are all final has one step left, on a worker of its own queue:
 -- merge, or the failure that names its shards. It is queued with the message stored when it split, from attempt 0.
 local function job_step(prefix, job, now)
-  local id, fn, from = unpack(redis.call('HMGET', job, 'id', 'function', 'state'))
+  local id, fn, from, started = unpack(redis.call('HMGET', job, 'id', 'function', 'state', 'started_at'))
+  -- The claim of the merge step sets started_at again: the job's own start is kept for its status and record.
+  redis.call('HSETNX', job, 'job_started_at', started or now)
   redis.call('HSET', job, 'phase', 'merge', 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now)
   move(prefix, fn, id, from, 'QUEUED', redis.call('HGET', job, 'seq'))
   push_back(prefix, job, id, redis.call('HGET', job, 'merge_envelope'))
@@ -166,7 +168,7 @@ local function rerun(prefix, key, id, state, envelope, now)
   local fn = redis.call('HGET', key, 'function')
   redis.call('PERSIST', key)
   redis.call('HDEL', key, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
-    'started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message')
+    'started_at', 'job_started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message')
   redis.call('HSET', key, 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now, 'event_ts', now)
   redis.call('HINCRBY', key, 'manual_retries', 1)
   deadline(prefix, key, id)

@@ -1,33 +1,37 @@
-"""Reading records back from the destinations: ``gpufleet tail`` follows them live, ``gpufleet redrive`` re-sends
-dead letters through intake.
+"""Reading records back from the destinations: ``gpufleet tail`` follows them live, and ``gpufleet redrive`` (see
+:mod:`gpufleet.redrive`) reads dead letters.
 
 Kafka destinations only, for now: a topic keeps its records for every reader, so reading them back takes nothing
-from the consumers downstream. Each is read without a consumer group (partitions assigned by hand, no commits), so
-a reader never joins, rebalances or moves anyone's offsets.
-
-A redrive keeps each event's identity. A dead letter carries the source message's default id (and the producer's
-id header, when the trigger reads one), so the event it re-sends gets the task id it would have got the first time;
-a redrive that is repeated, or that overlaps a source that delivered the message again, runs nothing twice.
+from the consumers downstream. Partitions are assigned by hand, so a reader never joins or rebalances anyone's
+group; only a redrive keeps offsets, in a group of its own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gpufleet.destinations import parse_destination
-from gpufleet.errors import BrokerError, ConfigError, NotFoundError, unreachable_hint
+from gpufleet.errors import BrokerError, ConfigError, unreachable_hint
 
 if TYPE_CHECKING:
     from gpufleet.settings import Fleet
 
 log = structlog.get_logger("gpufleet.readback")
+
+
+def kafka_errors() -> tuple[type[Exception], ...]:
+    """What reading from Kafka raises when the broker goes away: a reader reconnects on these."""
+    from kafka.errors import KafkaError
+
+    return (KafkaError, OSError)
+
+
 KINDS = ("success", "failure", "dead_letter")
 TOPIC_LOOK_S = 2.0
 BOOTSTRAP_TIMEOUT_MS = 5000  # how often a live reader looks for topics that did not exist yet
@@ -51,17 +55,6 @@ class Record:
     key: str
     headers: dict[str, str]
     value: bytes
-
-
-@dataclass
-class RedriveReport:
-    trigger: str
-    read: int = 0  # dead letters of this trigger (and reason) found
-    queued: int = 0  # tasks created
-    duplicates: int = 0  # tasks that exist already: redriven before, or delivered again by the source
-    dead_lettered: int = 0  # refused again: the cause is not fixed (a new dead letter says why)
-    ignored: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)  # why the refused ones were refused
 
 
 def streams(fleet: Fleet, kinds: tuple[str, ...] = KINDS) -> tuple[list[Stream], list[str]]:
@@ -89,10 +82,11 @@ def streams(fleet: Fleet, kinds: tuple[str, ...] = KINDS) -> tuple[list[Stream],
 
 def read(fleet: Fleet, wanted: list[Stream], stop: threading.Event, *, from_beginning: bool = False,
          until_end: bool = False, poll_ms: int = 200, on_ready: Callable[[], None] | None = None,
-         ) -> Iterator[Record]:  # fmt: skip
-    """Records of the ``wanted`` streams: from the end (new ones only) or the beginning; live until ``stop``, or
-    with ``until_end`` only up to the end each partition had when reading began. ``on_ready`` is called once the
-    starting positions are fixed: a record written after it is read."""
+         start_at: Mapping[tuple[str, int], int] | None = None) -> Iterator[Record]:  # fmt: skip
+    """Records of the ``wanted`` streams: from the end (new ones only) or the beginning, or for a (topic, partition)
+    in ``start_at`` from that offset; live until ``stop``, or with ``until_end`` only up to the end each partition
+    had when reading began. ``on_ready`` is called once the starting positions are fixed: a record written after it
+    is read."""
     by_cluster: dict[str, list[Stream]] = {}
     for stream in wanted:
         by_cluster.setdefault(stream.bootstrap, []).append(stream)
@@ -106,6 +100,10 @@ def read(fleet: Fleet, wanted: list[Stream], stop: threading.Event, *, from_begi
     consumer = _consumer(fleet, bootstrap)
     try:
         parts = _assign(consumer, kind_of, [], from_beginning)
+        for tp in parts:
+            if start_at and (tp.topic, tp.partition) in start_at:
+                consumer.seek(tp, start_at[tp.topic, tp.partition])
+                consumer.position(tp)
         # The end of each partition when reading began: the high watermark of its first fetch (ListOffsets is not
         # used: some Kafka-compatible brokers, tansu among them, answer it with the last offset, not the end).
         ends: dict[Any, int] = {}
@@ -163,7 +161,36 @@ def _assign(consumer: Any, topics: dict[str, str], assigned: list[Any], from_beg
     return assigned + new
 
 
-def _consumer(fleet: Fleet, bootstrap: str) -> Any:
+def committed(fleet: Fleet, stream: Stream, group: str) -> dict[int, int]:
+    """``group``'s committed offset for each partition of ``stream`` that has one."""
+    from kafka import TopicPartition
+
+    consumer = _consumer(fleet, stream.bootstrap, group)
+    try:
+        found = {}
+        for p in consumer.partitions_for_topic(stream.topic) or []:
+            offset = consumer.committed(TopicPartition(stream.topic, p))
+            if offset is not None and offset >= 0:
+                found[p] = offset
+        return found
+    finally:
+        consumer.close()
+
+
+def commit(fleet: Fleet, stream: Stream, group: str, offsets: Mapping[int, int]) -> None:
+    """Commit ``group``'s offset for partitions of ``stream`` (partition -> the next offset to read). No metadata:
+    some Kafka-compatible brokers (tansu) do not keep it."""
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    consumer = _consumer(fleet, stream.bootstrap, group)
+    try:
+        consumer.commit({TopicPartition(stream.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+    finally:
+        consumer.close()
+
+
+def _consumer(fleet: Fleet, bootstrap: str, group: str | None = None) -> Any:
     from kafka import KafkaConsumer
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
@@ -177,56 +204,8 @@ def _consumer(fleet: Fleet, bootstrap: str) -> Any:
             else {}
         )
         return KafkaConsumer(bootstrap_servers=bootstrap.split(","), client_id=f"{k.client_id}-readback",
-                             enable_auto_commit=False, request_timeout_ms=k.request_timeout_ms, **quick)  # fmt: skip
+                             group_id=group, enable_auto_commit=False, request_timeout_ms=k.request_timeout_ms,
+                             auto_offset_reset="earliest", **quick)  # fmt: skip
     except (KafkaTimeoutError, KafkaConnectionError) as exc:  # no broker answered
         hint = unreachable_hint("Kafka", "kafka.bootstrap_servers")
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc} ({hint})") from None
-
-
-def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool = False) -> RedriveReport:
-    """Send a trigger's dead letters (every one on its dead-letter topic, or those of one ``reason``) through its
-    intake again, as the trigger first saw them. Refused again, a message gets a new dead letter."""
-    from gpufleet.objects import ObjectEvent
-    from gpufleet.triggers.base import DEFAULT_ID_HEADER, OBJECT_HEADER, SUPPLIED_ID_HEADER, Ingest, SourceMessage
-
-    settings = fleet.triggers.get(trigger)
-    if settings is None:
-        raise NotFoundError("trigger_not_found", f"no trigger {trigger!r}; configured: {sorted(fleet.triggers)}")
-    url = settings.dead_letter or fleet.settings.defaults.dead_letter
-    endpoint = parse_destination(url)
-    if endpoint.scheme != "kafka":
-        raise ConfigError(f"redrive reads dead letters back from Kafka only; trigger {trigger!r} sends them to "
-                          f"{endpoint.scheme}://", fix="use a kafka:// dead_letter")  # fmt: skip
-    stream = Stream("dead_letter", url, endpoint.hosts or fleet.settings.kafka.bootstrap_servers, endpoint.path)
-    report = RedriveReport(trigger)
-    messages = []
-    for r in read(fleet, [stream], threading.Event(), from_beginning=True, until_end=True):
-        if r.headers.get("trigger") != trigger or (reason is not None and r.headers.get("reason") != reason):
-            continue
-        report.read += 1
-        headers = {settings.id_header: r.headers[SUPPLIED_ID_HEADER].encode()} if (
-            settings.id_header and SUPPLIED_ID_HEADER in r.headers) else {}  # fmt: skip
-        objects = (ObjectEvent.model_validate_json(r.value),) if r.headers.get(OBJECT_HEADER) else None
-        # A dead letter written before they carried their default id: its bytes name it, the same each redrive.
-        default_id = r.headers.get(DEFAULT_ID_HEADER) or f"redrive-{hashlib.sha256(r.value).hexdigest()[:32]}"
-        messages.append(SourceMessage(r.value, r.headers.get("source", r.key), default_id, headers=headers,
-                                      objects=objects))  # fmt: skip
-    if dry_run or not messages:
-        return report
-    ingest = Ingest(fleet, settings)
-    try:
-        for start in range(0, len(messages), settings.batch_max):
-            batch = ingest.prepare(messages[start : start + settings.batch_max])
-            result = ingest.publish(batch, threading.Event())
-            assert result is not None  # never stopped: publish returns only once it is durable
-            for dead in batch.dead:
-                report.reasons[dead.headers["reason"]] = report.reasons.get(dead.headers["reason"], 0) + 1
-            report.queued += result.published
-            report.duplicates += result.duplicates
-            report.dead_lettered += result.dead_lettered
-            report.ignored += result.ignored
-    finally:
-        ingest.close()
-    log.info("redrive done", trigger=trigger, read=report.read, queued=report.queued, duplicates=report.duplicates,
-             dead_lettered=report.dead_lettered)  # fmt: skip
-    return report

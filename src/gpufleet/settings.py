@@ -207,7 +207,8 @@ class ApiSettings(_Model):
 
 class LoggingSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
+    # auto: readable lines on a terminal (structlog's console renderer), JSON when stderr is a file or a pipe.
+    format: Literal["auto", "json", "console"] = "auto"
 
 
 RECORD_HEADROOM = 16_384  # key, headers and batch framing around a record's value
@@ -279,14 +280,22 @@ class Fleet:
     config_file: Path
 
 
-def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = None) -> Fleet:
+def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = None, *, secrets: bool = True) -> Fleet:
     """Load and validate the fleet: settings, environment overrides, functions and triggers.
+
+    ``secrets=False`` leaves out the checks of the secrets that triggers and destinations name (``*_env``): a control
+    command (status, cancel, invoke...) reads Redis and never signs a record nor checks a webhook, so it must not
+    need the delivery role's secrets. Everything else is validated as for a role.
 
     Raises:
         ConfigError: anything invalid, naming the file, the key and the fix.
     """
     env = os.environ if env is None else env
+    secret_env = env if secrets else None
     path = config_file or Path(env.get(f"{ENV_PREFIX}CONFIG", str(DEFAULT_CONFIG)))
+    if path == DEFAULT_CONFIG and not path.exists():
+        raise ConfigError(f"no fleet here ({Path.cwd()})", file=str(path), fix="`gpufleet init` writes a starter "
+                          "project in this folder; or pass --config FILE, or set GPUFLEET_CONFIG")  # fmt: skip
     raw, from_env = _apply_env(_read_yaml(path), env)
     settings = _validate(FleetSettings, raw, str(path), from_env)
     base = path.resolve().parent
@@ -301,17 +310,17 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
     if unknown:
         raise ConfigError(f"aliases for functions this fleet does not serve: {unknown}", file=str(path), key="aliases",
                           fix=f"use one of {sorted(functions)}")  # fmt: skip
-    triggers = load_triggers(settings.triggers, functions, env, settings.defaults.max_record_bytes,
+    triggers = load_triggers(settings.triggers, functions, secret_env, settings.defaults.max_record_bytes,
                              settings.api.weak_secrets_allowed)  # fmt: skip
     from gpufleet.destinations import parse_destination  # local: destinations import settings types
 
     for key in ("on_success", "on_failure", "dead_letter"):
-        parse_destination(getattr(settings.defaults, key), where=str(path), key=f"defaults.{key}", env=env)
+        parse_destination(getattr(settings.defaults, key), where=str(path), key=f"defaults.{key}", env=secret_env)
     for fn in functions.values():
         for key in ("on_success", "on_failure"):
             url = getattr(fn, key)
             if url:
-                parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}", env=env)
+                parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}", env=secret_env)
     from gpufleet.triggers import served_by
 
     hooks = [t.name for t in triggers.values() if t.enabled and served_by(t.scheme) == "api"]
@@ -325,11 +334,11 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
                   max_record_bytes: int | None = None, weak_secrets_allowed: bool = False,
                   ) -> dict[str, TriggerSettings]:  # fmt: skip
     """Load every ``*.yaml`` trigger file in the folders: each against its scheme's model (declared by its trigger
-    class), then its source, function and destinations."""
+    class), then its source, function and destinations; with ``env``, the secrets they name too (left unresolved
+    without it)."""
     from gpufleet.destinations import parse_destination
     from gpufleet.triggers import check_keys, parse_source, settings_model
 
-    env = os.environ if env is None else env
     triggers: dict[str, TriggerSettings] = {}
     for folder in folders:
         if not folder.is_dir():
@@ -346,7 +355,8 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
             scheme = parse_source(source, where=where, key="source", env=env).scheme
             check_keys(scheme, raw, raw.get("format"), where=where)
             trigger = _validate(settings_model(scheme, raw.get("format")), raw, where)
-            trigger = trigger.resolved(env, where=where, weak_secrets_allowed=weak_secrets_allowed)
+            if env is not None:
+                trigger = trigger.resolved(env, where=where, weak_secrets_allowed=weak_secrets_allowed)
             if trigger.name in triggers:
                 raise ConfigError(f"trigger name {trigger.name!r} is used twice", file=where, key="name")
             if max_record_bytes and (trigger.max_payload_bytes or 0) > max_record_bytes:

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gpufleet.credentials import redact_url, secret_problem
+from gpufleet.credentials import redact_url, secret_problem, shared_secret_fix
 from gpufleet.errors import ConfigError, did_you_mean
 
 
@@ -95,7 +95,7 @@ def parse_options(endpoint: Endpoint, model: type[Options], *, what: str, where:
         problem = "is not set" if not value else weakness and f"holds a weak secret: {weakness}"
         if problem:
             raise ConfigError(f"{option}: the environment variable {var} {problem}", file=where, key=key,
-                              fix=f"export {var}=$(gpufleet token)")  # fmt: skip
+                              fix=shared_secret_fix(var))  # fmt: skip
     return parsed
 
 

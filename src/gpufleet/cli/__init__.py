@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from gpufleet import __version__
+from gpufleet.cli.init import cmd_init
 from gpufleet.cli.output import report_error
 from gpufleet.cli.records import add_commands as add_record_commands
 from gpufleet.cli.tasks import add_commands as add_control_commands
@@ -62,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="start/stop local Redis, Kafka and moto (S3/SQS/SNS) on free loopback ports")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_dev)
+    p = sub.add_parser("init", help="write a starter project: a commented config/fleet.yaml, a trigger and a function")
+    p.add_argument("dir", nargs="?", default=".", help="where (default: this folder)")
+    p.set_defaults(func=cmd_init)
     p = sub.add_parser("token", help="print a new random secret for api.token, a webhook token or an HMAC secret")
     p.set_defaults(func=_token)
     p = sub.add_parser("demo", help="run the demo end to end on embedded local services")
@@ -176,7 +180,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"function {fn.name}: gpu={fn.gpu.model} pools={list(fn.gpu.pools)} timeout_s={fn.timeout_s:g} "
               f"max_attempts={fn.max_attempts} ({fn.source_file})")  # fmt: skip
     for t in fleet.triggers.values():
-        print(f"trigger {t.name}: {redact_url(t.source)} -> {t.function or '(function named by each message)'}")
+        off = "" if t.enabled else "  [disabled: enabled: false, not run]"
+        print(f"trigger {t.name}: {redact_url(t.source)} -> {t.function or '(function named by each message)'}{off}")
     return 0
 
 
@@ -185,17 +190,23 @@ def _dev(args: argparse.Namespace) -> int:
     import shlex
 
     from gpufleet.dev import require_local, state_dir
-    from gpufleet.dev.services import dev_down, dev_exports, dev_status, dev_up
+    from gpufleet.dev.stack import dev_down, dev_exports, dev_status, dev_up
 
     where = state_dir(os.environ)
     if args.action == "up":
         require_local("dev up")
         state = dev_up(where)
+        started, lost = state["started"], state["lost"]
+        amqp = f"amqp   {state['amqp_url']}\n" if "amqp_url" in state else ""
         print(
             f"redis  {state['redis_url']}\nkafka  {state['kafka_bootstrap']}\n"
-            f"s3     {state['moto_url']}  (moto: S3, SQS and SNS; any credentials)\nstate  {where}",
+            f"s3     {state['moto_url']}  (moto: S3, SQS and SNS; any credentials)\n{amqp}state  {where}\n"
+            + (f"started {', '.join(started)}" if started else "all were running: nothing started"),
             file=sys.stderr,
         )
+        for name in lost:
+            print(f"{name} was down and is restarted on its old port, empty: it kept its data in memory (its "
+                  "topics, buckets or queues are gone; make them again)", file=sys.stderr)  # fmt: skip
         print("export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in dev_exports(state).items()))
     elif args.action == "down":
         print("stopped" if dev_down(where) else "nothing was running", file=sys.stderr)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gpufleet.cli.output import EXIT_FAILED, EXIT_OK, one_line, print_json
+from gpufleet.cli.output import EXIT_FAILED, EXIT_OK, one_line, print_json, table
+from gpufleet.errors import BrokerError
 
 if TYPE_CHECKING:
     from gpufleet.cli.tasks import AddCommand
@@ -30,11 +31,15 @@ def add_commands(command: AddCommand) -> None:
     p.add_argument("--count", type=int, metavar="N", help="stop after N records")
     p.add_argument("--json", action="store_true", help="one JSON document per line (JSON Lines)")
     p = command("redrive", _redrive, "send a trigger's dead letters through intake again, once the cause is fixed; "
-                "each keeps its identity, so a repeated redrive runs nothing twice")  # fmt: skip
+                "each keeps its identity, and a letter once redriven is never read again")  # fmt: skip
     p.add_argument("trigger")
     p.add_argument("--reason", help="only dead letters refused for this reason (e.g. unknown_function)")
-    p.add_argument("--dry-run", action="store_true", help="count them, send nothing")
+    p.add_argument("--dry-run", action="store_true", help="list them with their reason and detail, send nothing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+
+
+RECONNECT_S = 0.5
+MAX_RECONNECT_S = 5.0
 
 
 def _load(args: argparse.Namespace) -> Fleet:
@@ -49,7 +54,7 @@ def _load(args: argparse.Namespace) -> Fleet:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from gpufleet.readback import read, streams
+    from gpufleet.readback import kafka_errors, read, streams
 
     fleet = _load(args)
     asked = {"success": args.success, "failure": args.failure, "dead_letter": args.dead_letters}
@@ -60,21 +65,46 @@ def _tail(args: argparse.Namespace) -> int:
     triggers_of = {name for name, t in fleet.triggers.items() if t.function == args.function}
     topics = ", ".join(sorted({s.topic for s in found}))
 
-    def ready() -> None:
-        print(f"gpufleet: following {topics}{' from the beginning' if args.from_beginning else ''}",
-              file=sys.stderr, flush=True)  # fmt: skip
+    lost_at: float | None = None  # while Kafka is out of reach: since when
+    following, shown, backoff = False, 0, RECONNECT_S
 
-    shown = 0
+    def ready() -> None:
+        nonlocal following, lost_at, backoff
+        if lost_at is None:
+            print(f"gpufleet: following {topics}{' from the beginning' if args.from_beginning else ''}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            print(f"gpufleet: Kafka is back after {time.monotonic() - lost_at:.0f} s; following again",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        following, lost_at, backoff = True, None, RECONNECT_S
+
+    lost: tuple[type[Exception], ...] = (*kafka_errors(), BrokerError)
+    positions: dict[tuple[str, int], int] = {}  # where each partition goes on, after a reconnect
     try:
-        for record in read(fleet, found, threading.Event(), from_beginning=args.from_beginning, on_ready=ready):
-            if args.function is not None and not (
-                record.headers.get("function") == args.function or record.headers.get("trigger") in triggers_of
-            ):
-                continue
-            print(_json_line(record) if args.json else _line(record), flush=True)
-            shown += 1
-            if args.count is not None and shown >= args.count:
-                break
+        while True:
+            try:
+                # After a reconnect, each partition goes on where it was; one not read from yet starts at its end.
+                from_beginning = args.from_beginning and not following
+                for record in read(fleet, found, threading.Event(), from_beginning=from_beginning, start_at=positions,
+                                   on_ready=ready):  # fmt: skip
+                    positions[record.topic, record.partition] = record.offset + 1
+                    if args.function is not None and not (
+                        record.headers.get("function") == args.function or record.headers.get("trigger") in triggers_of
+                    ):
+                        continue
+                    print(_json_line(record) if args.json else _line(record), flush=True)
+                    shown += 1
+                    if args.count is not None and shown >= args.count:
+                        return EXIT_OK
+            except lost as exc:
+                if not following:
+                    raise  # never reached: said once, exit 4 (see report_error)
+                if lost_at is None:  # one line an outage, not one a try
+                    lost_at = time.monotonic()
+                    print(f"gpufleet: lost Kafka ({one_line(exc)[:200]}); reconnecting until it is back "
+                          "(Ctrl-C stops)", file=sys.stderr, flush=True)  # fmt: skip
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_RECONNECT_S)
     except KeyboardInterrupt:
         pass  # how one stops following
     return EXIT_OK
@@ -98,22 +128,46 @@ def _line(record: Record) -> str:
         detail = h.get("detail", "")
     else:
         what = f"{record.key} function={h.get('function', '?')} condition={h.get('condition', '?')}"
-        detail = record.value.decode(errors="replace")
+        detail = outcome_text(record.value)
     return one_line(f"{at}  {record.kind:<11}  {what}  {detail[:200]}")
+
+
+def outcome_text(value: bytes) -> str:
+    """What a person follows a record for: how long it ran and the result (``-> {...}``), or the error; the rest of
+    the record is in ``--json``."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value.decode(errors="replace")
+    if not isinstance(doc, dict):
+        return orjson.dumps(doc).decode()
+    context, payload = doc.get("responseContext") or {}, doc.get("responsePayload")
+    attempts = (doc.get("requestContext") or {}).get("approximateInvokeCount")
+    took = context.get("durationMs") if isinstance(context, dict) else None
+    parts = [f"{took / 1000:.2f}s" if isinstance(took, int | float) else "",
+             f"attempts={attempts}" if isinstance(attempts, int) and attempts > 1 else ""]  # fmt: skip
+    failed = (doc.get("requestContext") or {}).get("condition") not in (None, "Success")
+    if failed and isinstance(payload, dict) and ("errorType" in payload or "errorMessage" in payload):
+        parts.append(f"{payload.get('errorType', 'Error')}: {payload.get('errorMessage', '')}")
+    else:
+        parts.append("-> " + orjson.dumps(payload).decode())
+    return "  ".join(p for p in parts if p)
 
 
 def _redrive(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from gpufleet.readback import redrive
+    from gpufleet.redrive import redrive
 
     report = redrive(_load(args), args.trigger, args.reason, args.dry_run)
     if args.json:
         print_json(asdict(report))
     else:
         which = f" ({args.reason})" if args.reason else ""
-        print(f"{report.read} dead letters of trigger {report.trigger}{which}")
+        print(f"{report.read} dead letters of trigger {report.trigger}{which} not redriven before")
         if args.dry_run:
+            rows = [[r["at"], r["reason"], r["source"], r["detail"][:120]] for r in report.letters]
+            print(table(["dead letter", "reason", "source", "detail"], rows, "(none)"))
             print("dry run: nothing sent")
         else:
             print(f"queued {report.queued}, already there {report.duplicates}, refused again {report.dead_lettered}"

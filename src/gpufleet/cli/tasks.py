@@ -154,7 +154,7 @@ def _plane(args: argparse.Namespace) -> ControlPlane:
     from gpufleet.logs import configure_logging
     from gpufleet.settings import load_fleet
 
-    fleet = load_fleet(args.config)
+    fleet = load_fleet(args.config, secrets=False)  # control reads Redis: it signs and checks nothing
     logging = fleet.settings.logging
     # Logs go to stderr, never into a --json document; a command line wants warnings, not the fleet's info chatter.
     quiet = logging.model_copy(update={"level": "error" if logging.level == "error" else "warning"})
@@ -326,6 +326,7 @@ def _alias(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_control
 def _queue(args: argparse.Namespace) -> int:
     plane = _plane(args)
     names = [args.function] if args.function else sorted(plane.fleet.functions)  # names only: no state to read

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 
 from gpufleet import __version__
-from gpufleet.credentials import sign
+from gpufleet.credentials import shared_secret_fix, sign
 from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import ConfigError, DeliveryError
 from gpufleet.urls import Endpoint, EnvName, Options
@@ -62,7 +62,7 @@ class HttpDestination:
         secret = os.environ.get(options.secret_env)
         if not secret:
             raise ConfigError(f"environment variable {options.secret_env} is not set", key="secret_env",
-                              fix=f"export {options.secret_env}=$(gpufleet token)")  # fmt: skip
+                              fix=shared_secret_fix(options.secret_env))  # fmt: skip
         self._secret = secret
         self.url = urlunsplit(urlsplit(endpoint.url)._replace(fragment=""))
         self._timeout_s = options.timeout_s

@@ -17,15 +17,13 @@ This module starts Redis and Kafka; the S3 servers' starters live in :mod:`gpufl
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +31,6 @@ from types import TracebackType
 from gpufleet.errors import ServiceError as ServiceError  # re-exported: callers catch it from here
 
 _HOST = "127.0.0.1"
-_STATE_FILE = "dev.json"
 S3_REGION = "us-east-1"
 MOTO_ACCESS_KEY = "testing"  # moto accepts any credentials; these are the ones its docs use
 MOTO_SECRET_KEY = "testing"  # noqa: S105 - not a secret: moto ignores credentials
@@ -362,114 +359,3 @@ class LocalServices:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _argv0(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
-    except OSError:
-        return None  # no /proc (macOS) or gone
-
-
-def _ours(pid: int, exe: str | None) -> bool:
-    # PIDs in dev.json may be recycled (e.g. after a reboot); only signal a PID whose argv[0] is still our binary.
-    if not _alive(pid):
-        return False
-    argv0 = _argv0(pid)
-    return exe is None or argv0 is None or argv0 == exe
-
-
-def _read_state(state_dir: Path) -> dict[str, object] | None:
-    try:
-        state = json.loads((state_dir / _STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _pids(state: dict[str, object]) -> dict[str, tuple[int, str | None]]:
-    pids, exes = state.get("pids"), state.get("exes")
-    exes = exes if isinstance(exes, dict) else {}
-    return {str(name): (int(pid), exes.get(name)) for name, pid in pids.items()} if isinstance(pids, dict) else {}
-
-
-_DEV_SERVICES = ("redis", "kafka", "moto")
-_DEV_URLS = ("redis_url", "kafka_bootstrap", "moto_url")
-
-
-def dev_up(state_dir: Path) -> dict[str, str]:
-    """Start detached Redis, Kafka and moto for ``gpufleet dev up`` and record them in ``state_dir/dev.json``.
-
-    Returns:
-        ``redis_url``, ``kafka_bootstrap``, ``moto_url`` (S3, SQS and SNS) and ``state_file``. A recorded set that is
-        still alive is reused; :func:`dev_exports` turns the result into environment variables for the fleet.
-    """
-    state_file = state_dir / _STATE_FILE
-    state = _read_state(state_dir)
-    pids = _pids(state) if state is not None else {}
-    if (
-        state is not None
-        and set(pids) == set(_DEV_SERVICES)  # a state file from an older gpufleet lacks moto: start afresh
-        and all(key in state for key in _DEV_URLS)
-        and all(_ours(pid, exe) for pid, exe in pids.values())
-    ):
-        urls = {key: str(state[key]) for key in _DEV_URLS}
-        urls["api_token"] = str(state.get("api_token") or secrets.token_urlsafe(32))
-    else:
-        dev_down(state_dir)  # clear half-dead leftovers, if any, before starting fresh
-        # Nothing more to do to detach: each server has its own session and no pipe to us, so it outlives this process.
-        services = LocalServices(state_dir, moto=True).start()
-        urls = {
-            "redis_url": services.redis_url,
-            "kafka_bootstrap": services.kafka_bootstrap,
-            "moto_url": services.moto_url,
-            # The API's token for this laptop: random, like any token, so a laptop's API is no easier to use for
-            # anyone else on the machine or the network than a production one.
-            "api_token": secrets.token_urlsafe(32),
-        }
-        state = urls | {
-            "pids": {s.name: s.pid for s in services.services},
-            "exes": {s.name: _argv0(s.pid) for s in services.services},
-            "logs": {s.name: str(s.log_path) for s in services.services},
-        }
-        state_file.touch(mode=0o600)
-        state_file.write_text(json.dumps(state, indent=2))
-    return urls | {"state_file": str(state_file)}
-
-
-def dev_exports(state: Mapping[str, object]) -> dict[str, str]:
-    """The environment that points a fleet (and the AWS CLI) at the servers of :func:`dev_up`'s result."""
-    exports = {
-        "GPUFLEET_REDIS__URL": str(state["redis_url"]),
-        "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": str(state["kafka_bootstrap"]),
-    }
-    if "api_token" in state:
-        exports["GPUFLEET_API__TOKEN"] = str(state["api_token"])
-    if "moto_url" in state:
-        moto_url = str(state["moto_url"])
-        exports |= {"GPUFLEET_S3__ENDPOINT_URL": moto_url, "GPUFLEET_S3__SQS_ENDPOINT_URL": moto_url}
-        exports |= {"AWS_ACCESS_KEY_ID": MOTO_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": MOTO_SECRET_KEY}
-        exports |= {"AWS_DEFAULT_REGION": S3_REGION}
-    return exports
-
-
-def dev_down(state_dir: Path) -> bool:
-    """Stop the servers recorded in ``state_dir/dev.json`` (by PID) and remove it; False if nothing was running."""
-    state = _read_state(state_dir)
-    if state is None:
-        return False
-    stopped = False
-    for pid, exe in reversed(list(_pids(state).values())):
-        if _ours(pid, exe):
-            stop(pid)
-            stopped = True
-    (state_dir / _STATE_FILE).unlink(missing_ok=True)
-    return stopped
-
-
-def dev_status(state_dir: Path) -> dict[str, object] | None:
-    """Return the recorded state plus ``{"alive": {name: bool}}``, or None when ``dev up`` has not run."""
-    state = _read_state(state_dir)
-    if state is None:
-        return None
-    return state | {"alive": {name: _ours(pid, exe) for name, (pid, exe) in _pids(state).items()}}

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gpufleet.worker")
 JOB_ORIGIN = "job"  # who names shard ids: only a job's split (see gpufleet.ids)
-RECORD_FIELDS = ("phase", "shards", "priority", "event", "meta", "queue")
+RECORD_FIELDS = ("phase", "shards", "priority", "event", "meta", "queue", "job_started_at")
 
 
 class JobSteps:
@@ -44,13 +44,15 @@ class JobSteps:
     def run(self, item: _Item, fn: Function, done: Finisher, bound: Any) -> None:
         """The job's step now: its split, or (its shards all done) its merge."""
         raw = self.rt.registry.client.hmget(self.rt.registry.task_key(item.task_id), RECORD_FIELDS)
-        phase, shards, priority, event, meta, queue = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
+        phase, shards, priority, event, meta, queue, job_started_at = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
         merging = phase == "merge"
         listed = self.store.shards(item.task_id, int(shards)) if merging else []
         done.shards = [s.view() for s in listed] if merging else None  # in its record, however it ends
         if not self.rt.may_start(item, done, fn, bound, check_age=not merging):  # the age is the split's to check
             return
         self.rt.begin(item, done)
+        if merging and job_started_at:  # the job's times, from its split, not the merge step's
+            done.started_at = float(job_started_at)
         try:
             payload, obj = handler_payload(self.rt.objects, fn, item.event, item.meta)
             ctx = TaskContext(self.rt, item.task_id, fn.name, item.claim.attempts, self.rt.state_of(fn), item.meta,
