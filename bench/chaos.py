@@ -71,6 +71,22 @@ def send_bad(bootstrap: str, fleet: ChaosFleet, inputs: dict[str, list[bytes]], 
         producer.close()
 
 
+def consumed(bootstrap: str, group: str, topic: str) -> int:
+    """How many messages of ``topic`` the consumer group has committed (the sum of its next offsets)."""
+    from kafka.admin import KafkaAdminClient
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        offsets = admin.list_consumer_group_offsets(group)
+    except Exception:  # noqa: BLE001 - a broker being restarted: not settled yet
+        return 0
+    finally:
+        admin.close()
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
@@ -98,7 +114,12 @@ def main() -> int:
             started = time.monotonic()
             print(f"chaos: {plan.events} events over {plan.produce_s:.0f} s...", file=sys.stderr)
             sender.start()
-            report = chaos.run()
+            # The dead letters are counted once the triggers have read every input (their groups' committed
+            # offsets add up to what was sent): stopped earlier, the count moved between runs of the same inputs.
+            sent = {"requests": plan.events + len(bad["requests"]), "objects": len(bad["objects"])}
+            report = chaos.run(settled=lambda: not sender.is_alive() and all(
+                consumed(services.kafka_bootstrap, f"{fleet.prefix}-{topic}", fleet.topic(topic)) >= n
+                for topic, n in sent.items()))  # fmt: skip
             sender.join()
             elapsed = time.monotonic() - started
             # One per source: a restarted trigger may dead-letter a message again.

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,8 @@ class Chaos:
         """The task ids: the trigger's name, then the id each event supplies."""
         return [f"requests:{self.fleet.prefix}-c{i}" for i in range(self.plan.events)]
 
-    def run(self) -> Report:
+    def run(self, settled: Callable[[], bool] | None = None) -> Report:
+        """Run the plan; with ``settled``, the fleet also runs on until it says True (or settle_timeout_s passes)."""
         f = self.fleet
         f.start_all()
         killer = threading.Thread(target=self._killer, name="chaos-killer", daemon=True)
@@ -212,6 +214,9 @@ class Chaos:
                     f.start(role)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and self._succeeded() < self.plan.events:
+                time.sleep(0.5)
+            deadline = time.monotonic() + self.plan.settle_timeout_s
+            while settled is not None and time.monotonic() < deadline and not settled():
                 time.sleep(0.5)
             self._verify()
         finally:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # A test that uses one of these starts a server or a fleet: `make check` (-m "not server") leaves it out.
 SERVER_FIXTURES = frozenset({"services", "harness", "moto", "seaweedfs", "rabbitmq"})
+FUZZERS = ("test_fuzzed_", "test_fuzzing_")
 # The longest tests (30 s to 2 min under xdist): started first, so that none of them ends the run alone.
 LONGEST = (
     "test_fuzzed_",
@@ -34,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     - ``server``: the test starts servers or processes (``make check`` runs the others, in seconds).
     - The tests that share the session's RabbitMQ go to one xdist worker (``--dist loadgroup``): each worker would
-      start its own (7 s of CPU each).
+      start its own (7 s of CPU each). The fuzzers go to one worker too, as they compute rather than wait.
     """
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
@@ -42,6 +43,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.server)
         if "rabbitmq" in names:
             item.add_marker(pytest.mark.xdist_group("rabbitmq"))
+        elif item.name.startswith(FUZZERS):
+            # CPU-bound: one after another on one worker, not all at once on 2 cores (then each took 3x as long).
+            item.add_marker(pytest.mark.xdist_group("fuzzers"))
+            item.add_marker(pytest.mark.timeout(600))
     items.sort(key=lambda item: not item.name.startswith(LONGEST))  # stable: the rest keep their order
 
 

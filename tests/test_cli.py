@@ -7,7 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -140,3 +142,29 @@ def test_init_writes_a_project_that_runs_from_its_folder_to_a_first_record(harne
     [record] = h.records("success", at_least=1, timeout_s=120)
     assert record["value"]["responsePayload"]["greeting"] == "hello, Ada", h.log_text()[-3000:]
     assert record["value"]["responsePayload"]["prefix"] == "warm"
+
+
+@pytest.mark.serial  # a bound in time: alone, on an unloaded machine
+def test_ctrl_c_of_an_idle_fleet_returns_within_2_s_though_sqs_is_in_a_long_poll(harness: FleetHarness,
+                                                                                  moto: Any) -> None:  # fmt: skip
+    """Every role of `gpufleet run`, an SQS trigger in its 20 s long poll: Ctrl-C (SIGINT) stops all in 2 s (it took
+    15-19 s, waiting the poll out)."""
+    from tests.s3util import sqs_client
+    from tests.test_trigger_contract import WANTED
+
+    h = harness
+    queue = f"q-{h.prefix}"
+    sqs_client(moto.url).create_queue(QueueName=queue)
+    s3 = {"endpoint_url": moto.url, "sqs_endpoint_url": moto.url, "access_key_id": moto.access_key,
+          "secret_access_key": moto.secret_key}  # fmt: skip
+    h.write_config(triggers={"bucket": {"source": f"sqs:///{queue}", "wait_time_s": 20, **WANTED}}, s3=s3)
+    h.start()
+    h.wait_for(lambda: '"event":"ready"' in h.log_text(), 90, "the ready line")
+    h.wait_for(lambda: '"sqs trigger receiving"' in h.log_text(), 30, "the trigger's first poll")
+    time.sleep(1)  # well inside the 20 s poll
+    assert h.proc is not None
+    started = time.monotonic()
+    os.kill(h.proc.pid, signal.SIGINT)
+    h.proc.wait(timeout=60)
+    took = time.monotonic() - started
+    assert took <= 2.0, f"Ctrl-C took {took:.1f} s\n{h.log_text()[-3000:]}"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -14,20 +17,23 @@ from gpufleet.dev.rabbitmq import rabbitmq_available
 ROOT = Path(__file__).parent.parent
 
 
-def server_pids() -> set[int]:
-    names = ("redis-server", "tansu", "gpufleet", "moto", "rabbit")
+def descendants(mark: str) -> set[int]:
+    """Every process that inherited ``mark`` in its environment: what the demo started, whoever their parent is
+    now (a leftover is reparented), and nothing that other tests run beside it (under xdist)."""
     found = set()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if any(n in cmdline for n in names):
-            found.add(p.info["pid"])
+    for p in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("DEMO_TEST_MARK") == mark:
+                found.add(p.info["pid"])
     return found
 
 
 @pytest.mark.timeout(300)
 def test_demo_runs_end_to_end_and_cleans_up(services: object) -> None:
-    before = server_pids()
-    result = subprocess.run([sys.executable, "-m", "gpufleet", "demo"], cwd=ROOT, capture_output=True, timeout=280)
+    mark = uuid.uuid4().hex
+    env = {**os.environ, "DEMO_TEST_MARK": mark}
+    result = subprocess.run([sys.executable, "-m", "gpufleet", "demo"], cwd=ROOT, capture_output=True, timeout=280,
+                            env=env)  # fmt: skip
     out = result.stdout.decode()
     assert result.returncode == 0, out[-4000:] + result.stderr.decode()[-4000:]
     last = out.strip().splitlines()[-1]
@@ -38,5 +44,5 @@ def test_demo_runs_end_to_end_and_cleans_up(services: object) -> None:
         f"destinations: webhook 2 signed, s3 2 objects, {amqp}"
     )
     assert '"condition": "Success"' in out and "reason=malformed_json" in out
-    leftover = {pid for pid in server_pids() - before if psutil.pid_exists(pid)}
+    leftover = {pid for pid in descendants(mark) if psutil.pid_exists(pid)}
     assert not leftover, [psutil.Process(p).cmdline() for p in leftover]

@@ -213,6 +213,40 @@ def test_dev_up_adds_rabbitmq_where_it_is_installed(tmp_path: Path) -> None:
         assert dev_down(tmp_path) is True
 
 
+def test_dev_up_sentinel_runs_redis_as_a_group_that_fails_over(tmp_path: Path) -> None:
+    """On request: a master, a replica and three sentinels; the exports name them (sentinel://); the master killed,
+    the group fails over, and `up` says which member is down instead of starting a second master."""
+    from gpufleet.redisconn import client
+
+    state = dev_up_with(tmp_path, rabbitmq=False, sentinel=True)
+    try:
+        url = state["redis_url"]
+        assert url.startswith("sentinel://") and dev_exports(state)["GPUFLEET_REDIS__URL"] == url
+        assert "sentinel" in state["started"]
+        redis_client = client(url, socket_timeout=2)
+        redis_client.set("before", 1)
+        members = json.loads((tmp_path / "dev.json").read_text())
+        master = members["pids"]["sentinel"][members["sentinel_members"].index("master")]
+        kill(master)
+        again = dev_up_with(tmp_path, rabbitmq=False, sentinel=True)
+        assert again["down"] == ["master"] and again["started"] == [] and again["redis_url"] == url
+
+        def failed_over() -> bool:
+            try:
+                return redis_client.set("after", 1) is True and redis_client.get("before") == b"1"
+            except redis.RedisError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while not failed_over() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert failed_over()
+        with pytest.raises(ServiceError, match="this set runs a Sentinel group"):
+            dev_up_with(tmp_path, rabbitmq=False)
+    finally:
+        assert dev_down(tmp_path) is True
+
+
 def test_dev_up_servers_outlive_the_launching_process(tmp_path: Path) -> None:
     # `gpufleet dev up` returns while the servers keep running; `dev down` later runs in another process.
     code = ("import sys, pathlib; from gpufleet.dev.stack import dev_up; "

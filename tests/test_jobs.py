@@ -63,7 +63,8 @@ def test_shards_run_in_parallel_on_both_gpus_and_merge_in_order(harness: FleetHa
     assert all(harness.runs(shard_id(job, i)) == 1 for i in range(6))
     assert view["phase"] == "merge" and plane.status(shard_id(job, 3))["job"] == {"id": job, "index": 3}
     # The job's own times: from its split, before every shard, to its merge, after every one (not the merge step's).
-    assert view["started_at"] <= min(a for a, _ in spans) and view["finished_at"] >= max(b for _, b in spans)
+    assert epoch(view["started_at"]) <= min(a for a, _ in spans) + 0.001  # iso: milliseconds
+    assert epoch(view["finished_at"]) >= max(b for _, b in spans) - 0.001
     [listed] = [f for f in plane.functions() if f["name"] == "tiles"]
     assert listed["job"] == {"shard": "tile", "max_shards": 40, "shard_records": False}
 
@@ -256,6 +257,7 @@ def thaw(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.serial  # leases of 3 s: on a machine loaded by other tests, a starved process loses one it holds
 def test_a_job_survives_its_workers_being_killed_and_frozen_at_every_step(harness: FleetHarness) -> None:
     """GPU worker processes killed (SIGKILL) or frozen (SIGSTOP, then thawed after their lease lapsed) whatever they
     run: split, shards or merge. The job still succeeds with every shard's result, each shard's success is recorded

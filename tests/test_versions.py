@@ -6,6 +6,7 @@ once setup() succeeded on one, ERROR (with the error) when it failed on every on
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -145,6 +146,28 @@ def test_a_worker_whose_setup_failed_hands_its_tasks_back_and_serves_them_once_s
     harness.redis.set(f"fixed:{flag}", 1)  # the model file is there now: the next try of setup() works
     harness.wait_for(lambda: plane.status("t-1")["state"] == "SUCCEEDED", what="the task, once setup() works")
     assert plane.status("t-1")["attempts"] == 1 and state(plane)["state"] == "ACTIVE"
+
+
+def test_a_worker_whose_setup_keeps_failing_hands_back_less_and_less_often(harness: FleetHarness) -> None:
+    """Its pause after each hand-back doubles (1, 2, 4 s...) up to setup_retry_s: in 10 s, 4 hand-backs at most
+    (it was one a second, for ever)."""
+    flag = f"{harness.prefix}-model"
+    harness.start_host("h1", ["default"], virtual_gpus=1, env={"WARMUP_FAIL": flag}, setup_retry_s=30)
+    plane = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: state(plane)["state"] == "ERROR", what="ERROR")
+    intake = Intake(harness.fleet(), Producer("test", "test", 4096))
+    harness.registry.enqueue_many([intake.task(intake.function("warmup"), {}, "t-1", "test")])
+    log = harness.dir / "host-h1.log"
+
+    def pauses() -> list[float]:
+        lines = [json.loads(line) for line in log.read_text().splitlines() if "task handed back" in line]
+        return [line["pause_s"] for line in lines]
+
+    harness.wait_for(lambda: pauses(), what="the first hand-back")
+    time.sleep(10)
+    seen = pauses()
+    assert seen[:4] == [1.0, 2.0, 4.0, 8.0][: len(seen)] and 3 <= len(seen) <= 5, seen
+    assert plane.status("t-1")["attempts"] == 0 and harness.runs("t-1") == 0
 
 
 def test_a_rolling_update_from_3_to_4_loses_no_task(harness: FleetHarness) -> None:

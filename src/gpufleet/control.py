@@ -126,7 +126,10 @@ class ControlPlane:
             "version": fn.version,
             "state": versions[0]["state"] if versions else None,  # the declared version's
             "versions": versions,
-            "aliases": self.intake.aliases.of(fn.name),
+            # Redis unreachable (no versions read): the config's aliases, what this process knows without it.
+            "aliases": self.intake.aliases.of(fn.name)
+            if versions is not None
+            else self.intake.aliases.configured.get(fn.name, {}),
             "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
             "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
             "timeout_s": fn.timeout_s,

@@ -132,13 +132,20 @@ class ProcessTree:
         return 0
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        for role in reversed(self.roles):
-            proc = self.procs.get(role)
-            if proc is None or proc.poll() is not None:
-                continue
+        """Intake and the workers together (a trigger stops taking messages, a worker its tasks, and finishes the
+        one it runs within its grace), then the dispatcher, so that the records of tasks finishing meanwhile go out.
+        One after another, an idle fleet took a second more to stop."""
+        self._stop([r for r in reversed(self.roles) if r != "dispatcher"], timeout_s)
+        self._stop([r for r in self.roles if r == "dispatcher"], timeout_s)
+
+    def _stop(self, roles: list[str], timeout_s: float) -> None:
+        running = {r: p for r in roles if (p := self.procs.get(r)) is not None and p.poll() is None}
+        for proc in running.values():
             proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for role, proc in running.items():
             try:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("role did not stop in time; killing it", role=role, pid=proc.pid)
                 proc.kill()

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     add_record_commands(command)
     p = sub.add_parser("dev", help="start/stop local Redis, Kafka and moto (S3/SQS/SNS) on free loopback ports")
     p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--sentinel", action="store_true",
+                   help="up: Redis as a Sentinel group (master, replica, 3 sentinels), to try a failover")  # fmt: skip
     p.set_defaults(func=_dev)
     p = sub.add_parser("init", help="write a starter project: a commented config/fleet.yaml, a trigger and a function")
     p.add_argument("dir", nargs="?", default=".", help="where (default: this folder)")
@@ -195,7 +197,7 @@ def _dev(args: argparse.Namespace) -> int:
     where = state_dir(os.environ)
     if args.action == "up":
         require_local("dev up")
-        state = dev_up(where)
+        state = dev_up(where, sentinel=args.sentinel)
         started, lost = state["started"], state["lost"]
         amqp = f"amqp   {state['amqp_url']}\n" if "amqp_url" in state else ""
         print(
@@ -204,6 +206,10 @@ def _dev(args: argparse.Namespace) -> int:
             + (f"started {', '.join(started)}" if started else "all were running: nothing started"),
             file=sys.stderr,
         )
+        if state["down"]:
+            print(f"sentinel group members down: {', '.join(state['down'])} (not restarted: the group fails over "
+                  "without them; `gpufleet dev down`, then `gpufleet dev up --sentinel` for a new group)",
+                  file=sys.stderr)  # fmt: skip
         for name in lost:
             print(f"{name} was down and is restarted on its old port, empty: it kept its data in memory (its "
                   "topics, buckets or queues are gone; make them again)", file=sys.stderr)  # fmt: skip

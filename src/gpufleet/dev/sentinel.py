@@ -74,8 +74,18 @@ def _redis_check(port: int, password: str) -> None:
 @contextlib.contextmanager
 def sentinel_group(workdir: Path, password: str, replicas: int = 1, sentinels: int = 3,
                    down_after_ms: int = 1000, timeout_s: float = 30) -> Iterator[SentinelGroup]:  # fmt: skip
+    """:func:`start_sentinel_group`, and every member stopped on exit, by PID."""
+    group = start_sentinel_group(workdir, password, replicas, sentinels, down_after_ms, timeout_s)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def start_sentinel_group(workdir: Path, password: str, replicas: int = 1, sentinels: int = 3,
+                         down_after_ms: int = 1000, timeout_s: float = 30) -> SentinelGroup:  # fmt: skip
     """Start the group and wait until every sentinel monitors the master, knows its replicas and the other
-    sentinels (what a failover needs); stop every member on exit, by PID."""
+    sentinels (what a failover needs). On failure, what started is stopped."""
     names = ["master", *(f"replica{i}" for i in range(replicas)), *(f"sentinel{i}" for i in range(sentinels))]
     group = SentinelGroup(workdir, password, dict(zip(names, _free_ports(len(names)), strict=True)))
     master = group.ports["master"]
@@ -105,9 +115,10 @@ def sentinel_group(workdir: Path, password: str, replicas: int = 1, sentinels: i
             if not name.startswith("sentinel"):
                 _wait_ready(name, proc, log, functools.partial(_redis_check, port, password), timeout_s)
         _wait_monitored(group, replicas, sentinels, timeout_s)
-        yield group
-    finally:
+    except BaseException:
         group.close()
+        raise
+    return group
 
 
 def _wait_monitored(group: SentinelGroup, replicas: int, sentinels: int, timeout_s: float) -> None:

@@ -80,16 +80,20 @@ KINDS = {
 }
 
 
-def dev_up(state_dir: Path, rabbitmq: bool | None = None) -> dict[str, Any]:
+def dev_up(state_dir: Path, rabbitmq: bool | None = None, sentinel: bool = False) -> dict[str, Any]:
     """Start the servers of the set that are not running; record them in ``state_dir/dev.json``.
 
     Args:
         rabbitmq: whether RabbitMQ is in the set; None: where Debian's rabbitmq-server is installed.
+        sentinel: Redis as a Sentinel group (a master, a replica and three sentinels), to try failover: kill the
+            master and watch the fleet follow. A member that is down is reported in ``down``, not restarted (the
+            group fails over without it; ``dev down`` then ``dev up --sentinel`` makes a new one).
 
     Returns:
         The addresses (``redis_url``, ``kafka_bootstrap``, ``moto_url``, ``amqp_url`` with RabbitMQ), ``api_token``,
-        ``state_file``, ``started`` (the servers this call started) and ``lost`` (those restarted empty, whose data
-        was in their memory). :func:`dev_exports` turns it into environment variables for the fleet.
+        ``state_file``, ``started`` (the servers this call started), ``lost`` (those restarted empty, whose data
+        was in their memory) and ``down`` (Sentinel group members that are down). :func:`dev_exports` turns it into
+        environment variables for the fleet.
 
     Raises:
         ServiceError: a server could not start, or its old port is taken by another process.
@@ -100,7 +104,18 @@ def dev_up(state_dir: Path, rabbitmq: bool | None = None) -> dict[str, Any]:
     state: dict[str, Any] = _read_state(state_dir) or {}
     names = [n for n in KINDS if n != "rabbitmq" or (rabbitmq_available() if rabbitmq is None else rabbitmq)]
     pids = _pids(state)
-    started, lost = [], []
+    if state and ("sentinel" in pids) != sentinel:
+        runs = "a Sentinel group" if "sentinel" in pids else "a plain Redis"
+        raise ServiceError(f"this set runs {runs}; to switch, `gpufleet dev down` first, then `gpufleet dev up"
+                           f"{' --sentinel' if sentinel else ''}`")  # fmt: skip
+    started, lost, down = [], [], []
+    if sentinel:
+        names.remove("redis")
+        down = [m for m, (pid, exe) in zip(state.get("sentinel_members", []), pids.get("sentinel", []), strict=False)
+                if not _ours(pid, exe)]  # fmt: skip
+        if "sentinel" not in pids:
+            _start_sentinel(state_dir, state)
+            started.append("sentinel")
     for name in names:
         kind = KINDS[name]
         if name in pids and all(_ours(pid, exe) for pid, exe in pids[name]):
@@ -130,8 +145,21 @@ def dev_up(state_dir: Path, rabbitmq: bool | None = None) -> dict[str, Any]:
         state["api_token"] = secrets.token_urlsafe(32)
     _write_state(state_dir, state)
     urls = {KINDS[n].url_key: state[KINDS[n].url_key] for n in names}
+    urls["redis_url"] = state["redis_url"]  # a plain one, or the Sentinel group's sentinel:// URL
     return {**urls, "api_token": state["api_token"], "state_file": str(state_dir / STATE_FILE),
-            "started": started, "lost": lost}  # fmt: skip
+            "started": started, "lost": lost, "down": down}  # fmt: skip
+
+
+def _start_sentinel(state_dir: Path, state: dict[str, Any]) -> None:
+    from gpufleet.dev.sentinel import start_sentinel_group
+
+    group = start_sentinel_group(state_dir / "sentinel", secrets.token_urlsafe(24), down_after_ms=2000)
+    members = list(group.procs)
+    state["redis_url"] = group.url
+    state["sentinel_members"] = members
+    state.setdefault("pids", {})["sentinel"] = [group.procs[m].pid for m in members]
+    state.setdefault("exes", {})["sentinel"] = [_argv0(group.procs[m].pid) for m in members]
+    _write_state(state_dir, state)
 
 
 def dev_exports(state: Mapping[str, object]) -> dict[str, str]:

@@ -8,6 +8,7 @@ child, created after the fork; if the child dies, Celery starts a new one and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import signal
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime = Runtime(fleet, f"{args.name}@{fleet.settings.worker.hostname}", args.gpu, queues, slot)
     runtime.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
+    app.steps["consumer"].add(_prompt_step())
 
     def on_child_init(**_: Any) -> None:
         configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
@@ -56,6 +58,18 @@ def main(argv: list[str] | None = None) -> None:
         runtime.boot()
 
     signals.worker_process_init.connect(on_child_init, weak=False)
+
+    def on_child_exit(**_: Any) -> None:
+        # billiard's pool process sleeps a second before it exits, so that its parent reads its last message
+        # first; at a warm shutdown the parent is only waiting for it to go (an idle fleet took 2-3 s to stop). Its
+        # last task's outcome is in Redis by now (execute writes it before it returns); its log lines are flushed.
+        if slot.stopping:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
+
+    signals.worker_process_shutdown.connect(on_child_exit, weak=False)
     # A warm shutdown: the pool process finishes its task and takes no other from the queues.
     signals.worker_shutting_down.connect(lambda **_: slot.stop(), weak=False)
     host = fleet.settings.worker.hostname
@@ -79,6 +93,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     worker.start()
     raise SystemExit(worker.exitcode)
+
+
+def _prompt_step() -> type:
+    from celery import bootsteps
+
+    class Prompt(bootsteps.StartStopStep):  # type: ignore[misc]
+        """Wakes Celery's event loop every 0.1 s. The loop looks at its stop flag only between polls, which wait up
+        to a second: a SIGTERM to an idle worker waited that out (Ctrl-C of an idle fleet took 2-3 s)."""
+
+        def start(self, c: Any) -> None:
+            c.timer.call_repeatedly(0.1, _noop)
+
+    return Prompt
+
+
+def _noop() -> None:
+    pass
 
 
 def _quiet_celery(json_lines: bool) -> None:
