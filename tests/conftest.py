@@ -18,34 +18,28 @@ if TYPE_CHECKING:
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # A test that uses one of these starts a server or a fleet: `make check` (-m "not server") leaves it out.
 SERVER_FIXTURES = frozenset({"services", "harness", "moto", "seaweedfs", "rabbitmq"})
-FUZZERS = ("test_fuzzed_", "test_fuzzing_")
 # The longest tests (30 s to 2 min under xdist): started first, so that none of them ends the run alone.
 LONGEST = (
     "test_fuzzed_",
-    "test_nothing_is_lost_and_nothing_succeeds_twice",
     "test_fuzzing_every_operation",
     "test_control_commands_without_a_running_fleet",
     "test_a_trigger_that_dies_makes_the_process_exit",
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers from the fixtures a test uses, and the order in which xdist hands tests out.
 
     - ``server``: the test starts servers or processes (``make check`` runs the others, in seconds).
-    - The tests that share the session's RabbitMQ go to one xdist worker (``--dist loadgroup``): each worker would
-      start its own (7 s of CPU each). The fuzzers go to one worker too, as they compute rather than wait.
+    - A test of an ``xdist_group`` (the session's RabbitMQ, the fuzzers: on one xdist worker each) gets a longer
+      timeout.
     """
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & SERVER_FIXTURES or item.get_closest_marker("serial"):
             item.add_marker(pytest.mark.server)
-        if "rabbitmq" in names:
-            item.add_marker(pytest.mark.xdist_group("rabbitmq"))
-        elif item.name.startswith(FUZZERS):
-            # CPU-bound: one after another on one worker, not all at once on 2 cores (then each took 3x as long).
-            item.add_marker(pytest.mark.xdist_group("fuzzers"))
+        if item.get_closest_marker("xdist_group"):
+            # CPU-bound (the fuzzers) or slow to start (RabbitMQ): on a loaded machine, more than the usual 180 s.
             item.add_marker(pytest.mark.timeout(600))
     items.sort(key=lambda item: not item.name.startswith(LONGEST))  # stable: the rest keep their order
 

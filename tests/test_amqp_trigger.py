@@ -23,6 +23,8 @@ from gpufleet.dev.services import free_port
 from gpufleet.triggers.amqp import AmqpTrigger
 from tests.harness import FleetHarness
 
+pytestmark = pytest.mark.xdist_group("rabbitmq")  # with every test of the session's RabbitMQ, on one worker
+
 
 class Broker:
     def __init__(self, url: str) -> None:

@@ -19,13 +19,14 @@ from gpufleet.dev.services import free_port, stop
 from tests.harness import FleetHarness
 
 
-def live_fleet(h: FleetHarness) -> set[int]:
-    """Start the worker role; the PIDs of its processes once both GPUs are up."""
+def live_fleet(h: FleetHarness) -> tuple[set[int], list[str]]:
+    """Start the worker role; the PIDs of its processes and its Celery node names, once both GPUs are up."""
     h.start("worker")
     plane = ControlPlane(h.fleet())
     h.wait_for(lambda: sum(1 for g in plane.gpus() if g.get("up") and not g["stale"]) == 2, what="both GPUs")
     assert h.proc is not None
-    return {p.pid for p in psutil.Process(h.proc.pid).children(recursive=True)}
+    nodes = sorted(g["worker"] for g in plane.gpus())
+    return {p.pid for p in psutil.Process(h.proc.pid).children(recursive=True)}, nodes
 
 
 def outside_env(h: FleetHarness) -> dict[str, str]:
@@ -35,11 +36,12 @@ def outside_env(h: FleetHarness) -> dict[str, str]:
 
 def test_a_plain_celery_inspect_reads_the_workers_replies(harness: FleetHarness) -> None:
     """Before, the replies came in gpufleet's own serializer: "Refusing to deserialize untrusted content"."""
-    ours = live_fleet(harness)
+    ours, nodes = live_fleet(harness)
     replies: dict[str, Any] = {}
     for verb in ("stats", "active"):
+        # Named nodes: it returns once they answer (within 30 s on a loaded machine), not after a fixed wait.
         cmd = [sys.executable, "-m", "celery", "-b", harness.services.redis_url, "inspect", verb, "--json",
-               "--timeout", "5"]  # fmt: skip
+               "--timeout", "30", "--destination", ",".join(nodes)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, env=outside_env(harness), timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "untrusted content" not in done.stderr
@@ -50,7 +52,7 @@ def test_a_plain_celery_inspect_reads_the_workers_replies(harness: FleetHarness)
 
 
 def test_flower_lists_the_workers(harness: FleetHarness) -> None:
-    ours = live_fleet(harness)
+    ours, _ = live_fleet(harness)
     port = free_port()
     env = outside_env(harness) | {"FLOWER_UNAUTHENTICATED_API": "true"}  # as the README says
     log = open(harness.dir / "flower.log", "ab")  # noqa: SIM115 - the child writes to it

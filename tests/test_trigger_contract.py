@@ -419,6 +419,7 @@ class TestWebhook(TriggerContract):
         return WebhookSource(harness)
 
 
+@pytest.mark.xdist_group("rabbitmq")  # the session's RabbitMQ: one per xdist worker that asks, 7 s of CPU each
 class TestAmqp(TriggerContract):
     @pytest.fixture
     def source(self, harness: FleetHarness, rabbitmq: str) -> Iterator[Source]:
