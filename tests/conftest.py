@@ -22,6 +22,9 @@ SERVER_FIXTURES = frozenset({"services", "harness", "moto", "seaweedfs", "rabbit
 LONGEST = (
     "test_fuzzed_",
     "test_fuzzing_every_operation",
+    "test_demo_runs_end_to_end",
+    "test_debug_logs_carry_no_secret",
+    "test_invoke_wait_cancel_retry_and_gpus",
     "test_control_commands_without_a_running_fleet",
     "test_a_trigger_that_dies_makes_the_process_exit",
 )

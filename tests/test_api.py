@@ -469,7 +469,7 @@ def test_an_invocation_joins_the_callers_trace(api: Api) -> None:
 # -- fuzzing ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xdist_group("fuzzers")  # CPU-bound: beside the intake fuzzers, on one xdist worker
+@pytest.mark.xdist_group("fuzzers-b")  # CPU-bound: with some of the intake fuzzers, on one xdist worker
 def test_fuzzing_every_operation_finds_no_server_error(api: Api, subtests: pytest.Subtests) -> None:
     """schemathesis generates requests from the spec, valid (positive) and not (negative), and runs all its
     checks on each response: no 5xx, status codes, content types and bodies as documented, valid data accepted,

@@ -29,9 +29,9 @@ REASONS = {"oversize", "malformed_json", "schema_mismatch", "unknown_function", 
            "bad_number", "not_s3_event", "bad_record", "too_many_records"}  # fmt: skip
 TOKEN = "wY4kZmux8AOPuP-P_JLb8J0cDoaegQzzbtDp6DANkig"
 FUZZ_BATCHES, FUZZ_BATCH = 200, 50  # 10,000 inputs per trigger kind
-# CPU-bound: one after another on one xdist worker (make test), not all at once on 2 cores, where each took 3x as
-# long and passed pytest-timeout's 180 s.
-FUZZER = pytest.mark.xdist_group("fuzzers")
+# CPU-bound: in two groups of one xdist worker each (make test), not all at once on 2 cores, where each took 3x as
+# long and passed pytest-timeout's 180 s; two, as one group alone was the whole run's critical path.
+FUZZ_A, FUZZ_B = pytest.mark.xdist_group("fuzzers-a"), pytest.mark.xdist_group("fuzzers-b")
 
 
 @pytest.fixture
@@ -197,19 +197,17 @@ def fuzz(ingest: Ingest, batches: Any) -> int:
     return seen[0]
 
 
-@FUZZER
-@pytest.mark.parametrize("kind", ["json", "typed"])
+@pytest.mark.parametrize("kind", [pytest.param("json", marks=FUZZ_A), pytest.param("typed", marks=FUZZ_B)])
 def test_fuzzed_json_messages_become_tasks_or_dead_letters(ingests: dict[str, Ingest], kind: str) -> None:
     assert fuzz(ingests[kind], st.lists(JSON_MESSAGES, min_size=FUZZ_BATCH, max_size=FUZZ_BATCH)) >= 10_000
 
 
-@FUZZER
-@pytest.mark.parametrize("kind", ["kafka-s3", "sqs"])
+@pytest.mark.parametrize("kind", [pytest.param("kafka-s3", marks=FUZZ_A), pytest.param("sqs", marks=FUZZ_B)])
 def test_fuzzed_notifications_become_tasks_or_dead_letters(ingests: dict[str, Ingest], kind: str) -> None:
     assert fuzz(ingests[kind], st.lists(notifications(), min_size=FUZZ_BATCH, max_size=FUZZ_BATCH)) >= 10_000
 
 
-@FUZZER
+@FUZZ_A
 def test_fuzzed_webhook_bodies_get_an_answer_never_an_error(harness: FleetHarness, ingests: dict[str, Ingest]) -> None:
     """The webhook's own entry point, as concurrent deliveries: 200 or 422, and never an exception (a 5xx)."""
     fleet = harness.fleet()
@@ -237,7 +235,7 @@ def test_fuzzed_webhook_bodies_get_an_answer_never_an_error(harness: FleetHarnes
                           event_type=st.just("ObjectCreated:Listed"), size=st.integers(0, 2**63 - 1),
                           etag=st.text(max_size=40)), min_size=FUZZ_BATCH, max_size=FUZZ_BATCH))  # fmt: skip
 @FUZZ
-@FUZZER
+@FUZZ_B
 def test_fuzzed_listings_become_tasks(ingests: dict[str, Ingest], events: list[ObjectEvent]) -> None:
     """Polling: what a bucket listing yields becomes tasks, one dead letter per object that cannot."""
     messages = [SourceMessage(e.model_dump_json().encode(), f"s3:fuzz/{i}", "", objects=(e,))
