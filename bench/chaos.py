@@ -72,19 +72,20 @@ def send_bad(bootstrap: str, fleet: ChaosFleet, inputs: dict[str, list[bytes]], 
 
 
 def consumed(bootstrap: str, group: str, topic: str) -> int:
-    """How many messages of ``topic`` the consumer group has committed (the sum of its next offsets)."""
-    from kafka.admin import KafkaAdminClient
+    """How many messages of ``topic`` the consumer group has committed (the sum of its next offsets). Read as a
+    member that never joins: its offsets only, no rebalance of the trigger's group."""
+    from kafka import KafkaConsumer, TopicPartition
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        offsets = admin.list_consumer_group_offsets(group)
+        parts = consumer.partitions_for_topic(topic) or set()
+        return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in parts)
     except Exception:  # noqa: BLE001 - a broker being restarted: not settled yet
         return 0
     finally:
-        admin.close()
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+        consumer.close()
 
 
 def main() -> int:
