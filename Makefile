@@ -33,23 +33,24 @@ $(VENV)/.torch: requirements/torch.txt
 	fi
 	touch $@
 
-# What the demo needs, and nothing to test with. The project last, with no dependencies of its own to resolve and its
-# build backend (setuptools) from the lock: nothing is left to pick a version on the day.
-$(VENV)/.demo: $(VENV)/.torch requirements/demo.txt pyproject.toml
-	@echo "== the locked packages of the demo (requirements/demo.txt)"
-	$(PIP) install --require-hashes -r requirements/demo.txt
+# $(call locked,FILE): the locked packages of FILE, then the project, with no dependencies of its own to resolve and
+# its build backend (setuptools) from the lock: nothing is left to pick a version on the day.
+define locked
+	@echo "== the locked packages of $(1)"
+	$(PIP) install --require-hashes -r $(1)
 	@echo "== gpufleet, editable"
 	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PIP) check
+endef
+
+# What the demo needs, and nothing to test with.
+$(VENV)/.demo: $(VENV)/.torch requirements/demo.txt pyproject.toml
+	$(call locked,requirements/demo.txt)
 	touch $@
 
 # The demo's set plus the test tools: requirements/dev.txt holds all of it.
 $(VENV)/.dev: $(VENV)/.torch requirements/dev.txt pyproject.toml
-	@echo "== the locked packages of the suite (requirements/dev.txt)"
-	$(PIP) install --require-hashes -r requirements/dev.txt
-	@echo "== gpufleet, editable"
-	$(PIP) install --no-deps --no-build-isolation -e .
-	$(PIP) check
+	$(call locked,requirements/dev.txt)
 	touch $@ $(VENV)/.demo
 
 demo: $(VENV)/.demo
