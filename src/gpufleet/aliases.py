@@ -111,12 +111,11 @@ class Aliases:
     def _refresh(self) -> None:
         if time.monotonic() - self._read_at < REFRESH_S:
             return
-        if self.strict:
-            self._read()
-            return
         try:
             self._read()
         except REDIS_ERRORS as exc:  # intake goes on with what it knew: an alias is never a reason to refuse
+            if self.strict:
+                raise
             log.warning("cannot read the aliases set at run time; using the last ones read", error=str(exc))
             self._read_at = time.monotonic()
 

@@ -68,7 +68,6 @@ class Runtime:
         self._built: list[Callable[[], Any]] = []  # the last run's outcomes, to build into its pipeline
         self._said: list[Callable[[], None]] = []  # the last run's log lines, said once its outcomes are written
         self._recent: dict[str, float] = {}  # seconds each function's last run here took (see execute)
-        self._not_ready_pause: dict[str, float] = {}  # the next pause after handing back a task (see _not_ready)
         self._current: dict[str, Finisher] = {}  # the tasks the handler runs now, for the cancel killer
         self._objects: ObjectStore | None = None
         self.scratch_root = fleet.settings.worker.scratch_dir or default_root()
@@ -305,7 +304,6 @@ class Runtime:
         if not self.setups.ready(fn):
             self._not_ready(item, fn)
             return
-        self._not_ready_pause.pop(fn.name, None)
         if fn.batch is not None:
             self._run_batch(batch.gather(self, item, fn), fn, pipe)
             return
@@ -344,10 +342,7 @@ class Runtime:
         not counted) for a worker where it works, and this one pauses, so as not to take it straight back. The pause
         doubles at each hand-back of the function, up to ``worker.setup_retry_s`` (it was one second, for ever)."""
         why = f"setup() of {fn.name} failed on {self.worker_name}: {self.setups.why(fn)}"
-        pause = self._not_ready_pause.get(fn.name, NOT_READY_PAUSE_S)
-        self._not_ready_pause[fn.name] = min(
-            pause * 2, max(NOT_READY_PAUSE_S, self.fleet.settings.worker.setup_retry_s)
-        )
+        pause = self.setups.pause(fn, NOT_READY_PAUSE_S)
         if self.registry.hand_back(item.task_id, item.token, self.envelopes, why, "SetupFailed"):
             log.warning("setup() failed here; task handed back", task_id=item.task_id, function=fn.name,
                         pause_s=pause)  # fmt: skip

@@ -36,6 +36,7 @@ class Setups:
         self.retry_s = retry_s
         self.states: dict[str, Any] = {}  # function name -> what its setup() returned
         self.failed: dict[str, tuple[float, str]] = {}  # function name -> (when it last failed, monotonic; why)
+        self._pauses: dict[str, float] = {}  # function name -> the pause after its next hand-back (see pause)
 
     def warm_up(self, functions: Iterable[Function]) -> None:
         """Run each function's ``setup()``, reporting as it goes."""
@@ -59,6 +60,13 @@ class Setups:
             self.states[fn.name] = fn.setup_fn() if fn.setup_fn else None
         return self.states[fn.name]
 
+    def pause(self, fn: Function, first_s: float) -> float:
+        """How long to pause after handing back a task of ``fn``, whose setup() failed: ``first_s``, doubling at each
+        hand-back up to ``retry_s``, and ``first_s`` again once setup() has succeeded."""
+        pause = self._pauses.get(fn.name, first_s)
+        self._pauses[fn.name] = min(pause * 2, max(first_s, self.retry_s))
+        return pause
+
     def why(self, fn: Function) -> str:
         return self.failed.get(fn.name, (0.0, ""))[1]
 
@@ -72,6 +80,7 @@ class Setups:
             self.failed[fn.name] = (time.monotonic(), error)
             self._say({fn.name: {**self._entry(fn, ERROR), "error": error}})
             return False
+        self._pauses.pop(fn.name, None)
         if self.failed.pop(fn.name, None) is not None:
             log.info("setup succeeded on a later try", function=fn.name, version=fn.version)
         self._say({fn.name: self._entry(fn, READY)})
