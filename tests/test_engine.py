@@ -137,6 +137,7 @@ def test_no_task_waits_behind_a_long_one_while_the_other_gpu_is_idle(harness: Fl
                 assert idle < 0.5, f"{v['id']} waited {waited[1] - waited[0]:.2f} s while {worker} idled {idle:.2f} s"
 
 
+@pytest.mark.serial  # timed: it failed once in a loaded parallel run (the give-back not seen in time)
 def test_a_task_claimed_ahead_behind_a_long_one_goes_back_unstarted(harness: FleetHarness) -> None:
     """The next task is claimed while the current one runs; behind a long one it goes back to the head of its queue
     within HOLD_S, its attempt not counted, and runs once later."""

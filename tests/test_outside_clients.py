@@ -42,10 +42,15 @@ def test_a_plain_celery_inspect_reads_the_workers_replies(harness: FleetHarness)
         # Named nodes: it returns once they answer (within 30 s on a loaded machine), not after a fixed wait.
         cmd = [sys.executable, "-m", "celery", "-b", harness.services.redis_url, "inspect", verb, "--json",
                "--timeout", "30", "--destination", ",".join(nodes)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, env=outside_env(harness), timeout=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "untrusted content" not in done.stderr
-        replies[verb] = json.loads(done.stdout)
+        replies[verb] = {}
+        for _ in range(4):  # a node busy starting on a loaded machine may answer the next ask
+            done = subprocess.run(cmd, capture_output=True, text=True, env=outside_env(harness), timeout=120)
+            assert "untrusted content" not in done.stderr
+            if done.returncode == 0:
+                replies[verb] |= json.loads(done.stdout)
+            if set(nodes) <= set(replies[verb]):
+                break
+        assert set(nodes) <= set(replies[verb]), done.stdout + done.stderr
     mine = {node for node, stats in replies["stats"].items() if stats["pid"] in ours}
     assert len(mine) == 2, replies["stats"]
     assert all(replies["active"][node] == [] for node in mine)  # idle, and said so in JSON
