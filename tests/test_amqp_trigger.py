@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,13 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from gpufleet.dev.services import free_port
 from gpufleet.triggers.amqp import AmqpTrigger
+from tests.amqpwire import PROPERTIES, RawPublisher, content_headers, nested_array, table
+from tests.conftest import IN_CI
 from tests.harness import FleetHarness
 
 pytestmark = pytest.mark.xdist_group("rabbitmq")  # with every test of the session's RabbitMQ, on one worker
@@ -145,6 +151,7 @@ class Partition:
         self.cut_ids: set[int] = set()
         self.open_ids: set[int] = set()
         self.sockets: list[socket.socket] = []
+        self.last_forward = time.monotonic()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -166,10 +173,15 @@ class Partition:
             while data := src.recv(65536):
                 if n not in self.cut_ids:
                     dst.sendall(data)
+                    self.last_forward = time.monotonic()
             if n not in self.cut_ids:
                 dst.shutdown(socket.SHUT_WR)
 
     def cut(self) -> None:
+        """Once what was written has passed (no byte for 0.1 s): a test cuts after an ack, not before it arrives."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() - self.last_forward < 0.1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.cut_ids |= self.open_ids
 
     def close(self) -> None:
@@ -192,7 +204,8 @@ def test_a_broker_that_vanishes_without_a_word_is_noticed_by_heartbeats(harness:
     running = Running(AmqpTrigger(fleet, fleet.triggers["rabbit"]))
     try:
         broker.send(queue, *(routed(i, f"before-{i}") for i in range(3)))
-        harness.wait_for(lambda: running.trigger.stats["published"] == 3, what="3 tasks")
+        harness.wait_for(lambda: running.trigger.stats["published"] == 3 and not running.trigger._unacked,
+                         what="3 tasks, acknowledged")  # fmt: skip
         partition.cut()
         broker.send(queue, *(routed(i, f"after-{i}") for i in range(3)))
         harness.wait_for(lambda: running.trigger.stats["published"] == 6, timeout_s=30,
@@ -232,3 +245,85 @@ def test_a_restarted_broker_is_reconnected_and_nothing_is_lost(harness: FleetHar
             running.stop()
         stop_rabbitmq(pids)
     assert sum(harness.registry.counts("echo").values()) == 6
+
+
+# -- poison: no message, whatever its frames hold, ends the trigger ------------------------------------------------
+
+
+def dead_letters(harness: FleetHarness, n: int) -> list[dict[str, Any]]:
+    return harness.records("dlq", n, timeout_s=60)
+
+
+def test_properties_py_amqp_cannot_decode_and_an_oversized_body_are_dead_lettered_and_acked(
+    harness: FleetHarness, broker: Broker
+) -> None:
+    """Before: each of these raised inside drain_events (ValueError, OverflowError, RecursionError), ended every
+    trigger of the process, and came back after each restart, never acknowledged."""
+    queue = broker.queue()
+    wire = RawPublisher(broker.url.split("@", 1)[1].rstrip("/"))
+    headers = 1 << (15 - PROPERTIES.index(("headers", "F")))
+    stamp = 1 << (15 - PROPERTIES.index(("timestamp", "T")))
+    poison = [
+        (table([(b"sent", b"T" + struct.pack(">Q", 253402300800 * 10))]), headers),  # a timestamp past year 9999
+        (table([(b"sent", b"T" + struct.pack(">Q", 2**64 - 1))]), headers),
+        (table([(b"deep", nested_array(5000))]), headers),
+    ]
+    try:
+        for i, (properties, flags) in enumerate(poison):
+            assert wire.publish(queue, properties, flags, routed(i))
+        # The message's own timestamp property out of any calendar: read as none, the task still made.
+        assert wire.publish(queue, struct.pack(">Q", 2**64 - 1), stamp, routed(7, "odd-stamp"))
+        assert wire.publish(queue, b"", 0, orjson.dumps({"function": "echo", "payload": "x" * 10_000}))  # > 4096
+        assert wire.publish(queue, b"", 0, routed(1, "still-fine"))
+    finally:
+        wire.close()
+    running = Running(amqp_trigger(harness, broker, queue, max_payload_bytes=4096))
+    try:
+        letters = dead_letters(harness, 4)
+        harness.wait_for(lambda: broker.ready(queue) == 0 and running.trigger.stats["published"] == 2,
+                         what="every message taken")  # fmt: skip
+        assert running.thread.is_alive()
+    finally:
+        running.stop()
+    reasons = sorted(r["headers"]["reason"] for r in letters)
+    assert reasons == ["bad_amqp_properties"] * 3 + ["oversize"], reasons
+    details = " ".join(r["headers"]["detail"] for r in letters)
+    assert "ValueError" in details and "OverflowError" in details and "RecursionError" in details
+    assert harness.registry.get("rabbit:still-fine") is not None and harness.registry.get("rabbit:odd-stamp")
+
+
+def test_hostile_frames_never_end_the_trigger_and_every_message_is_a_task_or_a_dead_letter(
+    harness: FleetHarness, broker: Broker
+) -> None:
+    """10,000 messages with hypothesis-made properties and bodies, written as raw frames: each one the broker takes
+    ends as a task or a dead letter, and the queue empties, with the one trigger alive throughout."""
+    messages: list[tuple[tuple[bytes, int], bytes]] = []
+    # Bodies: a task, any bytes, one over the limit (the intake fuzzers in test_intake.py attack the JSON itself).
+    bodies = st.one_of(st.integers(0, 10**9).map(routed), st.binary(max_size=64), st.just(b"{}" + b" " * 5000))
+
+    # Drawn before the trigger runs: hypothesis checks that nothing else moves the random module while it draws.
+    @settings(max_examples=200, deadline=None, database=None, derandomize=IN_CI, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(st.lists(st.tuples(content_headers(), bodies), min_size=50, max_size=50))
+    def collect(batch: list[tuple[tuple[bytes, int], bytes]]) -> None:
+        messages.extend(batch)
+
+    collect()
+    assert len(messages) >= 10_000
+    queue = broker.queue()
+    wire = RawPublisher(broker.url.split("@", 1)[1].rstrip("/"))
+    running = Running(amqp_trigger(harness, broker, queue, max_payload_bytes=4096))
+    stats = running.trigger.stats
+    taken = lambda: sum(stats[k] for k in ("published", "duplicates", "dead_lettered", "ignored"))  # noqa: E731
+    try:
+        accepted = sum(wire.publish(queue, properties, flags, body) for (properties, flags), body in messages)
+        assert running.thread.is_alive()
+        harness.wait_for(lambda: broker.ready(queue) == 0 and taken() >= accepted, timeout_s=120,
+                         what="every accepted message taken")  # fmt: skip
+        assert running.thread.is_alive()
+    finally:
+        running.stop()
+        wire.close()
+    # RabbitMQ itself refuses some (a property list that is not one, a header type it does not know): ~30%.
+    assert accepted + wire.refused == len(messages) and accepted >= len(messages) // 2, (accepted, wire.refused)
+    assert taken() == accepted and stats["dead_lettered"] > 0 and stats["published"] > 0, stats

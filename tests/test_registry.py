@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from gpufleet.dispatcher import Dispatcher
+from gpufleet.flows import flow_id
 from gpufleet.messages import Envelopes, MessageFactory
 from gpufleet.registry import Callback, Enqueued, NewTask, State
 from gpufleet.worker.lease import owner_is_dead, owner_token
@@ -169,9 +170,10 @@ def test_dispatcher_keeps_records_while_kafka_is_down_and_delivers_later(harness
     time.sleep(2)
     stop.set()
     thread.join(timeout=30)
-    assert down.delivered == 0 and harness.redis.xlen(stream) == 1
+    flow = f"{harness.prefix}:flow:{flow_id(dest)}"
+    assert down.delivered == 0 and harness.redis.xlen(stream) == 0 and harness.redis.xlen(flow) == 1
 
-    # Kafka back: the same consumer name picks up its pending entry first, and delivers it once.
+    # Kafka back: the next dispatcher takes the flow (the first let go of its lease) and delivers the record once.
     harness.write_config()
     up = Dispatcher(harness.fleet(), name="d-down")
     stop = threading.Event()
@@ -180,7 +182,7 @@ def test_dispatcher_keeps_records_while_kafka_is_down_and_delivers_later(harness
     harness.wait_for(lambda: up.delivered == 1, what="delivery")
     stop.set()
     thread.join(timeout=30)
-    assert harness.redis.xlen(stream) == 0
+    assert harness.redis.xlen(stream) == harness.redis.xlen(flow) == 0
     [out] = harness.records("success", 1)
     assert out["key"] == "d1" and out["headers"] == {"condition": "Success", "function": "echo"}
     assert out["raw"] == record

@@ -15,7 +15,7 @@ import ipaddress
 import itertools
 import math
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 # RFC 6750's b64token: what a Bearer header can carry unchanged. Anything else could never match.
 TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
@@ -102,14 +102,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# A query parameter whose value is a secret: tokens, keys, signatures (``X-Amz-Signature``, ``sig`` of a SAS URL).
+SECRET_PARAM_RE = re.compile(r"token|secret|passw|pwd|credential|key|signature|(^|[-_])sig$|auth|session",
+                             re.IGNORECASE)  # fmt: skip
+URL_IN_TEXT_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s'\"<>]+")
+MASK = "***"
+
+
 def redact_url(url: str) -> str:
-    """``redis://:s3cret@host:6379/0`` -> ``redis://:***@host:6379/0``; anything else unchanged."""
+    """A URL as it may be shown: its password and the values of secret-looking query parameters masked.
+    ``amqp://app:s3cret@mq/x?token=abc&vhost=v`` -> ``amqp://app:***@mq/x?token=***&vhost=v``."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        shown = url  # edited in place: urlunsplit would drop an empty authority (kafka:///topic)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            shown = shown.replace(parts.netloc, f"{parts.username or ''}:{MASK}@{host}", 1)
+        if parts.query:
+            pairs = [p.partition("=") for p in parts.query.split("&")]
+            query = "&".join(f"{k}={MASK}" if eq and SECRET_PARAM_RE.search(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
+            shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
+        return shown
     except ValueError:
         return "<a URL that cannot be parsed>"
+
+
+def redact(text: str) -> str:
+    """Free text (an error message, a log line) with every URL in it redacted as :func:`redact_url` does."""
+    return URL_IN_TEXT_RE.sub(lambda m: redact_url(m.group(0)), text)

@@ -1,40 +1,38 @@
 """``gpufleet dispatcher``: delivers callback records from the Redis stream to their destinations.
 
-Workers never talk to Kafka: finishing a task appends its record to ``<prefix>:callbacks`` in the same atomic step
-that sets its final state. Here a consumer group reads the stream, delivers each batch with retries and
-exponential backoff, and acknowledges entries only after the destination acknowledged them. A dispatcher that
-dies mid-batch leaves its entries pending; another claims them after ``dispatcher.claim_idle_s``.
+Workers never talk to a destination: finishing a task appends its record to ``<prefix>:callbacks`` in the same atomic
+step that sets its final state. A dispatcher reads that stream (a consumer group) and moves each record into its
+destination's flow (:mod:`gpufleet.flows`), where it waits, is delivered with its own backoff and circuit breaker,
+and is parked if refused for good or too old: a destination that is down holds only its own records.
+One dispatcher at a time routes (the holder of ``<prefix>:router``), so records keep their order; each flow is
+delivered by one at a time too. Any number may run: a flow whose holder died is taken over after
+``dispatcher.claim_idle_s``, at once by a dispatcher on the same host.
 At-least-once: a record may be delivered twice, and carries the task id (the Kafka key) to de-duplicate on.
-A record a destination refuses for good is parked (see :mod:`gpufleet.parking`) and delivery goes on.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 import threading
 import time
-from collections import defaultdict
+from typing import Any
 
-import orjson
 import redis
 import structlog
 
 from gpufleet import redisconn
-from gpufleet.credentials import redact_url
-from gpufleet.destinations import open_destination
-from gpufleet.destinations.base import Destination, OutRecord, Refusal
-from gpufleet.errors import DeliveryError, GpufleetError, unreachable_hint
-from gpufleet.parking import Parking
+from gpufleet.credentials import redact, redact_url
+from gpufleet.errors import unreachable_hint
+from gpufleet.flows import ROUTE, Entry, Flow, Lease, flow_id, flow_key
 from gpufleet.registry import REDIS_ERRORS
 from gpufleet.retry import retry_until
 from gpufleet.settings import Fleet
-from gpufleet.trace import HEADER
+from gpufleet.worker.lease import owner_token
 
 log = structlog.get_logger("gpufleet.dispatcher")
 GROUP = "dispatchers"
-
-Entry = tuple[bytes, dict[bytes, bytes]]
+DRAIN_S = 10.0  # on a clean stop, what is waiting still goes out for this long (workers stop before us)
 
 
 class Dispatcher:
@@ -42,18 +40,24 @@ class Dispatcher:
         self.fleet = fleet
         s = fleet.settings
         self.client = redisconn.client(s.redis.url, socket_timeout=30, socket_connect_timeout=5)
-        self.stream = f"{s.redis.key_prefix}:callbacks"
+        self.prefix = s.redis.key_prefix
+        self.stream = f"{self.prefix}:callbacks"
         self.name = name or f"{s.worker.hostname}-{os.getpid()}"
-        self._destinations: dict[str, Destination] = {}
-        self.parking = Parking(self.client, s.redis.key_prefix)
-        self.delivered = 0
-        self.parked = 0
+        self.token = owner_token(s.worker.hostname, os.getpid())
+        self.router = Lease(
+            self.client, f"{self.prefix}:router", self.token, s.worker.hostname, s.dispatcher.claim_idle_s
+        )
+        self.flows: dict[str, tuple[Flow, threading.Thread]] = {}
+        self._route = self.client.register_script(ROUTE)
+        self._done = threading.Event()
 
-    def _destination(self, url: str) -> Destination:
-        dest = self._destinations.get(url)
-        if dest is None:
-            dest = self._destinations[url] = open_destination(url, self.fleet.settings)
-        return dest
+    @property
+    def delivered(self) -> int:
+        return sum(flow.delivered for flow, _ in self.flows.values())
+
+    @property
+    def parked(self) -> int:
+        return sum(flow.parked for flow, _ in self.flows.values())
 
     def _ensure_group(self) -> None:
         try:
@@ -67,120 +71,109 @@ class Dispatcher:
         if not retry_until(self._ensure_group, stop, "create the consumer group", 5.0, REDIS_ERRORS, hint):
             return
         log.info("dispatcher started", stream=self.stream, consumer=self.name)
-        batch_max = self.fleet.settings.dispatcher.batch_max
-        # Entries this consumer read before a restart come first ("0"), then new ones (">").
-        cursor = "0"
-        last_claim = 0.0
+        threading.Thread(target=self._keep_leases, name="leases", daemon=True).start()
+        next_look = 0.0
         try:
             while not stop.is_set():
-                entries = self._read(cursor, batch_max)
-                if cursor == "0" and not entries:
-                    cursor = ">"
-                    continue
-                if time.monotonic() - last_claim > 5:
-                    entries += self._claim_abandoned(batch_max)
-                    last_claim = time.monotonic()
-                if entries and not self._deliver(entries, stop):
-                    break
-            else:
-                self._drain(batch_max)
+                if time.monotonic() >= next_look:
+                    self._follow_flows()
+                    next_look = time.monotonic() + 1.0
+                if not self._route_once(block_ms=500) and not self.router.held:
+                    stop.wait(1.0)  # another dispatcher routes: see now and then whether it still does
+            self._drain()
         finally:
-            for destination in self._destinations.values():
-                destination.close()
-            log.info("dispatcher stopped", delivered=self.delivered)
+            for flow, _ in self.flows.values():
+                flow.stop.set()
+            for _, thread in self.flows.values():
+                thread.join(timeout=5)
+            self._done.set()
+            with contextlib.suppress(*REDIS_ERRORS):  # it lapses
+                self.router.release()
+            log.info("dispatcher stopped", delivered=self.delivered, parked=self.parked)
 
-    def _drain(self, count: int, timeout_s: float = 10.0) -> None:
-        """On a clean stop, deliver what is already in the stream (workers stop before us), for a bounded time."""
-        deadline = threading.Event()
-        timer = threading.Timer(timeout_s, deadline.set)
-        timer.start()
+    def _keep_leases(self) -> None:
+        """Renews the router's and the flows' leases while this process runs, even while a delivery blocks."""
+        while not self._done.wait(self.router.ttl_ms / 3000):
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.router.renew()
+                for flow, _ in list(self.flows.values()):
+                    flow.lease.renew()
+
+    def _follow_flows(self) -> None:
+        """A thread for each flow Redis knows (and only those: a retired one ends)."""
         try:
-            while not deadline.is_set():
-                entries = self._read(">", count, block_ms=None)
-                if not entries or not self._deliver(entries, deadline):
-                    break
-        finally:
-            timer.cancel()
+            raw: Any = self.client.hgetall(f"{self.prefix}:flows")
+            known = {k.decode(): v.decode() for k, v in raw.items()}
+        except REDIS_ERRORS:
+            return
+        for fid, (_, thread) in list(self.flows.items()):
+            if not thread.is_alive():
+                del self.flows[fid]
+        for fid, url in known.items():
+            if fid not in self.flows:
+                flow = Flow(self.fleet, self.client, fid, url, self.token)
+                thread = threading.Thread(target=flow.run, name=f"flow-{fid}", daemon=True)
+                self.flows[fid] = (flow, thread)
+                thread.start()
 
-    def _settle(self, ids: list[bytes], url: str, parked: list[tuple[OutRecord, str]]) -> None:
-        """Acknowledge delivered entries and park refused ones, in one transaction."""
-        pipe = self.client.pipeline(transaction=True)
-        for record, reason in parked:
-            self.parking.park(pipe, url, record, reason)
-        pipe.xack(self.stream, GROUP, *ids)
-        pipe.xdel(self.stream, *ids)
-        pipe.hincrby(f"{self.fleet.settings.redis.key_prefix}:m:delivered", "records", len(ids) - len(parked))
-        pipe.execute()
-
-    def _read(self, cursor: str, count: int, block_ms: int | None = 500) -> list[Entry]:
+    def _route_once(self, block_ms: int | None) -> int:
+        """Move one batch of records into their flows, if this process is the router; how many."""
         try:
-            reply = self.client.xreadgroup(GROUP, self.name, {self.stream: cursor}, count=count, block=block_ms)
+            entries: list[Entry] = []
+            if not self.router.held:
+                if not self.router.take():
+                    return 0
+                entries = self._claim_all()  # a router that died left its batch pending
+            entries = entries or self._read(block_ms)
+            if not entries:
+                return 0
+            keys: list[Any] = [self.stream, f"{self.prefix}:flows"]
+            args: list[Any] = [GROUP]
+            for eid, fields in entries:
+                url = fields.get(b"dest", b"").decode(errors="replace")
+                fid = flow_id(url)
+                keys.append(flow_key(self.prefix, fid))
+                args += [eid, fid, url]
+            self._route(keys=keys, args=args)
+            self._follow_flows()
+            return len(entries)
         except REDIS_ERRORS as exc:
-            log.warning("cannot read the callback stream; retrying", error=str(exc))
+            log.warning("cannot reach Redis to route callback records; retrying", error=redact(str(exc)))
             time.sleep(1)
-            return []
+            return 0
+
+    def _read(self, block_ms: int | None) -> list[Entry]:
+        batch_max = self.fleet.settings.dispatcher.batch_max
+        try:
+            reply: Any = self.client.xreadgroup(GROUP, self.name, {self.stream: ">"}, count=batch_max, block=block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("the callback stream's consumer group is gone (Redis lost its data?); creating it again")
             self._ensure_group()
             return []
-        streams: list[tuple[bytes, list[Entry]]] = reply  # type: ignore[assignment]
-        return [(eid, fields) for _, items in streams for eid, fields in items if fields]
+        return [(eid, fields) for _, items in reply or [] for eid, fields in items]
 
-    def _claim_abandoned(self, count: int) -> list[Entry]:
-        idle_ms = int(self.fleet.settings.dispatcher.claim_idle_s * 1000)
-        try:
-            reply = self.client.xautoclaim(self.stream, GROUP, self.name, idle_ms, "0-0", count=count)
-        except REDIS_ERRORS:
-            return []
-        claimed: list[Entry] = [(eid, fields) for eid, fields in reply[1] if fields]
+    def _claim_all(self) -> list[Entry]:
+        """Every pending entry, whoever read it: only the router holds any, and we are the router now."""
+        batch_max = self.fleet.settings.dispatcher.batch_max
+        reply: Any = self.client.xautoclaim(self.stream, GROUP, self.name, 0, "0-0", count=batch_max)
+        claimed: list[Entry] = list(reply[1])
         if claimed:
-            log.warning("claimed records abandoned by another dispatcher", count=len(claimed))
+            log.warning("took over records another router had read", count=len(claimed))
         return claimed
 
-    def _deliver(self, entries: list[Entry], stop: threading.Event) -> bool:
-        """Deliver all entries, retrying with backoff; park what a destination refuses for good. False if stopped
-        first (entries stay pending)."""
-        by_dest: dict[str, list[tuple[bytes, OutRecord]]] = defaultdict(list)
-        for eid, f in entries:
-            by_dest[f.get(b"dest", b"").decode(errors="replace")].append((eid, _record(f)))
-        s = self.fleet.settings.dispatcher
-        for url, items in by_dest.items():
-            delay = s.retry_backoff_s
-            while True:
-                try:
-                    refused = self._destination(url).deliver([r for _, r in items])
-                    break
-                except DeliveryError as exc:
-                    log.warning("delivery failed; retrying", destination=url, error=str(exc), retry_in_s=delay)
-                    if stop.wait(delay):
-                        return False
-                    delay = min(s.retry_backoff_max_s, delay * 2)
-                except GpufleetError as exc:  # a destination URL that is not valid (any more): nothing to retry
-                    refused = [Refusal(i, f"bad destination: {exc}") for i in range(len(items))]
-                    break
-            ids = [eid for eid, _ in items]
-            parked = [(items[r.index][1], r.reason) for r in refused]
-            for record, reason in parked:
-                log.error("destination refused a record for good; parked", destination=url, key=record.key,
-                          reason=reason)  # fmt: skip
-            # Delivered: acknowledge, even if Redis is away for a while (giving up would deliver them again).
-            settle = functools.partial(self._settle, ids, url, parked)
-            if not retry_until(settle, stop, "acknowledge delivered records", 5.0, REDIS_ERRORS):
-                return False
-            self.delivered += len(ids) - len(refused)
-            self.parked += len(refused)
-        return True
-
-
-def _record(f: dict[bytes, bytes]) -> OutRecord:
-    """A stream entry as a record: written by a worker's finish (condition, function) or re-sent from the parked
-    stream (headers as JSON)."""
-    if b"headers" in f:
-        headers = orjson.loads(f[b"headers"])
-    else:
-        headers = {"condition": f.get(b"condition", b"").decode(), "function": f.get(b"function", b"").decode()}
-        if f.get(b"traceparent"):
-            headers[HEADER] = f[b"traceparent"].decode()
-    return OutRecord(key=f.get(b"key", b"").decode(errors="replace"), value=f.get(b"value", b""), headers=headers)
+    def _drain(self) -> None:
+        """On a clean stop: route what is in the stream, and let the flows deliver what they hold, for a while."""
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
+            routed = self._route_once(block_ms=None)
+            self._follow_flows()
+            try:
+                waiting = sum(flow.backlog() for flow, _ in self.flows.values())
+                pending = int(self.client.xpending(self.stream, GROUP)["pending"])
+            except REDIS_ERRORS:
+                return
+            if not routed and not waiting and not pending:
+                return
+            time.sleep(0.05)

@@ -173,7 +173,42 @@ def _delivery(snap: Snapshot) -> Iterable[Metric]:
                             value=snap.callbacks_delivered),
         GaugeMetricFamily("gpufleet_parked_records", "Records a destination refused for good, waiting in parking",
                           value=snap.parked),
+        *_destinations(snap),
     ]  # fmt: skip
+
+
+def _destinations(snap: Snapshot) -> list[Metric]:
+    """Each destination's own flow (gpufleet.flows): one that is down shows here, and holds only its records."""
+    label = ["destination"]
+    backlog = GaugeMetricFamily(
+        "gpufleet_destination_backlog_records", "Records waiting for this destination", labels=label
+    )
+    lag = GaugeMetricFamily(
+        "gpufleet_destination_lag_seconds", "Age of this destination's oldest waiting record", labels=label
+    )
+    delivered = CounterMetricFamily(
+        "gpufleet_destination_delivered", "Records this destination acknowledged", labels=label
+    )
+    parked = CounterMetricFamily("gpufleet_destination_parked", "Records parked for this destination", labels=label)
+    failures = GaugeMetricFamily(
+        "gpufleet_destination_failures",
+        "Deliveries to this destination that failed in a row (0: it delivers)",
+        labels=label,
+    )
+    open_ = GaugeMetricFamily(
+        "gpufleet_destination_breaker_open",
+        "1 while this destination's circuit breaker is open: one record at a time until one passes",
+        labels=label,
+    )
+    for d in snap.destinations:
+        key = [d["destination"]]
+        backlog.add_metric(key, d["backlog"])
+        lag.add_metric(key, d["lag_s"])
+        delivered.add_metric(key, d["delivered"])
+        parked.add_metric(key, d["parked"])
+        failures.add_metric(key, d["failures"])
+        open_.add_metric(key, int(d["breaker"] == "open"))
+    return [backlog, lag, delivered, parked, failures, open_]
 
 
 def exposition(fleet: Fleet, registry: Registry) -> bytes:

@@ -6,7 +6,8 @@ dead-letter path) to the stream ``<prefix>:parked``, in one transaction. An oper
 (``gpufleet parked``, ``GET /v1/parked``), fixes the cause, and re-sends them (they go back to the callback stream,
 and are parked again if still refused) or drops them.
 
-An entry holds ``dest``, ``key``, ``value``, ``headers`` (JSON), ``reason`` and ``parked_at``.
+An entry holds ``dest``, ``key``, ``value``, ``headers`` (JSON), ``reason`` and ``parked_at``. It keeps the URL as
+configured, to re-send to; a listing shows it, and the reason, with their secrets masked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import orjson
 import redis
 
+from gpufleet.credentials import redact, redact_url
 from gpufleet.destinations.base import OutRecord
 
 PARKED_FIELDS = ("dest", "key", "value", "headers")
@@ -57,9 +59,9 @@ class Parking:
         for entry_id, f in rows:
             value = f.get(b"value", b"")
             out.append({
-                "id": entry_id.decode(), "destination": f.get(b"dest", b"").decode(),
+                "id": entry_id.decode(), "destination": redact_url(f.get(b"dest", b"").decode()),
                 "key": f.get(b"key", b"").decode(),
-                "reason": f.get(b"reason", b"").decode(), "parked_at": float(f.get(b"parked_at", b"0")),
+                "reason": redact(f.get(b"reason", b"").decode()), "parked_at": float(f.get(b"parked_at", b"0")),
                 "bytes": len(value), "headers": orjson.loads(f.get(b"headers") or b"{}"),
                 "value": value[:1000].decode(errors="replace"),
             })  # fmt: skip

@@ -169,8 +169,16 @@ class DispatcherSettings(_Model):
     batch_max: int = Field(200, ge=1, le=10_000)
     retry_backoff_s: float = Field(0.5, gt=0)
     retry_backoff_max_s: float = Field(30.0, gt=0)
-    # A record no consumer acknowledged for this long (dispatcher died mid-delivery) is claimed by another.
+    # A dispatcher that died (killed mid-delivery) hands over its destinations' flows after this long; a dispatcher
+    # on the same host takes them at once.
     claim_idle_s: float = Field(30.0, gt=0)
+    # Each destination on its own (see gpufleet.flows): after this many failures in a row its breaker opens, and it
+    # is sent one record at a time until one passes.
+    breaker_failures: int = Field(5, ge=1)
+    # A record not delivered this long after its task finished is parked with the last error (re-send it with
+    # `gpufleet parked resend`); likewise after max_delivery_attempts tries, if set.
+    max_delivery_age_s: float = Field(86_400.0, gt=0)
+    max_delivery_attempts: int | None = Field(None, ge=1)
 
 
 class ApiSettings(_Model):

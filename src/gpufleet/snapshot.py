@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from gpufleet.flows import destinations
 from gpufleet.lua import US
 from gpufleet.registry import Registry, State
 
@@ -54,6 +55,7 @@ class Snapshot:
     callbacks_delivered: int
     parked: int
     trigger_lag: dict[str, dict[str, Any]]  # trigger -> {"kind", "values": {label: n}, "at"}
+    destinations: list[dict[str, Any]] = field(default_factory=list)  # gpufleet.flows.destinations
     per_minute: list[tuple[int, int, int]] = field(default_factory=list)  # (minute start, ok, failed), last hour
 
 
@@ -141,6 +143,9 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         if now - float(report.get("at", 0)) <= LAG_STALE_S:
             lag[trigger.decode()] = report
     n_buckets = len(HISTOGRAM_BOUNDS) + 1
+    # Records wait in the callback stream only until routed, then in their destination's flow.
+    flows = destinations(client, p, now)
+    oldest_s = max([now - int(oldest[0][0].split(b"-")[0]) / 1000 if oldest else 0.0] + [f["lag_s"] for f in flows])
     return Snapshot(
         at=now,
         functions=names,
@@ -153,8 +158,9 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         gpus=gpus,
         dead_letters={(k[0], k[1]): int(v) for k, v in _split(dead_raw).items() if len(k) == 2},
         overflows={(k[0], k[1], k[2]): int(v) for k, v in _split(overflow_raw, 3).items() if len(k) == 3},
-        callback_backlog=backlog,
-        callback_oldest_age_s=max(0.0, now - int(oldest[0][0].split(b"-")[0]) / 1000) if oldest else 0.0,
+        callback_backlog=backlog + sum(f["backlog"] for f in flows),
+        callback_oldest_age_s=max(0.0, oldest_s),
+        destinations=flows,
         callbacks_delivered=int(delivered_raw.get(b"records", 0)),
         parked=parked,
         trigger_lag=lag,

@@ -19,7 +19,8 @@ Each request carries the record as its body (``Content-Type: application/json``)
 
 Outcomes: a 2xx is delivered. A timeout, a connection error, a 5xx, 408 or 429 may pass: the batch is retried with
 backoff. Any other answer (4xx, or a 3xx: redirects are not followed) is kept with its status and reason (parked,
-see ``gpufleet parked``) and not retried for ever. The records of a batch are sent concurrently, a few at a time.
+see ``gpufleet parked``) and not retried for ever. The records of a batch are sent concurrently, a few at a time,
+except a task's own records, which go one after the other in the order they were written.
 """
 
 from __future__ import annotations
@@ -78,8 +79,22 @@ class HttpDestination:
         return self._client
 
     def deliver(self, records: list[OutRecord]) -> list[Refusal]:
-        with ThreadPoolExecutor(min(CONCURRENCY, len(records) or 1)) as pool:
-            outcomes = list(pool.map(self._post, records))
+        # Concurrently, but a task's records one after the other, in order: a receiver gets them as they were written.
+        chains: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            chains.setdefault(record.key, []).append(i)
+        outcomes: list[str | None] = [None] * len(records)
+
+        def post_chain(indexes: list[int]) -> None:
+            for n, i in enumerate(indexes):
+                outcome = outcomes[i] = self._post(records[i])
+                if outcome is not None and outcome.startswith("retry: "):
+                    for later in indexes[n + 1 :]:  # not before the one that failed: the batch goes again
+                        outcomes[later] = "retry: an earlier record of this task failed"
+                    return
+
+        with ThreadPoolExecutor(min(CONCURRENCY, len(chains) or 1)) as pool:
+            list(pool.map(post_chain, chains.values()))
         failed = [reason for reason in outcomes if reason is not None and reason.startswith("retry: ")]
         if failed:  # the whole batch again: receivers de-duplicate on X-Gpufleet-Task-Id
             raise DeliveryError(f"POST {self.url}: {len(failed)} of {len(records)} failed, e.g. {failed[0][7:]}")

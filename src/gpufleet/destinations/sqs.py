@@ -13,6 +13,7 @@ entry SQS refuses as the sender's fault is parked with its reason; anything else
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.destinations.aws import AwsClient, permanent, transient_errors
@@ -55,6 +56,16 @@ def batches(records: list[OutRecord]) -> tuple[list[list[int]], list[Refusal]]:
     return out, too_large
 
 
+# What SQS and SNS take as a FIFO message group id: up to 128 of these characters.
+GROUP_ID_RE = re.compile(r"[A-Za-z0-9!-/:-@\[-`{-~]{1,128}")
+
+
+def group_id(key: str) -> str:
+    """The task id, or a digest of it where SQS would refuse it (longer than 128 characters, or other characters): a
+    task's records keep one group, so their order, and no batch is refused for one of them."""
+    return key if GROUP_ID_RE.fullmatch(key) else "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+
+
 class BatchPublisher:
     """SQS and SNS: records in batches (:func:`batches`), each entry a message with :func:`attributes`; on a FIFO
     queue or topic the group is the task id and the de-duplication id a hash of the record."""
@@ -87,7 +98,7 @@ class BatchPublisher:
     def _entry(self, index: int, record: OutRecord) -> dict[str, Any]:
         entry = {"Id": str(index), self.body_field: record.value.decode(), "MessageAttributes": attributes(record)}
         if self.fifo:
-            entry["MessageGroupId"] = record.key
+            entry["MessageGroupId"] = group_id(record.key)
             entry["MessageDeduplicationId"] = hashlib.sha256(record.value).hexdigest()
         return entry
 

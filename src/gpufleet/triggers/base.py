@@ -206,6 +206,7 @@ class SourceMessage(
     # letter quotes.
     objects: tuple[ObjectEvent, ...] | None = None
     priority: int | None = None  # the transport's own priority (AMQP), when the message has one
+    problem: tuple[str, str] | None = None  # (reason, detail): the transport could not read it (AMQP properties)
 
 
 @dataclass
@@ -259,6 +260,8 @@ class Ingest:
     def parse(self, msg: SourceMessage) -> list[NewTask]:
         """Turn one message into its tasks, or raise EventError with the dead-letter reason. An object
         notification may hold several records, or none that this trigger wants (a TestEvent, a filtered key)."""
+        if msg.problem is not None:
+            raise EventError(*msg.problem)
         intake = self.intake
         objects, wanted = self.objects, self.object_filter
         if objects is not None and wanted is not None:
