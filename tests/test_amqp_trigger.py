@@ -22,12 +22,15 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.dev.services import free_port
+from gpufleet.metrics import exposition
 from gpufleet.triggers.amqp import AmqpTrigger
 from tests.amqpwire import PROPERTIES, RawPublisher, content_headers, nested_array, table
 from tests.conftest import IN_CI
 from tests.harness import FleetHarness
+from tests.test_cli_control import cli
 
 pytestmark = pytest.mark.xdist_group("rabbitmq")  # with every test of the session's RabbitMQ, on one worker
 
@@ -327,3 +330,23 @@ def test_hostile_frames_never_end_the_trigger_and_every_message_is_a_task_or_a_d
     # RabbitMQ itself refuses some (a property list that is not one, a header type it does not know): ~30%.
     assert accepted + wire.refused == len(messages) and accepted >= len(messages) // 2, (accepted, wire.refused)
     assert taken() == accepted and stats["dead_lettered"] > 0 and stats["published"] > 0, stats
+
+
+def test_the_backlog_is_in_metrics_and_in_check(harness: FleetHarness, broker: Broker) -> None:
+    """Ready in the queue, and held by the trigger unacknowledged: as the Kafka trigger's lag, in metrics and check."""
+    queue = broker.queue()
+    broker.send(queue, *(routed(i) for i in range(12)))
+    trigger = amqp_trigger(harness, broker, queue, batch_max=5)  # a prefetch window of 5
+    trigger.connect()
+    try:
+        batch = trigger.receive(threading.Event())
+        assert batch is not None and len(batch.messages) == 5
+        trigger._report_lag()
+    finally:
+        trigger.disconnect()
+    text = exposition(harness.fleet(), harness.registry).decode()
+    [sample] = [s for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == "gpufleet_trigger_source_depth_messages" and s.labels["state"] == "ready"]  # fmt: skip
+    assert sample.labels["trigger"] == "rabbit" and sample.value == 7
+    checked = cli(harness, "check")
+    assert checked.returncode == 0 and "[backlog: ready 7, unacked 5" in checked.stdout, checked.stdout

@@ -104,13 +104,11 @@ def _queues(snap: Snapshot) -> Iterable[Metric]:
     lag = GaugeMetricFamily("gpufleet_trigger_lag_messages", "Messages a Kafka trigger has not read yet, per "
                             "partition (consumer lag)", labels=["trigger", "partition"])  # fmt: skip
     source = GaugeMetricFamily("gpufleet_trigger_source_depth_messages", "Messages waiting at a queue trigger's "
-                               "source (SQS: approximate)", labels=["trigger"])  # fmt: skip
+                               "source: SQS's approximate count (state messages), AMQP's ready ones and those the "
+                               "trigger holds unacknowledged", labels=["trigger", "state"])  # fmt: skip
     for trigger, report in sorted(snap.trigger_lag.items()):
         for label, n in sorted(report.get("values", {}).items()):
-            if report.get("kind") == "partition":
-                lag.add_metric([trigger, label], n)
-            else:
-                source.add_metric([trigger], n)
+            (lag if report.get("kind") == "partition" else source).add_metric([trigger, label], n)
     return [depth, oldest, running, lag, source]
 
 

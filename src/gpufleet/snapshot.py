@@ -194,6 +194,6 @@ def recent_dead_letters(registry: Registry, limit: int) -> list[dict[str, Any]]:
 
 def report_lag(registry: Registry, trigger: str, kind: str, values: dict[str, int]) -> None:
     """A trigger's backlog at its source: ``kind`` ``partition`` (Kafka consumer lag per partition) or ``depth``
-    (the queue's approximate number of messages, SQS)."""
+    (messages waiting at a queue: SQS's approximate count, AMQP's ready and unacknowledged ones)."""
     report = {"kind": kind, "values": values, "at": time.time()}
     registry.client.hset(f"{registry.prefix}:m:trigger_lag", trigger, orjson.dumps(report))

@@ -181,10 +181,39 @@ def _check(args: argparse.Namespace) -> int:
     for fn in fleet.functions.values():
         print(f"function {fn.name}: gpu={fn.gpu.model} pools={list(fn.gpu.pools)} timeout_s={fn.timeout_s:g} "
               f"max_attempts={fn.max_attempts} ({fn.source_file})")  # fmt: skip
+    backlogs = _backlogs(fleet)
     for t in fleet.triggers.values():
         off = "" if t.enabled else "  [disabled: enabled: false, not run]"
-        print(f"trigger {t.name}: {redact_url(t.source)} -> {t.function or '(function named by each message)'}{off}")
+        print(f"trigger {t.name}: {redact_url(t.source)} -> {t.function or '(function named by each message)'}{off}"
+              f"{backlogs.get(t.name, '')}")  # fmt: skip
     return 0
+
+
+def _backlogs(fleet: Fleet) -> dict[str, str]:
+    """What each running trigger last reported of its source's backlog, if Redis answers at once."""
+    import time
+
+    from gpufleet import redisconn
+    from gpufleet.snapshot import LAG_STALE_S
+
+    try:
+        client = redisconn.client(fleet.settings.redis.url, socket_timeout=1, socket_connect_timeout=1)
+        raw: Any = client.hgetall(f"{fleet.settings.redis.key_prefix}:m:trigger_lag")
+    except Exception:  # noqa: BLE001 - check validates the configuration; the backlog is a bonus
+        return {}
+    out = {}
+    for name, value in raw.items():
+        report = orjson.loads(value)
+        age = time.time() - float(report.get("at", 0))
+        values: dict[str, int] = report.get("values", {})
+        if age > LAG_STALE_S:
+            continue
+        if report.get("kind") == "partition":
+            text = f"consumer lag {sum(values.values())} over {len(values)} partitions"
+        else:
+            text = ", ".join(f"{k} {v}" for k, v in sorted(values.items()))
+        out[name.decode()] = f"  [backlog: {text}, {age:.0f} s ago]"
+    return out
 
 
 def _dev(args: argparse.Namespace) -> int:
