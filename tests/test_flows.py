@@ -219,3 +219,21 @@ def test_no_secret_in_a_destination_url_leaves_the_process(harness: FleetHarness
     assert "sig=***" in outputs["metrics"]
     # What is parked keeps the URL as configured: re-sent, it goes where it was meant to.
     assert {e[1][b"dest"].decode() for e in harness.redis.xrange(f"{harness.prefix}:parked")} == set(urls)
+
+
+def test_records_a_router_read_and_left_pending_are_all_taken_over(harness: FleetHarness) -> None:
+    """A dispatcher killed after reading three batches: the next router takes over every page of what it left."""
+    harness.write_config(dispatcher={"batch_max": 10})
+    kafka = f"kafka:///{harness.topic('success')}"
+    stream = f"{harness.prefix}:callbacks"
+    Dispatcher(harness.fleet(), name="setup")._ensure_group()
+    for i in range(25):
+        harness.redis.xadd(stream, {"dest": kafka, "key": f"p{i}", "value": b"{}", "condition": "Success",
+                                    "function": "echo"})  # fmt: skip
+    for _ in range(3):  # read, never routed: pending under a consumer that is gone
+        harness.redis.xreadgroup("dispatchers", "killed-router", {stream: ">"}, count=10)
+    assert harness.redis.xpending(stream, "dispatchers")["pending"] == 25
+    with dispatching(harness):
+        keys = sorted(r["key"] for r in harness.records("success", 25))
+    assert keys == sorted(f"p{i}" for i in range(25))
+    assert harness.redis.xpending(stream, "dispatchers")["pending"] == 0

@@ -50,6 +50,7 @@ class Dispatcher:
         self.flows: dict[str, tuple[Flow, threading.Thread]] = {}
         self._route = self.client.register_script(ROUTE)
         self._done = threading.Event()
+        self._claim_from = ""  # while set, the router takes over pending entries from there
 
     @property
     def delivered(self) -> int:
@@ -119,12 +120,11 @@ class Dispatcher:
     def _route_once(self, block_ms: int | None) -> int:
         """Move one batch of records into their flows, if this process is the router; how many."""
         try:
-            entries: list[Entry] = []
             if not self.router.held:
                 if not self.router.take():
                     return 0
-                entries = self._claim_all()  # a router that died left its batch pending
-            entries = entries or self._read(block_ms)
+                self._claim_from = "0-0"  # a router that died left what it read pending: that goes first
+            entries = self._claim() if self._claim_from else self._read(block_ms)
             if not entries:
                 return 0
             keys: list[Any] = [self.stream, f"{self.prefix}:flows"]
@@ -154,11 +154,13 @@ class Dispatcher:
             return []
         return [(eid, fields) for _, items in reply or [] for eid, fields in items]
 
-    def _claim_all(self) -> list[Entry]:
-        """Every pending entry, whoever read it: only the router holds any, and we are the router now."""
+    def _claim(self) -> list[Entry]:
+        """The next page of pending entries, whoever read them: only a router holds any, and we are the router."""
         batch_max = self.fleet.settings.dispatcher.batch_max
-        reply: Any = self.client.xautoclaim(self.stream, GROUP, self.name, 0, "0-0", count=batch_max)
-        claimed: list[Entry] = list(reply[1])
+        reply: Any = self.client.xautoclaim(self.stream, GROUP, self.name, 0, self._claim_from, count=batch_max)
+        cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        self._claim_from = "" if cursor == "0-0" else cursor
+        claimed: list[Entry] = [(eid, f) for eid, f in reply[1] if f]
         if claimed:
             log.warning("took over records another router had read", count=len(claimed))
         return claimed

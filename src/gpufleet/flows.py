@@ -175,6 +175,10 @@ class Flow:
                     log.warning("cannot reach Redis for a delivery flow; retrying", destination=self.shown,
                                 error=redact(str(exc)))  # fmt: skip
                     self.stop.wait(1.0)
+                except Exception as exc:  # noqa: BLE001 - a client failed in a way it should not: its flow waits
+                    log.error("delivery flow failed unexpectedly; retrying", destination=self.shown,
+                              error=f"{type(exc).__name__}: {redact(str(exc))}")  # fmt: skip
+                    self.stop.wait(self.fleet.settings.dispatcher.retry_backoff_max_s)
         finally:
             if self._destination is not None:
                 self._destination.close()
