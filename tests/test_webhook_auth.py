@@ -203,6 +203,9 @@ def test_a_signed_timestamp_stops_replays(api: Api) -> None:
         "an hour ahead": sign(fresh, str(now + 3600)),
         "timestamp changed after signing": sign(fresh, str(now)) | {"X-Gpufleet-Timestamp": str(now + 1)},
         "not a number": sign(fresh, "12e3"),
+        # Before: int() of more digits than Python reads raised, and the request got a 500 with a traceback logged.
+        "5,000 digits": sign(fresh, "9" * 5000),
+        "a signature of nothing, 5,000 digits": {"X-Gpufleet-Signature": "x", "X-Gpufleet-Timestamp": "9" * 5000},
     }.items():
         assert api.post("signed", fresh, **headers).status_code == 401, name
     # Without a timestamp: accepted where it is optional, refused where it is required.

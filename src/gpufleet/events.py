@@ -34,7 +34,9 @@ def decode_event(raw: bytes | str) -> Any:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:  # also invalid UTF-8, NaN, Infinity and 1e400
-        raise EventError("malformed_json", str(exc)) from None
+        # orjson stops at 1,024 levels itself: that is a nesting too deep, not malformed JSON.
+        reason = "nesting_too_deep" if str(exc).startswith("depth limit exceeded") else "malformed_json"
+        raise EventError(reason, str(exc)) from None
     data = raw.encode() if isinstance(raw, str) else raw
     # orjson reads no NaN or infinity, and reads a too-long integer as a float (see _LONG_RUN), so only the depth
     # is left to check: fewer brackets than MAX_DEPTH (those in strings count too) cannot nest deeper.

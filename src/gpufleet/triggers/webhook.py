@@ -53,6 +53,7 @@ log = structlog.get_logger("gpufleet.webhook")
 PUBLISH_TIMEOUT_S = 10.0
 SIGNATURE_HEADER = "X-Gpufleet-Signature"
 TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
+MAX_STAMP_DIGITS = 12
 
 
 class WebhookSettings(ObjectEvents, TriggerSettings):
@@ -146,7 +147,8 @@ class WebhookTrigger(SourceTrigger[WebhookSettings]):
         stamp = headers.get(TIMESTAMP_HEADER.lower())
         if stamp is None and self.trigger.hmac_require_timestamp:
             return False
-        if stamp is not None and not (stamp.isascii() and stamp.isdigit()
+        # Unix seconds: a dozen digits at most (int() of thousands would raise, and cost a 500).
+        if stamp is not None and not (stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_STAMP_DIGITS
                                       and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s):  # fmt: skip
             return False
         expected = sign(secret, body, stamp)
