@@ -51,14 +51,15 @@ class Dispatcher:
         self._route = self.client.register_script(ROUTE)
         self._done = threading.Event()
         self._claim_from = ""  # while set, the router takes over pending entries from there
+        self._ended = [0, 0]  # delivered and parked by flows whose thread has ended
 
     @property
     def delivered(self) -> int:
-        return sum(flow.delivered for flow, _ in self.flows.values())
+        return self._ended[0] + sum(flow.delivered for flow, _ in self.flows.values())
 
     @property
     def parked(self) -> int:
-        return sum(flow.parked for flow, _ in self.flows.values())
+        return self._ended[1] + sum(flow.parked for flow, _ in self.flows.values())
 
     def _ensure_group(self) -> None:
         try:
@@ -101,14 +102,18 @@ class Dispatcher:
                     flow.lease.renew()
 
     def _follow_flows(self) -> None:
-        """A thread for each flow Redis knows (and only those: a retired one ends)."""
+        """A thread for each flow Redis knows, and only those: one retired (by any dispatcher) ends."""
         try:
             raw: Any = self.client.hgetall(f"{self.prefix}:flows")
             known = {k.decode(): v.decode() for k, v in raw.items()}
         except REDIS_ERRORS:
             return
-        for fid, (_, thread) in list(self.flows.items()):
+        for fid, (flow, thread) in list(self.flows.items()):
+            if fid not in known:
+                flow.stop.set()
             if not thread.is_alive():
+                self._ended[0] += flow.delivered
+                self._ended[1] += flow.parked
                 del self.flows[fid]
         for fid, url in known.items():
             if fid not in self.flows:
