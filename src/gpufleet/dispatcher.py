@@ -129,7 +129,7 @@ class Dispatcher:
                 if not self.router.take():
                     return 0
                 self._claim_from = "0-0"  # a router that died left what it read pending: that goes first
-            entries = self._claim() if self._claim_from else self._read(block_ms)
+            entries = (self._claim() if self._claim_from else []) or self._read(block_ms)
             if not entries:
                 return 0
             keys: list[Any] = [self.stream, f"{self.prefix}:flows"]
