@@ -237,3 +237,17 @@ def test_records_a_router_read_and_left_pending_are_all_taken_over(harness: Flee
         keys = sorted(r["key"] for r in harness.records("success", 25))
     assert keys == sorted(f"p{i}" for i in range(25))
     assert harness.redis.xpending(stream, "dispatchers")["pending"] == 0
+
+
+def test_an_entry_gpufleet_did_not_write_is_parked_and_the_next_delivered(harness: FleetHarness) -> None:
+    kafka = f"kafka:///{harness.topic('success')}"
+    stream = f"{harness.prefix}:callbacks"
+    harness.redis.xadd(stream, {"dest": kafka, "key": "bad", "value": b"{}", "headers": b"not json"})
+    harness.redis.xadd(stream, {"dest": kafka, "key": "good", "value": b"{}", "condition": "Success",
+                                "function": "echo"})  # fmt: skip
+    parking = Parking(harness.redis, harness.prefix)
+    with dispatching(harness):
+        assert [r["key"] for r in harness.records("success", 1)] == ["good"]
+        harness.wait_for(lambda: parking.count() == 1, what="the unreadable entry parked")
+    [entry] = parking.entries()
+    assert entry["key"] == "bad" and entry["reason"] == "unreadable"

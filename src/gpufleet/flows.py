@@ -206,6 +206,8 @@ class Flow:
                       for _, f in unreadable]  # fmt: skip
             self._settle([eid for eid, _ in unreadable], broken)
             entries = [e for e in entries if e not in unreadable]
+            if not entries:
+                return
         records = [r for _, f in entries if (r := record_of(f)) is not None]
         try:
             refused = self._send(records)
