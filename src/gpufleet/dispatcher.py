@@ -32,6 +32,7 @@ from gpufleet.worker.lease import owner_token
 
 log = structlog.get_logger("gpufleet.dispatcher")
 GROUP = "dispatchers"
+SWEEP_EVERY_S = 5.0
 DRAIN_S = 10.0  # on a clean stop, what is waiting still goes out for this long (workers stop before us)
 
 
@@ -51,6 +52,8 @@ class Dispatcher:
         self._route = self.client.register_script(ROUTE)
         self._done = threading.Event()
         self._claim_from = ""  # while set, the router takes over pending entries from there
+        self._claim_idle_ms = 0
+        self._next_sweep = 0.0
         self._ended = [0, 0]  # delivered and parked by flows whose thread has ended
 
     @property
@@ -128,7 +131,12 @@ class Dispatcher:
             if not self.router.held:
                 if not self.router.take():
                     return 0
-                self._claim_from = "0-0"  # a router that died left what it read pending: that goes first
+                self._claim_from, self._claim_idle_ms = "0-0", 0  # a router that died left what it read pending
+            elif time.monotonic() >= self._next_sweep:
+                # Read and never routed (a route a Redis failover lost): pending past claim_idle_s, taken again.
+                self._claim_from = "0-0"
+                self._claim_idle_ms = int(self.fleet.settings.dispatcher.claim_idle_s * 1000)
+                self._next_sweep = time.monotonic() + SWEEP_EVERY_S
             entries = (self._claim() if self._claim_from else []) or self._read(block_ms)
             if not entries:
                 return 0
@@ -162,7 +170,8 @@ class Dispatcher:
     def _claim(self) -> list[Entry]:
         """The next page of pending entries, whoever read them: only a router holds any, and we are the router."""
         batch_max = self.fleet.settings.dispatcher.batch_max
-        reply: Any = self.client.xautoclaim(self.stream, GROUP, self.name, 0, self._claim_from, count=batch_max)
+        reply: Any = self.client.xautoclaim(self.stream, GROUP, self.name, self._claim_idle_ms, self._claim_from,
+                                            count=batch_max)  # fmt: skip
         cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         self._claim_from = "" if cursor == "0-0" else cursor
         claimed: list[Entry] = [(eid, f) for eid, f in reply[1] if f]
