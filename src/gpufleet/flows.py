@@ -113,7 +113,9 @@ class Lease:
         """Take or renew; False while another live process holds it."""
         with self._lock:
             holder: Any = self.client.get(self.key)
-            dead = holder.decode() if holder and owner_is_dead(holder.decode(), self.host) else ""
+            # Another process's token: on this host, is it still alive? (Never asked of our own, on every loop.)
+            theirs = holder.decode() if holder and holder != self.token.encode() else ""
+            dead = theirs if theirs and owner_is_dead(theirs, self.host) else ""
             self.held = bool(self.client.eval(TAKE, 1, self.key, self.token, self.ttl_ms, dead))
             return self.held
 
@@ -200,15 +202,16 @@ class Flow:
     # -- one batch ---------------------------------------------------------------------------------------------
 
     def _deliver(self, entries: list[Entry]) -> None:
-        unreadable = [(eid, f) for eid, f in entries if record_of(f) is None]
+        read = [(entry, record_of(entry[1])) for entry in entries]  # each entry decoded once
+        unreadable = [entry for entry, record in read if record is None]
         if unreadable:  # written by something else than gpufleet: parked, never looping
             broken = [(OutRecord(f.get(b"key", b"").decode(errors="replace"), f.get(b"value", b"")), "unreadable")
                       for _, f in unreadable]  # fmt: skip
             self._settle([eid for eid, _ in unreadable], broken)
-            entries = [e for e in entries if e not in unreadable]
-            if not entries:
-                return
-        records = [r for _, f in entries if (r := record_of(f)) is not None]
+        entries = [entry for entry, record in read if record is not None]
+        records = [record for _, record in read if record is not None]
+        if not entries:
+            return
         try:
             refused = self._send(records)
         except DeliveryError as exc:

@@ -89,17 +89,20 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
         self._pending: list[Any] = []
 
     def connect(self) -> None:
-        import amqp
-
-        conn = amqp.Connection(connect_timeout=IO_TIMEOUT_S, read_timeout=IO_TIMEOUT_S, write_timeout=IO_TIMEOUT_S,
-                               heartbeat=self._heartbeat_s, frame_handler=frame_handler(self._limit),
-                               **self._login)  # fmt: skip
-        conn.connect()
+        conn = self._open(heartbeat=self._heartbeat_s, frame_handler=frame_handler(self._limit))
         channel = conn.channel()
         channel.basic_qos(0, self._prefetch, False)
         channel.basic_consume(self.queue, callback=self._on_message, no_ack=False)
         self._conn, self._channel = conn, channel
         log.info("amqp trigger consuming", trigger=self.name, queue=self.queue)
+
+    def _open(self, **options: Any) -> Any:
+        import amqp
+
+        conn = amqp.Connection(connect_timeout=IO_TIMEOUT_S, read_timeout=IO_TIMEOUT_S, write_timeout=IO_TIMEOUT_S,
+                               **options, **self._login)  # fmt: skip
+        conn.connect()
+        return conn
 
     def _on_message(self, message: Any) -> None:
         self._pending.append(message)
@@ -153,12 +156,8 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
 
     def lag(self) -> tuple[str, dict[str, int]] | None:
         """The queue's ready messages (a passive declare), and those this trigger holds unacknowledged."""
-        import amqp
-
         if self._stats is None:  # a connection of its own: the consuming one never waits on an RPC
-            self._stats = amqp.Connection(connect_timeout=IO_TIMEOUT_S, read_timeout=IO_TIMEOUT_S,
-                                          write_timeout=IO_TIMEOUT_S, **self._login)  # fmt: skip
-            self._stats.connect()
+            self._stats = self._open()
         try:
             _, ready, _ = self._stats.channel(1).queue_declare(self.queue, passive=True)
         except Exception:
