@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & SERVER_FIXTURES or item.get_closest_marker("serial"):
+        if names & SERVER_FIXTURES or item.get_closest_marker("serial") or item.get_closest_marker("chaos"):
             item.add_marker(pytest.mark.server)
         if item.get_closest_marker("xdist_group"):
             # CPU-bound (the fuzzers) or slow to start (RabbitMQ): on a loaded machine, more than the usual 180 s.

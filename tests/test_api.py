@@ -406,7 +406,13 @@ def test_gpus_lists_the_worker_slots(fleet: Api) -> None:
     gpus = fleet.harness.wait_for(slots, what="the supervisor to publish its GPU inventory")
     assert all(g["virtual"] and g["up"] and not g["stale"] for g in gpus)
     assert sorted(g["worker"].split("@")[0] for g in gpus) == ["vgpu0", "vgpu1"]
-    (group,) = fleet.client.get("/v1/gpus").json()["pools"]
+
+    def idle_pool() -> dict[str, Any] | None:
+        # The fleet is the module's: a task another test left running may still hold a GPU for a moment.
+        (pool,) = fleet.client.get("/v1/gpus").json()["pools"]
+        return pool if pool["busy"] == 0 else None
+
+    group = fleet.harness.wait_for(idle_pool, what="the fleet's GPUs to be idle")
     host = gpus[0]["host"]
     assert group == {
         "pool": "default",
@@ -420,6 +426,18 @@ def test_gpus_lists_the_worker_slots(fleet: Api) -> None:
 
 
 # -- the server -------------------------------------------------------------------------------------------------
+
+
+def test_answers_are_never_cached_nor_sniffed(fleet: Api) -> None:
+    """Task results and errors must not stay in a browser's or a proxy's cache; only the dashboard's own files may."""
+    anonymous = httpx.Client(base_url=fleet.url)
+    for r in (fleet.client.get("/v1/functions"), fleet.client.get("/v1/tasks/nope"), anonymous.get("/v1/functions"),
+              fleet.client.get("/healthz"), fleet.client.get("/metrics")):  # fmt: skip
+        assert r.headers["cache-control"] == "no-store", (r.request.url, r.headers)
+        assert r.headers["x-content-type-options"] == "nosniff", (r.request.url, r.headers)
+    static = anonymous.get("/dashboard/static/dashboard.js")
+    assert static.status_code == 200 and "no-store" not in static.headers.get("cache-control", "")
+    assert static.headers["x-content-type-options"] == "nosniff"
 
 
 def test_redis_unreachable_is_503(services: Any, tmp_path: Path) -> None:

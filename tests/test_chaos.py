@@ -13,7 +13,7 @@ from tests.chaos import Chaos, ChaosFleet, Plan
 from tests.harness import FleetHarness
 
 
-@pytest.mark.serial  # leases of 3 s: on a machine loaded by other tests, a starved process loses one it holds
+@pytest.mark.chaos  # leases of 3 s: on a machine loaded by other tests, a starved process loses one it holds
 def test_nothing_is_lost_and_nothing_succeeds_twice_under_kills_and_freezes(services: Any, harness: FleetHarness,
                                                                            ) -> None:  # fmt: skip
     plan = Plan(events=300, produce_s=25, pool_kill_every_s=3, role_kill_every_s=10, freeze_every_s=15, freeze_s=3)

@@ -257,7 +257,7 @@ def thaw(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-@pytest.mark.serial  # leases of 3 s: on a machine loaded by other tests, a starved process loses one it holds
+@pytest.mark.chaos  # leases of 3 s: on a machine loaded by other tests, a starved process loses one it holds
 def test_a_job_survives_its_workers_being_killed_and_frozen_at_every_step(harness: FleetHarness) -> None:
     """GPU worker processes killed (SIGKILL) or frozen (SIGSTOP, then thawed after their lease lapsed) whatever they
     run: split, shards or merge. The job still succeeds with every shard's result, each shard's success is recorded
