@@ -213,7 +213,8 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         stamp = self.headers[TIMESTAMP_HEADER]
-        expected = "sha256=" + hmac.new(HOOK_SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        signed = f"{stamp}.{self.headers['X-Gpufleet-Task-Id']}.".encode() + body  # the task id is signed too
+        expected = "sha256=" + hmac.new(HOOK_SECRET.encode(), signed, hashlib.sha256).hexdigest()
         fresh = abs(time.time() - int(stamp)) < 300
         if not (hmac.compare_digest(self.headers[SIGNATURE_HEADER], expected) and fresh):
             self.refused.append(self.headers["X-Gpufleet-Task-Id"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,9 +79,12 @@ def test_debug_logs_carry_no_secret(services: Any, moto: S3Service, locked_redis
             body = _notification(bucket)
             assert client.post("/v1/webhooks/hook", content=body,
                                headers={"Authorization": f"Bearer {HOOK_TOKEN}"}).status_code == 200  # fmt: skip
-            signature = "sha256=" + hmac.new(HMAC_SECRET.encode(), body, hashlib.sha256).hexdigest()
-            assert client.post("/v1/webhooks/hook", content=body,
-                               headers={"X-Gpufleet-Signature": signature}).status_code == 200  # fmt: skip
+            stamp = str(int(time.time()))
+            signature = (
+                "sha256=" + hmac.new(HMAC_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+            )
+            assert client.post("/v1/webhooks/hook", content=body, headers={"X-Gpufleet-Signature": signature,
+                               "X-Gpufleet-Timestamp": stamp}).status_code == 200  # fmt: skip
             assert client.post("/v1/webhooks/hook", content=body,
                                headers={"Authorization": f"Basic {HOOK_TOKEN}"}).status_code == 401  # fmt: skip
         records = harness.records("success", 3, timeout_s=90)

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -112,8 +113,15 @@ def sns_confirmation(subscribe_url: str, type_: str = "SubscriptionConfirmation"
                         Message=f"You have chosen to subscribe to the topic {TOPIC_ARN}.")  # fmt: skip
 
 
-def signature(body: bytes, secret: str = HMAC_SECRET) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signature(body: bytes, secret: str = HMAC_SECRET, stamp: str | None = None) -> str:
+    signed = body if stamp is None else stamp.encode() + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+def signed(body: bytes, secret: str = HMAC_SECRET) -> dict[str, str]:
+    """A sender's headers: the signature of ``<now>.<body>``, and now."""
+    stamp = str(int(time.time()))
+    return {"X-Gpufleet-Signature": signature(body, secret, stamp), "X-Gpufleet-Timestamp": stamp}
 
 
 # -- the fleet --------------------------------------------------------------------------------------------------
@@ -411,13 +419,15 @@ def test_webhooks_refuse_missing_or_wrong_credentials_and_enqueue_nothing(hooks:
         ("minio", {"Authorization": HOOK_TOKEN}),
         ("minio", {"Authorization": wrong_basic}),
         ("minio", {"Authorization": "Basic !!not-base64!!"}),
-        ("minio", {"X-Gpufleet-Signature": signature(body)}),  # the minio trigger has no hmac_secret
+        ("minio", signed(body)),  # the minio trigger has no hmac_secret
         ("signed", {"Authorization": f"Bearer {HOOK_TOKEN}"}),  # the signed trigger has no token
         ("signed", {}),
-        ("signed", {"X-Gpufleet-Signature": signature(body, HMAC_SECRET + "x")}),
-        ("signed", {"X-Gpufleet-Signature": signature(body + b" ")}),
-        ("signed", {"X-Gpufleet-Signature": signature(body).removeprefix("sha256=")}),
-        ("signed", {"X-Gpufleet-Signature": signature(body).upper()}),
+        ("signed", signed(body, HMAC_SECRET + "x")),
+        ("signed", signed(body + b" ")),
+        ("signed", {"X-Gpufleet-Signature": signature(body)}),  # no timestamp: a replay could never be told
+        ("signed", {**signed(body), "X-Gpufleet-Timestamp": "1"}),
+        ("signed", {k: v.removeprefix("sha256=") for k, v in signed(body).items()}),
+        ("signed", {k: v.upper() for k, v in signed(body).items()}),
     ]
     for path, headers in refused:
         r = hooks.client.post(f"/v1/webhooks/{path}", content=body, headers=headers)
@@ -431,7 +441,7 @@ def test_webhooks_refuse_missing_or_wrong_credentials_and_enqueue_nothing(hooks:
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
 
     # Nothing was enqueued above: the first accepted delivery is new, not a duplicate.
-    hooks.accepted("signed", body, counts(published=1), token=None, X_Gpufleet_Signature=signature(body))
+    hooks.accepted("signed", body, counts(published=1), token=None, **signed(body))
     other = minio_message(minio_record(bucket, "auth%2Fy.jpg"))
     hooks.accepted("minio", other, counts(published=1), token=None,
                    Authorization="Basic " + base64.b64encode(f"minio:{HOOK_TOKEN}".encode()).decode())  # fmt: skip
@@ -444,7 +454,7 @@ def test_bodies_over_max_payload_bytes_are_413(hooks: Hooks) -> None:
     bucket = new_bucket()
     before = hooks.total_tasks()
     huge = minio_message(minio_record(bucket, "big.jpg", padding="x" * 4096))
-    for path, headers in (("minio", {}), ("signed", {"X_Gpufleet_Signature": signature(huge)})):
+    for path, headers in (("minio", {}), ("signed", signed(huge))):
         r = hooks.post(path, huge, token=HOOK_TOKEN if path == "minio" else None, **headers)
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
     # Chunked: no Content-Length to go by.
@@ -455,7 +465,7 @@ def test_bodies_over_max_payload_bytes_are_413(hooks: Hooks) -> None:
     # The signed trigger's own max_payload_bytes (1024) is below the fleet's (4096).
     mid = minio_message(minio_record(bucket, "mid.jpg", padding="x" * 1200))
     assert SIGNED_MAX_BYTES < len(mid) < 4096
-    r = hooks.post("signed", mid, token=None, X_Gpufleet_Signature=signature(mid))
+    r = hooks.post("signed", mid, token=None, **signed(mid))
     assert r.status_code == 413 and f"{SIGNED_MAX_BYTES} bytes" in r.json()["error"]["message"], r.text
     assert hooks.total_tasks() == before
     hooks.accepted("minio", mid, counts(published=1))

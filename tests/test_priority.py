@@ -129,6 +129,36 @@ def test_a_retry_starts_again_from_the_priority_it_asked_for(harness: FleetHarne
     assert head_level(harness, task_id) == 1 and reg.get(task_id)["prio"] == 1
 
 
+@pytest.mark.parametrize("how", ["lease lapsed", "handed back"])
+def test_a_task_taken_out_before_an_aging_pass_goes_back_at_its_earned_level(harness: FleetHarness, how: str) -> None:
+    """The chaos run's finding: a task whose worker was killed just after an aging pass started again 12.6 s later,
+    behind 776 tasks queued after it. While it ran it was in no list, so the aging pass lifted everything queued
+    with it but not it, and the re-queue put it back at its old level, under all of them."""
+    harness.write_config(defaults={"priority_aging_s": 0.3})
+    reg = Registry.for_fleet(harness.fleet().settings)
+    cp = ControlPlane(harness.fleet(), reg)
+    first = invoke(cp, 4, "first")
+    backlog = [invoke(cp, 4, f"later-{i}") for i in range(20)]
+    assert orjson.loads(harness.redis.rpop(harness.queue_list("echo", 4)))["headers"]["id"] == first  # taken...
+    assert reg.claim(first, "QUEUED", "", "w/1/1/a", 0.5, "w", "g").ok  # ...and run
+    for _ in range(2):  # two aging passes while it runs: the backlog is two levels up
+        time.sleep(0.35)
+        reg.age(0.3)
+    assert {head_level(harness, t) for t in backlog} == {6}
+    if how == "lease lapsed":
+        time.sleep(0.2)  # its worker died (SIGKILL): the lease lapses, the housekeeper re-queues it
+        assert reg.housekeep(envelopes(harness)) == (0, 1)
+    else:
+        assert reg.hand_back(first, "w/1/1/a", envelopes(harness), None)  # given back unstarted
+    # Its level is its priority plus one per priority_aging_s since it was first queued: at least the backlog's.
+    earned = head_level(harness, first)
+    assert earned in (6, 7, 8) and reg.get(first)["prio"] == earned
+    assert cp.position(first)["position"] == 1  # before: 21, behind every task queued after it
+    time.sleep(0.35)
+    reg.age(0.3)  # and it ages on from there, still first
+    assert head_level(harness, first) == earned + 1 and cp.position(first)["position"] == 1
+
+
 def test_a_lost_message_of_a_lower_level_is_found(harness: FleetHarness) -> None:
     reg: Registry = harness.registry
     cp = ControlPlane(harness.fleet(), reg)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 
+from gpufleet.objects import ObjectEvent
+from gpufleet.redrive import redrive
+from gpufleet.triggers.base import Ingest, SourceMessage
 from tests.harness import FleetHarness
 
 
@@ -45,7 +49,7 @@ def test_redrive_resends_dead_letters_with_their_identity_once_the_cause_is_fixe
     out = cli(h, "redrive", "requests", "--json")
     assert out.returncode == 1 and out.stdout, out.stderr
     assert orjson.loads(out.stdout) | {"reasons": None} == {"trigger": "requests", "read": 2, "queued": 0,
-        "duplicates": 0, "dead_lettered": 2, "ignored": 0, "reasons": None, "letters": []}  # fmt: skip
+        "duplicates": 0, "dead_lettered": 2, "ignored": 0, "reasons": None, "letters": [], "refused": []}  # fmt: skip
     assert orjson.loads(out.stdout)["reasons"] == {"oversize": 2}
 
     h.write_config(triggers={"requests": {**tight["requests"], "max_payload_bytes": 4096}})  # the fix
@@ -90,6 +94,49 @@ def test_a_message_that_stays_bad_is_dead_lettered_once_per_redrive_never_double
         assert len(letters) == 3 + 2 * k, (k, len(letters))
     rest = orjson.loads(cli(h, "redrive", "requests", "--json").stdout)
     assert rest["read"] == 3 and rest["reasons"] == {"oversize": 2, "malformed_json": 1}, rest
+
+
+def test_redrive_sends_only_the_fleets_own_signed_dead_letters(harness: FleetHarness) -> None:
+    """The review's probe: anybody who can write to the dead-letter topic forged a record that became task
+    ``requests:forged-1``, and an object event that made the worker download ``privatebucket/secret.txt``."""
+    h = harness
+    h.write_config()
+    fleet = h.fleet()
+    ingest = Ingest(fleet, fleet.triggers["requests"])
+    try:  # a real dead letter, signed by the trigger's intake
+        batch = ingest.prepare([SourceMessage(b'{"function": "echo", "payload": ', "kafka:requests/0/7", "real-7")])
+        assert ingest.publish(batch, threading.Event()) is not None
+    finally:
+        ingest.close()
+    [real] = h.records("dlq", 1)
+    assert real["headers"]["signature"].startswith("v1=")
+    forged = {"trigger": "requests", "reason": "unknown_function", "source": "kafka:requests/0/9"}
+    obj = ObjectEvent(bucket="privatebucket", key="secret.txt", event_type="ObjectCreated:Put", size=1, etag="e")
+    for value, headers in (
+        (b'{"function": "echo", "payload": {}, "id": "forged-1"}', forged | {"default_id": "forged-1"}),
+        (obj.model_dump_json().encode(), forged | {"object_event": "true", "default_id": "forged-2"}),
+        # The real letter's signature on other ids: changed after signing.
+        (real["raw"], real["headers"] | {"default_id": "forged-3"}),
+    ):
+        h.produce("dlq", [value], headers=[(k, v.encode()) for k, v in headers.items()])
+    h.records("dlq", 4)
+
+    out = cli(h, "redrive", "requests")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "3 not sent: this fleet did not sign them" in out.stdout, out.stdout
+    lines = [line for line in out.stdout.splitlines() if f"{h.topic('dlq')}/" in line]
+    assert sorted(line.split()[1] for line in lines) == ["forged", "unsigned", "unsigned"], out.stdout
+    assert "refused again 1 (malformed_json: 1)" in out.stdout  # the real one was sent, and is still malformed
+    registry = h.registry
+    assert registry.get("requests:forged-1") is None and registry.counts("echo").get("QUEUED", 0) == 0
+    assert not [k for k in h.redis.scan_iter(f"{h.prefix}:task:s3-*")]  # no download was ever queued
+
+    # An operator who knows where a letter came from (written before letters were signed) can send it anyway.
+    h.produce("dlq", [b'{"function": "echo", "payload": {}, "id": "old-1"}'],
+              headers=[(k, v.encode()) for k, v in (forged | {"default_id": "old-1"}).items()])  # fmt: skip
+    report = redrive(fleet, "requests", accept_unsigned=True)
+    assert (report.read, report.queued, report.refused) == (2, 1, [])  # and the real one's new letter, refused again
+    assert registry.get("requests:old-1") is not None
 
 
 def test_tail_follows_records_live_and_filters_them(fleet: FleetHarness) -> None:

@@ -20,8 +20,11 @@ import httpx
 import orjson
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gpufleet.dev.services import free_port
+from tests.conftest import IN_CI
 from tests.harness import FleetHarness
 from tests.test_object_push import aws_record
 
@@ -29,7 +32,9 @@ API_TOKEN = "Wq4Zt8Kp2Xm6Rv9Ln3Bc7Hd1Jf5Gs0Ya8Ue2Mk"
 HOOK_TOKEN = "Hx3Lp7Rq1Vz5Nm9Kt2Wb6Jc4Yd8Gf0Sa3Ue7Qn"
 SECRET = "Dk6Tm1Xq5Rz9Lv3Pb7Wn2Hc8Jy4Gf0Sa6Ue1Mk"
 BODY_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 3.0
 MAX_CONNECTIONS = 12
+PER_CLIENT = 40
 HOOK_MAX_BYTES = 512 * 1024
 
 
@@ -74,14 +79,17 @@ def api(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api
         triggers={
             "minio": {**hook, "source": "webhook:///minio", "token": HOOK_TOKEN},
             "signed": {**hook, "source": "webhook:///signed", "hmac_secret": SECRET, "hmac_tolerance_s": 60},
-            "strict": {**hook, "source": "webhook:///strict", "hmac_secret": SECRET, "hmac_require_timestamp": True},
+            # A sender that cannot sign a timestamp: the replayable form, only where a trigger asks for it.
+            "legacy": {**hook, "source": "webhook:///legacy", "hmac_secret": SECRET, "hmac_require_timestamp": False},
         },
         api={
             "enabled": True,
             "port": port,
             "token": API_TOKEN,
             "body_timeout_s": BODY_TIMEOUT_S,
+            "header_timeout_s": HEADER_TIMEOUT_S,
             "max_connections": MAX_CONNECTIONS,
+            "max_connections_per_client": PER_CLIENT,
         },
     )
     harness.start("api")
@@ -107,6 +115,7 @@ def sign(body: bytes, stamp: str | None = None, secret: str = SECRET) -> dict[st
 
 def test_an_unknown_name_and_bad_credentials_get_the_same_401(api: Api) -> None:
     body = notification("same.jpg")
+    queued = api.harness.registry.counts("echo").get("QUEUED", 0)  # the module's api: other tests enqueue too
     answers = {
         "unknown, none": api.post("nope", body),
         "unknown, bearer": api.post("nope", body, Authorization=f"Bearer {HOOK_TOKEN}"),
@@ -121,7 +130,7 @@ def test_an_unknown_name_and_bad_credentials_get_the_same_401(api: Api) -> None:
     assert len(shapes) == 1, {name: (r.status_code, r.text) for name, r in answers.items()}
     status, content, _ = shapes.pop()
     assert status == 401 and orjson.loads(content)["error"]["code"] == "unauthorized"
-    assert api.harness.registry.counts("echo").get("QUEUED", 0) == 0
+    assert api.harness.registry.counts("echo").get("QUEUED", 0) == queued
 
 
 def test_bearer_and_basic_are_checked_before_the_body_is_read(api: Api) -> None:
@@ -134,14 +143,42 @@ def test_bearer_and_basic_are_checked_before_the_body_is_read(api: Api) -> None:
         assert status == 401, answer[:300]
 
 
-def test_stalled_unauthenticated_uploads_cost_no_memory(api: Api) -> None:
-    """The issue's probe: hundreds of uploads of about a MiB with a wrong token, all at once."""
+def test_a_signed_request_whose_headers_cannot_be_right_is_refused_before_its_body(api: Api) -> None:
+    """Before: any request with an X-Gpufleet-Signature header had up to the largest webhook limit of body read,
+    on any path, before anything was checked."""
+    now, form = int(time.time()), "sha256=" + "0" * 64
+    for path, headers in (
+        ("nope/deeper", {"X-Gpufleet-Signature": form, "X-Gpufleet-Timestamp": str(now)}),  # no such webhook
+        ("minio", {"X-Gpufleet-Signature": form, "X-Gpufleet-Timestamp": str(now)}),  # it has no hmac_secret
+        ("signed", {"X-Gpufleet-Signature": form}),  # a timestamp is required
+        ("signed", {"X-Gpufleet-Signature": form, "X-Gpufleet-Timestamp": str(now - 3600)}),
+        ("signed", {"X-Gpufleet-Signature": "x", "X-Gpufleet-Timestamp": str(now)}),
+        ("signed", {"X-Gpufleet-Signature": form.upper(), "X-Gpufleet-Timestamp": str(now)}),
+    ):
+        lines = "".join(f"\r\n{name}: {value}" for name, value in headers.items())
+        head = f"POST /v1/webhooks/{path} HTTP/1.1\r\nHost: x\r\nContent-Length: {HOOK_MAX_BYTES}{lines}"
+        status, answer = api.raw(head, read_timeout_s=BODY_TIMEOUT_S / 2)
+        assert status == 401, (path, headers, answer[:300])
+    # Plausible headers on a path that takes signatures: the body is read, then the HMAC decides.
+    head = (f"POST /v1/webhooks/signed HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            f"X-Gpufleet-Signature: {form}\r\nX-Gpufleet-Timestamp: {now}")  # fmt: skip
+    assert api.raw(head, b"{}")[0] == 408  # 3 of 5 bytes never came
+
+
+WRONG_TOKEN = f"Authorization: Bearer {HOOK_TOKEN}x"
+UNKNOWN_SIGNED = f"X-Gpufleet-Signature: sha256={'0' * 64}\r\nX-Gpufleet-Timestamp: {{now}}"
+
+
+@pytest.mark.parametrize(("path", "credentials"), [("minio", WRONG_TOKEN), ("nope", UNKNOWN_SIGNED)])
+def test_stalled_unauthenticated_uploads_cost_no_memory(api: Api, path: str, credentials: str) -> None:
+    """The issue's probe: hundreds of uploads of about a MiB with a wrong token, or with a signature to a path
+    that does not exist (before: 150 of those took the api from 94 to 127 MiB), all at once."""
     assert api.harness.proc is not None
     proc = psutil.Process(api.harness.proc.pid)
     before = proc.memory_info().rss
     body = b"x" * HOOK_MAX_BYTES
-    head = (f"POST /v1/webhooks/minio HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-            f"Authorization: Bearer {HOOK_TOKEN}x")  # fmt: skip
+    head = (f"POST /v1/webhooks/{path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            + credentials.format(now=int(time.time())))  # fmt: skip
 
     def upload(_: int) -> int:
         try:
@@ -208,11 +245,100 @@ def test_a_signed_timestamp_stops_replays(api: Api) -> None:
         "a signature of nothing, 5,000 digits": {"X-Gpufleet-Signature": "x", "X-Gpufleet-Timestamp": "9" * 5000},
     }.items():
         assert api.post("signed", fresh, **headers).status_code == 401, name
-    # Without a timestamp: accepted where it is optional, refused where it is required.
-    legacy, strict = notification("legacy.jpg"), notification("strict.jpg")
-    assert api.post("signed", legacy, **sign(legacy)).json()["published"] == 1
-    assert api.post("strict", strict, **sign(strict)).status_code == 401
-    assert api.post("strict", strict, **sign(strict, str(now))).json()["published"] == 1
+    # Without a timestamp: refused by default (before: accepted, and replayable for ever), accepted where a trigger
+    # says hmac_require_timestamp: false.
+    legacy = notification("legacy.jpg")
+    assert api.post("signed", legacy, **sign(legacy)).status_code == 401
+    assert api.post("legacy", legacy, **sign(legacy)).json()["published"] == 1
+    assert api.post("legacy", legacy, **sign(legacy, str(now))).json()["duplicates"] == 1
     # A replay inside the window names the same objects: a duplicate, never a second run.
     assert api.post("signed", fresh, **sign(fresh, str(now))).json() == {
         "published": 0, "duplicates": 1, "dead_lettered": 0, "ignored": 0}  # fmt: skip
+
+
+@pytest.mark.serial
+def test_slow_request_heads_shut_out_nobody(api: Api) -> None:
+    """The review's probe: 300 connections from one client, each sending part of a request head and then nothing.
+    Before: uvicorn counted them against max_connections, so every request, /healthz and authorized ones
+    included, was answered 503 for as long as they were held."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", api.port), source_address=("127.0.0.2", 0))
+            sock.sendall(b"POST /v1/webhooks/minio HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            held.append(sock)
+        opened = time.monotonic()
+        # From another address, each answered within 1 s while they are held.
+        with httpx.Client(base_url=f"http://127.0.0.1:{api.port}", timeout=1.0) as client:
+            assert client.get("/healthz").status_code == 200
+            authorized = client.get("/v1/functions", headers={"Authorization": f"Bearer {API_TOKEN}"})
+            assert authorized.status_code == 200, authorized.text
+        assert time.monotonic() - opened < HEADER_TIMEOUT_S  # the slow ones were still held meanwhile
+        # One address holds at most max_connections_per_client: the rest were answered 503 and closed at once;
+        # those held get 408 once header_timeout_s has passed.
+        answers = [_answer_of(sock, HEADER_TIMEOUT_S * 3) for sock in held]
+        assert answers.count(503) == 300 - PER_CLIENT and answers.count(408) == PER_CLIENT, answers
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _answer_of(sock: socket.socket, timeout_s: float) -> int:
+    sock.settimeout(timeout_s)
+    try:
+        answer = sock.recv(100)
+    except TimeoutError:
+        return 0
+    return int(answer.split(b" ", 2)[1]) if answer else -1
+
+
+# -- every header of the webhook routes, fuzzed ------------------------------------------------------------------
+
+# Any bytes but CR and LF (which would end the header): what h11 refuses is a 400, the rest reaches gpufleet.
+HEADER_BYTES = st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+STAMPS = st.one_of(st.integers(-(10**15), 10**15).map(str), st.from_regex(r"\A[0-9]{0,20}\Z"),
+                   st.sampled_from(["9" * 5000, "", " 1", "1e3", "\u0661\u0662"]))  # fmt: skip
+AUTHORIZATIONS = st.one_of(
+    HEADER_BYTES,
+    st.sampled_from([f"Bearer {HOOK_TOKEN}", f"Bearer {API_TOKEN}", "Basic !!", "Basic " + "A" * 5000, "Bearer"]),
+)
+HEADERS = {"Authorization": AUTHORIZATIONS, "X-Gpufleet-Signature": HEADER_BYTES, "X-Gpufleet-Timestamp": STAMPS,
+           "Content-Type": HEADER_BYTES, "traceparent": HEADER_BYTES, "X-Anything": HEADER_BYTES}  # fmt: skip
+PATHS = st.sampled_from(["minio", "signed", "legacy", "nope", "signed/x", "%2e%2e/signed", "minio?x=1"])
+
+
+@st.composite
+def webhook_requests(draw: st.DrawFn) -> bytes:
+    """One whole request, as bytes on the wire."""
+    body = draw(st.sampled_from([notification(f"fuzz-{draw(st.integers(0, 50))}.jpg"), b"", b"{", b"[]" * 100]))
+    headers: dict[str, str | bytes] = {}
+    for name, values in HEADERS.items():
+        if draw(st.booleans()):
+            headers[name] = draw(values)
+    if draw(st.integers(0, 3)) == 0:  # rightly signed, with a drawn timestamp: past the HMAC, to the window
+        stamp = draw(st.one_of(st.just(str(int(time.time()))), STAMPS))
+        headers |= sign(body, stamp if stamp.isascii() and stamp.isdigit() else None)
+    head = f"POST /v1/webhooks/{draw(PATHS)} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode()
+    for name, value in headers.items():
+        head += name.encode() + b": " + (value.encode() if isinstance(value, str) else value) + b"\r\n"
+    return head + b"\r\n" + body
+
+
+def test_fuzzed_headers_of_the_webhook_routes_get_an_answer_never_an_error(api: Api) -> None:
+    """Before: a 5,000-digit X-Gpufleet-Timestamp beside any signature was a 500, with a traceback logged."""
+
+    @settings(max_examples=400, deadline=None, derandomize=IN_CI, database=None,
+              suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+    @given(webhook_requests())
+    def run(request: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+            sock.sendall(request)
+            answer = b""
+            while not (b"\r\n\r\n" in answer and _complete(answer)) and (chunk := sock.recv(65536)):
+                answer += chunk
+        status = int(answer.split(b" ", 2)[1])
+        assert status in (200, 400, 401, 413, 422), (request[:500], answer[:500])
+
+    run()
+    assert api.client.get("/healthz").status_code == 200
+    assert "Traceback" not in api.harness.log_text()

@@ -86,10 +86,17 @@ def _has_sequence(value: str) -> bool:
 
 
 def sign(secret: str, body: bytes, timestamp: str | None = None) -> str:
-    """gpufleet's ``X-Gpufleet-Signature``, for webhooks in and out: ``sha256=`` + hex HMAC-SHA256 of the body, or
-    of ``<timestamp>.<body>`` when the request carries ``X-Gpufleet-Timestamp``."""
+    """gpufleet's ``X-Gpufleet-Signature`` for webhooks in: ``sha256=`` + hex HMAC-SHA256 of ``<timestamp>.<body>``
+    when the request carries ``X-Gpufleet-Timestamp``, or of the body alone."""
     signed = body if timestamp is None else timestamp.encode() + b"." + body
     return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+def sign_delivery(secret: str, task_id: str, body: bytes, timestamp: str) -> str:
+    """``X-Gpufleet-Signature`` of a record gpufleet POSTs: HMAC-SHA256 of ``<timestamp>.<task id>.<body>``, so
+    ``X-Gpufleet-Task-Id``, the key receivers de-duplicate on, cannot be changed either. (A task id has no ``{``
+    and a record is a JSON object: where the id ends and the body begins is never in doubt.)"""
+    return sign(secret, task_id.encode() + b"." + body, timestamp)
 
 
 def is_loopback(host: str) -> bool:

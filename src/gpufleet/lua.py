@@ -81,14 +81,21 @@ local function push_back(prefix, key, id, envelope, tag)
   redis.call('ZADD', prefix .. ':pending:' .. queue, (9 - prio) * LEVEL + seq, id)
   redis.call('SADD', prefix .. ':queues', queue)
   redis.call('HSET', key, 'tag', tag or tag_of(envelope), 'prio', prio)
+  redis.call('HDEL', key, 'aged_from')  -- a new turn in the queue: its wait starts over
   redis.call('LPUSH', qkey(queue, prio), envelope)
   return seq
 end
--- Back at the head of its queue, at the level it had reached (RPUSH is "next"). Its position score is below every
--- other of that level, so position order stays the lists' order.
-local function push_head(prefix, key, id, envelope)
+-- Back at the head of its queue (RPUSH is "next"), at the level it has earned by waiting since it was first queued
+-- in this turn (aged_from, kept across re-queues): while it ran, or its message was lost, it was in no list, and
+-- the aging pass lifted the tasks queued with it, not it. Its position score is below every other of that level,
+-- so position order stays the lists' order.
+local function push_head(prefix, key, id, envelope, now, aging)
   local queue = redis.call('HGET', key, 'queue')
-  local prio = tonumber(redis.call('HGET', key, 'prio') or redis.call('HGET', key, 'priority') or '4')
+  local base = tonumber(redis.call('HGET', key, 'priority') or '4')
+  local since = tonumber(redis.call('HGET', key, 'aged_from') or redis.call('HGET', key, 'queued_at') or now)
+  local prio = tonumber(redis.call('HGET', key, 'prio') or base)
+  prio = math.min(9, math.max(prio, base + math.floor((now - since) / aging)))
+  redis.call('HSET', key, 'prio', prio, 'aged_from', since, 'level_at', now)
   envelope = with_priority(envelope, prio)
   redis.call('ZADD', prefix .. ':pending:' .. queue, (9 - prio) * LEVEL - redis.call('INCR', prefix .. ':seq'), id)
   redis.call('SADD', prefix .. ':queues', queue)
@@ -363,7 +370,7 @@ return 1
 """
 )
 
-# KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json
+# KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json, aging_s
 # A worker stopped past its shutdown grace: the supervisor killed it, and hands its task back. The attempt does not
 # count (the task did nothing wrong), and it goes to the head of its queue, where another worker takes it at once.
 # Only the owner the caller saw (and checked dead) is replaced. Returns 1, or 0 if the task finished or moved on.
@@ -379,10 +386,10 @@ redis.call('ZREM', KEYS[2], id)
 unbusy(ARGV[1], KEYS[1], id)
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'progress', 0, 'progress_message', '')
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'queued_at', ARGV[3], 'last_error', ARGV[5]) end
 redis.call('HDEL', KEYS[1], 'lease_until')
 move(ARGV[1], fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
-push_head(ARGV[1], KEYS[1], id, ARGV[4])
+push_head(ARGV[1], KEYS[1], id, ARGV[4], tonumber(ARGV[3]), tonumber(ARGV[6]))
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'queued_at', ARGV[3], 'last_error', ARGV[5]) end
 deadline(ARGV[1], KEYS[1], id)
 return 1
 """

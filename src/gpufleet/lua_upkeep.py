@@ -4,16 +4,16 @@ the helpers they share are in :mod:`gpufleet.lua`."""
 
 from gpufleet.lua import HELPERS
 
-# KEYS: delayed, leases.  ARGV: prefix, now, n, then n (id, envelope) pairs of due retries, then (id, envelope)
-# pairs of tasks whose lease lapsed. Pushes the due retries (to the back), and re-queues at the head the tasks whose
-# worker died with them: they had waited their turn already. Each is checked again here (compare-and-set).
-# Returns {promoted, reaped}.
+# KEYS: delayed, leases.  ARGV: prefix, now, aging_s, n, then n (id, envelope) pairs of due retries, then (id,
+# envelope) pairs of tasks whose lease lapsed. Pushes the due retries (to the back), and re-queues at the head the
+# tasks whose worker died with them, at the level they have earned: they had waited their turn already. Each is
+# checked again here (compare-and-set). Returns {promoted, reaped}.
 HOUSEKEEP = (
     HELPERS
     + """
-local prefix, now, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local prefix, now, aging, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local promoted, reaped = 0, 0
-for i = 4, 3 + 2 * n, 2 do
+for i = 5, 4 + 2 * n, 2 do
   local id = ARGV[i]
   local due = redis.call('ZSCORE', KEYS[1], id)
   if due and tonumber(due) <= now then
@@ -27,7 +27,7 @@ for i = 4, 3 + 2 * n, 2 do
     end
   end
 end
-for i = 4 + 2 * n, #ARGV, 2 do
+for i = 5 + 2 * n, #ARGV, 2 do
   local id = ARGV[i]
   local key = prefix .. ':task:' .. id
   local lease = tonumber(redis.call('HGET', key, 'lease_until') or '0')
@@ -35,10 +35,11 @@ for i = 4 + 2 * n, #ARGV, 2 do
     redis.call('ZREM', KEYS[2], id)
     local fn = redis.call('HGET', key, 'function')
     unbusy(prefix, key, id)
-    redis.call('HSET', key, 'state', 'QUEUED', 'token', '', 'queued_at', ARGV[2],
+    redis.call('HSET', key, 'state', 'QUEUED', 'token', '',
       'last_error', '{"errorType":"WorkerLost","errorMessage":"lease expired: the worker stopped renewing it"}')
     move(prefix, fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', key, 'seq'))
-    push_head(prefix, key, id, ARGV[i + 1])
+    push_head(prefix, key, id, ARGV[i + 1], now, aging)
+    redis.call('HSET', key, 'queued_at', ARGV[2])  -- after push_head, which reads when it was first queued
     deadline(prefix, key, id)
     reaped = reaped + 1
   elseif redis.call('HGET', key, 'state') ~= 'RUNNING' then
@@ -149,7 +150,7 @@ return redis.call('ZRANGE', pending, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 """
 )
 
-# KEYS: task.  ARGV: prefix, from_queue, to_queue, envelope (built for to_queue), from_pool, to_pool.
+# KEYS: task.  ARGV: prefix, from_queue, to_queue, envelope (built for to_queue), from_pool, to_pool, now, aging_s.
 # A pool with no live worker hands a QUEUED task over to another pool's queue: its record names the new queue and the
 # new message, so the old message, still in the old list, is a stale copy that POP_CLAIM drops; and a worker that
 # took the old one anyway can only claim the task once (CLAIM compares the state), so it never runs twice. At the head
@@ -163,15 +164,15 @@ end
 local id, fn = redis.call('HGET', KEYS[1], 'id'), redis.call('HGET', KEYS[1], 'function')
 redis.call('ZREM', ARGV[1] .. ':pending:' .. ARGV[2], id)
 redis.call('HSET', KEYS[1], 'queue', ARGV[3])
-push_head(ARGV[1], KEYS[1], id, ARGV[4])
+push_head(ARGV[1], KEYS[1], id, ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8]))
 redis.call('HINCRBY', ARGV[1] .. ':m:overflow', fn .. '\\31' .. ARGV[5] .. '\\31' .. ARGV[6], 1)
 return 1
 """
 )
 
-# KEYS: task.  ARGV: prefix, score, envelope, queue.  Push a lost task's message again, at the head of its queue, if
-# it is still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it since). A pending
-# entry whose record expired is dropped. Returns 1 (pushed) or 0.
+# KEYS: task.  ARGV: prefix, score, envelope, queue, now, aging_s.  Push a lost task's message again, at the head of
+# its queue, if it is still QUEUED with the position score the scan saw (unchanged: nobody pushed or claimed it
+# since). A pending entry whose record expired is dropped. Returns 1 (pushed) or 0.
 REQUEUE_LOST = (
     HELPERS
     + """
@@ -185,7 +186,7 @@ local id = redis.call('HGET', KEYS[1], 'id')
 if redis.call('ZSCORE', ARGV[1] .. ':pending:' .. redis.call('HGET', KEYS[1], 'queue'), id) ~= ARGV[2] then
   return 0
 end
-push_head(ARGV[1], KEYS[1], id, ARGV[3])
+push_head(ARGV[1], KEYS[1], id, ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
 return 1
 """
 )

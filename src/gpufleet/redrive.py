@@ -11,6 +11,11 @@ one reason (a later redrive of all of them skips what that one handled). A messa
 letter, which the next redrive reads: one copy per redrive at most (before, each redrive read every copy again and
 doubled them: 13, 26, 52, 104). A message with several dead letters in one read is sent once. A dry run lists the
 letters it would send and moves nothing.
+
+It trusts only this fleet's own letters (:mod:`gpufleet.letters`): one that is unsigned, or whose signature does not
+match its bytes and headers (forged, or changed), is not sent, and the report names it, unless the operator passes
+``accept_unsigned`` (letters written before letters were signed). Its mark moves past it like any other, so run a
+dry run first: it shows which letters are signed.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gpufleet import letters
 from gpufleet.destinations import parse_destination
-from gpufleet.errors import ConfigError, NotFoundError
+from gpufleet.errors import BrokerError, ConfigError, NotFoundError
 from gpufleet.readback import Record, Stream, commit, committed, read
+from gpufleet.registry import REDIS_ERRORS, Registry
 
 if TYPE_CHECKING:
     from gpufleet.settings import Fleet
@@ -44,6 +51,7 @@ class RedriveReport:
     ignored: int = 0
     reasons: dict[str, int] = field(default_factory=dict)  # why the refused ones were refused
     letters: list[dict[str, Any]] = field(default_factory=list)  # a dry run's: what each letter is and why
+    refused: list[dict[str, Any]] = field(default_factory=list)  # unsigned or forged letters, not sent
 
 
 def group_of(fleet: Fleet, trigger: str, reason: str | None = None) -> str:
@@ -64,9 +72,11 @@ class Marks:
         return offset < self._by_reason[reason].get(partition, 0)
 
 
-def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool = False) -> RedriveReport:
+def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool = False,
+            accept_unsigned: bool = False) -> RedriveReport:  # fmt: skip
     """Send the trigger's dead letters not redriven before (or those of one ``reason``) through its intake again,
-    as the trigger first saw them. Refused again, a message gets a new dead letter."""
+    as the trigger first saw them. Refused again, a message gets a new dead letter. Letters this fleet did not sign
+    are not sent, unless ``accept_unsigned``."""
     settings = fleet.triggers.get(trigger)
     if settings is None:
         raise NotFoundError("trigger_not_found", f"no trigger {trigger!r}; configured: {sorted(fleet.triggers)}")
@@ -82,6 +92,13 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
         for p, offset in committed(fleet, stream, group_of(fleet, trigger, reason)).items():
             done[p] = max(done.get(p, 0), offset)
     marks = Marks(fleet, stream, trigger)
+    registry = Registry.for_fleet(fleet.settings)
+    try:
+        key = letters.fleet_key(registry.client, registry.prefix)
+    except REDIS_ERRORS as exc:
+        raise BrokerError(f"cannot read the fleet's dead-letter key from Redis: {exc}") from exc
+    finally:
+        registry.client.close()
     report = RedriveReport(trigger)
     messages: dict[str, SourceMessage] = {}  # by the message's identity: one send each
     upto: dict[int, int] = {}  # partition -> where this read ended
@@ -94,6 +111,14 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
         if reason is None and marks.handled(why, r.partition, r.offset):  # by a redrive of its reason alone
             continue
         report.read += 1
+        signed = letters.verify(key, r.value, r.headers)
+        if not signed and not accept_unsigned:
+            why = "forged or changed" if letters.SIGNATURE_HEADER in r.headers else "unsigned"
+            at = f"{r.topic}/{r.partition}/{r.offset}"
+            report.refused.append({"at": at, "why": why, "reason": r.headers.get("reason"),
+                                   "source": r.headers.get("source", r.key)})  # fmt: skip
+            log.warning("dead letter not redriven: this fleet did not sign it", at=at, why=why)
+            continue
         message = _message(settings, r)
         if message.default_id in messages:
             report.duplicates += 1
@@ -101,7 +126,7 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
         if dry_run:
             report.letters.append({"at": f"{r.topic}/{r.partition}/{r.offset}", "reason": r.headers.get("reason"),
                                    "detail": r.headers.get("detail", ""), "source": message.source_id,
-                                   "id": message.default_id})  # fmt: skip
+                                   "id": message.default_id, "signed": signed})  # fmt: skip
     if dry_run:
         return report
     if messages:
@@ -109,13 +134,14 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
     if upto:  # what was read is durable now: the next redrive starts after it
         commit(fleet, stream, group_of(fleet, trigger, reason), upto)
     log.info("redrive done", trigger=trigger, read=report.read, queued=report.queued, duplicates=report.duplicates,
-             dead_lettered=report.dead_lettered)  # fmt: skip
+             dead_lettered=report.dead_lettered, refused=len(report.refused))  # fmt: skip
     return report
 
 
 def _message(settings: TriggerSettings, r: Record) -> SourceMessage:
+    from gpufleet.letters import DEFAULT_ID_HEADER, OBJECT_HEADER, SUPPLIED_ID_HEADER
     from gpufleet.objects import ObjectEvent
-    from gpufleet.triggers.base import DEFAULT_ID_HEADER, OBJECT_HEADER, SUPPLIED_ID_HEADER, SourceMessage
+    from gpufleet.triggers.base import SourceMessage
 
     headers = {settings.id_header: r.headers[SUPPLIED_ID_HEADER].encode()} if (
         settings.id_header and SUPPLIED_ID_HEADER in r.headers) else {}  # fmt: skip

@@ -122,10 +122,11 @@ class Callback:
 
 class Registry:
     def __init__(self, client: redis.Redis, prefix: str = "gpufleet", retention_s: int = 7 * 86_400,
-                 wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:  # fmt: skip
+                 wait_replicas: int = 0, wait_timeout_ms: int = 1000, aging_s: float = 60.0) -> None:  # fmt: skip
         self.client = client
         self.prefix = prefix
         self.retention_s = retention_s
+        self.aging_s = aging_s  # defaults.priority_aging_s: a re-queued task goes in at the level it has earned
         self.wait_replicas = wait_replicas  # enqueue_many returns once this many replicas have the tasks
         self.wait_timeout_ms = wait_timeout_ms
         self.leases_key = f"{prefix}:leases"
@@ -157,7 +158,8 @@ class Registry:
     def for_fleet(cls, settings: FleetSettings) -> Registry:
         r = settings.redis
         client = redisconn.client(r.url, **CLIENT_OPTIONS)
-        return cls(client, r.key_prefix, settings.defaults.retention_s, r.wait_replicas, r.wait_timeout_ms)
+        d = settings.defaults
+        return cls(client, r.key_prefix, d.retention_s, r.wait_replicas, r.wait_timeout_ms, d.priority_aging_s)
 
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
@@ -340,7 +342,7 @@ class Registry:
             if not due and not lapsed:
                 break
             promote, reap = self._envelopes(due, envelope_for), self._envelopes(lapsed, envelope_for)
-            args: list[Any] = [self.prefix, now, len(promote)]
+            args: list[Any] = [self.prefix, now, self.aging_s, len(promote)]
             for task_id, envelope in (*promote, *reap):
                 args += [task_id, envelope]
             done = self._housekeep(keys=[self.delayed_key, self.leases_key], args=args)
@@ -360,7 +362,7 @@ class Registry:
         if not pairs or not pairs[0][1]:
             return False
         error = b"" if message is None else orjson.dumps({"errorType": error_type, "errorMessage": message})
-        args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], error]
+        args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], error, self.aging_s]
         return bool(self._hand_back(keys=[self.task_key(task_id), self.leases_key], args=args))
 
     def age(self, aging_s: float, limit: int = 1000) -> int:
@@ -382,7 +384,7 @@ class Registry:
         pairs = self._envelopes([task_id], envelope_for)
         if not pairs:
             return False
-        args: list[Any] = [self.prefix, score, pairs[0][1], queue]
+        args: list[Any] = [self.prefix, score, pairs[0][1], queue, time.time(), self.aging_s]
         return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=args))
 
     def move_queued(self, task_ids: list[str], from_queue: str, to_queue: str, envelope_for: EnvelopeFor,
@@ -395,7 +397,8 @@ class Registry:
             envelope = None if call is None else envelope_for(task_id, call[0], call[1], call[2], to_queue)
             if envelope is not None:
                 self._move_queued(keys=[self.task_key(task_id)], client=pipe,
-                                  args=[self.prefix, from_queue, to_queue, envelope, *pools])  # fmt: skip
+                                  args=[self.prefix, from_queue, to_queue, envelope, *pools, time.time(),
+                                        self.aging_s])  # fmt: skip
         return sum(pipe.execute())
 
     def counts(self, function: str) -> dict[str, int]:

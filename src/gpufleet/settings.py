@@ -192,8 +192,13 @@ class ApiSettings(_Model):
     # A laptop: a weak api.token (and webhook secrets) are allowed, but only while host is a loopback address.
     dev: bool = False
     max_page: int = Field(500, ge=1, le=10_000)
-    # Connections and requests served at once; more are answered 503 at once (uvicorn's limit_concurrency).
+    # Requests served at once; more are answered 503 at once. A connection still sending its request head is not
+    # one: it has header_timeout_s to finish it (else 408), and one client address holds at most
+    # max_connections_per_client connections (behind a reverse proxy, every client has the proxy's address: raise
+    # it to what the proxy opens, and cap clients there).
     max_connections: int = Field(200, ge=1, le=100_000)
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_connections_per_client: int = Field(64, ge=1, le=100_000)
     # A request body must arrive within this, or the request is answered 408 and its connection closed.
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
 

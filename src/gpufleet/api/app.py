@@ -30,6 +30,7 @@ from gpufleet import __version__
 from gpufleet.aliases import ALIAS_RE
 from gpufleet.api import bodies, dashboard, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
+from gpufleet.api.protocol import RequestLimit
 from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import InvalidRequestError
@@ -99,6 +100,7 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
     )
     install_error_handlers(app)
     app.add_middleware(Observe)
+    app.add_middleware(RequestLimit, limit=settings.api.max_connections)  # outermost: a 503 costs nothing more
     guards = [Depends(authorize), Depends(_known_query)]
     v1 = APIRouter(prefix="/v1", dependencies=guards, responses=_errors(401, 422, 503))
 

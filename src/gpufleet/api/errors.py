@@ -1,11 +1,12 @@
 """Every error the HTTP API answers is JSON of one shape: ``{"error": {"code": ..., "message": ...}}``.
 
 Codes: ``unauthorized`` (401), ``not_found`` (404, no such route), ``task_not_found`` and ``function_not_found``
-(404), ``method_not_allowed`` (405), ``body_timeout`` (408), ``not_retriable``, ``function_not_served``, ``busy``
-and ``id_conflict`` (409), ``payload_too_large`` (413), ``invalid_request`` (422, with ``details``: the request
-failed validation), ``invalid_json``, ``schema_mismatch``, ``bad_idempotency_key``, ``bad_limit``, ``bad_state``
-and ``bad_cursor`` (422), ``internal`` (500), ``sns_confirm_failed`` (502) and ``unavailable`` (503: Redis cannot
-be reached; try again).
+(404), ``method_not_allowed`` (405), ``body_timeout`` and ``header_timeout`` (408), ``not_retriable``,
+``function_not_served``, ``busy`` and ``id_conflict`` (409), ``payload_too_large`` (413), ``invalid_request`` (422,
+with ``details``: the request failed validation), ``invalid_json``, ``schema_mismatch``, ``bad_idempotency_key``,
+``bad_limit``, ``bad_state`` and ``bad_cursor`` (422), ``internal`` (500), ``sns_confirm_failed`` (502),
+``unavailable`` (503: Redis cannot be reached, or too many requests at once; try again) and
+``too_many_connections`` (503: too many connections from one address).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, _unavailable)
 
 
+STATIC_PREFIX = "/dashboard/static/"  # the dashboard's own files: the only answers a cache may keep
+
 # Answered before the body was read (or all of it): the connection is closed, so the rest is never read either.
 CLOSE = {"Connection": "close"}
 
@@ -84,7 +87,10 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 class Observe:
     """Outermost but one: logs each request at debug (uvicorn's access log is off) and turns an unexpected
-    exception into a logged 500 ``internal``, so nothing is logged twice and no traceback reaches the client."""
+    exception into a logged 500 ``internal``, so nothing is logged twice and no traceback reaches the client.
+
+    Every answer says ``X-Content-Type-Options: nosniff``, and every one but the dashboard's static files
+    ``Cache-Control: no-store``: task results and tokens in them must not stay in a browser's or a proxy's cache."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -95,11 +101,16 @@ class Observe:
             return
         start = time.perf_counter()
         status = 0
+        cacheable = scope["path"].startswith(STATIC_PREFIX)
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                extra = [(b"x-content-type-options", b"nosniff")]
+                if not cacheable and not any(name.lower() == b"cache-control" for name, _ in message["headers"]):
+                    extra.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": [*message["headers"], *extra]}
             await send(message)
 
         try:
@@ -112,7 +123,7 @@ class Observe:
                 return  # the response has started; nothing more can be sent
             status = 500
             response = error_response(500, "internal", "internal error; it has been logged")
-            await response(scope, receive, send)
+            await response(scope, receive, send_status)
         finally:
             log.debug("request", method=scope["method"], path=scope["path"], status=status,
                       duration_ms=round((time.perf_counter() - start) * 1000, 3))  # fmt: skip

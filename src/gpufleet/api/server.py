@@ -18,6 +18,7 @@ import uvicorn
 
 from gpufleet.api import check_port_free
 from gpufleet.api.app import create_app
+from gpufleet.api.protocol import guarded_protocol
 from gpufleet.control import ControlPlane
 from gpufleet.settings import Fleet
 from gpufleet.triggers import backend, served_by
@@ -51,9 +52,10 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
         lifespan="off",
         server_header=False,
         timeout_graceful_shutdown=GRACE_S,
-        # Connections and requests at once; beyond it, 503 at once. With api.body_timeout_s this bounds what slow
-        # or stalled clients can hold: max_connections bodies of at most max_payload_bytes, for at most that long.
-        limit_concurrency=api.max_connections,
+        # Slow clients: a header timeout and a cap per address here, api.max_connections requests at once in the
+        # app (RequestLimit). With api.body_timeout_s, stalled clients hold at most max_connections bodies of at
+        # most max_payload_bytes, for at most that long.
+        http=guarded_protocol(api.header_timeout_s, api.max_connections_per_client),
     )
     try:
         _Server(config, stop).run()

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gpufleet.api.bodies import read_body
 from gpufleet.api.errors import CLOSE, error_response
-from gpufleet.triggers.webhook import SIGNATURE_HEADER, WebhookTrigger
+from gpufleet.triggers.webhook import WebhookTrigger
 
 log = structlog.get_logger("gpufleet.webhook")
 
@@ -24,26 +24,25 @@ def router(webhooks: list[WebhookTrigger], body_timeout_s: float) -> APIRouter:
     """``POST /v1/webhooks/<path>``, one route for every webhook trigger. Not behind the API token: each trigger
     has its own secret.
 
-    Nothing tells a caller without credentials whether a path exists: an unknown path, a missing and a wrong
-    credential get the same 401. The body is only read for a caller whose Bearer or Basic credentials were right,
-    or who sent a signature header (an HMAC needs the body): then at most the largest webhook limit is read,
-    within ``api.body_timeout_s``, whatever the path.
+    Whether to read a body at all is decided from the headers, on every path: the body is read only for a webhook
+    path whose Bearer or Basic credentials are right, or whose signed request is plausible (this trigger has an
+    HMAC secret, and the signature's form and the timestamp are right, see
+    :meth:`WebhookTrigger.signature_plausible`). Then at most that trigger's ``max_payload_bytes`` are read, within
+    ``api.body_timeout_s``, and the HMAC is checked over them. Whatever else went wrong, the answer is the same 401.
     """
     hooks = {hook.path: hook for hook in webhooks}
-    signed_limit = max(hook.max_bytes for hook in webhooks)
     api = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
     async def receive(request: Request, path: str) -> JSONResponse:
         hook = hooks.get(path)
-        if hook is not None and hook.header_authorized(request.headers):
+        if hook is None:
+            return _unauthorized(request, hook)
+        if hook.header_authorized(request.headers):
             body = await read_body(request, hook.max_bytes, body_timeout_s)
-        elif SIGNATURE_HEADER.lower() in request.headers:
-            body = await read_body(request, signed_limit, body_timeout_s)
-            if hook is None or not hook.signature_authorized(request.headers, body, time.time()):
+        elif hook.signature_plausible(request.headers, time.time()):
+            body = await read_body(request, hook.max_bytes, body_timeout_s)
+            if not hook.signature_authorized(request.headers, body, time.time()):
                 return _unauthorized(request, hook)
-            if len(body) > hook.max_bytes:
-                return error_response(413, "payload_too_large", f"the body exceeds {hook.max_bytes} bytes",
-                                      headers=CLOSE)  # fmt: skip
         else:
             return _unauthorized(request, hook)
         status, answer = await run_in_threadpool(hook.receive, body, request.headers.get("traceparent"))

@@ -35,6 +35,9 @@ def add_commands(command: AddCommand) -> None:
     p.add_argument("trigger")
     p.add_argument("--reason", help="only dead letters refused for this reason (e.g. unknown_function)")
     p.add_argument("--dry-run", action="store_true", help="list them with their reason and detail, send nothing")
+    p.add_argument("--accept-unsigned", action="store_true",
+                   help="send letters this fleet did not sign too (written before letters were signed): by default "
+                   "they are named and not sent")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
 
 
@@ -159,18 +162,23 @@ def _redrive(args: argparse.Namespace) -> int:
 
     from gpufleet.redrive import redrive
 
-    report = redrive(_load(args), args.trigger, args.reason, args.dry_run)
+    report = redrive(_load(args), args.trigger, args.reason, args.dry_run, args.accept_unsigned)
     if args.json:
         print_json(asdict(report))
     else:
         which = f" ({args.reason})" if args.reason else ""
         print(f"{report.read} dead letters of trigger {report.trigger}{which} not redriven before")
+        if report.refused:
+            print(f"{len(report.refused)} not sent: this fleet did not sign them (--accept-unsigned sends them too)")
+            for r in report.refused:
+                print(f"  {r['at']}  {r['why']}  reason={r['reason']}  source={r['source']}")
         if args.dry_run:
-            rows = [[r["at"], r["reason"], r["source"], r["detail"][:120]] for r in report.letters]
-            print(table(["dead letter", "reason", "source", "detail"], rows, "(none)"))
+            rows = [[r["at"], r["reason"], "yes" if r["signed"] else "no", r["source"], r["detail"][:120]]
+                    for r in report.letters]  # fmt: skip
+            print(table(["dead letter", "reason", "signed", "source", "detail"], rows, "(none)"))
             print("dry run: nothing sent")
         else:
             print(f"queued {report.queued}, already there {report.duplicates}, refused again {report.dead_lettered}"
                   + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(report.reasons.items()))})" if report.reasons
                      else ""))  # fmt: skip
-    return EXIT_FAILED if report.dead_lettered else EXIT_OK
+    return EXIT_FAILED if report.dead_lettered or report.refused else EXIT_OK

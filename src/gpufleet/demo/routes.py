@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import yaml
 
-from gpufleet.credentials import sign
+from gpufleet.credentials import sign_delivery
 from gpufleet.urls import amqp_login
 
 SECRET_ENV = "DEMO_HOOK_SECRET"  # noqa: S105 - the name of the variable, not a secret
@@ -46,10 +46,12 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 stamp = self.headers.get("X-Gpufleet-Timestamp", "")
+                task_id = self.headers.get("X-Gpufleet-Task-Id", "")
+                expected = sign_delivery(secret, task_id, body, stamp)
                 ok = stamp.isdigit() and abs(time.time() - int(stamp)) < 300 and hmac.compare_digest(
-                    self.headers.get("X-Gpufleet-Signature", ""), sign(secret, body, stamp))  # fmt: skip
+                    self.headers.get("X-Gpufleet-Signature", ""), expected)  # fmt: skip
                 if ok:
-                    receiver.records[self.headers.get("X-Gpufleet-Task-Id", "")] = orjson.loads(body)
+                    receiver.records[task_id] = orjson.loads(body)
                 else:
                     receiver.refused += 1
                 self.send_response(204 if ok else 401)

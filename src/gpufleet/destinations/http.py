@@ -10,9 +10,9 @@ the receiver's and is sent as it is; gpufleet's options are in the fragment, whi
 Each request carries the record as its body (``Content-Type: application/json``) and these headers:
 
 - ``X-Gpufleet-Timestamp``: unix seconds when it was sent;
-- ``X-Gpufleet-Signature``: ``sha256=`` + hex HMAC-SHA256 of ``<timestamp>.<body>`` with the secret. A receiver
-  recomputes it over the raw body, compares in constant time, and refuses a timestamp more than a few minutes
-  old, so a captured request cannot be replayed (the README shows how);
+- ``X-Gpufleet-Signature``: ``sha256=`` + hex HMAC-SHA256 of ``<timestamp>.<task id>.<body>`` with the secret. A
+  receiver recomputes it over the raw body, compares in constant time, and refuses a timestamp more than a few
+  minutes old, so a captured request cannot be replayed nor its task id changed (the README shows how);
 - ``X-Gpufleet-Task-Id``: the record's key, to de-duplicate on (delivery is at-least-once);
 - ``X-Gpufleet-Condition`` and ``X-Gpufleet-Function``: the record's headers; ``traceparent`` (W3C trace context)
   as it is.
@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 
 from gpufleet import __version__
-from gpufleet.credentials import shared_secret_fix, sign
+from gpufleet.credentials import shared_secret_fix, sign_delivery
 from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import ConfigError, DeliveryError
 from gpufleet.urls import Endpoint, EnvName, Options
@@ -105,8 +105,9 @@ class HttpDestination:
         import httpx
 
         stamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: stamp,
-                   SIGNATURE_HEADER: sign(self._secret, record.value, stamp), "X-Gpufleet-Task-Id": record.key,
+        signature = sign_delivery(self._secret, record.key, record.value, stamp)
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: signature,
+                   "X-Gpufleet-Task-Id": record.key,
                    **{name if name == "traceparent" else f"X-Gpufleet-{name.title()}": value
                       for name, value in record.headers.items()}}  # fmt: skip
         try:

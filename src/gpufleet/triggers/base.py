@@ -32,6 +32,7 @@ from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.errors import BrokerError, EventError, unreachable_hint
 from gpufleet.ids import OBJECT_ORIGIN, SUPPLIED_ID_RE, trigger_origin, trigger_task_id
 from gpufleet.intake import Intake, Producer, check_priority
+from gpufleet.letters import DEFAULT_ID_HEADER, OBJECT_HEADER, SIGNATURE_HEADER, SUPPLIED_ID_HEADER, fleet_key, sign
 from gpufleet.messages import MAX_PRIORITY
 from gpufleet.objects import ObjectEvent
 from gpufleet.parking import Parking
@@ -56,9 +57,6 @@ MALLOC_TRIM_THRESHOLD = 64 << 20
 MALLOC_MMAP_THRESHOLD = 16 << 20
 # Headers a dead letter carries so that `gpufleet redrive` rebuilds the message as the trigger first saw it, with the
 # same identity (see gpufleet.readback).
-DEFAULT_ID_HEADER = "default_id"
-SUPPLIED_ID_HEADER = "supplied_id"
-OBJECT_HEADER = "object_event"  # the value is one ObjectEvent's JSON (a bucket listing), not a notification
 MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
 
 
@@ -248,6 +246,7 @@ class Ingest:
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
         self.dead_letter: Destination = open_destination(self.dead_letter_url, s)
         self.parking = Parking(self.registry.client, s.redis.key_prefix)
+        self._letter_key: bytes | None = None  # the fleet's dead-letter key (gpufleet.letters), read when first needed
         self.redis_hint = unreachable_hint("Redis", "redis.url", redact_url(s.redis.url))
         # What this trigger did so far, for its logs and for tests; updated by publish().
         self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
@@ -427,7 +426,14 @@ class Ingest:
             log.warning("cannot report trigger lag to Redis", error=str(exc))
 
     def _dead_letter(self, dead: list[OutRecord]) -> None:
-        """Deliver dead letters; park those the destination refuses for good, so the source can move on."""
+        """Sign and deliver dead letters; park those the destination refuses for good, so the source can move on."""
+        if self._letter_key is None:
+            try:
+                self._letter_key = fleet_key(self.registry.client, self.registry.prefix)
+            except REDIS_ERRORS as exc:
+                raise BrokerError(f"cannot read the fleet's dead-letter key from Redis: {exc}") from exc
+        for record in dead:
+            record.headers[SIGNATURE_HEADER] = sign(self._letter_key, record.value, record.headers)
         refused = self.dead_letter.deliver(dead)
         if refused:
             log.error("dead-letter destination refused records for good; parked", count=len(refused),

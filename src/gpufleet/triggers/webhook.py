@@ -6,13 +6,14 @@ A trigger file with ``source: webhook:///minio`` is served by the api role (``se
 - **Authentication**, per trigger, checked before anything else (401 and nothing enqueued without it):
   ``Authorization: Bearer <token>`` (MinIO's ``auth_token``), HTTP Basic with the token as the password (for
   SNS: subscribe ``https://gpufleet:<token>@host/v1/webhooks/name``), or ``X-Gpufleet-Signature:
-  sha256=<hex HMAC-SHA256>`` with ``hmac_secret``, over the body or, with ``X-Gpufleet-Timestamp``, over
-  ``<timestamp>.<body>`` (see :meth:`WebhookTrigger.signature_authorized`). Bearer and Basic are checked before
-  the body is read; an unknown path and a bad credential get the same 401 (see
-  :func:`gpufleet.api.webhooks.router`).
-- **Replays.** A sender that cannot sign a timestamp (MinIO, Ceph and SNS send a bearer token or Basic
-  credentials) is protected by the task ids instead: an object event's id is the object's identity, so a replayed
-  notification is a duplicate for as long as the task's record is kept (``retention_s``).
+  sha256=<hex HMAC-SHA256>`` with ``hmac_secret``, over ``<timestamp>.<body>`` with ``X-Gpufleet-Timestamp`` (see
+  :meth:`WebhookTrigger.signature_authorized`). What the headers can show is checked before any of the body is
+  read: the credentials for Bearer and Basic, the path, the form of the signature and the timestamp for a signed
+  request (see :func:`gpufleet.api.webhooks.router`).
+- **Replays.** A signed timestamp is required by default, and accepted within ``hmac_tolerance_s``. A sender that
+  cannot sign one (MinIO, Ceph and SNS send a bearer token or Basic credentials) is protected by the task ids
+  instead: an object event's id is the object's identity, so a replayed notification is a duplicate for as long as
+  the task's record is kept (``retention_s``).
 - **Durable before 2xx**: the answer comes after the tasks are in Redis (and dead letters are acknowledged by
   Kafka). If Redis is unreachable for ``PUBLISH_TIMEOUT_S``, it is 503 and the sender retries.
 - Bodies over ``max_payload_bytes`` get 413. A body that cannot become tasks (malformed, not S3 events, too many
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import re
 import threading
 import uuid
 from collections.abc import Mapping
@@ -54,6 +56,7 @@ PUBLISH_TIMEOUT_S = 10.0
 SIGNATURE_HEADER = "X-Gpufleet-Signature"
 TIMESTAMP_HEADER = "X-Gpufleet-Timestamp"
 MAX_STAMP_DIGITS = 12
+SIGNATURE_FORM = re.compile(r"sha256=[0-9a-f]{64}")
 
 
 class WebhookSettings(ObjectEvents, TriggerSettings):
@@ -65,10 +68,11 @@ class WebhookSettings(ObjectEvents, TriggerSettings):
     token_env: str | None = None
     hmac_secret: str | None = None
     hmac_secret_env: str | None = None
-    # A signature may cover a timestamp (X-Gpufleet-Timestamp), accepted within this many seconds of now; required
-    # with hmac_require_timestamp, so a captured request cannot be replayed later.
+    # A signature covers a timestamp (X-Gpufleet-Timestamp), accepted within this many seconds of now, so a captured
+    # request cannot be replayed later. hmac_require_timestamp: false also accepts a signature of the body alone,
+    # which can be replayed for ever: only for a sender that cannot sign a timestamp.
     hmac_tolerance_s: int = Field(300, ge=1, le=86_400)
-    hmac_require_timestamp: bool = False
+    hmac_require_timestamp: bool = True
     # SubscribeURL hosts we may GET (https only) to confirm a subscription: exact host names, or "*" for exactly
     # one DNS label (see gpufleet.triggers.sns). sns_confirm_private allows IP literals and private/loopback
     # addresses: for LocalStack or a test fleet; never on an internet-facing fleet.
@@ -137,21 +141,26 @@ class WebhookTrigger(SourceTrigger[WebhookSettings]):
             return hmac.compare_digest(password.encode(), token.encode())
         return False
 
-    def signature_authorized(self, headers: Any, body: bytes, now: float) -> bool:
-        """``X-Gpufleet-Signature: sha256=HMAC(secret, body)``, or, with ``X-Gpufleet-Timestamp: <unix seconds>``,
-        ``HMAC(secret, "<timestamp>." + body)`` and a timestamp within ``hmac_tolerance_s`` of now: a captured
-        request cannot be replayed later. ``hmac_require_timestamp`` refuses signatures without one."""
-        secret = self.trigger.hmac_secret
-        if secret is None:
+    def signature_plausible(self, headers: Any, now: float) -> bool:
+        """What a signed request's headers alone can show, checked before any of its body is read: this trigger
+        has an HMAC secret, the signature is ``sha256=`` and 64 hex digits, and the timestamp is present (unless
+        ``hmac_require_timestamp: false``) and within ``hmac_tolerance_s`` of now."""
+        signature = headers.get(SIGNATURE_HEADER.lower(), "")
+        if self.trigger.hmac_secret is None or not SIGNATURE_FORM.fullmatch(signature):
             return False
         stamp = headers.get(TIMESTAMP_HEADER.lower())
-        if stamp is None and self.trigger.hmac_require_timestamp:
-            return False
+        if stamp is None:
+            return not self.trigger.hmac_require_timestamp
         # Unix seconds: a dozen digits at most (int() of thousands would raise, and cost a 500).
-        if stamp is not None and not (stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_STAMP_DIGITS
-                                      and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s):  # fmt: skip
+        return (stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_STAMP_DIGITS
+                and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s)  # fmt: skip
+
+    def signature_authorized(self, headers: Any, body: bytes, now: float) -> bool:
+        """``X-Gpufleet-Signature: sha256=HMAC(secret, "<timestamp>." + body)`` with ``X-Gpufleet-Timestamp: <unix
+        seconds>`` (see :meth:`signature_plausible`), or ``HMAC(secret, body)`` where the timestamp is optional."""
+        if not self.signature_plausible(headers, now) or self.trigger.hmac_secret is None:
             return False
-        expected = sign(secret, body, stamp)
+        expected = sign(self.trigger.hmac_secret, body, headers.get(TIMESTAMP_HEADER.lower()))
         return hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), "").encode(), expected.encode())
 
     def receive(self, body: bytes, traceparent: str | None = None) -> tuple[int, dict[str, Any]]:
