@@ -31,6 +31,7 @@ from gpufleet.dev.services import free_port
 from tests.harness import FleetHarness
 
 TOKEN = "vlm5BGAxmTo_-cSIGqI7RtGJXLejaQpMe9MJT7Y80F4"
+MONITORING = "Mq3Wz8Rk5Tn1Vb7Xc2Lp9Hd4Jf6Gs0Ya"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_PAYLOAD = 4096  # the harness's defaults.max_payload_bytes
 FUZZ_EXAMPLES = 25  # per operation and generation mode: 31 runs, ~700 requests, ~20 s
@@ -68,7 +69,7 @@ class Api:
 def _serve(services: Any, tmp: Path, *roles: str, **config: Any) -> Iterator[Api]:
     harness = FleetHarness(services, tmp)
     port = free_port()
-    harness.write_config(api={"enabled": True, "port": port, "token": TOKEN}, **config)
+    harness.write_config(api={"enabled": True, "port": port, "token": TOKEN, **config.pop("api", {})}, **config)
     harness.start(*roles)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -95,7 +96,7 @@ def _listening(harness: FleetHarness, client: httpx.Client) -> Callable[[], bool
 @pytest.fixture(scope="module")
 def api(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """``gpufleet api`` alone: no workers, so invoked tasks stay QUEUED."""
-    with _serve(services, tmp_path_factory.mktemp("api"), "api") as api:
+    with _serve(services, tmp_path_factory.mktemp("api"), "api", api={"monitoring_token": MONITORING}) as api:
         yield api
 
 
@@ -390,7 +391,12 @@ def test_a_failed_task_retried_runs_again(fleet: Api) -> None:
     view = fleet.wait_state(task_id, "FAILED")
     assert view["attempts"] == 3 and view["condition"] == "RetriesExhausted"
     assert view["error"]["errorType"] == "ValueError" and view["error"]["errorMessage"] == "boom on attempt 3"
+    assert view["error"]["stackTrace"]
     assert fleet.harness.runs(task_id) == 3
+    # A listing keeps it short: the error without its stack trace (one task's GET has it).
+    listed = fleet.client.get("/v1/tasks", params={"function": "always_fail"}).json()["items"]
+    [row] = [t for t in listed if t["id"] == task_id]
+    assert row["error"] == {k: v for k, v in view["error"].items() if k != "stackTrace"} and row["result"] is None
     r = fleet.client.post(f"/v1/tasks/{task_id}/retry")
     assert r.status_code == 202, r.text
     assert r.json()["previous_state"] == "FAILED"
@@ -428,16 +434,29 @@ def test_gpus_lists_the_worker_slots(fleet: Api) -> None:
 # -- the server -------------------------------------------------------------------------------------------------
 
 
+def test_a_monitoring_token_reads_metrics_and_scaling_and_nothing_else(api: Api) -> None:
+    """What Prometheus and KEDA hold cannot invoke, cancel, or read a task (before: only the full token worked)."""
+    monitor = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {MONITORING}"})
+    for path in ("/metrics", "/v1/scaling", "/v1/scaling/default/any"):
+        assert monitor.get(path).status_code == 200, path
+        assert api.client.get(path).status_code == 200, path  # the full token still reads them
+    task = api.invoke("echo", {"x": 1})
+    for method, path in (("POST", "/v1/functions/echo/invocations"), ("GET", f"/v1/tasks/{task}"),
+                         ("POST", f"/v1/tasks/{task}/cancel"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
+                         ("GET", "/v1/overview"), ("GET", "/v1/parked"), ("GET", "/openapi.json")):  # fmt: skip
+        assert monitor.request(method, path, json={}).status_code == 401, (method, path)
+    assert api.task(task)["state"] == "QUEUED"
+
+
 def test_answers_are_never_cached_nor_sniffed(fleet: Api) -> None:
-    """Task results and errors must not stay in a browser's or a proxy's cache; only the dashboard's own files may."""
+    """Task results and errors must not stay in a browser's or a proxy's cache."""
     anonymous = httpx.Client(base_url=fleet.url)
     for r in (fleet.client.get("/v1/functions"), fleet.client.get("/v1/tasks/nope"), anonymous.get("/v1/functions"),
               fleet.client.get("/healthz"), fleet.client.get("/metrics")):  # fmt: skip
         assert r.headers["cache-control"] == "no-store", (r.request.url, r.headers)
         assert r.headers["x-content-type-options"] == "nosniff", (r.request.url, r.headers)
     static = anonymous.get("/dashboard/static/dashboard.js")
-    assert static.status_code == 200 and "no-store" not in static.headers.get("cache-control", "")
-    assert static.headers["x-content-type-options"] == "nosniff"
+    assert static.status_code == 200 and static.headers["x-content-type-options"] == "nosniff"
 
 
 def test_redis_unreachable_is_503(services: Any, tmp_path: Path) -> None:

@@ -208,8 +208,8 @@ def test_invoke_wait_cancel_retry_and_gpus_on_a_running_fleet(harness: FleetHarn
     assert json.loads(again.stdout)["state"] == "FAILED" and h.runs(failed_id) == 6
 
     # Both worker slots busy: a new task waits in the queue, and cancelling it there means it never runs.
-    # 20 s: longer than the four commands below take on a loaded machine (each a fresh process).
-    slow = [cli_json(h, "invoke", "slow", "--payload", '{"seconds": 20}')["id"] for _ in range(2)]
+    # 30 s: longer than the four commands below take on a loaded machine (each a fresh process; 20 s was not, once).
+    slow = [cli_json(h, "invoke", "slow", "--payload", '{"seconds": 30}')["id"] for _ in range(2)]
     # Both handlers started: RUNNING alone may be a task claimed ahead, waiting behind the other on one slot.
     h.wait_for(lambda: all(h.runs(i) == 1 for i in slow), what="both slots busy")
     queued = cli_json(h, "invoke", "echo")["id"]

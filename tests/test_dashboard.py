@@ -122,9 +122,31 @@ def test_the_session_cookie_is_not_enough_to_change_anything_without_the_csrf_he
         ok = anonymous.post(f"/v1/tasks/{task}/cancel", headers={"X-Gpufleet-Csrf": "1"})
         assert ok.status_code == 200 and ok.json()["outcome"] in ("cancelled", "cancelling")
         anonymous.cookies.clear()
-        anonymous.cookies.set("gpufleet_session", "9999999999.forged")
+        anonymous.cookies.set("gpufleet_session", "0" * 32 + ".forged")
         assert anonymous.get("/v1/overview").status_code == 401
         page = anonymous.get("/dashboard")
         assert page.status_code == 200 and "frame-ancestors 'none'" in page.headers["content-security-policy"]
         assert anonymous.get("/dashboard/static/dashboard.js").status_code == 200
         assert anonymous.get("/dashboard/static/..%2Fapp.py").status_code == 404
+
+
+def test_logout_ends_the_session_on_the_server_and_each_login_gets_its_own(fleet: Api) -> None:
+    """Before: logging out only asked the browser to drop the cookie (a copy of it still worked for 12 h), two
+    logins in one second got the same cookie, and behind a TLS proxy the cookie lacked Secure."""
+    cookies = []
+    for _ in range(2):  # within a second
+        r = httpx.post(f"{fleet.url}/dashboard/login", json={"token": TOKEN}, timeout=30)
+        assert r.status_code == 204
+        cookies.append(r.cookies["gpufleet_session"])
+    assert cookies[0] != cookies[1]
+    first, second = ({"gpufleet_session": c} for c in cookies)
+    assert httpx.get(f"{fleet.url}/v1/overview", cookies=first).status_code == 200
+    r = httpx.post(f"{fleet.url}/dashboard/logout", cookies=first)
+    assert r.status_code == 303 and 'gpufleet_session=""' in r.headers["set-cookie"]
+    assert httpx.get(f"{fleet.url}/v1/overview", cookies=first).status_code == 401  # the copy is worth nothing
+    assert httpx.get(f"{fleet.url}/v1/overview", cookies=second).status_code == 200  # the other session lives on
+    # A TLS proxy on a trusted address (FORWARDED_ALLOW_IPS, 127.0.0.1 by default) says the client came over https.
+    proxied = httpx.post(f"{fleet.url}/dashboard/login", json={"token": TOKEN}, headers={"X-Forwarded-Proto": "https"})
+    assert "; secure" in proxied.headers["set-cookie"].lower(), proxied.headers["set-cookie"]
+    plain = httpx.post(f"{fleet.url}/dashboard/login", json={"token": TOKEN})
+    assert "secure" not in plain.headers["set-cookie"].lower()

@@ -93,6 +93,13 @@ def test_a_killed_pool_process_gives_its_task_back_long_before_its_lease_lapses(
     assert view["state"] == "SUCCEEDED" and harness.runs(victim) == 2 and cp.status(first)["state"] == "SUCCEEDED"
 
 
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_cancel_then_kill_holds_for_a_task_taken_inside_a_run(harness: FleetHarness) -> None:
     """The stubborn task is taken straight from the queue, within DRAIN_S of the delivery that started the run: it
     ignores the cancel, is recorded CANCELLED and its process killed after cancel_grace_s (2 s), and runs once. The
@@ -108,7 +115,7 @@ def test_cancel_then_kill_holds_for_a_task_taken_inside_a_run(harness: FleetHarn
     views = finished(harness, cp, [first, stubborn, after], 30)
     assert [v["state"] for v in views] == ["SUCCEEDED", "CANCELLED", "SUCCEEDED"]
     assert "process was killed" in views[1]["error"]["errorMessage"]
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    harness.wait_for(lambda: gone(pid), 10, "the killed process to be gone")  # recorded first, then killed
     time.sleep(1)  # the killed run's delivery is handed to the next process: dropped, its task finished
     assert [harness.runs(i) for i in (first, stubborn, after)] == [1, 1, 1]
 

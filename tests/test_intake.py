@@ -26,7 +26,7 @@ from tests.s3samples import ceph_record, minio_log, minio_record
 from tests.strategies import JSON_MESSAGES, dumps, nested, notifications
 
 REASONS = {"oversize", "malformed_json", "schema_mismatch", "unknown_function", "bad_id", "nesting_too_deep",
-           "bad_number", "not_s3_event", "bad_record", "too_many_records"}  # fmt: skip
+           "bad_number", "not_s3_event", "bad_record", "too_many_records", "unknown_version"}  # fmt: skip
 TOKEN = "wY4kZmux8AOPuP-P_JLb8J0cDoaegQzzbtDp6DANkig"
 FUZZ_BATCHES, FUZZ_BATCH = 200, 50  # 10,000 inputs per trigger kind
 # CPU-bound: in two groups of one xdist worker each (make test), not all at once on 2 cores, where each took 3x as

@@ -17,7 +17,7 @@ import pytest
 from gpufleet.control import ControlPlane
 from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConflictError
-from gpufleet.jobs import shard_id
+from gpufleet.jobs import MAX_SPLIT_BYTES, shard_id
 from tests.harness import FleetHarness
 from tests.s3util import s3_client
 from tests.test_cli_control import cli
@@ -163,6 +163,17 @@ def test_a_split_that_cannot_run_as_shards_fails_the_job_at_once_with_why(
     assert harness.redis.exists(harness.registry.task_key(shard_id(job, 0))) == 0  # no shard was created
 
 
+def test_a_split_of_more_than_16_mib_fails_at_once_and_writes_nothing(harness: FleetHarness) -> None:
+    """Before: 1,500 shard events of 65 KB added 189 MiB to Redis in one script, which blocked it for 746 ms."""
+    plane = up(harness, gpus=1)
+    job = plane.invoke("bigsplit", {"n": 300, "size": 60_000}).id  # 18 MB together, each under 64 KiB
+    view = finished(plane, job)
+    assert view["state"] == "FAILED" and view["attempts"] == 1, view
+    assert view["error"]["errorType"] == "SplitTooLarge", view["error"]
+    assert f"more than {MAX_SPLIT_BYTES} bytes together" in view["error"]["errorMessage"]
+    assert harness.redis.exists(harness.registry.task_key(shard_id(job, 0))) == 0
+
+
 def test_a_shard_that_returns_its_data_inline_fails_at_once_and_says_to_upload_it(harness: FleetHarness) -> None:
     plane = up(harness, gpus=1)
     job = plane.invoke("tiles", {"n": 2, "shard": {"1": {"huge": True}}}).id
@@ -196,6 +207,14 @@ def test_one_record_for_the_job_lists_its_shards_and_shard_records_are_optional(
     listed = record["responseContext"]["shards"]
     assert [(s["index"], s["id"], s["state"], s["attempts"]) for s in listed] == [
         (i, shard_id(job, i), "SUCCEEDED", 1) for i in range(3)]  # fmt: skip
+
+    # A job's view lists its shards a page at a time (before: all of them, 2 MB for a big job); a listing, none.
+    page = plane.status(job, shards_offset=1, shards_limit=1)["shards"]
+    assert [s["index"] for s in page["items"]] == [1] and page["next_offset"] == 2 and page["total"] == 3
+    assert plane.status(job, shards_offset=2)["shards"]["next_offset"] is None
+    [row] = [t for t in plane.tasks("tiles")["items"] if t["id"] == job]
+    assert not (row.get("shards") or {}).get("items")
+    assert row["result"] is None and row["result_bytes"] == len(orjson.dumps({"n": 3, "values": [0, 10, 20]}))
 
     logged = plane.invoke("tiles_logged", {"n": 2}).id  # shard_records=True: each shard's record too
     assert finished(plane, logged)["result"] == 10

@@ -3,13 +3,16 @@ aws-lambda-java-libs' samples): a consumer written for Lambda's finds every fiel
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from gpufleet.records import Condition, callback_record, function_arn
+from gpufleet.functions import _import_file
+from gpufleet.records import Condition, callback_record, error_payload, function_arn
 
 VECTORS = Path(__file__).parent / "data" / "s3-vectors"
 
@@ -117,3 +120,21 @@ def test_tails_line_shows_the_result_or_the_error_not_the_boilerplate() -> None:
     never_ran = orjson.dumps(ours(Condition.EVENT_AGE_EXCEEDED, started_at=None))
     assert "requestContext" not in outcome_text(never_ran)
     assert outcome_text(b"not json") == "not json" and outcome_text(b"[1]") == "[1]"
+
+
+def test_a_stack_trace_names_files_from_their_package_never_where_the_worker_is_installed(tmp_path: Path) -> None:
+    """Before: a failure record's stackTrace carried the worker's absolute install paths (its home, its venv)."""
+    folder = tmp_path / "workers"
+    folder.mkdir()
+    (folder / "parse.py").write_text(
+        "import json\n\ndef handler():\n    try:\n        json.loads('{')\n"
+        "    except ValueError as exc:\n        raise RuntimeError('bad input') from exc\n"
+    )
+    module: Any = _import_file(folder / "parse.py")
+    with pytest.raises(RuntimeError) as caught:
+        module.handler()
+    trace = "".join(error_payload(caught.value)["stackTrace"])
+    files = re.findall(r'File "([^"]+)"', trace)
+    assert "workers/parse.py" in files and "json/decoder.py" in files, trace
+    assert not [f for f in files if f.startswith("/") or str(tmp_path) in f or sys.prefix in f], files
+    assert "json.decoder.JSONDecodeError" in trace and trace.rstrip().endswith("RuntimeError: bad input")

@@ -16,6 +16,7 @@ import pytest
 
 from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConfigError, PermanentTaskError, TaskError
+from gpufleet.functions import Function
 from gpufleet.settings import Fleet, FleetSettings, S3Settings, WorkerSettings
 from gpufleet.worker.context import TaskContext
 from gpufleet.worker.runtime import Runtime
@@ -197,4 +198,59 @@ def test_a_nested_upload_name_works(tmp_path: Path, moto: S3Service, bucket: str
     with closing(s3_client(moto.url)) as s3:
         got: dict[str, Any] = s3.get_object(Bucket=bucket, Key="out/t-1/sub/dir/file.txt")
         assert got["Body"].read() == b'{"ok": true}'
+    ctx.close()
+
+
+@pytest.mark.parametrize("prefix", ["../private", "out/../../private", "a/./b", "a//b", "x\x00y"])
+def test_an_output_prefix_that_climbs_or_hides_is_refused(tmp_path: Path, moto: S3Service, bucket: str,
+                                                          prefix: str) -> None:  # fmt: skip
+    """Before: ``ctx.upload(to="s3://outbucket/../privatebucket")`` was accepted, and some servers resolve ``..``."""
+    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    (ctx.scratch / "r.json").write_text("{}")
+    with pytest.raises(PermanentTaskError, match="the prefix") as refused:
+        ctx.upload(ctx.scratch / "r.json", to=f"s3://{bucket}/{prefix}")
+    assert refused.value.error_type == "InvalidOutputName" and ctx.outputs == []
+    ctx.close()
+
+
+def test_a_function_that_names_its_output_buckets_writes_nowhere_else(tmp_path: Path, moto: S3Service,
+                                                                      bucket: str) -> None:  # fmt: skip
+    """``workers/enhance.py`` takes its output location from the event: with ``output_buckets`` an event cannot send
+    it to another bucket the fleet's key can write."""
+    runtime = make_runtime(tmp_path, tmp_path / "root", moto)
+    fn = Function("fn", lambda event, ctx: None, output_buckets=(bucket,))
+    runtime.fleet = Fleet(settings=runtime.fleet.settings, functions={"fn": fn}, triggers={},
+                          config_file=runtime.fleet.config_file)  # fmt: skip
+    ctx = context(runtime, bucket)
+    (ctx.scratch / "r.json").write_text("{}")
+    with pytest.raises(PermanentTaskError, match=rf"may write to \['{bucket}'\] only") as refused:
+        ctx.upload(ctx.scratch / "r.json", to="s3://privatebucket/loot")
+    assert refused.value.error_type == "OutputNotAllowed"
+    assert ctx.upload(ctx.scratch / "r.json", to=f"s3://{bucket}/fine") == f"s3://{bucket}/fine/t-1/r.json"
+    ctx.close()
+
+
+@pytest.mark.parametrize(("start", "end"), [(-5, None), (1.5, None), ("0-1,5", None), (None, -1), (True, 4), (4, 4),
+                                            (5, 2), (0, "9")])  # fmt: skip
+def test_a_bad_range_is_refused_before_anything_is_read(tmp_path: Path, moto: S3Service, bucket: str, start: Any,
+                                                        end: Any) -> None:  # fmt: skip
+    """Before: one bad bound (``start=-5``, ``1.5``, ``"0-1,5"``) made a Range header S3 ignores: the whole object
+    was read into memory."""
+    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    with pytest.raises(PermanentTaskError, match="use whole numbers") as refused:
+        ctx.read(f"s3://{bucket}/victim.txt", start, end)
+    assert refused.value.error_type == "InvalidRange"
+    ctx.close()
+
+
+def test_a_read_holds_at_most_max_read_bytes(tmp_path: Path, moto: S3Service, bucket: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr("gpufleet.worker.context.MAX_READ_BYTES", 8)
+    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    uri = f"s3://{bucket}/victim.txt"  # 13 bytes
+    assert ctx.read(uri, 2, 10) == BODY[2:10] and ctx.read(uri, 5) == BODY[5:]
+    for start, end in ((None, None), (0, 9), (4, None)):
+        with pytest.raises(PermanentTaskError, match="more than 8 bytes") as refused:
+            ctx.read(uri, start, end)
+        assert refused.value.error_type == "ReadTooLarge"
     ctx.close()

@@ -63,6 +63,16 @@ def test_a_weak_api_token_is_refused_without_being_shown(tmp_path: Path, token: 
             assert "GPUFLEET_API__TOKEN" in message
 
 
+def test_a_monitoring_token_is_as_strong_as_the_api_token_and_not_the_same(tmp_path: Path) -> None:
+    api = {"enabled": True, "token": STRONG}
+    message = config_error(write(tmp_path, {"api": {**api, "monitoring_token": "a" * 40}}))
+    assert "api.monitoring_token cannot be used" in message and "entropy" in message and "a" * 8 not in message
+    message = config_error(write(tmp_path, {"api": {**api, "monitoring_token": STRONG}}))
+    assert "give monitoring a token of its own" in message
+    fleet = load_fleet(write(tmp_path, {"api": {**api, "monitoring_token": STRONG[::-1]}}), env={})
+    assert fleet.settings.api.monitoring_token == STRONG[::-1]
+
+
 def test_dev_mode_allows_a_weak_token_only_on_loopback(tmp_path: Path) -> None:
     loopback = {"api": {"enabled": True, "dev": True, "host": "127.0.0.1", "token": "dev"}}
     assert load_fleet(write(tmp_path, loopback), env={}).settings.api.token == "dev"

@@ -19,6 +19,7 @@ from gpufleet.errors import ConflictError, InvalidRequestError, NotReadyError
 from gpufleet.intake import Intake, Producer
 from gpufleet.metrics import exposition
 from gpufleet.registry import Enqueued
+from gpufleet.triggers.base import Ingest, SourceMessage
 from tests.harness import FleetHarness
 from tests.test_cli_control import cli, cli_json
 
@@ -73,6 +74,32 @@ def test_a_version_asked_for_runs_only_where_that_version_runs_and_the_function_
     assert all(harness.runs(i) == 1 for i in every)
     with pytest.raises(InvalidRequestError, match=r"version '4:x' of 'versioned'"):
         plane.invoke("versioned:4:x", {})
+
+
+def test_a_version_no_worker_ever_served_is_refused_at_intake(harness: FleetHarness) -> None:
+    """Before: any qualifier was taken (``echo:<anything>``): 21 junk versions made 120 metric series, and tasks
+    that waited for ever. Now a version is the declared one, or one a worker of the fleet served lately."""
+    harness.start_host("h4", ["default"], env={"VERSIONED_AS": "4"})
+    plane = ControlPlane(harness.fleet())  # declares version 1
+    harness.wait_for(lambda: {v["version"]: v["state"] for v in plane.versions("versioned")}.get("4") == "ACTIVE",
+                     what="version 4 up")  # fmt: skip
+    assert plane.invoke("versioned:4", {}).created and plane.invoke("versioned:1", {}).created  # served; declared
+    for junk in ("7", "latest", "4.0"):
+        with pytest.raises(InvalidRequestError, match=r"versioned:.*no such version; this fleet declares 1, and "
+                           r"its workers served lately \['4'\]") as refused:  # fmt: skip
+            plane.invoke(f"versioned:{junk}", {})
+        assert refused.value.code == "unknown_version"
+    # A trigger's message for one: a dead letter with the reason, never a task.
+    ingest = Ingest(harness.fleet(), harness.fleet().triggers["requests"])
+    try:
+        batch = ingest.prepare([SourceMessage(orjson.dumps({"function": "versioned:7", "payload": {}}), "t:1", "1")])
+    finally:
+        ingest.close()
+    assert not batch.tasks and [d.headers["reason"] for d in batch.dead] == ["unknown_version"]
+    # Its host gone (a rolling update between two hosts), version 4 is still one a task may wait for.
+    harness.stop_host("h4")
+    assert plane.invoke("versioned:4", {"after": 1}).created
+    assert not [q for q in harness.registry.queues() if q.endswith((":7", ":latest", ":4.0"))]
 
 
 def test_a_canary_alias_splits_invocations_by_its_weights_and_a_change_at_run_time_is_logged(
@@ -215,12 +242,12 @@ def test_a_function_that_refuses_when_inactive_says_why_and_takes_the_task_once_
 
 
 def test_the_version_asked_for_stays_with_the_task_through_cancel_and_retry(harness: FleetHarness) -> None:
-    plane = ControlPlane(harness.fleet())  # no worker: the task waits in version 4's queue
-    task = plane.invoke("versioned:4", {"n": 1}).id
+    plane = ControlPlane(harness.fleet())  # no worker: the task waits in the queue of version 1, the declared one
+    task = plane.invoke("versioned:1", {"n": 1}).id
     assert plane.cancel(task)["outcome"] == "cancelled"
     [(_, entry)] = harness.redis.xrange(harness.registry.callbacks_key)
     record = orjson.loads(entry[b"value"])["requestContext"]
-    assert record["functionVersion"] == "4" and record["functionArn"].endswith(":function:versioned:4"), record
+    assert record["functionVersion"] == "1" and record["functionArn"].endswith(":function:versioned:1"), record
     assert plane.retry(task)["state"] == "QUEUED"
     view = plane.status(task)
-    assert view["version"] == "4" and view["queue"] == f"{harness.prefix}.default.any.versioned:4", view
+    assert view["version"] == "1" and view["queue"] == f"{harness.prefix}.default.any.versioned:1", view

@@ -17,6 +17,7 @@ format with PIL: ``Image.open("in.png").convert("RGB").save("in.ppm")``.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -27,6 +28,9 @@ from gpufleet import Context, Gpu, function, job
 HALO = 4  # rows of overlap on each side of a band: the 5x5 kernels reach 2
 AMOUNT = 0.8  # unsharp mask: how much of the detail (image - blurred) is added back
 MAX_PIXELS = 64_000_000
+# The event names where the result goes: on a fleet whose key can write other buckets too, name the ones it may
+# (ENHANCE_OUTPUT_BUCKETS=results,previews), and an upload anywhere else fails the task (OutputNotAllowed).
+OUTPUT_BUCKETS = tuple(b for b in os.environ.get("ENHANCE_OUTPUT_BUCKETS", "").split(",") if b) or None
 _HEADER = re.compile(rb"P6\s+(?:#[^\n]*\s+)*(\d+)\s+(?:#[^\n]*\s+)*(\d+)\s+(?:#[^\n]*\s+)*255\s")
 
 
@@ -77,7 +81,14 @@ def as_bytes(tensor: Any) -> bytes:
     return ctypes.string_at(tensor.data_ptr(), tensor.numel())
 
 
-@function(name="enhance_strip", gpu=Gpu(model="any"), timeout_s=300, max_attempts=3, backoff_s=0.5)
+@function(
+    name="enhance_strip",
+    gpu=Gpu(model="any"),
+    timeout_s=300,
+    max_attempts=3,
+    backoff_s=0.5,
+    output_buckets=OUTPUT_BUCKETS,
+)
 def enhance_strip(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """One band: read its rows (and the halo) by byte range, filter them, upload the band's own rows."""
     import torch
@@ -104,7 +115,15 @@ def pick_device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@job(name="enhance", shard=enhance_strip, max_shards=256, timeout_s=600, max_attempts=2, payload=EnhanceRequest)
+@job(
+    name="enhance",
+    shard=enhance_strip,
+    max_shards=256,
+    timeout_s=600,
+    max_attempts=2,
+    payload=EnhanceRequest,
+    output_buckets=OUTPUT_BUCKETS,
+)
 def enhance(event: EnhanceRequest, ctx: Context) -> list[dict[str, Any]]:
     """Split: the header says the size; each band is a reference to its rows, with a halo of its neighbours'."""
     width, height, offset = read_header(ctx.read(event.image, 0, 256))

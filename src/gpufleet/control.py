@@ -29,7 +29,7 @@ from gpufleet.errors import (
 from gpufleet.functions import LATEST, Function
 from gpufleet.ids import API_ORIGIN, api_task_id
 from gpufleet.intake import Intake, Producer, check_priority
-from gpufleet.jobs import JobStore, job_info, summary
+from gpufleet.jobs import SHARD_PAGE, JobStore, job_info, summary
 from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue, queue_version
 from gpufleet.parking import PARKED_ID, Parking
 from gpufleet.placer import Placer
@@ -38,7 +38,7 @@ from gpufleet.registry import REDIS_ERRORS, Enqueued, Registry, State
 from gpufleet.scaling import Need, needs
 from gpufleet.settings import Fleet
 from gpufleet.snapshot import Snapshot
-from gpufleet.versions import all_versions, versions
+from gpufleet.versions import ServedVersions, all_versions, versions
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
@@ -62,6 +62,7 @@ class ControlPlane:
             Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes),
             Placer(self.registry, fleet.functions.values()),
             Aliases(self.registry, s.aliases, strict=True),
+            ServedVersions(self.registry, s.defaults.retention_s),
         )
         # Builds a stored task's message again: for retries and re-queues.
         self.envelopes = Envelopes(self.intake.factory, fleet.functions)
@@ -164,7 +165,7 @@ class ControlPlane:
         except EventError as exc:
             if exc.reason == "oversize":
                 raise PayloadTooLargeError("payload_too_large", exc.detail) from None
-            if exc.reason in ("schema_mismatch", "bad_priority", "bad_version"):
+            if exc.reason in ("schema_mismatch", "bad_priority", "bad_version", "unknown_version"):
                 raise InvalidRequestError(exc.reason, exc.detail) from None
             code = "invalid_json" if exc.reason == "malformed_json" else exc.reason
             raise InvalidRequestError(code, f"the event is not one gpufleet can carry: {exc.detail}") from None
@@ -187,9 +188,10 @@ class ControlPlane:
             raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
         return record
 
-    def view(self, record: dict[str, Any]) -> dict[str, Any]:
+    def view(self, record: dict[str, Any], shards: tuple[int, int] = (0, SHARD_PAGE)) -> dict[str, Any]:
         """:func:`task_view`, plus the pool the task is queued or runs in, and whether that is not its function's
-        first (it overflowed, see :mod:`gpufleet.placement`)."""
+        first (it overflowed, see :mod:`gpufleet.placement`). A job lists its shards ``(offset, limit)`` at a time;
+        all of them count in its totals."""
         view = task_view(record)
         parsed = parse_queue(self.fleet.settings.redis.key_prefix, view["queue"] or "")
         fn = self.fleet.functions.get(view["function"])
@@ -199,13 +201,13 @@ class ControlPlane:
         if fn is not None and fn.shards is not None:  # a job: split, then shards (listed), then merge
             view["phase"] = record.get("phase") or "split"
             if record.get("shards"):
-                view["shards"] = summary(self.jobs.shards(record["id"], int(record["shards"])))
+                view["shards"] = summary(self.jobs.shards(record["id"], int(record["shards"])), *shards)
         if record.get("parent"):
             view["job"] = {"id": record["parent"], "index": int(record["index"])}
         return view
 
-    def status(self, task_id: str) -> dict[str, Any]:
-        view = self.view(self.record(task_id))
+    def status(self, task_id: str, shards_offset: int = 0, shards_limit: int = SHARD_PAGE) -> dict[str, Any]:
+        view = self.view(self.record(task_id), (shards_offset, shards_limit))
         if view["state"] == State.QUEUED:
             view.update(self._served(view["queue"]))
         return view
@@ -355,7 +357,7 @@ class ControlPlane:
             if record is None:
                 self.registry.drop_from_index(fn, st, task_id)  # its record expired: tidy the index as we go
             elif state is None or record["state"] == st:
-                items.append(self.view(record))
+                items.append(listed(self.view(record, (0, 0))))
         next_cursor = _encode_cursor(page[-1][0]) if more and page else None
         return {"items": items, "next_cursor": next_cursor}
 
@@ -430,6 +432,18 @@ class ControlPlane:
         if bad:
             raise InvalidRequestError("bad_id", f"not a parked record's id: {bad[0]!r:.100}")
         return ids
+
+
+def listed(view: dict[str, Any]) -> dict[str, Any]:
+    """A task as a listing shows it: its result's size instead of the result (108 results made a listing of 15.6 MB),
+    its error without the stack trace, its shards as counts. One task's GET has the rest."""
+    result = view.pop("result")
+    view["result"] = None
+    view["result_bytes"] = None if result is None else len(orjson.dumps(result))
+    for key in ("error", "last_error"):
+        if view[key]:
+            view[key] = {k: v for k, v in view[key].items() if k != "stackTrace"}
+    return view
 
 
 def task_view(record: dict[str, Any]) -> dict[str, Any]:

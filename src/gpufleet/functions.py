@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # no ':': "embed:4" names a version of embed
 LATEST = "$LATEST"  # the version of a function that declares none, as Lambda names it
+FUNCTIONS_NAMESPACE = "gpufleet_workers."  # function files are imported as its modules: never shadowing a library
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
 
 
@@ -195,6 +196,7 @@ class Function:
     batch: Batch | None = None
     when_inactive: Literal["queue", "refuse"] = "queue"
     shards: Shards | None = None  # a sharded job: the handler splits, shards run on GPUs, merge combines
+    output_buckets: tuple[str, ...] | None = None  # where ctx.upload may write; None: any bucket the key can
     source_file: str = "<unknown>"
 
     def __post_init__(self) -> None:
@@ -283,6 +285,7 @@ def function(
     payload: type[BaseModel] | None = None,
     batch: Batch | None = None,
     when_inactive: Literal["queue", "refuse"] = "queue",
+    output_buckets: tuple[str, ...] | None = None,
 ) -> Callable[[Handler], Function]:
     """Declare a fleet function. See the module docstring for an example.
 
@@ -308,6 +311,8 @@ def function(
         when_inactive: what an invocation (API, CLI) does when no live worker has the version asked for ACTIVE:
             ``"queue"`` it all the same (it waits for one), or ``"refuse"`` it: 503 ``version_not_active`` (none
             is up yet), or 409 ``version_error`` (setup() failed on every worker that tried). Triggers always queue.
+        output_buckets: the only buckets ``ctx.upload`` may write to, whatever an event's ``to=`` says (an
+            upload elsewhere fails the task, ``OutputNotAllowed``); None: any bucket the fleet's key can write.
     """
 
     def wrap(handler: Handler) -> Function:
@@ -327,6 +332,7 @@ def function(
             payload=payload,
             batch=batch,
             when_inactive=when_inactive,
+            output_buckets=output_buckets,
             source_file=getattr(sys.modules.get(handler.__module__), "__file__", None) or "<unknown>",
         )
 
@@ -421,7 +427,7 @@ def load_functions(paths: Iterable[Path]) -> dict[str, Function]:
 
 def _import_file(path: Path) -> object:
     # A private module namespace, so a user's workers/utils.py never shadows a library module.
-    module_name = f"gpufleet_workers.{path.stem}"
+    module_name = f"{FUNCTIONS_NAMESPACE}{path.stem}"
     if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == str(path):
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from gpufleet.aliases import Aliases
     from gpufleet.placer import Placer
     from gpufleet.settings import Fleet
+    from gpufleet.versions import ServedVersions
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Producer:
 
 class Intake:
     def __init__(self, fleet: Fleet, producer: Producer, placer: Placer | None = None,
-                 aliases: Aliases | None = None) -> None:  # fmt: skip
+                 aliases: Aliases | None = None, served: ServedVersions | None = None) -> None:  # fmt: skip
         self.fleet = fleet
         self.producer = producer
         s = fleet.settings
@@ -58,6 +59,8 @@ class Intake:
         self.placer = placer
         # Which version an alias (or a plain name, with a "default" alias) stands for; without them, none.
         self.aliases = aliases
+        # The versions workers served lately: a qualifier naming none of them, nor the declared one, is refused.
+        self.served = served
 
     def decode(self, raw: bytes) -> Any:
         """The event in ``raw`` JSON bytes: the size first (nothing oversize is decoded), then the JSON."""
@@ -86,7 +89,9 @@ class Intake:
         is version 4) or ``embed:prod`` (an alias: a version picked by its weights): the function and the version.
 
         Raises:
-            EventError: ``unknown_function``, or ``bad_version`` for a version no function could declare.
+            EventError: ``unknown_function``; ``bad_version`` for a version no function could declare;
+                ``unknown_version`` for a qualifier that names no alias, nor the declared version, nor one that a
+                worker served lately (its tasks would wait for ever).
         """
         name, _, qualifier = name.partition(":")
         fn = self.function(name)
@@ -95,6 +100,12 @@ class Intake:
             return fn, None
         if not VERSION_RE.fullmatch(version):
             raise EventError("bad_version", f"version {version!r:.50} of {name!r}: use letters, digits, '.', '_', '-'")
+        if version == qualifier and version != fn.version and self.served is not None:  # named, not an alias's pick
+            served = self.served.of(fn)
+            if served is not None and version not in served:
+                lately = sorted(served) or "no other"
+                raise EventError("unknown_version", f"{name}:{version}: no such version; this fleet declares "
+                                 f"{fn.version}, and its workers served lately {lately}")  # fmt: skip
         return fn, version
 
     def task(self, fn: Function, payload: Any, task_id: str, source: str, *, event_ts: float | None = None,

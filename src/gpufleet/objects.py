@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict
 
+from gpufleet.errors import PermanentTaskError
 from gpufleet.ids import object_task_id
 
 if TYPE_CHECKING:
@@ -108,14 +109,28 @@ class ObjectStore:
             body.close()
         return dict(response)
 
-    def read(self, bucket: str, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        """The object's bytes, or those of ``[start, end)`` (an HTTP range request), in memory."""
+    def read(self, bucket: str, key: str, start: int | None = None, end: int | None = None,
+             limit: int | None = None) -> bytes:  # fmt: skip
+        """The object's bytes, or those of ``[start, end)`` (an HTTP range request), in memory.
+
+        Raises:
+            PermanentTaskError: ``ReadTooLarge``, more than ``limit`` bytes (found from the answer's length, before
+                reading any).
+        """
         extra = {}
         if start is not None or end is not None:
             extra["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
-        body = self.client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
+        response = self.client.get_object(Bucket=bucket, Key=key, **extra)
+        body = response["Body"]
+        too_large = PermanentTaskError("ReadTooLarge", f"s3://{bucket}/{key}: more than {limit} bytes; read a range, "
+                                       "or download the object")  # fmt: skip
         try:
-            return bytes(body.read())
+            if limit is not None and int(response.get("ContentLength") or 0) > limit:
+                raise too_large  # nothing read
+            data = bytes(body.read() if limit is None else body.read(limit + 1))
+            if limit is not None and len(data) > limit:
+                raise too_large
+            return data
         finally:
             body.close()
 

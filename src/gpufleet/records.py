@@ -6,11 +6,12 @@ import hashlib
 import traceback
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import PurePath
 from typing import Any
 
 import orjson
 
-from gpufleet.functions import LATEST
+from gpufleet.functions import FUNCTIONS_NAMESPACE, LATEST
 
 VERSION = "1.0"
 PREVIEW_CHARS = 512
@@ -35,12 +36,51 @@ def iso(ts: float) -> str:
 
 
 def error_payload(exc: BaseException, error_type: str | None = None) -> dict[str, Any]:
-    """``errorType``, ``errorMessage`` and ``stackTrace``, as Lambda reports a function error."""
-    return {
-        "errorType": error_type or type(exc).__name__,
-        "errorMessage": str(exc),
-        "stackTrace": traceback.format_exception(exc)[-20:],
-    }
+    """``errorType``, ``errorMessage`` and ``stackTrace``, as Lambda reports a function error. The trace names each
+    file from its package (``celery/app/trace.py``) or its functions folder (``workers/enhance.py``), never where
+    the worker is installed: records leave the fleet."""
+    trace = traceback.TracebackException.from_exception(exc)
+    _relativize(trace, _module_paths(exc))
+    return {"errorType": error_type or type(exc).__name__, "errorMessage": str(exc),
+            "stackTrace": list(trace.format())[-20:]}  # fmt: skip
+
+
+def _module_paths(exc: BaseException) -> dict[str, str]:
+    """Each file of the traceback (and of its causes), as its module's dotted name says it sits in its package."""
+    paths: dict[str, str] = {}
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        for frame, _ in traceback.walk_tb(current.__traceback__):
+            path = frame.f_code.co_filename
+            if path not in paths:
+                paths[path] = _in_package(path, str(frame.f_globals.get("__name__", "")))
+        pending += [current.__cause__, current.__context__]
+    return paths
+
+
+def _in_package(path: str, module: str) -> str:
+    parts = PurePath(path).parts
+    if module.startswith(FUNCTIONS_NAMESPACE):  # a function file: its folder and its name
+        return "/".join(parts[-2:])
+    depth = module.count(".") + (1 if parts[-1] == "__init__.py" else 0)  # folders between the root and the file
+    return "/".join(parts[-(depth + 1) :]) if module and module != "__main__" else parts[-1]
+
+
+def _relativize(trace: traceback.TracebackException, paths: dict[str, str], seen: set[int] | None = None) -> None:
+    seen = set() if seen is None else seen
+    if id(trace) in seen:
+        return
+    seen.add(id(trace))
+    for frame in trace.stack:
+        frame.filename = paths.get(frame.filename, PurePath(frame.filename).name)
+    for chained in (trace.__cause__, trace.__context__):
+        if chained is not None:
+            _relativize(chained, paths, seen)
 
 
 def callback_record(

@@ -189,6 +189,9 @@ class ApiSettings(_Model):
     port: int = Field(8080, ge=0, le=65_535)
     # Required when enabled, and strong (32+ characters, generated: `gpufleet token`). No default is shipped.
     token: str | None = None
+    # Optional, as strong: a read-only token for monitoring, good for GET /metrics and GET /v1/scaling only (a
+    # Prometheus or KEDA that holds it cannot invoke, cancel or read tasks).
+    monitoring_token: str | None = None
     # A laptop: a weak api.token (and webhook secrets) are allowed, but only while host is a loopback address.
     dev: bool = False
     max_page: int = Field(500, ge=1, le=10_000)
@@ -276,10 +279,14 @@ class FleetSettings(_Model):
         api = self.api
         if api.dev and not is_loopback(api.host):
             raise ValueError(f"api.dev is only for a loopback host, and api.host is {api.host!r}: set api.dev: false")
-        problem = None if api.token is None else secret_problem(api.token, weak_allowed=api.weak_secrets_allowed)
-        if problem is not None:
-            raise ValueError(f"api.token cannot be used: {problem}. To fix: {HOW_TO_GENERATE}; a weak token is only "
-                             "allowed with api.dev: true on a loopback api.host")  # fmt: skip
+        for key in ("token", "monitoring_token"):
+            value = getattr(api, key)
+            problem = None if value is None else secret_problem(value, weak_allowed=api.weak_secrets_allowed)
+            if problem is not None:
+                raise ValueError(f"api.{key} cannot be used: {problem}. To fix: {HOW_TO_GENERATE}; a weak token is "
+                                 "only allowed with api.dev: true on a loopback api.host")  # fmt: skip
+        if api.monitoring_token is not None and api.monitoring_token == api.token:
+            raise ValueError("api.monitoring_token is api.token: give monitoring a token of its own (gpufleet token)")
         return self
 
 

@@ -11,6 +11,7 @@ while the worker that wrote it is live and runs the same process (the inventory'
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from enum import StrEnum
@@ -21,6 +22,7 @@ import orjson
 from gpufleet.lua import US
 from gpufleet.messages import parse_queue, queue_name, queue_version
 from gpufleet.placer import LIVE_S
+from gpufleet.registry import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from gpufleet.functions import Function
@@ -96,6 +98,37 @@ def all_versions(registry: Registry, fns: Iterable[Function]) -> dict[str, list[
             views.append(view)
         out[fn.name] = views
     return out
+
+
+class ServedVersions:
+    """The versions of each function that a worker of this fleet has served lately (it reported their setup within
+    ``window_s``), read from Redis at most once a ``REFRESH_S``: what a qualifier (``embed:4``) may name besides the
+    declared version. A version whose hosts are all down for a while (a rolling update) stays one; a name no worker
+    ever served does not. Not known (None) until Redis was read once."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self, registry: Registry, window_s: float) -> None:
+        self.registry, self.window_s = registry, window_s
+        self._served: dict[str, set[str]] | None = None
+        self._read_at = -self.REFRESH_S
+
+    def of(self, fn: Function) -> set[str] | None:
+        now = time.monotonic()
+        if now - self._read_at >= self.REFRESH_S:
+            self._read_at = now
+            with contextlib.suppress(*REDIS_ERRORS):  # what was known stays; the publish after waits for Redis
+                self._served = self._read()
+        return None if self._served is None else self._served.get(fn.name, set())
+
+    def _read(self) -> dict[str, set[str]]:
+        raw: dict[bytes, bytes] = self.registry.client.hgetall(f"{self.registry.prefix}:setup")  # type: ignore[assignment]
+        since, served = time.time() - self.window_s, dict[str, set[str]]()
+        for key, value in raw.items():
+            entry = orjson.loads(value)
+            if entry.get("at", 0) >= since:
+                served.setdefault(key.decode().partition(US)[2], set()).add(entry["version"])
+        return served
 
 
 def _found(prefix: str, fn: Function, entries: list[dict[str, Any]], reports: dict[str, Any],

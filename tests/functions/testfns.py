@@ -272,6 +272,17 @@ def merge_tiles(event: dict[str, Any], results: list[dict[str, Any]], ctx: Conte
     return {"n": len(results), "values": [r["value"] for r in results]}
 
 
+@job(name="bigsplit", shard=tile, max_shards=1000)
+def bigsplit(event: dict[str, Any], ctx: Context) -> list[dict[str, Any]]:
+    """``n`` shard events of ``size`` bytes each: a split too large to write to Redis at once."""
+    return [{"i": i, "blob": "x" * event["size"]} for i in range(event["n"])]
+
+
+@bigsplit.merge
+def merge_bigsplit(event: dict[str, Any], results: list[dict[str, Any]], ctx: Context) -> int:
+    return len(results)
+
+
 @job(name="tiles_logged", shard=tile, shard_records=True)
 def tiles_logged(event: dict[str, Any], ctx: Context) -> list[dict[str, Any]]:
     """As ``tiles``, and each shard sends its own record too."""

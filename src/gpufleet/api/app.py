@@ -1,6 +1,7 @@
 """The HTTP control plane: FastAPI routes over :class:`gpufleet.control.ControlPlane`.
 
-Every route but ``GET /healthz`` needs ``Authorization: Bearer <api.token>``; that includes the OpenAPI spec at
+Every route but ``GET /healthz`` needs ``Authorization: Bearer <api.token>`` (``GET /metrics`` and ``GET
+/v1/scaling`` also take ``api.monitoring_token``, which is good for nothing else); that includes the OpenAPI spec at
 ``/openapi.json``. Errors are JSON, ``{"error": {"code": ..., "message": ...}}`` (codes in
 :mod:`gpufleet.api.errors`). The control plane talks to Redis synchronously, so the routes are plain ``def`` and
 run in the server's threadpool.
@@ -35,6 +36,7 @@ from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import InvalidRequestError
 from gpufleet.events import MAX_DEPTH
+from gpufleet.jobs import SHARD_PAGE
 from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from gpufleet.metrics import CONTENT_TYPE, exposition
 from gpufleet.registry import State
@@ -69,8 +71,9 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
     body_timeout_s = settings.api.body_timeout_s
     bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="the fleet's api.token")
     expected = token.encode()
+    monitoring = None if settings.api.monitoring_token is None else settings.api.monitoring_token.encode()
 
-    sessions = dashboard.Sessions(token)
+    sessions = dashboard.Sessions(token, control.registry.client, control.registry.prefix)
 
     Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]  # noqa: N806 - a type
 
@@ -82,6 +85,12 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         # Bytes: compare_digest refuses non-ASCII str, and a header may hold any Latin-1 character.
         if not secrets.compare_digest(credentials.credentials.encode(), expected):
             raise UnauthorizedError("unauthorized", "wrong bearer token")
+
+    async def authorize_monitoring(request: Request, credentials: Credentials) -> None:
+        """The read-only figures (metrics, scaling): api.monitoring_token, or whatever ``authorize`` takes."""
+        given = b"" if credentials is None else credentials.credentials.encode()
+        if monitoring is None or not secrets.compare_digest(given, monitoring):
+            await authorize(request, credentials)
 
     async def read_body(request: Request) -> bytes:
         """The raw body, after the token was checked: 413 as soon as it is known to exceed the limit (before
@@ -160,9 +169,14 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         return models.Invocation(id=invocation.id, created=invocation.created)
 
     @v1.get("/tasks/{task_id}", tags=["tasks"], response_model=models.TaskView, responses=_errors(404))
-    def get_task(task_id: TaskId) -> dict[str, Any]:
-        """A task's state, attempts, progress, timestamps, worker and GPU, and its result or error."""
-        return control.status(task_id)
+    def get_task(
+        task_id: TaskId,
+        shards_offset: Annotated[int, Query(ge=0, description="a job: the first shard listed")] = 0,
+        shards_limit: Annotated[int, Query(ge=1, le=max_page, description="a job: shards listed")] = SHARD_PAGE,
+    ) -> dict[str, Any]:
+        """A task's state, attempts, progress, timestamps, worker and GPU, and its result or error; a job's shards, a
+        page at a time."""
+        return control.status(task_id, shards_offset, shards_limit)
 
     @v1.post("/tasks/{task_id}/cancel", tags=["tasks"], response_model=models.CancelOutcome,
              responses=_errors(404, 409))  # fmt: skip
@@ -251,12 +265,16 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         """Forget parked records for good."""
         return {"count": control.drop_parked(action.ids)}
 
-    @v1.get("/scaling", tags=["fleet"], response_model=models.ScalingList)
+    # What an autoscaler or a scraper reads: api.monitoring_token is enough.
+    figures = APIRouter(prefix="/v1", dependencies=[Depends(authorize_monitoring), Depends(_known_query)],
+                        responses=_errors(401, 422, 503))  # fmt: skip
+
+    @figures.get("/scaling", tags=["fleet"], response_model=models.ScalingList)
     def scaling() -> dict[str, Any]:
         """How many GPU worker hosts each pool and GPU model needs now (the figure an autoscaler reads)."""
         return {"items": [need.view() for need in control.scaling()]}
 
-    @v1.get("/scaling/{pool}/{model}", tags=["fleet"], response_model=models.ScalingNeed)
+    @figures.get("/scaling/{pool}/{model}", tags=["fleet"], response_model=models.ScalingNeed)
     def scaling_one(pool: str, model: str) -> dict[str, Any]:
         """The scaling figure of one pool and GPU model (``any`` for functions that take any GPU). For KEDA's
         metrics-api scaler: ``valueLocation: desired``."""
@@ -269,15 +287,17 @@ def create_app(control: ControlPlane, token: str, webhooks: Sequence[WebhookTrig
         return dashboard.overview(control)
 
     app.include_router(v1)
+    app.include_router(figures)
     app.include_router(dashboard.router(sessions))
 
     text = {"description": "the Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
 
-    @app.get("/metrics", tags=["fleet"], dependencies=[Depends(authorize)], response_class=Response,
+    @app.get("/metrics", tags=["fleet"], dependencies=[Depends(authorize_monitoring)], response_class=Response,
              responses={200: text, **_errors(401, 503)})  # fmt: skip
     def metrics() -> Response:
         """Prometheus metrics of the whole fleet, read from Redis at each scrape (any api replica answers the
-        same). Needs the token: ``authorization: {credentials_file: ...}`` in the scrape config."""
+        same). Needs a token, the monitoring one will do: ``authorization: {credentials_file: ...}`` in the scrape
+        config."""
         return Response(exposition(control.fleet, control.registry), media_type=CONTENT_TYPE)
 
     if webhooks:

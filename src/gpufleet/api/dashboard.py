@@ -1,9 +1,11 @@
 """The live dashboard: one page served by the api role, its assets from the package (no CDN, works offline).
 
 Logging in: the page posts the API token once, in a JSON body (never in a URL), and gets a session cookie back:
-``HttpOnly``, ``SameSite=Strict``, ``Secure`` over HTTPS, valid for :data:`SESSION_S`. The cookie holds an expiry
-and an HMAC of it under a key derived from the token, not the token itself. So every api replica accepts it, and
-rotating the token ends every session.
+``HttpOnly``, ``SameSite=Strict``, ``Secure`` over HTTPS (behind a TLS proxy too: uvicorn takes the scheme from
+``X-Forwarded-Proto`` when the proxy's address is in ``FORWARDED_ALLOW_IPS``), valid for :data:`SESSION_S`. The
+cookie holds a random session id and an HMAC of it under a key derived from the token, not the token itself; the
+session lives in Redis (``<prefix>:session:<id>``, expiring with it). So every api replica accepts it, logging out
+ends it on the server (a copy of the cookie is worth nothing after), and rotating the token ends every session.
 
 With that cookie, the page calls the same ``/v1`` routes a script calls with the bearer token. A request that changes
 something must also carry the :data:`CSRF_HEADER` header: another site cannot send one without a CORS preflight,
@@ -13,10 +15,10 @@ which this API never answers. The page polls ``GET /v1/overview`` every two seco
 import hashlib
 import hmac
 import secrets
-import time
 from importlib import resources
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import RedirectResponse
 
@@ -38,25 +40,40 @@ SECURITY_HEADERS = {
 
 
 class Sessions:
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, client: redis.Redis, prefix: str) -> None:
         self._token = token.encode()
         self._key = hashlib.sha256(b"gpufleet-dashboard-session\x00" + self._token).digest()
+        self._client, self._prefix = client, prefix
 
     def token_matches(self, candidate: str) -> bool:
         return secrets.compare_digest(candidate.encode(), self._token)
 
-    def new(self, now: float | None = None) -> str:
-        expires = str(int((now or time.time()) + SESSION_S))
-        return f"{expires}.{self._sign(expires)}"
+    def new(self) -> str:
+        """A new session: its cookie value. Two logins, even in the same second, never share one."""
+        session = secrets.token_hex(16)
+        self._client.set(self._name(session), b"1", ex=SESSION_S)
+        return f"{session}.{self._sign(session)}"
 
-    def valid(self, cookie: str, now: float | None = None) -> bool:
-        expires, _, signature = cookie.partition(".")
-        if not expires.isdigit() or not hmac.compare_digest(signature.encode(), self._sign(expires).encode()):
-            return False
-        return int(expires) > (now or time.time())
+    def valid(self, cookie: str) -> bool:
+        session = self._session(cookie)
+        return session is not None and bool(self._client.exists(self._name(session)))
 
-    def _sign(self, expires: str) -> str:
-        return hmac.new(self._key, expires.encode(), hashlib.sha256).hexdigest()
+    def end(self, cookie: str) -> None:
+        session = self._session(cookie)
+        if session is not None:
+            self._client.delete(self._name(session))
+
+    def _session(self, cookie: str) -> str | None:
+        session, _, signature = cookie.partition(".")
+        if len(session) != 32 or not hmac.compare_digest(signature.encode(), self._sign(session).encode()):
+            return None
+        return session
+
+    def _name(self, session: str) -> str:
+        return f"{self._prefix}:session:{session}"
+
+    def _sign(self, session: str) -> str:
+        return hmac.new(self._key, session.encode(), hashlib.sha256).hexdigest()
 
     def authorize(self, request: Request) -> bool:
         """A request without a bearer token: its session cookie, and for a change the CSRF header too."""
@@ -93,7 +110,8 @@ def router(sessions: Sessions) -> APIRouter:
         return response
 
     @pages.post("/dashboard/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        sessions.end(request.cookies.get(COOKIE, ""))  # on the server: the cookie is worth nothing from now on
         response = RedirectResponse("/dashboard", status_code=303, headers=SECURITY_HEADERS)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response

@@ -54,7 +54,7 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, _unavailable)
 
 
-STATIC_PREFIX = "/dashboard/static/"  # the dashboard's own files: the only answers a cache may keep
+ANSWER_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))  # unless set already
 
 # Answered before the body was read (or all of it): the connection is closed, so the rest is never read either.
 CLOSE = {"Connection": "close"}
@@ -89,8 +89,8 @@ class Observe:
     """Outermost but one: logs each request at debug (uvicorn's access log is off) and turns an unexpected
     exception into a logged 500 ``internal``, so nothing is logged twice and no traceback reaches the client.
 
-    Every answer says ``X-Content-Type-Options: nosniff``, and every one but the dashboard's static files
-    ``Cache-Control: no-store``: task results and tokens in them must not stay in a browser's or a proxy's cache."""
+    Every answer says ``X-Content-Type-Options: nosniff`` and, unless it set its own, ``Cache-Control: no-store``:
+    task results must not stay in a browser's or a proxy's cache."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -101,15 +101,13 @@ class Observe:
             return
         start = time.perf_counter()
         status = 0
-        cacheable = scope["path"].startswith(STATIC_PREFIX)
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [(b"x-content-type-options", b"nosniff")]
-                if not cacheable and not any(name.lower() == b"cache-control" for name, _ in message["headers"]):
-                    extra.append((b"cache-control", b"no-store"))
+                present = {name.lower() for name, _ in message["headers"]}
+                extra = [(name, value) for name, value in ANSWER_HEADERS if name not in present]
                 message = {**message, "headers": [*message["headers"], *extra]}
             await send(message)
 

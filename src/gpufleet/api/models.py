@@ -61,7 +61,10 @@ class ShardSummary(_Out):
     done: int = Field(description="shards in a final state")
     progress: float = Field(description="done / total")
     counts: dict[str, int] = Field(description="shards per state")
-    items: list[ShardView] = Field(description="each shard, in index order")
+    items: list[ShardView] = Field(
+        description="shards in index order, a page of them (?shards_offset=, ?shards_limit=); in a listing, none"
+    )
+    next_offset: int | None = Field(None, description="?shards_offset= for the next page; null on the last")
 
 
 class JobOf(_Out):
@@ -83,8 +86,11 @@ class TaskView(_Out):
     worker: str | None
     gpu: str | None
     condition: str | None = Field(description="set once finished: Success, RetriesExhausted, TimedOut, Cancelled...")
-    result: Any = Field(description="the handler's return value, once SUCCEEDED")
-    error: dict[str, Any] | None = Field(description="errorType, errorMessage, stackTrace, once it failed")
+    result: Any = Field(description="the handler's return value, once SUCCEEDED; null in a listing (GET the task)")
+    result_bytes: int | None = Field(None, description="in a listing: the size of the result as JSON")
+    error: dict[str, Any] | None = Field(
+        description="errorType, errorMessage, stackTrace (not in a listing), once it failed"
+    )
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
     cancel_requested: bool
     queue: str | None = Field(None, description="the Celery queue it waits in or ran from")

@@ -43,6 +43,7 @@ from gpufleet.snapshot import record_dead_letters, report_lag
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
 from gpufleet.urls import Options
+from gpufleet.versions import ServedVersions
 
 if TYPE_CHECKING:
     from gpufleet.settings import Fleet
@@ -241,7 +242,8 @@ class Ingest:
                                              trigger.max_payload_bytes or s.defaults.max_payload_bytes,
                                              trigger.on_success, trigger.on_failure),
                              Placer(self.registry, fleet.functions.values()),
-                             Aliases(self.registry, s.aliases))  # fmt: skip
+                             Aliases(self.registry, s.aliases),
+                             ServedVersions(self.registry, s.defaults.retention_s))  # fmt: skip
         self.max_record_bytes = s.defaults.max_record_bytes
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
         self.dead_letter: Destination = open_destination(self.dead_letter_url, s)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from gpufleet.worker.runtime import Runtime
 
 log = structlog.get_logger("gpufleet.worker")
+MAX_READ_BYTES = 256 * 2**20  # what ctx.read may hold in memory; ctx.download streams to disk instead
 
 
 class TaskContext:
@@ -87,11 +88,19 @@ class TaskContext:
 
     def read(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
         """The bytes of the object at ``s3://bucket/key``, or of its byte range ``[start, end)``, in memory: a
-        shard's part of a large object, or a header. For a whole large object, :meth:`download` it instead."""
+        shard's part of a large object, or a header. At most :data:`MAX_READ_BYTES`: for a large object,
+        :meth:`download` it instead.
+
+        Raises:
+            PermanentTaskError: ``InvalidRange`` (each bound a whole number >= 0, and ``start < end``), or
+                ``ReadTooLarge``.
+        """
         bucket, key = parse_s3_uri(uri)
-        if start is not None and end is not None and not 0 <= start < end:
-            raise PermanentTaskError("InvalidRange", f"ctx.read({uri!r}, {start}, {end}): use 0 <= start < end")
-        return self._runtime.objects.read(bucket, key, start, end)
+        bad = [name for name, v in (("start", start), ("end", end)) if v is not None and (type(v) is not int or v < 0)]
+        if bad or (start is not None and end is not None and start >= end):
+            raise PermanentTaskError("InvalidRange", f"ctx.read({uri!r:.200}, start={start!r:.30}, end={end!r:.30}): "
+                                     "use whole numbers, 0 <= start < end")  # fmt: skip
+        return self._runtime.objects.read(bucket, key, start, end, limit=MAX_READ_BYTES)
 
     def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None,
                to: str | None = None) -> str:  # fmt: skip
@@ -106,6 +115,11 @@ class TaskContext:
         if not output:
             raise TaskError("no output location: set `output: s3://bucket/prefix` in the trigger file, or pass to=")
         bucket, prefix = parse_s3_uri(output)
+        fn = self._runtime.fleet.functions.get(self.function)
+        allowed = None if fn is None else fn.output_buckets
+        if allowed is not None and bucket not in allowed:
+            raise PermanentTaskError("OutputNotAllowed", f"ctx.upload(to={output!r:.200}): function "
+                                     f"{self.function!r} may write to {list(allowed)} only")  # fmt: skip
         name = name or Path(path).name
         key = output_key(prefix, self.task_id, name)
         content_type = content_type or mimetypes.guess_type(name)[0]
@@ -131,11 +145,15 @@ def output_key(prefix: str, task_id: str, name: str) -> str:
         PermanentTaskError: ``name`` breaks one of these rules (``errorType`` ``InvalidOutputName``).
     """
     problem = None
+    prefix = prefix.strip("/")
+    if CONTROL_CHARS.search(prefix) or any(segment in ("", ".", "..") for segment in prefix.split("/") if prefix):
+        raise PermanentTaskError("InvalidOutputName", f"ctx.upload(to=...{prefix!r:.200}): the prefix has a control "
+                                 "character, or an empty, '.' or '..' segment")  # fmt: skip
     if CONTROL_CHARS.search(name):
         problem = "it holds a control character"
     elif any(segment in ("", ".", "..") for segment in name.split("/")):
         problem = "it has an empty, '.' or '..' segment (or starts or ends with '/')"
-    key = "/".join(p for p in (prefix.strip("/"), task_id, name) if p)
+    key = "/".join(p for p in (prefix, task_id, name) if p)
     try:
         size = len(key.encode())
     except UnicodeEncodeError:  # a lone surrogate, e.g. from a file name that is not UTF-8

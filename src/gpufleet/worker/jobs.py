@@ -12,7 +12,7 @@ import structlog
 from gpufleet import trace
 from gpufleet.errors import EventError, PermanentTaskError
 from gpufleet.intake import Intake, Producer
-from gpufleet.jobs import MAX_SHARD_EVENT_BYTES, JobStore, Shard, shard_id
+from gpufleet.jobs import MAX_SHARD_EVENT_BYTES, MAX_SPLIT_BYTES, JobStore, Shard, shard_id
 from gpufleet.messages import DEFAULT_PRIORITY
 from gpufleet.records import Condition
 from gpufleet.registry import State
@@ -100,7 +100,7 @@ class JobSteps:
         # What the shards inherit: the trigger's output location (ctx.upload), and their job; not the job's kind of
         # event (an object event's shards are not object events).
         meta = {"job": item.task_id, **({"output": item.meta["output"]} if item.meta.get("output") else {})}
-        tasks = []
+        tasks, written = [], 0
         for i, event in enumerate(events):
             try:
                 self.intake.accept(event)
@@ -116,6 +116,11 @@ class JobSteps:
             keep = fn.shards.records
             tasks.append(task._replace(on_success=item.claim.on_success if keep else "",
                                        on_failure=item.claim.on_failure if keep else ""))  # fmt: skip
+            written += len(task.message.event) + len(task.message.envelope)
+            if written > MAX_SPLIT_BYTES:
+                raise PermanentTaskError("SplitTooLarge", f"job {fn.name!r}: its {len(events)} shard events hold more "
+                                         f"than {MAX_SPLIT_BYTES} bytes together: pass references (an s3:// URI and "
+                                         "a range), not data")  # fmt: skip
         return tasks
 
     def _merge(self, item: _Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, shards: list[Shard],
