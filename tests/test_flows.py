@@ -17,8 +17,10 @@ import orjson
 import pytest
 
 from gpufleet.credentials import redact_url
+from gpufleet.destinations import parse_destination
 from gpufleet.dev.services import S3Service
 from gpufleet.dispatcher import Dispatcher
+from gpufleet.errors import ConfigError
 from gpufleet.flows import flow_id, flow_key
 from gpufleet.metrics import exposition
 from gpufleet.objects import make_client
@@ -219,6 +221,17 @@ def test_no_secret_in_a_destination_url_leaves_the_process(harness: FleetHarness
     assert "sig=***" in outputs["metrics"]
     # What is parked keeps the URL as configured: re-sent, it goes where it was meant to.
     assert {e[1][b"dest"].decode() for e in harness.redis.xrange(f"{harness.prefix}:parked")} == set(urls)
+
+
+@pytest.mark.parametrize("url", ["sqs://AKIA:{s}@127.0.0.1:9/q", "sns://u:{s}@127.0.0.1:9/arn:aws:sns:us-east-1:1:t",
+                                 "s3://u:{s}@bucket/prefix", "kafka://u:{s}@127.0.0.1:9/topic"])  # fmt: skip
+def test_a_secret_in_a_url_of_a_kind_that_cannot_use_it_is_refused_without_being_shown(url: str) -> None:
+    """S3, SQS, SNS and Kafka destinations take their credentials from the fleet's settings: a password in their
+    URL could only leak (boto's errors quote the endpoint URL), so it is refused when the config loads."""
+    planted = "pl4nted-s3cret"
+    with pytest.raises(ConfigError, match="carries a user or password") as refused:
+        parse_destination(url.format(s=planted), where="fleet.yaml", key="defaults.on_success")
+    assert planted not in str(refused.value) and ":***@" in str(refused.value)
 
 
 def test_records_a_router_read_and_left_pending_are_all_taken_over(harness: FleetHarness) -> None:

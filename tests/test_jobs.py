@@ -17,7 +17,9 @@ import pytest
 from gpufleet.control import ControlPlane
 from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConflictError
-from gpufleet.jobs import MAX_SPLIT_BYTES, shard_id
+from gpufleet.intake import Intake, Producer
+from gpufleet.jobs import MAX_SPLIT_BYTES, JobStore, shard_id
+from gpufleet.worker.jobs import JOB_ORIGIN
 from tests.harness import FleetHarness
 from tests.s3util import s3_client
 from tests.test_cli_control import cli
@@ -161,6 +163,45 @@ def test_a_split_that_cannot_run_as_shards_fails_the_job_at_once_with_why(
     assert view["state"] == "FAILED" and view["attempts"] == 1, view  # not retried: every attempt would split so
     assert view["error"]["errorType"] == error_type and message in view["error"]["errorMessage"], view["error"]
     assert harness.redis.exists(harness.registry.task_key(shard_id(job, 0))) == 0  # no shard was created
+
+
+def test_a_split_of_megabytes_is_written_in_parts_and_every_shard_runs_once(harness: FleetHarness) -> None:
+    """Each part is a script of its own, about SPLIT_PART_BYTES (1 MiB): Redis serves others between them."""
+    plane = up(harness)
+    job = plane.invoke("bigsplit", {"n": 40, "size": 60_000}).id  # 40 events of 60 KB: about 6 parts
+    view = finished(plane, job)
+    assert view["state"] == "SUCCEEDED" and view["result"] == 40, view
+    assert view["shards"]["total"] == 40 and view["shards"]["counts"] == {"SUCCEEDED": 40}
+    written = int((harness.registry.get(job) or {}).get("split_written", 0))
+    assert 0 < written < 40  # the parts before the last (the last parks the job with it)
+    assert [harness.runs(shard_id(job, i)) for i in range(40)] == [1] * 40
+
+
+def test_a_cancel_between_the_parts_of_a_split_cancels_the_shards_written_so_far(
+    harness: FleetHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that lands while a big split is written: the next part sees it and writes nothing, and the shards
+    the parts before wrote (they may have started) are cancelled with the job."""
+    plane = ControlPlane(harness.fleet())  # no worker: this test is the job's worker
+    job = plane.invoke("bigsplit", {"n": 3, "size": 10}).id
+    registry = harness.registry
+    assert registry.claim(job, "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
+    fleet = harness.fleet()
+    intake = Intake(fleet, Producer("job", JOB_ORIGIN, 4 * 2**20))
+    shards = [intake.task(fleet.functions["tile"], {"i": i, "blob": "x" * 600_000}, shard_id(job, i), "test")
+              for i in range(3)]  # about 1.4 MB each: one part each  # fmt: skip
+    store = JobStore(registry)
+    real = store._split_part
+
+    def part_then_cancel(**kw: Any) -> Any:
+        outcome = real(**kw)
+        assert plane.cancel(job)["outcome"] == "cancelling"  # the job runs (its split): signalled
+        return outcome
+
+    monkeypatch.setattr(store, "_split_part", part_then_cancel)
+    assert store.split(job, "w/1/1/a", shards, b"merge") == "cancelled"
+    assert plane.status(shard_id(job, 0))["state"] == "CANCELLED"
+    assert [registry.get(shard_id(job, i)) for i in (1, 2)] == [None, None]
 
 
 def test_a_split_of_more_than_16_mib_fails_at_once_and_writes_nothing(harness: FleetHarness) -> None:

@@ -237,9 +237,9 @@ class ControlPlane:
         """A job waiting for its shards (its cancel flag is set): cancel each shard not finished, queued ones at once,
         running ones as any running task. The job ends CANCELLED once they all have (see gpufleet.jobs)."""
         record = self.registry.get(task_id) or {}
-        if record.get("phase") != "shards":
-            return  # not a job, or its split has not created them yet: SPLIT sees the flag
-        for shard in self.jobs.shards(task_id, int(record["shards"])):
+        # Parked, all its shards; while it splits, those its parts wrote so far (the next part sees the flag).
+        n = int(record.get("shards") or record.get("split_written") or 0)
+        for shard in self.jobs.shards(task_id, n):
             if shard.state in (State.QUEUED, State.RUNNING):
                 with contextlib.suppress(NotFoundError):
                     self._finish_queued(shard.id, "Cancelled", f"its job {task_id} was cancelled")

@@ -47,6 +47,7 @@ MAX_SHARD_EVENT_BYTES = MAX_SHARD_RESULT_BYTES = 64 * 1024
 # for 746 ms. A split beyond it fails its job (SplitTooLarge): shards pass references, not data.
 MAX_SPLIT_BYTES = 16 * 2**20
 SHARD_PAGE = 100  # shards a job's view lists by default
+SPLIT_PART_BYTES = 2**20  # a split is written to Redis in parts of about this many bytes, one script each
 WAITING = "job:waiting-for-shards"  # a parked job's owner token: no process has it (tokens are host/pid/start/nonce)
 SHARD_FIELDS = ("state", "attempts", "worker", "started_at", "finished_at", "error", "outputs", "last_error")
 
@@ -57,12 +58,12 @@ def shard_id(job_id: str, index: int) -> str:
     return f"{job_id}~{index}"
 
 
-# KEYS: job, leases.  ARGV: prefix, now, batch (as ENQUEUE_MANY's, each entry with the job id and shard index),
-#   owner token, the job's message for its merge step, then each shard's envelope, event and meta.
-# The split is done: the shards become tasks and the job waits for them, on no worker. Only the owner that ran the
-# split may do this, and not once the job was cancelled. Shards that already exist (from an earlier life of the job)
-# count as they stand: a finished one is not run again. Returns 'ok', 'cancelled' or 'lost'.
-SPLIT = (
+# KEYS: job.  ARGV: prefix, now, batch (as ENQUEUE_MANY's, each entry with the job id and shard index), owner token,
+#   then each shard's envelope, event and meta.
+# A big split is written in parts, each a script of its own, so Redis serves others between them: this one writes some
+# shards (they may start at once) and notes how many are written (split_written, for a cancel that comes meanwhile).
+# Returns 'ok', 'cancelled' or 'lost', as SPLIT.
+SPLIT_PART = (
     lua.HELPERS
     + lua.CREATE
     + """
@@ -70,20 +71,42 @@ local job, prefix, now = KEYS[1], ARGV[1], ARGV[2]
 if not owned(job, ARGV[4]) then return 'lost' end
 if redis.call('HGET', job, 'cancel') == '1' then return 'cancelled' end
 local tasks = cjson.decode(ARGV[3])
-create_tasks(prefix, now, tasks, 5)
+create_tasks(prefix, now, tasks, 4)
+local written = tonumber(tasks[#tasks][16]) + 1
+if written > tonumber(redis.call('HGET', job, 'split_written') or '0') then
+  redis.call('HSET', job, 'split_written', written)
+end
+return 'ok'
+"""
+)
+
+# KEYS: job, leases.  ARGV: prefix, now, batch (the last part's shards, as SPLIT_PART's), owner token, the job's
+#   message for its merge step, the number of shards, then each shard's envelope, event and meta.
+# The split is done: the shards become tasks and the job waits for them, on no worker. Only the owner that ran the
+# split may do this, and not once the job was cancelled. Shards that already exist (from an earlier part, or an earlier
+# life of the job) count as they stand: a finished one is not run again (one that finished before this counts here; a
+# later one, in shard_done). Returns 'ok', 'cancelled' or 'lost'.
+SPLIT = (
+    lua.HELPERS
+    + lua.CREATE
+    + """
+local job, prefix, now, n = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[6])
+if not owned(job, ARGV[4]) then return 'lost' end
+if redis.call('HGET', job, 'cancel') == '1' then return 'cancelled' end
+create_tasks(prefix, now, cjson.decode(ARGV[3]), 6)
 local id = redis.call('HGET', job, 'id')
 local ok, bad = 0, 0
-for _, t in ipairs(tasks) do
-  local state = redis.call('HGET', prefix .. ':task:' .. t[1], 'state')
+for i = 0, n - 1 do
+  local state = redis.call('HGET', prefix .. ':task:' .. id .. '~' .. i, 'state')
   if state == 'SUCCEEDED' then ok = ok + 1 elseif retriable(state) then bad = bad + 1 end
 end
 redis.call('ZREM', KEYS[2], id)
 unbusy(prefix, job, id)
 redis.call('HDEL', job, 'lease_until')
-redis.call('HSET', job, 'phase', 'shards', 'shards', #tasks, 'shards_ok', ok, 'shards_bad', bad, 'token', '"""
+redis.call('HSET', job, 'phase', 'shards', 'shards', n, 'shards_ok', ok, 'shards_bad', bad, 'token', '"""
     + WAITING
-    + """', 'merge_envelope', ARGV[5], 'progress', (ok + bad) / #tasks, 'progress_message', '')
-if ok + bad >= #tasks then job_step(prefix, job, now) end
+    + """', 'merge_envelope', ARGV[5], 'progress', (ok + bad) / n, 'progress_message', '')
+if ok + bad >= n then job_step(prefix, job, now) end
 return 'ok'
 """
 )
@@ -166,16 +189,38 @@ class JobStore:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._split = registry.client.register_script(SPLIT)
+        self._split_part = registry.client.register_script(SPLIT_PART)
         self._retry = registry.client.register_script(RETRY_JOB)
 
     def split(self, job_id: str, token: str, shards: list[NewTask], merge_envelope: bytes) -> str:
-        """Create the shards and park the job (see :data:`SPLIT`): ``'ok'``, ``'cancelled'`` or ``'lost'``."""
-        reg, now = self.registry, repr(time.time())
-        batch = orjson.dumps([[*task_row(t, now), job_id, str(i)] for i, t in enumerate(shards)])
-        args: list[str | bytes] = [reg.prefix, now, batch, token, merge_envelope]
-        for t in shards:
-            args += (t.message.envelope, t.message.event, t.message.meta)
-        return str(self._split(keys=[reg.task_key(job_id), reg.leases_key], args=args).decode())
+        """Create the shards, in parts of about :data:`SPLIT_PART_BYTES`, and park the job (see :data:`SPLIT`):
+        ``'ok'``, ``'cancelled'`` or ``'lost'``."""
+        reg, now, key = self.registry, repr(time.time()), self.registry.task_key(job_id)
+        parts: list[list[int]] = [[]]
+        size = 0
+        for i, t in enumerate(shards):
+            if parts[-1] and size >= SPLIT_PART_BYTES:
+                parts.append([])
+                size = 0
+            parts[-1].append(i)
+            size += len(t.message.envelope) + len(t.message.event) + len(t.message.meta)
+
+        def args(part: list[int]) -> list[str | bytes]:
+            batch = orjson.dumps([[*task_row(shards[i], now), job_id, str(i)] for i in part])
+            return [reg.prefix, now, batch, token]
+
+        def shard_args(part: list[int]) -> list[str | bytes]:
+            out: list[str | bytes] = []
+            for i in part:
+                out += (shards[i].message.envelope, shards[i].message.event, shards[i].message.meta)
+            return out
+
+        for part in parts[:-1]:
+            outcome = self._split_part(keys=[key], args=args(part) + shard_args(part)).decode()
+            if outcome != "ok":
+                return str(outcome)
+        last = [*args(parts[-1]), merge_envelope, str(len(shards)), *shard_args(parts[-1])]
+        return str(self._split(keys=[key, reg.leases_key], args=last).decode())
 
     def retry(self, job_id: str, envelopes: dict[str, bytes]) -> tuple[str, str]:
         """Run a finished job's unsuccessful shards again, then merge (see :data:`RETRY_JOB`)."""

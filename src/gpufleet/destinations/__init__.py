@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
+from gpufleet.credentials import redact_url
+from gpufleet.errors import ConfigError
 from gpufleet.urls import Endpoint, import_backend, parse_options, parse_url
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ BACKENDS = {
     "amqps": "gpufleet.destinations.amqp:AmqpDestination",
     "memory": "gpufleet.destinations.memory:MemoryDestination",
 }
+LOGINS = frozenset({"http", "https", "amqp", "amqps"})  # the kinds that log in with a URL's user and password
 PATHLESS = frozenset({"http", "https", "s3", "amqp", "amqps"})  # may name no path: https://host, amqp://host
 FRAGMENT_OPTIONS = frozenset({"http", "https"})  # their query is the receiver's
 
@@ -39,6 +42,10 @@ def parse_destination(url: str, *, where: str | None = None, key: str | None = N
     """Validate a destination URL and its options; with ``env``, also that the variables its ``*_env`` options
     name are set (and that a secret is strong). Raises ConfigError naming ``where`` and ``key``."""
     endpoint = parse_url(url, BACKENDS, where=where, key=key, what="destination", pathless=PATHLESS)
+    if endpoint.scheme not in LOGINS and "@" in (endpoint.hosts or ""):  # a secret with nothing to use it
+        raise ConfigError(f"destination URL {redact_url(url)!r} carries a user or password, which "
+                          f"{endpoint.scheme}:// does not use", file=where, key=key,
+                          fix="remove it: S3, SQS and SNS use the s3 section's keys, Kafka its section")  # fmt: skip
     if endpoint.scheme in FRAGMENT_OPTIONS:
         endpoint = dataclasses.replace(endpoint, options=dict(parse_qsl(urlsplit(url).fragment)))
     options = import_backend(BACKENDS[endpoint.scheme]).OPTIONS  # type: ignore[attr-defined]
