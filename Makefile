@@ -26,19 +26,20 @@ $(VENV)/.torch: requirements/torch.txt
 	@echo "== $(TORCH), CPU build (the largest download)"
 	if $(BIN)/python -c 'import urllib.request; urllib.request.urlopen("$(TORCH_CPU_INDEX)/torch/", timeout=10)' \
 	     2>/dev/null; then \
-	  $(PIP) install --no-compile --no-deps --extra-index-url $(TORCH_CPU_INDEX) $(TORCH); \
+	  $(PIP) install --no-deps --extra-index-url $(TORCH_CPU_INDEX) $(TORCH); \
 	else \
 	  echo "PyTorch's CPU index is out of reach: $(TORCH) from the default index"; \
-	  $(PIP) install --no-compile --no-deps $(TORCH); \
+	  $(PIP) install --no-deps $(TORCH); \
 	fi
 	touch $@
 
 # $(call locked,FILE): the locked packages of FILE, then the project, with no dependencies of its own to resolve and
-# its build backend (setuptools) from the lock: nothing is left to pick a version on the day. --no-compile: Python
-# compiles what it imports when it first does, not every file of every package here (24 s of a 40 s install).
+# its build backend (setuptools) from the lock: nothing is left to pick a version on the day. Compiled as installed
+# (24 s of a 40 s install): with PYTHONDONTWRITEBYTECODE set, as on the CI machine, nothing is compiled later, and
+# every process would compile what it imports again (the suite took 16 min instead of 9).
 define locked
 	@echo "== the locked packages of $(1)"
-	$(PIP) install --no-compile --require-hashes -r $(1)
+	$(PIP) install --require-hashes -r $(1)
 	@echo "== gpufleet, editable"
 	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PIP) check
