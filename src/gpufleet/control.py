@@ -357,7 +357,7 @@ class ControlPlane:
             if record is None:
                 self.registry.drop_from_index(fn, st, task_id)  # its record expired: tidy the index as we go
             elif state is None or record["state"] == st:
-                items.append(listed(self.view(record, (0, 0))))
+                items.append(listed(self.view(record)))  # its record has no shard count: no shards read
         next_cursor = _encode_cursor(page[-1][0]) if more and page else None
         return {"items": items, "next_cursor": next_cursor}
 
@@ -436,9 +436,8 @@ class ControlPlane:
 
 def listed(view: dict[str, Any]) -> dict[str, Any]:
     """A task as a listing shows it: its result's size instead of the result (108 results made a listing of 15.6 MB),
-    its error without the stack trace, its shards as counts. One task's GET has the rest."""
-    result = view.pop("result")
-    view["result"] = None
+    and its error without the stack trace. One task's GET has the rest."""
+    result, view["result"] = view["result"], None
     view["result_bytes"] = None if result is None else len(orjson.dumps(result))
     for key in ("error", "last_error"):
         if view[key]:

@@ -205,21 +205,19 @@ class JobStore:
             parts[-1].append(i)
             size += len(t.message.envelope) + len(t.message.event) + len(t.message.meta)
 
-        def args(part: list[int]) -> list[str | bytes]:
-            batch = orjson.dumps([[*task_row(shards[i], now), job_id, str(i)] for i in part])
-            return [reg.prefix, now, batch, token]
-
-        def shard_args(part: list[int]) -> list[str | bytes]:
-            out: list[str | bytes] = []
+        def args(part: list[int], *extra: str | bytes) -> list[str | bytes]:
+            """A part's script arguments: its batch, ``extra`` (the last part's), then its shards' messages."""
+            out: list[str | bytes] = [reg.prefix, now, orjson.dumps([[*task_row(shards[i], now), job_id, str(i)]
+                                                                    for i in part]), token, *extra]  # fmt: skip
             for i in part:
                 out += (shards[i].message.envelope, shards[i].message.event, shards[i].message.meta)
             return out
 
         for part in parts[:-1]:
-            outcome = self._split_part(keys=[key], args=args(part) + shard_args(part)).decode()
+            outcome = self._split_part(keys=[key], args=args(part)).decode()
             if outcome != "ok":
                 return str(outcome)
-        last = [*args(parts[-1]), merge_envelope, str(len(shards)), *shard_args(parts[-1])]
+        last = args(parts[-1], merge_envelope, str(len(shards)))
         return str(self._split(keys=[key, reg.leases_key], args=last).decode())
 
     def retry(self, job_id: str, envelopes: dict[str, bytes]) -> tuple[str, str]:
