@@ -99,41 +99,32 @@ def test_celery_event_receiver_sees_workers_and_tasks(services: Any, tmp_path: P
     hosts.append(h)
     app = create_app(h.fleet())
     seen: list[dict[str, Any]] = []
-    ready = threading.Event()
-    stop = threading.Event()
+    # One subscription for the whole test: events are fanned out to whoever listens at that moment, so a receiver
+    # that reconnects (itercapture with a timeout does) misses what is sent in between.
+    with app.connection() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None, "wakeup": False},
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        try:
+            _check_events(h, seen)
+        finally:
+            receiver.should_stop = True  # looked at after each second of silence
+            thread.join(10)
 
-    def receive() -> None:
-        with app.connection() as conn:
-            receiver = app.events.Receiver(conn, handlers={"*": seen.append})
-            ready.set()
-            for _ in receiver.itercapture(limit=None, timeout=0.5, wakeup=False):
-                if stop.is_set():
-                    return
 
-    thread = threading.Thread(target=lambda: _until_stopped(receive, stop), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    h.start("worker")
-    control = ControlPlane(h.fleet())
-    task_id = control.invoke("echo", {"seen": "by flower"}).id
-    h.wait_for(lambda: control.status(task_id)["state"] == "SUCCEEDED", what="the task")
-
+def _check_events(h: FleetHarness, seen: list[dict[str, Any]]) -> None:
     def types(uuid: str | None = None) -> set[str]:
         return {e["type"] for e in list(seen) if uuid is None or e.get("uuid") == uuid}
 
-    h.wait_for(lambda: {"task-received", "task-started", "task-succeeded"} <= types(task_id), what="task events")
+    h.start("worker")
+    # A heartbeat seen proves the receiver listens, so the task's events cannot be sent before it does.
     h.wait_for(lambda: "worker-heartbeat" in types(), what="a worker heartbeat")
+    control = ControlPlane(h.fleet())
+    task_id = control.invoke("echo", {"seen": "by flower"}).id
+    h.wait_for(lambda: control.status(task_id)["state"] == "SUCCEEDED", what="the task")
+    h.wait_for(lambda: {"task-received", "task-started", "task-succeeded"} <= types(task_id), what="task events")
     workers = {e["hostname"] for e in list(seen) if e["type"].startswith("worker-")}
     assert workers == {"vgpu0@host-e"}
     received = next(e for e in seen if e["type"] == "task-received" and e.get("uuid") == task_id)
     assert received["name"] == "gpufleet.run"
-    stop.set()
-    thread.join(10)
-
-
-def _until_stopped(receive: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            receive()
-        except TimeoutError:  # itercapture's timeout: look at the stop flag, then listen again
-            continue

@@ -36,6 +36,10 @@ class ServiceError(GpufleetError):
     """A local development service (Redis, Kafka) could not be started or stopped."""
 
 
+class PortTakenError(ServiceError):
+    """A local server could not bind its port: another process holds it."""
+
+
 class BrokerError(GpufleetError):
     """The task broker or registry could not be reached; the operation may succeed later."""
 

@@ -33,6 +33,7 @@ from gpufleet.dev.services import (
     _spawn,
     _wait_ready,
     free_port,
+    picks_free_port,
 )
 from gpufleet.errors import ServiceError
 
@@ -68,6 +69,7 @@ def _s3_probe(url: str, access_key: str, secret_key: str) -> tuple[Callable[[], 
     return check, client.close
 
 
+@picks_free_port
 def start_moto(
     workdir: Path, port: int | None = None, timeout_s: float = 20
 ) -> tuple[S3Service, subprocess.Popen[bytes]]:

@@ -13,7 +13,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from gpufleet.dev.services import _HOST, Service, ServiceError, _spawn, _wait_ready, free_port, stop
+from gpufleet.dev.services import _HOST, Service, ServiceError, _spawn, _wait_ready, free_port, picks_free_port, stop
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 GUEST = "guest"  # RabbitMQ's default user, allowed from loopback only
@@ -23,6 +23,7 @@ def rabbitmq_available() -> bool:
     return SERVER.exists() and shutil.which("epmd") is not None
 
 
+@picks_free_port
 def start_rabbitmq(workdir: Path, port: int | None = None, timeout_s: float = 60) -> tuple[Service, list[int]]:
     """Start RabbitMQ on 127.0.0.1 and wait until it accepts an AMQP login.
 

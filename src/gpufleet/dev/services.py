@@ -17,7 +17,9 @@ This module starts Redis and Kafka; the S3 servers' starters live in :mod:`gpufl
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar, cast
 
-from gpufleet.errors import ServiceError as ServiceError  # re-exported: callers catch it from here
+from gpufleet.errors import PortTakenError as PortTakenError
+from gpufleet.errors import ServiceError as ServiceError  # re-exported: callers catch them from here
 
 _HOST = "127.0.0.1"
 S3_REGION = "us-east-1"
@@ -40,6 +44,10 @@ SEAWEEDFS_SECRET_KEY = "gpufleet-dev-secret"  # noqa: S105 - fixed dev credentia
 # Every server we spawned, by PID, so stop/status by PID can reap our own children instead of leaving zombies. It also
 # keeps dev_up's Popen objects referenced, so their __del__ does not warn about children that must keep running.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+# How Redis and moto ("Address already in use") and tansu ("AddrInUse", it hangs instead of exiting) say so.
+_PORT_TAKEN = re.compile(r"address (already )?in use|AddrInUse", re.IGNORECASE)
+PORT_TRIES = 3
+_Starter = TypeVar("_Starter", bound=Callable[..., Any])
 
 
 @dataclass
@@ -78,6 +86,23 @@ def _free_ports(count: int) -> list[int]:
         for sock in socks:
             sock.bind((_HOST, 0))
         return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def picks_free_port(start: _Starter) -> _Starter:
+    """For a starter ``start(workdir, port=None, ...)``: where the caller names no port, pick a free one, and pick
+    another when the server finds it taken. A free port is free only while we look: a test running beside us, or
+    any program, may bind it before the server does. A port the caller named is never swapped."""
+
+    @functools.wraps(start)
+    def starter(workdir: Path, port: int | None = None, *args: Any, **kwargs: Any) -> Any:
+        if port is not None:
+            return start(workdir, port, *args, **kwargs)
+        for _ in range(PORT_TRIES - 1):
+            with contextlib.suppress(PortTakenError):
+                return start(workdir, free_port(), *args, **kwargs)
+        return start(workdir, free_port(), *args, **kwargs)
+
+    return cast(_Starter, starter)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -156,26 +181,29 @@ def _wait_ready(
 ) -> None:
     deadline, error = time.monotonic() + timeout_s, "no probe finished"
     try:
-        while (code := proc.poll()) is None:
+        while (code := proc.poll()) is None and not _PORT_TAKEN.search(_tail(log_path)):
             try:
                 check()
             except Exception as exc:  # noqa: BLE001 - any failure just means "not ready yet"
                 error = f"{type(exc).__name__}: {exc}"
             else:
-                if proc.poll() is None:  # something else may answer on the port; only our live child counts
+                # Something else may answer on the port: only our live child, having bound it, counts.
+                if proc.poll() is None and not _PORT_TAKEN.search(_tail(log_path)):
                     return
-                continue
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
     except BaseException:
         stop(proc, stop_timeout_s)  # e.g. Ctrl-C while waiting: the child has its own session and would otherwise leak
         raise
-    reason = f"exited with code {code}" if code is not None else f"not ready after {timeout_s:g} s ({error})"
     stop(proc, stop_timeout_s)
-    raise ServiceError(f"{name} (pid {proc.pid}) failed to start: {reason}; last log lines:\n{_tail(log_path)}")
+    if _PORT_TAKEN.search(log := _tail(log_path)):
+        raise PortTakenError(f"{name} (pid {proc.pid}) could not bind its port, another process holds it:\n{log}")
+    reason = f"exited with code {code}" if code is not None else f"not ready after {timeout_s:g} s ({error})"
+    raise ServiceError(f"{name} (pid {proc.pid}) failed to start: {reason}; last log lines:\n{log}")
 
 
+@picks_free_port
 def start_redis(
     workdir: Path, port: int | None = None, timeout_s: float = 20, appendonly: bool = False, password: str = ""
 ) -> tuple[Service, subprocess.Popen[bytes]]:
@@ -227,6 +255,7 @@ def start_redis(
     return Service("redis", f"redis://{auth}{_HOST}:{port}/0", proc.pid, log_path), proc
 
 
+@picks_free_port
 def start_kafka(
     workdir: Path, port: int | None = None, timeout_s: float = 30
 ) -> tuple[Service, subprocess.Popen[bytes]]:
@@ -247,7 +276,9 @@ def start_kafka(
     def check() -> None:
         # A cheap TCP probe first: the admin client retries for a long time against a closed port.
         socket.create_connection((_HOST, port), timeout=1).close()
-        admin = KafkaAdminClient(bootstrap_servers=f"{_HOST}:{port}", request_timeout_ms=5000)
+        admin = KafkaAdminClient(
+            bootstrap_servers=f"{_HOST}:{port}", request_timeout_ms=5000, bootstrap_timeout_ms=5000
+        )
         try:
             admin.list_topics()
         finally:
