@@ -89,9 +89,14 @@ def test_a_dispatcher_without_redis_says_what_to_check_and_keeps_trying(harness:
     first, deadline = b"", time.monotonic() + 60  # its first attempt, whenever a loaded machine lets it get there
     while b"failed; retrying" not in first and proc.poll() is None and time.monotonic() < deadline:
         if select.select([proc.stderr], [], [], 1.0)[0]:
-            first += proc.stderr.readline()  # whole lines: one JSON log line each
+            first += os.read(proc.stderr.fileno(), 65536)  # unbuffered: select() sees only what the pipe holds
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"no exit 30 s after SIGTERM:\n{(first + err).decode()[-3000:]}") from None
     err = first + err
     assert b"Traceback" not in err
     waits = [line for line in err.decode().splitlines() if "failed; retrying" in line]

@@ -22,17 +22,35 @@ PARENT_ENV = "GPUFLEET_PARENT_PID"
 
 
 def stop_event_on_signals() -> threading.Event:
-    """SIGINT/SIGTERM set the returned event. Only entry points call this, never constructors."""
+    """SIGINT/SIGTERM set the returned event. Only entry points call this, never constructors.
+
+    The Python-level handlers do nothing. Python runs a handler in the main thread between two bytecodes, and that
+    may be inside a lock the handler needs: one that logged "stopping" ran inside structlog's write lock (not
+    reentrant) when the signal came as a line was written, and the process then hung for good on its own SIGTERM.
+    The interpreter's C handler also writes each signal's number to the wakeup fd; a thread of ours reads it there,
+    logs and sets the event, outside any lock the main thread holds.
+    """
     stop = threading.Event()
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
 
-    def handle(signum: int, _frame: object) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
+    def relay() -> None:
+        while True:
+            for signum in os.read(read_fd, 64):  # other signals with a handler arrive here too
+                if signum in (signal.SIGINT, signal.SIGTERM):
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    stop.set()
 
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
+    threading.Thread(target=relay, name="gpufleet-signals", daemon=True).start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _wakes_the_relay)
     watch_parent(stop.set)
     return stop
+
+
+def _wakes_the_relay(_signum: int, _frame: object) -> None:
+    """The wakeup fd carries the signal: see :func:`stop_event_on_signals`."""
 
 
 def watch_parent(on_exit: Callable[[], None]) -> None:
