@@ -74,7 +74,8 @@ class FleetHarness:
             # idle consumer (and tansu for it) costs 8% of a core, and six fleets at once are the suite's largest
             # idle cost. 200 ms costs a Kafka hop 150 ms more.
             "kafka": {"bootstrap_servers": self.services.kafka_bootstrap, "fetch_max_wait_ms": 200},
-            "worker": {"virtual_gpus": 2, "lease_s": 3, "kill_grace_s": 2, "cancel_grace_s": 2},
+            # One GPU worker process each unless a test asks for more: each costs 0.8 s of CPU to start.
+            "worker": {"virtual_gpus": 1, "lease_s": 3, "kill_grace_s": 2, "cancel_grace_s": 2},
             "defaults": {
                 "on_success": f"kafka:///{self.topic('success')}",
                 "on_failure": f"kafka:///{self.topic('failure')}",

@@ -103,7 +103,7 @@ def api(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api
 @pytest.fixture(scope="module")
 def fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """``gpufleet run``: dispatcher, two CPU worker slots, the API and the Kafka trigger."""
-    with _serve(services, tmp_path_factory.mktemp("fleet")) as fleet:
+    with _serve(services, tmp_path_factory.mktemp("fleet"), worker={"virtual_gpus": 2}) as fleet:
         yield fleet
 
 

@@ -186,7 +186,7 @@ def test_control_commands_without_a_running_fleet(harness: FleetHarness) -> None
 
 def test_invoke_wait_cancel_retry_and_gpus_on_a_running_fleet(harness: FleetHarness) -> None:
     h = harness
-    h.write_config(worker={"cancel_grace_s": 1})
+    h.write_config(worker={"cancel_grace_s": 1, "virtual_gpus": 2})
     h.start()
 
     ok = cli(h, "invoke", "echo", "--payload", '{"a": 1}', "--wait", "--json")

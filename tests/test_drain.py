@@ -37,7 +37,7 @@ def hosts(services: Any, tmp_path: Path) -> Iterator[list[FleetHarness]]:
 
 def test_sigterm_drains_a_host_and_hands_back_what_runs_past_the_grace(services: Any, tmp_path: Path,
                                                                        hosts: list[FleetHarness]) -> None:  # fmt: skip
-    a = host(services, tmp_path / "a", "host-a", shutdown_grace_s=4)
+    a = host(services, tmp_path / "a", "host-a", shutdown_grace_s=4, virtual_gpus=2)
     hosts.append(a)
     control = ControlPlane(a.fleet())
     a.start("worker")

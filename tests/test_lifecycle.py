@@ -37,6 +37,7 @@ def occupy_both_slots(h: FleetHarness, cp: ControlPlane, seconds: float) -> list
 
 
 def test_queue_position_cancel_while_queued_and_expiry(harness: FleetHarness) -> None:
+    harness.write_config(worker={"virtual_gpus": 2})
     harness.start()
     cp = control(harness)
     busy = occupy_both_slots(harness, cp, seconds=6)
@@ -152,7 +153,7 @@ def test_lost_worker_is_found_by_its_lease_and_the_task_requeued(harness: FleetH
 def test_redelivery_window_shorter_than_the_task_does_not_run_it_twice(harness: FleetHarness) -> None:
     """Redis re-delivers an unacknowledged message after visibility_timeout (2 s here, checked every second);
     the copy reaches the idle worker, which sees the task RUNNING with a live lease and drops it."""
-    harness.write_config(defaults={"visibility_timeout_s": 2})
+    harness.write_config(defaults={"visibility_timeout_s": 2}, worker={"virtual_gpus": 2})
     harness.start()
     cp = control(harness)
     task_id = cp.invoke("slow", {"seconds": 8}).id

@@ -24,7 +24,7 @@ Samples = dict[str, list[Sample]]
 
 @pytest.fixture(scope="module")
 def fleet(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    with _serve(services, tmp_path_factory.mktemp("metrics")) as fleet:
+    with _serve(services, tmp_path_factory.mktemp("metrics"), worker={"virtual_gpus": 2}) as fleet:
         yield fleet
 
 

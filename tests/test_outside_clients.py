@@ -21,6 +21,7 @@ from tests.harness import FleetHarness
 
 def live_fleet(h: FleetHarness) -> tuple[set[int], list[str]]:
     """Start the worker role; the PIDs of its processes and its Celery node names, once both GPUs are up."""
+    h.write_config(worker={"virtual_gpus": 2})
     h.start("worker")
     plane = ControlPlane(h.fleet())
     h.wait_for(lambda: sum(1 for g in plane.gpus() if g.get("up") and not g["stale"]) == 2, what="both GPUs")
