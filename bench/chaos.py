@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from tests.chaos import Chaos, ChaosFleet, Plan, topic_records  # noqa: E402
 from tests.strategies import JSON_MESSAGES, notifications  # noqa: E402
 
-from gpufleet.dev.services import LocalServices  # noqa: E402
+from gpufleet.dev.local import LocalServices  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "chaos.md"
 

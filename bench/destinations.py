@@ -38,7 +38,8 @@ import orjson  # noqa: E402
 import redis  # noqa: E402
 import yaml  # noqa: E402
 
-from gpufleet.dev.services import LocalServices, free_port, stop  # noqa: E402
+from gpufleet.dev.local import LocalServices  # noqa: E402
+from gpufleet.dev.services import free_port, stop  # noqa: E402
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):

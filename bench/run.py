@@ -39,7 +39,7 @@ import redis
 import batching
 import handlers
 import raw_celery_app
-from gpufleet.dev.services import LocalServices
+from gpufleet.dev.local import LocalServices
 from gpufleet.logs import configure_logging
 from gpufleet.messages import MessageFactory, function_queue
 from gpufleet.registry import Enqueued, NewTask, Registry

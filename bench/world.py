@@ -21,7 +21,7 @@ import redis
 import yaml
 
 import raw_celery_app
-from gpufleet.dev.services import LocalServices
+from gpufleet.dev.local import LocalServices
 from gpufleet.messages import PRIORITY_STEPS, priority_list, queue_name
 from gpufleet.registry import Registry
 from gpufleet.roles import PARENT_ENV

@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """Redis and Kafka as local processes. Skips on a laptop that cannot start them; fails under CI=true."""
-    from gpufleet.dev.services import LocalServices
+    from gpufleet.dev.local import LocalServices
     from gpufleet.errors import ServiceError
 
     svc = LocalServices(tmp_path_factory.mktemp("services"))

