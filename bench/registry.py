@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402 - after the path is set
 import redis  # noqa: E402
 
+from gpufleet.config import load_fleet  # noqa: E402
 from gpufleet.control import ControlPlane  # noqa: E402
 from gpufleet.dev.services import start_redis, stop_service  # noqa: E402
 from gpufleet.messages import MessageFactory  # noqa: E402
 from gpufleet.registry import NewTask, Registry, State  # noqa: E402
-from gpufleet.settings import load_fleet  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "registry.md"
 

@@ -21,11 +21,11 @@ import redis
 import yaml
 
 import raw_celery_app
+from gpufleet.config import Fleet
 from gpufleet.dev.local import LocalServices
 from gpufleet.messages import PRIORITY_STEPS, priority_list, queue_name
 from gpufleet.registry import Registry
 from gpufleet.roles import PARENT_ENV
-from gpufleet.settings import Fleet
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python 3.x at import time

@@ -18,9 +18,9 @@ import psutil
 import redis
 import yaml
 
+from gpufleet.config import Fleet, load_fleet
 from gpufleet.messages import DEFAULT_PRIORITY, priority_list, queue_name
 from gpufleet.registry import Registry
-from gpufleet.settings import Fleet, load_fleet
 
 FUNCTIONS = Path(__file__).parent / "functions"
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from gpufleet.config import load_fleet
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Gpu
 from gpufleet.gpumodels import model_of
-from gpufleet.settings import load_fleet
 from gpufleet.worker.gpus import discover
 from gpufleet.worker.supervisor import Supervisor, plan_slots
 from tests.harness import FleetHarness

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from gpufleet.config import Fleet
 from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConfigError, PermanentTaskError, TaskError
 from gpufleet.functions import Function
-from gpufleet.settings import Fleet, FleetSettings, S3Settings, WorkerSettings
+from gpufleet.settings import FleetSettings, S3Settings, WorkerSettings
 from gpufleet.worker.context import TaskContext
 from gpufleet.worker.runtime import Runtime
 from tests.s3util import s3_client

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
+from gpufleet.config import load_fleet
 from gpufleet.credentials import redact_url, secret_problem
 from gpufleet.errors import ConfigError
-from gpufleet.settings import load_fleet
 from tests.test_config import write
 
 REPO = Path(__file__).parent.parent

@@ -13,11 +13,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from gpufleet.config import load_fleet
 from gpufleet.dev.sentinel import SentinelGroup, sentinel_group
 from gpufleet.errors import BrokerError
 from gpufleet.ids import API_ORIGIN
 from gpufleet.registry import Registry
-from gpufleet.settings import load_fleet
 from tests.harness import FleetHarness
 
 PASSWORD = "sentinel-test-8Jq2xPz7Lm4Rk9Vb"

@@ -14,7 +14,6 @@ reads them at most once a second.
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -23,7 +22,7 @@ import orjson
 import structlog
 
 from gpufleet.errors import InvalidRequestError
-from gpufleet.functions import VERSION_RE
+from gpufleet.functions import ALIAS_RE, weights_problem
 from gpufleet.registry import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -31,24 +30,11 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gpufleet.aliases")
 
-ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 DEFAULT = "default"
 REFRESH_S = 1.0
 LOG_MAX = 10_000  # changes kept in the alias log
 
 Weights = dict[str, float]  # version -> weight
-
-
-def weights_problem(weights: Mapping[str, float]) -> str | None:
-    """Why ``weights`` cannot be an alias's, or None."""
-    if not weights:
-        return "name at least one version"
-    bad = [v for v in weights if not VERSION_RE.fullmatch(v)]
-    if bad:
-        return f"not versions: {bad}"
-    if any(not isinstance(w, int | float) or isinstance(w, bool) or not w > 0 for w in weights.values()):
-        return "weights are numbers > 0"
-    return None
 
 
 class Aliases:

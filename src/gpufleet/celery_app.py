@@ -10,7 +10,7 @@ from gpufleet.redisconn import celery_broker
 if TYPE_CHECKING:
     from celery import Celery
 
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
     from gpufleet.worker.runtime import Runtime
 
 

@@ -18,6 +18,7 @@ import orjson
 
 from gpufleet import snapshot
 from gpufleet.aliases import Aliases
+from gpufleet.config import Fleet
 from gpufleet.errors import (
     ConflictError,
     EventError,
@@ -36,7 +37,6 @@ from gpufleet.placer import Placer
 from gpufleet.records import Condition, callback_record, fit_record, iso
 from gpufleet.registry import REDIS_ERRORS, Enqueued, Registry, State
 from gpufleet.scaling import Need, needs
-from gpufleet.settings import Fleet
 from gpufleet.snapshot import Snapshot
 from gpufleet.versions import ServedVersions, all_versions, versions
 

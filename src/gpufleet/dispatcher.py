@@ -22,12 +22,12 @@ import redis
 import structlog
 
 from gpufleet import redisconn
+from gpufleet.config import Fleet
 from gpufleet.credentials import redact, redact_url
 from gpufleet.errors import unreachable_hint
 from gpufleet.flows import ROUTE, Entry, Flow, Lease, flow_id, flow_key
 from gpufleet.registry import REDIS_ERRORS
 from gpufleet.retry import retry_until
-from gpufleet.settings import Fleet
 from gpufleet.worker.lease import owner_token
 
 log = structlog.get_logger("gpufleet.dispatcher")

@@ -44,7 +44,7 @@ from gpufleet.trace import HEADER
 from gpufleet.worker.lease import owner_is_dead
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.dispatcher")
 Entry = tuple[bytes, dict[bytes, bytes]]

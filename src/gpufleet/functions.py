@@ -25,7 +25,7 @@ import inspect
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -41,6 +41,21 @@ if TYPE_CHECKING:
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # no ':': "embed:4" names a version of embed
+ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # an alias's name: gpufleet.aliases
+
+
+def weights_problem(weights: Mapping[str, float]) -> str | None:
+    """Why ``weights`` cannot be an alias's, or None."""
+    if not weights:
+        return "name at least one version"
+    bad = [v for v in weights if not VERSION_RE.fullmatch(v)]
+    if bad:
+        return f"not versions: {bad}"
+    if any(not isinstance(w, int | float) or isinstance(w, bool) or not w > 0 for w in weights.values()):
+        return "weights are numbers > 0"
+    return None
+
+
 LATEST = "$LATEST"  # the version of a function that declares none, as Lambda names it
 FUNCTIONS_NAMESPACE = "gpufleet_workers."  # function files are imported as its modules: never shadowing a library
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks

@@ -32,8 +32,8 @@ from gpufleet.registry import NewTask
 
 if TYPE_CHECKING:
     from gpufleet.aliases import Aliases
+    from gpufleet.config import Fleet
     from gpufleet.placer import Placer
-    from gpufleet.settings import Fleet
     from gpufleet.versions import ServedVersions
 
 

@@ -20,10 +20,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from gpufleet.config import Fleet
 from gpufleet.lua import HISTOGRAM_BOUNDS
 from gpufleet.registry import Registry
 from gpufleet.scaling import needs
-from gpufleet.settings import Fleet
 from gpufleet.snapshot import Histogram, Snapshot, read
 from gpufleet.versions import all_versions
 

@@ -20,7 +20,7 @@ from gpufleet.destinations import parse_destination
 from gpufleet.errors import BrokerError, ConfigError, unreachable_hint
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.readback")
 

@@ -34,7 +34,7 @@ from gpufleet.readback import Record, Stream, commit, committed, read
 from gpufleet.registry import REDIS_ERRORS, Registry
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
     from gpufleet.triggers.base import SourceMessage
     from gpufleet.triggers.options import TriggerSettings
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.run")
 PARENT_ENV = "GPUFLEET_PARENT_PID"

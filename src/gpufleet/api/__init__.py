@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from gpufleet.errors import PortInUseError
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 
 def check_port_free(fleet: Fleet) -> None:

@@ -28,7 +28,6 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gpufleet import __version__
-from gpufleet.aliases import ALIAS_RE
 from gpufleet.api import bodies, dashboard, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
 from gpufleet.api.protocol import RequestLimit
@@ -36,6 +35,7 @@ from gpufleet.api.webhooks import router as webhook_router
 from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import InvalidRequestError
 from gpufleet.events import MAX_DEPTH
+from gpufleet.functions import ALIAS_RE
 from gpufleet.jobs import SHARD_PAGE
 from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from gpufleet.metrics import CONTENT_TYPE, exposition

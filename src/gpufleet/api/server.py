@@ -19,8 +19,8 @@ import uvicorn
 from gpufleet.api import check_port_free
 from gpufleet.api.app import create_app
 from gpufleet.api.protocol import guarded_protocol
+from gpufleet.config import Fleet
 from gpufleet.control import ControlPlane
-from gpufleet.settings import Fleet
 from gpufleet.triggers import backend, served_by
 from gpufleet.triggers.webhook import WebhookTrigger
 

@@ -25,7 +25,7 @@ from gpufleet.cli.tasks import add_commands as add_control_commands
 from gpufleet.errors import GpufleetError
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fleet(args: argparse.Namespace, role: str) -> Fleet:
+    from gpufleet.config import load_fleet
     from gpufleet.logs import configure_logging
-    from gpufleet.settings import load_fleet
 
     fleet = load_fleet(args.config)
     configure_logging(fleet.settings.logging, role=role)
@@ -173,8 +173,8 @@ def _api(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from gpufleet.config import load_fleet
     from gpufleet.credentials import redact_url
-    from gpufleet.settings import load_fleet
 
     fleet = load_fleet(args.config)
     print(f"config: {fleet.config_file}")

@@ -17,8 +17,8 @@ from gpufleet.errors import BrokerError
 
 if TYPE_CHECKING:
     from gpufleet.cli.tasks import AddCommand
+    from gpufleet.config import Fleet
     from gpufleet.readback import Record
-    from gpufleet.settings import Fleet
 
 
 def add_commands(command: AddCommand) -> None:
@@ -46,8 +46,8 @@ MAX_RECONNECT_S = 5.0
 
 
 def _load(args: argparse.Namespace) -> Fleet:
+    from gpufleet.config import load_fleet
     from gpufleet.logs import configure_logging
-    from gpufleet.settings import load_fleet
 
     fleet = load_fleet(args.config)
     configure_logging(fleet.settings.logging.model_copy(update={"level": "warning"}), role="cli")

@@ -150,9 +150,9 @@ def _control(func: Handler) -> Handler:
 
 
 def _plane(args: argparse.Namespace) -> ControlPlane:
+    from gpufleet.config import load_fleet
     from gpufleet.control import ControlPlane
     from gpufleet.logs import configure_logging
-    from gpufleet.settings import load_fleet
 
     fleet = load_fleet(args.config, secrets=False)  # control reads Redis: it signs and checks nothing
     logging = fleet.settings.logging

@@ -31,11 +31,11 @@ from typing import Any
 import orjson
 import yaml
 
+from gpufleet.config import load_fleet
 from gpufleet.demo import bucket, routes
 from gpufleet.demo.api import api_tour
 from gpufleet.demo.job import job_tour
 from gpufleet.registry import Registry
-from gpufleet.settings import load_fleet
 
 TEXTS = [
     "GPUs turn events into results",

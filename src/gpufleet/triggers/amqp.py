@@ -47,7 +47,7 @@ from gpufleet.triggers.options import TriggerSettings
 from gpufleet.urls import EnvName, Options, amqp_login
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.amqp")
 FIRST_WAIT_S = 1.0  # for the first message of a batch; then messages already on their way are taken

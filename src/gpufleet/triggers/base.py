@@ -46,7 +46,7 @@ from gpufleet.urls import Options
 from gpufleet.versions import ServedVersions
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.trigger")
 S = TypeVar("S", bound=TriggerSettings)

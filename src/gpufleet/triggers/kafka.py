@@ -29,7 +29,7 @@ from gpufleet.triggers.base import LAG_EVERY_S, NO_HEADERS, Ingest, Prepared, Se
 from gpufleet.triggers.options import TriggerSettings
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.kafka")
 AHEAD = 2  # batches left in Redis's hands while the next is polled and parsed

@@ -29,7 +29,7 @@ from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.poll")
 

@@ -30,7 +30,7 @@ from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.urls import Options
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.trigger.sqs")
 MAX_BATCH = 10  # SQS returns and deletes at most 10 messages per call

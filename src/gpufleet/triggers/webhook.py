@@ -49,7 +49,7 @@ from gpufleet.triggers.sns import SNS_HOSTS, SnsConfirmError, check_host_pattern
 from gpufleet.urls import Options
 
 if TYPE_CHECKING:
-    from gpufleet.settings import Fleet
+    from gpufleet.config import Fleet
 
 log = structlog.get_logger("gpufleet.webhook")
 PUBLISH_TIMEOUT_S = 10.0

@@ -21,9 +21,9 @@ import orjson
 import structlog
 
 from gpufleet.celery_app import create_app
+from gpufleet.config import load_fleet
 from gpufleet.logs import PrintsToLog, configure_logging
 from gpufleet.roles import watch_parent
-from gpufleet.settings import load_fleet
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.outcome import timed_out_by_watchdog
 from gpufleet.worker.runtime import Runtime

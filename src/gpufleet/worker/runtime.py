@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import structlog
 
 from gpufleet import trace
+from gpufleet.config import Fleet
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function
 from gpufleet.jobs import WAITING
@@ -26,7 +27,6 @@ from gpufleet.messages import Envelopes, MessageFactory, parse_queue
 from gpufleet.objects import ObjectEvent, ObjectStore
 from gpufleet.records import Condition, error_payload
 from gpufleet.registry import REDIS_ERRORS, TERMINAL, Claim, Registry, State, Taken
-from gpufleet.settings import Fleet
 from gpufleet.worker import batch
 from gpufleet.worker.ahead import HOLD_S, Ahead
 from gpufleet.worker.context import TaskContext, handler_payload

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from gpufleet.config import Fleet
 from gpufleet.control import ControlPlane
 from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError, unreachable_hint
@@ -39,7 +40,6 @@ from gpufleet.placer import Placer
 from gpufleet.registry import REDIS_ERRORS, Registry
 from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
-from gpufleet.settings import Fleet
 from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.lost import LostMessages
