@@ -8,9 +8,13 @@ Starts its own Redis (``start_redis``) and measures, with the fleet's own code (
 
 1. Redis memory per QUEUED task at 10^5 queued (``used_memory`` before and after; the record, its indexes and its
    Celery message in the queue), then per finished task (claimed and finished as a worker does, the queue emptied
-   as workers empty it). A small event (~40 bytes of JSON) and a small result.
+   as workers empty it). The ~200-byte events of the ingest bench, and a small result.
 2. The time of one cancel of a queued task with 10^6 queued (median of 20), next to the baseline: the ``LREM`` of
    its message that cancel used to do (same list, same run). Redis's own SLOWLOG duration is shown for both.
+
+A task's Celery message lives in kombu's list for its priority level (``<queue>\x06\x16<level>``, the queue's own
+name only for level 0): the bench empties and scans those lists, and checks that they hold what it queued (it once
+measured the queue's bare name, an empty key, for both).
 
 The report goes to stdout and to ``bench/results/registry.md``.
 """
@@ -34,8 +38,11 @@ import redis  # noqa: E402
 from gpufleet.config import load_fleet  # noqa: E402
 from gpufleet.control import ControlPlane  # noqa: E402
 from gpufleet.dev.services import start_redis, stop_service  # noqa: E402
-from gpufleet.messages import MessageFactory  # noqa: E402
+from gpufleet.messages import DEFAULT_PRIORITY, MessageFactory, priority_list  # noqa: E402
 from gpufleet.registry import NewTask, Registry, State  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from world import ingest_value  # noqa: E402 - the ingest bench's events
 
 RESULTS = ROOT / "bench" / "results" / "registry.md"
 
@@ -54,7 +61,7 @@ def enqueue(registry: Registry, factory: MessageFactory, fn: object, start: int,
     batch: list[NewTask] = []
     for i in range(start, start + n):
         task_id = f"kafka-requests-0-{i}"
-        event = {"seq": i, "user": f"user-{i % 977:04d}"}
+        event = orjson.loads(ingest_value(i))["payload"]
         message = factory.build(task_id, fn, event, {"source": f"kafka:requests/0/{i}", "trigger": "requests"})  # type: ignore[arg-type]
         batch.append(NewTask(message, "kafka:///gpufleet.success", "kafka:///gpufleet.failure", 3,
                              f"kafka:requests/0/{i}", time.time(), origin="trigger:requests"))  # fmt: skip
@@ -81,6 +88,7 @@ def main() -> int:
             factory = MessageFactory("gpufleet", 10.0)
             fn = fleet.functions["noop"]
             queue = factory.build("x", fn, {}, {}).queue
+            messages = priority_list(queue, DEFAULT_PRIORITY)  # where every message of this bench waits
 
             # 1. memory per queued and per finished task
             n = args.memory_n
@@ -88,7 +96,8 @@ def main() -> int:
             enqueue(registry, factory, fn, 0, n)
             queued = (int(r.info("memory")["used_memory"]) - base) / n
             print(f"queued: {queued:.0f} bytes per task", file=sys.stderr)
-            r.delete(queue)  # workers took the messages
+            assert r.llen(messages) == n, f"{messages!r} holds {r.llen(messages)} messages, not {n}"
+            r.delete(messages)  # workers took the messages
             result = orjson.dumps({"ok": True, "seq": 1})
             for start in range(0, n, 1000):
                 pipe_ids = [f"kafka-requests-0-{i}" for i in range(start, min(n, start + 1000))]
@@ -105,6 +114,7 @@ def main() -> int:
             m = args.cancel_n
             print(f"queueing {m:,} tasks...", file=sys.stderr)
             enqueue(registry, factory, fn, 0, m)
+            assert r.llen(messages) == m, f"{messages!r} holds {r.llen(messages)} messages, not {m}"
             plane = ControlPlane(fleet, registry)
             ours, lrem, ours_slow, lrem_slow = [], [], [], []
             r.config_set("slowlog-log-slower-than", 0)
@@ -119,7 +129,7 @@ def main() -> int:
                 message = factory.build(victim, fn, {"seq": -1}, {}).envelope  # not in the list: a full scan
                 r.slowlog_reset()
                 t0 = time.perf_counter()
-                r.lrem(queue, -1, message)
+                r.lrem(messages, -1, message)
                 lrem.append((time.perf_counter() - t0) * 1000)
                 lrem_slow.append(max(e["duration"] for e in r.slowlog_get(128)) / 1000)
             r.config_set("slowlog-log-slower-than", 10_000)
