@@ -25,20 +25,20 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 if TYPE_CHECKING:
-    from gpufleet.worker.runtime import _Item
+    from gpufleet.worker.item import Item
 
 log = structlog.get_logger("gpufleet.worker")
 HOLD_S = 0.05  # how long a task claimed ahead may wait for the running one before it goes back to its queue
 
 Tasks = list[tuple[str, str]]  # (task id, owner token) each
 # (outcomes pipeline or None, claim the next task?) -> the task claimed, or None
-RoundTrip = Callable[[Any, bool], "_Item | None"]
+RoundTrip = Callable[[Any, bool], "Item | None"]
 
 
 class Ahead:
     """One per pool process, made after fork. Only the runtime's thread calls :meth:`send` and :meth:`take`."""
 
-    def __init__(self, round_trip: RoundTrip, give_back: Callable[[_Item], None],
+    def __init__(self, round_trip: RoundTrip, give_back: Callable[[Item], None],
                  hold: Callable[[Tasks, Tasks], None]) -> None:  # fmt: skip
         self._round_trip = round_trip  # what the helper thread does: write the outcomes, claim the next
         self._give_back = give_back  # a task claimed ahead, unstarted, back to the head of its queue
@@ -46,7 +46,7 @@ class Ahead:
         self._cond = threading.Condition()
         self._job: tuple[Any, bool] | None = None
         self._busy = False  # a round trip or a give-back is under way: take() waits for it
-        self._item: _Item | None = None  # claimed ahead, not taken yet
+        self._item: Item | None = None  # claimed ahead, not taken yet
         threading.Thread(target=self._serve, name="gpufleet-ahead", daemon=True).start()
 
     def send(self, outcomes: Any, claim: bool, finished: Tasks) -> None:
@@ -57,7 +57,7 @@ class Ahead:
             self._job, self._busy = (outcomes, claim), True
             self._cond.notify_all()
 
-    def take(self) -> _Item | None:
+    def take(self) -> Item | None:
         """The task claimed ahead, once the round trip is done (it was handed back, or there was none: None)."""
         with self._cond:
             while self._busy:
@@ -87,7 +87,7 @@ class Ahead:
             if item is not None:
                 self._wait_or_give_back(item)
 
-    def _wait_or_give_back(self, item: _Item) -> None:
+    def _wait_or_give_back(self, item: Item) -> None:
         until = time.monotonic() + HOLD_S
         with self._cond:
             while self._item is item and (left := until - time.monotonic()) > 0:

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from gpufleet.functions import Function
+    from gpufleet.worker.item import Item
     from gpufleet.worker.outcome import Finisher
-    from gpufleet.worker.runtime import Runtime, _Item
+    from gpufleet.worker.runtime import Runtime
 
 log = structlog.get_logger("gpufleet.worker")
 POLL_S = 0.002
@@ -69,13 +70,13 @@ class BatchContext:
 class Member:
     """One event of a batch, ready to run: its claim and finisher, and the payload the handler gets."""
 
-    item: _Item
+    item: Item
     done: Finisher
     payload: Any
     obj: Any  # the object event, completed, for an object task
 
 
-def gather(rt: Runtime, first: _Item, fn: Function) -> list[_Item]:
+def gather(rt: Runtime, first: Item, fn: Function) -> list[Item]:
     """The first task, then more of ``fn``'s queued tasks, as described in the module docstring."""
     assert fn.batch is not None
     items = [first]

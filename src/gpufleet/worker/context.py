@@ -18,7 +18,7 @@ from gpufleet.worker.scratch import ScratchDir
 
 if TYPE_CHECKING:
     from gpufleet.functions import Function
-    from gpufleet.worker.runtime import Runtime
+    from gpufleet.worker.bundle import ProcessBundle
 
 log = structlog.get_logger("gpufleet.worker")
 MAX_READ_BYTES = 256 * 2**20  # what ctx.read may hold in memory; ctx.download streams to disk instead
@@ -27,7 +27,7 @@ MAX_READ_BYTES = 256 * 2**20  # what ctx.read may hold in memory; ctx.download s
 class TaskContext:
     """What a handler gets besides its event. One per attempt; its scratch directory is removed afterwards."""
 
-    def __init__(self, runtime: Runtime, task_id: str, function: str, attempt: int, state: Any,
+    def __init__(self, runtime: ProcessBundle, task_id: str, function: str, attempt: int, state: Any,
                  meta: Mapping[str, Any] | None = None, event: ObjectEvent | None = None) -> None:  # fmt: skip
         self.task_id = task_id
         self.function = function

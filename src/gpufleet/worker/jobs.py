@@ -22,8 +22,9 @@ from gpufleet.worker.context import TaskContext, handler_payload
 if TYPE_CHECKING:
     from gpufleet.functions import Function
     from gpufleet.registry import NewTask
+    from gpufleet.worker.item import Item
     from gpufleet.worker.outcome import Finisher
-    from gpufleet.worker.runtime import Runtime, _Item
+    from gpufleet.worker.runtime import Runtime
 
 log = structlog.get_logger("gpufleet.worker")
 JOB_ORIGIN = "job"  # who names shard ids: only a job's split (see gpufleet.ids)
@@ -41,7 +42,7 @@ class JobSteps:
         placer = Placer(rt.registry, rt.fleet.functions.values())
         self.intake = Intake(rt.fleet, Producer("job", JOB_ORIGIN, MAX_SHARD_EVENT_BYTES), placer)
 
-    def run(self, item: _Item, fn: Function, done: Finisher, bound: Any) -> None:
+    def run(self, item: Item, fn: Function, done: Finisher, bound: Any) -> None:
         """The job's step now: its split, or (its shards all done) its merge."""
         raw = self.rt.registry.client.hmget(self.rt.registry.task_key(item.task_id), RECORD_FIELDS)
         phase, shards, priority, event, meta, queue, job_started_at = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
@@ -72,7 +73,7 @@ class JobSteps:
         finally:
             self.rt.end()
 
-    def _split(self, item: _Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, priority: int,
+    def _split(self, item: Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, priority: int,
                merge_envelope: bytes, bound: Any) -> None:  # fmt: skip
         events = self.rt.guarded(fn, lambda: fn.handler(payload, ctx))
         tasks = self._shards(item, fn, events, priority)
@@ -84,7 +85,7 @@ class JobSteps:
         else:
             bound.info("job split", shards=len(tasks), shard_function=tasks[0].message.function)
 
-    def _shards(self, item: _Item, fn: Function, events: Any, priority: int) -> list[NewTask]:
+    def _shards(self, item: Item, fn: Function, events: Any, priority: int) -> list[NewTask]:
         """The shard tasks of what split returned; a split that cannot be run as shards fails the job for good."""
         assert fn.shards is not None
         limit = fn.shards.max_shards
@@ -123,7 +124,7 @@ class JobSteps:
                                          "a range), not data")  # fmt: skip
         return tasks
 
-    def _merge(self, item: _Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, shards: list[Shard],
+    def _merge(self, item: Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, shards: list[Shard],
                bound: Any) -> None:  # fmt: skip
         assert fn.shards is not None
         assert fn.shards.merge_fn is not None  # checked at load

@@ -15,7 +15,7 @@ from gpufleet.records import Condition, callback_record, error_payload, fit_reco
 from gpufleet.registry import Callback, Claim, State
 
 if TYPE_CHECKING:
-    from gpufleet.worker.runtime import Runtime
+    from gpufleet.worker.bundle import ProcessBundle
 
 log = structlog.get_logger("gpufleet.worker")
 
@@ -40,7 +40,7 @@ class Outcomes(NamedTuple):
 class Finisher:
     """Builds the callback record and performs the final transition for one attempt."""
 
-    def __init__(self, runtime: Runtime, task_id: str, function: str, token: str, event: Any, claim: Claim,
+    def __init__(self, runtime: ProcessBundle, task_id: str, function: str, token: str, event: Any, claim: Claim,
                  fn: Function | None, record: dict[str, Any] | None = None, pipe: Any = None) -> None:  # fmt: skip
         self.rt = runtime
         self.pipe = pipe  # the outcome goes into this pipeline, with the next claim; None: written at once
@@ -107,7 +107,7 @@ class Finisher:
         return True
 
 
-def timed_out_by_watchdog(rt: Runtime, task_id: str, token: str) -> None:
+def timed_out_by_watchdog(rt: ProcessBundle, task_id: str, token: str) -> None:
     """Called in the worker's parent process once its watchdog killed a pool process past the hard limit."""
     record = rt.registry.get(task_id, event=True) or {}
     claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),

@@ -14,7 +14,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import structlog
 
@@ -30,6 +30,7 @@ from gpufleet.registry import REDIS_ERRORS, TERMINAL, Claim, Registry, State, Ta
 from gpufleet.worker import batch
 from gpufleet.worker.ahead import HOLD_S, Ahead
 from gpufleet.worker.context import TaskContext, handler_payload
+from gpufleet.worker.item import Item
 from gpufleet.worker.jobs import JobSteps
 from gpufleet.worker.lease import LeaseKeeper, owner_is_dead, owner_token
 from gpufleet.worker.outcome import Finisher, Outcomes
@@ -205,7 +206,7 @@ class Runtime:
         if not all(answers):
             log.warning("a task was taken over or finished elsewhere; its outcome here was not recorded")
 
-    def _round_trip(self, outcomes: Outcomes | None, claim: bool) -> _Item | None:
+    def _round_trip(self, outcomes: Outcomes | None, claim: bool) -> Item | None:
         """The helper thread's (see :mod:`gpufleet.worker.ahead`): write the outcomes, and with ``claim`` claim the
         next task in the same round trip."""
         pipe = outcomes.pipe if outcomes is not None else None
@@ -225,13 +226,13 @@ class Runtime:
         queue, its attempt not counted. False if it finished or changed owner meanwhile."""
         return self.registry.hand_back(task_id, token, self.envelopes, None)
 
-    def _give_back(self, item: _Item) -> None:
+    def _give_back(self, item: Item) -> None:
         if self.give_back(item.task_id, item.token):
             log.info("task claimed ahead given back to the head of its queue", task_id=item.task_id)
         else:
             log.info("a task claimed ahead was taken over or cancelled before it was given back", task_id=item.task_id)
 
-    def _next(self, pipe: Any) -> _Item | None:
+    def _next(self, pipe: Any) -> Item | None:
         """Write the last outcome (in ``pipe``, if any) and take the next task, in one round trip."""
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)  # the queues take turns being read first
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
@@ -251,22 +252,22 @@ class Runtime:
                 return items[0]
             pipe = None
 
-    def _items(self, taken: list[Taken | str], token: str) -> list[_Item]:
+    def _items(self, taken: list[Taken | str], token: str) -> list[Item]:
         """The tasks :meth:`Registry.pop_claim` claimed. Another copy of a task that is not waiting is judged as any
         delivery: dropped, or taken over from an owner that died."""
         items = []
         for got in taken:
             if isinstance(got, Taken):
-                items.append(_Item(got.task_id, got.function, got.event, got.meta, got.claim, token))
+                items.append(Item(got.task_id, got.function, got.event, got.meta, got.claim, token))
                 continue
             claim = self._take_over(got, token, log.bind(task_id=got))
             record = self.registry.get(got, event=True) if claim is not None else None
             if claim is not None and record is not None:
-                items.append(_Item(got, record["function"], record.get("event"), record.get("meta") or {}, claim,
+                items.append(Item(got, record["function"], record.get("event"), record.get("meta") or {}, claim,
                                    token))  # fmt: skip
         return items
 
-    def _take_delivery(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> _Item | None:
+    def _take_delivery(self, task_id: str, function: str, event: Any, meta: dict[str, Any]) -> Item | None:
         """Claim the task Celery delivered: QUEUED and nobody's (one round trip), or taken over from a dead owner."""
         token = owner_token(self.host, os.getpid())
         try:
@@ -283,9 +284,9 @@ class Runtime:
             log.warning("registry unreachable; the message goes back to the queue", task_id=task_id, error=str(exc))
             time.sleep(1)
             raise Reject(str(exc), requeue=True) from exc
-        return _Item(task_id, function, event, meta, claim, token)
+        return Item(task_id, function, event, meta, claim, token)
 
-    def _run_traced(self, item: _Item, pipe: Any) -> None:
+    def _run_traced(self, item: Item, pipe: Any) -> None:
         # Every line logged while the task runs (ours, the handler's, its print()s) carries its trace.
         structlog.contextvars.bind_contextvars(**trace.ids(item.meta.get(trace.HEADER)))
         try:
@@ -293,7 +294,7 @@ class Runtime:
         finally:
             structlog.contextvars.unbind_contextvars("trace_id", "span_id")
 
-    def _run(self, item: _Item, pipe: Any) -> None:
+    def _run(self, item: Item, pipe: Any) -> None:
         """Run one claimed task (or the batch it starts); outcomes go into ``pipe``."""
         fn = self.fleet.functions.get(item.function)
         done = Finisher(self, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe)
@@ -337,7 +338,7 @@ class Runtime:
             self._recent[fn.name] = time.monotonic() - began
             self.end()
 
-    def _not_ready(self, item: _Item, fn: Function) -> None:
+    def _not_ready(self, item: Item, fn: Function) -> None:
         """``fn``'s setup() failed in this process: the task goes back to the head of its queue unstarted (its attempt
         not counted) for a worker where it works, and this one pauses, so as not to take it straight back. The pause
         doubles at each hand-back of the function, up to ``worker.setup_retry_s`` (it was one second, for ever)."""
@@ -348,7 +349,7 @@ class Runtime:
                         pause_s=pause)  # fmt: skip
         time.sleep(pause)
 
-    def begin(self, item: _Item, done: Finisher) -> None:
+    def begin(self, item: Item, done: Finisher) -> None:
         """The task's handler starts now: the cancel killer and the lease keeper know it."""
         self._current = {item.task_id: done}
         self.lease.hold([(item.task_id, item.token)])
@@ -358,7 +359,7 @@ class Runtime:
         self.lease.release()
         self._current = {}
 
-    def _run_batch(self, items: list[_Item], fn: Function, pipe: Any) -> None:
+    def _run_batch(self, items: list[Item], fn: Function, pipe: Any) -> None:
         """Each task's own checks, then one call for those that may run (see :mod:`gpufleet.worker.batch`)."""
         members: list[batch.Member] = []
         self._ran = [(item.task_id, item.token) for item in items]
@@ -387,11 +388,11 @@ class Runtime:
             self._recent[fn.name] = time.monotonic() - began
             self.end()
 
-    def _bound(self, item: _Item) -> Any:
+    def _bound(self, item: Item) -> Any:
         return log.bind(task_id=item.task_id, function=item.function, event_id=item.meta.get("source"),
                         attempt=item.claim.attempts)  # fmt: skip
 
-    def may_start(self, item: _Item, done: Finisher, fn: Function, bound: Any, check_age: bool = True) -> bool:
+    def may_start(self, item: Item, done: Finisher, fn: Function, bound: Any, check_age: bool = True) -> bool:
         """False, with its outcome recorded, for a task that must not run: cancelled, too old, or out of attempts."""
         claim = item.claim
         if claim.cancel_requested:  # cancelled while running on a worker that died before it could stop
@@ -499,7 +500,7 @@ class Runtime:
         """What the function's ``setup()`` returned in this process (run now, if it has not run yet)."""
         return self.setups.state_of(fn)
 
-    def _call(self, fn: Function, item: _Item, payload: Any, obj: ObjectEvent | None, done: Finisher) -> Any:
+    def _call(self, fn: Function, item: Item, payload: Any, obj: ObjectEvent | None, done: Finisher) -> Any:
         ctx = TaskContext(self, item.task_id, fn.name, item.claim.attempts, self.state_of(fn), item.meta, obj)
         try:
             return fn.handler(payload, ctx)
@@ -512,18 +513,7 @@ class Runtime:
         prefix = self.fleet.settings.redis.key_prefix
         return [q for q in self.queues if (parsed := parse_queue(prefix, q)) is not None and parsed[2] == name]
 
-    def take(self, queues: list[str], n: int, token: str) -> list[_Item]:
+    def take(self, queues: list[str], n: int, token: str) -> list[Item]:
         """Up to ``n`` more tasks from ``queues``, claimed under ``token``."""
         _, taken = self.registry.pop_claim(queues, token, self.lease_s, self.worker_name, self.gpu, n=n)
         return self._items(taken, token)
-
-
-class _Item(NamedTuple):
-    """A task this pool process has claimed: its call, its claim, and the owner token it runs under."""
-
-    task_id: str
-    function: str
-    event: Any
-    meta: dict[str, Any]
-    claim: Claim
-    token: str
