@@ -1,4 +1,5 @@
-"""Fleet settings: ``config/fleet.yaml``, ``triggers/*.yaml`` and environment overrides, validated at load.
+"""Loading the fleet: ``config/fleet.yaml``, ``triggers/*.yaml`` and environment overrides, read into the models of
+:mod:`gpufleet.settings` and validated at load.
 
 This is the only module that reads the environment. Rules:
 
