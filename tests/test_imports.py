@@ -89,3 +89,12 @@ def test_no_new_import_circle_in_src() -> None:
     found = circles(graph)
     assert not [c for c in found if c not in KNOWN_CIRCLES], "a new or grown import circle: break it"
     assert not [c for c in KNOWN_CIRCLES if c not in found], "a known circle is gone: take it off KNOWN_CIRCLES"
+
+
+def test_the_worker_and_the_triggers_never_import_each_other() -> None:
+    # What both need of object stores (the key rules, the S3 client) is in gpufleet.objects.
+    known = modules()
+    crossing = {(name, to) for name, path in known.items() for to in imports(name, path, known)
+                for a, b in (("gpufleet.worker", "gpufleet.triggers"), ("gpufleet.triggers", "gpufleet.worker"))
+                if name.startswith(a) and to.startswith(b)}  # fmt: skip
+    assert not crossing

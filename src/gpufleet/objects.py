@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from gpufleet.settings import S3Settings
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+MAX_KEY_BYTES = 1024  # S3, MinIO and Ceph refuse longer object keys
 
 
 class ObjectEvent(BaseModel):

@@ -31,7 +31,7 @@ from urllib.parse import unquote_plus
 import orjson
 
 from gpufleet.errors import EventError
-from gpufleet.objects import ObjectEvent
+from gpufleet.objects import MAX_KEY_BYTES, ObjectEvent
 
 KEY_ENCODINGS = ("auto", "url", "raw")
 SNS_TYPES = frozenset({"Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"})
@@ -50,7 +50,6 @@ METADATA_ONLY_EVENTS = frozenset(
 )
 _PATTERN = re.compile(r"(?:s3:)?[A-Za-z0-9*?\[\]!]+:[A-Za-z0-9*?\[\]!]+")
 _GLOB_CHARS = frozenset("*?[")
-MAX_KEY_BYTES = 1024  # S3, MinIO and Ceph refuse longer object keys
 MAX_FIELD_CHARS = 3 * MAX_KEY_BYTES  # a URL-encoded key of that length; every other field is far shorter
 MAX_SIZE = 2**63 - 1
 _KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}

@@ -12,8 +12,7 @@ from pydantic import ValidationError
 
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import validation_problem
-from gpufleet.objects import CONTROL_CHARS, ObjectEvent, ObjectStore, key_parts, parse_s3_uri
-from gpufleet.triggers.s3events import MAX_KEY_BYTES
+from gpufleet.objects import CONTROL_CHARS, MAX_KEY_BYTES, ObjectEvent, ObjectStore, key_parts, parse_s3_uri
 from gpufleet.worker.scratch import ScratchDir
 
 if TYPE_CHECKING:
