@@ -112,6 +112,14 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "<no log>"
 
 
+def _port_taken(log_path: Path) -> bool:
+    """Whether the server's log says its port is taken: anywhere in it, as a crash report may follow the line."""
+    try:
+        return _PORT_TAKEN.search(log_path.read_text(errors="replace")) is not None
+    except OSError:
+        return False
+
+
 def _alive(pid: int) -> bool:
     child = _CHILDREN.get(pid)
     if child is not None:
@@ -181,14 +189,14 @@ def _wait_ready(
 ) -> None:
     deadline, error = time.monotonic() + timeout_s, "no probe finished"
     try:
-        while (code := proc.poll()) is None and not _PORT_TAKEN.search(_tail(log_path)):
+        while (code := proc.poll()) is None and not _port_taken(log_path):
             try:
                 check()
             except Exception as exc:  # noqa: BLE001 - any failure just means "not ready yet"
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 # Something else may answer on the port: only our live child, having bound it, counts.
-                if proc.poll() is None and not _PORT_TAKEN.search(_tail(log_path)):
+                if proc.poll() is None and not _port_taken(log_path):
                     return
             if time.monotonic() >= deadline:
                 break
@@ -197,7 +205,8 @@ def _wait_ready(
         stop(proc, stop_timeout_s)  # e.g. Ctrl-C while waiting: the child has its own session and would otherwise leak
         raise
     stop(proc, stop_timeout_s)
-    if _PORT_TAKEN.search(log := _tail(log_path)):
+    log = _tail(log_path)
+    if _port_taken(log_path):
         raise PortTakenError(f"{name} (pid {proc.pid}) could not bind its port, another process holds it:\n{log}")
     reason = f"exited with code {code}" if code is not None else f"not ready after {timeout_s:g} s ({error})"
     raise ServiceError(f"{name} (pid {proc.pid}) failed to start: {reason}; last log lines:\n{log}")
