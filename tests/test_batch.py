@@ -8,6 +8,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -198,24 +199,23 @@ def test_a_batch_waits_no_longer_than_max_wait_ms_for_more_and_a_lone_task_not_a
         assert harness.registry.enqueue_many(tasks) == [Enqueued.CREATED] * queued
         return fn, function_queue(harness.prefix, fn)
 
-    class OneAtATime(Runtime):
-        def take(self, queues: list[str], n: int, token: str) -> list[Any]:
-            return super().take(queues, 1, token)
+    def one_at_a_time(rt: Runtime, queue: str) -> Callable[[int], list[Any]]:
+        return lambda n: rt.take([queue], 1, "test-owner")
 
     trickle, queue = policy("trickle", 50, 300)
-    rt = OneAtATime(fleet, "trickle-worker", "gpu0", [queue])
+    rt = Runtime(fleet, "trickle-worker", "gpu0", [queue])
     [first] = rt.take([queue], 1, "test-owner")
     started = time.monotonic()
-    items = batch.gather(rt, first, trickle)
+    items = batch.gather(first, trickle, one_at_a_time(rt, queue), lambda: False)
     took = time.monotonic() - started
     assert 2 < len(items) < 256 and took < 0.4, (len(items), took)  # unbounded: all 256, in ~0.6 s
     assert len({item.task_id for item in items}) == len(items)
 
     lone, queue = policy("lone", 2000, 1)
-    rt = OneAtATime(fleet, "lone-worker", "gpu0", [queue])
+    rt = Runtime(fleet, "lone-worker", "gpu0", [queue])
     [first] = rt.take([queue], 1, "test-owner")
     started = time.monotonic()
-    assert batch.gather(rt, first, lone) == [first]
+    assert batch.gather(first, lone, one_at_a_time(rt, queue), lambda: False) == [first]
     assert time.monotonic() - started < 1
 
 

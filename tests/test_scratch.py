@@ -1,5 +1,6 @@
-"""Scratch and uploads through a real TaskContext and Runtime (S3 on moto): a symlink swapped in while a download runs
-is never followed, the scratch tree is private to the worker's user, and upload names stay below the task's prefix."""
+"""Scratch and uploads through a real TaskContext and pool-process bundle (S3 on moto): a symlink swapped in while a
+download runs is never followed, the scratch tree is private to the worker's user, and upload names stay below the
+task's prefix."""
 
 from __future__ import annotations
 
@@ -19,22 +20,22 @@ from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConfigError, PermanentTaskError, TaskError
 from gpufleet.functions import Function
 from gpufleet.settings import FleetSettings, S3Settings, WorkerSettings
+from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.context import TaskContext
-from gpufleet.worker.runtime import Runtime
 from tests.s3util import s3_client
 
 WORKER = "vgpu0@test"
 BODY = b"object bytes\n"
 
 
-def make_runtime(tmp_path: Path, root: Path | None, s3: S3Service | None = None) -> Runtime:
+def make_bundle(tmp_path: Path, root: Path | None, s3: S3Service | None = None) -> ProcessBundle:
     s3_settings = S3Settings()
     if s3 is not None:
         s3_settings = S3Settings(endpoint_url=s3.url, access_key_id=s3.access_key, secret_access_key=s3.secret_key,
                                  addressing_style="path")  # fmt: skip
     settings = FleetSettings(s3=s3_settings, worker=WorkerSettings(scratch_dir=root))
     fleet = Fleet(settings=settings, functions={}, triggers={}, config_file=tmp_path / "gpufleet.yaml")
-    return Runtime(fleet, worker_name=WORKER, gpu="vgpu0:virtual")
+    return ProcessBundle(fleet, worker_name=WORKER, gpu="vgpu0:virtual")
 
 
 @pytest.fixture
@@ -55,17 +56,17 @@ def bucket(moto: S3Service) -> str:
     return name
 
 
-def context(runtime: Runtime, bucket: str = "b") -> TaskContext:
-    return TaskContext(runtime, "t-1", "fn", 1, None, {"output": f"s3://{bucket}/out"})
+def context(bundle: ProcessBundle, bucket: str = "b") -> TaskContext:
+    return TaskContext(bundle, "t-1", "fn", 1, None, {"output": f"s3://{bucket}/out"})
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
-def on_get_object(runtime: Runtime, action: Callable[[], None]) -> None:
+def on_get_object(bundle: ProcessBundle, action: Callable[[], None]) -> None:
     """Run ``action`` as the GET request is sent: after any check of the path, before the file is opened."""
-    runtime.objects.client.meta.events.register("before-call.s3.GetObject", lambda **_: action())
+    bundle.objects.client.meta.events.register("before-call.s3.GetObject", lambda **_: action())
 
 
 # --- a symlink swapped in while the download runs ---------------------------------------------------------------
@@ -73,8 +74,8 @@ def on_get_object(runtime: Runtime, action: Callable[[], None]) -> None:
 
 def test_a_symlink_swapped_in_at_the_file_is_replaced_not_followed(tmp_path: Path, moto: S3Service,
                                                                    bucket: str) -> None:  # fmt: skip
-    runtime = make_runtime(tmp_path, tmp_path / "root", moto)
-    ctx = context(runtime, bucket)
+    bundle = make_bundle(tmp_path, tmp_path / "root", moto)
+    ctx = context(bundle, bucket)
     target = tmp_path / "outside.txt"
     target.write_text("not yours")
 
@@ -82,7 +83,7 @@ def test_a_symlink_swapped_in_at_the_file_is_replaced_not_followed(tmp_path: Pat
         (ctx.scratch / "in").mkdir(exist_ok=True)
         (ctx.scratch / "in" / "victim.txt").symlink_to(target)
 
-    on_get_object(runtime, swap)
+    on_get_object(bundle, swap)
     path = ctx.download(f"s3://{bucket}/victim.txt")
     assert target.read_text() == "not yours"
     assert path == ctx.scratch / "in" / "victim.txt"
@@ -92,8 +93,8 @@ def test_a_symlink_swapped_in_at_the_file_is_replaced_not_followed(tmp_path: Pat
 
 @pytest.mark.parametrize("link", ["in", "in/sub"])
 def test_a_symlinked_directory_swapped_in_is_refused(tmp_path: Path, moto: S3Service, bucket: str, link: str) -> None:
-    runtime = make_runtime(tmp_path, tmp_path / "root", moto)
-    ctx = context(runtime, bucket)
+    bundle = make_bundle(tmp_path, tmp_path / "root", moto)
+    ctx = context(bundle, bucket)
     outside = tmp_path / "outside"
     outside.mkdir()
 
@@ -102,7 +103,7 @@ def test_a_symlinked_directory_swapped_in_is_refused(tmp_path: Path, moto: S3Ser
         planted.parent.mkdir(parents=True, exist_ok=True)
         planted.symlink_to(outside, target_is_directory=True)
 
-    on_get_object(runtime, swap)
+    on_get_object(bundle, swap)
     with pytest.raises(TaskError, match="never followed"):
         ctx.download(f"s3://{bucket}/sub/victim.txt")
     assert list(outside.rglob("*")) == []
@@ -117,8 +118,8 @@ def test_a_symlinked_directory_swapped_in_is_refused(tmp_path: Path, moto: S3Ser
 def test_directories_are_0700_and_downloads_0600(tmp_path: Path, moto: S3Service, bucket: str,
                                                  umask_022: None) -> None:  # fmt: skip
     root = tmp_path / "missing" / "root"
-    runtime = make_runtime(tmp_path, root, moto)
-    ctx = context(runtime, bucket)
+    bundle = make_bundle(tmp_path, root, moto)
+    ctx = context(bundle, bucket)
     path = ctx.download(f"s3://{bucket}/sub/file.bin")
     assert path.read_bytes() == BODY
     for directory in (root, root / WORKER, ctx.scratch, ctx.scratch / "in", ctx.scratch / "in" / "sub"):
@@ -131,15 +132,15 @@ def test_directories_are_0700_and_downloads_0600(tmp_path: Path, moto: S3Service
 
 
 def test_the_default_root_is_per_user(tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, None)
-    assert runtime.scratch_root == Path(tempfile.gettempdir()) / f"gpufleet-scratch-{os.geteuid()}"
+    bundle = make_bundle(tmp_path, None)
+    assert bundle.scratch_root == Path(tempfile.gettempdir()) / f"gpufleet-scratch-{os.geteuid()}"
 
 
 def test_a_root_of_ours_with_a_loose_mode_is_tightened(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     root.chmod(0o777)
-    ctx = context(make_runtime(tmp_path, root))
+    ctx = context(make_bundle(tmp_path, root))
     assert ctx.scratch.is_dir()
     assert mode(root) == 0o700
     ctx.close()
@@ -150,11 +151,11 @@ def test_a_root_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir(mode=0o700)
     os.chown(root, 12345, 12345)
-    runtime = make_runtime(tmp_path, root)
+    bundle = make_bundle(tmp_path, root)
     with pytest.raises(ConfigError, match="owned by uid 12345"):
-        context(runtime).scratch  # noqa: B018 - creating the directory is what is refused
+        context(bundle).scratch  # noqa: B018 - creating the directory is what is refused
     with pytest.raises(ConfigError, match="owned by uid 12345") as refused:
-        runtime.check_scratch()  # what a worker process runs when it starts
+        bundle.check_scratch()  # what a worker process runs when it starts
     message = str(refused.value)
     assert str(root) in message and "worker.scratch_dir" in message and "fix:" in message
     assert list(root.iterdir()) == []
@@ -166,7 +167,7 @@ def test_a_symlinked_root_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.symlink_to(real, target_is_directory=True)
     with pytest.raises(ConfigError, match="symlink") as refused:
-        context(make_runtime(tmp_path, root)).scratch  # noqa: B018 - creating the directory is what is refused
+        context(make_bundle(tmp_path, root)).scratch  # noqa: B018 - creating the directory is what is refused
     assert str(root) in str(refused.value) and "fix:" in str(refused.value)
     assert list(real.iterdir()) == []
 
@@ -180,7 +181,7 @@ def test_a_symlinked_root_is_refused(tmp_path: Path) -> None:
 )
 def test_an_upload_name_that_is_not_a_relative_key_is_refused(tmp_path: Path, moto: S3Service, bucket: str,
                                                               name: str) -> None:  # fmt: skip
-    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    ctx = context(make_bundle(tmp_path, tmp_path / "root", moto), bucket)
     (ctx.scratch / "report.json").write_text("{}")
     with pytest.raises(PermanentTaskError, match="relative key") as refused:
         ctx.upload(ctx.scratch / "report.json", name=name)
@@ -192,7 +193,7 @@ def test_an_upload_name_that_is_not_a_relative_key_is_refused(tmp_path: Path, mo
 
 
 def test_a_nested_upload_name_works(tmp_path: Path, moto: S3Service, bucket: str) -> None:
-    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    ctx = context(make_bundle(tmp_path, tmp_path / "root", moto), bucket)
     (ctx.scratch / "report.json").write_text('{"ok": true}')
     uri = ctx.upload(ctx.scratch / "report.json", name="sub/dir/file.txt")
     assert uri == f"s3://{bucket}/out/t-1/sub/dir/file.txt" and ctx.outputs == [uri]
@@ -206,7 +207,7 @@ def test_a_nested_upload_name_works(tmp_path: Path, moto: S3Service, bucket: str
 def test_an_output_prefix_that_climbs_or_hides_is_refused(tmp_path: Path, moto: S3Service, bucket: str,
                                                           prefix: str) -> None:  # fmt: skip
     """Before: ``ctx.upload(to="s3://outbucket/../privatebucket")`` was accepted, and some servers resolve ``..``."""
-    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    ctx = context(make_bundle(tmp_path, tmp_path / "root", moto), bucket)
     (ctx.scratch / "r.json").write_text("{}")
     with pytest.raises(PermanentTaskError, match="the prefix") as refused:
         ctx.upload(ctx.scratch / "r.json", to=f"s3://{bucket}/{prefix}")
@@ -218,11 +219,11 @@ def test_a_function_that_names_its_output_buckets_writes_nowhere_else(tmp_path: 
                                                                       bucket: str) -> None:  # fmt: skip
     """``workers/enhance.py`` takes its output location from the event: with ``output_buckets`` an event cannot send
     it to another bucket the fleet's key can write."""
-    runtime = make_runtime(tmp_path, tmp_path / "root", moto)
+    bundle = make_bundle(tmp_path, tmp_path / "root", moto)
     fn = Function("fn", lambda event, ctx: None, output_buckets=(bucket,))
-    runtime.fleet = Fleet(settings=runtime.fleet.settings, functions={"fn": fn}, triggers={},
-                          config_file=runtime.fleet.config_file)  # fmt: skip
-    ctx = context(runtime, bucket)
+    bundle.fleet = Fleet(settings=bundle.fleet.settings, functions={"fn": fn}, triggers={},
+                          config_file=bundle.fleet.config_file)  # fmt: skip
+    ctx = context(bundle, bucket)
     (ctx.scratch / "r.json").write_text("{}")
     with pytest.raises(PermanentTaskError, match=rf"may write to \['{bucket}'\] only") as refused:
         ctx.upload(ctx.scratch / "r.json", to="s3://privatebucket/loot")
@@ -237,7 +238,7 @@ def test_a_bad_range_is_refused_before_anything_is_read(tmp_path: Path, moto: S3
                                                         end: Any) -> None:  # fmt: skip
     """Before: one bad bound (``start=-5``, ``1.5``, ``"0-1,5"``) made a Range header S3 ignores: the whole object
     was read into memory."""
-    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    ctx = context(make_bundle(tmp_path, tmp_path / "root", moto), bucket)
     with pytest.raises(PermanentTaskError, match="use whole numbers") as refused:
         ctx.read(f"s3://{bucket}/victim.txt", start, end)
     assert refused.value.error_type == "InvalidRange"
@@ -247,7 +248,7 @@ def test_a_bad_range_is_refused_before_anything_is_read(tmp_path: Path, moto: S3
 def test_a_read_holds_at_most_max_read_bytes(tmp_path: Path, moto: S3Service, bucket: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setattr("gpufleet.worker.context.MAX_READ_BYTES", 8)
-    ctx = context(make_runtime(tmp_path, tmp_path / "root", moto), bucket)
+    ctx = context(make_bundle(tmp_path, tmp_path / "root", moto), bucket)
     uri = f"s3://{bucket}/victim.txt"  # 13 bytes
     assert ctx.read(uri, 2, 10) == BODY[2:10] and ctx.read(uri, 5) == BODY[5:]
     for start, end in ((None, None), (0, 9), (4, None)):

@@ -24,23 +24,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 
 from gpufleet.errors import PermanentTaskError
-from gpufleet.jobs import MAX_SHARD_RESULT_BYTES
+from gpufleet.functions import Function
+from gpufleet.objects import ObjectEvent
+from gpufleet.worker.attempt import Attempt, Attempts
 from gpufleet.worker.context import TaskContext
+from gpufleet.worker.item import Item
+from gpufleet.worker.outcome import result_json
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
-
-    from gpufleet.functions import Function
-    from gpufleet.worker.item import Item
-    from gpufleet.worker.outcome import Finisher
-    from gpufleet.worker.runtime import Runtime
 
 log = structlog.get_logger("gpufleet.worker")
 POLL_S = 0.002
@@ -68,24 +67,27 @@ class BatchContext:
 
 @dataclass
 class Member:
-    """One event of a batch, ready to run: its claim and finisher, and the payload the handler gets."""
+    """One event of a batch, ready to run: its attempt, and the payload the handler gets."""
 
-    item: Item
-    done: Finisher
+    attempt: Attempt
     payload: Any
-    obj: Any  # the object event, completed, for an object task
+    obj: ObjectEvent | None  # the object event, completed, for an object task
+
+    @property
+    def task(self) -> tuple[str, str]:
+        return self.attempt.item.task_id, self.attempt.item.token
 
 
-def gather(rt: Runtime, first: Item, fn: Function) -> list[Item]:
-    """The first task, then more of ``fn``'s queued tasks, as described in the module docstring."""
+def gather(first: Item, fn: Function, take: Callable[[int], list[Item]], stopping: Callable[[], bool]) -> list[Item]:
+    """The first task, then up to ``max_size`` in all of ``fn``'s queued tasks (``take(n)`` claims up to ``n`` more),
+    as described in the module docstring."""
     assert fn.batch is not None
     items = [first]
     if first.claim.attempts > 1:  # its last call may have died with its process: alone (module docstring)
         return items
-    queues = rt.function_queues(fn.name)
     formed = time.monotonic()
-    while queues and len(items) < fn.batch.max_size and not rt.slot.stopping:  # stopping: take nothing more
-        got = rt.take(queues, fn.batch.max_size - len(items), first.token)
+    while len(items) < fn.batch.max_size and not stopping():  # stopping: take nothing more
+        got = take(fn.batch.max_size - len(items))
         items += got
         left = fn.batch.max_wait_ms / 1000 - (time.monotonic() - formed)
         if not got or left <= 0:  # a lone task (nothing more queued) runs at once
@@ -94,74 +96,74 @@ def gather(rt: Runtime, first: Item, fn: Function) -> list[Item]:
     return items
 
 
+def run(attempts: Attempts, items: list[Item], fn: Function, pipe: Any) -> None:
+    """Each event's own checks and payload, then the calls for those that may run; outcomes go into ``pipe``."""
+    members: list[Member] = []
+    for item in items:
+        attempt = Attempt(attempts, item, fn, pipe)
+        if not attempt.may_start():
+            continue
+        try:
+            payload, obj = attempt.payload()
+        except Exception as exc:  # noqa: BLE001 - one event's payload: that event fails alone
+            attempt.failed(exc)
+            continue
+        members.append(Member(attempt, payload, obj))
+    if not members:
+        return
+    with attempts.running([m.attempt for m in members]):
+        log.info("batch started", function=fn.name, size=len(members), task_ids=[m.task[0] for m in members])
+        each = calls(members)
+        for n, call in enumerate(each):
+            settle(attempts, fn, call, [m for later in each[n + 1 :] for m in later])
+
+
 def calls(members: list[Member]) -> list[list[Member]]:
     """The calls a batch makes: the events on their first attempt together, then each one on a later attempt alone."""
-    first = [m for m in members if m.item.claim.attempts == 1]
-    return ([first] if first else []) + [[m] for m in members if m.item.claim.attempts > 1]
+    first = [m for m in members if m.attempt.item.claim.attempts == 1]
+    return ([first] if first else []) + [[m] for m in members if m.attempt.item.claim.attempts > 1]
 
 
-def settle(rt: Runtime, fn: Function, members: list[Member], failed: Callable[[Member, BaseException], None],
-           waiting: list[Member]) -> None:  # fmt: skip
+def settle(attempts: Attempts, fn: Function, members: list[Member], waiting: list[Member]) -> None:
     """Call the handler for ``members`` and record each one's outcome; split and call again when the call raises or
     times out. ``waiting``: the batch's events that wait for a later call (on the watchdog's page meanwhile)."""
     if not members:
         return
-    kill_grace = rt.fleet.settings.worker.kill_grace_s
-    rt.slot.arm([(m.item.task_id, m.item.token) for m in members], time.time() + fn.timeout_s + kill_grace,
-                [(m.item.task_id, m.item.token) for m in waiting])  # fmt: skip
+    deadline = time.time() + fn.timeout_s + attempts.bundle.kill_grace_s
+    attempts.bundle.slot.arm([m.task for m in members], deadline, [m.task for m in waiting])
     try:
-        results = rt.guarded(fn, lambda: _call(rt, fn, members))
+        results = attempts.guarded(fn, lambda: _call(attempts, fn, members))
     except Exception as exc:  # noqa: BLE001 - whatever the handler raised, or its time limit; SystemExit goes on up
         if len(members) == 1:
-            failed(members[0], exc)
+            members[0].attempt.failed(exc)
             return
         half = len(members) // 2
         log.warning("batch call failed; trying its halves", function=fn.name, size=len(members), error=repr(exc))
-        settle(rt, fn, members[:half], failed, members[half:] + waiting)
-        settle(rt, fn, members[half:], failed, waiting)
+        settle(attempts, fn, members[:half], members[half:] + waiting)
+        settle(attempts, fn, members[half:], waiting)
         return
     for m, result in zip(members, results, strict=True):
-        if rt.lease.cancel_requested(m.item.task_id):
-            m.done.cancelled("cancelled while running; the batch ran on")
+        attempt = m.attempt
+        if attempt.cancel_requested:
+            attempt.done.cancelled("cancelled while running; the batch ran on")
         elif isinstance(result, BaseException):
-            m.done.handled = True  # returned, not raised: Lambda's "Handled" function error
-            failed(m, result)
+            attempt.done.handled = True  # returned, not raised: Lambda's "Handled" function error
+            attempt.failed(result)
         else:
             try:
-                m.done.succeed(to_json(fn, result, "job" in m.item.meta), m.done.outputs)
+                attempt.done.succeed(result_json(fn, result, "job" in attempt.item.meta), attempt.done.outputs)
             except PermanentTaskError as exc:
-                failed(m, exc)
+                attempt.failed(exc)
 
 
-def _call(rt: Runtime, fn: Function, members: list[Member]) -> list[Any]:
-    contexts = [TaskContext(rt, m.item.task_id, fn.name, m.item.claim.attempts, rt.state_of(fn), m.item.meta, m.obj)
-                for m in members]  # fmt: skip
-    try:
-        results = fn.handler([m.payload for m in members], BatchContext(contexts, fn.name, rt.worker_name, rt.gpu,
-                                                                        rt.state_of(fn)))  # fmt: skip
-    finally:
-        for m, ctx in zip(members, contexts, strict=True):
-            m.done.outputs = ctx.outputs
-            ctx.close()
+def _call(attempts: Attempts, fn: Function, members: list[Member]) -> list[Any]:
+    bundle = attempts.bundle
+    with ExitStack() as stack:
+        contexts = [stack.enter_context(m.attempt.context(m.obj)) for m in members]
+        ctx = BatchContext(contexts, fn.name, bundle.worker_name, bundle.gpu, bundle.setups.state_of(fn))
+        results = fn.handler([m.payload for m in members], ctx)
     if not isinstance(results, list | tuple) or len(results) != len(members):
         got = f"{len(results)} results" if isinstance(results, list | tuple) else f"a {type(results).__name__}"
         raise PermanentTaskError("BadBatchResult", f"batch function {fn.name!r} returned {got} for {len(members)} "
                                  "events; return a list with one result per event, in order")  # fmt: skip
     return list(results)
-
-
-def to_json(fn: Function, result: Any, shard: bool = False) -> bytes:
-    """A result as stored JSON; one that cannot be (or a shard's over :data:`MAX_SHARD_RESULT_BYTES`: its job's merge
-    reads them all) is a PermanentTaskError (every attempt would give it)."""
-    if hasattr(result, "model_dump"):
-        result = result.model_dump(mode="json")
-    try:
-        value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
-    except TypeError as exc:
-        what = f"function {fn.name!r} returned a {type(result).__name__} that cannot be stored as JSON: {exc}"
-        raise PermanentTaskError("ResultNotSerializable", what) from None
-    if shard and len(value) > MAX_SHARD_RESULT_BYTES:
-        raise PermanentTaskError("ShardResultTooLarge", f"function {fn.name!r} returned {len(value)} bytes for a "
-                                 f"shard, more than {MAX_SHARD_RESULT_BYTES}: upload it (ctx.upload) and return its "
-                                 "URI")  # fmt: skip
-    return value

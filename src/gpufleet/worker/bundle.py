@@ -1,31 +1,80 @@
-"""What a task's context and its outcome need of the pool process they run in, and nothing else of the runtime."""
+"""What one pool process holds: the fleet, this worker's identity, and its clients, made after fork.
+
+The attempt (:mod:`gpufleet.worker.attempt`), the handler's ``ctx`` and the outcome writer are built from this bundle
+alone. Each client is made on first use, so the worker's parent process, which uses only the registry (to hand back
+the tasks of a pool process that died), makes only that one; the pool process takes a :meth:`fresh` bundle after the
+fork and never reuses its parent's sockets.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 from gpufleet.config import Fleet
+from gpufleet.messages import Envelopes, MessageFactory
 from gpufleet.objects import ObjectStore
 from gpufleet.registry import Registry
 from gpufleet.worker.lease import LeaseKeeper
+from gpufleet.worker.scratch import default_root, open_root
+from gpufleet.worker.warmup import Setups
+from gpufleet.worker.watchdog import SharedSlot
 
 
-class ProcessBundle(Protocol):
-    """The per-process bundle: the fleet, this worker's identity (``worker_name``, ``gpu``), and the clients made
-    after fork (registry, lease keeper, object store) with the scratch root. The runtime provides it; the one-attempt
-    module of issue 26 will be built from it alone."""
+class ProcessBundle:
+    """One pool process's fleet, identity and clients. ``on_overdue`` is told of a task whose handler ignored its
+    cancel for ``cancel_grace_s`` (the attempt runner sets it)."""
 
-    fleet: Fleet
-    worker_name: str
-    gpu: str
-    scratch_root: Path
+    def __init__(self, fleet: Fleet, worker_name: str, gpu: str, slot: SharedSlot | None = None) -> None:
+        self.fleet = fleet
+        self.worker_name = worker_name
+        self.gpu = gpu
+        self.slot = slot or SharedSlot()  # shared with the parent process, which watches it (see watchdog)
+        worker = fleet.settings.worker
+        self.host = worker.hostname
+        self.lease_s = worker.lease_s
+        self.kill_grace_s = worker.kill_grace_s
+        self.scratch_root: Path = worker.scratch_dir or default_root()
+        self.on_overdue: Callable[[str, str], None] = lambda task_id, token: None
 
-    @property
-    def registry(self) -> Registry: ...
+    def fresh(self) -> ProcessBundle:
+        """The same process identity with no client made yet: a forked pool process's own."""
+        return ProcessBundle(self.fleet, self.worker_name, self.gpu, self.slot)
 
-    @property
-    def lease(self) -> LeaseKeeper: ...
+    def check_scratch(self) -> None:
+        """Create the scratch root (0700) or check an existing one, so that a root another user owns stops the
+        worker when it starts rather than failing each task.
 
-    @property
-    def objects(self) -> ObjectStore: ...
+        Raises:
+            ConfigError: the root is a symlink, not a directory, or another user's.
+        """
+        os.close(open_root(self.scratch_root))
+
+    @functools.cached_property
+    def registry(self) -> Registry:
+        return Registry.for_fleet(self.fleet.settings)
+
+    @functools.cached_property
+    def objects(self) -> ObjectStore:
+        return ObjectStore(self.fleet.settings.s3)
+
+    @functools.cached_property
+    def lease(self) -> LeaseKeeper:
+        """The thread that renews the running tasks' leases and watches for their cancel; started on first use."""
+        grace = self.fleet.settings.worker.cancel_grace_s
+        keeper = LeaseKeeper(self.registry, self.lease_s, grace, lambda task_id, token: self.on_overdue(task_id, token))
+        keeper.name = f"gpufleet-lease-{os.getpid()}"
+        keeper.start()
+        return keeper
+
+    @functools.cached_property
+    def setups(self) -> Setups:
+        return Setups(self.registry, self.worker_name, self.fleet.settings.worker.setup_retry_s)
+
+    @functools.cached_property
+    def envelopes(self) -> Envelopes:
+        """Builds a task's message again: to give back a task claimed ahead, or to queue a job's merge step."""
+        factory = MessageFactory(self.fleet.settings.redis.key_prefix, self.kill_grace_s)
+        return Envelopes(factory, self.fleet.functions)

@@ -26,17 +26,17 @@ MAX_READ_BYTES = 256 * 2**20  # what ctx.read may hold in memory; ctx.download s
 class TaskContext:
     """What a handler gets besides its event. One per attempt; its scratch directory is removed afterwards."""
 
-    def __init__(self, runtime: ProcessBundle, task_id: str, function: str, attempt: int, state: Any,
+    def __init__(self, bundle: ProcessBundle, task_id: str, function: str, attempt: int, state: Any,
                  meta: Mapping[str, Any] | None = None, event: ObjectEvent | None = None) -> None:  # fmt: skip
         self.task_id = task_id
         self.function = function
         self.attempt = attempt
-        self.worker = runtime.worker_name
-        self.gpu = runtime.gpu
+        self.worker = bundle.worker_name
+        self.gpu = bundle.gpu
         self.state = state
         self.log = log.bind(task_id=task_id, function=function, attempt=attempt)
         self.outputs: list[str] = []  # s3:// URIs written by upload(); they appear in the success record
-        self._runtime = runtime
+        self._bundle = bundle
         self._meta = meta or {}
         self._event = event
         self._scratch: ScratchDir | None = None
@@ -48,11 +48,11 @@ class TaskContext:
         return value if isinstance(value, str) else None
 
     def progress(self, fraction: float, message: str = "") -> None:
-        self._runtime.registry.set_progress(self.task_id, min(max(float(fraction), 0.0), 1.0), message)
+        self._bundle.registry.set_progress(self.task_id, min(max(float(fraction), 0.0), 1.0), message)
 
     @property
     def cancelled(self) -> bool:
-        return self._runtime.lease.cancelled(self.task_id)
+        return self._bundle.lease.cancelled(self.task_id)
 
     @property
     def scratch(self) -> Path:
@@ -61,7 +61,7 @@ class TaskContext:
 
     def _scratch_dir(self) -> ScratchDir:
         if self._scratch is None:
-            self._scratch = ScratchDir(self._runtime.scratch_root, self.worker, f"{self.task_id}-{self.attempt}")
+            self._scratch = ScratchDir(self._bundle.scratch_root, self.worker, f"{self.task_id}-{self.attempt}")
         return self._scratch
 
     def download(self, obj: ObjectEvent | str | None = None) -> Path:
@@ -82,7 +82,7 @@ class TaskContext:
             bucket, key, version = obj.bucket, obj.key, obj.version_id
         parts = ("in", *key_parts(key))
         scratch = self._scratch_dir()
-        self._runtime.objects.download(bucket, key, lambda: scratch.create(parts), version)
+        self._bundle.objects.download(bucket, key, lambda: scratch.create(parts), version)
         return scratch.path.joinpath(*parts)
 
     def read(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -99,7 +99,7 @@ class TaskContext:
         if bad or (start is not None and end is not None and start >= end):
             raise PermanentTaskError("InvalidRange", f"ctx.read({uri!r:.200}, start={start!r:.30}, end={end!r:.30}): "
                                      "use whole numbers, 0 <= start < end")  # fmt: skip
-        return self._runtime.objects.read(bucket, key, start, end, limit=MAX_READ_BYTES)
+        return self._bundle.objects.read(bucket, key, start, end, limit=MAX_READ_BYTES)
 
     def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None,
                to: str | None = None) -> str:  # fmt: skip
@@ -114,7 +114,7 @@ class TaskContext:
         if not output:
             raise TaskError("no output location: set `output: s3://bucket/prefix` in the trigger file, or pass to=")
         bucket, prefix = parse_s3_uri(output)
-        fn = self._runtime.fleet.functions.get(self.function)
+        fn = self._bundle.fleet.functions.get(self.function)
         allowed = None if fn is None else fn.output_buckets
         if allowed is not None and bucket not in allowed:
             raise PermanentTaskError("OutputNotAllowed", f"ctx.upload(to={output!r:.200}): function "
@@ -122,7 +122,7 @@ class TaskContext:
         name = name or Path(path).name
         key = output_key(prefix, self.task_id, name)
         content_type = content_type or mimetypes.guess_type(name)[0]
-        uri = self._runtime.objects.upload(Path(path), bucket, key, content_type)
+        uri = self._bundle.objects.upload(Path(path), bucket, key, content_type)
         self.outputs.append(uri)
         return uri
 

@@ -11,20 +11,20 @@ import structlog
 
 from gpufleet import trace
 from gpufleet.errors import EventError, PermanentTaskError
+from gpufleet.functions import Function
 from gpufleet.intake import Intake, Producer
 from gpufleet.jobs import MAX_SHARD_EVENT_BYTES, MAX_SPLIT_BYTES, JobStore, Shard, shard_id
 from gpufleet.messages import DEFAULT_PRIORITY
+from gpufleet.placer import Placer
 from gpufleet.records import Condition
 from gpufleet.registry import State
-from gpufleet.worker.batch import to_json
-from gpufleet.worker.context import TaskContext, handler_payload
+from gpufleet.worker.attempt import Attempt, Attempts
+from gpufleet.worker.context import TaskContext
+from gpufleet.worker.item import Item
+from gpufleet.worker.outcome import result_json
 
 if TYPE_CHECKING:
-    from gpufleet.functions import Function
     from gpufleet.registry import NewTask
-    from gpufleet.worker.item import Item
-    from gpufleet.worker.outcome import Finisher
-    from gpufleet.worker.runtime import Runtime
 
 log = structlog.get_logger("gpufleet.worker")
 JOB_ORIGIN = "job"  # who names shard ids: only a job's split (see gpufleet.ids)
@@ -34,56 +34,52 @@ RECORD_FIELDS = ("phase", "shards", "priority", "event", "meta", "queue", "job_s
 class JobSteps:
     """One per pool process: what it needs to split (an intake for the shards) and to merge."""
 
-    def __init__(self, rt: Runtime) -> None:
-        from gpufleet.placer import Placer
+    def __init__(self, attempts: Attempts) -> None:
+        bundle = attempts.bundle
+        self.attempts = attempts
+        self.bundle = bundle
+        self.store = JobStore(bundle.registry)
+        placer = Placer(bundle.registry, bundle.fleet.functions.values())
+        self.intake = Intake(bundle.fleet, Producer("job", JOB_ORIGIN, MAX_SHARD_EVENT_BYTES), placer)
 
-        self.rt = rt
-        self.store = JobStore(rt.registry)
-        placer = Placer(rt.registry, rt.fleet.functions.values())
-        self.intake = Intake(rt.fleet, Producer("job", JOB_ORIGIN, MAX_SHARD_EVENT_BYTES), placer)
-
-    def run(self, item: Item, fn: Function, done: Finisher, bound: Any) -> None:
+    def run(self, attempt: Attempt) -> None:
         """The job's step now: its split, or (its shards all done) its merge."""
-        raw = self.rt.registry.client.hmget(self.rt.registry.task_key(item.task_id), RECORD_FIELDS)
+        item, fn, done = attempt.item, attempt.fn, attempt.done
+        registry = self.bundle.registry
+        raw = registry.client.hmget(registry.task_key(item.task_id), RECORD_FIELDS)
         phase, shards, priority, event, meta, queue, job_started_at = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
         merging = phase == "merge"
         listed = self.store.shards(item.task_id, int(shards)) if merging else []
         done.shards = [s.view() for s in listed] if merging else None  # in its record, however it ends
-        if not self.rt.may_start(item, done, fn, bound, check_age=not merging):  # the age is the split's to check
+        if not attempt.may_start(check_age=not merging):  # the age is the split's to check
             return
-        self.rt.begin(item, done)
-        if merging and job_started_at:  # the job's times, from its split, not the merge step's
-            done.started_at = float(job_started_at)
-        try:
-            payload, obj = handler_payload(self.rt.objects, fn, item.event, item.meta)
-            ctx = TaskContext(self.rt, item.task_id, fn.name, item.claim.attempts, self.rt.state_of(fn), item.meta,
-                              obj)  # fmt: skip
+        with self.attempts.running([attempt], fn):
+            if merging and job_started_at:  # the job's times, from its split, not the merge step's
+                done.started_at = float(job_started_at)
             try:
-                if merging:
-                    self._merge(item, fn, done, ctx, payload, listed, bound)
-                else:
-                    merge_envelope = self.rt.envelopes(item.task_id, fn.name, event.encode(), meta.encode(), queue)
-                    assert merge_envelope is not None  # fn is served here
-                    self._split(item, fn, done, ctx, payload, int(priority or DEFAULT_PRIORITY), merge_envelope, bound)
-            finally:
-                done.outputs = ctx.outputs
-                ctx.close()
-        except Exception as exc:  # noqa: BLE001 - what split or merge raised is the step's outcome
-            self.rt.failed(done, exc, fn, bound)
-        finally:
-            self.rt.end()
+                payload, obj = attempt.payload()
+                with attempt.context(obj) as ctx:
+                    if merging:
+                        self._merge(attempt, ctx, payload, listed)
+                    else:
+                        merge_envelope = self.bundle.envelopes(item.task_id, fn.name, event.encode(), meta.encode(),
+                                                               queue)  # fmt: skip
+                        assert merge_envelope is not None  # fn is served here
+                        self._split(attempt, ctx, payload, int(priority or DEFAULT_PRIORITY), merge_envelope)
+            except Exception as exc:  # noqa: BLE001 - what split or merge raised is the step's outcome
+                attempt.failed(exc)
 
-    def _split(self, item: Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, priority: int,
-               merge_envelope: bytes, bound: Any) -> None:  # fmt: skip
-        events = self.rt.guarded(fn, lambda: fn.handler(payload, ctx))
+    def _split(self, attempt: Attempt, ctx: TaskContext, payload: Any, priority: int, merge_envelope: bytes) -> None:
+        item, fn = attempt.item, attempt.fn
+        events = self.attempts.guarded(fn, lambda: fn.handler(payload, ctx))
         tasks = self._shards(item, fn, events, priority)
         outcome = self.store.split(item.task_id, item.token, tasks, merge_envelope)
         if outcome == "cancelled":
-            done.cancelled("cancelled before its shards were created")
+            attempt.done.cancelled("cancelled before its shards were created")
         elif outcome == "lost":
-            bound.warning("job was taken over or finished elsewhere; its shards were not created")
+            attempt.log.warning("job was taken over or finished elsewhere; its shards were not created")
         else:
-            bound.info("job split", shards=len(tasks), shard_function=tasks[0].message.function)
+            attempt.log.info("job split", shards=len(tasks), shard_function=tasks[0].message.function)
 
     def _shards(self, item: Item, fn: Function, events: Any, priority: int) -> list[NewTask]:
         """The shard tasks of what split returned; a split that cannot be run as shards fails the job for good."""
@@ -97,7 +93,7 @@ class JobSteps:
         if len(events) > limit:
             raise PermanentTaskError("TooManyShards", f"job {fn.name!r}: split returned {len(events)} shards, more "
                                      f"than max_shards={limit}")  # fmt: skip
-        shard_fn = self.rt.fleet.functions[fn.shards.function]
+        shard_fn = self.bundle.fleet.functions[fn.shards.function]
         # What the shards inherit: the trigger's output location (ctx.upload), and their job; not the job's kind of
         # event (an object event's shards are not object events).
         meta = {"job": item.task_id, **({"output": item.meta["output"]} if item.meta.get("output") else {})}
@@ -124,26 +120,26 @@ class JobSteps:
                                          "a range), not data")  # fmt: skip
         return tasks
 
-    def _merge(self, item: Item, fn: Function, done: Finisher, ctx: TaskContext, payload: Any, shards: list[Shard],
-               bound: Any) -> None:  # fmt: skip
+    def _merge(self, attempt: Attempt, ctx: TaskContext, payload: Any, shards: list[Shard]) -> None:
+        fn, done = attempt.fn, attempt.done
         assert fn.shards is not None
         assert fn.shards.merge_fn is not None  # checked at load
         n = len(shards)
         bad = [s for s in shards if s.state != State.SUCCEEDED.value]
         if bad:
             message = f"{len(bad)} of {n} shards did not succeed: " + "; ".join(_why(s) for s in bad[:5])
-            bound.error("job failed: shards did not succeed", shards=[s.index for s in bad])
+            attempt.log.error("job failed: shards did not succeed", shards=[s.index for s in bad])
             done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, {"errorType": "ShardsFailed",
                         "errorMessage": message, "stackTrace": [], "shards": [s.index for s in bad]})  # fmt: skip
             return
-        merge, results = fn.shards.merge_fn, self.store.results(item.task_id, n)
+        merge, results = fn.shards.merge_fn, self.store.results(attempt.item.task_id, n)
         began = time.monotonic()
-        value = to_json(fn, self.rt.guarded(fn, lambda: merge(payload, results, ctx)))
-        if self.rt.lease.cancel_requested(item.task_id):
+        value = result_json(fn, self.attempts.guarded(fn, lambda: merge(payload, results, ctx)))
+        if attempt.cancel_requested:
             done.cancelled("cancelled while merging; the merge returned early")
             return
         done.succeed(value, ctx.outputs)
-        bound.info("job succeeded", shards=n, merge_ms=round((time.monotonic() - began) * 1000, 3))
+        attempt.log.info("job succeeded", shards=n, merge_ms=round((time.monotonic() - began) * 1000, 3))
 
 
 def _why(shard: Shard) -> str:

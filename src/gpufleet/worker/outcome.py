@@ -1,5 +1,6 @@
-"""What one attempt leaves behind: its callback record and final transition (:class:`Finisher`), and what a run
-leaves for whoever writes its pipeline (:class:`Outcomes`, see :mod:`gpufleet.worker.ahead`)."""
+"""What one attempt leaves behind: its result as stored JSON (:func:`result_json`), its callback record and final
+transition (:class:`Finisher`), and what a run leaves for whoever writes its pipeline (:class:`Outcomes`, see
+:mod:`gpufleet.worker.ahead`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import structlog
 
+from gpufleet.errors import PermanentTaskError
 from gpufleet.functions import LATEST, Function
+from gpufleet.jobs import MAX_SHARD_RESULT_BYTES
 from gpufleet.records import Condition, callback_record, error_payload, fit_record
 from gpufleet.registry import Callback, Claim, State
 
@@ -18,6 +21,23 @@ if TYPE_CHECKING:
     from gpufleet.worker.bundle import ProcessBundle
 
 log = structlog.get_logger("gpufleet.worker")
+
+
+def result_json(fn: Function, result: Any, shard: bool = False) -> bytes:
+    """A result as stored JSON; one that cannot be (or a shard's over :data:`MAX_SHARD_RESULT_BYTES`: its job's merge
+    reads them all) is a PermanentTaskError (every attempt would give it)."""
+    if hasattr(result, "model_dump"):
+        result = result.model_dump(mode="json")
+    try:
+        value = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as exc:
+        what = f"function {fn.name!r} returned a {type(result).__name__} that cannot be stored as JSON: {exc}"
+        raise PermanentTaskError("ResultNotSerializable", what) from None
+    if shard and len(value) > MAX_SHARD_RESULT_BYTES:
+        raise PermanentTaskError("ShardResultTooLarge", f"function {fn.name!r} returned {len(value)} bytes for a "
+                                 f"shard, more than {MAX_SHARD_RESULT_BYTES}: upload it (ctx.upload) and return its "
+                                 "URI")  # fmt: skip
+    return value
 
 
 class Outcomes(NamedTuple):
@@ -40,9 +60,9 @@ class Outcomes(NamedTuple):
 class Finisher:
     """Builds the callback record and performs the final transition for one attempt."""
 
-    def __init__(self, runtime: ProcessBundle, task_id: str, function: str, token: str, event: Any, claim: Claim,
+    def __init__(self, bundle: ProcessBundle, task_id: str, function: str, token: str, event: Any, claim: Claim,
                  fn: Function | None, record: dict[str, Any] | None = None, pipe: Any = None) -> None:  # fmt: skip
-        self.rt = runtime
+        self.bundle = bundle
         self.pipe = pipe  # the outcome goes into this pipeline, with the next claim; None: written at once
         self.retention_s = fn.retention_s if fn else None
         self.version = fn.version if fn else LATEST  # the code that ran: executedVersion
@@ -82,12 +102,12 @@ class Finisher:
             condition=condition,
             attempts=self.claim.attempts,
             event=self.event,
-            worker=self.rt.worker_name if self.record is None else str(self.record.get("worker", "")),
-            gpu=self.rt.gpu if self.record is None else str(self.record.get("gpu", "")),
+            worker=self.bundle.worker_name if self.record is None else str(self.record.get("worker", "")),
+            gpu=self.bundle.gpu if self.record is None else str(self.record.get("gpu", "")),
             started_at=started,
             finished_at=finished,
             response=response,
-            fleet=self.rt.fleet.settings.redis.key_prefix,
+            fleet=self.bundle.fleet.settings.redis.key_prefix,
             version=self.version,
             outputs=self.outputs,
             handled=self.handled,
@@ -98,24 +118,24 @@ class Finisher:
         if self.started_at is not None:
             fields["started_at"] = self.started_at
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
-        limit = self.rt.fleet.settings.defaults.max_record_bytes
+        limit = self.bundle.fleet.settings.defaults.max_record_bytes
         callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
-        if not self.rt.registry.finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe,
-                                       finished):  # fmt: skip
+        finish = self.bundle.registry.finish
+        if not finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe, finished):
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
             return False
         return True
 
 
-def timed_out_by_watchdog(rt: ProcessBundle, task_id: str, token: str) -> None:
+def timed_out_by_watchdog(bundle: ProcessBundle, task_id: str, token: str) -> None:
     """Called in the worker's parent process once its watchdog killed a pool process past the hard limit."""
-    record = rt.registry.get(task_id, event=True) or {}
+    record = bundle.registry.get(task_id, event=True) or {}
     claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
                   record.get("on_success", ""), record.get("on_failure", ""),
                   float(record.get("started_at") or time.time()))  # fmt: skip
     function = str(record.get("function", "?"))
-    fn = rt.fleet.functions.get(function)
-    done = Finisher(rt, task_id, function, token, record.get("event"), claim, fn, record)
+    fn = bundle.fleet.functions.get(function)
+    done = Finisher(bundle, task_id, function, token, record.get("event"), claim, fn, record)
     limit = f" ({fn.timeout_s:g} s)" if fn is not None else ""
     done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
                 "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its process "

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     queues = args.queues.split(",")
     slot = SharedSlot()  # before the pool forks: the pool process inherits it
     runtime = Runtime(fleet, f"{args.name}@{fleet.settings.worker.hostname}", args.gpu, queues, slot)
-    runtime.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
+    runtime.bundle.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
     app.steps["consumer"].add(_prompt_step())
 
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     # A warm shutdown: the pool process finishes its task and takes no other from the queues.
     signals.worker_shutting_down.connect(lambda **_: slot.stop(), weak=False)
     host = fleet.settings.worker.hostname
-    Watchdog(slot, lambda token: owner_is_dead(token, host), functools.partial(timed_out_by_watchdog, runtime),
-             lambda task_id, token: runtime.registry.lapse(task_id, token),
+    parent = runtime.bundle  # this process's: the pool process makes its own after the fork (Runtime.boot)
+    Watchdog(slot, lambda token: owner_is_dead(token, host), functools.partial(timed_out_by_watchdog, parent),
+             lambda task_id, token: parent.registry.lapse(task_id, token),
              lambda task_id, token: runtime.give_back(task_id, token)).start()  # fmt: skip
     # If the supervisor dies, shut down warm instead of running on unsupervised.
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))

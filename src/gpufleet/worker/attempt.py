@@ -1,0 +1,211 @@
+"""One task attempt, from "may it start" to its recorded outcome.
+
+A single task, each event of a batch and each step of a job goes through the same steps, in this order:
+
+1. may it start (:meth:`Attempt.may_start`): not cancelled, not older than ``max_event_age_s``, attempts left;
+2. its payload (:meth:`Attempt.payload`): an object event completed with a HEAD, validated against the function's
+   payload model;
+3. running (:meth:`Attempts.running`): the lease keeper renews its lease and watches for its cancel, and the watchdog
+   knows its hard time limit;
+4. the handler, with its ``ctx`` (:meth:`Attempt.context`), under the soft time limit (:meth:`Attempts.guarded`);
+5. its outcome: succeeded, cancelled, timed out, failed for good, or retried later (:meth:`Attempt.failed`).
+
+Only the call differs: one event (:meth:`Attempt.run`), several in one call (:mod:`gpufleet.worker.batch`), or a
+job's split or merge (:mod:`gpufleet.worker.jobs`). The runtime claims the tasks and hands each here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+from gpufleet.errors import PermanentTaskError, TaskError
+from gpufleet.functions import Function
+from gpufleet.objects import ObjectEvent
+from gpufleet.records import Condition, error_payload
+from gpufleet.registry import State
+from gpufleet.worker.bundle import ProcessBundle
+from gpufleet.worker.context import TaskContext, handler_payload
+from gpufleet.worker.item import Item
+from gpufleet.worker.outcome import Finisher, Outcomes, result_json
+
+log = structlog.get_logger("gpufleet.worker")
+
+
+class Attempts:
+    """One per pool process: the attempts its handler runs now, their soft time limit, and the cancel killer."""
+
+    def __init__(self, bundle: ProcessBundle) -> None:
+        self.bundle = bundle
+        self._current: dict[str, Finisher] = {}  # the tasks the handler runs now, for the cancel killer
+        self._in_handler = False
+        bundle.on_overdue = self._cancel_overdue
+
+    def install(self) -> None:
+        """In the pool process's main thread, once: the soft time limit arrives as SIGALRM."""
+        signal.signal(signal.SIGALRM, self._soft_limit)
+
+    @contextmanager
+    def running(self, attempts: list[Attempt], limit: Function | None = None) -> Iterator[None]:
+        """The handler runs ``attempts`` now: their leases are renewed and their cancel watched. With ``limit``, the
+        watchdog times them against its hard limit (a batch arms it per call instead: see ``batch.settle``)."""
+        tasks = [(a.item.task_id, a.item.token) for a in attempts]
+        if limit is not None:
+            self.bundle.slot.arm(tasks, time.time() + limit.timeout_s + self.bundle.kill_grace_s)
+        self._current = {a.item.task_id: a.done for a in attempts}
+        self.bundle.lease.hold(tasks)
+        started = time.time()
+        for a in attempts:
+            a.done.started_at = started
+        try:
+            yield
+        finally:
+            self.bundle.lease.release()
+            self._current = {}
+
+    def guarded(self, fn: Function, call: Callable[[], Any]) -> Any:
+        """``call()`` (the handler) under the function's soft time limit."""
+        signal.setitimer(signal.ITIMER_REAL, fn.timeout_s)
+        self._in_handler = True
+        try:
+            return call()
+        finally:
+            self._in_handler = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _soft_limit(self, signum: int, frame: Any) -> None:
+        """SIGALRM at ``timeout_s``: raised in the handler, as Celery's soft time limit is; ignored outside it."""
+        if self._in_handler:
+            from celery.exceptions import SoftTimeLimitExceeded
+
+            raise SoftTimeLimitExceeded(f"timeout_s passed ({signum})")
+
+    def _cancel_overdue(self, task_id: str, token: str) -> None:
+        """Lease-keeper thread: a handler ignored a cancel for the grace period. Record CANCELLED; then, unless the
+        task shares its call with others (a batch, which runs on), kill this pool process: Celery starts a fresh
+        one, which warms up (``setup``) before it takes the next task."""
+        done = self._current.get(task_id)
+        if done is None or done.token != token:
+            return
+        grace = self.bundle.fleet.settings.worker.cancel_grace_s
+        alone = len(self._current) == 1
+        done.pipe = None  # written now: this process may be about to die
+        how = "its process was killed" if alone else "the rest of its batch runs on"
+        if done.cancelled(f"the handler ignored the cancel for {grace:g} s; {how}") and alone:
+            log.warning("handler ignored cancel; killing its process", task_id=task_id, pid=os.getpid())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Attempt:
+    """One attempt of one claimed task; its outcome goes into ``pipe`` (None: written at once)."""
+
+    def __init__(self, attempts: Attempts, item: Item, fn: Function, pipe: Any = None) -> None:
+        self.attempts = attempts
+        self.item = item
+        self.fn = fn
+        self.done = Finisher(attempts.bundle, item.task_id, item.function, item.token, item.event, item.claim, fn,
+                             pipe=pipe)  # fmt: skip
+        self.log = log.bind(task_id=item.task_id, function=item.function, event_id=item.meta.get("source"),
+                            attempt=item.claim.attempts)  # fmt: skip
+
+    def may_start(self, check_age: bool = True) -> bool:
+        """False, with its outcome recorded, for a task that must not run: cancelled, too old, or out of attempts."""
+        claim, fn = self.item.claim, self.fn
+        if claim.cancel_requested:  # cancelled while running on a worker that died before it could stop
+            self.done.cancelled("cancelled before this attempt started")
+            return False
+        age = time.time() - claim.event_ts
+        if check_age and fn.max_event_age_s is not None and age > fn.max_event_age_s:
+            self.log.warning("event too old; expired without running", age_s=round(age, 3))
+            message = f"event waited {age:.1f} s > max_event_age_s {fn.max_event_age_s:g}"
+            error = {"errorType": "EventAgeExceeded", "errorMessage": message, "stackTrace": []}
+            self.done.finish(State.EXPIRED, Condition.EVENT_AGE_EXCEEDED, error)
+            return False
+        if claim.attempts > claim.max_attempts:
+            # Each earlier attempt killed its worker (a crash or OOM counts as an attempt, as in Lambda).
+            self.done.fail(TaskError(f"worker lost {claim.attempts - 1} times"), "WorkerLost")
+            return False
+        return True
+
+    def payload(self) -> tuple[Any, ObjectEvent | None]:
+        """What the handler gets, and the object event (completed) of an object task."""
+        return handler_payload(self.attempts.bundle.objects, self.fn, self.item.event, self.item.meta)
+
+    @contextmanager
+    def context(self, obj: ObjectEvent | None) -> Iterator[TaskContext]:
+        """The handler's ``ctx``; its uploads go into the outcome, and its scratch directory is removed after."""
+        bundle, item = self.attempts.bundle, self.item
+        state = bundle.setups.state_of(self.fn)
+        ctx = TaskContext(bundle, item.task_id, self.fn.name, item.claim.attempts, state, item.meta, obj)
+        try:
+            yield ctx
+        finally:
+            self.done.outputs = ctx.outputs
+            ctx.close()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.attempts.bundle.lease.cancel_requested(self.item.task_id)
+
+    def run(self, later: Outcomes) -> None:
+        """A single task. Its success is built into ``later`` by whoever writes its pipeline, and its line said after:
+        off the GPU's path when the claim-ahead helper does (see :mod:`gpufleet.worker.ahead`)."""
+        if not self.may_start():
+            return
+        with self.attempts.running([self], self.fn):
+            self.log.debug("task started")  # at info, one line per task is enough: a log line costs ~0.15 ms
+            began = time.monotonic()
+            try:
+                payload, obj = self.payload()
+                result = self.attempts.guarded(self.fn, lambda: self._call(payload, obj))
+                value = result_json(self.fn, result, "job" in self.item.meta)
+            except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes up
+                self.failed(exc)
+                return
+            if self.cancel_requested:
+                self.log.info("task cancelled; the handler returned early")
+                self.done.cancelled("cancelled while running; the handler returned early")
+                return
+            later.builds.append(functools.partial(self.done.succeed, value, self.done.outputs, time.time()))
+            took, ids = round((time.monotonic() - began) * 1000, 3), structlog.contextvars.get_contextvars()
+            later.lines.append(functools.partial(self.log.info, "task succeeded", duration_ms=took, **ids))
+
+    def _call(self, payload: Any, obj: ObjectEvent | None) -> Any:
+        with self.context(obj) as ctx:
+            return self.fn.handler(payload, ctx)
+
+    def failed(self, exc: BaseException) -> None:
+        """The outcome of an attempt that raised (or, in a batch, of an event whose result is an exception)."""
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        done, fn = self.done, self.fn
+        attempt, max_attempts = done.claim.attempts, done.claim.max_attempts
+        if self.cancel_requested and isinstance(exc, Exception):
+            self.log.info("task cancelled; the handler stopped with an error", error=repr(exc))
+            done.cancelled("cancelled while running; the handler stopped")
+        elif isinstance(exc, SoftTimeLimitExceeded):
+            self.log.warning("task timed out", timeout_s=fn.timeout_s)
+            timed_out = error_payload(exc, "TimedOut")
+            timed_out["errorMessage"] = f"the handler ran past timeout_s ({fn.timeout_s:g} s)"
+            done.finish(State.TIMED_OUT, Condition.TIMED_OUT, timed_out)
+        elif not isinstance(exc, Exception):
+            raise exc  # SystemExit / KeyboardInterrupt: let the worker shut down; the lease recovers the task
+        elif isinstance(exc, PermanentTaskError):
+            self.log.error("task failed; it cannot succeed, so it is not retried", error=str(exc))
+            error = {"errorType": exc.error_type, "errorMessage": str(exc), "stackTrace": []}
+            done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error)
+        elif attempt < max_attempts:
+            delay = fn.backoff_for(attempt) * random.uniform(0.8, 1.2)
+            self.log.warning("task failed; will retry", error=repr(exc), retry_in_s=round(delay, 3))
+            self.attempts.bundle.registry.retry_later(done.task_id, done.token, delay, error_payload(exc), done.pipe)
+        else:
+            self.log.error("task failed; retries exhausted", error=repr(exc))
+            done.fail(exc)
