@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.messages import MessageFactory
-from gpufleet.registry import Enqueued, NewTask, Registry
+from gpufleet.registry.messages import MessageFactory
+from gpufleet.registry.model import Enqueued, NewTask
+from gpufleet.registry.store import Registry
 
 BATCHED, SINGLE = "batchwork", "work"
 PACE_S = 0.1

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import yaml  # noqa: E402 - after the path is set
 
 from gpufleet.config import load_fleet  # noqa: E402
-from gpufleet.control import ControlPlane  # noqa: E402
+from gpufleet.control.plane import ControlPlane  # noqa: E402
 from gpufleet.dev.local import LocalServices  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "jobs.md"

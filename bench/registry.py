@@ -36,10 +36,11 @@ import orjson  # noqa: E402 - after the path is set
 import redis  # noqa: E402
 
 from gpufleet.config import load_fleet  # noqa: E402
-from gpufleet.control import ControlPlane  # noqa: E402
+from gpufleet.control.plane import ControlPlane  # noqa: E402
 from gpufleet.dev.services import start_redis, stop_service  # noqa: E402
-from gpufleet.messages import DEFAULT_PRIORITY, MessageFactory, priority_list  # noqa: E402
-from gpufleet.registry import NewTask, Registry, State  # noqa: E402
+from gpufleet.registry.messages import DEFAULT_PRIORITY, MessageFactory, priority_list  # noqa: E402
+from gpufleet.registry.model import NewTask, State  # noqa: E402
+from gpufleet.registry.store import Registry  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from world import ingest_value  # noqa: E402 - the ingest bench's events

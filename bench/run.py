@@ -42,8 +42,9 @@ import raw_celery_app
 from gpufleet.config import load_fleet
 from gpufleet.dev.local import LocalServices
 from gpufleet.logs import configure_logging
-from gpufleet.messages import MessageFactory, function_queue
-from gpufleet.registry import Enqueued, NewTask, Registry
+from gpufleet.registry.messages import MessageFactory, function_queue
+from gpufleet.registry.model import Enqueued, NewTask
+from gpufleet.registry.store import Registry
 from gpufleet.settings import LoggingSettings
 from gpufleet.triggers.base import keep_freed_memory
 from ingest import (

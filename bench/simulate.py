@@ -1,4 +1,5 @@
-"""The overflow policy at a scale no test here reaches: gpufleet.placement.place, unchanged, in simulated time.
+"""The overflow policy at a scale no test here reaches: gpufleet.scheduling.placement.place, unchanged, in simulated
+time.
 
     .venv/bin/python bench/simulate.py [--seed N] [--minutes M]
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from gpufleet.placement import PoolState, place  # after the path: it runs from a checkout
+from gpufleet.scheduling.placement import PoolState, place  # after the path: it runs from a checkout
 
 REFRESH_S = 1.0  # how often a placer reads the pools again
 HANDOVER_S = 5.0  # from a pool's last worker gone to its tasks placed elsewhere

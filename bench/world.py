@@ -23,8 +23,8 @@ import yaml
 import raw_celery_app
 from gpufleet.config import Fleet
 from gpufleet.dev.local import LocalServices
-from gpufleet.messages import PRIORITY_STEPS, priority_list, queue_name
-from gpufleet.registry import Registry
+from gpufleet.registry.messages import PRIORITY_STEPS, priority_list, queue_name
+from gpufleet.registry.store import Registry
 from gpufleet.roles import PARENT_ENV
 
 with warnings.catch_warnings():

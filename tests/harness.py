@@ -19,8 +19,8 @@ import redis
 import yaml
 
 from gpufleet.config import Fleet, load_fleet
-from gpufleet.messages import DEFAULT_PRIORITY, priority_list, queue_name
-from gpufleet.registry import Registry
+from gpufleet.registry.messages import DEFAULT_PRIORITY, priority_list, queue_name
+from gpufleet.registry.store import Registry
 
 FUNCTIONS = Path(__file__).parent / "functions"
 

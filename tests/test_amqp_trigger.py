@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from gpufleet.api.metrics import exposition
 from gpufleet.dev.services import free_port
-from gpufleet.metrics import exposition
 from gpufleet.triggers.amqp import AmqpTrigger
 from tests.amqpwire import PROPERTIES, RawPublisher, content_headers, nested_array, table
 from tests.conftest import IN_CI

@@ -26,7 +26,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from gpufleet import trace
 from gpufleet.api.app import create_app
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.dev.services import free_port
 from tests.harness import FleetHarness
 

@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Batch
-from gpufleet.messages import MessageFactory, function_queue
-from gpufleet.registry import Enqueued, NewTask
+from gpufleet.registry.messages import MessageFactory, function_queue
+from gpufleet.registry.model import Enqueued, NewTask
 from gpufleet.worker import batch
 from gpufleet.worker.runtime import Runtime
 from tests.harness import FleetHarness

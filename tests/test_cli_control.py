@@ -14,7 +14,7 @@ import pytest
 from gpufleet.cli.output import table
 from gpufleet.cli.progress import ProgressDisplay, bar_line, follow
 from gpufleet.cli.tasks import read_payload
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import InvalidRequestError
 from tests.harness import FleetHarness
 

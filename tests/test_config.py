@@ -174,7 +174,7 @@ def test_a_source_option_naming_a_set_variable_loads(tmp_path: Path) -> None:
 
 IMPORTS_ONE_WAY = """
 import importlib, pkgutil, sys
-mods = ["gpufleet.urls", "gpufleet.intake", "gpufleet.messages", "gpufleet.objects", "gpufleet.triggers",
+mods = ["gpufleet.urls", "gpufleet.intake.path", "gpufleet.registry.messages", "gpufleet.aws", "gpufleet.triggers",
         "gpufleet.destinations"]
 for package in ("gpufleet.triggers", "gpufleet.destinations"):
     mods += [f"{package}.{m.name}" for m in pkgutil.iter_modules(importlib.import_module(package).__path__)]

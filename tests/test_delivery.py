@@ -10,7 +10,7 @@ import threading
 import orjson
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import ConfigError
 from gpufleet.triggers.base import Ingest, SourceMessage
 from tests.harness import FleetHarness
@@ -34,7 +34,7 @@ def test_a_refused_record_is_parked_and_the_records_behind_it_are_delivered(harn
 
     plane = ControlPlane(harness.fleet())
     page = harness.wait_for(lambda: (p := plane.parked()) and p["total"] == 2 and p, what="two parked records")
-    # Each destination parks on its own (gpufleet.flows): no order between the two.
+    # Each destination parks on its own (gpufleet.delivery.flows): no order between the two.
     huge, nowhere = sorted(page["items"], key=lambda item: item["key"])
     assert huge["key"] == "huge" and "MessageSizeTooLargeError" in huge["reason"] and huge["bytes"] == 1_500_000
     assert huge["headers"] == {"condition": "Success", "function": "echo"}

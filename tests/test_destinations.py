@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 
+from gpufleet.aws import make_client
 from gpufleet.destinations import open_destination, parse_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.destinations.http import SIGNATURE_HEADER, TIMESTAMP_HEADER
@@ -27,7 +28,6 @@ from gpufleet.dev.objectstores import start_moto
 from gpufleet.dev.rabbitmq import start_rabbitmq
 from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, free_port, start_kafka, stop
 from gpufleet.errors import ConfigError, DeliveryError
-from gpufleet.objects import make_client
 from gpufleet.settings import FleetSettings
 from tests.conftest import require_rabbitmq
 from tests.harness import FleetHarness

@@ -225,7 +225,7 @@ def test_dev_up_adds_rabbitmq_where_it_is_installed(tmp_path: Path) -> None:
 def test_dev_up_sentinel_runs_redis_as_a_group_that_fails_over(tmp_path: Path) -> None:
     """On request: a master, a replica and three sentinels; the exports name them (sentinel://); the master killed,
     the group fails over, and `up` says which member is down instead of starting a second master."""
-    from gpufleet.redisconn import client
+    from gpufleet.registry.connection import client
 
     state = dev_up_with(tmp_path, rabbitmq=False, sentinel=True)
     try:

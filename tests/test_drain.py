@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gpufleet.celery_app import create_app
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from tests.harness import FleetHarness
 
 

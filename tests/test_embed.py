@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from tests.harness import FleetHarness
 
 pytest.importorskip("torch")

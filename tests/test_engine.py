@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from gpufleet.celery_app import create_app
-from gpufleet.control import ControlPlane
-from gpufleet.messages import MessageFactory
-from gpufleet.registry import Enqueued, NewTask
+from gpufleet.control.plane import ControlPlane
+from gpufleet.registry.messages import MessageFactory
+from gpufleet.registry.model import Enqueued, NewTask
 from gpufleet.worker.watchdog import Running, SharedSlot, Watchdog
 from tests.harness import FleetHarness
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.dev.services import S3Service
 from gpufleet.functions import load_functions
 from tests.harness import FleetHarness

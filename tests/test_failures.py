@@ -11,8 +11,8 @@ import pytest
 
 from gpufleet.errors import ConfigError
 from gpufleet.functions import function
-from gpufleet.messages import MessageFactory
-from gpufleet.registry import NewTask
+from gpufleet.registry.messages import MessageFactory
+from gpufleet.registry.model import NewTask
 from tests.harness import FleetHarness
 
 

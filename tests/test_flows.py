@@ -16,16 +16,16 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 
+from gpufleet.api.metrics import exposition
+from gpufleet.aws import make_client
 from gpufleet.credentials import redact_url
+from gpufleet.delivery.dispatcher import Dispatcher
+from gpufleet.delivery.flows import flow_id, flow_key
+from gpufleet.delivery.parking import Parking
 from gpufleet.destinations import parse_destination
 from gpufleet.dev.services import S3Service
-from gpufleet.dispatcher import Dispatcher
 from gpufleet.errors import ConfigError
-from gpufleet.flows import flow_id, flow_key
-from gpufleet.metrics import exposition
-from gpufleet.objects import make_client
-from gpufleet.parking import Parking
-from gpufleet.registry import Callback, State
+from gpufleet.registry.model import Callback, State
 from tests.harness import FleetHarness
 from tests.test_cli_control import cli
 from tests.test_destinations import free_port

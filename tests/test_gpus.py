@@ -12,7 +12,7 @@ import pytest
 from gpufleet.config import load_fleet
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Gpu
-from gpufleet.gpumodels import model_of
+from gpufleet.scheduling.gpumodels import model_of
 from gpufleet.worker.gpus import discover
 from gpufleet.worker.supervisor import Supervisor, plan_slots
 from tests.harness import FleetHarness
@@ -141,7 +141,7 @@ def test_virtual_gpus_stand_for_the_configured_series_and_serve_its_functions(tm
 
 
 def test_the_inventory_groups_by_pool_and_model_and_a_host_in_two_pools_counts_in_each() -> None:
-    from gpufleet.control import group_gpus
+    from gpufleet.control.plane import group_gpus
 
     def gpu(worker: str, model: str, pools: list[str], task: str | None = None, stale: bool = False) -> dict[str, Any]:
         return {"worker": worker, "host": worker.split("@")[1], "model": model, "pools": pools, "task_id": task,

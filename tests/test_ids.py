@@ -16,12 +16,12 @@ import httpx
 import orjson
 import pytest
 
+from gpufleet.aws import ObjectEvent
 from gpufleet.config import load_fleet
 from gpufleet.errors import ConfigError
-from gpufleet.ids import api_task_id
-from gpufleet.messages import MessageFactory
-from gpufleet.objects import ObjectEvent
-from gpufleet.registry import Enqueued, NewTask
+from gpufleet.intake.ids import api_task_id
+from gpufleet.registry.messages import MessageFactory
+from gpufleet.registry.model import Enqueued, NewTask
 from gpufleet.triggers.base import Ingest
 from tests.harness import FleetHarness
 from tests.test_config import write

@@ -90,7 +90,7 @@ def test_no_new_import_circle_in_src() -> None:
 
 
 def test_the_worker_and_the_triggers_never_import_each_other() -> None:
-    # What both need of object stores (the key rules, the S3 client) is in gpufleet.objects.
+    # What both need of object stores (the key rules, the S3 client) is in gpufleet.aws.
     known = modules()
     crossing = {(name, to) for name, path in known.items() for to in imports(name, path, known)
                 for a, b in (("gpufleet.worker", "gpufleet.triggers"), ("gpufleet.triggers", "gpufleet.worker"))

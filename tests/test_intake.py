@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from gpufleet.aws import ObjectEvent
 from gpufleet.errors import EventError
-from gpufleet.events import MAX_DEPTH, check_event, decode_event
-from gpufleet.objects import ObjectEvent
+from gpufleet.intake.events import MAX_DEPTH, check_event, decode_event
 from gpufleet.triggers.base import Ingest, Prepared, SourceMessage
 from gpufleet.triggers.webhook import WebhookTrigger
 from tests.conftest import IN_CI

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpufleet.celery_app import create_app
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import RequestError
-from gpufleet.intake import Intake, Producer
-from gpufleet.messages import TASK_NAME, MessageFactory, task_headers
+from gpufleet.intake.path import Intake, Producer
+from gpufleet.registry.messages import TASK_NAME, MessageFactory, task_headers
 from gpufleet.triggers.base import Ingest, SourceMessage
 from tests.conftest import IN_CI
 from tests.harness import FleetHarness

@@ -14,11 +14,11 @@ import orjson
 import psutil
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConflictError
-from gpufleet.intake import Intake, Producer
-from gpufleet.jobs import MAX_SPLIT_BYTES, JobStore, shard_id
+from gpufleet.intake.path import Intake, Producer
+from gpufleet.registry.jobs import MAX_SPLIT_BYTES, JobStore, shard_id
 from gpufleet.worker.jobs import JOB_ORIGIN
 from tests.harness import FleetHarness
 from tests.s3util import s3_client

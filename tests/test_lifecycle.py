@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import ConflictError, NotFoundError
 from tests.harness import FleetHarness
 

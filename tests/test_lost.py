@@ -62,7 +62,7 @@ def test_lost_messages_run_on_a_live_fleet_long_before_kombu_would_restore_them(
 def test_a_stale_copy_at_the_head_does_not_make_the_tasks_behind_it_look_lost(harness: FleetHarness) -> None:
     """A cancelled task's message stays in the list; retried, the task has a new message at the back. The old copy
     at the head must not mark its place (every task before its new place would look lost)."""
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
 
     reg, queue, lst = harness.registry, harness.queue("echo"), harness.queue_list("echo")
     for task_id in ("s1", "s2", "s3"):

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from gpufleet import snapshot
-from gpufleet.lua import HISTOGRAM_BOUNDS
-from gpufleet.metrics import exposition
-from gpufleet.scaling import needs
+from gpufleet.api.metrics import exposition
+from gpufleet.registry import snapshot
+from gpufleet.registry.lua import HISTOGRAM_BOUNDS
+from gpufleet.scheduling.scaling import needs
 from tests.test_api import AUTH, Api, _serve
 
 Samples = dict[str, list[Sample]]
@@ -186,7 +186,7 @@ def test_the_readme_keda_example_scales_the_readme_function_from_zero(harness: A
     import re
     from pathlib import Path
 
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     declared = re.search(r'@function\(name="embed", gpu=Gpu\(model="([^"]+)"\)', readme)

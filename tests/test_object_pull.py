@@ -12,11 +12,11 @@ from typing import Any
 import orjson
 import pytest
 
+from gpufleet.aws import ObjectEvent, key_parts
 from gpufleet.dev.services import S3Service
-from gpufleet.objects import ObjectEvent, key_parts
-from gpufleet.registry import Registry
+from gpufleet.registry.store import Registry
 from gpufleet.triggers.base import Ingest
-from gpufleet.triggers.poll import PollTrigger
+from gpufleet.triggers.s3 import PollTrigger
 from gpufleet.triggers.sqs import SqsTrigger
 from tests.harness import FleetHarness, nonzero
 from tests.s3util import s3_client, sqs_client

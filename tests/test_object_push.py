@@ -24,10 +24,10 @@ import orjson
 import pytest
 import yaml
 
+from gpufleet.aws import ObjectEvent
 from gpufleet.config import load_fleet
 from gpufleet.dev.services import free_port
 from gpufleet.errors import ConfigError
-from gpufleet.objects import ObjectEvent
 from tests.harness import FUNCTIONS, FleetHarness
 from tests.s3samples import MINIO_ETAG, ceph_record, minio_log, minio_record
 from tests.snsutil import ConfirmEndpoint, TestCA, make_ca

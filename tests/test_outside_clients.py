@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.dev.services import free_port, stop
 from tests.harness import FleetHarness
 
@@ -87,7 +87,7 @@ def test_promtool_accepts_the_metrics(harness: FleetHarness, tmp_path: Any) -> N
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
-    from gpufleet.metrics import exposition
+    from gpufleet.api.metrics import exposition
 
     live_fleet(harness)
     text = exposition(harness.fleet(), harness.registry)

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from gpufleet.cli.views import render_status
-from gpufleet.control import ControlPlane
-from gpufleet.snapshot import read
+from gpufleet.control.plane import ControlPlane
+from gpufleet.registry.snapshot import read
 from tests.harness import FleetHarness
 
 

@@ -1,4 +1,5 @@
-"""The overflow policy (gpufleet.placement): the rule on chosen cases, then its properties on generated pools."""
+"""The overflow policy (gpufleet.scheduling.placement): the rule on chosen cases, then its properties on generated
+pools."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpufleet.placement import Placement, PoolState, place
+from gpufleet.scheduling.placement import Placement, PoolState, place
 
 POOLS = ("eu", "us", "ap")
 

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import InvalidRequestError
-from gpufleet.registry import Registry
+from gpufleet.registry.store import Registry
 from tests.harness import FleetHarness
 from tests.test_registry import envelopes
 

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gpufleet.objects import ObjectEvent
-from gpufleet.redrive import redrive
+from gpufleet.aws import ObjectEvent
+from gpufleet.control.redrive import redrive
 from gpufleet.triggers.base import Ingest, SourceMessage
 from tests.harness import FleetHarness
 

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
+from gpufleet.delivery.records import Condition, callback_record, error_payload, function_arn
 from gpufleet.functions import _import_file
-from gpufleet.records import Condition, callback_record, error_payload, function_arn
 
 VECTORS = Path(__file__).parent / "data" / "s3-vectors"
 

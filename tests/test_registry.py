@@ -12,10 +12,10 @@ import orjson
 import pytest
 import redis
 
-from gpufleet.dispatcher import Dispatcher
-from gpufleet.flows import flow_id
-from gpufleet.messages import Envelopes, MessageFactory
-from gpufleet.registry import Callback, Enqueued, NewTask, State
+from gpufleet.delivery.dispatcher import Dispatcher
+from gpufleet.delivery.flows import flow_id
+from gpufleet.registry.messages import Envelopes, MessageFactory
+from gpufleet.registry.model import Callback, Enqueued, NewTask, State
 from gpufleet.worker.lease import owner_is_dead, owner_token
 from tests.harness import FleetHarness, nonzero
 
@@ -120,7 +120,7 @@ def test_a_lapsed_lease_is_requeued_by_housekeeping(harness: FleetHarness) -> No
 
 def test_a_task_taken_back_from_a_dead_worker_goes_to_the_head_of_its_queue(harness: FleetHarness) -> None:
     """It had waited its turn already: it runs next, not behind the backlog that arrived while it ran."""
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
 
     enqueue(harness, "first")
     queue = harness.queue_list("echo")
@@ -215,7 +215,7 @@ def test_dispatcher_drains_the_stream_when_stopped_cleanly(harness: FleetHarness
 
 
 def test_cancel_is_atomic_with_claim_and_finish(harness: FleetHarness) -> None:
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
 
     cp, reg = ControlPlane(harness.fleet(), harness.registry), harness.registry
     queue = harness.queue_list("echo")
@@ -260,7 +260,7 @@ def test_manual_retry_requeues_a_finished_failure_only(harness: FleetHarness) ->
 
 
 def test_listing_pages_newest_first_and_skips_expired_records(harness: FleetHarness) -> None:
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
     from gpufleet.errors import InvalidRequestError
 
     cp = ControlPlane(harness.fleet(), harness.registry)

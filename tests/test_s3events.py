@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from gpufleet.aws import ObjectEvent
 from gpufleet.errors import EventError
-from gpufleet.objects import ObjectEvent
 from gpufleet.triggers.s3events import EventFilter, Notification, parse_notification
 from tests.s3samples import CEPH_ETAG, ceph_record, minio_log, minio_record
 

@@ -16,8 +16,8 @@ import pytest
 from gpufleet.config import load_fleet
 from gpufleet.dev.sentinel import SentinelGroup, sentinel_group
 from gpufleet.errors import BrokerError
-from gpufleet.ids import API_ORIGIN
-from gpufleet.registry import Registry
+from gpufleet.intake.ids import API_ORIGIN
+from gpufleet.registry.store import Registry
 from tests.harness import FleetHarness
 
 PASSWORD = "sentinel-test-8Jq2xPz7Lm4Rk9Vb"
@@ -34,7 +34,7 @@ def test_wait_replicas_acknowledges_only_what_a_replica_has(group: SentinelGroup
     harness.write_config(redis={"url": group.url, "wait_replicas": 1, "wait_timeout_ms": 300})
     fleet = load_fleet(harness.config, env={})
     registry = Registry.for_fleet(fleet.settings)
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
 
     control = ControlPlane(fleet, registry)
     first = control.invoke("echo", {"n": 1}).id  # a replica has it: acknowledged

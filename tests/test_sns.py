@@ -1,5 +1,5 @@
-"""Confirming SNS subscriptions (gpufleet.triggers.sns): host patterns, address checks, and the guarded GET against a
-local https stand-in. The same checks through the api role's webhook endpoint are in test_object_push.py."""
+"""Confirming SNS subscriptions (gpufleet.triggers.sns_confirm): host patterns, address checks, and the guarded GET
+against a local https stand-in. The same checks through the api role's webhook endpoint are in test_object_push.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpufleet.triggers.sns import (
+from gpufleet.triggers.sns_confirm import (
     MAX_BODY_BYTES,
     SNS_HOSTS,
     SnsConfirmError,

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gpufleet.registry import Registry
+from gpufleet.registry.store import Registry
 from gpufleet.triggers.kafka import KafkaTrigger
 from tests.harness import FleetHarness, nonzero
 

@@ -14,11 +14,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpufleet.control import ControlPlane
+from gpufleet.api.metrics import exposition
+from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import ConflictError, InvalidRequestError, NotReadyError
-from gpufleet.intake import Intake, Producer
-from gpufleet.metrics import exposition
-from gpufleet.registry import Enqueued
+from gpufleet.intake.path import Intake, Producer
+from gpufleet.registry.model import Enqueued
 from gpufleet.triggers.base import Ingest, SourceMessage
 from tests.harness import FleetHarness
 from tests.test_cli_control import cli, cli_json

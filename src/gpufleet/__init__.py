@@ -3,8 +3,8 @@
 Importing this package does nothing but define names: no environment reads, no logging setup, no clients.
 """
 
+from gpufleet.aws import ObjectEvent
 from gpufleet.functions import Batch, BatchContext, Context, Function, Gpu, function, job
-from gpufleet.objects import ObjectEvent
 
 __all__ = ["Batch", "BatchContext", "Context", "Function", "Gpu", "ObjectEvent", "function", "job"]
 __version__ = "0.1.0"

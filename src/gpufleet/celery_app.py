@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.messages import PRIORITY_STEPS, SERIALIZER, TASK_NAME, register_serializer
-from gpufleet.redisconn import celery_broker
+from gpufleet.registry.connection import celery_broker
+from gpufleet.registry.messages import PRIORITY_STEPS, SERIALIZER, TASK_NAME, register_serializer
 
 if TYPE_CHECKING:
     from celery import Celery

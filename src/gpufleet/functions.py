@@ -33,15 +33,16 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from gpufleet.errors import ConfigError
-from gpufleet.gpumodels import check_model
-from gpufleet.placement import POOL_RE
+from gpufleet.scheduling.gpumodels import check_model
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # no ':': "embed:4" names a version of embed
-ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # an alias's name: gpufleet.aliases
+ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # an alias's name: gpufleet.scheduling.aliases
+# A pool's name is one part of its queues' names (``gpufleet.<pool>.<model>.<function>``): no dots.
+POOL_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 def weights_problem(weights: Mapping[str, float]) -> str | None:
@@ -150,10 +151,11 @@ class Gpu:
     Args:
         count: GPUs per task. One worker process owns one GPU, so only 1 is supported today.
         model: a GPU series (``H100``, ``A100``...; a full name such as ``NVIDIA H100 80GB HBM3`` says the same), or
-            ``any``. It matches a worker's GPU by series: see :mod:`gpufleet.gpumodels`.
+            ``any``. It matches a worker's GPU by series: see :mod:`gpufleet.scheduling.gpumodels`.
         pools: ordered pools (regions) to run in; the first is preferred.
         max_queue_wait_s: a task goes to a later pool when the earlier ones' estimated queue wait is longer than this
-            (see :mod:`gpufleet.placement`); None: only a pool with no live worker for the function is passed over.
+            (see :mod:`gpufleet.scheduling.placement`); None: only a pool with no live worker for the function is passed
+            over.
     """
 
     count: int = 1
@@ -376,7 +378,7 @@ def job(
 
     Split and merge run on a worker of the job's own pool (``gpu=``: put them on CPU-only hosts if GPUs are
     scarce), and only while they run: the job holds no worker while its shards do. A shard event is JSON of at most
-    :data:`~gpufleet.jobs.MAX_SHARD_EVENT_BYTES`: pass S3 URIs and ranges. See :mod:`gpufleet.jobs`.
+    :data:`~gpufleet.registry.jobs.MAX_SHARD_EVENT_BYTES`: pass S3 URIs and ranges. See :mod:`gpufleet.registry.jobs`.
 
     Args:
         shard: the function each shard runs (or its name); it must be served by the same fleet.

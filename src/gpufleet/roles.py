@@ -77,7 +77,8 @@ def announce_when_ready(fleet: Fleet, roles: tuple[str, ...], stop: threading.Ev
     GPUs and the triggers. Nothing when the fleet does not get there within ``timeout_s`` (the roles say why)."""
     import httpx
 
-    from gpufleet.registry import REDIS_ERRORS, Registry
+    from gpufleet.registry.model import REDIS_ERRORS
+    from gpufleet.registry.store import Registry
 
     s = fleet.settings
     registry = Registry.from_url(s.redis.url, s.redis.key_prefix)

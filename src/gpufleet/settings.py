@@ -12,10 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gpufleet.credentials import HOW_TO_GENERATE, is_loopback, redact_url, secret_problem
 from gpufleet.errors import ConfigError
-from gpufleet.functions import ALIAS_RE, weights_problem
-from gpufleet.gpumodels import ANY, check_model
-from gpufleet.placement import POOL_RE
-from gpufleet.redisconn import is_sentinel, parse_sentinel
+from gpufleet.functions import ALIAS_RE, POOL_RE, weights_problem
+from gpufleet.registry.connection import is_sentinel, parse_sentinel
+from gpufleet.scheduling.gpumodels import ANY, check_model
 
 
 class _Model(BaseModel):
@@ -24,7 +23,7 @@ class _Model(BaseModel):
 
 class RedisSettings(_Model):
     """Redis is the Celery broker and the task registry: one server (``redis://``, ``rediss://``) or a Sentinel-
-    managed master (``sentinel://h1:26379,h2:26379,h3:26379/0?master=mymaster``, see gpufleet.redisconn)."""
+    managed master (``sentinel://h1:26379,h2:26379,h3:26379/0?master=mymaster``, see gpufleet.registry.connection)."""
 
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "gpufleet"
@@ -82,8 +81,8 @@ class WorkerSettings(_Model):
     task_events: bool = True
     # Each task gets a fresh directory below this one (downloads, outputs); it is removed when the task ends.
     scratch_dir: Path | None = None  # default: <system temp>/gpufleet-scratch-<uid>, created 0700
-    # GPUs per worker host, for the scaling figure (see gpufleet.scaling) of a pool and model that no live host
-    # reports yet: scaling from zero. Live hosts report their own.
+    # GPUs per worker host, for the scaling figure (see gpufleet.scheduling.scaling) of a pool and model that no live
+    # host reports yet: scaling from zero. Live hosts report their own.
     slots_per_worker: int = Field(1, ge=1, le=64)
 
     @field_validator("pools")
@@ -149,8 +148,8 @@ class DispatcherSettings(_Model):
     # A dispatcher that died (killed mid-delivery) hands over its destinations' flows after this long; a dispatcher
     # on the same host takes them at once.
     claim_idle_s: float = Field(30.0, gt=0)
-    # Each destination on its own (see gpufleet.flows): after this many failures in a row its breaker opens, and it
-    # is sent one record at a time until one passes.
+    # Each destination on its own (see gpufleet.delivery.flows): after this many failures in a row its breaker opens,
+    # and it is sent one record at a time until one passes.
     breaker_failures: int = Field(5, ge=1)
     # A record not delivered this long after its task finished is parked with the last error (re-send it with
     # `gpufleet parked resend`); likewise after max_delivery_attempts tries, if set.
@@ -218,7 +217,8 @@ class FleetSettings(_Model):
     logging: LoggingSettings = LoggingSettings()
     functions: tuple[Path, ...] = (Path("../workers"),)
     triggers: tuple[Path, ...] = (Path("../triggers"),)
-    # Function -> alias -> {version: weight}, e.g. {embed: {prod: {"3": 0.9, "4": 0.1}}} (see gpufleet.aliases).
+    # Function -> alias -> {version: weight}, e.g. {embed: {prod: {"3": 0.9, "4": 0.1}}} (see
+    # gpufleet.scheduling.aliases).
     aliases: dict[str, dict[str, dict[str, float]]] = {}
 
     @field_validator("aliases")

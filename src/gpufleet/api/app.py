@@ -1,4 +1,4 @@
-"""The HTTP control plane: FastAPI routes over :class:`gpufleet.control.ControlPlane`.
+"""The HTTP control plane: FastAPI routes over :class:`gpufleet.control.plane.ControlPlane`.
 
 Every route but ``GET /healthz`` needs ``Authorization: Bearer <api.token>`` (``GET /metrics`` and ``GET
 /v1/scaling`` also take ``api.monitoring_token``, which is good for nothing else); that includes the OpenAPI spec at
@@ -30,16 +30,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gpufleet import __version__
 from gpufleet.api import bodies, dashboard, models
 from gpufleet.api.errors import Observe, UnauthorizedError, install_error_handlers
+from gpufleet.api.metrics import CONTENT_TYPE, exposition
 from gpufleet.api.protocol import RequestLimit
 from gpufleet.api.webhooks import router as webhook_router
-from gpufleet.control import MAX_IDEMPOTENCY_KEY, ControlPlane
+from gpufleet.control.plane import MAX_IDEMPOTENCY_KEY, ControlPlane
 from gpufleet.errors import InvalidRequestError
-from gpufleet.events import MAX_DEPTH
 from gpufleet.functions import ALIAS_RE
-from gpufleet.jobs import SHARD_PAGE
-from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
-from gpufleet.metrics import CONTENT_TYPE, exposition
-from gpufleet.registry import State
+from gpufleet.intake.events import MAX_DEPTH
+from gpufleet.registry.jobs import SHARD_PAGE
+from gpufleet.registry.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
+from gpufleet.registry.model import State
 from gpufleet.triggers.webhook import WebhookTrigger
 
 DEFAULT_PAGE = 50

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet.errors import BrokerError, RequestError
-from gpufleet.registry import REDIS_ERRORS
+from gpufleet.registry.model import REDIS_ERRORS
 
 log = structlog.get_logger("gpufleet.api")
 

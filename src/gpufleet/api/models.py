@@ -6,9 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from gpufleet.delivery.parking import PARKED_ID as PARKED_ID_RE
 from gpufleet.functions import VERSION_RE
-from gpufleet.parking import PARKED_ID as PARKED_ID_RE
-from gpufleet.registry import State
+from gpufleet.registry.model import State
 
 
 class _Out(BaseModel):

@@ -20,7 +20,7 @@ from gpufleet.api import check_port_free
 from gpufleet.api.app import create_app
 from gpufleet.api.protocol import guarded_protocol
 from gpufleet.config import Fleet
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.triggers import backend, served_by
 from gpufleet.triggers.webhook import WebhookTrigger
 

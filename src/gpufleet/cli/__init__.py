@@ -155,7 +155,7 @@ def _trigger(args: argparse.Namespace) -> int:
 
 
 def _dispatcher(args: argparse.Namespace) -> int:
-    from gpufleet.dispatcher import Dispatcher
+    from gpufleet.delivery.dispatcher import Dispatcher
     from gpufleet.roles import stop_event_on_signals
 
     fleet = _fleet(args, "dispatcher")
@@ -193,11 +193,11 @@ def _backlogs(fleet: Fleet) -> dict[str, str]:
     """What each running trigger last reported of its source's backlog, if Redis answers at once."""
     import time
 
-    from gpufleet import redisconn
-    from gpufleet.snapshot import LAG_STALE_S
+    from gpufleet.registry import connection
+    from gpufleet.registry.snapshot import LAG_STALE_S
 
     try:
-        client = redisconn.client(fleet.settings.redis.url, socket_timeout=1, socket_connect_timeout=1)
+        client = connection.client(fleet.settings.redis.url, socket_timeout=1, socket_connect_timeout=1)
         raw: Any = client.hgetall(f"{fleet.settings.redis.key_prefix}:m:trigger_lag")
     except Exception:  # noqa: BLE001 - check validates the configuration; the backlog is a bonus
         return {}

@@ -1,5 +1,5 @@
 """Commands that read records back from the destinations: ``tail`` (follow them live) and ``redrive`` (re-send a
-trigger's dead letters through intake). See :mod:`gpufleet.readback`."""
+trigger's dead letters through intake). See :mod:`gpufleet.delivery.readback`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from gpufleet.errors import BrokerError
 if TYPE_CHECKING:
     from gpufleet.cli.tasks import AddCommand
     from gpufleet.config import Fleet
-    from gpufleet.readback import Record
+    from gpufleet.delivery.readback import Record
 
 
 def add_commands(command: AddCommand) -> None:
@@ -57,7 +57,7 @@ def _load(args: argparse.Namespace) -> Fleet:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from gpufleet.readback import kafka_errors, read, streams
+    from gpufleet.delivery.readback import kafka_errors, read, streams
 
     fleet = _load(args)
     asked = {"success": args.success, "failure": args.failure, "dead_letter": args.dead_letters}
@@ -160,7 +160,7 @@ def outcome_text(value: bytes) -> str:
 def _redrive(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from gpufleet.redrive import redrive
+    from gpufleet.control.redrive import redrive
 
     report = redrive(_load(args), args.trigger, args.reason, args.dry_run, args.accept_unsigned)
     if args.json:

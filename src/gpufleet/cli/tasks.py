@@ -1,6 +1,6 @@
 """Control-plane commands: invoke, status, cancel, retry, tasks, queue, functions, gpus.
 
-They talk to Redis through :class:`~gpufleet.control.ControlPlane`, reading the same fleet file as the fleet, so
+They talk to Redis through :class:`~gpufleet.control.plane.ControlPlane`, reading the same fleet file as the fleet, so
 they work without the HTTP API running. With ``--json`` each prints exactly one JSON document on stdout (an error
 too, as ``{"error": {"code", "message"}}``). Exit codes: 0 done; 1 not found, conflict, or the task finished
 without succeeding; 2 bad input or configuration; 3 ``--timeout`` passed first; 130 interrupted.
@@ -34,10 +34,10 @@ from gpufleet.cli.output import (
 from gpufleet.cli.progress import ProgressDisplay, follow
 from gpufleet.cli.views import render_status
 from gpufleet.errors import BrokerError, InvalidRequestError, unreachable_hint
-from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
+from gpufleet.registry.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 
 if TYPE_CHECKING:
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -139,7 +139,7 @@ def _control(func: Handler) -> Handler:
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
-        from gpufleet.registry import REDIS_ERRORS
+        from gpufleet.registry.model import REDIS_ERRORS
 
         try:
             return func(args)
@@ -151,7 +151,7 @@ def _control(func: Handler) -> Handler:
 
 def _plane(args: argparse.Namespace) -> ControlPlane:
     from gpufleet.config import load_fleet
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
     from gpufleet.logs import configure_logging
 
     fleet = load_fleet(args.config, secrets=False)  # control reads Redis: it signs and checks nothing
@@ -254,7 +254,7 @@ def _retry(args: argparse.Namespace) -> int:
 
 def _follow(args: argparse.Namespace, plane: ControlPlane, task_id: str, extra: dict[str, Any] | None = None) -> int:
     """Follow the task to its end, then print its status: exit 0 if it succeeded, 1 if not, 3 on --timeout."""
-    from gpufleet.registry import TERMINAL
+    from gpufleet.registry.model import TERMINAL
 
     display = None if args.quiet else ProgressDisplay(sys.stderr)
     try:
@@ -384,7 +384,7 @@ def _aliases_text(aliases: dict[str, dict[str, float]]) -> str:
 
 @_control
 def _gpus(args: argparse.Namespace) -> int:
-    from gpufleet.control import group_gpus
+    from gpufleet.control.plane import group_gpus
 
     plane = _plane(args)
     entries = plane.gpus()

@@ -10,7 +10,7 @@ from gpufleet.cli.output import one_line, table
 from gpufleet.cli.progress import bar_line
 
 if TYPE_CHECKING:
-    from gpufleet.control import ControlPlane
+    from gpufleet.control.plane import ControlPlane
 
 
 def render_status(view: dict[str, Any], plane: ControlPlane | None = None) -> str:

@@ -35,7 +35,7 @@ from gpufleet.config import load_fleet
 from gpufleet.demo import bucket, routes
 from gpufleet.demo.api import api_tour
 from gpufleet.demo.job import job_tour
-from gpufleet.registry import Registry
+from gpufleet.registry.store import Registry
 
 TEXTS = [
     "GPUs turn events into results",

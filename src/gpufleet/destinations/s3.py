@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gpufleet.destinations.aws import AwsClient, permanent, transient_errors
+from gpufleet.aws import AwsClient, permanent, transient_errors
 from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
 from gpufleet.urls import Endpoint, Options

@@ -16,7 +16,7 @@ import hashlib
 import re
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.destinations.aws import AwsClient, permanent, transient_errors
+from gpufleet.aws import AwsClient, permanent, transient_errors
 from gpufleet.destinations.base import OutRecord, Refusal
 from gpufleet.errors import DeliveryError
 from gpufleet.urls import Endpoint, Options

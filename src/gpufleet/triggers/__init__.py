@@ -20,7 +20,7 @@ from gpufleet.urls import Endpoint, import_backend, parse_options, parse_url
 BACKENDS = {
     "kafka": "gpufleet.triggers.kafka:KafkaTrigger",
     "sqs": "gpufleet.triggers.sqs:SqsTrigger",
-    "s3": "gpufleet.triggers.poll:PollTrigger",
+    "s3": "gpufleet.triggers.s3:PollTrigger",
     "webhook": "gpufleet.triggers.webhook:WebhookTrigger",
     "amqp": "gpufleet.triggers.amqp:AmqpTrigger",
     "amqps": "gpufleet.triggers.amqp:AmqpTrigger",
@@ -87,7 +87,7 @@ def parse_source(url: str, *, where: str | None = None, key: str | None = None,
     ``s3://bucket/prefix`` (polling; the bucket is the URL's host) and ``amqp://host/vhost?queue=NAME``.
     """
     if url.startswith("s3://"):
-        from gpufleet.objects import parse_s3_uri
+        from gpufleet.aws import parse_s3_uri
 
         try:
             bucket, prefix = parse_s3_uri(url)

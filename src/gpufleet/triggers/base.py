@@ -1,7 +1,7 @@
 """What every trigger shares: parse a source message into a task, publish in batches, dead-letter bad input.
 
 A trigger never runs GPU work. Per batch it:
-1. parses each message into tasks through :class:`~gpufleet.intake.Intake` (the path invoke takes too), or an
+1. parses each message into tasks through :class:`~gpufleet.intake.path.Intake` (the path invoke takes too), or an
    :class:`EventError` reason;
 2. publishes every task with one atomic Redis call (record + queue push; an id already known is a duplicate);
 3. delivers dead letters (original bytes + reason) and waits for the broker's acknowledgement;
@@ -25,25 +25,33 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, Protocol, 
 import structlog
 
 from gpufleet import trace
-from gpufleet.aliases import Aliases
+from gpufleet.aws import ObjectEvent
 from gpufleet.credentials import redact_url
+from gpufleet.delivery.letters import (
+    DEFAULT_ID_HEADER,
+    OBJECT_HEADER,
+    SIGNATURE_HEADER,
+    SUPPLIED_ID_HEADER,
+    fleet_key,
+    sign,
+)
+from gpufleet.delivery.parking import Parking
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord
 from gpufleet.errors import BrokerError, EventError, unreachable_hint
-from gpufleet.ids import OBJECT_ORIGIN, SUPPLIED_ID_RE, trigger_origin, trigger_task_id
-from gpufleet.intake import Intake, Producer, check_priority
-from gpufleet.letters import DEFAULT_ID_HEADER, OBJECT_HEADER, SIGNATURE_HEADER, SUPPLIED_ID_HEADER, fleet_key, sign
-from gpufleet.messages import MAX_PRIORITY
-from gpufleet.objects import ObjectEvent
-from gpufleet.parking import Parking
-from gpufleet.placer import Placer
-from gpufleet.registry import REDIS_ERRORS, Enqueued, NewTask, Registry
+from gpufleet.intake.ids import OBJECT_ORIGIN, SUPPLIED_ID_RE, trigger_origin, trigger_task_id
+from gpufleet.intake.path import Intake, Producer, check_priority
+from gpufleet.registry.messages import MAX_PRIORITY
+from gpufleet.registry.model import REDIS_ERRORS, Enqueued, NewTask
+from gpufleet.registry.snapshot import record_dead_letters, report_lag
+from gpufleet.registry.store import Registry
 from gpufleet.retry import retry_until
-from gpufleet.snapshot import record_dead_letters, report_lag
+from gpufleet.scheduling.aliases import Aliases
+from gpufleet.scheduling.placement import Placer
+from gpufleet.scheduling.versions import ServedVersions
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import EventFilter, parse_notification
 from gpufleet.urls import Options
-from gpufleet.versions import ServedVersions
 
 if TYPE_CHECKING:
     from gpufleet.config import Fleet
@@ -57,7 +65,7 @@ LAG_EVERY_S = 10.0  # how often a trigger reports its source's backlog
 MALLOC_TRIM_THRESHOLD = 64 << 20
 MALLOC_MMAP_THRESHOLD = 16 << 20
 # Headers a dead letter carries so that `gpufleet redrive` rebuilds the message as the trigger first saw it, with the
-# same identity (see gpufleet.readback).
+# same identity (see gpufleet.delivery.readback).
 MAX_SOURCE_CHARS = 512  # a dead letter's key and source header: what a sender controls (an SNS MessageId) is cut
 
 
@@ -248,7 +256,7 @@ class Ingest:
         self.dead_letter_url = trigger.dead_letter or s.defaults.dead_letter
         self.dead_letter: Destination = open_destination(self.dead_letter_url, s)
         self.parking = Parking(self.registry.client, s.redis.key_prefix)
-        self._letter_key: bytes | None = None  # the fleet's dead-letter key (gpufleet.letters), read when first needed
+        self._letter_key: bytes | None = None  # the fleet's dead-letter key (gpufleet.delivery.letters), read once
         self.redis_hint = unreachable_hint("Redis", "redis.url", redact_url(s.redis.url))
         # What this trigger did so far, for its logs and for tests; updated by publish().
         self.stats = {"published": 0, "duplicates": 0, "dead_lettered": 0, "ignored": 0}
@@ -308,7 +316,7 @@ class Ingest:
 
     def _task_id(self, msg: SourceMessage, body: Any) -> str:
         """``<trigger>:<the producer's id, or the message's default id>``: a producer names ids only in its own
-        trigger's namespace (see :mod:`gpufleet.ids`)."""
+        trigger's namespace (see :mod:`gpufleet.intake.ids`)."""
         supplied: Any = None
         if self.trigger.id_header and self.trigger.id_header in msg.headers:
             supplied = msg.headers[self.trigger.id_header].decode(errors="replace")
@@ -421,7 +429,8 @@ class Ingest:
             log.warning("cannot count dead letters in Redis", error=str(exc))
 
     def report_lag(self, kind: str, values: dict[str, int]) -> None:
-        """The source's backlog, for ``gpufleet_trigger_lag_messages`` (see :func:`gpufleet.snapshot.report_lag`)."""
+        """The source's backlog, for ``gpufleet_trigger_lag_messages`` (see
+        :func:`gpufleet.registry.snapshot.report_lag`)."""
         try:
             report_lag(self.registry, self.trigger.name, kind, values)
         except REDIS_ERRORS as exc:

@@ -10,7 +10,7 @@ Guarantees:
   their task ids already exist, so they are suppressed as duplicates. Commits come every ``commit_interval_ms``
   while messages keep coming, and at once when a poll finds none: a crash re-reads at most that much.
 - Task id: ``<trigger>:<id>``, the id being the producer's (header ``gpufleet-id`` or field ``id``) or
-  ``kafka-<topic>-<partition>-<offset>`` (see :mod:`gpufleet.ids`).
+  ``kafka-<topic>-<partition>-<offset>`` (see :mod:`gpufleet.intake.ids`).
 - Graceful stop: the batch in hand is finished and committed, then the consumer leaves its group.
 """
 

@@ -17,7 +17,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
+from gpufleet.registry.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 
 
 class TriggerSettings(BaseModel):
@@ -48,7 +48,7 @@ class TriggerSettings(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from gpufleet.ids import trigger_name_error
+        from gpufleet.intake.ids import trigger_name_error
 
         error = trigger_name_error(v)
         if error is not None:

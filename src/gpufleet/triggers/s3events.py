@@ -30,8 +30,8 @@ from urllib.parse import unquote_plus
 
 import orjson
 
+from gpufleet.aws import MAX_KEY_BYTES, ObjectEvent
 from gpufleet.errors import EventError
-from gpufleet.objects import MAX_KEY_BYTES, ObjectEvent
 
 KEY_ENCODINGS = ("auto", "url", "raw")
 SNS_TYPES = frozenset({"Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation"})

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import Field
 
-from gpufleet.destinations.aws import transient_errors
-from gpufleet.objects import make_client
+from gpufleet.aws import make_client, transient_errors
 from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.urls import Options

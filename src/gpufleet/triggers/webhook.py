@@ -19,7 +19,8 @@ A trigger file with ``source: webhook:///minio`` is served by the api role (``se
 - Bodies over ``max_payload_bytes`` get 413. A body that cannot become tasks (malformed, not S3 events, too many
   records, anything that fails) is dead-lettered with its reason and answered 422 with that reason: never a 5xx,
   which would make the sender retry it in a loop.
-- SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm (:mod:`gpufleet.triggers.sns`), only
+- SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm (:mod:`gpufleet.triggers.sns_confirm`),
+only
   over https, only if its whole host matches a pattern of ``sns_confirm_hosts`` (``sns.*.amazonaws.com`` and
   ``sns.*.amazonaws.com.cn`` by default, ``*`` being one DNS label), and only at a public address (IP literals and
   private, loopback or link-local addresses are refused unless ``sns_confirm_private``), so a forged confirmation
@@ -45,7 +46,7 @@ from gpufleet.errors import ConfigError, RequestError
 from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import parse_notification
-from gpufleet.triggers.sns import SNS_HOSTS, SnsConfirmError, check_host_pattern, confirm_subscription, redact
+from gpufleet.triggers.sns_confirm import SNS_HOSTS, SnsConfirmError, check_host_pattern, confirm_subscription, redact
 from gpufleet.urls import Options
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class WebhookSettings(ObjectEvents, TriggerSettings):
     hmac_tolerance_s: int = Field(300, ge=1, le=86_400)
     hmac_require_timestamp: bool = True
     # SubscribeURL hosts we may GET (https only) to confirm a subscription: exact host names, or "*" for exactly
-    # one DNS label (see gpufleet.triggers.sns). sns_confirm_private allows IP literals and private/loopback
+    # one DNS label (see gpufleet.triggers.sns_confirm). sns_confirm_private allows IP literals and private/loopback
     # addresses: for LocalStack or a test fleet; never on an internet-facing fleet.
     sns_confirm_hosts: tuple[str, ...] = SNS_HOSTS
     sns_confirm_private: bool = False

@@ -27,11 +27,11 @@ from typing import Any
 
 import structlog
 
+from gpufleet.aws import ObjectEvent
+from gpufleet.delivery.records import Condition, error_payload
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function
-from gpufleet.objects import ObjectEvent
-from gpufleet.records import Condition, error_payload
-from gpufleet.registry import State
+from gpufleet.registry.model import State
 from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.context import TaskContext, handler_payload
 from gpufleet.worker.item import Item

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gpufleet.aws import ObjectEvent
 from gpufleet.errors import PermanentTaskError
 from gpufleet.functions import Function
-from gpufleet.objects import ObjectEvent
 from gpufleet.worker.attempt import Attempt, Attempts
 from gpufleet.worker.context import TaskContext
 from gpufleet.worker.item import Item

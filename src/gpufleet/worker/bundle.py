@@ -13,10 +13,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from gpufleet.aws import ObjectStore
 from gpufleet.config import Fleet
-from gpufleet.messages import Envelopes, MessageFactory
-from gpufleet.objects import ObjectStore
-from gpufleet.registry import Registry
+from gpufleet.registry.messages import Envelopes, MessageFactory
+from gpufleet.registry.store import Registry
 from gpufleet.worker.lease import LeaseKeeper
 from gpufleet.worker.scratch import default_root, open_root
 from gpufleet.worker.warmup import Setups

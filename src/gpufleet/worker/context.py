@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import ValidationError
 
+from gpufleet.aws import CONTROL_CHARS, MAX_KEY_BYTES, ObjectEvent, ObjectStore, key_parts, parse_s3_uri
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import validation_problem
-from gpufleet.objects import CONTROL_CHARS, MAX_KEY_BYTES, ObjectEvent, ObjectStore, key_parts, parse_s3_uri
 from gpufleet.worker.scratch import ScratchDir
 
 if TYPE_CHECKING:

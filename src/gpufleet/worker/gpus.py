@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from gpufleet.gpumodels import model_of
+from gpufleet.scheduling.gpumodels import model_of
 
 log = structlog.get_logger("gpufleet.gpus")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from gpufleet.registry import Claim
+from gpufleet.registry.model import Claim
 
 
 class Item(NamedTuple):

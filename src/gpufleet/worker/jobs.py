@@ -1,5 +1,5 @@
-"""A sharded job's two steps on a worker (see :mod:`gpufleet.jobs`): the split, which creates the shards and parks
-the job, and the last step, which merges the shards' results, or fails the job naming the shards that did not
+"""A sharded job's two steps on a worker (see :mod:`gpufleet.registry.jobs`): the split, which creates the shards and
+parks the job, and the last step, which merges the shards' results, or fails the job naming the shards that did not
 succeed. Each step is one attempt of the job's task, under the job's own timeout, attempts and cancel."""
 
 from __future__ import annotations
@@ -10,24 +10,24 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gpufleet import trace
+from gpufleet.delivery.records import Condition
 from gpufleet.errors import EventError, PermanentTaskError
 from gpufleet.functions import Function
-from gpufleet.intake import Intake, Producer
-from gpufleet.jobs import MAX_SHARD_EVENT_BYTES, MAX_SPLIT_BYTES, JobStore, Shard, shard_id
-from gpufleet.messages import DEFAULT_PRIORITY
-from gpufleet.placer import Placer
-from gpufleet.records import Condition
-from gpufleet.registry import State
+from gpufleet.intake.path import Intake, Producer
+from gpufleet.registry.jobs import MAX_SHARD_EVENT_BYTES, MAX_SPLIT_BYTES, JobStore, Shard, shard_id
+from gpufleet.registry.messages import DEFAULT_PRIORITY
+from gpufleet.registry.model import State
+from gpufleet.scheduling.placement import Placer
 from gpufleet.worker.attempt import Attempt, Attempts
 from gpufleet.worker.context import TaskContext
 from gpufleet.worker.item import Item
 from gpufleet.worker.outcome import result_json
 
 if TYPE_CHECKING:
-    from gpufleet.registry import NewTask
+    from gpufleet.registry.model import NewTask
 
 log = structlog.get_logger("gpufleet.worker")
-JOB_ORIGIN = "job"  # who names shard ids: only a job's split (see gpufleet.ids)
+JOB_ORIGIN = "job"  # who names shard ids: only a job's split (see gpufleet.intake.ids)
 RECORD_FIELDS = ("phase", "shards", "priority", "event", "meta", "queue", "job_started_at")
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import psutil
 import structlog
 
-from gpufleet.registry import Registry
+from gpufleet.registry.store import Registry
 
 log = structlog.get_logger("gpufleet.worker")
 

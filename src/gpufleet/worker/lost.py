@@ -18,7 +18,8 @@ import time
 
 import structlog
 
-from gpufleet.registry import EnvelopeFor, Registry
+from gpufleet.registry.model import EnvelopeFor
+from gpufleet.registry.store import Registry
 
 log = structlog.get_logger("gpufleet.lost")
 

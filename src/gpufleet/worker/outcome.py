@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import structlog
 
+from gpufleet.delivery.records import Condition, callback_record, error_payload, fit_record
 from gpufleet.errors import PermanentTaskError
 from gpufleet.functions import LATEST, Function
-from gpufleet.jobs import MAX_SHARD_RESULT_BYTES
-from gpufleet.records import Condition, callback_record, error_payload, fit_record
-from gpufleet.registry import Callback, Claim, State
+from gpufleet.registry.jobs import MAX_SHARD_RESULT_BYTES
+from gpufleet.registry.model import Callback, Claim, State
 
 if TYPE_CHECKING:
     from gpufleet.worker.bundle import ProcessBundle

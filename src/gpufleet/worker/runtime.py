@@ -18,9 +18,9 @@ from gpufleet import trace
 from gpufleet.config import Fleet
 from gpufleet.errors import TaskError
 from gpufleet.functions import Function
-from gpufleet.jobs import WAITING
-from gpufleet.messages import parse_queue
-from gpufleet.registry import REDIS_ERRORS, TERMINAL, Claim, State, Taken
+from gpufleet.registry.jobs import WAITING
+from gpufleet.registry.messages import parse_queue
+from gpufleet.registry.model import REDIS_ERRORS, TERMINAL, Claim, State, Taken
 from gpufleet.worker import batch
 from gpufleet.worker.ahead import HOLD_S, Ahead
 from gpufleet.worker.attempt import Attempt, Attempts

@@ -14,7 +14,7 @@
   task records.
 - Inventory (every ``INVENTORY_EVERY_S``): each GPU's model, memory, utilisation and process, for ``gpufleet gpus``.
   Then the hand-over: what waits in a pool that has no live worker for its function (one with several pools) moves
-  to the pool the overflow policy picks (:meth:`gpufleet.placer.Placer.hand_over`).
+  to the pool the overflow policy picks (:meth:`gpufleet.scheduling.placement.Placer.hand_over`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ from dataclasses import dataclass, field
 import structlog
 
 from gpufleet.config import Fleet
-from gpufleet.control import ControlPlane
+from gpufleet.control.plane import ControlPlane
 from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError, unreachable_hint
-from gpufleet.messages import queue_name
-from gpufleet.placer import Placer
-from gpufleet.registry import REDIS_ERRORS, Registry
+from gpufleet.registry.messages import queue_name
+from gpufleet.registry.model import REDIS_ERRORS
+from gpufleet.registry.store import Registry
 from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
+from gpufleet.scheduling.placement import Placer
 from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.lost import LostMessages

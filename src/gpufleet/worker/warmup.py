@@ -1,5 +1,5 @@
 """A GPU worker's warm-up: every function's ``setup()`` runs when its pool process boots, before it takes a task,
-and the process says how each went, so that the fleet can tell a version's state (:mod:`gpufleet.versions`).
+and the process says how each went, so that the fleet can tell a version's state (:mod:`gpufleet.scheduling.versions`).
 
 Reported per worker and function, in ``<prefix>:setup``: the version the code declares, ``setup`` while it runs,
 then ``ready`` or ``error`` (with the error), and the worker process's pid (an entry of a process that is gone no
@@ -21,8 +21,9 @@ from typing import Any
 import structlog
 
 from gpufleet.functions import Function
-from gpufleet.registry import REDIS_ERRORS, Registry
-from gpufleet.versions import ERROR, READY, SETUP, report_setup
+from gpufleet.registry.model import REDIS_ERRORS
+from gpufleet.registry.store import Registry
+from gpufleet.scheduling.versions import ERROR, READY, SETUP, report_setup
 
 log = structlog.get_logger("gpufleet.worker")
 

@@ -1,14 +1,25 @@
-"""Object-storage events and what a handler does with them: download to a scratch directory, upload outputs.
+"""Object stores and AWS: the object events, the S3 client and the object-key rules, and the boto3 clients the
+S3, SQS and SNS triggers and destinations share. The triggers and the worker import this module, never each other.
+
+Object-storage events and what a handler does with them: download to a scratch directory, upload outputs.
 
 An :class:`ObjectEvent` is one object that was created (or removed) in a bucket, whatever told us: an S3 event
 record from SQS, Kafka or a webhook, or a listing of the bucket. Its task id comes from the object's identity
 (bucket, key, versionId or eTag), so the two events some servers send for one multipart upload run once.
+
+What the S3, SQS and SNS destinations share (:class:`AwsClient`): their boto3 client, and which of botocore's errors
+may pass.
+
+Clients use the fleet's ``s3`` settings (endpoint, region, credentials): ``s3.endpoint_url`` for S3,
+``s3.sqs_endpoint_url`` for SQS and SNS (moto and LocalStack serve both on one endpoint; on AWS both are unset).
+botocore retries twice inside a call; past that the dispatcher retries the batch with its own backoff.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -16,11 +27,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict
 
-from gpufleet.errors import PermanentTaskError
-from gpufleet.ids import object_task_id
+from gpufleet.errors import DeliveryError, PermanentTaskError
+from gpufleet.intake.ids import object_task_id
 
 if TYPE_CHECKING:
-    from gpufleet.settings import S3Settings
+    from gpufleet.settings import FleetSettings, S3Settings
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_KEY_BYTES = 1024  # S3, MinIO and Ceph refuse longer object keys
@@ -162,3 +173,51 @@ def make_client(service: str, settings: S3Settings, max_attempts: int = 5) -> An
         aws_secret_access_key=settings.secret_access_key,
         config=config,
     )
+
+
+# Error codes an AWS-compatible service answers with a 4xx that still mean "try again later".
+RETRYABLE_CODES = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "SlowDown", "RequestTimeout",
+                             "RequestTimeoutException", "KMSThrottlingException", "ServiceUnavailable"})  # fmt: skip
+
+
+def permanent(exc: Exception) -> bool:
+    """True when the service refused the request for good (a 4xx such as AccessDenied or NoSuchBucket); False for
+    what may pass (connection errors, timeouts, 5xx, throttling)."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+    return 400 <= status < 500 and status not in (408, 429) and error.get("Code") not in RETRYABLE_CODES
+
+
+def transient_errors() -> tuple[type[Exception], ...]:
+    """Every botocore error: :func:`permanent` tells the few that are not transient apart."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError)
+
+
+class AwsClient:
+    """One boto3 client per destination, made on first use (boto3 clients are thread-safe once made)."""
+
+    def __init__(self, service: str, settings: FleetSettings) -> None:
+        self._service, self._settings = service, settings.s3
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = make_client(self._service, self._settings, max_attempts=2)
+                except Exception as exc:
+                    raise DeliveryError(f"cannot make a {self._service} client: {exc}") from exc
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None

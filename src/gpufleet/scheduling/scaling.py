@@ -21,8 +21,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gpufleet.messages import parse_queue
-from gpufleet.snapshot import Snapshot
+from gpufleet.registry.messages import parse_queue
+from gpufleet.registry.snapshot import Snapshot
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from gpufleet import snapshot
-from gpufleet.aliases import Aliases
 from gpufleet.config import Fleet
+from gpufleet.delivery.parking import PARKED_ID, Parking
+from gpufleet.delivery.records import Condition, callback_record, fit_record, iso
 from gpufleet.errors import (
     ConflictError,
     EventError,
@@ -28,17 +28,18 @@ from gpufleet.errors import (
     PayloadTooLargeError,
 )
 from gpufleet.functions import LATEST, Function
-from gpufleet.ids import API_ORIGIN, api_task_id
-from gpufleet.intake import Intake, Producer, check_priority
-from gpufleet.jobs import SHARD_PAGE, JobStore, job_info, summary
-from gpufleet.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue, queue_version
-from gpufleet.parking import PARKED_ID, Parking
-from gpufleet.placer import Placer
-from gpufleet.records import Condition, callback_record, fit_record, iso
-from gpufleet.registry import REDIS_ERRORS, Enqueued, Registry, State
-from gpufleet.scaling import Need, needs
-from gpufleet.snapshot import Snapshot
-from gpufleet.versions import ServedVersions, all_versions, versions
+from gpufleet.intake.ids import API_ORIGIN, api_task_id
+from gpufleet.intake.path import Intake, Producer, check_priority
+from gpufleet.registry import snapshot
+from gpufleet.registry.jobs import SHARD_PAGE, JobStore, job_info, summary
+from gpufleet.registry.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue, queue_version
+from gpufleet.registry.model import REDIS_ERRORS, Enqueued, State
+from gpufleet.registry.snapshot import Snapshot
+from gpufleet.registry.store import Registry
+from gpufleet.scheduling.aliases import Aliases
+from gpufleet.scheduling.placement import Placer
+from gpufleet.scheduling.scaling import Need, needs
+from gpufleet.scheduling.versions import ServedVersions, all_versions, versions
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 _TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
@@ -95,7 +96,7 @@ class ControlPlane:
                             "again later")  # fmt: skip
 
     def aliases(self, name: str) -> dict[str, dict[str, float]]:
-        """The function's aliases: alias -> {version: weight} (see :mod:`gpufleet.aliases`)."""
+        """The function's aliases: alias -> {version: weight} (see :mod:`gpufleet.scheduling.aliases`)."""
         assert self.intake.aliases is not None
         return self.intake.aliases.of(self.function(name).name)
 
@@ -107,7 +108,7 @@ class ControlPlane:
         return self.intake.aliases.of(fn.name)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
-        """The function's versions and their states (see :mod:`gpufleet.versions`)."""
+        """The function's versions and their states (see :mod:`gpufleet.scheduling.versions`)."""
         return versions(self.registry, self.function(name))
 
     def functions(self) -> list[dict[str, Any]]:
@@ -190,8 +191,8 @@ class ControlPlane:
 
     def view(self, record: dict[str, Any], shards: tuple[int, int] = (0, SHARD_PAGE)) -> dict[str, Any]:
         """:func:`task_view`, plus the pool the task is queued or runs in, and whether that is not its function's
-        first (it overflowed, see :mod:`gpufleet.placement`). A job lists its shards ``(offset, limit)`` at a time;
-        all of them count in its totals."""
+        first (it overflowed, see :mod:`gpufleet.scheduling.placement`). A job lists its shards ``(offset, limit)`` at a
+        time; all of them count in its totals."""
         view = task_view(record)
         parsed = parse_queue(self.fleet.settings.redis.key_prefix, view["queue"] or "")
         fn = self.fleet.functions.get(view["function"])
@@ -235,7 +236,7 @@ class ControlPlane:
 
     def _cancel_shards(self, task_id: str) -> None:
         """A job waiting for its shards (its cancel flag is set): cancel each shard not finished, queued ones at once,
-        running ones as any running task. The job ends CANCELLED once they all have (see gpufleet.jobs)."""
+        running ones as any running task. The job ends CANCELLED once they all have (see gpufleet.registry.jobs)."""
         record = self.registry.get(task_id) or {}
         # Parked, all its shards; while it splits, those its parts wrote so far (the next part sees the flag).
         n = int(record.get("shards") or record.get("split_written") or 0)
@@ -397,8 +398,8 @@ class ControlPlane:
         return snapshot.recent_dead_letters(self.registry, limit)
 
     def scaling(self, pool: str | None = None, model: str | None = None) -> list[Need]:
-        """The scaling figure (see :mod:`gpufleet.scaling`), for every pool and model or one of them. One with no
-        queue and no host is all zeros: an autoscaler's query never fails for a pool that is idle."""
+        """The scaling figure (see :mod:`gpufleet.scheduling.scaling`), for every pool and model or one of them. One
+        with no queue and no host is all zeros: an autoscaler's query never fails for a pool that is idle."""
         s = self.fleet.settings
         found = needs(self.snapshot(), s.redis.key_prefix, s.worker.slots_per_worker)
         if pool is None:

@@ -1,5 +1,5 @@
 """Reading records back from the destinations: ``gpufleet tail`` follows them live, and ``gpufleet redrive`` (see
-:mod:`gpufleet.redrive`) reads dead letters.
+:mod:`gpufleet.control.redrive`) reads dead letters.
 
 Kafka destinations only, for now: a topic keeps its records for every reader, so reading them back takes nothing
 from the consumers downstream. Partitions are assigned by hand, so a reader never joins or rebalances anyone's
@@ -22,7 +22,7 @@ from gpufleet.errors import BrokerError, ConfigError, unreachable_hint
 if TYPE_CHECKING:
     from gpufleet.config import Fleet
 
-log = structlog.get_logger("gpufleet.readback")
+log = structlog.get_logger("gpufleet.delivery.readback")
 
 
 def kafka_errors() -> tuple[type[Exception], ...]:

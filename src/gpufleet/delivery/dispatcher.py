@@ -2,8 +2,8 @@
 
 Workers never talk to a destination: finishing a task appends its record to ``<prefix>:callbacks`` in the same atomic
 step that sets its final state. A dispatcher reads that stream (a consumer group) and moves each record into its
-destination's flow (:mod:`gpufleet.flows`), where it waits, is delivered with its own backoff and circuit breaker,
-and is parked if refused for good or too old: a destination that is down holds only its own records.
+destination's flow (:mod:`gpufleet.delivery.flows`), where it waits, is delivered with its own backoff and circuit
+breaker, and is parked if refused for good or too old: a destination that is down holds only its own records.
 One dispatcher at a time routes (the holder of ``<prefix>:router``), so records keep their order; each flow is
 delivered by one at a time too. Any number may run: a flow whose holder died is taken over after
 ``dispatcher.claim_idle_s``, at once by a dispatcher on the same host.
@@ -21,16 +21,16 @@ from typing import Any
 import redis
 import structlog
 
-from gpufleet import redisconn
 from gpufleet.config import Fleet
 from gpufleet.credentials import redact, redact_url
+from gpufleet.delivery.flows import ROUTE, Entry, Flow, Lease, flow_id, flow_key
 from gpufleet.errors import unreachable_hint
-from gpufleet.flows import ROUTE, Entry, Flow, Lease, flow_id, flow_key
-from gpufleet.registry import REDIS_ERRORS
+from gpufleet.registry import connection
+from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.retry import retry_until
 from gpufleet.worker.lease import owner_token
 
-log = structlog.get_logger("gpufleet.dispatcher")
+log = structlog.get_logger("gpufleet.delivery.dispatcher")
 GROUP = "dispatchers"
 SWEEP_EVERY_S = 5.0
 DRAIN_S = 10.0  # on a clean stop, what is waiting still goes out for this long (workers stop before us)
@@ -40,7 +40,7 @@ class Dispatcher:
     def __init__(self, fleet: Fleet, name: str | None = None) -> None:
         self.fleet = fleet
         s = fleet.settings
-        self.client = redisconn.client(s.redis.url, socket_timeout=30, socket_connect_timeout=5)
+        self.client = connection.client(s.redis.url, socket_timeout=30, socket_connect_timeout=5)
         self.prefix = s.redis.key_prefix
         self.stream = f"{self.prefix}:callbacks"
         self.name = name or f"{s.worker.hostname}-{os.getpid()}"

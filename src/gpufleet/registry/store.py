@@ -1,7 +1,7 @@
 """The task registry in Redis: state, attempts, progress, timestamps, worker and GPU, result or error.
 
-States: QUEUED, RUNNING, SUCCEEDED, FAILED, TIMED_OUT (and CANCELLED, EXPIRED). Every transition is one Lua
-script (see :mod:`gpufleet.lua`) with compare-and-set on the state and the owner token, so a task can never run
+States: see :mod:`gpufleet.registry.model`. Every transition is one Lua
+script (see :mod:`gpufleet.registry.lua`) with compare-and-set on the state and the owner token, so a task can never run
 twice at once nor finish twice. Finishing writes the callback record to a Redis stream in the same script, so a
 finished task always has its record, and the dispatcher delivers it later without holding the GPU.
 """
@@ -11,113 +11,43 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import IntEnum, StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
 
-from gpufleet import lua, lua_upkeep, redisconn
 from gpufleet.errors import BrokerError
-from gpufleet.messages import TaskMessage
+from gpufleet.registry import connection, lua, lua_upkeep
+from gpufleet.registry.model import (
+    REDIS_ERRORS,
+    VIEW_FIELDS,
+    VIEW_KEYS,
+    Callback,
+    Claim,
+    Enqueued,
+    EnvelopeFor,
+    NewTask,
+    State,
+    Taken,
+    decode_record,
+    task_row,
+)
 
 if TYPE_CHECKING:
     from gpufleet.settings import FleetSettings
 
 
-class State(StrEnum):
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMED_OUT = "TIMED_OUT"
-    EXPIRED = "EXPIRED"
-
-
-TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT, State.EXPIRED})
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # transient: the caller may retry
 # Tasks per enqueue script: ~20 us each inside Redis, so one call blocks other clients for about 2 ms at most.
 ENQUEUE_CHUNK = 100
 CLIENT_OPTIONS: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 30}
 
-
-# Builds a stored task's message again: (task id, function, event JSON, meta JSON) -> envelope, or None.
-EnvelopeFor = Callable[[str, str, bytes, bytes, str], bytes | None]  # (id, function, event, meta, queue)
-
-
-class Enqueued(IntEnum):
-    """What :meth:`Registry.enqueue_many` did with one task (the values are the script's replies)."""
-
-    CONFLICT = -1  # the id exists for another function or origin: the caller refuses this task
-    DUPLICATE = 0  # the id exists for the same function and origin: the same task, delivered again
-    CREATED = 1
-
-
 _ENQUEUED = {e.value: e for e in Enqueued}
-
-
-class NewTask(NamedTuple):  # a tuple: built per message on a trigger's hot path, at half a frozen dataclass's cost
-    message: TaskMessage
-    on_success: str
-    on_failure: str
-    max_attempts: int
-    source: str
-    event_ts: float
-    # Who may name this id: "api", "objects" (object events, whatever trigger saw them) or "trigger:<name>".
-    # The same id from another origin is a conflict, never a duplicate.
-    origin: str
-    max_age_s: float | None = None  # the function's max_event_age_s: it expires even if no worker takes it
-    overflow: str = ""  # placed outside the function's first pool: "<first pool>US<pool>" (counted once created)
-
-
-def task_row(t: NewTask, now: str) -> list[str]:
-    """A new task's small fields, as ``lua.CREATE`` takes them (the envelope, event and meta travel apart)."""
-    return [t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure, str(t.max_attempts),
-            t.source, now, repr(t.event_ts), "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag,
-            t.origin, str(t.message.priority), t.overflow]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The outcome of a claim: on success, what the worker needs to finish the task without reading it again."""
-
-    ok: bool
-    seen_state: str
-    attempts: int = 0
-    max_attempts: int = 1
-    on_success: str = ""
-    on_failure: str = ""
-    started_at: float = 0.0
-    event_ts: float = 0.0
-    cancel_requested: bool = False
-
-
-@dataclass(frozen=True)
-class Taken:
-    """A task a worker took straight from its queue (:meth:`Registry.pop_claim`): its claim and its call."""
-
-    claim: Claim
-    task_id: str
-    function: str
-    event: Any
-    meta: dict[str, Any]
 
 
 def _claimed(reply: list[Any], now: float) -> Claim:
     attempts, max_attempts, on_success, on_failure, event_ts, cancel = (v.decode() if v else "" for v in reply[1:7])
     return Claim(True, "RUNNING", int(attempts), int(max_attempts or 1), on_success, on_failure, now,
                  float(event_ts or now), cancel == "1")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Callback:
-    """A record to deliver when a task finishes."""
-
-    dest: str
-    value: bytes
-    condition: str
 
 
 class Registry:
@@ -152,21 +82,21 @@ class Registry:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
-        return cls(redisconn.client(url, **CLIENT_OPTIONS), prefix, retention_s)
+        return cls(connection.client(url, **CLIENT_OPTIONS), prefix, retention_s)
 
     @classmethod
     def for_fleet(cls, settings: FleetSettings) -> Registry:
         r = settings.redis
-        client = redisconn.client(r.url, **CLIENT_OPTIONS)
+        client = connection.client(r.url, **CLIENT_OPTIONS)
         d = settings.defaults
         return cls(client, r.key_prefix, d.retention_s, r.wait_replicas, r.wait_timeout_ms, d.priority_aging_s)
 
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
 
-    def pipeline(self) -> redisconn.ScriptPipeline:
+    def pipeline(self) -> connection.ScriptPipeline:
         """A pipeline for the registry's scripts: one round trip per execute (see ScriptPipeline)."""
-        return redisconn.ScriptPipeline(self.client)
+        return connection.ScriptPipeline(self.client)
 
     def enqueue_many(self, tasks: list[NewTask]) -> list[Enqueued]:
         """Create the records and push the messages; per task, whether it was created, a duplicate (the id exists
@@ -462,7 +392,7 @@ class Registry:
             pipe.hmget(self.task_key(task_id), VIEW_FIELDS)
         out: list[dict[str, Any] | None] = []
         for values in pipe.execute():
-            raw = {k: v for k, v in zip(_VIEW_KEYS, values, strict=True) if v is not None}
+            raw = {k: v for k, v in zip(VIEW_KEYS, values, strict=True) if v is not None}
             out.append(decode_record(raw) if raw else None)
         return out
 
@@ -502,31 +432,3 @@ class Registry:
             entry["task_id"] = busy.get(worker.decode()) if not entry["stale"] else None
             out.append(entry)
         return out
-
-
-# What a task's public view shows (control.task_view): a listing reads these and nothing else.
-VIEW_FIELDS = ("id", "function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
-               "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
-               "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")  # fmt: skip
-_VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
-_NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
-            "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
-            "max_age", "priority", "prio"}  # fmt: skip
-_JSON = {"result", "error", "last_error", "outputs"}
-
-
-def decode_record(raw: dict[bytes, bytes], event: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = k.decode()
-        if key in ("event", "meta"):
-            if event:  # for the event a callback record quotes; not for readers
-                out[key] = orjson.loads(v)
-            continue
-        if key in _NUMERIC:
-            out[key] = float(v) if b"." in v or b"e" in v else int(v)
-        elif key in _JSON:
-            out[key] = orjson.loads(v) if v else None
-        else:
-            out[key] = v.decode()
-    return out

@@ -3,12 +3,13 @@
 :class:`Intake` decides what becomes a task, in this order, and nothing else does:
 
 1. the size: the raw event against the producer's ``max_payload_bytes`` (``oversize``), before it is decoded;
-2. the event: JSON gpufleet can carry (:mod:`gpufleet.events`), checked once, here;
+2. the event: JSON gpufleet can carry (:mod:`gpufleet.intake.events`), checked once, here;
 3. the function: one this fleet serves (``unknown_function``), and its payload model (``schema_mismatch``);
-4. the id: the producer derives it with :mod:`gpufleet.ids` (its namespace), and intake records its ``origin``;
+4. the id: the producer derives it with :mod:`gpufleet.intake.ids` (its namespace), and intake records its ``origin``;
 5. the destinations: the producer's (a trigger's ``on_success``/``on_failure``), then the function's, then the
    fleet's defaults;
-6. the envelope: a Celery message built from a template (:class:`~gpufleet.messages.MessageFactory`), no Celery app.
+6. the envelope: a Celery message built from a template (:class:`~gpufleet.registry.messages.MessageFactory`), no Celery
+app.
 
 A refusal is an :class:`~gpufleet.errors.EventError` with a stable reason: a trigger dead-letters the message with
 it, the API answers 4xx with it as the code. Publishing is the producer's (one atomic registry call per batch).
@@ -24,17 +25,17 @@ import orjson
 
 from gpufleet import trace
 from gpufleet.errors import EventError
-from gpufleet.events import check_event, decode_event
 from gpufleet.functions import VERSION_RE, Function
-from gpufleet.lua import US
-from gpufleet.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, MessageFactory, queue_name
-from gpufleet.registry import NewTask
+from gpufleet.intake.events import check_event, decode_event
+from gpufleet.registry.lua import US
+from gpufleet.registry.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, MessageFactory, queue_name
+from gpufleet.registry.model import NewTask
 
 if TYPE_CHECKING:
-    from gpufleet.aliases import Aliases
     from gpufleet.config import Fleet
-    from gpufleet.placer import Placer
-    from gpufleet.versions import ServedVersions
+    from gpufleet.scheduling.aliases import Aliases
+    from gpufleet.scheduling.placement import Placer
+    from gpufleet.scheduling.versions import ServedVersions
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Producer:
     """Who submits: the API or one trigger. Its destinations, when set, win over the function's."""
 
     name: str  # "api", or the trigger's name: the task's meta says which
-    origin: str  # who may name its ids (see gpufleet.ids)
+    origin: str  # who may name its ids (see gpufleet.intake.ids)
     max_payload_bytes: int
     on_success: str | None = None
     on_failure: str | None = None

@@ -4,8 +4,8 @@ Why read the registry at scrape time, rather than prometheus-client's multiproce
 processes, often on separate hosts (GPU workers here, triggers and the API there). Multiprocess mode merges the
 files of processes on one host, sharing one directory; it cannot see a worker on another machine, and loses a
 counter when its host is replaced. Every figure gpufleet has is in Redis already, or is put there by the role that
-knows it (:mod:`gpufleet.snapshot`), so every api replica serves the same, whole-fleet answer, and a scrape costs
-a few pipelined round trips to Redis, whatever the number of hosts and functions.
+knows it (:mod:`gpufleet.registry.snapshot`), so every api replica serves the same, whole-fleet answer, and a scrape
+costs a few pipelined round trips to Redis, whatever the number of hosts and functions.
 
 Counters (``_total``) and histograms live in Redis too, so they survive any process restart; they reset only with
 Redis itself, which Prometheus's ``rate()`` handles as any counter reset.
@@ -21,11 +21,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from gpufleet.config import Fleet
-from gpufleet.lua import HISTOGRAM_BOUNDS
-from gpufleet.registry import Registry
-from gpufleet.scaling import needs
-from gpufleet.snapshot import Histogram, Snapshot, read
-from gpufleet.versions import all_versions
+from gpufleet.registry.lua import HISTOGRAM_BOUNDS
+from gpufleet.registry.snapshot import Histogram, Snapshot, read
+from gpufleet.registry.store import Registry
+from gpufleet.scheduling.scaling import needs
+from gpufleet.scheduling.versions import all_versions
 
 # The text format every Prometheus (2.x and 3.x) reads; every name here is a classic one, so 1.0.0 would add nothing.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -69,7 +69,7 @@ def _tasks(snap: Snapshot) -> Iterable[Metric]:
                                    labels=["function", "state"])  # fmt: skip
     for (fn, state), n in sorted(snap.finished.items()):
         finished.add_metric([fn, state], n)
-    doc = "Tasks placed in a pool other than their function's first (see gpufleet.placement)"
+    doc = "Tasks placed in a pool other than their function's first (see gpufleet.scheduling.placement)"
     overflows = CounterMetricFamily("gpufleet_overflows", doc, labels=["function", "from_pool", "to_pool"])
     for (fn, first, pool), n in sorted(snap.overflows.items()):
         overflows.add_metric([fn, first, pool], n)
@@ -176,7 +176,8 @@ def _delivery(snap: Snapshot) -> Iterable[Metric]:
 
 
 def _destinations(snap: Snapshot) -> list[Metric]:
-    """Each destination's own flow (gpufleet.flows): one that is down shows here, and holds only its records."""
+    """Each destination's own flow (gpufleet.delivery.flows): one that is down shows here, and holds only its
+    records."""
     label = ["destination"]
     backlog = GaugeMetricFamily(
         "gpufleet_destination_backlog_records", "Records waiting for this destination", labels=label

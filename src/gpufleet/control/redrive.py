@@ -12,8 +12,9 @@ letter, which the next redrive reads: one copy per redrive at most (before, each
 doubled them: 13, 26, 52, 104). A message with several dead letters in one read is sent once. A dry run lists the
 letters it would send and moves nothing.
 
-It trusts only this fleet's own letters (:mod:`gpufleet.letters`): one that is unsigned, or whose signature does not
-match its bytes and headers (forged, or changed), is not sent, and the report names it, unless the operator passes
+It trusts only this fleet's own letters (:mod:`gpufleet.delivery.letters`): one that is unsigned, or whose signature
+does not match its bytes and headers (forged, or changed), is not sent, and the report names it, unless the operator
+passes
 ``accept_unsigned`` (letters written before letters were signed). Its mark moves past it like any other, so run a
 dry run first: it shows which letters are signed.
 """
@@ -27,18 +28,19 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gpufleet import letters
+from gpufleet.delivery import letters
+from gpufleet.delivery.readback import Record, Stream, commit, committed, read
 from gpufleet.destinations import parse_destination
 from gpufleet.errors import BrokerError, ConfigError, NotFoundError
-from gpufleet.readback import Record, Stream, commit, committed, read
-from gpufleet.registry import REDIS_ERRORS, Registry
+from gpufleet.registry.model import REDIS_ERRORS
+from gpufleet.registry.store import Registry
 
 if TYPE_CHECKING:
     from gpufleet.config import Fleet
     from gpufleet.triggers.base import SourceMessage
     from gpufleet.triggers.options import TriggerSettings
 
-log = structlog.get_logger("gpufleet.redrive")
+log = structlog.get_logger("gpufleet.control.redrive")
 
 
 @dataclass
@@ -139,8 +141,8 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
 
 
 def _message(settings: TriggerSettings, r: Record) -> SourceMessage:
-    from gpufleet.letters import DEFAULT_ID_HEADER, OBJECT_HEADER, SUPPLIED_ID_HEADER
-    from gpufleet.objects import ObjectEvent
+    from gpufleet.aws import ObjectEvent
+    from gpufleet.delivery.letters import DEFAULT_ID_HEADER, OBJECT_HEADER, SUPPLIED_ID_HEADER
     from gpufleet.triggers.base import SourceMessage
 
     headers = {settings.id_header: r.headers[SUPPLIED_ID_HEADER].encode()} if (

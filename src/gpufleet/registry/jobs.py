@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gpufleet import lua
-from gpufleet.registry import State, task_row
+from gpufleet.registry import lua
+from gpufleet.registry.model import State, task_row
 
 if TYPE_CHECKING:
     from gpufleet.functions import Shards
-    from gpufleet.registry import NewTask, Registry
+    from gpufleet.registry.model import NewTask
+    from gpufleet.registry.store import Registry
 
 # A shard event is JSON of at most this: a reference (an s3:// URI, a byte range, a tile), not the data itself. A
 # shard's result too: the merge reads every one of them.

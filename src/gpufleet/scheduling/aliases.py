@@ -23,12 +23,12 @@ import structlog
 
 from gpufleet.errors import InvalidRequestError
 from gpufleet.functions import ALIAS_RE, weights_problem
-from gpufleet.registry import REDIS_ERRORS
+from gpufleet.registry.model import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from gpufleet.registry import Registry
+    from gpufleet.registry.store import Registry
 
-log = structlog.get_logger("gpufleet.aliases")
+log = structlog.get_logger("gpufleet.scheduling.aliases")
 
 DEFAULT = "default"
 REFRESH_S = 1.0

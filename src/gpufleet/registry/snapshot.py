@@ -15,9 +15,10 @@ from typing import Any
 
 import orjson
 
-from gpufleet.flows import destinations
-from gpufleet.lua import US
-from gpufleet.registry import Registry, State
+from gpufleet.delivery.flows import destinations
+from gpufleet.registry.lua import US
+from gpufleet.registry.model import State
+from gpufleet.registry.store import Registry
 
 LAG_STALE_S = 120.0  # a trigger that stopped reporting its lag: its figures are dropped, not kept frozen
 QUEUE_HEAD = 10  # the first tasks of a queue whose age is read: the oldest is among them
@@ -55,7 +56,7 @@ class Snapshot:
     callbacks_delivered: int
     parked: int
     trigger_lag: dict[str, dict[str, Any]]  # trigger -> {"kind", "values": {label: n}, "at"}
-    destinations: list[dict[str, Any]] = field(default_factory=list)  # gpufleet.flows.destinations
+    destinations: list[dict[str, Any]] = field(default_factory=list)  # gpufleet.delivery.flows.destinations
     per_minute: list[tuple[int, int, int]] = field(default_factory=list)  # (minute start, ok, failed), last hour
 
 
@@ -78,7 +79,7 @@ def _histograms(raw: dict[bytes, bytes], n_buckets: int) -> dict[str, Histogram]
 
 def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot:
     """The fleet now; with ``minutes``, also finished tasks per minute over that many minutes (the chart)."""
-    from gpufleet.lua import HISTOGRAM_BOUNDS
+    from gpufleet.registry.lua import HISTOGRAM_BOUNDS
 
     p, client = registry.prefix, registry.client
     now = time.time()

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gpufleet.lua import US
-from gpufleet.messages import parse_queue, queue_name, queue_version
-from gpufleet.placer import LIVE_S
-from gpufleet.registry import REDIS_ERRORS
+from gpufleet.registry.lua import US
+from gpufleet.registry.messages import parse_queue, queue_name, queue_version
+from gpufleet.registry.model import REDIS_ERRORS
+from gpufleet.scheduling.placement import LIVE_S
 
 if TYPE_CHECKING:
     from gpufleet.functions import Function
-    from gpufleet.registry import Registry
+    from gpufleet.registry.store import Registry
 
 SETUP, READY, ERROR = "setup", "ready", "error"  # what a worker reports per function
 

@@ -15,8 +15,8 @@ It reads the flow oldest first, so a destination gets a task's records in the or
 - its circuit breaker: after ``breaker_failures`` failures in a row it sends one record at a time, every
   ``retry_backoff_max_s``, until one passes; a dead endpoint is not sent whole batches;
 - its parking: a record the destination refuses for good, or that waited longer than ``max_delivery_age_s``, or was
-  tried ``max_delivery_attempts`` times, is parked with the reason (:mod:`gpufleet.parking`). A batch refused whole
-  (an SQS request with one bad entry) is split until the record at fault is parked alone.
+  tried ``max_delivery_attempts`` times, is parked with the reason (:mod:`gpufleet.delivery.parking`). A batch refused
+  whole (an SQS request with one bad entry) is split until the record at fault is parked alone.
 
 Its state (``<prefix>:flow:<id>:state``) is what ``gpufleet_destination_*`` metrics and the API show.
 """
@@ -35,18 +35,18 @@ import redis
 import structlog
 
 from gpufleet.credentials import redact, redact_url
+from gpufleet.delivery.parking import Parking
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord, Refusal
 from gpufleet.errors import DeliveryError, GpufleetError
-from gpufleet.parking import Parking
-from gpufleet.registry import REDIS_ERRORS
+from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.trace import HEADER
 from gpufleet.worker.lease import owner_is_dead
 
 if TYPE_CHECKING:
     from gpufleet.config import Fleet
 
-log = structlog.get_logger("gpufleet.dispatcher")
+log = structlog.get_logger("gpufleet.delivery.dispatcher")
 Entry = tuple[bytes, dict[bytes, bytes]]
 IDLE_RETIRE_S = 300.0  # a flow empty this long is forgotten (its thread ends) until its destination gets a record
 

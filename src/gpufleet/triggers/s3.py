@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import Field
 
-from gpufleet.destinations.aws import transient_errors
-from gpufleet.objects import ObjectEvent, make_client
-from gpufleet.records import iso
+from gpufleet.aws import ObjectEvent, make_client, transient_errors
+from gpufleet.delivery.records import iso
 from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 

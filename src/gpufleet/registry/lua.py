@@ -1,7 +1,7 @@
 """Lua scripts for the registry: a task's own life (enqueue, claim, renew, finish, retry later, hand back), and the
 helpers every script shares. Each runs atomically in Redis, so a transition and its side effects (queue push, lease,
 index, callback record) happen together or not at all. The fleet's upkeep (housekeeping, cancel and retry of queued
-or finished tasks, lost messages, aging) is in :mod:`gpufleet.lua_upkeep`.
+or finished tasks, lost messages, aging) is in :mod:`gpufleet.registry.lua_upkeep`.
 
 Key layout (prefix ``P``):
 - ``P:task:{id}`` hash: the task record;
@@ -11,7 +11,7 @@ Key layout (prefix ``P``):
 - ``P:leases`` and ``P:delayed`` sorted sets of task ids (lease deadline, retry due time);
 - ``P:busy`` hash worker -> running task id; ``P:callbacks`` stream of outgoing records;
 - ``P:queues`` set of the Celery queues tasks were pushed to (for the lost-message scan);
-- ``P:m:*``: what :mod:`gpufleet.metrics` reads. ``P:m:created`` (function -> tasks created) and ``P:m:finished``
+- ``P:m:*``: what :mod:`gpufleet.api.metrics` reads. ``P:m:created`` (function -> tasks created) and ``P:m:finished``
   (function US state -> tasks finished) are counters; ``P:m:wait`` and ``P:m:duration`` are histograms (function
   US bucket number, or function US ``sum``); ``P:m:min:{minute}`` counts ``ok``/``failed`` per minute for the
   dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain.
@@ -148,7 +148,8 @@ local function claim(prefix, key, state, token, now, lease_until, worker, gpu)
   return {'ok', tostring(attempts),
     unpack(redis.call('HMGET', key, 'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel'))}
 end
--- Sharded jobs (gpufleet.jobs). A job whose shards are all final has one step left, on a worker of its own queue:
+-- Sharded jobs (gpufleet.registry.jobs). A job whose shards are all final has one step left, on a worker of its own
+queue:
 -- merge, or the failure that names its shards. It is queued with the message stored when it split, from attempt 0.
 local function job_step(prefix, job, now)
   local id, fn, from, started = unpack(redis.call('HMGET', job, 'id', 'function', 'state', 'started_at'))
@@ -188,9 +189,9 @@ end
 """
 )
 
-# The body of ENQUEUE_MANY, shared with a job's split (gpufleet.jobs): the batch's tasks, whose envelope, event and
-# meta are ARGV[base + 1..3] for the first, then the next three for the next. A shard's entry adds its job's id and its
-# index (15th and 16th). Returns per task 1, 0 or -1, as ENQUEUE_MANY.
+# The body of ENQUEUE_MANY, shared with a job's split (gpufleet.registry.jobs): the batch's tasks, whose envelope, event
+# and meta are ARGV[base + 1..3] for the first, then the next three for the next. A shard's entry adds its job's id and
+# its index (15th and 16th). Returns per task 1, 0 or -1, as ENQUEUE_MANY.
 CREATE = """
 local function create_tasks(prefix, now, tasks, base)
   local out, created, queues, overflows = {}, {}, {}, {}

@@ -1,8 +1,8 @@
 """Lua scripts for the registry's upkeep: housekeeping (due retries, lapsed leases), the control plane's changes to
 queued and finished tasks (cancel, expire, retry), index trimming, lost messages and priority aging. The key layout and
-the helpers they share are in :mod:`gpufleet.lua`."""
+the helpers they share are in :mod:`gpufleet.registry.lua`."""
 
-from gpufleet.lua import HELPERS
+from gpufleet.registry.lua import HELPERS
 
 # KEYS: delayed, leases.  ARGV: prefix, now, aging_s, n, then n (id, envelope) pairs of due retries, then (id,
 # envelope) pairs of tasks whose lease lapsed. Pushes the due retries (to the back), and re-queues at the head the

@@ -1,0 +1,127 @@
+"""What the task registry stores and answers: a task's states, a new task, a claim, a callback, a stored record.
+
+States: QUEUED, RUNNING, SUCCEEDED, FAILED, TIMED_OUT (and CANCELLED, EXPIRED). :mod:`gpufleet.registry.store`
+changes them, one Lua script per transition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, NamedTuple
+
+import orjson
+import redis
+
+from gpufleet.registry.messages import TaskMessage
+
+
+class State(StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+    EXPIRED = "EXPIRED"
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT, State.EXPIRED})
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # transient: the caller may retry
+
+
+# Builds a stored task's message again: (task id, function, event JSON, meta JSON) -> envelope, or None.
+EnvelopeFor = Callable[[str, str, bytes, bytes, str], bytes | None]  # (id, function, event, meta, queue)
+
+
+class Enqueued(IntEnum):
+    """What :meth:`Registry.enqueue_many` did with one task (the values are the script's replies)."""
+
+    CONFLICT = -1  # the id exists for another function or origin: the caller refuses this task
+    DUPLICATE = 0  # the id exists for the same function and origin: the same task, delivered again
+    CREATED = 1
+
+
+class NewTask(NamedTuple):  # a tuple: built per message on a trigger's hot path, at half a frozen dataclass's cost
+    message: TaskMessage
+    on_success: str
+    on_failure: str
+    max_attempts: int
+    source: str
+    event_ts: float
+    # Who may name this id: "api", "objects" (object events, whatever trigger saw them) or "trigger:<name>".
+    # The same id from another origin is a conflict, never a duplicate.
+    origin: str
+    max_age_s: float | None = None  # the function's max_event_age_s: it expires even if no worker takes it
+    overflow: str = ""  # placed outside the function's first pool: "<first pool>US<pool>" (counted once created)
+
+
+def task_row(t: NewTask, now: str) -> list[str]:
+    """A new task's small fields, as ``lua.CREATE`` takes them (the envelope, event and meta travel apart)."""
+    return [t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure, str(t.max_attempts),
+            t.source, now, repr(t.event_ts), "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag,
+            t.origin, str(t.message.priority), t.overflow]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a claim: on success, what the worker needs to finish the task without reading it again."""
+
+    ok: bool
+    seen_state: str
+    attempts: int = 0
+    max_attempts: int = 1
+    on_success: str = ""
+    on_failure: str = ""
+    started_at: float = 0.0
+    event_ts: float = 0.0
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A task a worker took straight from its queue (:meth:`Registry.pop_claim`): its claim and its call."""
+
+    claim: Claim
+    task_id: str
+    function: str
+    event: Any
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A record to deliver when a task finishes."""
+
+    dest: str
+    value: bytes
+    condition: str
+
+
+# What a task's public view shows (control.task_view): a listing reads these and nothing else.
+VIEW_FIELDS = ("id", "function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
+               "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
+               "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")  # fmt: skip
+VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
+_NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
+            "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
+            "max_age", "priority", "prio"}  # fmt: skip
+_JSON = {"result", "error", "last_error", "outputs"}
+
+
+def decode_record(raw: dict[bytes, bytes], event: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = k.decode()
+        if key in ("event", "meta"):
+            if event:  # for the event a callback record quotes; not for readers
+                out[key] = orjson.loads(v)
+            continue
+        if key in _NUMERIC:
+            out[key] = float(v) if b"." in v or b"e" in v else int(v)
+        elif key in _JSON:
+            out[key] = orjson.loads(v) if v else None
+        else:
+            out[key] = v.decode()
+    return out
