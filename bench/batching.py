@@ -59,7 +59,7 @@ def run_both(registry: Registry, fleet: Any, n: int, paced: int, wait: Callable[
     def times(task_ids: list[str]) -> list[tuple[float, float, float]]:
         pipe = registry.client.pipeline(transaction=False)
         for task_id in task_ids:
-            pipe.hmget(registry.task_key(task_id), "created_at", "started_at", "finished_at")
+            pipe.hmget(registry.keys.task(task_id), "created_at", "started_at", "finished_at")
         return [(float(a), float(b), float(c)) for a, b, c in pipe.execute()]
 
     def throughput(function: str) -> float:

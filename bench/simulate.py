@@ -1,5 +1,5 @@
-"""The overflow policy at a scale no test here reaches: gpufleet.scheduling.placement.place, unchanged, in simulated
-time.
+"""The overflow policy at a scale no test here reaches: gpufleet.scheduling.placement.place, unchanged, in
+simulated time.
 
     .venv/bin/python bench/simulate.py [--seed N] [--minutes M]
 

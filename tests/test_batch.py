@@ -55,7 +55,7 @@ def test_a_batch_forms_from_what_is_queued_and_each_event_keeps_its_own_task(har
         assert view["state"] == "SUCCEEDED" and view["attempts"] == 1 and harness.runs(view["id"]) == 1
         assert view["result"]["n"] == n and view["result"]["size"] in sizes
     # Each its own callback record, written with its outcome (the dispatcher, not started here, delivers them).
-    records = [orjson.loads(f[b"value"]) for _, f in harness.redis.xrange(harness.registry.callbacks_key)]
+    records = [orjson.loads(f[b"value"]) for _, f in harness.redis.xrange(harness.registry.keys.callbacks)]
     mine = [r for r in records if r["requestPayload"].get("tag") == tag]
     assert sorted(r["requestPayload"]["n"] for r in mine) == list(range(20))
     assert {r["requestContext"]["requestId"] for r in mine} == set(ids)

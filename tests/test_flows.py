@@ -20,11 +20,12 @@ from gpufleet.api.metrics import exposition
 from gpufleet.aws import make_client
 from gpufleet.credentials import redact_url
 from gpufleet.delivery.dispatcher import Dispatcher
-from gpufleet.delivery.flows import flow_id, flow_key
+from gpufleet.delivery.flows import flow_id
 from gpufleet.delivery.parking import Parking
 from gpufleet.destinations import parse_destination
 from gpufleet.dev.services import S3Service
 from gpufleet.errors import ConfigError
+from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.model import Callback, State
 from tests.harness import FleetHarness
 from tests.test_cli_control import cli
@@ -98,7 +99,7 @@ def dispatching(harness: FleetHarness, name: str = "d1") -> Iterator[Dispatcher]
 
 
 def backlog(harness: FleetHarness, url: str) -> int:
-    return int(harness.redis.xlen(flow_key(harness.prefix, flow_id(url))))
+    return int(harness.redis.xlen(Keyspace(harness.prefix).flow(flow_id(url))))
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ def test_a_down_and_a_slow_destination_hold_only_their_own_records(harness: Flee
         )
         assert backlog(harness, down) == 30 and backlog(harness, slow) == 30
         state = harness.wait_for(
-            lambda: (s := harness.redis.hgetall(f"{flow_key(harness.prefix, flow_id(down))}:state"))
+            lambda: (s := harness.redis.hgetall(Keyspace(harness.prefix).flow_state(flow_id(down))))
             and s[b"breaker"] == b"open" and s,
             what="the down destination's breaker to open",
         )  # fmt: skip
@@ -214,7 +215,7 @@ def test_no_secret_in_a_destination_url_leaves_the_process(harness: FleetHarness
         "parked": listed.stdout + listed.stderr,
         "parked --json": cli(harness, "parked", "--json").stdout,
         "metrics": exposition(harness.fleet(), harness.registry).decode(),
-        "state": str([harness.redis.hgetall(f"{flow_key(harness.prefix, flow_id(u))}:state") for u in urls]),
+        "state": str([harness.redis.hgetall(Keyspace(harness.prefix).flow_state(flow_id(u))) for u in urls]),
     }
     assert all(planted not in text for text in outputs.values()), [k for k, v in outputs.items() if planted in v]
     assert "app:***@127.0.0.1" in outputs["log"] and "token=***&team=ml" in outputs["parked --json"]

@@ -142,7 +142,7 @@ def test_the_same_job_event_twice_makes_one_job_and_one_set_of_shards(harness: F
     assert finished(plane, first.id)["state"] == "SUCCEEDED"
     assert plane.invoke("tiles", {"n": 3}, idempotency_key="render-42").id == first.id  # after it finished, too
     assert [harness.runs(shard_id(first.id, i)) for i in range(3)] == [1, 1, 1]
-    assert harness.redis.get(harness.registry.task_key(shard_id(first.id, 3))) is None
+    assert harness.redis.get(harness.registry.keys.task(shard_id(first.id, 3))) is None
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_a_split_that_cannot_run_as_shards_fails_the_job_at_once_with_why(
     view = finished(plane, job)
     assert view["state"] == "FAILED" and view["attempts"] == 1, view  # not retried: every attempt would split so
     assert view["error"]["errorType"] == error_type and message in view["error"]["errorMessage"], view["error"]
-    assert harness.redis.exists(harness.registry.task_key(shard_id(job, 0))) == 0  # no shard was created
+    assert harness.redis.exists(harness.registry.keys.task(shard_id(job, 0))) == 0  # no shard was created
 
 
 def test_a_split_of_megabytes_is_written_in_parts_and_every_shard_runs_once(harness: FleetHarness) -> None:
@@ -212,7 +212,7 @@ def test_a_split_of_more_than_16_mib_fails_at_once_and_writes_nothing(harness: F
     assert view["state"] == "FAILED" and view["attempts"] == 1, view
     assert view["error"]["errorType"] == "SplitTooLarge", view["error"]
     assert f"more than {MAX_SPLIT_BYTES} bytes together" in view["error"]["errorMessage"]
-    assert harness.redis.exists(harness.registry.task_key(shard_id(job, 0))) == 0
+    assert harness.redis.exists(harness.registry.keys.task(shard_id(job, 0))) == 0
 
 
 def test_a_shard_that_returns_its_data_inline_fails_at_once_and_says_to_upload_it(harness: FleetHarness) -> None:
@@ -230,7 +230,7 @@ def test_a_shard_that_returns_its_data_inline_fails_at_once_and_says_to_upload_i
 def records(harness: FleetHarness) -> list[tuple[str, dict[str, Any]]]:
     """The callback records written so far (no dispatcher runs here: they wait in the stream), as (key, record)."""
     return [(f[b"key"].decode(), orjson.loads(f[b"value"]))
-            for _, f in harness.redis.xrange(harness.registry.callbacks_key)]  # fmt: skip
+            for _, f in harness.redis.xrange(harness.registry.keys.callbacks)]  # fmt: skip
 
 
 def test_one_record_for_the_job_lists_its_shards_and_shard_records_are_optional(harness: FleetHarness) -> None:

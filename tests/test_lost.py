@@ -83,7 +83,7 @@ def test_tasks_no_supervisor_here_can_rebuild_never_block_the_others(harness: Fl
     for task_id in ("other-1", "other-2", "mine"):  # each failed once and waits for its retry
         assert reg.claim(task_id, "QUEUED", "", f"w/1/1/{task_id}", 30, "w", "g").ok
         assert reg.retry_later(task_id, f"w/1/1/{task_id}", 0.0, {"errorType": "X"})
-    reg.client.zadd(reg.delayed_key, {"gone": 0})  # a due retry whose record expired
+    reg.client.zadd(reg.keys.delayed, {"gone": 0})  # a due retry whose record expired
     time.sleep(0.05)
 
     def only_mine(task_id: str, function: str, event: bytes, meta: bytes, queue: str) -> bytes | None:
@@ -91,5 +91,5 @@ def test_tasks_no_supervisor_here_can_rebuild_never_block_the_others(harness: Fl
 
     assert reg.housekeep(only_mine, limit=1) == (1, 0)  # read past the two it cannot build, one page at a time
     assert head_id(harness, lst) == "mine"
-    assert reg.client.zscore(reg.delayed_key, "gone") is None  # dropped
-    assert {m.decode() for m in reg.client.zrange(reg.delayed_key, 0, -1)} == {"other-1", "other-2"}  # kept for others
+    assert reg.client.zscore(reg.keys.delayed, "gone") is None  # dropped
+    assert {m.decode() for m in reg.client.zrange(reg.keys.delayed, 0, -1)} == {"other-1", "other-2"}  # kept for others

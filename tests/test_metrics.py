@@ -15,7 +15,7 @@ from prometheus_client.samples import Sample
 
 from gpufleet.api.metrics import exposition
 from gpufleet.registry import snapshot
-from gpufleet.registry.lua import HISTOGRAM_BOUNDS
+from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS
 from gpufleet.scheduling.scaling import needs
 from tests.test_api import AUTH, Api, _serve
 

@@ -122,7 +122,7 @@ def test_a_retry_starts_again_from_the_priority_it_asked_for(harness: FleetHarne
     cp = ControlPlane(harness.fleet(), reg)
     task_id = invoke(cp, 1, "r")
     harness.redis.delete(harness.queue_list("echo", 1))  # a worker took it...
-    reg.client.hset(reg.task_key(task_id), "prio", 6)  # ...after it had aged to 6
+    reg.client.hset(reg.keys.task(task_id), "prio", 6)  # ...after it had aged to 6
     assert reg.claim(task_id, "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
     assert reg.retry_later(task_id, "w/1/1/a", 0.0, {"errorType": "X"})
     assert reg.housekeep(envelopes(harness)) == (1, 0)

@@ -226,8 +226,8 @@ def test_cancel_is_atomic_with_claim_and_finish(harness: FleetHarness) -> None:
     assert cp.cancel("q1")["outcome"] == "cancelled"
     assert harness.redis.llen(queue) == 3 and cp.position("q2")["position"] == 1
     assert not reg.claim("q1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
-    assert harness.redis.ttl(reg.task_key("q1")) > 0  # retention applies to cancelled records too
-    [entry] = harness.redis.xrange(reg.callbacks_key)
+    assert harness.redis.ttl(reg.keys.task("q1")) > 0  # retention applies to cancelled records too
+    [entry] = harness.redis.xrange(reg.keys.callbacks)
     assert entry[1][b"condition"] == b"Cancelled" and entry[1][b"dest"] == b"kafka:///f"
     assert orjson.loads(entry[1][b"value"])["requestPayload"] == {"k": "q1"}
     # A stale read (the task changed since) is refused by the script rather than applied.
@@ -254,7 +254,7 @@ def test_manual_retry_requeues_a_finished_failure_only(harness: FleetHarness) ->
     assert reg.retry("f1", envelope) == ("queued", "FAILED")
     rec = reg.get("f1")
     assert rec["state"] == "QUEUED" and rec["attempts"] == 0 and "error" not in rec and rec["manual_retries"] == 1
-    assert harness.redis.ttl(reg.task_key("f1")) == -1  # no longer expiring while it waits
+    assert harness.redis.ttl(reg.keys.task("f1")) == -1  # no longer expiring while it waits
     assert harness.redis.llen(queue) == 1 and nonzero(reg.counts("echo")) == {"QUEUED": 1}
     assert reg.retry("missing", envelope) == ("missing", "")
 
@@ -275,9 +275,9 @@ def test_listing_pages_newest_first_and_skips_expired_records(harness: FleetHarn
             break
     assert pages == [ids[6:3:-1], ids[3:0:-1], ids[0:1]]
     assert len(cp.tasks(limit=50)["items"]) == 8  # every function, every state
-    harness.redis.delete(harness.registry.task_key(ids[6]))  # as if its retention had passed
+    harness.redis.delete(harness.registry.keys.task(ids[6]))  # as if its retention had passed
     assert [t["id"] for t in cp.tasks(function="echo", limit=3)["items"]] == ids[5:3:-1]  # a short page
-    assert harness.redis.zscore(harness.registry.index_key("echo", State.QUEUED), ids[6]) is None  # tidied
+    assert harness.redis.zscore(harness.registry.keys.index("echo", State.QUEUED), ids[6]) is None  # tidied
     for bad in ({"state": "DONE"}, {"limit": 0}, {"cursor": "nonsense"}):
         with pytest.raises(InvalidRequestError):
             cp.tasks(**bad)  # type: ignore[arg-type]
@@ -291,6 +291,6 @@ def test_a_claimed_task_leaves_the_deadline_index(harness: FleetHarness) -> None
     reg = harness.registry
     task = NewTask(message, "kafka:///s", "kafka:///f", 1, "test", time.time(), max_age_s=1.0, origin="test")
     assert reg.enqueue_many([task]) == [Enqueued.CREATED]
-    assert reg.client.zscore(reg.deadlines_key, "dl1") is not None
+    assert reg.client.zscore(reg.keys.deadlines, "dl1") is not None
     assert reg.claim("dl1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
-    assert reg.client.zscore(reg.deadlines_key, "dl1") is None
+    assert reg.client.zscore(reg.keys.deadlines, "dl1") is None

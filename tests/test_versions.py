@@ -245,7 +245,7 @@ def test_the_version_asked_for_stays_with_the_task_through_cancel_and_retry(harn
     plane = ControlPlane(harness.fleet())  # no worker: the task waits in the queue of version 1, the declared one
     task = plane.invoke("versioned:1", {"n": 1}).id
     assert plane.cancel(task)["outcome"] == "cancelled"
-    [(_, entry)] = harness.redis.xrange(harness.registry.callbacks_key)
+    [(_, entry)] = harness.redis.xrange(harness.registry.keys.callbacks)
     record = orjson.loads(entry[b"value"])["requestContext"]
     assert record["functionVersion"] == "1" and record["functionArn"].endswith(":function:versioned:1"), record
     assert plane.retry(task)["state"] == "QUEUED"

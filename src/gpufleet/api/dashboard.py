@@ -23,6 +23,7 @@ from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import RedirectResponse
 
 from gpufleet.api.errors import UnauthorizedError
+from gpufleet.registry.keyspace import Keyspace
 
 COOKIE = "gpufleet_session"
 CSRF_HEADER = "x-gpufleet-csrf"
@@ -70,7 +71,7 @@ class Sessions:
         return session
 
     def _name(self, session: str) -> str:
-        return f"{self._prefix}:session:{session}"
+        return Keyspace(self._prefix).session(session)
 
     def _sign(self, session: str) -> str:
         return hmac.new(self._key, session.encode(), hashlib.sha256).hexdigest()

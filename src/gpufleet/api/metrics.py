@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from gpufleet.config import Fleet
-from gpufleet.registry.lua import HISTOGRAM_BOUNDS
+from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS
 from gpufleet.registry.snapshot import Histogram, Snapshot, read
 from gpufleet.registry.store import Registry
 from gpufleet.scheduling.scaling import needs

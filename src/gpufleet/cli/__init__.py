@@ -194,11 +194,12 @@ def _backlogs(fleet: Fleet) -> dict[str, str]:
     import time
 
     from gpufleet.registry import connection
+    from gpufleet.registry.keyspace import Keyspace
     from gpufleet.registry.snapshot import LAG_STALE_S
 
     try:
         client = connection.client(fleet.settings.redis.url, socket_timeout=1, socket_connect_timeout=1)
-        raw: Any = client.hgetall(f"{fleet.settings.redis.key_prefix}:m:trigger_lag")
+        raw: Any = client.hgetall(Keyspace(fleet.settings.redis.key_prefix).metric("trigger_lag"))
     except Exception:  # noqa: BLE001 - check validates the configuration; the backlog is a bonus
         return {}
     out = {}

@@ -253,7 +253,7 @@ class ControlPlane:
             try:
                 outcome, _ = self._finish_queued(task_id, "EventAgeExceeded", "", expire=True)
             except NotFoundError:  # its record expired: only the index entry is left
-                self.registry.client.zrem(self.registry.deadlines_key, task_id)
+                self.registry.client.zrem(self.registry.keys.deadlines, task_id)
                 continue
             expired += outcome == "expired"
         return expired

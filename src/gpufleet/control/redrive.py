@@ -14,8 +14,7 @@ letters it would send and moves nothing.
 
 It trusts only this fleet's own letters (:mod:`gpufleet.delivery.letters`): one that is unsigned, or whose signature
 does not match its bytes and headers (forged, or changed), is not sent, and the report names it, unless the operator
-passes
-``accept_unsigned`` (letters written before letters were signed). Its mark moves past it like any other, so run a
+passes ``accept_unsigned`` (letters written before letters were signed). Its mark moves past it like any other, so run a
 dry run first: it shows which letters are signed.
 """
 

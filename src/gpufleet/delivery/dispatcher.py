@@ -23,9 +23,10 @@ import structlog
 
 from gpufleet.config import Fleet
 from gpufleet.credentials import redact, redact_url
-from gpufleet.delivery.flows import ROUTE, Entry, Flow, Lease, flow_id, flow_key
+from gpufleet.delivery.flows import Entry, Flow, Lease, flow_id
 from gpufleet.errors import unreachable_hint
 from gpufleet.registry import connection
+from gpufleet.registry.keyspace import Keyspace, script
 from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.retry import retry_until
 from gpufleet.worker.lease import owner_token
@@ -41,15 +42,13 @@ class Dispatcher:
         self.fleet = fleet
         s = fleet.settings
         self.client = connection.client(s.redis.url, socket_timeout=30, socket_connect_timeout=5)
-        self.prefix = s.redis.key_prefix
-        self.stream = f"{self.prefix}:callbacks"
+        self.keys = Keyspace(s.redis.key_prefix)
+        self.stream = self.keys.callbacks
         self.name = name or f"{s.worker.hostname}-{os.getpid()}"
         self.token = owner_token(s.worker.hostname, os.getpid())
-        self.router = Lease(
-            self.client, f"{self.prefix}:router", self.token, s.worker.hostname, s.dispatcher.claim_idle_s
-        )
+        self.router = Lease(self.client, self.keys.router, self.token, s.worker.hostname, s.dispatcher.claim_idle_s)
         self.flows: dict[str, tuple[Flow, threading.Thread]] = {}
-        self._route = self.client.register_script(ROUTE)
+        self._route = self.client.register_script(script("route"))
         self._done = threading.Event()
         self._claim_from = ""  # while set, the router takes over pending entries from there
         self._claim_idle_ms = 0
@@ -107,7 +106,7 @@ class Dispatcher:
     def _follow_flows(self) -> None:
         """A thread for each flow Redis knows, and only those: one retired (by any dispatcher) ends."""
         try:
-            raw: Any = self.client.hgetall(f"{self.prefix}:flows")
+            raw: Any = self.client.hgetall(self.keys.flows)
             known = {k.decode(): v.decode() for k, v in raw.items()}
         except REDIS_ERRORS:
             return
@@ -140,12 +139,12 @@ class Dispatcher:
             entries = (self._claim() if self._claim_from else []) or self._read(block_ms)
             if not entries:
                 return 0
-            keys: list[Any] = [self.stream, f"{self.prefix}:flows"]
+            keys: list[Any] = [self.stream, self.keys.flows]
             args: list[Any] = [GROUP]
             for eid, fields in entries:
                 url = fields.get(b"dest", b"").decode(errors="replace")
                 fid = flow_id(url)
-                keys.append(flow_key(self.prefix, fid))
+                keys.append(self.keys.flow(fid))
                 args += [eid, fid, url]
             self._route(keys=keys, args=args)
             self._follow_flows()

@@ -4,7 +4,7 @@ refusing holds back only its own records.
 The dispatcher moves each record of the callback stream (``<prefix>:callbacks``, which workers write in the same
 atomic step as a task's final state) into its destination's flow: the stream ``<prefix>:flow:<id>``, ``id`` being a
 hash of the destination URL (``<prefix>:flows`` maps ids to URLs). One script moves a batch, and moves an entry once
-however often it runs (:data:`ROUTE`).
+however often it runs (``route.lua``).
 
 One dispatcher at a time delivers a flow: the holder of its lease (``<prefix>:flow:<id>:lease``, a process token
 that lapses after ``dispatcher.claim_idle_s``, or at once when a dispatcher on the same host finds its holder dead).
@@ -39,6 +39,7 @@ from gpufleet.delivery.parking import Parking
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord, Refusal
 from gpufleet.errors import DeliveryError, GpufleetError
+from gpufleet.registry.keyspace import Keyspace, script
 from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.trace import HEADER
 from gpufleet.worker.lease import owner_is_dead
@@ -50,54 +51,9 @@ log = structlog.get_logger("gpufleet.delivery.dispatcher")
 Entry = tuple[bytes, dict[bytes, bytes]]
 IDLE_RETIRE_S = 300.0  # a flow empty this long is forgotten (its thread ends) until its destination gets a record
 
-# KEYS: callbacks stream, flows hash, then each entry's flow stream.  ARGV: group, then per entry: id, flow id, URL.
-# An entry is moved only by the router whose XACK took it, so a batch routed twice (a router frozen past its lease,
-# then thawed) is moved once. Its fields go as they are, with ``at``: when the worker wrote it (ms).
-ROUTE = """
-local moved = 0
-for i = 2, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
-    local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
-    if entry then
-      local fields = entry[2]
-      fields[#fields + 1] = 'at'
-      fields[#fields + 1] = string.match(id, '^(%d+)')
-      redis.call('XADD', KEYS[2 + (i + 1) / 3], '*', unpack(fields))
-      redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
-      moved = moved + 1
-    end
-    redis.call('XDEL', KEYS[1], id)
-  end
-end
-return moved
-"""
-# KEYS: lease.  ARGV: token, ttl ms, the token seen dead ('' if none).  Takes a free lease, renews our own, or takes
-# over one whose holder we found dead (if it still holds it). 1 if we hold it now.
-TAKE = """
-local holder = redis.call('GET', KEYS[1])
-if not holder or holder == ARGV[1] or (ARGV[3] ~= '' and holder == ARGV[3]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-# KEYS: lease, flow stream, flows hash.  ARGV: token, flow id.  An empty flow we hold is forgotten.
-RETIRE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('XLEN', KEYS[2]) > 0 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HDEL', KEYS[3], ARGV[2])
-return 1
-"""
-RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
 
 def flow_id(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
-def flow_key(prefix: str, fid: str) -> str:
-    return f"{prefix}:flow:{fid}"
 
 
 class Lease:
@@ -116,19 +72,19 @@ class Lease:
             # Another process's token: on this host, is it still alive? (Never asked of our own, on every loop.)
             theirs = holder.decode() if holder and holder != self.token.encode() else ""
             dead = theirs if theirs and owner_is_dead(theirs, self.host) else ""
-            self.held = bool(self.client.eval(TAKE, 1, self.key, self.token, self.ttl_ms, dead))
+            self.held = bool(self.client.eval(script("lease_take"), 1, self.key, self.token, self.ttl_ms, dead))
             return self.held
 
     def renew(self) -> None:
         with self._lock:
             if self.held:
-                self.held = bool(self.client.eval(TAKE, 1, self.key, self.token, self.ttl_ms, ""))
+                self.held = bool(self.client.eval(script("lease_take"), 1, self.key, self.token, self.ttl_ms, ""))
 
     def release(self) -> None:
         with self._lock:
             if self.held:
                 self.held = False
-                self.client.eval(RELEASE, 1, self.key, self.token)
+                self.client.eval(script("lease_release"), 1, self.key, self.token)
 
 
 @dataclass
@@ -146,10 +102,10 @@ class Flow:
         s = fleet.settings
         self.fleet, self.client, self.fid, self.url = fleet, client, fid, url
         self.shown = redact_url(url)
-        self.prefix = s.redis.key_prefix
-        self.key = flow_key(self.prefix, fid)
-        self.lease = Lease(client, f"{self.key}:lease", token, s.worker.hostname, s.dispatcher.claim_idle_s)
-        self.parking = Parking(client, self.prefix)
+        self.keys = Keyspace(s.redis.key_prefix)
+        self.key = self.keys.flow(fid)
+        self.lease = Lease(client, self.keys.flow_lease(fid), token, s.worker.hostname, s.dispatcher.claim_idle_s)
+        self.parking = Parking(client, s.redis.key_prefix)
         self.state = FlowState()
         self.attempts: dict[bytes, int] = {}  # failed tries per entry id, for max_delivery_attempts
         self.stop = threading.Event()  # this flow only: retired, or the dispatcher is done draining
@@ -196,8 +152,8 @@ class Flow:
         return [(eid, f) for _, items in reply or [] for eid, f in items if f]
 
     def _retire(self) -> bool:
-        return bool(self.client.eval(RETIRE, 3, self.lease.key, self.key, f"{self.prefix}:flows", self.lease.token,
-                                     self.fid))  # fmt: skip
+        keys = (self.lease.key, self.key, self.keys.flows)
+        return bool(self.client.eval(script("flow_retire"), len(keys), *keys, self.lease.token, self.fid))
 
     # -- one batch ---------------------------------------------------------------------------------------------
 
@@ -274,7 +230,6 @@ class Flow:
     def _settle(self, ids: list[bytes], parked: list[tuple[OutRecord, str]]) -> bool:
         """Remove delivered (and park refused) entries, only while we hold the lease: a holder that lost it (frozen
         past it) leaves them to the new one, which sends them again (at-least-once)."""
-        p = self.prefix
         for _ in range(5):
             with self.client.pipeline(transaction=True) as pipe:
                 try:
@@ -285,10 +240,10 @@ class Flow:
                     for record, reason in parked:
                         self.parking.park(pipe, self.url, record, reason)
                     pipe.xdel(self.key, *ids)
-                    pipe.hincrby(f"{p}:m:delivered", "records", len(ids) - len(parked))
-                    pipe.hincrby(f"{p}:m:delivered", self.fid, len(ids) - len(parked))
+                    pipe.hincrby(self.keys.metric("delivered"), "records", len(ids) - len(parked))
+                    pipe.hincrby(self.keys.metric("delivered"), self.fid, len(ids) - len(parked))
                     if parked:
-                        pipe.hincrby(f"{p}:m:parked", self.fid, len(parked))
+                        pipe.hincrby(self.keys.metric("parked"), self.fid, len(parked))
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -299,7 +254,7 @@ class Flow:
         self.state = state
         fields = {"url": self.shown, "failures": state.failures, "breaker": "open" if state.open else "closed",
                   "error": state.error[:500], "failing_since": state.since, "holder": self.lease.token}  # fmt: skip
-        self.client.hset(f"{self.key}:state", mapping=fields)  # type: ignore[arg-type]
+        self.client.hset(self.keys.flow_state(self.fid), mapping=fields)  # type: ignore[arg-type]
 
     def _open(self) -> Destination:
         if self._destination is None:
@@ -327,15 +282,16 @@ def record_of(f: dict[bytes, bytes]) -> OutRecord | None:
 def destinations(client: redis.Redis, prefix: str, now: float) -> list[dict[str, Any]]:
     """Each destination's flow as metrics and the API show it: backlog, lag, delivered, parked, breaker, last error
     (URLs and errors with their secrets masked)."""
-    raw: Any = client.hgetall(f"{prefix}:flows")
+    keys = Keyspace(prefix)
+    raw: Any = client.hgetall(keys.flows)
     flows = sorted((k.decode(), v.decode()) for k, v in raw.items())
     pipe = client.pipeline(transaction=False)
     for fid, _ in flows:
-        pipe.xlen(flow_key(prefix, fid))
-        pipe.xrange(flow_key(prefix, fid), "-", "+", count=1)
-        pipe.hgetall(f"{flow_key(prefix, fid)}:state")
-    pipe.hgetall(f"{prefix}:m:delivered")
-    pipe.hgetall(f"{prefix}:m:parked")
+        pipe.xlen(keys.flow(fid))
+        pipe.xrange(keys.flow(fid), "-", "+", count=1)
+        pipe.hgetall(keys.flow_state(fid))
+    pipe.hgetall(keys.metric("delivered"))
+    pipe.hgetall(keys.metric("parked"))
     replies = pipe.execute()
     delivered, parked = replies[-2], replies[-1]
     out = []

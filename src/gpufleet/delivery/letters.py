@@ -21,6 +21,8 @@ from collections.abc import Mapping
 
 import redis
 
+from gpufleet.registry.keyspace import Keyspace
+
 DEFAULT_ID_HEADER = "default_id"
 SUPPLIED_ID_HEADER = "supplied_id"
 OBJECT_HEADER = "object_event"  # the value is one ObjectEvent's JSON (a bucket listing), not a notification
@@ -35,7 +37,7 @@ def fleet_key(client: redis.Redis, prefix: str) -> bytes:
     Raises:
         redis.RedisError: Redis cannot be reached.
     """
-    name = f"{prefix}:dead_letter_key"
+    name = Keyspace(prefix).dead_letter_key
     client.set(name, secrets.token_bytes(32), nx=True)
     key = client.get(name)
     assert isinstance(key, bytes)

@@ -21,6 +21,7 @@ import redis
 
 from gpufleet.credentials import redact, redact_url
 from gpufleet.destinations.base import OutRecord
+from gpufleet.registry.keyspace import Keyspace
 
 PARKED_FIELDS = ("dest", "key", "value", "headers")
 PARKED_ID = r"\d{1,19}-\d{1,19}"  # a stream entry id: two 64-bit numbers, and 19 digits always fit
@@ -34,8 +35,9 @@ def stream_entry(dest: str, record: OutRecord) -> dict[str, Any]:
 class Parking:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
-        self.key = f"{prefix}:parked"
-        self.callbacks = f"{prefix}:callbacks"
+        keys = Keyspace(prefix)
+        self.key = keys.parked
+        self.callbacks = keys.callbacks
 
     def park(self, pipe: Any, dest: str, record: OutRecord, reason: str) -> None:
         """Add a parked entry on ``pipe`` (a pipeline the caller executes, with the removal from where it was)."""

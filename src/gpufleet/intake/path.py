@@ -8,8 +8,8 @@
 4. the id: the producer derives it with :mod:`gpufleet.intake.ids` (its namespace), and intake records its ``origin``;
 5. the destinations: the producer's (a trigger's ``on_success``/``on_failure``), then the function's, then the
    fleet's defaults;
-6. the envelope: a Celery message built from a template (:class:`~gpufleet.registry.messages.MessageFactory`), no Celery
-app.
+6. the envelope: a Celery message built from a template
+   (:class:`~gpufleet.registry.messages.MessageFactory`), no Celery app.
 
 A refusal is an :class:`~gpufleet.errors.EventError` with a stable reason: a trigger dead-letters the message with
 it, the API answers 4xx with it as the code. Publishing is the producer's (one atomic registry call per batch).
@@ -27,7 +27,7 @@ from gpufleet import trace
 from gpufleet.errors import EventError
 from gpufleet.functions import VERSION_RE, Function
 from gpufleet.intake.events import check_event, decode_event
-from gpufleet.registry.lua import US
+from gpufleet.registry.keyspace import US
 from gpufleet.registry.messages import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, MessageFactory, queue_name
 from gpufleet.registry.model import NewTask
 

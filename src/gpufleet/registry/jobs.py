@@ -4,9 +4,9 @@ their results (declared with :func:`gpufleet.functions.job`).
 How a job moves, all in the registry:
 
 1. **Split.** The job is a task like any other (its id derives from its event), queued on its own function's
-   queue. A worker claims it and runs the split. ``SPLIT`` then creates the shards and parks the job in one atomic
+   queue. A worker claims it and runs the split. ``split.lua`` then creates the shards and parks the job in one atomic
    step: a redelivered event finds the job already there, and a split that ran twice (its worker died before
-   ``SPLIT``) creates the same shards once, since shard ids derive from the job id and the index (``<job>~<i>``).
+   ``split.lua``) creates the same shards once, since shard ids derive from the job id and the index (``<job>~<i>``).
 2. **Shards.** Each shard is a task of the shard function, with its own attempts, backoff, timeout, pool, lease and
    priority (the job's). The job is RUNNING meanwhile but held by no worker: its owner is :data:`WAITING`, which no
    process holds, so no delivery takes it over, and it has no lease to lapse. Each shard that ends counts in the job
@@ -15,7 +15,7 @@ How a job moves, all in the registry:
    results (in index order); otherwise the job FAILS and its error names the shards that did not succeed. One
    record for the job goes to its destinations, listing its shards.
 
-Retrying a FAILED job (``RETRY_JOB``) runs again only the shards that did not succeed, then merges; a job whose
+Retrying a FAILED job (``retry_job.lua``) runs again only the shards that did not succeed, then merges; a job whose
 split never finished runs again from its split. Cancelling a job cancels its shards (queued ones at once, running
 ones cooperatively, then killed), and the job ends CANCELLED once they have.
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gpufleet.registry import lua
+from gpufleet.registry.keyspace import script
 from gpufleet.registry.model import State, task_row
 
 if TYPE_CHECKING:
@@ -57,103 +57,6 @@ def shard_id(job_id: str, index: int) -> str:
     """``<job>~<index>``: ``~`` is in no id a producer may supply, nor in the API's and object events', so a shard id
     never meets another task's."""
     return f"{job_id}~{index}"
-
-
-# KEYS: job.  ARGV: prefix, now, batch (as ENQUEUE_MANY's, each entry with the job id and shard index), owner token,
-#   then each shard's envelope, event and meta.
-# A big split is written in parts, each a script of its own, so Redis serves others between them: this one writes some
-# shards (they may start at once) and notes how many are written (split_written, for a cancel that comes meanwhile).
-# Returns 'ok', 'cancelled' or 'lost', as SPLIT.
-SPLIT_PART = (
-    lua.HELPERS
-    + lua.CREATE
-    + """
-local job, prefix, now = KEYS[1], ARGV[1], ARGV[2]
-if not owned(job, ARGV[4]) then return 'lost' end
-if redis.call('HGET', job, 'cancel') == '1' then return 'cancelled' end
-local tasks = cjson.decode(ARGV[3])
-create_tasks(prefix, now, tasks, 4)
-local written = tonumber(tasks[#tasks][16]) + 1
-if written > tonumber(redis.call('HGET', job, 'split_written') or '0') then
-  redis.call('HSET', job, 'split_written', written)
-end
-return 'ok'
-"""
-)
-
-# KEYS: job, leases.  ARGV: prefix, now, batch (the last part's shards, as SPLIT_PART's), owner token, the job's
-#   message for its merge step, the number of shards, then each shard's envelope, event and meta.
-# The split is done: the shards become tasks and the job waits for them, on no worker. Only the owner that ran the
-# split may do this, and not once the job was cancelled. Shards that already exist (from an earlier part, or an earlier
-# life of the job) count as they stand: a finished one is not run again (one that finished before this counts here; a
-# later one, in shard_done). Returns 'ok', 'cancelled' or 'lost'.
-SPLIT = (
-    lua.HELPERS
-    + lua.CREATE
-    + """
-local job, prefix, now, n = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[6])
-if not owned(job, ARGV[4]) then return 'lost' end
-if redis.call('HGET', job, 'cancel') == '1' then return 'cancelled' end
-create_tasks(prefix, now, cjson.decode(ARGV[3]), 6)
-local id = redis.call('HGET', job, 'id')
-local ok, bad = 0, 0
-for i = 0, n - 1 do
-  local state = redis.call('HGET', prefix .. ':task:' .. id .. '~' .. i, 'state')
-  if state == 'SUCCEEDED' then ok = ok + 1 elseif retriable(state) then bad = bad + 1 end
-end
-redis.call('ZREM', KEYS[2], id)
-unbusy(prefix, job, id)
-redis.call('HDEL', job, 'lease_until')
-redis.call('HSET', job, 'phase', 'shards', 'shards', n, 'shards_ok', ok, 'shards_bad', bad, 'token', '"""
-    + WAITING
-    + """', 'merge_envelope', ARGV[5], 'progress', (ok + bad) / n, 'progress_message', '')
-if ok + bad >= n then job_step(prefix, job, now) end
-return 'ok'
-"""
-)
-
-# KEYS: job.  ARGV: prefix, now, then (shard id, envelope) pairs: the message of each shard that may run again.
-# A FAILED, TIMED_OUT, CANCELLED or EXPIRED job that had split runs again from where it stopped: its shards that did
-# not succeed run again from attempt 1 (their results, and those of the others, are kept), and it merges once they are
-# done; with every shard SUCCEEDED, it merges at once. Returns {outcome, state}: 'queued' (state: the job's before),
-# 'missing', 'conflict' (the job is not retriable: its state), or 'expired' (a shard's record is gone: its id).
-RETRY_JOB = (
-    lua.HELPERS
-    + """
-local job, prefix, now = KEYS[1], ARGV[1], ARGV[2]
-local state, id, n = unpack(redis.call('HMGET', job, 'state', 'id', 'shards'))
-if not state then return {'missing', ''} end
-if not retriable(state) then return {'conflict', state} end
-local envelopes = {}
-for i = 3, #ARGV, 2 do envelopes[ARGV[i]] = ARGV[i + 1] end
-local ok, again = 0, {}
-for i = 0, tonumber(n) - 1 do
-  local sid = id .. '~' .. i
-  local s = redis.call('HGET', prefix .. ':task:' .. sid, 'state')
-  if s == 'SUCCEEDED' then
-    ok = ok + 1
-  elseif not s or not envelopes[sid] then
-    return {'expired', sid}
-  else
-    again[#again + 1] = {sid, s}
-  end
-end
-redis.call('PERSIST', job)
-redis.call('HDEL', job, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at', 'worker',
-  'gpu')
-redis.call('HINCRBY', job, 'manual_retries', 1)
-redis.call('HSET', job, 'state', 'RUNNING', 'phase', 'shards', 'shards_ok', ok, 'shards_bad', 0, 'attempts', 0,
-  'token', '"""
-    + WAITING
-    + """', 'progress', ok / tonumber(n), 'started_at', now, 'job_started_at', now)
-move(prefix, redis.call('HGET', job, 'function'), id, state, 'RUNNING', redis.call('HGET', job, 'seq'))
-for _, sid in ipairs(again) do
-  rerun(prefix, prefix .. ':task:' .. sid[1], sid[1], sid[2], envelopes[sid[1]], now)
-end
-if #again == 0 then job_step(prefix, job, now) end
-return {'queued', state}
-"""
-)
 
 
 @dataclass(frozen=True)
@@ -189,14 +92,14 @@ class JobStore:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._split = registry.client.register_script(SPLIT)
-        self._split_part = registry.client.register_script(SPLIT_PART)
-        self._retry = registry.client.register_script(RETRY_JOB)
+        self._split = registry.client.register_script(script("split"))
+        self._split_part = registry.client.register_script(script("split_part"))
+        self._retry = registry.client.register_script(script("retry_job"))
 
     def split(self, job_id: str, token: str, shards: list[NewTask], merge_envelope: bytes) -> str:
-        """Create the shards, in parts of about :data:`SPLIT_PART_BYTES`, and park the job (see :data:`SPLIT`):
+        """Create the shards, in parts of about :data:`SPLIT_PART_BYTES`, and park the job (see ``split.lua``):
         ``'ok'``, ``'cancelled'`` or ``'lost'``."""
-        reg, now, key = self.registry, repr(time.time()), self.registry.task_key(job_id)
+        reg, now, key = self.registry, repr(time.time()), self.registry.keys.task(job_id)
         parts: list[list[int]] = [[]]
         size = 0
         for i, t in enumerate(shards):
@@ -219,21 +122,21 @@ class JobStore:
             if outcome != "ok":
                 return str(outcome)
         last = args(parts[-1], merge_envelope, str(len(shards)))
-        return str(self._split(keys=[key, reg.leases_key], args=last).decode())
+        return str(self._split(keys=[key, reg.keys.leases], args=last).decode())
 
     def retry(self, job_id: str, envelopes: dict[str, bytes]) -> tuple[str, str]:
-        """Run a finished job's unsuccessful shards again, then merge (see :data:`RETRY_JOB`)."""
+        """Run a finished job's unsuccessful shards again, then merge (see ``retry_job.lua``)."""
         args: list[str | bytes] = [self.registry.prefix, repr(time.time())]
         for sid, envelope in envelopes.items():
             args += (sid, envelope)
-        outcome, state = self._retry(keys=[self.registry.task_key(job_id)], args=args)
+        outcome, state = self._retry(keys=[self.registry.keys.task(job_id)], args=args)
         return outcome.decode(), state.decode()
 
     def shards(self, job_id: str, n: int) -> list[Shard]:
         """Each shard of the job, in index order (one round trip)."""
         pipe = self.registry.pipeline()
         for i in range(n):
-            pipe.hmget(self.registry.task_key(shard_id(job_id, i)), SHARD_FIELDS)
+            pipe.hmget(self.registry.keys.task(shard_id(job_id, i)), SHARD_FIELDS)
         out = []
         for i, row in enumerate(pipe.execute()):
             state, attempts, worker, started, finished, error, outputs, last_error = (
@@ -252,7 +155,7 @@ class JobStore:
         """The shards' results, in index order (one round trip)."""
         pipe = self.registry.pipeline()
         for i in range(n):
-            pipe.hget(self.registry.task_key(shard_id(job_id, i)), "result")
+            pipe.hget(self.registry.keys.task(shard_id(job_id, i)), "result")
         return [orjson.loads(r) if r is not None else None for r in pipe.execute()]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from gpufleet.delivery.flows import destinations
-from gpufleet.registry.lua import US
+from gpufleet.registry.keyspace import US
 from gpufleet.registry.model import State
 from gpufleet.registry.store import Registry
 
@@ -79,9 +79,9 @@ def _histograms(raw: dict[bytes, bytes], n_buckets: int) -> dict[str, Histogram]
 
 def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot:
     """The fleet now; with ``minutes``, also finished tasks per minute over that many minutes (the chart)."""
-    from gpufleet.registry.lua import HISTOGRAM_BOUNDS
+    from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS
 
-    p, client = registry.prefix, registry.client
+    keys, client = registry.keys, registry.client
     now = time.time()
     names = sorted(set(functions) | registry.functions_seen())
     queues = registry.queues()
@@ -90,21 +90,21 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     pipe = client.pipeline(transaction=False)
     for fn in names:
         for state in State:
-            pipe.zcard(registry.index_key(fn, state))
+            pipe.zcard(registry.keys.index(fn, state))
     for q in queues:
-        pipe.zcard(f"{p}:pending:{q}")
-        pipe.zrange(f"{p}:pending:{q}", 0, QUEUE_HEAD - 1)
+        pipe.zcard(keys.pending(q))
+        pipe.zrange(keys.pending(q), 0, QUEUE_HEAD - 1)
     for name in ("created", "finished", "wait", "duration", "dead", "trigger_lag", "delivered", "overflow"):
-        pipe.hgetall(f"{p}:m:{name}")
-    pipe.hgetall(f"{p}:ready")
-    pipe.xlen(registry.callbacks_key)
-    pipe.xrange(registry.callbacks_key, "-", "+", count=1)
-    pipe.xlen(f"{p}:parked")
+        pipe.hgetall(keys.metric(name))
+    pipe.hgetall(keys.ready)
+    pipe.xlen(registry.keys.callbacks)
+    pipe.xrange(registry.keys.callbacks, "-", "+", count=1)
+    pipe.xlen(keys.parked)
     for task_id in busy.values():
-        pipe.hget(registry.task_key(task_id), "queue")
+        pipe.hget(registry.keys.task(task_id), "queue")
     first_minute = int(now // 60) - minutes + 1
     for minute in range(first_minute, first_minute + minutes):
-        pipe.hmget(f"{p}:m:min:{minute}", "ok", "failed")
+        pipe.hmget(keys.minute(minute), "ok", "failed")
     replies = iter(pipe.execute())
 
     counts = {(fn, st.value): int(next(replies)) for fn in names for st in State}
@@ -127,7 +127,7 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     pipe = client.pipeline(transaction=False)
     for ids in heads.values():
         for raw_id in ids:
-            pipe.hget(registry.task_key(raw_id.decode()), "queued_at")
+            pipe.hget(registry.keys.task(raw_id.decode()), "queued_at")
     stamps = iter(pipe.execute())
     for q, ids in heads.items():
         queued = [float(t) for t in (next(stamps) for _ in ids) if t is not None]
@@ -145,7 +145,7 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
             lag[trigger.decode()] = report
     n_buckets = len(HISTOGRAM_BOUNDS) + 1
     # Records wait in the callback stream only until routed, then in their destination's flow.
-    flows = destinations(client, p, now)
+    flows = destinations(client, registry.prefix, now)
     oldest_s = max([now - int(oldest[0][0].split(b"-")[0]) / 1000 if oldest else 0.0] + [f["lag_s"] for f in flows])
     return Snapshot(
         at=now,
@@ -177,9 +177,9 @@ def record_dead_letters(registry: Registry, trigger: str, letters: list[dict[str
     pipe = registry.client.pipeline(transaction=False)
     now = repr(time.time())
     for headers in letters:
-        pipe.hincrby(f"{registry.prefix}:m:dead", f"{trigger}{US}{headers.get('reason', '')}", 1)
+        pipe.hincrby(registry.keys.metric("dead"), f"{trigger}{US}{headers.get('reason', '')}", 1)
         entry: dict[Any, Any] = {k: headers.get(k, "")[:500] for k in ("reason", "detail", "source")}
-        pipe.xadd(f"{registry.prefix}:m:dead_recent", {**entry, "trigger": trigger, "at": now},
+        pipe.xadd(registry.keys.metric("dead_recent"), {**entry, "trigger": trigger, "at": now},
                   maxlen=RECENT_DEAD, approximate=True)  # fmt: skip
     pipe.execute()
 
@@ -187,7 +187,7 @@ def record_dead_letters(registry: Registry, trigger: str, letters: list[dict[str
 def recent_dead_letters(registry: Registry, limit: int) -> list[dict[str, Any]]:
     """The latest dead letters, newest first: trigger, reason, detail, source and when."""
     rows: list[tuple[bytes, dict[bytes, bytes]]] = registry.client.xrevrange(  # type: ignore[assignment]
-        f"{registry.prefix}:m:dead_recent", count=limit
+        registry.keys.metric("dead_recent"), count=limit
     )
     return [{**{k.decode(): v.decode(errors="replace") for k, v in f.items()}, "at": float(f.get(b"at", b"0"))}
             for _, f in rows]  # fmt: skip
@@ -197,4 +197,4 @@ def report_lag(registry: Registry, trigger: str, kind: str, values: dict[str, in
     """A trigger's backlog at its source: ``kind`` ``partition`` (Kafka consumer lag per partition) or ``depth``
     (messages waiting at a queue: SQS's approximate count, AMQP's ready and unacknowledged ones)."""
     report = {"kind": kind, "values": values, "at": time.time()}
-    registry.client.hset(f"{registry.prefix}:m:trigger_lag", trigger, orjson.dumps(report))
+    registry.client.hset(registry.keys.metric("trigger_lag"), trigger, orjson.dumps(report))

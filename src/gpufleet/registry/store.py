@@ -1,7 +1,7 @@
 """The task registry in Redis: state, attempts, progress, timestamps, worker and GPU, result or error.
 
-States: see :mod:`gpufleet.registry.model`. Every transition is one Lua
-script (see :mod:`gpufleet.registry.lua`) with compare-and-set on the state and the owner token, so a task can never run
+States: see :mod:`gpufleet.registry.model`. Every transition is one Lua script (``registry/scripts/*.lua``, keys
+in :mod:`gpufleet.registry.keyspace`) with compare-and-set on the state and the owner token, so a task can never run
 twice at once nor finish twice. Finishing writes the callback record to a Redis stream in the same script, so a
 finished task always has its record, and the dispatcher delivers it later without holding the GPU.
 """
@@ -17,7 +17,8 @@ import orjson
 import redis
 
 from gpufleet.errors import BrokerError
-from gpufleet.registry import connection, lua, lua_upkeep
+from gpufleet.registry import connection
+from gpufleet.registry.keyspace import Keyspace, script
 from gpufleet.registry.model import (
     REDIS_ERRORS,
     VIEW_FIELDS,
@@ -59,26 +60,23 @@ class Registry:
         self.aging_s = aging_s  # defaults.priority_aging_s: a re-queued task goes in at the level it has earned
         self.wait_replicas = wait_replicas  # enqueue_many returns once this many replicas have the tasks
         self.wait_timeout_ms = wait_timeout_ms
-        self.leases_key = f"{prefix}:leases"
-        self.delayed_key = f"{prefix}:delayed"
-        self.callbacks_key = f"{prefix}:callbacks"
-        self.deadlines_key = f"{prefix}:deadlines"
-        self._enqueue = client.register_script(lua.ENQUEUE_MANY)
-        self._claim = client.register_script(lua.CLAIM)
-        self._pop_claim = client.register_script(lua.POP_CLAIM)
-        self._renew = client.register_script(lua.RENEW)
-        self._finish = client.register_script(lua.FINISH)
-        self._retry = client.register_script(lua.RETRY_LATER)
-        self._housekeep = client.register_script(lua_upkeep.HOUSEKEEP)
-        self._finish_queued = client.register_script(lua_upkeep.FINISH_QUEUED)
-        self._retry_now = client.register_script(lua_upkeep.RETRY)
-        self._trim = client.register_script(lua_upkeep.TRIM_INDEX)
-        self._scan_lost = client.register_script(lua_upkeep.SCAN_LOST)
-        self._requeue_lost = client.register_script(lua_upkeep.REQUEUE_LOST)
-        self._move_queued = client.register_script(lua_upkeep.MOVE_QUEUED)
-        self._hand_back = client.register_script(lua.HAND_BACK)
-        self._age = client.register_script(lua_upkeep.AGE)
-        self._lapse = client.register_script(lua.LAPSE)
+        self.keys = Keyspace(prefix)
+        self._enqueue = client.register_script(script("enqueue_many"))
+        self._claim = client.register_script(script("claim"))
+        self._pop_claim = client.register_script(script("pop_claim"))
+        self._renew = client.register_script(script("renew"))
+        self._finish = client.register_script(script("finish"))
+        self._retry = client.register_script(script("retry_later"))
+        self._housekeep = client.register_script(script("housekeep"))
+        self._finish_queued = client.register_script(script("finish_queued"))
+        self._retry_now = client.register_script(script("retry"))
+        self._trim = client.register_script(script("trim_index"))
+        self._scan_lost = client.register_script(script("scan_lost"))
+        self._requeue_lost = client.register_script(script("requeue_lost"))
+        self._move_queued = client.register_script(script("move_queued"))
+        self._hand_back = client.register_script(script("hand_back"))
+        self._age = client.register_script(script("age"))
+        self._lapse = client.register_script(script("lapse"))
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "gpufleet", retention_s: int = 7 * 86_400) -> Registry:
@@ -90,9 +88,6 @@ class Registry:
         client = connection.client(r.url, **CLIENT_OPTIONS)
         d = settings.defaults
         return cls(client, r.key_prefix, d.retention_s, r.wait_replicas, r.wait_timeout_ms, d.priority_aging_s)
-
-    def task_key(self, task_id: str) -> str:
-        return f"{self.prefix}:task:{task_id}"
 
     def pipeline(self) -> connection.ScriptPipeline:
         """A pipeline for the registry's scripts: one round trip per execute (see ScriptPipeline)."""
@@ -147,7 +142,7 @@ class Registry:
 
     def get(self, task_id: str, event: bool = False) -> dict[str, Any] | None:
         """The task's record; with ``event``, also its ``event`` and ``meta`` (decoded)."""
-        raw: dict[bytes, bytes] = self.client.hgetall(self.task_key(task_id))  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.client.hgetall(self.keys.task(task_id))  # type: ignore[assignment]
         if not raw:
             return None
         return decode_record(raw, event)
@@ -157,7 +152,7 @@ class Registry:
         names: the pool intake placed it in); None for a missing record."""
         pipe = self.pipeline()
         for task_id in task_ids:
-            pipe.hmget(self.task_key(task_id), "function", "event", "meta", "queue", "message")
+            pipe.hmget(self.keys.task(task_id), "function", "event", "meta", "queue", "message")
         calls: list[tuple[str, bytes, bytes, str] | None] = []
         for fn, event, meta, queue, message in pipe.execute():
             where = queue.decode() if queue else ""
@@ -185,7 +180,7 @@ class Registry:
         """Take the task for this process, if its state and owner are still what the caller saw."""
         now = time.time()
         reply = self._claim(
-            keys=[self.task_key(task_id), self.leases_key],
+            keys=[self.keys.task(task_id), self.keys.leases],
             args=[self.prefix, expect_state, expect_token, token, now, now + lease_s, worker, gpu],
         )
         if reply[0] != b"ok":
@@ -194,7 +189,7 @@ class Registry:
 
     def pop_claim(self, queues: list[str], token: str, lease_s: float, worker: str, gpu: str, pipe: Any = None,
                   n: int = 1) -> tuple[list[Any], list[Taken | str]]:  # fmt: skip
-        """Take and claim the next ``n`` tasks from ``queues`` (see :data:`lua.POP_CLAIM`): a :class:`Taken` each, or
+        """Take and claim the next ``n`` tasks from ``queues`` (see ``pop_claim.lua``): a :class:`Taken` each, or
         last, the id of a task that is not waiting, for the caller to judge as any delivery; none when every queue
         is empty. Commands already in ``pipe`` (the last task's outcome) go first, in the same round trip; their
         answers come first."""
@@ -221,7 +216,7 @@ class Registry:
         until = time.time() + lease_s
         pipe = self.pipeline()
         for task_id, token in tasks:
-            self._renew(keys=[self.task_key(task_id), self.leases_key], args=[token, until], client=pipe)
+            self._renew(keys=[self.keys.task(task_id), self.keys.leases], args=[token, until], client=pipe)
         return [int(status) for status in pipe.execute()]
 
     def finish(self, task_id: str, token: str, state: State, fields: dict[str, Any], callbacks: Iterable[Callback],
@@ -236,23 +231,25 @@ class Registry:
             args += [k, v if isinstance(v, (str, bytes, int, float)) else orjson.dumps(v)]
         for cb in callbacks:
             args += [cb.dest, cb.value, cb.condition]
-        done = self._finish(keys=[self.task_key(task_id), self.leases_key, self.callbacks_key], args=args, client=pipe)
+        done = self._finish(
+            keys=[self.keys.task(task_id), self.keys.leases, self.keys.callbacks], args=args, client=pipe
+        )
         return pipe is not None or bool(done)
 
     def retry_later(self, task_id: str, token: str, delay_s: float, error: dict[str, Any], pipe: Any = None) -> bool:
         """RUNNING -> QUEUED, pushed again once ``delay_s`` has passed. ``pipe``: as for :meth:`finish`."""
         now = time.time()
-        done = self._retry(keys=[self.task_key(task_id), self.leases_key, self.delayed_key],
+        done = self._retry(keys=[self.keys.task(task_id), self.keys.leases, self.keys.delayed],
                            args=[self.prefix, token, now + delay_s, orjson.dumps(error), now], client=pipe)  # fmt: skip
         return pipe is not None or bool(done)
 
     def lapse(self, task_id: str, token: str) -> None:
         """End the lease of a task whose owner (``token``) is known dead, so that the next housekeeping round (any
         supervisor's, within a second) re-queues it, rather than after ``lease_s``."""
-        self._lapse(keys=[self.task_key(task_id), self.leases_key], args=[token])
+        self._lapse(keys=[self.keys.task(task_id), self.keys.leases], args=[token])
 
     def set_progress(self, task_id: str, fraction: float, message: str) -> None:
-        self.client.hset(self.task_key(task_id), mapping={"progress": fraction, "progress_message": message[:500]})
+        self.client.hset(self.keys.task(task_id), mapping={"progress": fraction, "progress_message": message[:500]})
 
     def housekeep(self, envelope_for: EnvelopeFor, limit: int = 500, pages: int = 10) -> tuple[int, int]:
         """Push due retries and re-queue tasks whose lease lapsed. Returns (promoted, reaped).
@@ -262,7 +259,7 @@ class Registry:
         such tasks never block the others). Entries whose record is gone are dropped.
         """
         promoted = reaped = 0
-        skip = {self.delayed_key: 0, self.leases_key: 0}
+        skip = {self.keys.delayed: 0, self.keys.leases: 0}
         for _ in range(pages):
             now = time.time()
             pipe = self.pipeline()
@@ -275,10 +272,10 @@ class Registry:
             args: list[Any] = [self.prefix, now, self.aging_s, len(promote)]
             for task_id, envelope in (*promote, *reap):
                 args += [task_id, envelope]
-            done = self._housekeep(keys=[self.delayed_key, self.leases_key], args=args)
+            done = self._housekeep(keys=[self.keys.delayed, self.keys.leases], args=args)
             promoted, reaped = promoted + int(done[0]), reaped + int(done[1])
-            skip[self.delayed_key] += len(due) - len(promote)
-            skip[self.leases_key] += len(lapsed) - len(reap)
+            skip[self.keys.delayed] += len(due) - len(promote)
+            skip[self.keys.leases] += len(lapsed) - len(reap)
             if len(due) < limit and len(lapsed) < limit:
                 break
         return promoted, reaped
@@ -293,16 +290,16 @@ class Registry:
             return False
         error = b"" if message is None else orjson.dumps({"errorType": error_type, "errorMessage": message})
         args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], error, self.aging_s]
-        return bool(self._hand_back(keys=[self.task_key(task_id), self.leases_key], args=args))
+        return bool(self._hand_back(keys=[self.keys.task(task_id), self.keys.leases], args=args))
 
     def age(self, aging_s: float, limit: int = 1000) -> int:
-        """Move each level's tasks that have waited ``aging_s`` there one level up (see :data:`lua_upkeep.AGE`). Returns
+        """Move each level's tasks that have waited ``aging_s`` there one level up (see ``age.lua``). Returns
         how many moved."""
         return int(self._age(args=[self.prefix, time.time(), aging_s, limit]))
 
     def queues(self) -> list[str]:
         """The Celery queues tasks were pushed to."""
-        return sorted(q.decode() for q in self.client.smembers(f"{self.prefix}:queues"))  # type: ignore[union-attr]
+        return sorted(q.decode() for q in self.client.smembers(self.keys.queues))  # type: ignore[union-attr]
 
     def scan_lost(self, queue: str, head_n: int = 10, limit: int = 100) -> list[tuple[str, bytes]]:
         """QUEUED tasks whose message has left ``queue`` without being claimed, as (id, position score)."""
@@ -315,7 +312,7 @@ class Registry:
         if not pairs:
             return False
         args: list[Any] = [self.prefix, score, pairs[0][1], queue, time.time(), self.aging_s]
-        return bool(self._requeue_lost(keys=[self.task_key(task_id)], args=args))
+        return bool(self._requeue_lost(keys=[self.keys.task(task_id)], args=args))
 
     def move_queued(self, task_ids: list[str], from_queue: str, to_queue: str, envelope_for: EnvelopeFor,
                     pools: tuple[str, str]) -> int:  # fmt: skip
@@ -326,7 +323,7 @@ class Registry:
         for task_id, call in zip(task_ids, calls, strict=True):
             envelope = None if call is None else envelope_for(task_id, call[0], call[1], call[2], to_queue)
             if envelope is not None:
-                self._move_queued(keys=[self.task_key(task_id)], client=pipe,
+                self._move_queued(keys=[self.keys.task(task_id)], client=pipe,
                                   args=[self.prefix, from_queue, to_queue, envelope, *pools, time.time(),
                                         self.aging_s])  # fmt: skip
         return sum(pipe.execute())
@@ -335,14 +332,11 @@ class Registry:
         """Tasks per state (finished ones while their records are retained)."""
         pipe = self.pipeline()
         for state in State:
-            pipe.zcard(self.index_key(function, state))
+            pipe.zcard(self.keys.index(function, state))
         return {state.value: int(n) for state, n in zip(State, pipe.execute(), strict=True)}
 
-    def index_key(self, function: str, state: State | str) -> str:
-        return f"{self.prefix}:idx:{function}:{State(state).value}"
-
     def functions_seen(self) -> set[str]:
-        return {m.decode() for m in self.client.smembers(f"{self.prefix}:functions")}  # type: ignore[union-attr]
+        return {m.decode() for m in self.client.smembers(self.keys.functions)}  # type: ignore[union-attr]
 
     def cancel(self, task_id: str, expect_attempts: int, error: dict[str, Any], dest: str, record: bytes,
                retention_s: int | None = None, expire: bool = False) -> tuple[str, str]:  # fmt: skip
@@ -351,7 +345,7 @@ class Registry:
         ``expire``, a QUEUED task becomes EXPIRED instead (``('expired', 'QUEUED')``) and a running one is left
         alone (``noop``)."""
         outcome, state = self._finish_queued(
-            keys=[self.task_key(task_id), self.delayed_key, self.callbacks_key],
+            keys=[self.keys.task(task_id), self.keys.delayed, self.keys.callbacks],
             args=[self.prefix, time.time(), expect_attempts, retention_s or self.retention_s, orjson.dumps(error),
                   dest, record, "expire" if expire else "cancel"],
         )  # fmt: skip
@@ -359,18 +353,18 @@ class Registry:
 
     def due_deadlines(self, limit: int = 100) -> list[str]:
         """Tasks whose max event age has passed: QUEUED ones are to expire, whether or not a worker serves them."""
-        ids: list[bytes] = self.client.zrangebyscore(self.deadlines_key, "-inf", time.time(), 0, limit)  # type: ignore[assignment]
+        ids: list[bytes] = self.client.zrangebyscore(self.keys.deadlines, "-inf", time.time(), 0, limit)  # type: ignore[assignment]
         return [i.decode() for i in ids]
 
     def retry(self, task_id: str, envelope: bytes) -> tuple[str, str]:
         """Re-run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task: ``('queued', old state)``, ``('missing', '')``
         or ``('conflict', state)``."""
-        outcome, state = self._retry_now(keys=[self.task_key(task_id)], args=[self.prefix, time.time(), envelope])
+        outcome, state = self._retry_now(keys=[self.keys.task(task_id)], args=[self.prefix, time.time(), envelope])
         return outcome.decode(), state.decode()
 
     def position(self, task_id: str, queue: str) -> tuple[int, int] | None:
         """(tasks ahead of this one, queue length) in its queue, or None when it is not waiting there."""
-        key = f"{self.prefix}:pending:{queue}"
+        key = self.keys.pending(queue)
         pipe = self.pipeline()
         pipe.zrank(key, task_id)
         pipe.zcard(key)
@@ -381,7 +375,7 @@ class Registry:
         """Newest first: (seq, id) pairs with a seq below the ``before`` cursor."""
         top = "+inf" if before is None else f"({before}"
         rows: list[tuple[bytes, float]] = self.client.zrevrangebyscore(  # type: ignore[assignment]
-            self.index_key(function, state), top, "-inf", start=0, num=limit, withscores=True
+            self.keys.index(function, state), top, "-inf", start=0, num=limit, withscores=True
         )
         return [(int(score), member.decode()) for member, score in rows]
 
@@ -389,7 +383,7 @@ class Registry:
         """The records a listing shows, reading only the fields it shows (never the event)."""
         pipe = self.pipeline()
         for task_id in task_ids:
-            pipe.hmget(self.task_key(task_id), VIEW_FIELDS)
+            pipe.hmget(self.keys.task(task_id), VIEW_FIELDS)
         out: list[dict[str, Any] | None] = []
         for values in pipe.execute():
             raw = {k: v for k, v in zip(VIEW_KEYS, values, strict=True) if v is not None}
@@ -397,20 +391,20 @@ class Registry:
         return out
 
     def drop_from_index(self, function: str, state: State, task_id: str) -> None:
-        self.client.zrem(self.index_key(function, state), task_id)
+        self.client.zrem(self.keys.index(function, state), task_id)
 
     def trim_index(self, limit: int = 200) -> int:
         return int(self._trim(args=[self.prefix, limit]))
 
     def busy(self) -> dict[str, str]:
         """Worker name -> the task it runs."""
-        raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:busy")  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.client.hgetall(self.keys.busy)  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def publish_gpus(self, entries: dict[str, dict[str, Any]]) -> None:
         """The GPU inventory of one host's supervisor, refreshed every few seconds: worker name -> details."""
         if entries:
-            self.client.hset(f"{self.prefix}:gpus", mapping={k: orjson.dumps(v) for k, v in entries.items()})
+            self.client.hset(self.keys.gpus, mapping={k: orjson.dumps(v) for k, v in entries.items()})
 
     def served_queues(self) -> set[str]:
         """The queues some live worker consumes, from the inventory the supervisors publish."""
@@ -420,13 +414,13 @@ class Registry:
              busy: dict[str, str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """The inventory; entries not refreshed for ``stale_after_s`` are marked stale, and dropped later. ``busy``:
         :meth:`busy`, when the caller has read it already."""
-        raw: dict[bytes, bytes] = self.client.hgetall(f"{self.prefix}:gpus")  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.client.hgetall(self.keys.gpus)  # type: ignore[assignment]
         busy, now, out = self.busy() if busy is None else busy, time.time(), []
         for worker, value in sorted(raw.items()):
             entry = orjson.loads(value)
             age = now - float(entry.get("seen_at", 0))
             if age > forget_after_s:
-                self.client.hdel(f"{self.prefix}:gpus", worker)
+                self.client.hdel(self.keys.gpus, worker)
                 continue
             entry["stale"] = age > stale_after_s
             entry["task_id"] = busy.get(worker.decode()) if not entry["stale"] else None

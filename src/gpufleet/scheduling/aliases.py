@@ -44,7 +44,7 @@ class Aliases:
         answered from stale or missing aliases); otherwise intake goes on with the last ones read (a trigger)."""
         self.registry = registry
         self.strict = strict
-        self.key = f"{registry.prefix}:aliases"
+        self.key = registry.keys.aliases
         self.configured = {fn: dict(aliases) for fn, aliases in configured.items()}
         self._choose = choose
         self._set: dict[str, dict[str, Weights]] = {}  # set at run time: function -> alias -> weights
@@ -89,7 +89,7 @@ class Aliases:
         entry = {"function": function, "alias": alias, "weights": weights, "by": by, "at": time.time()}
         pipe = self.registry.pipeline()
         pipe.hset(self.key, f"{function}:{alias}", orjson.dumps(weights))
-        pipe.xadd(f"{self.key.removesuffix('aliases')}alias-log", {"change": orjson.dumps(entry)}, maxlen=LOG_MAX)
+        pipe.xadd(self.registry.keys.alias_log, {"change": orjson.dumps(entry)}, maxlen=LOG_MAX)
         pipe.execute()
         log.info("alias changed", function=function, alias=alias, weights=weights, by=by)
         self._read_at = -REFRESH_S  # this process sees it at once

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gpufleet.registry.lua import US
+from gpufleet.registry.keyspace import US
 from gpufleet.registry.messages import parse_queue, queue_name, queue_version
 
 if TYPE_CHECKING:
@@ -154,8 +154,8 @@ class Placer:
             queues = sorted({q for e in entries if e.get("up") and not e["stale"] for q in e.get("queues", [])})
             pipe = self.registry.pipeline()
             for queue in queues:
-                pipe.zcard(f"{self.prefix}:pending:{queue}")
-            pipe.hgetall(f"{self.prefix}:m:duration")
+                pipe.zcard(self.registry.keys.pending(queue))
+            pipe.hgetall(self.registry.keys.metric("duration"))
             *depths, durations = pipe.execute()
         except Exception as exc:  # noqa: BLE001 - no view of the pools: keep the last one, and say so
             log.warning("cannot read the pools for placement; using the last view", error=str(exc))
@@ -187,7 +187,7 @@ class Placer:
                         if any(not e["stale"] and queue in e.get("queues", []) for e in self._entries):
                             continue  # hosted, up or restarting
                         waiting = [i.decode() for i in self.registry.client.zrange(  # type: ignore[union-attr]
-                            f"{self.prefix}:pending:{queue}", 0, HAND_OVER_MAX - 1)]  # fmt: skip
+                            self.registry.keys.pending(queue), 0, HAND_OVER_MAX - 1)]  # fmt: skip
                         if waiting:
                             moved += self._move(fn, version, pool, waiting, envelope_for)
         return moved

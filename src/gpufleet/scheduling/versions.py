@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gpufleet.registry.lua import US
+from gpufleet.registry.keyspace import US
 from gpufleet.registry.messages import parse_queue, queue_name, queue_version
 from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.scheduling.placement import LIVE_S
@@ -41,7 +41,7 @@ class VersionState(StrEnum):
 def report_setup(registry: Registry, worker: str, report: dict[str, dict[str, Any]]) -> None:
     """How a worker's warm-up went, per function name: ``{"version", "state", "pid", "error"?}``."""
     now = time.time()
-    registry.client.hset(f"{registry.prefix}:setup", mapping={f"{worker}{US}{fn}": orjson.dumps({**entry, "at": now})
+    registry.client.hset(registry.keys.setup, mapping={f"{worker}{US}{fn}": orjson.dumps({**entry, "at": now})
                                                               for fn, entry in report.items()})  # fmt: skip
 
 
@@ -56,7 +56,7 @@ def all_versions(registry: Registry, fns: Iterable[Function]) -> dict[str, list[
     """:func:`versions` of each function, by name: three round trips to Redis whatever the number of functions."""
     fns = list(fns)
     entries = registry.gpus(stale_after_s=LIVE_S)
-    raw: dict[bytes, bytes] = registry.client.hgetall(f"{registry.prefix}:setup")  # type: ignore[assignment]
+    raw: dict[bytes, bytes] = registry.client.hgetall(registry.keys.setup)  # type: ignore[assignment]
     reports: dict[str, dict[str, Any]] = {}  # function -> worker -> its report
     for key, value in raw.items():
         worker, _, name = key.decode().partition(US)
@@ -74,7 +74,7 @@ def all_versions(registry: Registry, fns: Iterable[Function]) -> dict[str, list[
         for version in orders[fn.name]:
             for pool in fn.gpu.pools:
                 queue = queue_name(registry.prefix, pool, fn.gpu.model, fn.name, version)
-                pipe.zcard(f"{registry.prefix}:pending:{queue}")
+                pipe.zcard(registry.keys.pending(queue))
     depths = iter(pipe.execute())
     out = {}
     for fn in fns:
@@ -122,7 +122,7 @@ class ServedVersions:
         return None if self._served is None else self._served.get(fn.name, set())
 
     def _read(self) -> dict[str, set[str]]:
-        raw: dict[bytes, bytes] = self.registry.client.hgetall(f"{self.registry.prefix}:setup")  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.registry.client.hgetall(self.registry.keys.setup)  # type: ignore[assignment]
         since, served = time.time() - self.window_s, dict[str, set[str]]()
         for key, value in raw.items():
             entry = orjson.loads(value)

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from gpufleet.aws import ObjectEvent, make_client, transient_errors
 from gpufleet.delivery.records import iso
+from gpufleet.registry.keyspace import Keyspace
 from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 
@@ -45,7 +46,7 @@ class PollTrigger(SourceTrigger[PollSettings]):
         super().__init__(fleet, trigger, ingest)
         self.bucket, self.prefix = self.endpoint.hosts or "", self.endpoint.path
         self.redis = self.ingest.registry.client
-        self.checkpoint = f"{fleet.settings.redis.key_prefix}:poll:{trigger.name}"
+        self.checkpoint = Keyspace(fleet.settings.redis.key_prefix).poll(trigger.name)
         self.listings = 0
 
     def run(self, stop: threading.Event) -> None:

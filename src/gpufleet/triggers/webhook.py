@@ -20,12 +20,11 @@ A trigger file with ``source: webhook:///minio`` is served by the api role (``se
   records, anything that fails) is dead-lettered with its reason and answered 422 with that reason: never a 5xx,
   which would make the sender retry it in a loop.
 - SNS ``SubscriptionConfirmation``: the ``SubscribeURL`` is fetched to confirm (:mod:`gpufleet.triggers.sns_confirm`),
-only
-  over https, only if its whole host matches a pattern of ``sns_confirm_hosts`` (``sns.*.amazonaws.com`` and
+  only over https, only if its whole host matches a pattern of ``sns_confirm_hosts`` (``sns.*.amazonaws.com`` and
   ``sns.*.amazonaws.com.cn`` by default, ``*`` being one DNS label), and only at a public address (IP literals and
-  private, loopback or link-local addresses are refused unless ``sns_confirm_private``), so a forged confirmation
-  cannot make us fetch any URL. Redirects are not followed and at most 64 KiB of the answer is read. Any failure
-  (refused URL, DNS, connection, TLS, not 2xx) is the same 502 ``sns_confirm_failed``; the log says which.
+  private, loopback or link-local addresses are refused unless ``sns_confirm_private``), so a forged confirmation cannot
+  make us fetch any URL. Redirects are not followed and at most 64 KiB of the answer is read. Any failure (refused URL,
+  DNS, connection, TLS, not 2xx) is the same 502 ``sns_confirm_failed``; the log says which.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class JobSteps:
         """The job's step now: its split, or (its shards all done) its merge."""
         item, fn, done = attempt.item, attempt.fn, attempt.done
         registry = self.bundle.registry
-        raw = registry.client.hmget(registry.task_key(item.task_id), RECORD_FIELDS)
+        raw = registry.client.hmget(registry.keys.task(item.task_id), RECORD_FIELDS)
         phase, shards, priority, event, meta, queue, job_started_at = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
         merging = phase == "merge"
         listed = self.store.shards(item.task_id, int(shards)) if merging else []

@@ -93,7 +93,7 @@ class Runtime:
         # Warm every function now, so the first task does not pay for loading a model; the fleet sees how it went.
         self.bundle.setups.warm_up(self.fleet.functions.values())
         try:  # ready: the supervisor's inventory shows it, and the scaling figure stops counting it as starting
-            registry.client.hset(f"{registry.prefix}:ready", self.bundle.worker_name, os.getppid())
+            registry.client.hset(registry.keys.ready, self.bundle.worker_name, os.getppid())
         except REDIS_ERRORS:
             log.warning("cannot mark this worker ready in Redis; it takes tasks anyway", exc_info=True)
 

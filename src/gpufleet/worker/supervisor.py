@@ -35,6 +35,7 @@ from gpufleet.config import Fleet
 from gpufleet.control.plane import ControlPlane
 from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError, unreachable_hint
+from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import queue_name
 from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.registry.store import Registry
@@ -102,7 +103,7 @@ class Supervisor:
         self.lost = LostMessages(self.registry, s.worker.lease_s, self.envelopes)
         # A pool whose workers are all gone hands its waiting tasks to the next (functions with several pools).
         self.placer = Placer(self.registry, fleet.functions.values())
-        self.host_key = f"{s.redis.key_prefix}:host:{s.worker.hostname}"
+        self.host_key = Keyspace(s.redis.key_prefix).host(s.worker.hostname)
         self.instance = uuid.uuid4().hex
 
     def _spawn(self, slot: Slot) -> None:
@@ -151,7 +152,7 @@ class Supervisor:
                     next_inventory = now + INVENTORY_EVERY_S
                     # One supervisor per round does it (the first to take the round's lock): each reads the whole
                     # inventory, and a fleet of many hosts need not read it many times over.
-                    lock = f"{self.registry.prefix}:hand-over"
+                    lock = self.registry.keys.hand_over
                     if self.placer.functions and self.registry.client.set(
                         lock, self.instance, nx=True, px=int(INVENTORY_EVERY_S * 1000)
                     ):

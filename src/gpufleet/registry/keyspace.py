@@ -1,0 +1,126 @@
+"""Every Redis key of a fleet, the entry format of its callback stream, and the Lua scripts that change them.
+
+No other module spells a key: each asks a :class:`Keyspace`. The scripts are the ``.lua`` files in ``scripts/``
+beside this module, read when first used (:func:`script`); the key layout below is theirs too.
+
+Key layout (prefix ``P``):
+
+- ``P:task:{id}`` hash: the task record;
+- ``P:idx:{function}:{state}`` sorted set of task ids by arrival number (``seq``): listing, counts per state;
+- ``P:pending:{queue}`` sorted set of QUEUED task ids by arrival order: queue position is a ZRANK, O(log n);
+- ``P:seq`` arrival counter (a task's ``seq`` field is its first); ``P:functions`` set of function names seen;
+- ``P:leases``, ``P:delayed`` and ``P:deadlines`` sorted sets of task ids (lease deadline, retry due time, event
+  age limit);
+- ``P:busy`` hash worker -> running task id; ``P:callbacks`` stream of outgoing records (:data:`CALLBACK_FIELDS`);
+- ``P:queues`` set of the Celery queues tasks were pushed to (for the lost-message scan);
+- ``P:m:*``: what :mod:`gpufleet.api.metrics` reads. ``P:m:created`` (function -> tasks created) and
+  ``P:m:finished`` (function US state -> tasks finished) are counters; ``P:m:wait`` and ``P:m:duration`` are
+  histograms (function US bucket number, or function US ``sum``); ``P:m:min:{minute}`` counts ``ok``/``failed``
+  per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
+- ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``: the GPU inventory, the pool processes ready, each
+  function's setup() per worker, a supervisor's heartbeat;
+- ``P:flows``, ``P:flow:{id}`` (with ``:lease`` and ``:state``), ``P:router``, ``P:parked``: the dispatcher's
+  delivery flows, its router lease, and the records parked for good;
+- ``P:aliases``, ``P:alias-log``, ``P:dead_letter_key``, ``P:poll:{trigger}``, ``P:session:{id}``,
+  ``P:hand-over``: aliases and their history, the key that signs dead letters, a polling trigger's checkpoint, a
+  dashboard session, the lock of the pool hand-over.
+
+The position score of a pending task is its place in the Celery list: a push to the back (``LPUSH``) scores
+``+seq``, a push to the head (``RPUSH``) scores ``-seq``. So the pending tasks in score order are the list's own
+order, and a pending task ordered before the one at the head of the list has already left the list. Celery's own
+lists (``<prefix>.<pool>.<model>[.<function>]``, one per priority level) are named in
+:mod:`gpufleet.registry.messages`.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+US = "\x1f"
+# Upper bounds, in seconds, of the queue-wait and duration histograms' buckets (then +Inf): from a 10 ms task to a
+# 24 h one. Fixed, so every script and every reader agree on them.
+HISTOGRAM_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600,
+                    86400)  # fmt: skip
+# A callback stream entry, as FINISH and FINISH_QUEUED write it and the dispatcher routes it to its flow.
+CALLBACK_FIELDS = ("dest", "key", "value", "condition", "function", "traceparent")
+
+# Each script is its own file, after the shared ones it calls: ``helpers`` (every transition's bookkeeping) and
+# ``create`` (a task's creation, for enqueue and a job's split).
+_PARTS = {
+    "enqueue_many": ("helpers", "create"),
+    "split_part": ("helpers", "create"),
+    "split": ("helpers", "create"),
+    **{name: ("helpers",) for name in ("claim", "pop_claim", "finish", "retry_later", "hand_back", "housekeep",
+                                       "finish_queued", "retry", "scan_lost", "move_queued", "requeue_lost", "age",
+                                       "retry_job")},
+}  # fmt: skip
+
+
+@functools.cache
+def script(name: str) -> str:
+    """The Lua source of script ``name`` (``scripts/<name>.lua``), with the shared parts it calls before it."""
+    folder = resources.files("gpufleet.registry").joinpath("scripts")
+    parts = [folder.joinpath(f"{part}.lua").read_text() for part in (*_PARTS.get(name, ()), name)]
+    if "helpers" in _PARTS.get(name, ()):
+        parts.insert(0, "local BOUNDS = {" + ", ".join(map(str, HISTOGRAM_BOUNDS)) + "}")
+    return "\n".join(parts)
+
+
+class Keyspace:
+    """The keys of the fleet whose prefix is ``prefix`` (``redis.key_prefix``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.leases = f"{prefix}:leases"
+        self.delayed = f"{prefix}:delayed"
+        self.deadlines = f"{prefix}:deadlines"
+        self.callbacks = f"{prefix}:callbacks"
+        self.functions = f"{prefix}:functions"
+        self.queues = f"{prefix}:queues"
+        self.busy = f"{prefix}:busy"
+        self.gpus = f"{prefix}:gpus"
+        self.ready = f"{prefix}:ready"
+        self.setup = f"{prefix}:setup"
+        self.flows = f"{prefix}:flows"
+        self.router = f"{prefix}:router"
+        self.parked = f"{prefix}:parked"
+        self.aliases = f"{prefix}:aliases"
+        self.alias_log = f"{prefix}:alias-log"
+        self.dead_letter_key = f"{prefix}:dead_letter_key"
+        self.hand_over = f"{prefix}:hand-over"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def index(self, function: str, state: str) -> str:
+        return f"{self.prefix}:idx:{function}:{state}"
+
+    def pending(self, queue: str) -> str:
+        return f"{self.prefix}:pending:{queue}"
+
+    def metric(self, name: str) -> str:
+        """``P:m:<name>``: created, finished, wait, duration, overflow, dead, dead_recent, trigger_lag, delivered,
+        parked."""
+        return f"{self.prefix}:m:{name}"
+
+    def minute(self, minute: int) -> str:
+        return f"{self.prefix}:m:min:{minute}"
+
+    def flow(self, flow_id: str) -> str:
+        return f"{self.prefix}:flow:{flow_id}"
+
+    def flow_lease(self, flow_id: str) -> str:
+        return f"{self.prefix}:flow:{flow_id}:lease"
+
+    def flow_state(self, flow_id: str) -> str:
+        return f"{self.prefix}:flow:{flow_id}:state"
+
+    def host(self, hostname: str) -> str:
+        return f"{self.prefix}:host:{hostname}"
+
+    def poll(self, trigger: str) -> str:
+        return f"{self.prefix}:poll:{trigger}"
+
+    def session(self, session: str) -> str:
+        return f"{self.prefix}:session:{session}"

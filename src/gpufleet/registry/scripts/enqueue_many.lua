@@ -1,0 +1,13 @@
+-- ARGV: prefix, now, batch, then each task's envelope, event and meta. batch: a JSON array with one array of strings
+--   per task: [id, function, queue_key, on_success, on_failure, max_attempts, source, created_at, event_ts, max_age,
+--   delivery_tag, origin, priority, overflow ('' or first pool US pool: counted in P:m:overflow once created)]
+-- The record keeps the event and meta (JSON), not the envelope: a fraction of its size. Whoever pushes the task again
+-- builds the envelope from them.
+-- A task with a max age ('' for none) is also indexed by its deadline, so it expires even if no worker takes it.
+-- One JSON argument for the small fields, not ten per task: each argument costs the caller's Python more than the
+-- script's Lua. The envelope, event and meta come as arguments of their own: inside the JSON they were escaped, then
+-- unescaped here again.
+-- Returns per task 1 (enqueued), 0 (duplicate: a record with that id exists, for the same function and origin) or
+-- -1 (conflict: the id exists for another function or origin; never silently taken as the same task). A record
+-- written before origins were kept is compared on its function only.
+return create_tasks(ARGV[1], ARGV[2], cjson.decode(ARGV[3]), 3)

@@ -1,0 +1,19 @@
+-- KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json, aging_s
+-- A worker stopped past its shutdown grace: the supervisor killed it, and hands its task back. The attempt does not
+-- count (the task did nothing wrong), and it goes to the head of its queue, where another worker takes it at once.
+-- Only the owner the caller saw (and checked dead) is replaced. Returns 1, or 0 if the task finished or moved on.
+-- With no error_json it is a task a worker claimed ahead and gives back unstarted: its record keeps its last error and
+-- when it was queued.
+if not owned(KEYS[1], ARGV[2]) then return 0 end
+local fn = redis.call('HGET', KEYS[1], 'function')
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('ZREM', KEYS[2], id)
+unbusy(ARGV[1], KEYS[1], id)
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'progress', 0, 'progress_message', '')
+redis.call('HDEL', KEYS[1], 'lease_until')
+move(ARGV[1], fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
+push_head(ARGV[1], KEYS[1], id, ARGV[4], tonumber(ARGV[3]), tonumber(ARGV[6]))
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'queued_at', ARGV[3], 'last_error', ARGV[5]) end
+deadline(ARGV[1], KEYS[1], id)
+return 1

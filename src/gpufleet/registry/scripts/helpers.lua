@@ -1,0 +1,154 @@
+-- Shared by every script that changes a task's state: the per-state index follows the record, and the metrics count
+-- the change in the same atomic step.
+local function observe(prefix, name, fn, value)
+  if value < 0 then value = 0 end
+  local key, i = prefix .. ':m:' .. name, #BOUNDS + 1
+  for b = 1, #BOUNDS do
+    if value <= BOUNDS[b] then i = b break end
+  end
+  redis.call('HINCRBY', key, fn .. '\31' .. i, 1)
+  redis.call('HINCRBYFLOAT', key, fn .. '\31sum', value)
+end
+local function finished(prefix, fn, state, now)
+  redis.call('HINCRBY', prefix .. ':m:finished', fn .. '\31' .. state, 1)
+  local minute = prefix .. ':m:min:' .. math.floor(tonumber(now) / 60)
+  redis.call('HINCRBY', minute, state == 'SUCCEEDED' and 'ok' or 'failed', 1)
+  redis.call('EXPIRE', minute, 7200)
+end
+local function move(prefix, fn, id, from, to, score)
+  if from then redis.call('ZREM', prefix .. ':idx:' .. fn .. ':' .. from, id) end
+  if to then redis.call('ZADD', prefix .. ':idx:' .. fn .. ':' .. to, score, id) end
+end
+local function tag_of(envelope)
+  return string.match(envelope, '"delivery_tag":%s*"([^"]*)"') or ''
+end
+-- Priorities: kombu keeps one list per level, and reads level 0 first (our priority 9; see messages.PRIORITY_STEPS).
+-- A record's 'priority' is what was asked for; 'prio' is its level now, which aging raises while it waits.
+-- Its position score is (9 - prio) * LEVEL + seq, or - seq at the head: in score order, the pending tasks are in the
+-- order the worker takes them, across every level (seq stays below 2^48, and every score is an exact double).
+local LEVEL = 562949953421312
+local function qkey(queue, prio)
+  if prio >= 9 then return queue end
+  return queue .. '\6\22' .. (9 - prio)
+end
+local function with_priority(envelope, prio)
+  return (string.gsub(envelope, '"priority":%s*%d+', '"priority":' .. (9 - prio), 1))
+end
+-- Push a task's message to the back of its queue (LPUSH; consumers pop from the right), at the priority it asked
+-- for (a re-queued task starts again from there). The position score takes the next arrival number; the record keeps
+-- the message's delivery tag, so a stale copy of an older message in the list is told apart from the current one. A
+-- ``tag`` comes with a message intake just built (its priority is right); any other is set to the record's. Returns
+-- the arrival number.
+local function push_back(prefix, key, id, envelope, tag)
+  local queue = redis.call('HGET', key, 'queue')
+  local prio = tonumber(redis.call('HGET', key, 'priority') or '4')
+  local seq = redis.call('INCR', prefix .. ':seq')
+  if not tag then envelope = with_priority(envelope, prio) end
+  redis.call('ZADD', prefix .. ':pending:' .. queue, (9 - prio) * LEVEL + seq, id)
+  redis.call('SADD', prefix .. ':queues', queue)
+  redis.call('HSET', key, 'tag', tag or tag_of(envelope), 'prio', prio)
+  redis.call('HDEL', key, 'aged_from')  -- a new turn in the queue: its wait starts over
+  redis.call('LPUSH', qkey(queue, prio), envelope)
+  return seq
+end
+-- Back at the head of its queue (RPUSH is "next"), at the level it has earned by waiting since it was first queued
+-- in this turn (aged_from, kept across re-queues): while it ran, or its message was lost, it was in no list, and
+-- the aging pass lifted the tasks queued with it, not it. Its position score is below every other of that level,
+-- so position order stays the lists' order.
+local function push_head(prefix, key, id, envelope, now, aging)
+  local queue = redis.call('HGET', key, 'queue')
+  local base = tonumber(redis.call('HGET', key, 'priority') or '4')
+  local since = tonumber(redis.call('HGET', key, 'aged_from') or redis.call('HGET', key, 'queued_at') or now)
+  local prio = tonumber(redis.call('HGET', key, 'prio') or base)
+  prio = math.min(9, math.max(prio, base + math.floor((now - since) / aging)))
+  redis.call('HSET', key, 'prio', prio, 'aged_from', since, 'level_at', now)
+  envelope = with_priority(envelope, prio)
+  redis.call('ZADD', prefix .. ':pending:' .. queue, (9 - prio) * LEVEL - redis.call('INCR', prefix .. ':seq'), id)
+  redis.call('SADD', prefix .. ':queues', queue)
+  redis.call('HSET', key, 'tag', tag_of(envelope))
+  redis.call('RPUSH', qkey(queue, prio), envelope)
+end
+-- A task with a max age is indexed by its deadline while it may wait (QUEUED), so it expires even unclaimed.
+local function deadline(prefix, key, id)
+  local max_age = redis.call('HGET', key, 'max_age')
+  if max_age then
+    local due = tonumber(redis.call('HGET', key, 'event_ts')) + tonumber(max_age)
+    redis.call('ZADD', prefix .. ':deadlines', due, id)
+  end
+end
+local function unpend(prefix, key, id)
+  redis.call('ZREM', prefix .. ':pending:' .. redis.call('HGET', key, 'queue'), id)
+end
+-- The task's W3C traceparent (in its meta), for the headers of its callback records; '' for none.
+local function traceparent(key)
+  return string.match(redis.call('HGET', key, 'meta') or '', '"traceparent":"([0-9a-f%-]+)"') or ''
+end
+-- Whether the task runs under this owner: only its owner may finish it or give it back.
+local function owned(key, token)
+  return redis.call('HGET', key, 'state') == 'RUNNING' and redis.call('HGET', key, 'token') == token
+end
+local function unbusy(prefix, key, id)
+  local worker = redis.call('HGET', key, 'worker')
+  if worker and redis.call('HGET', prefix .. ':busy', worker) == id then
+    redis.call('HDEL', prefix .. ':busy', worker)
+  end
+end
+-- The task (QUEUED, or RUNNING under an owner that died) runs under ``token`` now, with a lease to ``lease_until``.
+-- Returns what the worker needs to finish it without reading it again.
+local function claim(prefix, key, state, token, now, lease_until, worker, gpu)
+  local fn = redis.call('HGET', key, 'function')
+  local id = redis.call('HGET', key, 'id')
+  if state == 'QUEUED' then
+    unpend(prefix, key, id)
+    redis.call('ZREM', prefix .. ':deadlines', id)  -- the worker checks the age itself from here on
+    observe(prefix, 'wait', fn, tonumber(now) - tonumber(redis.call('HGET', key, 'queued_at') or now))
+    move(prefix, fn, id, 'QUEUED', 'RUNNING', redis.call('HGET', key, 'seq'))
+  else
+    unbusy(prefix, key, id)
+  end
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSET', key, 'state', 'RUNNING', 'token', token, 'started_at', now, 'lease_until', lease_until,
+    'worker', worker, 'gpu', gpu, 'progress', 0, 'progress_message', '')
+  redis.call('ZADD', prefix .. ':leases', lease_until, id)
+  redis.call('HSET', prefix .. ':busy', worker, id)
+  return {'ok', tostring(attempts),
+    unpack(redis.call('HMGET', key, 'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel'))}
+end
+-- Sharded jobs (gpufleet.registry.jobs). A job whose shards are all final has one step left, on a worker of its own
+-- queue:
+-- merge, or the failure that names its shards. It is queued with the message stored when it split, from attempt 0.
+local function job_step(prefix, job, now)
+  local id, fn, from, started = unpack(redis.call('HMGET', job, 'id', 'function', 'state', 'started_at'))
+  -- The claim of the merge step sets started_at again: the job's own start is kept for its status and record.
+  redis.call('HSETNX', job, 'job_started_at', started or now)
+  redis.call('HSET', job, 'phase', 'merge', 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now)
+  move(prefix, fn, id, from, 'QUEUED', redis.call('HGET', job, 'seq'))
+  push_back(prefix, job, id, redis.call('HGET', job, 'merge_envelope'))
+end
+-- A shard reached a final state: its job counts it, and the last one queues the job's step.
+local function shard_done(prefix, key, state, now)
+  local parent = redis.call('HGET', key, 'parent')
+  if not parent then return end
+  local job = prefix .. ':task:' .. parent
+  if redis.call('HGET', job, 'phase') ~= 'shards' then return end
+  redis.call('HINCRBY', job, state == 'SUCCEEDED' and 'shards_ok' or 'shards_bad', 1)
+  local ok, bad, n = unpack(redis.call('HMGET', job, 'shards_ok', 'shards_bad', 'shards'))
+  local done = tonumber(ok) + tonumber(bad)
+  redis.call('HSET', job, 'progress', done / tonumber(n))
+  if done >= tonumber(n) then job_step(prefix, job, now) end
+end
+-- A finished, unsuccessful task runs again from attempt 1, as a new event (RETRY, and a job's shards).
+local function rerun(prefix, key, id, state, envelope, now)
+  local fn = redis.call('HGET', key, 'function')
+  redis.call('PERSIST', key)
+  redis.call('HDEL', key, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
+    'started_at', 'job_started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message')
+  redis.call('HSET', key, 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now, 'event_ts', now)
+  redis.call('HINCRBY', key, 'manual_retries', 1)
+  deadline(prefix, key, id)
+  move(prefix, fn, id, state, 'QUEUED', redis.call('HGET', key, 'seq'))
+  push_back(prefix, key, id, envelope)
+end
+local function retriable(state)
+  return state == 'FAILED' or state == 'TIMED_OUT' or state == 'CANCELLED' or state == 'EXPIRED'
+end

@@ -1,0 +1,14 @@
+-- KEYS: task, leases, delayed.  ARGV: prefix, token, due, error_json, now
+-- Back to QUEUED; the housekeeper pushes the message again once ``due`` has passed.
+if not owned(KEYS[1], ARGV[2]) then return 0 end
+local fn = redis.call('HGET', KEYS[1], 'function')
+local id = redis.call('HGET', KEYS[1], 'id')
+unbusy(ARGV[1], KEYS[1], id)
+observe(ARGV[1], 'duration', fn, tonumber(ARGV[5]) - tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[5]))
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'last_error', ARGV[4], 'queued_at', ARGV[5],
+  'retry_at', ARGV[3])
+redis.call('ZREM', KEYS[2], id)
+redis.call('ZADD', KEYS[3], ARGV[3], id)
+deadline(ARGV[1], KEYS[1], id)
+move(ARGV[1], fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', KEYS[1], 'seq'))
+return 1
