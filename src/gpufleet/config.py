@@ -12,13 +12,19 @@ This is the only module that reads the environment. Rules:
   password.
 - ``GPUFLEET_CONFIG`` names the fleet file when the CLI gets no ``--config``.
 - Relative paths in ``fleet.yaml`` are relative to the folder that holds it.
+
+The functions are loaded from the ``workers/`` folders (:func:`load_functions`): each file imported as a module of
+its own, and the :class:`~gpufleet.functions.Function` objects it defines collected.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-from collections.abc import Mapping
+import sys
+import traceback
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_origin
@@ -29,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from gpufleet.credentials import hidden, is_secret_name, redact_url
 from gpufleet.destinations import parse_destination
 from gpufleet.errors import ConfigError, did_you_mean
-from gpufleet.functions import Function, load_functions
+from gpufleet.functions import FUNCTIONS_NAMESPACE, Function
 from gpufleet.settings import FleetSettings
 from gpufleet.triggers import check_keys, parse_source, served_by, settings_model
 from gpufleet.triggers.options import TriggerSettings
@@ -267,3 +273,85 @@ def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMo
             return None
         model = annotation
     return model
+
+
+def check_jobs(functions: dict[str, Function]) -> None:
+    """Each job's shard function is served by this fleet and is no job itself, and each job merges.
+
+    Raises:
+        ConfigError: naming the job and the fix.
+    """
+    for fn in functions.values():
+        if fn.shards is None:
+            continue
+        shard = functions.get(fn.shards.function)
+        if shard is None or shard.shards is not None:
+            why = "is not served by this fleet" if shard is None else "is a job itself (jobs do not nest)"
+            raise ConfigError(f"job {fn.name!r}: its shard function {fn.shards.function!r} {why}",
+                              file=fn.source_file, key="shard", fix="name a @function of the same fleet")  # fmt: skip
+        if fn.shards.merge_fn is None:
+            raise ConfigError(f"job {fn.name!r} has no merge step", file=fn.source_file, key="merge",
+                              fix="decorate a def merge(event, results, ctx) with @<the split>.merge")  # fmt: skip
+
+
+def load_functions(paths: Iterable[Path]) -> dict[str, Function]:
+    """Import every ``*.py`` module in the given folders and collect the :class:`Function` objects they define.
+
+    Raises:
+        ConfigError: a module fails to import, or two functions share a name.
+    """
+    found: dict[str, Function] = {}
+    for folder in paths:
+        if not folder.is_dir():
+            raise ConfigError("functions folder does not exist", file=str(folder), fix="create it or fix the path")
+        for path in sorted(folder.glob("*.py")):
+            if path.name.startswith("_"):
+                continue
+            for fn in _functions_in(import_file(path)):
+                if fn.name in found:
+                    raise ConfigError(
+                        f"function {fn.name!r} is also defined in {found[fn.name].source_file}",
+                        file=str(path),
+                        fix="give each function a unique name",
+                    )
+                fn.source_file = str(path)
+                found[fn.name] = fn
+    check_jobs(found)
+    return found
+
+
+def import_file(path: Path) -> object:
+    # A private module namespace, so a user's workers/utils.py never shadows a library module.
+    module_name = f"{FUNCTIONS_NAMESPACE}{path.stem}"
+    if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == str(path):
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError("cannot import this file", file=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(str(exc), file=str(path)) from exc
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise _import_error(path, exc) from exc
+    return module
+
+
+def _import_error(path: Path, exc: Exception) -> ConfigError:
+    """Which line of the user's module failed, and what to do about it."""
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+    line = exc.lineno if isinstance(exc, SyntaxError) else lines[-1] if lines else None
+    at = f" (line {line})" if line else ""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        fix = f"install the package that provides {exc.name!r} where gpufleet runs, or remove the import"
+    else:
+        fix = f"run `python {path}` to see the whole traceback"
+    return ConfigError(f"importing it failed{at}: {type(exc).__name__}: {exc}", file=str(path), fix=fix)
+
+
+def _functions_in(module: object) -> list[Function]:
+    return [value for value in vars(module).values() if isinstance(value, Function)]

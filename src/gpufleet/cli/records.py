@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gpufleet.cli.output import EXIT_FAILED, EXIT_OK, one_line, print_json, table
-from gpufleet.errors import BrokerError
 
 if TYPE_CHECKING:
     from gpufleet.cli.tasks import AddCommand
     from gpufleet.config import Fleet
-    from gpufleet.delivery.readback import Record
+    from gpufleet.delivery.readback import Note, Record, Source
 
 
 def add_commands(command: AddCommand) -> None:
-    p = command("tail", _tail, "follow callback records and dead letters as they arrive (Kafka destinations)")
+    p = command("tail", _tail, "follow callback records and dead letters as they land (Kafka, S3, SQS, RabbitMQ)")
     p.add_argument("--success", action="store_true", help="success records")
     p.add_argument("--failure", action="store_true", help="failure records")
     p.add_argument("--dead-letters", action="store_true", help="dead letters (default: all three kinds)")
@@ -41,10 +40,6 @@ def add_commands(command: AddCommand) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
 
 
-RECONNECT_S = 0.5
-MAX_RECONNECT_S = 5.0
-
-
 def _load(args: argparse.Namespace) -> Fleet:
     from gpufleet.config import load_fleet
     from gpufleet.logs import configure_logging
@@ -57,81 +52,83 @@ def _load(args: argparse.Namespace) -> Fleet:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from gpufleet.delivery.readback import kafka_errors, read, streams
+    from gpufleet.delivery.readback import Note, follow, sources
 
     fleet = _load(args)
     asked = {"success": args.success, "failure": args.failure, "dead_letter": args.dead_letters}
     kinds = tuple(k for k, on in asked.items() if on) or tuple(asked)
-    found, other = streams(fleet, kinds)
+    found, other = sources(fleet, kinds)
     for url in other:
-        print(f"gpufleet: not followed (only Kafka destinations can be read back): {url}", file=sys.stderr)
+        print(f"gpufleet: not followed (its records cannot be read back where they land): {url}", file=sys.stderr)
+    if not found:
+        return EXIT_OK
     triggers_of = {name for name, t in fleet.triggers.items() if t.function == args.function}
-    topics = ", ".join(sorted({s.topic for s in found}))
-
-    lost_at: float | None = None  # while Kafka is out of reach: since when
-    following, shown, backoff = False, 0, RECONNECT_S
-
-    def ready() -> None:
-        nonlocal following, lost_at, backoff
-        if lost_at is None:
-            print(f"gpufleet: following {topics}{' from the beginning' if args.from_beginning else ''}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-        else:
-            print(f"gpufleet: Kafka is back after {time.monotonic() - lost_at:.0f} s; following again",
-                  file=sys.stderr, flush=True)  # fmt: skip
-        following, lost_at, backoff = True, None, RECONNECT_S
-
-    lost: tuple[type[Exception], ...] = (*kafka_errors(), BrokerError)
-    positions: dict[tuple[str, int], int] = {}  # where each partition goes on, after a reconnect
+    waiting = {id(s): s for s in found}  # "following" is said once every source is followed or skipped
+    followed: list[Source] = []
+    shown = 0
     try:
-        while True:
-            try:
-                # After a reconnect, each partition goes on where it was; one not read from yet starts at its end.
-                from_beginning = args.from_beginning and not following
-                for record in read(fleet, found, threading.Event(), from_beginning=from_beginning, start_at=positions,
-                                   on_ready=ready):  # fmt: skip
-                    positions[record.topic, record.partition] = record.offset + 1
-                    if args.function is not None and not (
-                        record.headers.get("function") == args.function or record.headers.get("trigger") in triggers_of
-                    ):
-                        continue
-                    print(_json_line(record) if args.json else _line(record), flush=True)
-                    shown += 1
-                    if args.count is not None and shown >= args.count:
-                        return EXIT_OK
-            except lost as exc:
-                if not following:
-                    raise  # never reached: said once, exit 4 (see report_error)
-                if lost_at is None:  # one line an outage, not one a try
-                    lost_at = time.monotonic()
-                    print(f"gpufleet: lost Kafka ({one_line(exc)[:200]}); reconnecting until it is back "
-                          "(Ctrl-C stops)", file=sys.stderr, flush=True)  # fmt: skip
-                time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_RECONNECT_S)
+        for item in follow(found, threading.Event(), args.from_beginning):
+            if isinstance(item, Note):
+                _say(item, waiting, followed, args.from_beginning)
+                continue
+            h = item.landed.headers
+            if args.function is not None and not (
+                h.get("function") == args.function or h.get("trigger") in triggers_of
+            ):
+                continue
+            print(_json_line(item) if args.json else _line(item), flush=True)
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                break
     except KeyboardInterrupt:
         pass  # how one stops following
     return EXIT_OK
 
 
+def _say(note: Note, waiting: dict[int, Source], followed: list[Source], from_beginning: bool) -> None:
+    """The one line each change of a source's state is worth, on stderr; "following" once every source is followed
+    or skipped."""
+    system = note.source.reader.system
+    if note.what in ("ready", "skipped") and waiting.pop(id(note.source), None) is not None:
+        if note.what == "ready":
+            followed.append(note.source)
+        else:
+            print(f"gpufleet: not followed: {one_line(str(note.error))}", file=sys.stderr, flush=True)
+        if not waiting and followed:
+            where = ", ".join(sorted({s.reader.where for s in followed}))
+            new_only = sorted({s.reader.system for s in followed if not s.reader.history})
+            since = " from the beginning" if from_beginning else ""
+            if from_beginning and new_only:
+                since += f" ({', '.join(new_only)}: new records only)"
+            print(f"gpufleet: following {where}{since}", file=sys.stderr, flush=True)
+    elif note.what == "lost":
+        print(f"gpufleet: lost {system} ({one_line(str(note.error))[:200]}); reconnecting until it is back "
+              "(Ctrl-C stops)", file=sys.stderr, flush=True)  # fmt: skip
+    elif note.what == "back":
+        print(f"gpufleet: {system} is back after {note.after_s:.0f} s; following again", file=sys.stderr, flush=True)
+
+
 def _json_line(record: Record) -> str:
+    landed = record.landed
     try:
-        value = orjson.loads(record.value)
+        value = orjson.loads(landed.value)
     except orjson.JSONDecodeError:
-        value = record.value.decode(errors="replace")
-    return orjson.dumps({"kind": record.kind, "topic": record.topic, "partition": record.partition,
-                         "offset": record.offset, "timestamp": record.timestamp, "key": record.key,
-                         "headers": record.headers, "value": value}).decode()  # fmt: skip
+        value = landed.value.decode(errors="replace")
+    return orjson.dumps({"kind": record.kind, "where": landed.where, "position": landed.position,
+                         "timestamp": landed.timestamp, "key": landed.key, "headers": landed.headers,
+                         "value": value}).decode()  # fmt: skip
 
 
 def _line(record: Record) -> str:
-    at = time.strftime("%H:%M:%S", time.localtime(record.timestamp))
-    h = record.headers
+    landed = record.landed
+    at = time.strftime("%H:%M:%S", time.localtime(landed.timestamp))
+    h = landed.headers
     if record.kind == "dead_letter":
         what = f"trigger={h.get('trigger', '?')} reason={h.get('reason', '?')} source={h.get('source', '?')}"
         detail = h.get("detail", "")
     else:
-        what = f"{record.key} function={h.get('function', '?')} condition={h.get('condition', '?')}"
-        detail = outcome_text(record.value)
+        what = f"{landed.key} function={h.get('function', '?')} condition={h.get('condition', '?')}"
+        detail = outcome_text(landed.value)
     return one_line(f"{at}  {record.kind:<11}  {what}  {detail[:200]}")
 
 

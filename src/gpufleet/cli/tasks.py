@@ -384,7 +384,7 @@ def _aliases_text(aliases: dict[str, dict[str, float]]) -> str:
 
 @_control
 def _gpus(args: argparse.Namespace) -> int:
-    from gpufleet.control.plane import group_gpus
+    from gpufleet.control.views import group_gpus
 
     plane = _plane(args)
     entries = plane.gpus()

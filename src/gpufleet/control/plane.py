@@ -7,7 +7,6 @@ Errors are :class:`~gpufleet.errors.RequestError` subclasses with a stable ``cod
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import re
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import orjson
 
 from gpufleet.config import Fleet
+from gpufleet.control.views import decode_cursor, encode_cursor, group_gpus, listed, parse_state, retried, task_view
 from gpufleet.delivery.parking import PARKED_ID, Parking
 from gpufleet.delivery.records import Condition, callback_record, fit_record, iso
 from gpufleet.errors import (
@@ -41,8 +41,6 @@ from gpufleet.scheduling.placement import Placer
 from gpufleet.scheduling.scaling import Need, needs
 from gpufleet.scheduling.versions import ServedVersions, all_versions, versions
 
-RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
-_TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
 MAX_IDEMPOTENCY_KEY = 255
 _STREAM_ID = re.compile(PARKED_ID)
 
@@ -303,7 +301,7 @@ class ControlPlane:
         envelope = self.envelopes(task_id, *call)
         if envelope is None:
             raise ConflictError("function_not_served", f"function {call[0]!r} is no longer served")
-        return _retried(task_id, *self.registry.retry(task_id, envelope), State.QUEUED)
+        return retried(task_id, *self.registry.retry(task_id, envelope), State.QUEUED)
 
     def _retry_job(self, task_id: str, n: int) -> dict[str, Any]:
         again = [s.id for s in self.jobs.shards(task_id, n) if s.state is not None and s.state != State.SUCCEEDED]
@@ -316,7 +314,7 @@ class ControlPlane:
         if outcome == "expired":
             raise ConflictError("shards_expired", f"shard {state!r} of job {task_id!r} is gone (its retention passed, "
                                 "or its function is no longer served): the job cannot run it again alone")  # fmt: skip
-        return _retried(task_id, outcome, state, State.RUNNING if again else State.QUEUED)  # shards, or its merge
+        return retried(task_id, outcome, state, State.RUNNING if again else State.QUEUED)  # shards, or its merge
 
     def position(self, task_id: str) -> dict[str, Any]:
         """Where a QUEUED task stands: 1 = next to start. ``position`` is null when it is not waiting in a queue
@@ -339,14 +337,14 @@ class ControlPlane:
         max_page = self.fleet.settings.api.max_page
         if not 1 <= limit <= max_page:
             raise InvalidRequestError("bad_limit", f"limit must be between 1 and {max_page}")
-        states = [_state(state)] if state else list(State)
+        states = [parse_state(state)] if state else list(State)
         if function is not None:
             if function not in self.fleet.functions and function not in self.registry.functions_seen():
                 raise NotFoundError("function_not_found", f"no function {function!r}")
             functions = [function]
         else:
             functions = sorted(set(self.fleet.functions) | self.registry.functions_seen())
-        before = _decode_cursor(cursor) if cursor else None
+        before = decode_cursor(cursor) if cursor else None
         rows: list[tuple[int, str, str, State]] = []
         for fn in functions:
             for st in states:
@@ -359,7 +357,7 @@ class ControlPlane:
                 self.registry.drop_from_index(fn, st, task_id)  # its record expired: tidy the index as we go
             elif state is None or record["state"] == st:
                 items.append(listed(self.view(record)))  # its record has no shard count: no shards read
-        next_cursor = _encode_cursor(page[-1][0]) if more and page else None
+        next_cursor = encode_cursor(page[-1][0]) if more and page else None
         return {"items": items, "next_cursor": next_cursor}
 
     def queue(self, function: str) -> dict[str, Any]:
@@ -433,90 +431,3 @@ class ControlPlane:
         if bad:
             raise InvalidRequestError("bad_id", f"not a parked record's id: {bad[0]!r:.100}")
         return ids
-
-
-def listed(view: dict[str, Any]) -> dict[str, Any]:
-    """A task as a listing shows it: its result's size instead of the result (108 results made a listing of 15.6 MB),
-    and its error without the stack trace. One task's GET has the rest."""
-    result, view["result"] = view["result"], None
-    view["result_bytes"] = None if result is None else len(orjson.dumps(result))
-    for key in ("error", "last_error"):
-        if view[key]:
-            view[key] = {k: v for k, v in view[key].items() if k != "stackTrace"}
-    return view
-
-
-def task_view(record: dict[str, Any]) -> dict[str, Any]:
-    """The public shape of a task record: no owner token, no envelope; times as ISO 8601 strings."""
-    view: dict[str, Any] = {
-        "id": record["id"],
-        "function": record["function"],
-        "state": record["state"],
-        "attempts": int(record.get("attempts", 0)),
-        "max_attempts": int(record.get("max_attempts", 1)),
-        "priority": int(record.get("priority", DEFAULT_PRIORITY)),
-        "progress": {"fraction": float(record.get("progress", 0) or 0), "message": record.get("progress_message", "")},
-        "source": record.get("source"),
-        "worker": record.get("worker") or None,
-        "gpu": record.get("gpu") or None,
-        "condition": record.get("condition"),
-        "result": record.get("result"),
-        "error": record.get("error"),
-        "last_error": record.get("last_error"),
-        "queue": record.get("queue"),
-        "cancel_requested": record.get("cancel") == "1",
-    }
-    for key in _TIMES:
-        value = record.get(key)
-        view[key] = iso(float(value)) if value else None
-    return view
-
-
-def _retried(task_id: str, outcome: str, state: str, now: State) -> dict[str, Any]:
-    """What a retry answers, from the registry's outcome: queued (now in state ``now``), or why not."""
-    if outcome == "missing":
-        raise NotFoundError("task_not_found", f"no task {task_id!r}")
-    if outcome == "conflict":
-        allowed = ", ".join(sorted(s.value for s in RETRIABLE))
-        raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
-    return {"id": task_id, "outcome": "queued", "previous_state": state, "state": now.value}
-
-
-def _state(value: str) -> State:
-    try:
-        return State(value.upper())
-    except ValueError:
-        choices = [s.value for s in State]
-        raise InvalidRequestError("bad_state", f"unknown state {value!r}; use one of {choices}") from None
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
-            raise ValueError(raw)
-        return int(raw[1:])
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequestError("bad_cursor", "cursor is not one this API returned") from None
-
-
-def group_gpus(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The inventory by pool and GPU model: per pair, the GPUs, how many run a task and how many are free, the stale
-    ones (not refreshed lately: their host may be gone) and the hosts. A host in several pools counts in each."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for e in entries:
-        for pool in e.get("pools") or ["default"]:
-            model = str(e.get("model") or "unknown")
-            g = groups.setdefault((pool, model), {"pool": pool, "model": model, "gpus": 0, "busy": 0, "idle": 0,
-                                                  "stale": 0, "hosts": set()})  # fmt: skip
-            g["gpus"] += 1
-            if e.get("stale"):
-                g["stale"] += 1
-                continue
-            g["hosts"].add(e.get("host") or str(e.get("worker", "")).partition("@")[2])
-            g["busy" if e.get("task_id") else "idle"] += 1
-    return [{**g, "hosts": sorted(g["hosts"])} for _, g in sorted(groups.items())]

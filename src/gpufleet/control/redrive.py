@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gpufleet.delivery import letters
-from gpufleet.delivery.readback import Record, Stream, commit, committed, read
 from gpufleet.destinations import parse_destination
+from gpufleet.destinations.kafka import KafkaRecord, commit, committed, read
 from gpufleet.errors import BrokerError, ConfigError, NotFoundError
 from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.registry.store import Registry
@@ -63,13 +63,14 @@ def group_of(fleet: Fleet, trigger: str, reason: str | None = None) -> str:
 class Marks:
     """How far each reason's own redrives went, read from their groups as the reasons turn up."""
 
-    def __init__(self, fleet: Fleet, stream: Stream, trigger: str) -> None:
-        self.fleet, self.stream, self.trigger = fleet, stream, trigger
+    def __init__(self, fleet: Fleet, bootstrap: str, topic: str, trigger: str) -> None:
+        self.fleet, self.bootstrap, self.topic, self.trigger = fleet, bootstrap, topic, trigger
         self._by_reason: dict[str, dict[int, int]] = {}
 
     def handled(self, reason: str, partition: int, offset: int) -> bool:
         if reason not in self._by_reason:
-            self._by_reason[reason] = committed(self.fleet, self.stream, group_of(self.fleet, self.trigger, reason))
+            group = group_of(self.fleet, self.trigger, reason)
+            self._by_reason[reason] = committed(self.fleet.settings.kafka, self.bootstrap, self.topic, group)
         return offset < self._by_reason[reason].get(partition, 0)
 
 
@@ -86,13 +87,14 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
     if endpoint.scheme != "kafka":
         raise ConfigError(f"redrive reads dead letters back from Kafka only; trigger {trigger!r} sends them to "
                           f"{endpoint.scheme}://", fix="use a kafka:// dead_letter")  # fmt: skip
-    stream = Stream("dead_letter", url, endpoint.hosts or fleet.settings.kafka.bootstrap_servers, endpoint.path)
+    kafka, topic = fleet.settings.kafka, endpoint.path
+    bootstrap = endpoint.hosts or kafka.bootstrap_servers
     # Where the redrives of all its letters stopped, and (with a reason) where those of that reason alone did.
-    done = committed(fleet, stream, group_of(fleet, trigger))
+    done = committed(kafka, bootstrap, topic, group_of(fleet, trigger))
     if reason is not None:
-        for p, offset in committed(fleet, stream, group_of(fleet, trigger, reason)).items():
+        for p, offset in committed(kafka, bootstrap, topic, group_of(fleet, trigger, reason)).items():
             done[p] = max(done.get(p, 0), offset)
-    marks = Marks(fleet, stream, trigger)
+    marks = Marks(fleet, bootstrap, topic, trigger)
     registry = Registry.for_fleet(fleet.settings)
     try:
         key = letters.fleet_key(registry.client, registry.prefix)
@@ -103,8 +105,8 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
     report = RedriveReport(trigger)
     messages: dict[str, SourceMessage] = {}  # by the message's identity: one send each
     upto: dict[int, int] = {}  # partition -> where this read ended
-    start_at = {(stream.topic, p): offset for p, offset in done.items()}
-    for r in read(fleet, [stream], threading.Event(), from_beginning=True, until_end=True, start_at=start_at):
+    start_at = {(topic, p): offset for p, offset in done.items()}
+    for r in read(kafka, bootstrap, [topic], threading.Event(), from_beginning=True, until_end=True, start_at=start_at):
         upto[r.partition] = r.offset + 1
         why = r.headers.get("reason") or ""
         if r.headers.get("trigger") != trigger or (reason is not None and why != reason):
@@ -133,13 +135,13 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
     if messages:
         _send(fleet, settings, list(messages.values()), report)
     if upto:  # what was read is durable now: the next redrive starts after it
-        commit(fleet, stream, group_of(fleet, trigger, reason), upto)
+        commit(kafka, bootstrap, topic, group_of(fleet, trigger, reason), upto)
     log.info("redrive done", trigger=trigger, read=report.read, queued=report.queued, duplicates=report.duplicates,
              dead_lettered=report.dead_lettered, refused=len(report.refused))  # fmt: skip
     return report
 
 
-def _message(settings: TriggerSettings, r: Record) -> SourceMessage:
+def _message(settings: TriggerSettings, r: KafkaRecord) -> SourceMessage:
     from gpufleet.aws import ObjectEvent
     from gpufleet.delivery.letters import DEFAULT_ID_HEADER, OBJECT_HEADER, SUPPLIED_ID_HEADER
     from gpufleet.triggers.base import SourceMessage

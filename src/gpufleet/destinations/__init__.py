@@ -18,7 +18,7 @@ from gpufleet.errors import ConfigError
 from gpufleet.urls import Endpoint, import_backend, parse_options, parse_url
 
 if TYPE_CHECKING:
-    from gpufleet.destinations.base import Destination
+    from gpufleet.destinations.base import Destination, Reader
     from gpufleet.settings import FleetSettings
 
 BACKENDS = {
@@ -31,6 +31,14 @@ BACKENDS = {
     "amqp": "gpufleet.destinations.amqp:AmqpDestination",
     "amqps": "gpufleet.destinations.amqp:AmqpDestination",
     "memory": "gpufleet.destinations.memory:MemoryDestination",
+}
+# The kinds whose records can be read back where they landed (gpufleet tail): their Reader class.
+READERS = {
+    "kafka": "gpufleet.destinations.kafka:KafkaReader",
+    "s3": "gpufleet.destinations.s3:S3Reader",
+    "sqs": "gpufleet.destinations.sqs:SqsReader",
+    "amqp": "gpufleet.destinations.amqp:AmqpReader",
+    "amqps": "gpufleet.destinations.amqp:AmqpReader",
 }
 LOGINS = frozenset({"http", "https", "amqp", "amqps"})  # the kinds that log in with a URL's user and password
 PATHLESS = frozenset({"http", "https", "s3", "amqp", "amqps"})  # may name no path: https://host, amqp://host
@@ -64,3 +72,17 @@ def open_destination(url: str, settings: FleetSettings) -> Destination:
     cls = import_backend(BACKENDS[endpoint.scheme])
     destination: Destination = cls(endpoint, settings)
     return destination
+
+
+def open_reader(url: str, settings: FleetSettings) -> Reader | None:
+    """What reads back the records ``url`` receives, or None for a kind whose records cannot be read back where they
+    land (http, sns, memory). Opening connects to nothing.
+
+    Raises:
+        ConfigError: the URL or its options are not valid.
+    """
+    endpoint = parse_destination(url)
+    if endpoint.scheme not in READERS:
+        return None
+    reader: Reader = import_backend(READERS[endpoint.scheme])(endpoint, settings)
+    return reader

@@ -11,19 +11,23 @@ Each message is persistent (``delivery_mode`` 2), ``application/json``, its ``me
 headers ``task_id``, ``condition`` and ``function``. It is published ``mandatory``: a record no queue is bound to
 receive comes back and is parked (``NO_ROUTE``), as is every record of a batch when the exchange does not exist or
 the user may not write to it. A lost connection, a timeout or a nack is retried with a new connection.
+
+Read back (:class:`AmqpReader`) through a queue of the reader's own, bound to the exchange: new records only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from gpufleet.destinations.base import OutRecord, Refusal
-from gpufleet.errors import DeliveryError
+from gpufleet.destinations.base import Landed, OutRecord, Refusal
+from gpufleet.errors import ConfigError, DeliveryError
 from gpufleet.urls import Endpoint, EnvName, Options, amqp_login
 
 if TYPE_CHECKING:
@@ -115,3 +119,55 @@ class AmqpDestination:
                 except Exception:  # noqa: BLE001 - closing a broken connection
                     self._conn.collect()
                 self._conn = self._channel = None
+
+
+class AmqpReader:
+    """A queue of its own (server-named, exclusive, deleted when the reader goes), bound to the destination's exchange
+    with its routing key: it receives a copy of each record published from then on, and the queues of the consumers
+    downstream keep theirs. What was published before it started is in those queues only, so it has no history; a
+    destination on the default exchange (a routing key that names a queue) cannot be copied, and is not read."""
+
+    system = "RabbitMQ"
+    history = False
+
+    def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
+        self._dest = AmqpDestination(endpoint, settings)
+        self.where = self._dest.where
+        self._conn: Any = None
+
+    def follow(self, stop: threading.Event, from_beginning: bool, on_ready: Callable[[], None]) -> Iterator[Landed]:
+        import amqp
+
+        options = self._dest.options
+        if not options.exchange:
+            raise ConfigError(f"{self.where}: records go to queue {options.routing_key!r} on the default exchange, "
+                              "and reading a queue takes its messages from its consumers, so it is not read",
+                              fix="publish to an exchange (?exchange=...) that the queue is bound to")  # fmt: skip
+        got: list[Any] = []
+        self._conn = conn = amqp.Connection(connect_timeout=options.timeout_s, **self._dest._login)
+        try:
+            conn.connect()
+            channel = conn.channel()
+            queue, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
+            channel.queue_bind(queue, options.exchange, routing_key=options.routing_key)
+            channel.basic_consume(queue, no_ack=True, callback=got.append)
+            on_ready()
+            while not stop.is_set():
+                try:
+                    conn.drain_events(timeout=0.5)
+                except TimeoutError:
+                    conn.heartbeat_tick()
+                while got:
+                    message = got.pop(0)
+                    headers = {k: str(v) for k, v in (message.properties.get("application_headers") or {}).items()}
+                    key = headers.pop("task_id", str(message.properties.get("message_id", "")))
+                    tag = str(message.delivery_info.get("delivery_tag", ""))
+                    yield Landed(self.where, tag, time.time(), key, headers, bytes(message.body))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.collect()

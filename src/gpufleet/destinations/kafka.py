@@ -8,18 +8,25 @@ refuses for good (larger than ``max_request_size`` or the broker's ``message.max
 this client may not write) is returned as a :class:`Refusal`; any other failure raises :class:`DeliveryError` and
 the caller retries the batch. The message key is the task id, so a consumer can
 de-duplicate, and records of one task keep their order within a partition.
+
+Reading back (:class:`KafkaReader`, and :func:`read` for ``gpufleet redrive``): a topic keeps its records for every
+reader, so reading them takes nothing from the consumers downstream. Partitions are assigned by hand, so a reader
+never joins or rebalances anyone's group; only a redrive keeps offsets, in a group of its own.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gpufleet.destinations.base import OutRecord, Refusal
-from gpufleet.errors import DeliveryError
+from gpufleet.destinations.base import Landed, OutRecord, Refusal
+from gpufleet.errors import BrokerError, DeliveryError, unreachable_hint
 from gpufleet.urls import Endpoint, Options
 
 if TYPE_CHECKING:
@@ -136,3 +143,173 @@ def _refusals() -> tuple[type[Exception], ...]:
 
     return (errors.MessageSizeTooLargeError, errors.RecordListTooLargeError, errors.InvalidTopicError,
             errors.TopicAuthorizationFailedError, errors.InvalidRecordError)  # fmt: skip
+
+
+# -- reading back: gpufleet tail follows a topic, gpufleet redrive reads a trigger's dead letters ------------------
+
+TOPIC_LOOK_S = 2.0  # how often a live reader looks for topics (or partitions) that did not exist yet
+BOOTSTRAP_TIMEOUT_MS = 5000
+
+
+def kafka_errors() -> tuple[type[Exception], ...]:
+    """What reading from Kafka raises when the broker goes away: a reader reconnects on these."""
+    from kafka.errors import KafkaError
+
+    return (KafkaError, OSError)
+
+
+@dataclass(frozen=True)
+class KafkaRecord:
+    topic: str
+    partition: int
+    offset: int
+    timestamp: float
+    key: str
+    headers: dict[str, str]
+    value: bytes
+
+
+class KafkaReader:
+    """A topic kept for every reader: reading it back takes nothing from the consumers downstream."""
+
+    system = "Kafka"
+    history = True
+
+    def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
+        self.settings = settings.kafka
+        self.bootstrap = endpoint.hosts or settings.kafka.bootstrap_servers
+        self.where = endpoint.path
+        self._positions: dict[tuple[str, int], int] = {}  # where each partition goes on, after a reconnect
+        self._started = False
+
+    def follow(self, stop: threading.Event, from_beginning: bool, on_ready: Callable[[], None]) -> Iterator[Landed]:
+        # After a reconnect, each partition goes on where it was; one not read from yet starts at its end.
+        first, self._started = not self._started, True
+        for r in read(self.settings, self.bootstrap, [self.where], stop, from_beginning=from_beginning and first,
+                      start_at=self._positions, on_ready=on_ready):  # fmt: skip
+            self._positions[r.topic, r.partition] = r.offset + 1
+            yield Landed(r.topic, f"{r.partition}/{r.offset}", r.timestamp, r.key, r.headers, r.value)
+
+    def close(self) -> None:
+        pass
+
+
+def read(settings: KafkaSettings, bootstrap: str, topics: list[str], stop: threading.Event, *,
+         from_beginning: bool = False, until_end: bool = False, poll_ms: int = 200,
+         on_ready: Callable[[], None] | None = None,
+         start_at: Mapping[tuple[str, int], int] | None = None) -> Iterator[KafkaRecord]:  # fmt: skip
+    """Records of ``topics``: from the end (new ones only) or the beginning, or for a (topic, partition) in
+    ``start_at`` from that offset; live until ``stop``, or with ``until_end`` only up to the end each partition had
+    when reading began. ``on_ready`` is called once the starting positions are fixed: a record written after it is
+    read. Partitions are assigned by hand: the reader never joins or rebalances anyone's group."""
+    consumer = _consumer(settings, bootstrap)
+    try:
+        parts = _assign(consumer, topics, [], from_beginning)
+        for tp in parts:
+            if start_at and (tp.topic, tp.partition) in start_at:
+                consumer.seek(tp, start_at[tp.topic, tp.partition])
+                consumer.position(tp)
+        # The end of each partition when reading began: the high watermark of its first fetch (ListOffsets is not
+        # used: some Kafka-compatible brokers, tansu among them, answer it with the last offset, not the end).
+        ends: dict[Any, int] = {}
+        if on_ready is not None:
+            on_ready()
+        next_look = time.monotonic() + TOPIC_LOOK_S
+        while not stop.is_set():
+            if until_end:
+                for tp in parts:
+                    high = consumer.highwater(tp)
+                    if tp not in ends and high is not None:
+                        ends[tp] = high
+                if len(ends) == len(parts) and all(consumer.position(tp) >= ends[tp] for tp in parts):
+                    return
+            if not until_end and time.monotonic() >= next_look:  # a topic (or partition) made since: all of it
+                parts, next_look = _assign(consumer, topics, parts, True), time.monotonic() + TOPIC_LOOK_S
+            if not parts:
+                stop.wait(poll_ms / 1000)
+                continue
+            for tp, batch in consumer.poll(timeout_ms=poll_ms).items():
+                for r in batch:
+                    if until_end and r.offset >= ends.setdefault(tp, consumer.highwater(tp) or r.offset + 1):
+                        continue
+                    yield KafkaRecord(r.topic, r.partition, r.offset, r.timestamp / 1000,
+                                 r.key.decode(errors="replace") if r.key else "",
+                                 {k: v.decode(errors="replace") for k, v in r.headers or [] if v is not None},
+                                 r.value or b"")  # fmt: skip
+    finally:
+        consumer.close()
+
+
+def _assign(consumer: Any, topics: list[str], assigned: list[Any], from_beginning: bool) -> list[Any]:
+    """Assign every partition the topics have now; those not assigned before start at their beginning (or, on the
+    first call without ``from_beginning``, at their end). Returns the partitions assigned."""
+    from kafka import TopicPartition
+
+    if assigned:
+        consumer.topics()  # fetches fresh metadata: topics made since show up
+    found = [
+        TopicPartition(topic, p) for topic in sorted(topics) for p in sorted(consumer.partitions_for_topic(topic) or [])
+    ]
+    new = [tp for tp in found if tp not in assigned]
+    if not new:
+        return assigned
+    positions = {tp: consumer.position(tp) for tp in assigned}
+    consumer.assign(assigned + new)
+    for tp, offset in positions.items():
+        consumer.seek(tp, offset)
+    if from_beginning:
+        consumer.seek_to_beginning(*new)
+    else:
+        consumer.seek_to_end(*new)
+    for tp in new:
+        consumer.position(tp)  # resolves the seek now, not at the first poll: a record written after is read
+    return assigned + new
+
+
+def committed(settings: KafkaSettings, bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    """``group``'s committed offset for each partition of ``topic`` that has one."""
+    from kafka import TopicPartition
+
+    consumer = _consumer(settings, bootstrap, group)
+    try:
+        found = {}
+        for p in consumer.partitions_for_topic(topic) or []:
+            offset = consumer.committed(TopicPartition(topic, p))
+            if offset is not None and offset >= 0:
+                found[p] = offset
+        return found
+    finally:
+        consumer.close()
+
+
+def commit(settings: KafkaSettings, bootstrap: str, topic: str, group: str, offsets: Mapping[int, int]) -> None:
+    """Commit ``group``'s offset for partitions of ``topic`` (partition -> the next offset to read). No metadata:
+    some Kafka-compatible brokers (tansu) do not keep it."""
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    consumer = _consumer(settings, bootstrap, group)
+    try:
+        consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
+    finally:
+        consumer.close()
+
+
+def _consumer(k: KafkaSettings, bootstrap: str, group: str | None = None) -> Any:
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    try:
+        # A person waits at the other end: an unreachable Kafka is said within BOOTSTRAP_TIMEOUT_MS, not 30 s
+        # (kafka-python 3 has the setting; 2.x bootstraps within request_timeout_ms).
+        quick = (
+            {"bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS}
+            if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG
+            else {}
+        )
+        return KafkaConsumer(bootstrap_servers=bootstrap.split(","), client_id=f"{k.client_id}-readback",
+                             group_id=group, enable_auto_commit=False, request_timeout_ms=k.request_timeout_ms,
+                             auto_offset_reset="earliest", **quick)  # fmt: skip
+    except (KafkaTimeoutError, KafkaConnectionError) as exc:  # no broker answered
+        hint = unreachable_hint("Kafka", "kafka.bootstrap_servers")
+        raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc} ({hint})") from None

@@ -8,17 +8,22 @@ On a FIFO queue (``.fifo``) the group is the task id and the de-duplication id a
 sent twice within SQS's five minutes is kept once. Records go in batches of up to 10 messages and 256 KiB; a
 record larger than SQS's 256 KiB is parked (``max_record_bytes`` is 512 KiB by default: lower it for SQS). An
 entry SQS refuses as the sender's fault is parked with its reason; anything else is retried.
+
+Read back by peeking (:class:`SqsReader`): what waits in the queue, left there for its consumers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.aws import AwsClient, permanent, transient_errors
-from gpufleet.destinations.base import OutRecord, Refusal
-from gpufleet.errors import DeliveryError
+from gpufleet.destinations.base import Landed, OutRecord, Refusal
+from gpufleet.errors import ConfigError, DeliveryError
 from gpufleet.urls import Endpoint, Options
 
 if TYPE_CHECKING:
@@ -137,3 +142,56 @@ def failed_entries(reply: dict[str, Any], where: str) -> list[Refusal]:
             raise DeliveryError(f"{where}: {failure.get('Code')}: {failure.get('Message')}")
         refused.append(Refusal(int(failure["Id"]), f"{failure.get('Code')}: {failure.get('Message')}"))
     return refused
+
+
+class SqsReader:
+    """Peeks at the queue: each receive asks for a visibility timeout of 0, so a message stays visible to the
+    queue's consumers, and is shown once (by its id). What it shows is what waits in the queue: a message its
+    consumers take first is never seen, and SQS hands out at most 10 messages a receive, so a long queue shows late.
+
+    Every receive counts toward a message's ``maxReceiveCount``: a queue with a redrive policy is not read (it would
+    send its messages to its dead-letter queue), and says so."""
+
+    system = "SQS"
+    history = True
+    POLL_S = 1.0
+    SEEN_MAX = 100_000
+
+    def __init__(self, endpoint: Endpoint, settings: FleetSettings) -> None:
+        self._dest = SqsDestination(endpoint, settings)
+        self.where = self._dest.where()
+        self._seen: dict[str, None] = {}  # message ids shown, oldest first
+        self._since: float | None = None  # messages sent before this (ms) are not shown, unless from_beginning
+
+    def follow(self, stop: threading.Event, from_beginning: bool, on_ready: Callable[[], None]) -> Iterator[Landed]:
+        client = self._dest._aws.get()
+        owner = {"QueueOwnerAWSAccountId": self._dest.account} if self._dest.account else {}
+        url = client.get_queue_url(QueueName=self._dest.queue, **owner)["QueueUrl"]
+        attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+        if "RedrivePolicy" in attributes.get("Attributes", {}):
+            raise ConfigError(f"{self.where} has a redrive policy: reading it back would count toward each "
+                              "message's maxReceiveCount and move it to the dead-letter queue, so it is not read",
+                              fix="tail the queue's consumers, or send the records to Kafka or S3 too")  # fmt: skip
+        if self._since is None:
+            self._since = 0.0 if from_beginning else time.time() * 1000
+            on_ready()
+        while not stop.is_set():
+            got = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=1,
+                                         AttributeNames=["SentTimestamp"],
+                                         MessageAttributeNames=["All"]).get("Messages", [])  # fmt: skip
+            new = [m for m in got if m["MessageId"] not in self._seen]
+            for m in sorted(new, key=lambda m: int(m["Attributes"]["SentTimestamp"])):
+                self._seen[m["MessageId"]] = None
+                if len(self._seen) > self.SEEN_MAX:
+                    del self._seen[next(iter(self._seen))]
+                sent = int(m["Attributes"]["SentTimestamp"])
+                if sent < self._since:
+                    continue
+                headers = {k: v["StringValue"] for k, v in m.get("MessageAttributes", {}).items()}
+                key = headers.pop("task_id", "")
+                yield Landed(self.where, m["MessageId"], sent / 1000, key, headers, m["Body"].encode())
+            if not new:
+                stop.wait(self.POLL_S)
+
+    def close(self) -> None:
+        self._dest.close()

@@ -3,8 +3,8 @@
 Celery's own ``send_task`` costs one Redis round trip per message. We build the same protocol-2 message and push many
 of them with one Lua call that also writes the registry records. The worker side is stock Celery: it cannot tell these
 from ``send_task`` messages. The headers are written here, not borrowed from a Celery app, so that a trigger or the API
-never builds one (~100 ms, and not thread-safe to import under load); ``tests/test_intake_path.py`` compares them with
-what the installed Celery's ``app.amqp.as_task_v2`` writes, so Celery's format stays Celery's.
+never builds one (~100 ms, and not thread-safe to import under load); ``tests/integration/test_intake_path.py``
+compares them with what the installed Celery's ``app.amqp.as_task_v2`` writes, so Celery's format stays Celery's.
 """
 
 from __future__ import annotations

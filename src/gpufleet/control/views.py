@@ -1,0 +1,104 @@
+"""What the control plane answers: a task's public view (whole, or as a listing shows it), a retry's outcome, listing
+cursors, and the GPU inventory by pool and model."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+
+from gpufleet.delivery.records import iso
+from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError
+from gpufleet.registry.messages import DEFAULT_PRIORITY
+from gpufleet.registry.model import State
+
+RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
+TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
+
+
+def listed(view: dict[str, Any]) -> dict[str, Any]:
+    """A task as a listing shows it: its result's size instead of the result (108 results made a listing of 15.6 MB),
+    and its error without the stack trace. One task's GET has the rest."""
+    result, view["result"] = view["result"], None
+    view["result_bytes"] = None if result is None else len(orjson.dumps(result))
+    for key in ("error", "last_error"):
+        if view[key]:
+            view[key] = {k: v for k, v in view[key].items() if k != "stackTrace"}
+    return view
+
+
+def task_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The public shape of a task record: no owner token, no envelope; times as ISO 8601 strings."""
+    view: dict[str, Any] = {
+        "id": record["id"],
+        "function": record["function"],
+        "state": record["state"],
+        "attempts": int(record.get("attempts", 0)),
+        "max_attempts": int(record.get("max_attempts", 1)),
+        "priority": int(record.get("priority", DEFAULT_PRIORITY)),
+        "progress": {"fraction": float(record.get("progress", 0) or 0), "message": record.get("progress_message", "")},
+        "source": record.get("source"),
+        "worker": record.get("worker") or None,
+        "gpu": record.get("gpu") or None,
+        "condition": record.get("condition"),
+        "result": record.get("result"),
+        "error": record.get("error"),
+        "last_error": record.get("last_error"),
+        "queue": record.get("queue"),
+        "cancel_requested": record.get("cancel") == "1",
+    }
+    for key in TIMES:
+        value = record.get(key)
+        view[key] = iso(float(value)) if value else None
+    return view
+
+
+def retried(task_id: str, outcome: str, state: str, now: State) -> dict[str, Any]:
+    """What a retry answers, from the registry's outcome: queued (now in state ``now``), or why not."""
+    if outcome == "missing":
+        raise NotFoundError("task_not_found", f"no task {task_id!r}")
+    if outcome == "conflict":
+        allowed = ", ".join(sorted(s.value for s in RETRIABLE))
+        raise ConflictError("not_retriable", f"task {task_id!r} is {state}; only {allowed} tasks can be retried")
+    return {"id": task_id, "outcome": "queued", "previous_state": state, "state": now.value}
+
+
+def parse_state(value: str) -> State:
+    try:
+        return State(value.upper())
+    except ValueError:
+        choices = [s.value for s in State]
+        raise InvalidRequestError("bad_state", f"unknown state {value!r}; use one of {choices}") from None
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("s"):
+            raise ValueError(raw)
+        return int(raw[1:])
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("bad_cursor", "cursor is not one this API returned") from None
+
+
+def group_gpus(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The inventory by pool and GPU model: per pair, the GPUs, how many run a task and how many are free, the stale
+    ones (not refreshed lately: their host may be gone) and the hosts. A host in several pools counts in each."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in entries:
+        for pool in e.get("pools") or ["default"]:
+            model = str(e.get("model") or "unknown")
+            g = groups.setdefault((pool, model), {"pool": pool, "model": model, "gpus": 0, "busy": 0, "idle": 0,
+                                                  "stale": 0, "hosts": set()})  # fmt: skip
+            g["gpus"] += 1
+            if e.get("stale"):
+                g["stale"] += 1
+                continue
+            g["hosts"].add(e.get("host") or str(e.get("worker", "")).partition("@")[2])
+            g["busy" if e.get("task_id") else "idle"] += 1
+    return [{**g, "hosts": sorted(g["hosts"])} for _, g in sorted(groups.items())]
