@@ -62,8 +62,8 @@ demo: $(VENV)/.demo
 # servers of its own); then the two chaos tests side by side, with the lint beside them (they leave most of the
 # machine idle: they wait on kills and leases); then the timed ones alone, on a machine nobody else loads (two at a
 # time, one ran beside the chaos test and missed its bound). The last two collect only the files that hold them.
-CHAOS_TESTS  = $(shell grep -l 'mark\.chaos' tests/test_*.py)
-SERIAL_TESTS = $(shell grep -l 'mark\.serial' tests/test_*.py)
+CHAOS_TESTS  = $(shell grep -l 'mark\.chaos' tests/*/test_*.py)
+SERIAL_TESTS = $(shell grep -l 'mark\.serial' tests/*/test_*.py)
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial and not chaos"
 	$(MAKE) --no-print-directory --output-sync=target -j 2 lint test-chaos
@@ -72,9 +72,9 @@ test: $(VENV)/.dev
 test-chaos: $(VENV)/.dev
 	$(BIN)/python -m pytest -n 2 -m chaos $(CHAOS_TESTS)
 
-# The inner loop: the tests that start no server (no Redis, Kafka, S3, RabbitMQ or fleet), in well under a minute.
+# The inner loop: tests/unit, which start no server (no Redis, Kafka, S3, RabbitMQ or fleet), in well under a minute.
 check: $(VENV)/.dev
-	$(BIN)/python -m pytest -n 2 -m "not server" -q
+	$(BIN)/python -m pytest -n 2 -q tests/unit
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench workers

@@ -1,7 +1,8 @@
 """A chaos run: events flow through the roles as separate processes while processes are killed and frozen.
 
-Used by ``tests/test_chaos.py`` (a few hundred events, in ``make test``) and ``bench/chaos.py`` (20,000+). The roles
-are ``gpufleet worker``, ``gpufleet trigger`` and ``gpufleet dispatcher``, each in its own process group. Meanwhile:
+Used by ``tests/integration/test_chaos.py`` (a few hundred events, in ``make test``) and ``bench/chaos.py``
+(20,000+). The roles are ``gpufleet worker``, ``gpufleet trigger`` and ``gpufleet dispatcher``, each in its own
+process group. Meanwhile:
 
 - a Celery pool process (the one running handlers) is SIGKILLed every ``pool_kill_every_s``;
 - the trigger and the dispatcher are SIGKILLed and restarted every ``role_kill_every_s``;

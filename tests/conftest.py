@@ -1,4 +1,9 @@
-"""Fixtures: real Redis, Kafka (tansu), moto and SeaweedFS servers, started once per run; fleets as real processes."""
+"""Fixtures: real Redis, Kafka (tansu), moto and SeaweedFS servers, started once per run; fleets as real processes.
+
+The folders say what a test needs: ``unit/`` starts no server (``make check`` runs it alone), ``integration/``
+starts servers, processes or whole fleets, and ``contracts/`` runs what every trigger and every destination promises
+against each one's real server.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ if TYPE_CHECKING:
     from gpufleet.dev.services import S3Service
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-# A test that uses one of these starts a server or a fleet: `make check` (-m "not server") leaves it out.
+UNIT = Path(__file__).parent / "unit"
+# A test that uses one of these starts a server or a fleet: it belongs in integration/ or contracts/, not unit/.
 SERVER_FIXTURES = frozenset({"services", "harness", "moto", "seaweedfs", "rabbitmq"})
 # The longest tests (30 s to 2 min under xdist): started first, so that none of them ends the run alone.
 LONGEST = (
@@ -41,6 +47,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         names = set(getattr(item, "fixturenames", ()))
         if names & SERVER_FIXTURES or item.get_closest_marker("serial") or item.get_closest_marker("chaos"):
             item.add_marker(pytest.mark.server)
+            if UNIT in item.path.parents:
+                raise pytest.UsageError(f"{item.nodeid} starts a server or a fleet: move it to tests/integration")
         if item.get_closest_marker("xdist_group"):
             # CPU-bound (the fuzzers) or slow to start (RabbitMQ): on a loaded machine, more than the usual 180 s.
             item.add_marker(pytest.mark.timeout(600))

@@ -201,7 +201,7 @@ def crowd(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
           version=os.environ.get("SPILL_AS", LATEST))  # fmt: skip
 def spill(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Prefers pool eu and overflows to us once eu's estimated wait passes 1.5 s; the version is the host's SPILL_AS
-    (tests/test_overflow.py)."""
+    (tests/integration/test_overflow.py)."""
     _redis().incr(f"runs:{ctx.task_id}")
     time.sleep(float(event.get("seconds", 0.3)))
     return {"worker": ctx.worker}
@@ -209,7 +209,8 @@ def spill(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
 
 @function(name="warmup", version="3", when_inactive="refuse")
 def warmup(event: Any, ctx: Context) -> dict[str, Any]:
-    """Its setup() fails where the worker has WARMUP_FAIL set, and takes WARMUP_S seconds (tests/test_versions.py)."""
+    """Its setup() fails where the worker has WARMUP_FAIL set, and takes WARMUP_S seconds
+    (tests/integration/test_versions.py)."""
     return {"state": ctx.state}
 
 
@@ -224,15 +225,16 @@ def load_warmup_model() -> str:
 
 @function(name="versioned", version=os.environ.get("VERSIONED_AS", "1"))
 def versioned(event: Any, ctx: Context) -> dict[str, Any]:
-    """The version is the host's VERSIONED_AS: hosts of a test fleet can run two versions (tests/test_versions.py)."""
+    """The version is the host's VERSIONED_AS: hosts of a test fleet can run two versions
+    (tests/integration/test_versions.py)."""
     _redis().incr(f"runs:{ctx.task_id}")
     return {"ran": os.environ.get("VERSIONED_AS", "1")}
 
 
 @function(name="tile", max_attempts=3, backoff_s=0.2, timeout_s=60)
 def tile(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """A shard of ``tiles`` (tests/test_jobs.py): fails its first ``fail`` attempts, or every attempt while its
-    ``broken`` flag is not fixed in Redis; sleeps ``seconds`` (checking cancel, unless ``deaf``), then returns its
+    """A shard of ``tiles`` (tests/integration/test_jobs.py): fails its first ``fail`` attempts, or every attempt while
+    its ``broken`` flag is not fixed in Redis; sleeps ``seconds`` (checking cancel, unless ``deaf``), then returns its
     value."""
     r = _redis()
     r.incr(f"runs:{ctx.task_id}")
@@ -296,7 +298,7 @@ def merge_logged(event: dict[str, Any], results: list[dict[str, Any]], ctx: Cont
 
 @job(name="objtiles", shard=tile, payload=ObjectEvent)
 def objtiles(event: ObjectEvent, ctx: Context) -> list[dict[str, Any]]:
-    """A job from a bucket event: one shard per line of the object (tests/test_jobs.py)."""
+    """A job from a bucket event: one shard per line of the object (tests/integration/test_jobs.py)."""
     return [{"i": i} for i, _ in enumerate(ctx.read(event.uri).decode().splitlines())]
 
 
