@@ -18,7 +18,7 @@ import psutil
 import naive_bridge
 from gpufleet.config import Fleet
 from gpufleet.registry.messages import MessageFactory, priority_list, queue_name
-from gpufleet.triggers.base import Prepared
+from gpufleet.triggers.ingest import Prepared
 from gpufleet.triggers.kafka import KafkaSettings, KafkaTrigger
 from world import PREFIX, TOPICS, BenchError, World, queued_messages
 

@@ -107,8 +107,13 @@ class ObjectStore:
         response: dict[str, Any] = self.client.head_object(Bucket=bucket, Key=key)
         return response
 
-    def download(self, bucket: str, key: str, open_dest: Callable[[], AbstractContextManager[BinaryIO]],
-                 version_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def download(
+        self,
+        bucket: str,
+        key: str,
+        open_dest: Callable[[], AbstractContextManager[BinaryIO]],
+        version_id: str | None = None,
+    ) -> dict[str, Any]:
         """Stream the object (never whole in memory) into the file ``open_dest()`` opens, which is called only
         once the object is found, so a missing object leaves nothing behind. Returns GetObject's metadata."""
         extra = {"VersionId": version_id} if version_id else {}
@@ -121,8 +126,9 @@ class ObjectStore:
             body.close()
         return dict(response)
 
-    def read(self, bucket: str, key: str, start: int | None = None, end: int | None = None,
-             limit: int | None = None) -> bytes:  # fmt: skip
+    def read(
+        self, bucket: str, key: str, start: int | None = None, end: int | None = None, limit: int | None = None
+    ) -> bytes:
         """The object's bytes, or those of ``[start, end)`` (an HTTP range request), in memory.
 
         Raises:
@@ -134,8 +140,9 @@ class ObjectStore:
             extra["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
         response = self.client.get_object(Bucket=bucket, Key=key, **extra)
         body = response["Body"]
-        too_large = PermanentTaskError("ReadTooLarge", f"s3://{bucket}/{key}: more than {limit} bytes; read a range, "
-                                       "or download the object")  # fmt: skip
+        too_large = PermanentTaskError(
+            "ReadTooLarge", f"s3://{bucket}/{key}: more than {limit} bytes; read a range, or download the object"
+        )
         try:
             if limit is not None and int(response.get("ContentLength") or 0) > limit:
                 raise too_large  # nothing read
@@ -176,6 +183,7 @@ def make_client(service: str, settings: S3Settings, max_attempts: int = 5) -> An
 
 
 # Error codes an AWS-compatible service answers with a 4xx that still mean "try again later".
+# fmt: skip below: a list of codes reads better packed than one per line.
 RETRYABLE_CODES = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "SlowDown", "RequestTimeout",
                              "RequestTimeoutException", "KMSThrottlingException", "ServiceUnavailable"})  # fmt: skip
 

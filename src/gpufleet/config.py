@@ -71,8 +71,12 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
     secret_env = env if secrets else None
     path = config_file or Path(env.get(f"{ENV_PREFIX}CONFIG", str(DEFAULT_CONFIG)))
     if path == DEFAULT_CONFIG and not path.exists():
-        raise ConfigError(f"no fleet here ({Path.cwd()})", file=str(path), fix="`gpufleet init` writes a starter "
-                          "project in this folder; or pass --config FILE, or set GPUFLEET_CONFIG")  # fmt: skip
+        raise ConfigError(
+            f"no fleet here ({Path.cwd()})",
+            file=str(path),
+            fix="`gpufleet init` writes a starter "
+            "project in this folder; or pass --config FILE, or set GPUFLEET_CONFIG",
+        )
     raw, from_env = _apply_env(_read_yaml(path), env)
     settings = _validate(FleetSettings, raw, str(path), from_env)
     base = path.resolve().parent
@@ -85,10 +89,15 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
     functions = load_functions(settings.functions)
     unknown = sorted(set(settings.aliases) - set(functions))
     if unknown:
-        raise ConfigError(f"aliases for functions this fleet does not serve: {unknown}", file=str(path), key="aliases",
-                          fix=f"use one of {sorted(functions)}")  # fmt: skip
-    triggers = load_triggers(settings.triggers, functions, secret_env, settings.defaults.max_record_bytes,
-                             settings.api.weak_secrets_allowed)  # fmt: skip
+        raise ConfigError(
+            f"aliases for functions this fleet does not serve: {unknown}",
+            file=str(path),
+            key="aliases",
+            fix=f"use one of {sorted(functions)}",
+        )
+    triggers = load_triggers(
+        settings.triggers, functions, secret_env, settings.defaults.max_record_bytes, settings.api.weak_secrets_allowed
+    )
     for key in ("on_success", "on_failure", "dead_letter"):
         parse_destination(getattr(settings.defaults, key), where=str(path), key=f"defaults.{key}", env=secret_env)
     for fn in functions.values():
@@ -98,14 +107,22 @@ def load_fleet(config_file: Path | None = None, env: Mapping[str, str] | None = 
                 parse_destination(url, where=fn.source_file, key=f"{fn.name}.{key}", env=secret_env)
     hooks = [t.name for t in triggers.values() if t.enabled and served_by(t.scheme) == "api"]
     if hooks and not settings.api.enabled:
-        raise ConfigError(f"webhook trigger(s) {hooks} are served by the api role, which is off", file=str(path),
-                          key="api.enabled", fix="set api.enabled: true (and api.token)")  # fmt: skip
+        raise ConfigError(
+            f"webhook trigger(s) {hooks} are served by the api role, which is off",
+            file=str(path),
+            key="api.enabled",
+            fix="set api.enabled: true (and api.token)",
+        )
     return Fleet(settings=settings, functions=functions, triggers=triggers, config_file=path.resolve())
 
 
-def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], env: Mapping[str, str] | None = None,
-                  max_record_bytes: int | None = None, weak_secrets_allowed: bool = False,
-                  ) -> dict[str, TriggerSettings]:  # fmt: skip
+def load_triggers(
+    folders: tuple[Path, ...],
+    functions: Mapping[str, Function],
+    env: Mapping[str, str] | None = None,
+    max_record_bytes: int | None = None,
+    weak_secrets_allowed: bool = False,
+) -> dict[str, TriggerSettings]:
     """Load every ``*.yaml`` trigger file in the folders: each against its scheme's model (declared by its trigger
     class), then its source, function and destinations; with ``env``, the secrets they name too (left unresolved
     without it)."""
@@ -119,9 +136,13 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
             raw.setdefault("name", file.stem)
             source = raw.get("source")
             if not isinstance(source, str):
-                raise ConfigError("is required: the URL of the trigger's source" if source is None else
-                                  "must be a URL", file=where, key="source", fix="kafka:///topic, sqs:///queue, "
-                                  "webhook:///path, s3://bucket/prefix or amqp://host/vhost?queue=NAME")  # fmt: skip
+                raise ConfigError(
+                    "is required: the URL of the trigger's source" if source is None else "must be a URL",
+                    file=where,
+                    key="source",
+                    fix="kafka:///topic, sqs:///queue, "
+                    "webhook:///path, s3://bucket/prefix or amqp://host/vhost?queue=NAME",
+                )
             scheme = parse_source(source, where=where, key="source", env=env).scheme
             check_keys(scheme, raw, raw.get("format"), where=where)
             trigger = _validate(settings_model(scheme, raw.get("format")), raw, where)
@@ -130,10 +151,13 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
             if trigger.name in triggers:
                 raise ConfigError(f"trigger name {trigger.name!r} is used twice", file=where, key="name")
             if max_record_bytes and (trigger.max_payload_bytes or 0) > max_record_bytes:
-                raise ConfigError(f"{trigger.max_payload_bytes} is more than defaults.max_record_bytes "
-                                  f"({max_record_bytes}): an accepted message must fit its dead letter",
-                                  file=where, key="max_payload_bytes",
-                                  fix="lower it, or raise defaults.max_record_bytes")  # fmt: skip
+                raise ConfigError(
+                    f"{trigger.max_payload_bytes} is more than defaults.max_record_bytes "
+                    f"({max_record_bytes}): an accepted message must fit its dead letter",
+                    file=where,
+                    key="max_payload_bytes",
+                    fix="lower it, or raise defaults.max_record_bytes",
+                )
             if trigger.function is not None and trigger.function not in functions:
                 raise ConfigError(
                     f"unknown function {trigger.function!r}",
@@ -142,8 +166,12 @@ def load_triggers(folders: tuple[Path, ...], functions: Mapping[str, Function], 
                     fix=did_you_mean(trigger.function, functions) or f"one of {sorted(functions)}",
                 )
             if trigger.object_events and trigger.function is None:
-                raise ConfigError("an object-event trigger needs a function", file=where, key="function",
-                                  fix="name the function that gets each object event")  # fmt: skip
+                raise ConfigError(
+                    "an object-event trigger needs a function",
+                    file=where,
+                    key="function",
+                    fix="name the function that gets each object event",
+                )
             for key in ("dead_letter", "on_success", "on_failure"):
                 url = getattr(trigger, key)
                 if url:
@@ -188,8 +216,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, A
             try:
                 parsed = yaml.safe_load(value)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"not valid YAML: {_yaml_problem(exc)}", file="environment", key=name,
-                                  fix="write a list as [a, b]") from None  # fmt: skip
+                raise ConfigError(
+                    f"not valid YAML: {_yaml_problem(exc)}", file="environment", key=name, fix="write a list as [a, b]"
+                ) from None
         sources[".".join(path)] = name
         if len(path) == 1:
             merged[path[0]] = parsed
@@ -287,11 +316,19 @@ def check_jobs(functions: dict[str, Function]) -> None:
         shard = functions.get(fn.shards.function)
         if shard is None or shard.shards is not None:
             why = "is not served by this fleet" if shard is None else "is a job itself (jobs do not nest)"
-            raise ConfigError(f"job {fn.name!r}: its shard function {fn.shards.function!r} {why}",
-                              file=fn.source_file, key="shard", fix="name a @function of the same fleet")  # fmt: skip
+            raise ConfigError(
+                f"job {fn.name!r}: its shard function {fn.shards.function!r} {why}",
+                file=fn.source_file,
+                key="shard",
+                fix="name a @function of the same fleet",
+            )
         if fn.shards.merge_fn is None:
-            raise ConfigError(f"job {fn.name!r} has no merge step", file=fn.source_file, key="merge",
-                              fix="decorate a def merge(event, results, ctx) with @<the split>.merge")  # fmt: skip
+            raise ConfigError(
+                f"job {fn.name!r} has no merge step",
+                file=fn.source_file,
+                key="merge",
+                fix="decorate a def merge(event, results, ctx) with @<the split>.merge",
+            )
 
 
 def load_functions(paths: Iterable[Path]) -> dict[str, Function]:

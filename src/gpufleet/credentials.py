@@ -23,6 +23,7 @@ MIN_SECRET_CHARS = 32
 MIN_SECRET_BITS = 88
 # Words that mark a placeholder someone forgot to change (a random token of 32+ characters holds none of them but
 # by a chance of about 1 in 10^5).
+# fmt: skip below: a list of words reads better packed than one per line.
 PLACEHOLDER_WORDS = ("change", "default", "example", "secret", "token", "password", "passw", "gpufleet", "local",
                      "admin", "test", "sample", "dummy", "letmein", "qwerty")  # fmt: skip
 SEQUENCE_RUN = 7  # "abcdefg", "1234567", "9876543": typed, not generated
@@ -33,8 +34,10 @@ HOW_TO_GENERATE = "generate one with `gpufleet token` (or `openssl rand -hex 32`
 def shared_secret_fix(var: str) -> str:
     """The fix for a missing or weak secret that another party holds too (a webhook's HMAC secret, a sender's token,
     a broker's password): a freshly made one would not match theirs, so the fix never proposes one alone."""
-    return (f"export {var}=<the secret the other side holds>; for a new one, make it with `gpufleet token` "
-            "and give the same value to both sides")  # fmt: skip
+    return (
+        f"export {var}=<the secret the other side holds>; for a new one, make it with `gpufleet token` "
+        "and give the same value to both sides"
+    )
 
 
 def is_secret_name(name: str) -> bool:
@@ -110,8 +113,9 @@ def is_loopback(host: str) -> bool:
 
 
 # A query parameter whose value is a secret: tokens, keys, signatures (``X-Amz-Signature``, ``sig`` of a SAS URL).
-SECRET_PARAM_RE = re.compile(r"token|secret|passw|pwd|credential|key|signature|(^|[-_])sig$|auth|session",
-                             re.IGNORECASE)  # fmt: skip
+SECRET_PARAM_RE = re.compile(
+    r"token|secret|passw|pwd|credential|key|signature|(^|[-_])sig$|auth|session", re.IGNORECASE
+)
 URL_IN_TEXT_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s'\"<>]+")
 MASK = "***"
 

@@ -98,8 +98,9 @@ class Context(_Where, Protocol):
     def read(self, uri: str, start: int | None = None, end: int | None = None) -> bytes:
         """The bytes of an ``s3://`` object, or of its byte range ``[start, end)``, in memory."""
 
-    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None,
-               to: str | None = None) -> str:  # fmt: skip
+    def upload(
+        self, path: str | Path, name: str | None = None, content_type: str | None = None, to: str | None = None
+    ) -> str:
         """Upload an output to the trigger's ``output`` location (or ``to``, an ``s3://bucket/prefix``); returns its
         ``s3://`` URI, which the success record lists under ``responseContext.outputs``."""
 
@@ -139,8 +140,7 @@ class Batch:
         if not 1 <= self.max_size <= MAX_BATCH:
             raise ConfigError(f"batch max_size={self.max_size}", key="batch.max_size", fix=f"use 1 to {MAX_BATCH}")
         if not 0 <= self.max_wait_ms <= 10_000:
-            raise ConfigError(f"batch max_wait_ms={self.max_wait_ms}", key="batch.max_wait_ms",
-                              fix="use 0 to 10000")  # fmt: skip
+            raise ConfigError(f"batch max_wait_ms={self.max_wait_ms}", key="batch.max_wait_ms", fix="use 0 to 10000")
 
 
 @dataclass(frozen=True)
@@ -169,11 +169,17 @@ class Gpu:
         if not self.pools:
             raise ConfigError("a function needs at least one pool", key="gpu.pools", fix="e.g. pools=('default',)")
         if len(set(self.pools)) != len(self.pools) or not all(POOL_RE.fullmatch(p) for p in self.pools):
-            raise ConfigError(f"bad pools {self.pools!r}", key="gpu.pools",
-                              fix="distinct names of lowercase letters, digits, '-' or '_'")  # fmt: skip
+            raise ConfigError(
+                f"bad pools {self.pools!r}",
+                key="gpu.pools",
+                fix="distinct names of lowercase letters, digits, '-' or '_'",
+            )
         if self.max_queue_wait_s is not None and not self.max_queue_wait_s > 0:
-            raise ConfigError(f"max_queue_wait_s={self.max_queue_wait_s}", key="gpu.max_queue_wait_s",
-                              fix="use a positive number of seconds, or None")  # fmt: skip
+            raise ConfigError(
+                f"max_queue_wait_s={self.max_queue_wait_s}",
+                key="gpu.max_queue_wait_s",
+                fix="use a positive number of seconds, or None",
+            )
 
 
 MAX_SHARDS = 10_000  # the most shards any job may split into (a job's own max_shards is at most this)
@@ -222,8 +228,11 @@ class Function:
                 f"{where}: bad name", key="name", fix="lowercase letters, digits, '-' or '_', starting with a letter"
             )
         if self.version != LATEST and not VERSION_RE.fullmatch(self.version):
-            raise ConfigError(f"{where}: version={self.version!r}", key="version",
-                              fix="1 to 32 letters, digits, '.', '_' or '-', from a letter or digit")  # fmt: skip
+            raise ConfigError(
+                f"{where}: version={self.version!r}",
+                key="version",
+                fix="1 to 32 letters, digits, '.', '_' or '-', from a letter or digit",
+            )
         if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
             raise ConfigError(f"{where}: timeout_s={self.timeout_s}", key="timeout_s", fix="use 0 < timeout_s <= 86400")
         if self.max_attempts < 1:
@@ -231,14 +240,18 @@ class Function:
         if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
             raise ConfigError(f"{where}: bad backoff", key="backoff_s", fix="use 0 <= backoff_s <= backoff_max_s")
         if self.max_event_age_s is not None and self.max_event_age_s <= 0:
-            raise ConfigError(f"{where}: max_event_age_s={self.max_event_age_s}", key="max_event_age_s",
-                              fix="use a positive number of seconds, or None for no limit")  # fmt: skip
+            raise ConfigError(
+                f"{where}: max_event_age_s={self.max_event_age_s}",
+                key="max_event_age_s",
+                fix="use a positive number of seconds, or None for no limit",
+            )
         if self.retention_s is not None and self.retention_s < 60:
             raise ConfigError(f"{where}: retention_s={self.retention_s}", key="retention_s", fix="use 60 or more")
         _check_signature(where, self.handler, "handler", 2, "def handler(event, ctx)")
         if self.shards is not None and not 1 <= self.shards.max_shards <= MAX_SHARDS:
-            raise ConfigError(f"{where}: max_shards={self.shards.max_shards}", key="max_shards",
-                              fix=f"use 1 to {MAX_SHARDS}")  # fmt: skip
+            raise ConfigError(
+                f"{where}: max_shards={self.shards.max_shards}", key="max_shards", fix=f"use 1 to {MAX_SHARDS}"
+            )
         if self.shards is not None and self.batch is not None:
             raise ConfigError(f"{where}: a job cannot batch", key="batch", fix="batch its shard function instead")
 
@@ -252,8 +265,9 @@ class Function:
         """Register a job's merge step: ``merge(event, results, ctx)``, with the shards' results in their order; what
         it returns is the job's result."""
         if self.shards is None:
-            raise ConfigError(f"function {self.name!r}: only a job merges", key="merge",
-                              fix="declare it with @job(shard=...)")  # fmt: skip
+            raise ConfigError(
+                f"function {self.name!r}: only a job merges", key="merge", fix="declare it with @job(shard=...)"
+            )
         _check_signature(f"job {self.name!r}", fn, "merge", 3, "def merge(event, results, ctx)")
         self.shards.merge_fn = fn
         return fn
@@ -279,8 +293,10 @@ class Function:
 def validation_problem(exc: ValidationError) -> str:
     """A pydantic error as one line a user reads: where and what, without pydantic's "further information" URL nor
     the rejected value (it may be large, or secret)."""
-    problems = [f"{'.'.join(str(p) for p in e['loc']) or 'the event'}: {e['msg']}"
-                for e in exc.errors(include_url=False, include_input=False)[:5]]  # fmt: skip
+    problems = [
+        f"{'.'.join(str(p) for p in e['loc']) or 'the event'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)[:5]
+    ]
     more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
     return f"{exc.title}: {'; '.join(problems)}{more}"
 
@@ -406,5 +422,6 @@ def _check_signature(where: str, fn: Callable[..., Any], what: str, arity: int, 
         signature.bind(*[None] * arity)
     except TypeError:
         name = getattr(fn, "__qualname__", repr(fn))
-        raise ConfigError(f"{where}: {what} {name}{signature} cannot be called as {shape}", key=what,
-                          fix=f"give it the shape {shape}") from None  # fmt: skip
+        raise ConfigError(
+            f"{where}: {what} {name}{signature} cannot be called as {shape}", key=what, fix=f"give it the shape {shape}"
+        ) from None

@@ -13,8 +13,14 @@ from gpufleet.errors import GpufleetError
 log = structlog.get_logger("gpufleet.retry")
 
 
-def retry_until(op: Callable[[], Any], stop: threading.Event, what: str, max_backoff_s: float = 10.0,
-                transient: tuple[type[BaseException], ...] = (), hint: str | None = None) -> bool:  # fmt: skip
+def retry_until(
+    op: Callable[[], Any],
+    stop: threading.Event,
+    what: str,
+    max_backoff_s: float = 10.0,
+    transient: tuple[type[BaseException], ...] = (),
+    hint: str | None = None,
+) -> bool:
     """Run ``op`` until it succeeds, backing off (0.1 s, doubling to ``max_backoff_s``) on retriable errors: a
     :class:`GpufleetError` whose class says ``retriable``, or one of ``transient`` (a client library's own, such as
     redis-py's connection errors). Each failure is one log line, with ``hint`` (what to check) when given. False if

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from gpufleet.registry import inventory
+
 if TYPE_CHECKING:
     from gpufleet.config import Fleet
 
@@ -87,23 +89,36 @@ def announce_when_ready(fleet: Fleet, roles: tuple[str, ...], stop: threading.Ev
     deadline = time.monotonic() + timeout_s
     while not stop.wait(0.5) and time.monotonic() < deadline:
         try:
-            gpus = [g for g in registry.gpus() if g.get("host") == s.worker.hostname and g.get("up") and not g["stale"]]
+            gpus = [
+                g
+                for g in inventory.gpus(registry)
+                if g.get("host") == s.worker.hostname and g.get("up") and not g["stale"]
+            ]
             if "worker" in roles and not gpus:
                 continue
             if api is not None and httpx.get(f"{api}/healthz", timeout=2).status_code != 200:
                 continue
         except (*REDIS_ERRORS, httpx.HTTPError):
             continue
-        log.info("ready", api=api, gpus=[f"{g['worker']} ({g.get('name')})" for g in gpus],
-                 triggers=sorted(t.name for t in fleet.triggers.values() if t.enabled))  # fmt: skip
+        log.info(
+            "ready",
+            api=api,
+            gpus=[f"{g['worker']} ({g.get('name')})" for g in gpus],
+            triggers=sorted(t.name for t in fleet.triggers.values() if t.enabled),
+        )
         return
 
 
 class ProcessTree:
     """All roles for one machine, each its own process, restarted if it exits."""
 
-    def __init__(self, config: Path, roles: tuple[str, ...] = ROLE_ORDER, log_dir: Path | None = None,
-                 shutdown_grace_s: float = 30.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: Path,
+        roles: tuple[str, ...] = ROLE_ORDER,
+        log_dir: Path | None = None,
+        shutdown_grace_s: float = 30.0,
+    ) -> None:
         self.config = config
         self.roles = roles
         self.log_dir = log_dir
@@ -115,8 +130,13 @@ class ProcessTree:
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
         out = open(self.log_dir / f"{role}.log", "ab") if self.log_dir else None  # noqa: SIM115 - kept by the child
         # Own process group: Ctrl-C reaches only us, and we stop the roles in order.
-        self.procs[role] = subprocess.Popen([sys.executable, "-m", "gpufleet", role, "--config", str(self.config)],
-                                            env=env, stdout=out, stderr=out, process_group=0)  # fmt: skip
+        self.procs[role] = subprocess.Popen(
+            [sys.executable, "-m", "gpufleet", role, "--config", str(self.config)],
+            env=env,
+            stdout=out,
+            stderr=out,
+            process_group=0,
+        )
         if out:
             out.close()
         log.info("role started", role=role, pid=self.procs[role].pid)
@@ -140,8 +160,13 @@ class ProcessTree:
                     failures[role] = 0 if now - started[role] > 60 else failures[role] + 1
                     delay = min(MAX_BACKOFF_S, 0.5 * 2 ** min(failures[role], 8)) if failures[role] else 0.0
                     report = log.error if failures[role] >= 3 else log.warning
-                    report("role exited; restarting", role=role, exit_code=proc.returncode,
-                           failures_in_a_row=failures[role], restart_in_s=delay)  # fmt: skip
+                    report(
+                        "role exited; restarting",
+                        role=role,
+                        exit_code=proc.returncode,
+                        failures_in_a_row=failures[role],
+                        restart_in_s=delay,
+                    )
                     due[role] = now + delay
                 if now >= due[role]:
                     del due[role]

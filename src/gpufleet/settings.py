@@ -258,8 +258,10 @@ class FleetSettings(_Model):
             value = getattr(api, key)
             problem = None if value is None else secret_problem(value, weak_allowed=api.weak_secrets_allowed)
             if problem is not None:
-                raise ValueError(f"api.{key} cannot be used: {problem}. To fix: {HOW_TO_GENERATE}; a weak token is "
-                                 "only allowed with api.dev: true on a loopback api.host")  # fmt: skip
+                raise ValueError(
+                    f"api.{key} cannot be used: {problem}. To fix: {HOW_TO_GENERATE}; a weak token is "
+                    "only allowed with api.dev: true on a loopback api.host"
+                )
         if api.monitoring_token is not None and api.monitoring_token == api.token:
             raise ValueError("api.monitoring_token is api.token: give monitoring a token of its own (gpufleet token)")
         return self

@@ -30,8 +30,15 @@ class Endpoint:
     options: dict[str, str]
 
 
-def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str | None, what: str,
-              pathless: frozenset[str] = frozenset()) -> Endpoint:  # fmt: skip
+def parse_url(
+    url: str,
+    schemes: dict[str, str],
+    *,
+    where: str | None,
+    key: str | None,
+    what: str,
+    pathless: frozenset[str] = frozenset(),
+) -> Endpoint:
     """Split ``url`` and check its scheme; a scheme in ``pathless`` (a whole-URL endpoint, such as https) may
     name no path."""
     parts = urlsplit(url)
@@ -44,8 +51,12 @@ def parse_url(url: str, schemes: dict[str, str], *, where: str | None, key: str 
             fix=hint or f"use one of {', '.join(s + '://' for s in sorted(schemes))}",
         )
     if not url.startswith(f"{parts.scheme}://"):  # kafka:/topic would read as a path, and no broker
-        raise ConfigError(f"{what} URL {redact_url(url)!r} lacks the '//' after '{parts.scheme}:'", file=where,
-                          key=key, fix=f"{parts.scheme}:///name, or {parts.scheme}://host:port/name")  # fmt: skip
+        raise ConfigError(
+            f"{what} URL {redact_url(url)!r} lacks the '//' after '{parts.scheme}:'",
+            file=where,
+            key=key,
+            fix=f"{parts.scheme}:///name, or {parts.scheme}://host:port/name",
+        )
     path = unquote(parts.path.lstrip("/"))
     if not path and parts.scheme not in pathless:
         raise ConfigError(
@@ -69,8 +80,15 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def parse_options(endpoint: Endpoint, model: type[Options], *, what: str, where: str | None, key: str | None,
-                  env: Mapping[str, str] | None = None) -> Options:  # fmt: skip
+def parse_options(
+    endpoint: Endpoint,
+    model: type[Options],
+    *,
+    what: str,
+    where: str | None,
+    key: str | None,
+    env: Mapping[str, str] | None = None,
+) -> Options:
     """Validate ``endpoint.options`` against the backend's model; with ``env``, also that the variables its
     ``*_env`` options name are set and hold a strong secret. Raises ConfigError naming ``where`` and ``key``."""
     try:
@@ -84,8 +102,9 @@ def parse_options(endpoint: Endpoint, model: type[Options], *, what: str, where:
             fix = did_you_mean(name, fields) or (f"{scheme}:// takes {fields}" if fields else "remove it")
             raise ConfigError(f"{scheme}:// {what}s take no option {name!r}", file=where, key=key, fix=fix) from None
         if err["type"] == "missing":
-            raise ConfigError(f"{scheme}:// {what}s need the option {name!r}", file=where, key=key,
-                              fix=f"add ?{name}=... to the URL") from None  # fmt: skip
+            raise ConfigError(
+                f"{scheme}:// {what}s need the option {name!r}", file=where, key=key, fix=f"add ?{name}=... to the URL"
+            ) from None
         raise ConfigError(f"option {name!r}: {err['msg']}", file=where, key=key) from None
     for option, var in parsed.model_dump().items():
         if env is None or not option.endswith("_env") or var is None:
@@ -94,8 +113,9 @@ def parse_options(endpoint: Endpoint, model: type[Options], *, what: str, where:
         weakness = value and secret_problem(value, in_header=False)
         problem = "is not set" if not value else weakness and f"holds a weak secret: {weakness}"
         if problem:
-            raise ConfigError(f"{option}: the environment variable {var} {problem}", file=where, key=key,
-                              fix=shared_secret_fix(var))  # fmt: skip
+            raise ConfigError(
+                f"{option}: the environment variable {var} {problem}", file=where, key=key, fix=shared_secret_fix(var)
+            )
     return parsed
 
 
@@ -114,9 +134,13 @@ def amqp_login(url: str, password_env: str | None) -> dict[str, Any]:
         if not password:
             raise ConfigError(f"environment variable {password_env} is not set", key="password_env")
     tls = parts.scheme == "amqps"
-    return {"host": f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if tls else 5672)}",
-            "userid": unquote(parts.username or "guest"), "password": unquote(password or "guest"),
-            "virtual_host": unquote(parts.path[1:]) or "/", "ssl": tls}  # fmt: skip
+    return {
+        "host": f"{parts.hostname or '127.0.0.1'}:{parts.port or (5671 if tls else 5672)}",
+        "userid": unquote(parts.username or "guest"),
+        "password": unquote(password or "guest"),
+        "virtual_host": unquote(parts.path[1:]) or "/",
+        "ssl": tls,
+    }
 
 
 def import_backend(spec: str) -> type:

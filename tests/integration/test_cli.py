@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from gpufleet.registry import inventory
 from tests.harness import FleetHarness
 
 
@@ -97,7 +98,7 @@ def test_a_taken_api_port_fails_before_anything_starts_with_exit_5(harness: Flee
     [line] = result.stderr.strip().splitlines()
     assert line == (f"gpufleet: error: api.port {port} on 127.0.0.1 is in use (is gpufleet already running here?); "
                     "stop what holds it, or set api.port (GPUFLEET_API__PORT)")  # fmt: skip
-    assert harness.registry.gpus() == []  # no worker registered
+    assert inventory.gpus(harness.registry) == []  # no worker registered
 
 
 def test_init_writes_a_project_that_runs_from_its_folder_to_a_first_record(harness: FleetHarness) -> None:

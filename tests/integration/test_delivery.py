@@ -12,7 +12,7 @@ import pytest
 
 from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import ConfigError
-from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from tests.harness import FleetHarness
 
 

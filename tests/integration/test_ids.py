@@ -20,7 +20,7 @@ from gpufleet.aws import ObjectEvent
 from gpufleet.intake.ids import api_task_id
 from gpufleet.registry.messages import MessageFactory
 from gpufleet.registry.model import Enqueued, NewTask
-from gpufleet.triggers.base import Ingest
+from gpufleet.triggers.ingest import Ingest
 from tests.harness import FleetHarness
 from tests.integration.test_object_push import aws_record
 
@@ -145,7 +145,7 @@ def test_producer_ids_are_namespaced_by_their_trigger(services: Any, tmp_path: P
     fleet = h.fleet()
     ingest = Ingest(fleet, fleet.triggers["orders"], h.registry)
     try:
-        from gpufleet.triggers.base import SourceMessage
+        from gpufleet.triggers.ingest import SourceMessage
 
         def task_id(body: dict[str, Any], headers: dict[str, bytes] | None = None) -> str:
             msg = SourceMessage(orjson.dumps(body), "kafka:orders/0/7", "kafka-orders-0-7", headers or {})

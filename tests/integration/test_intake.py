@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gpufleet.aws import ObjectEvent
 from gpufleet.intake.events import MAX_DEPTH
-from gpufleet.triggers.base import Ingest, Prepared, SourceMessage
+from gpufleet.triggers.ingest import Ingest, Prepared, SourceMessage
 from gpufleet.triggers.webhook import WebhookTrigger
 from tests.conftest import IN_CI
 from tests.harness import FleetHarness

@@ -15,7 +15,7 @@ from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import RequestError
 from gpufleet.intake.path import Intake, Producer
 from gpufleet.registry.messages import TASK_NAME, MessageFactory, task_headers
-from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from tests.conftest import IN_CI
 from tests.harness import FleetHarness
 from tests.strategies import JSON_MESSAGES, dumps

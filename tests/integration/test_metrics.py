@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from gpufleet.api.metrics import exposition
-from gpufleet.registry import snapshot
+from gpufleet.registry import inventory, snapshot
 from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS
 from gpufleet.scheduling.scaling import needs
 from tests.integration.test_api import AUTH, Api, _serve
@@ -150,7 +150,7 @@ def test_nvml_figures_and_starting_hosts_reach_the_metrics(harness: Any) -> None
     now = time.time()
     common = {"model": "H100", "virtual": False, "up": True, "seen_at": now, "restarts_total": 2,
               "queues": [f"{harness.prefix}.eu.h100", f"{harness.prefix}.eu.any"]}  # fmt: skip
-    registry.publish_gpus({
+    inventory.publish_gpus(registry, {
         f"gpu{i}@{host}": {**common, "worker": f"gpu{i}@{host}", "host": host, "index": i, "pid": 1000 + i,
                            "memory_total_mb": 81559, "memory_used_mb": 20480, "utilization_pct": 87}
         for host in ("ready-host", "starting-host") for i in range(2)

@@ -13,7 +13,7 @@ import orjson
 
 from gpufleet.dev.services import S3Service
 from gpufleet.registry.store import Registry
-from gpufleet.triggers.base import Ingest
+from gpufleet.triggers.ingest import Ingest
 from gpufleet.triggers.s3 import PollTrigger
 from gpufleet.triggers.sqs import SqsTrigger
 from tests.harness import FleetHarness, nonzero

@@ -193,7 +193,7 @@ def test_invoke_refuses_a_priority_out_of_range(harness: FleetHarness) -> None:
 def test_a_trigger_takes_the_priority_from_header_field_or_its_file(
     harness: FleetHarness, trigger: dict[str, Any], headers: list[tuple[str, bytes]], body: Any, expected: Any
 ) -> None:
-    from gpufleet.triggers.base import Ingest, SourceMessage
+    from gpufleet.triggers.ingest import Ingest, SourceMessage
     from gpufleet.triggers.kafka import KafkaSettings
 
     harness.write_config()

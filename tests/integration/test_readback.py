@@ -15,7 +15,7 @@ from gpufleet.aws import ObjectEvent
 from gpufleet.control.plane import ControlPlane
 from gpufleet.control.redrive import redrive
 from gpufleet.dev.services import S3Service
-from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from tests.harness import FleetHarness
 from tests.integration.test_object_pull import s3_settings
 from tests.s3util import s3_client, sqs_client

@@ -5,6 +5,7 @@ task's prefix."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -27,6 +28,16 @@ def umask_022() -> Iterator[None]:
     old = os.umask(0o022)
     yield
     os.umask(old)
+
+
+@pytest.fixture
+def bucket(moto: S3Service) -> str:
+    name = f"scratch-{uuid.uuid4().hex[:12]}"
+    with closing(s3_client(moto.url)) as s3:
+        s3.create_bucket(Bucket=name)
+        for key in ("victim.txt", "sub/victim.txt", "sub/file.bin"):
+            s3.put_object(Bucket=name, Key=key, Body=BODY)
+    return name
 
 
 def on_get_object(bundle: ProcessBundle, action: Callable[[], None]) -> None:

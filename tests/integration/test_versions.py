@@ -19,7 +19,7 @@ from gpufleet.control.plane import ControlPlane
 from gpufleet.errors import ConflictError, InvalidRequestError, NotReadyError
 from gpufleet.intake.path import Intake, Producer
 from gpufleet.registry.model import Enqueued
-from gpufleet.triggers.base import Ingest, SourceMessage
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from tests.harness import FleetHarness
 from tests.integration.test_cli_control import cli, cli_json
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-import uuid
-from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from gpufleet.errors import ConfigError
 from gpufleet.settings import FleetSettings, S3Settings, WorkerSettings
 from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.context import TaskContext
-from tests.s3util import s3_client
 
 WORKER = "vgpu0@test"
 
@@ -34,16 +31,6 @@ def make_bundle(tmp_path: Path, root: Path | None, s3: S3Service | None = None) 
     settings = FleetSettings(s3=s3_settings, worker=WorkerSettings(scratch_dir=root))
     fleet = Fleet(settings=settings, functions={}, triggers={}, config_file=tmp_path / "gpufleet.yaml")
     return ProcessBundle(fleet, worker_name=WORKER, gpu="vgpu0:virtual")
-
-
-@pytest.fixture
-def bucket(moto: S3Service) -> str:
-    name = f"scratch-{uuid.uuid4().hex[:12]}"
-    with closing(s3_client(moto.url)) as s3:
-        s3.create_bucket(Bucket=name)
-        for key in ("victim.txt", "sub/victim.txt", "sub/file.bin"):
-            s3.put_object(Bucket=name, Key=key, Body=BODY)
-    return name
 
 
 def context(bundle: ProcessBundle, bucket: str = "b") -> TaskContext:

@@ -28,5 +28,7 @@ def check_port_free(fleet: Fleet) -> None:
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 return  # another cause (an address not on this machine): the api role reports it when it binds
-            raise PortInUseError(f"api.port {api.port} on {api.host} is in use (is gpufleet already running here?); "
-                                 "stop what holds it, or set api.port (GPUFLEET_API__PORT)") from None  # fmt: skip
+            raise PortInUseError(
+                f"api.port {api.port} on {api.host} is in use (is gpufleet already running here?); "
+                "stop what holds it, or set api.port (GPUFLEET_API__PORT)"
+            ) from None

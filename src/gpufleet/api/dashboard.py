@@ -106,8 +106,15 @@ def router(sessions: Sessions) -> APIRouter:
         if not sessions.token_matches(token):
             raise UnauthorizedError("unauthorized", "wrong token")
         response = Response(status_code=204, headers=SECURITY_HEADERS)
-        response.set_cookie(COOKIE, sessions.new(), max_age=SESSION_S, path="/", httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")  # fmt: skip
+        response.set_cookie(
+            COOKIE,
+            sessions.new(),
+            max_age=SESSION_S,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
         return response
 
     @pages.post("/dashboard/logout")
@@ -129,10 +136,20 @@ def overview(control: Any, recent_dead: int = 20) -> dict[str, Any]:
     gpus = []
     for g in snap.gpus:
         task = tasks.get(g.get("task_id") or "")
-        gpus.append({**g, "task": None if task is None else {k: task.get(k) for k in (
-            "id", "function", "progress", "progress_message", "started_at", "attempts")}})  # fmt: skip
-    queues = [{"name": q.name, "depth": q.depth, "oldest_age_s": round(q.oldest_age_s, 3), "running": q.running}
-              for q in sorted(snap.queues.values(), key=lambda q: q.name)]  # fmt: skip
+        gpus.append(
+            {
+                **g,
+                "task": None
+                if task is None
+                else {
+                    k: task.get(k) for k in ("id", "function", "progress", "progress_message", "started_at", "attempts")
+                },
+            }
+        )
+    queues = [
+        {"name": q.name, "depth": q.depth, "oldest_age_s": round(q.oldest_age_s, 3), "running": q.running}
+        for q in sorted(snap.queues.values(), key=lambda q: q.name)
+    ]
     return {
         "at": snap.at,
         "gpus": gpus,

@@ -31,11 +31,15 @@ bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="the fle
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 STATE_NAMES = [s.value for s in State] + [s.value.lower() for s in State]  # the CLI takes any case
-StateName = Annotated[str | None, Query(description="only tasks in this state, in upper or lower case",
-                                        json_schema_extra={"enum": STATE_NAMES})]  # fmt: skip
+StateName = Annotated[
+    str | None,
+    Query(description="only tasks in this state, in upper or lower case", json_schema_extra={"enum": STATE_NAMES}),
+]
 TaskId = Annotated[str, Path(description="a task id, as invoke returned it or as its trigger named it")]
-AliasName = Annotated[str, Path(description="an alias: a lowercase letter, then letters, digits, '_' or '-'",
-                                pattern=f"^{ALIAS_RE.pattern}$")]  # fmt: skip
+AliasName = Annotated[
+    str,
+    Path(description="an alias: a lowercase letter, then letters, digits, '_' or '-'", pattern=f"^{ALIAS_RE.pattern}$"),
+]
 FunctionName = Annotated[
     str, Path(description="a function name (GET /v1/functions lists them); to invoke one version alone, name:version")
 ]
@@ -92,13 +96,22 @@ def page_of(request: Request, limit: int | None, name: str, default: int) -> int
     if limit is None:
         return min(default, max_page)
     if limit > max_page:
-        raise RequestValidationError([{"loc": ("query", name), "msg": f"at most api.max_page ({max_page})",
-                                       "type": "less_than_equal", "input": limit}])  # fmt: skip
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": f"at most api.max_page ({max_page})",
+                    "type": "less_than_equal",
+                    "input": limit,
+                }
+            ]
+        )
     return limit
 
 
-def page_limit(request: Request, limit: Annotated[int | None, Query(ge=1, description="page size, at most "
-                                                                    "api.max_page")] = None) -> int:  # fmt: skip
+def page_limit(
+    request: Request, limit: Annotated[int | None, Query(ge=1, description="page size, at most api.max_page")] = None
+) -> int:
     return page_of(request, limit, "limit", DEFAULT_PAGE)
 
 

@@ -38,8 +38,14 @@ class UnauthorizedError(RequestError):
     status = 401
 
 
-def error_response(status: int, code: str, message: str, *, details: list[dict[str, Any]] | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:  # fmt: skip
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
         error["details"] = details
@@ -123,5 +129,10 @@ class Observe:
             response = error_response(500, "internal", "internal error; it has been logged")
             await response(scope, receive, send_status)
         finally:
-            log.debug("request", method=scope["method"], path=scope["path"], status=status,
-                      duration_ms=round((time.perf_counter() - start) * 1000, 3))  # fmt: skip
+            log.debug(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - start) * 1000, 3),
+            )

@@ -44,8 +44,12 @@ def scaling_one(control: Control, pool: str, model: str) -> dict[str, Any]:
     return control.scaling(pool, model)[0].view()
 
 
-@outside.get("/metrics", dependencies=[Depends(authorize_monitoring)], response_class=Response,
-             responses={200: TEXT, **errors(401, 503)})  # fmt: skip
+@outside.get(
+    "/metrics",
+    dependencies=[Depends(authorize_monitoring)],
+    response_class=Response,
+    responses={200: TEXT, **errors(401, 503)},
+)
 def metrics(control: Control) -> Response:
     """Prometheus metrics of the whole fleet, read from Redis at each scrape (any api replica answers the
     same). Needs a token, the monitoring one will do: ``authorization: {credentials_file: ...}`` in the scrape

@@ -20,25 +20,52 @@ EVENT = {
     "content": {"application/json": {"schema": {}}},
 }
 LOCATION = {"Location": {"description": "the task: /v1/tasks/{id}", "schema": {"type": "string"}}}
-IdempotencyKey = Annotated[str | None, Header(
-    alias="Idempotency-Key", max_length=MAX_IDEMPOTENCY_KEY, pattern=IDEMPOTENCY_KEY_RE,
-    description="the same key (per function) always names the same task: retrying is safe")]  # fmt: skip
-TraceParent = Annotated[str | None, Header(
-    max_length=512, description="W3C trace context: the task is a span of this trace (a new trace without one); its "
-    "callback records carry the task's traceparent")]  # fmt: skip
-Priority = Annotated[int, Query(
-    ge=MIN_PRIORITY, le=MAX_PRIORITY, description="0 (lowest) to 9 (highest): higher runs first in the function's "
-    "queue; a waiting task moves up one level each defaults.priority_aging_s, so none waits for ever")]  # fmt: skip
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=MAX_IDEMPOTENCY_KEY,
+        pattern=IDEMPOTENCY_KEY_RE,
+        description="the same key (per function) always names the same task: retrying is safe",
+    ),
+]
+TraceParent = Annotated[
+    str | None,
+    Header(
+        max_length=512,
+        description="W3C trace context: the task is a span of this trace (a new trace without one); its "
+        "callback records carry the task's traceparent",
+    ),
+]
+Priority = Annotated[
+    int,
+    Query(
+        ge=MIN_PRIORITY,
+        le=MAX_PRIORITY,
+        description="0 (lowest) to 9 (highest): higher runs first in the function's "
+        "queue; a waiting task moves up one level each defaults.priority_aging_s, so none waits for ever",
+    ),
+]
 
 router = APIRouter(prefix="/v1/functions", tags=["functions"], dependencies=GUARDED, responses=errors(401, 422, 503))
 
 
-@router.post("/{name}/invocations", status_code=202, response_model=models.Invocation,
-             responses={202: {"headers": LOCATION}, **errors(404, 409, 413)},
-             openapi_extra={"requestBody": EVENT})  # fmt: skip
-def invoke(control: Control, name: FunctionName, body: Annotated[bytes, Depends(read_body)], response: Response,
-           idempotency_key: IdempotencyKey = None, traceparent: TraceParent = None,
-           priority: Priority = DEFAULT_PRIORITY) -> models.Invocation:  # fmt: skip
+@router.post(
+    "/{name}/invocations",
+    status_code=202,
+    response_model=models.Invocation,
+    responses={202: {"headers": LOCATION}, **errors(404, 409, 413)},
+    openapi_extra={"requestBody": EVENT},
+)
+def invoke(
+    control: Control,
+    name: FunctionName,
+    body: Annotated[bytes, Depends(read_body)],
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+    traceparent: TraceParent = None,
+    priority: Priority = DEFAULT_PRIORITY,
+) -> models.Invocation:
     """Queue a task: answers 202 and its id at once; follow it at the Location."""
     invocation = control.invoke(name, body, idempotency_key, traceparent, priority)  # 404 for an unknown function
     response.headers["Location"] = task_url(invocation.id)
@@ -71,7 +98,8 @@ def function_aliases(control: Control, name: FunctionName) -> dict[str, Any]:
 
 
 @router.put("/{name}/aliases/{alias}", response_model=models.AliasList, responses=errors(400, 404, 422))
-def set_function_alias(control: Control, name: FunctionName, alias: AliasName,
-                       change: models.AliasChange) -> dict[str, Any]:  # fmt: skip
+def set_function_alias(
+    control: Control, name: FunctionName, alias: AliasName, change: models.AliasChange
+) -> dict[str, Any]:
     """Point an alias at these versions, with these weights, for every intake from now on (logged)."""
     return {"aliases": control.set_alias(name, alias, change.weights, by="api")}

@@ -45,8 +45,11 @@ class FleetCollector(Collector):
         s = self.fleet.settings
         doc = "GPU worker hosts needed now, per pool and GPU model: ceil((queued + running) / slots per worker)"
         desired = GaugeMetricFamily("gpufleet_desired_workers", doc, labels=["pool", "model"])
-        hosts = GaugeMetricFamily("gpufleet_workers", "Worker hosts per pool and GPU model, ready or still "
-                                  "starting", labels=["pool", "model", "state"])  # fmt: skip
+        hosts = GaugeMetricFamily(
+            "gpufleet_workers",
+            "Worker hosts per pool and GPU model, ready or still starting",
+            labels=["pool", "model", "state"],
+        )
         for need in needs(snap, s.redis.key_prefix, s.worker.slots_per_worker):
             desired.add_metric([need.pool, need.model], need.desired)
             hosts.add_metric([need.pool, need.model, "ready"], need.ready)
@@ -57,27 +60,39 @@ class FleetCollector(Collector):
 
 
 def _tasks(snap: Snapshot) -> Iterable[Metric]:
-    tasks = GaugeMetricFamily("gpufleet_tasks", "Tasks per state (finished ones while their records are retained)",
-                              labels=["function", "state"])  # fmt: skip
+    tasks = GaugeMetricFamily(
+        "gpufleet_tasks",
+        "Tasks per state (finished ones while their records are retained)",
+        labels=["function", "state"],
+    )
     for (fn, state), n in sorted(snap.counts.items()):
         tasks.add_metric([fn, state], n)
-    created = CounterMetricFamily("gpufleet_tasks_created", "Tasks created (duplicates not counted)",
-                                  labels=["function"])  # fmt: skip
+    created = CounterMetricFamily(
+        "gpufleet_tasks_created", "Tasks created (duplicates not counted)", labels=["function"]
+    )
     for fn, n in sorted(snap.created.items()):
         created.add_metric([fn], n)
-    finished = CounterMetricFamily("gpufleet_tasks_finished", "Tasks that reached a final state",
-                                   labels=["function", "state"])  # fmt: skip
+    finished = CounterMetricFamily(
+        "gpufleet_tasks_finished", "Tasks that reached a final state", labels=["function", "state"]
+    )
     for (fn, state), n in sorted(snap.finished.items()):
         finished.add_metric([fn, state], n)
     doc = "Tasks placed in a pool other than their function's first (see gpufleet.scheduling.placement)"
     overflows = CounterMetricFamily("gpufleet_overflows", doc, labels=["function", "from_pool", "to_pool"])
     for (fn, first, pool), n in sorted(snap.overflows.items()):
         overflows.add_metric([fn, first, pool], n)
-    return [tasks, created, finished, overflows,
-            _histogram("gpufleet_task_queue_wait_seconds", "Time from entering its queue to a worker taking it",
-                       snap.wait),
-            _histogram("gpufleet_task_duration_seconds", "Time from a worker taking the task to its attempt ending "
-                       "(retried attempts included)", snap.duration)]  # fmt: skip
+    return [
+        tasks,
+        created,
+        finished,
+        overflows,
+        _histogram("gpufleet_task_queue_wait_seconds", "Time from entering its queue to a worker taking it", snap.wait),
+        _histogram(
+            "gpufleet_task_duration_seconds",
+            "Time from a worker taking the task to its attempt ending (retried attempts included)",
+            snap.duration,
+        ),
+    ]
 
 
 def _histogram(name: str, doc: str, per_function: dict[str, Histogram]) -> Metric:
@@ -94,18 +109,26 @@ def _histogram(name: str, doc: str, per_function: dict[str, Histogram]) -> Metri
 
 def _queues(snap: Snapshot) -> Iterable[Metric]:
     depth = GaugeMetricFamily("gpufleet_queue_depth", "Tasks waiting in the queue", labels=["queue"])
-    oldest = GaugeMetricFamily("gpufleet_queue_oldest_age_seconds", "How long the oldest waiting task has waited",
-                               labels=["queue"])  # fmt: skip
+    oldest = GaugeMetricFamily(
+        "gpufleet_queue_oldest_age_seconds", "How long the oldest waiting task has waited", labels=["queue"]
+    )
     running = GaugeMetricFamily("gpufleet_queue_running_tasks", "Tasks of the queue running now", labels=["queue"])
     for q in sorted(snap.queues.values(), key=lambda q: q.name):
         depth.add_metric([q.name], q.depth)
         oldest.add_metric([q.name], q.oldest_age_s)
         running.add_metric([q.name], q.running)
-    lag = GaugeMetricFamily("gpufleet_trigger_lag_messages", "Messages a Kafka trigger has not read yet, per "
-                            "partition (consumer lag)", labels=["trigger", "partition"])  # fmt: skip
-    source = GaugeMetricFamily("gpufleet_trigger_source_depth_messages", "Messages waiting at a queue trigger's "
-                               "source: SQS's approximate count (state messages), AMQP's ready ones and those the "
-                               "trigger holds unacknowledged", labels=["trigger", "state"])  # fmt: skip
+    lag = GaugeMetricFamily(
+        "gpufleet_trigger_lag_messages",
+        "Messages a Kafka trigger has not read yet, per partition (consumer lag)",
+        labels=["trigger", "partition"],
+    )
+    source = GaugeMetricFamily(
+        "gpufleet_trigger_source_depth_messages",
+        "Messages waiting at a queue trigger's "
+        "source: SQS's approximate count (state messages), AMQP's ready ones and those the "
+        "trigger holds unacknowledged",
+        labels=["trigger", "state"],
+    )
     for trigger, report in sorted(snap.trigger_lag.items()):
         for label, n in sorted(report.get("values", {}).items()):
             (lag if report.get("kind") == "partition" else source).add_metric([trigger, label], n)
@@ -114,12 +137,19 @@ def _queues(snap: Snapshot) -> Iterable[Metric]:
 
 def _versions(found: dict[str, list[dict[str, Any]]]) -> Iterable[Metric]:
     labels = ["function", "version"]
-    queued = GaugeMetricFamily("gpufleet_version_queued_tasks", "Tasks queued for one version alone (name:version, "
-                               "or an alias's pick); gpufleet_queue_depth counts them too", labels=labels)  # fmt: skip
-    state = GaugeMetricFamily("gpufleet_version_state", "1 for the version's state (ACTIVE, DEPLOYING, ERROR or "
-                              "INACTIVE), from the live workers", labels=[*labels, "state"])  # fmt: skip
-    workers = GaugeMetricFamily("gpufleet_version_workers", "Live workers that run the version and reported its "
-                                "setup()", labels=labels)  # fmt: skip
+    queued = GaugeMetricFamily(
+        "gpufleet_version_queued_tasks",
+        "Tasks queued for one version alone (name:version, or an alias's pick); gpufleet_queue_depth counts them too",
+        labels=labels,
+    )
+    state = GaugeMetricFamily(
+        "gpufleet_version_state",
+        "1 for the version's state (ACTIVE, DEPLOYING, ERROR or INACTIVE), from the live workers",
+        labels=[*labels, "state"],
+    )
+    workers = GaugeMetricFamily(
+        "gpufleet_version_workers", "Live workers that run the version and reported its setup()", labels=labels
+    )
     for fn, views in sorted(found.items()):
         for view in views:
             queued.add_metric([fn, view["version"]], view["queued"])
@@ -130,12 +160,17 @@ def _versions(found: dict[str, list[dict[str, Any]]]) -> Iterable[Metric]:
 
 def _gpus(snap: Snapshot) -> Iterable[Metric]:
     labels = ["worker", "host", "model"]
-    up = GaugeMetricFamily("gpufleet_worker_up", "1 while the GPU worker process runs and its host reports",
-                           labels=labels)  # fmt: skip
-    ready = GaugeMetricFamily("gpufleet_worker_ready", "1 once the worker has run setup() and takes tasks",
-                              labels=labels)  # fmt: skip
-    restarts = CounterMetricFamily("gpufleet_worker_restarts", "Times the supervisor restarted the GPU worker "
-                                   "process (since the supervisor started)", labels=labels)  # fmt: skip
+    up = GaugeMetricFamily(
+        "gpufleet_worker_up", "1 while the GPU worker process runs and its host reports", labels=labels
+    )
+    ready = GaugeMetricFamily(
+        "gpufleet_worker_ready", "1 once the worker has run setup() and takes tasks", labels=labels
+    )
+    restarts = CounterMetricFamily(
+        "gpufleet_worker_restarts",
+        "Times the supervisor restarted the GPU worker process (since the supervisor started)",
+        labels=labels,
+    )
     running = GaugeMetricFamily("gpufleet_gpu_running_tasks", "Tasks running on the GPU (0 or 1)", labels=labels)
     util = GaugeMetricFamily("gpufleet_gpu_utilization_ratio", "GPU utilisation from NVML, 0 to 1", labels=labels)
     used = GaugeMetricFamily("gpufleet_gpu_memory_used_bytes", "GPU memory in use, from NVML", labels=labels)
@@ -157,22 +192,33 @@ def _gpus(snap: Snapshot) -> Iterable[Metric]:
 
 
 def _delivery(snap: Snapshot) -> Iterable[Metric]:
-    dead = CounterMetricFamily("gpufleet_dead_letters", "Messages a trigger could not turn into tasks, sent to its "
-                               "dead-letter destination", labels=["trigger", "reason"])  # fmt: skip
+    dead = CounterMetricFamily(
+        "gpufleet_dead_letters",
+        "Messages a trigger could not turn into tasks, sent to its dead-letter destination",
+        labels=["trigger", "reason"],
+    )
     for (trigger, reason), n in sorted(snap.dead_letters.items()):
         dead.add_metric([trigger, reason], n)
     return [
         dead,
-        GaugeMetricFamily("gpufleet_callback_backlog_records", "Callback records waiting for delivery",
-                          value=snap.callback_backlog),
-        GaugeMetricFamily("gpufleet_callback_lag_seconds", "Age of the oldest callback record not yet delivered",
-                          value=snap.callback_oldest_age_s),
-        CounterMetricFamily("gpufleet_callbacks_delivered", "Callback records their destination acknowledged",
-                            value=snap.callbacks_delivered),
-        GaugeMetricFamily("gpufleet_parked_records", "Records a destination refused for good, waiting in parking",
-                          value=snap.parked),
+        GaugeMetricFamily(
+            "gpufleet_callback_backlog_records", "Callback records waiting for delivery", value=snap.callback_backlog
+        ),
+        GaugeMetricFamily(
+            "gpufleet_callback_lag_seconds",
+            "Age of the oldest callback record not yet delivered",
+            value=snap.callback_oldest_age_s,
+        ),
+        CounterMetricFamily(
+            "gpufleet_callbacks_delivered",
+            "Callback records their destination acknowledged",
+            value=snap.callbacks_delivered,
+        ),
+        GaugeMetricFamily(
+            "gpufleet_parked_records", "Records a destination refused for good, waiting in parking", value=snap.parked
+        ),
         *_destinations(snap),
-    ]  # fmt: skip
+    ]
 
 
 def _destinations(snap: Snapshot) -> list[Metric]:

@@ -209,9 +209,10 @@ class AliasChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weights: dict[VersionKey, Annotated[float, Field(gt=0)]] = Field(
-        min_length=1, description='version -> weight (> 0), e.g. {"3": 0.9, "4": 0.1}',
+        min_length=1,
+        description='version -> weight (> 0), e.g. {"3": 0.9, "4": 0.1}',
         json_schema_extra={"additionalProperties": False},
-    )  # fmt: skip
+    )
 
 
 class QueueSummary(_Out):

@@ -33,8 +33,10 @@ from gpufleet.api.errors import CLOSE, error_response
 
 def _answer(status: int, reason: str, code: str, message: str) -> bytes:
     body = orjson.dumps({"error": {"code": code, "message": message}})
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\nretry-after: 1\r\n\r\n").encode() + body  # fmt: skip
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\nretry-after: 1\r\n\r\n"
+    ).encode() + body
 
 
 HEAD_TIMEOUT = _answer(408, "Request Timeout", "header_timeout", "the request head did not arrive in time")
@@ -107,8 +109,12 @@ class RequestLimit:
             await self.app(scope, receive, send)
             return
         if self.active >= self.limit:
-            busy = error_response(503, "unavailable", "too many requests at once (api.max_connections); try again",
-                                  headers={"Retry-After": "1", **CLOSE})  # fmt: skip
+            busy = error_response(
+                503,
+                "unavailable",
+                "too many requests at once (api.max_connections); try again",
+                headers={"Retry-After": "1", **CLOSE},
+            )
             await busy(scope, receive, send)
             return
         self.active += 1

@@ -38,8 +38,9 @@ def serve(fleet: Fleet, stop: threading.Event) -> None:
     token = api.require_token(str(fleet.config_file))
     check_port_free(fleet)
     control = ControlPlane(fleet)
-    webhooks: list[WebhookTrigger] = [backend(t.scheme)(fleet, t) for t in fleet.triggers.values()
-                                      if t.enabled and served_by(t.scheme) == "api"]  # fmt: skip
+    webhooks: list[WebhookTrigger] = [
+        backend(t.scheme)(fleet, t) for t in fleet.triggers.values() if t.enabled and served_by(t.scheme) == "api"
+    ]
     for hook in webhooks:
         log.info("webhook trigger served", trigger=hook.name, path=f"/v1/webhooks/{hook.path}")
     config = uvicorn.Config(

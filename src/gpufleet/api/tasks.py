@@ -13,8 +13,10 @@ from gpufleet.registry.jobs import SHARD_PAGE
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], dependencies=GUARDED, responses=errors(401, 422, 503))
 
 
-def shard_limit(request: Request, shards_limit: Annotated[int | None, Query(
-        ge=1, description="a job: shards listed, at most api.max_page")] = None) -> int:  # fmt: skip
+def shard_limit(
+    request: Request,
+    shards_limit: Annotated[int | None, Query(ge=1, description="a job: shards listed, at most api.max_page")] = None,
+) -> int:
     return page_of(request, shards_limit, "shards_limit", SHARD_PAGE)
 
 

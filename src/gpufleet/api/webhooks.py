@@ -48,14 +48,28 @@ def router(webhooks: list[WebhookTrigger], body_timeout_s: float) -> APIRouter:
         status, answer = await run_in_threadpool(hook.receive, body, request.headers.get("traceparent"))
         return JSONResponse(answer, status_code=status)
 
-    api.add_api_route("/{path:path}", receive, methods=["POST"], name="webhook", response_model=None,
-                      summary="Object notifications for the webhook trigger served at this path")  # fmt: skip
+    api.add_api_route(
+        "/{path:path}",
+        receive,
+        methods=["POST"],
+        name="webhook",
+        response_model=None,
+        summary="Object notifications for the webhook trigger served at this path",
+    )
     return api
 
 
 def _unauthorized(request: Request, hook: WebhookTrigger | None) -> JSONResponse:
     # The same answer whatever went wrong; only the log tells an unknown path from bad credentials.
-    log.warning("webhook call refused", trigger=hook.name if hook else None, path=request.url.path[:200],
-                reason="bad or missing credentials" if hook else "no webhook at this path")  # fmt: skip
-    return error_response(401, "unauthorized", "send the trigger's bearer token or HMAC signature",
-                          headers={"WWW-Authenticate": 'Bearer, Basic realm="gpufleet"', **CLOSE})  # fmt: skip
+    log.warning(
+        "webhook call refused",
+        trigger=hook.name if hook else None,
+        path=request.url.path[:200],
+        reason="bad or missing credentials" if hook else "no webhook at this path",
+    )
+    return error_response(
+        401,
+        "unauthorized",
+        "send the trigger's bearer token or HMAC signature",
+        headers={"WWW-Authenticate": 'Bearer, Basic realm="gpufleet"', **CLOSE},
+    )

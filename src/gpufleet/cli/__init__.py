@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from gpufleet import __version__
+from gpufleet.cli.fleet import add_commands as add_fleet_commands
 from gpufleet.cli.init import cmd_init
 from gpufleet.cli.output import report_error
 from gpufleet.cli.records import add_commands as add_record_commands
@@ -59,11 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     command("api", _api, "serve the HTTP control plane (api.host:api.port)")
     command("check", _check, "validate the configuration, functions and triggers, and print a summary")
     add_control_commands(command)
+    add_fleet_commands(command)
     add_record_commands(command)
     p = sub.add_parser("dev", help="start/stop local Redis, Kafka and moto (S3/SQS/SNS) on free loopback ports")
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--sentinel", action="store_true",
-                   help="up: Redis as a Sentinel group (master, replica, 3 sentinels), to try a failover")  # fmt: skip
+    p.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="up: Redis as a Sentinel group (master, replica, 3 sentinels), to try a failover",
+    )
     p.set_defaults(func=_dev)
     p = sub.add_parser("init", help="write a starter project: a commented config/fleet.yaml, a trigger and a function")
     p.add_argument("dir", nargs="?", default=".", help="where (default: this folder)")
@@ -179,13 +184,17 @@ def _check(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.config)
     print(f"config: {fleet.config_file}")
     for fn in fleet.functions.values():
-        print(f"function {fn.name}: gpu={fn.gpu.model} pools={list(fn.gpu.pools)} timeout_s={fn.timeout_s:g} "
-              f"max_attempts={fn.max_attempts} ({fn.source_file})")  # fmt: skip
+        print(
+            f"function {fn.name}: gpu={fn.gpu.model} pools={list(fn.gpu.pools)} timeout_s={fn.timeout_s:g} "
+            f"max_attempts={fn.max_attempts} ({fn.source_file})"
+        )
     backlogs = _backlogs(fleet)
     for t in fleet.triggers.values():
         off = "" if t.enabled else "  [disabled: enabled: false, not run]"
-        print(f"trigger {t.name}: {redact_url(t.source)} -> {t.function or '(function named by each message)'}{off}"
-              f"{backlogs.get(t.name, '')}")  # fmt: skip
+        print(
+            f"trigger {t.name}: {redact_url(t.source)} -> {t.function or '(function named by each message)'}{off}"
+            f"{backlogs.get(t.name, '')}"
+        )
     return 0
 
 
@@ -237,12 +246,17 @@ def _dev(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if state["down"]:
-            print(f"sentinel group members down: {', '.join(state['down'])} (not restarted: the group fails over "
-                  "without them; `gpufleet dev down`, then `gpufleet dev up --sentinel` for a new group)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"sentinel group members down: {', '.join(state['down'])} (not restarted: the group fails over "
+                "without them; `gpufleet dev down`, then `gpufleet dev up --sentinel` for a new group)",
+                file=sys.stderr,
+            )
         for name in lost:
-            print(f"{name} was down and is restarted on its old port, empty: it kept its data in memory (its "
-                  "topics, buckets or queues are gone; make them again)", file=sys.stderr)  # fmt: skip
+            print(
+                f"{name} was down and is restarted on its old port, empty: it kept its data in memory (its "
+                "topics, buckets or queues are gone; make them again)",
+                file=sys.stderr,
+            )
         print("export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in dev_exports(state).items()))
     elif args.action == "down":
         print("stopped" if dev_down(where) else "nothing was running", file=sys.stderr)

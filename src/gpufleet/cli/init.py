@@ -22,8 +22,10 @@ def init_project(root: Path) -> list[Path]:
     targets = {root / where: name for where, name in LAYOUT.items()}
     existing = [str(path) for path in targets if path.exists()]
     if existing:
-        raise ConfigError(f"already there: {', '.join(existing)}; nothing was written",
-                          fix="`gpufleet init DIR` for a new folder, or move those files away")  # fmt: skip
+        raise ConfigError(
+            f"already there: {', '.join(existing)}; nothing was written",
+            fix="`gpufleet init DIR` for a new folder, or move those files away",
+        )
     starter = files("gpufleet").joinpath("starter")
     for path, name in targets.items():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,7 @@ def _epoch(value: object) -> float | None:
         return None
 
 
-def bar_line(view: dict[str, Any], now: float | None = None, columns: int | None = None,
-             width: int = BAR_WIDTH) -> str:  # fmt: skip
+def bar_line(view: dict[str, Any], now: float | None = None, columns: int | None = None, width: int = BAR_WIDTH) -> str:
     """The progress line of a task view, at most ``columns - 1`` characters (the message gives way first)."""
     progress = view.get("progress") or {}
     try:
@@ -103,8 +102,13 @@ class ProgressDisplay:
         self._drawn = 0
 
 
-def follow(poll: Callable[[], dict[str, Any]], terminal: Collection[str], display: ProgressDisplay | None = None,
-           timeout_s: float | None = None, poll_s: float = POLL_S) -> tuple[dict[str, Any], bool]:  # fmt: skip
+def follow(
+    poll: Callable[[], dict[str, Any]],
+    terminal: Collection[str],
+    display: ProgressDisplay | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = POLL_S,
+) -> tuple[dict[str, Any], bool]:
     """Poll the task until its state is in ``terminal`` or ``timeout_s`` passes, showing every poll on
     ``display`` (a terminal's clock keeps ticking between changes). Returns (last view, timed out)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

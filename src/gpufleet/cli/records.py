@@ -29,14 +29,21 @@ def add_commands(command: AddCommand) -> None:
     p.add_argument("--from-beginning", action="store_true", help="the records kept so far first, then new ones")
     p.add_argument("--count", type=int, metavar="N", help="stop after N records")
     p.add_argument("--json", action="store_true", help="one JSON document per line (JSON Lines)")
-    p = command("redrive", _redrive, "send a trigger's dead letters through intake again, once the cause is fixed; "
-                "each keeps its identity, and a letter once redriven is never read again")  # fmt: skip
+    p = command(
+        "redrive",
+        _redrive,
+        "send a trigger's dead letters through intake again, once the cause is fixed; "
+        "each keeps its identity, and a letter once redriven is never read again",
+    )
     p.add_argument("trigger")
     p.add_argument("--reason", help="only dead letters refused for this reason (e.g. unknown_function)")
     p.add_argument("--dry-run", action="store_true", help="list them with their reason and detail, send nothing")
-    p.add_argument("--accept-unsigned", action="store_true",
-                   help="send letters this fleet did not sign too (written before letters were signed): by default "
-                   "they are named and not sent")  # fmt: skip
+    p.add_argument(
+        "--accept-unsigned",
+        action="store_true",
+        help="send letters this fleet did not sign too (written before letters were signed): by default "
+        "they are named and not sent",
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON document")
 
 
@@ -102,8 +109,12 @@ def _say(note: Note, waiting: dict[int, Source], followed: list[Source], from_be
                 since += f" ({', '.join(new_only)}: new records only)"
             print(f"gpufleet: following {where}{since}", file=sys.stderr, flush=True)
     elif note.what == "lost":
-        print(f"gpufleet: lost {system} ({one_line(str(note.error))[:200]}); reconnecting until it is back "
-              "(Ctrl-C stops)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"gpufleet: lost {system} ({one_line(str(note.error))[:200]}); reconnecting until it is back "
+            "(Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
     elif note.what == "back":
         print(f"gpufleet: {system} is back after {note.after_s:.0f} s; following again", file=sys.stderr, flush=True)
 
@@ -114,9 +125,17 @@ def _json_line(record: Record) -> str:
         value = orjson.loads(landed.value)
     except orjson.JSONDecodeError:
         value = landed.value.decode(errors="replace")
-    return orjson.dumps({"kind": record.kind, "where": landed.where, "position": landed.position,
-                         "timestamp": landed.timestamp, "key": landed.key, "headers": landed.headers,
-                         "value": value}).decode()  # fmt: skip
+    return orjson.dumps(
+        {
+            "kind": record.kind,
+            "where": landed.where,
+            "position": landed.position,
+            "timestamp": landed.timestamp,
+            "key": landed.key,
+            "headers": landed.headers,
+            "value": value,
+        }
+    ).decode()
 
 
 def _line(record: Record) -> str:
@@ -144,8 +163,10 @@ def outcome_text(value: bytes) -> str:
     context, payload = doc.get("responseContext") or {}, doc.get("responsePayload")
     attempts = (doc.get("requestContext") or {}).get("approximateInvokeCount")
     took = context.get("durationMs") if isinstance(context, dict) else None
-    parts = [f"{took / 1000:.2f}s" if isinstance(took, int | float) else "",
-             f"attempts={attempts}" if isinstance(attempts, int) and attempts > 1 else ""]  # fmt: skip
+    parts = [
+        f"{took / 1000:.2f}s" if isinstance(took, int | float) else "",
+        f"attempts={attempts}" if isinstance(attempts, int) and attempts > 1 else "",
+    ]
     failed = (doc.get("requestContext") or {}).get("condition") not in (None, "Success")
     if failed and isinstance(payload, dict) and ("errorType" in payload or "errorMessage" in payload):
         parts.append(f"{payload.get('errorType', 'Error')}: {payload.get('errorMessage', '')}")
@@ -170,12 +191,15 @@ def _redrive(args: argparse.Namespace) -> int:
             for r in report.refused:
                 print(f"  {r['at']}  {r['why']}  reason={r['reason']}  source={r['source']}")
         if args.dry_run:
-            rows = [[r["at"], r["reason"], "yes" if r["signed"] else "no", r["source"], r["detail"][:120]]
-                    for r in report.letters]  # fmt: skip
+            rows = [
+                [r["at"], r["reason"], "yes" if r["signed"] else "no", r["source"], r["detail"][:120]]
+                for r in report.letters
+            ]
             print(table(["dead letter", "reason", "signed", "source", "detail"], rows, "(none)"))
             print("dry run: nothing sent")
         else:
-            print(f"queued {report.queued}, already there {report.duplicates}, refused again {report.dead_lettered}"
-                  + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(report.reasons.items()))})" if report.reasons
-                     else ""))  # fmt: skip
+            print(
+                f"queued {report.queued}, already there {report.duplicates}, refused again {report.dead_lettered}"
+                + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(report.reasons.items()))})" if report.reasons else "")
+            )
     return EXIT_FAILED if report.dead_lettered or report.refused else EXIT_OK

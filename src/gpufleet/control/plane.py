@@ -7,18 +7,25 @@ Errors are :class:`~gpufleet.errors.RequestError` subclasses with a stable ``cod
 
 from __future__ import annotations
 
-import contextlib
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gpufleet.config import Fleet
-from gpufleet.control.views import decode_cursor, encode_cursor, group_gpus, listed, parse_state, retried, task_view
+from gpufleet.control.changes import Changes
+from gpufleet.control.views import (
+    decode_cursor,
+    encode_cursor,
+    function_view,
+    group_gpus,
+    listed,
+    parse_state,
+    task_view,
+)
 from gpufleet.delivery.parking import PARKED_ID, Parking
-from gpufleet.delivery.records import Condition, callback_record, fit_record, iso
+from gpufleet.delivery.records import iso
 from gpufleet.errors import (
     ConflictError,
     EventError,
@@ -27,11 +34,11 @@ from gpufleet.errors import (
     NotReadyError,
     PayloadTooLargeError,
 )
-from gpufleet.functions import LATEST, Function
+from gpufleet.functions import Function
 from gpufleet.intake.ids import API_ORIGIN, api_task_id
 from gpufleet.intake.path import Intake, Producer, check_priority
-from gpufleet.registry import snapshot
-from gpufleet.registry.jobs import SHARD_PAGE, JobStore, job_info, summary
+from gpufleet.registry import inventory, snapshot
+from gpufleet.registry.jobs import SHARD_PAGE, JobStore, summary
 from gpufleet.registry.messages import DEFAULT_PRIORITY, Envelopes, function_queue, parse_queue, queue_version
 from gpufleet.registry.model import REDIS_ERRORS, Enqueued, State
 from gpufleet.registry.snapshot import Snapshot
@@ -66,6 +73,7 @@ class ControlPlane:
         # Builds a stored task's message again: for retries and re-queues.
         self.envelopes = Envelopes(self.intake.factory, fleet.functions)
         self.jobs = JobStore(self.registry)
+        self.changes = Changes(fleet, self.registry, self.jobs, self.envelopes)
 
     def ping(self) -> None:
         """Raise ``redis.ConnectionError``/``TimeoutError`` when the registry cannot be reached."""
@@ -87,11 +95,13 @@ class ControlPlane:
         what = f"{fn.name}" + (f" version {version}" if version else "")
         errors = [v for v in wanted if v["state"] == "ERROR"]
         if errors and len(errors) == len([v for v in wanted if v["state"] != "INACTIVE"]):
-            raise ConflictError("version_error", f"{what}: setup() failed on every worker that tried: "
-                                f"{errors[0].get('error')}")  # fmt: skip
+            raise ConflictError(
+                "version_error", f"{what}: setup() failed on every worker that tried: {errors[0].get('error')}"
+            )
         states = sorted({v["state"] for v in wanted}) or ["INACTIVE"]
-        raise NotReadyError("version_not_active", f"{what} is {'/'.join(states)}: no live worker runs it yet; try "
-                            "again later")  # fmt: skip
+        raise NotReadyError(
+            "version_not_active", f"{what} is {'/'.join(states)}: no live worker runs it yet; try again later"
+        )
 
     def aliases(self, name: str) -> dict[str, dict[str, float]]:
         """The function's aliases: alias -> {version: weight} (see :mod:`gpufleet.scheduling.aliases`)."""
@@ -117,41 +127,33 @@ class ControlPlane:
             found: dict[str, list[dict[str, Any]]] | None = all_versions(self.registry, served)
         except REDIS_ERRORS:
             found = None
-        return [self._function_view(fn, None if found is None else found[fn.name]) for fn in served]
-
-    def _function_view(self, fn: Function, versions: list[dict[str, Any]] | None) -> dict[str, Any]:
-        assert self.intake.aliases is not None
-        return {
-            "name": fn.name,
-            "version": fn.version,
-            "state": versions[0]["state"] if versions else None,  # the declared version's
-            "versions": versions,
-            # Redis unreachable (no versions read): the config's aliases, what this process knows without it.
-            "aliases": self.intake.aliases.of(fn.name)
-            if versions is not None
-            else self.intake.aliases.configured.get(fn.name, {}),
-            "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
-            "queue": function_queue(self.fleet.settings.redis.key_prefix, fn),
-            "timeout_s": fn.timeout_s,
-            "max_attempts": fn.max_attempts,
-            "backoff_s": fn.backoff_s,
-            "backoff_max_s": fn.backoff_max_s,
-            "max_event_age_s": fn.max_event_age_s,
-            "retention_s": fn.retention_s or self.fleet.settings.defaults.retention_s,
-            "payload_schema": fn.payload.model_json_schema() if fn.payload else None,
-            "job": None if fn.shards is None else job_info(fn.shards),
-        }
+        aliases = self.intake.aliases
+        assert aliases is not None
+        # Redis unreachable (no versions read): the config's aliases, what this process knows without it.
+        return [
+            function_view(self.fleet.settings, fn, None, aliases.configured.get(fn.name, {}))
+            if found is None
+            else function_view(self.fleet.settings, fn, found[fn.name], aliases.of(fn.name))
+            for fn in served
+        ]
 
     # -- invoke ----------------------------------------------------------------------------------------------
 
-    def invoke(self, function: str, event: Any, idempotency_key: str | None = None,
-               traceparent: str | None = None, priority: int = DEFAULT_PRIORITY) -> Invocation:  # fmt: skip
+    def invoke(
+        self,
+        function: str,
+        event: Any,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> Invocation:
         """Queue one task for ``function`` (``embed``, or ``embed:4`` for version 4 alone). ``event`` is the event,
         or its JSON as ``bytes`` (the HTTP body: checked before it is decoded). The same ``idempotency_key`` always
         names the same task. The task joins the caller's W3C ``traceparent`` trace, or starts one."""
         fn = self.function(function.partition(":")[0])
-        if idempotency_key is not None and (not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
-                                            or not idempotency_key.isprintable()):  # fmt: skip
+        if idempotency_key is not None and (
+            not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable()
+        ):
             raise InvalidRequestError("bad_idempotency_key", "use 1 to 255 printable characters")
         task_id = api_task_id(fn.name, idempotency_key)
         try:
@@ -159,8 +161,15 @@ class ControlPlane:
             if fn.when_inactive == "refuse":
                 self._check_active(fn, version)
             event = self.intake.decode(event) if isinstance(event, bytes) else self.intake.accept(event)
-            task = self.intake.task(fn, event, task_id, API_ORIGIN, traceparent=traceparent,
-                                    priority=check_priority(priority), version=version)  # fmt: skip
+            task = self.intake.task(
+                fn,
+                event,
+                task_id,
+                API_ORIGIN,
+                traceparent=traceparent,
+                priority=check_priority(priority),
+                version=version,
+            )
         except EventError as exc:
             if exc.reason == "oversize":
                 raise PayloadTooLargeError("payload_too_large", exc.detail) from None
@@ -170,13 +179,17 @@ class ControlPlane:
             raise InvalidRequestError(code, f"the event is not one gpufleet can carry: {exc.detail}") from None
         [outcome] = self.registry.enqueue_many([task])
         if outcome is Enqueued.CONFLICT:
-            raise ConflictError("id_conflict", f"task {task_id} exists for another function or source; use another "
-                                "Idempotency-Key")  # fmt: skip
+            raise ConflictError(
+                "id_conflict", f"task {task_id} exists for another function or source; use another Idempotency-Key"
+            )
         if outcome is Enqueued.DUPLICATE and idempotency_key is not None:
             [stored] = self.registry.stored_calls([task_id])
             if stored is not None and orjson.loads(stored[1]) != event:  # compared as values: key order is free
-                raise ConflictError("idempotency_key_reused", f"task {task_id} was made for another event with this "
-                                    "Idempotency-Key; use a new key for a new event")  # fmt: skip
+                raise ConflictError(
+                    "idempotency_key_reused",
+                    f"task {task_id} was made for another event with this "
+                    "Idempotency-Key; use a new key for a new event",
+                )
         return Invocation(task_id, outcome is Enqueued.CREATED)
 
     # -- tasks -----------------------------------------------------------------------------------------------
@@ -214,114 +227,33 @@ class ControlPlane:
     def _served(self, queue: str | None) -> dict[str, Any]:
         """Whether a live worker consumes ``queue``; when none does, a warning that says so (a task there waits
         until one starts, or until its max_event_age_s)."""
-        served = queue in self.registry.served_queues()
+        served = queue in inventory.served_queues(self.registry)
         return {"served": served} if served else {"served": False, "warning": f"no live worker consumes {queue}"}
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        """Cancel: a QUEUED task at once; a RUNNING one is signalled (then killed after the grace period).
-
-        Returns ``{"id", "outcome", "state"}``; outcome ``cancelled``, ``cancelling`` or ``noop`` (already
-        finished: not an error).
-        """
-        outcome, state = self._finish_queued(task_id, "Cancelled", "cancelled while queued")
-        if outcome == "cancelled":
-            return {"id": task_id, "outcome": "cancelled", "state": State.CANCELLED.value}
-        if outcome in ("signalled", "already"):
-            self._cancel_shards(task_id)
-            return {"id": task_id, "outcome": "cancelling", "state": State.RUNNING.value}
-        return {"id": task_id, "outcome": "noop", "state": state,
-                "message": f"task already finished ({state}); nothing to cancel"}  # fmt: skip
-
-    def _cancel_shards(self, task_id: str) -> None:
-        """A job waiting for its shards (its cancel flag is set): cancel each shard not finished, queued ones at once,
-        running ones as any running task. The job ends CANCELLED once they all have (see gpufleet.registry.jobs)."""
-        record = self.registry.get(task_id) or {}
-        # Parked, all its shards; while it splits, those its parts wrote so far (the next part sees the flag).
-        n = int(record.get("shards") or record.get("split_written") or 0)
-        for shard in self.jobs.shards(task_id, n):
-            if shard.state in (State.QUEUED, State.RUNNING):
-                with contextlib.suppress(NotFoundError):
-                    self._finish_queued(shard.id, "Cancelled", f"its job {task_id} was cancelled")
+        """Cancel a task (see :meth:`Changes.cancel`)."""
+        return self.changes.cancel(task_id)
 
     def expire_due(self, limit: int = 100) -> int:
-        """Expire the QUEUED tasks whose ``max_event_age_s`` has passed, whether or not any worker serves their
-        queue (one that does would expire them when it picks them up). Returns how many expired."""
-        expired = 0
-        for task_id in self.registry.due_deadlines(limit):
-            try:
-                outcome, _ = self._finish_queued(task_id, "EventAgeExceeded", "", expire=True)
-            except NotFoundError:  # its record expired: only the index entry is left
-                self.registry.client.zrem(self.registry.keys.deadlines, task_id)
-                continue
-            expired += outcome == "expired"
-        return expired
-
-    def _finish_queued(self, task_id: str, error_type: str, message: str, expire: bool = False) -> tuple[str, str]:
-        """QUEUED -> CANCELLED (or EXPIRED) with its failure record; the record can change between the read and the
-        script, which then refuses: read again (both are cheap)."""
-        for _ in range(10):
-            record = self.record(task_id, event=True)
-            now = time.time()
-            if expire:
-                waited = now - float(record.get("event_ts") or now)
-                message = f"event waited {waited:.1f} s > max_event_age_s {record.get('max_age')}; no worker took it"
-            error = {"errorType": error_type, "errorMessage": message, "stackTrace": []}
-            event = record.get("event")
-            fn = self.fleet.functions.get(record["function"])
-            body = callback_record(
-                task_id=task_id, function=record["function"], condition=Condition(error_type),
-                attempts=int(record.get("attempts", 0)), event=event, worker="", gpu="", started_at=None,
-                finished_at=now, response=error, fleet=self.fleet.settings.redis.key_prefix,
-                version=queue_version(record.get("queue") or "") or (fn.version if fn else LATEST),
-            )  # fmt: skip
-            outcome, state = self.registry.cancel(
-                task_id, int(record.get("attempts", 0)), error, record.get("on_failure", ""),
-                fit_record(body, self.fleet.settings.defaults.max_record_bytes), fn.retention_s if fn else None,
-                expire=expire,
-            )  # fmt: skip
-            if outcome == "missing":
-                raise NotFoundError("task_not_found", f"no task {task_id!r}")
-            if outcome != "conflict":
-                return outcome, state
-        raise ConflictError("busy", f"task {task_id!r} kept changing state; try again")
+        """Expire the QUEUED tasks past their ``max_event_age_s`` (see :meth:`Changes.expire_due`)."""
+        return self.changes.expire_due(limit)
 
     def retry(self, task_id: str) -> dict[str, Any]:
-        """Run a FAILED, TIMED_OUT, CANCELLED or EXPIRED task again, from attempt 1, as a new event. A job that had
-        split runs again only its shards that did not succeed, then merges."""
-        record = self.registry.get(task_id) or {}
-        if record.get("parent"):
-            raise ConflictError("retry_the_job", f"task {task_id!r} is shard {record.get('index')} of job "
-                                f"{record['parent']!r}: retry the job, which runs again only its shards that did not "
-                                "succeed, then merges")  # fmt: skip
-        if record.get("shards"):
-            return self._retry_job(task_id, int(record["shards"]))
-        [call] = self.registry.stored_calls([task_id])
-        if call is None:
-            raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
-        envelope = self.envelopes(task_id, *call)
-        if envelope is None:
-            raise ConflictError("function_not_served", f"function {call[0]!r} is no longer served")
-        return retried(task_id, *self.registry.retry(task_id, envelope), State.QUEUED)
-
-    def _retry_job(self, task_id: str, n: int) -> dict[str, Any]:
-        again = [s.id for s in self.jobs.shards(task_id, n) if s.state is not None and s.state != State.SUCCEEDED]
-        envelopes = {}
-        for sid, call in zip(again, self.registry.stored_calls(again), strict=True):
-            envelope = self.envelopes(sid, *call) if call is not None else None
-            if envelope is not None:
-                envelopes[sid] = envelope
-        outcome, state = self.jobs.retry(task_id, envelopes)
-        if outcome == "expired":
-            raise ConflictError("shards_expired", f"shard {state!r} of job {task_id!r} is gone (its retention passed, "
-                                "or its function is no longer served): the job cannot run it again alone")  # fmt: skip
-        return retried(task_id, outcome, state, State.RUNNING if again else State.QUEUED)  # shards, or its merge
+        """Run a finished, unsuccessful task again (see :meth:`Changes.retry`)."""
+        return self.changes.retry(task_id)
 
     def position(self, task_id: str) -> dict[str, Any]:
         """Where a QUEUED task stands: 1 = next to start. ``position`` is null when it is not waiting in a queue
         (running, finished, or waiting for a retry's backoff)."""
         record = self.record(task_id)
-        out: dict[str, Any] = {"id": task_id, "state": record["state"], "position": None, "ahead": None,
-                               "queue": record.get("queue"), "queue_length": None}  # fmt: skip
+        out: dict[str, Any] = {
+            "id": task_id,
+            "state": record["state"],
+            "position": None,
+            "ahead": None,
+            "queue": record.get("queue"),
+            "queue_length": None,
+        }
         if record["state"] == State.QUEUED and record.get("queue"):
             if record.get("retry_at"):
                 out["retry_at"] = iso(float(record["retry_at"]))
@@ -331,8 +263,9 @@ class ControlPlane:
             out.update(self._served(record["queue"]))
         return out
 
-    def tasks(self, function: str | None = None, state: str | None = None, limit: int = 50,
-              cursor: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def tasks(
+        self, function: str | None = None, state: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
         """A page of tasks, newest first (by arrival). Pass back ``next_cursor`` for the next page."""
         max_page = self.fleet.settings.api.max_page
         if not 1 <= limit <= max_page:
@@ -382,7 +315,7 @@ class ControlPlane:
         }
 
     def gpus(self) -> list[dict[str, Any]]:
-        return self.registry.gpus()
+        return inventory.gpus(self.registry)
 
     def gpu_inventory(self) -> dict[str, Any]:
         """``{"items": every GPU slot, "pools": the same grouped by pool and model}`` (see :func:`group_gpus`)."""

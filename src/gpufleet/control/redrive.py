@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -36,7 +36,7 @@ from gpufleet.registry.store import Registry
 
 if TYPE_CHECKING:
     from gpufleet.config import Fleet
-    from gpufleet.triggers.base import SourceMessage
+    from gpufleet.triggers.ingest import SourceMessage
     from gpufleet.triggers.options import TriggerSettings
 
 log = structlog.get_logger("gpufleet.control.redrive")
@@ -74,8 +74,9 @@ class Marks:
         return offset < self._by_reason[reason].get(partition, 0)
 
 
-def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool = False,
-            accept_unsigned: bool = False) -> RedriveReport:  # fmt: skip
+def redrive(
+    fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool = False, accept_unsigned: bool = False
+) -> RedriveReport:
     """Send the trigger's dead letters not redriven before (or those of one ``reason``) through its intake again,
     as the trigger first saw them. Refused again, a message gets a new dead letter. Letters this fleet did not sign
     are not sent, unless ``accept_unsigned``."""
@@ -85,8 +86,10 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
     url = settings.dead_letter or fleet.settings.defaults.dead_letter
     endpoint = parse_destination(url)
     if endpoint.scheme != "kafka":
-        raise ConfigError(f"redrive reads dead letters back from Kafka only; trigger {trigger!r} sends them to "
-                          f"{endpoint.scheme}://", fix="use a kafka:// dead_letter")  # fmt: skip
+        raise ConfigError(
+            f"redrive reads dead letters back from Kafka only; trigger {trigger!r} sends them to {endpoint.scheme}://",
+            fix="use a kafka:// dead_letter",
+        )
     kafka, topic = fleet.settings.kafka, endpoint.path
     bootstrap = endpoint.hosts or kafka.bootstrap_servers
     # Where the redrives of all its letters stopped, and (with a reason) where those of that reason alone did.
@@ -95,13 +98,7 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
         for p, offset in committed(kafka, bootstrap, topic, group_of(fleet, trigger, reason)).items():
             done[p] = max(done.get(p, 0), offset)
     marks = Marks(fleet, bootstrap, topic, trigger)
-    registry = Registry.for_fleet(fleet.settings)
-    try:
-        key = letters.fleet_key(registry.client, registry.prefix)
-    except REDIS_ERRORS as exc:
-        raise BrokerError(f"cannot read the fleet's dead-letter key from Redis: {exc}") from exc
-    finally:
-        registry.client.close()
+    key = _letter_key(fleet)
     report = RedriveReport(trigger)
     messages: dict[str, SourceMessage] = {}  # by the message's identity: one send each
     upto: dict[int, int] = {}  # partition -> where this read ended
@@ -116,38 +113,69 @@ def redrive(fleet: Fleet, trigger: str, reason: str | None = None, dry_run: bool
         report.read += 1
         signed = letters.verify(key, r.value, r.headers)
         if not signed and not accept_unsigned:
-            why = "forged or changed" if letters.SIGNATURE_HEADER in r.headers else "unsigned"
-            at = f"{r.topic}/{r.partition}/{r.offset}"
-            report.refused.append({"at": at, "why": why, "reason": r.headers.get("reason"),
-                                   "source": r.headers.get("source", r.key)})  # fmt: skip
-            log.warning("dead letter not redriven: this fleet did not sign it", at=at, why=why)
+            _refuse(report, r)
             continue
         message = _message(settings, r)
         if message.default_id in messages:
             report.duplicates += 1
         messages[message.default_id] = message
         if dry_run:
-            report.letters.append({"at": f"{r.topic}/{r.partition}/{r.offset}", "reason": r.headers.get("reason"),
-                                   "detail": r.headers.get("detail", ""), "source": message.source_id,
-                                   "id": message.default_id, "signed": signed})  # fmt: skip
+            report.letters.append(
+                {
+                    "at": f"{r.topic}/{r.partition}/{r.offset}",
+                    "reason": r.headers.get("reason"),
+                    "detail": r.headers.get("detail", ""),
+                    "source": message.source_id,
+                    "id": message.default_id,
+                    "signed": signed,
+                }
+            )
     if dry_run:
         return report
     if messages:
         _send(fleet, settings, list(messages.values()), report)
     if upto:  # what was read is durable now: the next redrive starts after it
         commit(kafka, bootstrap, topic, group_of(fleet, trigger, reason), upto)
-    log.info("redrive done", trigger=trigger, read=report.read, queued=report.queued, duplicates=report.duplicates,
-             dead_lettered=report.dead_lettered, refused=len(report.refused))  # fmt: skip
+    log.info(
+        "redrive done",
+        **{k: v for k, v in asdict(report).items() if isinstance(v, int)},
+        trigger=trigger,
+        refused=len(report.refused),
+    )
     return report
+
+
+def _letter_key(fleet: Fleet) -> bytes:
+    """The key this fleet signs its dead letters with (see :mod:`gpufleet.delivery.letters`)."""
+    registry = Registry.for_fleet(fleet.settings)
+    try:
+        return letters.fleet_key(registry.client, registry.prefix)
+    except REDIS_ERRORS as exc:
+        raise BrokerError(f"cannot read the fleet's dead-letter key from Redis: {exc}") from exc
+    finally:
+        registry.client.close()
+
+
+def _refuse(report: RedriveReport, r: KafkaRecord) -> None:
+    """A letter this fleet did not sign: named in the report, not sent."""
+    why = "forged or changed" if letters.SIGNATURE_HEADER in r.headers else "unsigned"
+    at = f"{r.topic}/{r.partition}/{r.offset}"
+    report.refused.append(
+        {"at": at, "why": why, "reason": r.headers.get("reason"), "source": r.headers.get("source", r.key)}
+    )
+    log.warning("dead letter not redriven: this fleet did not sign it", at=at, why=why)
 
 
 def _message(settings: TriggerSettings, r: KafkaRecord) -> SourceMessage:
     from gpufleet.aws import ObjectEvent
     from gpufleet.delivery.letters import DEFAULT_ID_HEADER, OBJECT_HEADER, SUPPLIED_ID_HEADER
-    from gpufleet.triggers.base import SourceMessage
+    from gpufleet.triggers.ingest import SourceMessage
 
-    headers = {settings.id_header: r.headers[SUPPLIED_ID_HEADER].encode()} if (
-        settings.id_header and SUPPLIED_ID_HEADER in r.headers) else {}  # fmt: skip
+    headers = (
+        {settings.id_header: r.headers[SUPPLIED_ID_HEADER].encode()}
+        if (settings.id_header and SUPPLIED_ID_HEADER in r.headers)
+        else {}
+    )
     objects = (ObjectEvent.model_validate_json(r.value),) if r.headers.get(OBJECT_HEADER) else None
     # A dead letter written before they carried their default id: its bytes name it, the same each redrive.
     default_id = r.headers.get(DEFAULT_ID_HEADER) or f"redrive-{hashlib.sha256(r.value).hexdigest()[:32]}"
@@ -155,7 +183,7 @@ def _message(settings: TriggerSettings, r: KafkaRecord) -> SourceMessage:
 
 
 def _send(fleet: Fleet, settings: TriggerSettings, messages: list[SourceMessage], report: RedriveReport) -> None:
-    from gpufleet.triggers.base import Ingest
+    from gpufleet.triggers.ingest import Ingest
 
     ingest = Ingest(fleet, settings)
     try:

@@ -1,5 +1,5 @@
 """What the control plane answers: a task's public view (whole, or as a listing shows it), a retry's outcome, listing
-cursors, and the GPU inventory by pool and model."""
+cursors, a served function, and the GPU inventory by pool and model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import orjson
 
 from gpufleet.delivery.records import iso
 from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError
-from gpufleet.registry.messages import DEFAULT_PRIORITY
+from gpufleet.functions import Function
+from gpufleet.registry.jobs import job_info
+from gpufleet.registry.messages import DEFAULT_PRIORITY, function_queue
 from gpufleet.registry.model import State
+from gpufleet.settings import FleetSettings
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
 TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
@@ -93,8 +96,10 @@ def group_gpus(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for e in entries:
         for pool in e.get("pools") or ["default"]:
             model = str(e.get("model") or "unknown")
-            g = groups.setdefault((pool, model), {"pool": pool, "model": model, "gpus": 0, "busy": 0, "idle": 0,
-                                                  "stale": 0, "hosts": set()})  # fmt: skip
+            g = groups.setdefault(
+                (pool, model),
+                {"pool": pool, "model": model, "gpus": 0, "busy": 0, "idle": 0, "stale": 0, "hosts": set()},
+            )
             g["gpus"] += 1
             if e.get("stale"):
                 g["stale"] += 1
@@ -102,3 +107,26 @@ def group_gpus(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             g["hosts"].add(e.get("host") or str(e.get("worker", "")).partition("@")[2])
             g["busy" if e.get("task_id") else "idle"] += 1
     return [{**g, "hosts": sorted(g["hosts"])} for _, g in sorted(groups.items())]
+
+
+def function_view(
+    settings: FleetSettings, fn: Function, versions: list[dict[str, Any]] | None, aliases: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """A served function as ``GET /v1/functions`` lists it; ``versions`` None when Redis could not be read."""
+    return {
+        "name": fn.name,
+        "version": fn.version,
+        "state": versions[0]["state"] if versions else None,  # the declared version's
+        "versions": versions,
+        "aliases": aliases,
+        "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
+        "queue": function_queue(settings.redis.key_prefix, fn),
+        "timeout_s": fn.timeout_s,
+        "max_attempts": fn.max_attempts,
+        "backoff_s": fn.backoff_s,
+        "backoff_max_s": fn.backoff_max_s,
+        "max_event_age_s": fn.max_event_age_s,
+        "retention_s": fn.retention_s or settings.defaults.retention_s,
+        "payload_schema": fn.payload.model_json_schema() if fn.payload else None,
+        "job": None if fn.shards is None else job_info(fn.shards),
+    }

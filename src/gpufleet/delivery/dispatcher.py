@@ -169,8 +169,9 @@ class Dispatcher:
     def _claim(self) -> list[Entry]:
         """The next page of pending entries, whoever read them: only a router holds any, and we are the router."""
         batch_max = self.fleet.settings.dispatcher.batch_max
-        reply: Any = self.client.xautoclaim(self.stream, GROUP, self.name, self._claim_idle_ms, self._claim_from,
-                                            count=batch_max)  # fmt: skip
+        reply: Any = self.client.xautoclaim(
+            self.stream, GROUP, self.name, self._claim_idle_ms, self._claim_from, count=batch_max
+        )
         cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         self._claim_from = "" if cursor == "0-0" else cursor
         claimed: list[Entry] = [(eid, f) for eid, f in reply[1] if f]

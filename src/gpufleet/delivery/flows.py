@@ -130,12 +130,18 @@ class Flow:
                     self._idle_since = time.monotonic()
                     self._deliver(entries)
                 except REDIS_ERRORS as exc:
-                    log.warning("cannot reach Redis for a delivery flow; retrying", destination=self.shown,
-                                error=redact(str(exc)))  # fmt: skip
+                    log.warning(
+                        "cannot reach Redis for a delivery flow; retrying",
+                        destination=self.shown,
+                        error=redact(str(exc)),
+                    )
                     self.stop.wait(1.0)
                 except Exception as exc:  # noqa: BLE001 - a client failed in a way it should not: its flow waits
-                    log.error("delivery flow failed unexpectedly; retrying", destination=self.shown,
-                              error=f"{type(exc).__name__}: {redact(str(exc))}")  # fmt: skip
+                    log.error(
+                        "delivery flow failed unexpectedly; retrying",
+                        destination=self.shown,
+                        error=f"{type(exc).__name__}: {redact(str(exc))}",
+                    )
                     self.stop.wait(self.fleet.settings.dispatcher.retry_backoff_max_s)
         finally:
             if self._destination is not None:
@@ -161,8 +167,10 @@ class Flow:
         read = [(entry, record_of(entry[1])) for entry in entries]  # each entry decoded once
         unreadable = [entry for entry, record in read if record is None]
         if unreadable:  # written by something else than gpufleet: parked, never looping
-            broken = [(OutRecord(f.get(b"key", b"").decode(errors="replace"), f.get(b"value", b"")), "unreadable")
-                      for _, f in unreadable]  # fmt: skip
+            broken = [
+                (OutRecord(f.get(b"key", b"").decode(errors="replace"), f.get(b"value", b"")), "unreadable")
+                for _, f in unreadable
+            ]
             self._settle([eid for eid, _ in unreadable], broken)
         entries = [entry for entry, record in read if record is not None]
         records = [record for _, record in read if record is not None]
@@ -176,8 +184,12 @@ class Flow:
         ids = [eid for eid, _ in entries]
         parked = [(records[r.index], r.reason) for r in refused]
         for record, reason in parked:
-            log.error("destination refused a record for good; parked", destination=self.shown, key=record.key,
-                      reason=redact(reason))  # fmt: skip
+            log.error(
+                "destination refused a record for good; parked",
+                destination=self.shown,
+                key=record.key,
+                reason=redact(reason),
+            )
         if self._settle(ids, parked):
             self.delivered += len(ids) - len(parked)
             self.parked += len(parked)
@@ -213,8 +225,12 @@ class Flow:
             elif d.max_delivery_attempts is not None and tries >= d.max_delivery_attempts:
                 expired.append((eid, record, f"undelivered after {tries} tries (max_delivery_attempts): {error}"))
         if expired:
-            log.error("records waited too long for their destination; parked", destination=self.shown,
-                      count=len(expired), error=error)  # fmt: skip
+            log.error(
+                "records waited too long for their destination; parked",
+                destination=self.shown,
+                count=len(expired),
+                error=error,
+            )
             if self._settle([eid for eid, _, _ in expired], [(r, why) for _, r, why in expired]):
                 self.parked += len(expired)
             for eid, _, _ in expired:
@@ -222,8 +238,14 @@ class Flow:
         failures = self.state.failures + 1
         delay = min(d.retry_backoff_max_s, d.retry_backoff_s * 2 ** min(failures - 1, 30))
         opened = failures >= d.breaker_failures
-        log.warning("delivery failed; retrying", destination=self.shown, error=error, retry_in_s=delay,
-                    failures=failures, breaker="open" if opened else "closed")  # fmt: skip
+        log.warning(
+            "delivery failed; retrying",
+            destination=self.shown,
+            error=error,
+            retry_in_s=delay,
+            failures=failures,
+            breaker="open" if opened else "closed",
+        )
         self._publish(FlowState(failures, opened, error, self.state.since or now))
         self.stop.wait(delay)
 
@@ -252,8 +274,14 @@ class Flow:
 
     def _publish(self, state: FlowState) -> None:
         self.state = state
-        fields = {"url": self.shown, "failures": state.failures, "breaker": "open" if state.open else "closed",
-                  "error": state.error[:500], "failing_since": state.since, "holder": self.lease.token}  # fmt: skip
+        fields = {
+            "url": self.shown,
+            "failures": state.failures,
+            "breaker": "open" if state.open else "closed",
+            "error": state.error[:500],
+            "failing_since": state.since,
+            "holder": self.lease.token,
+        }
         self.client.hset(self.keys.flow_state(self.fid), mapping=fields)  # type: ignore[arg-type]
 
     def _open(self) -> Destination:
@@ -298,10 +326,16 @@ def destinations(client: redis.Redis, prefix: str, now: float) -> list[dict[str,
     for i, (fid, url) in enumerate(flows):
         backlog, head, state = replies[3 * i : 3 * i + 3]
         at = int(head[0][1].get(b"at", b"0") or 0) / 1000 if head else now
-        out.append({
-            "destination": redact_url(url), "backlog": int(backlog), "lag_s": max(0.0, now - at),
-            "delivered": int(delivered.get(fid.encode(), 0)), "parked": int(parked.get(fid.encode(), 0)),
-            "breaker": state.get(b"breaker", b"closed").decode(), "failures": int(state.get(b"failures", 0)),
-            "error": state.get(b"error", b"").decode() if int(state.get(b"failures", 0)) else "",
-        })  # fmt: skip
+        out.append(
+            {
+                "destination": redact_url(url),
+                "backlog": int(backlog),
+                "lag_s": max(0.0, now - at),
+                "delivered": int(delivered.get(fid.encode(), 0)),
+                "parked": int(parked.get(fid.encode(), 0)),
+                "breaker": state.get(b"breaker", b"closed").decode(),
+                "failures": int(state.get(b"failures", 0)),
+                "error": state.get(b"error", b"").decode() if int(state.get(b"failures", 0)) else "",
+            }
+        )
     return out

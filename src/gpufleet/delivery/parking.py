@@ -60,13 +60,18 @@ class Parking:
         out = []
         for entry_id, f in rows:
             value = f.get(b"value", b"")
-            out.append({
-                "id": entry_id.decode(), "destination": redact_url(f.get(b"dest", b"").decode()),
-                "key": f.get(b"key", b"").decode(),
-                "reason": redact(f.get(b"reason", b"").decode()), "parked_at": float(f.get(b"parked_at", b"0")),
-                "bytes": len(value), "headers": orjson.loads(f.get(b"headers") or b"{}"),
-                "value": value[:1000].decode(errors="replace"),
-            })  # fmt: skip
+            out.append(
+                {
+                    "id": entry_id.decode(),
+                    "destination": redact_url(f.get(b"dest", b"").decode()),
+                    "key": f.get(b"key", b"").decode(),
+                    "reason": redact(f.get(b"reason", b"").decode()),
+                    "parked_at": float(f.get(b"parked_at", b"0")),
+                    "bytes": len(value),
+                    "headers": orjson.loads(f.get(b"headers") or b"{}"),
+                    "value": value[:1000].decode(errors="replace"),
+                }
+            )
         return out
 
     def resend(self, ids: list[str] | None = None) -> int:

@@ -91,8 +91,12 @@ def follow(found: list[Source], stop: threading.Event, from_beginning: bool = Fa
     one lost later is followed again once it is back. Runs until ``stop`` is set or the caller stops iterating."""
     out: Outbox = queue.Queue(maxsize=1000)
     for source in found:
-        threading.Thread(target=_follow_one, args=(source, stop, from_beginning, out), daemon=True,
-                         name=f"gpufleet-tail-{source.kind}").start()  # fmt: skip
+        threading.Thread(
+            target=_follow_one,
+            args=(source, stop, from_beginning, out),
+            daemon=True,
+            name=f"gpufleet-tail-{source.kind}",
+        ).start()
     try:
         while not stop.is_set():
             try:

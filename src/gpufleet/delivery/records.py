@@ -41,8 +41,11 @@ def error_payload(exc: BaseException, error_type: str | None = None) -> dict[str
     the worker is installed: records leave the fleet."""
     trace = traceback.TracebackException.from_exception(exc)
     _relativize(trace, _module_paths(exc))
-    return {"errorType": error_type or type(exc).__name__, "errorMessage": str(exc),
-            "stackTrace": list(trace.format())[-20:]}  # fmt: skip
+    return {
+        "errorType": error_type or type(exc).__name__,
+        "errorMessage": str(exc),
+        "stackTrace": list(trace.format())[-20:],
+    }
 
 
 def _module_paths(exc: BaseException) -> dict[str, str]:
@@ -160,5 +163,9 @@ def fit_record(record: dict[str, Any], limit: int) -> bytes:
 
 def truncated(original: bytes) -> dict[str, Any]:
     """The marker that stands in for a value too large to carry."""
-    return {"truncated": True, "originalBytes": len(original), "sha256": hashlib.sha256(original).hexdigest(),
-            "preview": original[:PREVIEW_CHARS].decode(errors="replace")}  # fmt: skip
+    return {
+        "truncated": True,
+        "originalBytes": len(original),
+        "sha256": hashlib.sha256(original).hexdigest(),
+        "preview": original[:PREVIEW_CHARS].decode(errors="replace"),
+    }

@@ -59,8 +59,10 @@ def api_tour(fleet: Any) -> tuple[int, str]:
             if view["state"] not in ("QUEUED", "RUNNING"):
                 final[name] = view
             elif name == "sleep" and not cancelled and view["progress"]["fraction"] > 0.02:
-                print(f"  GET /v1/tasks/{task_id} -> RUNNING, progress {view['progress']['fraction']:.0%} "
-                      f"({view['progress']['message']})")  # fmt: skip
+                print(
+                    f"  GET /v1/tasks/{task_id} -> RUNNING, progress {view['progress']['fraction']:.0%} "
+                    f"({view['progress']['message']})"
+                )
                 _, outcome = call("POST", f"/v1/tasks/{task_id}/cancel")
                 print(f"  POST /v1/tasks/{task_id}/cancel -> {outcome}")
                 cancelled = True

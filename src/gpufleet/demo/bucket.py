@@ -15,15 +15,23 @@ import yaml
 
 BUCKET = "gpufleet-demo"
 QUEUE = "gpufleet-demo-images"
-IMAGES = [("images/sunrise gradient.png", "gradient"), ("images/rings.png", "rings"),
-          ("images/checkerboard.png", "checker"), ("images/2026/noise+stripes.png", "stripes")]  # fmt: skip
+IMAGES = [
+    ("images/sunrise gradient.png", "gradient"),
+    ("images/rings.png", "rings"),
+    ("images/checkerboard.png", "checker"),
+    ("images/2026/noise+stripes.png", "stripes"),
+]
 
 
 def clients(url: str) -> tuple[Any, Any]:
     import boto3
 
-    kw = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "testing",
-          "aws_secret_access_key": "testing"}  # fmt: skip
+    kw = {
+        "endpoint_url": url,
+        "region_name": "us-east-1",
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
     return boto3.client("s3", **kw), boto3.client("sqs", **kw)
 
 
@@ -34,16 +42,28 @@ def setup(url: str) -> None:
     queue_url = sqs.create_queue(QueueName=QUEUE)["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     rules = [{"Name": "prefix", "Value": "images/"}, {"Name": "suffix", "Value": ".png"}]
-    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [
-        {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"], "Filter": {"Key": {"FilterRules": rules}}}]})  # fmt: skip
+    s3.put_bucket_notification_configuration(
+        Bucket=BUCKET,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"], "Filter": {"Key": {"FilterRules": rules}}}
+            ]
+        },
+    )
 
 
 def write_trigger(folder: Path) -> None:
     """The demo's trigger file: what a user writes for a bucket on AWS (with their own queue)."""
     folder.mkdir(parents=True, exist_ok=True)
-    trigger = {"source": f"sqs:///{QUEUE}", "function": "thumbnail", "events": ["ObjectCreated:*"],
-               "prefix": "images/", "suffix": ".png", "output": f"s3://{BUCKET}/thumbnails",
-               "wait_time_s": 1}  # fmt: skip
+    trigger = {
+        "source": f"sqs:///{QUEUE}",
+        "function": "thumbnail",
+        "events": ["ObjectCreated:*"],
+        "prefix": "images/",
+        "suffix": ".png",
+        "output": f"s3://{BUCKET}/thumbnails",
+        "wait_time_s": 1,
+    }
     (folder / "demo-images.yaml").write_text(yaml.safe_dump(trigger, sort_keys=False))
 
 
@@ -64,9 +84,11 @@ def report(url: str, records: list[dict[str, Any]]) -> int:
         key = out["thumbnail"].removeprefix(f"s3://{BUCKET}/")
         size = s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
         found += 1
-        print(f"  {out['source']:<42} {out['size'][0]}x{out['size'][1]} -> {out['thumbnail']} ({size} B, "
-              f"{out['thumbnail_size'][0]}x{out['thumbnail_size'][1]}) edges={out['edge_energy']} "
-              f"rgb={out['mean_rgb']}")  # fmt: skip
+        print(
+            f"  {out['source']:<42} {out['size'][0]}x{out['size'][1]} -> {out['thumbnail']} ({size} B, "
+            f"{out['thumbnail_size'][0]}x{out['thumbnail_size'][1]}) edges={out['edge_energy']} "
+            f"rgb={out['mean_rgb']}"
+        )
     return found
 
 

@@ -21,8 +21,12 @@ def job_tour(fleet: Any, moto_url: str, timeout_s: float = 180) -> tuple[int, st
     s3, _ = clients(moto_url)
     s3.put_object(Bucket=BUCKET, Key=KEY, Body=_ppm(SIDE))
     _, call = client(fleet)
-    event = {"image": f"s3://{BUCKET}/{KEY}", "output": f"s3://{BUCKET}/enhanced", "strips": BANDS,
-             "fail_once": [FAILS]}  # fmt: skip
+    event = {
+        "image": f"s3://{BUCKET}/{KEY}",
+        "output": f"s3://{BUCKET}/enhanced",
+        "strips": BANDS,
+        "fail_once": [FAILS],
+    }
     status, made = call("POST", "/v1/functions/enhance/invocations", event)
     if status != 202:
         return 1, f"job: not accepted ({status} {made})"

@@ -48,8 +48,11 @@ class Receiver:
                 stamp = self.headers.get("X-Gpufleet-Timestamp", "")
                 task_id = self.headers.get("X-Gpufleet-Task-Id", "")
                 expected = sign_delivery(secret, task_id, body, stamp)
-                ok = stamp.isdigit() and abs(time.time() - int(stamp)) < 300 and hmac.compare_digest(
-                    self.headers.get("X-Gpufleet-Signature", ""), expected)  # fmt: skip
+                ok = (
+                    stamp.isdigit()
+                    and abs(time.time() - int(stamp)) < 300
+                    and hmac.compare_digest(self.headers.get("X-Gpufleet-Signature", ""), expected)
+                )
                 if ok:
                     receiver.records[task_id] = orjson.loads(body)
                 else:
@@ -76,8 +79,10 @@ def write_triggers(folder: Path, receiver: Receiver, rabbit_url: str | None) -> 
         "demo-s3": {"source": f"kafka:///{TOPICS['s3']}", "on_success": f"s3://{RECORDS_BUCKET}/embed"},
     }
     if rabbit_url:
-        routes["demo-amqp"] = {"source": f"{rabbit_url}?queue={AMQP_IN}",
-                               "on_success": f"{rabbit_url}?routing_key={AMQP_OUT}"}  # fmt: skip
+        routes["demo-amqp"] = {
+            "source": f"{rabbit_url}?queue={AMQP_IN}",
+            "on_success": f"{rabbit_url}?routing_key={AMQP_OUT}",
+        }
     for name, route in routes.items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({"function": "embed", **route}))
 

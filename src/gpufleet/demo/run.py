@@ -50,8 +50,10 @@ TIMEOUT_S = 120
 
 def sample_messages() -> list[tuple[str, bytes]]:
     """(kind, bytes) for each message the demo publishes."""
-    msgs = [("embed", orjson.dumps({"function": "embed", "payload": {"text": t}, "id": f"demo-embed-{i}"}))
-            for i, t in enumerate(TEXTS)]  # fmt: skip
+    msgs = [
+        ("embed", orjson.dumps({"function": "embed", "payload": {"text": t}, "id": f"demo-embed-{i}"}))
+        for i, t in enumerate(TEXTS)
+    ]
     msgs.append(("fail", orjson.dumps({"function": "fail", "payload": {"message": "bad input"}, "id": "demo-fail-0"})))
     msgs.append(("dead", b"{this is not json"))
     msgs.append(("dead", orjson.dumps({"function": "transcode", "payload": {}})))  # no such function
@@ -71,21 +73,33 @@ def run_demo(config: Path) -> int:
         receiver = routes.Receiver(hook_secret)
         routes.write_triggers(workdir / "triggers", receiver, rabbit_url)
         demo_config = _demo_config(config, workdir)
-        env = {**os.environ, "GPUFLEET_REDIS__URL": services.redis_url, "GPUFLEET_CONFIG": str(demo_config),
-               "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap,
-               "GPUFLEET_S3__ENDPOINT_URL": services.moto_url, "GPUFLEET_S3__SQS_ENDPOINT_URL": services.moto_url,
-               "GPUFLEET_S3__ACCESS_KEY_ID": MOTO_ACCESS_KEY, "GPUFLEET_S3__SECRET_ACCESS_KEY": MOTO_SECRET_KEY,
-               "GPUFLEET_API__PORT": str(free_port()), routes.SECRET_ENV: hook_secret,
-               # No token is shipped: the demo makes one for its own run.
-               "GPUFLEET_API__TOKEN": os.environ.get("GPUFLEET_API__TOKEN") or secrets.token_urlsafe(32)}  # fmt: skip
+        env = {
+            **os.environ,
+            "GPUFLEET_REDIS__URL": services.redis_url,
+            "GPUFLEET_CONFIG": str(demo_config),
+            "GPUFLEET_KAFKA__BOOTSTRAP_SERVERS": services.kafka_bootstrap,
+            "GPUFLEET_S3__ENDPOINT_URL": services.moto_url,
+            "GPUFLEET_S3__SQS_ENDPOINT_URL": services.moto_url,
+            "GPUFLEET_S3__ACCESS_KEY_ID": MOTO_ACCESS_KEY,
+            "GPUFLEET_S3__SECRET_ACCESS_KEY": MOTO_SECRET_KEY,
+            "GPUFLEET_API__PORT": str(free_port()),
+            routes.SECRET_ENV: hook_secret,
+            # No token is shipped: the demo makes one for its own run.
+            "GPUFLEET_API__TOKEN": os.environ.get("GPUFLEET_API__TOKEN") or secrets.token_urlsafe(32),
+        }
         fleet = load_fleet(demo_config, env)
         topic = next(t.source for t in fleet.triggers.values() if t.enabled and t.source.startswith("kafka:"))
         topic = topic.rsplit("/", 1)[-1]
         print(f"demo: starting the fleet: {fleet.settings.worker.virtual_gpus} virtual GPU(s) (no NVIDIA GPU needed)")
         log = open(workdir / "fleet.log", "wb")  # noqa: SIM115 - handed to the child process
         # Own process group, so the fleet is stopped by us, in order, even on Ctrl-C.
-        fleet_proc = subprocess.Popen([sys.executable, "-m", "gpufleet", "run", "--config", str(demo_config)],
-                                      env=env, stdout=log, stderr=log, process_group=0)  # fmt: skip
+        fleet_proc = subprocess.Popen(
+            [sys.executable, "-m", "gpufleet", "run", "--config", str(demo_config)],
+            env=env,
+            stdout=log,
+            stderr=log,
+            process_group=0,
+        )
         try:
             code, summary = _drive(fleet, services.kafka_bootstrap, topic, services.moto_url)
             if fleet.settings.api.enabled:
@@ -93,8 +107,9 @@ def run_demo(config: Path) -> int:
                 job_code, job_summary = job_tour(fleet, services.moto_url)
                 code, summary = code or api_code or job_code, f"{summary} | {api_summary} | {job_summary}"
             routes.send(services.kafka_bootstrap, rabbit_url)
-            routed, routes_summary = routes.report(receiver, services.moto_url, rabbit_url,
-                                                   time.monotonic() + TIMEOUT_S)  # fmt: skip
+            routed, routes_summary = routes.report(
+                receiver, services.moto_url, rabbit_url, time.monotonic() + TIMEOUT_S
+            )
             code, summary = code or (0 if routed else 1), f"{summary} | {routes_summary}"
         finally:
             receiver.close()
@@ -156,8 +171,11 @@ def _drive(fleet: Any, bootstrap: str, topic: str, s3_url: str) -> tuple[int, st
 
     s = fleet.settings
     registry = Registry.from_url(s.redis.url, s.redis.key_prefix)
-    expected = {"embed": sum(k == "embed" for k, _ in messages), "fail": sum(k == "fail" for k, _ in messages),
-                "thumbnail": n_images}  # fmt: skip
+    expected = {
+        "embed": sum(k == "embed" for k, _ in messages),
+        "fail": sum(k == "fail" for k, _ in messages),
+        "thumbnail": n_images,
+    }
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         line, finished = _progress(registry, expected)
@@ -198,10 +216,17 @@ def _drive(fleet: Any, bootstrap: str, topic: str, s3_url: str) -> tuple[int, st
 
     n_ok, n_failed = count(kafka_records, "Success"), count(kafka_records, "RetriesExhausted")
     n_bucket_ok = count(thumbs, "Success")
-    summary = (f"demo: kafka {len(messages)} events: {n_ok} Success, {n_failed} RetriesExhausted, {len(dead)} "
-               f"dead-lettered | bucket {n_images} objects: {n_bucket_ok} Success, {n_thumbs} thumbnails")  # fmt: skip
-    complete = (n_ok, n_failed, len(dead), n_bucket_ok, n_thumbs) == (expected["embed"], expected["fail"], n_dead,
-                                                                      n_images, n_images)  # fmt: skip
+    summary = (
+        f"demo: kafka {len(messages)} events: {n_ok} Success, {n_failed} RetriesExhausted, {len(dead)} "
+        f"dead-lettered | bucket {n_images} objects: {n_bucket_ok} Success, {n_thumbs} thumbnails"
+    )
+    complete = (n_ok, n_failed, len(dead), n_bucket_ok, n_thumbs) == (
+        expected["embed"],
+        expected["fail"],
+        n_dead,
+        n_images,
+        n_images,
+    )
     return (0 if complete else 1), summary
 
 
@@ -235,8 +260,10 @@ def read_topics(
                 end = time.monotonic() + 2
                 while time.monotonic() < end:
                     for tp, recs in consumer.poll(timeout_ms=200).items():
-                        out[tp.topic] += [{"key": r.key, "value": r.value,
-                                           "headers": {k: v.decode() for k, v in r.headers}} for r in recs]  # fmt: skip
+                        out[tp.topic] += [
+                            {"key": r.key, "value": r.value, "headers": {k: v.decode() for k, v in r.headers}}
+                            for r in recs
+                        ]
                 if all(len(out.get(t, [])) >= n for t, n in want.items()):
                     break
             time.sleep(0.5)

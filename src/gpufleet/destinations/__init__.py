@@ -45,15 +45,19 @@ PATHLESS = frozenset({"http", "https", "s3", "amqp", "amqps"})  # may name no pa
 FRAGMENT_OPTIONS = frozenset({"http", "https"})  # their query is the receiver's
 
 
-def parse_destination(url: str, *, where: str | None = None, key: str | None = None,
-                      env: Mapping[str, str] | None = None) -> Endpoint:  # fmt: skip
+def parse_destination(
+    url: str, *, where: str | None = None, key: str | None = None, env: Mapping[str, str] | None = None
+) -> Endpoint:
     """Validate a destination URL and its options; with ``env``, also that the variables its ``*_env`` options
     name are set (and that a secret is strong). Raises ConfigError naming ``where`` and ``key``."""
     endpoint = parse_url(url, BACKENDS, where=where, key=key, what="destination", pathless=PATHLESS)
     if endpoint.scheme not in LOGINS and "@" in (endpoint.hosts or ""):  # a secret with nothing to use it
-        raise ConfigError(f"destination URL {redact_url(url)!r} carries a user or password, which "
-                          f"{endpoint.scheme}:// does not use", file=where, key=key,
-                          fix="remove it: S3, SQS and SNS use the s3 section's keys, Kafka its section")  # fmt: skip
+        raise ConfigError(
+            f"destination URL {redact_url(url)!r} carries a user or password, which {endpoint.scheme}:// does not use",
+            file=where,
+            key=key,
+            fix="remove it: S3, SQS and SNS use the s3 section's keys, Kafka its section",
+        )
     if endpoint.scheme in FRAGMENT_OPTIONS:
         endpoint = dataclasses.replace(endpoint, options=dict(parse_qsl(urlsplit(url).fragment)))
     options = import_backend(BACKENDS[endpoint.scheme]).OPTIONS  # type: ignore[attr-defined]

@@ -69,8 +69,13 @@ class AmqpDestination:
 
         if self._channel is None:
             timeout = self.options.timeout_s  # for every read and write too: closing a dead link must not hang
-            conn = amqp.Connection(confirm_publish=True, connect_timeout=timeout, read_timeout=timeout,
-                                   write_timeout=timeout, **self._login)  # fmt: skip
+            conn = amqp.Connection(
+                confirm_publish=True,
+                connect_timeout=timeout,
+                read_timeout=timeout,
+                write_timeout=timeout,
+                **self._login,
+            )
             conn.connect()
             channel = conn.channel()
             channel.events["basic_return"].add(self._on_return)
@@ -89,12 +94,21 @@ class AmqpDestination:
             try:
                 channel = self._open()
                 for i, r in enumerate(records):
-                    message = amqp.Message(r.value, content_type="application/json", delivery_mode=2,
-                                           message_id=r.key, correlation_id=str(i),
-                                           application_headers={"task_id": r.key, **r.headers})  # fmt: skip
-                    channel.basic_publish(message, exchange=self.options.exchange, mandatory=True,
-                                          routing_key=self.options.routing_key,
-                                          confirm_timeout=self.options.timeout_s)  # fmt: skip
+                    message = amqp.Message(
+                        r.value,
+                        content_type="application/json",
+                        delivery_mode=2,
+                        message_id=r.key,
+                        correlation_id=str(i),
+                        application_headers={"task_id": r.key, **r.headers},
+                    )
+                    channel.basic_publish(
+                        message,
+                        exchange=self.options.exchange,
+                        mandatory=True,
+                        routing_key=self.options.routing_key,
+                        confirm_timeout=self.options.timeout_s,
+                    )
             except AMQPError as exc:
                 self._reset()
                 if getattr(exc, "reply_code", None) in PERMANENT_REPLY_CODES:  # no such exchange, not allowed
@@ -140,9 +154,11 @@ class AmqpReader:
 
         options = self._dest.options
         if not options.exchange:
-            raise ConfigError(f"{self.where}: records go to queue {options.routing_key!r} on the default exchange, "
-                              "and reading a queue takes its messages from its consumers, so it is not read",
-                              fix="publish to an exchange (?exchange=...) that the queue is bound to")  # fmt: skip
+            raise ConfigError(
+                f"{self.where}: records go to queue {options.routing_key!r} on the default exchange, "
+                "and reading a queue takes its messages from its consumers, so it is not read",
+                fix="publish to an exchange (?exchange=...) that the queue is bound to",
+            )
         got: list[Any] = []
         self._conn = conn = amqp.Connection(connect_timeout=options.timeout_s, **self._dest._login)
         try:

@@ -62,8 +62,11 @@ class HttpDestination:
         # checked that it is set.
         secret = os.environ.get(options.secret_env)
         if not secret:
-            raise ConfigError(f"environment variable {options.secret_env} is not set", key="secret_env",
-                              fix=shared_secret_fix(options.secret_env))  # fmt: skip
+            raise ConfigError(
+                f"environment variable {options.secret_env} is not set",
+                key="secret_env",
+                fix=shared_secret_fix(options.secret_env),
+            )
         self._secret = secret
         self.url = urlunsplit(urlsplit(endpoint.url)._replace(fragment=""))
         self._timeout_s = options.timeout_s
@@ -74,8 +77,12 @@ class HttpDestination:
             import httpx
 
             limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-            self._client = httpx.Client(timeout=self._timeout_s, limits=limits, follow_redirects=False,
-                                        headers={"User-Agent": f"gpufleet/{__version__}"})  # fmt: skip
+            self._client = httpx.Client(
+                timeout=self._timeout_s,
+                limits=limits,
+                follow_redirects=False,
+                headers={"User-Agent": f"gpufleet/{__version__}"},
+            )
         return self._client
 
     def deliver(self, records: list[OutRecord]) -> list[Refusal]:
@@ -106,10 +113,16 @@ class HttpDestination:
 
         stamp = str(int(time.time()))
         signature = sign_delivery(self._secret, record.key, record.value, stamp)
-        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: signature,
-                   "X-Gpufleet-Task-Id": record.key,
-                   **{name if name == "traceparent" else f"X-Gpufleet-{name.title()}": value
-                      for name, value in record.headers.items()}}  # fmt: skip
+        headers = {
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: stamp,
+            SIGNATURE_HEADER: signature,
+            "X-Gpufleet-Task-Id": record.key,
+            **{
+                name if name == "traceparent" else f"X-Gpufleet-{name.title()}": value
+                for name, value in record.headers.items()
+            },
+        }
         try:
             response = self._http().post(self.url, content=record.value, headers=headers)
         except httpx.HTTPError as exc:  # timeouts, refused or reset connections, TLS errors

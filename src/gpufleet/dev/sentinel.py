@@ -72,8 +72,14 @@ def _redis_check(port: int, password: str) -> None:
 
 
 @contextlib.contextmanager
-def sentinel_group(workdir: Path, password: str, replicas: int = 1, sentinels: int = 3,
-                   down_after_ms: int = 1000, timeout_s: float = 30) -> Iterator[SentinelGroup]:  # fmt: skip
+def sentinel_group(
+    workdir: Path,
+    password: str,
+    replicas: int = 1,
+    sentinels: int = 3,
+    down_after_ms: int = 1000,
+    timeout_s: float = 30,
+) -> Iterator[SentinelGroup]:
     """:func:`start_sentinel_group`, and every member stopped on exit, by PID."""
     group = start_sentinel_group(workdir, password, replicas, sentinels, down_after_ms, timeout_s)
     try:
@@ -82,8 +88,14 @@ def sentinel_group(workdir: Path, password: str, replicas: int = 1, sentinels: i
         group.close()
 
 
-def start_sentinel_group(workdir: Path, password: str, replicas: int = 1, sentinels: int = 3,
-                         down_after_ms: int = 1000, timeout_s: float = 30) -> SentinelGroup:  # fmt: skip
+def start_sentinel_group(
+    workdir: Path,
+    password: str,
+    replicas: int = 1,
+    sentinels: int = 3,
+    down_after_ms: int = 1000,
+    timeout_s: float = 30,
+) -> SentinelGroup:
     """Start the group and wait until every sentinel monitors the master, knows its replicas and the other
     sentinels (what a failover needs). On failure, what started is stopped."""
     names = ["master", *(f"replica{i}" for i in range(replicas)), *(f"sentinel{i}" for i in range(sentinels))]
@@ -105,9 +117,25 @@ def start_sentinel_group(workdir: Path, password: str, replicas: int = 1, sentin
                 )
                 argv = [_binary(), str(conf), "--sentinel"]
             else:
-                argv = [_binary(), "--port", str(port), "--bind", HOST, "--dir", str(data), "--save", "",
-                        "--appendonly", "no", "--requirepass", password, "--masterauth", password,
-                        "--protected-mode", "no"]  # fmt: skip
+                argv = [
+                    _binary(),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    HOST,
+                    "--dir",
+                    str(data),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--requirepass",
+                    password,
+                    "--masterauth",
+                    password,
+                    "--protected-mode",
+                    "no",
+                ]
                 if name != "master":
                     argv += ["--replicaof", HOST, str(master)]
             proc, log = _spawn(name, argv, data)

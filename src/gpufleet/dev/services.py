@@ -160,8 +160,9 @@ def stop_service(service: Service) -> None:
         path.unlink(missing_ok=True)
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, cwd: Path | None = None,
-           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:  # fmt: skip
+def _spawn(
+    name: str, argv: list[str], workdir: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     # The child inherits its own copy of the log fd; we close ours so no pipe or handle ties it to this process.

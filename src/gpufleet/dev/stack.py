@@ -106,13 +106,18 @@ def dev_up(state_dir: Path, rabbitmq: bool | None = None, sentinel: bool = False
     pids = _pids(state)
     if state and ("sentinel" in pids) != sentinel:
         runs = "a Sentinel group" if "sentinel" in pids else "a plain Redis"
-        raise ServiceError(f"this set runs {runs}; to switch, `gpufleet dev down` first, then `gpufleet dev up"
-                           f"{' --sentinel' if sentinel else ''}`")  # fmt: skip
+        raise ServiceError(
+            f"this set runs {runs}; to switch, `gpufleet dev down` first, then `gpufleet dev up"
+            f"{' --sentinel' if sentinel else ''}`"
+        )
     started, lost, down = [], [], []
     if sentinel:
         names.remove("redis")
-        down = [m for m, (pid, exe) in zip(state.get("sentinel_members", []), pids.get("sentinel", []), strict=False)
-                if not _ours(pid, exe)]  # fmt: skip
+        down = [
+            m
+            for m, (pid, exe) in zip(state.get("sentinel_members", []), pids.get("sentinel", []), strict=False)
+            if not _ours(pid, exe)
+        ]
         if "sentinel" not in pids:
             _start_sentinel(state_dir, state)
             started.append("sentinel")
@@ -126,10 +131,12 @@ def dev_up(state_dir: Path, rabbitmq: bool | None = None, sentinel: bool = False
         old = state.get(kind.url_key)
         port = urlsplit(f"//{old}" if name == "kafka" else str(old)).port if old else None
         if port is not None and not _port_freed(port):
-            raise ServiceError(f"{name} is down and its port {port} is held by another process; nothing was "
-                               "changed. Stop that process and run `gpufleet dev up` again, or start a new set on "
-                               "new ports: `gpufleet dev down`, then `gpufleet dev up` (the fleet needs the new "
-                               "exports then)")  # fmt: skip
+            raise ServiceError(
+                f"{name} is down and its port {port} is held by another process; nothing was "
+                "changed. Stop that process and run `gpufleet dev up` again, or start a new set on "
+                "new ports: `gpufleet dev down`, then `gpufleet dev up` (the fleet needs the new "
+                "exports then)"
+            )
         service, new_pids = kind.start(state_dir, port)
         state[kind.url_key] = service.url
         state.setdefault("pids", {})[name] = new_pids
@@ -146,8 +153,14 @@ def dev_up(state_dir: Path, rabbitmq: bool | None = None, sentinel: bool = False
     _write_state(state_dir, state)
     urls = {KINDS[n].url_key: state[KINDS[n].url_key] for n in names}
     urls["redis_url"] = state["redis_url"]  # a plain one, or the Sentinel group's sentinel:// URL
-    return {**urls, "api_token": state["api_token"], "state_file": str(state_dir / STATE_FILE),
-            "started": started, "lost": lost, "down": down}  # fmt: skip
+    return {
+        **urls,
+        "api_token": state["api_token"],
+        "state_file": str(state_dir / STATE_FILE),
+        "started": started,
+        "lost": lost,
+        "down": down,
+    }
 
 
 def _start_sentinel(state_dir: Path, state: dict[str, Any]) -> None:

@@ -50,8 +50,14 @@ class Producer:
 
 
 class Intake:
-    def __init__(self, fleet: Fleet, producer: Producer, placer: Placer | None = None,
-                 aliases: Aliases | None = None, served: ServedVersions | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        fleet: Fleet,
+        producer: Producer,
+        placer: Placer | None = None,
+        aliases: Aliases | None = None,
+        served: ServedVersions | None = None,
+    ) -> None:
         self.fleet = fleet
         self.producer = producer
         s = fleet.settings
@@ -105,13 +111,27 @@ class Intake:
             served = self.served.of(fn)
             if served is not None and version not in served:
                 lately = sorted(served) or "no other"
-                raise EventError("unknown_version", f"{name}:{version}: no such version; this fleet declares "
-                                 f"{fn.version}, and its workers served lately {lately}")  # fmt: skip
+                raise EventError(
+                    "unknown_version",
+                    f"{name}:{version}: no such version; this fleet declares "
+                    f"{fn.version}, and its workers served lately {lately}",
+                )
         return fn, version
 
-    def task(self, fn: Function, payload: Any, task_id: str, source: str, *, event_ts: float | None = None,
-             meta: dict[str, Any] | None = None, origin: str | None = None, traceparent: str | bytes | None = None,
-             priority: int = DEFAULT_PRIORITY, version: str | None = None) -> NewTask:  # fmt: skip
+    def task(
+        self,
+        fn: Function,
+        payload: Any,
+        task_id: str,
+        source: str,
+        *,
+        event_ts: float | None = None,
+        meta: dict[str, Any] | None = None,
+        origin: str | None = None,
+        traceparent: str | bytes | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        version: str | None = None,
+    ) -> NewTask:
         """The task for a checked event: its payload matched against the function's model, its destinations and
         envelope. ``origin`` overrides the producer's (object events share one namespace, whoever saw them). The
         task is a span of the event's ``traceparent`` trace (see :mod:`gpufleet.trace`). ``priority``: see

@@ -75,9 +75,15 @@ class Shard:
     outputs: list[str]
 
     def view(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": self.index, "id": self.id, "state": self.state, "attempts": self.attempts,
-                               "worker": self.worker, "started_at": self.started_at,
-                               "finished_at": self.finished_at}  # fmt: skip
+        out: dict[str, Any] = {
+            "index": self.index,
+            "id": self.id,
+            "state": self.state,
+            "attempts": self.attempts,
+            "worker": self.worker,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
         if self.outputs:
             out["outputs"] = self.outputs
         if self.error is not None:
@@ -111,8 +117,13 @@ class JobStore:
 
         def args(part: list[int], *extra: str | bytes) -> list[str | bytes]:
             """A part's script arguments: its batch, ``extra`` (the last part's), then its shards' messages."""
-            out: list[str | bytes] = [reg.prefix, now, orjson.dumps([[*task_row(shards[i], now), job_id, str(i)]
-                                                                    for i in part]), token, *extra]  # fmt: skip
+            out: list[str | bytes] = [
+                reg.prefix,
+                now,
+                orjson.dumps([[*task_row(shards[i], now), job_id, str(i)] for i in part]),
+                token,
+                *extra,
+            ]
             for i in part:
                 out += (shards[i].message.envelope, shards[i].message.event, shards[i].message.meta)
             return out
@@ -145,10 +156,20 @@ class JobStore:
             ok = state == State.SUCCEEDED.value
             problem = None if ok or state is None else (error or last_error)
             retried = last_error if ok and int(attempts or 0) > 1 else None
-            out.append(Shard(i, shard_id(job_id, i), state, int(attempts or 0), worker or None,
-                             float(started) if started else None, float(finished) if finished else None,
-                             orjson.loads(problem) if problem else None, orjson.loads(retried) if retried else None,
-                             orjson.loads(outputs) if outputs else []))  # fmt: skip
+            out.append(
+                Shard(
+                    i,
+                    shard_id(job_id, i),
+                    state,
+                    int(attempts or 0),
+                    worker or None,
+                    float(started) if started else None,
+                    float(finished) if finished else None,
+                    orjson.loads(problem) if problem else None,
+                    orjson.loads(retried) if retried else None,
+                    orjson.loads(outputs) if outputs else [],
+                )
+            )
         return out
 
     def results(self, job_id: str, n: int) -> list[Any]:
@@ -175,5 +196,11 @@ def summary(shards: list[Shard], offset: int = 0, limit: int | None = None) -> d
     done = sum(n for state, n in counts.items() if state not in (State.QUEUED.value, State.RUNNING.value))
     total = len(shards)
     end = total if limit is None else min(total, offset + limit)
-    return {"total": total, "done": done, "progress": done / total if total else 0.0, "counts": counts,
-            "items": [s.view() for s in shards[offset:end]], "next_offset": end if end < total else None}  # fmt: skip
+    return {
+        "total": total,
+        "done": done,
+        "progress": done / total if total else 0.0,
+        "counts": counts,
+        "items": [s.view() for s in shards[offset:end]],
+        "next_offset": end if end < total else None,
+    }

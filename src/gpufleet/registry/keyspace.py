@@ -40,29 +40,26 @@ from importlib import resources
 US = "\x1f"
 # Upper bounds, in seconds, of the queue-wait and duration histograms' buckets (then +Inf): from a 10 ms task to a
 # 24 h one. Fixed, so every script and every reader agree on them.
+# fmt: skip below: a list of numbers reads better packed than one per line.
 HISTOGRAM_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600,
                     86400)  # fmt: skip
 # A callback stream entry, as FINISH and FINISH_QUEUED write it and the dispatcher routes it to its flow.
 CALLBACK_FIELDS = ("dest", "key", "value", "condition", "function", "traceparent")
 
-# Each script is its own file, after the shared ones it calls: ``helpers`` (every transition's bookkeeping) and
-# ``create`` (a task's creation, for enqueue and a job's split).
-_PARTS = {
-    "enqueue_many": ("helpers", "create"),
-    "split_part": ("helpers", "create"),
-    "split": ("helpers", "create"),
-    **{name: ("helpers",) for name in ("claim", "pop_claim", "finish", "retry_later", "hand_back", "housekeep",
-                                       "finish_queued", "retry", "scan_lost", "move_queued", "requeue_lost", "age",
-                                       "retry_job")},
-}  # fmt: skip
+# Each script is its own file, after the shared ones it calls: ``helpers`` (every transition's bookkeeping), which
+# every script that changes a task calls, and ``create`` (a task's creation), which those that create tasks call too.
+# These stand alone: a lease, a flow, an index trim.
+_ALONE = ("lapse", "renew", "trim_index", "route", "lease_take", "flow_retire", "lease_release")
+_CREATING = ("enqueue_many", "split_part", "split")
 
 
 @functools.cache
 def script(name: str) -> str:
     """The Lua source of script ``name`` (``scripts/<name>.lua``), with the shared parts it calls before it."""
+    shared = () if name in _ALONE else ("helpers", "create") if name in _CREATING else ("helpers",)
     folder = resources.files("gpufleet.registry").joinpath("scripts")
-    parts = [folder.joinpath(f"{part}.lua").read_text() for part in (*_PARTS.get(name, ()), name)]
-    if "helpers" in _PARTS.get(name, ()):
+    parts = [folder.joinpath(f"{part}.lua").read_text() for part in (*shared, name)]
+    if shared:  # the helpers' histograms
         parts.insert(0, "local BOUNDS = {" + ", ".join(map(str, HISTOGRAM_BOUNDS)) + "}")
     return "\n".join(parts)
 

@@ -104,8 +104,9 @@ class MessageFactory:
         if template is None:
             queue = queue or function_queue(self._prefix, fn)
             headers = task_headers(fn.timeout_s + self._kill_grace_s, fn.timeout_s)
-            rendered = orjson.dumps(envelope_layout(headers, fn.name, _MARK_ID, _MARK_BODY, queue, _MARK_LEVEL,
-                                                    _MARK_TAG))  # fmt: skip
+            rendered = orjson.dumps(
+                envelope_layout(headers, fn.name, _MARK_ID, _MARK_BODY, queue, _MARK_LEVEL, _MARK_TAG)
+            )
             marks = [m.group() for m in _MARKS.finditer(rendered)]
             if marks != _MARK_ORDER:  # envelope_layout changed: say so rather than build wrong messages
                 raise AssertionError(f"envelope template marks {marks}, expected {_MARK_ORDER}")
@@ -114,12 +115,26 @@ class MessageFactory:
             self._templates[key] = template
         return template
 
-    def build(self, task_id: str, fn: Function, event: Any, meta: dict[str, Any], priority: int = DEFAULT_PRIORITY,
-              queue: str | None = None) -> TaskMessage:  # fmt: skip
+    def build(
+        self,
+        task_id: str,
+        fn: Function,
+        event: Any,
+        meta: dict[str, Any],
+        priority: int = DEFAULT_PRIORITY,
+        queue: str | None = None,
+    ) -> TaskMessage:
         return self.rebuild(task_id, fn, orjson.dumps(event), orjson.dumps(meta), priority, queue)
 
-    def rebuild(self, task_id: str, fn: Function, event: bytes, meta: bytes, priority: int = DEFAULT_PRIORITY,
-                queue: str | None = None) -> TaskMessage:  # fmt: skip
+    def rebuild(
+        self,
+        task_id: str,
+        fn: Function,
+        event: bytes,
+        meta: bytes,
+        priority: int = DEFAULT_PRIORITY,
+        queue: str | None = None,
+    ) -> TaskMessage:
         """The task's message from its event and meta as JSON (as the registry stores them), for ``queue`` (default:
         the function's first pool's). A message pushed again by a registry script gets the priority its record holds
         then (it may have aged), whatever is passed here."""
@@ -130,18 +145,25 @@ class MessageFactory:
         # in the queue and in every copy of it.
         body = orjson.dumps(b"".join((t.call_head, event, b',"meta":', meta, _CALL_TAIL)).decode())
         p = t.parts
-        envelope = b"".join((p[0], i, p[1], i, p[2], body, p[3], i, p[4], _LEVELS[priority], p[5], orjson.dumps(tag),
-                             p[6]))  # fmt: skip
+        envelope = b"".join(
+            (p[0], i, p[1], i, p[2], body, p[3], i, p[4], _LEVELS[priority], p[5], orjson.dumps(tag), p[6])
+        )
         # Positional: keywords cost twice as much, once per message a trigger takes in.
         return TaskMessage(task_id, fn.name, t.queue, envelope, event, meta, tag, priority)
 
 
-def envelope_layout(headers: dict[str, Any], function: str, task_id: Any, body: Any, queue: str, level: Any,
-                    tag: Any) -> dict[str, Any]:  # fmt: skip
+def envelope_layout(
+    headers: dict[str, Any], function: str, task_id: Any, body: Any, queue: str, level: Any, tag: Any
+) -> dict[str, Any]:
     """kombu's Redis envelope of a ``gpufleet.run`` task; ``body`` is the call ``[[], {function, event, meta},
     embed]`` as JSON text. The factory renders it once per function with marks in place of the per-message values."""
-    headers = {**headers, "id": task_id, "root_id": task_id, "argsrepr": "()",
-               "kwargsrepr": f"{{'function': {function!r}}}"}  # fmt: skip
+    headers = {
+        **headers,
+        "id": task_id,
+        "root_id": task_id,
+        "argsrepr": "()",
+        "kwargsrepr": f"{{'function': {function!r}}}",
+    }
     return {  # headers first: the lost-message scan looks for the id near the start
         "headers": headers,
         "body": body,

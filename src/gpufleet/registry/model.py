@@ -59,9 +59,22 @@ class NewTask(NamedTuple):  # a tuple: built per message on a trigger's hot path
 
 def task_row(t: NewTask, now: str) -> list[str]:
     """A new task's small fields, as ``lua.CREATE`` takes them (the envelope, event and meta travel apart)."""
-    return [t.message.task_id, t.message.function, t.message.queue, t.on_success, t.on_failure, str(t.max_attempts),
-            t.source, now, repr(t.event_ts), "" if t.max_age_s is None else repr(t.max_age_s), t.message.tag,
-            t.origin, str(t.message.priority), t.overflow]  # fmt: skip
+    return [
+        t.message.task_id,
+        t.message.function,
+        t.message.queue,
+        t.on_success,
+        t.on_failure,
+        str(t.max_attempts),
+        t.source,
+        now,
+        repr(t.event_ts),
+        "" if t.max_age_s is None else repr(t.max_age_s),
+        t.message.tag,
+        t.origin,
+        str(t.message.priority),
+        t.overflow,
+    ]
 
 
 @dataclass(frozen=True)
@@ -100,10 +113,12 @@ class Callback:
 
 
 # What a task's public view shows (control.task_view): a listing reads these and nothing else.
+# fmt: skip below: a list of field names reads better packed than one per line.
 VIEW_FIELDS = ("id", "function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
                "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
                "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")  # fmt: skip
 VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
+# fmt: skip below: a list of field names reads better packed than one per line.
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
             "max_age", "priority", "prio"}  # fmt: skip

@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 
 from gpufleet.delivery.flows import destinations
-from gpufleet.registry.keyspace import US
+from gpufleet.registry import inventory
+from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS, US
 from gpufleet.registry.model import State
 from gpufleet.registry.store import Registry
 
@@ -79,14 +80,12 @@ def _histograms(raw: dict[bytes, bytes], n_buckets: int) -> dict[str, Histogram]
 
 def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot:
     """The fleet now; with ``minutes``, also finished tasks per minute over that many minutes (the chart)."""
-    from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS
-
     keys, client = registry.keys, registry.client
     now = time.time()
     names = sorted(set(functions) | registry.functions_seen())
     queues = registry.queues()
-    busy = registry.busy()
-    gpus = registry.gpus(busy=busy)
+    busy = inventory.busy(registry)
+    gpus = inventory.gpus(registry, seen_busy=busy)
     pipe = client.pipeline(transaction=False)
     for fn in names:
         for state in State:
@@ -120,29 +119,13 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     for queue in (next(replies) for _ in busy):
         if queue is not None:
             states.setdefault(queue.decode(), QueueState(queue.decode())).running += 1
-    per_minute = [(60 * (first_minute + i), int(ok or 0), int(failed or 0))
-                  for i, (ok, failed) in enumerate(next(replies) for _ in range(minutes))]  # fmt: skip
+    per_minute = [
+        (60 * (first_minute + i), int(ok or 0), int(failed or 0))
+        for i, (ok, failed) in enumerate(next(replies) for _ in range(minutes))
+    ]
 
-    # The oldest waiting task's age: its queued_at, among the first few (the head is usually the oldest).
-    pipe = client.pipeline(transaction=False)
-    for ids in heads.values():
-        for raw_id in ids:
-            pipe.hget(registry.keys.task(raw_id.decode()), "queued_at")
-    stamps = iter(pipe.execute())
-    for q, ids in heads.items():
-        queued = [float(t) for t in (next(stamps) for _ in ids) if t is not None]
-        states[q].oldest_age_s = max(0.0, now - min(queued)) if queued else 0.0
-
-    ready = {k.decode(): v.decode() for k, v in ready_raw.items()}
-    for entry in gpus:
-        # Ready: the pool process of the worker's current process has booted (setup() done) and takes tasks.
-        live = entry.get("up") and not entry["stale"]
-        entry["ready"] = bool(live and ready.get(entry["worker"]) == str(entry["pid"]))
-    lag = {}
-    for trigger, value in lag_raw.items():
-        report = orjson.loads(value)
-        if now - float(report.get("at", 0)) <= LAG_STALE_S:
-            lag[trigger.decode()] = report
+    _oldest_ages(registry, heads, states, now)
+    _mark_ready(gpus, ready_raw)
     n_buckets = len(HISTOGRAM_BOUNDS) + 1
     # Records wait in the callback stream only until routed, then in their destination's flow.
     flows = destinations(client, registry.prefix, now)
@@ -164,9 +147,39 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         destinations=flows,
         callbacks_delivered=int(delivered_raw.get(b"records", 0)),
         parked=parked,
-        trigger_lag=lag,
+        trigger_lag=_fresh_lag(lag_raw, now),
         per_minute=per_minute,
     )
+
+
+def _oldest_ages(registry: Registry, heads: dict[str, list[bytes]], states: dict[str, QueueState], now: float) -> None:
+    """Each queue's oldest waiting task's age: its queued_at, among the first few (the head is usually the oldest)."""
+    pipe = registry.client.pipeline(transaction=False)
+    for ids in heads.values():
+        for raw_id in ids:
+            pipe.hget(registry.keys.task(raw_id.decode()), "queued_at")
+    stamps = iter(pipe.execute())
+    for q, ids in heads.items():
+        queued = [float(t) for t in (next(stamps) for _ in ids) if t is not None]
+        states[q].oldest_age_s = max(0.0, now - min(queued)) if queued else 0.0
+
+
+def _mark_ready(gpus: list[dict[str, Any]], ready_raw: dict[bytes, bytes]) -> None:
+    """Ready: the pool process of the worker's current process has booted (setup() done) and takes tasks."""
+    ready = {k.decode(): v.decode() for k, v in ready_raw.items()}
+    for entry in gpus:
+        live = entry.get("up") and not entry["stale"]
+        entry["ready"] = bool(live and ready.get(entry["worker"]) == str(entry["pid"]))
+
+
+def _fresh_lag(lag_raw: dict[bytes, bytes], now: float) -> dict[str, Any]:
+    """Each trigger's last lag report, unless it stopped reporting (then its figures are dropped, not kept frozen)."""
+    lag = {}
+    for trigger, value in lag_raw.items():
+        report = orjson.loads(value)
+        if now - float(report.get("at", 0)) <= LAG_STALE_S:
+            lag[trigger.decode()] = report
+    return lag
 
 
 RECENT_DEAD = 200  # dead letters the dashboard can list (their reasons and sources, not their bytes)
@@ -179,8 +192,12 @@ def record_dead_letters(registry: Registry, trigger: str, letters: list[dict[str
     for headers in letters:
         pipe.hincrby(registry.keys.metric("dead"), f"{trigger}{US}{headers.get('reason', '')}", 1)
         entry: dict[Any, Any] = {k: headers.get(k, "")[:500] for k in ("reason", "detail", "source")}
-        pipe.xadd(registry.keys.metric("dead_recent"), {**entry, "trigger": trigger, "at": now},
-                  maxlen=RECENT_DEAD, approximate=True)  # fmt: skip
+        pipe.xadd(
+            registry.keys.metric("dead_recent"),
+            {**entry, "trigger": trigger, "at": now},
+            maxlen=RECENT_DEAD,
+            approximate=True,
+        )
     pipe.execute()
 
 
@@ -189,8 +206,10 @@ def recent_dead_letters(registry: Registry, limit: int) -> list[dict[str, Any]]:
     rows: list[tuple[bytes, dict[bytes, bytes]]] = registry.client.xrevrange(  # type: ignore[assignment]
         registry.keys.metric("dead_recent"), count=limit
     )
-    return [{**{k.decode(): v.decode(errors="replace") for k, v in f.items()}, "at": float(f.get(b"at", b"0"))}
-            for _, f in rows]  # fmt: skip
+    return [
+        {**{k.decode(): v.decode(errors="replace") for k, v in f.items()}, "at": float(f.get(b"at", b"0"))}
+        for _, f in rows
+    ]
 
 
 def report_lag(registry: Registry, trigger: str, kind: str, values: dict[str, int]) -> None:

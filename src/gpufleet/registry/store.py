@@ -47,13 +47,29 @@ _ENQUEUED = {e.value: e for e in Enqueued}
 
 def _claimed(reply: list[Any], now: float) -> Claim:
     attempts, max_attempts, on_success, on_failure, event_ts, cancel = (v.decode() if v else "" for v in reply[1:7])
-    return Claim(True, "RUNNING", int(attempts), int(max_attempts or 1), on_success, on_failure, now,
-                 float(event_ts or now), cancel == "1")  # fmt: skip
+    return Claim(
+        True,
+        "RUNNING",
+        int(attempts),
+        int(max_attempts or 1),
+        on_success,
+        on_failure,
+        now,
+        float(event_ts or now),
+        cancel == "1",
+    )
 
 
 class Registry:
-    def __init__(self, client: redis.Redis, prefix: str = "gpufleet", retention_s: int = 7 * 86_400,
-                 wait_replicas: int = 0, wait_timeout_ms: int = 1000, aging_s: float = 60.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "gpufleet",
+        retention_s: int = 7 * 86_400,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        aging_s: float = 60.0,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.retention_s = retention_s
@@ -134,8 +150,10 @@ class Registry:
             if self.wait_replicas:
                 acked = replies.pop()
                 if acked < self.wait_replicas:  # written to the master only: a failover now could lose them
-                    raise BrokerError(f"tasks reached {acked} of redis.wait_replicas={self.wait_replicas} replicas "
-                                      f"within {self.wait_timeout_ms} ms; not acknowledged, retried")  # fmt: skip
+                    raise BrokerError(
+                        f"tasks reached {acked} of redis.wait_replicas={self.wait_replicas} replicas "
+                        f"within {self.wait_timeout_ms} ms; not acknowledged, retried"
+                    )
             return [_ENQUEUED[x] for reply in replies for x in reply]
 
         return answers
@@ -175,8 +193,9 @@ class Registry:
                 pairs.append((task_id, envelope))
         return pairs
 
-    def claim(self, task_id: str, expect_state: str, expect_token: str, token: str, lease_s: float, worker: str,
-              gpu: str) -> Claim:  # fmt: skip
+    def claim(
+        self, task_id: str, expect_state: str, expect_token: str, token: str, lease_s: float, worker: str, gpu: str
+    ) -> Claim:
         """Take the task for this process, if its state and owner are still what the caller saw."""
         now = time.time()
         reply = self._claim(
@@ -187,8 +206,9 @@ class Registry:
             return Claim(ok=False, seen_state=reply[1].decode())
         return _claimed(reply, now)
 
-    def pop_claim(self, queues: list[str], token: str, lease_s: float, worker: str, gpu: str, pipe: Any = None,
-                  n: int = 1) -> tuple[list[Any], list[Taken | str]]:  # fmt: skip
+    def pop_claim(
+        self, queues: list[str], token: str, lease_s: float, worker: str, gpu: str, pipe: Any = None, n: int = 1
+    ) -> tuple[list[Any], list[Taken | str]]:
         """Take and claim the next ``n`` tasks from ``queues`` (see ``pop_claim.lua``): a :class:`Taken` each, or
         last, the id of a task that is not waiting, for the caller to judge as any delivery; none when every queue
         is empty. Commands already in ``pipe`` (the last task's outcome) go first, in the same round trip; their
@@ -203,8 +223,11 @@ class Registry:
                 taken.append(reply[1].decode())
                 continue
             task_id, function, event, meta = reply[7:11]
-            taken.append(Taken(_claimed(reply, now), task_id.decode(), function.decode(), orjson.loads(event),
-                               orjson.loads(meta)))  # fmt: skip
+            taken.append(
+                Taken(
+                    _claimed(reply, now), task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)
+                )
+            )
         return earlier, taken
 
     def renew(self, task_id: str, token: str, lease_s: float) -> int:
@@ -219,8 +242,17 @@ class Registry:
             self._renew(keys=[self.keys.task(task_id), self.keys.leases], args=[token, until], client=pipe)
         return [int(status) for status in pipe.execute()]
 
-    def finish(self, task_id: str, token: str, state: State, fields: dict[str, Any], callbacks: Iterable[Callback],
-               retention_s: int | None = None, pipe: Any = None, finished_at: float | None = None) -> bool:  # fmt: skip
+    def finish(
+        self,
+        task_id: str,
+        token: str,
+        state: State,
+        fields: dict[str, Any],
+        callbacks: Iterable[Callback],
+        retention_s: int | None = None,
+        pipe: Any = None,
+        finished_at: float | None = None,
+    ) -> bool:
         """RUNNING -> a terminal state, with its callback records. False if this process no longer owns the task.
         With a ``pipe``, the script is added to that pipeline and its answer comes with the pipeline's."""
         retention = retention_s or self.retention_s
@@ -239,8 +271,11 @@ class Registry:
     def retry_later(self, task_id: str, token: str, delay_s: float, error: dict[str, Any], pipe: Any = None) -> bool:
         """RUNNING -> QUEUED, pushed again once ``delay_s`` has passed. ``pipe``: as for :meth:`finish`."""
         now = time.time()
-        done = self._retry(keys=[self.keys.task(task_id), self.keys.leases, self.keys.delayed],
-                           args=[self.prefix, token, now + delay_s, orjson.dumps(error), now], client=pipe)  # fmt: skip
+        done = self._retry(
+            keys=[self.keys.task(task_id), self.keys.leases, self.keys.delayed],
+            args=[self.prefix, token, now + delay_s, orjson.dumps(error), now],
+            client=pipe,
+        )
         return pipe is not None or bool(done)
 
     def lapse(self, task_id: str, token: str) -> None:
@@ -280,8 +315,14 @@ class Registry:
                 break
         return promoted, reaped
 
-    def hand_back(self, task_id: str, token: str, envelope_for: EnvelopeFor, message: str | None,
-                  error_type: str = "WorkerStopped") -> bool:  # fmt: skip
+    def hand_back(
+        self,
+        task_id: str,
+        token: str,
+        envelope_for: EnvelopeFor,
+        message: str | None,
+        error_type: str = "WorkerStopped",
+    ) -> bool:
         """A RUNNING task whose owner (``token``) was stopped on purpose, or cannot run it, goes back to the head of
         its queue, its attempt not counted; ``message`` None: one claimed ahead and given back unstarted (no error
         recorded). False if it finished or changed owner meanwhile, or this caller cannot build it."""
@@ -314,8 +355,9 @@ class Registry:
         args: list[Any] = [self.prefix, score, pairs[0][1], queue, time.time(), self.aging_s]
         return bool(self._requeue_lost(keys=[self.keys.task(task_id)], args=args))
 
-    def move_queued(self, task_ids: list[str], from_queue: str, to_queue: str, envelope_for: EnvelopeFor,
-                    pools: tuple[str, str]) -> int:  # fmt: skip
+    def move_queued(
+        self, task_ids: list[str], from_queue: str, to_queue: str, envelope_for: EnvelopeFor, pools: tuple[str, str]
+    ) -> int:
         """Hand QUEUED tasks of ``from_queue`` over to ``to_queue`` (``pools``: from and to, for the overflow
         count), each if it is still waiting there; returns how many moved."""
         calls = self.stored_calls(task_ids)
@@ -323,9 +365,11 @@ class Registry:
         for task_id, call in zip(task_ids, calls, strict=True):
             envelope = None if call is None else envelope_for(task_id, call[0], call[1], call[2], to_queue)
             if envelope is not None:
-                self._move_queued(keys=[self.keys.task(task_id)], client=pipe,
-                                  args=[self.prefix, from_queue, to_queue, envelope, *pools, time.time(),
-                                        self.aging_s])  # fmt: skip
+                self._move_queued(
+                    keys=[self.keys.task(task_id)],
+                    client=pipe,
+                    args=[self.prefix, from_queue, to_queue, envelope, *pools, time.time(), self.aging_s],
+                )
         return sum(pipe.execute())
 
     def counts(self, function: str) -> dict[str, int]:
@@ -338,17 +382,33 @@ class Registry:
     def functions_seen(self) -> set[str]:
         return {m.decode() for m in self.client.smembers(self.keys.functions)}  # type: ignore[union-attr]
 
-    def cancel(self, task_id: str, expect_attempts: int, error: dict[str, Any], dest: str, record: bytes,
-               retention_s: int | None = None, expire: bool = False) -> tuple[str, str]:  # fmt: skip
+    def cancel(
+        self,
+        task_id: str,
+        expect_attempts: int,
+        error: dict[str, Any],
+        dest: str,
+        record: bytes,
+        retention_s: int | None = None,
+        expire: bool = False,
+    ) -> tuple[str, str]:
         """Cancel: ``('cancelled', 'QUEUED')``, ``('signalled'|'already', 'RUNNING')``, ``('noop', final state)``,
         ``('missing', '')``, or ``('conflict', state)`` when the record changed since the caller read it. With
         ``expire``, a QUEUED task becomes EXPIRED instead (``('expired', 'QUEUED')``) and a running one is left
         alone (``noop``)."""
         outcome, state = self._finish_queued(
             keys=[self.keys.task(task_id), self.keys.delayed, self.keys.callbacks],
-            args=[self.prefix, time.time(), expect_attempts, retention_s or self.retention_s, orjson.dumps(error),
-                  dest, record, "expire" if expire else "cancel"],
-        )  # fmt: skip
+            args=[
+                self.prefix,
+                time.time(),
+                expect_attempts,
+                retention_s or self.retention_s,
+                orjson.dumps(error),
+                dest,
+                record,
+                "expire" if expire else "cancel",
+            ],
+        )
         return outcome.decode(), state.decode()
 
     def due_deadlines(self, limit: int = 100) -> list[str]:
@@ -395,34 +455,3 @@ class Registry:
 
     def trim_index(self, limit: int = 200) -> int:
         return int(self._trim(args=[self.prefix, limit]))
-
-    def busy(self) -> dict[str, str]:
-        """Worker name -> the task it runs."""
-        raw: dict[bytes, bytes] = self.client.hgetall(self.keys.busy)  # type: ignore[assignment]
-        return {k.decode(): v.decode() for k, v in raw.items()}
-
-    def publish_gpus(self, entries: dict[str, dict[str, Any]]) -> None:
-        """The GPU inventory of one host's supervisor, refreshed every few seconds: worker name -> details."""
-        if entries:
-            self.client.hset(self.keys.gpus, mapping={k: orjson.dumps(v) for k, v in entries.items()})
-
-    def served_queues(self) -> set[str]:
-        """The queues some live worker consumes, from the inventory the supervisors publish."""
-        return {q for entry in self.gpus() if entry.get("up") and not entry["stale"] for q in entry.get("queues", [])}
-
-    def gpus(self, stale_after_s: float = 30.0, forget_after_s: float = 3600.0,
-             busy: dict[str, str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        """The inventory; entries not refreshed for ``stale_after_s`` are marked stale, and dropped later. ``busy``:
-        :meth:`busy`, when the caller has read it already."""
-        raw: dict[bytes, bytes] = self.client.hgetall(self.keys.gpus)  # type: ignore[assignment]
-        busy, now, out = self.busy() if busy is None else busy, time.time(), []
-        for worker, value in sorted(raw.items()):
-            entry = orjson.loads(value)
-            age = now - float(entry.get("seen_at", 0))
-            if age > forget_after_s:
-                self.client.hdel(self.keys.gpus, worker)
-                continue
-            entry["stale"] = age > stale_after_s
-            entry["task_id"] = busy.get(worker.decode()) if not entry["stale"] else None
-            out.append(entry)
-        return out

@@ -38,8 +38,14 @@ Weights = dict[str, float]  # version -> weight
 
 
 class Aliases:
-    def __init__(self, registry: Registry, configured: Mapping[str, Mapping[str, Weights]],
-                 choose: Callable[[], float] = random.random, *, strict: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registry: Registry,
+        configured: Mapping[str, Mapping[str, Weights]],
+        choose: Callable[[], float] = random.random,
+        *,
+        strict: bool = False,
+    ) -> None:
         """``strict``: a read of Redis that fails raises (what a person asks through the API or the CLI must not be
         answered from stale or missing aliases); otherwise intake goes on with the last ones read (a trigger)."""
         self.registry = registry
@@ -81,8 +87,10 @@ class Aliases:
             InvalidRequestError: a bad alias name or weights.
         """
         if not ALIAS_RE.fullmatch(alias):
-            raise InvalidRequestError("bad_alias", f"alias {alias!r:.50}: use a lowercase letter, then letters, "
-                                      "digits, '_' or '-' (32 at most)")  # fmt: skip
+            raise InvalidRequestError(
+                "bad_alias",
+                f"alias {alias!r:.50}: use a lowercase letter, then letters, digits, '_' or '-' (32 at most)",
+            )
         problem = weights_problem(weights)
         if problem is not None:
             raise InvalidRequestError("bad_weights", f"alias {alias!r}: {problem}")

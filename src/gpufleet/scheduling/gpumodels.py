@@ -11,6 +11,7 @@ from gpufleet.errors import ConfigError, did_you_mean
 
 ANY = "any"
 # Series, most specific first, so "NVIDIA GH200 480GB" is GH200, not H200.
+# fmt: skip below: a list of names reads better packed than one per line.
 SERIES = ("GH200", "GB200", "H200", "H100", "H800", "H20", "B200", "B100", "A100", "A800", "A10G", "A10", "A30",
           "A40", "L40S", "L40", "L4", "T4", "V100", "P100", "RTX")  # fmt: skip
 _PATTERNS = [(s, re.compile(rf"(^|[^A-Z0-9]){s}([^A-Z0-9]|$)")) for s in SERIES]
@@ -39,6 +40,9 @@ def check_model(model: str, key: str) -> str:
     series = series_of(model)
     if series is None:
         hint = did_you_mean(model.upper(), SERIES)
-        raise ConfigError(f"no GPU series in {model!r}", key=key,
-                          fix=f"{hint + ' ' if hint else ''}use 'any' or one of {', '.join(SERIES)}")  # fmt: skip
+        raise ConfigError(
+            f"no GPU series in {model!r}",
+            key=key,
+            fix=f"{hint + ' ' if hint else ''}use 'any' or one of {', '.join(SERIES)}",
+        )
     return series

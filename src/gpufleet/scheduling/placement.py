@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gpufleet.registry import inventory
 from gpufleet.registry.keyspace import US
 from gpufleet.registry.messages import parse_queue, queue_name, queue_version
 
@@ -150,7 +151,7 @@ class Placer:
 
     def _refresh(self) -> None:
         try:
-            entries = self.registry.gpus(stale_after_s=LIVE_S)
+            entries = inventory.gpus(self.registry, stale_after_s=LIVE_S)
             queues = sorted({q for e in entries if e.get("up") and not e["stale"] for q in e.get("queues", [])})
             pipe = self.registry.pipeline()
             for queue in queues:
@@ -186,14 +187,22 @@ class Placer:
                         queue = queue_name(self.prefix, pool, fn.gpu.model, fn.name, version)
                         if any(not e["stale"] and queue in e.get("queues", []) for e in self._entries):
                             continue  # hosted, up or restarting
-                        waiting = [i.decode() for i in self.registry.client.zrange(  # type: ignore[union-attr]
-                            self.registry.keys.pending(queue), 0, HAND_OVER_MAX - 1)]  # fmt: skip
+                        head: list[bytes] = self.registry.client.zrange(  # type: ignore[assignment]
+                            self.registry.keys.pending(queue), 0, HAND_OVER_MAX - 1
+                        )
+                        waiting = [i.decode() for i in head]
                         if waiting:
                             moved += self._move(fn, version, pool, waiting, envelope_for)
         return moved
 
-    def _move(self, fn: Function, version: str | None, pool: str, waiting: list[str], envelope_for: EnvelopeFor,
-              ) -> int:  # fmt: skip
+    def _move(
+        self,
+        fn: Function,
+        version: str | None,
+        pool: str,
+        waiting: list[str],
+        envelope_for: EnvelopeFor,
+    ) -> int:
         targets: dict[str, list[str]] = {}
         for task_id in waiting:
             chosen = self._place(fn, version)
@@ -202,11 +211,21 @@ class Placer:
             targets.setdefault(chosen.pool, []).append(task_id)
         moved = 0
         for to, ids in targets.items():
-            n = self.registry.move_queued(ids, queue_name(self.prefix, pool, fn.gpu.model, fn.name, version),
-                                          queue_name(self.prefix, to, fn.gpu.model, fn.name, version), envelope_for,
-                                          (pool, to))  # fmt: skip
-            log.info("tasks handed over: no live worker in their pool", function=fn.name, version=version,
-                     from_pool=pool, to_pool=to, count=n)  # fmt: skip
+            n = self.registry.move_queued(
+                ids,
+                queue_name(self.prefix, pool, fn.gpu.model, fn.name, version),
+                queue_name(self.prefix, to, fn.gpu.model, fn.name, version),
+                envelope_for,
+                (pool, to),
+            )
+            log.info(
+                "tasks handed over: no live worker in their pool",
+                function=fn.name,
+                version=version,
+                from_pool=pool,
+                to_pool=to,
+                count=n,
+            )
             moved += n
         return moved
 

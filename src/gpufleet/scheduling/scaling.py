@@ -73,6 +73,17 @@ def needs(snapshot: Snapshot, prefix: str, default_slots: int) -> list[Need]:
         per_worker = max(hosts.values(), default=default_slots)
         desired = math.ceil((queued[key] + running[key]) / per_worker)
         ready = len(ready_hosts[key])
-        out.append(Need(key[0], key[1], queued[key], running[key], per_worker, ready, len(hosts) - ready, desired,
-                        max(0, desired - len(hosts))))  # fmt: skip
+        out.append(
+            Need(
+                key[0],
+                key[1],
+                queued[key],
+                running[key],
+                per_worker,
+                ready,
+                len(hosts) - ready,
+                desired,
+                max(0, desired - len(hosts)),
+            )
+        )
     return out

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gpufleet.registry import inventory
 from gpufleet.registry.keyspace import US
 from gpufleet.registry.messages import parse_queue, queue_name, queue_version
 from gpufleet.registry.model import REDIS_ERRORS
@@ -41,8 +42,10 @@ class VersionState(StrEnum):
 def report_setup(registry: Registry, worker: str, report: dict[str, dict[str, Any]]) -> None:
     """How a worker's warm-up went, per function name: ``{"version", "state", "pid", "error"?}``."""
     now = time.time()
-    registry.client.hset(registry.keys.setup, mapping={f"{worker}{US}{fn}": orjson.dumps({**entry, "at": now})
-                                                              for fn, entry in report.items()})  # fmt: skip
+    registry.client.hset(
+        registry.keys.setup,
+        mapping={f"{worker}{US}{fn}": orjson.dumps({**entry, "at": now}) for fn, entry in report.items()},
+    )
 
 
 def versions(registry: Registry, fn: Function) -> list[dict[str, Any]]:
@@ -55,7 +58,7 @@ def versions(registry: Registry, fn: Function) -> list[dict[str, Any]]:
 def all_versions(registry: Registry, fns: Iterable[Function]) -> dict[str, list[dict[str, Any]]]:
     """:func:`versions` of each function, by name: three round trips to Redis whatever the number of functions."""
     fns = list(fns)
-    entries = registry.gpus(stale_after_s=LIVE_S)
+    entries = inventory.gpus(registry, stale_after_s=LIVE_S)
     raw: dict[bytes, bytes] = registry.client.hgetall(registry.keys.setup)  # type: ignore[assignment]
     reports: dict[str, dict[str, Any]] = {}  # function -> worker -> its report
     for key, value in raw.items():
@@ -67,8 +70,10 @@ def all_versions(registry: Registry, fns: Iterable[Function]) -> dict[str, list[
         if parsed is not None and parsed[2] is not None and version is not None:
             queued_for.setdefault(parsed[2], set()).add(version)
     found = {fn.name: _found(registry.prefix, fn, entries, reports.get(fn.name, {})) for fn in fns}
-    orders = {fn.name: [fn.version, *sorted((set(found[fn.name][0]) | queued_for.get(fn.name, set())) - {fn.version})]
-              for fn in fns}  # fmt: skip
+    orders = {
+        fn.name: [fn.version, *sorted((set(found[fn.name][0]) | queued_for.get(fn.name, set())) - {fn.version})]
+        for fn in fns
+    }
     pipe = registry.pipeline()  # each version's own queues: what waits for that version alone
     for fn in fns:
         for version in orders[fn.name]:
@@ -91,8 +96,13 @@ def all_versions(registry: Registry, fns: Iterable[Function]) -> dict[str, list[
             else:
                 state = VersionState.INACTIVE
             queued = sum(next(depths) for _ in fn.gpu.pools)
-            view: dict[str, Any] = {"version": version, "state": state.value, "workers": len(states),
-                                    "declared": version == fn.version, "queued": queued}  # fmt: skip
+            view: dict[str, Any] = {
+                "version": version,
+                "state": state.value,
+                "workers": len(states),
+                "declared": version == fn.version,
+                "queued": queued,
+            }
             if state is VersionState.ERROR:
                 view["error"] = errors.get(version)
             views.append(view)
@@ -131,8 +141,12 @@ class ServedVersions:
         return served
 
 
-def _found(prefix: str, fn: Function, entries: list[dict[str, Any]], reports: dict[str, Any],
-           ) -> tuple[dict[str, list[str]], dict[str, str], int]:  # fmt: skip
+def _found(
+    prefix: str,
+    fn: Function,
+    entries: list[dict[str, Any]],
+    reports: dict[str, Any],
+) -> tuple[dict[str, list[str]], dict[str, str], int]:
     """From the live workers that serve ``fn``: version -> the setup states they report, version -> the first
     setup error, and how many have not reported yet (their process is booting)."""
     queues = {queue_name(prefix, pool, fn.gpu.model, fn.name) for pool in fn.gpu.pools}

@@ -64,22 +64,32 @@ def check_keys(scheme: str, keys: Iterable[str], fmt: Any, *, where: str) -> Non
         ConfigError: naming the file, the key and the fix.
     """
     if always_objects(scheme) and fmt == "json":
-        raise ConfigError(f"{scheme} triggers always read S3 event notifications", file=where, key="format",
-                          fix="remove `format: json` (or use a kafka or amqp source for JSON events)")  # fmt: skip
+        raise ConfigError(
+            f"{scheme} triggers always read S3 event notifications",
+            file=where,
+            key="format",
+            fix="remove `format: json` (or use a kafka or amqp source for JSON events)",
+        )
     allowed = set(settings_model(scheme, fmt).model_fields)
     for key in sorted(set(keys) - allowed):
         if key in OBJECT_KEYS:
-            raise ConfigError(f"{scheme} triggers take no {key!r}", file=where, key=key,
-                              fix="it is for S3 event notifications: add `format: s3`, or remove it")  # fmt: skip
+            raise ConfigError(
+                f"{scheme} triggers take no {key!r}",
+                file=where,
+                key=key,
+                fix="it is for S3 event notifications: add `format: s3`, or remove it",
+            )
         own = sorted(allowed - set(TriggerSettings.model_fields)) or "nothing more"
         fix = did_you_mean(key, allowed) or f"remove it; besides the common keys, {scheme} triggers take {own}"
         elsewhere = any(key in backend(other).Settings.model_fields for other in BACKENDS)
-        raise ConfigError(f"{scheme} triggers take no {key!r}" if elsewhere else "unknown key", file=where, key=key,
-                          fix=fix)  # fmt: skip
+        raise ConfigError(
+            f"{scheme} triggers take no {key!r}" if elsewhere else "unknown key", file=where, key=key, fix=fix
+        )
 
 
-def parse_source(url: str, *, where: str | None = None, key: str | None = None,
-                 env: Mapping[str, str] | None = None) -> Endpoint:  # fmt: skip
+def parse_source(
+    url: str, *, where: str | None = None, key: str | None = None, env: Mapping[str, str] | None = None
+) -> Endpoint:
     """Validate a trigger source URL and its options (declared by the class as ``OPTIONS``); with ``env``, also
     that the variables its ``*_env`` options name are set. Raises ConfigError naming ``where`` and ``key``.
 

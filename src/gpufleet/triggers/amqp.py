@@ -42,7 +42,8 @@ import structlog
 from pydantic import Field
 
 from gpufleet.triggers.amqp_frames import frame_handler
-from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
+from gpufleet.triggers.base import BatchTrigger, Received
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from gpufleet.triggers.options import TriggerSettings
 from gpufleet.urls import EnvName, Options, amqp_login
 
@@ -99,8 +100,13 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
     def _open(self, **options: Any) -> Any:
         import amqp
 
-        conn = amqp.Connection(connect_timeout=IO_TIMEOUT_S, read_timeout=IO_TIMEOUT_S, write_timeout=IO_TIMEOUT_S,
-                               **options, **self._login)  # fmt: skip
+        conn = amqp.Connection(
+            connect_timeout=IO_TIMEOUT_S,
+            read_timeout=IO_TIMEOUT_S,
+            write_timeout=IO_TIMEOUT_S,
+            **options,
+            **self._login,
+        )
         conn.connect()
         return conn
 
@@ -138,16 +144,23 @@ class AmqpTrigger(BatchTrigger[TriggerSettings]):
         props = message.properties
         identity = props.get("message_id")
         digest = hashlib.sha256(identity.encode() if isinstance(identity, str) and identity else body).hexdigest()
-        headers = {str(k): v if isinstance(v, bytes) else str(v).encode()
-                   for k, v in (props.get("application_headers") or {}).items()}  # fmt: skip
+        headers = {
+            str(k): v if isinstance(v, bytes) else str(v).encode()
+            for k, v in (props.get("application_headers") or {}).items()
+        }
         stamp = props.get("timestamp")
         timestamp = stamp.timestamp() if isinstance(stamp, datetime) else float(stamp) if stamp else None
         if timestamp is not None and not 0 < timestamp < MAX_TIMESTAMP:
             timestamp = None  # out of any calendar: the message is taken, as one without a timestamp
         priority = props.get("priority")
-        return SourceMessage(value=body, source_id=source_id,
-                             default_id=f"amqp-{digest[:32]}", headers=headers, timestamp=timestamp,
-                             priority=priority if isinstance(priority, int) else None)  # fmt: skip
+        return SourceMessage(
+            value=body,
+            source_id=source_id,
+            default_id=f"amqp-{digest[:32]}",
+            headers=headers,
+            timestamp=timestamp,
+            priority=priority if isinstance(priority, int) else None,
+        )
 
     def ack(self, batch: Received) -> None:
         # Every delivery up to the batch's last, at once: the prefetch window never holds another batch's.

@@ -25,7 +25,8 @@ import structlog
 from pydantic import Field
 
 from gpufleet.errors import BrokerError, unreachable_hint
-from gpufleet.triggers.base import LAG_EVERY_S, NO_HEADERS, Ingest, Prepared, Sent, SourceMessage, SourceTrigger
+from gpufleet.triggers.base import LAG_EVERY_S, SourceTrigger
+from gpufleet.triggers.ingest import NO_HEADERS, Ingest, Prepared, Sent, SourceMessage
 from gpufleet.triggers.options import TriggerSettings
 
 if TYPE_CHECKING:
@@ -139,18 +140,25 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
             source, default = f"kafka:{tp.topic}/{tp.partition}/", f"kafka-{tp.topic}-{tp.partition}-"
             for r in records:
                 ts = r.timestamp
-                messages.append(SourceMessage(  # positional: once per message (value, source_id, default_id, ...)
-                    r.value or b"",
-                    f"{source}{r.offset}",
-                    f"{default}{r.offset}",
-                    {k: v for k, v in r.headers if v is not None} if r.headers else NO_HEADERS,
-                    ts / 1000 if ts and ts > 0 else None,
-                ))  # fmt: skip
+                messages.append(
+                    SourceMessage(  # positional: once per message (value, source_id, default_id, ...)
+                        r.value or b"",
+                        f"{source}{r.offset}",
+                        f"{default}{r.offset}",
+                        {k: v for k, v in r.headers if v is not None} if r.headers else NO_HEADERS,
+                        ts / 1000 if ts and ts > 0 else None,
+                    )
+                )
             offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
         return self.ingest.prepare(messages), offsets
 
-    def _settle(self, inflight: deque[tuple[Prepared, Sent | None, dict[Any, Any]]], due: dict[Any, Any], keep: int,
-                stop: threading.Event) -> bool:  # fmt: skip
+    def _settle(
+        self,
+        inflight: deque[tuple[Prepared, Sent | None, dict[Any, Any]]],
+        due: dict[Any, Any],
+        keep: int,
+        stop: threading.Event,
+    ) -> bool:
         """Wait until all but the newest ``keep`` batches are durable, and add their offsets to ``due``. False if one
         was not (stopping): the batches after it are dropped, so no offset past it is ever committed."""
         while len(inflight) > keep:

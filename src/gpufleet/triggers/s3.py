@@ -25,7 +25,8 @@ from pydantic import Field
 from gpufleet.aws import ObjectEvent, make_client, transient_errors
 from gpufleet.delivery.records import iso
 from gpufleet.registry.keyspace import Keyspace
-from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
+from gpufleet.triggers.base import SourceTrigger
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 
 if TYPE_CHECKING:
@@ -55,8 +56,13 @@ class PollTrigger(SourceTrigger[PollSettings]):
         retried: tuple[type[Exception], ...] = (*transient_errors(), RedisError)
 
         s3 = make_client("s3", self.fleet.settings.s3)
-        log.info("polling trigger started", trigger=self.name, bucket=self.bucket, prefix=self.prefix,
-                 interval_s=self.trigger.poll_interval_s)  # fmt: skip
+        log.info(
+            "polling trigger started",
+            trigger=self.name,
+            bucket=self.bucket,
+            prefix=self.prefix,
+            interval_s=self.trigger.poll_interval_s,
+        )
         try:
             while not stop.is_set():
                 try:
@@ -98,8 +104,10 @@ class PollTrigger(SourceTrigger[PollSettings]):
     def _publish(self, events: list[ObjectEvent], stop: threading.Event) -> bool:
         """New objects go through the intake path every trigger takes: one message per object, its event's JSON the
         bytes a dead letter quotes; the trigger's filters drop (and count as ignored) what it does not want."""
-        messages = [SourceMessage(e.model_dump_json().encode(), f"s3:{self.bucket}/{e.key}", default_id="",
-                                  objects=(e,)) for e in events]  # fmt: skip
+        messages = [
+            SourceMessage(e.model_dump_json().encode(), f"s3:{self.bucket}/{e.key}", default_id="", objects=(e,))
+            for e in events
+        ]
         return self.ingest.publish(self.ingest.prepare(messages), stop) is not None
 
     def _event(self, obj: dict[str, Any], etag: str) -> ObjectEvent:

@@ -24,7 +24,8 @@ import structlog
 from pydantic import Field
 
 from gpufleet.aws import make_client, transient_errors
-from gpufleet.triggers.base import BatchTrigger, Ingest, Received, SourceMessage
+from gpufleet.triggers.base import BatchTrigger, Received
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.urls import Options
 
@@ -81,20 +82,25 @@ class SqsTrigger(BatchTrigger[SqsSettings]):
         messages = reply.get("Messages", [])
         if not messages:
             return None
-        return Received([
-            SourceMessage(
-                value=m["Body"].encode(),
-                source_id=f"sqs:{self.queue}/{m['MessageId']}",
-                default_id=f"sqs-{m['MessageId']}",
-                timestamp=int(m.get("Attributes", {}).get("SentTimestamp", 0)) / 1000 or None,
-            )
-            for m in messages
-        ], token=[m["ReceiptHandle"] for m in messages])  # fmt: skip
+        return Received(
+            [
+                SourceMessage(
+                    value=m["Body"].encode(),
+                    source_id=f"sqs:{self.queue}/{m['MessageId']}",
+                    default_id=f"sqs-{m['MessageId']}",
+                    timestamp=int(m.get("Attributes", {}).get("SentTimestamp", 0)) / 1000 or None,
+                )
+                for m in messages
+            ],
+            token=[m["ReceiptHandle"] for m in messages],
+        )
 
     def _release(self, reply: Any) -> None:
         """Messages a poll abandoned at stop received: visible again at once, for the next consumer."""
-        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                   for i, m in enumerate(reply.get("Messages", []))]  # fmt: skip
+        entries = [
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+            for i, m in enumerate(reply.get("Messages", []))
+        ]
         if entries:
             self._sqs.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
 
@@ -115,8 +121,11 @@ class SqsTrigger(BatchTrigger[SqsSettings]):
             failed = [{"Id": e["Id"], "Message": str(exc)} for e in entries]
         if failed:
             # Harmless: SQS delivers them again and their tasks are suppressed as duplicates.
-            log.warning("some messages were not deleted; they will be re-delivered", count=len(failed),
-                        error=failed[0].get("Message"))  # fmt: skip
+            log.warning(
+                "some messages were not deleted; they will be re-delivered",
+                count=len(failed),
+                error=failed[0].get("Message"),
+            )
 
 
 class _KeepInvisible:
@@ -125,8 +134,9 @@ class _KeepInvisible:
     def __init__(self, sqs: Any, queue_url: str, handles: list[str], timeout_s: int) -> None:
         self._sqs = sqs
         self._queue_url = queue_url
-        self._entries = [{"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": timeout_s}
-                         for i, h in enumerate(handles)]  # fmt: skip
+        self._entries = [
+            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": timeout_s} for i, h in enumerate(handles)
+        ]
         self._every = timeout_s / 3
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpufleet-sqs-visibility", daemon=True)

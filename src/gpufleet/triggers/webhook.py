@@ -42,7 +42,8 @@ from pydantic import Field, field_validator
 
 from gpufleet.credentials import HOW_TO_GENERATE, secret_problem, sign
 from gpufleet.errors import ConfigError, RequestError
-from gpufleet.triggers.base import Ingest, SourceMessage, SourceTrigger
+from gpufleet.triggers.base import SourceTrigger
+from gpufleet.triggers.ingest import Ingest, SourceMessage
 from gpufleet.triggers.options import ObjectEvents, TriggerSettings
 from gpufleet.triggers.s3events import parse_notification
 from gpufleet.triggers.sns_confirm import SNS_HOSTS, SnsConfirmError, check_host_pattern, confirm_subscription, redact
@@ -90,8 +91,12 @@ class WebhookSettings(ObjectEvents, TriggerSettings):
             var = getattr(self, f"{key}_env")
             if var is not None:
                 if not env.get(var):
-                    raise ConfigError(f"environment variable {var} is not set", file=where, key=f"{key}_env",
-                                      fix=f"export {var}=... ({HOW_TO_GENERATE})")  # fmt: skip
+                    raise ConfigError(
+                        f"environment variable {var} is not set",
+                        file=where,
+                        key=f"{key}_env",
+                        fix=f"export {var}=... ({HOW_TO_GENERATE})",
+                    )
                 secrets[key] = env[var]
         hook = self.model_copy(update=secrets) if secrets else self
         for key in ("token", "hmac_secret"):
@@ -99,9 +104,12 @@ class WebhookSettings(ObjectEvents, TriggerSettings):
             problem = value and secret_problem(value, in_header=key == "token", weak_allowed=weak_secrets_allowed)
             if problem:
                 named = f"{key}_env ({getattr(hook, f'{key}_env')})" if key in secrets else key
-                raise ConfigError(f"{named} cannot be used: {problem}", file=where, key=named.split(" ")[0],
-                                  fix=f"{HOW_TO_GENERATE}; weak secrets are only allowed with api.dev: true on a "
-                                  "loopback api.host")  # fmt: skip
+                raise ConfigError(
+                    f"{named} cannot be used: {problem}",
+                    file=where,
+                    key=named.split(" ")[0],
+                    fix=f"{HOW_TO_GENERATE}; weak secrets are only allowed with api.dev: true on a loopback api.host",
+                )
         if hook.token is None and hook.hmac_secret is None:
             raise ConfigError(
                 "a webhook needs a secret: without one anybody could enqueue GPU work",
@@ -152,8 +160,12 @@ class WebhookTrigger(SourceTrigger[WebhookSettings]):
         if stamp is None:
             return not self.trigger.hmac_require_timestamp
         # Unix seconds: a dozen digits at most (int() of thousands would raise, and cost a 500).
-        return (stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_STAMP_DIGITS
-                and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s)  # fmt: skip
+        return (
+            stamp.isascii()
+            and stamp.isdigit()
+            and len(stamp) <= MAX_STAMP_DIGITS
+            and abs(now - int(stamp)) <= self.trigger.hmac_tolerance_s
+        )
 
     def signature_authorized(self, headers: Any, body: bytes, now: float) -> bool:
         """``X-Gpufleet-Signature: sha256=HMAC(secret, "<timestamp>." + body)`` with ``X-Gpufleet-Timestamp: <unix
@@ -178,8 +190,16 @@ class WebhookTrigger(SourceTrigger[WebhookSettings]):
             return 200, {"ignored": 1}
         msg_id = str((note.sns or {}).get("MessageId") or uuid.uuid4())[:128] if note else str(uuid.uuid4())
         trace_header = {"traceparent": traceparent.encode(errors="replace")} if traceparent else {}
-        batch = self.ingest.prepare([SourceMessage(value=body, source_id=f"webhook:{self.path}/{msg_id}",
-                                                   default_id=f"webhook-{msg_id}", headers=trace_header)])  # fmt: skip
+        batch = self.ingest.prepare(
+            [
+                SourceMessage(
+                    value=body,
+                    source_id=f"webhook:{self.path}/{msg_id}",
+                    default_id=f"webhook-{msg_id}",
+                    headers=trace_header,
+                )
+            ]
+        )
         deadline = threading.Event()
         timer = threading.Timer(PUBLISH_TIMEOUT_S, deadline.set)
         timer.start()
@@ -189,8 +209,12 @@ class WebhookTrigger(SourceTrigger[WebhookSettings]):
             timer.cancel()
         if result is None:
             raise _UnavailableError("unavailable", "the task queue cannot be reached; try again later")
-        counts = {"published": result.published, "duplicates": result.duplicates,
-                  "dead_lettered": result.dead_lettered, "ignored": result.ignored}  # fmt: skip
+        counts = {
+            "published": result.published,
+            "duplicates": result.duplicates,
+            "dead_lettered": result.dead_lettered,
+            "ignored": result.ignored,
+        }
         if batch.dead:
             headers = batch.dead[0].headers
             error = {"code": headers["reason"], "message": f"dead-lettered: {headers['detail'][:500]}"}

@@ -38,8 +38,9 @@ RoundTrip = Callable[[Any, bool], "Item | None"]
 class Ahead:
     """One per pool process, made after fork. Only the runtime's thread calls :meth:`send` and :meth:`take`."""
 
-    def __init__(self, round_trip: RoundTrip, give_back: Callable[[Item], None],
-                 hold: Callable[[Tasks, Tasks], None]) -> None:  # fmt: skip
+    def __init__(
+        self, round_trip: RoundTrip, give_back: Callable[[Item], None], hold: Callable[[Tasks, Tasks], None]
+    ) -> None:
         self._round_trip = round_trip  # what the helper thread does: write the outcomes, claim the next
         self._give_back = give_back  # a task claimed ahead, unstarted, back to the head of its queue
         self._hold = hold  # tell the watchdog page which tasks are held: (finished, unstarted)
@@ -98,8 +99,9 @@ class Ahead:
         try:
             self._give_back(item)
         except Exception:  # its lease ends instead, and housekeeping re-queues it
-            log.warning("cannot give back a task claimed ahead; its lease will lapse", task_id=item.task_id,
-                        exc_info=True)  # fmt: skip
+            log.warning(
+                "cannot give back a task claimed ahead; its lease will lapse", task_id=item.task_id, exc_info=True
+            )
         finally:
             self._hold([], [])
             with self._cond:

@@ -111,10 +111,12 @@ class Attempt:
         self.attempts = attempts
         self.item = item
         self.fn = fn
-        self.done = Finisher(attempts.bundle, item.task_id, item.function, item.token, item.event, item.claim, fn,
-                             pipe=pipe)  # fmt: skip
-        self.log = log.bind(task_id=item.task_id, function=item.function, event_id=item.meta.get("source"),
-                            attempt=item.claim.attempts)  # fmt: skip
+        self.done = Finisher(
+            attempts.bundle, item.task_id, item.function, item.token, item.event, item.claim, fn, pipe=pipe
+        )
+        self.log = log.bind(
+            task_id=item.task_id, function=item.function, event_id=item.meta.get("source"), attempt=item.claim.attempts
+        )
 
     def may_start(self, check_age: bool = True) -> bool:
         """False, with its outcome recorded, for a task that must not run: cancelled, too old, or out of attempts."""

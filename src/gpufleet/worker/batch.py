@@ -164,6 +164,9 @@ def _call(attempts: Attempts, fn: Function, members: list[Member]) -> list[Any]:
         results = fn.handler([m.payload for m in members], ctx)
     if not isinstance(results, list | tuple) or len(results) != len(members):
         got = f"{len(results)} results" if isinstance(results, list | tuple) else f"a {type(results).__name__}"
-        raise PermanentTaskError("BadBatchResult", f"batch function {fn.name!r} returned {got} for {len(members)} "
-                                 "events; return a list with one result per event, in order")  # fmt: skip
+        raise PermanentTaskError(
+            "BadBatchResult",
+            f"batch function {fn.name!r} returned {got} for {len(members)} "
+            "events; return a list with one result per event, in order",
+        )
     return list(results)

@@ -26,8 +26,16 @@ MAX_READ_BYTES = 256 * 2**20  # what ctx.read may hold in memory; ctx.download s
 class TaskContext:
     """What a handler gets besides its event. One per attempt; its scratch directory is removed afterwards."""
 
-    def __init__(self, bundle: ProcessBundle, task_id: str, function: str, attempt: int, state: Any,
-                 meta: Mapping[str, Any] | None = None, event: ObjectEvent | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bundle: ProcessBundle,
+        task_id: str,
+        function: str,
+        attempt: int,
+        state: Any,
+        meta: Mapping[str, Any] | None = None,
+        event: ObjectEvent | None = None,
+    ) -> None:
         self.task_id = task_id
         self.function = function
         self.attempt = attempt
@@ -97,12 +105,15 @@ class TaskContext:
         bucket, key = parse_s3_uri(uri)
         bad = [name for name, v in (("start", start), ("end", end)) if v is not None and (type(v) is not int or v < 0)]
         if bad or (start is not None and end is not None and start >= end):
-            raise PermanentTaskError("InvalidRange", f"ctx.read({uri!r:.200}, start={start!r:.30}, end={end!r:.30}): "
-                                     "use whole numbers, 0 <= start < end")  # fmt: skip
+            raise PermanentTaskError(
+                "InvalidRange",
+                f"ctx.read({uri!r:.200}, start={start!r:.30}, end={end!r:.30}): use whole numbers, 0 <= start < end",
+            )
         return self._bundle.objects.read(bucket, key, start, end, limit=MAX_READ_BYTES)
 
-    def upload(self, path: str | Path, name: str | None = None, content_type: str | None = None,
-               to: str | None = None) -> str:  # fmt: skip
+    def upload(
+        self, path: str | Path, name: str | None = None, content_type: str | None = None, to: str | None = None
+    ) -> str:
         """Upload a file as ``<prefix>/<task id>/<name>`` under the trigger's ``output`` location, or under ``to``
         (``s3://bucket/prefix``: an invocation names its own); returns its URI.
 
@@ -117,8 +128,10 @@ class TaskContext:
         fn = self._bundle.fleet.functions.get(self.function)
         allowed = None if fn is None else fn.output_buckets
         if allowed is not None and bucket not in allowed:
-            raise PermanentTaskError("OutputNotAllowed", f"ctx.upload(to={output!r:.200}): function "
-                                     f"{self.function!r} may write to {list(allowed)} only")  # fmt: skip
+            raise PermanentTaskError(
+                "OutputNotAllowed",
+                f"ctx.upload(to={output!r:.200}): function {self.function!r} may write to {list(allowed)} only",
+            )
         name = name or Path(path).name
         key = output_key(prefix, self.task_id, name)
         content_type = content_type or mimetypes.guess_type(name)[0]
@@ -146,8 +159,10 @@ def output_key(prefix: str, task_id: str, name: str) -> str:
     problem = None
     prefix = prefix.strip("/")
     if CONTROL_CHARS.search(prefix) or any(segment in ("", ".", "..") for segment in prefix.split("/") if prefix):
-        raise PermanentTaskError("InvalidOutputName", f"ctx.upload(to=...{prefix!r:.200}): the prefix has a control "
-                                 "character, or an empty, '.' or '..' segment")  # fmt: skip
+        raise PermanentTaskError(
+            "InvalidOutputName",
+            f"ctx.upload(to=...{prefix!r:.200}): the prefix has a control character, or an empty, '.' or '..' segment",
+        )
     if CONTROL_CHARS.search(name):
         problem = "it holds a control character"
     elif any(segment in ("", ".", "..") for segment in name.split("/")):
@@ -161,8 +176,10 @@ def output_key(prefix: str, task_id: str, name: str) -> str:
         if size > MAX_KEY_BYTES and not problem:
             problem = f"the key {key[:80]!r}... would be {size} bytes, more than S3's limit of {MAX_KEY_BYTES}"
     if problem:
-        raise PermanentTaskError("InvalidOutputName", f"ctx.upload(name={name!r:.200}): {problem}; an output name is a "
-                                 "relative key such as 'sub/dir/file.txt'")  # fmt: skip
+        raise PermanentTaskError(
+            "InvalidOutputName",
+            f"ctx.upload(name={name!r:.200}): {problem}; an output name is a relative key such as 'sub/dir/file.txt'",
+        )
     return key
 
 
@@ -179,8 +196,9 @@ def handler_payload(
     try:
         return fn.payload.model_validate(event), obj
     except ValidationError as exc:
-        raise PermanentTaskError("InvalidPayload", f"function {fn.name!r}: the event does not match "
-                                 f"{validation_problem(exc)}") from None  # fmt: skip
+        raise PermanentTaskError(
+            "InvalidPayload", f"function {fn.name!r}: the event does not match {validation_problem(exc)}"
+        ) from None
 
 
 def complete_event(store: ObjectStore, event: ObjectEvent) -> ObjectEvent:
@@ -198,8 +216,10 @@ def complete_event(store: ObjectStore, event: ObjectEvent) -> ObjectEvent:
         raise TaskError(f"HEAD {event.uri} (for its content type) failed: {exc}") from exc
     except BotoCoreError as exc:  # no credentials, endpoint unreachable: say which object and why
         raise TaskError(f"HEAD {event.uri} (for its content type) failed: {exc}") from exc
-    return event.model_copy(update={
-        "content_type": head.get("ContentType"),
-        "size": event.size if event.size is not None else head.get("ContentLength"),
-        "etag": event.etag or str(head.get("ETag", "")).strip('"') or None,
-    })  # fmt: skip
+    return event.model_copy(
+        update={
+            "content_type": head.get("ContentType"),
+            "size": event.size if event.size is not None else head.get("ContentLength"),
+            "etag": event.etag or str(head.get("ETag", "")).strip('"') or None,
+        }
+    )

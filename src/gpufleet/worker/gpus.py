@@ -65,9 +65,17 @@ def discover(nvml: Any = None) -> list[GpuInfo]:
 def virtual_gpus(count: int, model: str | None = None) -> list[GpuInfo]:
     """CPU slots standing in for GPUs on a machine with none: every code path runs, the handler sees no CUDA. With
     ``model`` (``worker.gpu_model``), they stand for GPUs of that series, and serve the functions that ask for it."""
-    return [GpuInfo(index=i, name=f"virtual {model}" if model else "virtual", model=model or "virtual",
-                    uuid=f"virtual-{i}", memory_mb=0, virtual=True)
-            for i in range(count)]  # fmt: skip
+    return [
+        GpuInfo(
+            index=i,
+            name=f"virtual {model}" if model else "virtual",
+            model=model or "virtual",
+            uuid=f"virtual-{i}",
+            memory_mb=0,
+            virtual=True,
+        )
+        for i in range(count)
+    ]
 
 
 def _text(value: str | bytes) -> str:
@@ -99,9 +107,16 @@ class Sampler:
         return self._ready
 
     def sample(self, gpu: GpuInfo) -> dict[str, Any]:
-        facts: dict[str, Any] = {"index": gpu.index, "name": gpu.name, "model": gpu.model, "uuid": gpu.uuid,
-                                 "virtual": gpu.virtual, "memory_total_mb": gpu.memory_mb,
-                                 "memory_used_mb": None, "utilization_pct": None}  # fmt: skip
+        facts: dict[str, Any] = {
+            "index": gpu.index,
+            "name": gpu.name,
+            "model": gpu.model,
+            "uuid": gpu.uuid,
+            "virtual": gpu.virtual,
+            "memory_total_mb": gpu.memory_mb,
+            "memory_used_mb": None,
+            "utilization_pct": None,
+        }
         if gpu.virtual or not self._init():
             return facts
         try:

@@ -62,8 +62,9 @@ class JobSteps:
                     if merging:
                         self._merge(attempt, ctx, payload, listed)
                     else:
-                        merge_envelope = self.bundle.envelopes(item.task_id, fn.name, event.encode(), meta.encode(),
-                                                               queue)  # fmt: skip
+                        merge_envelope = self.bundle.envelopes(
+                            item.task_id, fn.name, event.encode(), meta.encode(), queue
+                        )
                         assert merge_envelope is not None  # fn is served here
                         self._split(attempt, ctx, payload, int(priority or DEFAULT_PRIORITY), merge_envelope)
             except Exception as exc:  # noqa: BLE001 - what split or merge raised is the step's outcome
@@ -86,13 +87,15 @@ class JobSteps:
         assert fn.shards is not None
         limit = fn.shards.max_shards
         if not isinstance(events, list | tuple):
-            raise PermanentTaskError("BadSplit", f"job {fn.name!r}: split returned a {type(events).__name__}, not a "
-                                     "list of shard events")  # fmt: skip
+            raise PermanentTaskError(
+                "BadSplit", f"job {fn.name!r}: split returned a {type(events).__name__}, not a list of shard events"
+            )
         if not events:
             raise PermanentTaskError("BadSplit", f"job {fn.name!r}: split returned no shards")
         if len(events) > limit:
-            raise PermanentTaskError("TooManyShards", f"job {fn.name!r}: split returned {len(events)} shards, more "
-                                     f"than max_shards={limit}")  # fmt: skip
+            raise PermanentTaskError(
+                "TooManyShards", f"job {fn.name!r}: split returned {len(events)} shards, more than max_shards={limit}"
+            )
         shard_fn = self.bundle.fleet.functions[fn.shards.function]
         # What the shards inherit: the trigger's output location (ctx.upload), and their job; not the job's kind of
         # event (an object event's shards are not object events).
@@ -101,23 +104,37 @@ class JobSteps:
         for i, event in enumerate(events):
             try:
                 self.intake.accept(event)
-                task = self.intake.task(shard_fn, event, shard_id(item.task_id, i), f"{item.task_id} shard {i}",
-                                        meta=meta, traceparent=item.meta.get(trace.HEADER),
-                                        priority=priority)  # fmt: skip
+                task = self.intake.task(
+                    shard_fn,
+                    event,
+                    shard_id(item.task_id, i),
+                    f"{item.task_id} shard {i}",
+                    meta=meta,
+                    traceparent=item.meta.get(trace.HEADER),
+                    priority=priority,
+                )
             except EventError as exc:
                 why = str(exc)
                 if exc.reason == "oversize":
-                    why = (f"its event is {exc.detail.split()[0]} bytes, more than the {MAX_SHARD_EVENT_BYTES} a "
-                           "shard event may hold: pass a reference (an s3:// URI and a range)")  # fmt: skip
+                    why = (
+                        f"its event is {exc.detail.split()[0]} bytes, more than the {MAX_SHARD_EVENT_BYTES} a "
+                        "shard event may hold: pass a reference (an s3:// URI and a range)"
+                    )
                 raise PermanentTaskError("BadShard", f"job {fn.name!r}: shard {i}: {why}") from None
             keep = fn.shards.records
-            tasks.append(task._replace(on_success=item.claim.on_success if keep else "",
-                                       on_failure=item.claim.on_failure if keep else ""))  # fmt: skip
+            tasks.append(
+                task._replace(
+                    on_success=item.claim.on_success if keep else "", on_failure=item.claim.on_failure if keep else ""
+                )
+            )
             written += len(task.message.event) + len(task.message.envelope)
             if written > MAX_SPLIT_BYTES:
-                raise PermanentTaskError("SplitTooLarge", f"job {fn.name!r}: its {len(events)} shard events hold more "
-                                         f"than {MAX_SPLIT_BYTES} bytes together: pass references (an s3:// URI and "
-                                         "a range), not data")  # fmt: skip
+                raise PermanentTaskError(
+                    "SplitTooLarge",
+                    f"job {fn.name!r}: its {len(events)} shard events hold more "
+                    f"than {MAX_SPLIT_BYTES} bytes together: pass references (an s3:// URI and "
+                    "a range), not data",
+                )
         return tasks
 
     def _merge(self, attempt: Attempt, ctx: TaskContext, payload: Any, shards: list[Shard]) -> None:
@@ -129,8 +146,16 @@ class JobSteps:
         if bad:
             message = f"{len(bad)} of {n} shards did not succeed: " + "; ".join(_why(s) for s in bad[:5])
             attempt.log.error("job failed: shards did not succeed", shards=[s.index for s in bad])
-            done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, {"errorType": "ShardsFailed",
-                        "errorMessage": message, "stackTrace": [], "shards": [s.index for s in bad]})  # fmt: skip
+            done.finish(
+                State.FAILED,
+                Condition.RETRIES_EXHAUSTED,
+                {
+                    "errorType": "ShardsFailed",
+                    "errorMessage": message,
+                    "stackTrace": [],
+                    "shards": [s.index for s in bad],
+                },
+            )
             return
         merge, results = fn.shards.merge_fn, self.store.results(attempt.item.task_id, n)
         began = time.monotonic()

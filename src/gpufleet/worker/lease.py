@@ -49,8 +49,9 @@ class LeaseKeeper(threading.Thread):
     task whose handler has not returned ``cancel_grace_s`` after its cancel is handed to ``on_overdue``.
     """
 
-    def __init__(self, registry: Registry, lease_s: float, cancel_grace_s: float,
-                 on_overdue: Callable[[str, str], None]) -> None:  # fmt: skip
+    def __init__(
+        self, registry: Registry, lease_s: float, cancel_grace_s: float, on_overdue: Callable[[str, str], None]
+    ) -> None:
         super().__init__(name="gpufleet-lease", daemon=True)
         self._registry = registry
         self._lease_s = lease_s

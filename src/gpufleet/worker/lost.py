@@ -35,8 +35,11 @@ class LostMessages:
     def tick(self) -> int:
         """Scan every queue once; push again what has been out of its queue for ``grace_s``. Returns how many."""
         now = time.monotonic()
-        seen = {(queue, task_id): score for queue in self.registry.queues()
-                for task_id, score in self.registry.scan_lost(queue)}  # fmt: skip
+        seen = {
+            (queue, task_id): score
+            for queue in self.registry.queues()
+            for task_id, score in self.registry.scan_lost(queue)
+        }
         suspects: dict[tuple[str, str], tuple[bytes, float]] = {}
         requeued = 0
         for key, score in seen.items():
@@ -45,8 +48,12 @@ class LostMessages:
             if now - since < self.grace_s:
                 suspects[key] = (score, since)
             elif self.registry.requeue_lost(key[1], key[0], score, self.envelope_for):
-                log.warning("a task's message was lost on its way to a worker; pushed again", task_id=key[1],
-                            queue=key[0], out_of_queue_s=round(now - since, 1))  # fmt: skip
+                log.warning(
+                    "a task's message was lost on its way to a worker; pushed again",
+                    task_id=key[1],
+                    queue=key[0],
+                    out_of_queue_s=round(now - since, 1),
+                )
                 requeued += 1
         self._suspects = suspects
         self.requeued += requeued

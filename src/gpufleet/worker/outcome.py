@@ -34,9 +34,12 @@ def result_json(fn: Function, result: Any, shard: bool = False) -> bytes:
         what = f"function {fn.name!r} returned a {type(result).__name__} that cannot be stored as JSON: {exc}"
         raise PermanentTaskError("ResultNotSerializable", what) from None
     if shard and len(value) > MAX_SHARD_RESULT_BYTES:
-        raise PermanentTaskError("ShardResultTooLarge", f"function {fn.name!r} returned {len(value)} bytes for a "
-                                 f"shard, more than {MAX_SHARD_RESULT_BYTES}: upload it (ctx.upload) and return its "
-                                 "URI")  # fmt: skip
+        raise PermanentTaskError(
+            "ShardResultTooLarge",
+            f"function {fn.name!r} returned {len(value)} bytes for a "
+            f"shard, more than {MAX_SHARD_RESULT_BYTES}: upload it (ctx.upload) and return its "
+            "URI",
+        )
     return value
 
 
@@ -60,8 +63,18 @@ class Outcomes(NamedTuple):
 class Finisher:
     """Builds the callback record and performs the final transition for one attempt."""
 
-    def __init__(self, bundle: ProcessBundle, task_id: str, function: str, token: str, event: Any, claim: Claim,
-                 fn: Function | None, record: dict[str, Any] | None = None, pipe: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bundle: ProcessBundle,
+        task_id: str,
+        function: str,
+        token: str,
+        event: Any,
+        claim: Claim,
+        fn: Function | None,
+        record: dict[str, Any] | None = None,
+        pipe: Any = None,
+    ) -> None:
         self.bundle = bundle
         self.pipe = pipe  # the outcome goes into this pipeline, with the next claim; None: written at once
         self.retention_s = fn.retention_s if fn else None
@@ -89,11 +102,18 @@ class Finisher:
         return self._write(state, condition, error, {"error": error, "condition": condition.value})
 
     def cancelled(self, message: str) -> bool:
-        return self.finish(State.CANCELLED, Condition.CANCELLED,
-                           {"errorType": "Cancelled", "errorMessage": message, "stackTrace": []})  # fmt: skip
+        return self.finish(
+            State.CANCELLED, Condition.CANCELLED, {"errorType": "Cancelled", "errorMessage": message, "stackTrace": []}
+        )
 
-    def _write(self, state: State, condition: Condition, response: Any, fields: dict[str, Any],
-               finished_at: float | None = None) -> bool:  # fmt: skip
+    def _write(
+        self,
+        state: State,
+        condition: Condition,
+        response: Any,
+        fields: dict[str, Any],
+        finished_at: float | None = None,
+    ) -> bool:
         finished = finished_at or time.time()
         started = self.started_at or self.claim.started_at
         record = callback_record(
@@ -130,13 +150,26 @@ class Finisher:
 def timed_out_by_watchdog(bundle: ProcessBundle, task_id: str, token: str) -> None:
     """Called in the worker's parent process once its watchdog killed a pool process past the hard limit."""
     record = bundle.registry.get(task_id, event=True) or {}
-    claim = Claim(True, "RUNNING", int(record.get("attempts", 1)), int(record.get("max_attempts", 1)),
-                  record.get("on_success", ""), record.get("on_failure", ""),
-                  float(record.get("started_at") or time.time()))  # fmt: skip
+    claim = Claim(
+        True,
+        "RUNNING",
+        int(record.get("attempts", 1)),
+        int(record.get("max_attempts", 1)),
+        record.get("on_success", ""),
+        record.get("on_failure", ""),
+        float(record.get("started_at") or time.time()),
+    )
     function = str(record.get("function", "?"))
     fn = bundle.fleet.functions.get(function)
     done = Finisher(bundle, task_id, function, token, record.get("event"), claim, fn, record)
     limit = f" ({fn.timeout_s:g} s)" if fn is not None else ""
-    done.finish(State.TIMED_OUT, Condition.TIMED_OUT, {"errorType": "TimedOut",
-                "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its process "
-                                "was killed", "stackTrace": []})  # fmt: skip
+    done.finish(
+        State.TIMED_OUT,
+        Condition.TIMED_OUT,
+        {
+            "errorType": "TimedOut",
+            "errorMessage": f"the handler ran past timeout_s{limit}, ignored the time limit, and its process "
+            "was killed",
+            "stackTrace": [],
+        },
+    )

@@ -74,9 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     signals.worker_shutting_down.connect(lambda **_: slot.stop(), weak=False)
     host = fleet.settings.worker.hostname
     parent = runtime.bundle  # this process's: the pool process makes its own after the fork (Runtime.boot)
-    Watchdog(slot, lambda token: owner_is_dead(token, host), functools.partial(timed_out_by_watchdog, parent),
-             lambda task_id, token: parent.registry.lapse(task_id, token),
-             lambda task_id, token: runtime.give_back(task_id, token)).start()  # fmt: skip
+    Watchdog(
+        slot,
+        lambda token: owner_is_dead(token, host),
+        functools.partial(timed_out_by_watchdog, parent),
+        lambda task_id, token: parent.registry.lapse(task_id, token),
+        lambda task_id, token: runtime.give_back(task_id, token),
+    ).start()
     # If the supervisor dies, shut down warm instead of running on unsupervised.
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     worker = app.Worker(
@@ -121,8 +125,9 @@ def _quiet_celery(json_lines: bool) -> None:
 
     warnings.filterwarnings("ignore", category=SecurityWarning)
     if os.geteuid() == 0:
-        structlog.get_logger("gpufleet.worker").warning("running as root: prefer an unprivileged user (the gpufleet "
-                                                         "image runs as one)")  # fmt: skip
+        structlog.get_logger("gpufleet.worker").warning(
+            "running as root: prefer an unprivileged user (the gpufleet image runs as one)"
+        )
 
     def say(message: str, file: Any = None) -> None:
         # Called from a signal handler: os.write, as Celery's own safe_say, never a buffered (re-entrant) write.

@@ -43,8 +43,9 @@ class Runtime:
     """Claims this pool process's tasks and drains its queues; each claimed task's attempt runs in
     :mod:`gpufleet.worker.attempt`."""
 
-    def __init__(self, fleet: Fleet, worker_name: str, gpu: str, queues: list[str] | None = None,
-                 slot: SharedSlot | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, fleet: Fleet, worker_name: str, gpu: str, queues: list[str] | None = None, slot: SharedSlot | None = None
+    ) -> None:
         self.fleet = fleet
         self.queues = queues or []  # the Celery queues this worker reads, in its order
         self._queues_turn = 0
@@ -247,8 +248,9 @@ class Runtime:
         fn = self.fleet.functions.get(item.function)
         self._ran = [(item.task_id, item.token)]
         if fn is None:
-            done = Finisher(self.bundle, item.task_id, item.function, item.token, item.event, item.claim, None,
-                            pipe=outcomes.pipe)  # fmt: skip
+            done = Finisher(
+                self.bundle, item.task_id, item.function, item.token, item.event, item.claim, None, pipe=outcomes.pipe
+            )
             done.fail(TaskError(f"this worker does not serve function {item.function!r}"), "UnknownFunction")
             return
         if not self.bundle.setups.ready(fn):
@@ -284,8 +286,7 @@ class Runtime:
         why = f"setup() of {fn.name} failed on {b.worker_name}: {b.setups.why(fn)}"
         pause = b.setups.pause(fn, NOT_READY_PAUSE_S)
         if b.registry.hand_back(item.task_id, item.token, b.envelopes, why, "SetupFailed"):
-            log.warning("setup() failed here; task handed back", task_id=item.task_id, function=fn.name,
-                        pause_s=pause)  # fmt: skip
+            log.warning("setup() failed here; task handed back", task_id=item.task_id, function=fn.name, pause_s=pause)
         time.sleep(pause)
 
     def _take_over(self, task_id: str, token: str, bound: Any) -> Claim | None:

@@ -68,14 +68,18 @@ def _make_private(fd: int, path: Path | str) -> None:
     directory checked is the one that will be used."""
     st = os.fstat(fd)
     if st.st_uid != os.geteuid():
-        raise ConfigError(f"scratch directory {path} is owned by uid {st.st_uid}, not by this worker's uid "
-                          f"{os.geteuid()}; another user could read or replace task files in it",
-                          key="worker.scratch_dir", fix=_FIX)  # fmt: skip
+        raise ConfigError(
+            f"scratch directory {path} is owned by uid {st.st_uid}, not by this worker's uid "
+            f"{os.geteuid()}; another user could read or replace task files in it",
+            key="worker.scratch_dir",
+            fix=_FIX,
+        )
     mode = stat.S_IMODE(st.st_mode)
     if mode != DIR_MODE:
         if mode & 0o077:
-            log.warning("scratch directory was accessible to other users; set to mode 0700", path=str(path),
-                        mode=oct(mode))  # fmt: skip
+            log.warning(
+                "scratch directory was accessible to other users; set to mode 0700", path=str(path), mode=oct(mode)
+            )
         os.fchmod(fd, DIR_MODE)
 
 
@@ -148,8 +152,10 @@ class ScratchDir:
                 except OSError as exc:
                     where = self.path.joinpath(*dirs[:depth])
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise TaskError(f"cannot write {target}: {where} is a symlink or not a directory (a symlink "
-                                        "in the scratch directory is never followed)") from None  # fmt: skip
+                        raise TaskError(
+                            f"cannot write {target}: {where} is a symlink or not a directory (a symlink "
+                            "in the scratch directory is never followed)"
+                        ) from None
                     raise TaskError(f"cannot write {target}: {where}: {exc.strerror}") from None
                 fds.append(fd)
             try:

@@ -35,6 +35,7 @@ from gpufleet.config import Fleet
 from gpufleet.control.plane import ControlPlane
 from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError, unreachable_hint
+from gpufleet.registry import inventory
 from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import queue_name
 from gpufleet.registry.model import REDIS_ERRORS
@@ -83,8 +84,10 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
             for fn in fleet.functions.values():
                 if pool in fn.gpu.pools and fn.gpu.model.lower() in ("any", gpu.model.lower()):
                     # The function's queue, which any version serves, and its own version's (no-op for $LATEST).
-                    queues += [queue_name(prefix, pool, fn.gpu.model, fn.name),
-                               queue_name(prefix, pool, fn.gpu.model, fn.name, fn.version)]  # fmt: skip
+                    queues += [
+                        queue_name(prefix, pool, fn.gpu.model, fn.name),
+                        queue_name(prefix, pool, fn.gpu.model, fn.name, fn.version),
+                    ]
             queues += [queue_name(prefix, pool, gpu.model), queue_name(prefix, pool, "any")]
         env = {"CUDA_VISIBLE_DEVICES": "" if gpu.virtual else str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         slots.append(Slot(gpu=gpu, queues=list(dict.fromkeys(queues)), env=env))
@@ -107,9 +110,19 @@ class Supervisor:
         self.instance = uuid.uuid4().hex
 
     def _spawn(self, slot: Slot) -> None:
-        cmd = [sys.executable, "-m", "gpufleet.worker.process", "--config", str(self.fleet.config_file),
-               "--name", slot.name, "--gpu", f"{slot.name}:{slot.gpu.model}",
-               "--queues", ",".join(slot.queues)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpufleet.worker.process",
+            "--config",
+            str(self.fleet.config_file),
+            "--name",
+            slot.name,
+            "--gpu",
+            f"{slot.name}:{slot.gpu.model}",
+            "--queues",
+            ",".join(slot.queues),
+        ]
         env = {**os.environ, **slot.env, PARENT_ENV: str(os.getpid())}
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the slots in order.
         slot.proc = subprocess.Popen(cmd, env=env, process_group=0)
@@ -137,8 +150,10 @@ class Supervisor:
             now = time.monotonic()
             try:
                 if not self._hold_host():
-                    log.error("another host took worker.hostname while this one was away (frozen?); stopping",
-                              hostname=self.fleet.settings.worker.hostname)  # fmt: skip
+                    log.error(
+                        "another host took worker.hostname while this one was away (frozen?); stopping",
+                        hostname=self.fleet.settings.worker.hostname,
+                    )
                     stop.set()
                     break
                 promoted, reaped = self.registry.housekeep(self.envelopes)
@@ -148,7 +163,7 @@ class Supervisor:
                 self.lost.tick()
                 self.control.expire_due()
                 if now >= next_inventory:
-                    self.registry.publish_gpus(self.inventory())
+                    inventory.publish_gpus(self.registry, self.inventory())
                     next_inventory = now + INVENTORY_EVERY_S
                     # One supervisor per round does it (the first to take the round's lock): each reads the whole
                     # inventory, and a fleet of many hosts need not read it many times over.
@@ -177,9 +192,12 @@ class Supervisor:
         while not self.registry.client.set(self.host_key, self.instance, nx=True, ex=int(HOST_CLAIM_S)):
             if time.monotonic() > deadline:
                 name = self.fleet.settings.worker.hostname
-                raise ConfigError(f"another worker host is running as worker.hostname={name!r}",
-                                  file=str(self.fleet.config_file), key="worker.hostname",
-                                  fix="give each host its own name: GPUFLEET_WORKER__HOSTNAME")  # fmt: skip
+                raise ConfigError(
+                    f"another worker host is running as worker.hostname={name!r}",
+                    file=str(self.fleet.config_file),
+                    key="worker.hostname",
+                    fix="give each host its own name: GPUFLEET_WORKER__HOSTNAME",
+                )
             if stop.wait(1.0):
                 return
 
@@ -199,10 +217,18 @@ class Supervisor:
         for slot in self.slots:
             worker = f"{slot.name}@{host}"
             alive = slot.proc is not None and slot.proc.poll() is None
-            out[worker] = {"worker": worker, "host": host, **self.sampler.sample(slot.gpu),
-                           "pid": slot.proc.pid if alive and slot.proc else None, "up": alive, "queues": slot.queues,
-                           "restarts": slot.restarts, "restarts_total": slot.restarts_total,
-                           "pools": list(self.fleet.settings.worker.pools), "seen_at": now}  # fmt: skip
+            out[worker] = {
+                "worker": worker,
+                "host": host,
+                **self.sampler.sample(slot.gpu),
+                "pid": slot.proc.pid if alive and slot.proc else None,
+                "up": alive,
+                "queues": slot.queues,
+                "restarts": slot.restarts,
+                "restarts_total": slot.restarts_total,
+                "pools": list(self.fleet.settings.worker.pools),
+                "seen_at": now,
+            }
         return out
 
     def _restart_exited(self) -> None:
@@ -250,15 +276,14 @@ class Supervisor:
         host = self.fleet.settings.worker.hostname
         message = f"the worker stopped; the task ran past worker.shutdown_grace_s ({grace_s:g} s) and was handed back"
         try:
-            busy = self.registry.busy()
+            busy = inventory.busy(self.registry)
             for worker in workers:
                 task_id = busy.get(worker)
                 record = self.registry.get(task_id) if task_id else None
                 if record is None or record.get("state") != "RUNNING":
                     continue
                 token = str(record.get("token", ""))
-                if _dies(token, host) and self.registry.hand_back(task_id or "", token, self.envelopes,
-                                                                          message):  # fmt: skip
+                if _dies(token, host) and self.registry.hand_back(task_id or "", token, self.envelopes, message):
                     log.warning("task handed back; its attempt does not count", task_id=task_id, worker=worker)
         except REDIS_ERRORS as exc:  # its lease lapses instead, and another supervisor re-queues it
             log.error("cannot hand tasks back; their leases will lapse and they will run again", error=str(exc))

@@ -136,8 +136,14 @@ class Watchdog(threading.Thread):
     of one that ran (it runs again, its attempt counted); ``give_back(task_id, token)`` puts one it never started back
     at the head of its queue, its attempt not counted."""
 
-    def __init__(self, slot: SharedSlot, is_dead: Callable[[str], bool], timed_out: Callable[[str, str], None],
-                 died: Callable[[str, str], object], give_back: Callable[[str, str], object]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        slot: SharedSlot,
+        is_dead: Callable[[str], bool],
+        timed_out: Callable[[str, str], None],
+        died: Callable[[str, str], object],
+        give_back: Callable[[str, str], object],
+    ) -> None:
         super().__init__(name="gpufleet-watchdog", daemon=True)
         self._slot = slot
         self._is_dead = is_dead
@@ -159,15 +165,20 @@ class Watchdog(threading.Thread):
         if running is None or not running.all or running == self._handled:
             return
         if self._is_dead(running.all[0][1]):
-            log.warning("pool process died while running; its tasks go back to their queue",
-                        task_ids=[t for t, _ in running.all])  # fmt: skip
+            log.warning(
+                "pool process died while running; its tasks go back to their queue",
+                task_ids=[t for t, _ in running.all],
+            )
             for task_id, token in running.tasks + running.held:
                 self._died(task_id, token)
         elif running.tasks and time.time() > running.deadline:
             if self._slot.read() != running:  # it finished (or moved on) meanwhile
                 return
-            log.warning("handler ran past its hard time limit; killing its process", pid=running.pid,
-                        task_ids=[t for t, _ in running.tasks])  # fmt: skip
+            log.warning(
+                "handler ran past its hard time limit; killing its process",
+                pid=running.pid,
+                task_ids=[t for t, _ in running.tasks],
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(running.pid, signal.SIGKILL)
             # One task timed out. A batch call's events go back instead, to run alone on their next attempt: the
