@@ -32,6 +32,7 @@ from gpufleet.dev.services import (
     start_kafka,
     start_redis,
     stop,
+    stop_service,
 )
 from gpufleet.dev.stack import dev_down, dev_exports, dev_status
 from gpufleet.dev.stack import dev_up as dev_up_with
@@ -460,3 +461,31 @@ def test_eval_of_dev_up_exports_the_fleets_environment_from_any_folder(tmp_path:
         down = subprocess.run([*shlex.split(gpufleet), "dev", "down"], cwd=tmp_path / "b", env=env,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
     assert down.stderr.strip() == "stopped", down.stderr
+
+
+def test_seaweedfs_starts_again_on_other_ports_when_one_of_its_eight_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SeaweedFS picks eight ports, free when we look; another program binds its S3 port before weed does."""
+    picked: list[list[int]] = []
+    real = objectstores._free_ports
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+
+        def ports(count: int) -> list[int]:
+            got = real(count)
+            if not picked:
+                got[6] = held  # the S3 port, on the first try only
+            picked.append(got)
+            return got
+
+        monkeypatch.setattr(objectstores, "_free_ports", ports)
+        service, _ = start_seaweedfs(tmp_path)  # weed comes with the dev install: no skip
+        try:
+            assert len(picked) == 2 and f":{held}" not in service.url
+            with closing(s3_client(service.url, service.access_key, service.secret_key)) as s3:
+                s3.create_bucket(Bucket="after-a-taken-port")
+        finally:
+            stop_service(service)

