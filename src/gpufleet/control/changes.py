@@ -19,18 +19,20 @@ from gpufleet.registry.model import State
 from gpufleet.registry.store import Registry
 
 
+def stored(registry: Registry, task_id: str, event: bool = False) -> dict[str, Any]:
+    """The task's record, or NotFoundError."""
+    record = registry.get(task_id, event)
+    if record is None:
+        raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
+    return record
+
+
 class Changes:
     def __init__(self, fleet: Fleet, registry: Registry, jobs: JobStore, envelopes: Envelopes) -> None:
         self.fleet = fleet
         self.registry = registry
         self.jobs = jobs
         self.envelopes = envelopes
-
-    def _record(self, task_id: str) -> dict[str, Any]:
-        record = self.registry.get(task_id, event=True)
-        if record is None:
-            raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
-        return record
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel: a QUEUED task at once; a RUNNING one is signalled (then killed after the grace period).
@@ -79,7 +81,7 @@ class Changes:
         """QUEUED -> CANCELLED (or EXPIRED) with its failure record; the record can change between the read and the
         script, which then refuses: read again (both are cheap)."""
         for _ in range(10):
-            record = self._record(task_id)
+            record = stored(self.registry, task_id, event=True)
             now = time.time()
             if expire:
                 waited = now - float(record.get("event_ts") or now)

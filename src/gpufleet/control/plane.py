@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gpufleet.config import Fleet
-from gpufleet.control.changes import Changes
+from gpufleet.control.changes import Changes, stored
 from gpufleet.control.views import (
     decode_cursor,
     encode_cursor,
@@ -195,10 +195,7 @@ class ControlPlane:
     # -- tasks -----------------------------------------------------------------------------------------------
 
     def record(self, task_id: str, event: bool = False) -> dict[str, Any]:
-        record = self.registry.get(task_id, event)
-        if record is None:
-            raise NotFoundError("task_not_found", f"no task {task_id!r} (unknown, or its record expired)")
-        return record
+        return stored(self.registry, task_id, event)
 
     def view(self, record: dict[str, Any], shards: tuple[int, int] = (0, SHARD_PAGE)) -> dict[str, Any]:
         """:func:`task_view`, plus the pool the task is queued or runs in, and whether that is not its function's

@@ -156,13 +156,6 @@ TOPIC_LOOK_S = 2.0  # how often a live reader looks for topics (or partitions) t
 BOOTSTRAP_TIMEOUT_MS = 5000
 
 
-def kafka_errors() -> tuple[type[Exception], ...]:
-    """What reading from Kafka raises when the broker goes away: a reader reconnects on these."""
-    from kafka.errors import KafkaError
-
-    return (KafkaError, OSError)
-
-
 @dataclass(frozen=True)
 class KafkaRecord:
     topic: str

@@ -54,11 +54,16 @@ _CREATING = ("enqueue_many", "split_part", "split")
 
 
 @functools.cache
+def _part(name: str) -> str:
+    """One ``.lua`` file, read once per process: every script that changes a task repeats ``helpers``."""
+    return resources.files("gpufleet.registry").joinpath("scripts", f"{name}.lua").read_text()
+
+
+@functools.cache
 def script(name: str) -> str:
     """The Lua source of script ``name`` (``scripts/<name>.lua``), with the shared parts it calls before it."""
     shared = () if name in _ALONE else ("helpers", "create") if name in _CREATING else ("helpers",)
-    folder = resources.files("gpufleet.registry").joinpath("scripts")
-    parts = [folder.joinpath(f"{part}.lua").read_text() for part in (*shared, name)]
+    parts = [_part(part) for part in (*shared, name)]
     if shared:  # the helpers' histograms
         parts.insert(0, "local BOUNDS = {" + ", ".join(map(str, HISTOGRAM_BOUNDS)) + "}")
     return "\n".join(parts)
