@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -31,19 +33,25 @@ def client(fleet: Any) -> tuple[str, Call]:
     return base, call
 
 
+def wait_healthy(fleet: Any, proc: subprocess.Popen[bytes], timeout_s: float = 90) -> bool:
+    """Whether the fleet's API answers ``/healthz`` within ``timeout_s``; False at once if the fleet exits."""
+    _, call = client(fleet)
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if call("GET", "/healthz")[0] == 200:
+                return True
+        time.sleep(0.25)
+    return False
+
+
 def api_tour(fleet: Any) -> tuple[int, str]:
     """The control plane over HTTP: invoke, follow progress, cancel."""
     base, call = client(fleet)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if call("GET", "/healthz")[0] == 200:
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            return 1, "api: not reachable"
-        time.sleep(0.5)
+    try:
+        call("GET", "/healthz")
+    except OSError:
+        return 1, "api: not reachable"
     print(f"\ndemo: HTTP API at {base} (Authorization: Bearer <api.token>)")
     _, info = call("POST", "/v1/functions/gpu_info/invocations", {})
     print(f"  POST /v1/functions/gpu_info/invocations -> 202 {info}")

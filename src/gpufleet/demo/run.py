@@ -26,14 +26,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import yaml
 
 from gpufleet.config import load_fleet
 from gpufleet.demo import bucket, routes
-from gpufleet.demo.api import api_tour
+from gpufleet.demo.api import api_tour, wait_healthy
 from gpufleet.demo.job import job_tour
 from gpufleet.registry.store import Registry
 
@@ -62,7 +62,7 @@ def sample_messages() -> list[tuple[str, bytes]]:
 
 def run_demo(config: Path) -> int:
     from gpufleet.dev.local import LocalServices
-    from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY, free_port
+    from gpufleet.dev.services import MOTO_ACCESS_KEY, MOTO_SECRET_KEY
 
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-demo-"))
     print(f"demo: starting Redis, Kafka (tansu) and S3 + SQS (moto) on loopback; logs in {workdir}")
@@ -82,24 +82,14 @@ def run_demo(config: Path) -> int:
             "GPUFLEET_S3__SQS_ENDPOINT_URL": services.moto_url,
             "GPUFLEET_S3__ACCESS_KEY_ID": MOTO_ACCESS_KEY,
             "GPUFLEET_S3__SECRET_ACCESS_KEY": MOTO_SECRET_KEY,
-            "GPUFLEET_API__PORT": str(free_port()),
             routes.SECRET_ENV: hook_secret,
             # No token is shipped: the demo makes one for its own run.
             "GPUFLEET_API__TOKEN": os.environ.get("GPUFLEET_API__TOKEN") or secrets.token_urlsafe(32),
         }
-        fleet = load_fleet(demo_config, env)
+        log = open(workdir / "fleet.log", "wb")  # noqa: SIM115 - handed to the child process
+        fleet, fleet_proc = _start_fleet(demo_config, env, log)
         topic = next(t.source for t in fleet.triggers.values() if t.enabled and t.source.startswith("kafka:"))
         topic = topic.rsplit("/", 1)[-1]
-        print(f"demo: starting the fleet: {fleet.settings.worker.virtual_gpus} virtual GPU(s) (no NVIDIA GPU needed)")
-        log = open(workdir / "fleet.log", "wb")  # noqa: SIM115 - handed to the child process
-        # Own process group, so the fleet is stopped by us, in order, even on Ctrl-C.
-        fleet_proc = subprocess.Popen(
-            [sys.executable, "-m", "gpufleet", "run", "--config", str(demo_config)],
-            env=env,
-            stdout=log,
-            stderr=log,
-            process_group=0,
-        )
         try:
             code, summary = _drive(fleet, services.kafka_bootstrap, topic, services.moto_url)
             if fleet.settings.api.enabled:
@@ -123,6 +113,30 @@ def run_demo(config: Path) -> int:
             log.close()
     print(summary)
     return code
+
+
+def _start_fleet(config: Path, env: dict[str, str], log: IO[bytes]) -> tuple[Any, subprocess.Popen[bytes]]:
+    """``gpufleet run`` on a free API port, in its own process group (so that we stop it, in order, even on Ctrl-C).
+    A free port can be taken by another process before the fleet binds it (the test suite runs the demo beside
+    other tests): the fleet then exits at once with EXIT_PORT_IN_USE, and another port is tried."""
+    from gpufleet.cli.output import EXIT_PORT_IN_USE
+    from gpufleet.dev.services import free_port
+
+    for _ in range(3):
+        env["GPUFLEET_API__PORT"] = str(free_port())
+        fleet = load_fleet(config, env)
+        print(f"demo: starting the fleet: {fleet.settings.worker.virtual_gpus} virtual GPU(s) (no NVIDIA GPU needed)")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpufleet", "run", "--config", str(config)],
+            env=env,
+            stdout=log,
+            stderr=log,
+            process_group=0,
+        )
+        if not fleet.settings.api.enabled or wait_healthy(fleet, proc) or proc.poll() != EXIT_PORT_IN_USE:
+            return fleet, proc
+        print(f"demo: API port {fleet.settings.api.port} was taken before the fleet bound it; another one")
+    return fleet, proc
 
 
 @contextlib.contextmanager
