@@ -57,6 +57,7 @@ from ingest import (
     memory_gpufleet,
     memory_naive,
 )
+from redis_cpu import redis_cpu_both
 from world import (
     BENCH_DIR,
     FULL,
@@ -82,7 +83,7 @@ with warnings.catch_warnings():
 
 
 RESULTS = BENCH_DIR / "results" / "latest.md"
-PHASES = ("ingest", "memory", "latency", "duty", "batch")
+PHASES = ("ingest", "memory", "latency", "duty", "batch", "redis")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -421,6 +422,8 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
     lat, lat_naive = phase("latency", "latency: gpufleet / naive, alternating", lambda: latency_both(w)) or none
     duty, duty_celery = phase("duty", "duty cycle: gpufleet / raw Celery, alternating", lambda: duty_both(w)) or none
     batched, single = phase("batch", "batching: batched / unbatched, one worker", lambda: batch_both(w)) or none
+    cpu, cpu_celery = phase("redis", "Redis CPU per task: gpufleet, then raw Celery",
+                            lambda: redis_cpu_both(w, w.sizes.redis_tasks)) or none  # fmt: skip
 
     if mem and mem_naive:
         w.notes.append(f"Peak RSS (VmHWM): gpufleet trigger {mem[1]:.1f} MB, naive bridge {mem_naive[1]:.1f} MB. "
@@ -437,6 +440,9 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
 
     def millis(v: float) -> str:
         return f"{v:.1f} ms"
+
+    def micros(v: float) -> str:
+        return f"{v:.1f} µs"
 
     def get(obj: Any, attr: str | int) -> float | None:
         if obj is None:
@@ -474,12 +480,22 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
             Row("Batching: latency p99 at low load", get(batched, "p99_ms"), get(single, "p99_ms"), millis,
                 "lower is better"),
         ],
+        "redis": [
+            Row("Redis CPU per empty task: enqueue + claim + finish", get(cpu, "total_us"),
+                get(cpu_celery, "total_us"), micros, "<= 0.5x raw Celery", lambda _, r: r <= 0.5),
+            Row("Redis CPU per task: enqueue", get(cpu, "enqueue_us"), get(cpu_celery, "enqueue_us"), micros,
+                "lower is better"),
+            Row("Redis CPU per task: claim + finish", get(cpu, "run_us"), get(cpu_celery, "run_us"), micros,
+                "lower is better"),
+            Row("Redis reads per task", get(cpu, "reads"), get(cpu_celery, "reads"), lambda v: f"{v:.1f}",
+                "lower is better"),
+        ],
         "memory": [
             Row(f"Trigger RSS after ingesting {w.sizes.small_ingest:,} messages", get(mem, 0), get(mem_naive, 0),
                 lambda v: f"{v:.1f} MB", "< 150 MB", lambda v, _: v < 150),
         ],
     }  # fmt: skip
-    return [row for name in ("ingest", "latency", "duty", "batch", "memory") if name in requested
+    return [row for name in ("ingest", "latency", "duty", "batch", "redis", "memory") if name in requested
             for row in rows[name]]  # fmt: skip
 
 

@@ -49,13 +49,14 @@ class Sizes:
     duty: int  # 20 ms tasks per duty-cycle side
     batch: int  # tasks queued at once per side of the batching throughput figure
     batch_paced: int  # tasks sent one at a time per side of its latency figure
+    redis_tasks: int  # empty tasks per side of the Redis CPU figure
     task_ms: float = 20.0
 
 
 FULL = Sizes(ingest=60_000, small_ingest=20_000, latency=300, latency_warm=20, latency_rate=50.0, duty=300, batch=400,
-             batch_paced=60)  # fmt: skip
+             batch_paced=60, redis_tasks=4000)  # fmt: skip
 QUICK = Sizes(ingest=15_000, small_ingest=5_000, latency=150, latency_warm=10, latency_rate=50.0, duty=100, batch=160,
-              batch_paced=30)  # fmt: skip
+              batch_paced=30, redis_tasks=1500)  # fmt: skip
 
 # Topics: one fresh topic per ingest path; the memory phase reads two of them again with fresh groups.
 TOPICS = {

@@ -208,3 +208,30 @@ def test_a_trigger_takes_the_priority_from_header_field_or_its_file(
         [task] = batch.tasks
         assert task.message.priority == expected
         assert orjson.loads(task.message.envelope)["properties"]["priority"] == 9 - expected
+
+
+def test_a_worker_takes_the_highest_level_across_its_queues_and_a_lost_head_blocks_no_other_queue(
+    harness: FleetHarness,
+) -> None:
+    """``pop_claim`` finds the level to read from each queue's pending head (one read per queue, not one per level):
+    across echo's and slow's queues it takes the highest level first, queue order breaking ties. A queue whose head
+    message is gone (in a dead consumer's hands) is left to Celery's BRPOP and the lost-message scan, without holding up
+    the next queue, nor the queue's lower levels."""
+    reg: Registry = harness.registry
+    cp = ControlPlane(harness.fleet(), reg)
+    queues = [harness.queue("echo"), harness.queue("slow")]
+    echo = {p: cp.invoke("echo", {"p": p}, priority=p).id for p in (2, 6)}
+    slow = {p: cp.invoke("slow", {"p": p}, priority=p).id for p in (6, 9, 1)}
+
+    def take() -> str | None:
+        _, taken = reg.pop_claim(queues, "me/1/1/a", 30, "w", "g")
+        assert all(not isinstance(t, str) for t in taken)
+        return taken[0].task_id if taken else None  # type: ignore[union-attr]
+
+    assert take() == slow[9]
+    assert take() == echo[6]  # level 6 in both queues: echo's is read first
+    harness.redis.rpop(harness.queue_list("slow", 6))  # slow's head message, popped by a consumer that died
+    assert take() == echo[2]
+    assert take() == slow[1]  # past the lost head, one level at a time
+    assert take() is None
+    assert [i for i, _ in reg.scan_lost(queues[1])] == [slow[6]]

@@ -12,7 +12,7 @@ for _, queue in ipairs(redis.call('SMEMBERS', prefix .. ':queues')) do
     while moved < limit do
       local head = redis.call('LINDEX', list, -1)
       if not head then break end
-      local id = string.match(head, '"id":%s*"([^"]+)"') or ''
+      local id = id_of(head)
       local key = prefix .. ':task:' .. id
       local state, tag = unpack(redis.call('HMGET', key, 'state', 'tag'))
       local finished = not state or (state ~= 'QUEUED' and state ~= 'RUNNING')

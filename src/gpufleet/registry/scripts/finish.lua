@@ -1,27 +1,30 @@
 -- KEYS: task, leases, callbacks.  ARGV: prefix, token, state, now, retention_s, n_fields, field/value pairs...,
 --   then callback stream entries as (dest, value, condition) triples.
 -- Only the owner finishes: the worker's parent, after its watchdog killed a pool process, uses that process's token.
-if not owned(KEYS[1], ARGV[2]) then return 0 end
-local fn = redis.call('HGET', KEYS[1], 'function')
-local id = redis.call('HGET', KEYS[1], 'id')
-local nf = tonumber(ARGV[6])
-local i = 7
-for _ = 1, nf do  -- first: started_at may be among them (a task claimed ahead started after its claim)
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1])
+local state, token, fn, started, meta, worker, seq, parent = unpack(redis.call('HMGET', KEYS[1], 'state', 'token',
+  'function', 'started_at', 'meta', 'worker', 'seq', 'parent'))
+if state ~= 'RUNNING' or token ~= ARGV[2] then return 0 end
+local prefix, id = ARGV[1], string.sub(KEYS[1], #ARGV[1] + 7)  -- P:task:<id>
+local fields, i = {}, 7
+for n = 1, tonumber(ARGV[6]) do
+  -- started_at may be among them (a task claimed ahead started after its claim)
+  if ARGV[i] == 'started_at' then started = ARGV[i + 1] end
+  fields[2 * n - 1] = ARGV[i]
+  fields[2 * n] = ARGV[i + 1]
   i = i + 2
 end
-observe(ARGV[1], 'duration', fn, tonumber(ARGV[4]) - tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[4]))
-finished(ARGV[1], fn, ARGV[3], ARGV[4])
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[4], 'token', '')
-local tp = traceparent(KEYS[1])
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[4], 'token', '', unpack(fields))
+observe(prefix, 'duration', fn, tonumber(ARGV[4]) - tonumber(started or ARGV[4]))
+finished(prefix, fn, ARGV[3], ARGV[4])
+local tp = traceparent_of(meta)
 while i <= #ARGV do
   redis.call('XADD', KEYS[3], '*', 'dest', ARGV[i], 'key', id, 'value', ARGV[i+1], 'condition', ARGV[i+2],
     'function', fn, 'traceparent', tp)
   i = i + 3
 end
 redis.call('ZREM', KEYS[2], id)
-unbusy(ARGV[1], KEYS[1], id)
-move(ARGV[1], fn, id, 'RUNNING', ARGV[3], redis.call('HGET', KEYS[1], 'seq'))
+unbusy(prefix, KEYS[1], id, worker)
+move(prefix, fn, id, 'RUNNING', ARGV[3], seq)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-shard_done(ARGV[1], KEYS[1], ARGV[3], ARGV[4])
+shard_done(prefix, KEYS[1], ARGV[3], ARGV[4], parent)
 return 1

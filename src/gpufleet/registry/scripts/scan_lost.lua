@@ -11,7 +11,7 @@ for prio = 9, 0, -1 do  -- the levels in the order they are read: the first mess
   for i = #messages, 1, -1 do
     -- Only a task's current message marks its place: an older copy left in the list (a cancelled task retried, a
     -- re-pushed one) carries another delivery tag.
-    local id = string.match(messages[i], '"id":%s*"([^"]+)"')
+    local id = json_string(messages[i], 'id')
     local current = id and redis.call('HGET', prefix .. ':task:' .. id, 'tag') == tag_of(messages[i])
     local score = current and redis.call('ZSCORE', pending, id)
     if score then
