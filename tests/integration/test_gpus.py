@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from gpufleet.registry import inventory
+from gpufleet.registry.model import State
 from gpufleet.worker.supervisor import Supervisor
 from tests.harness import FleetHarness
+from tests.integration.test_registry import enqueue
 from tests.unit.test_gpus import FakeNvml
 
 
@@ -12,7 +16,9 @@ def test_inventory_reports_live_memory_utilisation_and_the_running_task(harness:
     fake = FakeNvml(["NVIDIA H100 80GB HBM3", "broken"])
     supervisor = Supervisor(harness.fleet(), nvml=fake)
     host = harness.fleet().settings.worker.hostname
-    harness.redis.hset(f"{harness.prefix}:busy", f"gpu0@{host}", "task-7")  # what a claim writes
+    enqueue(harness, "task-7")
+    claim = harness.registry.claim("task-7", "QUEUED", "", "me/1/1/a", 30, f"gpu0@{host}", "0")
+    assert claim.ok  # a claim is what says which task a worker runs
     inventory.publish_gpus(supervisor.registry, supervisor.inventory())
     gpu0, gpu1 = inventory.gpus(harness.registry)
     assert (gpu0["worker"], gpu0["model"], gpu0["memory_total_mb"]) == (f"gpu0@{host}", "H100", 81920)
@@ -23,3 +29,21 @@ def test_inventory_reports_live_memory_utilisation_and_the_running_task(harness:
     assert [g["worker"] for g in inventory.gpus(harness.registry)] == [f"gpu0@{host}", f"gpu1@{host}"]  # forgotten
     supervisor.sampler.close()
     assert fake.shutdown_called
+
+
+def test_which_task_a_worker_runs_is_read_from_the_leases_and_a_task_claimed_ahead_comes_second(
+    harness: FleetHarness,
+) -> None:
+    """No claim writes a worker -> task entry: the leases and the records say it. A worker that claimed the next task
+    ahead while one runs holds both, the running one first; a finished task leaves the view."""
+    reg = harness.registry
+    for task_id in ("first", "ahead", "other"):
+        enqueue(harness, task_id)
+    assert reg.claim("first", "QUEUED", "", "me/1/1/a", 30, "gpu0@h", "0").ok
+    time.sleep(0.01)  # started_at orders them
+    assert reg.claim("ahead", "QUEUED", "", "me/1/1/a", 30, "gpu0@h", "0").ok
+    assert reg.claim("other", "QUEUED", "", "you/2/2/b", 30, "gpu1@h", "1").ok
+    assert inventory.running(reg) == {"gpu0@h": ["first", "ahead"], "gpu1@h": ["other"]}
+    assert inventory.busy(reg) == {"gpu0@h": "first", "gpu1@h": "other"}
+    assert reg.finish("first", "me/1/1/a", State.SUCCEEDED, {}, [])
+    assert inventory.busy(reg) == {"gpu0@h": "ahead", "gpu1@h": "other"}

@@ -1,5 +1,5 @@
-"""The GPU inventory: each host's supervisor publishes its GPU slots every few seconds (``P:gpus``), and each claim
-says which task a worker runs (``P:busy``). Read by the API, metrics, placement and scaling."""
+"""The GPU inventory: each host's supervisor publishes its GPU slots every few seconds (``P:gpus``), and the running
+tasks' records say which task each worker runs. Read by the API, metrics, placement and scaling."""
 
 from __future__ import annotations
 
@@ -11,10 +11,21 @@ import orjson
 from gpufleet.registry.store import Registry
 
 
-def busy(registry: Registry) -> dict[str, str]:
-    """Worker name -> the task it runs."""
-    raw: dict[bytes, bytes] = registry.client.hgetall(registry.keys.busy)  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
+def running(registry: Registry, rows: list[tuple[str, list[bytes | None]]] | None = None) -> dict[str, list[str]]:
+    """Worker name -> the tasks it holds RUNNING, first started first: the one it runs, then (claimed ahead, while
+    that one ran) the next. From the running tasks' records (``rows``: ``registry.running("worker", "started_at",
+    ...)``, when the caller has read them): a claim writes nothing more for this (a worker -> task hash cost three
+    commands a task)."""
+    held: dict[str, list[tuple[float, str]]] = {}
+    for task_id, (worker, started, *_) in registry.running("worker", "started_at") if rows is None else rows:
+        if worker:
+            held.setdefault(worker.decode(), []).append((float(started or 0), task_id))
+    return {worker: [task_id for _, task_id in sorted(tasks)] for worker, tasks in held.items()}
+
+
+def busy(registry: Registry, rows: list[tuple[str, list[bytes | None]]] | None = None) -> dict[str, str]:
+    """Worker name -> the task it runs (of those it holds, the first started). ``rows``: as for :func:`running`."""
+    return {worker: tasks[0] for worker, tasks in running(registry, rows).items()}
 
 
 def publish_gpus(registry: Registry, entries: dict[str, dict[str, Any]]) -> None:

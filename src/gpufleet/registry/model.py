@@ -114,7 +114,7 @@ class Callback:
 
 # What a task's public view shows (control.task_view): a listing reads these and nothing else.
 # fmt: skip below: a list of field names reads better packed than one per line.
-VIEW_FIELDS = ("id", "function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
+VIEW_FIELDS = ("function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
                "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
                "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")  # fmt: skip
 VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
@@ -125,8 +125,10 @@ _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "
 _JSON = {"result", "error", "last_error", "outputs"}
 
 
-def decode_record(raw: dict[bytes, bytes], event: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def decode_record(raw: dict[bytes, bytes], task_id: str, event: bool = False) -> dict[str, Any]:
+    """A record as readers see it. Fields a record written at creation leaves out, as they repeat others, are filled
+    in: ``id`` (its key's), ``queued_at`` (``created_at``, until it is queued again)."""
+    out: dict[str, Any] = {"id": task_id}
     for k, v in raw.items():
         key = k.decode()
         if key in ("event", "meta"):
@@ -139,4 +141,6 @@ def decode_record(raw: dict[bytes, bytes], event: bool = False) -> dict[str, Any
             out[key] = orjson.loads(v) if v else None
         else:
             out[key] = v.decode()
+    if "queued_at" not in out and "created_at" in out:
+        out["queued_at"] = out["created_at"]
     return out

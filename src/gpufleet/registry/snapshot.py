@@ -71,8 +71,10 @@ def _histograms(raw: dict[bytes, bytes], n_buckets: int) -> dict[str, Histogram]
         if len(key) != 2:
             continue
         fn, part = key
-        if part == "sum":
-            out[fn].sum = float(value)
+        if part == "sum":  # seconds, as a float: what releases before sum_us kept
+            out[fn].sum += float(value)
+        elif part == "sum_us":
+            out[fn].sum += int(value) / 1e6
         elif part.isdigit() and 1 <= int(part) <= n_buckets:
             out[fn].buckets[int(part) - 1] = int(value)
     return dict(out)
@@ -84,7 +86,8 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     now = time.time()
     names = sorted(set(functions) | registry.functions_seen())
     queues = registry.queues()
-    busy = inventory.busy(registry)
+    running = registry.running("worker", "started_at", "queue")
+    busy = inventory.busy(registry, running)
     gpus = inventory.gpus(registry, seen_busy=busy)
     pipe = client.pipeline(transaction=False)
     for fn in names:
@@ -99,8 +102,6 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     pipe.xlen(registry.keys.callbacks)
     pipe.xrange(registry.keys.callbacks, "-", "+", count=1)
     pipe.xlen(keys.parked)
-    for task_id in busy.values():
-        pipe.hget(registry.keys.task(task_id), "queue")
     first_minute = int(now // 60) - minutes + 1
     for minute in range(first_minute, first_minute + minutes):
         pipe.hmget(keys.minute(minute), "ok", "failed")
@@ -116,8 +117,9 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         next(replies) for _ in range(9)
     )
     backlog, oldest, parked = int(next(replies)), next(replies), int(next(replies))
-    for queue in (next(replies) for _ in busy):
-        if queue is not None:
+    runs = set(busy.values())  # what the workers run; not a task one claimed ahead
+    for task_id, (_, _, queue) in running:
+        if queue is not None and task_id in runs:
             states.setdefault(queue.decode(), QueueState(queue.decode())).running += 1
     per_minute = [
         (60 * (first_minute + i), int(ok or 0), int(failed or 0))
@@ -157,10 +159,10 @@ def _oldest_ages(registry: Registry, heads: dict[str, list[bytes]], states: dict
     pipe = registry.client.pipeline(transaction=False)
     for ids in heads.values():
         for raw_id in ids:
-            pipe.hget(registry.keys.task(raw_id.decode()), "queued_at")
+            pipe.hmget(registry.keys.task(raw_id.decode()), "queued_at", "created_at")  # see decode_record
     stamps = iter(pipe.execute())
     for q, ids in heads.items():
-        queued = [float(t) for t in (next(stamps) for _ in ids) if t is not None]
+        queued = [float(q_at or c_at) for q_at, c_at in (next(stamps) for _ in ids) if q_at or c_at]
         states[q].oldest_age_s = max(0.0, now - min(queued)) if queued else 0.0
 
 

@@ -163,7 +163,7 @@ class Registry:
         raw: dict[bytes, bytes] = self.client.hgetall(self.keys.task(task_id))  # type: ignore[assignment]
         if not raw:
             return None
-        return decode_record(raw, event)
+        return decode_record(raw, task_id, event)
 
     def stored_calls(self, task_ids: list[str]) -> list[tuple[str, bytes, bytes, str] | None]:
         """(function, event JSON, meta JSON, queue) per task, to build its message again (for the queue its record
@@ -239,7 +239,7 @@ class Registry:
         until = time.time() + lease_s
         pipe = self.pipeline()
         for task_id, token in tasks:
-            self._renew(keys=[self.keys.task(task_id), self.keys.leases], args=[token, until], client=pipe)
+            self._renew(keys=[self.keys.task(task_id), self.keys.leases], args=[token, until, self.prefix], client=pipe)
         return [int(status) for status in pipe.execute()]
 
     def finish(
@@ -281,7 +281,7 @@ class Registry:
     def lapse(self, task_id: str, token: str) -> None:
         """End the lease of a task whose owner (``token``) is known dead, so that the next housekeeping round (any
         supervisor's, within a second) re-queues it, rather than after ``lease_s``."""
-        self._lapse(keys=[self.keys.task(task_id), self.keys.leases], args=[token])
+        self._lapse(keys=[self.keys.task(task_id), self.keys.leases], args=[token, self.prefix])
 
     def set_progress(self, task_id: str, fraction: float, message: str) -> None:
         self.client.hset(self.keys.task(task_id), mapping={"progress": fraction, "progress_message": message[:500]})
@@ -379,6 +379,15 @@ class Registry:
             pipe.zcard(self.keys.index(function, state))
         return {state.value: int(n) for state, n in zip(State, pipe.execute(), strict=True)}
 
+    def running(self, *fields: str) -> list[tuple[str, list[bytes | None]]]:
+        """Each task a worker holds RUNNING (a job waiting for its shards is held by none), as (id, its ``fields``):
+        from the leases, which each of them holds, and the records. The tasks running are at most a few per GPU."""
+        ids = [i.decode() for i in self.client.zrange(self.keys.leases, 0, -1)]  # type: ignore[union-attr]
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(self.keys.task(task_id), "state", *fields)
+        return [(i, values[1:]) for i, values in zip(ids, pipe.execute(), strict=True) if values[0] == b"RUNNING"]
+
     def functions_seen(self) -> set[str]:
         return {m.decode() for m in self.client.smembers(self.keys.functions)}  # type: ignore[union-attr]
 
@@ -445,9 +454,9 @@ class Registry:
         for task_id in task_ids:
             pipe.hmget(self.keys.task(task_id), VIEW_FIELDS)
         out: list[dict[str, Any] | None] = []
-        for values in pipe.execute():
+        for task_id, values in zip(task_ids, pipe.execute(), strict=True):
             raw = {k: v for k, v in zip(VIEW_KEYS, values, strict=True) if v is not None}
-            out.append(decode_record(raw) if raw else None)
+            out.append(decode_record(raw, task_id) if raw else None)
         return out
 
     def drop_from_index(self, function: str, state: State, task_id: str) -> None:

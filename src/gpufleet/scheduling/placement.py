@@ -252,8 +252,10 @@ class Placer:
         for field, value in raw.items():
             fn, _, part = field.decode().partition(US)
             sums = totals.setdefault(fn, [0.0, 0.0])
-            if part == "sum":
-                sums[0] = float(value)
+            if part == "sum":  # seconds, as a float: what releases before sum_us kept
+                sums[0] += float(value)
+            elif part == "sum_us":
+                sums[0] += int(value) / 1e6
             else:
                 sums[1] += int(value)
         means = {}

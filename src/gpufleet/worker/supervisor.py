@@ -276,15 +276,15 @@ class Supervisor:
         host = self.fleet.settings.worker.hostname
         message = f"the worker stopped; the task ran past worker.shutdown_grace_s ({grace_s:g} s) and was handed back"
         try:
-            busy = inventory.busy(self.registry)
+            held = inventory.running(self.registry)
             for worker in workers:
-                task_id = busy.get(worker)
-                record = self.registry.get(task_id) if task_id else None
-                if record is None or record.get("state") != "RUNNING":
-                    continue
-                token = str(record.get("token", ""))
-                if _dies(token, host) and self.registry.hand_back(task_id or "", token, self.envelopes, message):
-                    log.warning("task handed back; its attempt does not count", task_id=task_id, worker=worker)
+                for task_id in held.get(worker, []):  # the one it ran, and the next it had claimed ahead
+                    record = self.registry.get(task_id)
+                    if record is None or record.get("state") != "RUNNING":
+                        continue
+                    token = str(record.get("token", ""))
+                    if _dies(token, host) and self.registry.hand_back(task_id, token, self.envelopes, message):
+                        log.warning("task handed back; its attempt does not count", task_id=task_id, worker=worker)
         except REDIS_ERRORS as exc:  # its lease lapses instead, and another supervisor re-queues it
             log.error("cannot hand tasks back; their leases will lapse and they will run again", error=str(exc))
 

@@ -21,13 +21,13 @@ for _, queue in ipairs(redis.call('SMEMBERS', prefix .. ':queues')) do
       elseif state == 'RUNNING' then
         break  -- another copy of a running task: its worker decides; it blocks aging of this level meanwhile
       else
-        local since = math.max(tonumber(redis.call('HGET', key, 'queued_at') or '0'),
-                               tonumber(redis.call('HGET', key, 'level_at') or '0'))
+        local queued, created, level_at = unpack(redis.call('HMGET', key, 'queued_at', 'created_at', 'level_at'))
+        local since = math.max(tonumber(queued or created or '0'), tonumber(level_at or '0'))
         if now - since < aging then break end
         redis.call('RPOP', list)
         local up = prio + 1
         redis.call('HSET', key, 'prio', up, 'level_at', ARGV[2])
-        redis.call('ZADD', pending, (9 - up) * LEVEL + redis.call('INCR', prefix .. ':seq'), id)
+        redis.call('ZADD', pending, int((9 - up) * LEVEL + redis.call('INCR', prefix .. ':seq')), id)
         redis.call('LPUSH', qkey(queue, up), with_priority(head, up))
         moved = moved + 1
       end

@@ -11,12 +11,15 @@ local function create_tasks(prefix, now, tasks, base)
       if have[1] == t[2] and (not have[2] or have[2] == t[12]) then out[n] = 0 else out[n] = -1 end
     else
       -- push_back, unrolled: the fields it would read are at hand, and the record is written in one HSET.
-      local prio, seq, a = tonumber(t[13]), first + n, base + 3 * (n - 1)
-      redis.call('HSET', key, 'id', t[1], 'function', t[2], 'state', 'QUEUED', 'attempts', 0, 'queue', t[3],
+      local prio, a = tonumber(t[13]), base + 3 * (n - 1)
+      local seq = int(first + n)
+      -- Only what a queued task needs: its id is its key's, and until it is queued again its queued_at is its
+      -- created_at and its level (prio) the priority it asked for; readers fall back to those.
+      redis.call('HSET', key, 'function', t[2], 'state', 'QUEUED', 'attempts', '0', 'queue', t[3],
         'event', ARGV[a + 2], 'meta', ARGV[a + 3], 'on_success', t[4], 'on_failure', t[5], 'max_attempts', t[6],
-        'source', t[7], 'created_at', t[8], 'queued_at', now, 'event_ts', t[9], 'origin', t[12], 'priority', prio,
-        'prio', prio, 'seq', seq, 'tag', t[11])
-      redis.call('ZADD', prefix .. ':pending:' .. t[3], (9 - prio) * LEVEL + seq, t[1])
+        'source', t[7], 'created_at', t[8], 'event_ts', t[9], 'origin', t[12], 'priority', t[13], 'seq', seq,
+        'tag', t[11])
+      redis.call('ZADD', prefix .. ':pending:' .. t[3], int((9 - prio) * LEVEL + first + n), t[1])
       redis.call('LPUSH', qkey(t[3], prio), ARGV[a + 1])
       redis.call('ZADD', prefix .. ':idx:' .. t[2] .. ':QUEUED', seq, t[1])
       if t[10] ~= '' then

@@ -1,10 +1,10 @@
 -- KEYS: task, leases, callbacks.  ARGV: prefix, token, state, now, retention_s, n_fields, field/value pairs...,
 --   then callback stream entries as (dest, value, condition) triples.
 -- Only the owner finishes: the worker's parent, after its watchdog killed a pool process, uses that process's token.
-local state, token, fn, started, meta, worker, seq, parent = unpack(redis.call('HMGET', KEYS[1], 'state', 'token',
-  'function', 'started_at', 'meta', 'worker', 'seq', 'parent'))
+local state, token, fn, started, meta, seq, parent = unpack(redis.call('HMGET', KEYS[1], 'state', 'token', 'function',
+  'started_at', 'meta', 'seq', 'parent'))
 if state ~= 'RUNNING' or token ~= ARGV[2] then return 0 end
-local prefix, id = ARGV[1], string.sub(KEYS[1], #ARGV[1] + 7)  -- P:task:<id>
+local prefix, id = ARGV[1], task_id(ARGV[1], KEYS[1])
 local fields, i = {}, 7
 for n = 1, tonumber(ARGV[6]) do
   -- started_at may be among them (a task claimed ahead started after its claim)
@@ -23,7 +23,6 @@ while i <= #ARGV do
   i = i + 3
 end
 redis.call('ZREM', KEYS[2], id)
-unbusy(prefix, KEYS[1], id, worker)
 move(prefix, fn, id, 'RUNNING', ARGV[3], seq)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 shard_done(prefix, KEYS[1], ARGV[3], ARGV[4], parent)

@@ -6,7 +6,7 @@
 -- reads; expiry leaves a running task alone. Returns {outcome, state}.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = task_id(ARGV[1], KEYS[1])
 local expire = ARGV[8] == 'expire'
 if state ~= 'QUEUED' then redis.call('ZREM', ARGV[1] .. ':deadlines', id) end
 if state == 'RUNNING' and not expire then

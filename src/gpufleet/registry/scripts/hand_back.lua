@@ -6,9 +6,8 @@
 -- when it was queued.
 if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = task_id(ARGV[1], KEYS[1])
 redis.call('ZREM', KEYS[2], id)
-unbusy(ARGV[1], KEYS[1], id)
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'progress', 0, 'progress_message', '')
 redis.call('HDEL', KEYS[1], 'lease_until')

@@ -25,7 +25,6 @@ for i = 5 + 2 * n, #ARGV, 2 do
   if redis.call('HGET', key, 'state') == 'RUNNING' and lease <= now then
     redis.call('ZREM', KEYS[2], id)
     local fn = redis.call('HGET', key, 'function')
-    unbusy(prefix, key, id)
     redis.call('HSET', key, 'state', 'QUEUED', 'token', '',
       'last_error', '{"errorType":"WorkerLost","errorMessage":"lease expired: the worker stopped renewing it"}')
     move(prefix, fn, id, 'RUNNING', 'QUEUED', redis.call('HGET', key, 'seq'))

@@ -6,7 +6,7 @@
 if redis.call('HGET', KEYS[1], 'state') ~= 'QUEUED' or redis.call('HGET', KEYS[1], 'queue') ~= ARGV[2] then
   return 0
 end
-local id, fn = redis.call('HGET', KEYS[1], 'id'), redis.call('HGET', KEYS[1], 'function')
+local id, fn = task_id(ARGV[1], KEYS[1]), redis.call('HGET', KEYS[1], 'function')
 redis.call('ZREM', ARGV[1] .. ':pending:' .. ARGV[2], id)
 redis.call('HSET', KEYS[1], 'queue', ARGV[3])
 push_head(ARGV[1], KEYS[1], id, ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8]))

@@ -18,7 +18,7 @@ reads[EVENT], reads[EVENT + 1] = 'event', 'meta'
 while #taken < n do
   local best, level
   for q = 8, #ARGV do
-    local head = redis.call('ZRANGE', prefix .. ':pending:' .. ARGV[q], 0, 0, 'WITHSCORES')
+    local head = redis.call('ZRANGE', prefix .. ':pending:' .. ARGV[q], '0', '0', 'WITHSCORES')
     if head[2] then
       -- The score is (9 - prio) * LEVEL + seq (or - seq at the head), with seq below LEVEL / 2: round to the level.
       local at = math.max(math.floor(tonumber(head[2]) / LEVEL + 0.5), below[q] or 0)

@@ -3,11 +3,11 @@
 -- since). A pending entry whose record expired is dropped. Returns 1 (pushed) or 0.
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
-  redis.call('ZREM', ARGV[1] .. ':pending:' .. ARGV[4], string.sub(KEYS[1], #ARGV[1] + 7))
+  redis.call('ZREM', ARGV[1] .. ':pending:' .. ARGV[4], task_id(ARGV[1], KEYS[1]))
   return 0
 end
 if state ~= 'QUEUED' then return 0 end
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = task_id(ARGV[1], KEYS[1])
 if redis.call('ZSCORE', ARGV[1] .. ':pending:' .. redis.call('HGET', KEYS[1], 'queue'), id) ~= ARGV[2] then
   return 0
 end

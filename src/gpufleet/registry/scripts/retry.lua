@@ -2,5 +2,5 @@
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
 if not retriable(state) then return {'conflict', state} end
-rerun(ARGV[1], KEYS[1], redis.call('HGET', KEYS[1], 'id'), state, ARGV[3], ARGV[2])
+rerun(ARGV[1], KEYS[1], task_id(ARGV[1], KEYS[1]), state, ARGV[3], ARGV[2])
 return {'queued', state}

@@ -4,7 +4,8 @@
 -- done; with every shard SUCCEEDED, it merges at once. Returns {outcome, state}: 'queued' (state: the job's before),
 -- 'missing', 'conflict' (the job is not retriable: its state), or 'expired' (a shard's record is gone: its id).
 local job, prefix, now = KEYS[1], ARGV[1], ARGV[2]
-local state, id, n = unpack(redis.call('HMGET', job, 'state', 'id', 'shards'))
+local state, n = unpack(redis.call('HMGET', job, 'state', 'shards'))
+local id = task_id(prefix, job)
 if not state then return {'missing', ''} end
 if not retriable(state) then return {'conflict', state} end
 local envelopes = {}

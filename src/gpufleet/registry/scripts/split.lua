@@ -8,14 +8,13 @@ local job, prefix, now, n = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[6])
 if not owned(job, ARGV[4]) then return 'lost' end
 if redis.call('HGET', job, 'cancel') == '1' then return 'cancelled' end
 create_tasks(prefix, now, cjson.decode(ARGV[3]), 6)
-local id = redis.call('HGET', job, 'id')
+local id = task_id(prefix, job)
 local ok, bad = 0, 0
 for i = 0, n - 1 do
   local state = redis.call('HGET', prefix .. ':task:' .. id .. '~' .. i, 'state')
   if state == 'SUCCEEDED' then ok = ok + 1 elseif retriable(state) then bad = bad + 1 end
 end
 redis.call('ZREM', KEYS[2], id)
-unbusy(prefix, job, id)
 redis.call('HDEL', job, 'lease_until')
 redis.call('HSET', job, 'phase', 'shards', 'shards', n, 'shards_ok', ok, 'shards_bad', bad, 'token', 'job:waiting-for-shards', 'merge_envelope', ARGV[5], 'progress', (ok + bad) / n, 'progress_message', '')
 if ok + bad >= n then job_step(prefix, job, now) end
