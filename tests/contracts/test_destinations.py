@@ -216,19 +216,32 @@ class TestMemory(DestinationContract):
 
 
 class ServerContract(DestinationContract):
-    """A server of the test's own, on a fixed port: ``down`` kills it, ``up`` starts a fresh one (in memory, so
-    :meth:`create` makes its topics, buckets or queues again)."""
+    """A server of the class's own, on a fixed port, started once for the class (a Kafka, moto or RabbitMQ start
+    takes seconds); each test gets names of its own (topics, buckets, queues) and makes them in :meth:`create`.
+    ``down`` kills the server, ``up`` starts a fresh one on the same port (in memory, so it makes the test's names
+    again): the tests after that one use the fresh server."""
 
-    @pytest.fixture(autouse=True)
-    def _server(self, tmp_path: Path) -> Iterator[None]:
-        self.workdir, self.port = tmp_path, free_port()
-        self.name = f"contract-{uuid.uuid4().hex[:8]}"
-        self.proc: Any = None
-        self.up()
+    server: ClassVar[dict[str, Any]]
+
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _server(cls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+        cls.server = {"workdir": tmp_path_factory.mktemp("server"), "port": free_port(), "pids": []}
+        starter = cls()  # start() and down() read the class's server
+        starter._start()
         try:
             yield
         finally:
-            self.down()
+            starter.down()
+
+    @pytest.fixture(autouse=True)
+    def _names(self) -> None:
+        self.name = f"contract-{uuid.uuid4().hex[:8]}"
+        self.create()
+
+    @property
+    def port(self) -> int:
+        return int(self.server["port"])
 
     def start(self, workdir: Path) -> list[int]:
         """Start the server on ``self.port``; return the PIDs to stop."""
@@ -238,12 +251,15 @@ class ServerContract(DestinationContract):
         pass
 
     def down(self) -> None:
-        for pid in self.proc or []:
+        for pid in self.server["pids"]:
             stop(pid)
-        self.proc = None
+        self.server["pids"] = []
+
+    def _start(self) -> None:
+        self.server["pids"] = self.start(self.server["workdir"] / f"server-{time.monotonic_ns()}")
 
     def up(self) -> None:
-        self.proc = self.start(self.workdir / f"server-{time.monotonic_ns()}")
+        self._start()
         self.create()
 
 
