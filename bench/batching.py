@@ -7,12 +7,17 @@ handlers:
 
 - throughput: ``n`` tasks queued at once (one ``enqueue_many``), from the first start to the last finish;
 - latency at low load: tasks queued one at a time, 10 per second (a fifth of the unbatched function's capacity), from
-  queued to finished; the two functions alternate in blocks of 10, so drift on the machine hits both alike.
+  queued to finished; the two functions alternate in blocks of 10, so drift on the machine hits both alike;
+- latency under load: the same, with arrivals at random (exponential gaps) at 70 % of the unbatched function's
+  capacity (35 per second), where tasks queue behind each other and the batched function's batches of 2-4 form.
+
+The throughput turns alternate which function goes first.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +29,8 @@ from gpufleet.registry.model import Enqueued, NewTask
 from gpufleet.registry.store import Registry
 
 BATCHED, SINGLE = "batchwork", "work"
-PACE_S = 0.1
+PACE_S = 0.1  # low load: 10 per second
+LOADED_RATE = 35.0  # per second: 70 % of 50 per second, the unbatched function's capacity (20 ms each)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,9 @@ class Figures:
     throughput: float  # tasks per second
     p50_ms: float  # queued -> finished at low load
     p99_ms: float
+    loaded_p50_ms: float  # queued -> finished at 70 % load
+    loaded_p99_ms: float
+    mean_batch: float  # events per call under load (1 for the unbatched function)
 
 
 def run_both(registry: Registry, fleet: Any, n: int, paced: int, wait: Callable[[Callable[[], bool], float, str],
@@ -68,23 +77,45 @@ def run_both(registry: Registry, fleet: Any, n: int, paced: int, wait: Callable[
         rows = times(task_ids)
         return n / (max(r[2] for r in rows) - min(r[1] for r in rows))
 
-    def paced_block(function: str, count: int) -> list[str]:
+    def paced_block(function: str, count: int, gap_s: Callable[[], float]) -> list[str]:
         out = []
+        next_at = time.perf_counter()
         for _ in range(count):
             out += enqueue(function, 1)
-            time.sleep(PACE_S)
+            next_at += gap_s()
+            time.sleep(max(0.0, next_at - time.perf_counter()))  # the schedule's, not the gap after a slow enqueue
+        return out
+
+    def latencies(gap_s: Callable[[], float], block_size: int) -> dict[str, list[tuple[float, float, float]]]:
+        out: dict[str, list[tuple[float, float, float]]] = {BATCHED: [], SINGLE: []}
+        for block in range(0, paced, block_size):
+            for function in (BATCHED, SINGLE):
+                task_ids = paced_block(function, min(block_size, paced - block), gap_s)
+                wait(done(task_ids), 60, f"paced {function} tasks")
+                out[function] += times(task_ids)
         return out
 
     warm = enqueue(BATCHED, 1) + enqueue(SINGLE, 1)
     wait(done(warm), 60, "a warm-up task of each")
-    rates = {f: throughput(f) for f in (BATCHED, SINGLE)}
-    latency: dict[str, list[float]] = {BATCHED: [], SINGLE: []}
-    for block in range(0, paced, 10):
-        for function in (BATCHED, SINGLE):
-            task_ids = paced_block(function, min(10, paced - block))
-            wait(done(task_ids), 60, f"paced {function} tasks")
-            latency[function] += [(finished - created) * 1000 for created, _, finished in times(task_ids)]
+    rates: dict[str, list[float]] = {BATCHED: [], SINGLE: []}
+    for order in ((BATCHED, SINGLE), (SINGLE, BATCHED)):
+        for function in order:
+            rates[function].append(throughput(function))
+    low = latencies(lambda: PACE_S, 10)
+    arrivals = random.Random(7)  # the same arrivals in every run
+    loaded = latencies(lambda: arrivals.expovariate(LOADED_RATE), 2 * paced)
     return tuple(  # type: ignore[return-value]
-        Figures(rates[f], statistics.median(latency[f]), sorted(latency[f])[int(0.99 * (len(latency[f]) - 1))])
+        Figures(statistics.mean(rates[f]), *quantiles(low[f]), *quantiles(loaded[f]), mean_batch(loaded[f]))
         for f in (BATCHED, SINGLE)
     )
+
+
+def quantiles(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """p50 and p99, in ms, of queued -> finished."""
+    ms = sorted((finished - created) * 1000 for created, _, finished in rows)
+    return statistics.median(ms), ms[int(0.99 * (len(ms) - 1))]
+
+
+def mean_batch(rows: list[tuple[float, float, float]]) -> float:
+    """Events per call: the events of one batch call share their start."""
+    return len(rows) / len({started for _, started, _ in rows})

@@ -30,6 +30,7 @@ def work(event: dict[str, Any], ctx: Context) -> None:
         str(event.get("side", "")),
         int(event.get("flush", 1)),
         bool(event.get("span", True)),
+        int(event.get("rounds", 0)),
     )
 
 

@@ -55,13 +55,37 @@ def stamp(produced_ts: float, warm: bool = False, side: str = "") -> None:
 _spans: list[str] = []
 
 
-def work(ms: float = 20.0, warm: bool = False, side: str = "", flush: int = 1, span: bool = True) -> None:
-    """A fixed-length task: ``ms`` of wall time (a sleep, as a handler waiting on its GPU would), then its span,
-    written with the others once ``flush`` spans are buffered (the size of the block this task belongs to). Without
-    ``span``, nothing more: the batching figures come from the registry's records, and ``batchwork`` writes none."""
+def spin(rounds: int) -> int:
+    """Pure-Python work that holds the GIL: a fixed amount of it, so that whatever else runs in the process (a helper
+    thread) makes it take longer."""
+    x = 0
+    for i in range(rounds):
+        x += i * i
+    return x
+
+
+def rounds_per_ms() -> int:
+    """How many rounds of :func:`spin` take 1 ms here (the bench measures this once, and both sides run as many)."""
+    spin(100_000)  # warm
+    best = float("inf")
+    for _ in range(5):  # the fastest of five: a pass that lost the CPU meanwhile measures the machine, not the loop
+        start = time.perf_counter()
+        spin(200_000)
+        best = min(best, time.perf_counter() - start)
+    return int(200_000 / (best * 1000))
+
+
+def work(ms: float = 20.0, warm: bool = False, side: str = "", flush: int = 1, span: bool = True,
+         rounds: int = 0) -> None:  # fmt: skip
+    """A fixed-length task: ``ms`` of wall time (a sleep, as a handler waiting on its GPU would; with ``rounds``,
+    that much pure-Python work instead, which holds the GIL), then its span, written with the others once ``flush``
+    spans are buffered (the size of the block this task belongs to). Without ``span``, nothing more: the batching
+    figures come from the registry's records, and ``batchwork`` writes none."""
     start = time.time()
+    if rounds:
+        spin(rounds)
     deadline = time.perf_counter() + ms / 1000
-    while (left := deadline - time.perf_counter()) > 0:
+    while not rounds and (left := deadline - time.perf_counter()) > 0:
         time.sleep(left)
     end = time.time()
     if not span:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -38,12 +37,10 @@ import redis
 
 import batching
 import handlers
-import raw_celery_app
+from duty import SLEEP_20, SLEEP_100, SPIN_20, Duty, Kind, duty_both
 from gpufleet.config import load_fleet
 from gpufleet.dev.local import LocalServices
 from gpufleet.logs import configure_logging
-from gpufleet.registry.messages import MessageFactory, function_queue
-from gpufleet.registry.model import Enqueued, NewTask
 from gpufleet.registry.store import Registry
 from gpufleet.settings import LoggingSettings
 from gpufleet.triggers.base import keep_freed_memory
@@ -61,11 +58,9 @@ from redis_cpu import redis_cpu_both
 from world import (
     BENCH_DIR,
     FULL,
-    GPU_QUEUES,
     PREFIX,
     QUICK,
     TOPICS,
-    BenchError,
     Children,
     Sizes,
     World,
@@ -202,130 +197,6 @@ def latency_split(w: World, rows: list[str]) -> str:
     return "gpufleet latency by stage (registry timestamps): " + "; ".join(parts) + "."
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# 3. Worker duty cycle
-
-
-DUTY_BLOCK = 50  # tasks per block; the two workers take turns, so drift on a noisy machine hits both
-Span = tuple[float, float]
-
-
-@dataclass
-class Duty:
-    duty: float  # sum of task spans / wall time (per block: first start to last end)
-    gap_ms: float  # median idle time between one task's end and the next one's start, within a block
-    task_ms: float  # mean task span
-    tasks_per_s: float
-
-
-def blocks_of(items: list[Any], sizes: list[int]) -> list[list[Any]]:
-    out, i = [], 0
-    for size in sizes:
-        out.append(items[i : i + size])
-        i += size
-    return out
-
-
-def duty_of(blocks: list[list[Span]]) -> Duty:
-    busy = wall = 0.0
-    gaps: list[float] = []
-    for spans in blocks:
-        busy += sum(end - start for start, end in spans)
-        wall += spans[-1][1] - spans[0][0]
-        gaps += [spans[i + 1][0] - spans[i][1] for i in range(len(spans) - 1)]
-    count = sum(len(spans) for spans in blocks)
-    return Duty(busy / wall, percentile(gaps, 0.5) * 1000, busy / count * 1000, count / wall)
-
-
-def gpufleet_enqueuer(w: World) -> Callable[[int, bool], None]:
-    """Tasks built as ``Ingest.parse`` builds them (minus the parsing), a whole block in one ``enqueue_many``."""
-    s = w.fleet.settings
-    fn = w.fleet.functions["work"]
-    if function_queue(PREFIX, fn) not in GPU_QUEUES:
-        raise BenchError(f"function 'work' goes to {function_queue(PREFIX, fn)}, the worker reads {GPU_QUEUES}")
-    factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
-    ids = itertools.count()
-
-    def enqueue(count: int, warm: bool) -> None:
-        tag, now = "warm" if warm else "duty", time.time()
-        event = {"ms": w.sizes.task_ms, "warm": warm, "side": "gpufleet", "flush": count}
-        tasks = []
-        for i in itertools.islice(ids, count):
-            meta = {"source": f"bench:{tag}/{i}", "trigger": "bench"}
-            tasks.append(NewTask(message=factory.build(f"bench-{tag}-{i:05d}", fn, event, meta),
-                                 on_success=fn.on_success or s.defaults.on_success,
-                                 on_failure=fn.on_failure or s.defaults.on_failure,
-                                 max_attempts=fn.max_attempts, source=meta["source"], event_ts=now,
-                                 origin="trigger:bench"))  # fmt: skip
-        if any(x is not Enqueued.CREATED for x in w.registry.enqueue_many(tasks)):
-            raise BenchError("enqueue_many reported duplicates on a flushed Redis")
-
-    return enqueue
-
-
-def raw_enqueuer(w: World, app: Any) -> Callable[[int, bool], None]:
-    """``send_task`` to a queue nobody reads, then the whole block moves to the worker's queue in one transaction.
-
-    So the worker, like gpufleet's, finds its block in the queue at once, and publishing does not overlap the run.
-    """
-    staging = f"{raw_celery_app.QUEUE}.staging"
-
-    def enqueue(count: int, warm: bool) -> None:
-        for _ in range(count):
-            app.send_task(raw_celery_app.WORK_TASK, queue=staging,
-                          kwargs={"ms": w.sizes.task_ms, "warm": warm, "side": "raw", "flush": count})  # fmt: skip
-        with w.redis.pipeline(transaction=True) as pipe:
-            for _ in range(count):
-                pipe.rpoplpush(staging, raw_celery_app.QUEUE)  # oldest first: the order is kept
-            pipe.execute()
-
-    return enqueue
-
-
-def duty_both(w: World) -> tuple[Duty, Duty]:
-    """One gpufleet worker slot and one raw Celery worker run side by side; blocks of tasks go to one at a time."""
-    n, ms = w.sizes.duty, w.sizes.task_ms
-    w.flush()
-    app = raw_celery_app.make_app(w.redis_url)
-    enqueue = {"gpufleet": gpufleet_enqueuer(w), "raw": raw_enqueuer(w, app)}
-
-    def count(key: str) -> int:
-        return int(w.redis.llen(key))
-
-    def finished(side: str, total: int) -> Callable[[], bool]:
-        return lambda: count(handlers.spans_key(side)) >= total
-
-    try:
-        with w.children.session(w.gpu_worker(), w.raw_worker()) as children:
-            for push in enqueue.values():
-                push(1, True)
-            w.children.wait_until(lambda: all(count(handlers.warm_key(side)) >= 1 for side in enqueue), 120,
-                                  "a warm-up task on each worker", children, interval_s=0.05)  # fmt: skip
-            say(f"  {n} tasks of {ms:g} ms per worker, in alternating blocks of {DUTY_BLOCK}")
-            sizes: dict[str, list[int]] = {side: [] for side in enqueue}
-            while any(sum(done) < n for done in sizes.values()):
-                for side, push in enqueue.items():
-                    block = min(DUTY_BLOCK, n - sum(sizes[side]))
-                    if block <= 0:
-                        continue
-                    push(block, False)
-                    sizes[side].append(block)
-                    w.children.wait_until(finished(side, sum(sizes[side])), 30 + block * ms / 1000 * 10,
-                                          f"{side}: a block of {block} tasks", children, interval_s=0.05)  # fmt: skip
-            spans: dict[str, list[Span]] = {}
-            for side in enqueue:
-                rows = redis_lines(w.redis, handlers.spans_key(side))
-                spans[side] = sorted((float(a), float(b)) for a, b in (row.split(",") for row in rows))
-    finally:
-        app.close()
-    w.notes.append(
-        "gpufleet's idle gap is the pool process's own Python between two handlers: a helper thread claims "
-        "the next task, and builds and writes the last outcome, while a handler runs (worker/ahead.py)."
-    )
-    return (duty_of(blocks_of(spans["gpufleet"], sizes["gpufleet"])),
-            duty_of(blocks_of(spans["raw"], sizes["raw"])))  # fmt: skip
-
-
 def batch_both(w: World) -> tuple[batching.Figures, batching.Figures]:
     """The batching figures (see ``batching.py``): one gpufleet worker slot serves both functions."""
     w.flush()
@@ -360,6 +231,33 @@ class Row:
         elif self.met is not None:
             verdict = " (n/a)"
         return [self.figure, ours, base, f"{ratio:.2f}x" if ratio is not None else "n/a", self.target + verdict]
+
+
+def duty_rows(pair: tuple[Duty, Duty] | None, kind: Kind, target: str, goal: float, gap_goal: float | None = None,
+              spans: bool = False) -> list[Row]:  # fmt: skip
+    """The rows of one more duty turn: duty (or, for GIL-holding handlers, throughput and the mean span) and its idle
+    gap, against raw Celery's in the same turn."""
+    ours, theirs = pair or (None, None)
+
+    def get(d: Duty | None, attr: str) -> float | None:
+        return None if d is None else float(getattr(d, attr))
+
+    three, millis = (lambda v: f"{v:.3f}"), (lambda v: f"{v:.2f} ms")
+    if spans:
+        return [
+            Row(f"Throughput, {kind.label}", get(ours, "tasks_per_s"), get(theirs, "tasks_per_s"),
+                lambda v: f"{v:.1f} tasks/s", target, lambda _, r: r >= goal),
+            Row(f"Mean task span, {kind.label}", get(ours, "task_ms"), get(theirs, "task_ms"), millis,
+                "within 1 % of raw Celery", lambda _, r: abs(r - 1) <= 0.01),
+            Row(f"Worker duty cycle, {kind.label}", get(ours, "duty"), get(theirs, "duty"), three, "reference"),
+        ]  # fmt: skip
+    return [
+        Row(f"Worker duty cycle, {kind.label}", get(ours, "duty"), get(theirs, "duty"), three, target,
+            lambda _, r: r >= goal),
+        Row(f"Median idle gap, {kind.label}", get(ours, "gap_ms"), get(theirs, "gap_ms"), millis,
+            f"<= {gap_goal:g} ms" if gap_goal else "lower is better",
+            (lambda v, _: v <= gap_goal) if gap_goal else None),
+    ]  # fmt: skip
 
 
 def attempt(label: str, func: Callable[[], Any], errors: list[str]) -> Any:
@@ -420,7 +318,16 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
     mem_naive = phase("memory", "memory: naive bridge process", lambda: memory_naive(w))
     none: tuple[None, None] = (None, None)
     lat, lat_naive = phase("latency", "latency: gpufleet / naive, alternating", lambda: latency_both(w)) or none
-    duty, duty_celery = phase("duty", "duty cycle: gpufleet / raw Celery, alternating", lambda: duty_both(w)) or none
+    duties: dict[str, tuple[Duty, Duty] | None] = {}
+    for kind, n_tasks in ((SLEEP_20, w.sizes.duty), (SLEEP_100, w.sizes.duty // 3), (SPIN_20, w.sizes.duty)):
+        label = f"duty cycle, {kind.label}: gpufleet / raw Celery, alternating"
+        duties[kind.label] = phase("duty", label, lambda kind=kind, n_tasks=n_tasks: duty_both(w, kind, n_tasks))  # type: ignore[misc]
+    duty, duty_celery = duties.get(SLEEP_20.label) or none
+    if duty:
+        w.notes.append(
+            "gpufleet's idle gap is the pool process's own Python between two handlers: a helper thread claims "
+            "the next task, and builds and writes the last outcome, while a handler runs (worker/ahead.py)."
+        )
     batched, single = phase("batch", "batching: batched / unbatched, one worker", lambda: batch_both(w)) or none
     cpu, cpu_celery = phase("redis", "Redis CPU per task: gpufleet, then raw Celery",
                             lambda: redis_cpu_both(w, w.sizes.redis_tasks)) or none  # fmt: skip
@@ -431,9 +338,11 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
                        f"{mem_naive[2]:.1f} s (both include process start and the Kafka group join).")  # fmt: skip
     if lat and lat_naive:
         w.notes.append(f"Latency max: gpufleet {lat.max_ms:.1f} ms, naive {lat_naive.max_ms:.1f} ms.")
-    if duty and duty_celery:
-        w.notes.append(f"Mean task span {duty.task_ms:.2f} ms (gpufleet) / {duty_celery.task_ms:.2f} ms (raw); "
-                       f"throughput {duty.tasks_per_s:.1f} / {duty_celery.tasks_per_s:.1f} tasks/s.")  # fmt: skip
+    for label, pair in duties.items():
+        if pair:
+            w.notes.append(f"Duty turn {label}: mean task span {pair[0].task_ms:.2f} ms (gpufleet) / "
+                           f"{pair[1].task_ms:.2f} ms (raw); throughput {pair[0].tasks_per_s:.1f} / "
+                           f"{pair[1].tasks_per_s:.1f} tasks/s.")  # fmt: skip
 
     def rate(v: float) -> str:
         return f"{v:,.0f} msg/s"
@@ -471,6 +380,8 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
                 ">= 0.98 (aim)", lambda v, _: v >= 0.98),
             Row("Median idle gap between consecutive tasks", get(duty, "gap_ms"), get(duty_celery, "gap_ms"),
                 lambda v: f"{v:.2f} ms", "lower is better"),
+            *duty_rows(duties.get(SLEEP_100.label), SLEEP_100, ">= 1.02x raw Celery", 1.02, gap_goal=0.5),
+            *duty_rows(duties.get(SPIN_20.label), SPIN_20, ">= 1.05x raw Celery (throughput)", 1.05, spans=True),
         ],
         "batch": [
             Row("Batching: throughput, batch of 8 in 25 ms vs 20 ms each", get(batched, "throughput"),
@@ -479,6 +390,12 @@ def measure(w: World, errors: list[str], only: set[str]) -> list[Row]:
                 get(single, "p50_ms"), millis, "<= 2x unbatched", lambda _, r: r <= 2.0),
             Row("Batching: latency p99 at low load", get(batched, "p99_ms"), get(single, "p99_ms"), millis,
                 "lower is better"),
+            Row("Batching: latency p50 at 70 % load (35/s, random arrivals)", get(batched, "loaded_p50_ms"),
+                get(single, "loaded_p50_ms"), millis, "<= 2x unbatched", lambda _, r: r <= 2.0),
+            Row("Batching: latency p99 at 70 % load", get(batched, "loaded_p99_ms"), get(single, "loaded_p99_ms"),
+                millis, "lower is better"),
+            Row("Batching: events per call at 70 % load", get(batched, "mean_batch"), get(single, "mean_batch"),
+                lambda v: f"{v:.2f}", "reference"),
         ],
         "redis": [
             Row("Redis CPU per empty task: enqueue + claim + finish", get(cpu, "total_us"),

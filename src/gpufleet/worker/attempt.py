@@ -40,6 +40,9 @@ from gpufleet.worker.outcome import Finisher, Outcomes, result_json
 log = structlog.get_logger("gpufleet.worker")
 
 
+GIL_SHARE = 0.8  # of a handler call's time on its own thread's CPU: it held the GIL (see Attempts.guarded)
+GIL_MIN_S = 0.002  # shorter calls are not judged: their own Python around the handler is most of them
+
 class Attempts:
     """One per pool process: the attempts its handler runs now, their soft time limit, and the cancel killer."""
 
@@ -47,6 +50,7 @@ class Attempts:
         self.bundle = bundle
         self._current: dict[str, Finisher] = {}  # the tasks the handler runs now, for the cancel killer
         self._in_handler = False
+        self.held_gil = False  # whether the last handler call held the GIL (see guarded)
         bundle.on_overdue = self._cancel_overdue
 
     def install(self) -> None:
@@ -72,14 +76,19 @@ class Attempts:
             self._current = {}
 
     def guarded(self, fn: Function, call: Callable[[], Any]) -> Any:
-        """``call()`` (the handler) under the function's soft time limit."""
+        """``call()`` (the handler) under the function's soft time limit. Notes whether it held the GIL: a call of
+        over ``GIL_MIN_S`` that spent ``GIL_SHARE`` of its time on this thread's CPU ran Python (or C that keeps the
+        GIL), not a wait on a GPU, a sleep or a C extension that lets go of it."""
         signal.setitimer(signal.ITIMER_REAL, fn.timeout_s)
         self._in_handler = True
+        began, cpu = time.monotonic(), time.thread_time()
         try:
             return call()
         finally:
             self._in_handler = False
             signal.setitimer(signal.ITIMER_REAL, 0)
+            took = time.monotonic() - began
+            self.held_gil = took >= GIL_MIN_S and time.thread_time() - cpu >= GIL_SHARE * took
 
     def _soft_limit(self, signum: int, frame: Any) -> None:
         """SIGALRM at ``timeout_s``: raised in the handler, as Celery's soft time limit is; ignored outside it."""

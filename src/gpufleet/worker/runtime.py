@@ -22,7 +22,7 @@ from gpufleet.registry.jobs import WAITING
 from gpufleet.registry.messages import parse_queue
 from gpufleet.registry.model import REDIS_ERRORS, TERMINAL, Claim, State, Taken
 from gpufleet.worker import batch
-from gpufleet.worker.ahead import HOLD_S, Ahead
+from gpufleet.worker.ahead import HOLD_S, LEAD_S, Ahead
 from gpufleet.worker.attempt import Attempt, Attempts
 from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.item import Item
@@ -54,7 +54,8 @@ class Runtime:
         self._ahead: Ahead | None = None
         self._jobs: JobSteps | None = None
         self._ran: list[tuple[str, str]] = []  # the tasks of the last run, whose outcomes may be on their way
-        self._recent: dict[str, float] = {}  # seconds each function's last run here took (see execute)
+        # Each function's last run here: its seconds, and whether its handler held the GIL (see _claim_in).
+        self._recent: dict[str, tuple[float, bool]] = {}
 
     @property
     def slot(self) -> SharedSlot:
@@ -114,11 +115,9 @@ class Runtime:
         written: Outcomes | None = None  # the last run's outcomes, for the helper to write
         try:
             while item is not None:
-                more = self._more(until)
-                # Claim ahead only behind a function whose last run here was short; one never run here counts as long.
-                claim = more and self._recent.get(item.function, HOLD_S) < HOLD_S
-                if written is not None or claim:
-                    self.ahead.send(written, claim, self._ran)
+                claim_in = self._claim_in(item.function) if self._more(until) else None
+                if written is not None or claim_in is not None:
+                    self.ahead.send(written, claim_in is not None, self._ran, claim_in or 0.0)
                 outcomes = Outcomes(self.bundle.registry.pipeline(), [], [])
                 self._run_traced(item, outcomes)
                 item, written = self.ahead.take(), outcomes
@@ -137,6 +136,16 @@ class Runtime:
             if left is not None:
                 self._give_back(left)
             self.slot.disarm()
+
+    def _claim_in(self, function: str) -> float | None:
+        """When the helper thread claims the next task while ``function`` runs: seconds after it starts (0 for at
+        once, behind a short task; ``LEAD_S`` before its last run's length, behind a long one), or None for not at
+        all: behind a function never run here, and behind one whose handler held the GIL (pure-Python work), where
+        the helper's Python would slow the handler (its spans were 18 % longer) rather than fill a gap."""
+        last = self._recent.get(function)
+        if last is None or last[1]:
+            return None
+        return 0.0 if last[0] < HOLD_S else last[0] - LEAD_S
 
     def _more(self, until: float) -> bool:
         """Whether this run takes another task from the queues: it has queues, within DRAIN_S, no shutdown begun."""
@@ -259,7 +268,7 @@ class Runtime:
         if fn.shards is not None:
             self.jobs.run(Attempt(self.attempts, item, fn, outcomes.pipe))
             return
-        began = time.monotonic()
+        began, self.attempts.held_gil = time.monotonic(), False
         try:
             if fn.batch is not None:
                 items = self._gather(item, fn)
@@ -268,7 +277,7 @@ class Runtime:
             else:
                 Attempt(self.attempts, item, fn, outcomes.pipe).run(outcomes)
         finally:
-            self._recent[fn.name] = time.monotonic() - began
+            self._recent[fn.name] = time.monotonic() - began, self.attempts.held_gil
 
     def _gather(self, first: Item, fn: Function) -> list[Item]:
         """The batch ``first`` starts, from this worker's queues of ``fn`` (see :func:`batch.gather`)."""

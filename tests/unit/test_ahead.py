@@ -1,0 +1,85 @@
+"""The helper thread that claims the next task while one runs (worker/ahead.py), with its round trip faked: when it
+claims (at once, late, or not at all) and what a task that ends early does to a late claim."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gpufleet.worker.ahead import HOLD_S, LEAD_S, Ahead
+from gpufleet.worker.attempt import Attempts
+from gpufleet.worker.runtime import Runtime
+
+
+class Trips:
+    """The round trips the helper makes: (outcomes written, claimed, when), and an item for each claim."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[Any, bool, float]] = []
+        self.given_back: list[Any] = []
+
+    def round_trip(self, outcomes: Any, claim: bool) -> Any:
+        self.made.append((outcomes, claim, time.monotonic()))
+        return SimpleNamespace(task_id=f"t{len(self.made)}", token="tok") if claim else None
+
+    def ahead(self) -> Ahead:
+        return Ahead(self.round_trip, self.given_back.append, lambda finished, unstarted: None)
+
+
+def test_a_late_claim_writes_the_outcomes_at_once_and_claims_when_it_was_asked() -> None:
+    trips = Trips()
+    ahead = trips.ahead()
+    sent = time.monotonic()
+    ahead.send("outcomes", True, [], claim_in=0.2)
+    time.sleep(0.25)  # the running task goes on past the claim
+    item = ahead.take()
+    assert item is not None and item.task_id == "t2"
+    (written, claimed, first), (none, claim, second) = trips.made
+    assert (written, claimed, none, claim) == ("outcomes", False, None, True)
+    assert first - sent < 0.1 and second - sent >= 0.2
+
+
+def test_a_task_that_ends_before_its_late_claim_cancels_it() -> None:
+    trips = Trips()
+    ahead = trips.ahead()
+    ahead.send(None, True, [], claim_in=5.0)
+    time.sleep(0.05)
+    began = time.monotonic()
+    assert ahead.take() is None  # at once, not after 5 s: the runtime claims itself
+    assert time.monotonic() - began < 1.0 and trips.made == []
+    ahead.send(None, True, [])  # the next send works as before
+    assert ahead.take() is not None and len(trips.made) == 1
+
+
+def test_a_claim_not_taken_within_hold_s_is_given_back() -> None:
+    trips = Trips()
+    ahead = trips.ahead()
+    ahead.send(None, True, [])
+    time.sleep(HOLD_S + 0.2)
+    assert ahead.take() is None and [i.task_id for i in trips.given_back] == ["t1"]
+
+
+@pytest.mark.parametrize(
+    ("last", "claim_in"),
+    [(None, None), ((0.02, False), 0.0), ((0.5, False), 0.5 - LEAD_S), ((0.02, True), None)],
+    ids=["never run here", "short", "long: late", "held the GIL"],
+)
+def test_when_the_next_task_is_claimed_follows_the_function_s_last_run(last: Any, claim_in: float | None) -> None:
+    runtime = Runtime.__new__(Runtime)  # _claim_in reads nothing but the last runs
+    runtime._recent = {} if last is None else {"f": last}
+    assert runtime._claim_in("f") == claim_in
+
+
+@pytest.mark.parametrize(
+    ("handler", "held"),
+    [(lambda: time.sleep(0.02), False), (lambda: sum(i * i for i in range(400_000)), True), (lambda: None, False)],
+    ids=["sleeps", "pure Python", "too short to judge"],
+)
+def test_a_handler_that_holds_the_gil_is_told_from_one_that_waits(handler: Any, held: bool) -> None:
+    attempts = Attempts.__new__(Attempts)  # guarded() needs no bundle
+    attempts._in_handler, attempts.held_gil = False, not held
+    attempts.guarded(SimpleNamespace(timeout_s=30), handler)  # type: ignore[arg-type]
+    assert attempts.held_gil is held
