@@ -182,7 +182,9 @@ def latency_split(w: World, rows: list[str]) -> str:
     stages: dict[str, list[float]] = {"produced -> published": [], "published -> claimed": [],
                                       "claimed -> handler": []}  # fmt: skip
     for key in w.redis.scan_iter(f"{PREFIX}:task:*", count=1000):
-        stored, queued_at, claimed_at = w.redis.hmget(key, "event", "queued_at", "started_at")
+        # A record written at creation has no queued_at: its created_at is that (see decode_record).
+        stored, queued, created, claimed_at = w.redis.hmget(key, "event", "queued_at", "created_at", "started_at")
+        queued_at = queued or created
         if not (stored and queued_at and claimed_at):
             continue
         event = orjson.loads(stored)
