@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gpufleet.worker.ahead import HOLD_S, LEAD_S, Ahead
-from gpufleet.worker.attempt import Attempts
+from gpufleet.worker.attempt import Attempts, held_gil
 from gpufleet.worker.runtime import Runtime
 
 
@@ -74,12 +74,17 @@ def test_when_the_next_task_is_claimed_follows_the_function_s_last_run(last: Any
 
 
 @pytest.mark.parametrize(
-    ("handler", "held"),
-    [(lambda: time.sleep(0.02), False), (lambda: sum(i * i for i in range(400_000)), True), (lambda: None, False)],
-    ids=["sleeps", "pure Python", "too short to judge"],
+    ("took", "cpu", "held"),
+    [(0.02, 0.0005, False), (0.02, 0.019, True), (0.02, 0.015, False), (0.001, 0.001, False)],
+    ids=["waits", "pure Python", "preempted a quarter of the time", "too short to judge"],
 )
-def test_a_handler_that_holds_the_gil_is_told_from_one_that_waits(handler: Any, held: bool) -> None:
+def test_a_handler_that_holds_the_gil_is_told_from_one_that_waits(took: float, cpu: float, held: bool) -> None:
+    assert held_gil(took, cpu) is held
+
+
+def test_each_handler_call_is_judged() -> None:
+    """guarded() times the call on the clock and on its thread's CPU (a sleep uses none of it: never held)."""
     attempts = Attempts.__new__(Attempts)  # guarded() needs no bundle
-    attempts._in_handler, attempts.held_gil = False, not held
-    attempts.guarded(SimpleNamespace(timeout_s=30), handler)  # type: ignore[arg-type]
-    assert attempts.held_gil is held
+    attempts._in_handler, attempts.held_gil = False, True
+    attempts.guarded(SimpleNamespace(timeout_s=30), lambda: time.sleep(0.02))  # type: ignore[arg-type]
+    assert attempts.held_gil is False
