@@ -16,7 +16,8 @@ Key layout (prefix ``P``):
 - ``P:queues`` set of the Celery queues tasks were pushed to (for the lost-message scan);
 - ``P:m:*``: what :mod:`gpufleet.api.metrics` reads. ``P:m:created`` (function -> tasks created) and
   ``P:m:finished`` (function US state -> tasks finished) are counters; ``P:m:wait`` and ``P:m:duration`` are
-  histograms (function US bucket number, or function US ``sum``); ``P:m:min:{minute}`` counts ``ok``/``failed``
+  histograms (function US bucket number, or function US ``sum_us``, whole microseconds; a ``sum`` in seconds is an
+  older release's, and readers add both); ``P:m:min:{minute}`` counts ``ok``/``failed``
   per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
 - ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``: the GPU inventory, the pool processes ready, each
   function's setup() per worker, a supervisor's heartbeat;
