@@ -93,6 +93,20 @@ class Shard:
         return out
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """What a worker reads of a job before its step: which step (``phase``: ``merge`` once its shards are done), and
+    what the split needs to queue the merge later."""
+
+    phase: str
+    shards: int
+    priority: str
+    event: str
+    meta: str
+    queue: str
+    job_started_at: str
+
+
 class JobStore:
     """A job's registry operations (the scripts above), and its shards as they stand."""
 
@@ -101,6 +115,13 @@ class JobStore:
         self._split = registry.client.register_script(script("split"))
         self._split_part = registry.client.register_script(script("split_part"))
         self._retry = registry.client.register_script(script("retry_job"))
+
+    def record(self, job_id: str) -> JobRecord:
+        """The job's :class:`JobRecord` (empty strings for what its record lacks)."""
+        fields = ("phase", "shards", "priority", "event", "meta", "queue", "job_started_at")
+        raw: list[bytes | None] = self.registry.client.hmget(self.registry.keys.task(job_id), fields)  # type: ignore[assignment]
+        phase, shards, priority, event, meta, queue, started = (v.decode() if v is not None else "" for v in raw)
+        return JobRecord(phase, int(shards or 0), priority, event, meta, queue, started)
 
     def split(self, job_id: str, token: str, shards: list[NewTask], merge_envelope: bytes) -> str:
         """Create the shards, in parts of about :data:`SPLIT_PART_BYTES`, and park the job (see ``split.lua``):

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gpufleet.worker")
 JOB_ORIGIN = "job"  # who names shard ids: only a job's split (see gpufleet.intake.ids)
-RECORD_FIELDS = ("phase", "shards", "priority", "event", "meta", "queue", "job_started_at")
 
 
 class JobSteps:
@@ -45,17 +44,15 @@ class JobSteps:
     def run(self, attempt: Attempt) -> None:
         """The job's step now: its split, or (its shards all done) its merge."""
         item, fn, done = attempt.item, attempt.fn, attempt.done
-        registry = self.bundle.registry
-        raw = registry.client.hmget(registry.keys.task(item.task_id), RECORD_FIELDS)
-        phase, shards, priority, event, meta, queue, job_started_at = (v.decode() if v is not None else "" for v in raw)  # type: ignore[union-attr]
-        merging = phase == "merge"
-        listed = self.store.shards(item.task_id, int(shards)) if merging else []
+        job = self.store.record(item.task_id)
+        merging = job.phase == "merge"
+        listed = self.store.shards(item.task_id, job.shards) if merging else []
         done.shards = [s.view() for s in listed] if merging else None  # in its record, however it ends
         if not attempt.may_start(check_age=not merging):  # the age is the split's to check
             return
         with self.attempts.running([attempt], fn):
-            if merging and job_started_at:  # the job's times, from its split, not the merge step's
-                done.started_at = float(job_started_at)
+            if merging and job.job_started_at:  # the job's times, from its split, not the merge step's
+                done.started_at = float(job.job_started_at)
             try:
                 payload, obj = attempt.payload()
                 with attempt.context(obj) as ctx:
@@ -63,10 +60,10 @@ class JobSteps:
                         self._merge(attempt, ctx, payload, listed)
                     else:
                         merge_envelope = self.bundle.envelopes(
-                            item.task_id, fn.name, event.encode(), meta.encode(), queue
+                            item.task_id, fn.name, job.event.encode(), job.meta.encode(), job.queue
                         )
                         assert merge_envelope is not None  # fn is served here
-                        self._split(attempt, ctx, payload, int(priority or DEFAULT_PRIORITY), merge_envelope)
+                        self._split(attempt, ctx, payload, int(job.priority or DEFAULT_PRIORITY), merge_envelope)
             except Exception as exc:  # noqa: BLE001 - what split or merge raised is the step's outcome
                 attempt.failed(exc)
 
