@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import handlers
 import raw_celery_app
 from gpufleet.registry.messages import MessageFactory, function_queue
 from gpufleet.registry.model import Enqueued, NewTask
-from world import GPU_QUEUES, PREFIX, BenchError, World, redis_lines, say
+from world import GPU_QUEUES, PREFIX, BenchError, World, percentile, redis_lines, say
 
 BLOCK = 50  # tasks per block; the two workers take turns, so drift on a noisy machine hits both
 Span = tuple[float, float]
@@ -42,12 +41,12 @@ class Kind:
     spin: bool = False  # hold the GIL (pure-Python work) instead of sleeping
 
     def event(self, warm: bool, side: str, flush: int) -> dict[str, Any]:
-        rounds = round(self.ms * ROUNDS_PER_MS()) if self.spin else 0
+        rounds = round(self.ms * rounds_per_ms()) if self.spin else 0
         return {"ms": self.ms, "rounds": rounds, "warm": warm, "side": side, "flush": flush}
 
 
 @functools.cache
-def ROUNDS_PER_MS() -> int:  # noqa: N802 - a constant, measured once
+def rounds_per_ms() -> int:
     """:func:`handlers.rounds_per_ms`, in a fresh process: the bench's own has the earlier phases' threads (Kafka
     clients) competing for its GIL, and measured 2.5x too few. Both sides then run the same work."""
     code = "import handlers; print(handlers.rounds_per_ms())"
@@ -66,14 +65,6 @@ class Duty:
     gap_ms: float  # median idle time between one task's end and the next one's start, within a block
     task_ms: float  # mean task span
     tasks_per_s: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def blocks_of(items: list[Any], sizes: list[int]) -> list[list[Any]]:

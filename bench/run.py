@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -66,6 +65,7 @@ from world import (
     World,
     child_env,
     create_topics,
+    percentile,
     produce,
     redis_lines,
     say,
@@ -90,14 +90,6 @@ class Latency:
     p50_ms: float
     p99_ms: float
     max_ms: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 SIDES = {"gpufleet": TOPICS["latency-gpufleet"], "naive": TOPICS["latency-naive"]}

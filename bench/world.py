@@ -4,6 +4,7 @@ Shared by the phases (``ingest.py``, ``run.py``)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -171,6 +172,15 @@ def queued_messages(w: World, function: str) -> int:
     """Messages in a bench function's queue, at every priority level."""
     queue = queue_name(PREFIX, "default", "any", function)
     return sum(int(w.redis.llen(priority_list(queue, p))) for p in PRIORITY_STEPS)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values``, interpolated between the two nearest."""
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def redis_lines(client: redis.Redis, key: str) -> list[str]:

@@ -65,6 +65,7 @@ def _part(name: str) -> str:
     return resources.files("gpufleet.registry").joinpath("scripts", f"{name}.lua").read_text()
 
 
+@functools.cache
 def _definitions() -> list[tuple[str, str]]:
     """(name, source) of each top-level definition of the shared files, in file order, with the comment above it:
     a line at column 0 that starts with ``local`` begins one, a comment at column 0 belongs to the next one."""
