@@ -54,6 +54,26 @@ def test_a_task_that_ends_before_its_late_claim_cancels_it() -> None:
     assert ahead.take() is not None and len(trips.made) == 1
 
 
+def test_a_task_that_ends_while_the_outcomes_are_still_on_their_way_cancels_the_late_claim_too() -> None:
+    """The helper writes the last outcomes first, then waits to claim: a take() during that write must not wait out
+    the claim's delay (it stalled the worker for as long as the running task's last run)."""
+    trips = Trips()
+    slow_write = trips.round_trip
+
+    def round_trip(outcomes: Any, claim: bool) -> Any:
+        if outcomes is not None:
+            time.sleep(0.2)  # the outcomes' round trip, slow
+        return slow_write(outcomes, claim)
+
+    trips.round_trip = round_trip  # type: ignore[method-assign]
+    ahead = trips.ahead()
+    ahead.send("outcomes", True, [], claim_in=5.0)
+    time.sleep(0.05)  # the write is under way
+    began = time.monotonic()
+    assert ahead.take() is None
+    assert time.monotonic() - began < 1.0 and [claim for _, claim, _ in trips.made] == [False]
+
+
 def test_a_claim_not_taken_within_hold_s_is_given_back() -> None:
     trips = Trips()
     ahead = trips.ahead()

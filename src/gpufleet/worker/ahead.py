@@ -51,8 +51,7 @@ class Ahead:
         self._cond = threading.Condition()
         self._job: tuple[Any, bool, float] | None = None
         self._busy = False  # a round trip or a give-back is under way: take() waits for it
-        self._deferred = False  # the helper waits to make a late claim: take() cancels it
-        self._cancel = False
+        self._cancel = False  # take() came: a late claim not made yet is not made
         self._item: Item | None = None  # claimed ahead, not taken yet
         threading.Thread(target=self._serve, name="gpufleet-ahead", daemon=True).start()
 
@@ -68,9 +67,10 @@ class Ahead:
     def take(self) -> Item | None:
         """The task claimed ahead, once the round trip is done (it was handed back, or there was none: None)."""
         with self._cond:
-            if self._deferred:  # the running task ended before its late claim: the runtime claims now itself
-                self._cancel = True
-                self._cond.notify_all()
+            # The running task ended: a late claim not made yet (waiting, or behind the outcomes' write) is not made,
+            # and the runtime claims now itself.
+            self._cancel = True
+            self._cond.notify_all()
             while self._busy:
                 self._cond.wait()
             item, self._item = self._item, None
@@ -108,10 +108,8 @@ class Ahead:
         """Wait ``seconds`` for a late claim; False if :meth:`take` cancelled it meanwhile."""
         until = time.monotonic() + seconds
         with self._cond:
-            self._deferred = True
             while not self._cancel and (left := until - time.monotonic()) > 0:
                 self._cond.wait(left)
-            self._deferred = False
             return not self._cancel
 
     def _wait_or_give_back(self, item: Item) -> None:
