@@ -160,8 +160,8 @@ def test_a_batch_handler_that_returns_the_wrong_number_of_results_fails_its_even
 
 
 @pytest.mark.parametrize("mode", ["crash", "stuck"])
-# Serial: on a loaded machine a neighbour once lost a third attempt (a claim ahead between its Redis claim and the
-# watchdog's page when the process died is counted as run): a known race, left open in issue 24's note.
+# Serial: it kills its process three times, each within a time limit. A neighbour once lost a third attempt here (a
+# claim on its way back to the dead process was counted as run): test_engine's claim_on_its_way test covers that.
 @pytest.mark.serial
 def test_an_event_that_kills_its_process_fails_alone_and_its_neighbours_succeed(harness: FleetHarness,
                                                                                  mode: str) -> None:  # fmt: skip

@@ -28,6 +28,12 @@ def busy(registry: Registry, rows: list[tuple[str, list[bytes | None]]] | None =
     return {worker: tasks[0] for worker, tasks in running(registry, rows).items()}
 
 
+def held_by(registry: Registry, owner: str) -> list[tuple[str, str]]:
+    """The RUNNING tasks whose owner token starts with ``owner`` (one process's: see ``worker.lease.owner_of``), as
+    (id, token)."""
+    return [(i, t.decode()) for i, (t,) in registry.running("token") if t and t.decode().startswith(owner)]
+
+
 def publish_gpus(registry: Registry, entries: dict[str, dict[str, Any]]) -> None:
     """The GPU inventory of one host's supervisor, refreshed every few seconds: worker name -> details."""
     if entries:

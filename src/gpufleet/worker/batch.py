@@ -115,7 +115,7 @@ def run(attempts: Attempts, items: list[Item], fn: Function, pipe: Any) -> None:
         log.info("batch started", function=fn.name, size=len(members), task_ids=[m.task[0] for m in members])
         each = calls(members)
         for n, call in enumerate(each):
-            settle(attempts, fn, call, [m for later in each[n + 1 :] for m in later])
+            settle(attempts, fn, call, [m for later in each[n + 1 :] for m in later], [m for e in each[:n] for m in e])
 
 
 def calls(members: list[Member]) -> list[list[Member]]:
@@ -124,13 +124,17 @@ def calls(members: list[Member]) -> list[list[Member]]:
     return ([first] if first else []) + [[m] for m in members if m.attempt.item.claim.attempts > 1]
 
 
-def settle(attempts: Attempts, fn: Function, members: list[Member], waiting: list[Member]) -> None:
+def settle(
+    attempts: Attempts, fn: Function, members: list[Member], waiting: list[Member], ran: list[Member] | None = None
+) -> None:
     """Call the handler for ``members`` and record each one's outcome; split and call again when the call raises or
-    times out. ``waiting``: the batch's events that wait for a later call (on the watchdog's page meanwhile)."""
+    times out. On the watchdog's page meanwhile: ``waiting``, the batch's events that wait for a later call, and
+    ``ran``, those an earlier call ran (their outcomes are written once the batch is done)."""
     if not members:
         return
+    ran = ran or []
     deadline = time.time() + fn.timeout_s + attempts.bundle.kill_grace_s
-    attempts.bundle.slot.arm([m.task for m in members], deadline, [m.task for m in waiting])
+    attempts.bundle.slot.arm([m.task for m in members], deadline, [m.task for m in waiting], [m.task for m in ran])
     try:
         results = attempts.guarded(fn, lambda: _call(attempts, fn, members))
     except Exception as exc:  # noqa: BLE001 - whatever the handler raised, or its time limit; SystemExit goes on up
@@ -139,8 +143,8 @@ def settle(attempts: Attempts, fn: Function, members: list[Member], waiting: lis
             return
         half = len(members) // 2
         log.warning("batch call failed; trying its halves", function=fn.name, size=len(members), error=repr(exc))
-        settle(attempts, fn, members[:half], members[half:] + waiting)
-        settle(attempts, fn, members[half:], waiting)
+        settle(attempts, fn, members[:half], members[half:] + waiting, ran)
+        settle(attempts, fn, members[half:], waiting, ran + members[:half])
         return
     for m, result in zip(members, results, strict=True):
         attempt = m.attempt

@@ -22,8 +22,19 @@ def _start_ms(pid: int) -> int:
 
 
 def owner_token(host: str, pid: int) -> str:
-    """``host/pid/start-time/nonce``: identifies the process that runs a task, robust to pid reuse."""
-    return f"{host}/{pid}/{_start_ms(pid)}/{uuid.uuid4().hex[:8]}"
+    """``host/pid/start-time/nonce``: identifies the process that runs a task, robust to pid reuse, and the claim
+    (each claim has its own nonce)."""
+    return f"{process_owner(host, pid)}{uuid.uuid4().hex[:8]}"
+
+
+def process_owner(host: str, pid: int) -> str:
+    """``host/pid/start-time/``: what every token of one process starts with."""
+    return f"{host}/{pid}/{_start_ms(pid)}/"
+
+
+def owner_of(token: str) -> str:
+    """The process part of a token: what :func:`process_owner` gave it."""
+    return token[: token.rfind("/") + 1]
 
 
 def owner_is_dead(token: str, host: str) -> bool:

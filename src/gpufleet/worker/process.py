@@ -23,6 +23,7 @@ import structlog
 from gpufleet.celery_app import create_app
 from gpufleet.config import load_fleet
 from gpufleet.logs import PrintsToLog, configure_logging
+from gpufleet.registry import inventory
 from gpufleet.roles import watch_parent
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.outcome import timed_out_by_watchdog
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         functools.partial(timed_out_by_watchdog, parent),
         lambda task_id, token: parent.registry.lapse(task_id, token),
         lambda task_id, token: runtime.give_back(task_id, token),
+        lambda owner: inventory.held_by(parent.registry, owner),
     ).start()
     # If the supervisor dies, shut down warm instead of running on unsupervised.
     watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))

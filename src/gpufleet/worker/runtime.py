@@ -18,6 +18,7 @@ from gpufleet import trace
 from gpufleet.config import Fleet
 from gpufleet.errors import TaskError
 from gpufleet.functions import Function
+from gpufleet.registry import inventory
 from gpufleet.registry.jobs import WAITING
 from gpufleet.registry.messages import parse_queue
 from gpufleet.registry.model import REDIS_ERRORS, TERMINAL, Claim, State, Taken
@@ -27,9 +28,9 @@ from gpufleet.worker.attempt import Attempt, Attempts
 from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.item import Item
 from gpufleet.worker.jobs import JobSteps
-from gpufleet.worker.lease import owner_is_dead, owner_token
+from gpufleet.worker.lease import owner_is_dead, owner_token, process_owner
 from gpufleet.worker.outcome import Finisher, Outcomes
-from gpufleet.worker.watchdog import SharedSlot
+from gpufleet.worker.watchdog import SharedSlot, bury
 
 log = structlog.get_logger("gpufleet.worker")
 # How long a pool process keeps taking tasks straight from its queues before it returns to Celery (see execute).
@@ -83,15 +84,13 @@ class Runtime:
         registry = self.bundle.registry
         # The process this one replaces may have died mid-task: its tasks go back now. The parent's watchdog does the
         # same, but this process could otherwise take a task (Celery redelivers at once) and overwrite the page first.
-        running = self.slot.read()
-        if running is not None and running.all and owner_is_dead(running.all[0][1], self.bundle.host):
+        page = self.slot.read()
+        if page is not None and page.owner and owner_is_dead(page.owner, self.bundle.host):
             try:
-                for task_id, token in running.tasks + running.held:
-                    registry.lapse(task_id, token)
-                for task_id, token in running.not_started:  # another task's death is not theirs: not counted
-                    self.give_back(task_id, token)
+                bury(page, registry.lapse, self.give_back, lambda owner: inventory.held_by(registry, owner))
             except REDIS_ERRORS:  # their leases lapse anyway, later
                 log.warning("cannot hand back the tasks of the process this one replaces", exc_info=True)
+        self.slot.own(process_owner(self.bundle.host, os.getpid()))
         # Warm every function now, so the first task does not pay for loading a model; the fleet sees how it went.
         self.bundle.setups.warm_up(self.fleet.functions.values())
         try:  # ready: the supervisor's inventory shows it, and the scaling figure stops counting it as starting
