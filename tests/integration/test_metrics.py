@@ -72,7 +72,9 @@ def test_a_running_fleet_reports_tasks_queues_gpus_and_delivery(fleet: Api) -> N
         lag = m.get("gpufleet_trigger_lag_messages", [])
         # The trigger counts its dead letter once Kafka has it: on a loaded machine, after the tasks' records.
         dead = m.get("gpufleet_dead_letters_total", [])
-        return m if delivered and delivered[0].value >= 4 and lag and dead else None
+        # The histograms are written by the workers about once a second (registry/tally.py).
+        observed = sum(s.value for s in m.get("gpufleet_task_duration_seconds_count", []))
+        return m if delivered and delivered[0].value >= 4 and lag and dead and observed >= 6 else None
 
     m = h.wait_for(settled, what="the records delivered, the dead letter counted and the trigger's lag reported")
     assert value(m, "gpufleet_tasks_finished_total", function="echo", state="SUCCEEDED") == 3

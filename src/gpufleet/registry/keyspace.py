@@ -69,8 +69,7 @@ def _part(name: str) -> str:
 def _definitions() -> list[tuple[str, str]]:
     """(name, source) of each top-level definition of the shared files, in file order, with the comment above it:
     a line at column 0 that starts with ``local`` begins one, a comment at column 0 belongs to the next one."""
-    bounds = "local BOUNDS = {" + ", ".join(map(str, HISTOGRAM_BOUNDS)) + "}"  # the histograms'
-    found: list[tuple[str, list[str]]] = [("BOUNDS", [bounds])]
+    found: list[tuple[str, list[str]]] = []
     for part in _SHARED:
         comments: list[str] = []
         for line in _part(part).splitlines():

@@ -90,6 +90,7 @@ class Claim:
     started_at: float = 0.0
     event_ts: float = 0.0
     cancel_requested: bool = False
+    waited_s: float | None = None  # how long it waited in its queue; None: taken over from an owner that died
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,9 @@ _ENQUEUED = {e.value: e for e in Enqueued}
 
 
 def _claimed(reply: list[Any], now: float) -> Claim:
-    attempts, max_attempts, on_success, on_failure, event_ts, cancel = (v.decode() if v else "" for v in reply[1:7])
+    attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited = (
+        v.decode() if v else "" for v in reply[1:8]
+    )
     return Claim(
         True,
         "RUNNING",
@@ -57,6 +59,7 @@ def _claimed(reply: list[Any], now: float) -> Claim:
         now,
         float(event_ts or now),
         cancel == "1",
+        float(waited) if waited else None,
     )
 
 
@@ -222,7 +225,7 @@ class Registry:
             if reply[0] == b"other":
                 taken.append(reply[1].decode())
                 continue
-            task_id, function, event, meta = reply[7:11]
+            task_id, function, event, meta = reply[8:12]
             taken.append(
                 Taken(
                     _claimed(reply, now), task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)

@@ -222,7 +222,7 @@ class Attempt:
         elif attempt < max_attempts:
             delay = fn.backoff_for(attempt) * random.uniform(0.8, 1.2)
             self.log.warning("task failed; will retry", error=repr(exc), retry_in_s=round(delay, 3))
-            self.attempts.bundle.registry.retry_later(done.task_id, done.token, delay, error_payload(exc), done.pipe)
+            done.retry_later(delay, error_payload(exc))
         else:
             self.log.error("task failed; retries exhausted", error=repr(exc))
             done.fail(exc)

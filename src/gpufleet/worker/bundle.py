@@ -13,14 +13,19 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import structlog
+
 from gpufleet.aws import ObjectStore
 from gpufleet.config import Fleet
 from gpufleet.registry.messages import Envelopes, MessageFactory
 from gpufleet.registry.store import Registry
+from gpufleet.registry.tally import Tally
 from gpufleet.worker.lease import LeaseKeeper
 from gpufleet.worker.scratch import default_root, open_root
 from gpufleet.worker.warmup import Setups
 from gpufleet.worker.watchdog import SharedSlot
+
+log = structlog.get_logger("gpufleet.worker")
 
 
 class ProcessBundle:
@@ -64,10 +69,33 @@ class ProcessBundle:
     def lease(self) -> LeaseKeeper:
         """The thread that renews the running tasks' leases and watches for their cancel; started on first use."""
         grace = self.fleet.settings.worker.cancel_grace_s
-        keeper = LeaseKeeper(self.registry, self.lease_s, grace, lambda task_id, token: self.on_overdue(task_id, token))
+        keeper = LeaseKeeper(
+            self.registry, self.lease_s, grace, lambda task_id, token: self.on_overdue(task_id, token), self.tally_tick
+        )
         keeper.name = f"gpufleet-lease-{os.getpid()}"
         keeper.start()
         return keeper
+
+    @functools.cached_property
+    def tally(self) -> Tally:
+        """The wait and duration histograms' observations, written about once a second (by the lease keeper)."""
+        return Tally(self.registry.keys)
+
+    def tally_tick(self) -> None:
+        if self.tally.due():
+            self.write_tally()
+
+    def write_tally(self) -> None:
+        """Write the observations now: at a shutdown, or with an outcome written on its own (this process may be
+        about to die)."""
+        if not self.tally.pending:
+            return
+        pipe = self.registry.pipeline()
+        self.tally.write(pipe)
+        try:
+            pipe.execute()
+        except Exception:  # a Redis blip: these observations are lost, the tasks' records are not
+            log.warning("cannot write the wait and duration histograms", exc_info=True)
 
     @functools.cached_property
     def setups(self) -> Setups:

@@ -57,17 +57,24 @@ class LeaseKeeper(threading.Thread):
     """Renews the leases of the tasks this process runs (one, or a batch), and watches for cancel requests.
 
     It polls every ``min(lease_s / 3, 0.5)`` s: one pipeline per GPU, and a cancel is seen within half a second. A
-    task whose handler has not returned ``cancel_grace_s`` after its cancel is handed to ``on_overdue``.
+    task whose handler has not returned ``cancel_grace_s`` after its cancel is handed to ``on_overdue``. ``tick`` is
+    called at each poll, tasks held or not (the process's histograms are written from there).
     """
 
     def __init__(
-        self, registry: Registry, lease_s: float, cancel_grace_s: float, on_overdue: Callable[[str, str], None]
+        self,
+        registry: Registry,
+        lease_s: float,
+        cancel_grace_s: float,
+        on_overdue: Callable[[str, str], None],
+        tick: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="gpufleet-lease", daemon=True)
         self._registry = registry
         self._lease_s = lease_s
         self._grace_s = cancel_grace_s
         self._on_overdue = on_overdue
+        self._tick = tick
         self._lock = threading.Lock()
         self._held: list[tuple[str, str]] = []
         self._cancel_seen: dict[str, float] = {}
@@ -97,6 +104,7 @@ class LeaseKeeper(threading.Thread):
         interval = min(self._lease_s / 3, 0.5)
         while True:
             time.sleep(interval)
+            self._tick()
             with self._lock:
                 held = list(self._held)
             if not held:

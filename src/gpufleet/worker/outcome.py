@@ -141,10 +141,24 @@ class Finisher:
         limit = self.bundle.fleet.settings.defaults.max_record_bytes
         callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
         finish = self.bundle.registry.finish
-        if not finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe, finished):
+        written = finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe, finished)
+        self._observe(finished - started, written)
+        if not written:
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
-            return False
-        return True
+        return written
+
+    def retry_later(self, delay_s: float, error: dict[str, Any]) -> None:
+        """Back to its queue in ``delay_s``, for its next attempt."""
+        written = self.bundle.registry.retry_later(self.task_id, self.token, delay_s, error, self.pipe)
+        self._observe(time.time() - (self.started_at or self.claim.started_at), written)
+
+    def _observe(self, took_s: float, written: bool) -> None:
+        """The attempt's duration, for the histogram; written at once with an outcome written at once (this process
+        may be about to die). One in a pipeline is counted even if the pipeline then finds the task taken over."""
+        if written:
+            self.bundle.tally.observe("duration", self.function, took_s)
+        if self.pipe is None:
+            self.bundle.write_tally()
 
 
 def timed_out_by_watchdog(bundle: ProcessBundle, task_id: str, token: str) -> None:

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         # first; at a warm shutdown the parent is only waiting for it to go (an idle fleet took 2-3 s to stop). Its
         # last task's outcome is in Redis by now (execute writes it before it returns); its log lines are flushed.
         if slot.stopping:
+            runtime.bundle.write_tally()
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()

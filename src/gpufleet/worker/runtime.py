@@ -135,6 +135,8 @@ class Runtime:
             if left is not None:
                 self._give_back(left)
             self.slot.disarm()
+            if self.slot.stopping:  # the lease keeper writes them within a second, unless this process exits first
+                self.bundle.write_tally()
 
     def _claim_in(self, function: str) -> float | None:
         """When the helper thread claims the next task while ``function`` runs: seconds after it starts (0 for at
@@ -211,7 +213,7 @@ class Runtime:
         items = []
         for got in taken:
             if isinstance(got, Taken):
-                items.append(Item(got.task_id, got.function, got.event, got.meta, got.claim, token))
+                items.append(self._waited(Item(got.task_id, got.function, got.event, got.meta, got.claim, token)))
                 continue
             claim = self._take_over(got, token, log.bind(task_id=got))
             record = self.bundle.registry.get(got, event=True) if claim is not None else None
@@ -237,7 +239,13 @@ class Runtime:
             log.warning("registry unreachable; the message goes back to the queue", task_id=task_id, error=str(exc))
             time.sleep(1)
             raise Reject(str(exc), requeue=True) from exc
-        return Item(task_id, function, event, meta, claim, token)
+        return self._waited(Item(task_id, function, event, meta, claim, token))
+
+    def _waited(self, item: Item) -> Item:
+        """A task claimed from its queue: how long it waited there, for the wait histogram."""
+        if item.claim.waited_s is not None:
+            self.bundle.tally.observe("wait", item.function, item.claim.waited_s)
+        return item
 
     def _claim(self, task_id: str, state: State, owner: str, token: str) -> Claim:
         b = self.bundle

@@ -1,20 +1,17 @@
 -- KEYS: task, leases, callbacks.  ARGV: prefix, token, state, now, retention_s, n_fields, field/value pairs...,
 --   then callback stream entries as (dest, value, condition) triples.
 -- Only the owner finishes: the worker's parent, after its watchdog killed a pool process, uses that process's token.
-local state, token, fn, started, meta, seq, parent = unpack(redis.call('HMGET', KEYS[1], 'state', 'token', 'function',
-  'started_at', 'meta', 'seq', 'parent'))
+local state, token, fn, meta, seq, parent = unpack(redis.call('HMGET', KEYS[1], 'state', 'token', 'function', 'meta',
+  'seq', 'parent'))
 if state ~= 'RUNNING' or token ~= ARGV[2] then return 0 end
 local prefix, id = ARGV[1], task_id(ARGV[1], KEYS[1])
 local fields, i = {}, 7
 for n = 1, tonumber(ARGV[6]) do
-  -- started_at may be among them (a task claimed ahead started after its claim)
-  if ARGV[i] == 'started_at' then started = ARGV[i + 1] end
   fields[2 * n - 1] = ARGV[i]
   fields[2 * n] = ARGV[i + 1]
   i = i + 2
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[4], 'token', '', unpack(fields))
-observe(prefix, 'duration', fn, tonumber(ARGV[4]) - tonumber(started or ARGV[4]))
 finished(prefix, fn, ARGV[3], ARGV[4])
 local tp = traceparent_of(meta)
 while i <= #ARGV do

@@ -4,7 +4,7 @@
 -- them), each claimed in the same step, so a message is never out of the lists unclaimed. Messages no worker should run
 -- are dropped on the way: a finished or expired task's, a stale copy (the record names another message). Returns one
 -- entry per task, none when every queue is empty: {'ok', attempts, max_attempts, on_success, on_failure, event_ts,
--- cancel, id, function, event, meta} for a claim, or {'other', id} for a task that is not waiting (another copy of a
+-- cancel, waited, id, function, event, meta} for a claim, or {'other', id} for a task that is not waiting (another copy of a
 -- running one), after which it stops: the caller decides as for any delivery (see Runtime._take_over).
 --
 -- Which list to read: the head of each queue's pending tasks (P:pending:<queue>, in the order its lists are read)
@@ -35,7 +35,7 @@ while #taken < n do
     local r = redis.call('HMGET', key, unpack(reads))
     if r[1] == 'QUEUED' and (not r[2] or r[2] == tag_of(message)) then
       local out = claim(prefix, key, id, r, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-      out[8], out[9], out[10], out[11] = id, r[3], r[EVENT], r[EVENT + 1]
+      out[9], out[10], out[11], out[12] = id, r[3], r[EVENT], r[EVENT + 1]
       taken[#taken + 1] = out
       claimed = true
     elseif r[1] == 'RUNNING' then

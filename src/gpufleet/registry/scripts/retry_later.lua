@@ -3,7 +3,6 @@
 if not owned(KEYS[1], ARGV[2]) then return 0 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = task_id(ARGV[1], KEYS[1])
-observe(ARGV[1], 'duration', fn, tonumber(ARGV[5]) - tonumber(redis.call('HGET', KEYS[1], 'started_at') or ARGV[5]))
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'token', '', 'last_error', ARGV[4], 'queued_at', ARGV[5],
   'retry_at', ARGV[3])
 redis.call('ZREM', KEYS[2], id)
