@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from gpufleet.config import Fleet
+    from gpufleet.settings import FleetSettings
     from gpufleet.worker.runtime import Runtime
 
 
@@ -27,11 +28,43 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
     from celery import Celery
 
     register_serializer()
-    settings = fleet.settings
-    visibility = settings.defaults.visibility_timeout_s
-    broker, sentinel_options = celery_broker(settings.redis.url)
+    broker, sentinel_options = celery_broker(fleet.settings.redis.url)
     app = Celery("gpufleet", broker=broker, set_as_current=False)
-    app.conf.update(
+    app.conf.update(_conf(fleet.settings, sentinel_options))
+
+    # Remote control (`celery inspect`, Flower) replies in plain JSON. Celery's mailbox takes the task serializer,
+    # gpufleet's own, which any client but gpufleet refuses ("Refusing to deserialize untrusted content").
+    app.control.mailbox.serializer = "json"
+
+    from celery.worker.request import Request
+
+    class PerTaskLimits(Request):  # type: ignore[misc]
+        """No Celery time limit: a delivery may run several gpufleet tasks, each under its own (see
+        :mod:`gpufleet.worker.watchdog`). Messages queued by earlier releases carry limits; they are ignored."""
+
+        @property
+        def time_limits(self) -> tuple[None, None]:
+            return None, None
+
+        @time_limits.setter
+        def time_limits(self, value: Any) -> None:
+            pass
+
+    @app.task(
+        name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, Request=PerTaskLimits
+    )  # type: ignore[untyped-decorator]
+    def run(self: Any, function: str, event: Any, meta: dict[str, Any]) -> None:
+        if runtime is None:
+            raise RuntimeError("gpufleet tasks run only in gpufleet worker processes")
+        runtime.execute(self.request.id, function, event, meta)
+
+    return app
+
+
+def _conf(settings: FleetSettings, sentinel_options: dict[str, Any]) -> dict[str, Any]:
+    """The Celery settings (see :func:`create_app`)."""
+    visibility = settings.defaults.visibility_timeout_s
+    return dict(
         task_serializer=SERIALIZER,
         accept_content=[SERIALIZER, "json"],
         result_backend=None,
@@ -61,31 +94,3 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
         },
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
-
-    # Remote control (`celery inspect`, Flower) replies in plain JSON. Celery's mailbox takes the task serializer,
-    # gpufleet's own, which any client but gpufleet refuses ("Refusing to deserialize untrusted content").
-    app.control.mailbox.serializer = "json"
-
-    from celery.worker.request import Request
-
-    class PerTaskLimits(Request):  # type: ignore[misc]
-        """No Celery time limit: a delivery may run several gpufleet tasks, each under its own (see
-        :mod:`gpufleet.worker.watchdog`). Messages queued by earlier releases carry limits; they are ignored."""
-
-        @property
-        def time_limits(self) -> tuple[None, None]:
-            return None, None
-
-        @time_limits.setter
-        def time_limits(self, value: Any) -> None:
-            pass
-
-    @app.task(
-        name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, Request=PerTaskLimits
-    )  # type: ignore[untyped-decorator]
-    def run(self: Any, function: str, event: Any, meta: dict[str, Any]) -> None:
-        if runtime is None:
-            raise RuntimeError("gpufleet tasks run only in gpufleet worker processes")
-        runtime.execute(self.request.id, function, event, meta)
-
-    return app

@@ -80,23 +80,8 @@ def redrive(
     """Send the trigger's dead letters not redriven before (or those of one ``reason``) through its intake again,
     as the trigger first saw them. Refused again, a message gets a new dead letter. Letters this fleet did not sign
     are not sent, unless ``accept_unsigned``."""
-    settings = fleet.triggers.get(trigger)
-    if settings is None:
-        raise NotFoundError("trigger_not_found", f"no trigger {trigger!r}; configured: {sorted(fleet.triggers)}")
-    url = settings.dead_letter or fleet.settings.defaults.dead_letter
-    endpoint = parse_destination(url)
-    if endpoint.scheme != "kafka":
-        raise ConfigError(
-            f"redrive reads dead letters back from Kafka only; trigger {trigger!r} sends them to {endpoint.scheme}://",
-            fix="use a kafka:// dead_letter",
-        )
-    kafka, topic = fleet.settings.kafka, endpoint.path
-    bootstrap = endpoint.hosts or kafka.bootstrap_servers
-    # Where the redrives of all its letters stopped, and (with a reason) where those of that reason alone did.
-    done = committed(kafka, bootstrap, topic, group_of(fleet, trigger))
-    if reason is not None:
-        for p, offset in committed(kafka, bootstrap, topic, group_of(fleet, trigger, reason)).items():
-            done[p] = max(done.get(p, 0), offset)
+    settings, bootstrap, topic, done = _where(fleet, trigger, reason)
+    kafka = fleet.settings.kafka
     marks = Marks(fleet, bootstrap, topic, trigger)
     key = _letter_key(fleet)
     report = RedriveReport(trigger)
@@ -143,6 +128,27 @@ def redrive(
         refused=len(report.refused),
     )
     return report
+
+
+def _where(fleet: Fleet, trigger: str, reason: str | None) -> tuple[TriggerSettings, str, str, dict[int, int]]:
+    """The trigger, its dead-letter topic's bootstrap servers and name, and per partition where the redrives of all
+    its letters stopped (with a ``reason``: or those of that reason alone, whichever went further)."""
+    settings = fleet.triggers.get(trigger)
+    if settings is None:
+        raise NotFoundError("trigger_not_found", f"no trigger {trigger!r}; configured: {sorted(fleet.triggers)}")
+    endpoint = parse_destination(settings.dead_letter or fleet.settings.defaults.dead_letter)
+    if endpoint.scheme != "kafka":
+        raise ConfigError(
+            f"redrive reads dead letters back from Kafka only; trigger {trigger!r} sends them to {endpoint.scheme}://",
+            fix="use a kafka:// dead_letter",
+        )
+    kafka, topic = fleet.settings.kafka, endpoint.path
+    bootstrap = endpoint.hosts or kafka.bootstrap_servers
+    done = committed(kafka, bootstrap, topic, group_of(fleet, trigger))
+    if reason is not None:
+        for p, offset in committed(kafka, bootstrap, topic, group_of(fleet, trigger, reason)).items():
+            done[p] = max(done.get(p, 0), offset)
+    return settings, bootstrap, topic, done
 
 
 def _letter_key(fleet: Fleet) -> bytes:

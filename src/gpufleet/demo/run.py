@@ -170,7 +170,9 @@ def _demo_config(config: Path, workdir: Path) -> Path:
     return path
 
 
-def _drive(fleet: Any, bootstrap: str, topic: str, s3_url: str) -> tuple[int, str]:
+def _publish(bootstrap: str, topic: str, s3_url: str) -> tuple[list[tuple[str, bytes]], int]:
+    """The demo's events: sample messages to Kafka, PNG images to the bucket. Returns the messages and the images'
+    count."""
     from kafka import KafkaProducer
 
     messages = sample_messages()
@@ -182,7 +184,23 @@ def _drive(fleet: Any, bootstrap: str, topic: str, s3_url: str) -> tuple[int, st
     print(f"demo: published {len(messages)} messages to Kafka topic {topic!r}")
     n_images = bucket.upload_images(s3_url)
     print(f"demo: uploaded {n_images} PNG images to s3://{bucket.BUCKET}/images/ (notifications go to SQS)")
+    return messages, n_images
 
+
+def _show(kafka_records: list[dict[str, Any]], dead: list[dict[str, Any]]) -> None:
+    print("\nKafka events -> callback records:")
+    for body in kafka_records:
+        ctx, resp, out = body["requestContext"], body["responseContext"], body["responsePayload"]
+        ok = ctx["condition"] == "Success"
+        detail = f"head={out['head'][:3]}" if ok else f"{out['errorType']}: {out['errorMessage']}"
+        n, gpu, ms = ctx["approximateInvokeCount"], resp["gpu"], resp["durationMs"]
+        print(f"  {ctx['condition']:<16} {ctx['requestId']:<14} {ctx['function']:<6} n={n} {gpu} {ms:.0f}ms {detail}")
+    for r in dead:
+        print(f"  dead-letter      reason={r['headers'].get('reason')}  original={r['value'][:40]!r}")
+
+
+def _drive(fleet: Any, bootstrap: str, topic: str, s3_url: str) -> tuple[int, str]:
+    messages, n_images = _publish(bootstrap, topic, s3_url)
     s = fleet.settings
     registry = Registry.from_url(s.redis.url, s.redis.key_prefix)
     expected = {
@@ -211,15 +229,7 @@ def _drive(fleet: Any, bootstrap: str, topic: str, s3_url: str) -> tuple[int, st
     kafka_records = [b for b in bodies if b["requestContext"]["function"] != "thumbnail"]
     thumbs = [b for b in bodies if b["requestContext"]["function"] == "thumbnail"]
     dead = records[topics["dead"]]
-    print("\nKafka events -> callback records:")
-    for body in kafka_records:
-        ctx, resp, out = body["requestContext"], body["responseContext"], body["responsePayload"]
-        ok = ctx["condition"] == "Success"
-        detail = f"head={out['head'][:3]}" if ok else f"{out['errorType']}: {out['errorMessage']}"
-        n, gpu, ms = ctx["approximateInvokeCount"], resp["gpu"], resp["durationMs"]
-        print(f"  {ctx['condition']:<16} {ctx['requestId']:<14} {ctx['function']:<6} n={n} {gpu} {ms:.0f}ms {detail}")
-    for r in dead:
-        print(f"  dead-letter      reason={r['headers'].get('reason')}  original={r['value'][:40]!r}")
+    _show(kafka_records, dead)
     n_thumbs = bucket.report(s3_url, [b for b in thumbs if b["requestContext"]["condition"] == "Success"])
     if thumbs:
         print("\none bucket-event success record, in full:")

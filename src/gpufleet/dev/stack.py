@@ -122,30 +122,11 @@ def dev_up(state_dir: Path, rabbitmq: bool | None = None, sentinel: bool = False
             _start_sentinel(state_dir, state)
             started.append("sentinel")
     for name in names:
-        kind = KINDS[name]
         if name in pids and all(_ours(pid, exe) for pid, exe in pids[name]):
             continue  # running: kept as it is
-        for pid, exe in pids.get(name, []):  # what is left of it (RabbitMQ's epmd)
-            if _ours(pid, exe):
-                stop(pid)
-        old = state.get(kind.url_key)
-        port = urlsplit(f"//{old}" if name == "kafka" else str(old)).port if old else None
-        if port is not None and not _port_freed(port):
-            raise ServiceError(
-                f"{name} is down and its port {port} is held by another process; nothing was "
-                "changed. Stop that process and run `gpufleet dev up` again, or start a new set on "
-                "new ports: `gpufleet dev down`, then `gpufleet dev up` (the fleet needs the new "
-                "exports then)"
-            )
-        service, new_pids = kind.start(state_dir, port)
-        state[kind.url_key] = service.url
-        state.setdefault("pids", {})[name] = new_pids
-        state.setdefault("exes", {})[name] = [_argv0(pid) for pid in new_pids]
-        state.setdefault("logs", {})[name] = str(service.log_path)
         started.append(name)
-        if old is not None and not kind.keeps_data:
+        if _start(state_dir, state, name, pids):
             lost.append(name)
-        _write_state(state_dir, state)  # each as it starts: a failure later must not orphan this one
     # The API's token for this laptop: random, like any token, so a laptop's API is no easier to use for anyone
     # else on the machine or the network than a production one. Made once: the fleet and its clients hold it.
     if not state.get("api_token"):
@@ -161,6 +142,31 @@ def dev_up(state_dir: Path, rabbitmq: bool | None = None, sentinel: bool = False
         "lost": lost,
         "down": down,
     }
+
+
+def _start(state_dir: Path, state: dict[str, Any], name: str, pids: dict[str, list[tuple[int, str | None]]]) -> bool:
+    """Start server ``name`` (down, or never started) on its old port, if it had one, and record it in the state
+    file at once: a failure later must not orphan it. Returns whether it ran before and lost its data (in memory)."""
+    kind = KINDS[name]
+    for pid, exe in pids.get(name, []):  # what is left of it (RabbitMQ's epmd)
+        if _ours(pid, exe):
+            stop(pid)
+    old = state.get(kind.url_key)
+    port = urlsplit(f"//{old}" if name == "kafka" else str(old)).port if old else None
+    if port is not None and not _port_freed(port):
+        raise ServiceError(
+            f"{name} is down and its port {port} is held by another process; nothing was "
+            "changed. Stop that process and run `gpufleet dev up` again, or start a new set on "
+            "new ports: `gpufleet dev down`, then `gpufleet dev up` (the fleet needs the new "
+            "exports then)"
+        )
+    service, new_pids = kind.start(state_dir, port)
+    state[kind.url_key] = service.url
+    state.setdefault("pids", {})[name] = new_pids
+    state.setdefault("exes", {})[name] = [_argv0(pid) for pid in new_pids]
+    state.setdefault("logs", {})[name] = str(service.log_path)
+    _write_state(state_dir, state)
+    return old is not None and not kind.keeps_data
 
 
 def _start_sentinel(state_dir: Path, state: dict[str, Any]) -> None:

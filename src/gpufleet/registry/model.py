@@ -92,6 +92,25 @@ class Claim:
     cancel_requested: bool = False
     waited_s: float | None = None  # how long it waited in its queue; None: taken over from an owner that died
 
+    @classmethod
+    def from_reply(cls, reply: list[Any], now: float) -> Claim:
+        """A claim script's answer (see ``claim`` in ``helpers.lua``), made at ``now``."""
+        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited = (
+            v.decode() if v else "" for v in reply[1:8]
+        )
+        return cls(
+            True,
+            "RUNNING",
+            int(attempts),
+            int(max_attempts or 1),
+            on_success,
+            on_failure,
+            now,
+            float(event_ts or now),
+            cancel == "1",
+            float(waited) if waited else None,
+        )
+
 
 @dataclass(frozen=True)
 class Taken:

@@ -82,30 +82,14 @@ def _histograms(raw: dict[bytes, bytes], n_buckets: int) -> dict[str, Histogram]
 
 def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot:
     """The fleet now; with ``minutes``, also finished tasks per minute over that many minutes (the chart)."""
-    keys, client = registry.keys, registry.client
     now = time.time()
     names = sorted(set(functions) | registry.functions_seen())
     queues = registry.queues()
     running = registry.running("worker", "started_at", "queue")
     busy = inventory.busy(registry, running)
     gpus = inventory.gpus(registry, seen_busy=busy)
-    pipe = client.pipeline(transaction=False)
-    for fn in names:
-        for state in State:
-            pipe.zcard(registry.keys.index(fn, state))
-    for q in queues:
-        pipe.zcard(keys.pending(q))
-        pipe.zrange(keys.pending(q), 0, QUEUE_HEAD - 1)
-    for name in ("created", "finished", "wait", "duration", "dead", "trigger_lag", "delivered", "overflow"):
-        pipe.hgetall(keys.metric(name))
-    pipe.hgetall(keys.ready)
-    pipe.xlen(registry.keys.callbacks)
-    pipe.xrange(registry.keys.callbacks, "-", "+", count=1)
-    pipe.xlen(keys.parked)
     first_minute = int(now // 60) - minutes + 1
-    for minute in range(first_minute, first_minute + minutes):
-        pipe.hmget(keys.minute(minute), "ok", "failed")
-    replies = iter(pipe.execute())
+    replies = iter(_ask(registry, names, queues, range(first_minute, first_minute + minutes)))
 
     counts = {(fn, st.value): int(next(replies)) for fn in names for st in State}
     heads: dict[str, list[bytes]] = {}
@@ -130,7 +114,7 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     _mark_ready(gpus, ready_raw)
     n_buckets = len(HISTOGRAM_BOUNDS) + 1
     # Records wait in the callback stream only until routed, then in their destination's flow.
-    flows = destinations(client, registry.prefix, now)
+    flows = destinations(registry.client, registry.prefix, now)
     oldest_s = max([now - int(oldest[0][0].split(b"-")[0]) / 1000 if oldest else 0.0] + [f["lag_s"] for f in flows])
     return Snapshot(
         at=now,
@@ -152,6 +136,26 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         trigger_lag=_fresh_lag(lag_raw, now),
         per_minute=per_minute,
     )
+
+
+def _ask(registry: Registry, names: list[str], queues: list[str], minutes: range) -> list[Any]:
+    """What :func:`read` reads, in one round trip, in this order."""
+    keys, pipe = registry.keys, registry.client.pipeline(transaction=False)
+    for fn in names:
+        for state in State:
+            pipe.zcard(keys.index(fn, state))
+    for q in queues:
+        pipe.zcard(keys.pending(q))
+        pipe.zrange(keys.pending(q), 0, QUEUE_HEAD - 1)
+    for name in ("created", "finished", "wait", "duration", "dead", "trigger_lag", "delivered", "overflow"):
+        pipe.hgetall(keys.metric(name))
+    pipe.hgetall(keys.ready)
+    pipe.xlen(keys.callbacks)
+    pipe.xrange(keys.callbacks, "-", "+", count=1)
+    pipe.xlen(keys.parked)
+    for minute in minutes:
+        pipe.hmget(keys.minute(minute), "ok", "failed")
+    return pipe.execute()
 
 
 def _oldest_ages(registry: Registry, heads: dict[str, list[bytes]], states: dict[str, QueueState], now: float) -> None:

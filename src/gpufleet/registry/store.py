@@ -45,24 +45,6 @@ CLIENT_OPTIONS: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout"
 _ENQUEUED = {e.value: e for e in Enqueued}
 
 
-def _claimed(reply: list[Any], now: float) -> Claim:
-    attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited = (
-        v.decode() if v else "" for v in reply[1:8]
-    )
-    return Claim(
-        True,
-        "RUNNING",
-        int(attempts),
-        int(max_attempts or 1),
-        on_success,
-        on_failure,
-        now,
-        float(event_ts or now),
-        cancel == "1",
-        float(waited) if waited else None,
-    )
-
-
 class Registry:
     def __init__(
         self,
@@ -207,7 +189,7 @@ class Registry:
         )
         if reply[0] != b"ok":
             return Claim(ok=False, seen_state=reply[1].decode())
-        return _claimed(reply, now)
+        return Claim.from_reply(reply, now)
 
     def pop_claim(
         self, queues: list[str], token: str, lease_s: float, worker: str, gpu: str, pipe: Any = None, n: int = 1
@@ -224,13 +206,10 @@ class Registry:
         for reply in replies:
             if reply[0] == b"other":
                 taken.append(reply[1].decode())
-                continue
-            task_id, function, event, meta = reply[8:12]
-            taken.append(
-                Taken(
-                    _claimed(reply, now), task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)
-                )
-            )
+            else:
+                task_id, function, event, meta = reply[8:12]
+                claim = Claim.from_reply(reply, now)
+                taken.append(Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)))
         return earlier, taken
 
     def renew(self, task_id: str, token: str, lease_s: float) -> int:

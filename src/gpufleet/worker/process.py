@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from gpufleet.celery_app import create_app
-from gpufleet.config import load_fleet
+from gpufleet.config import Fleet, load_fleet
 from gpufleet.logs import PrintsToLog, configure_logging
 from gpufleet.registry import inventory
 from gpufleet.roles import watch_parent
@@ -41,8 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queues", required=True, help="comma-separated queue names")
     args = parser.parse_args(argv)
 
-    from celery import signals
-
     fleet = load_fleet(args.config)
     configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
     _quiet_celery(fleet.settings.logging.format == "json")
@@ -52,9 +50,34 @@ def main(argv: list[str] | None = None) -> None:
     runtime.bundle.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
     app.steps["consumer"].add(_prompt_step())
+    _hook_pool(fleet, runtime, slot, args.name, args.gpu)
+    _start_watchdog(fleet, runtime, slot)
+    # If the supervisor dies, shut down warm instead of running on unsupervised.
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    worker = app.Worker(
+        hostname=f"{args.name}@{fleet.settings.worker.hostname}",
+        queues=queues,
+        concurrency=1,
+        pool="prefork",
+        prefetch_multiplier=1,
+        optimization="fair",
+        without_mingle=True,
+        without_gossip=True,  # gossip consumes every other worker's events: no use to a GPU worker
+        without_heartbeat=not fleet.settings.worker.task_events,  # heartbeats are how Flower sees a worker online
+        loglevel=fleet.settings.logging.level.upper(),
+        quiet=True,
+    )
+    worker.start()
+    raise SystemExit(worker.exitcode)
+
+
+def _hook_pool(fleet: Fleet, runtime: Runtime, slot: SharedSlot, name: str, gpu: str) -> None:
+    """Celery's signals: the pool process boots the runtime after the fork, exits at once at a warm shutdown, and
+    a warm shutdown stops it taking tasks."""
+    from celery import signals
 
     def on_child_init(**_: Any) -> None:
-        configure_logging(fleet.settings.logging, worker=args.name, gpu=args.gpu)
+        configure_logging(fleet.settings.logging, worker=name, gpu=gpu)
         sys.stdout = PrintsToLog()  # a handler's print() is a log line too
         runtime.boot()
 
@@ -74,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     signals.worker_process_shutdown.connect(on_child_exit, weak=False)
     # A warm shutdown: the pool process finishes its task and takes no other from the queues.
     signals.worker_shutting_down.connect(lambda **_: slot.stop(), weak=False)
+
+
+def _start_watchdog(fleet: Fleet, runtime: Runtime, slot: SharedSlot) -> None:
+    """The thread that watches the pool process's page (see :mod:`gpufleet.worker.watchdog`)."""
     host = fleet.settings.worker.hostname
     parent = runtime.bundle  # this process's: the pool process makes its own after the fork (Runtime.boot)
     Watchdog(
@@ -84,23 +111,6 @@ def main(argv: list[str] | None = None) -> None:
         lambda task_id, token: runtime.give_back(task_id, token),
         lambda owner: inventory.held_by(parent.registry, owner),
     ).start()
-    # If the supervisor dies, shut down warm instead of running on unsupervised.
-    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
-    worker = app.Worker(
-        hostname=f"{args.name}@{fleet.settings.worker.hostname}",
-        queues=queues,
-        concurrency=1,
-        pool="prefork",
-        prefetch_multiplier=1,
-        optimization="fair",
-        without_mingle=True,
-        without_gossip=True,  # gossip consumes every other worker's events: no use to a GPU worker
-        without_heartbeat=not fleet.settings.worker.task_events,  # heartbeats are how Flower sees a worker online
-        loglevel=fleet.settings.logging.level.upper(),
-        quiet=True,
-    )
-    worker.start()
-    raise SystemExit(worker.exitcode)
 
 
 def _prompt_step() -> type:
