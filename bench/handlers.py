@@ -43,13 +43,14 @@ def warm_key(side: str) -> str:
     return f"bench:warm:{side}"
 
 
-def stamp(produced_ts: float, warm: bool = False, side: str = "") -> None:
-    """Latency probe: records when the handler started, next to when the message was produced."""
+def stamp(produced_ts: float, warm: bool = False, side: str = "", sent_ts: float | None = None) -> None:
+    """Latency probe: records when the handler started, next to when the message was produced and (the naive
+    bridge's) when it was sent to Celery."""
     started = time.time()
     if warm:
         client().rpush(warm_key(side), "1")
         return
-    client().rpush(starts_key(side), f"{produced_ts!r},{started!r}")
+    client().rpush(starts_key(side), f"{produced_ts!r},{started!r},{'' if sent_ts is None else repr(sent_ts)}")
 
 
 _spans: list[str] = []

@@ -67,7 +67,8 @@ def route_gpufleet(body: Any, record: Any) -> Route:
 
 
 def route_stamp(body: Any, record: Any) -> Route:
-    return "bench.stamp", dict(body["payload"]), "bench.raw"
+    # sent_ts: when send_task is called, the counterpart of the time gpufleet's trigger stamps a task created.
+    return "bench.stamp", {**body["payload"], "sent_ts": time.time()}, "bench.raw"
 
 
 ROUTERS: dict[str, Router] = {"gpufleet": route_gpufleet, "stamp": route_stamp}

@@ -20,7 +20,8 @@ def create_app(fleet: Fleet, runtime: Runtime | None = None) -> Celery:
 
     Settings that matter for GPU work:
     - ``acks_late`` + ``reject_on_worker_lost``: a task whose process dies goes back to the queue.
-    - ``prefetch_multiplier=1`` with concurrency 1: a GPU worker never hoards tasks another GPU could run.
+    - ``prefetch_multiplier=1`` and ``disable_prefetch`` with concurrency 1: a GPU worker never hoards tasks
+      another GPU could run.
     - ``worker_send_task_events`` (``worker.task_events``): Flower and ``celery events`` see tasks and workers.
     - ``visibility_timeout`` longer than the longest task (24 h): Redis would otherwise re-deliver a running task.
       Lost workers are found by the registry's leases instead, in seconds.
@@ -73,6 +74,10 @@ def _conf(settings: FleetSettings, sentinel_options: dict[str, Any]) -> dict[str
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # Without it the consumer fetches one more message while the pool process runs its task: a message held
+        # there that another GPU could run (until the lost-message scan restores it, a second later), and one the
+        # pool process, waiting on its queues itself between tasks (Runtime._wait), cannot see.
+        worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=settings.worker.task_events,

@@ -230,3 +230,29 @@ def test_a_pool_process_that_dies_with_a_claim_on_its_way_gives_that_task_back_u
         assert record["state"] == "RUNNING" and float(record["lease_until"]) == 0 and int(record["attempts"]) == 1
     else:
         assert record["state"] == "SUCCEEDED"
+
+
+def test_an_idle_worker_waits_on_its_queues_itself_and_celery_delivers_nothing_more(harness: FleetHarness) -> None:
+    """Between tasks, within DRAIN_S, the pool process waits on its queues' lists (Runtime._wait) rather than go back
+    to Celery: tasks invoked one after the other while it is idle run on the same process, and Celery counts only
+    the delivery that started the run (its prefetch is off, so it took none of them either)."""
+    cp = one_worker(harness)
+    first = cp.invoke("slow", {"seconds": 0}).id
+    finished(harness, cp, [first])
+    ids = []
+    for i in range(1, 6):  # each queued once the last one finished: the worker is idle, waiting, each time
+        ids.append(cp.invoke("slow", {"seconds": 0, "n": i}).id)
+        [view] = finished(harness, cp, ids[-1:])
+        assert view["state"] == "SUCCEEDED" and view["attempts"] == 1
+    pids = {harness.redis.get(f"pid:{i}") for i in [first, *ids]}
+    assert None not in pids
+    app = create_app(harness.fleet())
+    try:
+        stats = app.control.inspect(timeout=5).stats() or {}
+    finally:
+        app.close()
+    [worker] = [v for k, v in stats.items() if k.startswith("vgpu0@")]
+    deliveries = sum(worker.get("total", {}).values())
+    # DRAIN_S is 5 s: on a machine slow enough to pass it, a task goes through Celery; most cannot.
+    assert deliveries < 6, worker.get("total")
+    assert len(pids) <= deliveries, pids  # a fresh pool process only with a fresh delivery

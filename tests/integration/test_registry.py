@@ -11,8 +11,15 @@ import redis
 
 from gpufleet.delivery.dispatcher import Dispatcher
 from gpufleet.delivery.flows import flow_id
-from gpufleet.registry.messages import Envelopes, MessageFactory
-from gpufleet.registry.model import Callback, Enqueued, NewTask, State
+from gpufleet.registry.messages import (
+    DEFAULT_PRIORITY,
+    PRIORITY_STEPS,
+    Envelopes,
+    MessageFactory,
+    function_queue,
+    priority_list,
+)
+from gpufleet.registry.model import Callback, Enqueued, NewTask, State, Taken
 from tests.harness import FleetHarness, nonzero
 
 
@@ -279,3 +286,27 @@ def test_a_claimed_task_leaves_the_deadline_index(harness: FleetHarness) -> None
     assert reg.client.zscore(reg.keys.deadlines, "dl1") is not None
     assert reg.claim("dl1", "QUEUED", "", "w/1/1/a", 30, "w", "g").ok
     assert reg.client.zscore(reg.keys.deadlines, "dl1") is None
+
+
+def test_a_worker_waiting_on_its_lists_claims_what_it_pops_and_drops_a_stale_copy(harness: FleetHarness) -> None:
+    """Registry.wait_claim (an idle worker's BRPOP, then claim_popped): the task it pops is claimed, with how long it
+    waited; another copy of a running task comes back as its id, for the caller to judge; a copy of a finished one
+    is dropped; nothing queued: nothing, after the timeout."""
+    fleet = harness.fleet()
+    queue = function_queue(harness.prefix, fleet.functions["echo"])
+    lists = [priority_list(queue, p) for p in reversed(PRIORITY_STEPS)]
+    assert harness.registry.wait_claim(lists, 0.05, "w/1/2/a", 30, "w", "gpu0") == []
+    enqueue(harness, "popped")
+    [envelope] = harness.redis.lrange(priority_list(queue, DEFAULT_PRIORITY), 0, -1)
+    [taken] = harness.registry.wait_claim(lists, 1, "w/1/2/a", 30, "w", "gpu0")
+    assert isinstance(taken, Taken) and taken.task_id == "popped" and taken.event == {"k": "popped"}
+    assert taken.claim.attempts == 1 and taken.claim.waited_s is not None and 0 <= taken.claim.waited_s < 60
+    assert harness.registry.get("popped")["state"] == "RUNNING"  # type: ignore[index]
+    assert harness.registry.position("popped", queue) is None  # out of its queue's pending tasks
+    harness.redis.lpush(priority_list(queue, DEFAULT_PRIORITY), envelope)  # a copy, delivered again
+    assert harness.registry.wait_claim(lists, 1, "w/1/2/b", 30, "w", "gpu0") == ["popped"]
+    assert harness.registry.finish("popped", "w/1/2/a", State.SUCCEEDED, {"result": "{}"}, [])
+    harness.redis.lpush(priority_list(queue, DEFAULT_PRIORITY), envelope)
+    assert harness.registry.wait_claim(lists, 1, "w/1/2/c", 30, "w", "gpu0") == []  # stale: dropped
+    assert harness.redis.llen(priority_list(queue, DEFAULT_PRIORITY)) == 0
+    assert harness.registry.get("popped")["state"] == "SUCCEEDED"  # type: ignore[index]

@@ -16,11 +16,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis
 
-from gpufleet.errors import BrokerError
-from gpufleet.registry import connection
+from gpufleet.registry import connection, enqueue
 from gpufleet.registry.keyspace import Keyspace, script
 from gpufleet.registry.model import (
-    REDIS_ERRORS,
     VIEW_FIELDS,
     VIEW_KEYS,
     Callback,
@@ -31,18 +29,26 @@ from gpufleet.registry.model import (
     State,
     Taken,
     decode_record,
-    task_row,
 )
 
 if TYPE_CHECKING:
     from gpufleet.settings import FleetSettings
 
 
-# Tasks per enqueue script: ~20 us each inside Redis, so one call blocks other clients for about 2 ms at most.
-ENQUEUE_CHUNK = 100
 CLIENT_OPTIONS: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 5, "health_check_interval": 30}
 
-_ENQUEUED = {e.value: e for e in Enqueued}
+
+def _taken(replies: list[Any], now: float) -> list[Taken | str]:
+    """The tasks a pop_claim or claim_popped script claimed (see ``take_message`` in ``helpers.lua``)."""
+    taken: list[Taken | str] = []
+    for reply in replies:
+        if reply[0] == b"other":
+            taken.append(reply[1].decode())
+        else:
+            task_id, function, event, meta = reply[8:12]
+            claim = Claim.from_reply(reply, now)
+            taken.append(Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)))
+    return taken
 
 
 class Registry:
@@ -65,6 +71,7 @@ class Registry:
         self._enqueue = client.register_script(script("enqueue_many"))
         self._claim = client.register_script(script("claim"))
         self._pop_claim = client.register_script(script("pop_claim"))
+        self._claim_popped = client.register_script(script("claim_popped"))
         self._renew = client.register_script(script("renew"))
         self._finish = client.register_script(script("finish"))
         self._retry = client.register_script(script("retry_later"))
@@ -98,8 +105,8 @@ class Registry:
         """Create the records and push the messages; per task, whether it was created, a duplicate (the id exists
         for the same function and origin) or a conflict (it exists for another).
 
-        Each chunk of :data:`ENQUEUE_CHUNK` tasks is one atomic script, so no single call holds Redis for more than
-        a millisecond or two; the chunks travel in one pipeline, one round trip.
+        Each chunk of :data:`~gpufleet.registry.enqueue.CHUNK` tasks is one atomic script, so no single call holds
+        Redis for more than a millisecond or two; the chunks travel in one pipeline, one round trip.
 
         Raises:
             BrokerError: Redis could not be reached, or too few replicas acknowledged (``redis.wait_replicas``).
@@ -109,39 +116,8 @@ class Registry:
     def send_enqueue(self, tasks: list[NewTask]) -> Callable[[], list[Enqueued]]:
         """:meth:`enqueue_many` in two halves: the scripts go to Redis now, and the call returned reads their answers
         (and raises as enqueue_many does). A trigger parses its next batch while Redis runs them."""
-        if not tasks:
-            return list
-        now = repr(time.time())
-        pipe = self.pipeline()
-        for start in range(0, len(tasks), ENQUEUE_CHUNK):
-            chunk = tasks[start : start + ENQUEUE_CHUNK]
-            batch = orjson.dumps([task_row(t, now) for t in chunk])
-            args: list[str | bytes] = [self.prefix, now, batch]
-            for t in chunk:  # as they are: the JSON text goes into the record unescaped, and Lua does not decode it
-                args += (t.message.envelope, t.message.event, t.message.meta)
-            self._enqueue(args=args, client=pipe)
-        if self.wait_replicas:
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)  # type: ignore[no-untyped-call]
-        try:
-            pipe.send()
-        except REDIS_ERRORS as exc:
-            raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
-
-        def answers() -> list[Enqueued]:
-            try:
-                replies = pipe.receive()
-            except REDIS_ERRORS as exc:
-                raise BrokerError(f"cannot publish tasks to Redis: {exc}") from exc
-            if self.wait_replicas:
-                acked = replies.pop()
-                if acked < self.wait_replicas:  # written to the master only: a failover now could lose them
-                    raise BrokerError(
-                        f"tasks reached {acked} of redis.wait_replicas={self.wait_replicas} replicas "
-                        f"within {self.wait_timeout_ms} ms; not acknowledged, retried"
-                    )
-            return [_ENQUEUED[x] for reply in replies for x in reply]
-
-        return answers
+        replicas = (self.wait_replicas, self.wait_timeout_ms)
+        return enqueue.send(self.pipeline(), self._enqueue, self.prefix, tasks, replicas)
 
     def get(self, task_id: str, event: bool = False) -> dict[str, Any] | None:
         """The task's record; with ``event``, also its ``event`` and ``meta`` (decoded)."""
@@ -202,15 +178,20 @@ class Registry:
         pipe = pipe if pipe is not None else self.pipeline()
         self._pop_claim(args=[self.prefix, token, now, now + lease_s, worker, gpu, n, *queues], client=pipe)
         *earlier, replies = pipe.execute()
-        taken: list[Taken | str] = []
-        for reply in replies:
-            if reply[0] == b"other":
-                taken.append(reply[1].decode())
-            else:
-                task_id, function, event, meta = reply[8:12]
-                claim = Claim.from_reply(reply, now)
-                taken.append(Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)))
-        return earlier, taken
+        return earlier, _taken(replies, now)
+
+    def wait_claim(
+        self, lists: list[str], timeout_s: float, token: str, lease_s: float, worker: str, gpu: str
+    ) -> list[Taken | str]:
+        """Wait up to ``timeout_s`` for a message on ``lists`` (a BRPOP: the first of them, in their order, that has
+        one) and claim its task (see ``claim_popped.lua``): as :meth:`pop_claim` answers, [] when none came or it
+        was stale. What an idle worker does instead of going back to Celery, whose path to it is slower."""
+        popped: tuple[bytes, bytes] | None = self.client.brpop(lists, timeout_s)  # type: ignore[assignment]
+        if not popped:
+            return []
+        now = time.time()
+        args: list[Any] = [self.prefix, token, now, now + lease_s, worker, gpu, popped[1]]
+        return _taken(self._claim_popped(args=args), now)
 
     def renew(self, task_id: str, token: str, lease_s: float) -> int:
         """Extend the lease. Returns 0 if this process lost the task, 1 if renewed, 2 if a cancel was asked for."""

@@ -125,6 +125,22 @@ local function claim(prefix, key, id, r, token, now, lease_until, worker, gpu)
   redis.call('ZADD', prefix .. ':leases', lease_until, id)
   return {'ok', attempts, r[10], r[11], r[12], r[13], r[14], waited}
 end
+-- One message a worker popped from a queue's list (``reads``: CLAIM_READS, then 'event' and 'meta'): claimed if its
+-- task waits for it (QUEUED, and the record names this message: not a stale copy), as {'ok', ..., waited, id,
+-- function, event, meta}; {'other', id} for a task that is not waiting but running (another copy of a running one);
+-- nil for one no worker should run (finished, expired, stale), which is dropped.
+local function take_message(prefix, message, reads, token, now, lease_until, worker, gpu)
+  local id = id_of(message)
+  local key = prefix .. ':task:' .. id
+  local r = redis.call('HMGET', key, unpack(reads))
+  if r[1] == 'QUEUED' and (not r[2] or r[2] == tag_of(message)) then
+    local out = claim(prefix, key, id, r, token, now, lease_until, worker, gpu)
+    out[9], out[10], out[11], out[12] = id, r[3], r[#reads - 1], r[#reads]
+    return out
+  elseif r[1] == 'RUNNING' then
+    return {'other', id}
+  end
+end
 -- Sharded jobs (gpufleet.registry.jobs). A job whose shards are all final has one step left, on a worker of its own
 -- queue:
 -- merge, or the failure that names its shards. It is queued with the message stored when it split, from attempt 0.

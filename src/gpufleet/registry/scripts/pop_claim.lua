@@ -13,8 +13,7 @@
 -- the lost-message scan restores it) only sends the queue's reading one level down, as far as the last.
 local prefix, n, taken, below = ARGV[1], tonumber(ARGV[7]), {}, {}
 local reads = {unpack(CLAIM_READS)}
-local EVENT = #reads + 1
-reads[EVENT], reads[EVENT + 1] = 'event', 'meta'
+reads[#reads + 1], reads[#reads + 2] = 'event', 'meta'
 while #taken < n do
   local best, level
   for q = 8, #ARGV do
@@ -30,17 +29,11 @@ while #taken < n do
   while #taken < n do
     local message = redis.call('RPOP', list)
     if not message then break end
-    local id = id_of(message)
-    local key = prefix .. ':task:' .. id
-    local r = redis.call('HMGET', key, unpack(reads))
-    if r[1] == 'QUEUED' and (not r[2] or r[2] == tag_of(message)) then
-      local out = claim(prefix, key, id, r, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-      out[9], out[10], out[11], out[12] = id, r[3], r[EVENT], r[EVENT + 1]
+    local out = take_message(prefix, message, reads, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+    if out then
       taken[#taken + 1] = out
+      if out[1] == 'other' then return taken end
       claimed = true
-    elseif r[1] == 'RUNNING' then
-      taken[#taken + 1] = {'other', id}
-      return taken
     end
   end
   if not claimed then below[best] = level + 1 end
