@@ -155,7 +155,12 @@ class Runtime:
                 return None
             token = owner_token(b.host, os.getpid())
             slice_s = max(0.01, min(WAIT_SLICE_S, until - time.monotonic()))
-            items = self._items(b.registry.wait_claim(lists, slice_s, token, b.lease_s, b.worker_name, b.gpu), token)
+            try:
+                taken = b.registry.wait_claim(lists, slice_s, token, b.lease_s, b.worker_name, b.gpu)
+            except REDIS_ERRORS:  # back to Celery, whose consumer reconnects (and a lost pop is scanned for)
+                log.warning("cannot wait on the queues; back to Celery", exc_info=True)
+                return None
+            items = self._items(taken, token)
             if items:
                 return items[0]
         return None
