@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import redis
 import structlog
 
@@ -39,9 +38,8 @@ from gpufleet.delivery.parking import Parking
 from gpufleet.destinations import open_destination
 from gpufleet.destinations.base import Destination, OutRecord, Refusal
 from gpufleet.errors import DeliveryError, GpufleetError
-from gpufleet.registry.keyspace import Keyspace, script
+from gpufleet.registry.keyspace import Keyspace, script, stream_entry
 from gpufleet.registry.model import REDIS_ERRORS
-from gpufleet.trace import HEADER
 from gpufleet.worker.lease import owner_is_dead
 
 if TYPE_CHECKING:
@@ -291,20 +289,10 @@ class Flow:
 
 
 def record_of(f: dict[bytes, bytes]) -> OutRecord | None:
-    """A stream entry as a record: written by a worker's finish (condition, function) or re-sent from the parked
-    stream (headers as JSON); None if its headers cannot be read."""
-    if b"headers" in f:
-        try:
-            headers = orjson.loads(f[b"headers"])
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            return None
-    else:
-        headers = {"condition": f.get(b"condition", b"").decode(), "function": f.get(b"function", b"").decode()}
-        if f.get(b"traceparent"):
-            headers[HEADER] = f[b"traceparent"].decode()
-    return OutRecord(key=f.get(b"key", b"").decode(errors="replace"), value=f.get(b"value", b""), headers=headers)
+    """A stream entry as a record: written by a worker's finish or re-sent from the parked stream; None if its
+    headers cannot be read."""
+    entry = stream_entry(f)
+    return None if entry.headers is None else OutRecord(key=entry.key, value=entry.value, headers=entry.headers)
 
 
 def destinations(client: redis.Redis, prefix: str, now: float) -> list[dict[str, Any]]:

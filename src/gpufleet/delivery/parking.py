@@ -6,30 +6,23 @@ dead-letter path) to the stream ``<prefix>:parked``, in one transaction. An oper
 (``gpufleet parked``, ``GET /v1/parked``), fixes the cause, and re-sends them (they go back to the callback stream,
 and are parked again if still refused) or drops them.
 
-An entry holds ``dest``, ``key``, ``value``, ``headers`` (JSON), ``reason`` and ``parked_at``. It keeps the URL as
+An entry holds ``dest``, ``key``, ``value``, ``headers`` (JSON), ``reason`` and ``parked_at`` (see
+:func:`gpufleet.registry.keyspace.stream_entry`). It keeps the URL as
 configured, to re-send to; a listing shows it, and the reason, with their secrets masked.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 import redis
 
 from gpufleet.credentials import redact, redact_url
 from gpufleet.destinations.base import OutRecord
-from gpufleet.registry.keyspace import Keyspace
+from gpufleet.registry.keyspace import PARKED_FIELDS, Keyspace, parked_fields, stream_entry
 
-PARKED_FIELDS = ("dest", "key", "value", "headers")
 PARKED_ID = r"\d{1,19}-\d{1,19}"  # a stream entry id: two 64-bit numbers, and 19 digits always fit
-
-
-def stream_entry(dest: str, record: OutRecord) -> dict[str, Any]:
-    """A record as the callback stream (and the parked stream) hold it."""
-    return {"dest": dest, "key": record.key, "value": record.value, "headers": orjson.dumps(record.headers)}
 
 
 class Parking:
@@ -41,7 +34,7 @@ class Parking:
 
     def park(self, pipe: Any, dest: str, record: OutRecord, reason: str) -> None:
         """Add a parked entry on ``pipe`` (a pipeline the caller executes, with the removal from where it was)."""
-        pipe.xadd(self.key, {**stream_entry(dest, record), "reason": reason[:2000], "parked_at": repr(time.time())})
+        pipe.xadd(self.key, parked_fields(dest, record.key, record.value, record.headers, reason))
 
     def park_now(self, dest: str, records: Iterable[tuple[OutRecord, str]]) -> None:
         pipe = self.client.pipeline(transaction=True)
@@ -59,17 +52,17 @@ class Parking:
         rows: list[tuple[bytes, dict[bytes, bytes]]] = self.client.xrange(self.key, start, "+", count=limit)  # type: ignore[assignment]
         out = []
         for entry_id, f in rows:
-            value = f.get(b"value", b"")
+            entry = stream_entry(f)
             out.append(
                 {
                     "id": entry_id.decode(),
-                    "destination": redact_url(f.get(b"dest", b"").decode()),
-                    "key": f.get(b"key", b"").decode(),
-                    "reason": redact(f.get(b"reason", b"").decode()),
-                    "parked_at": float(f.get(b"parked_at", b"0")),
-                    "bytes": len(value),
-                    "headers": orjson.loads(f.get(b"headers") or b"{}"),
-                    "value": value[:1000].decode(errors="replace"),
+                    "destination": redact_url(entry.dest),
+                    "key": entry.key,
+                    "reason": redact(entry.reason),
+                    "parked_at": entry.parked_at,
+                    "bytes": len(entry.value),
+                    "headers": entry.headers or {},
+                    "value": entry.value[:1000].decode(errors="replace"),
                 }
             )
         return out

@@ -38,7 +38,12 @@ from __future__ import annotations
 
 import functools
 import re
+import time
+from dataclasses import dataclass
 from importlib import resources
+from typing import Any
+
+import orjson
 
 US = "\x1f"
 # Upper bounds, in seconds, of the queue-wait and duration histograms' buckets (then +Inf): from a 10 ms task to a
@@ -46,8 +51,62 @@ US = "\x1f"
 # fmt: skip below: a list of numbers reads better packed than one per line.
 HISTOGRAM_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600,
                     86400)  # fmt: skip
-# A callback stream entry, as FINISH and FINISH_QUEUED write it and the dispatcher routes it to its flow.
+# The entries of the callback stream, each destination's flow and the parked stream. A finish writes these (with
+# ``add_callback`` in helpers.lua, which spells them in Lua) and the dispatcher routes them by ``dest``; a record
+# parked, or re-sent from there, carries its headers as JSON instead (PARKED_FIELDS), and a parked one its
+# ``reason`` and ``parked_at``. Read them with :func:`stream_entry`.
 CALLBACK_FIELDS = ("dest", "key", "value", "condition", "function", "traceparent")
+PARKED_FIELDS = ("dest", "key", "value", "headers")
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """A callback, flow or parked stream entry, as read."""
+
+    dest: str  # the destination's URL as configured (secrets included)
+    key: str  # the task id (a dead letter's own id)
+    value: bytes
+    headers: dict[str, str] | None  # None: a parked entry's headers that cannot be read
+    reason: str = ""  # a parked entry's
+    parked_at: float = 0.0
+
+
+def stream_entry(fields: dict[bytes, bytes]) -> StreamEntry:
+    """An entry of any of those streams. A finish's headers are its condition, function and W3C traceparent."""
+    headers: dict[str, str] | None
+    if b"headers" in fields:
+        try:
+            headers = orjson.loads(fields[b"headers"])
+        except orjson.JSONDecodeError:
+            headers = None
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            headers = None
+    else:
+        headers = {
+            "condition": fields.get(b"condition", b"").decode(),
+            "function": fields.get(b"function", b"").decode(),
+        }
+        if fields.get(b"traceparent"):
+            headers["traceparent"] = fields[b"traceparent"].decode()
+    return StreamEntry(
+        fields.get(b"dest", b"").decode(errors="replace"),
+        fields.get(b"key", b"").decode(errors="replace"),
+        fields.get(b"value", b""),
+        headers,
+        fields.get(b"reason", b"").decode(errors="replace"),
+        float(fields.get(b"parked_at", b"0") or 0),
+    )
+
+
+def parked_fields(
+    dest: str, key: str, value: bytes, headers: dict[str, str], reason: str | None = None
+) -> dict[str, Any]:
+    """An entry with its headers as JSON: a record re-sent to the callback stream, or (with a ``reason``) parked."""
+    out: dict[str, Any] = {"dest": dest, "key": key, "value": value, "headers": orjson.dumps(headers)}
+    if reason is not None:
+        out |= {"reason": reason[:2000], "parked_at": repr(time.time())}
+    return out
+
 
 # Each script is its own file, after the shared definitions it uses: those of ``helpers`` (every transition's
 # bookkeeping) and ``create`` (a task's creation), and only those. Redis runs a script's whole body at each call, so

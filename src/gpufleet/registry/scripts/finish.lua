@@ -15,8 +15,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[4], 'token', '
 finished(prefix, fn, ARGV[3], ARGV[4])
 local tp = traceparent_of(meta)
 while i <= #ARGV do
-  redis.call('XADD', KEYS[3], '*', 'dest', ARGV[i], 'key', id, 'value', ARGV[i+1], 'condition', ARGV[i+2],
-    'function', fn, 'traceparent', tp)
+  add_callback(KEYS[3], ARGV[i], id, ARGV[i + 1], ARGV[i + 2], fn, tp)
   i = i + 3
 end
 redis.call('ZREM', KEYS[2], id)

@@ -27,8 +27,7 @@ redis.call('HSET', KEYS[1], 'state', final, 'finished_at', ARGV[2], 'condition',
 if not expire then redis.call('HSET', KEYS[1], 'cancel', '1', 'cancel_requested_at', ARGV[2]) end
 redis.call('HDEL', KEYS[1], 'retry_at')
 if ARGV[6] ~= '' then
-  redis.call('XADD', KEYS[3], '*', 'dest', ARGV[6], 'key', id, 'value', ARGV[7], 'condition', condition,
-    'function', fn, 'traceparent', traceparent(KEYS[1]))
+  add_callback(KEYS[3], ARGV[6], id, ARGV[7], condition, fn, traceparent(KEYS[1]))
 end
 move(ARGV[1], fn, id, 'QUEUED', final, redis.call('HGET', KEYS[1], 'seq'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])

@@ -98,6 +98,11 @@ end
 local function traceparent(key)
   return traceparent_of(redis.call('HGET', key, 'meta'))
 end
+-- A record for the dispatcher: an entry of the callback stream, in the format keyspace.CALLBACK_FIELDS names.
+local function add_callback(stream, dest, id, value, condition, fn, tp)
+  redis.call('XADD', stream, '*', 'dest', dest, 'key', id, 'value', value, 'condition', condition, 'function', fn,
+    'traceparent', tp)
+end
 -- Whether the task runs under this owner: only its owner may finish it or give it back.
 local function owned(key, token)
   return redis.call('HGET', key, 'state') == 'RUNNING' and redis.call('HGET', key, 'token') == token
