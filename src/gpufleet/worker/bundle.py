@@ -17,6 +17,7 @@ import structlog
 
 from gpufleet.aws import ObjectStore
 from gpufleet.config import Fleet
+from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import Envelopes, MessageFactory
 from gpufleet.registry.store import Registry
 from gpufleet.registry.tally import Tally
@@ -43,6 +44,8 @@ class ProcessBundle:
         self.kill_grace_s = worker.kill_grace_s
         self.scratch_root: Path = worker.scratch_dir or default_root()
         self.on_overdue: Callable[[str, str], None] = lambda task_id, token: None
+        # The wait and duration histograms' observations, written about once a second (by the lease keeper).
+        self.tally = Tally(Keyspace(fleet.settings.redis.key_prefix))
 
     def fresh(self) -> ProcessBundle:
         """The same process identity with no client made yet: a forked pool process's own."""
@@ -75,11 +78,6 @@ class ProcessBundle:
         keeper.name = f"gpufleet-lease-{os.getpid()}"
         keeper.start()
         return keeper
-
-    @functools.cached_property
-    def tally(self) -> Tally:
-        """The wait and duration histograms' observations, written about once a second (by the lease keeper)."""
-        return Tally(self.registry.keys)
 
     def tally_tick(self) -> None:
         if self.tally.due():

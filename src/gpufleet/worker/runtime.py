@@ -147,12 +147,15 @@ class Runtime:
         """Idle, within ``DRAIN_S``: wait on the queues' lists for the next message (:meth:`Registry.wait_claim`),
         ``WAIT_SLICE_S`` at a time so as to see a warm shutdown, rather than go back to Celery, whose path to this
         process (its ack, its own BRPOP, the dispatch to the pool process) took ~2 ms more from publish to handler
-        start. Meanwhile Celery fetches nothing for this worker: prefetch 1, and its delivery is not acked yet."""
+        start. Meanwhile Celery fetches nothing for this worker: its prefetch is off (``worker_disable_prefetch``)
+        and its one pool process is busy with this delivery."""
         b = self.bundle
+        if b.setups.failed:
+            # Back to Celery, which delivers the failed function's tasks too: each delivery tries its setup() again
+            # once its pause is over (see _not_ready). Waiting here, on the other queues, would wait out DRAIN_S.
+            return None
         while self._more(until):
             lists = [priority_list(q, p) for p in reversed(PRIORITY_STEPS) for q in self._turn()]
-            if not lists:
-                return None
             token = owner_token(b.host, os.getpid())
             slice_s = max(0.01, min(WAIT_SLICE_S, until - time.monotonic()))
             try:
