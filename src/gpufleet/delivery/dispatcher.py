@@ -26,7 +26,7 @@ from gpufleet.credentials import redact, redact_url
 from gpufleet.delivery.flows import Entry, Flow, Lease, flow_id
 from gpufleet.errors import unreachable_hint
 from gpufleet.registry import connection
-from gpufleet.registry.keyspace import Keyspace, script, stream_entry
+from gpufleet.registry.keyspace import Keyspace, entry_dest, script
 from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.retry import retry_until
 from gpufleet.worker.lease import owner_token
@@ -142,7 +142,7 @@ class Dispatcher:
             keys: list[Any] = [self.stream, self.keys.flows]
             args: list[Any] = [GROUP]
             for eid, fields in entries:
-                url = stream_entry(fields).dest
+                url = entry_dest(fields)
                 fid = flow_id(url)
                 keys.append(self.keys.flow(fid))
                 args += [eid, fid, url]

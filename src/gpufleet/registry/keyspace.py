@@ -71,6 +71,11 @@ class StreamEntry:
     parked_at: float = 0.0
 
 
+def entry_dest(fields: dict[bytes, bytes]) -> str:
+    """An entry's destination URL alone: what the dispatcher routes it by."""
+    return fields.get(b"dest", b"").decode(errors="replace")
+
+
 def stream_entry(fields: dict[bytes, bytes]) -> StreamEntry:
     """An entry of any of those streams. A finish's headers are its condition, function and W3C traceparent."""
     headers: dict[str, str] | None
@@ -89,7 +94,7 @@ def stream_entry(fields: dict[bytes, bytes]) -> StreamEntry:
         if fields.get(b"traceparent"):
             headers["traceparent"] = fields[b"traceparent"].decode()
     return StreamEntry(
-        fields.get(b"dest", b"").decode(errors="replace"),
+        entry_dest(fields),
         fields.get(b"key", b"").decode(errors="replace"),
         fields.get(b"value", b""),
         headers,

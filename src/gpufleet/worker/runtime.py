@@ -140,8 +140,6 @@ class Runtime:
             if left is not None:
                 self._give_back(left)
             self.slot.disarm()
-            if self.slot.stopping:  # the lease keeper writes them within a second, unless this process exits first
-                self.bundle.write_tally()
 
     def _wait(self, until: float) -> Item | None:
         """Idle, within ``DRAIN_S``: wait on the queues' lists for the next message (:meth:`Registry.wait_claim`),

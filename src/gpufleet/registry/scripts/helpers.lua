@@ -130,7 +130,13 @@ local function claim(prefix, key, id, r, token, now, lease_until, worker, gpu)
   redis.call('ZADD', prefix .. ':leases', lease_until, id)
   return {'ok', attempts, r[10], r[11], r[12], r[13], r[14], waited}
 end
--- One message a worker popped from a queue's list (``reads``: CLAIM_READS, then 'event' and 'meta'): claimed if its
+-- What take_message reads of a record: CLAIM_READS, then the event and meta the worker runs.
+local function take_reads()
+  local reads = {unpack(CLAIM_READS)}
+  reads[#reads + 1], reads[#reads + 2] = 'event', 'meta'
+  return reads
+end
+-- One message a worker popped from a queue's list (``reads``: take_reads(), made once per script): claimed if its
 -- task waits for it (QUEUED, and the record names this message: not a stale copy), as {'ok', ..., waited, id,
 -- function, event, meta}; {'other', id} for a task that is not waiting but running (another copy of a running one);
 -- nil for one no worker should run (finished, expired, stale), which is dropped.

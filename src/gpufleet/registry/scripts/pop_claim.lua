@@ -4,16 +4,15 @@
 -- them), each claimed in the same step, so a message is never out of the lists unclaimed. Messages no worker should run
 -- are dropped on the way: a finished or expired task's, a stale copy (the record names another message). Returns one
 -- entry per task, none when every queue is empty: {'ok', attempts, max_attempts, on_success, on_failure, event_ts,
--- cancel, waited, id, function, event, meta} for a claim, or {'other', id} for a task that is not waiting (another copy of a
--- running one), after which it stops: the caller decides as for any delivery (see Runtime._take_over).
+-- cancel, waited, id, function, event, meta} for a claim, or {'other', id} for a task that is not waiting (another
+-- copy of a running one), after which it stops: the caller decides as for any delivery (see Runtime._take_over).
 --
 -- Which list to read: the head of each queue's pending tasks (P:pending:<queue>, in the order its lists are read)
 -- names the level of its next message, one ZRANGE per queue. Probing every level's list instead cost 20 empty RPOPs a
 -- task at the default priority. A head whose message is not in its level's list (in a consumer's hands, or lost until
 -- the lost-message scan restores it) only sends the queue's reading one level down, as far as the last.
 local prefix, n, taken, below = ARGV[1], tonumber(ARGV[7]), {}, {}
-local reads = {unpack(CLAIM_READS)}
-reads[#reads + 1], reads[#reads + 2] = 'event', 'meta'
+local reads = take_reads()
 while #taken < n do
   local best, level
   for q = 8, #ARGV do
