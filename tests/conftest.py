@@ -18,6 +18,7 @@ from tests.harness import FleetHarness
 from tests.s3util import start_or_skip
 
 if TYPE_CHECKING:
+    from gpufleet.dev.fakenvml import FakeGpus
     from gpufleet.dev.services import S3Service
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -70,6 +71,18 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         pytest.skip(f"local services unavailable: {exc}")
     yield svc
     svc.stop()
+
+
+@pytest.fixture
+def fake_gpus(tmp_path: Path) -> Iterator[FakeGpus]:
+    """GPUs as the fake NVML (``gpufleet.dev.fakenvml``) shows them to this process and to a fleet's processes
+    given ``fake_gpus.env``: none until the test adds some."""
+    from gpufleet.dev import fakenvml
+
+    gpus = fakenvml.FakeGpus(tmp_path / "nvml.json")
+    fakenvml.use(gpus.path)
+    yield gpus
+    fakenvml.use(None)
 
 
 @pytest.fixture

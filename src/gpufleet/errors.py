@@ -60,7 +60,7 @@ class EventError(GpufleetError):
     """An incoming message cannot become a task: it goes to the dead-letter destination with this reason.
 
     ``reason`` is a stable, machine-readable code (``malformed_json``, ``schema_mismatch``, ``unknown_function``,
-    ``oversize``, ``bad_id``).
+    ``oversize``, ``bad_id``, ``gpu_memory``).
     """
 
     def __init__(self, reason: str, detail: str):

@@ -21,7 +21,9 @@ it finds.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -36,6 +38,8 @@ from gpufleet.scheduling.gpumodels import check_model
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
+
+    from gpufleet.worker.gpus import GpuMemory
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # no ':': "embed:4" names a version of embed
@@ -59,6 +63,7 @@ def weights_problem(weights: Mapping[str, float]) -> str | None:
 LATEST = "$LATEST"  # the version of a function that declares none, as Lambda names it
 FUNCTIONS_NAMESPACE = "gpufleet_workers."  # function files are imported as its modules: never shadowing a library
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
+MAX_GPU_GB = 4096  # a typo's bound, not a GPU's: the largest today hold under 300 GiB
 
 
 class _Where(Protocol):
@@ -69,6 +74,11 @@ class _Where(Protocol):
     gpu: str
     state: Any  # what setup() returned in this process
     log: FilteringBoundLogger
+
+    @property
+    def gpu_memory(self) -> GpuMemory | None:
+        """The GPU's memory now, in MiB (``total_mb``, ``free_mb``, ``used_mb``; ``own_mb`` held by this worker,
+        ``others_mb`` by other processes), from NVML; None on a virtual GPU."""
 
 
 class Context(_Where, Protocol):
@@ -155,12 +165,16 @@ class Gpu:
         max_queue_wait_s: a task goes to a later pool when the earlier ones' estimated queue wait is longer than this
             (see :mod:`gpufleet.scheduling.placement`); None: only a pool with no live worker for the function is passed
             over.
+        memory_gb: the GPU memory one task needs, its model included (GiB). A GPU smaller than this never serves the
+            function; one whose free memory (with what its worker holds already) is less takes none of its tasks until
+            it has room; a task no GPU of the fleet can hold is refused at intake (``gpu_memory``). None: any GPU.
     """
 
     count: int = 1
     model: str = "any"
     pools: tuple[str, ...] = ("default",)
     max_queue_wait_s: float | None = None
+    memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         if self.count != 1:
@@ -180,6 +194,15 @@ class Gpu:
                 key="gpu.max_queue_wait_s",
                 fix="use a positive number of seconds, or None",
             )
+        if self.memory_gb is not None and (isinstance(self.memory_gb, bool) or not 0 < self.memory_gb <= MAX_GPU_GB):
+            raise ConfigError(
+                f"memory_gb={self.memory_gb}", key="gpu.memory_gb", fix=f"use GiB above 0, at most {MAX_GPU_GB}"
+            )
+
+    @property
+    def memory_mb(self) -> int | None:
+        """``memory_gb`` in MiB, as NVML counts, rounded up."""
+        return None if self.memory_gb is None else math.ceil(self.memory_gb * 1024)
 
 
 MAX_SHARDS = 10_000  # the most shards any job may split into (a job's own max_shards is at most this)
@@ -306,6 +329,7 @@ def function(
     *,
     version: str = LATEST,
     gpu: Gpu | None = None,
+    gpu_memory_gb: float | None = None,
     timeout_s: float = 900.0,
     max_attempts: int = 3,
     backoff_s: float = 1.0,
@@ -326,6 +350,7 @@ def function(
         version: the version this code is, e.g. ``"4"``: callback records name it (``functionVersion``,
             ``executedVersion``, ``functionArn``). Default ``$LATEST``.
         gpu: the GPU it needs.
+        gpu_memory_gb: the same as ``gpu=Gpu(memory_gb=...)``: the GPU memory one task needs, in GiB.
         timeout_s: hard limit for one attempt, up to 86400.
         max_attempts: attempts before a RetriesExhausted failure record.
         backoff_s: first retry delay; doubles per attempt up to ``backoff_max_s`` (with +-20% jitter).
@@ -347,12 +372,22 @@ def function(
             upload elsewhere fails the task, ``OutputNotAllowed``); None: any bucket the fleet's key can write.
     """
 
+    needs = gpu or Gpu()
+    if gpu_memory_gb is not None:
+        if needs.memory_gb not in (None, gpu_memory_gb):
+            raise ConfigError(
+                f"gpu_memory_gb={gpu_memory_gb} and gpu=Gpu(memory_gb={needs.memory_gb})",
+                key="gpu_memory_gb",
+                fix="say it once",
+            )
+        needs = dataclasses.replace(needs, memory_gb=gpu_memory_gb)
+
     def wrap(handler: Handler) -> Function:
         return Function(
             name=name or handler.__name__,
             handler=handler,
             version=version,
-            gpu=gpu or Gpu(),
+            gpu=needs,
             timeout_s=timeout_s,
             max_attempts=max_attempts,
             backoff_s=backoff_s,

@@ -84,6 +84,9 @@ class WorkerSettings(_Model):
     # GPUs per worker host, for the scaling figure (see gpufleet.scheduling.scaling) of a pool and model that no live
     # host reports yet: scaling from zero. Live hosts report their own.
     slots_per_worker: int = Field(1, ge=1, le=64)
+    # The file of a fake NVML (gpufleet.dev.fakenvml) to read instead of the driver's: GPUs, their memory and faults
+    # as a test or a rehearsal writes them, on a machine without a GPU.
+    fake_nvml: Path | None = None
 
     @field_validator("pools")
     @classmethod

@@ -126,6 +126,20 @@ def needs_h100(event: Any, ctx: Context) -> None:
     _redis().incr(f"runs:{ctx.task_id}")
 
 
+@function(name="sized", gpu_memory_gb=40)
+def sized(event: Any, ctx: Context) -> dict[str, Any]:
+    """Needs 40 GiB of GPU memory (any GPU of a virtual fleet may run it): says where it ran and what its GPU had."""
+    _redis().incr(f"runs:{ctx.task_id}")
+    memory = ctx.gpu_memory
+    return {"worker": ctx.worker, "total_mb": memory and memory.total_mb, "room_mb": memory and memory.room_mb}
+
+
+@function(name="huge", gpu=Gpu(memory_gb=100))
+def huge(event: Any, ctx: Context) -> None:
+    """Needs more GPU memory than the test fleets' fake GPUs have."""
+    _redis().incr(f"runs:{ctx.task_id}")
+
+
 @function(name="chaos", max_attempts=10, backoff_s=0.05, backoff_max_s=0.5)
 def chaos(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Records every start (pid and time) so the chaos run can tell a re-run a kill explains from one it does not."""

@@ -291,7 +291,8 @@ def test_functions_lists_the_served_functions(api: Api) -> None:
     assert functions["typed"]["payload_schema"]["properties"] == {"n": {"title": "N", "type": "integer"}}
     assert functions["echo"]["payload_schema"] is None
     assert functions["echo"]["max_attempts"] == 3 and functions["hang"]["timeout_s"] == 1
-    assert functions["echo"]["gpu"] == {"model": "any", "count": 1, "pools": ["default"]}
+    assert functions["echo"]["gpu"] == {"model": "any", "count": 1, "pools": ["default"], "memory_gb": None}
+    assert functions["sized"]["gpu"]["memory_gb"] == 40
     assert functions["batched"]["version"] == "7" and functions["echo"]["version"] == "$LATEST"
     r = api.client.get("/v1/functions/batched/versions")
     assert r.status_code == 200 and [v["version"] for v in r.json()["items"]] == ["7"]

@@ -1,58 +1,27 @@
-# ruff: noqa: N802 - FakeNvml mirrors pynvml's camelCase API
-"""GPU discovery against a faked NVML (there is no GPU here), and the per-GPU slot plan built from it."""
+"""GPU discovery and memory against the fake NVML (there is no GPU here), and the per-GPU slot plan built from it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from gpufleet import function
 from gpufleet.config import load_fleet
+from gpufleet.dev import fakenvml
+from gpufleet.dev.fakenvml import FakeGpus
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Gpu
 from gpufleet.scheduling.gpumodels import model_of
-from gpufleet.worker.gpus import discover
+from gpufleet.scheduling.placement import has_room
+from gpufleet.worker.gpus import Device, GpuInfo, GpuMemory, Sampler, discover
 from gpufleet.worker.supervisor import plan_slots
 
 CONFIG = Path(__file__).parents[2] / "config" / "fleet.yaml"
 
 FUNCTIONS = Path(__file__).parents[1] / "functions"
-
-
-class FakeNvml:
-    def __init__(self, names: list[str], fail_init: bool = False) -> None:
-        self.names = names
-        self.fail_init = fail_init
-        self.shutdown_called = False
-
-    def nvmlInit(self) -> None:
-        if self.fail_init:
-            raise RuntimeError("NVML Shared Library Not Found")
-
-    def nvmlShutdown(self) -> None:
-        self.shutdown_called = True
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.names)
-
-    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        return i
-
-    def nvmlDeviceGetName(self, h: int) -> bytes:
-        return self.names[h].encode()  # older pynvml returns bytes
-
-    def nvmlDeviceGetUUID(self, h: int) -> str:
-        return f"GPU-{h:04d}"
-
-    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
-        return SimpleNamespace(total=80 * 1024**3, used=(h + 1) * 1024**3)
-
-    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
-        if self.names[h] == "broken":
-            raise RuntimeError("GPU is lost")
-        return SimpleNamespace(gpu=40 + h, memory=10)
 
 
 @pytest.mark.parametrize(
@@ -64,21 +33,24 @@ def test_model_names(name: str, model: str) -> None:
     assert model_of(name) == model
 
 
-def test_discover_lists_every_gpu_and_shuts_nvml_down() -> None:
-    nvml = FakeNvml(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
-    gpus = discover(nvml)
-    assert [(g.index, g.model, g.uuid, g.memory_mb) for g in gpus] == [
-        (0, "H100", "GPU-0000", 81920), (1, "H100", "GPU-0001", 81920), (2, "A100", "GPU-0002", 81920)]  # fmt: skip
-    assert nvml.shutdown_called
+def test_discover_lists_every_gpu(fake_gpus: FakeGpus) -> None:
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    fake_gpus.add("NVIDIA A100-SXM4-40GB", memory_gb=40)
+    assert [(g.index, g.model, g.uuid, g.memory_mb) for g in discover(fakenvml)] == [
+        (0, "H100", fake_gpus.uuid(0), 81920), (1, "H100", fake_gpus.uuid(1), 81920),
+        (2, "A100", fake_gpus.uuid(2), 40960)]  # fmt: skip
 
 
 def test_no_driver_means_no_gpus() -> None:
-    assert discover(FakeNvml([], fail_init=True)) == []
+    assert discover(fakenvml) == []  # nvmlInit fails: NVML's library is not there
 
 
-def test_one_pinned_slot_per_gpu_consuming_its_model_queues() -> None:
+def test_one_pinned_slot_per_gpu_consuming_its_model_queues(fake_gpus: FakeGpus) -> None:
     fleet = load_fleet(CONFIG, env={})
-    slots = plan_slots(fleet, discover(FakeNvml(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])))
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    fake_gpus.add("NVIDIA A100-SXM4-80GB")
+    slots = plan_slots(fleet, discover(fakenvml))
     assert [s.name for s in slots] == ["gpu0", "gpu1"]
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
     # Each function's queue (all of them take any GPU), then the pool and model queues of earlier releases.
@@ -157,8 +129,64 @@ def test_the_inventory_groups_by_pool_and_model_and_a_host_in_two_pools_counts_i
 
 
 def test_sampler_without_a_driver_reports_the_static_facts() -> None:
-    from gpufleet.worker.gpus import GpuInfo, Sampler
-
     gpu = GpuInfo(index=0, name="NVIDIA L4", model="L4", uuid="GPU-1", memory_mb=23034)
-    facts = Sampler([gpu], FakeNvml(["NVIDIA L4"], fail_init=True)).sample(gpu)
+    facts = Sampler([gpu], fakenvml).sample(gpu)
     assert facts["memory_total_mb"] == 23034 and facts["memory_used_mb"] is None and facts["utilization_pct"] is None
+
+
+def test_memory_held_by_other_processes_is_told_apart_from_the_workers_own(fake_gpus: FakeGpus) -> None:
+    fake_gpus.add("NVIDIA L4", memory_gb=24, reserved_mb=300)
+    fake_gpus.hold(0, 30 * 1024 // 4, pid=os.getpid())  # this "worker" holds 7.5 GB
+    fake_gpus.hold(0, 10 * 1024, pid=1)  # and another process 10 GB
+    [gpu] = discover(fakenvml)
+    facts = Sampler([gpu], fakenvml).sample(gpu, own_pids={os.getpid()})
+    assert (facts["memory_total_mb"], facts["memory_used_mb"], facts["memory_free_mb"]) == (24576, 18220, 6356)
+    assert facts["memory_others_mb"] == 10540  # the other process and the driver's own
+    device = Device(fake_gpus.uuid(0), fakenvml, max_age_s=0)
+    assert device.memory() == GpuMemory(24576, 6356, 18220, 7680)
+    assert device.memory().room_mb == 6356 + 7680  # type: ignore[union-attr]
+    fake_gpus.release(0, 1)
+    assert device.memory().others_mb == 300  # type: ignore[union-attr]
+
+
+def test_a_gpus_memory_is_read_at_most_every_so_often_and_unknown_when_it_is_lost(fake_gpus: FakeGpus) -> None:
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    device = Device(fake_gpus.uuid(0), fakenvml, max_age_s=60)
+    assert device.memory() == GpuMemory(81920, 81920, 0, 0)
+    fake_gpus.hold(0, 1024, pid=1)
+    assert device.memory() == GpuMemory(81920, 81920, 0, 0)  # within max_age_s: the last reading
+    fake_gpus.set(0, lost=True)
+    assert Device(fake_gpus.uuid(0), fakenvml).memory() is None  # fallen off the bus: nothing is held back for memory
+    assert Device("").memory() is None and Device("virtual-0").memory() is None
+
+
+def test_a_gpu_smaller_than_a_function_needs_never_reads_its_queues(fake_gpus: FakeGpus) -> None:
+    fake_gpus.add("NVIDIA L4", memory_gb=24)
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    config = Path(__file__).parents[2] / "config" / "fleet.yaml"
+    fleet = load_fleet(config, env={})
+    fleet.functions["sized"] = function(name="sized", gpu_memory_gb=40)(lambda event, ctx: None)
+    small, big = plan_slots(fleet, discover(fakenvml))
+    assert "gpufleet.default.any.sized" not in small.queues and "gpufleet.default.any.sized" in big.queues
+    assert small.queues[0] == big.queues[0]  # every other function on both
+    assert "gpufleet.default.any.sized" in plan_slots(fleet, [])[0].queues  # a virtual GPU's memory is unknown
+
+
+@pytest.mark.parametrize("bad", [0, -1, 5000, True])
+def test_memory_gb_is_a_positive_size(bad: Any) -> None:
+    with pytest.raises(ConfigError, match=r"gpu\.memory_gb"):
+        Gpu(memory_gb=bad)
+    assert Gpu(memory_gb=0.5).memory_mb == 512 and Gpu(memory_gb=20.001).memory_mb == 20482
+
+
+def test_gpu_memory_gb_is_a_shorthand_said_once() -> None:
+    fn = function(name="f", gpu=Gpu(model="H100"), gpu_memory_gb=20)(lambda event, ctx: None)
+    assert (fn.gpu.model, fn.gpu.memory_gb) == ("H100", 20)
+    with pytest.raises(ConfigError, match="say it once"):
+        function(name="f", gpu=Gpu(memory_gb=10), gpu_memory_gb=20)
+
+
+def test_a_gpu_has_room_for_all_but_what_other_processes_hold() -> None:
+    entry = {"memory_total_mb": 81920, "memory_others_mb": 61440}
+    assert has_room(entry, 20480) and not has_room(entry, 20481) and has_room(entry, None)
+    assert has_room({"memory_total_mb": 0, "memory_others_mb": None}, 10**6)  # a virtual GPU: unknown

@@ -92,6 +92,9 @@ class TaskView(_Out):
         description="errorType, errorMessage, stackTrace (not in a listing), once it failed"
     )
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
+    waiting_for: str | None = Field(
+        None, description="QUEUED: why it waits, when a worker could not take it (no GPU with room for it now)"
+    )
     cancel_requested: bool
     queue: str | None = Field(None, description="the Celery queue it waits in or ran from")
     version: str | None = Field(None, description="the version asked for (embed:4, or an alias's pick); null: any")
@@ -150,6 +153,7 @@ class GpuRequirement(_Out):
     model: str
     count: int
     pools: list[str]
+    memory_gb: float | None = Field(None, description="GPU memory one task needs; null: any GPU")
 
 
 class VersionInfo(_Out):
@@ -251,6 +255,8 @@ class GpuInfo(BaseModel):
     virtual: bool | None = None
     memory_total_mb: int | None = None
     memory_used_mb: int | None = None
+    memory_free_mb: int | None = None
+    memory_others_mb: int | None = Field(None, description="held by processes other than this worker's")
     utilization_pct: int | None = None
     pid: int | None = None
     up: bool | None = None

@@ -190,10 +190,12 @@ def _gpu_model(entry: dict[str, Any]) -> str:
 
 
 def _memory(entry: dict[str, Any]) -> str:
-    used, total = entry.get("memory_used_mb"), entry.get("memory_total_mb")
+    """Used of total, and what other processes than its worker hold of it (their memory is no room for tasks)."""
+    used, total, others = entry.get("memory_used_mb"), entry.get("memory_total_mb"), entry.get("memory_others_mb")
     if used is None and not total:
         return "-"
-    return f"{'-' if used is None else used}/{total or '?'} MiB"
+    held = f" ({others} others)" if others else ""
+    return f"{'-' if used is None else used}/{total or '?'} MiB{held}"
 
 
 def _utilisation(entry: dict[str, Any]) -> str:

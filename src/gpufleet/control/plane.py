@@ -173,7 +173,7 @@ class ControlPlane:
         except EventError as exc:
             if exc.reason == "oversize":
                 raise PayloadTooLargeError("payload_too_large", exc.detail) from None
-            if exc.reason in ("schema_mismatch", "bad_priority", "bad_version", "unknown_version"):
+            if exc.reason in ("schema_mismatch", "bad_priority", "bad_version", "unknown_version", "gpu_memory"):
                 raise InvalidRequestError(exc.reason, exc.detail) from None
             code = "invalid_json" if exc.reason == "malformed_json" else exc.reason
             raise InvalidRequestError(code, f"the event is not one gpufleet can carry: {exc.detail}") from None

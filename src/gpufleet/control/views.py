@@ -13,7 +13,7 @@ from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError
 from gpufleet.functions import Function
 from gpufleet.registry.jobs import job_info
 from gpufleet.registry.messages import DEFAULT_PRIORITY, function_queue
-from gpufleet.registry.model import State
+from gpufleet.registry.model import GPU_MEMORY_WAIT, State
 from gpufleet.settings import FleetSettings
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
@@ -50,7 +50,11 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "last_error": record.get("last_error"),
         "queue": record.get("queue"),
         "cancel_requested": record.get("cancel") == "1",
+        "waiting_for": None,
     }
+    last = view["last_error"]
+    if view["state"] == State.QUEUED and isinstance(last, dict) and last.get("errorType") == GPU_MEMORY_WAIT:
+        view["waiting_for"] = last.get("errorMessage")
     for key in TIMES:
         value = record.get(key)
         view[key] = iso(float(value)) if value else None
@@ -119,7 +123,12 @@ def function_view(
         "state": versions[0]["state"] if versions else None,  # the declared version's
         "versions": versions,
         "aliases": aliases,
-        "gpu": {"model": fn.gpu.model, "count": fn.gpu.count, "pools": list(fn.gpu.pools)},
+        "gpu": {
+            "model": fn.gpu.model,
+            "count": fn.gpu.count,
+            "pools": list(fn.gpu.pools),
+            "memory_gb": fn.gpu.memory_gb,
+        },
         "queue": function_queue(settings.redis.key_prefix, fn),
         "timeout_s": fn.timeout_s,
         "max_attempts": fn.max_attempts,

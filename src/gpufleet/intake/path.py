@@ -4,7 +4,8 @@
 
 1. the size: the raw event against the producer's ``max_payload_bytes`` (``oversize``), before it is decoded;
 2. the event: JSON gpufleet can carry (:mod:`gpufleet.intake.events`), checked once, here;
-3. the function: one this fleet serves (``unknown_function``), and its payload model (``schema_mismatch``);
+3. the function: one this fleet serves (``unknown_function``), its payload model (``schema_mismatch``), and a GPU
+   of the fleet big enough for it (``gpu_memory``: see :meth:`~gpufleet.scheduling.placement.Placer.too_big`);
 4. the id: the producer derives it with :mod:`gpufleet.intake.ids` (its namespace), and intake records its ``origin``;
 5. the destinations: the producer's (a trigger's ``on_success``/``on_failure``), then the function's, then the
    fleet's defaults;
@@ -139,6 +140,9 @@ class Intake:
         mismatch = fn.payload_error(payload)
         if mismatch is not None:
             raise EventError("schema_mismatch", mismatch)
+        too_big = self.placer.too_big(fn) if self.placer is not None else None
+        if too_big is not None:
+            raise EventError("gpu_memory", too_big)
         p, defaults = self.producer, self.fleet.settings.defaults
         meta = {"source": source, "trigger": p.name, **(meta or {}), trace.HEADER: trace.child(traceparent)}
         queue, overflow = None, ""

@@ -27,6 +27,9 @@ class State(StrEnum):
     EXPIRED = "EXPIRED"
 
 
+# The errorType of a task a worker handed back because its GPU had no room for it (see Gpu.memory_gb): while it is
+# QUEUED again, its status says why it waits.
+GPU_MEMORY_WAIT = "GpuMemoryWait"
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT, State.EXPIRED})
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # transient: the caller may retry
 

@@ -7,6 +7,9 @@ of at most the function's ``max_queue_wait_s``. When no pool qualifies, it goes 
 estimated wait (the earlier pool on a tie); when no pool has a live worker, to the first, whose queue keeps it until
 a worker starts there.
 
+A worker counts for a function with ``memory_gb`` only while its GPU has room for it (:func:`has_room`), and a GPU too
+small for it never reads its queues: a pool whose GPUs are all too small, or full, is not a candidate.
+
 The estimated wait of a new task in a pool, from what the pool's workers for the function have ahead of them:
 
     wait = 0                           if fewer tasks are queued there than workers are idle
@@ -100,6 +103,15 @@ def place(pools: Sequence[str], states: Mapping[str, PoolState], max_queue_wait_
     return Placement(pools[chosen], chosen != 0, waits[chosen])
 
 
+def has_room(entry: Mapping[str, Any], need_mb: int | None) -> bool:
+    """Whether a GPU of the inventory has room for ``need_mb`` now: all but what other processes hold (its worker's
+    own memory is its functions'). A GPU whose memory is unknown (virtual, or NVML did not answer) has."""
+    total, others = entry.get("memory_total_mb"), entry.get("memory_others_mb")
+    if need_mb is None or not total or others is None:
+        return True
+    return int(total) - int(others) >= need_mb
+
+
 log = structlog.get_logger("gpufleet.scheduling.placement")
 
 REFRESH_S = 1.0
@@ -112,6 +124,8 @@ DEFAULT_DURATION_S = 1.0  # a function that never finished a task here
 
 
 Key = tuple[str, str, str | None]  # (function, pool, version or None: the function's own queue)
+# How often intake reads the inventory again to know the fleet's largest GPUs (see Placer.too_big).
+SIZES_REFRESH_S = 5.0
 
 
 class Placer:
@@ -127,6 +141,40 @@ class Placer:
         self._states: dict[Key, PoolState] = {}  # worked out on first use after each refresh, then counted up
         self._means: dict[str, float] = {}
         self._seen: dict[str, tuple[float, int]] = {}  # function -> (duration sum, count) at the last refresh
+        self._sizes_at = -SIZES_REFRESH_S
+        self._sizes: list[dict[str, Any]] = []  # every GPU reported in the last hour, live or not
+
+    def too_big(self, fn: Function) -> str | None:
+        """Why no GPU of the fleet can ever hold a task of ``fn`` (its ``memory_gb``), or None. The fleet is every
+        GPU reported in the last hour (the inventory forgets a host gone longer) in the function's pools and of its
+        model: a pool where none was reported, or where a virtual GPU (its memory unknown) serves, may hold it."""
+        need = fn.gpu.memory_mb
+        if need is None:
+            return None
+        with self._lock:
+            if time.monotonic() - self._sizes_at >= SIZES_REFRESH_S:
+                try:
+                    self._sizes = inventory.gpus(self.registry)
+                except Exception as exc:  # noqa: BLE001 - without a view, nothing is refused for its size
+                    log.warning(
+                        "cannot read the GPU inventory; tasks are not checked against GPU sizes", error=str(exc)
+                    )
+                self._sizes_at = time.monotonic()
+            model = fn.gpu.model.lower()
+            seen = [
+                e
+                for e in self._sizes
+                if set(e.get("pools", [])) & set(fn.gpu.pools) and model in ("any", str(e.get("model", "")).lower())
+            ]
+        if not seen or any(e.get("virtual") or not e.get("memory_total_mb") for e in seen):
+            return None
+        largest = max(seen, key=lambda e: int(e["memory_total_mb"]))
+        if int(largest["memory_total_mb"]) >= need:
+            return None
+        return (
+            f"{fn.name} needs {need} MiB of GPU memory (memory_gb={fn.gpu.memory_gb:g}); the largest GPU in its pools "
+            f"{list(fn.gpu.pools)} ({fn.gpu.model}) has {largest['memory_total_mb']} MiB ({largest.get('name')})"
+        )
 
     def queue_for(self, fn: Function, version: str | None = None) -> tuple[str, Placement | None]:
         """The queue for one new task of ``fn`` (of ``version``, if one was asked for), and the placement it came
@@ -236,7 +284,11 @@ class Placer:
         if key in self._states:
             return self._states[key]
         mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name, version)
-        serving = [e for e in self._entries if e.get("up") and not e["stale"] and mine in e.get("queues", [])]
+        serving = [
+            e
+            for e in self._entries
+            if e.get("up") and not e["stale"] and mine in e.get("queues", []) and has_room(e, fn.gpu.memory_mb)
+        ]
         ahead = {q for e in serving for q in e.get("queues", []) if (parse_queue(self.prefix, q) or ("",))[0] == pool}
         work = 0.0
         for q in ahead:

@@ -41,6 +41,8 @@ from gpufleet.worker.outcome import result_json
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
+    from gpufleet.worker.gpus import GpuMemory
+
 log = structlog.get_logger("gpufleet.worker")
 POLL_S = 0.002
 
@@ -63,6 +65,10 @@ class BatchContext:
     @property
     def cancelled(self) -> bool:
         return all(item.cancelled for item in self.items)
+
+    @property
+    def gpu_memory(self) -> GpuMemory | None:
+        return self.items[0].gpu_memory
 
 
 @dataclass

@@ -21,6 +21,7 @@ from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import Envelopes, MessageFactory
 from gpufleet.registry.store import Registry
 from gpufleet.registry.tally import Tally
+from gpufleet.worker.gpus import Device, load_nvml
 from gpufleet.worker.lease import LeaseKeeper
 from gpufleet.worker.scratch import default_root, open_root
 from gpufleet.worker.warmup import Setups
@@ -33,10 +34,13 @@ class ProcessBundle:
     """One pool process's fleet, identity and clients. ``on_overdue`` is told of a task whose handler ignored its
     cancel for ``cancel_grace_s`` (the attempt runner sets it)."""
 
-    def __init__(self, fleet: Fleet, worker_name: str, gpu: str, slot: SharedSlot | None = None) -> None:
+    def __init__(
+        self, fleet: Fleet, worker_name: str, gpu: str, slot: SharedSlot | None = None, device: str = ""
+    ) -> None:
         self.fleet = fleet
         self.worker_name = worker_name
         self.gpu = gpu
+        self.device_uuid = device  # NVML's UUID of the GPU; "" for a virtual one
         self.slot = slot or SharedSlot()  # shared with the parent process, which watches it (see watchdog)
         worker = fleet.settings.worker
         self.host = worker.hostname
@@ -49,7 +53,7 @@ class ProcessBundle:
 
     def fresh(self) -> ProcessBundle:
         """The same process identity with no client made yet: a forked pool process's own."""
-        return ProcessBundle(self.fleet, self.worker_name, self.gpu, self.slot)
+        return ProcessBundle(self.fleet, self.worker_name, self.gpu, self.slot, self.device_uuid)
 
     def check_scratch(self) -> None:
         """Create the scratch root (0700) or check an existing one, so that a root another user owns stops the
@@ -63,6 +67,11 @@ class ProcessBundle:
     @functools.cached_property
     def registry(self) -> Registry:
         return Registry.for_fleet(self.fleet.settings)
+
+    @functools.cached_property
+    def device(self) -> Device:
+        """This process's GPU, for its memory: what a claim and ``ctx.gpu_memory`` see."""
+        return Device(self.device_uuid, load_nvml(self.fleet.settings.worker.fake_nvml))
 
     @functools.cached_property
     def objects(self) -> ObjectStore:

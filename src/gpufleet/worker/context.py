@@ -18,6 +18,7 @@ from gpufleet.worker.scratch import ScratchDir
 if TYPE_CHECKING:
     from gpufleet.functions import Function
     from gpufleet.worker.bundle import ProcessBundle
+    from gpufleet.worker.gpus import GpuMemory
 
 log = structlog.get_logger("gpufleet.worker")
 MAX_READ_BYTES = 256 * 2**20  # what ctx.read may hold in memory; ctx.download streams to disk instead
@@ -61,6 +62,11 @@ class TaskContext:
     @property
     def cancelled(self) -> bool:
         return self._bundle.lease.cancelled(self.task_id)
+
+    @property
+    def gpu_memory(self) -> GpuMemory | None:
+        """This GPU's memory now (at most half a second old), from NVML; None on a virtual GPU."""
+        return self._bundle.device.memory()
 
     @property
     def scratch(self) -> Path:

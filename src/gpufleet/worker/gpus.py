@@ -1,12 +1,22 @@
 """GPU discovery with NVML (pynvml, from nvidia-ml-py).
 
 NVML is not CUDA: querying it does not create a CUDA context, so the supervisor may call it before it starts the
-per-GPU processes. We still shut NVML down right after, and never import torch here.
+per-GPU processes, and a pool process may call it to see its GPU's memory before any handler touches CUDA. Nothing
+here imports torch.
+
+With ``worker.fake_nvml`` set, every process of the fleet reads :mod:`gpufleet.dev.fakenvml` instead (tests, and
+rehearsals on a machine without a GPU).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -14,6 +24,55 @@ import structlog
 from gpufleet.scheduling.gpumodels import model_of
 
 log = structlog.get_logger("gpufleet.gpus")
+MB = 1024 * 1024
+
+
+def load_nvml(fake: Path | None = None) -> Any:
+    """The NVML module: pynvml (nvidia-ml-py), or with ``fake`` (``worker.fake_nvml``) the fake one answering from
+    that file; None without either."""
+    if fake is not None:
+        from gpufleet.dev import fakenvml
+
+        fakenvml.use(fake)
+        return fakenvml
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU's memory as NVML sees it now, in MiB. ``own_mb``: what the worker's own processes hold of it, so
+    ``others_mb`` is what other processes (another worker, a notebook, another fleet) hold."""
+
+    total_mb: int
+    free_mb: int
+    used_mb: int
+    own_mb: int = 0
+
+    @property
+    def others_mb(self) -> int:
+        return max(0, self.used_mb - self.own_mb)
+
+    @property
+    def room_mb(self) -> int:
+        """What a function served by this worker may use: what is free, and what the worker holds already (its
+        functions' warm models: every function is set up when the pool process starts)."""
+        return self.free_mb + self.own_mb
+
+
+def read_memory(nvml: Any, handle: Any, own_pids: Collection[int] = ()) -> GpuMemory:
+    """``handle``'s memory now; what the processes ``own_pids`` hold is ``own_mb``. NVML lists a process only when
+    it has a CUDA context there, and in a container may name it by a host PID: then its memory counts as others'."""
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    own = 0
+    if own_pids:
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid in own_pids and proc.usedGpuMemory:  # None where the driver does not tell (vGPU, WDDM)
+                own += int(proc.usedGpuMemory)
+    return GpuMemory(int(mem.total // MB), int(mem.free // MB), int(mem.used // MB), own // MB)
 
 
 @dataclass(frozen=True)
@@ -32,12 +91,9 @@ class GpuInfo:
 
 def discover(nvml: Any = None) -> list[GpuInfo]:
     """The GPUs NVML sees, or [] when there is no driver or no device. ``nvml`` is for tests: a fake module."""
+    nvml = nvml or load_nvml()
     if nvml is None:
-        try:
-            import pynvml
-        except ImportError:
-            return []
-        nvml = pynvml
+        return []
     try:
         nvml.nvmlInit()
     except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound / DriverNotLoaded: no usable GPU here
@@ -95,10 +151,9 @@ class Sampler:
         if self._ready or not any(not g.virtual for g in self._gpus):
             return self._ready
         try:
+            self._nvml = self._nvml or load_nvml()
             if self._nvml is None:
-                import pynvml
-
-                self._nvml = pynvml
+                raise RuntimeError("nvidia-ml-py is not installed")
             self._nvml.nvmlInit()
             self._ready = True
         except Exception as exc:  # noqa: BLE001 - no driver: report the static facts only
@@ -106,7 +161,8 @@ class Sampler:
             self._gpus = [g for g in self._gpus if g.virtual]
         return self._ready
 
-    def sample(self, gpu: GpuInfo) -> dict[str, Any]:
+    def sample(self, gpu: GpuInfo, own_pids: Collection[int] = ()) -> dict[str, Any]:
+        """The GPU's facts for the inventory; ``own_pids``: its worker's processes (their memory is not others')."""
         facts: dict[str, Any] = {
             "index": gpu.index,
             "name": gpu.name,
@@ -115,15 +171,19 @@ class Sampler:
             "virtual": gpu.virtual,
             "memory_total_mb": gpu.memory_mb,
             "memory_used_mb": None,
+            "memory_free_mb": None,
+            "memory_others_mb": None,
             "utilization_pct": None,
         }
         if gpu.virtual or not self._init():
             return facts
         try:
             handle = self._nvml.nvmlDeviceGetHandleByIndex(gpu.index)
-            mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-            facts["memory_total_mb"] = int(mem.total // 2**20)
-            facts["memory_used_mb"] = int(mem.used // 2**20)
+            mem = read_memory(self._nvml, handle, own_pids)
+            facts["memory_total_mb"] = mem.total_mb
+            facts["memory_used_mb"] = mem.used_mb
+            facts["memory_free_mb"] = mem.free_mb
+            facts["memory_others_mb"] = mem.others_mb
             facts["utilization_pct"] = int(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus must not stop the supervisor
             log.warning("NVML query failed", gpu=gpu.index, error=str(exc))
@@ -136,3 +196,48 @@ class Sampler:
                 self._nvml.nvmlShutdown()
             except Exception:  # shutting down anyway: nothing to do but log it
                 log.debug("NVML shutdown failed", exc_info=True)
+
+
+class Device:
+    """The GPU a pool process is pinned to, as NVML sees it (by UUID: ``CUDA_VISIBLE_DEVICES`` renumbers devices,
+    NVML does not). Its memory is read at most every ``max_age_s``; None for a virtual GPU, or while NVML cannot
+    tell (then nothing is held back for memory)."""
+
+    def __init__(self, uuid: str, nvml: Any = None, max_age_s: float = 0.5) -> None:
+        self.uuid = uuid
+        self._nvml = nvml
+        self._handle: Any = None
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()  # the handler's thread (ctx) and the helper thread (claims) both ask
+        self._read_at = -max_age_s
+        self._memory: GpuMemory | None = None
+
+    def memory(self) -> GpuMemory | None:
+        if not self.uuid or self.uuid.startswith("virtual"):
+            return None
+        with self._lock:
+            if time.monotonic() - self._read_at >= self._max_age_s:
+                self._memory = self._read()
+                self._read_at = time.monotonic()
+            return self._memory
+
+    def _read(self) -> GpuMemory | None:
+        try:
+            if self._handle is None:
+                self._nvml = self._nvml or load_nvml()
+                if self._nvml is None:
+                    return None
+                self._nvml.nvmlInit()
+                self._handle = self._nvml.nvmlDeviceGetHandleByUUID(self.uuid)
+            mem = read_memory(self._nvml, self._handle, {os.getpid()})
+        except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus is the health check's to report
+            log.warning("cannot read the GPU's memory from NVML", uuid=self.uuid, error=str(exc))
+            self._handle = None
+            return None
+        # In a container NVML may not list this process under its own PID: torch's allocator says what it holds.
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            reserved = int(torch.cuda.memory_reserved()) // MB
+            if reserved > mem.own_mb:
+                return GpuMemory(mem.total_mb, mem.free_mb, mem.used_mb, min(reserved, mem.used_mb))
+        return mem

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="e.g. gpu0; the Celery node is NAME@HOST")
     parser.add_argument("--gpu", required=True, help="label recorded with each task, e.g. gpu0:H100")
     parser.add_argument("--queues", required=True, help="comma-separated queue names")
+    parser.add_argument("--device", default="", help="the GPU's NVML UUID; empty for a virtual GPU")
     args = parser.parse_args(argv)
 
     fleet = load_fleet(args.config)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_celery(fleet.settings.logging.format == "json")
     queues = args.queues.split(",")
     slot = SharedSlot()  # before the pool forks: the pool process inherits it
-    runtime = Runtime(fleet, f"{args.name}@{fleet.settings.worker.hostname}", args.gpu, queues, slot)
+    runtime = Runtime(fleet, f"{args.name}@{fleet.settings.worker.hostname}", args.gpu, queues, slot, args.device)
     runtime.bundle.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
     app.steps["consumer"].add(_prompt_step())

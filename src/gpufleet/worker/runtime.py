@@ -21,7 +21,7 @@ from gpufleet.functions import Function
 from gpufleet.registry import inventory
 from gpufleet.registry.jobs import WAITING
 from gpufleet.registry.messages import PRIORITY_STEPS, parse_queue, priority_list
-from gpufleet.registry.model import REDIS_ERRORS, TERMINAL, Claim, State, Taken
+from gpufleet.registry.model import GPU_MEMORY_WAIT, REDIS_ERRORS, TERMINAL, Claim, State, Taken
 from gpufleet.worker import batch
 from gpufleet.worker.ahead import HOLD_S, LEAD_S, Ahead
 from gpufleet.worker.attempt import Attempt, Attempts
@@ -48,12 +48,22 @@ class Runtime:
     :mod:`gpufleet.worker.attempt`."""
 
     def __init__(
-        self, fleet: Fleet, worker_name: str, gpu: str, queues: list[str] | None = None, slot: SharedSlot | None = None
+        self,
+        fleet: Fleet,
+        worker_name: str,
+        gpu: str,
+        queues: list[str] | None = None,
+        slot: SharedSlot | None = None,
+        device: str = "",
     ) -> None:
         self.fleet = fleet
         self.queues = queues or []  # the Celery queues this worker reads, in its order
         self._queues_turn = 0
-        self.bundle = ProcessBundle(fleet, worker_name, gpu, slot)
+        prefix = fleet.settings.redis.key_prefix
+        # Each function's queue -> the function (the pool and model queues of older releases have none).
+        self._queue_fn = {q: parsed[2] for q in self.queues if (parsed := parse_queue(prefix, q)) and parsed[2]}
+        self._sized = [fn for fn in fleet.functions.values() if fn.gpu.memory_mb is not None]
+        self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device)
         self.attempts = Attempts(self.bundle)
         self._ahead: Ahead | None = None
         self._jobs: JobSteps | None = None
@@ -154,6 +164,9 @@ class Runtime:
             return None
         while self._more(until):
             lists = [priority_list(q, p) for p in reversed(PRIORITY_STEPS) for q in self._turn()]
+            if not lists:  # no room for any of its functions now: look again in a moment, not at Celery's pace
+                time.sleep(min(WAIT_SLICE_S, max(0.0, until - time.monotonic())))
+                continue
             token = owner_token(b.host, os.getpid())
             slice_s = max(0.01, min(WAIT_SLICE_S, until - time.monotonic()))
             try:
@@ -212,14 +225,34 @@ class Runtime:
 
     def _turn(self) -> list[str]:
         """This worker's queues, in the order to read them this time (they take turns being first), less those of a
-        function whose setup() failed here."""
+        function whose setup() failed here or that its GPU has no room for now (and, while any is left out, the pool
+        and model queues of older releases, which may hold any function's task: Celery still reads them)."""
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
-        failed = self.bundle.setups.failed
-        if failed:
-            prefix = self.fleet.settings.redis.key_prefix
-            queues = [q for q in queues if (parse_queue(prefix, q) or (None,) * 3)[2] not in failed]
+        left_out = self.bundle.setups.failed.keys() | self._short_of_memory()
+        if left_out:
+            queues = [q for q in queues if self._queue_fn.get(q) not in left_out and q in self._queue_fn]
         return queues
+
+    def _short_of_memory(self) -> set[str]:
+        """The functions this GPU has no room for now (see :attr:`GpuMemory.room_mb`)."""
+        if not self._sized:
+            return set()
+        memory = self.bundle.device.memory()
+        if memory is None:
+            return set()
+        return {fn.name for fn in self._sized if (fn.gpu.memory_mb or 0) > memory.room_mb}
+
+    def _no_room(self, fn: Function) -> str | None:
+        """Why this GPU cannot take a task of ``fn`` now, or None when it can."""
+        if fn.name not in self._short_of_memory():
+            return None
+        memory = self.bundle.device.memory()
+        assert memory is not None
+        return (
+            f"waits for GPU memory: {fn.name} needs {fn.gpu.memory_mb} MiB; {self.bundle.worker_name} has "
+            f"{memory.room_mb} MiB of {memory.total_mb} ({memory.others_mb} MiB held by other processes)"
+        )
 
     def _next(self, pipe: Any) -> Item | None:
         """Write the last outcome (in ``pipe``, if any) and take the next task, in one round trip."""
@@ -307,6 +340,13 @@ class Runtime:
             return
         if not self.bundle.setups.ready(fn):
             self._not_ready(item, fn)
+            return
+        why = self._no_room(fn)
+        if why is not None:
+            # Another GPU may have room: the task goes back to the head of its queue, unstarted and uncounted, and
+            # this process goes on with the functions it has room for (see _turn), so it does not take it back.
+            if self.bundle.registry.hand_back(item.task_id, item.token, self.bundle.envelopes, why, GPU_MEMORY_WAIT):
+                log.info("no room on this GPU; task handed back", task_id=item.task_id, why=why)
             return
         if fn.shards is not None:
             self.jobs.run(Attempt(self.attempts, item, fn, outcomes.pipe))

@@ -29,12 +29,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import psutil
 import structlog
 
 from gpufleet.config import Fleet
 from gpufleet.control.plane import ControlPlane
 from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError, unreachable_hint
+from gpufleet.functions import Function
 from gpufleet.registry import inventory
 from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import queue_name
@@ -43,7 +45,7 @@ from gpufleet.registry.store import Registry
 from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
 from gpufleet.scheduling.placement import Placer
-from gpufleet.worker.gpus import GpuInfo, Sampler, discover, virtual_gpus
+from gpufleet.worker.gpus import GpuInfo, Sampler, discover, load_nvml, virtual_gpus
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.lost import LostMessages
 
@@ -72,7 +74,8 @@ class Slot:
 
 
 def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
-    """One slot per GPU; the virtual ones when NVML found none."""
+    """One slot per GPU; the virtual ones when NVML found none. A GPU smaller than a function's ``memory_gb`` does
+    not read its queues (a virtual GPU's memory is unknown: it reads them)."""
     s = fleet.settings
     if not gpus:
         gpus = virtual_gpus(s.worker.virtual_gpus, s.worker.gpu_model)
@@ -82,6 +85,8 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
         queues = []
         for pool in s.worker.pools:
             for fn in fleet.functions.values():
+                if not fits(fn, gpu):
+                    continue
                 if pool in fn.gpu.pools and fn.gpu.model.lower() in ("any", gpu.model.lower()):
                     # The function's queue, which any version serves, and its own version's (no-op for $LATEST).
                     queues += [
@@ -94,11 +99,32 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
     return slots
 
 
+def fits(fn: Function, gpu: GpuInfo) -> bool:
+    """Whether ``gpu`` is big enough for ``fn`` at all (its memory when empty)."""
+    need = fn.gpu.memory_mb
+    if need is None or gpu.virtual or gpu.memory_mb >= need:
+        return True
+    log.info("GPU too small for a function: not reading its queues", gpu=gpu.label, memory_mb=gpu.memory_mb,
+             function=fn.name, needs_mb=need)  # fmt: skip
+    return False
+
+
+def own_pids(proc: subprocess.Popen[bytes] | None) -> set[int]:
+    """A slot's worker process and its pool process: the memory they hold on its GPU is the worker's own."""
+    if proc is None or proc.poll() is not None:
+        return set()
+    try:
+        return {proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))}
+    except psutil.Error:  # gone meanwhile
+        return {proc.pid}
+
+
 class Supervisor:
     def __init__(self, fleet: Fleet, gpus: list[GpuInfo] | None = None, nvml: object = None) -> None:
         self.fleet = fleet
-        self.slots = plan_slots(fleet, discover(nvml) if gpus is None else gpus)
         s = fleet.settings
+        nvml = nvml or load_nvml(s.worker.fake_nvml)
+        self.slots = plan_slots(fleet, discover(nvml) if gpus is None else gpus)
         self.registry = Registry.for_fleet(s)
         self.sampler = Sampler([slot.gpu for slot in self.slots], nvml)
         self.control = ControlPlane(fleet, self.registry)
@@ -122,6 +148,8 @@ class Supervisor:
             f"{slot.name}:{slot.gpu.model}",
             "--queues",
             ",".join(slot.queues),
+            "--device",
+            "" if slot.gpu.virtual else slot.gpu.uuid,
         ]
         env = {**os.environ, **slot.env, PARENT_ENV: str(os.getpid())}
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the slots in order.
@@ -220,7 +248,7 @@ class Supervisor:
             out[worker] = {
                 "worker": worker,
                 "host": host,
-                **self.sampler.sample(slot.gpu),
+                **self.sampler.sample(slot.gpu, own_pids(slot.proc)),
                 "pid": slot.proc.pid if alive and slot.proc else None,
                 "up": alive,
                 "queues": slot.queues,

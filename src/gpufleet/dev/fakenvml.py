@@ -1,0 +1,171 @@
+# ruff: noqa: N802 - the functions mirror pynvml's camelCase API
+"""A fake NVML for machines without a GPU: the functions of ``pynvml`` gpufleet calls, answering from a JSON file
+that a test (or a rehearsal) rewrites while the fleet runs.
+
+Every process of a fleet whose ``worker.fake_nvml`` names the file (``GPUFLEET_WORKER__FAKE_NVML``) uses this module
+instead of ``pynvml`` (see :func:`gpufleet.worker.gpus.load_nvml`): the supervisor, the worker processes and their
+pool processes all read the same file, on every call, so what the file says now is what each of them sees. Write it
+with :class:`FakeGpus`, which replaces the file in one rename (a reader never sees half of it)::
+
+    gpus = FakeGpus(tmp_path / "nvml.json")
+    gpus.add("NVIDIA H100 80GB HBM3", memory_gb=80)
+    gpus.hold(0, mb=30 * 1024, pid=other.pid)    # another process holds 30 GB of GPU 0
+    gpus.release(0, other.pid)
+
+Only NVML is faked: the code that reads it is the code that reads a real GPU. Memory figures are bytes, as NVML's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+MB = 1024 * 1024
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_GPU_IS_LOST = 15
+
+
+class NVMLError(Exception):
+    """pynvml's error: ``value`` is NVML's return code."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        super().__init__(f"NVML error {value}")
+
+
+_file: Path | None = None  # what use() named: this process's fake GPUs
+
+
+def use(path: Path | None) -> None:
+    """Answer from ``path`` from now on (None: as a machine without a driver, whose nvmlInit fails)."""
+    global _file
+    _file = path
+
+
+def _state() -> dict[str, Any]:
+    if _file is None:
+        raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
+    return dict(json.loads(_file.read_text()))
+
+
+def _gpu(handle: int) -> dict[str, Any]:
+    gpus = _state()["gpus"]
+    if not 0 <= handle < len(gpus):
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+    gpu = dict(gpus[handle])
+    if gpu.get("lost"):
+        raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+    return gpu
+
+
+def nvmlInit() -> None:
+    _state()
+
+
+def nvmlShutdown() -> None:
+    pass
+
+
+def nvmlDeviceGetCount() -> int:
+    return len(_state()["gpus"])
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> int:
+    _gpu(index)
+    return index
+
+
+def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> int:
+    wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+    for index, gpu in enumerate(_state()["gpus"]):
+        if gpu["uuid"] == wanted:
+            return index
+    raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+
+def nvmlDeviceGetName(handle: int) -> str:
+    return str(_gpu(handle)["name"])
+
+
+def nvmlDeviceGetUUID(handle: int) -> str:
+    return str(_gpu(handle)["uuid"])
+
+
+def nvmlDeviceGetMemoryInfo(handle: int) -> Any:
+    gpu = _gpu(handle)
+    total = int(gpu["memory_mb"]) * MB
+    used = min(total, (int(gpu.get("reserved_mb", 0)) + sum(int(p["used_mb"]) for p in gpu["processes"])) * MB)
+    return SimpleNamespace(total=total, used=used, free=total - used)
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[Any]:
+    return [SimpleNamespace(pid=int(p["pid"]), usedGpuMemory=int(p["used_mb"]) * MB) for p in _gpu(handle)["processes"]]
+
+
+def nvmlDeviceGetUtilizationRates(handle: int) -> Any:
+    return SimpleNamespace(gpu=int(_gpu(handle).get("utilization", 0)), memory=0)
+
+
+class FakeGpus:
+    """Writes the file the fake NVML answers from. Each change is saved at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.gpus: list[dict[str, Any]] = []
+        if self.path.exists():
+            self.gpus = json.loads(self.path.read_text())["gpus"]
+        else:
+            self._save()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment that makes a fleet's processes see these GPUs."""
+        return {"GPUFLEET_WORKER__FAKE_NVML": str(self.path)}
+
+    def add(self, name: str = "NVIDIA H100 80GB HBM3", memory_gb: float = 80, reserved_mb: int = 0) -> int:
+        """One more GPU; returns its index. ``reserved_mb``: what the driver itself holds (NVML counts it used)."""
+        index = len(self.gpus)
+        uuid = f"GPU-fake{index:04d}-0000-0000-0000-000000000000"
+        self.gpus.append(
+            {
+                "name": name,
+                "uuid": uuid,
+                "memory_mb": int(memory_gb * 1024),
+                "reserved_mb": reserved_mb,
+                "processes": [],
+                "utilization": 0,
+                "lost": False,
+            }
+        )
+        self._save()
+        return index
+
+    def uuid(self, index: int) -> str:
+        return str(self.gpus[index]["uuid"])
+
+    def hold(self, index: int, mb: int, pid: int) -> None:
+        """Process ``pid`` holds ``mb`` MiB of GPU ``index`` (replacing what it held)."""
+        procs = [p for p in self.gpus[index]["processes"] if p["pid"] != pid]
+        self.gpus[index]["processes"] = [*procs, {"pid": pid, "used_mb": mb}]
+        self._save()
+
+    def set(self, index: int, **facts: Any) -> None:
+        """Change a GPU's facts: ``utilization`` (%), ``lost=True`` (fallen off the bus: every query of it fails)."""
+        self.gpus[index].update(facts)
+        self._save()
+
+    def release(self, index: int, pid: int) -> None:
+        self.gpus[index]["processes"] = [p for p in self.gpus[index]["processes"] if p["pid"] != pid]
+        self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".nvml-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"gpus": self.gpus}, f)
+        os.replace(tmp, self.path)
