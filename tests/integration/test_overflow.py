@@ -59,7 +59,8 @@ def test_a_pool_that_loses_its_workers_hands_its_waiting_tasks_to_the_next_and_e
     # One runs on eu, one waits there (its estimate, 1 s, is within 1.5 s).
     running, waiting = (plane.invoke("spill", {"seconds": 4}).id for _ in range(2))
     assert plane.status(waiting)["pool"] == plane.status(running)["pool"] == "eu"
-    harness.wait_for(lambda: plane.status(running)["state"] == "RUNNING", what="the first to start on eu")
+    # Its handler started (RUNNING is set by the claim, a moment before: a kill then would find no run to count).
+    harness.wait_for(lambda: harness.runs(running) == 1, what="the first to start on eu")
 
     harness.stop_host("eu-host", signal.SIGKILL)  # the host and its GPU worker, at once
     lost_at = time.monotonic()

@@ -14,8 +14,8 @@ from gpufleet.dev import fakenvml
 from gpufleet.dev.fakenvml import FakeGpus
 from gpufleet.errors import ConfigError
 from gpufleet.functions import Gpu
+from gpufleet.scheduling.estimate import has_room
 from gpufleet.scheduling.gpumodels import model_of
-from gpufleet.scheduling.placement import has_room
 from gpufleet.worker.gpus import Device, GpuInfo, GpuMemory, Sampler, discover
 from gpufleet.worker.supervisor import plan_slots
 

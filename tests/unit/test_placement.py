@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpufleet.scheduling.placement import Placement, PoolState, place
+from gpufleet.registry.keyspace import US
+from gpufleet.scheduling.estimate import DEFAULT_DURATION_S, FleetView, PoolState, RecentMeans
+from gpufleet.scheduling.placement import Placement, place
 
 POOLS = ("eu", "us", "ap")
 
@@ -98,3 +100,74 @@ def test_the_simulator_runs_the_policy_and_overflow_shortens_the_waits_of_a_burs
     assert simulate.percentile(waits(policy), 0.99) < simulate.percentile(waits(plain), 0.99) / 2
     assert plain.overflowed == 0 < policy.overflowed
     assert "| all | 1200 |" in simulate.report(plain, policy)
+
+
+def gpu(worker: str, model: str, queues: list[str], **memory: int) -> dict[str, object]:
+    return {"worker": worker, "model": model, "queues": queues, **memory}
+
+
+def waiting(view: FleetView, queue: str, priority: int = 4, need_mb: int | None = None) -> float:
+    return view.state(queue, need_mb, priority).wait_s()
+
+
+def levels(**by_priority: int) -> list[int]:
+    """Tasks queued at each priority 0..9: levels(p4=3) is three at priority 4."""
+    return [by_priority.get(f"p{p}", 0) for p in range(10)]
+
+
+def test_a_gpu_in_two_pools_counts_once_and_its_other_pools_work_delays_it() -> None:
+    """gpu0 serves eu and us; gpu1 only us. Ten tasks wait in us: half of them are gpu0's to run, so an eu task
+    waits behind five, where counting gpu0 in each pool made eu look idle."""
+    entries = [gpu("gpu0@a", "H100", ["g.eu.any.f", "g.us.any.f"]), gpu("gpu1@b", "H100", ["g.us.any.f"])]
+    view = FleetView("g", entries, {"g.us.any.f": levels(p4=10)}, {("f", "H100"): 2.0})
+    eu = view.state("g.eu.any.f", None, 4)
+    assert (eu.slots, eu.idle, eu.queued, eu.queued_work_s) == (1, 1, 5.0, 10.0)
+    assert eu.wait_s() == 10.0
+    assert waiting(view, "g.us.any.f") == 10.0  # ten tasks of 2 s on two GPUs
+
+
+def test_a_task_waits_only_behind_its_priority_and_higher() -> None:
+    view = FleetView("g", [gpu("gpu0@a", "H100", ["g.eu.any.f"])], {"g.eu.any.f": levels(p2=6, p7=1)},
+                     {("f", "H100"): 1.0}, {"gpu0@a": ("f", 100.0)}, now=100.5)  # fmt: skip
+    assert waiting(view, "g.eu.any.f", priority=8) == 0.5  # nothing ahead: what the running task has left
+    assert waiting(view, "g.eu.any.f", priority=7) == 1.5
+    assert waiting(view, "g.eu.any.f", priority=0) == 7.5
+
+
+def test_the_running_tasks_count_what_they_have_left_at_their_measured_time_on_that_model() -> None:
+    entries = [gpu("gpu0@a", "L4", ["g.eu.any.f"]), gpu("gpu1@a", "H100", ["g.eu.any.f"])]
+    running = {"gpu0@a": ("f", 996.0), "gpu1@a": ("f", 999.0)}
+    view = FleetView("g", entries, {}, {("f", "L4"): 8.0, ("f", "H100"): 2.0}, running, now=1000.0)
+    state = view.state("g.eu.any.f", None, 4)
+    assert (state.idle, state.queued_work_s) == (0, 4.0 + 1.0)  # 8 - 4 s on the L4, 2 - 1 s on the H100
+    assert state.wait_s() == 2.5
+    overdue = FleetView("g", entries, {}, {("f", "L4"): 8.0, ("f", "H100"): 2.0}, running, now=2000.0)
+    assert overdue.state("g.eu.any.f", None, 4).queued_work_s == 0.0  # past its mean: about to finish
+
+
+def test_a_function_never_measured_on_a_model_takes_its_time_elsewhere_then_the_fleets_typical_task() -> None:
+    view = FleetView("g", means={("f", "H100"): 4.0, ("g", "L4"): 10.0, ("h", "L4"): 2.0})
+    assert view.duration("f", ["H100"]) == 4.0
+    assert view.duration("f", ["L4"]) == 4.0  # measured on another model only
+    assert view.duration("new", ["L4"]) == (4.0 + 10.0 + 2.0) / 3  # never run: the typical task, not 1 s
+    assert FleetView("g").duration("new", ["L4"]) == DEFAULT_DURATION_S  # nothing ever ran
+
+
+def test_a_gpu_without_room_for_the_task_does_not_count() -> None:
+    full = gpu("gpu0@a", "H100", ["g.eu.any.f"], memory_total_mb=81920, memory_others_mb=70000)
+    roomy = gpu("gpu1@a", "H100", ["g.eu.any.f"], memory_total_mb=81920, memory_others_mb=0)
+    assert FleetView("g", [full]).state("g.eu.any.f", 20480, 4).slots == 0
+    assert FleetView("g", [full, roomy]).state("g.eu.any.f", 20480, 4).slots == 1
+    assert FleetView("g", [full]).state("g.eu.any.f", None, 4).slots == 1
+
+
+def test_recent_means_follow_the_last_readings_that_saw_enough_tasks() -> None:
+    means = RecentMeans()
+
+    def raw(us: int, n: int) -> dict[bytes, bytes]:
+        return {f"f{US}H100{US}eu{US}us".encode(): str(us).encode(), f"f{US}H100{US}eu{US}n".encode(): str(n).encode()}
+
+    assert means.update(raw(2_000_000, 2)) == {("f", "H100"): 1.0}  # too few for a recent mean: all time
+    assert means.update(raw(12_000_000, 7)) == {("f", "H100"): 12 / 7}  # enough: the mean of all 7
+    assert means.update(raw(22_000_000, 12)) == {("f", "H100"): 2.0}  # 5 more tasks, 10 s: 2 s each
+    assert means.update(raw(23_000_000, 13)) == {("f", "H100"): 2.0}  # one more: not enough to move it

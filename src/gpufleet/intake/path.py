@@ -147,7 +147,7 @@ class Intake:
         meta = {"source": source, "trigger": p.name, **(meta or {}), trace.HEADER: trace.child(traceparent)}
         queue, overflow = None, ""
         if self.placer is not None and len(fn.gpu.pools) > 1:
-            queue, placed = self.placer.queue_for(fn, version)
+            queue, placed = self.placer.queue_for(fn, version, priority)
             if placed is not None and placed.overflowed:
                 overflow = f"{fn.gpu.pools[0]}{US}{placed.pool}"
         elif version is not None:  # that version's own queue, in the function's pool

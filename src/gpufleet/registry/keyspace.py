@@ -17,7 +17,8 @@ Key layout (prefix ``P``):
 - ``P:m:*``: what :mod:`gpufleet.api.metrics` reads. ``P:m:created`` (function -> tasks created) and
   ``P:m:finished`` (function US state -> tasks finished) are counters; ``P:m:wait`` and ``P:m:duration`` are
   histograms (function US bucket number, or function US ``sum_us``, whole microseconds; a ``sum`` in seconds is an
-  older release's, and readers add both); ``P:m:min:{minute}`` counts ``ok``/``failed``
+  older release's, and readers add both); ``P:m:gpu_time`` adds up GPU time (function US model US pool US ``us``:
+  handler microseconds times GPUs held; ``... US n``: attempts); ``P:m:min:{minute}`` counts ``ok``/``failed``
   per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
 - ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``: the GPU inventory, the pool processes ready, each
   function's setup() per worker, a supervisor's heartbeat;
@@ -51,6 +52,21 @@ US = "\x1f"
 # fmt: skip below: a list of numbers reads better packed than one per line.
 HISTOGRAM_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600,
                     86400)  # fmt: skip
+# A pending task's position score is (9 - priority) * LEVEL_SCORE + seq (or - seq at the head), as helpers.lua's LEVEL
+# writes it, with seq below LEVEL_SCORE / 2: the tasks of one priority score within LEVEL_SCORE / 2 of their level's.
+LEVEL_SCORE = 2**49
+
+
+def priority_scores(priority: int) -> tuple[str, str]:
+    """The score range (ZCOUNT's min and max, exclusive) of a pending set's tasks of ``priority``."""
+    centre = (9 - priority) * LEVEL_SCORE
+    return f"({centre - LEVEL_SCORE // 2}", f"({centre + LEVEL_SCORE // 2}"
+
+
+def gpu_time_field(function: str, model: str, pool: str, part: str) -> str:
+    return f"{function}{US}{model}{US}{pool}{US}{part}"
+
+
 # The entries of the callback stream, each destination's flow and the parked stream. A finish writes these (with
 # ``add_callback`` in helpers.lua, which spells them in Lua) and the dispatcher routes them by ``dest``; a record
 # parked, or re-sent from there, carries its headers as JSON instead (PARKED_FIELDS), and a parked one its
@@ -200,8 +216,8 @@ class Keyspace:
         return f"{self.prefix}:pending:{queue}"
 
     def metric(self, name: str) -> str:
-        """``P:m:<name>``: created, finished, wait, duration, overflow, dead, dead_recent, trigger_lag, delivered,
-        parked."""
+        """``P:m:<name>``: created, finished, wait, duration, gpu_time, overflow, dead, dead_recent, trigger_lag,
+        delivered, parked."""
         return f"{self.prefix}:m:{name}"
 
     def minute(self, minute: int) -> str:

@@ -94,12 +94,13 @@ class Claim:
     event_ts: float = 0.0
     cancel_requested: bool = False
     waited_s: float | None = None  # how long it waited in its queue; None: taken over from an owner that died
+    queue: str = ""  # the queue it was claimed from: its pool's
 
     @classmethod
     def from_reply(cls, reply: list[Any], now: float) -> Claim:
         """A claim script's answer (see ``claim`` in ``helpers.lua``), made at ``now``."""
-        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited = (
-            v.decode() if v else "" for v in reply[1:8]
+        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited, queue = (
+            v.decode() if v else "" for v in reply[1:9]
         )
         return cls(
             True,
@@ -112,6 +113,7 @@ class Claim:
             float(event_ts or now),
             cancel == "1",
             float(waited) if waited else None,
+            queue,
         )
 
 

@@ -1,5 +1,5 @@
-"""The queue-wait and duration histograms (``P:m:wait``, ``P:m:duration``), added up in the worker and written about
-once a second.
+"""The queue-wait and duration histograms (``P:m:wait``, ``P:m:duration``) and the GPU time by function, GPU model and
+pool (``P:m:gpu_time``), added up in the worker and written about once a second.
 
 They were counted by the claim and finish scripts, in the same atomic step as each transition: four ``HINCRBY`` a
 task, 6 % of Redis's work per task (callgrind, empty tasks). A histogram needs no such step: the state counters
@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS, US, Keyspace
+from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS, US, Keyspace, gpu_time_field
 
 FLUSH_S = 1.0  # how long an observation may wait to be written
 
@@ -34,8 +34,20 @@ class Tally:
         seconds = max(seconds, 0.0)
         bucket = bisect.bisect_left(HISTOGRAM_BOUNDS, seconds) + 1  # 1-based; len + 1 is +Inf
         key = self._keys.metric(name)
+        self._add(key, ((f"{function}{US}{bucket}", 1), (f"{function}{US}sum_us", round(seconds * 1e6))))
+
+    def gpu_time(self, function: str, model: str, pool: str, seconds: float, gpus: int = 1) -> None:
+        """One attempt's handler time on ``gpus`` GPUs of ``model``, in ``pool``: what placement's estimates and
+        ``gpufleet_gpu_seconds_total`` read."""
+        us = round(max(seconds, 0.0) * 1e6) * gpus
+        key = self._keys.metric("gpu_time")
+        self._add(
+            key, ((gpu_time_field(function, model, pool, "us"), us), (gpu_time_field(function, model, pool, "n"), 1))
+        )
+
+    def _add(self, key: str, adds: tuple[tuple[str, int], ...]) -> None:
         with self._lock:
-            for field, add in ((f"{function}{US}{bucket}", 1), (f"{function}{US}sum_us", round(seconds * 1e6))):
+            for field, add in adds:
                 self._adds[key, field] = self._adds.get((key, field), 0) + add
             self._since = self._since or time.monotonic()
 

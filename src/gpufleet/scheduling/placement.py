@@ -7,27 +7,17 @@ of at most the function's ``max_queue_wait_s``. When no pool qualifies, it goes 
 estimated wait (the earlier pool on a tie); when no pool has a live worker, to the first, whose queue keeps it until
 a worker starts there.
 
-A worker counts for a function with ``memory_gb`` only while its GPU has room for it (:func:`has_room`), and a GPU too
-small for it never reads its queues: a pool whose GPUs are all too small, or full, is not a candidate.
+The estimated wait of a new task in a pool (:mod:`gpufleet.scheduling.estimate`): zero while fewer tasks are ahead
+of it than the GPUs that would run it are idle, else the work ahead of it (queued at its priority or higher, and what
+the running tasks have left, at each function's measured time on those GPUs' model) over those GPUs, each GPU counted
+once across the pools it serves. A GPU counts for a function with ``memory_gb`` only while it has room for it, and a
+GPU too small for it never reads its queues: a pool whose GPUs are all too small, or full, is not a candidate.
 
-The estimated wait of a new task in a pool, from what the pool's workers for the function have ahead of them:
-
-    wait = 0                           if fewer tasks are queued there than workers are idle
-    wait = queued_work_s / live_slots  otherwise
-
-``queued_work_s`` is the work queued for those workers, each queued task counted at its function's recent mean
-duration (see :class:`PoolState`). It leaves out what running tasks have left and what priorities reorder: it is an
-estimate, for choosing a pool, not a promise.
-
-Intake's side of overflow: the pools as the fleet reports them, read at most once a second, and the queue each task
-of a function with several pools goes to (:class:`Placer`).
-
-What is read, per refresh (one pipeline): the GPU inventory (which live slot reads which queue, and which runs a
-task), each pool's queued tasks (``ZCARD`` of the queues those slots read) and the functions' durations (the
-duration histogram's sum and count; the mean over the last refreshes that saw at least ``MIN_RECENT`` tasks finish,
-else over all time, else ``DEFAULT_DURATION_S``). Between refreshes the placer counts its own placements
-(:meth:`PoolState.plus`), so a burst that arrives within one second does not all go to the pool that was idle.
-A function with one pool never reads anything: its queue is fixed.
+Intake's side of overflow: the pools as the fleet reports them, read at most once a second (one pipeline: the
+inventory, the tasks running, each queue's tasks by priority, the GPU time counters), and the queue each task of a
+function with several pools goes to (:class:`Placer`). Between readings the placer counts its own placements
+(:meth:`PoolState.plus`), so a burst that arrives within one second does not all go to the pool that was idle. A
+function with one pool never reads anything: its queue is fixed.
 """
 
 from __future__ import annotations
@@ -42,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gpufleet.registry import inventory
-from gpufleet.registry.keyspace import US
-from gpufleet.registry.messages import parse_queue, queue_name, queue_version
+from gpufleet.registry.keyspace import priority_scores
+from gpufleet.registry.messages import DEFAULT_PRIORITY, PRIORITY_STEPS, parse_queue, queue_name, queue_version
+from gpufleet.scheduling.estimate import FleetView, PoolState, RecentMeans
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -51,36 +42,6 @@ if TYPE_CHECKING:
     from gpufleet.functions import Function
     from gpufleet.registry.model import EnvelopeFor
     from gpufleet.registry.store import Registry
-
-
-@dataclass(frozen=True)
-class PoolState:
-    """What one pool can do for one function now.
-
-    Args:
-        slots: live workers in the pool that serve the function.
-        idle: of those, the ones running nothing.
-        queued: tasks queued for those workers (the function's and the other functions' they serve).
-        queued_work_s: the same tasks in seconds of work: each at its function's recent mean duration.
-    """
-
-    slots: int = 0
-    idle: int = 0
-    queued: int = 0
-    queued_work_s: float = 0.0
-
-    def wait_s(self) -> float:
-        """The estimated queue wait of a task placed here now; infinite without a live worker."""
-        if self.slots <= 0:
-            return math.inf
-        if self.queued < self.idle:
-            return 0.0
-        return self.queued_work_s / self.slots
-
-    def plus(self, duration_s: float) -> PoolState:
-        """This state after one more task of ``duration_s`` was queued here (a placer counts its own placements
-        until it reads the pools again)."""
-        return PoolState(self.slots, self.idle, self.queued + 1, self.queued_work_s + duration_s)
 
 
 @dataclass(frozen=True)
@@ -103,15 +64,6 @@ def place(pools: Sequence[str], states: Mapping[str, PoolState], max_queue_wait_
     return Placement(pools[chosen], chosen != 0, waits[chosen])
 
 
-def has_room(entry: Mapping[str, Any], need_mb: int | None) -> bool:
-    """Whether a GPU of the inventory has room for ``need_mb`` now: all but what other processes hold (its worker's
-    own memory is its functions'). A GPU whose memory is unknown (virtual, or NVML did not answer) has."""
-    total, others = entry.get("memory_total_mb"), entry.get("memory_others_mb")
-    if need_mb is None or not total or others is None:
-        return True
-    return int(total) - int(others) >= need_mb
-
-
 log = structlog.get_logger("gpufleet.scheduling.placement")
 
 REFRESH_S = 1.0
@@ -123,7 +75,7 @@ MIN_RECENT = 5  # finished tasks that make a recent mean duration
 DEFAULT_DURATION_S = 1.0  # a function that never finished a task here
 
 
-Key = tuple[str, str, str | None]  # (function, pool, version or None: the function's own queue)
+Key = tuple[str, str, str | None, int]  # (function, pool, version or None: the function's own queue, priority)
 # How often intake reads the inventory again to know the fleet's largest GPUs (see Placer.too_big).
 SIZES_REFRESH_S = 5.0
 
@@ -136,11 +88,10 @@ class Placer:
         self.refresh_s = refresh_s
         self._lock = threading.Lock()  # the API places from several threads
         self._read_at = -refresh_s
-        self._entries: list[dict[str, Any]] = []  # the live GPU slots, as last read
-        self._queued: dict[str, int] = {}  # queue -> tasks waiting, for the queues live slots read
+        self._view = FleetView(self.prefix)  # the fleet as last read: its live GPUs
+        self._hosts: list[dict[str, Any]] = []  # its GPUs up or restarting: a queue one reads is hosted
         self._states: dict[Key, PoolState] = {}  # worked out on first use after each refresh, then counted up
-        self._means: dict[str, float] = {}
-        self._seen: dict[str, tuple[float, int]] = {}  # function -> (duration sum, count) at the last refresh
+        self._means = RecentMeans()
         self._sizes_at = -SIZES_REFRESH_S
         self._sizes: list[dict[str, Any]] = []  # every GPU reported in the last hour, live or not
 
@@ -154,7 +105,7 @@ class Placer:
         with self._lock:
             if time.monotonic() - self._sizes_at >= SIZES_REFRESH_S:
                 try:
-                    self._sizes = inventory.gpus(self.registry)
+                    self._sizes = inventory.gpus(self.registry)  # stale ones too: a GPU the fleet had lately
                 except Exception as exc:  # noqa: BLE001 - without a view, nothing is refused for its size
                     log.warning(
                         "cannot read the GPU inventory; tasks are not checked against GPU sizes", error=str(exc)
@@ -176,44 +127,59 @@ class Placer:
             f"{list(fn.gpu.pools)} ({fn.gpu.model}) has {largest['memory_total_mb']} MiB ({largest.get('name')})"
         )
 
-    def queue_for(self, fn: Function, version: str | None = None) -> tuple[str, Placement | None]:
-        """The queue for one new task of ``fn`` (of ``version``, if one was asked for), and the placement it came
-        from (None: one pool, nothing to choose). A version's task is placed from the pools' slots that serve that
-        version: a pool where only other versions run has no live worker for it."""
+    def queue_for(
+        self, fn: Function, version: str | None = None, priority: int = DEFAULT_PRIORITY
+    ) -> tuple[str, Placement | None]:
+        """The queue for one new task of ``fn`` (of ``version``, if one was asked for, at ``priority``), and the
+        placement it came from (None: one pool, nothing to choose). A version's task is placed from the pools' slots
+        that serve that version: a pool where only other versions run has no live worker for it."""
         if len(fn.gpu.pools) == 1:
             return queue_name(self.prefix, fn.gpu.pools[0], fn.gpu.model, fn.name, version), None
         with self._lock:
             if time.monotonic() - self._read_at >= self.refresh_s:
                 self._refresh()
-            chosen = self._place(fn, version)
+            chosen = self._place(fn, version, priority)
         return queue_name(self.prefix, chosen.pool, fn.gpu.model, fn.name, version), chosen
 
-    def _place(self, fn: Function, version: str | None) -> Placement:
+    def _place(self, fn: Function, version: str | None, priority: int = DEFAULT_PRIORITY) -> Placement:
         """Place one task (under the lock), and count it in the chosen pool until the next refresh."""
-        states = {pool: self._state(fn, pool, version) for pool in fn.gpu.pools}
+        states = {pool: self._state(fn, pool, version, priority) for pool in fn.gpu.pools}
         chosen = place(fn.gpu.pools, states, fn.gpu.max_queue_wait_s)
-        self._states[(fn.name, chosen.pool, version)] = states[chosen.pool].plus(
-            self._means.get(fn.name, DEFAULT_DURATION_S)
-        )
+        models = sorted({str(e.get("model", "")) for e in self._view.entries})
+        # Counted at every priority it is ahead of: its own and the lower ones.
+        for level in range(priority + 1):
+            state = self._state(fn, chosen.pool, version, level)
+            self._states[fn.name, chosen.pool, version, level] = state.plus(self._view.duration(fn.name, models))
         return chosen
 
     def _refresh(self) -> None:
         try:
-            entries = inventory.gpus(self.registry, stale_after_s=LIVE_S)
-            queues = sorted({q for e in entries if e.get("up") and not e["stale"] for q in e.get("queues", [])})
+            running = self.registry.running("worker", "started_at", "function")
+            busy = inventory.busy(self.registry, running)
+            fresh = [e for e in inventory.gpus(self.registry, LIVE_S, seen_busy=busy) if not e["stale"]]
+            entries = [e for e in fresh if e.get("up")]
+            queues = sorted({q for e in entries for q in e.get("queues", [])})
             pipe = self.registry.pipeline()
             for queue in queues:
-                pipe.zcard(self.registry.keys.pending(queue))
-            pipe.hgetall(self.registry.keys.metric("duration"))
-            *depths, durations = pipe.execute()
+                for priority in PRIORITY_STEPS:
+                    pipe.zcount(self.registry.keys.pending(queue), *priority_scores(priority))
+            pipe.hgetall(self.registry.keys.metric("gpu_time"))
+            *counts, gpu_time = pipe.execute()
         except Exception as exc:  # noqa: BLE001 - no view of the pools: keep the last one, and say so
             log.warning("cannot read the pools for placement; using the last view", error=str(exc))
             self._read_at = time.monotonic()
             return
         self._read_at = time.monotonic()
-        self._means = self._recent_means(durations)
-        self._entries = entries
-        self._queued = dict(zip(queues, depths, strict=True))
+        self._hosts = fresh
+        steps = len(PRIORITY_STEPS)
+        self._view = FleetView(
+            self.prefix,
+            entries,
+            {q: counts[i * steps : (i + 1) * steps] for i, q in enumerate(queues)},
+            self._means.update(gpu_time),
+            {w.decode(): (f.decode(), float(t or 0)) for _, (w, t, f) in running if w and f},
+            time.time(),
+        )
         self._states = {}
 
     def hand_over(self, envelope_for: EnvelopeFor) -> int:
@@ -233,7 +199,7 @@ class Placer:
                 for version in [None, *sorted(versions.get(fn.name, ()))]:
                     for pool in fn.gpu.pools:
                         queue = queue_name(self.prefix, pool, fn.gpu.model, fn.name, version)
-                        if any(not e["stale"] and queue in e.get("queues", []) for e in self._entries):
+                        if any(queue in e.get("queues", []) for e in self._hosts):
                             continue  # hosted, up or restarting
                         head: list[bytes] = self.registry.client.zrange(  # type: ignore[assignment]
                             self.registry.keys.pending(queue), 0, HAND_OVER_MAX - 1
@@ -277,45 +243,10 @@ class Placer:
             moved += n
         return moved
 
-    def _state(self, fn: Function, pool: str, version: str | None) -> PoolState:
-        """The pool as seen by a task of ``fn`` (of ``version``): the live slots that read its queue, the tasks
-        queued ahead on those slots' queues in that pool, and their estimated work."""
-        key = (fn.name, pool, version)
-        if key in self._states:
-            return self._states[key]
-        mine = queue_name(self.prefix, pool, fn.gpu.model, fn.name, version)
-        serving = [
-            e
-            for e in self._entries
-            if e.get("up") and not e["stale"] and mine in e.get("queues", []) and has_room(e, fn.gpu.memory_mb)
-        ]
-        ahead = {q for e in serving for q in e.get("queues", []) if (parse_queue(self.prefix, q) or ("",))[0] == pool}
-        work = 0.0
-        for q in ahead:
-            parsed = parse_queue(self.prefix, q)
-            function = parsed[2] if parsed else None
-            work += self._queued.get(q, 0) * self._means.get(function or "", DEFAULT_DURATION_S)
-        idle = sum(1 for e in serving if not e.get("task_id"))
-        state = self._states[key] = PoolState(len(serving), idle, sum(self._queued.get(q, 0) for q in ahead), work)
-        return state
-
-    def _recent_means(self, raw: dict[bytes, bytes]) -> dict[str, float]:
-        totals: dict[str, list[float]] = {}
-        for field, value in raw.items():
-            fn, _, part = field.decode().partition(US)
-            sums = totals.setdefault(fn, [0.0, 0.0])
-            if part == "sum":  # seconds, as a float: what releases before sum_us kept
-                sums[0] += float(value)
-            elif part == "sum_us":
-                sums[0] += int(value) / 1e6
-            else:
-                sums[1] += int(value)
-        means = {}
-        for fn, (total, count) in totals.items():
-            before_total, before_count = self._seen.get(fn, (0.0, 0))
-            if count - before_count >= MIN_RECENT:
-                means[fn] = (total - before_total) / (count - before_count)
-                self._seen[fn] = (total, int(count))
-            elif count:
-                means[fn] = self._means.get(fn, total / count)
-        return means
+    def _state(self, fn: Function, pool: str, version: str | None, priority: int) -> PoolState:
+        """The pool as a new task of ``fn`` (of ``version``, at ``priority``) sees it, worked out once a reading."""
+        key = (fn.name, pool, version, priority)
+        if key not in self._states:
+            queue = queue_name(self.prefix, pool, fn.gpu.model, fn.name, version)
+            self._states[key] = self._view.state(queue, fn.gpu.memory_mb, priority)
+        return self._states[key]

@@ -40,6 +40,7 @@ class ProcessBundle:
         self.fleet = fleet
         self.worker_name = worker_name
         self.gpu = gpu
+        self.gpu_model = gpu.partition(":")[2] or "virtual"  # the label is <slot>:<model>, e.g. gpu0:H100
         self.device_uuid = device  # NVML's UUID of the GPU; "" for a virtual one
         self.slot = slot or SharedSlot()  # shared with the parent process, which watches it (see watchdog)
         worker = fleet.settings.worker

@@ -15,6 +15,7 @@ from gpufleet.delivery.records import Condition, callback_record, error_payload,
 from gpufleet.errors import PermanentTaskError
 from gpufleet.functions import LATEST, Function
 from gpufleet.registry.jobs import MAX_SHARD_RESULT_BYTES
+from gpufleet.registry.messages import parse_queue
 from gpufleet.registry.model import Callback, Claim, State
 
 if TYPE_CHECKING:
@@ -156,7 +157,10 @@ class Finisher:
         """The attempt's duration, for the histogram; written at once with an outcome written at once (this process
         may be about to die). One in a pipeline is counted even if the pipeline then finds the task taken over."""
         if written:
-            self.bundle.tally.observe("duration", self.function, took_s)
+            b = self.bundle
+            b.tally.observe("duration", self.function, took_s)
+            pool = (parse_queue(b.fleet.settings.redis.key_prefix, self.claim.queue) or ("",))[0]
+            b.tally.gpu_time(self.function, b.gpu_model, pool, took_s)
         if self.pipe is None:
             self.bundle.write_tally()
 
@@ -172,6 +176,7 @@ def timed_out_by_watchdog(bundle: ProcessBundle, task_id: str, token: str) -> No
         record.get("on_success", ""),
         record.get("on_failure", ""),
         float(record.get("started_at") or time.time()),
+        queue=str(record.get("queue", "")),
     )
     function = str(record.get("function", "?"))
     fn = bundle.fleet.functions.get(function)
