@@ -174,13 +174,13 @@ def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
     (the longest of the batch) first, ``pid`` records the pool process."""
     r = _redis()
     r.rpush(f"batch:{events[0].get('tag')}", json.dumps([e.get("n") for e in events]))
-    for item in ctx.items:
+    for n, item in enumerate(ctx.items):
         r.incr(f"runs:{item.task_id}")
         r.set(f"pid:{item.task_id}", os.getpid())
+        item.progress((n + 1) / len(events), f"event {n + 1} of {len(events)}")  # each its own
     time.sleep(max(float(e.get("sleep", 0)) for e in events))
     if any(e.get("mode") == "poison" for e in events):
         raise RuntimeError("a poison event sank the whole call")
-    ctx.items[0].progress(0.5, "first one half way")
     return [ValueError(f"event {e.get('n')} fails alone") if e.get("mode") == "fail"
             else {"n": e.get("n"), "attempt": item.attempt, "size": len(events)}
             for e, item in zip(events, ctx.items, strict=True)]  # fmt: skip

@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
+from gpufleet.api.dashboard import overview
+from gpufleet.cli.fleet import _tasks
 from gpufleet.control.plane import ControlPlane
 from gpufleet.functions import Batch
 from gpufleet.registry.messages import MessageFactory, function_queue
@@ -114,6 +116,24 @@ def test_cancel_one_event_of_a_running_batch(harness: FleetHarness) -> None:
     views = finished(harness, cp, ids)
     assert [v["state"] for v in views] == ["SUCCEEDED", "CANCELLED", "SUCCEEDED", "SUCCEEDED"]
     assert [harness.runs(i) for i in ids] == [1, 1, 1, 1]
+
+
+def test_each_event_of_a_running_batch_shows_as_its_own_busy_entry_with_its_own_progress(
+    harness: FleetHarness,
+) -> None:
+    cp = one_worker(harness)
+    tag = uuid.uuid4().hex
+    blocker = cp.invoke("slow", {"seconds": 1}).id
+    harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
+    ids = [invoke(cp, tag, n, sleep=4) for n in range(4)]
+    harness.wait_for(lambda: all(cp.status(i)["progress"]["fraction"] > 0 for i in ids), what="the batch running")
+    [gpu] = [g for g in overview(cp)["gpus"] if g["task_ids"]]
+    assert sorted(gpu["task_ids"]) == sorted(ids) and gpu["task"] == gpu["tasks"][0]
+    progress = {t["id"]: (t["progress"], t["progress_message"]) for t in gpu["tasks"]}
+    assert sorted(progress.values()) == [(0.25, "event 1 of 4"), (0.5, "event 2 of 4"), (0.75, "event 3 of 4"),
+                                         (1, "event 4 of 4")]  # fmt: skip
+    assert _tasks(gpu) == f"{gpu['task_ids'][0]} (+3)"  # gpufleet gpus
+    finished(harness, cp, ids)
 
 
 def test_a_worker_killed_mid_batch_runs_each_event_again(harness: FleetHarness) -> None:

@@ -131,21 +131,17 @@ def overview(control: Any, recent_dead: int = 20) -> dict[str, Any]:
     """What the page shows besides the task list: GPUs with their task's progress, queues, the last hour per
     minute, and the latest dead letters."""
     snap = control.snapshot(minutes=60)
-    running = [g["task_id"] for g in snap.gpus if g.get("task_id")]
-    tasks = {t["id"]: t for t in control.registry.get_many(running) if t}
+    held = [task_id for g in snap.gpus for task_id in g.get("task_ids", [])]
+    tasks = {t["id"]: t for t in control.registry.get_many(held) if t}
     gpus = []
     for g in snap.gpus:
-        task = tasks.get(g.get("task_id") or "")
-        gpus.append(
-            {
-                **g,
-                "task": None
-                if task is None
-                else {
-                    k: task.get(k) for k in ("id", "function", "progress", "progress_message", "started_at", "attempts")
-                },
-            }
-        )
+        # Each task it holds (a batch's events each), with its own progress; "task" is the first, as before.
+        mine = [
+            {k: tasks[i].get(k) for k in ("id", "function", "progress", "progress_message", "started_at", "attempts")}
+            for i in g.get("task_ids", [])
+            if i in tasks
+        ]
+        gpus.append({**g, "tasks": mine, "task": mine[0] if mine else None})
     queues = [
         {"name": q.name, "depth": q.depth, "oldest_age_s": round(q.oldest_age_s, 3), "running": q.running}
         for q in sorted(snap.queues.values(), key=lambda q: q.name)

@@ -263,7 +263,8 @@ class GpuInfo(BaseModel):
     restarts: int | None = None
     seen_at: float | None = None
     stale: bool = Field(description="not refreshed lately: its host may be gone")
-    task_id: str | None = Field(None, description="the task it runs, if any")
+    task_id: str | None = Field(None, description="the task it runs, if any (the first of task_ids)")
+    task_ids: list[str] = Field(default_factory=list, description="every task it holds: a batch's events each")
 
 
 class GpuGroup(_Out):
@@ -322,7 +323,9 @@ class DeadLetterView(_Out):
 
 class Overview(_Out):
     at: float
-    gpus: list[dict[str, Any]] = Field(description="GET /v1/gpus, each with its running task's progress (task)")
+    gpus: list[dict[str, Any]] = Field(
+        description="GET /v1/gpus, each with the tasks it holds and their progress (tasks; task: the first)"
+    )
     queues: list[QueueView]
     per_minute: list[MinuteCounts] = Field(description="the last 60 minutes, oldest first")
     dead_letters: list[DeadLetterView] = Field(description="the latest, newest first")

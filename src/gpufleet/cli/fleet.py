@@ -175,13 +175,21 @@ def _gpus(args: argparse.Namespace) -> int:
             ",".join(e.get("pools") or []),
             _memory(e),
             _utilisation(e),
-            e.get("task_id"),
+            _tasks(e),
             _gpu_state(e),
         ]
         for e in entries
     ]
     print(table(["worker", "index", "model", "pools", "memory", "util", "task", "state"], rows))
     return EXIT_OK
+
+
+def _tasks(entry: dict[str, Any]) -> str | None:
+    """The task it runs, and how many more it holds (a batch's other events, or the next one claimed ahead)."""
+    held = entry.get("task_ids") or ([entry["task_id"]] if entry.get("task_id") else [])
+    if not held:
+        return None
+    return str(held[0]) + (f" (+{len(held) - 1})" if len(held) > 1 else "")
 
 
 def _gpu_model(entry: dict[str, Any]) -> str:

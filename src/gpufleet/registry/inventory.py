@@ -49,12 +49,14 @@ def gpus(
     registry: Registry,
     stale_after_s: float = 30.0,
     forget_after_s: float = 3600.0,
-    seen_busy: dict[str, str] | None = None,
+    seen_running: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """The inventory; entries not refreshed for ``stale_after_s`` are marked stale, and dropped after
-    ``forget_after_s``. ``seen_busy``: :func:`busy`, when the caller has read it already."""
+    ``forget_after_s``. Each names the tasks its worker holds (``task_ids``: a batch's events each, or the task it
+    runs and the next it claimed ahead) and the first of them (``task_id``). ``seen_running``: :func:`running`, when
+    the caller has read it already."""
     raw: dict[bytes, bytes] = registry.client.hgetall(registry.keys.gpus)  # type: ignore[assignment]
-    running, now, out = busy(registry) if seen_busy is None else seen_busy, time.time(), []
+    held, now, out = running(registry) if seen_running is None else seen_running, time.time(), []
     for worker, value in sorted(raw.items()):
         entry = orjson.loads(value)
         age = now - float(entry.get("seen_at", 0))
@@ -62,6 +64,7 @@ def gpus(
             registry.client.hdel(registry.keys.gpus, worker)
             continue
         entry["stale"] = age > stale_after_s
-        entry["task_id"] = running.get(worker.decode()) if not entry["stale"] else None
+        entry["task_ids"] = [] if entry["stale"] else held.get(worker.decode(), [])
+        entry["task_id"] = entry["task_ids"][0] if entry["task_ids"] else None
         out.append(entry)
     return out

@@ -86,8 +86,8 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     names = sorted(set(functions) | registry.functions_seen())
     queues = registry.queues()
     running = registry.running("worker", "started_at", "queue")
-    busy = inventory.busy(registry, running)
-    gpus = inventory.gpus(registry, seen_busy=busy)
+    held = inventory.running(registry, running)
+    gpus = inventory.gpus(registry, seen_running=held)
     first_minute = int(now // 60) - minutes + 1
     replies = iter(_ask(registry, names, queues, range(first_minute, first_minute + minutes)))
 
@@ -101,7 +101,7 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         next(replies) for _ in range(9)
     )
     backlog, oldest, parked = int(next(replies)), next(replies), int(next(replies))
-    runs = set(busy.values())  # what the workers run; not a task one claimed ahead
+    runs = {tasks[0] for tasks in held.values()}  # what the workers run; not a task one claimed ahead
     for task_id, (_, _, queue) in running:
         if queue is not None and task_id in runs:
             states.setdefault(queue.decode(), QueueState(queue.decode())).running += 1

@@ -155,8 +155,8 @@ class Placer:
     def _refresh(self) -> None:
         try:
             running = self.registry.running("worker", "started_at", "function")
-            busy = inventory.busy(self.registry, running)
-            fresh = [e for e in inventory.gpus(self.registry, LIVE_S, seen_busy=busy) if not e["stale"]]
+            held = inventory.running(self.registry, running)
+            fresh = [e for e in inventory.gpus(self.registry, LIVE_S, seen_running=held) if not e["stale"]]
             entries = [e for e in fresh if e.get("up")]
             queues = sorted({q for e in entries for q in e.get("queues", [])})
             pipe = self.registry.pipeline()

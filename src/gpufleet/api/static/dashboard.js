@@ -65,12 +65,13 @@ function renderGpus(gpus) {
     card.dataset.worker = g.worker;
     card.append(el("div", g.worker, "name"), el("div", `${g.model} · ${state}`, "muted"));
     if (g.memory_total_mb) card.append(el("div", `${g.memory_used_mb ?? "?"} / ${g.memory_total_mb} MB · ${g.utilization_pct ?? "?"} %`, "muted"));
-    if (g.task) {
+    // Each task it holds, a batch's events each, with its own progress.
+    for (const task of g.tasks || (g.task ? [g.task] : [])) {
       const line = el("div");
-      line.append(taskLink(g.task.id), el("span", ` ${g.task.function} ${percent(g.task.progress)} ${g.task.progress_message || ""}`));
+      line.append(taskLink(task.id), el("span", ` ${task.function} ${percent(task.progress)} ${task.progress_message || ""}`));
       const bar = el("div", undefined, "bar");
       const fill = el("div");
-      fill.style.width = `${Math.round((g.task.progress || 0) * 100)}%`;
+      fill.style.width = `${Math.round((task.progress || 0) * 100)}%`;
       bar.append(fill);
       card.append(line, bar);
     }
