@@ -63,6 +63,7 @@ def weights_problem(weights: Mapping[str, float]) -> str | None:
 LATEST = "$LATEST"  # the version of a function that declares none, as Lambda names it
 FUNCTIONS_NAMESPACE = "gpufleet_workers."  # function files are imported as its modules: never shadowing a library
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
+MAX_OOM_RETRIES = 10
 MAX_GPU_GB = 4096  # a typo's bound, not a GPU's: the largest today hold under 300 GiB
 
 
@@ -230,6 +231,7 @@ class Function:
     gpu: Gpu = field(default_factory=Gpu)
     timeout_s: float = 900.0
     max_attempts: int = 3
+    oom_retries: int = 2
     backoff_s: float = 1.0
     backoff_max_s: float = 300.0
     max_event_age_s: float | None = None
@@ -260,6 +262,10 @@ class Function:
             raise ConfigError(f"{where}: timeout_s={self.timeout_s}", key="timeout_s", fix="use 0 < timeout_s <= 86400")
         if self.max_attempts < 1:
             raise ConfigError(f"{where}: max_attempts={self.max_attempts}", key="max_attempts", fix="use 1 or more")
+        if not 0 <= self.oom_retries <= MAX_OOM_RETRIES:
+            raise ConfigError(
+                f"{where}: oom_retries={self.oom_retries}", key="oom_retries", fix=f"use 0 to {MAX_OOM_RETRIES}"
+            )
         if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
             raise ConfigError(f"{where}: bad backoff", key="backoff_s", fix="use 0 <= backoff_s <= backoff_max_s")
         if self.max_event_age_s is not None and self.max_event_age_s <= 0:
@@ -332,6 +338,7 @@ def function(
     gpu_memory_gb: float | None = None,
     timeout_s: float = 900.0,
     max_attempts: int = 3,
+    oom_retries: int = 2,
     backoff_s: float = 1.0,
     backoff_max_s: float = 300.0,
     max_event_age_s: float | None = None,
@@ -353,6 +360,9 @@ def function(
         gpu_memory_gb: the same as ``gpu=Gpu(memory_gb=...)``: the GPU memory one task needs, in GiB.
         timeout_s: hard limit for one attempt, up to 86400.
         max_attempts: attempts before a RetriesExhausted failure record.
+        oom_retries: runs again after the GPU ran out of memory (or a CUDA error broke the process's context), on
+            top of ``max_attempts``: the first where it ran, the next on a GPU with more room where the fleet has one;
+            then a ``GpuOutOfMemory`` failure record. See :mod:`gpufleet.worker.gpufaults`.
         backoff_s: first retry delay; doubles per attempt up to ``backoff_max_s`` (with +-20% jitter).
         max_event_age_s: a task that waited longer than this since its event is EXPIRED and never starts
             (a ``EventAgeExceeded`` failure record); None: no limit.
@@ -390,6 +400,7 @@ def function(
             gpu=needs,
             timeout_s=timeout_s,
             max_attempts=max_attempts,
+            oom_retries=oom_retries,
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
             max_event_age_s=max_event_age_s,

@@ -7,12 +7,14 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
 from pydantic import BaseModel
 
 from gpufleet import Batch, BatchContext, Context, Gpu, ObjectEvent, function, job
+from gpufleet.dev.fakenvml import FakeGpus
 from gpufleet.functions import LATEST
 
 
@@ -138,6 +140,37 @@ def sized(event: Any, ctx: Context) -> dict[str, Any]:
 def huge(event: Any, ctx: Context) -> None:
     """Needs more GPU memory than the test fleets' fake GPUs have."""
     _redis().incr(f"runs:{ctx.task_id}")
+
+
+@function(name="oomy", max_attempts=1, oom_retries=2)
+def oomy(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Runs out of GPU memory (torch's own OutOfMemoryError) on its first ``times`` runs, and on a GPU with less room
+    than ``below_mb``; ``broken``: a CUDA error that breaks the context on its first that many runs instead. With
+    ``hold_mb`` it holds that much of its fake GPU first (NVML shows it as this process's). Each run is listed under
+    ``oomy:<task id>`` as "worker pid"."""
+    r = _redis()
+    n = r.incr(f"runs:{ctx.task_id}")
+    r.rpush(f"oomy:{ctx.task_id}", f"{ctx.worker} {os.getpid()}")
+    if event.get("hold_mb"):
+        FakeGpus(Path(os.environ["GPUFLEET_WORKER__FAKE_NVML"])).hold(0, event["hold_mb"], os.getpid())
+    if n <= event.get("broken", 0):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    memory = ctx.gpu_memory
+    if n <= event.get("times", 0) or (memory is not None and memory.room_mb < event.get("below_mb", 0)):
+        import torch  # in the handler: the other test functions' workers need not load it
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return {"worker": ctx.worker, "runs": n}
+
+
+@function(name="oomy-batch", max_attempts=1, batch=Batch(max_size=8, max_wait_ms=50))
+def oomy_batch(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
+    """Runs out of GPU memory (as CuPy says it) in a call of more than ``fits`` events (the first event's); each call
+    is listed under ``batch:<tag>``."""
+    _redis().rpush(f"batch:{events[0].get('tag')}", json.dumps([e.get("n") for e in events]))
+    if len(events) > events[0].get("fits", 2):
+        raise RuntimeError("cudaErrorMemoryAllocation: out of memory allocating 1073741824 bytes")
+    return [{"n": e.get("n"), "size": len(events)} for e in events]
 
 
 @function(name="chaos", max_attempts=10, backoff_s=0.05, backoff_max_s=0.5)

@@ -225,7 +225,7 @@ def test_a_batch_waits_no_longer_than_max_wait_ms_for_more_and_a_lone_task_not_a
     rt = Runtime(fleet, "trickle-worker", "gpu0", [queue])
     [first] = rt.take([queue], 1, "test-owner")
     started = time.monotonic()
-    items = batch.gather(first, trickle, one_at_a_time(rt, queue), lambda: False)
+    items = batch.gather(first, trickle, one_at_a_time(rt, queue), lambda: False, 256)
     took = time.monotonic() - started
     assert 2 < len(items) < 256 and took < 0.4, (len(items), took)  # unbounded: all 256, in ~0.6 s
     assert len({item.task_id for item in items}) == len(items)
@@ -234,7 +234,7 @@ def test_a_batch_waits_no_longer_than_max_wait_ms_for_more_and_a_lone_task_not_a
     rt = Runtime(fleet, "lone-worker", "gpu0", [queue])
     [first] = rt.take([queue], 1, "test-owner")
     started = time.monotonic()
-    assert batch.gather(first, lone, one_at_a_time(rt, queue), lambda: False) == [first]
+    assert batch.gather(first, lone, one_at_a_time(rt, queue), lambda: False, 256) == [first]
     assert time.monotonic() - started < 1
 
 

@@ -92,6 +92,7 @@ class TaskView(_Out):
         description="errorType, errorMessage, stackTrace (not in a listing), once it failed"
     )
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
+    gpu_retries: int = Field(0, description="runs again after its GPU ran out of memory or broke (oom_retries)")
     waiting_for: str | None = Field(
         None, description="QUEUED: why it waits, when a worker could not take it (no GPU with room for it now)"
     )

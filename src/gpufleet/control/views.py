@@ -39,6 +39,7 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "state": record["state"],
         "attempts": int(record.get("attempts", 0)),
         "max_attempts": int(record.get("max_attempts", 1)),
+        "gpu_retries": int(record.get("gpu_retries", 0)),
         "priority": int(record.get("priority", DEFAULT_PRIORITY)),
         "progress": {"fraction": float(record.get("progress", 0) or 0), "message": record.get("progress_message", "")},
         "source": record.get("source"),

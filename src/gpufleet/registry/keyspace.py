@@ -24,6 +24,7 @@ Key layout (prefix ``P``):
   function's setup() per worker, a supervisor's heartbeat;
 - ``P:flows``, ``P:flow:{id}`` (with ``:lease`` and ``:state``), ``P:router``, ``P:parked``: the dispatcher's
   delivery flows, its router lease, and the records parked for good;
+- ``P:fit:{function}:{model}``: the largest batch that fitted the model's memory lately (gpufleet.worker.batchfit);
 - ``P:aliases``, ``P:alias-log``, ``P:dead_letter_key``, ``P:poll:{trigger}``, ``P:session:{id}``,
   ``P:hand-over``: aliases and their history, the key that signs dead letters, a polling trigger's checkpoint, a
   dashboard session, the lock of the pool hand-over.
@@ -219,6 +220,10 @@ class Keyspace:
         """``P:m:<name>``: created, finished, wait, duration, gpu_time, overflow, dead, dead_recent, trigger_lag,
         delivered, parked."""
         return f"{self.prefix}:m:{name}"
+
+    def batch_fit(self, function: str, model: str) -> str:
+        """The largest batch of ``function`` that fitted a GPU of ``model`` after a larger one ran out of memory."""
+        return f"{self.prefix}:fit:{function}:{model}"
 
     def minute(self, minute: int) -> str:
         return f"{self.prefix}:m:min:{minute}"

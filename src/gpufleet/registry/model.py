@@ -95,12 +95,13 @@ class Claim:
     cancel_requested: bool = False
     waited_s: float | None = None  # how long it waited in its queue; None: taken over from an owner that died
     queue: str = ""  # the queue it was claimed from: its pool's
+    min_room_mb: int = 0  # the room (MiB) a GPU needs for it: more than where it last ran out of memory; 0: any
 
     @classmethod
     def from_reply(cls, reply: list[Any], now: float) -> Claim:
         """A claim script's answer (see ``claim`` in ``helpers.lua``), made at ``now``."""
-        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited, queue = (
-            v.decode() if v else "" for v in reply[1:9]
+        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited, queue, min_room = (
+            v.decode() if v else "" for v in reply[1:10]
         )
         return cls(
             True,
@@ -114,6 +115,7 @@ class Claim:
             cancel == "1",
             float(waited) if waited else None,
             queue,
+            int(min_room or 0),
         )
 
 
@@ -141,12 +143,13 @@ class Callback:
 # fmt: skip below: a list of field names reads better packed than one per line.
 VIEW_FIELDS = ("function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
                "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
-               "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")  # fmt: skip
+               "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until",
+               "gpu_retries")  # fmt: skip
 VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
 # fmt: skip below: a list of field names reads better packed than one per line.
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
-            "max_age", "priority", "prio"}  # fmt: skip
+            "max_age", "priority", "prio", "gpu_retries", "min_room"}  # fmt: skip
 _JSON = {"result", "error", "last_error", "outputs"}
 
 

@@ -45,7 +45,7 @@ def _taken(replies: list[Any], now: float) -> list[Taken | str]:
         if reply[0] == b"other":
             taken.append(reply[1].decode())
         else:
-            task_id, function, event, meta = reply[9:13]
+            task_id, function, event, meta = reply[10:14]
             claim = Claim.from_reply(reply, now)
             taken.append(Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)))
     return taken
@@ -285,16 +285,23 @@ class Registry:
         envelope_for: EnvelopeFor,
         message: str | None,
         error_type: str = "WorkerStopped",
-    ) -> bool:
+        gpu_budget: int | None = None,
+        min_room_mb: int | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> int:
         """A RUNNING task whose owner (``token``) was stopped on purpose, or cannot run it, goes back to the head of
         its queue, its attempt not counted; ``message`` None: one claimed ahead and given back unstarted (no error
-        recorded). False if it finished or changed owner meanwhile, or this caller cannot build it."""
+        recorded; ``error``: this error instead). 0 if it finished or changed owner meanwhile, or this caller cannot
+        build it. With ``gpu_budget``, one whose GPU ran out of memory: it goes back only while its GPU retries are
+        within that (-1 past it: nothing changed), for a GPU with ``min_room_mb`` of room if given."""
         pairs = self._envelopes([task_id], envelope_for)
         if not pairs or not pairs[0][1]:
-            return False
-        error = b"" if message is None else orjson.dumps({"errorType": error_type, "errorMessage": message})
-        args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], error, self.aging_s]
-        return bool(self._hand_back(keys=[self.keys.task(task_id), self.keys.leases], args=args))
+            return 0
+        if message is not None:
+            error = {"errorType": error_type, "errorMessage": message}
+        args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], orjson.dumps(error) if error else b""]
+        args += [self.aging_s, "" if gpu_budget is None else gpu_budget, min_room_mb or ""]
+        return int(self._hand_back(keys=[self.keys.task(task_id), self.keys.leases], args=args))
 
     def age(self, aging_s: float, limit: int = 1000) -> int:
         """Move each level's tasks that have waited ``aging_s`` there one level up (see ``age.lua``). Returns

@@ -8,7 +8,8 @@ A single task, each event of a batch and each step of a job goes through the sam
 3. running (:meth:`Attempts.running`): the lease keeper renews its lease and watches for its cancel, and the watchdog
    knows its hard time limit;
 4. the handler, with its ``ctx`` (:meth:`Attempt.context`), under the soft time limit (:meth:`Attempts.guarded`);
-5. its outcome: succeeded, cancelled, timed out, failed for good, or retried later (:meth:`Attempt.failed`).
+5. its outcome: succeeded, cancelled, timed out, failed for good, retried later, or (its GPU ran out of memory, or
+   broke) handed back uncounted under the function's ``oom_retries`` (:meth:`Attempt.failed`).
 
 Only the call differs: one event (:meth:`Attempt.run`), several in one call (:mod:`gpufleet.worker.batch`), or a
 job's split or merge (:mod:`gpufleet.worker.jobs`). The runtime claims the tasks and hands each here.
@@ -31,9 +32,14 @@ from gpufleet.aws import ObjectEvent
 from gpufleet.delivery.records import Condition, error_payload
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function
-from gpufleet.registry.model import State
+from gpufleet.registry import inventory
+from gpufleet.registry.model import REDIS_ERRORS, State
+from gpufleet.scheduling.estimate import has_room
+from gpufleet.scheduling.placement import LIVE_S
 from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.context import TaskContext, handler_payload
+from gpufleet.worker.gpufaults import BROKEN, OOM, Fault, fault_of, free_memory, peak_mb
+from gpufleet.worker.gpus import GpuMemory
 from gpufleet.worker.item import Item
 from gpufleet.worker.outcome import Finisher, Outcomes, result_json
 
@@ -50,6 +56,25 @@ def held_gil(took_s: float, cpu_s: float) -> bool:
     return took_s >= GIL_MIN_S and cpu_s >= GIL_SHARE * took_s
 
 
+def bigger_room(bundle: ProcessBundle, fn: Function, memory: GpuMemory | None) -> int | None:
+    """The room (MiB) a GPU needs to take a task that ran out of memory on this one, which had ``memory``: more than
+    it had, when a live GPU of the function's pools and model has that much (the inventory); None when none has (then
+    any GPU may take it)."""
+    if memory is None:
+        return None
+    need = memory.room_mb + 1
+    model = fn.gpu.model.lower()
+    try:
+        entries = inventory.gpus(bundle.registry, stale_after_s=LIVE_S)
+    except REDIS_ERRORS:
+        return None
+    for e in entries:
+        serves = set(e.get("pools", [])) & set(fn.gpu.pools) and model in ("any", str(e.get("model", "")).lower())
+        if serves and e.get("up") and not e["stale"] and e.get("memory_total_mb") and has_room(e, need):
+            return need
+    return None
+
+
 class Attempts:
     """One per pool process: the attempts its handler runs now, their soft time limit, and the cancel killer."""
 
@@ -58,6 +83,7 @@ class Attempts:
         self._current: dict[str, Finisher] = {}  # the tasks the handler runs now, for the cancel killer
         self._in_handler = False
         self.held_gil = False  # whether the last handler call held the GIL (see guarded)
+        self.broken = False  # a CUDA error broke this process's context: it is replaced once its outcomes are out
         bundle.on_overdue = self._cancel_overdue
 
     def install(self) -> None:
@@ -95,6 +121,16 @@ class Attempts:
             self._in_handler = False
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.held_gil = held_gil(time.monotonic() - began, time.thread_time() - cpu)
+
+    def recycle(self, pipe: Any) -> None:
+        """After a CUDA error broke this process's context (every later CUDA call here fails too): write the outcomes
+        in ``pipe`` and the tallies, then end the process; Celery starts a fresh one, and what it still held (a
+        batch's events not yet run, a task claimed ahead) goes back uncounted (see :mod:`gpufleet.worker.watchdog`)."""
+        if pipe is not None:
+            pipe.execute()
+        self.bundle.write_tally()
+        log.error("a CUDA error broke this process's GPU context; replacing the process", pid=os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _soft_limit(self, signum: int, frame: Any) -> None:
         """SIGALRM at ``timeout_s``: raised in the handler, as Celery's soft time limit is; ignored outside it."""
@@ -215,6 +251,8 @@ class Attempt:
             done.finish(State.TIMED_OUT, Condition.TIMED_OUT, timed_out)
         elif not isinstance(exc, Exception):
             raise exc  # SystemExit / KeyboardInterrupt: let the worker shut down; the lease recovers the task
+        elif (fault := fault_of(exc)) is not None:
+            self.gpu_fault(exc, fault)
         elif isinstance(exc, PermanentTaskError):
             self.log.error("task failed; it cannot succeed, so it is not retried", error=str(exc))
             error = {"errorType": exc.error_type, "errorMessage": str(exc), "stackTrace": []}
@@ -226,3 +264,32 @@ class Attempt:
         else:
             self.log.error("task failed; retries exhausted", error=repr(exc))
             done.fail(exc)
+
+    def gpu_fault(self, exc: Exception, fault: Fault) -> None:
+        """Its GPU ran out of memory, or a CUDA error broke the process's context. The process gives back what the
+        handler held; the task goes back to the head of its queue uncounted while the function's ``oom_retries``
+        last: the first time to any GPU (this one, most likely: it is idle now), then only to a GPU with more room
+        than this one had, where the fleet has one. Past them it fails, ``GpuOutOfMemory``, with the peak memory
+        seen. A broken context is replaced (:meth:`Attempts.recycle`)."""
+        b, fn, task_id = self.attempts.bundle, self.fn, self.item.task_id
+        memory = b.device.memory(fresh=True)
+        error = error_payload(exc, "GpuOutOfMemory" if fault == OOM else "GpuContextBroken")
+        peak = peak_mb(memory.own_mb if memory is not None else None)
+        if peak is not None:
+            total = f" of {memory.total_mb}" if memory is not None else ""
+            error["errorMessage"] += f" (peak {peak} MiB{total} on {b.worker_name})"
+            error["peakGpuMemoryMb"] = peak
+        free_memory(exc)
+        if fault == BROKEN:
+            self.attempts.broken = True
+        record = b.registry.get(task_id) or {}
+        room = bigger_room(b, fn, memory) if int(record.get("gpu_retries", 0)) >= 1 else None
+        back = b.registry.hand_back(
+            task_id, self.item.token, b.envelopes, None, gpu_budget=fn.oom_retries, min_room_mb=room, error=error
+        )
+        if back == 1:
+            self.log.warning("GPU fault; task handed back uncounted", fault=fault, peak_mb=peak, needs_room_mb=room)
+        elif back == -1:
+            self.log.error("GPU fault; oom_retries exhausted", fault=fault, peak_mb=peak, oom_retries=fn.oom_retries)
+            error["errorMessage"] += f"; failed after oom_retries ({fn.oom_retries}) more runs"
+            self.done.finish(State.FAILED, Condition.RETRIES_EXHAUSTED, error)

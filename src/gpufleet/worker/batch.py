@@ -16,6 +16,11 @@ Each event keeps its own task (:func:`settle`):
   an event on a later attempt always runs alone: the one that killed the process does it again alone, and its
   neighbours succeed. Each death counts as an attempt for every event of the call, as for any task (Lambda counts a
   crash too), so with ``max_attempts=1`` it fails them all (``WorkerLost``);
+- a call that runs out of GPU memory is split in halves too, once the process gave back what the call held; the
+  largest that then fitted is the most a batch of the function holds on that GPU model for ``FIT_TTL_S``, on every
+  worker (:class:`BatchFit`). A single event out of memory goes back under ``oom_retries`` (see
+  :meth:`~gpufleet.worker.attempt.Attempt.gpu_fault`). A CUDA error that broke the context runs nothing more: the
+  call's events go back under the same budget, the others uncounted, and the process is replaced;
 - an event cancelled while the batch runs ends CANCELLED whatever the handler returned for it. One that ignores the
   cancel for ``cancel_grace_s`` is recorded CANCELLED then, and its neighbours run on (the process is not killed).
 """
@@ -35,6 +40,7 @@ from gpufleet.errors import PermanentTaskError
 from gpufleet.functions import Function
 from gpufleet.worker.attempt import Attempt, Attempts
 from gpufleet.worker.context import TaskContext
+from gpufleet.worker.gpufaults import BROKEN, OOM, fault_of, free_memory
 from gpufleet.worker.item import Item
 from gpufleet.worker.outcome import result_json
 
@@ -84,7 +90,9 @@ class Member:
         return self.attempt.item.task_id, self.attempt.item.token
 
 
-def gather(first: Item, fn: Function, take: Callable[[int], list[Item]], stopping: Callable[[], bool]) -> list[Item]:
+def gather(
+    first: Item, fn: Function, take: Callable[[int], list[Item]], stopping: Callable[[], bool], max_size: int
+) -> list[Item]:
     """The first task, then up to ``max_size`` in all of ``fn``'s queued tasks (``take(n)`` claims up to ``n`` more),
     as described in the module docstring."""
     assert fn.batch is not None
@@ -92,8 +100,8 @@ def gather(first: Item, fn: Function, take: Callable[[int], list[Item]], stoppin
     if first.claim.attempts > 1:  # its last call may have died with its process: alone (module docstring)
         return items
     formed = time.monotonic()
-    while len(items) < fn.batch.max_size and not stopping():  # stopping: take nothing more
-        got = take(fn.batch.max_size - len(items))
+    while len(items) < max_size and not stopping():  # stopping: take nothing more
+        got = take(max_size - len(items))
         items += got
         left = fn.batch.max_wait_ms / 1000 - (time.monotonic() - formed)
         if not got or left <= 0:  # a lone task (nothing more queued) runs at once
@@ -136,7 +144,7 @@ def settle(
     """Call the handler for ``members`` and record each one's outcome; split and call again when the call raises or
     times out. On the watchdog's page meanwhile: ``waiting``, the batch's events that wait for a later call, and
     ``ran``, those an earlier call ran (their outcomes are written once the batch is done)."""
-    if not members:
+    if not members or attempts.broken:  # a broken context runs nothing more: these go back as the process is replaced
         return
     ran = ran or []
     deadline = time.time() + fn.timeout_s + attempts.bundle.kill_grace_s
@@ -144,14 +152,20 @@ def settle(
     try:
         results = attempts.guarded(fn, lambda: _call(attempts, fn, members))
     except Exception as exc:  # noqa: BLE001 - whatever the handler raised, or its time limit; SystemExit goes on up
-        if len(members) == 1:
-            members[0].attempt.failed(exc)
+        fault = fault_of(exc)
+        if len(members) == 1 or fault == BROKEN:
+            for m in members:
+                m.attempt.failed(exc)
             return
+        if fault == OOM:
+            free_memory(exc)
+            attempts.bundle.batch_fit.ran_out(fn, len(members))
         half = len(members) // 2
         log.warning("batch call failed; trying its halves", function=fn.name, size=len(members), error=repr(exc))
         settle(attempts, fn, members[:half], members[half:] + waiting, ran)
         settle(attempts, fn, members[half:], waiting, ran + members[:half])
         return
+    attempts.bundle.batch_fit.fitted(fn, len(members))
     for m, result in zip(members, results, strict=True):
         attempt = m.attempt
         if attempt.cancel_requested:

@@ -21,6 +21,7 @@ from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import Envelopes, MessageFactory
 from gpufleet.registry.store import Registry
 from gpufleet.registry.tally import Tally
+from gpufleet.worker.batchfit import BatchFit
 from gpufleet.worker.gpus import Device, load_nvml
 from gpufleet.worker.lease import LeaseKeeper
 from gpufleet.worker.scratch import default_root, open_root
@@ -73,6 +74,10 @@ class ProcessBundle:
     def device(self) -> Device:
         """This process's GPU, for its memory: what a claim and ``ctx.gpu_memory`` see."""
         return Device(self.device_uuid, load_nvml(self.fleet.settings.worker.fake_nvml))
+
+    @functools.cached_property
+    def batch_fit(self) -> BatchFit:
+        return BatchFit(self.registry, self.gpu_model)
 
     @functools.cached_property
     def objects(self) -> ObjectStore:

@@ -212,11 +212,12 @@ class Device:
         self._read_at = -max_age_s
         self._memory: GpuMemory | None = None
 
-    def memory(self) -> GpuMemory | None:
+    def memory(self, fresh: bool = False) -> GpuMemory | None:
+        """Its memory, read at most ``max_age_s`` ago (``fresh``: now)."""
         if not self.uuid or self.uuid.startswith("virtual"):
             return None
         with self._lock:
-            if time.monotonic() - self._read_at >= self._max_age_s:
+            if fresh or time.monotonic() - self._read_at >= self._max_age_s:
                 self._memory = self._read()
                 self._read_at = time.monotonic()
             return self._memory

@@ -30,6 +30,7 @@ from gpufleet.worker.item import Item
 from gpufleet.worker.jobs import JobSteps
 from gpufleet.worker.lease import owner_is_dead, owner_token, process_owner
 from gpufleet.worker.outcome import Finisher, Outcomes
+from gpufleet.worker.room import Room
 from gpufleet.worker.watchdog import SharedSlot, bury
 
 log = structlog.get_logger("gpufleet.worker")
@@ -62,9 +63,9 @@ class Runtime:
         prefix = fleet.settings.redis.key_prefix
         # Each function's queue -> the function (the pool and model queues of older releases have none).
         self._queue_fn = {q: parsed[2] for q in self.queues if (parsed := parse_queue(prefix, q)) and parsed[2]}
-        self._sized = [fn for fn in fleet.functions.values() if fn.gpu.memory_mb is not None]
         self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device)
         self.attempts = Attempts(self.bundle)
+        self.room = Room(self.bundle)
         self._ahead: Ahead | None = None
         self._jobs: JobSteps | None = None
         self._ran: list[tuple[str, str]] = []  # the tasks of the last run, whose outcomes may be on their way
@@ -91,6 +92,7 @@ class Runtime:
         """``worker_process_init``: fresh connections after fork; never reuse the parent's sockets."""
         self.bundle = self.bundle.fresh()
         self.attempts = Attempts(self.bundle)
+        self.room = Room(self.bundle)
         self.attempts.install()
         self._ahead = None
         self._jobs = None
@@ -215,7 +217,7 @@ class Runtime:
     def give_back(self, task_id: str, token: str) -> bool:
         """A task this process (or the dead one ``token`` names) claimed but never started: back to the head of its
         queue, its attempt not counted. False if it finished or changed owner meanwhile."""
-        return self.bundle.registry.hand_back(task_id, token, self.bundle.envelopes, None)
+        return self.bundle.registry.hand_back(task_id, token, self.bundle.envelopes, None) == 1
 
     def _give_back(self, item: Item) -> None:
         if self.give_back(item.task_id, item.token):
@@ -229,30 +231,10 @@ class Runtime:
         and model queues of older releases, which may hold any function's task: Celery still reads them)."""
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
-        left_out = self.bundle.setups.failed.keys() | self._short_of_memory()
+        left_out = self.bundle.setups.failed.keys() | self.room.short()
         if left_out:
             queues = [q for q in queues if self._queue_fn.get(q) not in left_out and q in self._queue_fn]
         return queues
-
-    def _short_of_memory(self) -> set[str]:
-        """The functions this GPU has no room for now (see :attr:`GpuMemory.room_mb`)."""
-        if not self._sized:
-            return set()
-        memory = self.bundle.device.memory()
-        if memory is None:
-            return set()
-        return {fn.name for fn in self._sized if (fn.gpu.memory_mb or 0) > memory.room_mb}
-
-    def _no_room(self, fn: Function) -> str | None:
-        """Why this GPU cannot take a task of ``fn`` now, or None when it can."""
-        if fn.name not in self._short_of_memory():
-            return None
-        memory = self.bundle.device.memory()
-        assert memory is not None
-        return (
-            f"waits for GPU memory: {fn.name} needs {fn.gpu.memory_mb} MiB; {self.bundle.worker_name} has "
-            f"{memory.room_mb} MiB of {memory.total_mb} ({memory.others_mb} MiB held by other processes)"
-        )
 
     def _next(self, pipe: Any) -> Item | None:
         """Write the last outcome (in ``pipe``, if any) and take the next task, in one round trip."""
@@ -327,6 +309,9 @@ class Runtime:
             self._run(item, outcomes)
         finally:
             structlog.contextvars.unbind_contextvars("trace_id", "span_id")
+        if self.attempts.broken:  # a CUDA error broke this process's context: its outcomes out, then a fresh one
+            outcomes.build()
+            self.attempts.recycle(outcomes.pipe)
 
     def _run(self, item: Item, outcomes: Outcomes) -> None:
         """Run one claimed task (or the batch it starts) as its attempt; outcomes go into ``outcomes``."""
@@ -341,10 +326,13 @@ class Runtime:
         if not self.bundle.setups.ready(fn):
             self._not_ready(item, fn)
             return
-        why = self._no_room(fn)
+        why = self.room.why_not(fn, item.claim.min_room_mb)
         if why is not None:
             # Another GPU may have room: the task goes back to the head of its queue, unstarted and uncounted, and
-            # this process goes on with the functions it has room for (see _turn), so it does not take it back.
+            # this process goes on with the functions it has room for (see _turn), so it does not take it back. One
+            # that needs more room than its function (it ran out of memory where it ran) pauses the function here.
+            if item.claim.min_room_mb:
+                self.room.pause(fn)
             if self.bundle.registry.hand_back(item.task_id, item.token, self.bundle.envelopes, why, GPU_MEMORY_WAIT):
                 log.info("no room on this GPU; task handed back", task_id=item.task_id, why=why)
             return
@@ -368,7 +356,8 @@ class Runtime:
         queues = [q for q in self.queues if (parsed := parse_queue(prefix, q)) is not None and parsed[2] == fn.name]
         if not queues:
             return [first]
-        return batch.gather(first, fn, lambda n: self.take(queues, n, first.token), lambda: self.slot.stopping)
+        limit = self.bundle.batch_fit.limit(fn)
+        return batch.gather(first, fn, lambda n: self.take(queues, n, first.token), lambda: self.slot.stopping, limit)
 
     def _not_ready(self, item: Item, fn: Function) -> None:
         """``fn``'s setup() failed in this process: the task goes back to the head of its queue unstarted (its attempt

@@ -1,10 +1,17 @@
--- KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json, aging_s
+-- KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json, aging_s, budget, min_room
 -- A worker stopped past its shutdown grace: the supervisor killed it, and hands its task back. The attempt does not
 -- count (the task did nothing wrong), and it goes to the head of its queue, where another worker takes it at once.
 -- Only the owner the caller saw (and checked dead) is replaced. Returns 1, or 0 if the task finished or moved on.
 -- With no error_json it is a task a worker claimed ahead and gives back unstarted: its record keeps its last error and
 -- when it was queued.
+-- With a budget, it is a task whose GPU ran out of memory (or broke): it goes back only while its GPU retries are
+-- within the budget (returns -1 past it, and changes nothing else: the caller fails it), and with min_room, only a GPU
+-- with that much room takes it.
 if not owned(KEYS[1], ARGV[2]) then return 0 end
+if ARGV[7] ~= '' then
+  if redis.call('HINCRBY', KEYS[1], 'gpu_retries', 1) > tonumber(ARGV[7]) then return -1 end
+  if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'min_room', ARGV[8]) end
+end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = task_id(ARGV[1], KEYS[1])
 redis.call('ZREM', KEYS[2], id)
