@@ -87,6 +87,9 @@ class WorkerSettings(_Model):
     # The file of a fake NVML (gpufleet.dev.fakenvml) to read instead of the driver's: GPUs, their memory and faults
     # as a test or a rehearsal writes them, on a machine without a GPU.
     fake_nvml: Path | None = None
+    # What one GPU-hour of each model costs you (H100: 2.49): each task's record and status then carry its cost, and
+    # `gpufleet usage` adds them up. A model not listed has no cost.
+    gpu_hour_price: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("pools")
     @classmethod
@@ -94,6 +97,19 @@ class WorkerSettings(_Model):
         if not v or len(set(v)) != len(v) or not all(POOL_RE.fullmatch(p) for p in v):
             raise ValueError(f"{list(v)}: use one or more distinct names of lowercase letters, digits, '-' or '_'")
         return v
+
+    @field_validator("gpu_hour_price")
+    @classmethod
+    def _prices(cls, v: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for model, price in v.items():
+            if not price >= 0:
+                raise ValueError(f"{model}: {price}: a price is a number >= 0")
+            try:  # keyed by series, as the GPUs report theirs: "NVIDIA H100 80GB HBM3" prices H100
+                out[check_model(model, "worker.gpu_hour_price") if model != "virtual" else model] = price
+            except ConfigError as exc:
+                raise ValueError(f"no GPU series in {model!r} ({exc.fix})") from None
+        return out
 
     @field_validator("gpu_model")
     @classmethod

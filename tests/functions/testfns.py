@@ -39,12 +39,15 @@ def always_fail(event: Any, ctx: Context) -> None:
 
 @function(name="slow", max_attempts=3, backoff_s=0.05)
 def slow(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Sleeps ``seconds``; the time it took, as it measured it, is ``took:<task id>``."""
+    began = time.monotonic()
     r = _redis()
     r.incr(f"runs:{ctx.task_id}")
     r.set(f"pid:{ctx.task_id}", os.getpid())
-    end = time.monotonic() + float(event.get("seconds", 3))
+    end = began + float(event.get("seconds", 3))
     while time.monotonic() < end:
-        time.sleep(0.05)
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+    r.set(f"took:{ctx.task_id}", time.monotonic() - began)
     return {"slept": event.get("seconds", 3), "attempt": ctx.attempt}
 
 

@@ -106,7 +106,9 @@ def test_a_handler_that_holds_the_gil_is_told_from_one_that_waits(took: float, c
 
 def test_each_handler_call_is_judged() -> None:
     """guarded() times the call on the clock and on its thread's CPU (a sleep uses none of it: never held)."""
-    attempts = Attempts.__new__(Attempts)  # guarded() needs no bundle
+    attempts = Attempts.__new__(Attempts)  # guarded() needs no more of a bundle than a GPU with no memory to read
+    attempts.bundle = SimpleNamespace(device=SimpleNamespace(memory=lambda fresh: None))  # type: ignore[assignment]
     attempts._in_handler, attempts.held_gil = False, True
-    attempts.guarded(SimpleNamespace(timeout_s=30), lambda: time.sleep(0.02))  # type: ignore[arg-type]
-    assert attempts.held_gil is False
+    done = SimpleNamespace(peak_mb=1)
+    attempts.guarded(SimpleNamespace(timeout_s=30), lambda: time.sleep(0.02), [done])  # type: ignore[arg-type,list-item]
+    assert attempts.held_gil is False and done.peak_mb is None

@@ -1,9 +1,9 @@
-"""The fleet as a whole: GPUs, the dashboard's overview, the scaling figure, Prometheus metrics, health."""
+"""The fleet as a whole: GPUs, the dashboard's overview, GPU usage, the scaling figure, Prometheus metrics, health."""
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from gpufleet.api import dashboard, models
 from gpufleet.api.deps import GUARDED, MONITORED, Control, authorize_monitoring, errors
@@ -29,6 +29,17 @@ def fleet_overview(control: Control) -> dict[str, Any]:
     """What the dashboard shows: GPUs with their task's progress, queues, tasks finished per minute over the
     last hour, and the latest dead letters."""
     return dashboard.overview(control)
+
+
+@figures.get("/usage", response_model=models.UsageList)
+def gpu_usage(
+    control: Control,
+    since: Annotated[str, Query(description="how far back: 90m, 24h, 7d (in whole hours)")] = "24h",
+    by: Annotated[Literal["function", "pool", "model"], Query()] = "function",
+) -> dict[str, Any]:
+    """GPU seconds (every run, GPUs held x handler time), runs and cost by function, pool or GPU model, as
+    ``gpufleet usage`` prints them."""
+    return {"items": control.usage(since, by)}
 
 
 @figures.get("/scaling", response_model=models.ScalingList)

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from gpufleet.config import Fleet
-from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS
+from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS, US
 from gpufleet.registry.snapshot import Histogram, Snapshot, read
 from gpufleet.registry.store import Registry
 from gpufleet.scheduling.scaling import needs
@@ -57,6 +57,18 @@ class FleetCollector(Collector):
         yield desired
         yield hosts
         yield from _versions(all_versions(self.registry, self.fleet.functions.values()))
+        yield _gpu_seconds(self.registry.client.hgetall(self.registry.keys.metric("gpu_time")))  # type: ignore[arg-type]
+
+
+def _gpu_seconds(counters: dict[bytes, bytes]) -> Metric:
+    """GPU time by function, GPU model and pool: every run, at handler time x GPUs held (see registry.tally)."""
+    doc = "GPU time the tasks' handlers took (every run, GPUs held x seconds), by function, GPU model and pool"
+    family = CounterMetricFamily("gpufleet_gpu_seconds", doc, labels=["function", "model", "pool"])
+    for name, value in sorted(counters.items()):
+        function, model, pool, part = name.decode().split(US)
+        if part == "us":
+            family.add_metric([function, model, pool], int(value) / 1e6)
+    return family
 
 
 def _tasks(snap: Snapshot) -> Iterable[Metric]:
@@ -171,7 +183,9 @@ def _gpus(snap: Snapshot) -> Iterable[Metric]:
         "Times the supervisor restarted the GPU worker process (since the supervisor started)",
         labels=labels,
     )
-    running = GaugeMetricFamily("gpufleet_gpu_running_tasks", "Tasks running on the GPU (0 or 1)", labels=labels)
+    running = GaugeMetricFamily(
+        "gpufleet_gpu_running_tasks", "Tasks the GPU's worker holds (a batch's events each)", labels=labels
+    )
     util = GaugeMetricFamily("gpufleet_gpu_utilization_ratio", "GPU utilisation from NVML, 0 to 1", labels=labels)
     used = GaugeMetricFamily("gpufleet_gpu_memory_used_bytes", "GPU memory in use, from NVML", labels=labels)
     total = GaugeMetricFamily("gpufleet_gpu_memory_total_bytes", "GPU memory, from NVML", labels=labels)
@@ -181,7 +195,7 @@ def _gpus(snap: Snapshot) -> Iterable[Metric]:
         up.add_metric(key, int(live))
         ready.add_metric(key, int(e["ready"]))
         restarts.add_metric(key, int(e.get("restarts_total", 0)))
-        running.add_metric(key, int(live and e.get("task_id") is not None))
+        running.add_metric(key, len(e.get("task_ids") or []) if live else 0)
         if e.get("utilization_pct") is not None:
             util.add_metric(key, e["utilization_pct"] / 100)
         if e.get("memory_used_mb") is not None:

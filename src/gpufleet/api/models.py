@@ -93,6 +93,11 @@ class TaskView(_Out):
     )
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
     gpu_retries: int = Field(0, description="runs again after its GPU ran out of memory or broke (oom_retries)")
+    usage: dict[str, Any] | None = Field(
+        None,
+        description="once finished: gpu_seconds (all its runs), queue_seconds, setup_seconds (the cold start it "
+        "paid), peak_gpu_memory_mb, and cost where worker.gpu_hour_price prices its GPU",
+    )
     waiting_for: str | None = Field(
         None, description="QUEUED: why it waits, when a worker could not take it (no GPU with room for it now)"
     )
@@ -266,6 +271,20 @@ class GpuInfo(BaseModel):
     stale: bool = Field(description="not refreshed lately: its host may be gone")
     task_id: str | None = Field(None, description="the task it runs, if any (the first of task_ids)")
     task_ids: list[str] = Field(default_factory=list, description="every task it holds: a batch's events each")
+
+
+class UsageRow(_Out):
+    """GPU time of one function, pool or GPU model (the one named by ``by``; the others are absent)."""
+
+    model_config = ConfigDict(extra="allow")  # the row's key: function, pool or model
+
+    gpu_seconds: float = Field(description="every run, GPUs held x handler time")
+    runs: int
+    cost: float | None = Field(description="at worker.gpu_hour_price; null where its GPU model is not priced")
+
+
+class UsageList(_Out):
+    items: list[UsageRow]
 
 
 class GpuGroup(_Out):

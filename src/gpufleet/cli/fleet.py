@@ -1,4 +1,4 @@
-"""Fleet commands: queue, functions, alias, gpus, parked. As the task commands (:mod:`gpufleet.cli.tasks`), they
+"""Fleet commands: queue, functions, alias, gpus, usage, parked. As the task commands (:mod:`gpufleet.cli.tasks`), they
 read Redis through the control plane, without the HTTP API, and print one JSON document with ``--json``.
 """
 
@@ -36,6 +36,11 @@ def add_commands(command: AddCommand) -> None:
 
     p = command("gpus", _gpus, "list the fleet's GPUs: memory, utilisation, the task each runs, stale entries")
     json_arg(p, "print the inventory entries")
+
+    p = command("usage", _usage, "GPU seconds, runs and cost by function, pool or GPU model, over the last hours")
+    p.add_argument("--since", default="24h", help="how far back: 90m, 24h, 7d (whole hours; default: 24h)")
+    p.add_argument("--by", choices=["function", "pool", "model"], default="function", help="default: function")
+    json_arg(p, "print the rows")
 
     p = command("parked", _parked, "records a destination refused for good: list, re-send or drop them")
     act = p.add_mutually_exclusive_group()
@@ -217,6 +222,20 @@ def _gpu_state(entry: dict[str, Any]) -> str:
     if entry.get("up") is False:
         return "down"
     return "busy" if entry.get("task_id") else "idle"
+
+
+@control_command
+def _usage(args: argparse.Namespace) -> int:
+    rows = plane_of(args).usage(args.since, args.by)
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    body = [
+        [r[args.by], f"{r['gpu_seconds']:.1f}", r["runs"], "-" if r["cost"] is None else f"{r['cost']:.4f}"]
+        for r in rows
+    ]
+    print(table([args.by, "gpu seconds", "runs", "cost"], body, f"no GPU time since {args.since}"))
+    return EXIT_OK
 
 
 @control_command

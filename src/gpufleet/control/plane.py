@@ -15,6 +15,7 @@ import orjson
 
 from gpufleet.config import Fleet
 from gpufleet.control.changes import Changes, stored
+from gpufleet.control.usage import By, parse_since, usage
 from gpufleet.control.views import (
     decode_cursor,
     encode_cursor,
@@ -318,6 +319,10 @@ class ControlPlane:
         """``{"items": every GPU slot, "pools": the same grouped by pool and model}`` (see :func:`group_gpus`)."""
         items = self.gpus()
         return {"items": items, "pools": group_gpus(items)}
+
+    def usage(self, since: str = "24h", by: By = "function") -> list[dict[str, Any]]:
+        """GPU seconds, runs and cost by function, pool or model since ``since`` (see :mod:`gpufleet.control.usage`)."""
+        return usage(self.registry, self.fleet.settings, parse_since(since), by)
 
     def snapshot(self, minutes: int = 0) -> Snapshot:
         return snapshot.read(self.registry, list(self.fleet.functions), minutes)

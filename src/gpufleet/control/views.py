@@ -52,6 +52,7 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "queue": record.get("queue"),
         "cancel_requested": record.get("cancel") == "1",
         "waiting_for": None,
+        "usage": record.get("usage"),
     }
     last = view["last_error"]
     if view["state"] == State.QUEUED and isinstance(last, dict) and last.get("errorType") == GPU_MEMORY_WAIT:

@@ -18,7 +18,8 @@ Key layout (prefix ``P``):
   ``P:m:finished`` (function US state -> tasks finished) are counters; ``P:m:wait`` and ``P:m:duration`` are
   histograms (function US bucket number, or function US ``sum_us``, whole microseconds; a ``sum`` in seconds is an
   older release's, and readers add both); ``P:m:gpu_time`` adds up GPU time (function US model US pool US ``us``:
-  handler microseconds times GPUs held; ``... US n``: attempts); ``P:m:min:{minute}`` counts ``ok``/``failed``
+  handler microseconds times GPUs held; ``... US n``: attempts), and ``P:m:gpu_hour:{hour}`` the same per hour (kept
+  35 days, for ``gpufleet usage``); ``P:m:min:{minute}`` counts ``ok``/``failed``
   per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
 - ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``: the GPU inventory, the pool processes ready, each
   function's setup() per worker, a supervisor's heartbeat;
@@ -220,6 +221,14 @@ class Keyspace:
         """``P:m:<name>``: created, finished, wait, duration, gpu_time, overflow, dead, dead_recent, trigger_lag,
         delivered, parked."""
         return f"{self.prefix}:m:{name}"
+
+    @property
+    def gpu_hour_prefix(self) -> str:
+        return f"{self.prefix}:m:gpu_hour:"
+
+    def gpu_hour(self, hour: int) -> str:
+        """``P:m:gpu_hour:{hour}``: the GPU time counters (as ``P:m:gpu_time``) of one hour since the epoch."""
+        return f"{self.gpu_hour_prefix}{hour}"
 
     def batch_fit(self, function: str, model: str) -> str:
         """The largest batch of ``function`` that fitted a GPU of ``model`` after a larger one ran out of memory."""

@@ -96,12 +96,13 @@ class Claim:
     waited_s: float | None = None  # how long it waited in its queue; None: taken over from an owner that died
     queue: str = ""  # the queue it was claimed from: its pool's
     min_room_mb: int = 0  # the room (MiB) a GPU needs for it: more than where it last ran out of memory; 0: any
+    gpu_us: int = 0  # the GPU time its earlier runs took (retries, runs out of memory), in microseconds
 
     @classmethod
     def from_reply(cls, reply: list[Any], now: float) -> Claim:
         """A claim script's answer (see ``claim`` in ``helpers.lua``), made at ``now``."""
-        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited, queue, min_room = (
-            v.decode() if v else "" for v in reply[1:10]
+        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited, queue, min_room, gpu_us = (
+            v.decode() if v else "" for v in reply[1:11]
         )
         return cls(
             True,
@@ -116,6 +117,7 @@ class Claim:
             float(waited) if waited else None,
             queue,
             int(min_room or 0),
+            int(gpu_us or 0),
         )
 
 
@@ -144,13 +146,13 @@ class Callback:
 VIEW_FIELDS = ("function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
                "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
                "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until",
-               "gpu_retries")  # fmt: skip
+               "gpu_retries", "usage")  # fmt: skip
 VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
 # fmt: skip below: a list of field names reads better packed than one per line.
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
-            "max_age", "priority", "prio", "gpu_retries", "min_room"}  # fmt: skip
-_JSON = {"result", "error", "last_error", "outputs"}
+            "max_age", "priority", "prio", "gpu_retries", "min_room", "gpu_us"}  # fmt: skip
+_JSON = {"result", "error", "last_error", "outputs", "usage"}
 
 
 def decode_record(raw: dict[bytes, bytes], task_id: str, event: bool = False) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def _taken(replies: list[Any], now: float) -> list[Taken | str]:
         if reply[0] == b"other":
             taken.append(reply[1].decode())
         else:
-            task_id, function, event, meta = reply[10:14]
+            task_id, function, event, meta = reply[11:15]
             claim = Claim.from_reply(reply, now)
             taken.append(Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)))
     return taken
@@ -231,12 +231,15 @@ class Registry:
         )
         return pipe is not None or bool(done)
 
-    def retry_later(self, task_id: str, token: str, delay_s: float, error: dict[str, Any], pipe: Any = None) -> bool:
-        """RUNNING -> QUEUED, pushed again once ``delay_s`` has passed. ``pipe``: as for :meth:`finish`."""
+    def retry_later(
+        self, task_id: str, token: str, delay_s: float, error: dict[str, Any], gpu_us: int, pipe: Any = None
+    ) -> bool:
+        """RUNNING -> QUEUED, pushed again once ``delay_s`` has passed; ``gpu_us``: the GPU time its runs took so far.
+        ``pipe``: as for :meth:`finish`."""
         now = time.time()
         done = self._retry(
             keys=[self.keys.task(task_id), self.keys.leases, self.keys.delayed],
-            args=[self.prefix, token, now + delay_s, orjson.dumps(error), now],
+            args=[self.prefix, token, now + delay_s, orjson.dumps(error), now, gpu_us],
             client=pipe,
         )
         return pipe is not None or bool(done)
@@ -288,19 +291,21 @@ class Registry:
         gpu_budget: int | None = None,
         min_room_mb: int | None = None,
         error: dict[str, Any] | None = None,
+        gpu_us: int = 0,
     ) -> int:
         """A RUNNING task whose owner (``token``) was stopped on purpose, or cannot run it, goes back to the head of
         its queue, its attempt not counted; ``message`` None: one claimed ahead and given back unstarted (no error
         recorded; ``error``: this error instead). 0 if it finished or changed owner meanwhile, or this caller cannot
         build it. With ``gpu_budget``, one whose GPU ran out of memory: it goes back only while its GPU retries are
-        within that (-1 past it: nothing changed), for a GPU with ``min_room_mb`` of room if given."""
+        within that (-1 past it: nothing changed), for a GPU with ``min_room_mb`` of room if given, having taken
+        ``gpu_us`` of GPU time in all so far."""
         pairs = self._envelopes([task_id], envelope_for)
         if not pairs or not pairs[0][1]:
             return 0
         if message is not None:
             error = {"errorType": error_type, "errorMessage": message}
         args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], orjson.dumps(error) if error else b""]
-        args += [self.aging_s, "" if gpu_budget is None else gpu_budget, min_room_mb or ""]
+        args += [self.aging_s, "" if gpu_budget is None else gpu_budget, min_room_mb or "", gpu_us]
         return int(self._hand_back(keys=[self.keys.task(task_id), self.keys.leases], args=args))
 
     def age(self, aging_s: float, limit: int = 1000) -> int:

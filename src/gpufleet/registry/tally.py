@@ -17,6 +17,7 @@ from typing import Any
 from gpufleet.registry.keyspace import HISTOGRAM_BOUNDS, US, Keyspace, gpu_time_field
 
 FLUSH_S = 1.0  # how long an observation may wait to be written
+GPU_HOURS_KEPT_S = 35 * 86_400  # how far back `gpufleet usage` can look
 
 
 class Tally:
@@ -40,10 +41,9 @@ class Tally:
         """One attempt's handler time on ``gpus`` GPUs of ``model``, in ``pool``: what placement's estimates and
         ``gpufleet_gpu_seconds_total`` read."""
         us = round(max(seconds, 0.0) * 1e6) * gpus
-        key = self._keys.metric("gpu_time")
-        self._add(
-            key, ((gpu_time_field(function, model, pool, "us"), us), (gpu_time_field(function, model, pool, "n"), 1))
-        )
+        adds = ((gpu_time_field(function, model, pool, "us"), us), (gpu_time_field(function, model, pool, "n"), 1))
+        self._add(self._keys.metric("gpu_time"), adds)
+        self._add(self._keys.gpu_hour(int(time.time() // 3600)), adds)  # for `gpufleet usage --since`
 
     def _add(self, key: str, adds: tuple[tuple[str, int], ...]) -> None:
         with self._lock:
@@ -65,3 +65,5 @@ class Tally:
             adds, self._adds, self._since = self._adds, {}, 0.0
         for (key, field), add in adds.items():
             pipe.hincrby(key, field, add)
+        for key in {key for key, _ in adds if key.startswith(self._keys.gpu_hour_prefix)}:
+            pipe.expire(key, GPU_HOURS_KEPT_S)

@@ -38,7 +38,7 @@ from gpufleet.scheduling.estimate import has_room
 from gpufleet.scheduling.placement import LIVE_S
 from gpufleet.worker.bundle import ProcessBundle
 from gpufleet.worker.context import TaskContext, handler_payload
-from gpufleet.worker.gpufaults import BROKEN, OOM, Fault, fault_of, free_memory, peak_mb
+from gpufleet.worker.gpufaults import BROKEN, OOM, Fault, fault_of, free_memory, peak_mb, reset_peak
 from gpufleet.worker.gpus import GpuMemory
 from gpufleet.worker.item import Item
 from gpufleet.worker.outcome import Finisher, Outcomes, result_json
@@ -108,10 +108,12 @@ class Attempts:
             self.bundle.lease.release()
             self._current = {}
 
-    def guarded(self, fn: Function, call: Callable[[], Any]) -> Any:
-        """``call()`` (the handler) under the function's soft time limit. Notes whether it held the GIL: a call of
-        over ``GIL_MIN_S`` that spent ``GIL_SHARE`` of its time on this thread's CPU ran Python (or C that keeps the
-        GIL), not a wait on a GPU, a sleep or a C extension that lets go of it."""
+    def guarded(self, fn: Function, call: Callable[[], Any], done: list[Finisher]) -> Any:
+        """``call()`` (the handler) under the function's soft time limit; the most GPU memory it held goes to the
+        outcomes ``done``. Notes whether it held the GIL: a call of over ``GIL_MIN_S`` that spent ``GIL_SHARE`` of
+        its time on this thread's CPU ran Python (or C that keeps the GIL), not a wait on a GPU, a sleep or a C
+        extension that lets go of it."""
+        reset_peak()
         signal.setitimer(signal.ITIMER_REAL, fn.timeout_s)
         self._in_handler = True
         began, cpu = time.monotonic(), time.thread_time()
@@ -121,6 +123,10 @@ class Attempts:
             self._in_handler = False
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.held_gil = held_gil(time.monotonic() - began, time.thread_time() - cpu)
+            memory = self.bundle.device.memory(fresh=True)
+            peak = peak_mb(memory.own_mb if memory is not None else None)
+            for finisher in done:
+                finisher.peak_mb = peak
 
     def recycle(self, pipe: Any) -> None:
         """After a CUDA error broke this process's context (every later CUDA call here fails too): write the outcomes
@@ -218,7 +224,7 @@ class Attempt:
             began = time.monotonic()
             try:
                 payload, obj = self.payload()
-                result = self.attempts.guarded(self.fn, lambda: self._call(payload, obj))
+                result = self.attempts.guarded(self.fn, lambda: self._call(payload, obj), [self.done])
                 value = result_json(self.fn, result, "job" in self.item.meta)
             except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes up
                 self.failed(exc)
@@ -284,9 +290,7 @@ class Attempt:
             self.attempts.broken = True
         record = b.registry.get(task_id) or {}
         room = bigger_room(b, fn, memory) if int(record.get("gpu_retries", 0)) >= 1 else None
-        back = b.registry.hand_back(
-            task_id, self.item.token, b.envelopes, None, gpu_budget=fn.oom_retries, min_room_mb=room, error=error
-        )
+        back = self.done.ran_out(error, fn.oom_retries, room)
         if back == 1:
             self.log.warning("GPU fault; task handed back uncounted", fault=fault, peak_mb=peak, needs_room_mb=room)
         elif back == -1:

@@ -150,7 +150,7 @@ def settle(
     deadline = time.time() + fn.timeout_s + attempts.bundle.kill_grace_s
     attempts.bundle.slot.arm([m.task for m in members], deadline, [m.task for m in waiting], [m.task for m in ran])
     try:
-        results = attempts.guarded(fn, lambda: _call(attempts, fn, members))
+        results = attempts.guarded(fn, lambda: _call(attempts, fn, members), [m.attempt.done for m in members])
     except Exception as exc:  # noqa: BLE001 - whatever the handler raised, or its time limit; SystemExit goes on up
         fault = fault_of(exc)
         if len(members) == 1 or fault == BROKEN:

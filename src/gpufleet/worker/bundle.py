@@ -76,6 +76,12 @@ class ProcessBundle:
         return Device(self.device_uuid, load_nvml(self.fleet.settings.worker.fake_nvml))
 
     @functools.cached_property
+    def gpu_hour_price(self) -> float | None:
+        """What one hour of this GPU costs (``worker.gpu_hour_price``, by model), or None."""
+        prices = {model.lower(): price for model, price in self.fleet.settings.worker.gpu_hour_price.items()}
+        return prices.get(self.gpu_model.lower())
+
+    @functools.cached_property
     def batch_fit(self) -> BatchFit:
         return BatchFit(self.registry, self.gpu_model)
 

@@ -69,7 +69,7 @@ class JobSteps:
 
     def _split(self, attempt: Attempt, ctx: TaskContext, payload: Any, priority: int, merge_envelope: bytes) -> None:
         item, fn = attempt.item, attempt.fn
-        events = self.attempts.guarded(fn, lambda: fn.handler(payload, ctx))
+        events = self.attempts.guarded(fn, lambda: fn.handler(payload, ctx), [attempt.done])
         tasks = self._shards(item, fn, events, priority)
         outcome = self.store.split(item.task_id, item.token, tasks, merge_envelope)
         if outcome == "cancelled":
@@ -156,7 +156,7 @@ class JobSteps:
             return
         merge, results = fn.shards.merge_fn, self.store.results(attempt.item.task_id, n)
         began = time.monotonic()
-        value = result_json(fn, self.attempts.guarded(fn, lambda: merge(payload, results, ctx)))
+        value = result_json(fn, self.attempts.guarded(fn, lambda: merge(payload, results, ctx), [done]))
         if attempt.cancel_requested:
             done.cancelled("cancelled while merging; the merge returned early")
             return

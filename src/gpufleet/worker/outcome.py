@@ -89,6 +89,7 @@ class Finisher:
         self.outputs: list[str] = []
         self.started_at: float | None = None  # when the handler started: after the claim, for a task claimed ahead
         self.handled = False  # the handler returned an exception for this event (a batch's): "Handled", not raised
+        self.peak_mb: int | None = None  # the most GPU memory its handler call held (see gpufaults.peak_mb)
         self.shards: list[dict[str, Any]] | None = None  # a job's: its shards, listed in its record
 
     def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
@@ -135,7 +136,9 @@ class Finisher:
         )
         if self.shards is not None:  # gpufleet's own, where a Lambda consumer ignores it
             record["responseContext"]["shards"] = self.shards
-        fields = {**fields, "condition": condition.value}
+        usage = self.usage(finished)
+        record["responseContext"]["usage"] = usage
+        fields = {**fields, "condition": condition.value, "usage": usage, "gpu_us": self.gpu_us(finished)}
         if self.started_at is not None:
             fields["started_at"] = self.started_at
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
@@ -150,8 +153,47 @@ class Finisher:
 
     def retry_later(self, delay_s: float, error: dict[str, Any]) -> None:
         """Back to its queue in ``delay_s``, for its next attempt."""
-        written = self.bundle.registry.retry_later(self.task_id, self.token, delay_s, error, self.pipe)
-        self._observe(time.time() - (self.started_at or self.claim.started_at), written)
+        now = time.time()
+        written = self.bundle.registry.retry_later(
+            self.task_id, self.token, delay_s, error, self.gpu_us(now), self.pipe
+        )
+        self._observe(now - (self.started_at or self.claim.started_at), written)
+
+    def gpu_us(self, finished: float) -> int:
+        """The GPU time (µs) the task's runs took so far: the earlier ones' and this one's (GPUs held x handler
+        time; one GPU per task)."""
+        ran = finished - self.started_at if self.started_at is not None else 0.0
+        return self.claim.gpu_us + round(max(ran, 0.0) * 1e6)
+
+    def usage(self, finished: float) -> dict[str, Any]:
+        """What the event cost: ``gpu_seconds`` (all its runs), ``queue_seconds`` (this run's wait in its queue),
+        ``setup_seconds`` (the part of that wait its worker spent in setup(): the cold start it paid),
+        ``peak_gpu_memory_mb`` (this run's), and ``cost`` where ``worker.gpu_hour_price`` prices its GPU model."""
+        b, claim = self.bundle, self.claim
+        gpu_s = self.gpu_us(finished) / 1e6
+        started = self.started_at or claim.started_at
+        queued = claim.started_at - claim.waited_s if claim.waited_s is not None else None
+        usage: dict[str, Any] = {
+            "gpu_seconds": round(gpu_s, 6),
+            "queue_seconds": None if queued is None else round(max(0.0, started - queued), 6),
+            "setup_seconds": None if queued is None else round(b.setups.paid(queued, started), 6),
+            "peak_gpu_memory_mb": self.peak_mb,
+        }
+        price = b.gpu_hour_price
+        if price is not None:
+            usage["cost"] = round(gpu_s / 3600 * price, 8)
+        return usage
+
+    def ran_out(self, error: dict[str, Any], budget: int, min_room_mb: int | None) -> int:
+        """Its GPU ran out of memory (or broke): back to its queue under ``budget`` (see ``Registry.hand_back``),
+        its GPU time counted."""
+        now = time.time()
+        back = self.bundle.registry.hand_back(
+            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, min_room_mb=min_room_mb,
+            error=error, gpu_us=self.gpu_us(now),
+        )  # fmt: skip
+        self._observe(now - (self.started_at or self.claim.started_at), back == 1)
+        return back
 
     def _observe(self, took_s: float, written: bool) -> None:
         """The attempt's duration, for the histogram; written at once with an outcome written at once (this process

@@ -38,6 +38,7 @@ class Setups:
         self.states: dict[str, Any] = {}  # function name -> what its setup() returned
         self.failed: dict[str, tuple[float, str]] = {}  # function name -> (when it last failed, monotonic; why)
         self._pauses: dict[str, float] = {}  # function name -> the pause after its next hand-back (see pause)
+        self._ran: list[tuple[float, float]] = []  # when setup() ran here lately (wall clock): the cold starts
 
     def warm_up(self, functions: Iterable[Function]) -> None:
         """Run each function's ``setup()``, reporting as it goes."""
@@ -68,11 +69,16 @@ class Setups:
         self._pauses[fn.name] = min(pause * 2, max(first_s, self.retry_s))
         return pause
 
+    def paid(self, since: float, until: float) -> float:
+        """Seconds of ``[since, until]`` (a task's wait) this process spent in setup(): the cold start it paid."""
+        return sum(max(0.0, min(end, until) - max(start, since)) for start, end in self._ran)
+
     def why(self, fn: Function) -> str:
         return self.failed.get(fn.name, (0.0, ""))[1]
 
     def _run(self, fn: Function) -> bool:
         assert fn.setup_fn is not None
+        began = time.time()
         try:
             self.states[fn.name] = fn.setup_fn()
         except Exception as exc:  # reported, and the function's tasks go where it works
@@ -81,6 +87,8 @@ class Setups:
             self.failed[fn.name] = (time.monotonic(), error)
             self._say({fn.name: {**self._entry(fn, ERROR), "error": error}})
             return False
+        finally:
+            self._ran = [*self._ran[-31:], (began, time.time())]
         self._pauses.pop(fn.name, None)
         if self.failed.pop(fn.name, None) is not None:
             log.info("setup succeeded on a later try", function=fn.name, version=fn.version)

@@ -1,4 +1,4 @@
--- KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json, aging_s, budget, min_room
+-- KEYS: task, leases.  ARGV: prefix, token, now, envelope, error_json, aging_s, budget, min_room, gpu_us
 -- A worker stopped past its shutdown grace: the supervisor killed it, and hands its task back. The attempt does not
 -- count (the task did nothing wrong), and it goes to the head of its queue, where another worker takes it at once.
 -- Only the owner the caller saw (and checked dead) is replaced. Returns 1, or 0 if the task finished or moved on.
@@ -9,8 +9,10 @@
 -- with that much room takes it.
 if not owned(KEYS[1], ARGV[2]) then return 0 end
 if ARGV[7] ~= '' then
-  if redis.call('HINCRBY', KEYS[1], 'gpu_retries', 1) > tonumber(ARGV[7]) then return -1 end
+  if tonumber(redis.call('HGET', KEYS[1], 'gpu_retries') or '0') >= tonumber(ARGV[7]) then return -1 end
+  redis.call('HINCRBY', KEYS[1], 'gpu_retries', 1)
   if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'min_room', ARGV[8]) end
+  redis.call('HSET', KEYS[1], 'gpu_us', ARGV[9])  -- the GPU time its runs took so far, this one's included
 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = task_id(ARGV[1], KEYS[1])

@@ -109,9 +109,10 @@ local function owned(key, token)
 end
 -- What a claim reads of a record, in one HMGET (each redis.call costs Lua about as much as the command itself):
 -- CLAIM_READS[1..2] decide whether it may be claimed, the rest are its bookkeeping and the worker's reply (its queue
--- says which pool its GPU time is counted in; min_room, the room a GPU needs for it after it ran out of memory).
+-- says which pool its GPU time is counted in; min_room, the room a GPU needs for it after it ran out of memory;
+-- gpu_us, the GPU time its earlier runs took, which its record adds up).
 local CLAIM_READS = {'state', 'tag', 'function', 'queue', 'queued_at', 'created_at', 'seq', 'max_age', 'attempts',
-  'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel', 'token', 'min_room'}
+  'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel', 'token', 'min_room', 'gpu_us'}
 -- The task (QUEUED, or RUNNING under an owner that died) runs under ``token`` now, with a lease to ``lease_until``.
 -- ``r``: its fields CLAIM_READS, in that order. Returns what the worker needs to finish it without reading it again,
 -- and how long it waited in its queue ('' for one taken over), for the worker's wait histogram.
@@ -129,7 +130,7 @@ local function claim(prefix, key, id, r, token, now, lease_until, worker, gpu)
   -- A first attempt has no progress to clear: readers take none for 0 (two fields fewer to append, 2 % of a task).
   if attempts ~= '1' then redis.call('HSET', key, 'progress', '0', 'progress_message', '') end
   redis.call('ZADD', prefix .. ':leases', lease_until, id)
-  return {'ok', attempts, r[10], r[11], r[12], r[13], r[14], waited, r[4], r[16]}
+  return {'ok', attempts, r[10], r[11], r[12], r[13], r[14], waited, r[4], r[16], r[17]}
 end
 -- What take_message reads of a record: CLAIM_READS, then the event and meta the worker runs.
 local function take_reads()
@@ -139,7 +140,7 @@ local function take_reads()
 end
 -- One message a worker popped from a queue's list (``reads``: take_reads(), made once per script): claimed if its
 -- task waits for it (QUEUED, and the record names this message: not a stale copy), as {'ok', ..., waited, queue,
--- min_room, id, function, event, meta}; {'other', id} for a task that is not waiting but running (another copy of a running one);
+-- min_room, gpu_us, id, function, event, meta}; {'other', id} for a task that is not waiting but running (another copy of a running one);
 -- nil for one no worker should run (finished, expired, stale), which is dropped.
 local function take_message(prefix, message, reads, token, now, lease_until, worker, gpu)
   local id = id_of(message)
@@ -147,7 +148,7 @@ local function take_message(prefix, message, reads, token, now, lease_until, wor
   local r = redis.call('HMGET', key, unpack(reads))
   if r[1] == 'QUEUED' and (not r[2] or r[2] == tag_of(message)) then
     local out = claim(prefix, key, id, r, token, now, lease_until, worker, gpu)
-    out[11], out[12], out[13], out[14] = id, r[3], r[#reads - 1], r[#reads]
+    out[12], out[13], out[14], out[15] = id, r[3], r[#reads - 1], r[#reads]
     return out
   elseif r[1] == 'RUNNING' then
     return {'other', id}
