@@ -12,7 +12,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # One -n per xdist worker: the suite mostly waits on servers and processes, so more workers than cores pay off.
 TEST_WORKERS ?= 6
 
-.PHONY: demo test test-chaos check lint format bench lock clean
+.PHONY: demo test test-chaos check lint format bench gpu-check lock clean
 
 # The virtualenv, its pinned pip, and the CPU build of torch (pinned in requirements/torch.txt). On Linux x86_64,
 # PyPI's torch is the CUDA build and brings gigabytes of nvidia-* wheels: take torch from PyTorch's CPU index when
@@ -87,6 +87,11 @@ format: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py
+
+# gpufleet on this machine's NVIDIA GPUs, as one table (bench/gpu_check.py); without a GPU it says so and exits 0.
+# REHEARSE=1 runs it on a fake NVML GPU and torch's CPU device.
+gpu-check: $(VENV)/.dev
+	$(BIN)/python bench/gpu_check.py $(if $(REHEARSE),--rehearse)
 
 # Re-resolve requirements/ from pyproject.toml's ranges, keeping today's pins where they still fit; UPGRADE=1 takes
 # the newest that fit. demo.txt is constrained by dev.txt, so both hold the same versions.

@@ -34,6 +34,7 @@ LONGEST = (
     "test_invoke_wait_cancel_retry_and_gpus",
     "test_control_commands_without_a_running_fleet",
     "test_a_trigger_that_dies_makes_the_process_exit",
+    "test_a_rehearsal_runs_every_check_of_the_table",
 )
 
 

@@ -127,7 +127,7 @@ def test_every_route_but_healthz_needs_the_bearer_token(api: Api) -> None:
                   ("GET", "/v1/tasks/x/position"), ("GET", "/v1/tasks"), ("GET", "/v1/functions"),
                   ("GET", "/v1/functions/echo/queue"), ("GET", "/v1/gpus"), ("POST", "/v1/functions/echo/invocations"),
                   ("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/v1/scaling"),
-                  ("GET", "/v1/scaling/default/any"), ("GET", "/v1/overview"),
+                  ("GET", "/v1/scaling/default/any"), ("GET", "/v1/overview"), ("GET", "/v1/usage"),
                   ("GET", "/v1/functions/echo/versions"), ("GET", "/v1/functions/echo/aliases"),
                   ("PUT", "/v1/functions/echo/aliases/prod")]  # fmt: skip
         for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", "Bearer", f"Bearer {TOKEN}x"):
@@ -323,6 +323,7 @@ def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> N
         ("GET", "/healthz"),
         ("GET", "/v1/parked"), ("POST", "/v1/parked/resend"), ("POST", "/v1/parked/drop"),
         ("GET", "/v1/scaling"), ("GET", "/v1/scaling/{pool}/{model}"), ("GET", "/metrics"), ("GET", "/v1/overview"),
+        ("GET", "/v1/usage"),
     }  # fmt: skip
     for (_, path), op in operations.items():
         assert op.get("security") == (None if path == "/healthz" else [{"bearer": []}]), path
@@ -438,7 +439,7 @@ def test_gpus_lists_the_worker_slots(fleet: Api) -> None:
 def test_a_monitoring_token_reads_metrics_and_scaling_and_nothing_else(api: Api) -> None:
     """What Prometheus and KEDA hold cannot invoke, cancel, or read a task (before: only the full token worked)."""
     monitor = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {MONITORING}"})
-    for path in ("/metrics", "/v1/scaling", "/v1/scaling/default/any"):
+    for path in ("/metrics", "/v1/scaling", "/v1/scaling/default/any", "/v1/usage?since=2h&by=model"):
         assert monitor.get(path).status_code == 200, path
         assert api.client.get(path).status_code == 200, path  # the full token still reads them
     task = api.invoke("echo", {"x": 1})

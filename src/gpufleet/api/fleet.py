@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from gpufleet.api import dashboard, models
 from gpufleet.api.deps import GUARDED, MONITORED, Control, authorize_monitoring, errors
 from gpufleet.api.metrics import CONTENT_TYPE, exposition
+from gpufleet.control.usage import SINCE_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["fleet"], dependencies=GUARDED, responses=errors(401, 422, 503))
 # What an autoscaler or a scraper reads: api.monitoring_token is enough.
@@ -34,7 +35,9 @@ def fleet_overview(control: Control) -> dict[str, Any]:
 @figures.get("/usage", response_model=models.UsageList)
 def gpu_usage(
     control: Control,
-    since: Annotated[str, Query(description="how far back: 90m, 24h, 7d (in whole hours)")] = "24h",
+    since: Annotated[
+        str, Query(pattern=f"^{SINCE_PATTERN}$", description="how far back: 90m, 24h, 7d (whole hours, up to 35d)")
+    ] = "24h",
     by: Annotated[Literal["function", "pool", "model"], Query()] = "function",
 ) -> dict[str, Any]:
     """GPU seconds (every run, GPUs held x handler time), runs and cost by function, pool or GPU model, as

@@ -23,19 +23,19 @@ By = Literal["function", "pool", "model"]
 BY: tuple[By, ...] = ("function", "pool", "model")
 MAX_SINCE_S = 35 * 86_400  # what the hourly counters keep
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+SINCE_PATTERN = r"([1-9][0-9]{0,6})([smhd]?)"
 
 
 def parse_since(text: str) -> float:
-    """``90m``, ``24h``, ``7d`` (or plain seconds) as seconds.
+    """``90m``, ``24h``, ``7d`` (or plain seconds) as seconds; past what the counters keep, all they keep.
 
     Raises:
         InvalidRequestError: ``bad_since``.
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"] if match else 0.0
-    if not 0 < seconds <= MAX_SINCE_S:
-        raise InvalidRequestError("bad_since", f"since {text!r:.40}: use e.g. 90m, 24h or 7d, up to 35d")
-    return seconds
+    match = re.fullmatch(SINCE_PATTERN, text)
+    if not match:
+        raise InvalidRequestError("bad_since", f"since {text!r:.40}: use e.g. 90m, 24h or 7d")
+    return min(MAX_SINCE_S, float(match.group(1)) * _UNITS[match.group(2) or "s"])
 
 
 def usage(registry: Registry, settings: FleetSettings, since_s: float, by: By) -> list[dict[str, Any]]:

@@ -232,7 +232,7 @@ class Registry:
         return pipe is not None or bool(done)
 
     def retry_later(
-        self, task_id: str, token: str, delay_s: float, error: dict[str, Any], gpu_us: int, pipe: Any = None
+        self, task_id: str, token: str, delay_s: float, error: dict[str, Any], pipe: Any = None, gpu_us: int = 0
     ) -> bool:
         """RUNNING -> QUEUED, pushed again once ``delay_s`` has passed; ``gpu_us``: the GPU time its runs took so far.
         ``pipe``: as for :meth:`finish`."""

@@ -155,7 +155,7 @@ class Finisher:
         """Back to its queue in ``delay_s``, for its next attempt."""
         now = time.time()
         written = self.bundle.registry.retry_later(
-            self.task_id, self.token, delay_s, error, self.gpu_us(now), self.pipe
+            self.task_id, self.token, delay_s, error, self.pipe, self.gpu_us(now)
         )
         self._observe(now - (self.started_at or self.claim.started_at), written)
 
