@@ -90,6 +90,9 @@ class WorkerSettings(_Model):
     # What one GPU-hour of each model costs you (H100: 2.49): each task's record and status then carry its cost, and
     # `gpufleet usage` adds them up. A model not listed has no cost.
     gpu_hour_price: dict[str, float] = Field(default_factory=dict)
+    # A GPU cordoned for its health (an XID, ECC errors, fallen off the bus) is uncordoned once it has looked healthy
+    # this long; None: only an operator uncordons it (gpufleet gpus uncordon).
+    auto_uncordon_s: float | None = Field(None, gt=0)
 
     @field_validator("pools")
     @classmethod

@@ -25,6 +25,18 @@ def list_gpus(control: Control) -> dict[str, Any]:
     return control.gpu_inventory()
 
 
+@router.post("/gpus/{worker}/cordon", response_model=models.Cordon, responses=errors(404))
+def cordon_gpu(control: Control, worker: str, body: models.CordonRequest | None = None) -> dict[str, Any]:
+    """Take a GPU out of service: its worker finishes the task it runs, then takes none until it is uncordoned."""
+    return control.cordon(worker, body.reason if body else "")
+
+
+@router.post("/gpus/{worker}/uncordon", response_model=models.Cordon, responses=errors(404))
+def uncordon_gpu(control: Control, worker: str) -> dict[str, Any]:
+    """Back in service: its worker starts again within seconds (a GPU still found broken is cordoned again)."""
+    return control.uncordon(worker)
+
+
 @router.get("/overview", response_model=models.Overview)
 def fleet_overview(control: Control) -> dict[str, Any]:
     """What the dashboard shows: GPUs with their task's progress, queues, tasks finished per minute over the

@@ -189,9 +189,16 @@ def _gpus(snap: Snapshot) -> Iterable[Metric]:
     util = GaugeMetricFamily("gpufleet_gpu_utilization_ratio", "GPU utilisation from NVML, 0 to 1", labels=labels)
     used = GaugeMetricFamily("gpufleet_gpu_memory_used_bytes", "GPU memory in use, from NVML", labels=labels)
     total = GaugeMetricFamily("gpufleet_gpu_memory_total_bytes", "GPU memory, from NVML", labels=labels)
+    cordoned = GaugeMetricFamily(
+        "gpufleet_gpu_cordoned",
+        "1 while the GPU is out of service, with why and by whom",
+        labels=[*labels, "by", "reason"],
+    )
     for e in snap.gpus:
         key = [e["worker"], e.get("host", ""), e.get("model", "")]
         live = bool(e.get("up")) and not e["stale"]
+        if e.get("cordoned"):
+            cordoned.add_metric([*key, e["cordoned"].get("by", ""), e["cordoned"].get("reason", "")], 1)
         up.add_metric(key, int(live))
         ready.add_metric(key, int(e["ready"]))
         restarts.add_metric(key, int(e.get("restarts_total", 0)))
@@ -202,7 +209,42 @@ def _gpus(snap: Snapshot) -> Iterable[Metric]:
             used.add_metric(key, e["memory_used_mb"] * 2**20)
         if e.get("memory_total_mb"):
             total.add_metric(key, e["memory_total_mb"] * 2**20)
-    return [up, ready, restarts, running, util, used, total]
+    return [up, ready, restarts, running, util, used, total, cordoned, *_dcgm(snap)]
+
+
+# NVIDIA's DCGM exporter's names and labels, so that its Grafana dashboards read gpufleet's GPUs (worker added).
+DCGM = (
+    ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %)", "utilization_pct"),
+    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB)", "memory_used_mb"),
+    ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB)", "memory_free_mb"),
+    ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C)", "temperature_c"),
+    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)", "power_w"),
+    ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "Throttling reasons (NVML's bit mask)", "throttle_reasons"),
+    ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered", "last_xid"),
+)
+
+
+def _dcgm(snap: Snapshot) -> list[Metric]:
+    labels = ["gpu", "UUID", "device", "modelName", "Hostname", "worker"]
+    families: list[Metric] = []
+    for name, doc, fact in DCGM:
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        for e in snap.gpus:
+            if e.get(fact) is not None and not e.get("virtual") and not e["stale"]:
+                index = str(e.get("index", ""))
+                family.add_metric(
+                    [
+                        index,
+                        str(e.get("uuid", "")),
+                        f"nvidia{index}",
+                        str(e.get("name", "")),
+                        str(e.get("host", "")),
+                        e["worker"],
+                    ],
+                    float(e[fact]),
+                )
+        families.append(family)
+    return families
 
 
 def _delivery(snap: Snapshot) -> Iterable[Metric]:

@@ -271,6 +271,24 @@ class GpuInfo(BaseModel):
     stale: bool = Field(description="not refreshed lately: its host may be gone")
     task_id: str | None = Field(None, description="the task it runs, if any (the first of task_ids)")
     task_ids: list[str] = Field(default_factory=list, description="every task it holds: a batch's events each")
+    cordoned: dict[str, Any] | None = Field(
+        None, description="taken out of service: reason, by (health or operator), at"
+    )
+    health: dict[str, Any] | None = Field(None, description="broken (why, or null) and warnings (throttling...)")
+    temperature_c: int | None = None
+    power_w: float | None = None
+
+
+class CordonRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=500, description="why: shown with the GPU")
+
+
+class Cordon(_Out):
+    worker: str
+    cordoned: bool
+    was_cordoned: bool | None = Field(None, description="uncordon: whether it was cordoned")
 
 
 class UsageRow(_Out):

@@ -34,8 +34,11 @@ def add_commands(command: AddCommand) -> None:
     p.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT", help="the versions it stands for, with weights")
     json_arg(p, "print {alias: {version: weight}}")
 
-    p = command("gpus", _gpus, "list the fleet's GPUs: memory, utilisation, the task each runs, stale entries")
-    json_arg(p, "print the inventory entries")
+    p = command("gpus", _gpus, "list the fleet's GPUs (memory, health, the tasks each runs), or cordon or uncordon one")
+    p.add_argument("action", nargs="?", choices=["cordon", "uncordon"], help="take a GPU out of service, or back in")
+    p.add_argument("worker", nargs="?", help="the GPU's worker, as gpufleet gpus names it (gpu0@host-a)")
+    p.add_argument("--reason", default="", help="why (cordon): shown with the GPU")
+    json_arg(p, "print the inventory entries (or the outcome)")
 
     p = command("usage", _usage, "GPU seconds, runs and cost by function, pool or GPU model, over the last hours")
     p.add_argument("--since", default="24h", help="how far back: 90m, 24h, 7d (whole hours; default: 24h)")
@@ -159,6 +162,14 @@ def _gpus(args: argparse.Namespace) -> int:
     from gpufleet.control.views import group_gpus
 
     plane = plane_of(args)
+    if args.action:
+        if not args.worker:
+            raise InvalidRequestError(
+                "bad_request", f"name the GPU to {args.action}: gpufleet gpus {args.action} WORKER"
+            )
+        done = plane.cordon(args.worker, args.reason) if args.action == "cordon" else plane.uncordon(args.worker)
+        print_json(done) if args.json else print(f"{args.worker}: {args.action}ed")
+        return EXIT_OK
     entries = plane.gpus()
     if args.json:
         print_json(entries)
@@ -186,6 +197,11 @@ def _gpus(args: argparse.Namespace) -> int:
         for e in entries
     ]
     print(table(["worker", "index", "model", "pools", "memory", "util", "task", "state"], rows))
+    for e in entries:  # what a GPU's health says, under the table: too long for a column
+        warnings = (e.get("health") or {}).get("warnings") or []
+        if e.get("cordoned") or warnings:
+            why = f"cordoned by {e['cordoned']['by']}: {e['cordoned']['reason']}" if e.get("cordoned") else ""
+            print(f"{e['worker']}: " + "; ".join([w for w in [why, *warnings] if w]))
     return EXIT_OK
 
 
@@ -219,6 +235,8 @@ def _utilisation(entry: dict[str, Any]) -> str:
 def _gpu_state(entry: dict[str, Any]) -> str:
     if entry.get("stale"):
         return "stale"
+    if entry.get("cordoned"):
+        return "cordoned"
     if entry.get("up") is False:
         return "down"
     return "busy" if entry.get("task_id") else "idle"

@@ -315,6 +315,28 @@ class ControlPlane:
     def gpus(self) -> list[dict[str, Any]]:
         return inventory.gpus(self.registry)
 
+    def cordon(self, worker: str, reason: str = "") -> dict[str, Any]:
+        """Take ``worker``'s GPU out of service: its worker finishes the task it runs, then stops, until it is
+        uncordoned (see ``Supervisor._tend``)."""
+        self._gpu(worker)
+        inventory.cordon(self.registry, worker, reason or "cordoned by an operator", "operator")
+        return {"worker": worker, "cordoned": True}
+
+    def uncordon(self, worker: str) -> dict[str, Any]:
+        """Back in service: its supervisor starts its worker again within seconds (a GPU still found broken is
+        cordoned again)."""
+        self._gpu(worker)
+        was = inventory.uncordon(self.registry, worker)
+        return {"worker": worker, "cordoned": False, "was_cordoned": was}
+
+    def _gpu(self, worker: str) -> dict[str, Any]:
+        for entry in self.gpus():
+            if entry["worker"] == worker:
+                return entry
+        raise NotFoundError(
+            "gpu_not_found", f"no GPU worker {worker!r:.100} in the inventory (gpufleet gpus lists them)"
+        )
+
     def gpu_inventory(self) -> dict[str, Any]:
         """``{"items": every GPU slot, "pools": the same grouped by pool and model}`` (see :func:`group_gpus`)."""
         items = self.gpus()

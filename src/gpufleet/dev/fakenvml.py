@@ -1,4 +1,4 @@
-# ruff: noqa: N802 - the functions mirror pynvml's camelCase API
+# ruff: noqa: N802, N816 - the functions and constants mirror pynvml's camelCase API
 """A fake NVML for machines without a GPU: the functions of ``pynvml`` gpufleet calls, answering from a JSON file
 that a test (or a rehearsal) rewrites while the fleet runs.
 
@@ -13,6 +13,8 @@ with :class:`FakeGpus`, which replaces the file in one rename (a reader never se
     gpus.release(0, other.pid)
 
 Only NVML is faked: the code that reads it is the code that reads a real GPU. Memory figures are bytes, as NVML's.
+What it can be told: memory held by processes, utilisation, XID events, ECC errors, retired pages, throttling,
+temperature, power, MIG mode, and a GPU fallen off the bus.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from typing import Any
 
 MB = 1024 * 1024
 NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
+nvmlEventTypeXidCriticalError = 0x8
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_VOLATILE_ECC = 0
+NVML_TEMPERATURE_GPU = 0
 NVML_ERROR_GPU_IS_LOST = 15
 
 
@@ -107,6 +114,56 @@ def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[Any]:
     return [SimpleNamespace(pid=int(p["pid"]), usedGpuMemory=int(p["used_mb"]) * MB) for p in _gpu(handle)["processes"]]
 
 
+def nvmlDeviceGetTotalEccErrors(handle: int, error_type: int, counter_type: int) -> int:
+    return int(_gpu(handle).get("ecc_uncorrected", 0)) if error_type == NVML_MEMORY_ERROR_TYPE_UNCORRECTED else 0
+
+
+def nvmlDeviceGetRetiredPagesPendingStatus(handle: int) -> int:
+    return int(bool(_gpu(handle).get("pages_pending")))
+
+
+def nvmlDeviceGetCurrentClocksThrottleReasons(handle: int) -> int:
+    return int(_gpu(handle).get("throttle", 0))
+
+
+def nvmlDeviceGetTemperature(handle: int, sensor: int) -> int:
+    return int(_gpu(handle).get("temperature", 40))
+
+
+def nvmlDeviceGetPowerUsage(handle: int) -> int:
+    return int(_gpu(handle).get("power_w", 70)) * 1000  # milliwatts
+
+
+def nvmlDeviceGetMigMode(handle: int) -> list[int]:
+    mig = int(bool(_gpu(handle).get("mig")))
+    return [mig, mig]
+
+
+class _EventSet:
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}  # GPU -> its XIDs this set has reported (or that came before it registered)
+
+
+def nvmlEventSetCreate() -> _EventSet:
+    return _EventSet()
+
+
+def nvmlDeviceRegisterEvents(handle: int, event_types: int, event_set: _EventSet) -> None:
+    event_set.seen[handle] = len(_gpu(handle).get("xids", []))  # as NVML: only what happens from now on
+
+
+def nvmlEventSetWait_v2(event_set: _EventSet, timeout_ms: int) -> Any:
+    """The next XID of a registered GPU not reported yet; NVML's timeout error when there is none (at once: a
+    fake has nothing to wait for)."""
+    gpus = _state()["gpus"]
+    for handle, seen in event_set.seen.items():
+        xids = gpus[handle].get("xids", [])
+        if len(xids) > seen:
+            event_set.seen[handle] = seen + 1
+            return SimpleNamespace(device=handle, eventType=nvmlEventTypeXidCriticalError, eventData=xids[seen])
+    raise NVMLError(NVML_ERROR_TIMEOUT)
+
+
 def nvmlDeviceGetUtilizationRates(handle: int) -> Any:
     return SimpleNamespace(gpu=int(_gpu(handle).get("utilization", 0)), memory=0)
 
@@ -155,8 +212,15 @@ class FakeGpus:
         self._save()
 
     def set(self, index: int, **facts: Any) -> None:
-        """Change a GPU's facts: ``utilization`` (%), ``lost=True`` (fallen off the bus: every query of it fails)."""
+        """Change a GPU's facts: ``utilization`` (%), ``lost=True`` (fallen off the bus: every query of it fails),
+        ``ecc_uncorrected`` (volatile double-bit ECC errors), ``pages_pending`` (retired pages waiting for a reset),
+        ``throttle`` (NVML's clock throttle reasons, a bit mask), ``temperature`` (C), ``power_w``, ``mig``."""
         self.gpus[index].update(facts)
+        self._save()
+
+    def xid(self, index: int, code: int) -> None:
+        """An XID event on GPU ``index`` (79: fallen off the bus; 48: a double-bit ECC error; 13: an application's)."""
+        self.gpus[index]["xids"] = [*self.gpus[index].get("xids", []), code]
         self._save()
 
     def release(self, index: int, pid: int) -> None:

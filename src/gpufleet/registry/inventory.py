@@ -57,6 +57,7 @@ def gpus(
     the caller has read it already."""
     raw: dict[bytes, bytes] = registry.client.hgetall(registry.keys.gpus)  # type: ignore[assignment]
     held, now, out = running(registry) if seen_running is None else seen_running, time.time(), []
+    fenced = cordons(registry)
     for worker, value in sorted(raw.items()):
         entry = orjson.loads(value)
         age = now - float(entry.get("seen_at", 0))
@@ -66,5 +67,23 @@ def gpus(
         entry["stale"] = age > stale_after_s
         entry["task_ids"] = [] if entry["stale"] else held.get(worker.decode(), [])
         entry["task_id"] = entry["task_ids"][0] if entry["task_ids"] else None
+        entry["cordoned"] = fenced.get(worker.decode())
         out.append(entry)
     return out
+
+
+def cordons(registry: Registry) -> dict[str, dict[str, Any]]:
+    """Worker name -> why its GPU is cordoned (``reason``), by whom (``by``: ``health`` or ``operator``), since when
+    (``at``). A cordoned GPU takes no task: its supervisor stops its worker until it is uncordoned."""
+    raw: dict[bytes, bytes] = registry.client.hgetall(registry.keys.cordons)  # type: ignore[assignment]
+    return {worker.decode(): orjson.loads(value) for worker, value in raw.items()}
+
+
+def cordon(registry: Registry, worker: str, reason: str, by: str) -> None:
+    entry = {"reason": reason[:500], "by": by, "at": time.time()}
+    registry.client.hset(registry.keys.cordons, worker, orjson.dumps(entry))
+
+
+def uncordon(registry: Registry, worker: str) -> bool:
+    """False if it was not cordoned."""
+    return bool(registry.client.hdel(registry.keys.cordons, worker))

@@ -21,8 +21,8 @@ Key layout (prefix ``P``):
   handler microseconds times GPUs held; ``... US n``: attempts), and ``P:m:gpu_hour:{hour}`` the same per hour (kept
   35 days, for ``gpufleet usage``); ``P:m:min:{minute}`` counts ``ok``/``failed``
   per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
-- ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``: the GPU inventory, the pool processes ready, each
-  function's setup() per worker, a supervisor's heartbeat;
+- ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``, ``P:cordons``: the GPU inventory, the pool processes
+  ready, each function's setup() per worker, a supervisor's heartbeat, the GPUs cordoned and why;
 - ``P:flows``, ``P:flow:{id}`` (with ``:lease`` and ``:state``), ``P:router``, ``P:parked``: the dispatcher's
   delivery flows, its router lease, and the records parked for good;
 - ``P:fit:{function}:{model}``: the largest batch that fitted the model's memory lately (gpufleet.worker.batchfit);
@@ -198,6 +198,7 @@ class Keyspace:
         self.functions = f"{prefix}:functions"
         self.queues = f"{prefix}:queues"
         self.gpus = f"{prefix}:gpus"
+        self.cordons = f"{prefix}:cordons"
         self.ready = f"{prefix}:ready"
         self.setup = f"{prefix}:setup"
         self.flows = f"{prefix}:flows"

@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from gpufleet.scheduling.gpumodels import model_of
+from gpufleet.worker.health import Health, HealthWatch
 
 log = structlog.get_logger("gpufleet.gpus")
 MB = 1024 * 1024
@@ -146,6 +147,7 @@ class Sampler:
         self._gpus = gpus
         self._nvml = nvml
         self._ready = False
+        self._health: HealthWatch | None = None
 
     def _init(self) -> bool:
         if self._ready or not any(not g.virtual for g in self._gpus):
@@ -156,6 +158,7 @@ class Sampler:
                 raise RuntimeError("nvidia-ml-py is not installed")
             self._nvml.nvmlInit()
             self._ready = True
+            self._health = HealthWatch(self._nvml, [g.index for g in self._gpus if not g.virtual])
         except Exception as exc:  # noqa: BLE001 - no driver: report the static facts only
             log.info("NVML unavailable for sampling", reason=str(exc))
             self._gpus = [g for g in self._gpus if g.virtual]
@@ -188,6 +191,13 @@ class Sampler:
         except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus must not stop the supervisor
             log.warning("NVML query failed", gpu=gpu.index, error=str(exc))
         return facts
+
+    def health(self, gpus: list[GpuInfo]) -> dict[str, Health]:
+        """Each GPU's health now, by its label (see :mod:`gpufleet.worker.health`); a virtual one is healthy."""
+        if not self._init() or self._health is None:
+            return {g.label: Health() for g in gpus}
+        self._health.poll()
+        return {g.label: Health() if g.virtual else self._health.check(g.index) for g in gpus}
 
     def close(self) -> None:
         if self._ready:

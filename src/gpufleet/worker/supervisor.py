@@ -46,6 +46,7 @@ from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
 from gpufleet.scheduling.placement import Placer
 from gpufleet.worker.gpus import GpuInfo, Sampler, discover, load_nvml, virtual_gpus
+from gpufleet.worker.health import Health
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.lost import LostMessages
 
@@ -67,6 +68,8 @@ class Slot:
     restarts_total: int = 0  # since this supervisor started, for gpufleet_worker_restarts_total
     next_start: float = 0.0
     started_at: float = field(default=0.0)
+    cordoned: bool = False  # its GPU takes no task: its worker is stopped (see Supervisor._tend)
+    healthy_since: float | None = None  # monotonic: since when its GPU has looked healthy
 
     @property
     def name(self) -> str:
@@ -170,8 +173,12 @@ class Supervisor:
             return
         if stop.is_set():
             return
+        fenced = inventory.cordons(self.registry)
         for slot in self.slots:
-            self._spawn(slot)
+            # A GPU cordoned before this supervisor started takes nothing, not even for a round.
+            slot.cordoned = f"{slot.name}@{self.fleet.settings.worker.hostname}" in fenced
+            if not slot.cordoned:
+                self._spawn(slot)
         next_inventory = next_trim = 0.0
         while not stop.wait(1.0):
             self._restart_exited()
@@ -191,7 +198,9 @@ class Supervisor:
                 self.lost.tick()
                 self.control.expire_due()
                 if now >= next_inventory:
-                    inventory.publish_gpus(self.registry, self.inventory())
+                    healths = self.sampler.health([slot.gpu for slot in self.slots])
+                    self._tend(healths)
+                    inventory.publish_gpus(self.registry, self.inventory(healths))
                     next_inventory = now + INVENTORY_EVERY_S
                     # One supervisor per round does it (the first to take the round's lock): each reads the whole
                     # inventory, and a fleet of many hosts need not read it many times over.
@@ -237,18 +246,23 @@ class Supervisor:
         self.registry.client.set(self.host_key, self.instance, ex=int(HOST_CLAIM_S))
         return True
 
-    def inventory(self) -> dict[str, dict[str, object]]:
-        """Worker name -> the GPU it owns (live memory and utilisation from NVML) and its process."""
+    def inventory(self, healths: dict[str, Health] | None = None) -> dict[str, dict[str, object]]:
+        """Worker name -> the GPU it owns (live memory, utilisation and health from NVML) and its process."""
         host = self.fleet.settings.worker.hostname
         now = time.time()
         out: dict[str, dict[str, object]] = {}
+        draining = all(slot.cordoned for slot in self.slots)
         for slot in self.slots:
             worker = f"{slot.name}@{host}"
             alive = slot.proc is not None and slot.proc.poll() is None
+            health = (healths or {}).get(slot.gpu.label, Health())
             out[worker] = {
                 "worker": worker,
                 "host": host,
                 **self.sampler.sample(slot.gpu, own_pids(slot.proc)),
+                **health.facts,
+                "health": {"broken": health.broken, "warnings": list(health.warnings)},
+                "host_draining": draining,
                 "pid": slot.proc.pid if alive and slot.proc else None,
                 "up": alive,
                 "queues": slot.queues,
@@ -259,10 +273,57 @@ class Supervisor:
             }
         return out
 
+    def _tend(self, healths: dict[str, Health]) -> None:
+        """Cordon a GPU found broken: its worker is killed at once and its tasks go back uncounted. Stop the worker of
+        a GPU an operator cordoned (its running task finishes first). Lift a health cordon once the GPU has looked
+        healthy for ``worker.auto_uncordon_s``, where set. A cordoned GPU's worker is not started again until it is
+        uncordoned; a host whose GPUs are all cordoned drains (the inventory says so, and takes nothing)."""
+        host, auto = self.fleet.settings.worker.hostname, self.fleet.settings.worker.auto_uncordon_s
+        fenced = inventory.cordons(self.registry)
+        now = time.monotonic()
+        for slot in self.slots:
+            worker = f"{slot.name}@{host}"
+            health = healths.get(slot.gpu.label, Health())
+            cordon = fenced.get(worker)
+            alive = slot.proc is not None and slot.proc.poll() is None
+            if health.broken:
+                slot.healthy_since = None
+                if cordon is None:
+                    inventory.cordon(self.registry, worker, health.broken, "health")
+                    log.error("GPU broken: cordoned", worker=worker, reason=health.broken)
+                if alive:
+                    self._kill_slot(slot, f"its GPU was cordoned: {health.broken}")
+            else:
+                slot.healthy_since = slot.healthy_since or now
+                if cordon and cordon.get("by") == "health" and auto is not None and now - slot.healthy_since >= auto:
+                    inventory.uncordon(self.registry, worker)
+                    log.warning("GPU healthy again: uncordoned", worker=worker, was=cordon.get("reason"))
+                    cordon = None
+                elif cordon and alive and not slot.cordoned:  # an operator's: its running task finishes first
+                    assert slot.proc is not None
+                    slot.proc.send_signal(signal.SIGTERM)
+                    log.warning("GPU cordoned; its worker stops once its task is done", worker=worker)
+            slot.cordoned = cordon is not None or bool(health.broken)
+        if self.slots and all(slot.cordoned for slot in self.slots):
+            log.warning("every GPU of this host is cordoned: it takes no task until one is uncordoned")
+
+    def _kill_slot(self, slot: Slot, why: str) -> None:
+        """Kill a slot's worker now (its process group: the pool process too) and hand its tasks back uncounted."""
+        assert slot.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(slot.proc.pid, signal.SIGKILL)
+        slot.proc.wait()
+        slot.proc = None
+        self._hand_back([f"{slot.name}@{self.fleet.settings.worker.hostname}"], why, "GpuCordoned")
+
     def _restart_exited(self) -> None:
         backoff = self.fleet.settings.worker.restart_backoff_s
         now = time.monotonic()
         for slot in self.slots:
+            if slot.cordoned:  # stopped on purpose: started again once uncordoned
+                if slot.proc is not None and slot.proc.poll() is not None:
+                    slot.proc = None
+                continue
             if slot.proc is None or slot.proc.poll() is None:
                 if slot.proc is None and now >= slot.next_start:
                     self._spawn(slot)
@@ -295,14 +356,15 @@ class Supervisor:
                 os.killpg(slot.proc.pid, signal.SIGKILL)  # its own group: the Celery worker and its pool process
             slot.proc.wait()
         if overdue:
-            self._hand_back([f"{s.name}@{self.fleet.settings.worker.hostname}" for s in overdue], grace_s)
+            why = f"the worker stopped; the task ran past worker.shutdown_grace_s ({grace_s:g} s) and was handed back"
+            self._hand_back([f"{s.name}@{self.fleet.settings.worker.hostname}" for s in overdue], why)
         for slot in self.slots:
             slot.proc = None
         log.info("gpu workers stopped", handed_back_from=len(overdue))
 
-    def _hand_back(self, workers: list[str], grace_s: float) -> None:
+    def _hand_back(self, workers: list[str], message: str, error_type: str = "WorkerStopped") -> None:
+        """The RUNNING tasks of ``workers``, whose processes were killed, back to the head of their queues uncounted."""
         host = self.fleet.settings.worker.hostname
-        message = f"the worker stopped; the task ran past worker.shutdown_grace_s ({grace_s:g} s) and was handed back"
         try:
             held = inventory.running(self.registry)
             for worker in workers:
@@ -311,7 +373,9 @@ class Supervisor:
                     if record is None or record.get("state") != "RUNNING":
                         continue
                     token = str(record.get("token", ""))
-                    if _dies(token, host) and self.registry.hand_back(task_id, token, self.envelopes, message):
+                    if _dies(token, host) and self.registry.hand_back(
+                        task_id, token, self.envelopes, message, error_type
+                    ):
                         log.warning("task handed back; its attempt does not count", task_id=task_id, worker=worker)
         except REDIS_ERRORS as exc:  # its lease lapses instead, and another supervisor re-queues it
             log.error("cannot hand tasks back; their leases will lapse and they will run again", error=str(exc))

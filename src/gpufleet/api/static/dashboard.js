@@ -60,11 +60,14 @@ function td(child, cls) { const cell = el("td", undefined, cls); cell.append(chi
 function renderGpus(gpus) {
   $("gpus").replaceChildren(...gpus.map((g) => {
     const live = g.up && !g.stale;
-    const state = !live ? "down" : g.task ? "busy" : g.ready ? "idle" : "starting";
+    const state = g.cordoned ? "cordoned" : !live ? "down" : g.task ? "busy" : g.ready ? "idle" : "starting";
     const card = el("div", undefined, `card ${state}`);
     card.dataset.worker = g.worker;
     card.append(el("div", g.worker, "name"), el("div", `${g.model} · ${state}`, "muted"));
     if (g.memory_total_mb) card.append(el("div", `${g.memory_used_mb ?? "?"} / ${g.memory_total_mb} MB · ${g.utilization_pct ?? "?"} %`, "muted"));
+    if (g.temperature_c != null) card.append(el("div", `${g.temperature_c} °C · ${g.power_w ?? "?"} W`, "muted"));
+    if (g.cordoned) card.append(el("div", `cordoned (${g.cordoned.by}): ${g.cordoned.reason}`, "warn"));
+    for (const warning of (g.health && g.health.warnings) || []) card.append(el("div", warning, "warn"));
     // Each task it holds, a batch's events each, with its own progress.
     for (const task of g.tasks || (g.task ? [g.task] : [])) {
       const line = el("div");
