@@ -190,3 +190,18 @@ def test_a_gpu_has_room_for_all_but_what_other_processes_hold() -> None:
     entry = {"memory_total_mb": 81920, "memory_others_mb": 61440}
     assert has_room(entry, 20480) and not has_room(entry, 20481) and has_room(entry, None)
     assert has_room({"memory_total_mb": 0, "memory_others_mb": None}, 10**6)  # a virtual GPU: unknown
+
+
+def test_the_fake_nvml_shows_a_gpu_in_mig_mode_with_its_instances(fake_gpus: FakeGpus) -> None:
+    """What the next issue (MIG) reads: the mode, and each instance's handle, UUID, name and memory."""
+    fake_gpus.add("NVIDIA A100-SXM4-80GB")
+    uuids = fake_gpus.mig(0, ["3g.40gb", "2g.20gb"])
+    fakenvml.nvmlInit()
+    gpu = fakenvml.nvmlDeviceGetHandleByIndex(0)
+    assert fakenvml.nvmlDeviceGetMigMode(gpu) == [1, 1] and fakenvml.nvmlDeviceGetMaxMigDeviceCount(gpu) == 2
+    instances = [fakenvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, i) for i in range(2)]
+    assert [fakenvml.nvmlDeviceGetUUID(h) for h in instances] == uuids
+    assert fakenvml.nvmlDeviceGetMemoryInfo(instances[0]).total == 40 * 1024**3
+    assert fakenvml.nvmlDeviceIsMigDeviceHandle(instances[1]) and not fakenvml.nvmlDeviceIsMigDeviceHandle(gpu)
+    fake_gpus.mig(0, [])
+    assert fakenvml.nvmlDeviceGetMigMode(gpu) == [0, 0]

@@ -95,16 +95,16 @@ def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> int:
     raise NVMLError(NVML_ERROR_NOT_FOUND)
 
 
-def nvmlDeviceGetName(handle: int) -> str:
-    return str(_gpu(handle)["name"])
+def nvmlDeviceGetName(handle: int | tuple[int, int]) -> str:
+    return str((_mig(handle) if isinstance(handle, tuple) else _gpu(handle))["name"])
 
 
-def nvmlDeviceGetUUID(handle: int) -> str:
-    return str(_gpu(handle)["uuid"])
+def nvmlDeviceGetUUID(handle: int | tuple[int, int]) -> str:
+    return str((_mig(handle) if isinstance(handle, tuple) else _gpu(handle))["uuid"])
 
 
-def nvmlDeviceGetMemoryInfo(handle: int) -> Any:
-    gpu = _gpu(handle)
+def nvmlDeviceGetMemoryInfo(handle: int | tuple[int, int]) -> Any:
+    gpu = _mig(handle) if isinstance(handle, tuple) else _gpu(handle)
     total = int(gpu["memory_mb"]) * MB
     used = min(total, (int(gpu.get("reserved_mb", 0)) + sum(int(p["used_mb"]) for p in gpu["processes"])) * MB)
     return SimpleNamespace(total=total, used=used, free=total - used)
@@ -137,6 +137,24 @@ def nvmlDeviceGetPowerUsage(handle: int) -> int:
 def nvmlDeviceGetMigMode(handle: int) -> list[int]:
     mig = int(bool(_gpu(handle).get("mig")))
     return [mig, mig]
+
+
+def nvmlDeviceGetMaxMigDeviceCount(handle: int) -> int:
+    return len(_gpu(handle).get("mig") or [])
+
+
+def nvmlDeviceGetMigDeviceHandleByIndex(handle: int, index: int) -> tuple[int, int]:
+    if not 0 <= index < len(_gpu(handle).get("mig") or []):
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+    return handle, index  # a MIG instance's handle: its GPU's and its place there
+
+
+def nvmlDeviceIsMigDeviceHandle(handle: int | tuple[int, int]) -> bool:
+    return isinstance(handle, tuple)
+
+
+def _mig(handle: tuple[int, int]) -> dict[str, Any]:
+    return dict(_gpu(handle[0])["mig"][handle[1]])
 
 
 class _EventSet:
@@ -217,6 +235,22 @@ class FakeGpus:
         ``throttle`` (NVML's clock throttle reasons, a bit mask), ``temperature`` (C), ``power_w``, ``mig``."""
         self.gpus[index].update(facts)
         self._save()
+
+    def mig(self, index: int, profiles: list[str]) -> list[str]:
+        """Put GPU ``index`` in MIG mode with instances of these profiles (``"3g.40gb"``: its memory is the number
+        before ``gb``); returns their UUIDs. An empty list leaves MIG mode."""
+        instances: list[dict[str, Any]] = [
+            {
+                "name": f"{self.gpus[index]['name']} MIG {profile}",
+                "uuid": f"MIG-fake{index:04d}-{i:04d}",
+                "memory_mb": int(profile.split(".")[1].removesuffix("gb")) * 1024,
+                "processes": [],
+            }
+            for i, profile in enumerate(profiles)
+        ]
+        self.gpus[index]["mig"] = instances
+        self._save()
+        return [str(m["uuid"]) for m in instances]
 
     def xid(self, index: int, code: int) -> None:
         """An XID event on GPU ``index`` (79: fallen off the bus; 48: a double-bit ECC error; 13: an application's)."""

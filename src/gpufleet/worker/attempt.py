@@ -56,23 +56,19 @@ def held_gil(took_s: float, cpu_s: float) -> bool:
     return took_s >= GIL_MIN_S and cpu_s >= GIL_SHARE * took_s
 
 
-def bigger_room(bundle: ProcessBundle, fn: Function, memory: GpuMemory | None) -> int | None:
+def bigger_room(bundle: ProcessBundle, queue: str, memory: GpuMemory | None) -> int | None:
     """The room (MiB) a GPU needs to take a task that ran out of memory on this one, which had ``memory``: more than
-    it had, when a live GPU of the function's pools and model has that much (the inventory); None when none has (then
+    it had, when a live GPU that reads the task's ``queue`` has that much (the inventory); None when none has (then
     any GPU may take it)."""
     if memory is None:
         return None
     need = memory.room_mb + 1
-    model = fn.gpu.model.lower()
     try:
         entries = inventory.gpus(bundle.registry, stale_after_s=LIVE_S)
     except REDIS_ERRORS:
         return None
-    for e in entries:
-        serves = set(e.get("pools", [])) & set(fn.gpu.pools) and model in ("any", str(e.get("model", "")).lower())
-        if serves and e.get("up") and not e["stale"] and e.get("memory_total_mb") and has_room(e, need):
-            return need
-    return None
+    live = [e for e in entries if queue in e.get("queues", []) and e.get("up") and not e["stale"]]
+    return need if any(e.get("memory_total_mb") and has_room(e, need) for e in live) else None
 
 
 class Attempts:
@@ -289,7 +285,7 @@ class Attempt:
         if fault == BROKEN:
             self.attempts.broken = True
         record = b.registry.get(task_id) or {}
-        room = bigger_room(b, fn, memory) if int(record.get("gpu_retries", 0)) >= 1 else None
+        room = bigger_room(b, self.item.claim.queue, memory) if int(record.get("gpu_retries", 0)) >= 1 else None
         back = self.done.ran_out(error, fn.oom_retries, room)
         if back == 1:
             self.log.warning("GPU fault; task handed back uncounted", fault=fault, peak_mb=peak, needs_room_mb=room)
