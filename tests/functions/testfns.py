@@ -133,9 +133,11 @@ def needs_h100(event: Any, ctx: Context) -> None:
 
 @function(name="sized", gpu_memory_gb=40)
 def sized(event: Any, ctx: Context) -> dict[str, Any]:
-    """Needs 40 GiB of GPU memory (any GPU of a virtual fleet may run it): says where it ran and what its GPU had."""
+    """Needs 40 GiB of GPU memory (any GPU of a virtual fleet may run it): says where it ran and what its GPU had;
+    sleeps ``seconds`` first."""
     _redis().incr(f"runs:{ctx.task_id}")
     memory = ctx.gpu_memory
+    time.sleep(float(event.get("seconds", 0)))
     return {"worker": ctx.worker, "total_mb": memory and memory.total_mb, "room_mb": memory and memory.room_mb}
 
 

@@ -53,6 +53,20 @@ def test_a_task_waits_for_a_gpu_with_room_says_why_and_runs_there_once_it_has(
     assert done["waiting_for"] is None
 
 
+def test_a_task_only_a_busy_gpu_could_hold_says_so_while_it_waits(harness: FleetHarness, fake_gpus: FakeGpus) -> None:
+    fake_gpus.add("NVIDIA L4", memory_gb=24)  # idle, but too small
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    harness.start_host("gpuhost", ["default"], virtual_gpus=0, env=fake_gpus.env)
+    plane = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: len([g for g in plane.gpus() if g["up"]]) == 2, what="both GPU workers up")
+    blocker = plane.invoke("sized", {"n": 0, "seconds": 3}).id  # the H100 is busy with it for 3 s
+    harness.wait_for(lambda: harness.runs(blocker) == 1, what="the H100 busy")
+    waiting = plane.invoke("sized", {"n": 1}).id
+    why = harness.wait_for(lambda: plane.status(waiting)["waiting_for"], what="the task to say why it waits")
+    assert why == "waits for a GPU with 40960 MiB of room: those that have it are busy (gpu1@gpuhost)", why
+    harness.wait_for(lambda: plane.status(waiting)["state"] == "SUCCEEDED", what="the task, once the H100 is free")
+
+
 def test_a_task_no_gpu_of_the_fleet_can_hold_is_refused_at_intake(harness: FleetHarness, fake_gpus: FakeGpus) -> None:
     fleet = harness.fleet()
     plane = ControlPlane(fleet)

@@ -22,7 +22,9 @@ from gpufleet.control.views import (
     function_view,
     group_gpus,
     listed,
+    memory_wait,
     parse_state,
+    served,
     task_view,
 )
 from gpufleet.delivery.parking import PARKED_ID, Parking
@@ -219,14 +221,15 @@ class ControlPlane:
     def status(self, task_id: str, shards_offset: int = 0, shards_limit: int = SHARD_PAGE) -> dict[str, Any]:
         view = self.view(self.record(task_id), (shards_offset, shards_limit))
         if view["state"] == State.QUEUED:
-            view.update(self._served(view["queue"]))
+            live = [e for e in self.gpus() if e.get("up") and not e["stale"]]
+            view.update(served(view["queue"], live))
+            fn = self.fleet.functions.get(view["function"])
+            if not view["waiting_for"] and fn is not None and fn.gpu.memory_mb:
+                view["waiting_for"] = memory_wait(fn.gpu.memory_mb, view["queue"], live)
         return view
 
     def _served(self, queue: str | None) -> dict[str, Any]:
-        """Whether a live worker consumes ``queue``; when none does, a warning that says so (a task there waits
-        until one starts, or until its max_event_age_s)."""
-        served = queue in inventory.served_queues(self.registry)
-        return {"served": served} if served else {"served": False, "warning": f"no live worker consumes {queue}"}
+        return served(queue, [e for e in self.gpus() if e.get("up") and not e["stale"]])
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a task (see :meth:`Changes.cancel`)."""

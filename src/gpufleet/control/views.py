@@ -14,6 +14,7 @@ from gpufleet.functions import Function
 from gpufleet.registry.jobs import job_info
 from gpufleet.registry.messages import DEFAULT_PRIORITY, function_queue
 from gpufleet.registry.model import GPU_MEMORY_WAIT, State
+from gpufleet.scheduling.estimate import has_room
 from gpufleet.settings import FleetSettings
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
@@ -141,3 +142,27 @@ def function_view(
         "payload_schema": fn.payload.model_json_schema() if fn.payload else None,
         "job": None if fn.shards is None else job_info(fn.shards),
     }
+
+
+def served(queue: str | None, live: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether a live GPU worker (of the inventory's ``live`` entries) reads ``queue``; when none does, a warning that
+    says so (a task there waits until one starts, or until its max_event_age_s)."""
+    if any(queue in e.get("queues", []) for e in live):
+        return {"served": True}
+    return {"served": False, "warning": f"no live worker consumes {queue}"}
+
+
+def memory_wait(need_mb: int, queue: str | None, live: list[dict[str, Any]]) -> str | None:
+    """Why a QUEUED task that needs ``need_mb`` of GPU memory waits, as the live GPUs that read its queue say (they
+    are all large enough: a smaller one never reads it), or None when one of them has room and is idle."""
+    readers = [e for e in live if queue in e.get("queues", [])]
+    if not readers:
+        return None  # the "served" warning says it
+    roomy = [e for e in readers if has_room(e, need_mb)]
+    if not roomy:
+        names = ", ".join(str(e["worker"]) for e in readers)
+        return f"waits for GPU memory: it needs {need_mb} MiB; other processes hold too much of {names}"
+    if all(e.get("task_ids") for e in roomy):
+        names = ", ".join(str(e["worker"]) for e in roomy)
+        return f"waits for a GPU with {need_mb} MiB of room: those that have it are busy ({names})"
+    return None

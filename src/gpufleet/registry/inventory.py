@@ -40,11 +40,6 @@ def publish_gpus(registry: Registry, entries: dict[str, dict[str, Any]]) -> None
         registry.client.hset(registry.keys.gpus, mapping={k: orjson.dumps(v) for k, v in entries.items()})
 
 
-def served_queues(registry: Registry) -> set[str]:
-    """The queues some live worker consumes, from the inventory the supervisors publish."""
-    return {q for entry in gpus(registry) if entry.get("up") and not entry["stale"] for q in entry.get("queues", [])}
-
-
 def gpus(
     registry: Registry,
     stale_after_s: float = 30.0,
