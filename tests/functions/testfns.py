@@ -168,6 +168,9 @@ def oomy(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return {"worker": ctx.worker, "runs": n}
 
 
+oomy_pools = function(name="oomy-pools", gpu=Gpu(pools=("eu", "us")), max_attempts=1)(oomy.handler)  # eu first
+
+
 @function(name="oomy-batch", max_attempts=1, batch=Batch(max_size=8, max_wait_ms=50))
 def oomy_batch(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
     """Runs out of GPU memory (as CuPy says it) in a call of more than ``fits`` events (the first event's); each call

@@ -65,6 +65,21 @@ def test_the_second_retry_of_an_oom_goes_to_a_gpu_with_more_room(harness: FleetH
     assert [w for w, _ in _runs(harness, task)] == ["gpu0@small", "gpu0@small", "gpu0@big"]
 
 
+def test_then_to_a_pool_with_a_bigger_gpu_where_its_own_has_none(harness: FleetHarness, tmp_path: Path) -> None:
+    small, big = FakeGpus(tmp_path / "l4.json"), FakeGpus(tmp_path / "h100.json")
+    small.add("NVIDIA L4", memory_gb=24)
+    big.add("NVIDIA H100 80GB HBM3")
+    harness.start_host("eu-small", ["eu"], virtual_gpus=0, env=small.env)
+    harness.start_host("us-big", ["us"], virtual_gpus=0, env=big.env)
+    cp = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: len([g for g in cp.gpus() if g["up"]]) == 2, what="both hosts up")
+    task = cp.invoke("oomy-pools", {"below_mb": 40000}).id  # placed in eu, its first pool, whose GPU is too small
+    [done] = finished(harness, cp, [task])
+    assert done["state"] == "SUCCEEDED" and done["result"]["worker"] == "gpu0@us-big", done
+    assert done["pool"] == "us" and done["attempts"] == 1 and done["gpu_retries"] == 2
+    assert [w for w, _ in _runs(harness, task)] == ["gpu0@eu-small", "gpu0@eu-small", "gpu0@us-big"]
+
+
 def test_a_broken_cuda_context_replaces_the_process_and_the_task_runs_again_uncounted(harness: FleetHarness) -> None:
     cp = one_worker(harness)
     once = cp.invoke("oomy", {"broken": 1}).id

@@ -33,6 +33,7 @@ from gpufleet.delivery.records import Condition, error_payload
 from gpufleet.errors import PermanentTaskError, TaskError
 from gpufleet.functions import Function
 from gpufleet.registry import inventory
+from gpufleet.registry.messages import parse_queue, queue_name, queue_version
 from gpufleet.registry.model import REDIS_ERRORS, State
 from gpufleet.scheduling.estimate import has_room
 from gpufleet.scheduling.placement import LIVE_S
@@ -56,19 +57,25 @@ def held_gil(took_s: float, cpu_s: float) -> bool:
     return took_s >= GIL_MIN_S and cpu_s >= GIL_SHARE * took_s
 
 
-def bigger_room(bundle: ProcessBundle, queue: str, memory: GpuMemory | None) -> int | None:
-    """The room (MiB) a GPU needs to take a task that ran out of memory on this one, which had ``memory``: more than
-    it had, when a live GPU that reads the task's ``queue`` has that much (the inventory); None when none has (then
-    any GPU may take it)."""
+def bigger_room(bundle: ProcessBundle, fn: Function, queue: str, memory: GpuMemory | None) -> tuple[str, int] | None:
+    """Where a task that ran out of memory on this GPU (which had ``memory``) goes next, and the room a GPU there
+    needs: more than this one had. Its own ``queue`` when a live GPU that reads it has that much (the inventory), else
+    the same queue in another of its function's pools that has one (a pool with a bigger model); None when no GPU has
+    (then any GPU of its queue may take it)."""
     if memory is None:
         return None
-    need = memory.room_mb + 1
+    need, prefix = memory.room_mb + 1, bundle.fleet.settings.redis.key_prefix
     try:
-        entries = inventory.gpus(bundle.registry, stale_after_s=LIVE_S)
+        entries = [e for e in inventory.gpus(bundle.registry, stale_after_s=LIVE_S) if e.get("up") and not e["stale"]]
     except REDIS_ERRORS:
         return None
-    live = [e for e in entries if queue in e.get("queues", []) and e.get("up") and not e["stale"]]
-    return need if any(e.get("memory_total_mb") and has_room(e, need) for e in live) else None
+    here = (parse_queue(prefix, queue) or ("",))[0]
+    others = [queue_name(prefix, pool, fn.gpu.model, fn.name, queue_version(queue)) for pool in fn.gpu.pools]
+    for candidate in [queue, *(q for q in others if q != queue and here)]:
+        readers = [e for e in entries if candidate in e.get("queues", [])]
+        if any(e.get("memory_total_mb") and has_room(e, need) for e in readers):
+            return candidate, need
+    return None
 
 
 class Attempts:
@@ -285,10 +292,15 @@ class Attempt:
         if fault == BROKEN:
             self.attempts.broken = True
         record = b.registry.get(task_id) or {}
-        room = bigger_room(b, self.item.claim.queue, memory) if int(record.get("gpu_retries", 0)) >= 1 else None
-        back = self.done.ran_out(error, fn.oom_retries, room)
+        queue = self.item.claim.queue
+        where = bigger_room(b, fn, queue, memory) if int(record.get("gpu_retries", 0)) >= 1 else None
+        back = self.done.ran_out(error, fn.oom_retries, where[1] if where else None)
         if back == 1:
-            self.log.warning("GPU fault; task handed back uncounted", fault=fault, peak_mb=peak, needs_room_mb=room)
+            self.log.warning("GPU fault; task handed back uncounted", fault=fault, peak_mb=peak, needs=where)
+        if back == 1 and where is not None and where[0] != queue:  # to the pool with a GPU that has the room
+            prefix = b.fleet.settings.redis.key_prefix
+            pools = ((parse_queue(prefix, queue) or ("",))[0], (parse_queue(prefix, where[0]) or ("",))[0])
+            b.registry.move_queued([task_id], queue, where[0], b.envelopes, pools)
         elif back == -1:
             self.log.error("GPU fault; oom_retries exhausted", fault=fault, peak_mb=peak, oom_retries=fn.oom_retries)
             error["errorMessage"] += f"; failed after oom_retries ({fn.oom_retries}) more runs"
