@@ -4,7 +4,8 @@ Importing this package does nothing but define names: no environment reads, no l
 """
 
 from gpufleet.aws import ObjectEvent
-from gpufleet.functions import Batch, BatchContext, Context, Function, Gpu, function, job
+from gpufleet.context import BatchContext, Context
+from gpufleet.functions import Batch, Function, Gpu, function, job
 
 __all__ = ["Batch", "BatchContext", "Context", "Function", "Gpu", "ObjectEvent", "function", "job"]
 __version__ = "0.1.0"
