@@ -54,12 +54,14 @@ def test_the_second_retry_of_an_oom_goes_to_a_gpu_with_more_room(harness: FleetH
     small.add("NVIDIA L4", memory_gb=24)
     big.add("NVIDIA H100 80GB HBM3")
     cp = host(harness, "big", big)
-    blocker = cp.invoke("slow", {"seconds": 6}).id  # keeps the H100 busy while the task first runs on the L4
+    blocker = cp.invoke("coop", {"seconds": 120}).id  # keeps the H100 busy until cancelled
     harness.wait_for(lambda: harness.runs(blocker) == 1, what="the H100 busy")
     host(harness, "small", small)
     task = cp.invoke("oomy", {"below_mb": 40000}).id  # fits only the H100
     waiting = harness.wait_for(lambda: cp.status(task)["waiting_for"], what="the task waiting for more room")
     assert "it ran out of memory on a GPU with less room: it needs 24577 MiB" in waiting, waiting
+    assert harness.runs(task) == 2  # the L4 takes it no more
+    cp.cancel(blocker)
     [done] = finished(harness, cp, [task])
     assert done["state"] == "SUCCEEDED" and done["result"]["worker"] == "gpu0@big" and done["attempts"] == 1
     assert [w for w, _ in _runs(harness, task)] == ["gpu0@small", "gpu0@small", "gpu0@big"]

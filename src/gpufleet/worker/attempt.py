@@ -291,9 +291,9 @@ class Attempt:
         free_memory(exc)
         if fault == BROKEN:
             self.attempts.broken = True
-        record = b.registry.get(task_id) or {}
         queue = self.item.claim.queue
-        where = bigger_room(b, fn, queue, memory) if int(record.get("gpu_retries", 0)) >= 1 else None
+        again = int((b.registry.get(task_id) or {}).get("gpu_retries", 0)) >= 1
+        where = bigger_room(b, fn, queue, memory) if fault == OOM and again else None  # room is an OOM's cure only
         back = self.done.ran_out(error, fn.oom_retries, where[1] if where else None)
         if back == 1:
             self.log.warning("GPU fault; task handed back uncounted", fault=fault, peak_mb=peak, needs=where)

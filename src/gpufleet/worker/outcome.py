@@ -146,7 +146,7 @@ class Finisher:
         callbacks = [Callback(dest=dest, value=fit_record(record, limit), condition=condition.value)] if dest else []
         finish = self.bundle.registry.finish
         written = finish(self.task_id, self.token, state, fields, callbacks, self.retention_s, self.pipe, finished)
-        self._observe(finished - started, written)
+        self._observe(finished, written)
         if not written:
             log.warning("task was taken over or finished elsewhere; outcome not recorded", task_id=self.task_id)
         return written
@@ -157,7 +157,7 @@ class Finisher:
         written = self.bundle.registry.retry_later(
             self.task_id, self.token, delay_s, error, self.pipe, self.gpu_us(now)
         )
-        self._observe(now - (self.started_at or self.claim.started_at), written)
+        self._observe(now, written)
 
     def gpu_us(self, finished: float) -> int:
         """The GPU time (µs) the task's runs took so far: the earlier ones' and this one's (GPUs held x handler
@@ -192,17 +192,19 @@ class Finisher:
             self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, min_room_mb=min_room_mb,
             error=error, gpu_us=self.gpu_us(now),
         )  # fmt: skip
-        self._observe(now - (self.started_at or self.claim.started_at), back == 1)
+        self._observe(now, back == 1)
         return back
 
-    def _observe(self, took_s: float, written: bool) -> None:
-        """The attempt's duration, for the histogram; written at once with an outcome written at once (this process
-        may be about to die). One in a pipeline is counted even if the pipeline then finds the task taken over."""
+    def _observe(self, finished: float, written: bool) -> None:
+        """The attempt's duration (from its claim), for the histogram, and its GPU time (its handler's, as its record
+        counts it), for the counters; written at once with an outcome written at once (this process may be about to
+        die). One in a pipeline is counted even if the pipeline then finds the task taken over."""
         if written:
             b = self.bundle
-            b.tally.observe("duration", self.function, took_s)
+            b.tally.observe("duration", self.function, finished - (self.started_at or self.claim.started_at))
             pool = (parse_queue(b.fleet.settings.redis.key_prefix, self.claim.queue) or ("",))[0]
-            b.tally.gpu_time(self.function, b.gpu_model, pool, took_s)
+            gpu_s = (self.gpu_us(finished) - self.claim.gpu_us) / 1e6
+            b.tally.gpu_time(self.function, b.gpu_model, pool, gpu_s)
         if self.pipe is None:
             self.bundle.write_tally()
 

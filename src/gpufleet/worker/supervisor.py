@@ -136,6 +136,7 @@ class Supervisor:
         # A pool whose workers are all gone hands its waiting tasks to the next (functions with several pools).
         self.placer = Placer(self.registry, fleet.functions.values())
         self.host_key = Keyspace(s.redis.key_prefix).host(s.worker.hostname)
+        self.draining = False  # every GPU of this host cordoned
         self.instance = uuid.uuid4().hex
 
     def _spawn(self, slot: Slot) -> None:
@@ -251,7 +252,6 @@ class Supervisor:
         host = self.fleet.settings.worker.hostname
         now = time.time()
         out: dict[str, dict[str, object]] = {}
-        draining = all(slot.cordoned for slot in self.slots)
         for slot in self.slots:
             worker = f"{slot.name}@{host}"
             alive = slot.proc is not None and slot.proc.poll() is None
@@ -262,7 +262,7 @@ class Supervisor:
                 **self.sampler.sample(slot.gpu, own_pids(slot.proc)),
                 **health.facts,
                 "health": {"broken": health.broken, "warnings": list(health.warnings)},
-                "host_draining": draining,
+                "host_draining": self.draining,
                 "pid": slot.proc.pid if alive and slot.proc else None,
                 "up": alive,
                 "queues": slot.queues,
@@ -304,8 +304,10 @@ class Supervisor:
                     slot.proc.send_signal(signal.SIGTERM)
                     log.warning("GPU cordoned; its worker stops once its task is done", worker=worker)
             slot.cordoned = cordon is not None or bool(health.broken)
-        if self.slots and all(slot.cordoned for slot in self.slots):
+        draining = bool(self.slots) and all(slot.cordoned for slot in self.slots)
+        if draining and not self.draining:
             log.warning("every GPU of this host is cordoned: it takes no task until one is uncordoned")
+        self.draining = draining
 
     def _kill_slot(self, slot: Slot, why: str) -> None:
         """Kill a slot's worker now (its process group: the pool process too) and hand its tasks back uncounted."""
