@@ -215,9 +215,10 @@ def batched(events: list[dict[str, Any]], ctx: BatchContext) -> list[Any]:
     (the longest of the batch) first, ``pid`` records the pool process."""
     r = _redis()
     r.rpush(f"batch:{events[0].get('tag')}", json.dumps([e.get("n") for e in events]))
-    for n, item in enumerate(ctx.items):
+    for item in ctx.items:
         r.incr(f"runs:{item.task_id}")
         r.set(f"pid:{item.task_id}", os.getpid())
+    for n, item in enumerate(ctx.items):
         item.progress((n + 1) / len(events), f"event {n + 1} of {len(events)}")  # each its own
     time.sleep(max(float(e.get("sleep", 0)) for e in events))
     if any(e.get("mode") == "poison" for e in events):

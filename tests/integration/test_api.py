@@ -323,7 +323,7 @@ def test_openapi_spec_documents_every_route_and_the_bearer_scheme(api: Api) -> N
         ("GET", "/healthz"),
         ("GET", "/v1/parked"), ("POST", "/v1/parked/resend"), ("POST", "/v1/parked/drop"),
         ("GET", "/v1/scaling"), ("GET", "/v1/scaling/{pool}/{model}"), ("GET", "/metrics"), ("GET", "/v1/overview"),
-        ("GET", "/v1/usage"),
+        ("GET", "/v1/usage"), ("POST", "/v1/gpus/{worker}/cordon"), ("POST", "/v1/gpus/{worker}/uncordon"),
     }  # fmt: skip
     for (_, path), op in operations.items():
         assert op.get("security") == (None if path == "/healthz" else [{"bearer": []}]), path
@@ -523,6 +523,7 @@ def test_fuzzing_every_operation_finds_no_server_error(api: Api, subtests: pytes
         "pool": "default",
         "model": "any",
         "alias": "fuzz",
+        "worker": "gpu0@fuzz-host",
     }
     runs: list[tuple[Any, GenerationMode, dict[str, str]]] = []
     for result in schema.get_all_operations():

@@ -142,7 +142,8 @@ def test_a_worker_killed_mid_batch_runs_each_event_again(harness: FleetHarness) 
     blocker = cp.invoke("slow", {"seconds": 1}).id
     harness.wait_for(lambda: cp.status(blocker)["state"] == "RUNNING", what="the blocker running")
     ids = [invoke(cp, tag, n, sleep=2) for n in range(5)]
-    harness.wait_for(lambda: all(cp.status(i)["state"] == "RUNNING" for i in ids), what="the batch running")
+    # Its handler running for each of them (RUNNING is set by the claims, a moment before).
+    harness.wait_for(lambda: all(harness.runs(i) == 1 for i in ids), what="the batch running")
     os.kill(int(harness.redis.get(f"pid:{ids[0]}") or 0), signal.SIGKILL)
     killed_at = time.time()
     views = finished(harness, cp, ids, 60)

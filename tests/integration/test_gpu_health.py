@@ -83,6 +83,6 @@ def test_a_gpu_healthy_again_uncordons_itself_where_the_fleet_allows_it(
     fake_gpus.set(0, ecc_uncorrected=3)
     worker = f"gpu0@{HOST}"
     harness.wait_for(lambda: gpu(cp, worker)["cordoned"], 10, "the GPU with ECC errors cordoned")
-    assert not gpu(cp, worker)["up"]
+    harness.wait_for(lambda: not gpu(cp, worker)["up"], 10, "its worker stopped")
     fake_gpus.set(0, ecc_uncorrected=0)  # reset: the volatile count starts again
     harness.wait_for(lambda: gpu(cp, worker)["up"] and not gpu(cp, worker)["cordoned"], 30, "the GPU back by itself")

@@ -34,7 +34,7 @@ def scrape(api: Api) -> Samples:
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     out: Samples = {}
     for family in text_string_to_metric_families(r.text):
-        assert family.name.startswith("gpufleet_"), family.name
+        assert family.name.startswith(("gpufleet_", "DCGM_FI_DEV_")), family.name  # DCGM exporter's, for GPUs
         for sample in family.samples:
             out.setdefault(sample.name, []).append(sample)
     return out

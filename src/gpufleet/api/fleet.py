@@ -25,7 +25,7 @@ def list_gpus(control: Control) -> dict[str, Any]:
     return control.gpu_inventory()
 
 
-@router.post("/gpus/{worker}/cordon", response_model=models.Cordon, responses=errors(404))
+@router.post("/gpus/{worker}/cordon", response_model=models.Cordon, responses=errors(400, 404))
 def cordon_gpu(control: Control, worker: str, body: models.CordonRequest | None = None) -> dict[str, Any]:
     """Take a GPU out of service: its worker finishes the task it runs, then takes none until it is uncordoned."""
     return control.cordon(worker, body.reason if body else "")

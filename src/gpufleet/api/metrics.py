@@ -243,7 +243,8 @@ def _dcgm(snap: Snapshot) -> list[Metric]:
                     ],
                     float(e[fact]),
                 )
-        families.append(family)
+        if family.samples:  # a fleet of virtual GPUs has none of these
+            families.append(family)
     return families
 
 
