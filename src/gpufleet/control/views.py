@@ -13,7 +13,7 @@ from gpufleet.errors import ConflictError, InvalidRequestError, NotFoundError
 from gpufleet.functions import Function
 from gpufleet.registry.jobs import job_info
 from gpufleet.registry.messages import DEFAULT_PRIORITY, function_queue
-from gpufleet.registry.model import GPU_MEMORY_WAIT, State
+from gpufleet.registry.model import GPU_MEMORY_WAIT, State, usage_of
 from gpufleet.scheduling.estimate import has_room
 from gpufleet.settings import FleetSettings
 
@@ -53,7 +53,7 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "queue": record.get("queue"),
         "cancel_requested": record.get("cancel") == "1",
         "waiting_for": None,
-        "usage": record.get("usage"),
+        "usage": usage_of(record),
     }
     last = view["last_error"]
     if view["state"] == State.QUEUED and isinstance(last, dict) and last.get("errorType") == GPU_MEMORY_WAIT:

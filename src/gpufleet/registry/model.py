@@ -6,7 +6,7 @@ changes them, one Lua script per transition.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple
@@ -31,6 +31,7 @@ class State(StrEnum):
 # QUEUED again, its status says why it waits.
 GPU_MEMORY_WAIT = "GpuMemoryWait"
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT, State.EXPIRED})
+_FINISHED = frozenset(state.value for state in TERMINAL)
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # transient: the caller may retry
 
 
@@ -101,9 +102,10 @@ class Claim:
     @classmethod
     def from_reply(cls, reply: list[Any], now: float) -> Claim:
         """A claim script's answer (see ``claim`` in ``helpers.lua``), made at ``now``."""
-        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited, queue, min_room, gpu_us = (
-            v.decode() if v else "" for v in reply[1:11]
+        attempts, max_attempts, on_success, on_failure, event_ts, cancel, waited, queue, carry = (
+            v.decode() if v else "" for v in reply[1:10]
         )
+        gpu_us, _, min_room = carry.partition(" ")  # what its earlier runs left it: "<gpu_us> <min_room>"
         return cls(
             True,
             "RUNNING",
@@ -146,13 +148,40 @@ class Callback:
 VIEW_FIELDS = ("function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
                "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
                "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until",
-               "gpu_retries", "usage")  # fmt: skip
+               "gpu_retries", "used")  # fmt: skip
 VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
 # fmt: skip below: a list of field names reads better packed than one per line.
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
-            "max_age", "priority", "prio", "gpu_retries", "min_room", "gpu_us"}  # fmt: skip
-_JSON = {"result", "error", "last_error", "outputs", "usage"}
+            "max_age", "priority", "prio", "gpu_retries"}  # fmt: skip
+_JSON = {"result", "error", "last_error", "outputs"}
+
+
+def used(gpu_us: int, queue_us: int | None, setup_us: int, peak_mb: int | None, cost: float | None) -> str:
+    """What a finished task's run used, as its record keeps it (field ``used``): one short field of numbers, ``-``
+    for none (a JSON object would turn a small record's compact encoding into a hash table, and each field more costs
+    every later read of the record a step). :func:`usage_of` reads it."""
+    parts = [gpu_us, queue_us, setup_us, peak_mb, cost]
+    return " ".join("-" if v is None else repr(v) for v in parts)
+
+
+def usage_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a finished task's event used: ``gpu_seconds`` (all its runs), ``queue_seconds`` (this run's wait),
+    ``setup_seconds`` (the cold start it paid), ``peak_gpu_memory_mb``, and ``cost`` where its GPU model is priced.
+    None for a task that has not finished, or finished without a run (expired or cancelled while it waited)."""
+    raw = record.get("used")
+    if record.get("state") not in _FINISHED or not raw:
+        return None
+    gpu_us, queue_us, setup_us, peak_mb, cost = (None if v == "-" else v for v in str(raw).split(" "))
+    usage: dict[str, Any] = {
+        "gpu_seconds": int(gpu_us or 0) / 1e6,
+        "queue_seconds": None if queue_us is None else int(queue_us) / 1e6,
+        "setup_seconds": None if queue_us is None else int(setup_us or 0) / 1e6,
+        "peak_gpu_memory_mb": None if peak_mb is None else int(peak_mb),
+    }
+    if cost is not None:
+        usage["cost"] = float(cost)
+    return usage
 
 
 def decode_record(raw: dict[bytes, bytes], task_id: str, event: bool = False) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def _taken(replies: list[Any], now: float) -> list[Taken | str]:
         if reply[0] == b"other":
             taken.append(reply[1].decode())
         else:
-            task_id, function, event, meta = reply[11:15]
+            task_id, function, event, meta = reply[10:14]
             claim = Claim.from_reply(reply, now)
             taken.append(Taken(claim, task_id.decode(), function.decode(), orjson.loads(event), orjson.loads(meta)))
     return taken

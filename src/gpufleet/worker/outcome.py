@@ -16,7 +16,7 @@ from gpufleet.errors import PermanentTaskError
 from gpufleet.functions import LATEST, Function
 from gpufleet.registry.jobs import MAX_SHARD_RESULT_BYTES
 from gpufleet.registry.messages import parse_queue
-from gpufleet.registry.model import Callback, Claim, State
+from gpufleet.registry.model import Callback, Claim, State, usage_of, used
 
 if TYPE_CHECKING:
     from gpufleet.worker.bundle import ProcessBundle
@@ -136,9 +136,9 @@ class Finisher:
         )
         if self.shards is not None:  # gpufleet's own, where a Lambda consumer ignores it
             record["responseContext"]["shards"] = self.shards
-        usage = self.usage(finished)
-        record["responseContext"]["usage"] = usage
-        fields = {**fields, "condition": condition.value, "usage": usage, "gpu_us": self.gpu_us(finished)}
+        spent = self.spent(finished)
+        record["responseContext"]["usage"] = usage_of({"state": state.value, "used": spent})
+        fields = {**fields, "condition": condition.value, "used": spent}
         if self.started_at is not None:
             fields["started_at"] = self.started_at
         dest = self.claim.on_success if condition is Condition.SUCCESS else self.claim.on_failure
@@ -165,24 +165,20 @@ class Finisher:
         ran = finished - self.started_at if self.started_at is not None else 0.0
         return self.claim.gpu_us + round(max(ran, 0.0) * 1e6)
 
-    def usage(self, finished: float) -> dict[str, Any]:
-        """What the event cost: ``gpu_seconds`` (all its runs), ``queue_seconds`` (this run's wait in its queue),
-        ``setup_seconds`` (the part of that wait its worker spent in setup(): the cold start it paid),
-        ``peak_gpu_memory_mb`` (this run's), and ``cost`` where ``worker.gpu_hour_price`` prices its GPU model."""
+    def spent(self, finished: float) -> str:
+        """What the event used, as its record keeps it (``model.used``): the GPU time of all its runs, this run's
+        wait in its queue and the part of it its worker spent in setup() (the cold start it paid), this run's peak
+        memory, and its cost where ``worker.gpu_hour_price`` prices its GPU model."""
         b, claim = self.bundle, self.claim
-        gpu_s = self.gpu_us(finished) / 1e6
-        started = self.started_at or claim.started_at
-        queued = claim.started_at - claim.waited_s if claim.waited_s is not None else None
-        usage: dict[str, Any] = {
-            "gpu_seconds": round(gpu_s, 6),
-            "queue_seconds": None if queued is None else round(max(0.0, started - queued), 6),
-            "setup_seconds": None if queued is None else round(b.setups.paid(queued, started), 6),
-            "peak_gpu_memory_mb": self.peak_mb,
-        }
+        gpu_us = self.gpu_us(finished)
+        queue_us, setup_us = None, 0
+        if claim.waited_s is not None:
+            queued, started = claim.started_at - claim.waited_s, self.started_at or claim.started_at
+            queue_us = round(max(0.0, started - queued) * 1e6)
+            setup_us = round(b.setups.paid(queued, started) * 1e6)
         price = b.gpu_hour_price
-        if price is not None:
-            usage["cost"] = round(gpu_s / 3600 * price, 8)
-        return usage
+        cost = None if price is None else round(gpu_us / 1e6 / 3600 * price, 8)
+        return used(gpu_us, queue_us, setup_us, self.peak_mb, cost)
 
     def ran_out(self, error: dict[str, Any], budget: int, min_room_mb: int | None) -> int:
         """Its GPU ran out of memory (or broke): back to its queue under ``budget`` (see ``Registry.hand_back``),

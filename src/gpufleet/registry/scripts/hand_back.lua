@@ -11,8 +11,8 @@ if not owned(KEYS[1], ARGV[2]) then return 0 end
 if ARGV[7] ~= '' then
   if tonumber(redis.call('HGET', KEYS[1], 'gpu_retries') or '0') >= tonumber(ARGV[7]) then return -1 end
   redis.call('HINCRBY', KEYS[1], 'gpu_retries', 1)
-  if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'min_room', ARGV[8]) end
-  redis.call('HSET', KEYS[1], 'gpu_us', ARGV[9])  -- the GPU time its runs took so far, this one's included
+  -- What it carries (see CLAIM_READS): the GPU time its runs took so far, this one's included, and the room it needs.
+  redis.call('HSET', KEYS[1], 'carry', ARGV[9] .. ' ' .. ARGV[8])
 end
 local fn = redis.call('HGET', KEYS[1], 'function')
 local id = task_id(ARGV[1], KEYS[1])

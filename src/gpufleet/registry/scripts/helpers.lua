@@ -109,10 +109,11 @@ local function owned(key, token)
 end
 -- What a claim reads of a record, in one HMGET (each redis.call costs Lua about as much as the command itself):
 -- CLAIM_READS[1..2] decide whether it may be claimed, the rest are its bookkeeping and the worker's reply (its queue
--- says which pool its GPU time is counted in; min_room, the room a GPU needs for it after it ran out of memory;
--- gpu_us, the GPU time its earlier runs took, which its record adds up).
+-- says which pool its GPU time is counted in; carry, what it carries from its earlier runs: "<gpu_us> <min_room>",
+-- the GPU time they took, which its record adds up, and the room a GPU needs for it after it ran out of memory: one
+-- field, absent until a run ends without finishing it, as a missing field costs a scan of the record).
 local CLAIM_READS = {'state', 'tag', 'function', 'queue', 'queued_at', 'created_at', 'seq', 'max_age', 'attempts',
-  'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel', 'token', 'min_room', 'gpu_us'}
+  'max_attempts', 'on_success', 'on_failure', 'event_ts', 'cancel', 'token', 'carry'}
 -- The task (QUEUED, or RUNNING under an owner that died) runs under ``token`` now, with a lease to ``lease_until``.
 -- ``r``: its fields CLAIM_READS, in that order. Returns what the worker needs to finish it without reading it again,
 -- and how long it waited in its queue ('' for one taken over), for the worker's wait histogram.
@@ -130,7 +131,7 @@ local function claim(prefix, key, id, r, token, now, lease_until, worker, gpu)
   -- A first attempt has no progress to clear: readers take none for 0 (two fields fewer to append, 2 % of a task).
   if attempts ~= '1' then redis.call('HSET', key, 'progress', '0', 'progress_message', '') end
   redis.call('ZADD', prefix .. ':leases', lease_until, id)
-  return {'ok', attempts, r[10], r[11], r[12], r[13], r[14], waited, r[4], r[16], r[17]}
+  return {'ok', attempts, r[10], r[11], r[12], r[13], r[14], waited, r[4], r[16]}
 end
 -- What take_message reads of a record: CLAIM_READS, then the event and meta the worker runs.
 local function take_reads()
@@ -140,7 +141,7 @@ local function take_reads()
 end
 -- One message a worker popped from a queue's list (``reads``: take_reads(), made once per script): claimed if its
 -- task waits for it (QUEUED, and the record names this message: not a stale copy), as {'ok', ..., waited, queue,
--- min_room, gpu_us, id, function, event, meta}; {'other', id} for a task that is not waiting but running (another copy of a running one);
+-- carry, id, function, event, meta}; {'other', id} for a task that is not waiting but running (another copy of a running one);
 -- nil for one no worker should run (finished, expired, stale), which is dropped.
 local function take_message(prefix, message, reads, token, now, lease_until, worker, gpu)
   local id = id_of(message)
@@ -148,7 +149,7 @@ local function take_message(prefix, message, reads, token, now, lease_until, wor
   local r = redis.call('HMGET', key, unpack(reads))
   if r[1] == 'QUEUED' and (not r[2] or r[2] == tag_of(message)) then
     local out = claim(prefix, key, id, r, token, now, lease_until, worker, gpu)
-    out[12], out[13], out[14], out[15] = id, r[3], r[#reads - 1], r[#reads]
+    out[11], out[12], out[13], out[14] = id, r[3], r[#reads - 1], r[#reads]
     return out
   elseif r[1] == 'RUNNING' then
     return {'other', id}
@@ -184,7 +185,8 @@ local function rerun(prefix, key, id, state, envelope, now)
   local fn = redis.call('HGET', key, 'function')
   redis.call('PERSIST', key)
   redis.call('HDEL', key, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
-    'started_at', 'job_started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message')
+    'started_at', 'job_started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message', 'carry',
+    'gpu_retries', 'used')
   redis.call('HSET', key, 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now, 'event_ts', now)
   redis.call('HINCRBY', key, 'manual_retries', 1)
   deadline(prefix, key, id)

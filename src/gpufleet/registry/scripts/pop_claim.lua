@@ -4,7 +4,7 @@
 -- them), each claimed in the same step, so a message is never out of the lists unclaimed. Messages no worker should run
 -- are dropped on the way: a finished or expired task's, a stale copy (the record names another message). Returns one
 -- entry per task, none when every queue is empty: {'ok', attempts, max_attempts, on_success, on_failure, event_ts,
--- cancel, waited, queue, min_room, gpu_us, id, function, event, meta} for a claim, or {'other', id} for a task that is not waiting (another
+-- cancel, waited, queue, carry, id, function, event, meta} for a claim, or {'other', id} for a task that is not waiting (another
 -- copy of a running one), after which it stops: the caller decides as for any delivery (see Runtime._take_over).
 --
 -- Which list to read: the head of each queue's pending tasks (P:pending:<queue>, in the order its lists are read)
