@@ -42,8 +42,7 @@ def slow(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Sleeps ``seconds``; the time it took, as it measured it, is ``took:<task id>``."""
     began = time.monotonic()
     r = _redis()
-    r.incr(f"runs:{ctx.task_id}")
-    r.set(f"pid:{ctx.task_id}", os.getpid())
+    r.pipeline(transaction=False).incr(f"runs:{ctx.task_id}").set(f"pid:{ctx.task_id}", os.getpid()).execute()
     end = began + float(event.get("seconds", 3))
     while time.monotonic() < end:
         time.sleep(min(0.05, max(0.0, end - time.monotonic())))
