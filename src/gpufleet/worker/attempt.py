@@ -126,8 +126,7 @@ class Attempts:
             self._in_handler = False
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.held_gil = held_gil(time.monotonic() - began, time.thread_time() - cpu)
-            memory = self.bundle.device.memory(fresh=True)
-            peak = peak_mb(memory.own_mb if memory is not None else None)
+            peak = peak_mb(self.bundle.device)
             for finisher in done:
                 finisher.peak_mb = peak
 
@@ -283,7 +282,7 @@ class Attempt:
         b, fn, task_id = self.attempts.bundle, self.fn, self.item.task_id
         memory = b.device.memory(fresh=True)
         error = error_payload(exc, "GpuOutOfMemory" if fault == OOM else "GpuContextBroken")
-        peak = peak_mb(memory.own_mb if memory is not None else None)
+        peak = peak_mb(b.device)
         if peak is not None:
             total = f" of {memory.total_mb}" if memory is not None else ""
             error["errorMessage"] += f" (peak {peak} MiB{total} on {b.worker_name})"

@@ -18,7 +18,10 @@ import gc
 import re
 import sys
 import traceback
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from gpufleet.worker.gpus import Device
 
 OOM: Literal["oom"] = "oom"
 BROKEN: Literal["broken"] = "broken"
@@ -81,10 +84,11 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()  # type: ignore[attr-defined]
 
 
-def peak_mb(own_mb: int | None) -> int | None:
+def peak_mb(device: Device) -> int | None:
     """The most GPU memory the call held (MiB): torch's allocator's peak when torch runs on CUDA in this process,
-    else ``own_mb`` (NVML's figure for this process now), else None (no GPU)."""
+    else NVML's figure for this process now (read only then: this is on every task's path), else None (no GPU)."""
     torch = _torch_cuda()
     if torch is not None:
         return int(torch.cuda.max_memory_allocated()) // (1024 * 1024)  # type: ignore[attr-defined]
-    return own_mb
+    memory = device.memory(fresh=True)
+    return None if memory is None else memory.own_mb
