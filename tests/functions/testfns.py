@@ -156,7 +156,8 @@ def oomy(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     n = r.incr(f"runs:{ctx.task_id}")
     r.rpush(f"oomy:{ctx.task_id}", f"{ctx.worker} {os.getpid()}")
     if event.get("hold_mb"):
-        FakeGpus(Path(os.environ["GPUFLEET_WORKER__FAKE_NVML"])).hold(0, event["hold_mb"], os.getpid())
+        index = int(ctx.worker.split("@")[0].removeprefix("gpu"))  # gpu<i>@host: the fake's GPU i
+        FakeGpus(Path(os.environ["GPUFLEET_WORKER__FAKE_NVML"])).hold(index, event["hold_mb"], os.getpid())
     if n <= event.get("broken", 0):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     memory = ctx.gpu_memory

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from typing import Any
 
 from gpufleet.control.plane import ControlPlane
 from gpufleet.dev.fakenvml import FakeGpus
+from gpufleet.worker.supervisor import INVENTORY_EVERY_S
 from tests.harness import FleetHarness
 from tests.integration.test_engine import finished
 
@@ -74,6 +76,20 @@ def test_an_operators_cordon_lets_the_running_task_finish_then_takes_nothing(
     ids = [cp.invoke("echo", {"n": n}).id for n in range(4)]
     assert fenced not in {v["worker"] for v in finished(harness, cp, ids)}
     assert gpu(cp, fenced)["cordoned"]["reason"] == "driver update"
+
+    # Its last GPU cordoned too, the host drains: it takes nothing, and says so, until one is back.
+    other = next(g["worker"] for g in cp.gpus() if g["worker"] != fenced)
+    cp.cordon(other, "node maintenance")
+    harness.wait_for(lambda: not gpu(cp, other)["up"] and gpu(cp, other)["host_draining"], 30, "the host draining")
+    waiting = cp.invoke("echo", {"n": 9}).id
+    cli = [sys.executable, "-m", "gpufleet", "gpus", "--config", str(harness.config)]
+    out = subprocess.run(cli, env=harness.env(), capture_output=True, text=True, check=True).stdout
+    assert f"{HOST}: draining: every GPU cordoned" in out, out
+    time.sleep(2 * INVENTORY_EVERY_S)
+    assert cp.status(waiting)["state"] == "QUEUED" and harness.runs(waiting) == 0
+    cp.uncordon(other)
+    [done] = finished(harness, cp, [waiting])
+    assert done["worker"] == other and not gpu(cp, other)["host_draining"]
 
 
 def test_a_gpu_healthy_again_uncordons_itself_where_the_fleet_allows_it(

@@ -202,6 +202,8 @@ def _gpus(args: argparse.Namespace) -> int:
         if e.get("cordoned") or warnings:
             why = f"cordoned by {e['cordoned']['by']}: {e['cordoned']['reason']}" if e.get("cordoned") else ""
             print(f"{e['worker']}: " + "; ".join([w for w in [why, *warnings] if w]))
+    for host in sorted({e["host"] for e in entries if e.get("host_draining") and not e["stale"]}):
+        print(f"{host}: draining: every GPU cordoned, it takes no task until one is uncordoned")
     return EXIT_OK
 
 

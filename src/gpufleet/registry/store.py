@@ -292,20 +292,22 @@ class Registry:
         min_room_mb: int | None = None,
         error: dict[str, Any] | None = None,
         gpu_us: int = 0,
+        stay: bool = False,
     ) -> int:
         """A RUNNING task whose owner (``token``) was stopped on purpose, or cannot run it, goes back to the head of
         its queue, its attempt not counted; ``message`` None: one claimed ahead and given back unstarted (no error
         recorded; ``error``: this error instead). 0 if it finished or changed owner meanwhile, or this caller cannot
         build it. With ``gpu_budget``, one whose GPU ran out of memory: it goes back only while its GPU retries are
         within that (-1 past it: nothing changed), for a GPU with ``min_room_mb`` of room if given, having taken
-        ``gpu_us`` of GPU time in all so far."""
-        pairs = self._envelopes([task_id], envelope_for)
-        if not pairs or not pairs[0][1]:
+        ``gpu_us`` of GPU time in all so far; ``stay``: it runs again where it is, still its owner's, this retry
+        recorded."""
+        pairs = [(task_id, b"")] if stay else self._envelopes([task_id], envelope_for)
+        if not pairs or not (pairs[0][1] or stay):
             return 0
         if message is not None:
             error = {"errorType": error_type, "errorMessage": message}
         args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], orjson.dumps(error) if error else b""]
-        args += [self.aging_s, "" if gpu_budget is None else gpu_budget, min_room_mb or "", gpu_us]
+        args += [self.aging_s, "" if gpu_budget is None else gpu_budget, min_room_mb or "", gpu_us, int(stay)]
         return int(self._hand_back(keys=[self.keys.task(task_id), self.keys.leases], args=args))
 
     def age(self, aging_s: float, limit: int = 1000) -> int:

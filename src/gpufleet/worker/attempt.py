@@ -226,7 +226,13 @@ class Attempt:
             began = time.monotonic()
             try:
                 payload, obj = self.payload()
-                result = self.attempts.guarded(self.fn, lambda: self._call(payload, obj), [self.done])
+                call = functools.partial(self._call, payload, obj)
+                try:
+                    result = self.attempts.guarded(self.fn, call, [self.done])
+                except Exception as exc:
+                    if not self.again_here(exc):
+                        raise
+                    result = self.attempts.guarded(self.fn, call, [self.done])
                 value = result_json(self.fn, result, "job" in self.item.meta)
             except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes up
                 self.failed(exc)
@@ -242,6 +248,21 @@ class Attempt:
     def _call(self, payload: Any, obj: ObjectEvent | None) -> Any:
         with self.context(obj) as ctx:
             return self.fn.handler(payload, ctx)
+
+    def again_here(self, exc: Exception) -> bool:
+        """Whether a task whose GPU ran out of memory for the first time runs again at once where it was, its memory
+        freed (most OOMs are a cache or a fragment the failed call left): the retry is recorded under its function's
+        ``oom_retries``, and the process stays its owner, so no other GPU takes it meanwhile."""
+        if fault_of(exc) != OOM or self.fn.oom_retries < 1 or self.cancel_requested:
+            return False
+        if int((self.attempts.bundle.registry.get(self.item.task_id) or {}).get("gpu_retries", 0)):
+            return False
+        free_memory(exc)
+        error = self.oom_error(exc, OOM)
+        if not self.done.again_here(error, self.fn.oom_retries):
+            return False
+        self.log.warning("GPU out of memory; running it again on this GPU, its memory freed", peak_mb=self.done.peak_mb)
+        return True
 
     def failed(self, exc: BaseException) -> None:
         """The outcome of an attempt that raised (or, in a batch, of an event whose result is an exception)."""
@@ -273,20 +294,27 @@ class Attempt:
             self.log.error("task failed; retries exhausted", error=repr(exc))
             done.fail(exc)
 
-    def gpu_fault(self, exc: Exception, fault: Fault) -> None:
-        """Its GPU ran out of memory, or a CUDA error broke the process's context. The process gives back what the
-        handler held; the task goes back to the head of its queue uncounted while the function's ``oom_retries``
-        last: the first time to any GPU (this one, most likely: it is idle now), then only to a GPU with more room
-        than this one had, where the fleet has one. Past them it fails, ``GpuOutOfMemory``, with the peak memory
-        seen. A broken context is replaced (:meth:`Attempts.recycle`)."""
-        b, fn, task_id = self.attempts.bundle, self.fn, self.item.task_id
-        memory = b.device.memory(fresh=True)
+    def oom_error(self, exc: Exception, fault: Fault, memory: GpuMemory | None = None) -> dict[str, Any]:
+        """The error a GPU fault records, with the peak memory the handler held (see ``Attempts.guarded``)."""
+        b = self.attempts.bundle
         error = error_payload(exc, "GpuOutOfMemory" if fault == OOM else "GpuContextBroken")
-        peak = peak_mb(b.device)
+        peak = self.done.peak_mb
         if peak is not None:
+            memory = memory or b.device.memory()
             total = f" of {memory.total_mb}" if memory is not None else ""
             error["errorMessage"] += f" (peak {peak} MiB{total} on {b.worker_name})"
             error["peakGpuMemoryMb"] = peak
+        return error
+
+    def gpu_fault(self, exc: Exception, fault: Fault) -> None:
+        """Its GPU ran out of memory, or a CUDA error broke the process's context. The process gives back what the
+        handler held; the task goes back to the head of its queue uncounted while the function's ``oom_retries``
+        last: only to a GPU with more room than this one had where the fleet has one, else to any (a single task's
+        first OOM ran again here first: :meth:`again_here`; a batch's, halved). Past them it fails,
+        ``GpuOutOfMemory``, with the peak memory seen. A broken context is replaced (:meth:`Attempts.recycle`)."""
+        b, fn, task_id = self.attempts.bundle, self.fn, self.item.task_id
+        memory = b.device.memory(fresh=True)
+        error, peak = self.oom_error(exc, fault, memory), self.done.peak_mb
         free_memory(exc)
         if fault == BROKEN:
             self.attempts.broken = True

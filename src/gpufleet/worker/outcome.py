@@ -191,6 +191,15 @@ class Finisher:
         self._observe(now, back == 1)
         return back
 
+    def again_here(self, error: dict[str, Any], budget: int) -> bool:
+        """Its GPU ran out of memory, and it runs again here at once: the retry recorded under ``budget``, with its
+        GPU time so far (what a later claim carries if this process dies)."""
+        back = self.bundle.registry.hand_back(
+            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, error=error,
+            gpu_us=self.gpu_us(time.time()), stay=True,
+        )  # fmt: skip
+        return back == 1
+
     def _observe(self, finished: float, written: bool) -> None:
         """The attempt's duration (from its claim), for the histogram, and its GPU time (its handler's, as its record
         counts it), for the counters; written at once with an outcome written at once (this process may be about to
