@@ -80,7 +80,7 @@ def test_the_rule_holds_for_any_pools(states: dict[str, PoolState], limit: float
         assert i == 0  # no live worker anywhere: the preferred pool's queue keeps it
 
 
-def test_the_simulator_runs_the_policy_and_overflow_shortens_the_waits_of_a_burst_and_an_outage() -> None:
+def test_the_simulator_runs_the_policy_between_its_bounds_on_arrivals_its_seed_draws() -> None:
     import importlib.util
     from pathlib import Path
 
@@ -90,16 +90,19 @@ def test_the_simulator_runs_the_policy_and_overflow_shortens_the_waits_of_a_burs
     simulate = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = simulate  # dataclasses look their module up there
     spec.loader.exec_module(simulate)
-    plain = simulate.Sim(overflow=False, seed=3, minutes=2).run()
-    policy = simulate.Sim(overflow=True, seed=3, minutes=2).run()
-
-    def waits(sim: object) -> list[float]:
-        return [w for pool in sim.pools.values() for w in pool.waits]  # type: ignore[attr-defined]
-
-    assert len(waits(plain)) == len(waits(policy)) > 50_000  # the same arrivals, every one run once
-    assert simulate.percentile(waits(policy), 0.99) < simulate.percentile(waits(plain), 0.99) / 2
-    assert plain.overflowed == 0 < policy.overflowed
-    assert "| all | 1200 |" in simulate.report(plain, policy)
+    end = 60.0
+    tasks = simulate.arrivals(3, end, (24.0, 36.0))
+    assert tasks == simulate.arrivals(3, end, (24.0, 36.0)) != simulate.arrivals(4, end, (24.0, 36.0))
+    for outage in None, (30.0, 42.0):
+        runs = {p: simulate.Sim(p, tasks, end, outage).run() for p in simulate.POLICIES}
+        assert {len(sim.waits()) for sim in runs.values()} == {len(tasks)}  # every task run once, by each policy
+        p99 = {p: simulate.percentile(sim.waits(), 0.99) for p, sim in runs.items()}
+        assert p99["work-conserving"] <= p99["overflow"] < p99["first pool"], p99
+        wasted = {p: sim.wasted_s for p, sim in runs.items()}
+        assert wasted["work-conserving"] <= wasted["overflow"] < wasted["first pool"], wasted
+        assert runs["first pool"].overflowed == 0 < runs["overflow"].overflowed
+    figures = simulate.scenario("outage", [3, 4], 0.5)
+    assert len(figures["overflow"].p99) == 2 and "| work-conserving |" in simulate.report("outage", figures)
 
 
 def gpu(worker: str, model: str, queues: list[str], **memory: int) -> dict[str, object]:
