@@ -90,6 +90,7 @@ class Finisher:
         self.started_at: float | None = None  # when the handler started: after the claim, for a task claimed ahead
         self.handled = False  # the handler returned an exception for this event (a batch's): "Handled", not raised
         self.peak_mb: int | None = None  # the most GPU memory its handler call held (see gpufaults.peak_mb)
+        self.tallied_us = 0  # this attempt's GPU time already in the counters (a run that ran out of memory here)
         self.shards: list[dict[str, Any]] | None = None  # a job's: its shards, listed in its record
 
     def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
@@ -161,9 +162,9 @@ class Finisher:
 
     def gpu_us(self, finished: float) -> int:
         """The GPU time (µs) the task's runs took so far: the earlier ones' and this one's (GPUs held x handler
-        time; one GPU per task)."""
+        time)."""
         ran = finished - self.started_at if self.started_at is not None else 0.0
-        return self.claim.gpu_us + round(max(ran, 0.0) * 1e6)
+        return self.claim.gpu_us + round(max(ran, 0.0) * 1e6) * self.bundle.gpu_count
 
     def spent(self, finished: float) -> str:
         """What the event used, as its record keeps it (``model.used``): the GPU time of all its runs, this run's
@@ -194,10 +195,13 @@ class Finisher:
     def again_here(self, error: dict[str, Any], budget: int) -> bool:
         """Its GPU ran out of memory, and it runs again here at once: the retry recorded under ``budget``, with its
         GPU time so far (what a later claim carries if this process dies)."""
+        gpu_us = self.gpu_us(time.time())
         back = self.bundle.registry.hand_back(
-            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, error=error,
-            gpu_us=self.gpu_us(time.time()), stay=True,
+            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, error=error, gpu_us=gpu_us,
+            stay=True,
         )  # fmt: skip
+        if back == 1:  # the run that ran out is a run of its own in the GPU time counters
+            self._tally_gpu_time(gpu_us)
         return back == 1
 
     def _observe(self, finished: float, written: bool) -> None:
@@ -207,11 +211,17 @@ class Finisher:
         if written:
             b = self.bundle
             b.tally.observe("duration", self.function, finished - (self.started_at or self.claim.started_at))
-            pool = (parse_queue(b.fleet.settings.redis.key_prefix, self.claim.queue) or ("",))[0]
-            gpu_s = (self.gpu_us(finished) - self.claim.gpu_us) / 1e6
-            b.tally.gpu_time(self.function, b.gpu_model, pool, gpu_s)
+            self._tally_gpu_time(self.gpu_us(finished))
         if self.pipe is None:
             self.bundle.write_tally()
+
+    def _tally_gpu_time(self, gpu_us: int) -> None:
+        """Count a run's GPU time (this attempt's ``gpu_us`` less what its earlier runs counted), in its pool."""
+        b = self.bundle
+        pool = (parse_queue(b.fleet.settings.redis.key_prefix, self.claim.queue) or ("",))[0]
+        ran_us = gpu_us - self.claim.gpu_us
+        b.tally.gpu_time(self.function, b.gpu_model, pool, (ran_us - self.tallied_us) / 1e6)
+        self.tallied_us = ran_us
 
 
 def timed_out_by_watchdog(bundle: ProcessBundle, task_id: str, token: str) -> None:
