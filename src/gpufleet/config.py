@@ -41,8 +41,8 @@ from gpufleet.triggers import check_keys, parse_source, served_by, settings_mode
 from gpufleet.triggers.options import TriggerSettings
 
 ENV_PREFIX = "GPUFLEET_"
-# Not settings: read by the CLI and the roles.
-RESERVED_ENV = {"GPUFLEET_CONFIG", "GPUFLEET_PARENT_PID", "GPUFLEET_DEV_DIR"}
+# Not settings: read by the CLI and the roles (GPUFLEET_GPUS: by a handler, the GPUs its worker sees).
+RESERVED_ENV = {"GPUFLEET_CONFIG", "GPUFLEET_PARENT_PID", "GPUFLEET_DEV_DIR", "GPUFLEET_GPUS"}
 DEFAULT_CONFIG = Path("config/fleet.yaml")
 M = TypeVar("M", bound=BaseModel)
 

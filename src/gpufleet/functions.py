@@ -60,6 +60,7 @@ FUNCTIONS_NAMESPACE = "gpufleet_workers."  # function files are imported as its 
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
 MAX_OOM_RETRIES = 10
 MAX_GPU_GB = 4096  # a typo's bound, not a GPU's: the largest today hold under 300 GiB
+GPU_COUNTS = (1, 2, 4, 8)  # GPUs per task: the aligned groups a host's GPUs split into
 
 
 # (event, ctx) -> result; a batch function's is (list of events, BatchContext) -> list of results, in order.
@@ -89,10 +90,12 @@ class Batch:
 
 @dataclass(frozen=True)
 class Gpu:
-    """What a function needs from a GPU.
+    """What a function needs from its GPUs.
 
     Args:
-        count: GPUs per task. One worker process owns one GPU, so only 1 is supported today.
+        count: GPUs per task, all of one host: 1, 2, 4 or 8. A task of N runs in a process that sees N GPUs (its
+            ``CUDA_VISIBLE_DEVICES`` lists them), one of the host's aligned groups of N (GPUs 0-1, 2-3...: the
+            pairs and quads NVLink joins), which it takes at once or not at all (see :mod:`gpufleet.worker.holds`).
         model: a GPU series (``H100``, ``A100``...; a full name such as ``NVIDIA H100 80GB HBM3`` says the same), or
             ``any``. It matches a worker's GPU by series: see :mod:`gpufleet.scheduling.gpumodels`.
         pools: ordered pools (regions) to run in; the first is preferred.
@@ -111,8 +114,8 @@ class Gpu:
     memory_gb: float | None = None
 
     def __post_init__(self) -> None:
-        if self.count != 1:
-            raise ConfigError("only one GPU per task is supported", key="gpu.count", fix="set count=1")
+        if isinstance(self.count, bool) or self.count not in GPU_COUNTS:
+            raise ConfigError(f"count={self.count!r}", key="gpu.count", fix="GPUs per task: 1, 2, 4 or 8")
         object.__setattr__(self, "model", check_model(self.model, "gpu.model"))  # frozen: normalised once, here
         if not self.pools:
             raise ConfigError("a function needs at least one pool", key="gpu.pools", fix="e.g. pools=('default',)")
@@ -269,6 +272,7 @@ def function(
     version: str = LATEST,
     gpu: Gpu | None = None,
     gpu_memory_gb: float | None = None,
+    gpus: int | None = None,
     timeout_s: float = 900.0,
     max_attempts: int = 3,
     oom_retries: int = 2,
@@ -290,7 +294,9 @@ def function(
         version: the version this code is, e.g. ``"4"``: callback records name it (``functionVersion``,
             ``executedVersion``, ``functionArn``). Default ``$LATEST``.
         gpu: the GPU it needs.
-        gpu_memory_gb: the same as ``gpu=Gpu(memory_gb=...)``: the GPU memory one task needs, in GiB.
+        gpu_memory_gb: the same as ``gpu=Gpu(memory_gb=...)``: the GPU memory one task needs, in GiB (on each of
+            its GPUs).
+        gpus: the same as ``gpu=Gpu(count=...)``: GPUs per task, of one host (1, 2, 4 or 8).
         timeout_s: hard limit for one attempt, up to 86400.
         max_attempts: attempts before a RetriesExhausted failure record.
         oom_retries: runs again after the GPU ran out of memory (or a CUDA error broke the process's context), on
@@ -324,6 +330,10 @@ def function(
                 fix="say it once",
             )
         needs = dataclasses.replace(needs, memory_gb=gpu_memory_gb)
+    if gpus is not None:
+        if gpu is not None and gpu.count not in (1, gpus):
+            raise ConfigError(f"gpus={gpus} and gpu=Gpu(count={gpu.count})", key="gpus", fix="say it once")
+        needs = dataclasses.replace(needs, count=gpus)
 
     def wrap(handler: Handler) -> Function:
         return Function(

@@ -93,6 +93,9 @@ class WorkerSettings(_Model):
     # A GPU cordoned for its health (an XID, ECC errors, fallen off the bus) is uncordoned once it has looked healthy
     # this long; None: only an operator uncordons it (gpufleet gpus uncordon).
     auto_uncordon_s: float | None = Field(None, gt=0)
+    # A task that needs several GPUs and finds some busy lets one-GPU tasks backfill them this long; then it reserves
+    # them: they take no new task until it has them all (see gpufleet.worker.holds).
+    reserve_after_s: float = Field(30.0, ge=0, le=3600)
 
     @field_validator("pools")
     @classmethod

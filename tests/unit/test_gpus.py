@@ -17,7 +17,7 @@ from gpufleet.functions import Gpu
 from gpufleet.scheduling.estimate import has_room
 from gpufleet.scheduling.gpumodels import model_of
 from gpufleet.worker.gpus import Device, GpuInfo, GpuMemory, Sampler, discover
-from gpufleet.worker.supervisor import plan_slots
+from gpufleet.worker.slots import plan_slots
 
 CONFIG = Path(__file__).parents[2] / "config" / "fleet.yaml"
 
@@ -57,6 +57,28 @@ def test_one_pinned_slot_per_gpu_consuming_its_model_queues(fake_gpus: FakeGpus)
     functions = [f"gpufleet.default.any.{name}" for name in fleet.functions]
     assert slots[0].queues == [*functions, "gpufleet.default.h100", "gpufleet.default.any"]
     assert slots[1].queues == [*functions, "gpufleet.default.a100", "gpufleet.default.any"]
+
+
+def test_a_host_runs_a_worker_per_aligned_group_of_gpus_for_the_functions_that_need_several(
+    fake_gpus: FakeGpus, tmp_path: Path
+) -> None:
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"functions: [{Path(__file__).parents[1] / 'functions_gpus'}]\ntriggers: []\n")
+    fleet = load_fleet(config, env={})
+    for _ in range(5):
+        fake_gpus.add("NVIDIA H100 80GB HBM3")
+    slots = plan_slots(fleet, discover(fakenvml))
+    assert [s.name for s in slots] == ["gpu0", "gpu1", "gpu2", "gpu3", "gpu4", "gpu0-1", "gpu2-3"]  # 4 is alone
+    assert [s.holds for s in slots] == [(0,), (1,), (2,), (3,), (), (0, 1), (2, 3)]  # gpu4 shares with nobody
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots[5:]] == ["0,1", "2,3"]
+    assert slots[5].env["GPUFLEET_GPUS"] == "gpu0,gpu1" and slots[5].queues == ["gpufleet.default.any.pair"]
+    assert "gpufleet.default.any.pair" not in slots[0].queues and "gpufleet.default.any.single" in slots[0].queues
+
+
+@pytest.mark.parametrize("count", [0, 3, 16, True])
+def test_a_task_needs_1_2_4_or_8_gpus(count: int) -> None:
+    with pytest.raises(ConfigError, match=r"gpu\.count"):
+        Gpu(count=count)
 
 
 def test_virtual_gpus_when_none_found() -> None:

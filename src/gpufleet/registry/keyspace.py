@@ -23,6 +23,8 @@ Key layout (prefix ``P``):
   per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
 - ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``, ``P:cordons``: the GPU inventory, the pool processes
   ready, each function's setup() per worker, a supervisor's heartbeat, the GPUs cordoned and why;
+- ``P:holds:{host}``: which worker holds each GPU of a host that serves a multi-GPU function (index -> worker), and
+  the reservations of the multi-GPU workers that wait (``r<index>``; gpufleet.worker.holds);
 - ``P:flows``, ``P:flow:{id}`` (with ``:lease`` and ``:state``), ``P:router``, ``P:parked``: the dispatcher's
   delivery flows, its router lease, and the records parked for good;
 - ``P:fit:{function}:{model}``: the largest batch that fitted the model's memory lately (gpufleet.worker.batchfit);
@@ -135,7 +137,7 @@ def parked_fields(
 # bookkeeping) and ``create`` (a task's creation), and only those. Redis runs a script's whole body at each call, so
 # each definition costs every call (a closure, a table): all 28 of helpers cost 26,000 instructions a call, as much
 # as ten HGETs. These stand alone: a lease, a flow, an index trim.
-_ALONE = ("lapse", "renew", "trim_index", "route", "lease_take", "flow_retire", "lease_release")
+_ALONE = ("lapse", "renew", "trim_index", "route", "lease_take", "flow_retire", "lease_release", "hold", "unhold")
 _SHARED = ("helpers", "create")
 _DEFINITION = re.compile(r"local (?:function )?(\w+)")
 _COMMENT = re.compile(r"--[^\n]*")
@@ -249,6 +251,9 @@ class Keyspace:
 
     def host(self, hostname: str) -> str:
         return f"{self.prefix}:host:{hostname}"
+
+    def holds(self, hostname: str) -> str:
+        return f"{self.prefix}:holds:{hostname}"
 
     def poll(self, trigger: str) -> str:
         return f"{self.prefix}:poll:{trigger}"

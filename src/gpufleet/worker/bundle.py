@@ -23,6 +23,7 @@ from gpufleet.registry.store import Registry
 from gpufleet.registry.tally import Tally
 from gpufleet.worker.batchfit import BatchFit
 from gpufleet.worker.gpus import Device, load_nvml
+from gpufleet.worker.holds import Holds
 from gpufleet.worker.lease import LeaseKeeper
 from gpufleet.worker.scratch import default_root, open_root
 from gpufleet.worker.warmup import Setups
@@ -36,9 +37,19 @@ class ProcessBundle:
     cancel for ``cancel_grace_s`` (the attempt runner sets it)."""
 
     def __init__(
-        self, fleet: Fleet, worker_name: str, gpu: str, slot: SharedSlot | None = None, device: str = ""
+        self,
+        fleet: Fleet,
+        worker_name: str,
+        gpu: str,
+        slot: SharedSlot | None = None,
+        device: str = "",
+        holds_on: tuple[int, ...] = (),
     ) -> None:
         self.fleet = fleet
+        # The indices of the host's GPUs this process runs on, where another worker shares them (see holds): one
+        # entry per GPU a task here holds.
+        self.holds_on = holds_on
+        self.gpu_count = max(1, len(holds_on))
         self.worker_name = worker_name
         self.gpu = gpu
         self.gpu_model = gpu.partition(":")[2] or "virtual"  # the label is <slot>:<model>, e.g. gpu0:H100
@@ -55,7 +66,13 @@ class ProcessBundle:
 
     def fresh(self) -> ProcessBundle:
         """The same process identity with no client made yet: a forked pool process's own."""
-        return ProcessBundle(self.fleet, self.worker_name, self.gpu, self.slot, self.device_uuid)
+        return ProcessBundle(self.fleet, self.worker_name, self.gpu, self.slot, self.device_uuid, self.holds_on)
+
+    @functools.cached_property
+    def holds(self) -> Holds:
+        """The GPUs this process holds to run a task, where another worker shares them (see holds)."""
+        reserve = self.fleet.settings.worker.reserve_after_s
+        return Holds(self.registry.client, self.registry.keys, self.host, self.worker_name, self.holds_on, reserve)
 
     def check_scratch(self) -> None:
         """Create the scratch root (0700) or check an existing one, so that a root another user owns stops the

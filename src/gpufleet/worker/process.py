@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu", required=True, help="label recorded with each task, e.g. gpu0:H100")
     parser.add_argument("--queues", required=True, help="comma-separated queue names")
     parser.add_argument("--device", default="", help="the GPU's NVML UUID; empty for a virtual GPU")
+    parser.add_argument("--holds", default="", help="comma-separated indices of the GPUs it holds to run a task")
     args = parser.parse_args(argv)
 
     fleet = load_fleet(args.config)
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_celery(fleet.settings.logging.format == "json")
     queues = args.queues.split(",")
     slot = SharedSlot()  # before the pool forks: the pool process inherits it
-    runtime = Runtime(fleet, f"{args.name}@{fleet.settings.worker.hostname}", args.gpu, queues, slot, args.device)
+    holds = tuple(int(i) for i in args.holds.split(",") if i)
+    worker = f"{args.name}@{fleet.settings.worker.hostname}"
+    runtime = Runtime(fleet, worker, args.gpu, queues, slot, args.device, holds)
     runtime.bundle.check_scratch()  # here, in the parent: a pool child that raised at boot would be restarted in a loop
     app = create_app(fleet, runtime)
     app.steps["consumer"].add(_prompt_step())

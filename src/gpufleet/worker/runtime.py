@@ -56,6 +56,7 @@ class Runtime:
         queues: list[str] | None = None,
         slot: SharedSlot | None = None,
         device: str = "",
+        holds_on: tuple[int, ...] = (),
     ) -> None:
         self.fleet = fleet
         self.queues = queues or []  # the Celery queues this worker reads, in its order
@@ -63,7 +64,7 @@ class Runtime:
         prefix = fleet.settings.redis.key_prefix
         # Each function's queue -> the function (the pool and model queues of older releases have none).
         self._queue_fn = {q: parsed[2] for q in self.queues if (parsed := parse_queue(prefix, q)) and parsed[2]}
-        self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device)
+        self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device, holds_on)
         self.attempts = Attempts(self.bundle)
         self.room = Room(self.bundle)
         self._ahead: Ahead | None = None
@@ -106,6 +107,10 @@ class Runtime:
             except REDIS_ERRORS:  # their leases lapse anyway, later
                 log.warning("cannot hand back the tasks of the process this one replaces", exc_info=True)
         self.slot.own(process_owner(self.bundle.host, os.getpid()))
+        try:  # what the process this one replaces held of its GPUs (see holds)
+            self.bundle.holds.release(always=True)
+        except REDIS_ERRORS:
+            log.warning("cannot let go of the GPUs the process this one replaces held", exc_info=True)
         # Warm every function now, so the first task does not pay for loading a model; the fleet sees how it went.
         self.bundle.setups.warm_up(self.fleet.functions.values())
         try:  # ready: the supervisor's inventory shows it, and the scaling figure stops counting it as starting
@@ -129,6 +134,9 @@ class Runtime:
         written: Outcomes | None = None  # the last run's outcomes, for the helper to write
         try:
             while item is not None:
+                if not self._hold(item):  # another worker has one of its GPUs: the task went back
+                    item = self._wait(until)
+                    continue
                 claim_in = self._claim_in(item.function) if self._more(until) else None
                 if written is not None or claim_in is not None:
                     self.ahead.send(written, claim_in is not None, self._ran, claim_in or 0.0)
@@ -152,6 +160,7 @@ class Runtime:
             if left is not None:
                 self._give_back(left)
             self.slot.disarm()
+            self._let_go()
 
     def _wait(self, until: float) -> Item | None:
         """Idle, within ``DRAIN_S``: wait on the queues' lists for the next message (:meth:`Registry.wait_claim`),
@@ -165,6 +174,13 @@ class Runtime:
             # once its pause is over (see _not_ready). Waiting here, on the other queues, would wait out DRAIN_S.
             return None
         while self._more(until):
+            if self.bundle.holds.shared:
+                waits, item = self._idle_shared()
+                if item is not None:
+                    return item
+                if waits:
+                    time.sleep(min(WAIT_SLICE_S, max(0.0, until - time.monotonic())))
+                    continue
             lists = [priority_list(q, p) for p in reversed(PRIORITY_STEPS) for q in self._turn()]
             if not lists:  # no room for any of its functions now: look again in a moment, not at Celery's pace
                 time.sleep(min(WAIT_SLICE_S, max(0.0, until - time.monotonic())))
@@ -180,6 +196,36 @@ class Runtime:
             if items:
                 return items[0]
         return None
+
+    def _hold(self, item: Item) -> bool:
+        """Hold this worker's GPUs for ``item`` (see :mod:`gpufleet.worker.holds`), or give it back, unstarted and
+        uncounted: another worker has one of them, or is owed it."""
+        try:
+            if self.bundle.holds.take():
+                return True
+        except REDIS_ERRORS:
+            log.warning("cannot take this worker's GPUs in Redis; the task goes back", exc_info=True)
+        self._give_back(item)
+        return False
+
+    def _idle_shared(self) -> tuple[bool, Item | None]:
+        """Idle on GPUs that another worker shares: let them go. A multi-GPU worker whose task waits takes them all,
+        or reserves them, and claims it: (True, the task), or (True, None) to look again in a moment; (False, None)
+        for a worker that waits on its queues as any."""
+        holds = self.bundle.holds
+        self._let_go()
+        if not (holds.gang and holds.waiting(self.queues)):
+            return False, None
+        item = self._next(None) if holds.take() else None
+        if item is None:
+            self._let_go()
+        return True, item
+
+    def _let_go(self) -> None:
+        try:
+            self.bundle.holds.release()
+        except REDIS_ERRORS:  # its replacement, or this process's next release, lets go
+            log.warning("cannot let go of this worker's GPUs in Redis", exc_info=True)
 
     def _claim_in(self, function: str) -> float | None:
         """When the helper thread claims the next task while ``function`` runs: seconds after it starts (0 for at
@@ -229,6 +275,8 @@ class Runtime:
         """This worker's queues, in the order to read them this time (they take turns being first), less those of a
         function whose setup() failed here or that its GPU has no room for now (and, while any is left out, the pool
         and model queues of older releases, which may hold any function's task: Celery still reads them)."""
+        if self.bundle.holds.yielding():  # a multi-GPU task has (or is owed) one of its GPUs: nothing new
+            return []
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
         left_out = self.bundle.setups.failed.keys() | self.room.short()

@@ -27,28 +27,25 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
-import psutil
 import structlog
 
 from gpufleet.config import Fleet
 from gpufleet.control.plane import ControlPlane
 from gpufleet.credentials import redact_url
 from gpufleet.errors import ConfigError, unreachable_hint
-from gpufleet.functions import Function
 from gpufleet.registry import inventory
 from gpufleet.registry.keyspace import Keyspace
-from gpufleet.registry.messages import queue_name
 from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.registry.store import Registry
 from gpufleet.retry import retry_until
 from gpufleet.roles import PARENT_ENV
 from gpufleet.scheduling.placement import Placer
-from gpufleet.worker.gpus import GpuInfo, Sampler, discover, load_nvml, virtual_gpus
+from gpufleet.worker.gpus import GpuInfo, Sampler, discover, load_nvml
 from gpufleet.worker.health import Health
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.lost import LostMessages
+from gpufleet.worker.slots import Slot, own_pids, plan_slots, slot_health
 
 log = structlog.get_logger("gpufleet.supervisor")
 INVENTORY_EVERY_S = 2.0
@@ -56,70 +53,6 @@ INVENTORY_EVERY_S = 2.0
 # restarted after a crash waits at most this long for its own old claim.
 HOST_CLAIM_S = 5.0
 TRIM_EVERY_S = 60.0
-
-
-@dataclass
-class Slot:
-    gpu: GpuInfo
-    queues: list[str]
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0  # in a row, for the backoff
-    restarts_total: int = 0  # since this supervisor started, for gpufleet_worker_restarts_total
-    next_start: float = 0.0
-    started_at: float = field(default=0.0)
-    cordoned: bool = False  # its GPU takes no task: its worker is stopped (see Supervisor._tend)
-    healthy_since: float | None = None  # monotonic: since when its GPU has looked healthy
-
-    @property
-    def name(self) -> str:
-        return self.gpu.label
-
-
-def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
-    """One slot per GPU; the virtual ones when NVML found none. A GPU smaller than a function's ``memory_gb`` does
-    not read its queues (a virtual GPU's memory is unknown: it reads them)."""
-    s = fleet.settings
-    if not gpus:
-        gpus = virtual_gpus(s.worker.virtual_gpus, s.worker.gpu_model)
-    slots = []
-    prefix = s.redis.key_prefix
-    for gpu in gpus:
-        queues = []
-        for pool in s.worker.pools:
-            for fn in fleet.functions.values():
-                if not fits(fn, gpu):
-                    continue
-                if pool in fn.gpu.pools and fn.gpu.model.lower() in ("any", gpu.model.lower()):
-                    # The function's queue, which any version serves, and its own version's (no-op for $LATEST).
-                    queues += [
-                        queue_name(prefix, pool, fn.gpu.model, fn.name),
-                        queue_name(prefix, pool, fn.gpu.model, fn.name, fn.version),
-                    ]
-            queues += [queue_name(prefix, pool, gpu.model), queue_name(prefix, pool, "any")]
-        env = {"CUDA_VISIBLE_DEVICES": "" if gpu.virtual else str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        slots.append(Slot(gpu=gpu, queues=list(dict.fromkeys(queues)), env=env))
-    return slots
-
-
-def fits(fn: Function, gpu: GpuInfo) -> bool:
-    """Whether ``gpu`` is big enough for ``fn`` at all (its memory when empty)."""
-    need = fn.gpu.memory_mb
-    if need is None or gpu.virtual or gpu.memory_mb >= need:
-        return True
-    log.info("GPU too small for a function: not reading its queues", gpu=gpu.label, memory_mb=gpu.memory_mb,
-             function=fn.name, needs_mb=need)  # fmt: skip
-    return False
-
-
-def own_pids(proc: subprocess.Popen[bytes] | None) -> set[int]:
-    """A slot's worker process and its pool process: the memory they hold on its GPU is the worker's own."""
-    if proc is None or proc.poll() is not None:
-        return set()
-    try:
-        return {proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))}
-    except psutil.Error:  # gone meanwhile
-        return {proc.pid}
 
 
 class Supervisor:
@@ -154,6 +87,8 @@ class Supervisor:
             ",".join(slot.queues),
             "--device",
             "" if slot.gpu.virtual else slot.gpu.uuid,
+            "--holds",
+            ",".join(str(i) for i in slot.holds),
         ]
         env = {**os.environ, **slot.env, PARENT_ENV: str(os.getpid())}
         # Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the slots in order.
@@ -174,6 +109,8 @@ class Supervisor:
             return
         if stop.is_set():
             return
+        # No process of this host runs yet: what its GPUs' holds say is from before (see gpufleet.worker.holds).
+        self.registry.client.delete(self.registry.keys.holds(self.fleet.settings.worker.hostname))
         fenced = inventory.cordons(self.registry)
         for slot in self.slots:
             # A GPU cordoned before this supervisor started takes nothing, not even for a round.
@@ -199,7 +136,7 @@ class Supervisor:
                 self.lost.tick()
                 self.control.expire_due()
                 if now >= next_inventory:
-                    healths = self.sampler.health([slot.gpu for slot in self.slots])
+                    healths = self.sampler.health([slot.gpu for slot in self.slots if not slot.gang])
                     self._tend(healths)
                     inventory.publish_gpus(self.registry, self.inventory(healths))
                     next_inventory = now + INVENTORY_EVERY_S
@@ -255,7 +192,7 @@ class Supervisor:
         for slot in self.slots:
             worker = f"{slot.name}@{host}"
             alive = slot.proc is not None and slot.proc.poll() is None
-            health = (healths or {}).get(slot.gpu.label, Health())
+            health = slot_health(slot, healths or {})
             out[worker] = {
                 "worker": worker,
                 "host": host,
@@ -283,8 +220,10 @@ class Supervisor:
         now = time.monotonic()
         for slot in self.slots:
             worker = f"{slot.name}@{host}"
-            health = healths.get(slot.gpu.label, Health())
-            cordon = fenced.get(worker)
+            health = slot_health(slot, healths)
+            # A worker of several GPUs is cordoned with any of them.
+            cordon = next((c for g in slot.gpus if (c := fenced.get(f"{g.label}@{host}"))), None) if slot.gang else None
+            cordon = fenced.get(worker) or cordon
             alive = slot.proc is not None and slot.proc.poll() is None
             if health.broken:
                 slot.healthy_since = None

@@ -1,0 +1,99 @@
+"""Tasks of two GPUs beside tasks of one, on a host of 3 virtual GPUs, with real worker processes and real Redis:
+a 2-GPU task runs in a process that sees both of its GPUs, takes them at once or not at all, lets 1-GPU tasks
+backfill them while it waits and then reserves them, and no GPU ever runs two tasks at a time, kills included."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gpufleet.control.plane import ControlPlane
+from tests.harness import FleetHarness
+from tests.integration.test_engine import finished
+
+FUNCTIONS = Path(__file__).parents[1] / "functions_gpus"  # a folder of its own: other fleets have no 2-GPU function
+
+
+def host(h: FleetHarness) -> str:
+    return f"trio-{h.prefix}"  # the runs' list is the host's: tests run side by side on one Redis
+
+
+def three_gpus(h: FleetHarness, **worker: object) -> ControlPlane:
+    h.write_config(functions=[str(FUNCTIONS)])
+    h.start_host(host(h), ["default"], virtual_gpus=3, **worker)
+    cp = ControlPlane(h.fleet())
+    h.wait_for(lambda: len([g for g in cp.gpus() if g["up"]]) == 4, what="3 GPU workers and the pair's up")
+    return cp
+
+
+def runs(h: FleetHarness) -> list[tuple[set[str], float, float, str]]:
+    """Every finished run: (its GPUs, start, end, task id)."""
+    out = []
+    for raw in h.redis.lrange(f"occupied:{host(h)}", 0, -1):
+        gpus, start, end, task = raw.decode().split()
+        out.append((set(gpus.split(",")), float(start), float(end), task))
+    return out
+
+
+def assert_no_gpu_ran_two_at_once(h: FleetHarness) -> None:
+    done = sorted(runs(h), key=lambda r: r[1])
+    for i, (gpus, _, end, task) in enumerate(done):
+        for other, start, _, other_task in done[i + 1 :]:
+            if start >= end:
+                break
+            assert not gpus & other, f"{task} and {other_task} overlapped on {gpus & other}"
+
+
+def test_a_two_gpu_task_sees_both_its_gpus_and_shares_them_with_one_gpu_tasks(harness: FleetHarness) -> None:
+    cp = three_gpus(harness)
+    pairs = [cp.invoke("pair", {"seconds": 0.3}).id for _ in range(4)]
+    singles = [cp.invoke("single", {"seconds": 0.2}).id for _ in range(9)]
+    done = finished(harness, cp, pairs + singles)
+    assert {d["state"] for d in done} == {"SUCCEEDED"}
+    for d in done[:4]:
+        assert d["result"]["worker"] == f"vgpu0-1@{host(harness)}" and d["result"]["gpus"] == ["vgpu0", "vgpu1"], d
+        assert d["attempts"] == 1 and d["usage"]["gpu_seconds"] >= 2 * 0.3  # two GPUs held
+    assert {d["result"]["worker"] for d in done[4:]} <= {f"vgpu{i}@{host(harness)}" for i in range(3)}
+    assert_no_gpu_ran_two_at_once(harness)
+    assert all(harness.runs(t) == 1 for t in pairs + singles)
+
+
+def test_a_waiting_two_gpu_task_is_backfilled_then_reserves_its_gpus(harness: FleetHarness) -> None:
+    cp = three_gpus(harness, reserve_after_s=1)
+    first = [cp.invoke("single", {"seconds": 0.3}).id for _ in range(3)]
+    harness.wait_for(lambda: all(harness.runs(t) for t in first), what="every GPU busy")
+    big = cp.invoke("pair", {"seconds": 0.3}).id
+    flood = [cp.invoke("single", {"seconds": 0.3}).id for _ in range(45)]  # 4.5 s of work for 3 GPUs
+    done = {d["id"]: d for d in finished(harness, cp, [*first, big, *flood], timeout_s=60)}
+    assert {d["state"] for d in done.values()} == {"SUCCEEDED"}
+    started = {task: start for _, start, _, task in runs(harness)}
+    # Backfilled: 1-GPU tasks ran on its GPUs while it waited; reserved: it ran well before the flood was done.
+    before = [t for t in flood if started[t] < started[big]]
+    assert before and started[big] < max(started[t] for t in flood) - 1.0, (len(before), len(flood))
+    assert_no_gpu_ran_two_at_once(harness)
+
+
+@pytest.mark.parametrize("victim", ["vgpu0-1", "vgpu1"])
+def test_a_worker_killed_with_its_gpus_held_lets_them_go_and_nothing_is_lost(
+    harness: FleetHarness, victim: str
+) -> None:
+    cp = three_gpus(harness)
+    blockers = [cp.invoke("pair", {"seconds": 30}).id] if victim == "vgpu0-1" else []
+    blockers += [cp.invoke("single", {"seconds": 30}).id for _ in range(3 if victim == "vgpu1" else 0)]
+    harness.wait_for(lambda: all(harness.runs(b) == 1 for b in blockers), what="the blockers running")
+    held = {cp.status(b)["worker"] for b in blockers}
+    assert f"{victim}@{host(harness)}" in held, held
+    pid = next(g["pid"] for g in cp.gpus() if g["worker"] == f"{victim}@{host(harness)}")
+    for child in psutil.Process(pid).children(recursive=True):
+        os.kill(child.pid, signal.SIGKILL)  # the pool process, mid-task, holding its GPUs
+    for b in blockers:
+        cp.cancel(b)  # the killed one runs again on the replacement: cancelled there
+    rest = [cp.invoke("pair", {"seconds": 0.2}).id for _ in range(2)]
+    rest += [cp.invoke("single", {"seconds": 0.2}).id for _ in range(4)]
+    done = finished(harness, cp, rest, timeout_s=60)
+    assert {d["state"] for d in done} == {"SUCCEEDED"}
+    assert_no_gpu_ran_two_at_once(harness)
