@@ -126,3 +126,16 @@ def test_offsets_are_committed_in_intervals_while_messages_come_and_at_once_when
         thread.join(timeout=30)
     assert trigger.stats["published"] == n
     assert 1 <= len(commits) < len(batches), f"{len(commits)} commits for {len(batches)} batches: {commits}"
+
+
+def test_a_trigger_reads_the_topics_metadata_again_within_seconds(harness: FleetHarness) -> None:
+    """A trigger that joined its group while its topic was being created got no partition ("No partition metadata
+    for topic", seen in a demo run under load) and, at kafka-python's default, stayed idle for 5 minutes. The race
+    itself is a matter of milliseconds in the broker; what bounds its cost is how soon the consumer looks again."""
+    harness.write_config()
+    fleet = harness.fleet()
+    consumer = KafkaTrigger(fleet, fleet.triggers["requests"])._consumer()
+    try:
+        assert consumer.config["metadata_max_age_ms"] <= 5000
+    finally:
+        consumer.close()

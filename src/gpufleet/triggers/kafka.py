@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gpufleet.trigger.kafka")
 AHEAD = 2  # batches left in Redis's hands while the next is polled and parsed
+METADATA_MAX_AGE_MS = 5000  # how soon a trigger sees a topic created after it started
 
 
 class KafkaSettings(TriggerSettings):
@@ -72,6 +73,10 @@ class KafkaTrigger(SourceTrigger[KafkaSettings]):
                 heartbeat_interval_ms=k.heartbeat_interval_ms,
                 fetch_max_wait_ms=k.fetch_max_wait_ms,
                 request_timeout_ms=max(k.request_timeout_ms, k.session_timeout_ms + 5000),
+                # A topic created after the trigger joined its group (the first producer makes it) gets partitions
+                # only when the consumer reads the metadata again: kafka-python's 5 minutes left such a trigger idle
+                # that long ("No partition metadata for topic").
+                metadata_max_age_ms=METADATA_MAX_AGE_MS,
             )
         except (KafkaTimeoutError, KafkaConnectionError) as exc:  # no broker answered: one line that says what to check
             hint = unreachable_hint("Kafka", "kafka.bootstrap_servers")
