@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -74,6 +75,27 @@ def test_a_waiting_two_gpu_task_is_backfilled_then_reserves_its_gpus(harness: Fl
     # Backfilled: 1-GPU tasks ran on its GPUs while it waited; reserved: it ran well before the flood was done.
     before = [t for t in flood if started[t] < started[big]]
     assert before and started[big] < max(started[t] for t in flood) - 1.0, (len(before), len(flood))
+    assert_no_gpu_ran_two_at_once(harness)
+
+
+def test_one_waiting_two_gpu_task_reserves_one_pair_of_gpus_not_every_pair(harness: FleetHarness) -> None:
+    harness.write_config(functions=[str(FUNCTIONS)])
+    harness.start_host(host(harness), ["default"], virtual_gpus=4, reserve_after_s=1)
+    cp = ControlPlane(harness.fleet())
+    harness.wait_for(lambda: len([g for g in cp.gpus() if g["up"]]) == 6, what="4 GPU workers and 2 pairs' up")
+    first = [cp.invoke("single", {"seconds": 1}).id for _ in range(4)]
+    harness.wait_for(lambda: all(harness.runs(t) for t in first), what="every GPU busy")
+    big = cp.invoke("pair", {"seconds": 0.2}).id
+    flood = [cp.invoke("single", {"seconds": 1}).id for _ in range(12)]
+    key, reserving = f"{harness.prefix}:holds:{host(harness)}", []
+    while not harness.runs(big):  # who reserves GPUs while it waits: its pair's worker, not the other pair's too
+        now = time.time()
+        fields = {k.decode(): v.decode().split() for k, v in harness.redis.hgetall(key).items()}
+        reserving.append({v[0] for k, v in fields.items() if k.startswith("r") and now - float(v[2]) < 2})
+        time.sleep(0.05)
+    assert max(len(r) for r in reserving) == 1, reserving
+    done = finished(harness, cp, [*first, big, *flood], timeout_s=60)
+    assert {d["state"] for d in done} == {"SUCCEEDED"}
     assert_no_gpu_ran_two_at_once(harness)
 
 

@@ -24,7 +24,8 @@ Key layout (prefix ``P``):
 - ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``, ``P:cordons``: the GPU inventory, the pool processes
   ready, each function's setup() per worker, a supervisor's heartbeat, the GPUs cordoned and why;
 - ``P:holds:{host}``: which worker holds each GPU of a host that serves a multi-GPU function (index -> worker), and
-  the reservations of the multi-GPU workers that wait (``r<index>``; gpufleet.worker.holds);
+  the reservations of the multi-GPU workers that wait (``r<index>``), and ``P:tickets:{queue}``, which of those
+  workers may reserve (as many as tasks wait there; gpufleet.worker.holds);
 - ``P:flows``, ``P:flow:{id}`` (with ``:lease`` and ``:state``), ``P:router``, ``P:parked``: the dispatcher's
   delivery flows, its router lease, and the records parked for good;
 - ``P:fit:{function}:{model}``: the largest batch that fitted the model's memory lately (gpufleet.worker.batchfit);
@@ -254,6 +255,9 @@ class Keyspace:
 
     def holds(self, hostname: str) -> str:
         return f"{self.prefix}:holds:{hostname}"
+
+    def tickets(self, queue: str) -> str:
+        return f"{self.prefix}:tickets:{queue}"
 
     def poll(self, trigger: str) -> str:
         return f"{self.prefix}:poll:{trigger}"

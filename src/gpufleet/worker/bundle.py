@@ -17,6 +17,7 @@ import structlog
 
 from gpufleet.aws import ObjectStore
 from gpufleet.config import Fleet
+from gpufleet.functions import MIG_SLICES
 from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import Envelopes, MessageFactory
 from gpufleet.registry.store import Registry
@@ -44,15 +45,18 @@ class ProcessBundle:
         slot: SharedSlot | None = None,
         device: str = "",
         holds_on: tuple[int, ...] = (),
+        queues: list[str] | None = None,
     ) -> None:
         self.fleet = fleet
         # The indices of the host's GPUs this process runs on, where another worker shares them (see holds): one
         # entry per GPU a task here holds.
         self.holds_on = holds_on
         self.gpu_count = max(1, len(holds_on))
+        self.queues = queues or []  # the queues this process reads
         self.worker_name = worker_name
         self.gpu = gpu
-        self.gpu_model = gpu.partition(":")[2] or "virtual"  # the label is <slot>:<model>, e.g. gpu0:H100
+        # The label is <slot>:<model>, e.g. gpu0:H100, or gpu0.mig3:H100:1g.10gb for a MIG instance.
+        self.gpu_model = gpu.partition(":")[2] or "virtual"
         self.device_uuid = device  # NVML's UUID of the GPU; "" for a virtual one
         self.slot = slot or SharedSlot()  # shared with the parent process, which watches it (see watchdog)
         worker = fleet.settings.worker
@@ -66,13 +70,16 @@ class ProcessBundle:
 
     def fresh(self) -> ProcessBundle:
         """The same process identity with no client made yet: a forked pool process's own."""
-        return ProcessBundle(self.fleet, self.worker_name, self.gpu, self.slot, self.device_uuid, self.holds_on)
+        return ProcessBundle(
+            self.fleet, self.worker_name, self.gpu, self.slot, self.device_uuid, self.holds_on, self.queues
+        )
 
     @functools.cached_property
     def holds(self) -> Holds:
         """The GPUs this process holds to run a task, where another worker shares them (see holds)."""
         reserve = self.fleet.settings.worker.reserve_after_s
-        return Holds(self.registry.client, self.registry.keys, self.host, self.worker_name, self.holds_on, reserve)
+        client, keys = self.registry.client, self.registry.keys
+        return Holds(client, keys, self.host, self.worker_name, self.holds_on, reserve, self.queues)
 
     def check_scratch(self) -> None:
         """Create the scratch root (0700) or check an existing one, so that a root another user owns stops the
@@ -94,9 +101,12 @@ class ProcessBundle:
 
     @functools.cached_property
     def gpu_hour_price(self) -> float | None:
-        """What one hour of this GPU costs (``worker.gpu_hour_price``, by model), or None."""
+        """What one hour of this GPU costs (``worker.gpu_hour_price``, by model), or None. A MIG instance costs its
+        share of its GPU's compute slices (``1g.10gb``: 1 of an H100's 7)."""
         prices = {model.lower(): price for model, price in self.fleet.settings.worker.gpu_hour_price.items()}
-        return prices.get(self.gpu_model.lower())
+        model, _, profile = self.gpu_model.lower().partition(":")
+        price = prices.get(model)
+        return price * int(profile.split("g.")[0]) / MIG_SLICES if price is not None and profile else price
 
     @functools.cached_property
     def batch_fit(self) -> BatchFit:

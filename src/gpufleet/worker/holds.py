@@ -8,7 +8,9 @@ each hold one and wait for the other. It lets them go when it has no task in han
 
 One-GPU tasks backfill the GPUs a waiting multi-GPU task cannot have yet. So that it is never starved, once it has
 waited ``worker.reserve_after_s`` it reserves them: their other workers finish the task they run and take no new one
-until it has them all. A reservation lapses once its worker stops asking (its queue is empty, or it died). A process
+until it has them all. Only as many multi-GPU workers reserve as there are tasks waiting for them, fleet-wide (a
+ticket each, ``P:tickets:<queue>``). A reservation lapses once its worker stops asking (its queue is empty, or it
+died). A process
 that dies holding GPUs is replaced under its name, and the replacement lets them go first; a supervisor that starts
 clears its host's holds, as none of its processes runs yet.
 
@@ -30,10 +32,18 @@ class Holds:
     """The GPUs one worker process must hold to run a task: none when no multi-GPU worker shares them."""
 
     def __init__(
-        self, client: Any, keys: Keyspace, host: str, worker: str, indices: tuple[int, ...], reserve_after_s: float
+        self,
+        client: Any,
+        keys: Keyspace,
+        host: str,
+        worker: str,
+        indices: tuple[int, ...],
+        reserve_after_s: float,
+        queues: list[str] | None = None,
     ) -> None:
         self.client, self.keys, self.worker, self.indices = client, keys, worker, indices
         self.key = keys.holds(host)
+        self.queues = queues or []  # a multi-GPU worker's: the tasks that wait there are what it reserves for
         self.reserve_after_s = reserve_after_s
         self.held = False
         self._hold = client.register_script(script("hold"))
@@ -49,11 +59,13 @@ class Holds:
         """Whether this worker needs several GPUs: it reserves them while it waits."""
         return len(self.indices) > 1
 
-    def take(self) -> bool:
-        """Hold every GPU of this worker, or none (then a multi-GPU worker reserves them; see ``hold.lua``)."""
+    def take(self, waiting: int = 1) -> bool:
+        """Hold every GPU of this worker, or none: then a multi-GPU worker reserves them, if fewer of its kind do
+        than the ``waiting`` tasks of its queues (see ``hold.lua``)."""
         if not self.indices or self.held:
             return True
-        args = [time.time(), self.worker, self.reserve_after_s, STALE_S, *self.indices]
+        tickets = self.keys.tickets(self.queues[0]) if self.gang and self.queues else ""
+        args = [time.time(), self.worker, self.reserve_after_s, STALE_S, tickets, waiting, *self.indices]
         self.held = bool(self._hold(keys=[self.key], args=args))
         if self.held:  # hold.lua found no other holder and no reservation owed
             self._looked = (time.monotonic(), False)
@@ -86,9 +98,9 @@ class Holds:
         who, since, seen = raw.decode().split()
         return who != self.worker and now - float(seen) < STALE_S and now - float(since) >= self.reserve_after_s
 
-    def waiting(self, queues: list[str]) -> bool:
-        """Whether a task waits in one of ``queues`` (a multi-GPU worker reserves its GPUs only for one)."""
+    def waiting(self) -> int:
+        """How many tasks wait in this worker's queues (a multi-GPU worker reserves its GPUs only for one)."""
         pipe = self.client.pipeline(transaction=False)
-        for queue in queues:
+        for queue in self.queues:
             pipe.zcard(self.keys.pending(queue))
-        return any(pipe.execute())
+        return sum(pipe.execute())

@@ -64,7 +64,7 @@ class Runtime:
         prefix = fleet.settings.redis.key_prefix
         # Each function's queue -> the function (the pool and model queues of older releases have none).
         self._queue_fn = {q: parsed[2] for q in self.queues if (parsed := parse_queue(prefix, q)) and parsed[2]}
-        self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device, holds_on)
+        self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device, holds_on, self.queues)
         self.attempts = Attempts(self.bundle)
         self.room = Room(self.bundle)
         self._ahead: Ahead | None = None
@@ -214,9 +214,10 @@ class Runtime:
         for a worker that waits on its queues as any."""
         holds = self.bundle.holds
         self._let_go()
-        if not (holds.gang and holds.waiting(self.queues)):
+        waiting = holds.waiting() if holds.gang else 0
+        if not waiting:
             return False, None
-        item = self._next(None) if holds.take() else None
+        item = self._next(None) if holds.take(waiting) else None
         if item is None:
             self._let_go()
         return True, item
