@@ -94,9 +94,22 @@ def inventory_rows(nvml: Any) -> list[Row]:
             f"{f['memory_total_mb']} MiB, {f['memory_free_mb']} free, {f['memory_others_mb']} held by others, "
             f"{f['utilization_pct']} % busy, {gpu.uuid}"
         )
-        rows.append((f"NVML: GPU {gpu.index}", f"{gpu.name}: {health}", detail))
+        where = f"NVML: GPU {gpu.index}" + (f", MIG instance {gpu.slice}" if gpu.mig else "")
+        rows.append((where, f"{gpu.name}: {health}", detail))
     sampler.close()
-    return rows
+    return [*rows, mig_row(gpus)]
+
+
+def mig_row(gpus: list[Any]) -> Row:
+    """The MIG mode found: gpufleet runs a worker per instance, and never changes the layout."""
+    instances: dict[int, list[str]] = {}
+    for gpu in gpus:
+        if gpu.mig:
+            instances.setdefault(gpu.index, []).append(gpu.mig)
+    if not instances:
+        return ("MIG mode", "off", "every GPU whole: a worker each")
+    found = "; ".join(f"GPU {i}: {len(p)} instances ({', '.join(sorted(set(p)))})" for i, p in instances.items())
+    return ("MIG mode", "on", f"{found}; a worker per instance, pinned by its MIG UUID")
 
 
 def spans(client: Any, side: str) -> dict[str, list[tuple[float, float]]]:

@@ -61,6 +61,8 @@ MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU ta
 MAX_OOM_RETRIES = 10
 MAX_GPU_GB = 4096  # a typo's bound, not a GPU's: the largest today hold under 300 GiB
 GPU_COUNTS = (1, 2, 4, 8)  # GPUs per task: the aligned groups a host's GPUs split into
+MIG_PROFILE_RE = re.compile(r"[1-7]g\.\d+gb(?:\+\w+)?")  # NVIDIA's MIG profile names: 1g.10gb, 3g.40gb, 1g.10gb+me
+MIG_SLICES = 7  # compute slices of an A100's or H100's: a profile's "<n>g" is n of them
 
 
 # (event, ctx) -> result; a batch function's is (list of events, BatchContext) -> list of results, in order.
@@ -105,6 +107,9 @@ class Gpu:
         memory_gb: the GPU memory one task needs, its model included (GiB). A GPU smaller than this never serves the
             function; one whose free memory (with what its worker holds already) is less takes none of its tasks until
             it has room; a task no GPU of the fleet can hold is refused at intake (``gpu_memory``). None: any GPU.
+            A MIG instance serves a function that names its memory and fits in it, as well as those of its profile.
+        mig: a MIG profile (``1g.10gb``, ``3g.40gb``): the function runs on MIG instances of that profile alone.
+            "": on whole GPUs (or on a MIG instance its ``memory_gb`` fits).
     """
 
     count: int = 1
@@ -112,10 +117,17 @@ class Gpu:
     pools: tuple[str, ...] = ("default",)
     max_queue_wait_s: float | None = None
     memory_gb: float | None = None
+    mig: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or self.count not in GPU_COUNTS:
             raise ConfigError(f"count={self.count!r}", key="gpu.count", fix="GPUs per task: 1, 2, 4 or 8")
+        if self.mig and (not MIG_PROFILE_RE.fullmatch(self.mig) or self.count != 1):
+            raise ConfigError(
+                f"mig={self.mig!r}" + (f" with count={self.count}" if self.count != 1 else ""),
+                key="gpu.mig",
+                fix="a MIG profile as nvidia-smi names it (1g.10gb, 3g.40gb), for a task of one instance",
+            )
         object.__setattr__(self, "model", check_model(self.model, "gpu.model"))  # frozen: normalised once, here
         if not self.pools:
             raise ConfigError("a function needs at least one pool", key="gpu.pools", fix="e.g. pools=('default',)")

@@ -75,6 +75,29 @@ def test_a_host_runs_a_worker_per_aligned_group_of_gpus_for_the_functions_that_n
     assert "gpufleet.default.any.pair" not in slots[0].queues and "gpufleet.default.any.single" in slots[0].queues
 
 
+def test_a_gpu_in_mig_mode_is_its_instances_each_a_worker_pinned_by_uuid(fake_gpus: FakeGpus, tmp_path: Path) -> None:
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    fake_gpus.add("NVIDIA H100 80GB HBM3")
+    uuids = fake_gpus.mig(0, ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"])
+    gpus = discover(fakenvml)
+    assert [(g.label, g.kind, g.memory_mb, g.uuid) for g in gpus] == [
+        ("gpu0.mig0", "H100:3g.40gb", 40960, uuids[0]), ("gpu0.mig1", "H100:2g.20gb", 20480, uuids[1]),
+        ("gpu0.mig2", "H100:1g.10gb", 10240, uuids[2]), ("gpu0.mig3", "H100:1g.10gb", 10240, uuids[3]),
+        ("gpu1", "H100", 81920, fake_gpus.uuid(1))]  # fmt: skip
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"functions: [{Path(__file__).parents[1] / 'functions_gpus'}]\ntriggers: []\n")
+    slots = plan_slots(load_fleet(config, env={}), gpus)
+    served = {s.name: sorted(q.rsplit(".", 1)[1] for q in s.queues if ".any." in q) for s in slots}
+    assert served == {
+        "gpu0.mig0": ["small"],
+        "gpu0.mig1": ["small"],  # 8 GiB fits; tiny is 1g.10gb's alone
+        "gpu0.mig2": ["small", "tiny"],
+        "gpu0.mig3": ["small", "tiny"],
+        "gpu1": ["single", "small"],
+    }  # fmt: skip  (a whole GPU: no MIG profile; no pair for one whole GPU)
+    assert slots[2].env["CUDA_VISIBLE_DEVICES"] == uuids[2] and slots[4].env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
 @pytest.mark.parametrize("count", [0, 3, 16, True])
 def test_a_task_needs_1_2_4_or_8_gpus(count: int) -> None:
     with pytest.raises(ConfigError, match=r"gpu\.count"):
@@ -215,15 +238,19 @@ def test_a_gpu_has_room_for_all_but_what_other_processes_hold() -> None:
 
 
 def test_the_fake_nvml_shows_a_gpu_in_mig_mode_with_its_instances(fake_gpus: FakeGpus) -> None:
-    """What the next issue (MIG) reads: the mode, and each instance's handle, UUID, name and memory."""
+    """What gpufleet reads of MIG: the mode, the most instances (7, as a real GPU says, though it has 2), and each
+    instance's handle, UUID, name and memory."""
     fake_gpus.add("NVIDIA A100-SXM4-80GB")
     uuids = fake_gpus.mig(0, ["3g.40gb", "2g.20gb"])
     fakenvml.nvmlInit()
     gpu = fakenvml.nvmlDeviceGetHandleByIndex(0)
-    assert fakenvml.nvmlDeviceGetMigMode(gpu) == [1, 1] and fakenvml.nvmlDeviceGetMaxMigDeviceCount(gpu) == 2
+    assert fakenvml.nvmlDeviceGetMigMode(gpu) == [1, 1] and fakenvml.nvmlDeviceGetMaxMigDeviceCount(gpu) == 7
     instances = [fakenvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, i) for i in range(2)]
     assert [fakenvml.nvmlDeviceGetUUID(h) for h in instances] == uuids
     assert fakenvml.nvmlDeviceGetMemoryInfo(instances[0]).total == 40 * 1024**3
     assert fakenvml.nvmlDeviceIsMigDeviceHandle(instances[1]) and not fakenvml.nvmlDeviceIsMigDeviceHandle(gpu)
+    with pytest.raises(fakenvml.NVMLError):
+        fakenvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, 2)  # no instance there
+    assert fakenvml.nvmlDeviceGetHandleByUUID(uuids[1]) == instances[1]
     fake_gpus.mig(0, [])
     assert fakenvml.nvmlDeviceGetMigMode(gpu) == [0, 0]

@@ -9,6 +9,7 @@ import pytest
 from gpufleet.config import load_fleet
 from gpufleet.control.usage import parse_since
 from gpufleet.errors import ConfigError, InvalidRequestError
+from gpufleet.worker.bundle import ProcessBundle
 
 CONFIG = Path(__file__).parents[2] / "config" / "fleet.yaml"
 
@@ -33,3 +34,6 @@ def test_prices_are_per_gpu_series_and_never_negative() -> None:
         with pytest.raises(ConfigError, match="gpu_hour_price") as err:
             load_fleet(CONFIG, env={"GPUFLEET_WORKER__GPU_HOUR_PRICE": bad})
         assert why in str(err.value)
+    bundle = ProcessBundle(fleet, "gpu0.mig2@h", "gpu0.mig2:H100:2g.20gb")
+    assert bundle.gpu_model == "H100:2g.20gb" and bundle.gpu_hour_price == pytest.approx(2.49 * 2 / 7)  # 2 slices of 7
+    assert ProcessBundle(fleet, "gpu1@h", "gpu1:L4").gpu_hour_price == 0.8

@@ -216,7 +216,7 @@ def _tasks(entry: dict[str, Any]) -> str | None:
 
 
 def _gpu_model(entry: dict[str, Any]) -> str:
-    model = str(entry.get("model") or entry.get("name") or "?")
+    model = str(entry.get("model") or entry.get("name") or "?") + (f":{entry['mig']}" if entry.get("mig") else "")
     return f"{model} (virtual)" if entry.get("virtual") else model
 
 

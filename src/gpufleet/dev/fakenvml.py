@@ -27,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 MB = 1024 * 1024
+NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_TIMEOUT = 10
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
@@ -35,6 +36,7 @@ NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
 NVML_VOLATILE_ECC = 0
 NVML_TEMPERATURE_GPU = 0
 NVML_ERROR_GPU_IS_LOST = 15
+MIG_MAX = 7  # an A100's or H100's most MIG instances
 
 
 class NVMLError(Exception):
@@ -87,11 +89,14 @@ def nvmlDeviceGetHandleByIndex(index: int) -> int:
     return index
 
 
-def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> int:
+def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> int | tuple[int, int]:
     wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
     for index, gpu in enumerate(_state()["gpus"]):
         if gpu["uuid"] == wanted:
             return index
+        for place, instance in enumerate(gpu.get("mig") or []):
+            if instance["uuid"] == wanted:
+                return index, place
     raise NVMLError(NVML_ERROR_NOT_FOUND)
 
 
@@ -110,8 +115,9 @@ def nvmlDeviceGetMemoryInfo(handle: int | tuple[int, int]) -> Any:
     return SimpleNamespace(total=total, used=used, free=total - used)
 
 
-def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[Any]:
-    return [SimpleNamespace(pid=int(p["pid"]), usedGpuMemory=int(p["used_mb"]) * MB) for p in _gpu(handle)["processes"]]
+def nvmlDeviceGetComputeRunningProcesses(handle: int | tuple[int, int]) -> list[Any]:
+    gpu = _mig(handle) if isinstance(handle, tuple) else _gpu(handle)
+    return [SimpleNamespace(pid=int(p["pid"]), usedGpuMemory=int(p["used_mb"]) * MB) for p in gpu["processes"]]
 
 
 def nvmlDeviceGetTotalEccErrors(handle: int, error_type: int, counter_type: int) -> int:
@@ -140,7 +146,7 @@ def nvmlDeviceGetMigMode(handle: int) -> list[int]:
 
 
 def nvmlDeviceGetMaxMigDeviceCount(handle: int) -> int:
-    return len(_gpu(handle).get("mig") or [])
+    return MIG_MAX if _gpu(handle).get("mig") else 0  # the most instances it could have, as a real GPU says
 
 
 def nvmlDeviceGetMigDeviceHandleByIndex(handle: int, index: int) -> tuple[int, int]:
@@ -182,7 +188,9 @@ def nvmlEventSetWait_v2(event_set: _EventSet, timeout_ms: int) -> Any:
     raise NVMLError(NVML_ERROR_TIMEOUT)
 
 
-def nvmlDeviceGetUtilizationRates(handle: int) -> Any:
+def nvmlDeviceGetUtilizationRates(handle: int | tuple[int, int]) -> Any:
+    if isinstance(handle, tuple):
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)  # none per MIG instance, as on a real GPU
     return SimpleNamespace(gpu=int(_gpu(handle).get("utilization", 0)), memory=0)
 
 
@@ -223,10 +231,10 @@ class FakeGpus:
     def uuid(self, index: int) -> str:
         return str(self.gpus[index]["uuid"])
 
-    def hold(self, index: int, mb: int, pid: int) -> None:
-        """Process ``pid`` holds ``mb`` MiB of GPU ``index`` (replacing what it held)."""
-        procs = [p for p in self.gpus[index]["processes"] if p["pid"] != pid]
-        self.gpus[index]["processes"] = [*procs, {"pid": pid, "used_mb": mb}]
+    def hold(self, index: int, mb: int, pid: int, instance: int | None = None) -> None:
+        """Process ``pid`` holds ``mb`` MiB of GPU ``index`` (of its MIG ``instance``), replacing what it held."""
+        where = self.gpus[index] if instance is None else self.gpus[index]["mig"][instance]
+        where["processes"] = [*(p for p in where["processes"] if p["pid"] != pid), {"pid": pid, "used_mb": mb}]
         self._save()
 
     def set(self, index: int, **facts: Any) -> None:

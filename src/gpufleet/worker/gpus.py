@@ -11,6 +11,7 @@ rehearsals on a machine without a GPU).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -78,16 +79,54 @@ def read_memory(nvml: Any, handle: Any, own_pids: Collection[int] = ()) -> GpuMe
 
 @dataclass(frozen=True)
 class GpuInfo:
+    """A GPU a worker runs on: a whole one, or a MIG instance of one (``index`` is its GPU's)."""
+
     index: int
     name: str
     model: str
     uuid: str
     memory_mb: int
     virtual: bool = False
+    mig: str = ""  # a MIG instance's profile (``1g.10gb``); "" for a whole GPU
+    slice: int = -1  # a MIG instance's place on its GPU
 
     @property
     def label(self) -> str:
-        return f"{'vgpu' if self.virtual else 'gpu'}{self.index}"
+        """``gpu3``, or ``gpu0.mig2`` for a MIG instance."""
+        return f"{'vgpu' if self.virtual else 'gpu'}{self.index}" + (f".mig{self.slice}" if self.mig else "")
+
+    @property
+    def kind(self) -> str:
+        """Its model, with a MIG instance's profile: ``H100``, ``H100:1g.10gb``."""
+        return f"{self.model}:{self.mig}" if self.mig else self.model
+
+
+MIG_PROFILE = re.compile(r"\bMIG (\d+g\.\d+gb(?:\+\w+)?)")
+
+
+def mig_instances(nvml: Any, handle: Any, index: int, model: str) -> list[GpuInfo]:
+    """The MIG instances of GPU ``index`` when it is in MIG mode, as its operator made them (gpufleet reads MIG's
+    layout and never changes it); [] for a GPU that is not. Their places may have gaps: NVML counts the most."""
+    try:
+        current = nvml.nvmlDeviceGetMigMode(handle)[0]
+    except Exception:  # noqa: BLE001 - NVML_ERROR_NOT_SUPPORTED: a GPU without MIG
+        return []
+    if not current:
+        return []
+    found = []
+    for place in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, place)
+        except Exception:  # noqa: BLE001, S112 - NVML_ERROR_NOT_FOUND: no instance there
+            continue
+        name = _text(nvml.nvmlDeviceGetName(mig))
+        memory_mb = int(nvml.nvmlDeviceGetMemoryInfo(mig).total // MB)
+        profile = m.group(1) if (m := MIG_PROFILE.search(name)) else f"{round(memory_mb / 1024)}gb"
+        uuid = _text(nvml.nvmlDeviceGetUUID(mig))
+        found.append(GpuInfo(index, name, model, uuid, memory_mb, mig=profile, slice=place))
+    if not found:
+        log.warning("GPU in MIG mode without an instance: nothing can run on it", gpu=index)
+    return found
 
 
 def discover(nvml: Any = None) -> list[GpuInfo]:
@@ -105,6 +144,10 @@ def discover(nvml: Any = None) -> list[GpuInfo]:
         for i in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
             name = _text(nvml.nvmlDeviceGetName(handle))
+            instances = mig_instances(nvml, handle, i, model_of(name))
+            if instances:  # CUDA runs on its instances, never on the GPU as a whole
+                gpus += instances
+                continue
             gpus.append(
                 GpuInfo(
                     index=i,
@@ -158,7 +201,7 @@ class Sampler:
                 raise RuntimeError("nvidia-ml-py is not installed")
             self._nvml.nvmlInit()
             self._ready = True
-            self._health = HealthWatch(self._nvml, [g.index for g in self._gpus if not g.virtual])
+            self._health = HealthWatch(self._nvml, sorted({g.index for g in self._gpus if not g.virtual}))
         except Exception as exc:  # noqa: BLE001 - no driver: report the static facts only
             log.info("NVML unavailable for sampling", reason=str(exc))
             self._gpus = [g for g in self._gpus if g.virtual]
@@ -170,6 +213,7 @@ class Sampler:
             "index": gpu.index,
             "name": gpu.name,
             "model": gpu.model,
+            "mig": gpu.mig or None,
             "uuid": gpu.uuid,
             "virtual": gpu.virtual,
             "memory_total_mb": gpu.memory_mb,
@@ -181,13 +225,15 @@ class Sampler:
         if gpu.virtual or not self._init():
             return facts
         try:
-            handle = self._nvml.nvmlDeviceGetHandleByIndex(gpu.index)
-            mem = read_memory(self._nvml, handle, own_pids)
+            nvml = self._nvml
+            handle = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid) if gpu.mig else nvml.nvmlDeviceGetHandleByIndex(gpu.index)
+            mem = read_memory(nvml, handle, own_pids)
             facts["memory_total_mb"] = mem.total_mb
             facts["memory_used_mb"] = mem.used_mb
             facts["memory_free_mb"] = mem.free_mb
             facts["memory_others_mb"] = mem.others_mb
-            facts["utilization_pct"] = int(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            if not gpu.mig:  # NVML has no utilisation for a MIG instance (NVML_ERROR_NOT_SUPPORTED)
+                facts["utilization_pct"] = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus must not stop the supervisor
             log.warning("NVML query failed", gpu=gpu.index, error=str(exc))
         return facts

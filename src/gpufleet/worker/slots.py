@@ -44,9 +44,9 @@ class Slot:
 
 
 def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
-    """One slot per GPU (the virtual ones when NVML found none) for the one-GPU functions, and one per aligned group
-    of N GPUs for the functions of N (see :mod:`gpufleet.worker.holds`). A GPU smaller than a function's
-    ``memory_gb`` does not read its queues (a virtual GPU's memory is unknown: it reads them)."""
+    """One slot per GPU (the virtual ones when NVML found none) or MIG instance for the one-GPU functions, and one per
+    aligned group of N whole GPUs for the functions of N (see :mod:`gpufleet.worker.holds`). A GPU smaller than a
+    function's ``memory_gb`` does not read its queues (a virtual GPU's memory is unknown: it reads them)."""
     s = fleet.settings
     if not gpus:
         gpus = virtual_gpus(s.worker.virtual_gpus, s.worker.gpu_model)
@@ -57,7 +57,7 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
     slots = []
     for gpu in gpus:
         queues = _queues(fleet, [fn for fn in _serving(fleet, [gpu]) if fn.gpu.count == 1])
-        for pool in s.worker.pools:
+        for pool in s.worker.pools if not gpu.mig else ():  # older releases' queues, of any function's tasks
             queues += [queue_name(prefix, pool, gpu.model), queue_name(prefix, pool, "any")]
         holds: tuple[int, ...] = (gpu.index,) if gpu.index in shared else ()
         slots.append(Slot(gpu=gpu, queues=list(dict.fromkeys(queues)), env=_env([gpu]), holds=holds))
@@ -68,21 +68,32 @@ def plan_slots(fleet: Fleet, gpus: list[GpuInfo]) -> list[Slot]:
 
 
 def _serving(fleet: Fleet, gpus: list[GpuInfo]) -> list[Function]:
-    """The functions that every GPU of ``gpus`` may run: of their model (or ``any``), and big enough."""
+    """The functions that every GPU of ``gpus`` may run: of their model (or ``any``), and big enough. A MIG instance
+    runs the functions of its profile, and those that name their memory and fit in it; a whole GPU, none that asks
+    for a profile."""
     pools = fleet.settings.worker.pools
     return [
         fn for fn in fleet.functions.values()
         if any(p in fn.gpu.pools for p in pools)
-        and all(fn.gpu.model.lower() in ("any", g.model.lower()) and fits(fn, g) for g in gpus)
+        and all(fn.gpu.model.lower() in ("any", g.model.lower()) and _takes(g, fn) and fits(fn, g) for g in gpus)
     ]  # fmt: skip
 
 
+def _takes(gpu: GpuInfo, fn: Function) -> bool:
+    """Whether ``gpu`` is of the kind ``fn`` runs on: a whole GPU, a MIG instance of its profile, or one its memory
+    fits (which :func:`fits` checks)."""
+    if not gpu.mig:
+        return not fn.gpu.mig
+    return fn.gpu.mig == gpu.mig or (not fn.gpu.mig and fn.gpu.memory_mb is not None)
+
+
 def _groups(fleet: Fleet, gpus: list[GpuInfo], n: int) -> list[tuple[tuple[GpuInfo, ...], list[Function]]]:
-    """The host's aligned groups of ``n`` GPUs (0-1, 2-3... for 2), each with the functions of ``n`` it serves."""
-    out = []
-    for start in range(0, len(gpus) - n + 1, n):
-        group = tuple(gpus[start : start + n])
-        fns = [fn for fn in _serving(fleet, list(group)) if fn.gpu.count == n]
+    """The host's aligned groups of ``n`` whole GPUs (0-1, 2-3... for 2), each with the functions of ``n`` it
+    serves."""
+    whole, out = {g.index: g for g in gpus if not g.mig}, []
+    for start in range(0, max(whole, default=-1) + 1, n):
+        group = tuple(whole[i] for i in range(start, start + n) if i in whole)
+        fns = [fn for fn in _serving(fleet, list(group)) if fn.gpu.count == n] if len(group) == n else []
         if fns:
             out.append((group, fns))
     return out
@@ -104,8 +115,8 @@ def _queues(fleet: Fleet, fns: list[Function]) -> list[str]:
 
 def _env(gpus: list[GpuInfo] | tuple[GpuInfo, ...]) -> dict[str, str]:
     """A worker process sees its GPUs alone (none for virtual ones: their handlers run on the CPU), in PCI order as
-    NVML counts them; ``GPUFLEET_GPUS`` names them, virtual ones too."""
-    visible = ",".join(str(g.index) for g in gpus if not g.virtual)
+    NVML counts them, or its MIG instance by its UUID; ``GPUFLEET_GPUS`` names them, virtual ones too."""
+    visible = ",".join(g.uuid if g.mig else str(g.index) for g in gpus if not g.virtual)
     return {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "GPUFLEET_GPUS": ",".join(g.label for g in gpus)}  # fmt: skip
 

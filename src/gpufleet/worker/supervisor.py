@@ -82,7 +82,7 @@ class Supervisor:
             "--name",
             slot.name,
             "--gpu",
-            f"{slot.name}:{slot.gpu.model}",
+            f"{slot.name}:{slot.gpu.kind}",
             "--queues",
             ",".join(slot.queues),
             "--device",
