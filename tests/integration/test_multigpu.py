@@ -4,11 +4,14 @@ backfill them while it waits and then reserves them, and no GPU ever runs two ta
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import time
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 
@@ -119,3 +122,24 @@ def test_a_worker_killed_with_its_gpus_held_lets_them_go_and_nothing_is_lost(
     done = finished(harness, cp, rest, timeout_s=60)
     assert {d["state"] for d in done} == {"SUCCEEDED"}
     assert_no_gpu_ran_two_at_once(harness)
+
+
+def test_one_and_two_gpu_tasks_under_kills_all_finish_once_and_never_share_a_gpu(harness: FleetHarness) -> None:
+    cp = three_gpus(harness)
+    rng = random.Random(11)
+    ids = [cp.invoke(rng.choice(["pair", "single", "single"]), {"seconds": 0.3}).id for _ in range(30)]
+    for _ in range(5):  # SIGKILL a pool process mid-task, a one-GPU worker's or the pair's, five times over
+        harness.wait_for(lambda: any(g["task_id"] for g in cp.gpus() if g["up"]), what="a task running")
+        victim = rng.choice([g for g in cp.gpus() if g["up"] and g["task_id"]])
+        for child in psutil.Process(victim["pid"]).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        time.sleep(1.0)
+    done = finished(harness, cp, ids, timeout_s=120)
+    assert {d["state"] for d in done} == {"SUCCEEDED"}, [d["state"] for d in done]  # 0 lost, no deadlock
+    assert_no_gpu_ran_two_at_once(harness)
+    records = [orjson.loads(f[b"value"]) for _, f in harness.redis.xrange(harness.registry.keys.callbacks)]
+    successes = sorted(
+        r["requestContext"]["requestId"] for r in records if r["requestContext"]["condition"] == "Success"
+    )
+    assert successes == sorted(ids)  # one Success record each

@@ -4,14 +4,23 @@ pools."""
 from __future__ import annotations
 
 import math
+import random
 import sys
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gpufleet.registry.keyspace import US
-from gpufleet.scheduling.estimate import DEFAULT_DURATION_S, FleetView, PoolState, RecentMeans
+from gpufleet.scheduling.estimate import (
+    DEFAULT_DURATION_S,
+    FleetView,
+    PoolState,
+    RecentMeans,
+    gang_wait_s,
+    group_ready_s,
+)
 from gpufleet.scheduling.placement import Placement, place
 
 POOLS = ("eu", "us", "ap")
@@ -80,16 +89,21 @@ def test_the_rule_holds_for_any_pools(states: dict[str, PoolState], limit: float
         assert i == 0  # no live worker anywhere: the preferred pool's queue keeps it
 
 
-def test_the_simulator_runs_the_policy_between_its_bounds_on_arrivals_its_seed_draws() -> None:
+def bench_module(name: str) -> Any:
+    """``bench/<name>.py``, imported as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[2] / "bench" / "simulate.py"
-    spec = importlib.util.spec_from_file_location("bench_simulate", path)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[2] / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
-    simulate = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = simulate  # dataclasses look their module up there
-    spec.loader.exec_module(simulate)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_simulator_runs_the_policy_between_its_bounds_on_arrivals_its_seed_draws() -> None:
+    simulate = bench_module("simulate")
     end = 60.0
     tasks = simulate.arrivals(3, end, (24.0, 36.0))
     assert tasks == simulate.arrivals(3, end, (24.0, 36.0)) != simulate.arrivals(4, end, (24.0, 36.0))
@@ -174,3 +188,40 @@ def test_recent_means_follow_the_last_readings_that_saw_enough_tasks() -> None:
     assert means.update(raw(12_000_000, 7)) == {("f", "H100"): 12 / 7}  # enough: the mean of all 7
     assert means.update(raw(22_000_000, 12)) == {("f", "H100"): 2.0}  # 5 more tasks, 10 s: 2 s each
     assert means.update(raw(23_000_000, 13)) == {("f", "H100"): 2.0}  # one more: not enough to move it
+
+
+def test_a_task_of_several_gpus_waits_for_one_of_their_groups_whole() -> None:
+    assert group_ready_s([0, 0], True, 30, 2) == 0  # idle: at once
+    assert group_ready_s([3, 1], False, 30, 2) == 3  # no one-GPU task takes the first to free: when the last ends
+    assert group_ready_s([3, 1, 0, 0], True, 30, 2) == 30 + 2 * (1 + 1 / 2 + 1 / 3 + 1 / 4)  # reserved, then drained
+    assert group_ready_s([40, 1], True, 30, 2) == 40
+    assert gang_wait_s([5.0, 1.0], 0, 4.0) == 1.0 and gang_wait_s([5.0, 1.0], 2, 4.0) == 5.0  # 1, then 5 and 5
+    assert gang_wait_s([], 0, 4.0) == math.inf
+    pair = {**gpu("gpu0-1@a", "H100", ["g.p.any.pair"]), "gang": ["gpu0", "gpu1"]}
+    singles = [gpu(f"gpu{i}@a", "H100", ["g.p.any.single"]) for i in range(2)]
+    means = {("pair", "H100"): 8.0, ("single", "H100"): 2.0}  # pair's is GPU time: 4 s on its 2 GPUs
+    queued = {"g.p.any.pair": levels(p4=2)}
+
+    def view(running: dict[str, tuple[str, float]]) -> FleetView:
+        return FleetView("g", [*singles, pair], queued, means, running, 1000.0, {"pair": 2}, 30)
+
+    assert view({}).duration("pair", ["H100"]) == 4.0
+    assert view({}).state("g.p.any.pair", None, 4) == PoolState(1, 1, 2, 8.0)  # whole: 2 ahead of 4 s each
+    busy = view({"gpu0@a": ("single", 999.0)})  # 1 s left, and more one-GPU tasks to come: reserved first
+    assert busy.state("g.p.any.pair", None, 4) == PoolState(1, 0, 2, 30 + 2 * 1.5 + 2 * 4.0)
+    own = view({"gpu0-1@a": ("pair", 998.0)})  # its own task has 2 s left, then it goes on with the next
+    assert own.state("g.p.any.pair", None, 4) == PoolState(1, 0, 2, 2.0 + 2 * 4.0)
+
+
+def test_the_gpu_simulator_runs_every_task_and_the_reservation_keeps_4_gpu_tasks_from_starving() -> None:
+    simulate = bench_module("simulate_gpus")
+    tasks = simulate.arrivals(3, 45.0, 1.1)
+    assert tasks == simulate.arrivals(3, 45.0, 1.1) != simulate.arrivals(4, 45.0, 1.1)
+    p95 = {}
+    for policy, reserve in {"reservation": 5.0, "no reservation": math.inf}.items():  # 5 s: 45 s of arrivals
+        sim = simulate.Sim(reserve, list(tasks), 45.0, random.Random(3)).run()
+        assert all(t.started is not None for t in sim.tasks) and sim.busy == 0  # every task ran, every GPU let go
+        quads = [t for t in sim.tasks if t.gpus == simulate.QUAD]
+        p95[policy] = simulate.percentile([t.started - t.arrived for t in quads], 0.95)
+        assert sim.busy_while_waiting / sim.capacity_while_waiting > 0.9
+    assert p95["reservation"] < p95["no reservation"] / 2, p95

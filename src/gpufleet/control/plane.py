@@ -69,7 +69,7 @@ class ControlPlane:
         self.intake = Intake(
             fleet,
             Producer(API_ORIGIN, API_ORIGIN, s.defaults.max_payload_bytes),
-            Placer(self.registry, fleet.functions.values()),
+            Placer(self.registry, fleet.functions.values(), fleet.settings.worker.reserve_after_s),
             Aliases(self.registry, s.aliases, strict=True),
             ServedVersions(self.registry, s.defaults.retention_s),
         )

@@ -11,13 +11,21 @@ and memory need, in one pool:
 - each of those tasks at its function's recent handler time on these GPUs' model (on any model, when not measured
   on theirs; else the fleet's typical task; else ``DEFAULT_DURATION_S``), plus what the running tasks have left.
 
+A task of N GPUs (``Gpu(count=N)``) runs on one of the pool's groups of N, which its one-GPU tasks share (see
+:mod:`gpufleet.worker.holds`). Its slots are the groups; a group is ready at once when none of its GPUs runs
+anything, when its own task ends (the group then goes on with the next task of N), or when the one-GPU tasks on its
+GPUs end: at the latest, while one-GPU tasks wait to backfill it, a reservation (``reserve_after_s``) and one
+one-GPU task after (:func:`group_ready_s`). Each task of N ahead of it takes the group that is whole first, for its
+handler time (its GPU time over N), and it takes the first after them (:func:`gang_wait_s`).
+
 It is an estimate, for choosing a pool, not a promise.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +66,30 @@ class PoolState:
         return PoolState(self.slots, self.idle, self.queued + 1, self.queued_work_s + duration_s)
 
 
+def group_ready_s(left_s: Sequence[float], backfilled: bool, reserve_after_s: float, typical_s: float) -> float:
+    """How soon a group of GPUs whose tasks have ``left_s`` to run (0: idle) is whole for a task that needs all of
+    them: at once when every GPU is idle; when the last ends, if no one-GPU task will take a GPU that ends first;
+    else (``backfilled``) once a reservation stopped them and the one-GPU tasks that started before it ended: the
+    last of N ends ``typical_s`` x (1 + 1/2 + ... + 1/N) after it, on average."""
+    last = max(left_s, default=0.0)
+    if last <= 0:
+        return 0.0
+    if not backfilled:
+        return last
+    return max(last, reserve_after_s + typical_s * sum(1 / i for i in range(1, len(left_s) + 1)))
+
+
+def gang_wait_s(ready_s: Sequence[float], ahead: float, duration_s: float) -> float:
+    """The wait of a task of several GPUs with ``ahead`` tasks of its kind before it, on groups that are whole in
+    ``ready_s``: each task takes the group that is whole first, which is whole again ``duration_s`` later."""
+    if not ready_s:
+        return math.inf
+    heap = sorted(ready_s)
+    for _ in range(round(ahead)):
+        heapq.heapreplace(heap, heap[0] + duration_s)
+    return heap[0]
+
+
 def has_room(entry: Mapping[str, Any], need_mb: int | None) -> bool:
     """Whether a GPU of the inventory has room for ``need_mb`` now: all but what other processes hold (its worker's
     own memory is its functions'). A GPU whose memory is unknown (virtual, or NVML did not answer) has."""
@@ -71,7 +103,8 @@ def has_room(entry: Mapping[str, Any], need_mb: int | None) -> bool:
 class FleetView:
     """One reading of the fleet. ``entries``: the live GPUs of the inventory; ``levels``: queue -> tasks queued at
     each priority (0 to 9); ``means``: (function, model) -> recent handler seconds; ``running``: worker ->
-    (function, started_at) of the task it runs; ``now``: when it was read (epoch seconds)."""
+    (function, started_at) of the task it runs; ``now``: when it was read (epoch seconds); ``gpus``: the GPUs a task of
+    each function holds, where more than one; ``reserve_after_s``: the workers' (see the module's rule)."""
 
     prefix: str
     entries: list[dict[str, Any]] = field(default_factory=list)
@@ -79,6 +112,8 @@ class FleetView:
     means: dict[tuple[str, str], float] = field(default_factory=dict)
     running: dict[str, tuple[str, float]] = field(default_factory=dict)
     now: float = 0.0
+    gpus: Mapping[str, int] = field(default_factory=dict)
+    reserve_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         self._readers: dict[str, int] = {}
@@ -90,15 +125,17 @@ class FleetView:
             by_function.setdefault(function, []).append(mean)
         self._any_model = {f: sum(m) / len(m) for f, m in by_function.items()}
         self._typical = sum(self.means.values()) / len(self.means) if self.means else DEFAULT_DURATION_S
+        ones = [m for (function, _), m in self.means.items() if function not in self.gpus]
+        self._typical_one = sum(ones) / len(ones) if ones else self._typical  # a one-GPU task's
 
     def duration(self, function: str | None, models: list[str]) -> float:
-        """A task of ``function``'s expected handler time on GPUs of ``models``."""
+        """A task of ``function``'s expected handler time on GPUs of ``models`` (its GPU time, over its GPUs)."""
         if function is None:  # a pool and model queue of an older release: any function's
             return self._typical
         measured = [self.means[function, m] for m in models if (function, m) in self.means]
         if measured:
-            return sum(measured) / len(measured)
-        return self._any_model.get(function, self._typical)
+            return sum(measured) / len(measured) / self.gpus.get(function, 1)
+        return self._any_model.get(function, self._typical) / self.gpus.get(function, 1)
 
     def state(self, queue: str, need_mb: int | None, priority: int) -> PoolState:
         """The pool as a new task on ``queue`` sees it (see the module's rule)."""
@@ -106,6 +143,8 @@ class FleetView:
         if not serving:
             return PoolState()
         models = sorted({str(e.get("model", "")) for e in serving})
+        if all(e.get("gang") for e in serving):
+            return self._gang_state(queue, serving, models, priority)
         queued = work = 0.0
         for q in {q for e in serving for q in e.get("queues", [])}:
             ahead = sum(self.levels.get(q, [])[priority:])
@@ -117,13 +156,41 @@ class FleetView:
             work += ahead * share * self.duration(function, models)
         idle = 0
         for e in serving:
-            task = self.running.get(str(e.get("worker")))
-            if task is None:
-                idle += 1
-                continue
-            function, started = task
-            work += max(0.0, self.duration(function, [str(e.get("model", ""))]) - (self.now - started))
+            left = self._left(str(e.get("worker")), models)
+            idle += left is None
+            work += left or 0.0
         return PoolState(len(serving), idle, queued, work)
+
+    def _gang_state(self, queue: str, gangs: list[dict[str, Any]], models: list[str], priority: int) -> PoolState:
+        """The groups of GPUs a task of several GPUs runs on, as a :class:`PoolState` whose wait is
+        :func:`gang_wait_s`'s (its work is that wait, over its groups): the tasks of its queue ahead of it each take
+        the group that is whole first."""
+        ahead = sum(self.levels.get(queue, [])[priority:])
+        ready = [self._group_ready(e, models) for e in gangs]
+        function = (parse_queue(self.prefix, queue) or (None, None, None))[2]
+        wait = gang_wait_s(ready, ahead, self.duration(function, models))
+        return PoolState(len(gangs), sum(r <= 0 for r in ready), ahead, wait * len(gangs))
+
+    def _left(self, worker: str, models: list[str]) -> float | None:
+        """What the task ``worker`` runs has left; None when it runs none."""
+        task = self.running.get(worker)
+        if task is None:
+            return None
+        function, started = task
+        return max(0.0, self.duration(function, models) - (self.now - started))
+
+    def _group_ready(self, entry: Mapping[str, Any], models: list[str]) -> float:
+        """How soon the group of a worker of several GPUs is whole for its next task (:func:`group_ready_s`). Its
+        GPUs' own workers read one-GPU queues, so a GPU of it that frees is taken again before the rest free (the
+        worker idle longest takes the next task: Redis serves the longest-blocked BRPOP first): a busy group is
+        whole once a reservation stopped them."""
+        own = self._left(str(entry.get("worker")), models)
+        if own is not None:
+            return own  # it goes on with its next task on the same GPUs
+        host = str(entry.get("worker", "")).partition("@")[2]
+        names = {f"{g}@{host}" for g in entry["gang"]}
+        left = [self._left(str(e.get("worker")), models) or 0.0 for e in self.entries if e.get("worker") in names]
+        return group_ready_s(left, True, self.reserve_after_s, self._typical_one)
 
 
 class RecentMeans:

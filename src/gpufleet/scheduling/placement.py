@@ -81,9 +81,16 @@ SIZES_REFRESH_S = 5.0
 
 
 class Placer:
-    def __init__(self, registry: Registry, functions: Iterable[Function], refresh_s: float = REFRESH_S) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        functions: Iterable[Function],
+        reserve_after_s: float = 30.0,
+        refresh_s: float = REFRESH_S,
+    ) -> None:
         self.registry = registry
         self.functions = [fn for fn in functions if len(fn.gpu.pools) > 1]
+        self.reserve_after_s = reserve_after_s  # the workers' (see estimate: a task of several GPUs)
         self.prefix = registry.prefix
         self.refresh_s = refresh_s
         self._lock = threading.Lock()  # the API places from several threads
@@ -179,6 +186,8 @@ class Placer:
             self._means.update(gpu_time),
             {w.decode(): (f.decode(), float(t or 0)) for _, (w, t, f) in running if w and f},
             time.time(),
+            {fn.name: fn.gpu.count for fn in self.functions if fn.gpu.count > 1},
+            self.reserve_after_s,
         )
         self._states = {}
 

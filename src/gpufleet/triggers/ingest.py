@@ -105,7 +105,7 @@ class Ingest:
                 trigger.on_success,
                 trigger.on_failure,
             ),
-            Placer(self.registry, fleet.functions.values()),
+            Placer(self.registry, fleet.functions.values(), fleet.settings.worker.reserve_after_s),
             Aliases(self.registry, s.aliases),
             ServedVersions(self.registry, s.defaults.retention_s),
         )

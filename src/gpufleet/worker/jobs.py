@@ -38,7 +38,7 @@ class JobSteps:
         self.attempts = attempts
         self.bundle = bundle
         self.store = JobStore(bundle.registry)
-        placer = Placer(bundle.registry, bundle.fleet.functions.values())
+        placer = Placer(bundle.registry, bundle.fleet.functions.values(), bundle.fleet.settings.worker.reserve_after_s)
         self.intake = Intake(bundle.fleet, Producer("job", JOB_ORIGIN, MAX_SHARD_EVENT_BYTES), placer)
 
     def run(self, attempt: Attempt) -> None:

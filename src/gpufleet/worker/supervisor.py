@@ -67,7 +67,7 @@ class Supervisor:
         self.envelopes = self.control.envelopes
         self.lost = LostMessages(self.registry, s.worker.lease_s, self.envelopes)
         # A pool whose workers are all gone hands its waiting tasks to the next (functions with several pools).
-        self.placer = Placer(self.registry, fleet.functions.values())
+        self.placer = Placer(self.registry, fleet.functions.values(), s.worker.reserve_after_s)
         self.host_key = Keyspace(s.redis.key_prefix).host(s.worker.hostname)
         self.draining = False  # every GPU of this host cordoned
         self.instance = uuid.uuid4().hex
@@ -203,6 +203,7 @@ class Supervisor:
                 "pid": slot.proc.pid if alive and slot.proc else None,
                 "up": alive,
                 "queues": slot.queues,
+                "gang": [gpu.label for gpu in slot.gang] or None,  # a worker of several GPUs: theirs
                 "restarts": slot.restarts,
                 "restarts_total": slot.restarts_total,
                 "pools": list(self.fleet.settings.worker.pools),
