@@ -41,6 +41,13 @@ class Context(_Where, Protocol):
     def cancelled(self) -> bool:
         """True once somebody asked this task to stop; a long handler should check it and return early."""
 
+    def checkpoint(self, state: Any) -> None:
+        """Save ``state`` (any JSON value) durably; a later attempt of this task reads it as ``resume_from``."""
+
+    @property
+    def resume_from(self) -> Any:
+        """The state an earlier attempt of this task last saved with ``checkpoint``; None for none."""
+
     @property
     def traceparent(self) -> str | None:
         """The task's W3C trace context: send it as the ``traceparent`` header of calls the handler makes."""

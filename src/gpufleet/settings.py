@@ -96,6 +96,8 @@ class WorkerSettings(_Model):
     # A task that needs several GPUs and finds some busy lets one-GPU tasks backfill them this long; then it reserves
     # them: they take no new task until it has them all (see gpufleet.worker.holds).
     reserve_after_s: float = Field(30.0, ge=0, le=3600)
+    # Where checkpoints over 1 MiB go (ctx.checkpoint): an s3://bucket/prefix; None: such a checkpoint fails the task.
+    checkpoint_url: str | None = Field(None, pattern=r"^s3://[^/]+(/.*)?$")
 
     @field_validator("pools")
     @classmethod

@@ -363,3 +363,21 @@ def merge_objtiles(event: ObjectEvent, results: list[dict[str, Any]], ctx: Conte
     summary = ctx.scratch / "summary.txt"
     summary.write_text(" ".join(str(r["value"]) for r in results))
     return {"key": event.key, "values": [r["value"] for r in results], "summary": ctx.upload(summary)}
+
+
+@function(name="steps", max_attempts=3)
+def steps(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """``steps`` steps, each saved with ctx.checkpoint; a later attempt resumes from the last saved. With ``crash_at``,
+    the first attempt's process dies (SIGKILL) right after saving that step. Each run lists its first step under
+    ``starts:<task id>``."""
+    saved = ctx.resume_from or {"step": 0, "total": 0}
+    _redis().rpush(f"starts:{ctx.task_id}", saved["step"])
+    step, total = saved["step"], saved["total"]
+    while step < event.get("steps", 60):
+        step += 1
+        total += step * step
+        ctx.checkpoint({"step": step, "total": total, "pad": "x" * event.get("pad", 0)})
+        if step == event.get("crash_at") and ctx.attempt == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(event.get("pause_s", 0.005))
+    return {"steps": step, "total": total}

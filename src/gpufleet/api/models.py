@@ -93,6 +93,8 @@ class TaskView(_Out):
     )
     last_error: dict[str, Any] | None = Field(description="the error of the latest failed attempt")
     gpu_retries: int = Field(0, description="runs again after its GPU ran out of memory or broke (oom_retries)")
+    checkpoints: int = Field(0, description="states its handler saved (ctx.checkpoint); the next attempt resumes")
+    checkpoint_at: str | None = Field(None, description="when the last checkpoint was saved")
     usage: dict[str, Any] | None = Field(
         None,
         description="once finished: gpu_seconds (all its runs), queue_seconds, setup_seconds (the cold start it "

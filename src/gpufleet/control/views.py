@@ -18,7 +18,16 @@ from gpufleet.scheduling.estimate import has_room
 from gpufleet.settings import FleetSettings
 
 RETRIABLE = frozenset({State.FAILED, State.TIMED_OUT, State.CANCELLED, State.EXPIRED})
-TIMES = ("created_at", "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until")
+TIMES = (
+    "created_at",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "retry_at",
+    "cancel_requested_at",
+    "lease_until",
+    "checkpoint_at",
+)
 
 
 def listed(view: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +50,7 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "attempts": int(record.get("attempts", 0)),
         "max_attempts": int(record.get("max_attempts", 1)),
         "gpu_retries": int(record.get("gpu_retries", 0)),
+        "checkpoints": int(record.get("checkpoints", 0)),
         "priority": int(record.get("priority", DEFAULT_PRIORITY)),
         "progress": {"fraction": float(record.get("progress", 0) or 0), "message": record.get("progress_message", "")},
         "source": record.get("source"),

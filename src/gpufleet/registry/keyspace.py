@@ -23,6 +23,8 @@ Key layout (prefix ``P``):
   per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
 - ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``, ``P:cordons``: the GPU inventory, the pool processes
   ready, each function's setup() per worker, a supervisor's heartbeat, the GPUs cordoned and why;
+- ``P:ckpt:{id}``: a task's last checkpoint (``ctx.checkpoint``: JSON, or where in the object store it lies), kept
+  as long as its record;
 - ``P:holds:{host}``: which worker holds each GPU of a host that serves a multi-GPU function (index -> worker), and
   the reservations of the multi-GPU workers that wait (``r<index>``), and ``P:tickets:{queue}``, which of those
   workers may reserve (as many as tasks wait there; gpufleet.worker.holds);
@@ -258,6 +260,9 @@ class Keyspace:
 
     def tickets(self, queue: str) -> str:
         return f"{self.prefix}:tickets:{queue}"
+
+    def checkpoint(self, task_id: str) -> str:
+        return f"{self.prefix}:ckpt:{task_id}"
 
     def poll(self, trigger: str) -> str:
         return f"{self.prefix}:poll:{trigger}"

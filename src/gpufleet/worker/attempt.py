@@ -205,7 +205,7 @@ class Attempt:
         """The handler's ``ctx``; its uploads go into the outcome, and its scratch directory is removed after."""
         bundle, item = self.attempts.bundle, self.item
         state = bundle.setups.state_of(self.fn)
-        ctx = TaskContext(bundle, item.task_id, self.fn.name, item.claim.attempts, state, item.meta, obj)
+        ctx = TaskContext(bundle, item.task_id, self.fn.name, item.claim.attempts, state, item.meta, obj, item.token)
         try:
             yield ctx
         finally:

@@ -17,7 +17,8 @@ import structlog
 
 from gpufleet.aws import ObjectStore
 from gpufleet.config import Fleet
-from gpufleet.functions import MIG_SLICES
+from gpufleet.functions import MAX_TIMEOUT_S, MIG_SLICES
+from gpufleet.registry.checkpoints import Checkpoints
 from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import Envelopes, MessageFactory
 from gpufleet.registry.store import Registry
@@ -73,6 +74,12 @@ class ProcessBundle:
         return ProcessBundle(
             self.fleet, self.worker_name, self.gpu, self.slot, self.device_uuid, self.holds_on, self.queues
         )
+
+    @functools.cached_property
+    def checkpoints(self) -> Checkpoints:
+        """The states handlers save (``ctx.checkpoint``): kept as long as a record, and the longest task."""
+        url, ttl = self.fleet.settings.worker.checkpoint_url, self.registry.retention_s + MAX_TIMEOUT_S
+        return Checkpoints(self.registry, lambda: self.objects, url, ttl)
 
     @functools.cached_property
     def holds(self) -> Holds:

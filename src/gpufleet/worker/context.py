@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +37,10 @@ class TaskContext:
         state: Any,
         meta: Mapping[str, Any] | None = None,
         event: ObjectEvent | None = None,
+        token: str = "",
     ) -> None:
         self.task_id = task_id
+        self._token = token  # the attempt's: only the task's owner saves a checkpoint
         self.function = function
         self.attempt = attempt
         self.worker = bundle.worker_name
@@ -62,6 +65,17 @@ class TaskContext:
     @property
     def cancelled(self) -> bool:
         return self._bundle.lease.cancelled(self.task_id)
+
+    def checkpoint(self, state: Any) -> None:
+        """Save ``state`` (any JSON value) durably: if this attempt ends before the task does (its worker killed, its
+        GPU reclaimed), the next one reads it as :attr:`resume_from`. Each call replaces the last."""
+        size = self._bundle.checkpoints.save(self.task_id, self._token, state)
+        self.log.debug("checkpoint saved", bytes=size)
+
+    @functools.cached_property
+    def resume_from(self) -> Any:
+        """The state an earlier attempt of this task last saved with :meth:`checkpoint`; None for none."""
+        return self._bundle.checkpoints.load(self.task_id)
 
     @property
     def gpu_memory(self) -> GpuMemory | None:

@@ -186,7 +186,8 @@ local function rerun(prefix, key, id, state, envelope, now)
   redis.call('PERSIST', key)
   redis.call('HDEL', key, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
     'started_at', 'job_started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message', 'carry',
-    'gpu_retries', 'used')
+    'gpu_retries', 'used', 'checkpoints', 'checkpoint_at')
+  redis.call('DEL', prefix .. ':ckpt:' .. id)  -- a new event: it starts from the beginning
   redis.call('HSET', key, 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now, 'event_ts', now)
   redis.call('HINCRBY', key, 'manual_retries', 1)
   deadline(prefix, key, id)
