@@ -73,6 +73,12 @@ class TaskError(GpufleetError):
     """Raised inside a worker when a task cannot proceed (lost lease, cancelled)."""
 
 
+class TaskPreempted(BaseException):
+    """Raised in a running handler when its host's GPUs are being reclaimed (a spot VM's notice): the function's
+    ``on_preempt`` hook has run, and the task goes back to its queue, its attempt not counted against
+    ``max_attempts``. A BaseException, so an ``except Exception`` in a handler does not swallow it."""
+
+
 class PermanentTaskError(TaskError):
     """A task that no retry can make succeed (its event fails the payload model, its result is not JSON): it fails
     at once, without using its other attempts. ``error_type`` goes into the failure record."""

@@ -59,6 +59,7 @@ LATEST = "$LATEST"  # the version of a function that declares none, as Lambda na
 FUNCTIONS_NAMESPACE = "gpufleet_workers."  # function files are imported as its modules: never shadowing a library
 MAX_TIMEOUT_S = 86_400  # tasks may run up to 24 h, like Function Compute GPU tasks
 MAX_OOM_RETRIES = 10
+MAX_PREEMPTIONS = 100
 MAX_GPU_GB = 4096  # a typo's bound, not a GPU's: the largest today hold under 300 GiB
 GPU_COUNTS = (1, 2, 4, 8)  # GPUs per task: the aligned groups a host's GPUs split into
 MIG_PROFILE_RE = re.compile(r"[1-7]g\.\d+gb(?:\+\w+)?")  # NVIDIA's MIG profile names: 1g.10gb, 3g.40gb, 1g.10gb+me
@@ -180,6 +181,7 @@ class Function:
     timeout_s: float = 900.0
     max_attempts: int = 3
     oom_retries: int = 2
+    max_preemptions: int = 3
     backoff_s: float = 1.0
     backoff_max_s: float = 300.0
     max_event_age_s: float | None = None
@@ -188,6 +190,7 @@ class Function:
     on_failure: str | None = None
     payload: type[BaseModel] | None = None
     setup_fn: Callable[[], Any] | None = None
+    preempt_fn: Callable[[Any], Any] | None = None  # on_preempt(ctx): runs when the host's GPUs are reclaimed
     batch: Batch | None = None
     when_inactive: Literal["queue", "refuse"] = "queue"
     shards: Shards | None = None  # a sharded job: the handler splits, shards run on GPUs, merge combines
@@ -214,6 +217,12 @@ class Function:
             raise ConfigError(
                 f"{where}: oom_retries={self.oom_retries}", key="oom_retries", fix=f"use 0 to {MAX_OOM_RETRIES}"
             )
+        if not 0 <= self.max_preemptions <= MAX_PREEMPTIONS:
+            raise ConfigError(
+                f"{where}: max_preemptions={self.max_preemptions}",
+                key="max_preemptions",
+                fix=f"use 0 to {MAX_PREEMPTIONS}",
+            )
         if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
             raise ConfigError(f"{where}: bad backoff", key="backoff_s", fix="use 0 <= backoff_s <= backoff_max_s")
         if self.max_event_age_s is not None and self.max_event_age_s <= 0:
@@ -236,6 +245,13 @@ class Function:
         """Register the per-process setup hook; its return value becomes ``ctx.state``."""
         _check_signature(f"function {self.name!r}", fn, "setup", 0, "def setup()")
         self.setup_fn = fn
+        return fn
+
+    def on_preempt(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Register the hook that runs, with the running task's ``ctx``, when its host's GPUs are being reclaimed (see
+        ``worker.preempt_notice``): the place to ``ctx.checkpoint`` what the next attempt resumes from."""
+        _check_signature(f"function {self.name!r}", fn, "on_preempt", 1, "def on_preempt(ctx)")
+        self.preempt_fn = fn
         return fn
 
     def merge(self, fn: Merge) -> Merge:
@@ -288,6 +304,7 @@ def function(
     timeout_s: float = 900.0,
     max_attempts: int = 3,
     oom_retries: int = 2,
+    max_preemptions: int = 3,
     backoff_s: float = 1.0,
     backoff_max_s: float = 300.0,
     max_event_age_s: float | None = None,
@@ -314,6 +331,8 @@ def function(
         oom_retries: runs again after the GPU ran out of memory (or a CUDA error broke the process's context), on
             top of ``max_attempts``: the first where it ran, the next on a GPU with more room where the fleet has one;
             then a ``GpuOutOfMemory`` failure record. See :mod:`gpufleet.worker.gpufaults`.
+        max_preemptions: attempts its host's GPUs were reclaimed under (a spot VM's notice; see
+            ``worker.preempt_notice``) that do not spend ``max_attempts``; past them, a preemption is an attempt.
         backoff_s: first retry delay; doubles per attempt up to ``backoff_max_s`` (with +-20% jitter).
         max_event_age_s: a task that waited longer than this since its event is EXPIRED and never starts
             (a ``EventAgeExceeded`` failure record); None: no limit.
@@ -356,6 +375,7 @@ def function(
             timeout_s=timeout_s,
             max_attempts=max_attempts,
             oom_retries=oom_retries,
+            max_preemptions=max_preemptions,
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
             max_event_age_s=max_event_age_s,

@@ -96,6 +96,9 @@ class WorkerSettings(_Model):
     # A task that needs several GPUs and finds some busy lets one-GPU tasks backfill them this long; then it reserves
     # them: they take no new task until it has them all (see gpufleet.worker.holds).
     reserve_after_s: float = Field(30.0, ge=0, le=3600)
+    # How a spot host learns its GPUs are being reclaimed (gpufleet.worker.preempt): "sigterm", a file:// path that
+    # appears, or an http(s):// URL that answers 200 (a cloud's metadata endpoint); None: no notice is watched for.
+    preempt_notice: str | None = Field(None, pattern=r"^(sigterm|file:///.+|https?://.+)$")
     # Where checkpoints over 1 MiB go (ctx.checkpoint): an s3://bucket/prefix; None: such a checkpoint fails the task.
     checkpoint_url: str | None = Field(None, pattern=r"^s3://[^/]+(/.*)?$")
 

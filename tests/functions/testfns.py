@@ -368,7 +368,8 @@ def merge_objtiles(event: ObjectEvent, results: list[dict[str, Any]], ctx: Conte
 @function(name="steps", max_attempts=3)
 def steps(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """``steps`` steps, each saved with ctx.checkpoint; a later attempt resumes from the last saved. With ``crash_at``,
-    the first attempt's process dies (SIGKILL) right after saving that step. Each run lists its first step under
+    the first attempt's process dies (SIGKILL) right after saving that step; with ``preempt_at``, it writes the
+    preemption notice file (``$PREEMPT_NOTICE``) there and waits to be preempted. Each run lists its first step under
     ``starts:<task id>``."""
     saved = ctx.resume_from or {"step": 0, "total": 0}
     _redis().rpush(f"starts:{ctx.task_id}", saved["step"])
@@ -379,5 +380,13 @@ def steps(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         ctx.checkpoint({"step": step, "total": total, "pad": "x" * event.get("pad", 0)})
         if step == event.get("crash_at") and ctx.attempt == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == event.get("preempt_at") and ctx.attempt == 1:
+            Path(os.environ["PREEMPT_NOTICE"]).touch()
+            time.sleep(60)  # the notice arrives as TaskPreempted, raised in here
         time.sleep(event.get("pause_s", 0.005))
     return {"steps": step, "total": total}
+
+
+@steps.on_preempt
+def _steps_preempted(ctx: Context) -> None:
+    _redis().incr(f"preempted:{ctx.task_id}")  # its state is saved at each step already

@@ -1,8 +1,11 @@
-"""Checkpoints with real worker processes and real Redis: a task whose process dies resumes where it last saved and
-ends as an undisturbed run does; an attempt that lost its task cannot overwrite the new owner's state; a manual retry
-starts from nothing; a large state goes to the object store, or fails the task with a clear error without one."""
+"""Checkpoints and preemption with real worker processes and real Redis: a task whose process dies, or whose host's
+GPUs are reclaimed, resumes where it last saved and ends as an undisturbed run does (a preemption spends no attempt);
+an attempt that lost its task cannot overwrite the new owner's state; a manual retry starts from nothing; a large
+state goes to the object store, or fails the task with a clear error without one."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +71,23 @@ def test_a_large_state_goes_to_the_object_store_or_fails_clearly(harness: FleetH
     assert done["state"] == "SUCCEEDED" and done["result"] == {"steps": 3, "total": 14} and done["attempts"] == 2
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert len(keys) == 3 and all(k.startswith(f"ck/{done['id']}/") for k in keys), keys
+
+
+def test_a_preempted_task_runs_its_hook_and_resumes_without_spending_an_attempt(
+    harness: FleetHarness, tmp_path: Path
+) -> None:
+    notice = tmp_path / "reclaimed"
+    harness.write_config()
+    cp = ControlPlane(harness.fleet())
+    harness.start_host("spot", ["default"], preempt_notice=f"file://{notice}", env={"PREEMPT_NOTICE": str(notice)})
+    calm = cp.invoke("steps", {"steps": 60}).id
+    [undisturbed] = finished(harness, cp, [calm])
+    task = cp.invoke("steps", {"steps": 60, "preempt_at": 30}).id
+    harness.wait_for(lambda: harness.hosts["spot"].poll() is not None, 60, "the spot host gone on its notice")
+    assert cp.status(task)["state"] == "QUEUED" and harness.redis.get(f"preempted:{task}") == b"1"  # hook ran
+    harness.start_host("steady", ["default"])
+    [done] = finished(harness, cp, [task])
+    assert done["state"] == "SUCCEEDED" and done["result"] == undisturbed["result"], done
+    assert starts(harness, task) == [0, 30]  # resumed where it was preempted
+    assert done["attempts"] == 2 and done["preemptions"] == 1 and done["max_attempts"] == 3 + 1  # none spent
+    assert done["last_error"]["errorType"] == "Preempted"

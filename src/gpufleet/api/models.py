@@ -95,6 +95,7 @@ class TaskView(_Out):
     gpu_retries: int = Field(0, description="runs again after its GPU ran out of memory or broke (oom_retries)")
     checkpoints: int = Field(0, description="states its handler saved (ctx.checkpoint); the next attempt resumes")
     checkpoint_at: str | None = Field(None, description="when the last checkpoint was saved")
+    preemptions: int = Field(0, description="attempts its host's GPUs were reclaimed under; each adds to max_attempts")
     usage: dict[str, Any] | None = Field(
         None,
         description="once finished: gpu_seconds (all its runs), queue_seconds, setup_seconds (the cold start it "

@@ -51,6 +51,7 @@ def task_view(record: dict[str, Any]) -> dict[str, Any]:
         "max_attempts": int(record.get("max_attempts", 1)),
         "gpu_retries": int(record.get("gpu_retries", 0)),
         "checkpoints": int(record.get("checkpoints", 0)),
+        "preemptions": int(record.get("preemptions", 0)),
         "priority": int(record.get("priority", DEFAULT_PRIORITY)),
         "progress": {"fraction": float(record.get("progress", 0) or 0), "message": record.get("progress_message", "")},
         "source": record.get("source"),

@@ -148,12 +148,13 @@ class Callback:
 VIEW_FIELDS = ("function", "state", "attempts", "max_attempts", "priority", "progress", "progress_message",
                "source", "worker", "gpu", "condition", "result", "error", "last_error", "cancel", "queue", "created_at",
                "queued_at", "started_at", "finished_at", "retry_at", "cancel_requested_at", "lease_until",
-               "gpu_retries", "used", "checkpoints", "checkpoint_at")  # fmt: skip
+               "gpu_retries", "used", "checkpoints", "checkpoint_at", "preemptions")  # fmt: skip
 VIEW_KEYS = tuple(f.encode() for f in VIEW_FIELDS)
 # fmt: skip below: a list of field names reads better packed than one per line.
 _NUMERIC = {"attempts", "max_attempts", "progress", "created_at", "queued_at", "started_at", "finished_at",
             "lease_until", "event_ts", "seq", "retry_at", "cancel_requested_at", "manual_retries",
-            "max_age", "priority", "prio", "gpu_retries", "checkpoints", "checkpoint_at"}  # fmt: skip
+            "max_age", "priority", "prio", "gpu_retries", "checkpoints", "checkpoint_at",
+            "preemptions"}  # fmt: skip
 _JSON = {"result", "error", "last_error", "outputs"}
 
 

@@ -293,6 +293,7 @@ class Registry:
         error: dict[str, Any] | None = None,
         gpu_us: int = 0,
         stay: bool = False,
+        preempted: bool = False,
     ) -> int:
         """A RUNNING task whose owner (``token``) was stopped on purpose, or cannot run it, goes back to the head of
         its queue, its attempt not counted; ``message`` None: one claimed ahead and given back unstarted (no error
@@ -300,7 +301,7 @@ class Registry:
         build it. With ``gpu_budget``, one whose GPU ran out of memory: it goes back only while its GPU retries are
         within that (-1 past it: nothing changed), for a GPU with ``min_room_mb`` of room if given, having taken
         ``gpu_us`` of GPU time in all so far; ``stay``: it runs again where it is, still its owner's, this retry
-        recorded."""
+        recorded; ``preempted``: its host's GPUs were reclaimed, and ``gpu_budget`` is its preemptions'."""
         pairs = [(task_id, b"")] if stay else self._envelopes([task_id], envelope_for)
         if not pairs or not (pairs[0][1] or stay):
             return 0
@@ -308,6 +309,7 @@ class Registry:
             error = {"errorType": error_type, "errorMessage": message}
         args: list[Any] = [self.prefix, token, time.time(), pairs[0][1], orjson.dumps(error) if error else b""]
         args += [self.aging_s, "" if gpu_budget is None else gpu_budget, min_room_mb or "", gpu_us, int(stay)]
+        args.append(int(preempted))
         return int(self._hand_back(keys=[self.keys.task(task_id), self.keys.leases], args=args))
 
     def age(self, aging_s: float, limit: int = 1000) -> int:

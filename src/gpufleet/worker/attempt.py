@@ -30,7 +30,7 @@ import structlog
 
 from gpufleet.aws import ObjectEvent
 from gpufleet.delivery.records import Condition, error_payload
-from gpufleet.errors import PermanentTaskError, TaskError
+from gpufleet.errors import PermanentTaskError, TaskError, TaskPreempted
 from gpufleet.functions import Function
 from gpufleet.registry import inventory
 from gpufleet.registry.messages import parse_queue, queue_name, queue_version
@@ -87,11 +87,15 @@ class Attempts:
         self._in_handler = False
         self.held_gil = False  # whether the last handler call held the GIL (see guarded)
         self.broken = False  # a CUDA error broke this process's context: it is replaced once its outcomes are out
+        self.preempted = False  # its host's GPUs are being reclaimed: it takes no new task
+        self._contexts: dict[str, tuple[Function, Any]] = {}  # the running tasks' functions and ctx, for on_preempt
         bundle.on_overdue = self._cancel_overdue
 
     def install(self) -> None:
-        """In the pool process's main thread, once: the soft time limit arrives as SIGALRM."""
+        """In the pool process's main thread, once: the soft time limit arrives as SIGALRM, a preemption notice as
+        SIGUSR2 (from the supervisor; billiard keeps SIGUSR1 for its own soft limit)."""
         signal.signal(signal.SIGALRM, self._soft_limit)
+        signal.signal(signal.SIGUSR2, self._preempt)
 
     @contextmanager
     def running(self, attempts: list[Attempt], limit: Function | None = None) -> Iterator[None]:
@@ -146,6 +150,20 @@ class Attempts:
             from celery.exceptions import SoftTimeLimitExceeded
 
             raise SoftTimeLimitExceeded(f"timeout_s passed ({signum})")
+
+    def _preempt(self, signum: int, frame: Any) -> None:
+        """SIGUSR2: the host's GPUs are being reclaimed. Each running task's ``on_preempt`` hook runs (it may
+        checkpoint), then the handler gets ``TaskPreempted``; the process takes no new task."""
+        self.preempted = True
+        if not self._in_handler:
+            return
+        for fn, ctx in list(self._contexts.values()):
+            if fn.preempt_fn is not None:
+                try:
+                    fn.preempt_fn(ctx)
+                except Exception:  # its task goes back all the same
+                    log.exception("on_preempt failed", function=fn.name, task_id=ctx.task_id)
+        raise TaskPreempted(f"the GPUs of {self.bundle.worker_name} are being reclaimed ({signum})")
 
     def _cancel_overdue(self, task_id: str, token: str) -> None:
         """Lease-keeper thread: a handler ignored a cancel for the grace period. Record CANCELLED; then, unless the
@@ -206,9 +224,11 @@ class Attempt:
         bundle, item = self.attempts.bundle, self.item
         state = bundle.setups.state_of(self.fn)
         ctx = TaskContext(bundle, item.task_id, self.fn.name, item.claim.attempts, state, item.meta, obj, item.token)
+        self.attempts._contexts[item.task_id] = (self.fn, ctx)
         try:
             yield ctx
         finally:
+            self.attempts._contexts.pop(item.task_id, None)
             self.done.outputs = ctx.outputs
             ctx.close()
 
@@ -220,6 +240,9 @@ class Attempt:
         """A single task. Its success is built into ``later`` by whoever writes its pipeline, and its line said after:
         off the GPU's path when the claim-ahead helper does (see :mod:`gpufleet.worker.ahead`)."""
         if not self.may_start():
+            return
+        if self.attempts.preempted:  # the notice came between two tasks: this one goes back unstarted
+            self.preempted()
             return
         with self.attempts.running([self], self.fn):
             self.log.debug("task started")  # at info, one line per task is enough: a log line costs ~0.15 ms
@@ -234,6 +257,9 @@ class Attempt:
                         raise
                     result = self.attempts.guarded(self.fn, call, [self.done])
                 value = result_json(self.fn, result, "job" in self.item.meta)
+            except TaskPreempted:
+                self.preempted()
+                return
             except Exception as exc:  # noqa: BLE001 - whatever the handler raised is its outcome; SystemExit goes up
                 self.failed(exc)
                 return
@@ -263,6 +289,15 @@ class Attempt:
             return False
         self.log.warning("GPU out of memory; running it again on this GPU, its memory freed", peak_mb=self.done.peak_mb)
         return True
+
+    def preempted(self) -> None:
+        """Its host's GPUs were reclaimed: back to the head of its queue, its attempt not spent, while the function's
+        ``max_preemptions`` last; past them, a preemption is an attempt like any."""
+        back = self.done.preempt(self.fn.max_preemptions)
+        if back == 1:
+            self.log.warning("preempted; task handed back, its attempt not spent")
+        elif back == -1:
+            self.failed(TaskError(f"preempted past max_preemptions ({self.fn.max_preemptions})"))
 
     def failed(self, exc: BaseException) -> None:
         """The outcome of an attempt that raised (or, in a batch, of an event whose result is an exception)."""

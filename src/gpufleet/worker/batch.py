@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gpufleet.aws import ObjectEvent
-from gpufleet.errors import PermanentTaskError
+from gpufleet.errors import PermanentTaskError, TaskPreempted
 from gpufleet.functions import Function
 from gpufleet.worker.attempt import Attempt, Attempts
 from gpufleet.worker.context import TaskContext
@@ -146,11 +146,19 @@ def settle(
     ``ran``, those an earlier call ran (their outcomes are written once the batch is done)."""
     if not members or attempts.broken:  # a broken context runs nothing more: these go back as the process is replaced
         return
+    if attempts.preempted:  # the host's GPUs are being reclaimed: the rest go back, their attempts not spent
+        for m in members:
+            m.attempt.preempted()
+        return
     ran = ran or []
     deadline = time.time() + fn.timeout_s + attempts.bundle.kill_grace_s
     attempts.bundle.slot.arm([m.task for m in members], deadline, [m.task for m in waiting], [m.task for m in ran])
     try:
         results = attempts.guarded(fn, lambda: _call(attempts, fn, members), [m.attempt.done for m in members])
+    except TaskPreempted:
+        for m in members:
+            m.attempt.preempted()
+        return
     except Exception as exc:  # noqa: BLE001 - whatever the handler raised, or its time limit; SystemExit goes on up
         fault = fault_of(exc)
         if len(members) == 1 or fault == BROKEN:

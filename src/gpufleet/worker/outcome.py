@@ -192,6 +192,18 @@ class Finisher:
         self._observe(now, back == 1)
         return back
 
+    def preempt(self, budget: int) -> int:
+        """Its host's GPUs were reclaimed: back to its queue, its attempt not spent, under ``budget`` (see
+        ``Registry.hand_back``), its GPU time counted."""
+        now = time.time()
+        message = f"the GPUs of {self.bundle.worker_name} were reclaimed (a preemption notice); it runs again"
+        back = self.bundle.registry.hand_back(
+            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, gpu_us=self.gpu_us(now),
+            error={"errorType": "Preempted", "errorMessage": message}, preempted=True,
+        )  # fmt: skip
+        self._observe(now, back == 1)
+        return back
+
     def again_here(self, error: dict[str, Any], budget: int) -> bool:
         """Its GPU ran out of memory, and it runs again here at once: the retry recorded under ``budget``, with its
         GPU time so far (what a later claim carries if this process dies)."""

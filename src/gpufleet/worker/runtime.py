@@ -240,7 +240,7 @@ class Runtime:
 
     def _more(self, until: float) -> bool:
         """Whether this run takes another task from the queues: it has queues, within DRAIN_S, no shutdown begun."""
-        return bool(self.queues) and not self.slot.stopping and time.monotonic() < until
+        return bool(self.queues) and not (self.slot.stopping or self.attempts.preempted) and time.monotonic() < until
 
     def _commit(self, answers: list[Any]) -> None:
         if not all(answers):

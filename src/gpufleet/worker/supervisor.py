@@ -45,6 +45,7 @@ from gpufleet.worker.gpus import GpuInfo, Sampler, discover, load_nvml
 from gpufleet.worker.health import Health
 from gpufleet.worker.lease import owner_is_dead
 from gpufleet.worker.lost import LostMessages
+from gpufleet.worker.preempt import Notice, preempt
 from gpufleet.worker.slots import Slot, own_pids, plan_slots, slot_health
 
 log = structlog.get_logger("gpufleet.supervisor")
@@ -70,6 +71,7 @@ class Supervisor:
         self.placer = Placer(self.registry, fleet.functions.values(), s.worker.reserve_after_s)
         self.host_key = Keyspace(s.redis.key_prefix).host(s.worker.hostname)
         self.draining = False  # every GPU of this host cordoned
+        self.notice = Notice(s.worker.preempt_notice)
         self.instance = uuid.uuid4().hex
 
     def _spawn(self, slot: Slot) -> None:
@@ -118,7 +120,12 @@ class Supervisor:
             if not slot.cordoned:
                 self._spawn(slot)
         next_inventory = next_trim = 0.0
+        preempted = False
         while not stop.wait(1.0):
+            if self.notice.arrived():
+                preempted = True
+                log.warning("preemption notice: the tasks go back, and this host stops", notice=self.notice.spec)
+                break
             self._restart_exited()
             now = time.monotonic()
             try:
@@ -152,6 +159,9 @@ class Supervisor:
                     next_trim = now + TRIM_EVERY_S
             except Exception:  # Redis blips: try again on the next tick
                 log.warning("housekeeping failed", exc_info=True)
+        if preempted or self.notice.on_sigterm:  # its GPUs are going: hand the tasks back at once
+            told = preempt([slot.proc for slot in self.slots if slot.proc is not None and slot.proc.poll() is None])
+            log.warning("preempted: the running tasks' on_preempt hooks run, then they go back", pool_processes=told)
         self.stop(self.fleet.settings.worker.shutdown_grace_s)
         self.sampler.close()
         with contextlib.suppress(*REDIS_ERRORS):

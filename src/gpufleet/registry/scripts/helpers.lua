@@ -184,9 +184,11 @@ end
 local function rerun(prefix, key, id, state, envelope, now)
   local fn = redis.call('HGET', key, 'function')
   redis.call('PERSIST', key)
+  local preempted = tonumber(redis.call('HGET', key, 'preemptions') or '0')  -- each added one to max_attempts
+  if preempted > 0 then redis.call('HINCRBY', key, 'max_attempts', -preempted) end
   redis.call('HDEL', key, 'result', 'error', 'condition', 'cancel', 'cancel_requested_at', 'finished_at',
     'started_at', 'job_started_at', 'worker', 'gpu', 'lease_until', 'progress', 'progress_message', 'carry',
-    'gpu_retries', 'used', 'checkpoints', 'checkpoint_at')
+    'gpu_retries', 'used', 'checkpoints', 'checkpoint_at', 'preemptions')
   redis.call('DEL', prefix .. ':ckpt:' .. id)  -- a new event: it starts from the beginning
   redis.call('HSET', key, 'state', 'QUEUED', 'attempts', 0, 'token', '', 'queued_at', now, 'event_ts', now)
   redis.call('HINCRBY', key, 'manual_retries', 1)
