@@ -190,6 +190,7 @@ class Function:
     on_failure: str | None = None
     payload: type[BaseModel] | None = None
     setup_fn: Callable[[], Any] | None = None
+    teardown_fn: Callable[[Any], Any] | None = None  # teardown(state): unloads what setup() returned
     preempt_fn: Callable[[Any], Any] | None = None  # on_preempt(ctx): runs when the host's GPUs are reclaimed
     batch: Batch | None = None
     when_inactive: Literal["queue", "refuse"] = "queue"
@@ -245,6 +246,13 @@ class Function:
         """Register the per-process setup hook; its return value becomes ``ctx.state``."""
         _check_signature(f"function {self.name!r}", fn, "setup", 0, "def setup()")
         self.setup_fn = fn
+        return fn
+
+    def teardown(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Register the hook that unloads what ``setup()`` returned (``teardown(state)``), when a worker that keeps
+        fewer functions loaded than it serves (``worker.warm_functions``) makes room for another."""
+        _check_signature(f"function {self.name!r}", fn, "teardown", 1, "def teardown(state)")
+        self.teardown_fn = fn
         return fn
 
     def on_preempt(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -73,6 +73,11 @@ class WorkerSettings(_Model):
     # A function whose setup() failed in a worker is not served there (its tasks go back to their queue); a task that
     # arrives this long after the last try runs setup() again first.
     setup_retry_s: float = Field(30.0, gt=0)
+    # Warm models (gpufleet.worker.warmup): how many functions' setup() a pool process keeps loaded at once (None:
+    # every one it serves, set up at boot), the least recently used unloaded first; and how long a task waits for a
+    # worker that has its function loaded before any worker loads it.
+    warm_functions: int | None = Field(None, ge=1)
+    cold_wait_s: float = Field(5.0, ge=0, le=3600)
     # On stop, running tasks get this long to finish (warm shutdown) before their processes are killed; a killed
     # task is re-run elsewhere. Give containers a stop grace period longer than this.
     shutdown_grace_s: float = Field(30.0, ge=0)

@@ -104,6 +104,11 @@ def _tasks(snap: Snapshot) -> Iterable[Metric]:
             "Time from a worker taking the task to its attempt ending (retried attempts included)",
             snap.duration,
         ),
+        _histogram(
+            "gpufleet_cold_start_seconds",
+            "setup() runs a task waited for: its function was not loaded where it ran (worker.warm_functions)",
+            snap.cold,
+        ),
     ]
 
 

@@ -48,6 +48,7 @@ class Snapshot:
     finished: dict[tuple[str, str], int]  # (function, final state) -> counter
     wait: dict[str, Histogram]
     duration: dict[str, Histogram]
+    cold: dict[str, Histogram]  # setup() runs after a pool process's boot: a task came for an unloaded function
     queues: dict[str, QueueState]
     gpus: list[dict[str, Any]]  # the inventory (Registry.gpus), with "ready"
     dead_letters: dict[tuple[str, str], int]  # (trigger, reason) -> counter
@@ -97,9 +98,10 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
     for q in queues:
         states[q] = QueueState(q, depth=int(next(replies)))
         heads[q] = next(replies)
-    created_raw, finished_raw, wait_raw, duration_raw, dead_raw, lag_raw, delivered_raw, overflow_raw, ready_raw = (
+    created_raw, finished_raw, wait_raw, duration_raw, cold_raw, dead_raw, lag_raw, delivered_raw, overflow_raw = (
         next(replies) for _ in range(9)
     )
+    ready_raw = next(replies)
     backlog, oldest, parked = int(next(replies)), next(replies), int(next(replies))
     runs = {tasks[0] for tasks in held.values()}  # what the workers run; not a task one claimed ahead
     for task_id, (_, _, queue) in running:
@@ -124,6 +126,7 @@ def read(registry: Registry, functions: list[str], minutes: int = 0) -> Snapshot
         finished={(k[0], k[1]): int(v) for k, v in _split(finished_raw).items() if len(k) == 2},
         wait=_histograms(wait_raw, n_buckets),
         duration=_histograms(duration_raw, n_buckets),
+        cold=_histograms(cold_raw, n_buckets),
         queues=states,
         gpus=gpus,
         dead_letters={(k[0], k[1]): int(v) for k, v in _split(dead_raw).items() if len(k) == 2},
@@ -147,7 +150,7 @@ def _ask(registry: Registry, names: list[str], queues: list[str], minutes: range
     for q in queues:
         pipe.zcard(keys.pending(q))
         pipe.zrange(keys.pending(q), 0, QUEUE_HEAD - 1)
-    for name in ("created", "finished", "wait", "duration", "dead", "trigger_lag", "delivered", "overflow"):
+    for name in ("created", "finished", "wait", "duration", "cold", "dead", "trigger_lag", "delivered", "overflow"):
         pipe.hgetall(keys.metric(name))
     pipe.hgetall(keys.ready)
     pipe.xlen(keys.callbacks)

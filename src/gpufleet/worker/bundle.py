@@ -152,7 +152,8 @@ class ProcessBundle:
 
     @functools.cached_property
     def setups(self) -> Setups:
-        return Setups(self.registry, self.worker_name, self.fleet.settings.worker.setup_retry_s)
+        worker = self.fleet.settings.worker
+        return Setups(self.registry, self.worker_name, worker.setup_retry_s, worker.warm_functions, self.tally)
 
     @functools.cached_property
     def envelopes(self) -> Envelopes:

@@ -22,7 +22,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import structlog
+
 from gpufleet.registry.keyspace import Keyspace, script
+from gpufleet.registry.model import REDIS_ERRORS
+
+log = structlog.get_logger("gpufleet.worker")
 
 STALE_S = 2.0  # a reservation its worker has not renewed this long lapses (a waiting worker renews it 4 times a second)
 CHECK_S = 0.25  # how often a worker that holds its GPUs looks for a reservation that asks it to let them go
@@ -76,6 +81,21 @@ class Holds:
         if self.indices and (self.held or always):
             self._unhold(keys=[self.key], args=[self.worker, *self.indices])
             self.held = False
+
+    def take_or_warn(self, waiting: int = 1) -> bool:
+        """:meth:`take`, False where Redis cannot say (the task goes back: its GPUs may be another's)."""
+        try:
+            return self.take(waiting)
+        except REDIS_ERRORS:
+            log.warning("cannot take this worker's GPUs in Redis; the task goes back", exc_info=True)
+            return False
+
+    def let_go(self) -> None:
+        """:meth:`release`, where Redis answers (else its replacement, or this process's next release, lets go)."""
+        try:
+            self.release()
+        except REDIS_ERRORS:
+            log.warning("cannot let go of this worker's GPUs in Redis", exc_info=True)
 
     def yielding(self) -> bool:
         """Whether another worker may not be kept from these GPUs any longer (its reservation matured), or holds one:

@@ -31,6 +31,7 @@ from gpufleet.worker.jobs import JobSteps
 from gpufleet.worker.lease import owner_is_dead, owner_token, process_owner
 from gpufleet.worker.outcome import Finisher, Outcomes
 from gpufleet.worker.room import Room
+from gpufleet.worker.warmup import ColdQueues
 from gpufleet.worker.watchdog import SharedSlot, bury
 
 log = structlog.get_logger("gpufleet.worker")
@@ -67,11 +68,19 @@ class Runtime:
         self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device, holds_on, self.queues)
         self.attempts = Attempts(self.bundle)
         self.room = Room(self.bundle)
+        self._coldq: ColdQueues | None = None
         self._ahead: Ahead | None = None
         self._jobs: JobSteps | None = None
         self._ran: list[tuple[str, str]] = []  # the tasks of the last run, whose outcomes may be on their way
         # Each function's last run here: its seconds, and whether its handler held the GIL (see _claim_in).
         self._recent: dict[str, tuple[float, bool]] = {}
+
+    @property
+    def cold(self) -> ColdQueues:
+        if self._coldq is None:
+            wait_s = self.fleet.settings.worker.cold_wait_s
+            self._coldq = ColdQueues(self.bundle.setups, self.bundle.registry, self._queue_fn, wait_s)
+        return self._coldq
 
     @property
     def slot(self) -> SharedSlot:
@@ -94,6 +103,7 @@ class Runtime:
         self.bundle = self.bundle.fresh()
         self.attempts = Attempts(self.bundle)
         self.room = Room(self.bundle)
+        self._coldq = None
         self.attempts.install()
         self._ahead = None
         self._jobs = None
@@ -160,7 +170,7 @@ class Runtime:
             if left is not None:
                 self._give_back(left)
             self.slot.disarm()
-            self._let_go()
+            self.bundle.holds.let_go()
 
     def _wait(self, until: float) -> Item | None:
         """Idle, within ``DRAIN_S``: wait on the queues' lists for the next message (:meth:`Registry.wait_claim`),
@@ -200,11 +210,8 @@ class Runtime:
     def _hold(self, item: Item) -> bool:
         """Hold this worker's GPUs for ``item`` (see :mod:`gpufleet.worker.holds`), or give it back, unstarted and
         uncounted: another worker has one of them, or is owed it."""
-        try:
-            if self.bundle.holds.take():
-                return True
-        except REDIS_ERRORS:
-            log.warning("cannot take this worker's GPUs in Redis; the task goes back", exc_info=True)
+        if self.bundle.holds.take_or_warn():
+            return True
         self._give_back(item)
         return False
 
@@ -213,20 +220,14 @@ class Runtime:
         or reserves them, and claims it: (True, the task), or (True, None) to look again in a moment; (False, None)
         for a worker that waits on its queues as any."""
         holds = self.bundle.holds
-        self._let_go()
+        holds.let_go()
         waiting = holds.waiting() if holds.gang else 0
         if not waiting:
             return False, None
-        item = self._next(None) if holds.take(waiting) else None
+        item = self._next(None) if holds.take_or_warn(waiting) else None
         if item is None:
-            self._let_go()
+            holds.let_go()
         return True, item
-
-    def _let_go(self) -> None:
-        try:
-            self.bundle.holds.release()
-        except REDIS_ERRORS:  # its replacement, or this process's next release, lets go
-            log.warning("cannot let go of this worker's GPUs in Redis", exc_info=True)
 
     def _claim_in(self, function: str) -> float | None:
         """When the helper thread claims the next task while ``function`` runs: seconds after it starts (0 for at
@@ -280,7 +281,7 @@ class Runtime:
             return []
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
-        left_out = self.bundle.setups.failed.keys() | self.room.short()
+        left_out = self.bundle.setups.failed.keys() | self.room.short() | self.cold.left_out()
         if left_out:
             queues = [q for q in queues if self._queue_fn.get(q) not in left_out and q in self._queue_fn]
         return queues
@@ -372,6 +373,8 @@ class Runtime:
             )
             done.fail(TaskError(f"this worker does not serve function {item.function!r}"), "UnknownFunction")
             return
+        if self.cold.young(fn.name, item.claim.waited_s) and self.give_back(item.task_id, item.token):
+            return  # back, unstarted, its wait going on: a worker that has its function loaded may take it
         if not self.bundle.setups.ready(fn):
             self._not_ready(item, fn)
             return
