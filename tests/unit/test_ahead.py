@@ -109,6 +109,6 @@ def test_each_handler_call_is_judged() -> None:
     attempts = Attempts.__new__(Attempts)  # guarded() needs no more of a bundle than a GPU with no memory to read
     attempts.bundle = SimpleNamespace(device=SimpleNamespace(memory=lambda fresh: None))  # type: ignore[assignment]
     attempts._in_handler, attempts.held_gil = False, True
-    done = SimpleNamespace(peak_mb=1)
+    done = SimpleNamespace(peak_mb=1, ran_s=0.0)
     attempts.guarded(SimpleNamespace(timeout_s=30), lambda: time.sleep(0.02), [done])  # type: ignore[arg-type,list-item]
-    assert attempts.held_gil is False and done.peak_mb is None
+    assert attempts.held_gil is False and done.peak_mb is None and 0.02 <= done.ran_s < 1  # its GPU time

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import psutil
+
 from gpufleet.worker.lease import owner_is_dead, owner_token
 
 
@@ -18,3 +20,7 @@ def test_owner_liveness_is_judged_by_pid_and_start_time() -> None:
     child.wait()
     assert owner_is_dead(token, "hostA")
     assert owner_is_dead(f"hostA/{os.getpid()}/12345/x", "hostA")  # same pid, other start time: pid reused
+    # An older release's token holds a wall-clock start, which a step of the clock moves a little: still alive.
+    wall = int(psutil.Process().create_time() * 1000)
+    assert not owner_is_dead(f"hostA/{os.getpid()}/{wall + 1500}/x", "hostA")
+    assert owner_is_dead(f"hostA/{os.getpid()}/{wall - 60_000}/x", "hostA")

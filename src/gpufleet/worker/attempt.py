@@ -116,10 +116,10 @@ class Attempts:
             self._current = {}
 
     def guarded(self, fn: Function, call: Callable[[], Any], done: list[Finisher]) -> Any:
-        """``call()`` (the handler) under the function's soft time limit; the most GPU memory it held goes to the
-        outcomes ``done``. Notes whether it held the GIL: a call of over ``GIL_MIN_S`` that spent ``GIL_SHARE`` of
-        its time on this thread's CPU ran Python (or C that keeps the GIL), not a wait on a GPU, a sleep or a C
-        extension that lets go of it."""
+        """``call()`` (the handler) under the function's soft time limit; the most GPU memory it held and how long it
+        ran (their GPU time) go to the outcomes ``done``. Notes whether it held the GIL: a call of over
+        ``GIL_MIN_S`` that spent ``GIL_SHARE`` of its time on this thread's CPU ran Python (or C that keeps the GIL),
+        not a wait on a GPU, a sleep or a C extension that lets go of it."""
         reset_peak()
         signal.setitimer(signal.ITIMER_REAL, fn.timeout_s)
         self._in_handler = True
@@ -129,10 +129,12 @@ class Attempts:
         finally:
             self._in_handler = False
             signal.setitimer(signal.ITIMER_REAL, 0)
-            self.held_gil = held_gil(time.monotonic() - began, time.thread_time() - cpu)
+            took = time.monotonic() - began
+            self.held_gil = held_gil(took, time.thread_time() - cpu)
             peak = peak_mb(self.bundle.device)
             for finisher in done:
                 finisher.peak_mb = peak
+                finisher.ran_s += took
 
     def recycle(self, pipe: Any) -> None:
         """After a CUDA error broke this process's context (every later CUDA call here fails too): write the outcomes

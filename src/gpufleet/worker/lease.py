@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import structlog
@@ -16,9 +18,27 @@ from gpufleet.registry.store import Registry
 log = structlog.get_logger("gpufleet.worker")
 
 
+# A token's start time below this is milliseconds since boot (from the process's clock ticks, which a step of the
+# wall clock does not move); above it, a wall-clock time in ms that an older release wrote (psutil's create_time,
+# which moves with the boot time the kernel derives from the wall clock: a clock step made a live owner look dead).
+BOOT_RELATIVE_BELOW = 10**11
+WALL_CLOCK_SLACK_MS = 2000  # an older token's start, compared across such a step
+
+
 @functools.cache
 def _start_ms(pid: int) -> int:
-    return int(psutil.Process(pid).create_time() * 1000)
+    return _started(pid)
+
+
+def _started(pid: int) -> int:
+    """When process ``pid`` started, in ms since boot: its start in clock ticks (/proc/<pid>/stat, field 22), or
+    psutil's create_time where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return int(psutil.Process(pid).create_time() * 1000)
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # after the command name, which may hold spaces
+    return ticks * 1000 // os.sysconf("SC_CLK_TCK")
 
 
 def owner_token(host: str, pid: int) -> str:
@@ -47,9 +67,13 @@ def owner_is_dead(token: str, host: str) -> bool:
         return False  # another host: only its lease lapsing tells us it died
     try:
         proc = psutil.Process(int(pid))
+        if int(started) < BOOT_RELATIVE_BELOW:
+            other = _started(int(pid)) != int(started)
+        else:
+            other = abs(int(proc.create_time() * 1000) - int(started)) > WALL_CLOCK_SLACK_MS
         # A zombie is dead too: killed, and not yet reaped by its (possibly also killed) parent.
-        return int(proc.create_time() * 1000) != int(started) or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        return other or proc.status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
         return True
 
 

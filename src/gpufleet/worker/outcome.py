@@ -91,6 +91,7 @@ class Finisher:
         self.handled = False  # the handler returned an exception for this event (a batch's): "Handled", not raised
         self.peak_mb: int | None = None  # the most GPU memory its handler call held (see gpufaults.peak_mb)
         self.tallied_us = 0  # this attempt's GPU time already in the counters (a run that ran out of memory here)
+        self.ran_s = 0.0  # how long its handler calls ran (see Attempts.guarded)
         self.shards: list[dict[str, Any]] | None = None  # a job's: its shards, listed in its record
 
     def succeed(self, value: bytes, outputs: list[str] | None = None, finished_at: float | None = None) -> bool:
@@ -155,23 +156,20 @@ class Finisher:
     def retry_later(self, delay_s: float, error: dict[str, Any]) -> None:
         """Back to its queue in ``delay_s``, for its next attempt."""
         now = time.time()
-        written = self.bundle.registry.retry_later(
-            self.task_id, self.token, delay_s, error, self.pipe, self.gpu_us(now)
-        )
+        written = self.bundle.registry.retry_later(self.task_id, self.token, delay_s, error, self.pipe, self.gpu_us())
         self._observe(now, written)
 
-    def gpu_us(self, finished: float) -> int:
+    def gpu_us(self) -> int:
         """The GPU time (µs) the task's runs took so far: the earlier ones' and this one's (GPUs held x handler
-        time)."""
-        ran = finished - self.started_at if self.started_at is not None else 0.0
-        return self.claim.gpu_us + round(max(ran, 0.0) * 1e6) * self.bundle.gpu_count
+        time, as a monotonic clock measured it: a step of the wall clock is no GPU time)."""
+        return self.claim.gpu_us + round(self.ran_s * 1e6) * self.bundle.gpu_count
 
     def spent(self, finished: float) -> str:
         """What the event used, as its record keeps it (``model.used``): the GPU time of all its runs, this run's
         wait in its queue and the part of it its worker spent in setup() (the cold start it paid), this run's peak
         memory, and its cost where ``worker.gpu_hour_price`` prices its GPU model."""
         b, claim = self.bundle, self.claim
-        gpu_us = self.gpu_us(finished)
+        gpu_us = self.gpu_us()
         queue_us, setup_us = None, 0
         if claim.waited_s is not None:
             queued, started = claim.started_at - claim.waited_s, self.started_at or claim.started_at
@@ -187,7 +185,7 @@ class Finisher:
         now = time.time()
         back = self.bundle.registry.hand_back(
             self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, min_room_mb=min_room_mb,
-            error=error, gpu_us=self.gpu_us(now),
+            error=error, gpu_us=self.gpu_us(),
         )  # fmt: skip
         self._observe(now, back == 1)
         return back
@@ -198,7 +196,7 @@ class Finisher:
         now = time.time()
         message = f"the GPUs of {self.bundle.worker_name} were reclaimed (a preemption notice); it runs again"
         back = self.bundle.registry.hand_back(
-            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, gpu_us=self.gpu_us(now),
+            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, gpu_us=self.gpu_us(),
             error={"errorType": "Preempted", "errorMessage": message}, preempted=True,
         )  # fmt: skip
         self._observe(now, back == 1)
@@ -207,7 +205,7 @@ class Finisher:
     def again_here(self, error: dict[str, Any], budget: int) -> bool:
         """Its GPU ran out of memory, and it runs again here at once: the retry recorded under ``budget``, with its
         GPU time so far (what a later claim carries if this process dies)."""
-        gpu_us = self.gpu_us(time.time())
+        gpu_us = self.gpu_us()
         back = self.bundle.registry.hand_back(
             self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, error=error, gpu_us=gpu_us,
             stay=True,
@@ -223,7 +221,7 @@ class Finisher:
         if written:
             b = self.bundle
             b.tally.observe("duration", self.function, finished - (self.started_at or self.claim.started_at))
-            self._tally_gpu_time(self.gpu_us(finished))
+            self._tally_gpu_time(self.gpu_us())
         if self.pipe is None:
             self.bundle.write_tally()
 
