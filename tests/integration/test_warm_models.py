@@ -28,11 +28,12 @@ def test_tasks_go_where_their_model_is_loaded_and_a_cold_one_waits_a_bounded_tim
     harness.wait_for(lambda: count("loads", "m1") == 2, what="each worker's first model loaded at boot")
     assert count("loads", "m2") == 0  # one at a time: the rest load when a task comes
 
-    # Nobody has m2 loaded: its task waits cold_wait_s, then a worker unloads m1 (teardown) and loads it.
+    # Nobody has m2 loaded: its task waits cold_wait_s, no longer, then a worker unloads m1 (teardown) and loads it.
     [first] = finished(harness, cp, [cp.invoke("m2", {}).id])
     usage = first["usage"]
     assert first["state"] == "SUCCEEDED" and COLD_WAIT_S <= usage["queue_seconds"] < COLD_WAIT_S + 3, usage
-    assert usage["setup_seconds"] > 0.4 and count("loads", "m2") == 1 and count("unloads", "m1") == 1
+    assert usage["setup_seconds"] > 0.4
+    assert count("loads", "m2") == 1 and count("unloads", "m1") == 1
     m2_worker = first["result"]["worker"]
     metric = 'gpufleet_cold_start_seconds_count{function="m2"} 1.0'
     harness.wait_for(lambda: metric in exposition(cp.fleet, cp.registry).decode(), what="the cold start in metrics")
@@ -45,3 +46,10 @@ def test_tasks_go_where_their_model_is_loaded_and_a_cold_one_waits_a_bounded_tim
     assert m2_worker not in {d["result"]["worker"] for d in done if d["function"] == "m1"}
     assert (count("loads", "m1"), count("loads", "m2")) == (2, 1)
     assert all(d["usage"]["setup_seconds"] == 0 for d in done)
+
+    # While m2's worker is busy, the other waits cold_wait_s for it, no longer, then loads m2 itself.
+    busy = cp.invoke("m2", {"seconds": 8}).id
+    harness.wait_for(lambda: cp.status(busy)["state"] == "RUNNING", what="m2's worker busy")
+    [late] = finished(harness, cp, [cp.invoke("m2", {}).id])
+    assert late["result"]["worker"] != m2_worker and count("loads", "m2") == 2
+    assert COLD_WAIT_S <= late["usage"]["queue_seconds"] < COLD_WAIT_S + 3, late["usage"]

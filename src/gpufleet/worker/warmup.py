@@ -7,9 +7,10 @@ longer counts).
 
 A process keeps at most ``worker.warm_functions`` functions loaded (all by default): it sets up the first that many
 when it boots, and another when a task of it comes (a cold start, counted and paid by that task's
-``setup_seconds``), unloading the least recently used first (its ``teardown(state)`` hook, then Python's and torch's
-caches). Its report says which are loaded (``warm``), and a task waits ``worker.cold_wait_s`` for a worker that has
-its function loaded before one that has not loads it (see :class:`ColdQueues`).
+``setup_seconds``), unloading the least recently used first, and those with tasks waiting for them last (its
+``teardown(state)`` hook, then Python's and torch's caches). Its report says which are loaded (``warm``), and a
+task waits ``worker.cold_wait_s`` for a worker that has its function loaded before one that has not loads it (see
+:class:`ColdQueues`).
 
 A function whose setup() failed here is not ready here: its tasks go back to their queue unstarted, their attempt
 not counted, for a worker where it works (or they wait, as for a version no live worker runs: its state is ERROR).
@@ -23,7 +24,7 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -51,6 +52,8 @@ class Setups:
         self.capacity = capacity  # functions loaded at once; None: every one
         self.states: dict[str, Any] = {}  # function name -> what its setup() returned, least recently used first
         self.cold_starts = 0  # setup() runs after boot: a task of an unloaded function came
+        # Of some loaded functions, those with tasks waiting (ColdQueues.wanted): unloaded last.
+        self.wanted: Callable[[list[str]], set[str]] = lambda names: set()
         self._functions: dict[str, Function] = {}
         self.failed: dict[str, tuple[float, str]] = {}  # function name -> (when it last failed, monotonic; why)
         self._pauses: dict[str, float] = {}  # function name -> the pause after its next hand-back (see pause)
@@ -100,7 +103,14 @@ class Setups:
     def _make_room(self, fn: Function) -> None:
         """Unload the least recently used functions until ``fn`` fits (see the module's rule)."""
         loaded = [name for name in self.states if name != fn.name and self._functions.get(name, fn).setup_fn]
-        while self.capacity is not None and loaded and len(loaded) >= self.capacity:
+        if self.capacity is None or len(loaded) < self.capacity:
+            return
+        try:  # the least recently used first, those with tasks waiting for them last
+            wanted = self.wanted(loaded)
+        except REDIS_ERRORS:
+            wanted = set()
+        loaded.sort(key=lambda name: name in wanted)
+        while loaded and len(loaded) >= self.capacity:
             name = loaded.pop(0)
             state, unloaded = self.states.pop(name), self._functions[name]
             if unloaded.teardown_fn is not None:
@@ -170,13 +180,14 @@ def free_caches() -> None:
 class ColdQueues:
     """The functions a pool process that keeps fewer loaded than it serves leaves to the workers that have them
     loaded: those it has not loaded whose oldest waiting task has waited less than ``worker.cold_wait_s`` (then it
-    loads one: a function nobody has loaded waits that long, never more). Read at most every ``CHECK_S``."""
+    loads one: a task never waits longer for its model's worker). Read at most every ``CHECK_S``."""
 
     CHECK_S = 0.25
 
     def __init__(self, setups: Setups, registry: Registry, queue_fn: dict[str, str], wait_s: float) -> None:
         self.setups, self.registry, self.queue_fn, self.wait_s = setups, registry, queue_fn, wait_s
         self._looked: tuple[float, set[str]] = (-self.CHECK_S, set())
+        setups.wanted = self.wanted
 
     def left_out(self) -> set[str]:
         if self.setups.capacity is None:
@@ -184,13 +195,11 @@ class ColdQueues:
         now = time.monotonic()
         if now - self._looked[0] < self.CHECK_S:
             return self._looked[1]
-        cold = {q: f for q, f in self.queue_fn.items() if f in self.cold()}
-        left = set(cold.values())
-        if cold:
-            try:
-                left -= self._due(cold)
-            except REDIS_ERRORS:  # cannot tell: it takes them, as a worker without warm models would
-                left = set()
+        try:
+            cold = {q: f for q, f in self.queue_fn.items() if f in self.cold()}
+            left = set(cold.values()) - self._due(cold)
+        except REDIS_ERRORS:  # cannot tell: it takes them, as a worker without warm models would
+            left = set()
         self._looked = (now, left)
         return left
 
@@ -200,11 +209,20 @@ class ColdQueues:
         return function in self.cold() and waited_s is not None and waited_s < self.wait_s
 
     def cold(self) -> set[str]:
-        """The functions with a setup() this process serves but has not loaded, when it keeps fewer than it serves."""
+        """The functions with a setup() this process serves but has not loaded and another worker has, when it keeps
+        fewer than it serves."""
         if self.setups.capacity is None:
             return set()
         loaded = self.setups.states
         return {fn.name for fn in self.setups.served if fn.setup_fn is not None and fn.name not in loaded}
+
+    def wanted(self, functions: list[str]) -> set[str]:
+        """Of ``functions``, those with tasks waiting in their queues: unloading one costs a cold start soon."""
+        queues = [(q, f) for q, f in self.queue_fn.items() if f in functions]
+        pipe = self.registry.pipeline()
+        for queue, _ in queues:
+            pipe.zcard(self.registry.keys.pending(queue))
+        return {f for (_, f), n in zip(queues, pipe.execute(), strict=True) if n}
 
     def _due(self, cold: dict[str, str]) -> set[str]:
         """The cold functions whose oldest waiting task (in any of their queues) has waited ``wait_s``."""
