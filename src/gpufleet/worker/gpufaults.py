@@ -66,6 +66,12 @@ def free_memory(exc: BaseException) -> None:
     while at is not None:
         traceback.clear_frames(at.__traceback__)
         at = at.__cause__ or at.__context__
+    free_caches()
+
+
+def free_caches() -> None:
+    """Give back what nothing refers to any more: Python's garbage, and torch's cached CUDA blocks where torch runs on
+    CUDA in this process (after an OOM, or once a model is unloaded)."""
     gc.collect()
     torch = _torch_cuda()
     if torch is not None:

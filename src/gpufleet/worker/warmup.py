@@ -20,9 +20,7 @@ appears, a device that frees up, and the worker serves the function again.
 
 from __future__ import annotations
 
-import gc
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,6 +33,7 @@ from gpufleet.registry.model import REDIS_ERRORS
 from gpufleet.registry.store import Registry
 from gpufleet.registry.tally import Tally
 from gpufleet.scheduling.versions import ERROR, READY, SETUP, report_setup
+from gpufleet.worker.gpufaults import free_caches
 
 log = structlog.get_logger("gpufleet.worker")
 
@@ -166,15 +165,6 @@ class Setups:
             report_setup(self.registry, self.worker, report)
         except REDIS_ERRORS:  # a state nobody sees is only a state nobody sees: the worker runs on
             log.warning("cannot report setup() to Redis", exc_info=True)
-
-
-def free_caches() -> None:
-    """Give back what an unloaded model held: Python's garbage, and torch's cached CUDA blocks where torch runs on
-    CUDA in this process."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 class ColdQueues:
