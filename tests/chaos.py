@@ -8,10 +8,11 @@ process group. Meanwhile:
 - the trigger and the dispatcher are SIGKILLed and restarted every ``role_kill_every_s``;
 - every ``freeze_every_s`` the whole worker tree is frozen (SIGSTOP), killed while frozen, and started again.
 
-Every event is ``{"function": ..., "payload": {"i": n}, "id": ..., "priority": 0-9}``: one in three goes to
-``chaos-batch`` (dynamic batching, up to 8 events a call), the others to ``chaos``, at priorities spread over 0-9.
-Both functions record each event's start (pid, time) in Redis. At the end the report counts what was lost, what ran
-twice and whether a kill explains it.
+Every event is ``{"function": ..., "payload": {"i": n}, "id": ..., "priority": 0-9}``, at priorities spread over
+0-9, to the functions of ``KINDS`` in turn: ``chaos``; ``chaos-batch`` (dynamic batching, up to 8 events a call);
+``chaos-pair`` (two GPUs at once: the host's GPUs are shared, held in Redis, and reserved); ``chaos-steps`` (five
+checkpointed steps: a run after a kill resumes). Each records every event's start (pid, time) in Redis. At the end
+the report counts what was lost, what ran twice and whether a kill explains it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import redis
 import yaml
 
 FUNCTIONS = Path(__file__).parent / "functions"
+GPU_FUNCTIONS = Path(__file__).parent / "functions_chaos"  # tasks of two GPUs, and checkpointing ones
+KINDS = ("chaos", "chaos-batch", "chaos", "chaos-pair", "chaos-batch", "chaos-steps")
 ROLES = ("worker", "trigger", "dispatcher")
 
 
@@ -114,6 +117,7 @@ class ChaosFleet:
                 "lease_s": self.plan.lease_s,
                 "kill_grace_s": 2,
                 "shutdown_grace_s": 5,
+                "reserve_after_s": 2,  # a 2-GPU task waits that long for its pair, kills or not
             },
             "defaults": {
                 "on_success": f"kafka:///{self.topic('success')}",
@@ -122,7 +126,7 @@ class ChaosFleet:
             },
             "dispatcher": {"claim_idle_s": 3},
             "logging": {"level": "warning", "format": "json"},
-            "functions": [str(FUNCTIONS)],
+            "functions": [str(FUNCTIONS), str(GPU_FUNCTIONS)],
             "triggers": [str(triggers)],
         }
         path = self.workdir / "fleet.yaml"
@@ -234,7 +238,7 @@ class Chaos:
             pause = self.plan.produce_s / max(1, len(ids))
             for i, task_id in enumerate(ids):
                 supplied = task_id.partition(":")[2]
-                body = {"function": "chaos-batch" if i % 3 == 2 else "chaos", "id": supplied, "priority": i * 7 % 10,
+                body = {"function": KINDS[i % len(KINDS)], "id": supplied, "priority": i * 7 % 10,
                         "payload": {"i": i, "seconds": self.plan.task_s}}  # fmt: skip
                 producer.send(self.fleet.topic("requests"), orjson.dumps(body))
                 if pause >= 0.005 or i % 50 == 0:

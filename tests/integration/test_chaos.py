@@ -1,7 +1,8 @@
 """Chaos in the suite: a few hundred events through the roles as separate processes while pool processes are
 SIGKILLed every few seconds, the trigger and the dispatcher are killed and restarted, and the whole worker tree is
-frozen, killed and restarted. A third of the events go to a batch function, and priorities are mixed. Nothing is
-lost, no task has two Success outcomes, and every task succeeds."""
+frozen, killed and restarted. A third of the events go to a batch function, one in six to a function of two GPUs
+(the worker GPUs are shared, held and reserved) and one in six to one that checkpoints and resumes, and priorities
+are mixed. Nothing is lost, no task has two Success outcomes, and every task succeeds."""
 
 from __future__ import annotations
 
