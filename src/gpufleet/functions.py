@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpufleet.context import Context
 from gpufleet.errors import ConfigError
-from gpufleet.scheduling.gpumodels import check_model
+from gpufleet.scheduling.gpumodels import MIG_PROFILE_RE, check_model
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # no ':': "embed:4" names a version of embed
@@ -62,8 +62,6 @@ MAX_OOM_RETRIES = 10
 MAX_PREEMPTIONS = 100
 MAX_GPU_GB = 4096  # a typo's bound, not a GPU's: the largest today hold under 300 GiB
 GPU_COUNTS = (1, 2, 4, 8)  # GPUs per task: the aligned groups a host's GPUs split into
-MIG_PROFILE_RE = re.compile(r"[1-7]g\.\d+gb(?:\+\w+)?")  # NVIDIA's MIG profile names: 1g.10gb, 3g.40gb, 1g.10gb+me
-MIG_SLICES = 7  # compute slices of an A100's or H100's: a profile's "<n>g" is n of them
 
 
 # (event, ctx) -> result; a batch function's is (list of events, BatchContext) -> list of results, in order.

@@ -410,6 +410,13 @@ class Registry:
         outcome, state = self._retry_now(keys=[self.keys.task(task_id)], args=[self.prefix, time.time(), envelope])
         return outcome.decode(), state.decode()
 
+    def waiting(self, queues: list[str]) -> list[int]:
+        """How many tasks wait in each of ``queues``, in one round trip."""
+        pipe = self.pipeline()
+        for queue in queues:
+            pipe.zcard(self.keys.pending(queue))
+        return [int(n) for n in pipe.execute()]
+
     def position(self, task_id: str, queue: str) -> tuple[int, int] | None:
         """(tasks ahead of this one, queue length) in its queue, or None when it is not waiting there."""
         key = self.keys.pending(queue)

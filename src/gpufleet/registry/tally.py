@@ -37,10 +37,10 @@ class Tally:
         key = self._keys.metric(name)
         self._add(key, ((f"{function}{US}{bucket}", 1), (f"{function}{US}sum_us", round(seconds * 1e6))))
 
-    def gpu_time(self, function: str, model: str, pool: str, seconds: float, gpus: int = 1) -> None:
-        """One attempt's handler time on ``gpus`` GPUs of ``model``, in ``pool``: what placement's estimates and
-        ``gpufleet_gpu_seconds_total`` read."""
-        us = round(max(seconds, 0.0) * 1e6) * gpus
+    def gpu_time(self, function: str, model: str, pool: str, seconds: float) -> None:
+        """One attempt's GPU time (handler time x GPUs held) on GPUs of ``model``, in ``pool``: what placement's
+        estimates and ``gpufleet_gpu_seconds_total`` read."""
+        us = round(max(seconds, 0.0) * 1e6)
         adds = ((gpu_time_field(function, model, pool, "us"), us), (gpu_time_field(function, model, pool, "n"), 1))
         self._add(self._keys.metric("gpu_time"), adds)
         self._add(self._keys.gpu_hour(int(time.time() // 3600)), adds)  # for `gpufleet usage --since`

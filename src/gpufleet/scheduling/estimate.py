@@ -188,8 +188,7 @@ class FleetView:
         if own is not None:
             return own  # it goes on with its next task on the same GPUs
         host = str(entry.get("worker", "")).partition("@")[2]
-        names = {f"{g}@{host}" for g in entry["gang"]}
-        left = [self._left(str(e.get("worker")), models) or 0.0 for e in self.entries if e.get("worker") in names]
+        left = [self._left(f"{gpu}@{host}", models) or 0.0 for gpu in entry["gang"]]
         return group_ready_s(left, True, self.reserve_after_s, self._typical_one)
 
 

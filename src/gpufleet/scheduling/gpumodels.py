@@ -10,6 +10,8 @@ import re
 from gpufleet.errors import ConfigError, did_you_mean
 
 ANY = "any"
+MIG_PROFILE_RE = re.compile(r"[1-7]g\.\d+gb(?:\+\w+)?")  # NVIDIA's MIG profile names: 1g.10gb, 3g.40gb, 1g.10gb+me
+MIG_SLICES = 7  # compute slices of an A100's or H100's: a profile's "<n>g" is n of them
 # Series, most specific first, so "NVIDIA GH200 480GB" is GH200, not H200.
 # fmt: skip below: a list of names reads better packed than one per line.
 SERIES = ("GH200", "GB200", "H200", "H100", "H800", "H20", "B200", "B100", "A100", "A800", "A10G", "A10", "A30",

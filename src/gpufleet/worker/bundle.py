@@ -17,12 +17,13 @@ import structlog
 
 from gpufleet.aws import ObjectStore
 from gpufleet.config import Fleet
-from gpufleet.functions import MAX_TIMEOUT_S, MIG_SLICES
+from gpufleet.functions import MAX_TIMEOUT_S
 from gpufleet.registry.checkpoints import Checkpoints
 from gpufleet.registry.keyspace import Keyspace
 from gpufleet.registry.messages import Envelopes, MessageFactory
 from gpufleet.registry.store import Registry
 from gpufleet.registry.tally import Tally
+from gpufleet.scheduling.gpumodels import MIG_SLICES
 from gpufleet.worker.batchfit import BatchFit
 from gpufleet.worker.gpus import Device, load_nvml
 from gpufleet.worker.holds import Holds
@@ -85,8 +86,7 @@ class ProcessBundle:
     def holds(self) -> Holds:
         """The GPUs this process holds to run a task, where another worker shares them (see holds)."""
         reserve = self.fleet.settings.worker.reserve_after_s
-        client, keys = self.registry.client, self.registry.keys
-        return Holds(client, keys, self.host, self.worker_name, self.holds_on, reserve, self.queues)
+        return Holds(self.registry, self.host, self.worker_name, self.holds_on, reserve, self.queues)
 
     def check_scratch(self) -> None:
         """Create the scratch root (0700) or check an existing one, so that a root another user owns stops the

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from gpufleet.scheduling.gpumodels import model_of
+from gpufleet.scheduling.gpumodels import MIG_PROFILE_RE, model_of
 from gpufleet.worker.health import Health, HealthWatch
 
 log = structlog.get_logger("gpufleet.gpus")
@@ -101,7 +101,7 @@ class GpuInfo:
         return f"{self.model}:{self.mig}" if self.mig else self.model
 
 
-MIG_PROFILE = re.compile(r"\bMIG (\d+g\.\d+gb(?:\+\w+)?)")
+MIG_PROFILE = re.compile(rf"\bMIG ({MIG_PROFILE_RE.pattern})")  # NVML's name of an instance: "<GPU> MIG 1g.10gb"
 
 
 def mig_instances(nvml: Any, handle: Any, index: int, model: str) -> list[GpuInfo]:

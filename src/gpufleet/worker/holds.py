@@ -24,8 +24,9 @@ from typing import Any
 
 import structlog
 
-from gpufleet.registry.keyspace import Keyspace, script
+from gpufleet.registry.keyspace import script
 from gpufleet.registry.model import REDIS_ERRORS
+from gpufleet.registry.store import Registry
 
 log = structlog.get_logger("gpufleet.worker")
 
@@ -38,21 +39,22 @@ class Holds:
 
     def __init__(
         self,
-        client: Any,
-        keys: Keyspace,
+        registry: Registry,
         host: str,
         worker: str,
         indices: tuple[int, ...],
         reserve_after_s: float,
         queues: list[str] | None = None,
     ) -> None:
-        self.client, self.keys, self.worker, self.indices = client, keys, worker, indices
-        self.key = keys.holds(host)
+        self.registry, self.keys = registry, registry.keys
+        self.client: Any = registry.client
+        self.worker, self.indices = worker, indices
+        self.key = self.keys.holds(host)
         self.queues = queues or []  # a multi-GPU worker's: the tasks that wait there are what it reserves for
         self.reserve_after_s = reserve_after_s
         self.held = False
-        self._hold = client.register_script(script("hold"))
-        self._unhold = client.register_script(script("unhold"))
+        self._hold = self.client.register_script(script("hold"))
+        self._unhold = self.client.register_script(script("unhold"))
         self._looked: tuple[float, bool] = (-CHECK_S, False)
 
     @property
@@ -70,7 +72,7 @@ class Holds:
         if not self.indices or self.held:
             return True
         tickets = self.keys.tickets(self.queues[0]) if self.gang and self.queues else ""
-        args = [time.time(), self.worker, self.reserve_after_s, STALE_S, tickets, waiting, *self.indices]
+        args: list[Any] = [time.time(), self.worker, self.reserve_after_s, STALE_S, tickets, waiting, *self.indices]
         self.held = bool(self._hold(keys=[self.key], args=args))
         if self.held:  # hold.lua found no other holder and no reservation owed
             self._looked = (time.monotonic(), False)
@@ -120,7 +122,4 @@ class Holds:
 
     def waiting(self) -> int:
         """How many tasks wait in this worker's queues (a multi-GPU worker reserves its GPUs only for one)."""
-        pipe = self.client.pipeline(transaction=False)
-        for queue in self.queues:
-            pipe.zcard(self.keys.pending(queue))
-        return sum(pipe.execute())
+        return sum(self.registry.waiting(self.queues))

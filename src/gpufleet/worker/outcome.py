@@ -180,24 +180,21 @@ class Finisher:
         return used(gpu_us, queue_us, setup_us, self.peak_mb, cost)
 
     def ran_out(self, error: dict[str, Any], budget: int, min_room_mb: int | None) -> int:
-        """Its GPU ran out of memory (or broke): back to its queue under ``budget`` (see ``Registry.hand_back``),
-        its GPU time counted."""
-        now = time.time()
-        back = self.bundle.registry.hand_back(
-            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, min_room_mb=min_room_mb,
-            error=error, gpu_us=self.gpu_us(),
-        )  # fmt: skip
-        self._observe(now, back == 1)
-        return back
+        """Its GPU ran out of memory (or broke): back to its queue under ``budget``."""
+        return self._back(error, budget, min_room_mb=min_room_mb)
 
     def preempt(self, budget: int) -> int:
-        """Its host's GPUs were reclaimed: back to its queue, its attempt not spent, under ``budget`` (see
-        ``Registry.hand_back``), its GPU time counted."""
-        now = time.time()
+        """Its host's GPUs were reclaimed: back to its queue, its attempt not spent, under ``budget``."""
         message = f"the GPUs of {self.bundle.worker_name} were reclaimed (a preemption notice); it runs again"
+        return self._back({"errorType": "Preempted", "errorMessage": message}, budget, preempted=True)
+
+    def _back(self, error: dict[str, Any], budget: int, **how: Any) -> int:
+        """Back to the head of its queue under ``budget`` (see ``Registry.hand_back``: 1, 0, or -1 past it), its
+        GPU time so far carried and counted."""
+        now = time.time()
         back = self.bundle.registry.hand_back(
-            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, gpu_us=self.gpu_us(),
-            error={"errorType": "Preempted", "errorMessage": message}, preempted=True,
+            self.task_id, self.token, self.bundle.envelopes, None, gpu_budget=budget, error=error, gpu_us=self.gpu_us(),
+            **how,
         )  # fmt: skip
         self._observe(now, back == 1)
         return back

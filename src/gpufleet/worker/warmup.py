@@ -50,7 +50,6 @@ class Setups:
         self.retry_s = retry_s
         self.capacity = capacity  # functions loaded at once; None: every one
         self.states: dict[str, Any] = {}  # function name -> what its setup() returned, least recently used first
-        self.cold_starts = 0  # setup() runs after boot: a task of an unloaded function came
         # Of some loaded functions, those with tasks waiting (ColdQueues.wanted): unloaded last.
         self.wanted: Callable[[list[str]], set[str]] = lambda names: set()
         self._functions: dict[str, Function] = {}
@@ -76,7 +75,6 @@ class Setups:
             return time.monotonic() - self.failed[fn.name][0] >= self.retry_s and self._run(fn)
         if fn.setup_fn is None or fn.name in self.states:
             return True
-        self.cold_starts += 1
         log.info("cold start: loading a function", function=fn.name, loaded=list(self.states))
         began = time.monotonic()
         loaded = self._run(fn)
@@ -199,8 +197,7 @@ class ColdQueues:
         return function in self.cold() and waited_s is not None and waited_s < self.wait_s
 
     def cold(self) -> set[str]:
-        """The functions with a setup() this process serves but has not loaded and another worker has, when it keeps
-        fewer than it serves."""
+        """The functions with a setup() this process serves but has not loaded, when it keeps fewer than it serves."""
         if self.setups.capacity is None:
             return set()
         loaded = self.setups.states
@@ -209,10 +206,8 @@ class ColdQueues:
     def wanted(self, functions: list[str]) -> set[str]:
         """Of ``functions``, those with tasks waiting in their queues: unloading one costs a cold start soon."""
         queues = [(q, f) for q, f in self.queue_fn.items() if f in functions]
-        pipe = self.registry.pipeline()
-        for queue, _ in queues:
-            pipe.zcard(self.registry.keys.pending(queue))
-        return {f for (_, f), n in zip(queues, pipe.execute(), strict=True) if n}
+        counts = self.registry.waiting([q for q, _ in queues])
+        return {f for (_, f), n in zip(queues, counts, strict=True) if n}
 
     def _due(self, cold: dict[str, str]) -> set[str]:
         """The cold functions whose oldest waiting task (in any of their queues) has waited ``wait_s``."""
