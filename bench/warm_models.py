@@ -1,12 +1,13 @@
 """Warm models, routed to: cold starts and latency with affinity against the same traffic without it.
 
-    .venv/bin/python bench/warm_models.py [--tasks N] [--rate R] [--seed S]
+    .venv/bin/python bench/warm_models.py [--tasks N] [--rate R] [--seed S] [--cold-wait 5,10]
 
 8 functions, each with a 2 s setup(), on 2 virtual GPUs whose workers keep 2 loaded each (``worker.warm_functions``),
-with Zipf traffic (s = 1.1) at ``--rate`` tasks a second, each 0.1 s of work. Two runs on the same arrivals: with
-affinity (``worker.cold_wait_s`` 5: a task waits that long for a worker that has its function loaded), and without
-(``cold_wait_s`` 0: the first idle worker loads whatever it gets, as a worker that knows nothing of warm models
-does). Printed: the cold starts (setup() runs after boot), and the latency from invocation to outcome.
+with Zipf traffic (s = 1.1) at ``--rate`` tasks a second, each 0.1 s of work. Runs on the same arrivals: with
+affinity, for each ``--cold-wait`` (``worker.cold_wait_s``: the longest a task waits for a worker that has its
+function loaded), and without (``cold_wait_s`` 0: a worker reads its queues as they come and loads whatever it
+gets, as a worker that knows nothing of warm models does). Printed: the cold starts (setup() runs after boot), and
+the latency from invocation to outcome.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def run(workdir: Path, redis_url: str, name: str, cold_wait_s: float, plan: list
     latencies = [_seconds(v["finished_at"]) - _seconds(v["created_at"]) for v in views]
     return {
         "cold": int(client.get(f"warm:{name}:loads") or 0) - 4,
+        "by": {k.decode(): int(v) for k, v in client.hgetall(f"warm:{name}:loads_by").items()},
         "failed": sum(v["state"] != "SUCCEEDED" for v in views),
         "p50": statistics.median(latencies),
         "p95": sorted(latencies)[int(0.95 * len(latencies))],
@@ -106,24 +108,28 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--rate", type=float, default=4.0, help="tasks a second (default 4)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cold-wait", default="5", help="cold_wait_s of the affinity runs, comma-separated")
     args = parser.parse_args()
+    waits = [float(w) for w in args.cold_wait.split(",")]
     plan = arrivals(args.tasks, args.rate, args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-warm-"))
     services = LocalServices(workdir, kafka=False).start()
     try:
-        results = {name: run(workdir, services.redis_url, name, wait, plan)
-                   for name, wait in (("affinity", 5.0), ("no-affinity", 0.0))}  # fmt: skip
+        runs = [(f"affinity, cold_wait_s {w:g}", w) for w in waits] + [("without affinity", 0.0)]
+        results = {name: run(workdir, services.redis_url, f"r{i}", wait, plan) for i, (name, wait) in enumerate(runs)}
     finally:
         services.stop()
-    base = results["no-affinity"]
+    base = results["without affinity"]
     print(f"{args.tasks} tasks at {args.rate:g}/s over 8 functions (Zipf 1.1), 2 s setup, 0.1 s each; 2 virtual GPUs "
           f"keeping 2 functions loaded each; seed {args.seed}.\n")  # fmt: skip
-    print("| run | cold starts | vs without affinity | setup seconds paid | latency p50 (s) | p95 (s) | failed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | cold starts | vs without affinity | setup seconds paid | latency p50 (s) | p95 (s) | failed | "
+          "loads of f0 .. f7, boot's too |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = f"{r['cold'] / base['cold']:.2f}x" if base["cold"] else "-"
         print(
-            f"| {name} | {r['cold']} | {ratio} | {r['setup']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['failed']} |"
+            f"| {name} | {r['cold']} | {ratio} | {r['setup']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['failed']} | "
+            f"{' '.join(str(r['by'].get(f, 0)) for f in FUNCTIONS)} |"
         )
     return 0
 

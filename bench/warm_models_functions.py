@@ -1,5 +1,5 @@
 """bench/warm_models.py's functions: f0 .. f7, each with a ``WARM_LOAD_S`` setup() (a model to load) and a
-``WARM_SERVE_S`` handler; each load counts under ``warm:<run>:loads``."""
+``WARM_SERVE_S`` handler; each load counts under ``warm:<run>:loads`` (and by function, ``warm:<run>:loads_by``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def _make(name: str) -> Any:
     @fn.setup
     def load() -> str:
         time.sleep(float(os.environ.get("WARM_LOAD_S", "2")))
-        redis.Redis.from_url(os.environ["WARM_REDIS_URL"]).incr(f"warm:{RUN}:loads")
+        client = redis.Redis.from_url(os.environ["WARM_REDIS_URL"])
+        client.incr(f"warm:{RUN}:loads")
+        client.hincrby(f"warm:{RUN}:loads_by", name, 1)
         return name
 
     return fn

@@ -23,6 +23,8 @@ Key layout (prefix ``P``):
   per minute for the dashboard's chart (kept two hours). US is the ASCII unit separator, which no name may contain;
 - ``P:gpus``, ``P:ready``, ``P:setup``, ``P:host:{host}``, ``P:cordons``: the GPU inventory, the pool processes
   ready, each function's setup() per worker, a supervisor's heartbeat, the GPUs cordoned and why;
+- ``P:warm:{queue}``: the workers that read the queue and have its function loaded (``worker.warm_functions``), by
+  when each last said so (gpufleet.worker.warmup.Affinity);
 - ``P:ckpt:{id}``: a task's last checkpoint (``ctx.checkpoint``: JSON, or where in the object store it lies), kept
   as long as its record;
 - ``P:holds:{host}``: which worker holds each GPU of a host that serves a multi-GPU function (index -> worker), and
@@ -222,6 +224,10 @@ class Keyspace:
 
     def pending(self, queue: str) -> str:
         return f"{self.prefix}:pending:{queue}"
+
+    def warm(self, queue: str) -> str:
+        """The workers reading ``queue`` that have its function loaded, by when they last said so."""
+        return f"{self.prefix}:warm:{queue}"
 
     def metric(self, name: str) -> str:
         """``P:m:<name>``: created, finished, wait, duration, gpu_time, overflow, dead, dead_recent, trigger_lag,

@@ -20,7 +20,7 @@ from gpufleet.config import Fleet
 from gpufleet.functions import MAX_TIMEOUT_S
 from gpufleet.registry.checkpoints import Checkpoints
 from gpufleet.registry.keyspace import Keyspace
-from gpufleet.registry.messages import Envelopes, MessageFactory
+from gpufleet.registry.messages import Envelopes, MessageFactory, parse_queue
 from gpufleet.registry.store import Registry
 from gpufleet.registry.tally import Tally
 from gpufleet.scheduling.gpumodels import MIG_SLICES
@@ -29,7 +29,7 @@ from gpufleet.worker.gpus import Device, load_nvml
 from gpufleet.worker.holds import Holds
 from gpufleet.worker.lease import LeaseKeeper
 from gpufleet.worker.scratch import default_root, open_root
-from gpufleet.worker.warmup import Setups
+from gpufleet.worker.warmup import Affinity, Setups
 from gpufleet.worker.watchdog import SharedSlot
 
 log = structlog.get_logger("gpufleet.worker")
@@ -59,7 +59,7 @@ class ProcessBundle:
         self.gpu = gpu
         # The label is <slot>:<model>, e.g. gpu0:H100, or gpu0.mig3:H100:1g.10gb for a MIG instance.
         self.gpu_model = gpu.partition(":")[2] or "virtual"
-        self.device_uuid = device  # NVML's UUID of the GPU; "" for a virtual one
+        self.device_uuid = device  # NVML's UUID of the GPU (a group's, comma-separated); "" for a virtual one
         self.slot = slot or SharedSlot()  # shared with the parent process, which watches it (see watchdog)
         worker = fleet.settings.worker
         self.host = worker.hostname
@@ -137,6 +137,8 @@ class ProcessBundle:
     def tally_tick(self) -> None:
         if self.tally.due():
             self.write_tally()
+        if self.affinity.on:
+            self.affinity.tick()
 
     def write_tally(self) -> None:
         """Write the observations now: at a shutdown, or with an outcome written on its own (this process may be
@@ -154,6 +156,18 @@ class ProcessBundle:
     def setups(self) -> Setups:
         worker = self.fleet.settings.worker
         return Setups(self.registry, self.worker_name, worker.setup_retry_s, worker.warm_functions, self.tally)
+
+    @functools.cached_property
+    def queue_fn(self) -> dict[str, str]:
+        """Each of this process's function queues -> its function (the pool and model queues of older releases, which
+        may hold any function's task, have none)."""
+        prefix = self.fleet.settings.redis.key_prefix
+        return {q: parsed[2] for q in self.queues if (parsed := parse_queue(prefix, q)) and parsed[2]}
+
+    @functools.cached_property
+    def affinity(self) -> Affinity:
+        """Which of its queues this process reads first, and which it leaves to workers with their model loaded."""
+        return Affinity(self.setups, self.registry, self.queue_fn, self.fleet.settings.worker.cold_wait_s)
 
     @functools.cached_property
     def envelopes(self) -> Envelopes:

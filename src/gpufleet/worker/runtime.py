@@ -31,7 +31,6 @@ from gpufleet.worker.jobs import JobSteps
 from gpufleet.worker.lease import owner_is_dead, owner_token, process_owner
 from gpufleet.worker.outcome import Finisher, Outcomes
 from gpufleet.worker.room import Room
-from gpufleet.worker.warmup import ColdQueues
 from gpufleet.worker.watchdog import SharedSlot, bury
 
 log = structlog.get_logger("gpufleet.worker")
@@ -62,25 +61,14 @@ class Runtime:
         self.fleet = fleet
         self.queues = queues or []  # the Celery queues this worker reads, in its order
         self._queues_turn = 0
-        prefix = fleet.settings.redis.key_prefix
-        # Each function's queue -> the function (the pool and model queues of older releases have none).
-        self._queue_fn = {q: parsed[2] for q in self.queues if (parsed := parse_queue(prefix, q)) and parsed[2]}
         self.bundle = ProcessBundle(fleet, worker_name, gpu, slot, device, holds_on, self.queues)
         self.attempts = Attempts(self.bundle)
         self.room = Room(self.bundle)
-        self._coldq: ColdQueues | None = None
         self._ahead: Ahead | None = None
         self._jobs: JobSteps | None = None
         self._ran: list[tuple[str, str]] = []  # the tasks of the last run, whose outcomes may be on their way
         # Each function's last run here: its seconds, and whether its handler held the GIL (see _claim_in).
         self._recent: dict[str, tuple[float, bool]] = {}
-
-    @property
-    def cold(self) -> ColdQueues:
-        if self._coldq is None:
-            wait_s = self.fleet.settings.worker.cold_wait_s
-            self._coldq = ColdQueues(self.bundle.setups, self.bundle.registry, self._queue_fn, wait_s)
-        return self._coldq
 
     @property
     def slot(self) -> SharedSlot:
@@ -103,7 +91,6 @@ class Runtime:
         self.bundle = self.bundle.fresh()
         self.attempts = Attempts(self.bundle)
         self.room = Room(self.bundle)
-        self._coldq = None
         self.attempts.install()
         self._ahead = None
         self._jobs = None
@@ -123,6 +110,9 @@ class Runtime:
             log.warning("cannot let go of the GPUs the process this one replaces held", exc_info=True)
         # Warm every function now, so the first task does not pay for loading a model; the fleet sees how it went.
         self.bundle.setups.warm_up(self.fleet.functions.values())
+        if self.bundle.affinity.on:
+            self.bundle.affinity.say()
+            _ = self.bundle.lease  # its thread says it again from now on, busy or idle (see ProcessBundle.tally_tick)
         try:  # ready: the supervisor's inventory shows it, and the scaling figure stops counting it as starting
             registry.client.hset(registry.keys.ready, self.bundle.worker_name, os.getppid())
         except REDIS_ERRORS:
@@ -191,7 +181,8 @@ class Runtime:
                 if waits:
                     time.sleep(min(WAIT_SLICE_S, max(0.0, until - time.monotonic())))
                     continue
-            lists = [priority_list(q, p) for p in reversed(PRIORITY_STEPS) for q in self._turn()]
+            queues = self._turn()
+            lists = [priority_list(q, p) for p in reversed(PRIORITY_STEPS) for q in queues]
             if not lists:  # no room for any of its functions now: look again in a moment, not at Celery's pace
                 time.sleep(min(WAIT_SLICE_S, max(0.0, until - time.monotonic())))
                 continue
@@ -276,15 +267,16 @@ class Runtime:
     def _turn(self) -> list[str]:
         """This worker's queues, in the order to read them this time (they take turns being first), less those of a
         function whose setup() failed here or that its GPU has no room for now (and, while any is left out, the pool
-        and model queues of older releases, which may hold any function's task: Celery still reads them)."""
+        and model queues of older releases, which may hold any function's task: Celery still reads them); with warm
+        models, in the order of :class:`~gpufleet.worker.warmup.Affinity`."""
         if self.bundle.holds.yielding():  # a multi-GPU task has (or is owed) one of its GPUs: nothing new
             return []
         self._queues_turn = (self._queues_turn + 1) % len(self.queues)
         queues = self.queues[self._queues_turn :] + self.queues[: self._queues_turn]
-        left_out = self.bundle.setups.failed.keys() | self.room.short() | self.cold.left_out()
+        left_out, queue_fn = self.bundle.setups.failed.keys() | self.room.short(), self.bundle.queue_fn
         if left_out:
-            queues = [q for q in queues if self._queue_fn.get(q) not in left_out and q in self._queue_fn]
-        return queues
+            queues = [q for q in queues if queue_fn.get(q) not in left_out and q in queue_fn]
+        return self.bundle.affinity.arrange(queues)
 
     def _next(self, pipe: Any) -> Item | None:
         """Write the last outcome (in ``pipe``, if any) and take the next task, in one round trip."""
@@ -373,7 +365,7 @@ class Runtime:
             )
             done.fail(TaskError(f"this worker does not serve function {item.function!r}"), "UnknownFunction")
             return
-        if self.cold.young(fn.name, item.claim.waited_s) and self.give_back(item.task_id, item.token):
+        if self.bundle.affinity.leave(fn.name, item.claim.waited_s) and self.give_back(item.task_id, item.token):
             return  # back, unstarted, its wait going on: a worker that has its function loaded may take it
         if not self.bundle.setups.ready(fn):
             self._not_ready(item, fn)

@@ -7,10 +7,10 @@ longer counts).
 
 A process keeps at most ``worker.warm_functions`` functions loaded (all by default): it sets up the first that many
 when it boots, and another when a task of it comes (a cold start, counted and paid by that task's
-``setup_seconds``), unloading the least recently used first, and those with tasks waiting for them last (its
-``teardown(state)`` hook, then Python's and torch's caches). Its report says which are loaded (``warm``), and a
-task waits ``worker.cold_wait_s`` for a worker that has its function loaded before one that has not loads it (see
-:class:`ColdQueues`).
+``setup_seconds``). To make room it unloads (its ``teardown(state)`` hook, then Python's and torch's caches) first
+a function another worker has loaded too, last one with tasks waiting for it, and otherwise the one it ran fewest
+tasks of lately, then the least recently used. Its report says which are loaded (``warm``), and :class:`Affinity`
+routes each task to a worker that has its function loaded, for at most ``worker.cold_wait_s``.
 
 A function whose setup() failed here is not ready here: its tasks go back to their queue unstarted, their attempt
 not counted, for a worker where it works (or they wait, as for a version no live worker runs: its state is ERROR).
@@ -37,6 +37,8 @@ from gpufleet.worker.gpufaults import free_caches
 
 log = structlog.get_logger("gpufleet.worker")
 
+USE_DECAY = 0.98  # how much a function's use here counts for less at each task run: about the last 50 tasks
+
 
 class Setups:
     """Each function's setup() in one pool process: what it returned, or when it last failed."""
@@ -50,27 +52,29 @@ class Setups:
         self.retry_s = retry_s
         self.capacity = capacity  # functions loaded at once; None: every one
         self.states: dict[str, Any] = {}  # function name -> what its setup() returned, least recently used first
-        # Of some loaded functions, those with tasks waiting (ColdQueues.wanted): unloaded last.
-        self.wanted: Callable[[list[str]], set[str]] = lambda names: set()
+        # What unloading each of some loaded functions would cost (Affinity.keep): the cheapest unloaded first.
+        self.keep: Callable[[list[str]], dict[str, int]] = lambda names: {}
+        self.changed: Callable[[], None] = lambda: None  # a function loaded or unloaded (Affinity.say)
+        self.used: dict[str, float] = {}  # function name -> tasks run here lately, each older one counting less
         self._functions: dict[str, Function] = {}
         self.failed: dict[str, tuple[float, str]] = {}  # function name -> (when it last failed, monotonic; why)
         self._pauses: dict[str, float] = {}  # function name -> the pause after its next hand-back (see pause)
         self._ran: list[tuple[float, float]] = []  # when setup() ran here lately (wall clock): the cold starts
 
     def warm_up(self, functions: Iterable[Function]) -> None:
-        """Run each function's ``setup()`` (the first ``capacity`` of them), reporting as it goes."""
+        """Run each function's ``setup()`` (the first ``capacity`` of those that have one), reporting as it goes."""
         functions = list(functions)
         self._functions = {fn.name: fn for fn in functions}
-        now = functions[: self.capacity] if self.capacity is not None else functions
-        later = {fn.name: self._entry(fn, READY) for fn in functions[len(now) :]}  # served: set up when a task comes
-        self._say({**{fn.name: self._entry(fn, SETUP if fn.setup_fn else READY) for fn in now}, **later})
+        models = [fn for fn in functions if fn.setup_fn is not None]  # a function without one takes no room
+        now = models[: self.capacity] if self.capacity is not None else models
+        later = {fn.name: self._entry(fn, READY) for fn in functions if fn not in now}  # set up when a task comes
+        self._say({**{fn.name: self._entry(fn, SETUP) for fn in now}, **later})
         for fn in now:
-            if fn.setup_fn is not None:
-                self._run(fn)
+            self._run(fn)
 
     def ready(self, fn: Function) -> bool:
         """Whether ``fn`` may run here: its setup() succeeded, or (``retry_s`` after it last failed) succeeds now; an
-        unloaded one is loaded now (a cold start), the least recently used unloaded to make room."""
+        unloaded one is loaded now (a cold start), another unloaded to make room."""
         if fn.name in self.failed:
             return time.monotonic() - self.failed[fn.name][0] >= self.retry_s and self._run(fn)
         if fn.setup_fn is None or fn.name in self.states:
@@ -91,6 +95,8 @@ class Setups:
             elif not self._run(fn):
                 raise TaskError(f"setup() of {fn.name} failed: {self.why(fn)}")
         self.states[fn.name] = self.states.pop(fn.name)
+        self.used = {name: n * USE_DECAY for name, n in self.used.items() if n > 0.01}
+        self.used[fn.name] = self.used.get(fn.name, 0.0) + 1
         return self.states[fn.name]
 
     @property
@@ -98,15 +104,14 @@ class Setups:
         return list(self._functions.values())
 
     def _make_room(self, fn: Function) -> None:
-        """Unload the least recently used functions until ``fn`` fits (see the module's rule)."""
+        """Unload functions until ``fn`` fits (see the module's rule)."""
         loaded = [name for name in self.states if name != fn.name and self._functions.get(name, fn).setup_fn]
         if self.capacity is None or len(loaded) < self.capacity:
             return
-        try:  # the least recently used first, those with tasks waiting for them last
-            wanted = self.wanted(loaded)
-        except REDIS_ERRORS:
-            wanted = set()
-        loaded.sort(key=lambda name: name in wanted)
+        # Those whose unloading costs least first (Affinity.keep), then the least used here lately, then the least
+        # recently used (the order of states).
+        cost, order = self.keep(loaded), {name: i for i, name in enumerate(loaded)}
+        loaded.sort(key=lambda name: (cost.get(name, 1), self.used.get(name, 0.0), order[name]))
         while loaded and len(loaded) >= self.capacity:
             name = loaded.pop(0)
             state, unloaded = self.states.pop(name), self._functions[name]
@@ -119,6 +124,7 @@ class Setups:
             free_caches()
             log.info("function unloaded to make room", function=name, for_function=fn.name)
             self._say({name: {**self._entry(unloaded, READY), "warm": False}})
+            self.changed()
 
     def pause(self, fn: Function, first_s: float) -> float:
         """How long to pause after handing back a task of ``fn``, whose setup() failed: ``first_s``, doubling at each
@@ -152,6 +158,7 @@ class Setups:
         if self.failed.pop(fn.name, None) is not None:
             log.info("setup succeeded on a later try", function=fn.name, version=fn.version)
         self._say({fn.name: {**self._entry(fn, READY), "warm": True}})
+        self.changed()
         return True
 
     def _entry(self, fn: Function, state: str) -> dict[str, Any]:
@@ -165,61 +172,126 @@ class Setups:
             log.warning("cannot report setup() to Redis", exc_info=True)
 
 
-class ColdQueues:
-    """The functions a pool process that keeps fewer loaded than it serves leaves to the workers that have them
-    loaded: those it has not loaded whose oldest waiting task has waited less than ``worker.cold_wait_s`` (then it
-    loads one: a task never waits longer for its model's worker). Read at most every ``CHECK_S``."""
+class Affinity:
+    """The order in which a pool process that keeps fewer functions loaded than it serves reads its queues (within a
+    priority level, as pop_claim.lua reads them), so that a task goes to a worker that has its function loaded, and a
+    cold function's task never waits long:
+
+    1. the queues of functions it has loaded whose oldest task has waited ``worker.cold_wait_s``;
+    2. those of functions it has not loaded whose oldest task has waited that long (it loads one: a cold start);
+    3. those of the functions it has loaded;
+    4. those of functions no live worker has loaded: someone must load it, and this process has nothing warm to do.
+
+    It leaves out the queues of functions another worker has loaded until their oldest task has waited
+    ``cold_wait_s``: that worker takes them without a cold start (or, busy, leaves them to the first free one after
+    that). Each process says which of its queues' functions it has loaded in ``P:warm:<queue>`` (worker -> when it
+    last said so): every ``SAY_S`` from its lease keeper's thread, busy or idle, and at once when it loads or unloads
+    one. An entry older than ``FRESH_S`` is a worker gone, whose functions count as loaded nowhere. ``cold_wait_s:
+    0`` turns routing off: the queues are read as they come, as a worker that knows nothing of warm models reads
+    them. Redis is read at most every ``CHECK_S``."""
 
     CHECK_S = 0.25
+    SAY_S = 1.0
+    FRESH_S = 5.0
+    FORGET_S = 3600.0  # an entry this old (its worker gone for good) is dropped
 
     def __init__(self, setups: Setups, registry: Registry, queue_fn: dict[str, str], wait_s: float) -> None:
         self.setups, self.registry, self.queue_fn, self.wait_s = setups, registry, queue_fn, wait_s
-        self._looked: tuple[float, set[str]] = (-self.CHECK_S, set())
-        setups.wanted = self.wanted
+        self._looked = self._said = -self.CHECK_S
+        self._due: set[str] = set()  # queues whose oldest task has waited wait_s
+        self._waiting: set[str] = set()  # functions with tasks waiting in a queue of this worker
+        self._elsewhere: set[str] = set()  # functions another live worker has loaded
+        setups.keep, setups.changed = self.keep, self.say
 
-    def left_out(self) -> set[str]:
-        if self.setups.capacity is None:
-            return set()
-        now = time.monotonic()
-        if now - self._looked[0] < self.CHECK_S:
-            return self._looked[1]
-        try:
-            cold = {q: f for q, f in self.queue_fn.items() if f in self.cold()}
-            left = set(cold.values()) - self._due(cold)
-        except REDIS_ERRORS:  # cannot tell: it takes them, as a worker without warm models would
-            left = set()
-        self._looked = (now, left)
-        return left
+    @property
+    def on(self) -> bool:
+        return self.setups.capacity is not None and self.wait_s > 0
 
-    def young(self, function: str, waited_s: float | None) -> bool:
-        """Whether a task of ``function`` that has waited ``waited_s`` (None: taken over) is left to a worker that has
-        it loaded: this process has not, and it has waited less than ``wait_s``."""
-        return function in self.cold() and waited_s is not None and waited_s < self.wait_s
+    def arrange(self, queues: list[str]) -> list[str]:
+        """``queues`` (only those of one function each) in the order of the class's rule, less those left to other
+        workers; as they are when routing is off, or Redis cannot say."""
+        if not self.on or not self._look():
+            return queues
+        cold = self.cold()
+        ranks = {}
+        for queue in queues:
+            fn = self.queue_fn.get(queue)
+            if fn is None:
+                continue
+            due = queue in self._due
+            if fn not in cold:
+                ranks[queue] = 0 if due else 2
+            elif due or fn not in self._elsewhere:
+                ranks[queue] = 1 if due else 3
+        return sorted(ranks, key=ranks.__getitem__)  # stable: the queues' turns hold within each rank
+
+    def leave(self, function: str, waited_s: float | None) -> bool:
+        """Whether a task of ``function`` that has waited ``waited_s`` (None: taken over), delivered to this process,
+        goes back to its queue, unstarted: it has waited less than ``cold_wait_s`` for a function this process has
+        not loaded, and another worker has it loaded, or this one has tasks of its own loaded functions waiting (as
+        :meth:`arrange` would read them first)."""
+        if not self.on or waited_s is None or waited_s >= self.wait_s or function not in self.cold():
+            return False
+        return self._look() and (function in self._elsewhere or bool(self._waiting - self.cold()))
 
     def cold(self) -> set[str]:
-        """The functions with a setup() this process serves but has not loaded, when it keeps fewer than it serves."""
-        if self.setups.capacity is None:
-            return set()
+        """The functions with a setup() this process serves but has not loaded."""
         loaded = self.setups.states
         return {fn.name for fn in self.setups.served if fn.setup_fn is not None and fn.name not in loaded}
 
-    def wanted(self, functions: list[str]) -> set[str]:
-        """Of ``functions``, those with tasks waiting in their queues: unloading one costs a cold start soon."""
-        queues = [(q, f) for q, f in self.queue_fn.items() if f in functions]
-        counts = self.registry.waiting([q for q, _ in queues])
-        return {f for (_, f), n in zip(queues, counts, strict=True) if n}
+    def keep(self, functions: list[str]) -> dict[str, int]:
+        """How much unloading each of ``functions`` would cost, as of the last look: 2, tasks wait for it (a cold
+        start soon); 1, no other worker has it loaded; 0, another has."""
+        return {f: 2 if f in self._waiting else 0 if f in self._elsewhere else 1 for f in functions}
 
-    def _due(self, cold: dict[str, str]) -> set[str]:
-        """The cold functions whose oldest waiting task (in any of their queues) has waited ``wait_s``."""
-        keys, pipe = self.registry.keys, self.registry.pipeline()
-        for queue in cold:
-            pipe.zrange(keys.pending(queue), 0, 0)
-        heads = [(f, ids[0].decode()) for f, ids in zip(cold.values(), pipe.execute(), strict=True) if ids]
-        pipe = self.registry.pipeline()
-        for _, task_id in heads:
-            pipe.hmget(keys.task(task_id), "queued_at", "created_at")
-        now = time.time()
-        return {
-            f for (f, _), (queued, created) in zip(heads, pipe.execute(), strict=True)
-            if now - float(queued or created or now) >= self.wait_s
-        }  # fmt: skip
+    def tick(self) -> None:
+        """:meth:`say`, at most every ``SAY_S`` (from the lease keeper's thread)."""
+        if time.monotonic() - self._said >= self.SAY_S:
+            self.say()
+
+    def say(self) -> None:
+        """Say which of this process's functions it has loaded now, and which not."""
+        keys, me, now = self.registry.keys, self.setups.worker, time.time()
+        loaded = set(self.setups.states)
+        try:
+            pipe = self.registry.pipeline()
+            for queue, fn in self.queue_fn.items():
+                if fn in loaded:
+                    pipe.zadd(keys.warm(queue), {me: now})
+                else:
+                    pipe.zrem(keys.warm(queue), me)
+                pipe.zremrangebyscore(keys.warm(queue), "-inf", now - self.FORGET_S)
+            pipe.execute()
+        except REDIS_ERRORS:  # its entries age out; said again at the next tick
+            log.warning("cannot say which functions are loaded here", exc_info=True)
+        self._said = time.monotonic()
+
+    def _look(self) -> bool:
+        """Read which queues are due and which functions other workers have loaded: two round trips, at most every
+        CHECK_S. False when Redis cannot say."""
+        now = time.monotonic()
+        if now - self._looked < self.CHECK_S:
+            return True
+        keys, me, wall, queues = self.registry.keys, self.setups.worker, time.time(), list(self.queue_fn)
+        try:
+            pipe = self.registry.pipeline()
+            for queue in queues:
+                pipe.zrangebyscore(keys.warm(queue), wall - self.FRESH_S, "+inf", start=0, num=2)
+                pipe.zrange(keys.pending(queue), 0, 0)
+            answers = pipe.execute()
+            heads, elsewhere = {}, set()
+            for queue, warm, head in zip(queues, answers[::2], answers[1::2], strict=True):
+                if any(w.decode() != me for w in warm):
+                    elsewhere.add(self.queue_fn[queue])
+                if head:
+                    heads[queue] = head[0].decode()
+            pipe = self.registry.pipeline()
+            for task_id in heads.values():
+                pipe.hmget(keys.task(task_id), "queued_at", "created_at")
+            since = dict(zip(heads, pipe.execute() if heads else [], strict=True))
+        except REDIS_ERRORS:  # cannot tell: the queues as they come, as a worker without warm models reads them
+            return False
+        self._due = {q for q, (at, created) in since.items() if wall - float(at or created or wall) >= self.wait_s}
+        self._waiting = {self.queue_fn[q] for q in heads}
+        self._elsewhere, self._looked = elsewhere, now
+        return True
