@@ -1,5 +1,6 @@
 """Checkpoints and preemption with real worker processes and real Redis: a task whose process dies, or whose host's
-GPUs are reclaimed, resumes where it last saved and ends as an undisturbed run does (a preemption spends no attempt);
+GPUs are reclaimed, resumes where it last saved and ends as an undisturbed run does (a preemption spends no attempt,
+a job's split's neither);
 an attempt that lost its task cannot overwrite the new owner's state; a manual retry starts from nothing; a large
 state goes to the object store, or fails the task with a clear error without one."""
 
@@ -90,4 +91,25 @@ def test_a_preempted_task_runs_its_hook_and_resumes_without_spending_an_attempt(
     assert done["state"] == "SUCCEEDED" and done["result"] == undisturbed["result"], done
     assert starts(harness, task) == [0, 30]  # resumed where it was preempted
     assert done["attempts"] == 2 and done["preemptions"] == 1 and done["max_attempts"] == 3 + 1  # none spent
+    assert done["last_error"]["errorType"] == "Preempted"
+
+
+def test_a_job_preempted_in_its_split_goes_back_without_spending_an_attempt(
+    harness: FleetHarness, tmp_path: Path
+) -> None:
+    notice = tmp_path / "reclaimed"
+    harness.write_config()
+    cp = ControlPlane(harness.fleet())
+    harness.start_host("spot", ["default"], preempt_notice=f"file://{notice}")
+    job = cp.invoke("tiles", {"n": 2, "split_s": 4}).id
+    harness.wait_for(lambda: harness.redis.get(f"splits:{job}") == b"1", 60, "the split running")
+    notice.write_text("reclaimed")
+    harness.wait_for(lambda: harness.hosts["spot"].poll() is not None, 60, "the spot host gone on its notice")
+    assert cp.status(job)["state"] == "QUEUED"
+    harness.start_host("steady", ["default"])
+    [done] = finished(harness, cp, [job], timeout_s=60)
+    assert done["state"] == "SUCCEEDED" and done["result"] == {"n": 2, "values": [0, 10]}, done
+    assert harness.redis.get(f"splits:{job}") == b"2"  # the split ran again, from the start
+    # Recorded as a preemption, its attempt not spent (a job's attempts are its current step's: the merge's one).
+    assert done["preemptions"] == 1 and done["max_attempts"] == 2 + 1, done
     assert done["last_error"]["errorType"] == "Preempted"

@@ -11,7 +11,7 @@ import structlog
 
 from gpufleet import trace
 from gpufleet.delivery.records import Condition
-from gpufleet.errors import EventError, PermanentTaskError
+from gpufleet.errors import EventError, PermanentTaskError, TaskPreempted
 from gpufleet.functions import Function
 from gpufleet.intake.path import Intake, Producer
 from gpufleet.registry.jobs import MAX_SHARD_EVENT_BYTES, MAX_SPLIT_BYTES, JobStore, Shard, shard_id
@@ -50,6 +50,9 @@ class JobSteps:
         done.shards = [s.view() for s in listed] if merging else None  # in its record, however it ends
         if not attempt.may_start(check_age=not merging):  # the age is the split's to check
             return
+        if self.attempts.preempted:  # the notice came between two tasks: this step goes back unstarted
+            attempt.preempted()
+            return
         with self.attempts.running([attempt], fn):
             if merging and job.job_started_at:  # the job's times, from its split, not the merge step's
                 done.started_at = float(job.job_started_at)
@@ -64,6 +67,8 @@ class JobSteps:
                         )
                         assert merge_envelope is not None  # fn is served here
                         self._split(attempt, ctx, payload, int(job.priority or DEFAULT_PRIORITY), merge_envelope)
+            except TaskPreempted:  # its host's GPUs are reclaimed: the step runs again elsewhere, no attempt spent
+                attempt.preempted()
             except Exception as exc:  # noqa: BLE001 - what split or merge raised is the step's outcome
                 attempt.failed(exc)
 
