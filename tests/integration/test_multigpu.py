@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from gpufleet.control.plane import ControlPlane
+from gpufleet.worker.holds import Holds
 from tests.harness import FleetHarness
 from tests.integration.test_engine import finished
 
@@ -143,3 +144,28 @@ def test_one_and_two_gpu_tasks_under_kills_all_finish_once_and_never_share_a_gpu
         r["requestContext"]["requestId"] for r in records if r["requestContext"]["condition"] == "Success"
     )
     assert successes == sorted(ids)  # one Success record each
+
+
+def test_when_fewer_tasks_wait_a_worker_gives_its_ticket_and_reservations_back(harness: FleetHarness) -> None:
+    """Two hosts, each with a one-GPU task on GPU 0 and a 2-GPU worker waiting for GPUs 0-1: with two tasks waiting,
+    both reserve; once one task is left, the first worker to ask gives its ticket and reservations back."""
+    reg, queue = harness.registry, f"{harness.prefix}.pairs"
+
+    def holds(host: str, worker: str, indices: tuple[int, ...]) -> Holds:
+        return Holds(reg, host, worker, indices, reserve_after_s=0.0, queues=[queue])
+
+    gangs = {}
+    for host in ("h1", "h2"):
+        assert holds(host, f"gpu0@{host}", (0,)).take()
+        gangs[host] = holds(host, f"gpu0-1@{host}", (0, 1))
+        assert not gangs[host].take(waiting=2)
+
+    def reserved(host: str) -> set[str]:
+        return {k.decode() for k in reg.client.hkeys(reg.keys.holds(host)) if k.startswith(b"r")}
+
+    assert reserved("h1") == reserved("h2") == {"r0", "r1"}
+    assert not gangs["h1"].take(waiting=1)  # the first to ask after the shrink
+    assert reserved("h1") == set() and reg.client.zcard(reg.keys.tickets(queue)) == 1
+    assert not gangs["h2"].take(waiting=1)
+    assert reserved("h2") == {"r0", "r1"}
+    assert not gangs["h1"].take(waiting=1) and reserved("h1") == set()  # no ticket left for it

@@ -9,10 +9,10 @@ each hold one and wait for the other. It lets them go when it has no task in han
 One-GPU tasks backfill the GPUs a waiting multi-GPU task cannot have yet. So that it is never starved, once it has
 waited ``worker.reserve_after_s`` it reserves them: their other workers finish the task they run and take no new one
 until it has them all. Only as many multi-GPU workers reserve as there are tasks waiting for them, fleet-wide (a
-ticket each, ``P:tickets:<queue>``). A reservation lapses once its worker stops asking (its queue is empty, or it
-died). A process
-that dies holding GPUs is replaced under its name, and the replacement lets them go first; a supervisor that starts
-clears its host's holds, as none of its processes runs yet.
+ticket each, ``P:tickets:<queue>``; when fewer wait, the first to ask gives its ticket and reservations back). A
+reservation lapses once its worker stops asking (its queue is empty, or it died). A process that dies holding GPUs
+is replaced under its name, and the replacement lets them go first; a supervisor that starts clears its host's
+holds, as none of its processes runs yet.
 
 Workers whose GPUs no multi-GPU worker shares (a host that serves no such function) never read or write any of it.
 """

@@ -7,7 +7,7 @@
 -- workers backfill it. Returns 1 (all held), or 0: then a multi-GPU worker reserves each of its GPUs that is not
 -- reserved already, or renews its own reservations, if it holds one of the tickets (a sorted set, by when each was
 -- last asked for, across hosts) of its queue: as many workers reserve GPUs as there are tasks ``waiting`` there, so
--- one waiting task does not stop the one-GPU work of every host.
+-- one waiting task does not stop the one-GPU work of every host (and when fewer wait, the first to ask gives its back).
 local now, me, after, stale = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local tickets, waiting = ARGV[5], tonumber(ARGV[6])
 local function reservation(gpu)
@@ -33,7 +33,17 @@ if free then
 end
 if tickets ~= '' then
   redis.call('ZREMRANGEBYSCORE', tickets, '-inf', now - stale)
-  if not redis.call('ZSCORE', tickets, me) and redis.call('ZCARD', tickets) >= waiting then return 0 end
+  local mine, held = redis.call('ZSCORE', tickets, me), redis.call('ZCARD', tickets)
+  if mine and held > waiting then
+    -- Fewer tasks wait than workers hold tickets (one ran, or was cancelled): the first to ask gives its ticket back,
+    -- and its reservations, so one-GPU tasks backfill those GPUs again.
+    redis.call('ZREM', tickets, me)
+    for i = 7, #ARGV do
+      if reservation(ARGV[i]) == me then redis.call('HDEL', KEYS[1], 'r' .. ARGV[i]) end
+    end
+    return 0
+  end
+  if not mine and held >= waiting then return 0 end
   redis.call('ZADD', tickets, now, me)
   redis.call('EXPIRE', tickets, math.ceil(stale) + 1)
   for i = 7, #ARGV do
