@@ -205,6 +205,18 @@ def test_a_gpus_memory_is_read_at_most_every_so_often_and_unknown_when_it_is_los
     assert Device("").memory() is None and Device("virtual-0").memory() is None
 
 
+def test_a_group_of_gpus_has_the_memory_of_its_tightest_gpu(fake_gpus: FakeGpus) -> None:
+    """A worker for tasks of two GPUs: a task that needs 20 GB a GPU fits only if each of them has it."""
+    for _ in range(2):
+        fake_gpus.add("NVIDIA H100 80GB HBM3")
+    fake_gpus.hold(1, 70 * 1024, pid=1)  # another process holds most of the second GPU
+    pair = Device(f"{fake_gpus.uuid(0)},{fake_gpus.uuid(1)}", fakenvml, max_age_s=0)
+    assert pair.memory() == GpuMemory(81920, 10240, 71680, 0)
+    fake_gpus.release(1, 1)
+    fake_gpus.hold(0, 1024, pid=1)
+    assert pair.memory() == GpuMemory(81920, 80896, 1024, 0)
+
+
 def test_a_gpu_smaller_than_a_function_needs_never_reads_its_queues(fake_gpus: FakeGpus) -> None:
     fake_gpus.add("NVIDIA L4", memory_gb=24)
     fake_gpus.add("NVIDIA H100 80GB HBM3")

@@ -256,13 +256,15 @@ class Sampler:
 
 class Device:
     """The GPU a pool process is pinned to, as NVML sees it (by UUID: ``CUDA_VISIBLE_DEVICES`` renumbers devices,
-    NVML does not). Its memory is read at most every ``max_age_s``; None for a virtual GPU, or while NVML cannot
-    tell (then nothing is held back for memory)."""
+    NVML does not), or the GPUs of a worker for tasks of several (UUIDs comma-separated): then the one with the least
+    free memory answers, as a task of N GPUs needs its share on each. Its memory is read at most every
+    ``max_age_s``; None for a virtual GPU, or while NVML cannot tell (then nothing is held back for memory)."""
 
     def __init__(self, uuid: str, nvml: Any = None, max_age_s: float = 0.5) -> None:
         self.uuid = uuid
+        self._uuids = [u for u in uuid.split(",") if u]
         self._nvml = nvml
-        self._handle: Any = None
+        self._handles: list[Any] = []
         self._max_age_s = max_age_s
         self._lock = threading.Lock()  # the handler's thread (ctx) and the helper thread (claims) both ask
         self._read_at = -max_age_s
@@ -270,7 +272,7 @@ class Device:
 
     def memory(self, fresh: bool = False) -> GpuMemory | None:
         """Its memory, read at most ``max_age_s`` ago (``fresh``: now)."""
-        if not self.uuid or self.uuid.startswith("virtual"):
+        if not self._uuids or self.uuid.startswith("virtual"):
             return None
         with self._lock:
             if fresh or time.monotonic() - self._read_at >= self._max_age_s:
@@ -280,16 +282,16 @@ class Device:
 
     def _read(self) -> GpuMemory | None:
         try:
-            if self._handle is None:
+            if not self._handles:
                 self._nvml = self._nvml or load_nvml()
                 if self._nvml is None:
                     return None
                 self._nvml.nvmlInit()
-                self._handle = self._nvml.nvmlDeviceGetHandleByUUID(self.uuid)
-            mem = read_memory(self._nvml, self._handle, {os.getpid()})
+                self._handles = [self._nvml.nvmlDeviceGetHandleByUUID(u) for u in self._uuids]
+            mem = min((read_memory(self._nvml, h, {os.getpid()}) for h in self._handles), key=lambda m: m.free_mb)
         except Exception as exc:  # noqa: BLE001 - a GPU fallen off the bus is the health check's to report
             log.warning("cannot read the GPU's memory from NVML", uuid=self.uuid, error=str(exc))
-            self._handle = None
+            self._handles = []
             return None
         # In a container NVML may not list this process under its own PID: torch's allocator says what it holds.
         torch = sys.modules.get("torch")

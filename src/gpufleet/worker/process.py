@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="e.g. gpu0; the Celery node is NAME@HOST")
     parser.add_argument("--gpu", required=True, help="label recorded with each task, e.g. gpu0:H100")
     parser.add_argument("--queues", required=True, help="comma-separated queue names")
-    parser.add_argument("--device", default="", help="the GPU's NVML UUID; empty for a virtual GPU")
+    parser.add_argument("--device", default="", help="the GPU's NVML UUID (comma-separated, a group's); '' if virtual")
     parser.add_argument("--holds", default="", help="comma-separated indices of the GPUs it holds to run a task")
     args = parser.parse_args(argv)
 

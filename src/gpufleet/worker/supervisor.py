@@ -88,7 +88,7 @@ class Supervisor:
             "--queues",
             ",".join(slot.queues),
             "--device",
-            "" if slot.gpu.virtual else slot.gpu.uuid,
+            ",".join(gpu.uuid for gpu in slot.gpus if not gpu.virtual),  # a group's: its tightest GPU's memory
             "--holds",
             ",".join(str(i) for i in slot.holds),
         ]
