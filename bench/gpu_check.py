@@ -9,7 +9,10 @@
 4. an induced out-of-memory (a real CUDA OOM), recovered: the task's record and what the next run could allocate;
 5. ``gpu_seconds`` against the handlers' own time, on 100 ms GPU tasks;
 6. the duty cycle on the same tasks against a raw Celery worker on GPU 0, in the same run;
-7. batching throughput on a small real model (an MLP), batched against one event per call.
+7. batching throughput on a small real model (an MLP), batched against one event per call;
+8. a warm-model switch on workers that keep one model loaded: the second model's cold start (4 GiB, host to GPU) and
+   the GPU memory held after it (the first one unloaded);
+9. with two GPUs or more, a task of two GPUs: what its handler sees (torch's devices against NVML's).
 
 Without a GPU it says so in one line and exits 0. ``--rehearse`` runs it all on a fake NVML GPU and torch's CPU
 device instead (the CI does, so the script is ready for the day a GPU is at hand).
@@ -63,22 +66,27 @@ def finished(cp: ControlPlane, ids: list[str], timeout_s: float) -> list[dict[st
     return [cp.status(i) for i in ids]
 
 
-def write_fleet(workdir: Path, redis_url: str, fake: Path | None) -> Path:
-    functions = workdir / "functions"
+def write_fleet(
+    workdir: Path, redis_url: str, fake: Path | None, name: str = "fleet", files: tuple[str, ...] = ("functions",),
+    **worker_settings: Any,
+) -> Path:  # fmt: skip
+    """A fleet of this machine's GPUs (or the fake NVML's) serving ``bench/gpu_check_<file>.py`` for each file."""
+    functions = workdir / f"functions-{name}"
     functions.mkdir()
-    shutil.copy(BENCH / "gpu_check_functions.py", functions / "gpu_check_functions.py")
-    worker: dict[str, Any] = {"virtual_gpus": 0, "lease_s": 30, "task_events": False}
+    for file in files:
+        shutil.copy(BENCH / f"gpu_check_{file}.py", functions / f"gpu_check_{file}.py")
+    worker: dict[str, Any] = {"virtual_gpus": 0, "lease_s": 30, "task_events": False, **worker_settings}
     if fake is not None:
         worker["fake_nvml"] = str(fake)
     config = {
-        "redis": {"url": redis_url, "key_prefix": "gpucheck"},
+        "redis": {"url": redis_url, "key_prefix": f"gpucheck-{name}"},
         "worker": worker,
         "defaults": {"on_success": "memory:///ok", "on_failure": "memory:///failed", "dead_letter": "memory:///dlq"},
         "logging": {"level": "warning", "format": "json"},
         "functions": [str(functions)],
         "triggers": [],
     }
-    path = workdir / "fleet.yaml"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -133,6 +141,7 @@ class Check:
     def __init__(self, args: argparse.Namespace, workdir: Path, redis_url: str, fake: Path | None) -> None:
         self.args = args
         self.workdir = workdir
+        self.redis_url, self.fake = redis_url, fake
         self.config = write_fleet(workdir, redis_url, fake)
         self.env = {**os.environ, "GPU_CHECK_REDIS_URL": redis_url, "PYTHONPATH": str(BENCH)}
         self.env = {k: v for k, v in self.env.items() if not k.startswith("GPUFLEET_")}
@@ -155,11 +164,61 @@ class Check:
                 os.killpg(proc.pid, 9)
                 proc.wait()
 
-    def fleet_up(self, gpus: int) -> subprocess.Popen[bytes]:
+    def fleet_up(self, workers: int) -> subprocess.Popen[bytes]:
         proc = self.start("worker", [sys.executable, "-m", "gpufleet", "worker", "--config", str(self.config)])
         ready = self.cp.registry.keys.ready
-        wait(lambda: len(self.cp.registry.client.hkeys(ready)) >= gpus, 180, f"{gpus} GPU workers ready")
+        wait(lambda: len(self.cp.registry.client.hkeys(ready)) >= workers, 180, f"{workers} GPU workers ready")
         return proc
+
+    def whole_gpus(self, uuids: list[str]) -> list[Row]:
+        """A second fleet, whose workers keep one model loaded (``warm_functions: 1``): a switch from one model to
+        another, and, with two GPUs or more, a task of two GPUs."""
+        gpus = len(uuids)
+        if not gpus:  # a function that names no MIG profile or memory runs on whole GPUs only
+            return [("warm-model switch", "skipped", "no whole GPU here (every GPU in MIG mode)")]
+        files = ("models", "pair") if gpus >= 2 else ("models",)
+        self.config = write_fleet(self.workdir, self.redis_url, self.fake, "whole", files, warm_functions=1)
+        self.cp = ControlPlane(load_fleet(self.config, env={}))
+        # GPU memory ample for the models here: a real load's worth where there is a GPU to load it to.
+        self.env["GPU_CHECK_MODEL_MB"] = "64" if self.args.rehearse else "4096"
+        fleet = self.fleet_up(gpus + gpus // 2)  # a worker per GPU, and one per aligned pair
+        rows = [self.model_switch()]
+        rows.append(self.pair(uuids[:2]) if gpus >= 2 else ("task of 2 GPUs", "skipped", "one GPU here"))
+        self.stop(fleet)
+        return rows
+
+    def model_switch(self) -> Row:
+        """model-a is loaded at boot; model-b's task unloads it (teardown) and loads its own: a cold start."""
+        [a] = finished(self.cp, [self.cp.invoke("model-a", {}).id], 60)
+        [b] = finished(self.cp, [self.cp.invoke("model-b", {}).id], 120)
+        if a["state"] != "SUCCEEDED" or b["state"] != "SUCCEEDED":
+            return ("warm-model switch", "FAILED", str(a["error"] or b["error"])[:300])
+        size, held = int(self.env["GPU_CHECK_MODEL_MB"]), b["result"]["allocated_mb"]
+        setup = b["usage"]["setup_seconds"] or 0
+        ok = setup > 0 and (held is None or held < 1.5 * size)  # the model it unloaded no longer holds memory
+        detail = (
+            f"model-b's cold start (setup) {setup:.2f} s for {size} MiB, host to GPU, on {b['result']['worker']}; GPU "
+            f"memory allocated after: {held if held is not None else 'n/a (CPU)'} MiB; model-a's task "
+            f"{a['usage']['setup_seconds'] or 0:.2f} s (loaded at boot)"
+        )
+        return ("warm-model switch", "ok" if ok else "FAILED", detail)
+
+    def pair(self, uuids: list[str]) -> Row:
+        """The first pair's worker runs it: torch must see those two GPUs, and only those."""
+        [view] = finished(self.cp, [self.cp.invoke("pair", {}).id], 120)
+        if view["state"] != "SUCCEEDED":
+            return ("task of 2 GPUs", "FAILED", str(view["error"])[:300])
+        r = view["result"]
+
+        def same(found: list[str]) -> list[str]:
+            return sorted(u.lower().removeprefix("gpu-") for u in found)
+
+        ok = len(r["visible"].split(",")) == 2 and (self.args.rehearse or same(r["uuids"]) == same(uuids))
+        detail = (
+            f"{r['worker']}: CUDA_VISIBLE_DEVICES={r['visible']}, GPUFLEET_GPUS={r['gpus']}; torch sees "
+            f"{r['count']} device(s) {r['uuids']}"
+        )
+        return ("task of 2 GPUs", "ok" if ok else "MISMATCH", detail)
 
     def pinning(self, inventory: dict[str, dict[str, Any]]) -> list[Row]:
         ids = [self.cp.invoke("pin", {"n": n}).id for n in range(2 * len(inventory))]
@@ -330,6 +389,9 @@ def run(args: argparse.Namespace) -> list[Row]:
                 f"(gap {theirs[1]:.2f} ms), {args.tasks} tasks each",
             )
         )
+        if fake is not None:  # the rehearsal's second GPU: the task of two GPUs runs too
+            fake.add("NVIDIA H100 80GB HBM3")
+        rows += check.whole_gpus([gpu.uuid for gpu in discover(nvml) if not gpu.mig])
     except CheckError as exc:
         rows.append(("stopped", "FAILED", f"{exc}; logs in {workdir}"))
     finally:

@@ -30,6 +30,9 @@ def test_a_rehearsal_runs_every_check_of_the_table() -> None:
     assert done.returncode in (0, 1) and "| FAILED" not in done.stdout, done.stdout + done.stderr
     rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
     for check in ("NVML: GPU 0", "pinning: gpu0@", "matmul", "induced OOM, recovered", "gpu_seconds vs handler time",
-                  "batching: an MLP", "duty cycle, 100 ms GPU tasks"):  # fmt: skip
+                  "batching: an MLP", "duty cycle, 100 ms GPU tasks", "warm-model switch",
+                  "task of 2 GPUs"):  # fmt: skip
         assert any(name.startswith(check) for name in rows), (check, done.stdout)
     assert "SUCCEEDED after 1 OOM retry, attempts 1" in done.stdout
+    assert rows["task of 2 GPUs"].startswith("| task of 2 GPUs | ok | gpu0-1@"), rows["task of 2 GPUs"]
+    assert rows["warm-model switch"].startswith("| warm-model switch | ok |"), rows["warm-model switch"]
