@@ -11,8 +11,10 @@ process group. Meanwhile:
 Every event is ``{"function": ..., "payload": {"i": n}, "id": ..., "priority": 0-9}``, at priorities spread over
 0-9, to the functions of ``KINDS`` in turn: ``chaos``; ``chaos-batch`` (dynamic batching, up to 8 events a call);
 ``chaos-pair`` (two GPUs at once: the host's GPUs are shared, held in Redis, and reserved); ``chaos-steps`` (five
-checkpointed steps: a run after a kill resumes). Each records every event's start (pid, time) in Redis. At the end
-the report counts what was lost, what ran twice and whether a kill explains it.
+checkpointed steps: a run after a kill resumes); ``chaos-model-a`` to ``-c`` (a model each, of which a worker keeps
+two loaded: tasks are routed to a worker that has theirs, and one is unloaded to load another). Each records every
+event's start (pid, time) in Redis. At the end the report counts what was lost, what ran twice and whether a kill
+explains it.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ import redis
 import yaml
 
 FUNCTIONS = Path(__file__).parent / "functions"
-GPU_FUNCTIONS = Path(__file__).parent / "functions_chaos"  # tasks of two GPUs, and checkpointing ones
-KINDS = ("chaos", "chaos-batch", "chaos", "chaos-pair", "chaos-batch", "chaos-steps")
+GPU_FUNCTIONS = Path(__file__).parent / "functions_chaos"  # tasks of two GPUs, checkpointing ones, models
+KINDS = ("chaos", "chaos-batch", "chaos-model-a", "chaos-pair", "chaos-model-b", "chaos-steps", "chaos-model-c")
 ROLES = ("worker", "trigger", "dispatcher")
 
 
@@ -118,6 +120,8 @@ class ChaosFleet:
                 "kill_grace_s": 2,
                 "shutdown_grace_s": 5,
                 "reserve_after_s": 2,  # a 2-GPU task waits that long for its pair, kills or not
+                "warm_functions": 2,  # of the models: tasks wait cold_wait_s for a worker that has theirs loaded
+                "cold_wait_s": 1,
             },
             "defaults": {
                 "on_success": f"kafka:///{self.topic('success')}",

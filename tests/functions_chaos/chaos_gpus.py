@@ -39,3 +39,31 @@ def chaos_steps(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
         total += step * step
         ctx.checkpoint({"step": step, "total": total})
     return {"i": event.get("i"), "attempt": ctx.attempt, "total": total}
+
+
+def _model(name: str) -> Any:
+    """A function with a model to load (setup), kept loaded by few workers at once (``worker.warm_functions``), so
+    that its tasks are routed to a worker that has it and a kill may land mid-load. A task served another function's
+    model fails, and the run with it."""
+
+    @function(name=name, max_attempts=10, backoff_s=0.05, backoff_max_s=0.5)
+    def serve(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        _start(ctx)
+        if ctx.state != {"model": name}:
+            raise RuntimeError(f"{name} was served the state {ctx.state!r}")
+        time.sleep(float(event.get("seconds", 0.1)))
+        return {"i": event.get("i"), "attempt": ctx.attempt}
+
+    @serve.setup
+    def load() -> dict[str, str]:
+        time.sleep(0.1)
+        return {"model": name}
+
+    @serve.teardown
+    def unload(state: dict[str, str]) -> None:
+        state.clear()
+
+    return serve
+
+
+chaos_model_a, chaos_model_b, chaos_model_c = (_model(f"chaos-model-{x}") for x in "abc")

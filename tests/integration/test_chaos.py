@@ -1,8 +1,9 @@
 """Chaos in the suite: a few hundred events through the roles as separate processes while pool processes are
 SIGKILLed every few seconds, the trigger and the dispatcher are killed and restarted, and the whole worker tree is
-frozen, killed and restarted. A third of the events go to a batch function, one in six to a function of two GPUs
-(the worker GPUs are shared, held and reserved) and one in six to one that checkpoints and resumes, and priorities
-are mixed. Nothing is lost, no task has two Success outcomes, and every task succeeds."""
+frozen, killed and restarted. One in seven of the events goes to a batch function, one in seven to a function of
+two GPUs (the worker GPUs are shared, held and reserved), one in seven to one that checkpoints and resumes, and
+three in seven to functions with a model, of which a worker keeps two loaded (routed to, unloaded, loaded again);
+priorities are mixed. Nothing is lost, no task has two Success outcomes, and every task succeeds."""
 
 from __future__ import annotations
 
