@@ -178,17 +178,18 @@ class Affinity:
     cold function's task never waits long:
 
     1. the queues of functions it has loaded whose oldest task has waited ``worker.cold_wait_s``;
-    2. those of functions it has not loaded whose oldest task has waited that long (it loads one: a cold start);
+    2. those of functions it has not loaded whose oldest task has waited that long, or twice that long where another
+       worker has the function loaded (it loads one: a cold start);
     3. those of the functions it has loaded;
     4. those of functions no live worker has loaded: someone must load it, and this process has nothing warm to do.
 
-    It leaves out the queues of functions another worker has loaded until their oldest task has waited
-    ``cold_wait_s``: that worker takes them without a cold start (or, busy, leaves them to the first free one after
-    that). Each process says which of its queues' functions it has loaded in ``P:warm:<queue>`` (worker -> when it
-    last said so): every ``SAY_S`` from its lease keeper's thread, busy or idle, and at once when it loads or unloads
-    one. An entry older than ``FRESH_S`` is a worker gone, whose functions count as loaded nowhere. ``cold_wait_s:
-    0`` turns routing off: the queues are read as they come, as a worker that knows nothing of warm models reads
-    them. Redis is read at most every ``CHECK_S``."""
+    It leaves out the queues of functions another worker has loaded until their oldest task has waited twice
+    ``cold_wait_s``: that worker takes them without a cold start, first of all once they have waited ``cold_wait_s``
+    (rule 1), so only a worker busy with a long task leaves them to another. Each process says which of its queues'
+    functions it has loaded in ``P:warm:<queue>`` (worker -> when it last said so): every ``SAY_S`` from its lease
+    keeper's thread, busy or idle, and at once when it loads or unloads one. An entry older than ``FRESH_S`` is a
+    worker gone, whose functions count as loaded nowhere. ``cold_wait_s: 0`` turns routing off: the queues are read
+    as they come, as a worker that knows nothing of warm models reads them. Redis is read at most every ``CHECK_S``."""
 
     CHECK_S = 0.25
     SAY_S = 1.0
@@ -199,6 +200,7 @@ class Affinity:
         self.setups, self.registry, self.queue_fn, self.wait_s = setups, registry, queue_fn, wait_s
         self._looked = self._said = -self.CHECK_S
         self._due: set[str] = set()  # queues whose oldest task has waited wait_s
+        self._late: set[str] = set()  # queues whose oldest task has waited twice wait_s
         self._waiting: set[str] = set()  # functions with tasks waiting in a queue of this worker
         self._elsewhere: set[str] = set()  # functions another live worker has loaded
         setups.keep, setups.changed = self.keep, self.say
@@ -221,18 +223,22 @@ class Affinity:
             due = queue in self._due
             if fn not in cold:
                 ranks[queue] = 0 if due else 2
-            elif due or fn not in self._elsewhere:
+            elif fn not in self._elsewhere:
                 ranks[queue] = 1 if due else 3
+            elif queue in self._late:
+                ranks[queue] = 1
         return sorted(ranks, key=ranks.__getitem__)  # stable: the queues' turns hold within each rank
 
     def leave(self, function: str, waited_s: float | None) -> bool:
         """Whether a task of ``function`` that has waited ``waited_s`` (None: taken over), delivered to this process,
-        goes back to its queue, unstarted: it has waited less than ``cold_wait_s`` for a function this process has
-        not loaded, and another worker has it loaded, or this one has tasks of its own loaded functions waiting (as
-        :meth:`arrange` would read them first)."""
-        if not self.on or waited_s is None or waited_s >= self.wait_s or function not in self.cold():
+        goes back to its queue, unstarted, as :meth:`arrange` would leave it: this process has not loaded its
+        function, and another worker has (it has waited less than twice ``cold_wait_s``), or this one has tasks of its
+        own loaded functions waiting (it has waited less than ``cold_wait_s``)."""
+        if not self.on or waited_s is None or waited_s >= 2 * self.wait_s or function not in self.cold():
             return False
-        return self._look() and (function in self._elsewhere or bool(self._waiting - self.cold()))
+        if not self._look():
+            return False
+        return function in self._elsewhere or (waited_s < self.wait_s and bool(self._waiting - self.cold()))
 
     def cold(self) -> set[str]:
         """The functions with a setup() this process serves but has not loaded."""
@@ -291,7 +297,9 @@ class Affinity:
             since = dict(zip(heads, pipe.execute() if heads else [], strict=True))
         except REDIS_ERRORS:  # cannot tell: the queues as they come, as a worker without warm models reads them
             return False
-        self._due = {q for q, (at, created) in since.items() if wall - float(at or created or wall) >= self.wait_s}
+        waited = {q: wall - float(at or created or wall) for q, (at, created) in since.items()}
+        self._due = {q for q, w in waited.items() if w >= self.wait_s}
+        self._late = {q for q, w in waited.items() if w >= 2 * self.wait_s}
         self._waiting = {self.queue_fn[q] for q in heads}
         self._elsewhere, self._looked = elsewhere, now
         return True
