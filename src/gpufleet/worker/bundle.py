@@ -137,7 +137,8 @@ class ProcessBundle:
     def tally_tick(self) -> None:
         if self.tally.due():
             self.write_tally()
-        if self.affinity.on:
+        worker = self.fleet.settings.worker
+        if worker.warm_functions is not None and worker.cold_wait_s > 0:  # routing on (Affinity.on)
             self.affinity.tick()
 
     def write_tally(self) -> None:

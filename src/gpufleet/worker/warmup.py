@@ -256,7 +256,9 @@ class Affinity:
             self.say()
 
     def say(self) -> None:
-        """Say which of this process's functions it has loaded now, and which not."""
+        """Say which of this process's functions it has loaded now, and which not (with routing on)."""
+        if not self.on:
+            return
         keys, me, now = self.registry.keys, self.setups.worker, time.time()
         loaded = set(self.setups.states)
         try:
