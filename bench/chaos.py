@@ -145,7 +145,7 @@ def render(plan: Plan, report: Any, bad: int, dead_sources: int, reasons: Counte
         ("identical Success records delivered again (at-least-once)", report.redelivered_copies),
         ("tasks run more than once", report.run_twice),
         ("... of which a kill or freeze explains", report.run_twice_explained),
-        ("events that ran in a batch call with others (chaos-batch, a third of the events)", report.batched),
+        ("events that ran in a batch call with others (chaos-batch, a seventh of the events)", report.batched),
         ("lost-worker detection, kill -> re-run start, median / max (s)", f"{median:.2f} / {max(det, default=0):.2f}"),
         ("kills", ", ".join(f"{k} {v}" for k, v in sorted(report.kills.items()))),
         ("bad inputs sent (JSON + S3 notifications)", bad),
