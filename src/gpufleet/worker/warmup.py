@@ -251,24 +251,26 @@ class Affinity:
         return {f: 2 if f in self._waiting else 0 if f in self._elsewhere else 1 for f in functions}
 
     def tick(self) -> None:
-        """:meth:`say`, at most every ``SAY_S`` (from the lease keeper's thread)."""
+        """Say again which functions this process has loaded, at most every ``SAY_S`` (from the lease keeper's
+        thread): one ZADD per queue of a loaded function."""
         if time.monotonic() - self._said >= self.SAY_S:
-            self.say()
+            self.say(full=False)
 
-    def say(self) -> None:
-        """Say which of this process's functions it has loaded now, and which not (with routing on)."""
+    def say(self, full: bool = True) -> None:
+        """Say which of this process's functions it has loaded now (with routing on), and with ``full`` (at boot, and
+        when it loads or unloads one) which not, dropping the entries of workers gone for ``FORGET_S``."""
         if not self.on:
             return
         keys, me, now = self.registry.keys, self.setups.worker, time.time()
-        loaded = set(self.setups.states)
+        loaded = {fn.name for fn in self.setups.served if fn.setup_fn is not None and fn.name in self.setups.states}
         try:
             pipe = self.registry.pipeline()
             for queue, fn in self.queue_fn.items():
                 if fn in loaded:
                     pipe.zadd(keys.warm(queue), {me: now})
-                else:
+                elif full:
                     pipe.zrem(keys.warm(queue), me)
-                pipe.zremrangebyscore(keys.warm(queue), "-inf", now - self.FORGET_S)
+                    pipe.zremrangebyscore(keys.warm(queue), "-inf", now - self.FORGET_S)
             pipe.execute()
         except REDIS_ERRORS:  # its entries age out; said again at the next tick
             log.warning("cannot say which functions are loaded here", exc_info=True)
