@@ -31,7 +31,11 @@ def test_seven_mig_instances_are_seven_workers_each_pinned_to_its_own(
         (f"gpu0.mig{i}@{host}", "1g.10gb", 10240) for i in range(7)
     }
 
-    tiny = [cp.invoke("tiny", {"seconds": 1}).id for _ in range(7)]
+    # Up in the inventory is not yet taking tasks: each pool process says when it is (P:ready), and a task of 2 s
+    # leaves a slow one time to take its own rather than leave it to a neighbour done with its first.
+    ready = cp.registry.keys.ready
+    harness.wait_for(lambda: len(cp.registry.client.hkeys(ready)) == 7, 60, "7 MIG workers taking tasks")
+    tiny = [cp.invoke("tiny", {"seconds": 2}).id for _ in range(7)]
     small = cp.invoke("small", {"seconds": 0.1}).id
     whole = cp.invoke("single", {"seconds": 0.1}).id  # asks for a whole GPU: no instance takes it
     done = finished(harness, cp, [*tiny, small])
