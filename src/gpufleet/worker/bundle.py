@@ -137,9 +137,7 @@ class ProcessBundle:
     def tally_tick(self) -> None:
         if self.tally.due():
             self.write_tally()
-        worker = self.fleet.settings.worker
-        if worker.warm_functions is not None and worker.cold_wait_s > 0:  # routing on (Affinity.on)
-            self.affinity.tick()
+        self.affinity.tick()  # made at boot, in the main thread (Runtime.boot); a no-op with routing off
 
     def write_tally(self) -> None:
         """Write the observations now: at a shutdown, or with an outcome written on its own (this process may be

@@ -253,7 +253,7 @@ class Affinity:
     def tick(self) -> None:
         """Say again which functions this process has loaded, at most every ``SAY_S`` (from the lease keeper's
         thread): one ZADD per queue of a loaded function."""
-        if time.monotonic() - self._said >= self.SAY_S:
+        if self.on and time.monotonic() - self._said >= self.SAY_S:
             self.say(full=False)
 
     def say(self, full: bool = True) -> None:
